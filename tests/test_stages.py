@@ -1,0 +1,107 @@
+"""Stage bundles: ordered safetensors with provenance, lazy reads, streamed writes."""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from parity_jax import compare, stages
+from parity_jax.errors import UsageError
+
+
+def _example():
+  rng = np.random.default_rng(0)
+  return {
+      "embedding": rng.standard_normal((1, 3, 8)).astype(np.float32),
+      "layers.0.attn_norm": rng.standard_normal((1, 3, 8)).astype(ml_dtypes.bfloat16),
+      "layers.0.q_proj": rng.standard_normal((1, 3, 4)).astype(np.float32),
+      "final_norm": np.asarray(1.5, np.float32),
+      "logits": rng.integers(0, 9, (1, 3)).astype(np.int32),
+  }
+
+
+def test_roundtrip_keeps_order_dtypes_bytes_and_provenance(tmp_path):
+  data = _example()
+  prov = stages.default_provenance("test", seed=7, note={"free": ["form"]})
+  path = tmp_path / "b.safetensors"
+  stages.save_bundle(path, data, prov)
+  back = stages.load_bundle(path)
+  assert back.names == list(data)  # execution order, not alphabetical
+  assert back.ordered
+  for k in data:
+    assert compare.bit_equal(back[k], data[k]), k
+  assert back.provenance["seed"] == 7 and back.provenance["note"] == {"free": ["form"]}
+  assert back.provenance["versions"]["numpy"] == np.__version__
+  # and it is plain safetensors for everyone else
+  plain = safetensors.numpy.load_file(str(path))
+  assert sorted(plain) == sorted(data)
+
+
+def test_plain_safetensors_and_npz_are_accepted(tmp_path):
+  data = _example()
+  safetensors.numpy.save_file(data, str(tmp_path / "plain.safetensors"))
+  b = stages.load_bundle(tmp_path / "plain.safetensors")
+  assert not b.ordered and sorted(b.names) == sorted(data)
+  np.savez(tmp_path / "x.npz", **{k: v for k, v in data.items() if v.dtype != ml_dtypes.bfloat16})
+  z = stages.load_bundle(tmp_path / "x.npz")
+  assert "embedding" in z and not z.ordered
+
+
+def test_unreadable_inputs_are_usage_errors(tmp_path):
+  with pytest.raises(UsageError, match="no such file"):
+    stages.load_bundle(tmp_path / "missing.safetensors")
+  bad = tmp_path / "bad.safetensors"
+  bad.write_bytes(b"this is not safetensors")
+  with pytest.raises(UsageError, match="cannot read .* as safetensors"):
+    stages.load_bundle(bad)
+  with pytest.raises(UsageError, match="directory"):
+    stages.load_bundle(tmp_path)
+
+
+def test_lazy_reader_reads_row_ranges(tmp_path):
+  big = np.arange(40 * 6, dtype=np.float32).reshape(40, 6)
+  path = tmp_path / "b.safetensors"
+  stages.save_bundle(path, {"w": big, "s": np.float32([1, 2])})
+  with stages.BundleReader(path) as r:
+    assert r.names == ["w", "s"] and r.shape("w") == (40, 6) and r.dtype("w") == np.float32
+    assert compare.bit_equal(r.get_rows("w", 10, 13), big[10:13])
+
+
+def test_streaming_writer_produces_a_standard_file(tmp_path):
+  data = _example()
+  path = tmp_path / "stream.safetensors"
+  specs = [(k, v.shape, v.dtype) for k, v in data.items()]
+  with stages.BundleWriter(path, specs, {"producer": "stream"}) as w:
+    for k, v in data.items():
+      if v.ndim and v.shape[0] > 1:
+        w.write_rows(k, v[:1])
+        w.write_rows(k, v[1:])
+      else:
+        w.write(k, v)
+  back = stages.load_bundle(path)
+  assert back.names == list(data) and back.provenance == {"producer": "stream"}
+  for k in data:
+    assert compare.bit_equal(back[k], data[k]), k
+  plain = safetensors.numpy.load_file(str(path))
+  assert compare.bit_equal(plain["layers.0.attn_norm"], data["layers.0.attn_norm"])
+
+
+def test_streaming_writer_leaves_nothing_on_failure(tmp_path):
+  path = tmp_path / "s.safetensors"
+  with pytest.raises(UsageError, match="incomplete"):
+    with stages.BundleWriter(path, [("a", (4,), np.float32)]) as w:
+      w.write_rows("a", np.zeros(2, np.float32))
+  assert list(tmp_path.iterdir()) == []
+  with pytest.raises(UsageError, match="declared order"):
+    with stages.BundleWriter(path, [("a", (1,), np.float32), ("b", (1,), np.float32)]) as w:
+      w.write("b", np.zeros(1, np.float32))
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_stage_order_metadata_is_refused(tmp_path):
+  path = tmp_path / "b.safetensors"
+  safetensors.numpy.save_file({"a": np.zeros(1, np.float32)}, str(path), metadata={"stage_order": json.dumps(["a", "zzz"])})
+  with pytest.raises(UsageError, match="stage_order"):
+    stages.load_bundle(path)

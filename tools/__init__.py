@@ -1,0 +1,1 @@
+"""Command-line tools: thin absl-flags programs over the parity_jax library."""
