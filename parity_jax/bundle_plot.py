@@ -107,7 +107,7 @@ def plot_report(report: "BundleReport", path: str | os.PathLike | None = None, d
 
   def cbar_at(key: str):
     bottom, h = pos[key]
-    return fig.add_axes((right + 0.15 / width, bottom, 0.18 / width, max(h, 1.2 / total_h) if key == "heat" else h))
+    return fig.add_axes((right + 0.15 / width, bottom, 0.18 / width, max(h, 1.2 / total_h)))
 
   fd = report.first_divergent
   fb = report.first_breach
@@ -190,12 +190,14 @@ def plot_report(report: "BundleReport", path: str | os.PathLike | None = None, d
   if fd is not None:
     i = by_name[fd].index
     ax.axvline(i, color="red", lw=1.6, zorder=1)
-    ax.annotate(f"first divergent: {fd}", (i, 10.0 ** hi), xytext=(4, -10), textcoords="offset points", fontsize=8,
-                color="red", va="top")
+    late = i > 0.6 * len(rows)
+    ax.annotate(f"first divergent: {fd}", (i, 10.0 ** hi), xytext=(-4 if late else 4, -10), textcoords="offset points",
+                fontsize=8, color="red", va="top", ha="right" if late else "left")
   if fb is not None and fb != fd:
     ax.axvline(by_name[fb].index, color="#e08000", lw=1.2, ls=":", zorder=1)
-    ax.annotate(f"first over tolerance: {fb}", (by_name[fb].index, 10.0 ** hi), xytext=(4, -22), textcoords="offset points",
-                fontsize=8, color="#e08000", va="top")
+    late = by_name[fb].index > 0.6 * len(rows)
+    ax.annotate(f"first over tolerance: {fb}", (by_name[fb].index, 10.0 ** hi), xytext=(-4 if late else 4, -22),
+                textcoords="offset points", fontsize=8, color="#e08000", va="top", ha="right" if late else "left")
   ax.set_yscale("log")
   ax.set_ylim(floor / 2, 10.0 ** hi * 2)
   ax.set_xlim(-0.5, len(rows) - 0.5)
