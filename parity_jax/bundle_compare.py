@@ -64,7 +64,7 @@ __all__ = [
     "load_report",
 ]
 
-_CHUNK_ELEMENTS = 1 << 23  # per-chunk element budget for the float64 reductions of a large stage
+_CHUNK_ELEMENTS = 1 << 20  # per-chunk element budget for the float64 reductions of a large stage (~8 MiB per temporary)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from parity_jax.compare import as_numpy, check_comparable
 
 __all__ = ["LogitsStats", "log_softmax64", "logits_stats"]
 
-_CHUNK_ELEMENTS = 1 << 22  # float64 working set per chunk: 32 MiB per array
+_CHUNK_ELEMENTS = 1 << 20  # float64 working set per chunk: 8 MiB per array
 
 
 def log_softmax64(x: np.ndarray) -> np.ndarray:
