@@ -187,17 +187,22 @@ def plot_report(report: "BundleReport", path: str | os.PathLike | None = None, d
   for i in range(1, len(rows)):  # layer boundaries
     if rows[i].layer != rows[i - 1].layer:
       ax.axvline(i - 0.5, color="#cccccc", lw=0.6, zorder=1)
+  box = dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none", alpha=0.85)
   if fd is not None:
     i = by_name[fd].index
-    ax.axvline(i, color="red", lw=1.6, zorder=1)
     late = i > 0.6 * len(rows)
-    ax.annotate(f"first divergent: {fd}", (i, 10.0 ** hi), xytext=(-4 if late else 4, -10), textcoords="offset points",
-                fontsize=8, color="red", va="top", ha="right" if late else "left")
+    ax.axvline(i, color="red", lw=1.6, zorder=1)
+    label = f"drift onset (first divergent): {fd}" if report.verdict.status == "drift" else f"first divergent: {fd}"
+    ax.annotate(label, (i, 0.04), xycoords=("data", "axes fraction"), xytext=(-4 if late else 4, 0),
+                textcoords="offset points", fontsize=8, color="red", va="bottom", ha="right" if late else "left",
+                bbox=box, zorder=6)
   if fb is not None and fb != fd:
-    ax.axvline(by_name[fb].index, color="#e08000", lw=1.2, ls=":", zorder=1)
-    late = by_name[fb].index > 0.6 * len(rows)
-    ax.annotate(f"first over tolerance: {fb}", (by_name[fb].index, 10.0 ** hi), xytext=(-4 if late else 4, -22),
-                textcoords="offset points", fontsize=8, color="#e08000", va="top", ha="right" if late else "left")
+    j = by_name[fb].index
+    late = j > 0.6 * len(rows)
+    ax.axvline(j, color="#e08000", lw=1.2, ls=":", zorder=1)
+    ax.annotate(f"first over tolerance: {fb}", (j, 0.14), xycoords=("data", "axes fraction"), xytext=(-4 if late else 4, 0),
+                textcoords="offset points", fontsize=8, color="#e08000", va="bottom", ha="right" if late else "left",
+                bbox=box, zorder=6)
   ax.set_yscale("log")
   ax.set_ylim(floor / 2, 10.0 ** hi * 2)
   ax.set_xlim(-0.5, len(rows) - 0.5)
@@ -215,7 +220,7 @@ def plot_report(report: "BundleReport", path: str | os.PathLike | None = None, d
   ax.set_ylabel("rel-L2", fontsize=8)
   ax.tick_params(labelsize=7)
   ax.set_title("rel-L2 along the execution order", fontsize=9, loc="left")
-  ax.legend(fontsize=7, loc="upper left", ncol=4, frameon=False)
+  ax.legend(fontsize=7, loc="upper left", ncol=4, frameon=True, framealpha=0.85, edgecolor="none")
 
   v = report.verdict
   if v.status == "pass":
