@@ -117,7 +117,8 @@ class _Source:
         return np.dtype(self._reader.dtype(name))
       except KeyError:
         raise UsageError(f"stage {name!r}: {self.side} {self.label} stores a dtype numpy cannot hold") from None
-    return np.asarray(self._arrays[name]).dtype if not hasattr(self._arrays[name], "dtype") else np.dtype(self._arrays[name].dtype)
+    value = self._arrays[name]
+    return np.dtype(value.dtype) if hasattr(value, "dtype") else np.asarray(value).dtype  # no device copy for jax arrays
 
   def get(self, name: str) -> np.ndarray:
     if self._reader is not None:
