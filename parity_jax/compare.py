@@ -395,3 +395,20 @@ def diff_stats(a: Any, b: Any, top_k: int = 10, name: str | None = None) -> Diff
   acc = DiffAccumulator(a.shape, a.dtype, top_k=top_k)
   acc.update(a, b)
   return acc.result()
+
+
+# Stage-bundle comparison lives in parity_jax.bundle_compare (it builds on this
+# module); its public names are reachable from here, imported on first use so
+# that importing the core stays cheap and free of import cycles.
+_BUNDLE_API = ("compare_bundles", "BundleReport", "StageRow", "Breach", "load_report", "REPORT_SCHEMA")
+_TOLERANCE_API = ("Profile", "Rule", "BUILTIN_PROFILES", "load_profile_json", "resolve_profile")
+
+
+def __getattr__(name: str) -> Any:
+  if name in _BUNDLE_API:
+    from parity_jax import bundle_compare
+    return getattr(bundle_compare, name)
+  if name in _TOLERANCE_API:
+    from parity_jax import tolerance
+    return getattr(tolerance, name)
+  raise AttributeError(f"module 'parity_jax.compare' has no attribute {name!r}")

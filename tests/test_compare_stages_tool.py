@@ -1,0 +1,176 @@
+"""tools.compare_stages end to end, through subprocess calls of the real tool: exit codes 0/1/2."""
+
+import json
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from parity_jax import stages
+from tests import stage_synth as synth
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(*args, env=None):
+  full_env = dict(os.environ, **(env or {}))
+  p = subprocess.run([sys.executable, "-m", "tools.compare_stages", *args], cwd=ROOT, capture_output=True, text=True,
+                     env=full_env, timeout=120)
+  return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+  d = tmp_path_factory.mktemp("bundles")
+  golden = synth.golden_stages(num_layers=3)
+  names = list(golden)
+  k = names.index("layers.2.k_proj")
+  ok = synth.candidate(golden, lambda i, n: 1e-7)
+  bad = synth.candidate(golden, lambda i, n: 1e-3 * 1.05 ** (i - k) if i >= k else 1e-7)
+  stages.save_bundle(d / "golden.safetensors", golden, stages.default_provenance("test-golden"))
+  stages.save_bundle(d / "ok.safetensors", ok, stages.default_provenance("test-ok"))
+  stages.save_bundle(d / "bad.safetensors", bad, stages.default_provenance("test-bad"))
+  return d, golden
+
+
+def _assert_usage_error(rc, out, err, *needles):
+  assert rc == 2, (rc, out, err)
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("compare_stages.py: error: "), err
+  assert "Traceback" not in err and out == ""
+  for n in needles:
+    assert n in lines[0], lines[0]
+
+
+def test_pass_exits_0(bundles):
+  d, _ = bundles
+  rc, out, err = _run(f"--golden={d}/golden.safetensors", f"--candidate={d}/ok.safetensors")
+  assert rc == 0, err
+  assert out.strip().splitlines()[-1].startswith("PASS")
+
+
+def test_divergence_exits_1_and_names_the_stage(bundles):
+  d, _ = bundles
+  rc, out, err = _run(f"--golden={d}/golden.safetensors", f"--candidate={d}/bad.safetensors", "--top_k=3")
+  assert rc == 1, err
+  last = out.strip().splitlines()[-1]
+  assert last.startswith("FAIL: first divergent stage layers.2.k_proj -- jump")
+  assert "top 3 divergences in layers.2.k_proj" in out
+  assert "logits: KL max" in out
+
+
+def test_json_format(bundles, tmp_path):
+  d, golden = bundles
+  rc, out, err = _run(f"--golden={d}/golden.safetensors", f"--candidate={d}/bad.safetensors", "--format=json")
+  assert rc == 1, err
+  doc = json.loads(out)
+  assert doc["schema"] == "parity_jax.bundle_report/1" and doc["passed"] is False
+  assert doc["verdict"]["first_divergent"] == "layers.2.k_proj" and doc["verdict"]["status"] == "jump"
+  assert [s["name"] for s in doc["stages"]] == list(golden)
+  logits = doc["stages"][-1]
+  assert logits["name"] == "logits" and set(logits["logits"]) >= {"kl_max", "kl_mean", "argmax_agreement", "topk_overlap_mean"}
+  from parity_jax.bundle_compare import BundleReport
+  assert BundleReport.from_dict(doc).first_divergent == "layers.2.k_proj"
+
+
+def test_plot_is_a_png(bundles, tmp_path):
+  pytest.importorskip("matplotlib")
+  d, _ = bundles
+  out_png = tmp_path / "heat.png"
+  rc, out, err = _run(f"--golden={d}/golden.safetensors", f"--candidate={d}/bad.safetensors", f"--plot={out_png}")
+  assert rc == 1, err
+  data = out_png.read_bytes()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+  w, h = struct.unpack(">II", data[16:24])
+  assert w >= 900 and h >= 500
+
+
+def test_plot_without_matplotlib_is_a_usage_error(bundles, tmp_path):
+  d, _ = bundles
+  shim = tmp_path / "shim" / "matplotlib"
+  shim.mkdir(parents=True)
+  (shim / "__init__.py").write_text("raise ImportError('No module named matplotlib (test shim)')\n")
+  out_png = tmp_path / "x.png"
+  rc, out, err = _run(f"--golden={d}/golden.safetensors", f"--candidate={d}/bad.safetensors", f"--plot={out_png}",
+                      env={"PYTHONPATH": f"{tmp_path / 'shim'}{os.pathsep}{ROOT}"})
+  _assert_usage_error(rc, out, err, "plotting needs matplotlib")
+  assert not out_png.exists()
+
+
+def test_stage_filter_and_failing_only(bundles):
+  d, _ = bundles
+  rc, out, _ = _run(f"--golden={d}/golden.safetensors", f"--candidate={d}/bad.safetensors", "--stages=^layers\\.[01]\\.")
+  assert rc == 0 and "layers.2." not in out
+  rc, out, _ = _run(f"--golden={d}/golden.safetensors", f"--candidate={d}/bad.safetensors", "--failing_only")
+  assert rc == 1 and " layers.0.q_proj " not in out and " layers.2.k_proj " in out
+
+
+def test_profile_json(bundles, tmp_path):
+  d, _ = bundles
+  loose = tmp_path / "loose.json"
+  loose.write_text(json.dumps({"schema": "parity_jax.tolerance_profile/1", "name": "loose",
+                               "rules": [{"stages": ".*", "max_rel_l2": 0.5}]}))
+  rc, out, err = _run(f"--golden={d}/golden.safetensors", f"--candidate={d}/bad.safetensors", f"--profile_json={loose}")
+  assert rc == 0, err
+  assert "profile:   loose" in out
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"schema": "parity_jax.tolerance_profile/1", "rules": [{"stages": ".*", "max_rel_l2": -3}]}))
+  _assert_usage_error(*_run(f"--golden={d}/golden.safetensors", f"--candidate={d}/ok.safetensors", f"--profile_json={bad}"),
+                      "rules[0].max_rel_l2 must lie in")
+  _assert_usage_error(*_run(f"--golden={d}/golden.safetensors", f"--candidate={d}/ok.safetensors", f"--profile_json={loose}",
+                            "--profile=bf16"), "not both")
+
+
+def test_bad_inputs_exit_2(bundles, tmp_path):
+  d, golden = bundles
+  g = f"--golden={d}/golden.safetensors"
+  # shape mismatch
+  shp = dict(golden)
+  shp["layers.1.attention"] = np.zeros((1, 4, 8), np.float32)
+  stages.save_bundle(tmp_path / "shape.safetensors", shp)
+  _assert_usage_error(*_run(g, f"--candidate={tmp_path}/shape.safetensors"), "stage 'layers.1.attention': shape mismatch")
+  # dtype mismatch (bf16 candidate under the strict f32 profile)
+  bf = {k: v.astype(ml_dtypes.bfloat16) for k, v in golden.items()}
+  stages.save_bundle(tmp_path / "bf16.safetensors", bf)
+  _assert_usage_error(*_run(g, f"--candidate={tmp_path}/bf16.safetensors"), "stage 'embedding': dtype mismatch",
+                      "golden float32 vs candidate bfloat16")
+  rc, out, err = _run(g, f"--candidate={tmp_path}/bf16.safetensors", "--profile=bf16")
+  assert rc == 0, err  # the bf16 profile widens bf16 to float32 exactly
+  # missing stages
+  miss = {k: v for k, v in golden.items() if k != "layers.0.ffn_silu"}
+  stages.save_bundle(tmp_path / "miss.safetensors", miss)
+  _assert_usage_error(*_run(g, f"--candidate={tmp_path}/miss.safetensors"), "only in golden: layers.0.ffn_silu",
+                      "--allow_missing")
+  rc, out, err = _run(g, f"--candidate={tmp_path}/miss.safetensors", "--allow_missing")
+  assert rc == 0 and "only in golden (1): layers.0.ffn_silu" in out
+  # empty bundle, unreadable file, missing file, directory, no common stages
+  safetensors.numpy.save_file({}, str(tmp_path / "empty.safetensors"))
+  _assert_usage_error(*_run(g, f"--candidate={tmp_path}/empty.safetensors"), "has no stages")
+  (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
+  _assert_usage_error(*_run(g, f"--candidate={tmp_path}/garbage.safetensors"), "cannot read", "garbage.safetensors")
+  whole = (d / "ok.safetensors").read_bytes()
+  (tmp_path / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
+  _assert_usage_error(*_run(g, f"--candidate={tmp_path}/truncated.safetensors"), "cannot read", "truncated.safetensors")
+  (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 not a zip")
+  _assert_usage_error(*_run(f"--golden={tmp_path}/garbage.npz", f"--candidate={d}/ok.safetensors"), "cannot read", ".npz")
+  _assert_usage_error(*_run(g, f"--candidate={tmp_path}/nope.safetensors"), "no such file")
+  _assert_usage_error(*_run(g, f"--candidate={tmp_path}"), "directory")
+  stages.save_bundle(tmp_path / "other.safetensors", {"something_else": np.ones(3, np.float32)})
+  _assert_usage_error(*_run(g, f"--candidate={tmp_path}/other.safetensors", "--allow_missing"), "no common stages")
+  # flags
+  _assert_usage_error(*_run(g), "candidate")
+  _assert_usage_error(*_run(g, f"--candidate={d}/ok.safetensors", "--stages=("), "not a valid regular expression")
+  _assert_usage_error(*_run(g, f"--candidate={d}/ok.safetensors", f"--plot={d}/golden.safetensors"), "overwrite an input")
+
+
+def test_inputs_are_not_modified(bundles):
+  d, _ = bundles
+  before = {p.name: p.read_bytes() for p in d.iterdir()}
+  _run(f"--golden={d}/golden.safetensors", f"--candidate={d}/bad.safetensors", "--format=json")
+  assert {p.name: p.read_bytes() for p in d.iterdir()} == before

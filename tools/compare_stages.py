@@ -1,0 +1,78 @@
+"""Compare two stage bundles stage by stage and name the first divergent stage.
+
+  python -m tools.compare_stages --golden=A.safetensors --candidate=B.safetensors \\
+      [--profile=f32|bf16|exact | --profile_json=FILE] [--top_k=5] [--format=text|json] \\
+      [--plot=out.png] [--stages=REGEX] [--allow_missing] [--failing_only]
+
+Inputs are stage bundles (parity_jax/stages.py), plain safetensors or .npz.
+Stages are compared in execution order (stage_order metadata, else inferred
+for Qwen names) with the statistics of parity_jax.compare; the verdict names
+the first divergent stage and whether it is a jump or accumulated drift (rule:
+parity_jax/bisect.py). Exit 0: every stage within tolerance; 1: something
+diverges; 2: bad input (one-line error, nothing written).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+
+from parity_jax.bundle_compare import compare_bundles
+from parity_jax.errors import UsageError
+from parity_jax.tolerance import BUILTIN_PROFILES, load_profile_json
+from tools import _cli
+
+_GOLDEN = flags.DEFINE_string("golden", None, "Reference stage bundle (.safetensors or .npz).")
+_CANDIDATE = flags.DEFINE_string("candidate", None, "Stage bundle under test (.safetensors or .npz).")
+_PROFILE = flags.DEFINE_enum("profile", "f32", list(BUILTIN_PROFILES), "Built-in tolerance profile.")
+_PROFILE_JSON = flags.DEFINE_string("profile_json", None, "Tolerance profile JSON (schema parity_jax.tolerance_profile/1); replaces --profile.")
+_TOP_K = flags.DEFINE_integer("top_k", 5, "Largest divergences kept per stage.", lower_bound=0)
+_FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "text: a table for people; json: the report for batch jobs.")
+_PLOT = flags.DEFINE_string("plot", None, "Write a PNG: layer x stage heatmap of log10 rel-L2 and the error along the stage order (needs matplotlib).")
+_STAGES = flags.DEFINE_string("stages", None, "Only compare stages whose name matches this regular expression (re.search).")
+_ALLOW_MISSING = flags.DEFINE_bool("allow_missing", False, "Compare the common stages when some exist on one side only (they are listed).")
+_FAILING_ONLY = flags.DEFINE_bool("failing_only", False, "Text format: show only stages over tolerance (and the first divergent one).")
+
+flags.mark_flags_as_required(["golden", "candidate"])
+
+
+def _check_output_path(path: str, inputs: list[str]) -> None:
+  real = os.path.realpath(path)
+  if any(os.path.exists(p) and real == os.path.realpath(p) for p in inputs):
+    raise UsageError(f"--plot={path} would overwrite an input")
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise UsageError(f"--plot: directory {parent} does not exist")
+  if os.path.isdir(path):
+    raise UsageError(f"--plot={path} is a directory")
+
+
+def main(argv):
+  del argv
+  if _PROFILE_JSON.value is not None:
+    if flags.FLAGS["profile"].present:
+      raise UsageError("give --profile or --profile_json, not both (a profile JSON can say \"extends\": \"f32\")")
+    profile = load_profile_json(_PROFILE_JSON.value)
+  else:
+    profile = BUILTIN_PROFILES[_PROFILE.value]
+  if _PLOT.value:
+    from parity_jax.bundle_plot import require_matplotlib
+    require_matplotlib()
+    _check_output_path(_PLOT.value, [_GOLDEN.value, _CANDIDATE.value])
+  report = compare_bundles(_GOLDEN.value, _CANDIDATE.value, profile=profile, top_k=_TOP_K.value, stages=_STAGES.value,
+                           allow_missing=_ALLOW_MISSING.value, progress=sys.stderr.isatty())
+  if _PLOT.value:
+    report.plot(_PLOT.value)
+  if _FORMAT.value == "json":
+    print(report.to_json())
+  else:
+    print(report.to_text(failing_only=_FAILING_ONLY.value))
+    if _PLOT.value:
+      print(f"plot: {_PLOT.value}")
+  return report.exit_code
+
+
+if __name__ == "__main__":
+  _cli.run(main)
