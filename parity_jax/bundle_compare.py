@@ -82,12 +82,7 @@ class _Source:
       path = os.fspath(obj)
       self.label = path
       if path.endswith(".npz"):
-        try:
-          b = load_bundle(path)
-        except UsageError:
-          raise
-        except Exception as e:  # noqa: BLE001 -- e.g. zipfile.BadZipFile, which stages.load_bundle lets through
-          raise UsageError(f"cannot read {path} as .npz: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        b = load_bundle(path)
         self._arrays, self.names, self.ordered, self.provenance = b, b.names, b.ordered, b.provenance
       else:
         self._reader = BundleReader(path)

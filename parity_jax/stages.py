@@ -28,6 +28,7 @@ import os
 import platform
 import struct
 import sys
+import zipfile
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import ml_dtypes
@@ -69,7 +70,6 @@ _ST_DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _NP_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
-
 
 
 def _package_version(name: str) -> str | None:
@@ -259,8 +259,8 @@ def load_bundle(path: str | os.PathLike) -> StageBundle:
     try:
       with np.load(path, allow_pickle=False) as z:
         return StageBundle([(k, z[k]) for k in z.files], {"producer": "npz", "source": path}, ordered=False)
-    except (ValueError, OSError) as e:
-      raise UsageError(f"cannot read {path} as .npz: {e}") from None
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+      raise UsageError(f"cannot read {path} as .npz: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
   with BundleReader(path) as r:
     return StageBundle([(n, r.get(n)) for n in r.names], r.provenance, ordered=r.has_order)
 

@@ -105,3 +105,10 @@ def test_bad_stage_order_metadata_is_refused(tmp_path):
   safetensors.numpy.save_file({"a": np.zeros(1, np.float32)}, str(path), metadata={"stage_order": json.dumps(["a", "zzz"])})
   with pytest.raises(UsageError, match="stage_order"):
     stages.load_bundle(path)
+
+
+def test_corrupt_npz_is_a_usage_error(tmp_path):
+  bad = tmp_path / "bad.npz"
+  bad.write_bytes(b"PK\x03\x04 not really a zip")
+  with pytest.raises(UsageError, match="cannot read .* as .npz"):
+    stages.load_bundle(bad)
