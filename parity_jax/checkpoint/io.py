@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from parity_jax.checkpoint.layout import Checkpoint, LeafMeta, _first_line
+from parity_jax.checkpoint.layout import Checkpoint, LeafMeta, _first_line, quiet_orbax
 from parity_jax.errors import UsageError
 
 __all__ = ["LeafReadError", "LeafReader", "restore_leaves"]
@@ -129,9 +129,10 @@ def restore_leaves(ckpt: Checkpoint, paths: Sequence[str]) -> dict[str, Any]:
   item = jax.tree_util.tree_map_with_path(item_fn, ckpt.metadata_tree)
   restore_args = jax.tree_util.tree_map_with_path(args_fn, ckpt.metadata_tree)
   try:
-    restored = ocp.PyTreeCheckpointer().restore(
-        ckpt.item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
-    )
+    with quiet_orbax():
+      restored = ocp.PyTreeCheckpointer().restore(
+          ckpt.item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
+      )
   except Exception as e:
     first = sorted(wanted)[0] if len(wanted) == 1 else f"{len(wanted)} leaves incl. {sorted(wanted)[0]}"
     raise LeafReadError(first, _first_line(e)) from None

@@ -16,8 +16,10 @@ found and what to pass instead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 from typing import Any
@@ -79,6 +81,22 @@ class Checkpoint:
 
   def describe(self) -> str:
     return f"{self.layout} checkpoint, {len(self.leaves)} leaves, {self.nbytes / 2**20:.1f} MiB"
+
+
+@contextlib.contextmanager
+def quiet_orbax(level: int = logging.ERROR):
+  """Raises the ``absl`` logger's level while orbax works (its INFO/WARNING chatter is noise here).
+
+  Errors still propagate as exceptions; nothing is hidden from callers.
+  """
+  logger = logging.getLogger("absl")
+  old = logger.level
+  if old < level:
+    logger.setLevel(level)
+  try:
+    yield
+  finally:
+    logger.setLevel(old)
 
 
 def _is_item_dir(d: str) -> bool:
@@ -180,7 +198,8 @@ def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkp
   import orbax.checkpoint as ocp  # heavy; only once the directory looks right
 
   try:
-    tree = ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
+    with quiet_orbax():
+      tree = ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
   except Exception as e:  # orbax/tensorstore raise many types for damaged metadata
     raise UsageError(f"{role} {path}: cannot read checkpoint metadata: {_first_line(e)}") from None
 

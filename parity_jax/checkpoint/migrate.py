@@ -41,7 +41,7 @@ import numpy as np
 
 from parity_jax.checkpoint import geometry
 from parity_jax.checkpoint.io import restore_leaves
-from parity_jax.checkpoint.layout import open_checkpoint, resolve_item_dir
+from parity_jax.checkpoint.layout import open_checkpoint, quiet_orbax, resolve_item_dir
 from parity_jax.checkpoint.spec import LeafPlan, RemapSpec, split_path
 from parity_jax.errors import UsageError
 
@@ -238,7 +238,7 @@ def migrate(
         }
     }
     done = n_batches = 0
-    with ctx, row_major_chunks() as hooked:
+    with ctx, row_major_chunks() as hooked, quiet_orbax():
       for batch in _batches(plan.leaves, sizes, batch_bytes):
         values = restore_leaves(src, [p.source for p in batch])
         items = [(p.dest, p.transform.apply(values.pop(p.source)) if src.leaves[p.source].kind != "string"
