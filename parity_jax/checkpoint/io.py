@@ -25,7 +25,7 @@ import numpy as np
 from parity_jax.checkpoint.layout import Checkpoint, LeafMeta, _first_line, quiet_orbax
 from parity_jax.errors import UsageError
 
-__all__ = ["LeafReadError", "LeafReader", "restore_leaves"]
+__all__ = ["LeafReadError", "LeafReader", "read_string_leaf", "restore_leaves"]
 
 _OCDBT_NODE_CACHE = 16 << 20  # B-tree nodes only; values go through the chunk cache
 
@@ -100,6 +100,22 @@ class LeafReader:
     return self.result(self.read_async(box))
 
 
+def read_string_leaf(ckpt: Checkpoint, leaf: LeafMeta) -> str:
+  """A string leaf, read from the item's ``_strings.json`` (where orbax's StringHandler keeps them)."""
+  import json
+
+  path = os.path.join(ckpt.item_dir, "_strings.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      table = json.load(f)
+    value = table[leaf.storage_name]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise LeafReadError(leaf.path, f"cannot read it from {path}: {_first_line(e) or type(e).__name__}") from None
+  if not isinstance(value, str):
+    raise LeafReadError(leaf.path, f"{path} holds a {type(value).__name__}, not a string")
+  return value
+
+
 def restore_leaves(ckpt: Checkpoint, paths: Sequence[str]) -> dict[str, Any]:
   """Restores only ``paths`` through orbax (all other leaves PLACEHOLDER, never read).
 
@@ -126,15 +142,19 @@ def restore_leaves(ckpt: Checkpoint, paths: Sequence[str]) -> dict[str, Any]:
       return ocp.PLACEHOLDER
     return ocp.RestoreArgs() if ckpt.leaves[p].kind == "string" else ocp.RestoreArgs(restore_type=np.ndarray)
 
-  item = jax.tree_util.tree_map_with_path(item_fn, ckpt.metadata_tree)
-  restore_args = jax.tree_util.tree_map_with_path(args_fn, ckpt.metadata_tree)
+  first = sorted(wanted)[0] if len(wanted) == 1 else f"{len(wanted)} leaves incl. {sorted(wanted)[0]}"
+  try:
+    tree = ckpt.metadata_tree
+  except UsageError as e:
+    raise LeafReadError(first, str(e)) from None
+  item = jax.tree_util.tree_map_with_path(item_fn, tree)
+  restore_args = jax.tree_util.tree_map_with_path(args_fn, tree)
   try:
     with quiet_orbax():
       restored = ocp.PyTreeCheckpointer().restore(
           ckpt.item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
       )
   except Exception as e:
-    first = sorted(wanted)[0] if len(wanted) == 1 else f"{len(wanted)} leaves incl. {sorted(wanted)[0]}"
     raise LeafReadError(first, _first_line(e)) from None
   out: dict[str, Any] = {}
   for kp, v in jax.tree_util.tree_flatten_with_path(restored)[0]:

@@ -49,6 +49,7 @@ class LeafMeta:
   chunk_shape: tuple[int, ...] | None  # storage chunk shape; None = unknown/one chunk
   storage_name: str  # orbax's name for the leaf in the item's key-value store
   value_type: str
+  error: str | None = None  # set when the leaf's array metadata cannot be read (damaged files)
 
   @property
   def nbytes(self) -> int:
@@ -59,7 +60,7 @@ class LeafMeta:
   @property
   def streamable(self) -> bool:
     """Read directly from tensorstore (arrays and numeric scalars); strings go through orbax."""
-    return self.kind in ("array", "scalar")
+    return self.kind in ("array", "scalar") and self.error is None
 
 
 @dataclasses.dataclass
@@ -73,7 +74,25 @@ class Checkpoint:
   use_zarr3: bool
   leaves: dict[str, LeafMeta]
   empty_nodes: list[str]
-  metadata_tree: Any  # orbax's metadata tree, for PLACEHOLDER restores
+  _metadata_tree: Any = None
+
+  @property
+  def metadata_tree(self) -> Any:
+    """orbax's own metadata tree (the template for PLACEHOLDER restores), read on first use."""
+    if self._metadata_tree is None:
+      import orbax.checkpoint as ocp
+      from etils import epath
+
+      try:
+        with quiet_orbax():
+          self._metadata_tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.item_dir)).tree
+      except Exception as e:
+        raise UsageError(f"{self.path}: cannot read checkpoint metadata: {_first_line(e)}") from None
+    return self._metadata_tree
+
+  def unreadable(self) -> dict[str, str]:
+    """Leaves whose array metadata could not be read, with the reason."""
+    return {p: m.error for p, m in self.leaves.items() if m.error}
 
   @property
   def nbytes(self) -> int:
@@ -167,11 +186,21 @@ def _key_str(k: Any) -> str:
 def _first_line(e: BaseException) -> str:
   s = str(e).strip().splitlines()
   msg = s[0] if s else type(e).__name__
-  return msg if len(msg) <= 400 else msg[:400] + "..."
+  # tensorstore appends the full JSON spec in brackets; the spec is noise in a one-line error
+  msg = re.sub(r"\s*\[tensorstore_spec=.*$", "", msg)
+  return msg if len(msg) <= 300 else msg[:300] + "..."
 
 
 def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkpoint:
-  """Resolves ``path`` and reads its tree metadata (shapes, dtypes, chunking); no array data."""
+  """Resolves ``path`` and reads its tree metadata (shapes, dtypes, chunking); no array data.
+
+  The leaf list comes from the item's ``_METADATA``; each array's shape,
+  dtype and chunk shape from its zarr metadata, opened read-only with
+  tensorstore (all leaves at once, synchronously: no event loop is left
+  behind when a file is damaged). A leaf whose array metadata cannot be
+  read keeps ``error`` set instead of failing the whole checkpoint, so the
+  verifier can name it.
+  """
   path = os.path.abspath(os.fspath(path))
   item_dir, layout = resolve_item_dir(path, role)
   try:
@@ -184,54 +213,58 @@ def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkp
   use_ocdbt = bool(raw.get("use_ocdbt", True))
   use_zarr3 = bool(raw.get("use_zarr3", False))
 
-  value_types: dict[str, str] = {}
+  entries: list[tuple[tuple[str, ...], str]] = []
   empty_nodes: list[str] = []
-  for entry in raw["tree_metadata"].values():
-    keys = tuple(str(k["key"]) for k in entry.get("key_metadata", []))
-    vt = entry.get("value_metadata", {}).get("value_type", "")
-    p = join_path(keys)
-    if vt in _ARRAY_TYPES or vt in ("scalar", "string"):
-      value_types[p] = vt
-    else:
-      empty_nodes.append(p)
-
-  import orbax.checkpoint as ocp  # heavy; only once the directory looks right
-
-  try:
-    with quiet_orbax():
-      tree = ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
-  except Exception as e:  # orbax/tensorstore raise many types for damaged metadata
-    raise UsageError(f"{role} {path}: cannot read checkpoint metadata: {_first_line(e)}") from None
-
-  import jax
-
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  leaves: dict[str, LeafMeta] = {}
   problems = []
-  for kp, m in flat:
-    keys = tuple(_key_str(k) for k in kp)
-    bad = [k for k in keys if "/" in k or k == ""]
-    if bad:
-      problems.append(f"key {bad[0]!r} in {keys} is empty or contains '/', which leaf paths cannot express")
-      continue
-    p = join_path(keys)
-    vt = value_types.get(p, "")
-    cls = type(m).__name__
-    if cls == "StringMetadata" or vt == "string":
-      kind, shape, dtype, chunk = "string", (), None, None
+  for entry in raw["tree_metadata"].values():
+    try:
+      keys = tuple(str(k["key"]) for k in entry.get("key_metadata", []))
+      vt = str(entry.get("value_metadata", {}).get("value_type", ""))
+    except (AttributeError, KeyError, TypeError):
+      raise UsageError(f"{role} {path}: malformed entry in {PYTREE_METADATA}") from None
+    if vt in _ARRAY_TYPES or vt in ("scalar", "string"):
+      bad = [k for k in keys if "/" in k or k == ""]
+      if bad:
+        problems.append(f"key {bad[0]!r} in {keys} is empty or contains '/', which leaf paths cannot express")
+      entries.append((keys, vt))
     else:
-      shape = tuple(int(d) for d in (getattr(m, "shape", None) or ()))
-      dt = getattr(m, "dtype", None)
-      if dt is None:
-        problems.append(f"leaf {p!r} ({cls}) has no dtype in its metadata")
-        continue
-      dtype = np.dtype(dt)
-      kind = "scalar" if (cls == "ScalarMetadata" or vt == "scalar") else "array"
-      storage = getattr(m, "storage", None)
-      cs = getattr(storage, "chunk_shape", None) if storage is not None else None
-      chunk = tuple(int(c) for c in cs) if cs is not None else None
-    name = getattr(m, "name", None) or ".".join(keys)
-    leaves[p] = LeafMeta(p, keys, kind, shape, dtype, chunk, name, vt or cls)
+      empty_nodes.append(join_path(keys))
   if problems:
     raise UsageError(f"{role} {path}: " + "; ".join(problems[:5]))
-  return Checkpoint(path, item_dir, layout, use_ocdbt, use_zarr3, leaves, sorted(empty_nodes), tree)
+  entries.sort(key=lambda e: e[0])
+
+  import tensorstore as ts
+  from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+
+  context = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "cache_pool#ocdbt": {"total_bytes_limit": 16 << 20}})
+  futures = {}
+  for keys, vt in entries:
+    if vt == "string":
+      continue
+    spec = tsu.ArrayReadSpec(item_dir, ".".join(keys), use_zarr3, use_ocdbt=use_ocdbt).json
+    try:
+      futures[keys] = ts.open(spec, open=True, read=True, write=False, context=context)
+    except Exception as e:  # a spec tensorstore rejects outright
+      futures[keys] = e
+  leaves: dict[str, LeafMeta] = {}
+  for keys, vt in entries:
+    p = join_path(keys)
+    name = ".".join(keys)
+    if vt == "string":
+      leaves[p] = LeafMeta(p, keys, "string", (), None, None, name, vt)
+      continue
+    kind = "scalar" if vt == "scalar" else "array"
+    fut = futures[keys]
+    try:
+      if isinstance(fut, Exception):
+        raise fut
+      t = fut.result()
+    except Exception as e:
+      leaves[p] = LeafMeta(p, keys, kind, (), None, None, name, vt, error=_first_line(e))
+      continue
+    chunk = t.chunk_layout.read_chunk.shape
+    leaves[p] = LeafMeta(
+        p, keys, kind, tuple(int(d) for d in t.shape), np.dtype(t.dtype.numpy_dtype),
+        None if chunk is None else tuple(int(c) for c in chunk), name, vt,
+    )
+  return Checkpoint(path, item_dir, layout, use_ocdbt, use_zarr3, leaves, sorted(empty_nodes))

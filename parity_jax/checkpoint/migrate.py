@@ -196,6 +196,10 @@ def migrate(
   if not (isinstance(chunk_mb, (int, float)) and chunk_mb > 0 and np.isfinite(chunk_mb)):
     raise UsageError(f"chunk_mb must be a positive number, got {chunk_mb!r}")
   src = open_checkpoint(source, "source checkpoint")
+  bad = src.unreadable()
+  if bad:
+    p0 = next(iter(bad))
+    raise UsageError(f"source checkpoint {src.path}: cannot read leaf {p0!r}: {bad[p0]}")
   plan = spec.bind(src.leaves, what="source checkpoint")
   dest = os.path.abspath(os.fspath(dest)).rstrip(os.sep)
   _check_dest(src.path, dest, overwrite)

@@ -46,7 +46,7 @@ import numpy as np
 
 from parity_jax import compare
 from parity_jax.checkpoint import geometry
-from parity_jax.checkpoint.io import LeafReadError, LeafReader, restore_leaves
+from parity_jax.checkpoint.io import LeafReadError, LeafReader, read_string_leaf
 from parity_jax.checkpoint.layout import Checkpoint, LeafMeta, open_checkpoint
 from parity_jax.checkpoint.spec import LeafPlan, RemapSpec
 from parity_jax.errors import UsageError
@@ -304,18 +304,38 @@ class _PairPlan:
   cache_src: int  # bytes of tensorstore cache for the source reader (0 = none)
   cache_mig: int
   spill: bool  # stream the source to a spill file first, then compare against it
+  itemsize: int = 1
 
   def describe(self) -> str:
     mode = "spill" if self.spill else "stream"
-    return (f"{mode}: {self.slabs.n_slabs} slab(s) of <= {self.slabs.slab_elems} elements,"
-            f" cache src {self.cache_src // _MIB} MiB / migrated {self.cache_mig // _MIB} MiB")
+    return (f"{mode}: {self.slabs.n_slabs} slab(s) of <= {_human(self.slabs.slab_elems * self.itemsize)},"
+            f" cache source {_human(self.cache_src)} / migrated {_human(self.cache_mig)}")
+
+
+def _human(n: int) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n} B"
 
 
 def _plan_pair(src: LeafMeta, mig: LeafMeta, r: tuple[int, ...], slab_bytes: int) -> _PairPlan:
-  """Chooses slab size, caches and spilling to keep one pair's memory small.
+  """Chooses slab size, caches and spilling to keep one pair's peak memory small.
 
-  Estimated peak ~ cache_src + cache_mig + 2 slabs; the candidate with the
-  smallest estimate wins (ties: bigger slabs, fewer reads).
+  Memory model, in elements, for slabs of L elements:
+
+  * a side whose chunk rows line up with the slab boundaries is decoded slab
+    by slab with no cache: it costs the slab plus its compressed bytes (<= L);
+  * otherwise the side gets a cache of the chunk rows a slab can touch, and
+    decoding one row costs its compressed bytes (<= the row) on top;
+  * streaming holds both sides at once: cache_src + cache_mig + 2 L plus the
+    larger decode transient;
+  * spilling first streams the source alone to a file (cache_src + L +
+    transient), releases it, then streams the migrated side against the file
+    (cache_mig + 2 L + transient).
+
+  The cheapest estimate wins; spilling (disk traffic) must save >= 10%.
   """
   item = src.dtype.itemsize
   n = int(np.prod(r)) if r else 1
@@ -323,28 +343,24 @@ def _plan_pair(src: LeafMeta, mig: LeafMeta, r: tuple[int, ...], slab_bytes: int
   e_mig = geometry.chunk_row_elems(mig.shape, mig.chunk_shape)
   budget = max(1, slab_bytes // item)
   cap = max(budget, (256 * _MIB) // item)
-  targets = {budget}
-  for e in (e_src, e_mig):
-    if e <= cap:
-      targets.add(e)
-  best = None
+  targets = {budget} | {e for e in (e_src, e_mig) if 0 < e <= cap}
+  options = []  # (estimate, prefer, slabs, cache_src, cache_mig, spill)
   for t in sorted(targets, reverse=True):
     slabs = geometry.SlabPlan.for_target(r, t)
-    l = slabs.slab_elems
+    l = min(slabs.slab_elems, n)
 
-    def cache(e: int) -> int:
-      if slabs.boundaries_are_multiples_of(e):
-        return 0
-      return min(n, (math.ceil(l / e) + 1) * e)
+    def side(e: int) -> tuple[int, int]:  # (cache, decode transient)
+      if e == 0 or slabs.boundaries_are_multiples_of(e):
+        return 0, l
+      return min(n, (math.ceil(l / max(e, 1)) + 1) * e), min(e, n)
 
-    cs, cm = cache(e_src), cache(e_mig)
-    est = cs + cm + 2 * min(l, n)
-    if best is None or est < best[0]:
-      best = (est, slabs, cs, cm)
-  _, slabs, cs, cm = best
-  spill = cs >= n // 2 and cm >= n // 2 and n * item > 2 * slab_bytes
+    (cs, ts), (cm, tm) = side(e_src), side(e_mig)
+    options.append((cs + cm + 2 * l + max(ts, tm), 0, -l, slabs, cs, cm, False))
+    if cs and cm:
+      options.append((max(cs + l + ts, cm + 2 * l + tm) / 0.9, 1, -l, slabs, cs, cm, True))
+  _, _, _, slabs, cs, cm, spill = min(options, key=lambda o: o[:3])
   pad = lambda c: 0 if c == 0 else int(c * item * 1.05) + 4 * _MIB  # tensorstore bookkeeping slack
-  return _PairPlan(slabs, pad(cs), pad(cm), spill)
+  return _PairPlan(slabs, pad(cs), pad(cm), spill, item)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,11 +379,11 @@ class _Progress:
 
 
 def _compare_strings(src_ckpt, mig_ckpt, p: LeafPlan, res: LeafResult) -> None:
-  a = restore_leaves(src_ckpt, [p.source])[p.source]
-  b = restore_leaves(mig_ckpt, [p.dest])[p.dest]
+  a = read_string_leaf(src_ckpt, src_ckpt.leaves[p.source])
+  b = read_string_leaf(mig_ckpt, mig_ckpt.leaves[p.dest])
   res.source_sha256 = hashlib.sha256(a.encode()).hexdigest()
   res.sha256 = hashlib.sha256(b.encode()).hexdigest()
-  res.read_mode = "orbax-restore"
+  res.read_mode = "_strings.json"
   if a == b:
     res.status = PASS
   else:
@@ -509,6 +525,11 @@ def verify_migration(
       raise UsageError(f"spill directory {spill_dir} lies inside a checkpoint ({ck.path}); choose another")
   if not os.path.isdir(spill_dir):
     raise UsageError(f"spill directory does not exist: {spill_dir}")
+  bad = src_ckpt.unreadable()
+  if bad:
+    p0 = next(iter(bad))
+    raise UsageError(f"source checkpoint {src_ckpt.path}: cannot read leaf {p0!r}"
+                     f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: {bad[p0]}")
   plan = spec.bind(src_ckpt.leaves, what="source checkpoint")
 
   # ---- phase 1: structure, from metadata only ----
@@ -531,6 +552,9 @@ def verify_migration(
     m = mig_ckpt.leaves.get(p.dest)
     if m is None:
       res.reason = "no such leaf in the migrated checkpoint"
+      continue
+    if m.error:
+      res.status, res.reason = UNREADABLE, f"cannot read the migrated leaf's array metadata: {m.error}"
       continue
     res.shape = m.shape
     if (s.kind == "string") != (m.kind == "string"):
