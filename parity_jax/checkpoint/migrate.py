@@ -132,6 +132,8 @@ def _check_dest(src_path: str, dest: str, overwrite: bool) -> None:
   parent = os.path.dirname(dest)
   if not os.path.isdir(parent):
     raise UsageError(f"destination's parent directory does not exist: {parent}")
+  if os.path.realpath(dest) == os.path.realpath(src_path):
+    raise UsageError(f"destination {dest} is the source checkpoint; migrate to a new directory")
   if _inside(dest, src_path):
     raise UsageError(f"destination {dest} lies inside the source checkpoint {src_path}")
   if _inside(src_path, dest):
