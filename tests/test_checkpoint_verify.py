@@ -367,3 +367,19 @@ def test_setup_errors_are_usage_errors(gen, tmp_path):
     verify_migration(gen["v0"], gen["migrated"], RemapSpec.from_rules([{"match": "^step$", "to": "step"}]))
   with pytest.raises(UsageError, match="lies inside a checkpoint"):
     verify_migration(gen["v0"], gen["migrated"], SPEC, spill_dir=gen["migrated"])
+
+
+def test_compression_option(tmp_path):
+  """Default output is uncompressed (written straight from memory); zstd is available and verifies too."""
+  tree = {"z": np.zeros((1, 256, 64), np.float32), "r": np.random.default_rng(3).standard_normal((4, 8)).astype(np.float32)}
+  spec = RemapSpec.from_rules([{"match": "^z$", "to": "z", "squeeze": [0]}, {"match": "^r$", "to": "r"}])
+  H.save_v0(tmp_path / "src", tree)
+  sizes = {}
+  for comp in ("none", "zstd"):
+    res = migrate(tmp_path / "src", tmp_path / comp, spec, compression=comp)
+    assert res.compression == comp
+    assert verify_migration(tmp_path / "src", tmp_path / comp, spec).passed
+    sizes[comp] = sum(p.stat().st_size for p in (tmp_path / comp).rglob("*") if p.is_file())
+  assert sizes["zstd"] < sizes["none"] - 50_000  # 64 KiB of zeros compress away
+  with pytest.raises(UsageError, match="compression must be"):
+    migrate(tmp_path / "src", tmp_path / "x", spec, compression="lz4")

@@ -24,6 +24,7 @@ _DEST = flags.DEFINE_string("dest", None, "Where the migrated v1 checkpoint appe
 _SPEC = flags.DEFINE_string("spec", None, "Remap spec JSON.")
 _CHUNK_MB = flags.DEFINE_float("chunk_mb", 64.0, "Storage chunk size in MiB for the written arrays.", lower_bound=1e-3)
 _BATCH_MB = flags.DEFINE_float("batch_mb", None, "Small leaves are restored/saved together up to this many MiB (default: min(chunk_mb, largest leaf), >= 8).")
+_COMPRESSION = flags.DEFINE_enum("compression", "none", ["none", "zstd"], "Chunk codec. 'none' writes straight from memory (peak ~1x the largest leaf); 'zstd' (orbax's default) saves a few % of disk on float weights but OCDBT buffers every compressed chunk of a leaf (~1 more leaf of memory) and every read must decode.")
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace an existing --dest (only if it is an Orbax checkpoint or empty).")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress with rate and ETA on stderr.")
 
@@ -39,7 +40,7 @@ def main(argv):
 
   result = migrate(
       _SOURCE.value, _DEST.value, _SPEC.value, chunk_mb=_CHUNK_MB.value, overwrite=_OVERWRITE.value,
-      progress=_PROGRESS.value, batch_mb=_BATCH_MB.value,
+      progress=_PROGRESS.value, batch_mb=_BATCH_MB.value, compression=_COMPRESSION.value,
   )
   if result.dropped_empty_nodes:
     shown = ", ".join(result.dropped_empty_nodes[:10])

@@ -236,7 +236,9 @@ def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkp
   import tensorstore as ts
   from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
 
-  context = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "cache_pool#ocdbt": {"total_bytes_limit": 16 << 20}})
+  from parity_jax.checkpoint.io import read_context
+
+  context = read_context(0)
   futures = {}
   for keys, vt in entries:
     if vt == "string":

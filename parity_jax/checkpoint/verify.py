@@ -24,6 +24,10 @@
      checkpoints, released, and the migrated leaf is compared against it, so
      the two leaves are never in memory together.
 
+   The migrated slab is read first and the source slab after it, and a pair
+   is released before the next reads start, so at most one decode transient
+   (compressed + decoded chunk) is alive at a time (``overlap_reads=True``
+   runs the two reads concurrently: faster, about one more chunk in memory).
    A leaf that differs gets a second pass that accumulates
    :class:`parity_jax.compare.DiffAccumulator` statistics chunk by chunk.
 
@@ -400,6 +404,7 @@ def _compare_arrays(
     top_k: int,
     spill_dir: str,
     progress: _Progress,
+    overlap: bool = False,
 ) -> None:
   s_meta, m_meta = src_ckpt.leaves[p.source], mig_ckpt.leaves[p.dest]
   r = geometry.refinement(s_meta.shape, m_meta.shape)
@@ -437,20 +442,34 @@ def _compare_arrays(
       return np.fromfile(spill_file, dtype=dtype, count=count).reshape(geometry.box_shape(bs))
 
     def pairs():
-      """(source slab, migrated slab, migrated box) in C order; S and M reads overlap."""
+      """(source slab, migrated slab, migrated box) in C order.
+
+      With ``overlap`` the two reads run concurrently (faster, about one more
+      chunk in flight); otherwise the migrated slab is read first and the
+      source slab after it, so at most one read's transient (compressed +
+      decoded chunk) is alive at a time. The previous pair is released before
+      the next reads start.
+      """
       for lo, hi in plan.slabs:
         bs, bm = boxes(lo, hi)
-        fs = source_slab(lo, hi, bs)
-        fm = mig_reader.read_async(bm)
+        if overlap:
+          fm = mig_reader.read_async(bm)
+          fs = source_slab(lo, hi, bs)
+          b = mig_reader.result(fm)
+        else:
+          b = mig_reader.result(mig_reader.read_async(bm))
+          fs = source_slab(lo, hi, bs)
         a = fs if isinstance(fs, np.ndarray) else src_reader.result(fs)
-        b = mig_reader.result(fm)
+        del fs
         yield a, b, bm
+        del a, b
 
     differs = False
     with mig_reader:
       if spill_file is None:
         src_reader.open()
       for a, b, bm in pairs():
+        nbytes = b.nbytes + (0 if spill_file is not None else a.nbytes)
         if h_mig is None and _bytes_equal(a, b):
           h_src.update(memoryview(_flat_u8(a)))
         else:
@@ -458,7 +477,8 @@ def _compare_arrays(
             h_mig, differs = h_src.copy(), True
           h_src.update(memoryview(_flat_u8(a)))
           h_mig.update(memoryview(_flat_u8(b)))
-        progress.add(b.nbytes + (0 if spill_file is not None else a.nbytes))
+        del a, b
+        progress.add(nbytes)
       res.source_sha256 = h_src.hexdigest()
       res.sha256 = (h_mig or h_src).hexdigest()
       if not differs:
@@ -470,6 +490,7 @@ def _compare_arrays(
         acc = compare.DiffAccumulator(m_meta.shape, dtype, top_k=top_k)
         for a, b, bm in pairs():
           acc.update(a.reshape(b.shape), b, origin=tuple(s.start for s in bm))
+          del a, b
         res.diff = acc.result()
         res.reason = res.diff.summary()
       except compare.ComparisonError as e:
@@ -504,6 +525,7 @@ def verify_migration(
     top_k: int = 10,
     slab_mb: float = 16.0,
     spill_dir: str | os.PathLike | None = None,
+    overlap_reads: bool = False,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> VerifyReport:
@@ -607,6 +629,7 @@ def verify_migration(
           _compare_arrays(
               src_ckpt, mig_ckpt, p, res,
               slab_bytes=max(4096, int(slab_mb * _MIB)), top_k=top_k, spill_dir=spill_dir, progress=prog,
+              overlap=overlap_reads,
           )
       except LeafReadError as e:
         res.status, res.reason = UNREADABLE, str(e)
