@@ -230,8 +230,11 @@ class VerifyReport:
     return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
   def write_json(self, path: str | os.PathLike) -> None:
-    """Writes the JSON report atomically (temp file + rename)."""
+    """Writes the JSON report atomically (temp file + rename); never inside either checkpoint."""
     path = os.fspath(path)
+    for ck in (self.source, self.migrated):
+      if _inside(path, ck):
+        raise UsageError(f"report {path} lies inside the checkpoint {ck}; the verifier never writes there")
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
       with open(tmp, "w", encoding="utf-8") as f:
@@ -432,6 +435,7 @@ def _compare_arrays(
           a = src_reader.read(boxes(lo, hi)[0])
           spill_file.write(memoryview(_flat_u8(a)))
           progress.add(a.nbytes)
+          del a
       spill_file.flush()
 
     def source_slab(lo, hi, bs):
