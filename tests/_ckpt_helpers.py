@@ -35,13 +35,14 @@ def generated_source() -> dict:
   emb[0, 1] = nan32(NAN_A)
   emb[0, 2] = -0.0
   emb[0, 3] = np.inf
+  w1 = rng.standard_normal((1, 6, 40)).astype(np.float32)
+  w1[0, 0, 0] = 0.0  # a +0.0 in a leaf without NaNs: only a bitwise comparison can see it turn into -0.0
   return {
       "params": {
           "blocks": [
               {"w": rng.standard_normal((1, 6, 40)).astype(np.float32),
                "b": rng.standard_normal((1, 40)).astype(ml_dtypes.bfloat16)},
-              {"w": rng.standard_normal((1, 6, 40)).astype(np.float32),
-               "b": rng.standard_normal((1, 40)).astype(ml_dtypes.bfloat16)},
+              {"w": w1, "b": rng.standard_normal((1, 40)).astype(ml_dtypes.bfloat16)},
           ],
           "emb": emb,
           "ids": np.arange(2**40, 2**40 + 7, dtype=np.int64),  # does not fit int32

@@ -223,7 +223,7 @@ def _nan_payload(t):
 
 
 def _negative_zero(t):
-  t["params"]["embedding"][0, 0, 0] = -0.0
+  t["params"]["block_1"]["kernel"][0, 0] = -0.0
 
 
 def _swap(t):
@@ -258,7 +258,7 @@ def _step(t):
 FAULTS = {
     "flipped bit": (_flip_bit, {"params/block_0/kernel": "VALUE_MISMATCH"}),
     "NaN payload": (_nan_payload, {"params/embedding": "VALUE_MISMATCH"}),
-    "-0.0 for +0.0": (_negative_zero, {"params/embedding": "VALUE_MISMATCH"}),
+    "-0.0 for +0.0": (_negative_zero, {"params/block_1/kernel": "VALUE_MISMATCH"}),
     "swapped same-shape leaves": (_swap, {"params/block_0/kernel": "VALUE_MISMATCH", "params/block_1/kernel": "VALUE_MISMATCH"}),
     "squeeze on the wrong axis": (_wrong_squeeze, {"params/odd": "SHAPE_MISMATCH"}),
     "missing leaf": (_missing, {"params/ids": "MISSING"}),
@@ -296,7 +296,7 @@ def test_fault_fails_and_names_the_offending_leaf(gen, tmp_path, fault):
 def test_nan_payload_and_signed_zero_details(gen, tmp_path):
   tree = H.deepcopy(gen["expected"])
   _nan_payload(tree)
-  _negative_zero(tree)
+  tree["params"]["embedding"][0, 0, 0] = -0.0
   rep = verify_migration(gen["v0"], H.save_v1(tmp_path / "bad", tree), SPEC)
   d = rep.leaf("params/embedding").diff
   assert d.n_diff == 2 and d.max_abs_diff == 0.0 and d.n_nan_mismatch == 0
