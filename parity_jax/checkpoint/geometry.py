@@ -135,6 +135,17 @@ def chunk_row_elems(shape: Shape, chunk: Shape | None) -> int:
   return n
 
 
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+  best, i = 1, 1
+  while i * i <= n:
+    if n % i == 0:
+      for d in (i, n // i):
+        if best < d <= limit:
+          best = d
+    i += 1
+  return best
+
+
 def row_major_chunk_shape(shape: Shape, itemsize: int, target_bytes: int | None) -> Shape:
   """Chunk shape for writing: split leading axes first, keep trailing axes whole.
 
@@ -153,7 +164,7 @@ def row_major_chunk_shape(shape: Shape, itemsize: int, target_bytes: int | None)
     trailing = _prod(shape[p + 1:])
     if trailing <= target:
       r = max(1, min(shape[p], target // trailing))
-      div = max(x for x in range(1, r + 1) if shape[p] % x == 0) if shape[p] <= 1 << 20 else r
+      div = _largest_divisor_at_most(shape[p], r)
       if 2 * div >= r:
         r = div
       return (1,) * p + (r,) + shape[p + 1:]
