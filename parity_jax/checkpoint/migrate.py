@@ -18,6 +18,11 @@ first, which for wide matrices gives column blocks; we supply the chunk shape
 through orbax's chunk-shape hook for the duration of our save only, and fall
 back to orbax's heuristic if that hook ever disappears.)
 
+The migrated tree is nested dicts: a list index in a destination path is a
+dict key (``"0"``, ``"1"``, ...), which keeps every leaf path unchanged (leaf
+paths cannot tell the two apart). Empty nodes of the source (``None``, ``{}``,
+``[]``) hold no data and are not carried over; the tool prints them.
+
 Atomicity: everything is written under a hidden sibling directory
 ``.<dest>.migrating-<pid>-<token>/`` and renamed to ``dest`` only when
 complete. A crash or SIGKILL leaves nothing at ``dest``; the next run removes
