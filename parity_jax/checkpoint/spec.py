@@ -1,0 +1,426 @@
+"""Declarative remap specs, shared by the migrator and the verifier.
+
+A spec is JSON::
+
+  {"rules": [
+     {"match": "^components/(?P<layer>\\\\d+)/g/V$",
+      "to": "components/layers.\\\\g<layer>.mlp.gate_proj/V", "squeeze": [0]},
+     {"match": "^step$", "to": "step"}],
+   "group_depth": 1}
+
+* Leaf paths are the pytree keys joined by ``/``; list indices are decimal
+  strings. ``match`` is a full regex (``re.fullmatch``) on the source path;
+  ``to`` is a :mod:`re` replacement template (``\\1``, ``\\g<name>``).
+* Optional transforms: ``squeeze`` (source axes, each of size 1) or
+  ``reshape`` (the target shape, one ``-1`` allowed). A reshape is accepted
+  only when it is value-preserving in the strict sense of
+  :func:`parity_jax.checkpoint.geometry.refinement`: same elements in the same
+  C order, and every axis of either shape is a run of adjacent axes of a
+  common refinement (splits and merges of adjacent axes, size-1 axes added or
+  dropped). ``(4, 6) -> (6, 4)`` keeps the bytes but silently reinterprets the
+  axes; it is refused. Transposes and dtype casts are never allowed: they do
+  not preserve values byte for byte.
+* ``group_depth`` (default 1): the verdict table groups leaves by the first
+  ``group_depth`` components of the migrated path.
+
+Validation happens in two steps and never reads array data:
+:meth:`RemapSpec.from_json` / :meth:`RemapSpec.from_rules` check the spec on
+its own; :meth:`RemapSpec.bind` checks it against the source leaves' metadata
+(every leaf matches exactly one rule, every rule matches a leaf, no two leaves
+map to one destination, each transform fits the leaf's shape, destinations
+do not collide in orbax's storage names). Each step reports ALL problems
+together in one :class:`SpecError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from parity_jax.checkpoint import geometry
+from parity_jax.errors import UsageError
+
+__all__ = ["LeafPlan", "MigrationPlan", "RemapSpec", "Rule", "SpecError", "Transform", "join_path", "split_path"]
+
+_RULE_KEYS = {"match", "to", "squeeze", "reshape", "comment"}
+_TOP_KEYS = {"rules", "group_depth", "comment", "description"}
+_MAX_LISTED = 25  # problems spelled out in the one-line message; all are in .problems
+
+
+def join_path(keys: Iterable[Any]) -> str:
+  return "/".join(str(k) for k in keys)
+
+
+def split_path(path: str) -> tuple[str, ...]:
+  return tuple(path.split("/")) if path else ()
+
+
+class SpecError(UsageError):
+  """A spec that is malformed or does not fit the checkpoint; ``problems`` lists every issue."""
+
+  def __init__(self, what: str, problems: Sequence[str]):
+    self.what = what
+    self.problems = list(problems)
+    listed = "; ".join(self.problems[:_MAX_LISTED])
+    more = len(self.problems) - _MAX_LISTED
+    if more > 0:
+      listed += f"; ... and {more} more"
+    n = len(self.problems)
+    super().__init__(f"{what}: {n} problem{'s' if n != 1 else ''}: {listed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """A value-preserving transform of one leaf: identity, squeeze or reshape."""
+
+  kind: str  # "identity" | "squeeze" | "reshape"
+  src_shape: tuple[int, ...]
+  dst_shape: tuple[int, ...]
+  axes: tuple[int, ...] = ()  # squeeze axes (normalised)
+
+  def apply(self, x: np.ndarray) -> np.ndarray:
+    """The migrated value of ``x`` (a view, never a copy, for contiguous input)."""
+    x = np.asarray(x)
+    if tuple(x.shape) != self.src_shape:
+      raise UsageError(f"transform {self.describe()} expects shape {self.src_shape}, got {tuple(x.shape)}")
+    if self.kind == "identity":
+      return x
+    if self.kind == "squeeze":
+      return np.squeeze(x, axis=self.axes)
+    return x.reshape(self.dst_shape)
+
+  def describe(self) -> str:
+    if self.kind == "squeeze":
+      return f"squeeze{list(self.axes)}"
+    if self.kind == "reshape":
+      return f"reshape{list(self.dst_shape)}"
+    return "identity"
+
+  def to_dict(self) -> dict[str, Any]:
+    d: dict[str, Any] = {"kind": self.kind}
+    if self.kind == "squeeze":
+      d["axes"] = list(self.axes)
+    if self.kind == "reshape":
+      d["shape"] = list(self.dst_shape)
+    return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One remap rule; ``index`` is its 1-based position in the spec (for messages)."""
+
+  index: int
+  match: str
+  to: str
+  squeeze: tuple[int, ...] | None = None
+  reshape: tuple[int, ...] | None = None
+  pattern: re.Pattern = dataclasses.field(compare=False, repr=False, default=None)
+
+  def label(self) -> str:
+    return f"rule #{self.index} ({self.match!r})"
+
+  def to_dict(self) -> dict[str, Any]:
+    d: dict[str, Any] = {"match": self.match, "to": self.to}
+    if self.squeeze is not None:
+      d["squeeze"] = list(self.squeeze)
+    if self.reshape is not None:
+      d["reshape"] = list(self.reshape)
+    return d
+
+  def transform_for(self, shape: tuple[int, ...]) -> Transform | str:
+    """The transform for a source leaf of ``shape``, or a one-line reason it does not fit."""
+    shape = tuple(int(d) for d in shape)
+    if self.squeeze is not None:
+      axes = geometry.normalize_squeeze(self.squeeze, len(shape))
+      if isinstance(axes, str):
+        return f"squeeze {list(self.squeeze)}: {axes}"
+      bad = [a for a in axes if shape[a] != 1]
+      if bad:
+        return f"squeeze {list(self.squeeze)}: axis {bad[0]} has size {shape[bad[0]]}, not 1"
+      return Transform("squeeze", shape, geometry.squeezed_shape(shape, axes), axes)
+    if self.reshape is not None:
+      target = list(self.reshape)
+      n = int(np.prod(shape)) if shape else 1
+      if -1 in target:
+        rest = int(np.prod([d for d in target if d != -1])) if len(target) > 1 else 1
+        if rest == 0 or n % rest:
+          return f"reshape {list(self.reshape)}: cannot infer -1 for {n} elements"
+        target[target.index(-1)] = n // rest
+      target_t = tuple(target)
+      if int(np.prod(target_t)) != n:
+        return f"reshape {list(self.reshape)}: {n} elements cannot become {target_t}"
+      if geometry.refinement(shape, target_t) is None:
+        return (f"reshape {shape} -> {target_t} is not value-preserving: it does not only split or merge"
+                f" adjacent axes")
+      return Transform("reshape", shape, target_t)
+    return Transform("identity", shape, shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+  """One source leaf, where it goes and how it is transformed."""
+
+  source: str
+  dest: str
+  rule: Rule
+  transform: Transform
+  group: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationPlan:
+  """A spec bound to a source checkpoint's leaves; ``leaves`` in source order."""
+
+  spec: "RemapSpec"
+  leaves: tuple[LeafPlan, ...]
+
+  @property
+  def inverse(self) -> dict[str, str]:
+    """Destination path -> source path."""
+    return {p.dest: p.source for p in self.leaves}
+
+  @property
+  def forward(self) -> dict[str, str]:
+    return {p.source: p.dest for p in self.leaves}
+
+  def by_dest(self) -> dict[str, LeafPlan]:
+    return {p.dest: p for p in self.leaves}
+
+
+def _int_list(v: Any) -> bool:
+  return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
+
+def _check_template(pattern: re.Pattern, to: str) -> str | None:
+  """Validates a replacement template against ``pattern``'s groups without needing a match."""
+  names = {i: n for n, i in pattern.groupindex.items()}
+  synthetic = "".join(f"(?P<{names[i]}>)" if i in names else "()" for i in range(1, pattern.groups + 1))
+  try:
+    re.compile(synthetic).sub(to, "", count=1)
+  except (re.error, IndexError) as e:
+    return str(e)
+  return None
+
+
+class RemapSpec:
+  """A validated list of rules plus ``group_depth``. Build with :meth:`from_json` or :meth:`from_rules`."""
+
+  def __init__(self, rules: Sequence[Rule], group_depth: int = 1, source: str | None = None):
+    self.rules = tuple(rules)
+    self.group_depth = int(group_depth)
+    self.source = source  # where the spec came from (a path or "<rules>")
+
+  # ---- construction -------------------------------------------------------------------------
+
+  @classmethod
+  def from_rules(cls, rules: Sequence[Mapping[str, Any]], group_depth: int = 1, *, name: str = "<rules>") -> "RemapSpec":
+    """Builds a spec from rule dicts (the JSON ``rules`` list); raises :class:`SpecError`."""
+    return cls._parse({"rules": list(rules), "group_depth": group_depth}, name)
+
+  @classmethod
+  def from_dict(cls, obj: Any, *, name: str = "<dict>") -> "RemapSpec":
+    return cls._parse(obj, name)
+
+  @classmethod
+  def from_json(cls, path: str | os.PathLike) -> "RemapSpec":
+    """Reads and validates a JSON spec file; every problem raises one :class:`SpecError`."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+      raise UsageError(f"spec file does not exist: {path}")
+    if os.path.isdir(path):
+      raise UsageError(f"spec must be a JSON file, got a directory: {path}")
+    try:
+      with open(path, encoding="utf-8") as f:
+        text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+      raise UsageError(f"cannot read spec {path}: {e}") from None
+    try:
+      obj = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise UsageError(f"spec {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    return cls._parse(obj, path)
+
+  @classmethod
+  def _parse(cls, obj: Any, name: str) -> "RemapSpec":
+    problems: list[str] = []
+    if not isinstance(obj, dict):
+      raise SpecError(f"spec {name}", ["the top level must be a JSON object with a 'rules' list"])
+    unknown = sorted(set(obj) - _TOP_KEYS)
+    if unknown:
+      problems.append(f"unknown top-level key(s) {unknown} (allowed: {sorted(_TOP_KEYS)})")
+    group_depth = obj.get("group_depth", 1)
+    if not isinstance(group_depth, int) or isinstance(group_depth, bool) or group_depth < 1:
+      problems.append(f"'group_depth' must be an integer >= 1, got {group_depth!r}")
+      group_depth = 1
+    raw_rules = obj.get("rules")
+    rules: list[Rule] = []
+    if not isinstance(raw_rules, list) or not raw_rules:
+      problems.append("'rules' must be a non-empty list of rule objects")
+      raw_rules = []
+    for i, r in enumerate(raw_rules, start=1):
+      where = f"rule #{i}"
+      if not isinstance(r, dict):
+        problems.append(f"{where}: must be an object with 'match' and 'to'")
+        continue
+      unknown = sorted(set(r) - _RULE_KEYS)
+      if unknown:
+        problems.append(f"{where}: unknown key(s) {unknown} (allowed: {sorted(_RULE_KEYS)})")
+      match, to = r.get("match"), r.get("to")
+      pattern = None
+      if not isinstance(match, str) or not match:
+        problems.append(f"{where}: 'match' must be a non-empty string (a regex)")
+      else:
+        try:
+          pattern = re.compile(match)
+        except re.error as e:
+          problems.append(f"{where}: 'match' {match!r} is not a valid regex: {e}")
+      if not isinstance(to, str) or not to:
+        problems.append(f"{where}: 'to' must be a non-empty string (a replacement template)")
+      elif pattern is not None:
+        err = _check_template(pattern, to)
+        if err:
+          problems.append(f"{where}: 'to' {to!r} is not a valid template for {match!r}: {err}")
+      squeeze = r.get("squeeze")
+      reshape = r.get("reshape")
+      if squeeze is not None:
+        if not _int_list(squeeze) or not squeeze:
+          problems.append(f"{where}: 'squeeze' must be a non-empty list of integer axes, got {squeeze!r}")
+          squeeze = None
+        elif len(set(squeeze)) != len(squeeze):
+          problems.append(f"{where}: 'squeeze' {squeeze} repeats an axis")
+      if reshape is not None:
+        if not _int_list(reshape):
+          problems.append(f"{where}: 'reshape' must be a list of integers, got {reshape!r}")
+          reshape = None
+        elif any(d < -1 for d in reshape) or reshape.count(-1) > 1:
+          problems.append(f"{where}: 'reshape' {reshape} may hold sizes >= 0 and at most one -1")
+      if squeeze is not None and reshape is not None:
+        problems.append(f"{where}: give 'squeeze' or 'reshape', not both (a reshape can drop size-1 axes itself)")
+      rules.append(
+          Rule(
+              index=i,
+              match=match if isinstance(match, str) else "",
+              to=to if isinstance(to, str) else "",
+              squeeze=tuple(squeeze) if squeeze is not None else None,
+              reshape=tuple(reshape) if reshape is not None else None,
+              pattern=pattern,
+          )
+      )
+    if problems:
+      raise SpecError(f"invalid spec {name}", problems)
+    return cls(rules, group_depth, source=name)
+
+  # ---- use ------------------------------------------------------------------------------------
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"rules": [r.to_dict() for r in self.rules], "group_depth": self.group_depth}
+
+  def to_json(self, indent: int | None = 2) -> str:
+    return json.dumps(self.to_dict(), indent=indent)
+
+  def matching_rules(self, path: str) -> list[Rule]:
+    return [r for r in self.rules if r.pattern.fullmatch(path)]
+
+  def map_path(self, path: str) -> str | None:
+    """Destination of ``path`` under the single rule that matches it, else None."""
+    rules = self.matching_rules(path)
+    if len(rules) != 1:
+      return None
+    return rules[0].pattern.fullmatch(path).expand(rules[0].to)
+
+  def group_of(self, dest: str) -> str:
+    return "/".join(split_path(dest)[: self.group_depth])
+
+  def inverse(self, source_paths: Iterable[str]) -> dict[str, str]:
+    """Destination -> source for ``source_paths`` (shape-independent part of :meth:`bind`)."""
+    out: dict[str, str] = {}
+    problems: list[str] = []
+    for p in source_paths:
+      d = self.map_path(p)
+      if d is None:
+        n = len(self.matching_rules(p))
+        problems.append(f"source leaf {p!r} matches {'no rule' if n == 0 else f'{n} rules'}")
+      elif d in out:
+        problems.append(f"source leaves {out[d]!r} and {p!r} both map to {d!r}")
+      else:
+        out[d] = p
+    if problems:
+      raise SpecError(f"spec {self.source} does not fit these leaves", problems)
+    return out
+
+  def bind(self, leaves: Mapping[str, Any], *, what: str = "source checkpoint") -> MigrationPlan:
+    """Checks the spec against source leaf metadata and returns the plan.
+
+    ``leaves`` maps source path -> an object with ``shape`` and ``kind``
+    (``LeafMeta``). All problems are reported together, before any data is read.
+    """
+    problems: list[str] = []
+    plans: list[LeafPlan] = []
+    hits = {r.index: 0 for r in self.rules}
+    dest_of: dict[str, str] = {}
+    for path, meta in leaves.items():
+      rules = self.matching_rules(path)
+      for r in rules:
+        hits[r.index] += 1
+      if not rules:
+        problems.append(f"source leaf {path!r} matches no rule")
+        continue
+      if len(rules) > 1:
+        problems.append(f"source leaf {path!r} matches {len(rules)} rules: " + ", ".join(f"#{r.index}" for r in rules))
+        continue
+      rule = rules[0]
+      dest = rule.pattern.fullmatch(path).expand(rule.to)
+      comps = split_path(dest)
+      if not dest or any(c == "" for c in comps):
+        problems.append(f"{rule.label()} maps {path!r} to {dest!r}, which has an empty path component")
+        continue
+      shape = tuple(getattr(meta, "shape", ()) or ())
+      kind = getattr(meta, "kind", "array")
+      if kind == "string" and (rule.squeeze is not None or rule.reshape is not None):
+        problems.append(f"{rule.label()}: source leaf {path!r} is a string; it cannot be squeezed or reshaped")
+        continue
+      t = rule.transform_for(shape)
+      if isinstance(t, str):
+        problems.append(f"{rule.label()} does not fit source leaf {path!r} of shape {shape}: {t}")
+        continue
+      if dest in dest_of:
+        problems.append(f"source leaves {dest_of[dest]!r} and {path!r} both map to {dest!r}")
+        continue
+      dest_of[dest] = path
+      plans.append(LeafPlan(path, dest, rule, t, self.group_of(dest)))
+    for r in self.rules:
+      if hits[r.index] == 0:
+        problems.append(f"{r.label()} matches no source leaf")
+    problems.extend(_destination_conflicts(list(dest_of)))
+    if problems:
+      raise SpecError(f"spec {self.source} does not fit the {what}", problems)
+    return MigrationPlan(self, tuple(plans))
+
+  def __repr__(self) -> str:
+    return f"RemapSpec({len(self.rules)} rules, group_depth={self.group_depth}, source={self.source!r})"
+
+
+def _destination_conflicts(dests: list[str]) -> list[str]:
+  """Destinations that cannot coexist in one pytree / one orbax checkpoint."""
+  problems = []
+  as_set = set(dests)
+  for d in dests:
+    comps = split_path(d)
+    for i in range(1, len(comps)):
+      prefix = "/".join(comps[:i])
+      if prefix in as_set:
+        problems.append(f"destination {prefix!r} is a leaf and also the parent of {d!r}")
+        break
+  # orbax stores each leaf under its keys joined by '.', so 'a.b/c' and 'a/b.c' collide on disk.
+  storage: dict[str, str] = {}
+  for d in dests:
+    name = ".".join(split_path(d))
+    if name in storage and storage[name] != d:
+      problems.append(f"destinations {storage[name]!r} and {d!r} collide in orbax storage as {name!r}")
+    storage.setdefault(name, d)
+  return problems

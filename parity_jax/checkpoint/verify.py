@@ -1,0 +1,660 @@
+"""The value-exact verifier: is every migrated leaf bit-identical to its transformed source?
+
+:func:`verify_migration` works in two phases and never holds a whole tree:
+
+1. **Structure, metadata only.** The spec is bound to the source leaves (the
+   same validation the migrator runs); its inverse map must cover the
+   migrated checkpoint 1:1. Every pair's shape and dtype is checked against
+   the transform. Missing, extra, reshaped or retyped leaves FAIL by name
+   before any array data is read.
+2. **Values, one leaf pair at a time.** Both leaves are read in C-order slabs
+   of the common refinement of their shapes (:mod:`.geometry`): a slab is a
+   box in the source leaf AND in the migrated leaf, so a squeeze or reshape is
+   applied by index arithmetic, never by copying. Each slab pair is compared
+   byte for byte (:func:`parity_jax.compare.bit_equal` semantics: NaN payloads
+   and -0.0 count) and streamed into sha256, so the reported hashes equal
+   ``sha256(leaf.tobytes())``. Memory is bounded by the storage layout:
+
+   * chunked leaves whose chunk rows line up with the slabs are decoded chunk
+     by chunk, no cache (about one chunk per side in memory);
+   * a side whose chunk rows are bigger than a slab gets a private tensorstore
+     cache holding one chunk row, so each chunk is decoded once;
+   * when BOTH sides must be held whole (single-chunk storage, large leaf),
+     the source is streamed once to a temporary spill file outside both
+     checkpoints, released, and the migrated leaf is compared against it, so
+     the two leaves are never in memory together.
+
+   The migrated slab is read first and the source slab after it, and a pair
+   is released before the next reads start, so at most one decode transient
+   (compressed + decoded chunk) is alive at a time (``overlap_reads=True``
+   runs the two reads concurrently: faster, about one more chunk in memory).
+   A leaf that differs gets a second pass that accumulates
+   :class:`parity_jax.compare.DiffAccumulator` statistics chunk by chunk.
+
+Both checkpoints are opened read-only; nothing is ever written into them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import html
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from parity_jax import compare
+from parity_jax.checkpoint import geometry
+from parity_jax.checkpoint.io import LeafReadError, LeafReader, read_string_leaf
+from parity_jax.checkpoint.layout import Checkpoint, LeafMeta, open_checkpoint
+from parity_jax.checkpoint.spec import LeafPlan, RemapSpec
+from parity_jax.errors import UsageError
+
+__all__ = ["GroupResult", "LeafResult", "VerifyReport", "verify_migration", "REPORT_FORMAT"]
+
+REPORT_FORMAT = "parity_jax.verify_report/1"
+PASS = "PASS"
+VALUE_MISMATCH = "VALUE_MISMATCH"
+SHAPE_MISMATCH = "SHAPE_MISMATCH"
+DTYPE_MISMATCH = "DTYPE_MISMATCH"
+KIND_MISMATCH = "KIND_MISMATCH"
+MISSING = "MISSING"
+EXTRA = "EXTRA"
+UNREADABLE = "UNREADABLE"
+STATUSES = (PASS, VALUE_MISMATCH, SHAPE_MISMATCH, DTYPE_MISMATCH, KIND_MISMATCH, MISSING, EXTRA, UNREADABLE)
+
+_MIB = 1 << 20
+_COMPARE_PIECE = 8 * _MIB
+
+
+@dataclasses.dataclass
+class LeafResult:
+  """One row of the report: a source leaf and its migrated counterpart (either may be absent)."""
+
+  source_path: str | None
+  migrated_path: str | None
+  group: str
+  status: str
+  reason: str = ""
+  shape: tuple[int, ...] | None = None  # the migrated leaf's shape (expected shape if missing)
+  source_shape: tuple[int, ...] | None = None
+  dtype: str | None = None
+  nbytes: int = 0
+  transform: str | None = None
+  sha256: str | None = None  # sha256 of the migrated leaf's C-order bytes
+  source_sha256: str | None = None  # sha256 of the source leaf's C-order bytes
+  diff: compare.DiffStats | None = None
+  read_mode: str | None = None  # how the values were read (for the curious and for bench)
+
+  @property
+  def passed(self) -> bool:
+    return self.status == PASS
+
+  def describe(self) -> str:
+    if self.source_path and self.migrated_path:
+      return f"{self.migrated_path} <- {self.source_path}"
+    return self.migrated_path or self.source_path or "?"
+
+  def to_dict(self) -> dict[str, Any]:
+    return {
+        "source_path": self.source_path,
+        "migrated_path": self.migrated_path,
+        "group": self.group,
+        "status": self.status,
+        "reason": self.reason,
+        "shape": None if self.shape is None else list(self.shape),
+        "source_shape": None if self.source_shape is None else list(self.source_shape),
+        "dtype": self.dtype,
+        "bytes": self.nbytes,
+        "transform": self.transform,
+        "sha256": self.sha256,
+        "source_sha256": self.source_sha256,
+        "diff": None if self.diff is None else self.diff.to_dict(),
+        "read_mode": self.read_mode,
+    }
+
+
+@dataclasses.dataclass
+class GroupResult:
+  name: str
+  n_leaves: int = 0
+  n_pass: int = 0
+
+  @property
+  def passed(self) -> bool:
+    return self.n_pass == self.n_leaves
+
+  def line(self, width: int) -> str:
+    tag = "PASS" if self.passed else "FAIL"
+    return f"[{tag}] {self.name:<{width}}  {self.n_pass}/{self.n_leaves} leaves bit-identical"
+
+
+@dataclasses.dataclass
+class VerifyReport:
+  """The verdict plus one :class:`LeafResult` per leaf. ``passed`` is the verdict."""
+
+  source: str
+  migrated: str
+  spec_source: str | None
+  source_layout: str
+  migrated_layout: str
+  leaves: list[LeafResult]
+  ignored_empty_nodes: dict[str, list[str]]
+  elapsed_s: float = 0.0
+  bytes_read: int = 0
+  spec: dict[str, Any] | None = None
+
+  @property
+  def groups(self) -> dict[str, GroupResult]:
+    out: dict[str, GroupResult] = {}
+    for r in self.leaves:
+      g = out.setdefault(r.group, GroupResult(r.group))
+      g.n_leaves += 1
+      g.n_pass += int(r.passed)
+    return out
+
+  @property
+  def failures(self) -> list[LeafResult]:
+    return [r for r in self.leaves if not r.passed]
+
+  @property
+  def n_failed(self) -> int:
+    return len(self.failures)
+
+  @property
+  def passed(self) -> bool:
+    return bool(self.leaves) and self.n_failed == 0
+
+  def leaf(self, path: str) -> LeafResult:
+    """The result for a migrated (or, failing that, source) path."""
+    for r in self.leaves:
+      if r.migrated_path == path:
+        return r
+    for r in self.leaves:
+      if r.source_path == path:
+        return r
+    raise KeyError(path)
+
+  def verdict_line(self) -> str:
+    if self.passed:
+      return "VERDICT: PASS"
+    if not self.leaves:
+      return "VERDICT: FAIL — no leaves to compare"
+    return f"VERDICT: FAIL — {self.n_failed} of {len(self.leaves)} leaves differ"
+
+  def table_lines(self, max_failures_per_group: int = 20) -> list[str]:
+    groups = self.groups
+    width = max((len(g) for g in groups), default=0)
+    lines = []
+    for name, g in groups.items():
+      lines.append(g.line(width))
+      bad = [r for r in self.leaves if r.group == name and not r.passed]
+      for r in bad[:max_failures_per_group]:
+        lines.append(f"       {r.status:<15} {r.describe()}: {r.reason}")
+      if len(bad) > max_failures_per_group:
+        lines.append(f"       ... and {len(bad) - max_failures_per_group} more (see --report)")
+    return lines
+
+  def text(self) -> str:
+    return "\n".join(self.table_lines() + [self.verdict_line()])
+
+  def to_dict(self) -> dict[str, Any]:
+    from parity_jax.stages import default_provenance
+
+    return {
+        "format": REPORT_FORMAT,
+        "verdict": "PASS" if self.passed else "FAIL",
+        "passed": self.passed,
+        "n_leaves": len(self.leaves),
+        "n_failed": self.n_failed,
+        "source": {"path": self.source, "layout": self.source_layout},
+        "migrated": {"path": self.migrated, "layout": self.migrated_layout},
+        "spec": {"path": self.spec_source, **(self.spec or {})},
+        "groups": [
+            {"name": g.name, "passed": g.passed, "n_leaves": g.n_leaves, "n_bit_identical": g.n_pass}
+            for g in self.groups.values()
+        ],
+        "leaves": [r.to_dict() for r in self.leaves],
+        "ignored_empty_nodes": self.ignored_empty_nodes,
+        "elapsed_s": round(self.elapsed_s, 3),
+        "bytes_read": self.bytes_read,
+        "provenance": default_provenance("parity_jax.checkpoint.verify_migration"),
+    }
+
+  def to_json(self, indent: int | None = 2) -> str:
+    return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+  def write_json(self, path: str | os.PathLike) -> None:
+    """Writes the JSON report atomically (temp file + rename); never inside either checkpoint."""
+    path = os.fspath(path)
+    for ck in (self.source, self.migrated):
+      if _inside(path, ck):
+        raise UsageError(f"report {path} lies inside the checkpoint {ck}; the verifier never writes there")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write(self.to_json())
+        f.write("\n")
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+
+  def _repr_html_(self) -> str:
+    e = html.escape
+    color = "#1a7f37" if self.passed else "#cf222e"
+    rows = []
+    for g in self.groups.values():
+      c = "#1a7f37" if g.passed else "#cf222e"
+      rows.append(
+          f"<tr><td style='color:{c};font-weight:bold'>{'PASS' if g.passed else 'FAIL'}</td>"
+          f"<td><code>{e(g.name)}</code></td><td>{g.n_pass}/{g.n_leaves} leaves bit-identical</td></tr>"
+      )
+    fails = []
+    for r in self.failures[:200]:
+      fails.append(
+          f"<tr><td>{e(r.status)}</td><td><code>{e(r.migrated_path or '')}</code></td>"
+          f"<td><code>{e(r.source_path or '')}</code></td><td>{e(r.reason)}</td></tr>"
+      )
+    fail_table = ""
+    if fails:
+      fail_table = (
+          "<details open><summary>Failing leaves</summary><table><tr><th>status</th><th>migrated</th>"
+          "<th>source</th><th>reason</th></tr>" + "".join(fails) + "</table></details>"
+      )
+    return (
+        f"<div><p style='color:{color};font-weight:bold'>{e(self.verdict_line())}</p>"
+        f"<p><code>{e(self.source)}</code> ({e(self.source_layout)}) &rarr; <code>{e(self.migrated)}</code>"
+        f" ({e(self.migrated_layout)})</p>"
+        f"<table><tr><th></th><th>group</th><th>leaves</th></tr>{''.join(rows)}</table>{fail_table}</div>"
+    )
+
+  def __repr__(self) -> str:
+    return f"VerifyReport({self.verdict_line()!r}, {len(self.leaves)} leaves)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte comparison
+
+
+def _flat_u8(a: np.ndarray) -> np.ndarray:
+  return compare.c_contiguous(a).reshape(-1).view(np.uint8)
+
+
+def _bytes_equal(a: np.ndarray, b: np.ndarray) -> bool:
+  """Raw-byte equality of two same-size slabs (shapes may differ by the transform), 8 MiB at a time."""
+  if a.dtype != b.dtype or a.size != b.size:
+    return False
+  fa, fb = _flat_u8(a), _flat_u8(b)
+  n = fa.size
+  for i in range(0, n, _COMPARE_PIECE):
+    pa, pb = fa[i:i + _COMPARE_PIECE], fb[i:i + _COMPARE_PIECE]
+    if pa.size % 8 == 0:
+      pa, pb = pa.view(np.uint64), pb.view(np.uint64)
+    if not np.array_equal(pa, pb):
+      return False
+  return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning how to stream one pair
+
+
+@dataclasses.dataclass(frozen=True)
+class _PairPlan:
+  slabs: geometry.SlabPlan
+  cache_src: int  # bytes of tensorstore cache for the source reader (0 = none)
+  cache_mig: int
+  spill: bool  # stream the source to a spill file first, then compare against it
+  itemsize: int = 1
+
+  def describe(self) -> str:
+    mode = "spill" if self.spill else "stream"
+    return (f"{mode}: {self.slabs.n_slabs} slab(s) of <= {_human(self.slabs.slab_elems * self.itemsize)},"
+            f" cache source {_human(self.cache_src)} / migrated {_human(self.cache_mig)}")
+
+
+def _human(n: int) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n} B"
+
+
+def _plan_pair(src: LeafMeta, mig: LeafMeta, r: tuple[int, ...], slab_bytes: int) -> _PairPlan:
+  """Chooses slab size, caches and spilling to keep one pair's peak memory small.
+
+  Memory model, in elements, for slabs of L elements:
+
+  * a side whose chunk rows line up with the slab boundaries is decoded slab
+    by slab with no cache: it costs the slab plus its compressed bytes (<= L);
+  * otherwise the side gets a cache of the chunk rows a slab can touch, and
+    decoding one row costs its compressed bytes (<= the row) on top;
+  * streaming holds both sides at once: cache_src + cache_mig + 2 L plus the
+    larger decode transient;
+  * spilling first streams the source alone to a file (cache_src + L +
+    transient), releases it, then streams the migrated side against the file
+    (cache_mig + 2 L + transient).
+
+  The cheapest estimate wins; spilling (disk traffic) must save >= 10%.
+  """
+  item = src.dtype.itemsize
+  n = int(np.prod(r)) if r else 1
+  e_src = geometry.chunk_row_elems(src.shape, src.chunk_shape)
+  e_mig = geometry.chunk_row_elems(mig.shape, mig.chunk_shape)
+  budget = max(1, slab_bytes // item)
+  cap = max(budget, (256 * _MIB) // item)
+  targets = {budget} | {e for e in (e_src, e_mig) if 0 < e <= cap}
+  options = []  # (estimate, prefer, slabs, cache_src, cache_mig, spill)
+  for t in sorted(targets, reverse=True):
+    slabs = geometry.SlabPlan.for_target(r, t)
+    l = min(slabs.slab_elems, n)
+
+    def side(e: int) -> tuple[int, int]:  # (cache, decode transient)
+      if e == 0 or slabs.boundaries_are_multiples_of(e):
+        return 0, l
+      return min(n, (math.ceil(l / max(e, 1)) + 1) * e), min(e, n)
+
+    (cs, ts), (cm, tm) = side(e_src), side(e_mig)
+    options.append((cs + cm + 2 * l + max(ts, tm), 0, -l, slabs, cs, cm, False))
+    if cs and cm:
+      options.append((max(cs + l + ts, cm + 2 * l + tm) / 0.9, 1, -l, slabs, cs, cm, True))
+  _, _, _, slabs, cs, cm, spill = min(options, key=lambda o: o[:3])
+  pad = lambda c: 0 if c == 0 else int(c * item * 1.05) + 4 * _MIB  # tensorstore bookkeeping slack
+  return _PairPlan(slabs, pad(cs), pad(cm), spill, item)
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing one pair
+
+
+class _Progress:
+  def __init__(self, bar):
+    self.bar = bar
+    self.bytes = 0
+
+  def add(self, n: int) -> None:
+    self.bytes += n
+    if self.bar is not None:
+      self.bar.update(n)
+
+
+def _compare_strings(src_ckpt, mig_ckpt, p: LeafPlan, res: LeafResult) -> None:
+  a = read_string_leaf(src_ckpt, src_ckpt.leaves[p.source])
+  b = read_string_leaf(mig_ckpt, mig_ckpt.leaves[p.dest])
+  res.source_sha256 = hashlib.sha256(a.encode()).hexdigest()
+  res.sha256 = hashlib.sha256(b.encode()).hexdigest()
+  res.read_mode = "_strings.json"
+  if a == b:
+    res.status = PASS
+  else:
+    res.status, res.reason = VALUE_MISMATCH, f"strings differ ({len(a)} vs {len(b)} characters)"
+
+
+def _compare_arrays(
+    src_ckpt: Checkpoint,
+    mig_ckpt: Checkpoint,
+    p: LeafPlan,
+    res: LeafResult,
+    *,
+    slab_bytes: int,
+    top_k: int,
+    spill_dir: str,
+    progress: _Progress,
+    overlap: bool = False,
+) -> None:
+  s_meta, m_meta = src_ckpt.leaves[p.source], mig_ckpt.leaves[p.dest]
+  r = geometry.refinement(s_meta.shape, m_meta.shape)
+  if r is None:  # unreachable after the structure phase; keep the check honest
+    raise UsageError(f"{p.source} -> {p.dest}: shapes {s_meta.shape} and {m_meta.shape} are not related by the transform")
+  g_src, g_mig = geometry.axis_groups(s_meta.shape, r), geometry.axis_groups(m_meta.shape, r)
+  plan = _plan_pair(s_meta, m_meta, r, slab_bytes)
+  res.read_mode = plan.describe()
+  dtype = m_meta.dtype
+  itemsize = dtype.itemsize
+
+  def boxes(lo, hi):
+    return geometry.box_in(s_meta.shape, g_src, r, lo, hi), geometry.box_in(m_meta.shape, g_mig, r, lo, hi)
+
+  spill_file = None
+  src_reader = LeafReader(src_ckpt, s_meta, plan.cache_src)
+  mig_reader = LeafReader(mig_ckpt, m_meta, plan.cache_mig)
+  try:
+    h_src = hashlib.sha256()
+    h_mig: Any = None  # forks from h_src at the first differing slab
+    if plan.spill:
+      spill_file = tempfile.TemporaryFile(dir=spill_dir, prefix="parity_jax_verify_spill_")
+      with src_reader:
+        for lo, hi in plan.slabs:
+          a = src_reader.read(boxes(lo, hi)[0])
+          spill_file.write(memoryview(_flat_u8(a)))
+          progress.add(a.nbytes)
+          del a
+      spill_file.flush()
+
+    def source_slab(lo, hi, bs):
+      if spill_file is None:
+        return src_reader.read_async(bs)
+      count = int(np.prod(geometry.box_shape(bs)))
+      spill_file.seek(geometry.flat_offset(lo, r) * itemsize if r else 0)
+      return np.fromfile(spill_file, dtype=dtype, count=count).reshape(geometry.box_shape(bs))
+
+    def pairs():
+      """(source slab, migrated slab, migrated box) in C order.
+
+      With ``overlap`` the two reads run concurrently (faster, about one more
+      chunk in flight); otherwise the migrated slab is read first and the
+      source slab after it, so at most one read's transient (compressed +
+      decoded chunk) is alive at a time. The previous pair is released before
+      the next reads start.
+      """
+      for lo, hi in plan.slabs:
+        bs, bm = boxes(lo, hi)
+        if overlap:
+          fm = mig_reader.read_async(bm)
+          fs = source_slab(lo, hi, bs)
+          b = mig_reader.result(fm)
+        else:
+          b = mig_reader.result(mig_reader.read_async(bm))
+          fs = source_slab(lo, hi, bs)
+        a = fs if isinstance(fs, np.ndarray) else src_reader.result(fs)
+        del fs
+        yield a, b, bm
+        del a, b
+
+    differs = False
+    with mig_reader:
+      if spill_file is None:
+        src_reader.open()
+      for a, b, bm in pairs():
+        nbytes = b.nbytes + (0 if spill_file is not None else a.nbytes)
+        if h_mig is None and _bytes_equal(a, b):
+          h_src.update(memoryview(_flat_u8(a)))
+        else:
+          if h_mig is None:
+            h_mig, differs = h_src.copy(), True
+          h_src.update(memoryview(_flat_u8(a)))
+          h_mig.update(memoryview(_flat_u8(b)))
+        del a, b
+        progress.add(nbytes)
+      res.source_sha256 = h_src.hexdigest()
+      res.sha256 = (h_mig or h_src).hexdigest()
+      if not differs:
+        res.status = PASS
+        return
+      # Second pass: statistics, chunk by chunk, in the migrated leaf's coordinates.
+      res.status = VALUE_MISMATCH
+      try:
+        acc = compare.DiffAccumulator(m_meta.shape, dtype, top_k=top_k)
+        for a, b, bm in pairs():
+          acc.update(a.reshape(b.shape), b, origin=tuple(s.start for s in bm))
+          del a, b
+        res.diff = acc.result()
+        res.reason = res.diff.summary()
+      except compare.ComparisonError as e:
+        res.reason = f"bytes differ (sha256 {res.source_sha256[:12]} vs {res.sha256[:12]}); no statistics: {e}"
+  finally:
+    src_reader.close()
+    mig_reader.close()
+    if spill_file is not None:
+      spill_file.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The public entry point
+
+
+def _inside(child: str, parent: str) -> bool:
+  child, parent = os.path.realpath(child), os.path.realpath(parent)
+  return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def _load_spec(spec: RemapSpec | str | os.PathLike) -> RemapSpec:
+  if isinstance(spec, RemapSpec):
+    return spec
+  return RemapSpec.from_json(spec)
+
+
+def verify_migration(
+    source: str | os.PathLike,
+    migrated: str | os.PathLike,
+    spec: RemapSpec | str | os.PathLike,
+    *,
+    top_k: int = 10,
+    slab_mb: float = 16.0,
+    spill_dir: str | os.PathLike | None = None,
+    overlap_reads: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> VerifyReport:
+  """Proves (or refutes) that ``migrated`` is ``source`` remapped by ``spec``, bit for bit.
+
+  Raises :class:`~parity_jax.errors.UsageError` for setup problems (a path
+  that is not a checkpoint, a spec that is malformed or does not fit the
+  source). Every difference in the checkpoints themselves -- missing/extra
+  leaves, shape/dtype changes, differing or unreadable values -- is reported
+  per leaf in the returned :class:`VerifyReport` (``passed`` False).
+  """
+  t0 = time.perf_counter()
+  spec = _load_spec(spec)
+  src_ckpt = open_checkpoint(source, "source checkpoint")
+  mig_ckpt = open_checkpoint(migrated, "migrated checkpoint")
+  spill_dir = os.fspath(spill_dir) if spill_dir is not None else tempfile.gettempdir()
+  for ck in (src_ckpt, mig_ckpt):
+    if _inside(spill_dir, ck.path):
+      raise UsageError(f"spill directory {spill_dir} lies inside a checkpoint ({ck.path}); choose another")
+  if not os.path.isdir(spill_dir):
+    raise UsageError(f"spill directory does not exist: {spill_dir}")
+  bad = src_ckpt.unreadable()
+  if bad:
+    p0 = next(iter(bad))
+    raise UsageError(f"source checkpoint {src_ckpt.path}: cannot read leaf {p0!r}"
+                     f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: {bad[p0]}")
+  plan = spec.bind(src_ckpt.leaves, what="source checkpoint")
+
+  # ---- phase 1: structure, from metadata only ----
+  results: list[LeafResult] = []
+  to_compare: list[tuple[LeafPlan, LeafResult]] = []
+  for p in plan.leaves:
+    s = src_ckpt.leaves[p.source]
+    res = LeafResult(
+        source_path=p.source,
+        migrated_path=p.dest,
+        group=p.group,
+        status=MISSING,
+        shape=p.transform.dst_shape,
+        source_shape=s.shape,
+        dtype=None if s.dtype is None else str(s.dtype),
+        nbytes=s.nbytes,
+        transform=p.transform.describe(),
+    )
+    results.append(res)
+    m = mig_ckpt.leaves.get(p.dest)
+    if m is None:
+      res.reason = "no such leaf in the migrated checkpoint"
+      continue
+    if m.error:
+      res.status, res.reason = UNREADABLE, f"cannot read the migrated leaf's array metadata: {m.error}"
+      continue
+    res.shape = m.shape
+    if (s.kind == "string") != (m.kind == "string"):
+      res.status, res.reason = KIND_MISMATCH, f"source is a {s.kind}, migrated is a {m.kind}"
+      continue
+    problems = []
+    if s.dtype != m.dtype:
+      problems.append(f"dtype {m.dtype} != source dtype {s.dtype}")
+    if m.shape != p.transform.dst_shape:
+      how = "" if p.transform.kind == "identity" else f" ({p.transform.describe()} of {s.shape})"
+      problems.append(f"shape {m.shape} != expected {p.transform.dst_shape}{how}")
+    if problems:
+      res.status = SHAPE_MISMATCH if m.shape != p.transform.dst_shape else DTYPE_MISMATCH
+      res.reason = "; ".join(problems)
+      res.dtype = str(m.dtype) if m.dtype is not None else None
+      continue
+    to_compare.append((p, res))
+  inverse = plan.inverse
+  for path, m in mig_ckpt.leaves.items():
+    if path not in inverse:
+      results.append(
+          LeafResult(
+              source_path=None,
+              migrated_path=path,
+              group=spec.group_of(path),
+              status=EXTRA,
+              reason="no source leaf maps here",
+              shape=m.shape,
+              dtype=None if m.dtype is None else str(m.dtype),
+              nbytes=m.nbytes,
+          )
+      )
+
+  # ---- phase 2: values, one pair at a time ----
+  total = sum(2 * src_ckpt.leaves[p.source].nbytes for p, _ in to_compare)
+  bar = None
+  if progress:
+    from parity_jax.progress import byte_progress
+
+    bar = byte_progress(total, "verify")
+  prog = _Progress(bar)
+  try:
+    for i, (p, res) in enumerate(to_compare):
+      if bar is not None:
+        bar.set_postfix_str(f"{i}/{len(to_compare)} leaves", refresh=False)
+      try:
+        if src_ckpt.leaves[p.source].kind == "string":
+          _compare_strings(src_ckpt, mig_ckpt, p, res)
+        else:
+          _compare_arrays(
+              src_ckpt, mig_ckpt, p, res,
+              slab_bytes=max(4096, int(slab_mb * _MIB)), top_k=top_k, spill_dir=spill_dir, progress=prog,
+              overlap=overlap_reads,
+          )
+      except LeafReadError as e:
+        res.status, res.reason = UNREADABLE, str(e)
+        res.sha256 = res.source_sha256 = None
+      if log is not None and not res.passed:
+        log(f"{res.status} {res.describe()}: {res.reason}")
+    if bar is not None:
+      bar.set_postfix_str(f"{len(to_compare)}/{len(to_compare)} leaves")
+  finally:
+    if bar is not None:
+      bar.close()
+
+  return VerifyReport(
+      source=src_ckpt.path,
+      migrated=mig_ckpt.path,
+      spec_source=spec.source,
+      source_layout=src_ckpt.layout,
+      migrated_layout=mig_ckpt.layout,
+      leaves=results,
+      ignored_empty_nodes={"source": src_ckpt.empty_nodes, "migrated": mig_ckpt.empty_nodes},
+      elapsed_s=time.perf_counter() - t0,
+      bytes_read=prog.bytes,
+      spec=spec.to_dict(),
+  )

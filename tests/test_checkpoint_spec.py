@@ -1,0 +1,225 @@
+"""Remap specs: parsing, every validation error (reported together), inverse map; index geometry."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import types
+
+import numpy as np
+import pytest
+
+from parity_jax.checkpoint import geometry
+from parity_jax.checkpoint.spec import RemapSpec, SpecError
+from parity_jax.errors import UsageError
+
+
+def leaf(shape, kind="array"):
+  return types.SimpleNamespace(shape=tuple(shape), kind=kind)
+
+
+GOOD = {
+    "rules": [
+        {"match": r"^components/(?P<layer>\d+)/g/V$", "to": r"components/layers.\g<layer>.mlp.gate_proj/V", "squeeze": [0]},
+        {"match": r"^emb$", "to": "embedding", "reshape": [2, -1]},
+        {"match": r"^step$", "to": "step"},
+    ],
+    "group_depth": 1,
+}
+
+
+def test_from_json_reads_rules_and_roundtrips(tmp_path):
+  p = tmp_path / "spec.json"
+  p.write_text(json.dumps(GOOD))
+  spec = RemapSpec.from_json(p)
+  assert len(spec.rules) == 3 and spec.group_depth == 1 and spec.source == str(p)
+  assert spec.to_dict() == GOOD
+  assert RemapSpec.from_dict(spec.to_dict()).to_dict() == GOOD
+  assert spec.map_path("components/3/g/V") == "components/layers.3.mlp.gate_proj/V"
+  assert spec.map_path("components/3/g/U") is None
+  assert spec.group_of("components/layers.3.mlp.gate_proj/V") == "components"
+
+
+def test_bind_builds_plan_transforms_and_inverse():
+  spec = RemapSpec.from_rules(GOOD["rules"])
+  plan = spec.bind({"components/0/g/V": leaf((1, 4, 3)), "emb": leaf((6, 5)), "step": leaf(())})
+  by = {p.source: p for p in plan.leaves}
+  assert by["components/0/g/V"].transform.dst_shape == (4, 3)
+  assert by["components/0/g/V"].transform.kind == "squeeze"
+  assert by["emb"].transform.dst_shape == (2, 15)  # -1 inferred
+  assert by["step"].transform.kind == "identity"
+  assert plan.inverse == {"components/layers.0.mlp.gate_proj/V": "components/0/g/V", "embedding": "emb", "step": "step"}
+  assert spec.inverse(["step", "emb"]) == {"step": "step", "embedding": "emb"}
+  x = np.arange(12, dtype=np.float32).reshape(1, 4, 3)
+  y = by["components/0/g/V"].transform.apply(x)
+  assert y.shape == (4, 3) and np.shares_memory(x, y)  # a view, never a copy
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("{not json", "not valid JSON: .* line 1 column 2"),
+        ("[]", "top level must be a JSON object"),
+        ('{"rules": []}', "'rules' must be a non-empty list"),
+        ('{"rules": [1]}', "must be an object"),
+        ('{"rules": [{"match": "(", "to": "x"}]}', "not a valid regex"),
+        ('{"rules": [{"match": "^a$"}]}', "'to' must be a non-empty string"),
+        ('{"rules": [{"match": "^(a)$", "to": "\\\\2"}]}', "not a valid template"),
+        ('{"rules": [{"match": "^(?P<x>a)$", "to": "\\\\g<y>"}]}', "not a valid template"),
+        ('{"rules": [{"match": "^a$", "to": "a", "squeeze": [true]}]}', "'squeeze' must be a non-empty list of integer"),
+        ('{"rules": [{"match": "^a$", "to": "a", "squeeze": []}]}', "'squeeze' must be a non-empty list"),
+        ('{"rules": [{"match": "^a$", "to": "a", "squeeze": [0, 0]}]}', "repeats an axis"),
+        ('{"rules": [{"match": "^a$", "to": "a", "reshape": [-1, -1]}]}', "at most one -1"),
+        ('{"rules": [{"match": "^a$", "to": "a", "reshape": "3"}]}', "'reshape' must be a list of integers"),
+        ('{"rules": [{"match": "^a$", "to": "a", "squeeze": [0], "reshape": [3]}]}', "not both"),
+        ('{"rules": [{"match": "^a$", "to": "a", "transpose": [1, 0]}]}', "unknown key"),
+        ('{"rules": [{"match": "^a$", "to": "a"}], "group_depth": 0}', "group_depth"),
+        ('{"rules": [{"match": "^a$", "to": "a"}], "extra": 1}', "unknown top-level key"),
+    ],
+)
+def test_malformed_specs_are_refused_with_one_line(tmp_path, text, needle):
+  p = tmp_path / "spec.json"
+  p.write_text(text)
+  with pytest.raises(UsageError, match=needle) as e:
+    RemapSpec.from_json(p)
+  assert "\n" not in str(e.value)
+
+
+def test_missing_spec_file_and_directory(tmp_path):
+  with pytest.raises(UsageError, match="spec file does not exist"):
+    RemapSpec.from_json(tmp_path / "nope.json")
+  with pytest.raises(UsageError, match="directory"):
+    RemapSpec.from_json(tmp_path)
+
+
+def test_all_parse_problems_are_reported_together():
+  with pytest.raises(SpecError) as e:
+    RemapSpec.from_rules([{"match": "(", "to": "x"}, {"match": "^a$", "to": "a", "squeeze": "0"}, {"to": "y"}])
+  assert len(e.value.problems) == 3
+  assert "rule #1" in str(e.value) and "rule #2" in str(e.value) and "rule #3" in str(e.value)
+
+
+def test_bind_reports_every_problem_together_before_reading_data():
+  spec = RemapSpec.from_rules([
+      {"match": r"^a/(\d+)$", "to": r"x/\1", "squeeze": [0]},   # #1
+      {"match": r"^a/1$", "to": "y"},                            # #2: a/1 matched twice
+      {"match": r"^b$", "to": "x/0"},                            # #3: b and a/0 -> x/0
+      {"match": r"^never$", "to": "z"},                          # #4: matches nothing
+      {"match": r"^c$", "to": "c", "reshape": [6, 4]},           # #5: not value-preserving
+      {"match": r"^d$", "to": "d", "reshape": [5]},              # #6: wrong element count
+      {"match": r"^e$", "to": "e/"},                             # #7: empty component
+      {"match": r"^f$", "to": "p"},                              # #8: p is a leaf ...
+      {"match": r"^g$", "to": "p/q"},                            # #9: ... and a parent
+      {"match": r"^h$", "to": "s.t/u"},                          # #10: collides with #11 in storage
+      {"match": r"^i$", "to": "s/t.u"},                          # #11
+      {"match": r"^j$", "to": "j", "squeeze": [3]},              # #12: out of range
+      {"match": r"^k$", "to": "k", "squeeze": [-1]},             # #13: size 4, not 1
+  ])
+  leaves = {
+      "a/0": leaf((1, 2)), "a/1": leaf((1, 2)), "a/2": leaf((3, 2)), "b": leaf((2,)), "c": leaf((4, 6)),
+      "d": leaf((2, 3)), "e": leaf(()), "f": leaf(()), "g": leaf(()), "h": leaf(()), "i": leaf(()),
+      "j": leaf((1,)), "k": leaf((1, 4)), "unmatched": leaf(()),
+  }
+  with pytest.raises(SpecError) as e:
+    spec.bind(leaves)
+  text = " | ".join(e.value.problems)
+  expected = [
+      "'a/1' matches 2 rules: #1, #2",
+      "'a/2' of shape (3, 2): squeeze [0]: axis 0 has size 3, not 1",
+      "'a/0' and 'b' both map to 'x/0'",
+      "rule #4 ('^never$') matches no source leaf",
+      "reshape (4, 6) -> (6, 4) is not value-preserving",
+      "24 elements" if False else "6 elements cannot become (5,)",
+      "'e/', which has an empty path component",
+      "destination 'p' is a leaf and also the parent of 'p/q'",
+      "collide in orbax storage as 's.t.u'",
+      "squeeze [3]: axis 3 is out of range for rank 1",
+      "squeeze [-1]: axis 1 has size 4, not 1",
+      "source leaf 'unmatched' matches no rule",
+  ]
+  for needle in expected:
+    assert needle in text, needle
+  assert len(e.value.problems) == len(expected)
+  assert "\n" not in str(e.value)
+
+
+def test_string_leaves_cannot_be_transformed():
+  spec = RemapSpec.from_rules([{"match": "^s$", "to": "s", "squeeze": [0]}])
+  with pytest.raises(SpecError, match="is a string"):
+    spec.bind({"s": leaf((), kind="string")})
+
+
+def test_long_problem_lists_stay_on_one_line():
+  spec = RemapSpec.from_rules([{"match": "^nothing$", "to": "x"}])
+  with pytest.raises(SpecError) as e:
+    spec.bind({f"leaf{i}": leaf(()) for i in range(100)})
+  assert len(e.value.problems) == 101 and "and 76 more" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- geometry --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "a, b, r",
+    [
+        ((1, 8, 6), (8, 6), (8, 6)),
+        ((2, 12), (2, 3, 4), (2, 3, 4)),
+        ((6, 4), (2, 12), (2, 3, 4)),
+        ((4, 6), (6, 4), None),
+        ((4, 6), (25,), None),
+        ((1, 1), (), ()),
+        ((5, 1, 1), (1, 5), (5,)),
+    ],
+)
+def test_refinement(a, b, r):
+  assert geometry.refinement(a, b) == r
+
+
+SHAPE_PAIRS = [((1, 6, 40), (6, 40)), ((50, 8), (5, 10, 8)), ((6, 4), (2, 12)), ((1, 5, 1), (5, 1)), ((3, 1, 4, 2), (12, 2)), ((), ())]
+
+
+@pytest.mark.parametrize("a, b", SHAPE_PAIRS)
+@pytest.mark.parametrize("target", [1, 3, 7, 40, 10**6])
+def test_slabs_cover_every_element_once_in_c_order_in_both_shapes(a, b, target):
+  r = geometry.refinement(a, b)
+  n = int(np.prod(a)) if a else 1
+  x = np.arange(n).reshape(a)
+  y = x.reshape(b)
+  ga, gb = geometry.axis_groups(a, r), geometry.axis_groups(b, r)
+  plan = geometry.SlabPlan.for_target(r, target)
+  seen = []
+  for lo, hi in plan:
+    sa = geometry.box_in(a, ga, r, lo, hi)
+    sb = geometry.box_in(b, gb, r, lo, hi)
+    pa, pb = x[sa].reshape(-1), y[sb].reshape(-1)
+    assert np.array_equal(pa, pb)
+    assert pa.size <= max(target, r[-1] if r else 1)
+    assert pa[0] == geometry.flat_offset(lo, r)
+    seen.append(pa)
+  assert np.array_equal(np.concatenate(seen) if seen else np.zeros(0), np.arange(n))
+  assert len(seen) == plan.n_slabs
+
+
+def test_chunk_rows_and_row_major_chunks():
+  assert geometry.chunk_row_elems((8, 100), (2, 100)) == 200
+  assert geometry.chunk_row_elems((8, 100), (2, 10)) == 200  # a row of 10 chunks
+  assert geometry.chunk_row_elems((8, 100), (8, 10)) == 800  # column blocks: every slab needs all
+  assert geometry.chunk_row_elems((1, 64, 16), (1, 4, 16)) == 64
+  assert geometry.chunk_row_elems((3, 4), None) == 12
+  assert geometry.row_major_chunk_shape((4096, 16384), 4, 64 << 20) == (1024, 16384)
+  assert geometry.row_major_chunk_shape((1, 65536, 4096), 4, 64 << 20) == (1, 4096, 4096)
+  assert geometry.row_major_chunk_shape((3, 1000, 1000), 4, 1 << 20) == (1, 250, 1000)
+  assert geometry.row_major_chunk_shape((7, 5), 4, None) == (7, 5)
+  assert geometry.row_major_chunk_shape((), 4, 16) == ()
+  for shape, target in itertools.product([(97, 13), (1, 40, 6), (6, 1, 40)], [4, 100, 1000]):
+    c = geometry.row_major_chunk_shape(shape, 4, target)
+    assert int(np.prod(c)) * 4 <= max(target, 4) or c[-1] == shape[-1] and int(np.prod(c[:-1])) == 1
+    # every chunk is a C-contiguous run: ones, then one split axis, then whole axes
+    assert any(all(cc == 1 for cc in c[:p]) and tuple(c[p + 1:]) == tuple(shape[p + 1:]) for p in range(len(shape)))
+
+
+def test_slab_boundaries_alignment():
+  plan = geometry.SlabPlan.for_target((64, 16), 4 * 16)
+  assert plan.boundaries_are_multiples_of(64) and plan.boundaries_are_multiples_of(32)
+  assert not plan.boundaries_are_multiples_of(128)
+  assert geometry.SlabPlan.for_target((64, 16), 10**6).boundaries_are_multiples_of(64 * 16)
