@@ -1,0 +1,291 @@
+"""Rigorous floating-point error bounds for the SVF formula, and explained mismatches.
+
+Two correct float32 evaluations of the formula (torch with MKL, JAX with XLA)
+may sum in different orders, so their float32 results may differ in the last
+bits and, rarely, round to different bfloat16 values. This module decides,
+element by element and without trusting either side, whether a difference is
+such a legitimate rounding tie or a real bug.
+
+Notation (all per tensor; ``u`` is the unit roundoff of the compute dtype,
+2**-24 for float32; ``gamma(n) = n*u / (1 - n*u)``; exact arithmetic on the
+float inputs ``U, S, V, o`` defines the true values)::
+
+    ss_i = S_i (1 + o_i)        A = sum_i S_i      B = sum_i ss_i      N = A / B
+    M_jl = sum_i U_ji ss_i V_li                    y_jl = M_jl * N
+    T_jl = sum_i |U_ji ss_i V_li|
+
+Any float evaluation, in any summation order, with or without FMA, satisfies
+(Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., 3.1 and 3.5):
+
+* ``fl(1 + o_i)`` and ``fl(S_i * .)``: ``ss^_i = ss_i (1 + t)``, ``|t| <= gamma(2)``.
+* ``A^ = fl(sum S_i)``: ``|A^ - A| <= gamma(k-1) sum|S_i|``; ``B^ = fl(sum ss^_i)``:
+  ``|B^ - B| <= gamma(k-1) sum|ss^_i| + gamma(2) sum|ss_i| <= gamma(k+1) sum|ss_i|``.
+* ``N^ = fl(A^ / B^) = N (1 + nu)`` with ``|nu| <= nu_max = (1 + rA)(1 + u) / (1 - rB) - 1``,
+  ``rA = gamma(k-1) sum|S| / |A|``, ``rB = gamma(k+1) sum|ss| / |B|`` (needs ``rB < 1``).
+* ``u_scaled^_ji = fl(U_ji ss^_i) = U_ji ss_i (1 + t)``, ``|t| <= gamma(3)``, and the
+  dot product gives ``|M^ - M| <= gamma(k) (1 + gamma(3)) T + gamma(3) T <= gamma(k+3) T``.
+* ``y^ = fl(M^ N^)``, so
+  ``|y^ - y| <= beta = |M N| (nu_max + u + nu_max u) + gamma(k+3) T |N| (1 + nu_max)(1 + u) + floor``,
+  where ``floor = (k + 8) 2**-126 max(1, |N|)`` covers flush-to-zero of subnormals (XLA
+  CPU flushes them; torch does not).
+
+**Explained mismatch.** Our bf16 value ``a`` and the golden's ``b`` differ. If
+both come from correct float32 evaluations ``y^1``, ``y^2`` rounded to nearest,
+then ``a`` and ``b`` are adjacent bf16 values and the rounding midpoint
+``mid = (a + b) / 2`` lies between ``y^1`` and ``y^2``; both lie within ``beta``
+of ``y``, hence ``|y - mid| <= beta``. We compute ``ref`` (``y`` in float64 from
+the same inputs, with its own bound ``eps64``, the same formula at ``u = 2**-53``)
+and call the element *explained* iff the two bf16 values are exactly 1 ULP
+apart (or are +0/-0) and ``|ref - mid| <= beta + eps64``. Everything else is
+*unexplained*: a real difference in what was computed. The test is necessary
+for a legitimate tie, so no correct implementation is ever flagged; a bug
+(wrong offset, swapped or transposed factor, wrong normalization) moves ``y^``
+by far more than ``beta`` on most elements, which then either differ by more
+than 1 ULP or sit far from a midpoint.
+
+**Stage tolerances.** For the float32 stages the same analysis gives bounds
+per element that are cheap enough for every element of a 151936 x 1024
+tensor: ``T_jl`` is replaced by its Cauchy-Schwarz bound
+``C_jl = ||u_scaled_j||_2 ||V_l||_2 >= T_jl`` (an outer product of row norms,
+looser by about pi/2 for random data), and the tolerance between two correct
+evaluations is twice the one-sided bound. Stages that are a single IEEE
+operation on identical inputs (``scaled_s``, ``u_scaled``) and stages that are
+inputs (``offsets_f32``, ``source_f32``) must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from parity_jax.compare import ulp_distance
+
+__all__ = [
+    "FormulaConstants",
+    "MismatchAccounting",
+    "gamma",
+    "matmul_tolerance",
+    "adapted_tolerance",
+    "normalization_tolerance",
+    "unit_roundoff",
+]
+
+_TINY = 2.0**-126  # smallest normal float32 / bfloat16
+_U64 = 2.0**-53
+_SAFETY = 1.0 + 2.0**-30  # covers the float64 evaluation of the bounds themselves
+
+
+def unit_roundoff(dtype: Any) -> float:
+  """``u = 2**-p`` for a ``p``-bit significand (float32: 2**-24, bfloat16: 2**-8)."""
+  return float(ml_dtypes.finfo(np.dtype(dtype)).eps) / 2.0
+
+
+def gamma(n: int, u: float) -> float:
+  """``n u / (1 - n u)``; infinite when ``n u >= 1`` (no bound)."""
+  nu = n * u
+  return math.inf if nu >= 1.0 else nu / (1.0 - nu)
+
+
+def _rel_normalization_bound(k: int, u: float, s: np.ndarray, ss: np.ndarray) -> float:
+  a = float(np.sum(s))
+  b = float(np.sum(ss))
+  if a == 0.0 or b == 0.0 or not math.isfinite(a) or not math.isfinite(b):
+    return math.inf
+  r_a = gamma(max(k - 1, 0), u) * float(np.sum(np.abs(s))) / abs(a)
+  r_b = gamma(k + 1, u) * float(np.sum(np.abs(ss))) / abs(b)
+  if r_b >= 1.0:
+    return math.inf
+  return (1.0 + r_a) * (1.0 + u) / (1.0 - r_b) - 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FormulaConstants:
+  """Per-tensor float64 quantities every element's bound uses."""
+
+  k: int
+  u: float  # unit roundoff of the compute dtype
+  compute_dtype: str
+  ss64: np.ndarray  # S (1 + o) in float64, from the compute-dtype inputs
+  n64: float  # the normalization A / B in float64
+  nu: float  # |N^ / N - 1| <= nu for any correct compute-dtype evaluation
+  nu64: float  # the same for the float64 reference
+
+  @classmethod
+  def from_components(cls, s: Any, offsets: Any, compute_dtype: Any = np.float32) -> "FormulaConstants":
+    cd = np.dtype(compute_dtype)
+    s64 = np.asarray(s).astype(cd).astype(np.float64)
+    o64 = np.asarray(offsets).astype(cd).astype(np.float64)
+    ss64 = s64 * (1.0 + o64)
+    k = int(s64.shape[0])
+    a, b = float(np.sum(s64)), float(np.sum(ss64))
+    n64 = a / b if b != 0.0 else math.inf
+    u = unit_roundoff(cd)
+    return cls(
+        k=k,
+        u=u,
+        compute_dtype=str(cd),
+        ss64=ss64,
+        n64=n64,
+        nu=_rel_normalization_bound(k, u, s64, ss64),
+        nu64=_rel_normalization_bound(k, _U64, s64, ss64),
+    )
+
+  def _floor(self) -> float:
+    return (self.k + 8) * _TINY * max(1.0, abs(self.n64))
+
+  def value_bound(self, abs_m: np.ndarray, t: np.ndarray, u: float | None = None, nu: float | None = None) -> np.ndarray:
+    """One-sided bound ``beta`` on ``|y^ - y|`` given ``|M|`` and ``T`` (arrays)."""
+    u = self.u if u is None else u
+    nu = self.nu if nu is None else nu
+    n = abs(self.n64)
+    g = gamma(self.k + 3, u)
+    with np.errstate(invalid="ignore", over="ignore"):
+      beta = abs_m * n * (nu + u + nu * u) + g * t * n * (1.0 + nu) * (1.0 + u) + self._floor()
+    return beta * _SAFETY
+
+  def reference_bound(self, abs_m: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Bound on the float64 reference's own error."""
+    return self.value_bound(abs_m, t, u=_U64, nu=self.nu64)
+
+
+def normalization_tolerance(fc: FormulaConstants) -> float:
+  """Largest ``|N^1 - N^2|`` between two correct evaluations: ``2 nu |N|``."""
+  return 2.0 * fc.nu * abs(fc.n64) * _SAFETY
+
+
+def matmul_tolerance(row_norms_a: np.ndarray, row_norms_v: np.ndarray, k: int, u: float) -> np.ndarray:
+  """``[rows, n]`` tolerance between two correct dots of identical inputs.
+
+  ``2 gamma(k) ||a_j|| ||V_l||`` (Cauchy-Schwarz bound of ``gamma(k) sum|a_ji V_li|``
+  per side) plus the subnormal floor.
+  """
+  g = gamma(k, u)
+  return (2.0 * g * np.outer(row_norms_a, row_norms_v) + 2 * (k + 8) * _TINY) * _SAFETY
+
+
+def adapted_tolerance(row_norms_us: np.ndarray, row_norms_v: np.ndarray, fc: FormulaConstants) -> np.ndarray:
+  """``[rows, n]`` tolerance for ``adapted = fl(M^ N^)`` between two correct evaluations.
+
+  Each side is within ``|M'| |N| (nu + u + nu u) + gamma(k) C |N| (1 + nu)(1 + u)``
+  of ``M' N`` (``M'`` the exact dot of the identical ``u_scaled``), with
+  ``|M'| <= C = ||u_scaled_j|| ||V_l||``.
+  """
+  c = np.outer(row_norms_us, row_norms_v)
+  n, nu, u = abs(fc.n64), fc.nu, fc.u
+  one_side = c * n * (nu + u + nu * u) + gamma(fc.k, u) * c * n * (1.0 + nu) * (1.0 + u) + fc._floor()
+  return 2.0 * one_side * _SAFETY
+
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+class MismatchAccounting:
+  """Explained/unexplained accounting of final bf16 differences, chunk by chunk.
+
+  :meth:`update` takes a block of rows in SOURCE orientation (rows of ``U``):
+  our and the golden's ``final_bf16`` rows, the matching rows of ``U`` and the
+  whole ``V`` as ``[n, k]``. Only differing elements cost anything: their
+  float64 reference value and ``T`` come from one length-``k`` dot each.
+  """
+
+  def __init__(self, fc: FormulaConstants, keep: int = 8, batch_elems: int = 1 << 23):
+    self.fc = fc
+    self.keep = keep
+    self.batch_elems = batch_elems
+    self.n_mismatch = 0
+    self.n_explained = 0
+    self.n_unexplained = 0
+    self.n_multi_ulp = 0  # unexplained because more than 1 ULP apart
+    self.n_nonfinite = 0  # unexplained because NaN/inf on either side
+    self.n_off_midpoint = 0  # 1 ULP apart but the reference is too far from the midpoint
+    self.max_explained_ratio = 0.0  # max |ref - mid| / bound over explained elements
+    self.unexplained_examples: list[dict[str, Any]] = []
+    self.explained_examples: list[dict[str, Any]] = []
+
+  def update(self, golden_bits: np.ndarray, ours_bits: np.ndarray, u_rows: np.ndarray, v_nk: np.ndarray, row_offset: int = 0) -> None:
+    """``golden_bits``/``ours_bits``: ``[rows, n]`` uint16 bf16 bit patterns (NaN policies aligned)."""
+    differs = golden_bits != ours_bits
+    rows, cols = np.nonzero(differs)
+    if rows.size == 0:
+      return
+    self.n_mismatch += int(rows.size)
+    g = golden_bits[rows, cols].view(_BF16)
+    o = ours_bits[rows, cols].view(_BF16)
+    g64, o64 = g.astype(np.float64), o.astype(np.float64)
+    finite = np.isfinite(g64) & np.isfinite(o64)
+    ulp = ulp_distance(g, o)
+    candidate = finite & ((ulp == 1) | ((ulp == 0) & (g64 == 0.0) & (o64 == 0.0)))
+    self.n_nonfinite += int(np.count_nonzero(~finite))
+    self.n_multi_ulp += int(np.count_nonzero(finite & ~candidate))
+    ratio = np.full(rows.shape, np.inf)
+    ref = np.full(rows.shape, np.nan)
+    bound = np.full(rows.shape, np.nan)
+    cand = np.flatnonzero(candidate)
+    k = max(1, self.fc.k)
+    step = max(1, self.batch_elems // k)
+    ss = self.fc.ss64
+    cd = np.dtype(self.fc.compute_dtype)
+    for start in range(0, cand.size, step):
+      sel = cand[start : start + step]
+      # the reference sees the inputs as the computation does: rounded to the compute dtype
+      uu = np.asarray(u_rows[rows[sel]]).astype(cd).astype(np.float64)
+      vv = np.asarray(v_nk[cols[sel]]).astype(cd).astype(np.float64)
+      terms = uu * ss[None, :] * vv
+      m = terms.sum(axis=1)
+      t = np.abs(terms).sum(axis=1)
+      r = m * self.fc.n64
+      b = self.fc.value_bound(np.abs(m), t) + self.fc.reference_bound(np.abs(m), t)
+      mid = 0.5 * (g64[sel] + o64[sel])
+      ref[sel], bound[sel] = r, b
+      with np.errstate(invalid="ignore", divide="ignore"):
+        ratio[sel] = np.abs(r - mid) / b
+    explained = candidate & (ratio <= 1.0)
+    n_expl = int(np.count_nonzero(explained))
+    self.n_explained += n_expl
+    self.n_unexplained += int(rows.size) - n_expl
+    self.n_off_midpoint += int(np.count_nonzero(candidate & ~explained))
+    if n_expl:
+      self.max_explained_ratio = max(self.max_explained_ratio, float(ratio[explained].max()))
+
+    def record(i: int, ok: bool) -> dict[str, Any]:
+      return {
+          "index_source": [int(rows[i]) + int(row_offset), int(cols[i])],
+          "golden": float(g64[i]),
+          "ours": float(o64[i]),
+          "golden_bits": f"0x{int(golden_bits[rows[i], cols[i]]):04x}",
+          "ours_bits": f"0x{int(ours_bits[rows[i], cols[i]]):04x}",
+          "ulp": int(ulp[i]) if finite[i] else None,
+          "reference_f64": None if math.isnan(ref[i]) else float(ref[i]),
+          "bound": None if math.isnan(bound[i]) else float(bound[i]),
+          "ratio": None if not math.isfinite(ratio[i]) else float(ratio[i]),
+          "explained": ok,
+      }
+
+    bad = np.flatnonzero(~explained)
+    for i in bad[: max(0, self.keep - len(self.unexplained_examples))]:
+      self.unexplained_examples.append(record(int(i), False))
+    good = np.flatnonzero(explained)
+    if good.size and len(self.explained_examples) < self.keep:
+      # the explained ones closest to their bound are the informative ones
+      order = good[np.argsort(-ratio[good], kind="stable")]
+      for i in order[: self.keep - len(self.explained_examples)]:
+        self.explained_examples.append(record(int(i), True))
+
+  def to_dict(self) -> dict[str, Any]:
+    return {
+        "n_mismatch": self.n_mismatch,
+        "n_explained": self.n_explained,
+        "n_unexplained": self.n_unexplained,
+        "n_multi_ulp": self.n_multi_ulp,
+        "n_nonfinite": self.n_nonfinite,
+        "n_off_midpoint": self.n_off_midpoint,
+        "max_explained_ratio": self.max_explained_ratio,
+        "unit_roundoff": self.fc.u,
+        "normalization_rel_bound": self.fc.nu,
+        "unexplained_examples": self.unexplained_examples,
+        "explained_examples": self.explained_examples,
+    }
