@@ -35,6 +35,11 @@ _CHUNK_MB = flags.DEFINE_float("chunk_mb", 512.0, "Memory budget (MiB) per row c
 _MODE = flags.DEFINE_enum("mode", "stage_tolerances", ["stage_tolerances", "bytes"], "Verdict mode.")
 _ROW_BLOCK = flags.DEFINE_integer("row_block", 1024, "Rows of U per matmul block; chunks are multiples of it.", lower_bound=1)
 _COMPUTE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Compute dtype (bfloat16: the original Sakana variant).")
+_EXPLAIN = flags.DEFINE_enum(
+    "explain_rule", "bound", ["bound", "one_ulp"],
+    "bound: a differing final element is explained when both bf16 values are correct roundings within the float32 error bound"
+    " of the float64 reference (for 1-ULP pairs: the reference within the bound of the rounding midpoint). one_ulp: additionally exactly 1 ULP apart.",
+)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bar on stderr.")
 
 
@@ -57,6 +62,7 @@ def main(argv):
       mode=_MODE.value,
       row_block=_ROW_BLOCK.value,
       compute_dtype=_COMPUTE.value,
+      explain_rule=_EXPLAIN.value,
       show_progress=_PROGRESS.value,
   )
   print(result.table())
