@@ -173,7 +173,7 @@ def test_chunk_rows_are_multiples_of_the_row_block_within_budget():
   assert chunk_rows(151936, 1024, 1024, 0) == 151936
   rows = chunk_rows(151936, 1024, 1024, 256)
   assert rows % 1024 == 0 and rows >= 1024
-  assert rows * (16 * 1024 + 96 * 1024) <= 256 * 2**20
+  assert rows * (16 * 1024 + 32 * 1024) <= 256 * 2**20
   assert chunk_rows(151936, 1024, 1024, 0.001) == 1024  # never below one block
   assert chunk_rows(900, 64, 64, 0.001, row_block=1024) == 900  # one block holds it all
   assert chunk_rows(100, 8, 8, 0.001, row_block=16) == 16

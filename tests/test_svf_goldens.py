@@ -13,7 +13,7 @@ import pytest
 
 from parity_jax import compare, stages
 from parity_jax.errors import UsageError
-from parity_jax.svf import STAGES, ComponentStore, reconstruct, replay, safe_source_name, tensor_key
+from parity_jax.svf import STAGES, gate, ComponentStore, reconstruct, replay, safe_source_name, tensor_key
 from parity_jax.svf.bounds import FormulaConstants, MismatchAccounting
 from parity_jax.svf.io import find_component_files
 
@@ -175,16 +175,28 @@ def test_report_and_bundle_that_do_not_belong_together_are_refused(tmp_path):
     replay(golden_dir=str(g), all_selected=True)
 
 
-def test_chunked_replay_is_bit_identical_to_unchunked_and_to_reconstruct(tmp_path):
+def test_chunked_replay_is_bit_identical_to_unchunked_and_to_reconstruct(tmp_path, monkeypatch):
   kw = dict(golden_dir=str(GOLDENS), all_selected=True, row_block=16, selected_source_filter="embed_tokens")
   a = replay(stage_dir=str(tmp_path / "chunked"), chunk_mb=0.02, **kw)
   b = replay(stage_dir=str(tmp_path / "whole"), chunk_mb=0, **kw)
-  (ta,), (tb,) = a.report["tensors"], b.report["tensors"]
+  monkeypatch.setattr(gate, "_COMPARE_ELEMS", 1000)  # comparison sub-blocks of 12 rows, across chunk edges
+  c = replay(stage_dir=str(tmp_path / "sub"), chunk_mb=0.02, **kw)
+  (ta,), (tb,), (tc,) = a.report["tensors"], b.report["tensors"], c.report["tensors"]
   assert ta["chunking"]["n_chunks"] > 4 and tb["chunking"]["n_chunks"] == 1
-  assert {s: r["sha256"] for s, r in ta["stages"].items()} == {s: r["sha256"] for s, r in tb["stages"].items()}
+  for t in (tb, tc):
+    assert {s: r["sha256"] for s, r in ta["stages"].items()} == {s: r["sha256"] for s, r in t["stages"].items()}
+    for stage, r in ta["stages"].items():
+      d1, d2 = r["diff"], t["stages"][stage]["diff"]
+      for exact in ("n_diff", "max_abs_diff", "max_abs_index", "max_ulp", "n_nan_mismatch"):
+        assert d1[exact] == d2[exact], (stage, exact)
+      # (which of several equal |diff| make the top-k list depends on DiffAccumulator's chunks)
+      assert [e["abs_diff"] for e in d1["top_k"]] == [e["abs_diff"] for e in d2["top_k"]], stage
+      for summed in ("rms_diff", "cosine", "rel_l2"):  # float64 sums grouped by chunk: last bits may move
+        assert d1[summed] == pytest.approx(d2[summed], rel=1e-12, abs=1e-300), (stage, summed)
+    assert ta["explained"] == t["explained"]
   fa = (tmp_path / "chunked" / "svf_all_selected_stage_debug.safetensors").read_bytes()
-  fb = (tmp_path / "whole" / "svf_all_selected_stage_debug.safetensors").read_bytes()
-  assert fa == fb
+  assert fa == (tmp_path / "whole" / "svf_all_selected_stage_debug.safetensors").read_bytes()
+  assert fa == (tmp_path / "sub" / "svf_all_selected_stage_debug.safetensors").read_bytes()
   name = "model.embed_tokens.weight"
   with _store() as st:
     full = reconstruct(st.u(name), st.s(name), st.v(name), st.offsets(name), capture=True, row_block=16)

@@ -340,11 +340,13 @@ class MismatchAccounting:
     for i in bad[: max(0, self.keep - len(self.unexplained_examples))]:
       self.unexplained_examples.append(record(int(i), False))
     good = np.flatnonzero(explained)
-    if good.size and len(self.explained_examples) < self.keep:
-      # the explained ones closest to their bound are the informative ones
-      order = good[np.argsort(-ratio[good], kind="stable")]
-      for i in order[: self.keep - len(self.explained_examples)]:
-        self.explained_examples.append(record(int(i), True))
+    if good.size:
+      # The explained ones closest to their bound are the informative ones. Ranked
+      # by (-ratio, index) over everything seen, so chunking does not change them.
+      order = good[np.lexsort((rows[good] * golden_bits.shape[1] + cols[good], -ratio[good]))][: self.keep]
+      pool = self.explained_examples + [record(int(i), True) for i in order]
+      pool.sort(key=lambda e: (-e["ratio"], e["index_source"]))
+      self.explained_examples = pool[: self.keep]
 
   def to_dict(self) -> dict[str, Any]:
     return {

@@ -78,11 +78,13 @@ STAGE_TOLERANCES: dict[str, tuple[str, str]] = {
     "final_bf16": ("explained", "each differing element a legitimate rounding: 1 bf16 ULP apart with the float64 reference within the float32 error bound of the rounding midpoint (rule=bound also admits 2+ ULPs where that bound spans them)"),
 }
 
-# Bytes per row of U that one chunk holds at peak (our stages, one golden
-# stage, DiffAccumulator's float64 temporaries, the tolerance array), per
-# element of k and of n. A conservative estimate; see chunk_rows.
+# Bytes per row of U that one chunk holds at peak, per element of k (U and
+# u_scaled rows, XLA's block temporaries) and of n (matmul_pre_norm,
+# zero_source, adapted, final bf16 and its torch-NaN copy, XLA temporaries).
+# The comparisons run in sub-blocks of _COMPARE_ELEMS elements on top of that.
 _ROW_BYTES_PER_K = 16
-_ROW_BYTES_PER_N = 96
+_ROW_BYTES_PER_N = 32
+_COMPARE_ELEMS = 1 << 20
 
 
 def chunk_rows(m: int, n: int, k: int, chunk_mb: float, row_block: int = core.DEFAULT_ROW_BLOCK) -> int:
@@ -322,57 +324,59 @@ def _replay_tensor(
     full_final_f32 = np.empty((n, m), _F32)
     full_final_bits = np.empty((n, m), np.uint16)
 
+  s_cd = np.asarray(s).astype(compute_dtype).astype(np.float64)
+  sub_rows = max(1, _COMPARE_ELEMS // max(n, k, 1))
   for r0 in range(0, m, rows_per_chunk):
     r1 = min(m, r0 + rows_per_chunk)
-    u_rows = store.u_rows(name, r0, r1)
-    res = core._rows(u_rows, s, v, offsets, layout=layout, compute_dtype=jnp.dtype(compute_dtype), row_block=row_block, capture=True)
+    u_chunk = store.u_rows(name, r0, r1)
+    res = core._rows(u_chunk, s, v, offsets, layout=layout, compute_dtype=jnp.dtype(compute_dtype), row_block=row_block, capture=True)
     res = jax.device_get(res)
-    ours = {st: _to_np(res[st], _F32) for st in core.ROW_STAGES}
-    ours_bits = _bf16_bits(res["final_bf16"], "torch")  # torch's NaN encoding, comparable with Python
+    ours_chunk = {st: _to_np(res[st], _F32) for st in core.ROW_STAGES}
+    bits_chunk = _bf16_bits(res["final_bf16"], "torch")  # torch's NaN encoding, comparable with Python
     del res
-    golden_row = lambda stage: greader.get_rows(job.key(stage), r0, r1)  # noqa: E731
-
-    src = golden_row("source_f32")
-    checks["source_f32"].update(src, src, origin=(r0, 0))
-    us_norms = _row_norms(ours["u_scaled"])
-    checks["u_scaled"].update(golden_row("u_scaled"), ours["u_scaled"], origin=(r0, 0))
-    checks["matmul_pre_norm"].update(golden_row("matmul_pre_norm"), ours["matmul_pre_norm"], origin=(r0, 0), tol=matmul_tolerance(us_norms, v_norms, k, u_cd))
-    us0 = np.asarray(u_rows).astype(compute_dtype).astype(np.float64) * np.asarray(s).astype(compute_dtype).astype(np.float64)[None, :]
-    checks["zero_source_f32"].update(
-        golden_row("zero_source_f32"), ours["zero_source_f32"], origin=(r0, 0), tol=matmul_tolerance(_row_norms(us0) * (1 + u_cd), v_norms, k, u_cd)
-    )
-    zero_vs_source.update(src, ours["zero_source_f32"], origin=(r0, 0))
-    del us0
-    tol_adapted = adapted_tolerance(us_norms, v_norms, fc)
-    checks["adapted_source_f32"].update(golden_row("adapted_source_f32"), ours["adapted_source_f32"], origin=(r0, 0), tol=tol_adapted)
-
-    if transpose:
-      g_f32 = io.read_columns(greader.path, job.key("final_f32"), r0, r1)  # [n, rows]
-      g_bf16 = io.read_columns(greader.path, job.key("final_bf16"), r0, r1)
-      checks["final_f32"].update(g_f32, ours["adapted_source_f32"].T, origin=(0, r0), tol=tol_adapted.T, hash_rows=False)
-      checks["final_bf16"].update(g_bf16, ours_bits.view(_BF16).T, origin=(0, r0), hash_rows=False)
-      golden_bits_src = np.ascontiguousarray(g_bf16.view(np.uint16).T)
-      full_final_f32[:, r0:r1] = ours["adapted_source_f32"].T
-      full_final_bits[:, r0:r1] = ours_bits.T
-      del g_f32, g_bf16
-    else:
-      g_bf16 = golden_row("final_bf16")
-      checks["final_f32"].update(golden_row("final_f32"), ours["adapted_source_f32"], origin=(r0, 0), tol=tol_adapted)
-      checks["final_bf16"].update(g_bf16, ours_bits.view(_BF16), origin=(r0, 0))
-      golden_bits_src = g_bf16.view(np.uint16)
-    accounting.update(golden_bits_src, ours_bits, u_rows, v_nk, row_offset=r0)
-    del tol_adapted
-
-    if writer is not None:
-      writer.write_rows(job.key("source_f32"), src)
-      for stage in core.ROW_STAGES:
-        writer.write_rows(job.key(stage), ours[stage])
-      if not transpose:
-        writer.write_rows(job.key("final_f32"), ours["adapted_source_f32"])
-        writer.write_rows(job.key("final_bf16"), ours_bits.view(_BF16))
+    # Compare in sub-blocks of rows: the float64 temporaries stay small even when
+    # the chunk is the whole tensor (chunk_mb=0).
+    for b0 in range(r0, r1, sub_rows):
+      b1 = min(r1, b0 + sub_rows)
+      sl = slice(b0 - r0, b1 - r0)
+      ours = {st: a[sl] for st, a in ours_chunk.items()}
+      ours_bits = bits_chunk[sl]
+      u_rows = u_chunk[sl]
+      golden_row = lambda stage: greader.get_rows(job.key(stage), b0, b1)  # noqa: E731
+      src = golden_row("source_f32")
+      checks["source_f32"].update(src, src, origin=(b0, 0))
+      us_norms = _row_norms(ours["u_scaled"])
+      checks["u_scaled"].update(golden_row("u_scaled"), ours["u_scaled"], origin=(b0, 0))
+      checks["matmul_pre_norm"].update(golden_row("matmul_pre_norm"), ours["matmul_pre_norm"], origin=(b0, 0), tol=matmul_tolerance(us_norms, v_norms, k, u_cd))
+      us0_norms = _row_norms(np.asarray(u_rows).astype(compute_dtype).astype(np.float64) * s_cd[None, :]) * (1 + u_cd)
+      checks["zero_source_f32"].update(golden_row("zero_source_f32"), ours["zero_source_f32"], origin=(b0, 0), tol=matmul_tolerance(us0_norms, v_norms, k, u_cd))
+      zero_vs_source.update(src, ours["zero_source_f32"], origin=(b0, 0))
+      tol_adapted = adapted_tolerance(us_norms, v_norms, fc)
+      checks["adapted_source_f32"].update(golden_row("adapted_source_f32"), ours["adapted_source_f32"], origin=(b0, 0), tol=tol_adapted)
+      if transpose:
+        g_f32 = io.read_columns(greader.path, job.key("final_f32"), b0, b1)  # [n, rows]
+        g_bf16 = io.read_columns(greader.path, job.key("final_bf16"), b0, b1)
+        checks["final_f32"].update(g_f32, ours["adapted_source_f32"].T, origin=(0, b0), tol=tol_adapted.T, hash_rows=False)
+        checks["final_bf16"].update(g_bf16, ours_bits.view(_BF16).T, origin=(0, b0), hash_rows=False)
+        golden_bits_src = np.ascontiguousarray(g_bf16.view(np.uint16).T)
+        full_final_f32[:, b0:b1] = ours["adapted_source_f32"].T
+        full_final_bits[:, b0:b1] = ours_bits.T
+      else:
+        g_bf16 = golden_row("final_bf16")
+        checks["final_f32"].update(golden_row("final_f32"), ours["adapted_source_f32"], origin=(b0, 0), tol=tol_adapted)
+        checks["final_bf16"].update(g_bf16, ours_bits.view(_BF16), origin=(b0, 0))
+        golden_bits_src = g_bf16.view(np.uint16)
+      accounting.update(golden_bits_src, ours_bits, u_rows, v_nk, row_offset=b0)
+      if writer is not None:
+        writer.write_rows(job.key("source_f32"), src)
+        for stage in core.ROW_STAGES:
+          writer.write_rows(job.key(stage), ours[stage])
+        if not transpose:
+          writer.write_rows(job.key("final_f32"), ours["adapted_source_f32"])
+          writer.write_rows(job.key("final_bf16"), ours_bits.view(_BF16))
     if progress is not None:
       progress.update((r1 - r0) * (4 * k))
-    del ours, ours_bits, u_rows, src
+    del ours_chunk, bits_chunk, u_chunk
 
   sha_override: dict[str, tuple[str, str]] = {}
   if transpose:
