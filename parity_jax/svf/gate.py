@@ -329,6 +329,9 @@ def _replay_tensor(
   for r0 in range(0, m, rows_per_chunk):
     r1 = min(m, r0 + rows_per_chunk)
     u_chunk = store.u_rows(name, r0, r1)
+    # A fresh reader per chunk: safetensors maps the file, and every page read
+    # through a long-lived mapping stays in our RSS.
+    chunk_reader = stages.BundleReader(greader.path)
     res = core._rows(u_chunk, s, v, offsets, layout=layout, compute_dtype=jnp.dtype(compute_dtype), row_block=row_block, capture=True)
     res = jax.device_get(res)
     ours_chunk = {st: _to_np(res[st], _F32) for st in core.ROW_STAGES}
@@ -342,7 +345,7 @@ def _replay_tensor(
       ours = {st: a[sl] for st, a in ours_chunk.items()}
       ours_bits = bits_chunk[sl]
       u_rows = u_chunk[sl]
-      golden_row = lambda stage: greader.get_rows(job.key(stage), b0, b1)  # noqa: E731
+      golden_row = lambda stage: chunk_reader.get_rows(job.key(stage), b0, b1)  # noqa: E731
       src = golden_row("source_f32")
       checks["source_f32"].update(src, src, origin=(b0, 0))
       us_norms = _row_norms(ours["u_scaled"])
@@ -376,7 +379,8 @@ def _replay_tensor(
           writer.write_rows(job.key("final_bf16"), ours_bits.view(_BF16))
     if progress is not None:
       progress.update((r1 - r0) * (4 * k))
-    del ours_chunk, bits_chunk, u_chunk
+    chunk_reader.close()
+    del ours_chunk, bits_chunk, u_chunk, chunk_reader
 
   sha_override: dict[str, tuple[str, str]] = {}
   if transpose:
@@ -386,7 +390,8 @@ def _replay_tensor(
       gh = ArrayHasher(bf16=bf16, nan_policy="torch")
       step = max(1, rows_per_chunk)
       for c0 in range(0, n, step):
-        gh.update(greader.get_rows(job.key(stage), c0, min(n, c0 + step)))
+        with stages.BundleReader(greader.path) as r:
+          gh.update(r.get_rows(job.key(stage), c0, min(n, c0 + step)))
       sha_override[stage] = (ArrayHasher(bf16=bf16, nan_policy="torch").update(full).hexdigest(), gh.hexdigest())
       if writer is not None:
         writer.write_rows(job.key(stage), full)

@@ -143,8 +143,10 @@ class ComponentStore:
     return self._c.get(f"{name}.U")
 
   def u_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows of U through a reader of their own, so the mapped pages leave with it."""
     self._check(name)
-    return self._c.get_rows(f"{name}.U", start, stop)
+    with stages.BundleReader(self.components_path) as r:
+      return r.get_rows(f"{name}.U", start, stop)
 
   def s(self, name: str) -> np.ndarray:
     self._check(name)
