@@ -148,12 +148,12 @@ def test_chunks_at_row_block_boundaries_are_bit_identical_at_realistic_width():
   v = (rng.standard_normal((k, k)) / 32).astype(np.float32)
   s = rng.uniform(0.1, 5, k).astype(np.float32)
   o = (rng.standard_normal(k) * 0.1).astype(np.float32)
-  full = _np(reconstruct(u, s, v, o, capture=True))
+  full = _np(reconstruct(u, s, v, o, capture=True, row_block=1024))
   for cuts in ([0, 1024, m], [0, 2048, m]):
-    ch = _chunked(u, s, v, o, cuts)
+    ch = _chunked(u, s, v, o, cuts, row_block=1024)
     for key, val in ch.items():
       assert compare.bit_equal(val, full[key]), (cuts, key)
-  assert compare.bit_equal(np.asarray(reconstruct(u[:1024], s, v, o)), full["final_bf16"][:1024])
+  assert compare.bit_equal(np.asarray(reconstruct(u[:1024], s, v, o, row_block=1024)), full["final_bf16"][:1024])
 
 
 def test_small_row_blocks_with_ragged_tail_match_the_unblocked_rebuild():
@@ -171,10 +171,11 @@ def test_small_row_blocks_with_ragged_tail_match_the_unblocked_rebuild():
 
 def test_chunk_rows_are_multiples_of_the_row_block_within_budget():
   assert chunk_rows(151936, 1024, 1024, 0) == 151936
-  rows = chunk_rows(151936, 1024, 1024, 256)
+  rows = chunk_rows(151936, 1024, 1024, 256, row_block=1024)
   assert rows % 1024 == 0 and rows >= 1024
   assert rows * (16 * 1024 + 32 * 1024) <= 256 * 2**20
-  assert chunk_rows(151936, 1024, 1024, 0.001) == 1024  # never below one block
+  assert chunk_rows(151936, 1024, 1024, 512) == 8192  # the default block: 384 MiB
+  assert chunk_rows(151936, 1024, 1024, 0.001) == 8192  # never below one block
   assert chunk_rows(900, 64, 64, 0.001, row_block=1024) == 900  # one block holds it all
   assert chunk_rows(100, 8, 8, 0.001, row_block=16) == 16
 

@@ -33,7 +33,7 @@ _FILTER = flags.DEFINE_string("selected_source_filter", None, "Only tensors whos
 _LAYOUT = flags.DEFINE_enum("layout", None, ["torch_v", "vh"], "How V is stored: torch_v (torch.svd's V, [n, k]) or vh ([k, n]). Default: the report's.")
 _CHUNK_MB = flags.DEFINE_float("chunk_mb", 512.0, "Memory budget (MiB) per row chunk of U; 0 rebuilds every tensor whole.")
 _MODE = flags.DEFINE_enum("mode", "stage_tolerances", ["stage_tolerances", "bytes"], "Verdict mode.")
-_ROW_BLOCK = flags.DEFINE_integer("row_block", 1024, "Rows of U per matmul block; chunks are multiples of it.", lower_bound=1)
+_ROW_BLOCK = flags.DEFINE_integer("row_block", 8192, "Rows of U per matmul block; chunks are multiples of it.", lower_bound=1)
 _COMPUTE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Compute dtype (bfloat16: the original Sakana variant).")
 _EXPLAIN = flags.DEFINE_enum(
     "explain_rule", "bound", ["bound", "one_ulp"],

@@ -57,7 +57,7 @@ from parity_jax.svf.hashing import ArrayHasher, _bf16_bits, combined_sha256, saf
 __all__ = ["DEFAULT_CHUNK_MB", "MODES", "STAGE_TOLERANCES", "ReplayResult", "chunk_rows", "replay"]
 
 MODES = ("stage_tolerances", "bytes")
-DEFAULT_CHUNK_MB = 512
+DEFAULT_CHUNK_MB = 512  # one 8192-row block of a k = n = 1024 tensor (384 MiB) fits
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _F32 = np.dtype(np.float32)
 
