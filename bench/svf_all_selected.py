@@ -38,13 +38,14 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from parity_jax import stages  # noqa: E402
 from parity_jax.oracle.svf_goldens import to_numpy, torch_formula  # noqa: E402
-from parity_jax.svf import reconstruct  # noqa: E402
+from parity_jax.svf import reconstruct, tensor_key  # noqa: E402
 from parity_jax.svf.bounds import FormulaConstants, MismatchAccounting  # noqa: E402
 
 _LAYERS = flags.DEFINE_integer("layers", 28, "Decoder layers.")
@@ -138,11 +139,10 @@ def build_embedding_golden(workdir: str, vocab: int, seed: int = 7) -> None:
     stg = torch_formula(ut, st, vt, ot)
     stg["source_f32"] = stg["zero_source_f32"]  # the "original" matrix these components reproduce
   order = ["source_f32", "offsets_f32", "scaled_s", "normalization", "u_scaled", "matmul_pre_norm", "zero_source_f32", "adapted_source_f32", "final_f32", "final_bf16"]
-  safe = EMBED.replace(".", "_")
-  specs = [(f"tensor.{safe}.{k}", tuple(stg[k].shape), to_numpy(stg[k][:0] if stg[k].dim() else stg[k]).dtype) for k in order]
+  specs = [(tensor_key(EMBED, k), tuple(stg[k].shape), ml_dtypes.bfloat16 if k == "final_bf16" else np.float32) for k in order]
   with stages.BundleWriter(os.path.join(workdir, "svf_all_selected_stage_debug.safetensors"), specs, prov) as w:
     for k in order:
-      w.write(f"tensor.{safe}.{k}", to_numpy(stg[k]))
+      w.write(tensor_key(EMBED, k), to_numpy(stg[k]))
   final_sha = hashlib.sha256(to_numpy(stg["final_bf16"]).tobytes()).hexdigest()
   del stg
   report = {

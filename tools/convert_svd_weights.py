@@ -13,7 +13,6 @@ extra (torch); without it, one line and exit 2. Never overwrites.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from absl import flags
@@ -28,21 +27,13 @@ _PREFIX = flags.DEFINE_string("prefix", "", "File name prefix, e.g. 'trinity_' f
 _LAYOUT = flags.DEFINE_enum("layout", "torch_v", ["torch_v", "vh"], "How V is stored in the .pt.")
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def convert(svd_weights: str, out_dir: str, layout: str = "torch_v", prefix: str = "") -> str:
   """Library entry point of the tool; returns the path written."""
   require_oracle()
   import torch
 
   from parity_jax import stages
-  from parity_jax.oracle.svf_goldens import to_numpy
+  from parity_jax.oracle.svf_goldens import file_sha256, to_numpy
   from parity_jax.svf import io
   from parity_jax.svf.core import validate_components
 
@@ -75,7 +66,7 @@ def convert(svd_weights: str, out_dir: str, layout: str = "torch_v", prefix: str
   if os.path.exists(out_path):
     raise UsageError(f"refusing to overwrite {out_path}")
   prov = stages.default_provenance(
-      "tools.convert_svd_weights", source=os.path.abspath(svd_weights), source_sha256=_sha256(svd_weights), layout=layout
+      "tools.convert_svd_weights", source=os.path.abspath(svd_weights), source_sha256=file_sha256(svd_weights), layout=layout
   )
   io.write_components(out_dir, components, None, prov, prefix=prefix)
   return out_path

@@ -125,7 +125,7 @@ def _write(path: str, tensors: dict[str, np.ndarray], provenance: dict[str, Any]
       w.write(k, v)
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -335,7 +335,7 @@ def regenerate(goldens_dir: str) -> list[str]:
       "selected": [{"name": nm, "shape": list(sh)} for nm, sh, _ in specs],
       "backend": _backend(),
       "versions": stages.default_provenance("x")["versions"],
-      "files": {os.path.basename(p): {"sha256": _file_sha256(p), "bytes": os.path.getsize(p)} for p in written},
+      "files": {os.path.basename(p): {"sha256": file_sha256(p), "bytes": os.path.getsize(p)} for p in written},
   }
   mpath = os.path.join(out_dir, "MANIFEST.json")
   with open(mpath, "w") as f:

@@ -78,6 +78,7 @@ __all__ = [
     "matmul_tolerance",
     "adapted_tolerance",
     "normalization_tolerance",
+    "row_norms",
     "unit_roundoff",
 ]
 
@@ -193,7 +194,9 @@ _BF16 = np.dtype(ml_dtypes.bfloat16)
 EXPLAIN_RULES = ("bound", "one_ulp")
 
 
-def _row_norms64(a: np.ndarray) -> np.ndarray:
+def row_norms(a: np.ndarray) -> np.ndarray:
+  """Euclidean norm of every row, in float64 (the Cauchy-Schwarz factors of the bounds)."""
+  a = np.asarray(a, dtype=np.float64)
   return np.sqrt(np.einsum("ij,ij->i", a, a))
 
 
@@ -282,8 +285,8 @@ class MismatchAccounting:
     # rounding intervals; beta' <= its value at |M| = T = C (Cauchy-Schwarz).
     ss = self.fc.ss64
     us_rows = np.asarray(u_rows)[np.unique(rows)]
-    c = _row_norms64(us_rows.astype(cd).astype(np.float64) * ss[None, :])[np.searchsorted(np.unique(rows), rows)]
-    c = c * _row_norms64(np.asarray(v_nk)[np.unique(cols)].astype(cd).astype(np.float64))[np.searchsorted(np.unique(cols), cols)]
+    c = row_norms(us_rows.astype(cd).astype(np.float64) * ss[None, :])[np.searchsorted(np.unique(rows), rows)]
+    c = c * row_norms(np.asarray(v_nk)[np.unique(cols)].astype(cd).astype(np.float64))[np.searchsorted(np.unique(cols), cols)]
     beta_max = self.fc.value_bound(c, c) + self.fc.reference_bound(c, c)
     with np.errstate(invalid="ignore"):
       gap = np.maximum(lo_g - hi_o, lo_o - hi_g)  # > 0 when the two intervals are disjoint

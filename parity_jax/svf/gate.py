@@ -51,8 +51,9 @@ from parity_jax.svf.bounds import (
     adapted_tolerance,
     matmul_tolerance,
     normalization_tolerance,
+    row_norms,
 )
-from parity_jax.svf.hashing import ArrayHasher, _bf16_bits, combined_sha256, safe_source_name
+from parity_jax.svf.hashing import ArrayHasher, bf16_bits, combined_sha256, safe_source_name
 
 __all__ = ["DEFAULT_CHUNK_MB", "MODES", "STAGE_TOLERANCES", "ReplayResult", "chunk_rows", "replay"]
 
@@ -100,11 +101,6 @@ def chunk_rows(m: int, n: int, k: int, chunk_mb: float, row_block: int = core.DE
   rows = int(chunk_mb * 2**20) // row_bytes
   rows = max(row_block, rows // row_block * row_block)
   return min(m, rows)
-
-
-def _row_norms(a: np.ndarray) -> np.ndarray:
-  a = np.asarray(a, dtype=np.float64)
-  return np.sqrt(np.einsum("ij,ij->i", a, a))
 
 
 class _Stats:
@@ -318,7 +314,7 @@ def _replay_tensor(
   rows_per_chunk = chunk_rows(m, n, k, chunk_mb, row_block)
   n_chunks = -(-m // rows_per_chunk) if m else 0
   chunked = n_chunks > 1
-  v_norms = _row_norms(v_nk.astype(compute_dtype))
+  v_norms = row_norms(v_nk.astype(compute_dtype))
   full_final_f32 = full_final_bits = None
   if transpose:
     full_final_f32 = np.empty((n, m), _F32)
@@ -335,7 +331,7 @@ def _replay_tensor(
     res = core._rows(u_chunk, s, v, offsets, layout=layout, compute_dtype=jnp.dtype(compute_dtype), row_block=row_block, capture=True)
     res = jax.device_get(res)
     ours_chunk = {st: _to_np(res[st], _F32) for st in core.ROW_STAGES}
-    bits_chunk = _bf16_bits(res["final_bf16"], "torch")  # torch's NaN encoding, comparable with Python
+    bits_chunk = bf16_bits(res["final_bf16"], "torch")  # torch's NaN encoding, comparable with Python
     del res
     # Compare in sub-blocks of rows: the float64 temporaries stay small even when
     # the chunk is the whole tensor (chunk_mb=0).
@@ -348,10 +344,10 @@ def _replay_tensor(
       golden_row = lambda stage: chunk_reader.get_rows(job.key(stage), b0, b1)  # noqa: E731
       src = golden_row("source_f32")
       checks["source_f32"].update(src, src, origin=(b0, 0))
-      us_norms = _row_norms(ours["u_scaled"])
+      us_norms = row_norms(ours["u_scaled"])
       checks["u_scaled"].update(golden_row("u_scaled"), ours["u_scaled"], origin=(b0, 0))
       checks["matmul_pre_norm"].update(golden_row("matmul_pre_norm"), ours["matmul_pre_norm"], origin=(b0, 0), tol=matmul_tolerance(us_norms, v_norms, k, u_cd))
-      us0_norms = _row_norms(np.asarray(u_rows).astype(compute_dtype).astype(np.float64) * s_cd[None, :]) * (1 + u_cd)
+      us0_norms = row_norms(np.asarray(u_rows).astype(compute_dtype).astype(np.float64) * s_cd[None, :]) * (1 + u_cd)
       checks["zero_source_f32"].update(golden_row("zero_source_f32"), ours["zero_source_f32"], origin=(b0, 0), tol=matmul_tolerance(us0_norms, v_norms, k, u_cd))
       zero_vs_source.update(src, ours["zero_source_f32"], origin=(b0, 0))
       tol_adapted = adapted_tolerance(us_norms, v_norms, fc)

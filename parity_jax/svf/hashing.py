@@ -26,6 +26,7 @@ from parity_jax.errors import UsageError
 
 __all__ = [
     "NAN_POLICIES",
+    "bf16_bits",
     "ArrayHasher",
     "bf16_sha256",
     "combined_sha256",
@@ -52,7 +53,8 @@ def _le_bytes(a: np.ndarray) -> np.ndarray:
   return a
 
 
-def _bf16_bits(a: Any, nan_policy: str) -> np.ndarray:
+def bf16_bits(a: Any, nan_policy: str = "keep") -> np.ndarray:
+  """C-order uint16 bit patterns of ``a`` as bfloat16, NaNs canonicalised under ``nan_policy``."""
   if nan_policy not in NAN_POLICIES:
     raise UsageError(f"unknown nan_policy {nan_policy!r}; expected one of {', '.join(NAN_POLICIES)}")
   a = np.asarray(a)
@@ -86,7 +88,7 @@ class ArrayHasher:
 
   def update(self, rows: Any) -> "ArrayHasher":
     if self.bf16:
-      data = _bf16_bits(rows, self.nan_policy).astype("<u2", copy=False)
+      data = bf16_bits(rows, self.nan_policy).astype("<u2", copy=False)
     else:
       data = _le_bytes(np.asarray(rows))
     self._h.update(memoryview(data.reshape(-1).view(np.uint8)))
