@@ -63,6 +63,11 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
   _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", f"--components_dir={tmp_path}"), "no components file")
   _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", "--mode=fast"), "mode")
   _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", "stray"), "unexpected positional")
+  # never overwrite an input: our bundle and report names are the golden's own
+  before = {p.name: p.read_bytes() for p in GOLDENS.iterdir()}
+  _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", f"--stage_dir={GOLDENS}"), "would overwrite an input")
+  _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", f"--out={GOLDENS / 'svf_report.json'}"), "would overwrite an input")
+  assert {p.name: p.read_bytes() for p in GOLDENS.iterdir()} == before
 
 
 def _damaged_goldens(tmp_path, edit):

@@ -43,6 +43,12 @@ _EXPLAIN = flags.DEFINE_enum(
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bar on stderr.")
 
 
+def _refuse_overwrite(inputs) -> None:
+  out = _OUT.value
+  if out and os.path.exists(out) and any(p and os.path.exists(p) and os.path.samefile(out, p) for p in inputs):
+    raise UsageError(f"--out {out} would overwrite an input")
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep stderr to the progress bar and errors
@@ -50,6 +56,8 @@ def main(argv):
 
   if _OUT.value and os.path.isdir(_OUT.value):
     raise UsageError(f"--out {_OUT.value} is a directory")
+  report_in = _REPORT.value or (os.path.join(_GOLDEN.value, "svf_report.json") if _GOLDEN.value else None)
+  _refuse_overwrite([report_in])
   result = replay(
       components_dir=_COMPONENTS.value,
       python_report=_REPORT.value,
@@ -65,6 +73,8 @@ def main(argv):
       explain_rule=_EXPLAIN.value,
       show_progress=_PROGRESS.value,
   )
+  rep = result.report
+  _refuse_overwrite([rep["golden"]["bundle"], rep["components"]["components_file"], rep["components"]["offsets_file"]])
   print(result.table())
   if _OUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)

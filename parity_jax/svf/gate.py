@@ -540,6 +540,9 @@ def replay(
         raise UsageError(f"--stage_dir {stage_dir} exists and is not a directory")
       os.makedirs(stage_dir, exist_ok=True)
       out_bundle = os.path.join(stage_dir, io.ALL_SELECTED_BUNDLE if all_selected else io.SAMPLE_BUNDLE)
+      inputs = [golden.report_path, bundle_path, comp_path, off_path, golden.sample_bundle, golden.all_selected_bundle]
+      if any(p and os.path.realpath(p) == os.path.realpath(out_bundle) for p in inputs):
+        raise UsageError(f"--stage_dir {stage_dir} would overwrite an input ({os.path.basename(out_bundle)}); choose another directory")
       specs = [(job.key(st), job.stage_shape(st), _stage_dtype(st)) for job in jobs for st in core.STAGES]
       prov = stages.default_provenance("parity_jax.svf.replay", golden_report=os.path.abspath(golden.report_path), layout=layout)
       writer = stages.BundleWriter(out_bundle, specs, prov, interleave=True)
