@@ -20,14 +20,14 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import safetensors
 
 from parity_jax import stages
 from parity_jax.errors import UsageError
-from parity_jax.svf.core import LAYOUTS, STAGES, validate_components
+from parity_jax.svf.core import LAYOUTS, validate_components
 from parity_jax.svf.hashing import safe_source_name
 
 __all__ = [
@@ -166,10 +166,6 @@ class ComponentStore:
     self._check(name)
     return self._o.get(name)
 
-  def nbytes(self, name: str) -> int:
-    m, n, k = self.dims(name)
-    return 4 * (m * k + k + n * k)
-
 
 def write_components(
     directory: str,
@@ -229,12 +225,6 @@ class GoldenRun:
   def sample(self) -> dict[str, Any] | None:
     return self.report.get("sample")
 
-  def tensor_record(self, name: str) -> dict[str, Any] | None:
-    for rec in self.report.get("tensors", []) or []:
-      if rec.get("name") == name:
-        return rec
-    return None
-
 
 def _resolve(base: str, path: str | None) -> str | None:
   if not path:
@@ -269,9 +259,3 @@ def load_golden(python_report: str | None = None, golden_dir: str | None = None)
       components_dir=_resolve(base, comps.get("directory")) if comps.get("directory") is not None else None,
   )
 
-
-def required_keys(names: Iterable[str], all_selected: bool) -> list[str]:
-  """Every golden bundle key a replay of ``names`` needs (all of :data:`STAGES` each)."""
-  if all_selected:
-    return [tensor_key(n, s) for n in names for s in STAGES]
-  return [sample_key(s) for s in STAGES]
