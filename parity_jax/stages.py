@@ -273,10 +273,21 @@ class BundleWriter:
   :meth:`write_rows`. The result is an ordinary safetensors file that
   :class:`BundleReader` and the safetensors library read. It appears at
   ``path`` only after :meth:`close` verified that every byte was written.
+
+  ``interleave=True`` lets rows of different tensors alternate (each tensor's
+  own rows still arrive in order), for producers that compute several tensors
+  one row chunk at a time.
   """
 
-  def __init__(self, path: str | os.PathLike, specs: Sequence[tuple[str, Sequence[int], Any]], provenance: Mapping[str, Any] | None = None):
+  def __init__(
+      self,
+      path: str | os.PathLike,
+      specs: Sequence[tuple[str, Sequence[int], Any]],
+      provenance: Mapping[str, Any] | None = None,
+      interleave: bool = False,
+  ):
     self.path = os.fspath(path)
+    self._interleave = interleave
     self._tmp = f"{self.path}.tmp-{os.getpid()}"
     header: dict[str, Any] = {"__metadata__": _metadata([s[0] for s in specs], provenance)}
     self._layout: dict[str, tuple[tuple[int, ...], np.dtype, int, int]] = {}
@@ -308,10 +319,12 @@ class BundleWriter:
 
   def write_rows(self, name: str, rows: Any) -> None:
     """Appends the next rows (a C-order block along axis 0) of tensor ``name``."""
+    if name not in self._layout:
+      raise UsageError(f"{name!r} is not a declared tensor of {self.path}")
     shape, dtype, offset, nbytes = self._layout[name]
-    while self._current < len(self._order) and self._written[self._order[self._current]] == self._layout[self._order[self._current]][3]:
+    while not self._interleave and self._current < len(self._order) and self._written[self._order[self._current]] == self._layout[self._order[self._current]][3]:
       self._current += 1
-    if self._current >= len(self._order) or self._order[self._current] != name:
+    if not self._interleave and (self._current >= len(self._order) or self._order[self._current] != name):
       raise UsageError(f"tensors must be written in declared order; expected {self._order[self._current] if self._current < len(self._order) else None!r}, got {name!r}")
     a = c_contiguous(np.asarray(rows))
     if a.dtype != dtype:

@@ -1,0 +1,344 @@
+"""SVF goldens from the oracle: torch.svd components and the Python formula in torch float32 on CPU.
+
+``python -m tools.regen_goldens --what=svf`` calls :func:`regenerate`, which
+writes under ``<goldens_dir>/svf/``:
+
+* ``svf_components.safetensors`` -- ``<name>.U``, ``<name>.S``, ``<name>.V`` from
+  legacy ``torch.svd`` of seeded random matrices shaped like a small Qwen3-style
+  model's selected tensors: attention q/k/v/o and MLP gate/up/down projections
+  of two layers, a tall embedding and a tied LM head (same matrix, own offsets);
+* ``svf_scale_offsets.safetensors`` -- ``<name>`` -> offsets;
+* ``svf_stage_debug.safetensors`` -- the sample tensor's stages, ``stage.<stage>``,
+  in its target orientation (a Flax-style ``[in, out]`` kernel: a transpose);
+* ``svf_all_selected_stage_debug.safetensors`` -- every tensor's stages,
+  ``tensor.<safe_source_name>.<stage>``, source-oriented;
+* ``svf_report.json`` -- the Python-style report: per tensor the stage sha256
+  and stats, the final bf16 sha256, the combined hash, torch's backend and
+  versions, and torch measured against itself (1 thread vs the default);
+* ``MANIFEST.json`` -- seeds, shapes, versions and the sha256 of every file.
+
+Everything numeric here is torch: the goldens never come from the JAX code they
+check (names, hashes and the combined hash are computed here independently of
+``parity_jax.svf``). Like the Python process's default baseline, the stages are
+computed from the components as read back from safetensors.
+
+The hidden size is 80, not a multiple of 64, on purpose: for k = 64, 128, 192
+torch's MKL sgemm and XLA's dot happen to accumulate in the same order and
+agree bit for bit, while for k = 80 they do not, so the goldens contain real
+bf16 rounding ties between torch and JAX and the explained-mismatch
+accounting is exercised by real data. The k/v projections (k = 64) show the
+other case: byte-identical finals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from parity_jax import stages
+
+SEED = 20261123
+MODEL = {
+    "hidden_size": 80,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "intermediate_size": 160,
+    "num_hidden_layers": 2,
+    "vocab_size": 320,
+    "tie_word_embeddings": True,
+}
+WEIGHT_STD = {"embed": 0.05, "attn": 0.02, "mlp": 0.03}
+OFFSET_STD = 0.1
+SAMPLE = "model.layers.1.mlp.down_proj.weight"  # target: Flax kernel [in, out]
+
+STAGE_NAMES = (
+    "source_f32",
+    "offsets_f32",
+    "scaled_s",
+    "normalization",
+    "u_scaled",
+    "matmul_pre_norm",
+    "zero_source_f32",
+    "adapted_source_f32",
+    "final_f32",
+    "final_bf16",
+)
+FILES = {
+    "components": "svf_components.safetensors",
+    "offsets": "svf_scale_offsets.safetensors",
+    "sample": "svf_stage_debug.safetensors",
+    "all_selected": "svf_all_selected_stage_debug.safetensors",
+    "report": "svf_report.json",
+}
+
+
+def selected_tensors(model: dict[str, Any] = MODEL) -> list[tuple[str, tuple[int, int], str]]:
+  """``(hf_name, [out, in], kind)`` of every selected tensor, in model order."""
+  h, q = model["hidden_size"], model["num_attention_heads"] * model["head_dim"]
+  kv, inter, vocab = model["num_key_value_heads"] * model["head_dim"], model["intermediate_size"], model["vocab_size"]
+  out = [("model.embed_tokens.weight", (vocab, h), "embed")]
+  for i in range(model["num_hidden_layers"]):
+    p = f"model.layers.{i}."
+    out += [
+        (p + "self_attn.q_proj.weight", (q, h), "attn"),
+        (p + "self_attn.k_proj.weight", (kv, h), "attn"),
+        (p + "self_attn.v_proj.weight", (kv, h), "attn"),
+        (p + "self_attn.o_proj.weight", (h, q), "attn"),
+        (p + "mlp.gate_proj.weight", (inter, h), "mlp"),
+        (p + "mlp.up_proj.weight", (inter, h), "mlp"),
+        (p + "mlp.down_proj.weight", (h, inter), "mlp"),
+    ]
+  out.append(("lm_head.weight", (vocab, h), "tied"))
+  return out
+
+
+def _safe(name: str) -> str:
+  # Written here, not imported from parity_jax.svf: the goldens must not share code with what they check.
+  return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def _combined(pairs) -> str:
+  h = hashlib.sha256()
+  for name, digest in sorted(pairs):
+    h.update(f"{name}\t{digest}\n".encode())
+  return h.hexdigest()
+
+
+def _write(path: str, tensors: dict[str, np.ndarray], provenance: dict[str, Any]) -> None:
+  """A safetensors file with a deterministic header.
+
+  ``safetensors.save_file`` serialises metadata in hash-map order, which changes
+  from run to run; :class:`stages.BundleWriter` writes ``json.dumps`` order, so
+  regenerating on the same backend reproduces every byte.
+  """
+  if os.path.exists(path):
+    os.remove(path)
+  with stages.BundleWriter(path, [(k, v.shape, v.dtype) for k, v in tensors.items()], provenance) as w:
+    for k, v in tensors.items():
+      w.write(k, v)
+
+
+def file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def torch_formula(U, S, V, offsets, orientation: str = "identity") -> dict[str, Any]:
+  """The Python process's stages, in torch float32 (``torch`` tensors)."""
+  import torch
+
+  scaled_s = S * (1.0 + offsets)
+  normalization = S.sum() / scaled_s.sum()
+  u_scaled = U * scaled_s.reshape(1, -1)
+  matmul_pre_norm = u_scaled @ V.T
+  zero_scaled = S * (1.0 + torch.zeros_like(offsets))
+  zero_source = ((U * zero_scaled.reshape(1, -1)) @ V.T) * (S.sum() / zero_scaled.sum())
+  adapted = matmul_pre_norm * normalization
+  final_f32 = adapted if orientation == "identity" else adapted.T
+  return {
+      "offsets_f32": offsets.float(),
+      "scaled_s": scaled_s,
+      "normalization": normalization,
+      "u_scaled": u_scaled,
+      "matmul_pre_norm": matmul_pre_norm,
+      "zero_source_f32": zero_source,
+      "adapted_source_f32": adapted,
+      "final_f32": final_f32,
+      "final_bf16": final_f32.to(torch.bfloat16),
+  }
+
+
+def to_numpy(t) -> np.ndarray:
+  """A torch tensor as a C-order numpy array with the same bytes (bf16 via ml_dtypes)."""
+  import torch
+
+  t = t.detach().contiguous()
+  if t.dtype == torch.bfloat16:
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+  return t.numpy().copy()
+
+
+def _torch_sha(t) -> str:
+  return hashlib.sha256(to_numpy(t).tobytes()).hexdigest()
+
+
+def _torch_stats(t) -> dict[str, Any]:
+  import torch
+
+  x = t.detach().double().reshape(-1)
+  finite = torch.isfinite(x)
+  f = x[finite]
+  return {
+      "count": int(x.numel()),
+      "n_nan": int(torch.isnan(x).sum()),
+      "n_inf": int(torch.isinf(x).sum()),
+      "min": float(f.min()) if f.numel() else None,
+      "max": float(f.max()) if f.numel() else None,
+      "mean": float(f.mean()) if f.numel() else None,
+      "rms": float(f.pow(2).mean().sqrt()) if f.numel() else None,
+  }
+
+
+def _record(name: str, shape, rank: int, target_shape, orientation: str, st: dict[str, Any]) -> dict[str, Any]:
+  return {
+      "name": name,
+      "safe_name": _safe(name),
+      "shape": list(shape),
+      "rank": rank,
+      "target_shape": list(target_shape),
+      "layout": "torch_v",
+      "orientation": orientation,
+      "stages": {
+          s: {"sha256": _torch_sha(st[s]), "dtype": str(st[s].dtype).replace("torch.", ""), "shape": list(st[s].shape), "stats": _torch_stats(st[s])}
+          for s in STAGE_NAMES
+      },
+      "final_bf16_sha256": _torch_sha(st["final_bf16"]),
+  }
+
+
+def _backend() -> dict[str, Any]:
+  import torch
+
+  return {
+      "framework": "torch",
+      "version": torch.__version__,
+      "device": "cpu",
+      "num_threads": torch.get_num_threads(),
+      "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+      "blas": "mkl" if torch.backends.mkl.is_available() else "other",
+  }
+
+
+def self_consistency(components: dict[str, tuple[Any, Any, Any]], offsets: dict[str, Any]) -> dict[str, Any]:
+  """torch against itself: the formula at 1 thread vs the default thread count."""
+  import torch
+
+  default = torch.get_num_threads()
+  finals = {n: torch_formula(*components[n], offsets[n])["final_bf16"] for n in components}
+  torch.set_num_threads(1)
+  try:
+    single = {n: torch_formula(*components[n], offsets[n])["final_bf16"] for n in components}
+  finally:
+    torch.set_num_threads(default)
+  differing = sum(int((finals[n].view(torch.int16) != single[n].view(torch.int16)).sum()) for n in components)
+  return {
+      "threads_default": default,
+      "threads_other": 1,
+      "n_tensors": len(components),
+      "n_elements": sum(int(finals[n].numel()) for n in components),
+      "bf16_elements_differing": differing,
+  }
+
+
+def regenerate(goldens_dir: str) -> list[str]:
+  """Writes the SVF goldens under ``goldens_dir/svf`` and returns the paths written."""
+  import safetensors.torch
+  import torch
+
+  out_dir = os.path.join(goldens_dir, "svf")
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {k: os.path.join(out_dir, v) for k, v in FILES.items()}
+  gen = torch.Generator().manual_seed(SEED)
+  specs = selected_tensors()
+  weights: dict[str, Any] = {}
+  comps_mem: dict[str, tuple[Any, Any, Any]] = {}
+  offs: dict[str, Any] = {}
+  with torch.no_grad():
+    for name, shape, kind in specs:
+      if kind == "tied":
+        w = weights["model.embed_tokens.weight"]
+      else:
+        w = torch.randn(shape, generator=gen, dtype=torch.float32) * WEIGHT_STD[kind]
+      weights[name] = w
+      u, s, v = torch.svd(w)  # legacy torch.svd: V, not Vh
+      comps_mem[name] = (u, s, v)
+      offs[name] = torch.randn(s.shape[0], generator=gen, dtype=torch.float32) * OFFSET_STD
+
+    prov = stages.default_provenance("parity_jax.oracle.svf_goldens", seed=SEED, decomposition="torch.svd (legacy: V, not Vh)")
+    comp_tensors = {}
+    for name, (u, s, v) in comps_mem.items():
+      comp_tensors[f"{name}.U"], comp_tensors[f"{name}.S"], comp_tensors[f"{name}.V"] = to_numpy(u), to_numpy(s), to_numpy(v)
+    _write(paths["components"], comp_tensors, prov)
+    _write(paths["offsets"], {n: to_numpy(o) for n, o in offs.items()}, prov)
+
+    # The Python baseline: the formula applied to the components as read back from safetensors.
+    back = safetensors.torch.load_file(paths["components"])
+    comps = {n: (back[f"{n}.U"], back[f"{n}.S"], back[f"{n}.V"]) for n, _, _ in specs}
+    offs_back = safetensors.torch.load_file(paths["offsets"])
+
+    all_stages: dict[str, np.ndarray] = {}
+    records = []
+    in_memory_equal = True
+    for name, shape, _ in specs:
+      st = torch_formula(*comps[name], offs_back[name])
+      st["source_f32"] = weights[name]
+      mem = torch_formula(*comps_mem[name], offs[name])
+      in_memory_equal &= bool(torch.equal(mem["final_bf16"].view(torch.int16), st["final_bf16"].view(torch.int16)))
+      for s in STAGE_NAMES:
+        all_stages[f"tensor.{_safe(name)}.{s}"] = to_numpy(st[s])
+      records.append(_record(name, shape, int(comps[name][1].shape[0]), shape, "identity", st))
+
+    m, n = dict((nm, sh) for nm, sh, _ in specs)[SAMPLE]
+    target = (n, m)
+    sst = torch_formula(*comps[SAMPLE], offs_back[SAMPLE], orientation="transpose")
+    sst["source_f32"] = weights[SAMPLE]
+    sample_stages = {f"stage.{s}": to_numpy(sst[s]) for s in STAGE_NAMES}
+    sample_record = _record(SAMPLE, (m, n), int(comps[SAMPLE][1].shape[0]), target, "transpose", sst)
+    sample_record["source_name"] = SAMPLE
+
+    bundle_prov = stages.default_provenance("parity_jax.oracle.svf_goldens", seed=SEED, formula="torch float32 CPU", layout="torch_v")
+    _write(paths["sample"], sample_stages, bundle_prov)
+    _write(paths["all_selected"], all_stages, bundle_prov)
+
+    report = {
+        "format": "parity_jax.svf_report/1",
+        "producer": "parity_jax.oracle.svf_goldens",
+        "scope": "all_selected",
+        "layout": "torch_v",
+        "seed": SEED,
+        "model": MODEL,
+        "backend": _backend(),
+        "versions": stages.default_provenance("x")["versions"],
+        "components": {"components_file": FILES["components"], "offsets_file": FILES["offsets"], "directory": "."},
+        "stage_debug": {"stage_tensor_file": FILES["sample"], "all_selected_stage_tensor_file": FILES["all_selected"]},
+        "baseline": "safetensors readback",
+        "in_memory_matches_readback": in_memory_equal,
+        "sample": sample_record,
+        "tensors": records,
+        "combined_sha256": _combined((r["name"], r["final_bf16_sha256"]) for r in records),
+        "torch_self_consistency": self_consistency(comps, offs_back),
+    }
+  with open(paths["report"], "w") as f:
+    json.dump(report, f, indent=1, sort_keys=True)
+    f.write("\n")
+
+  written = [paths[k] for k in ("components", "offsets", "sample", "all_selected", "report")]
+  manifest = {
+      "area": "svf",
+      "generator": "parity_jax.oracle.svf_goldens.regenerate",
+      "regenerate": "python -m tools.regen_goldens --what=svf",
+      "seed": SEED,
+      "model": MODEL,
+      "weight_std": WEIGHT_STD,
+      "offset_std": OFFSET_STD,
+      "sample": {"source_name": SAMPLE, "target_shape": list(target), "orientation": "transpose"},
+      "selected": [{"name": nm, "shape": list(sh)} for nm, sh, _ in specs],
+      "backend": _backend(),
+      "versions": stages.default_provenance("x")["versions"],
+      "files": {os.path.basename(p): {"sha256": file_sha256(p), "bytes": os.path.getsize(p)} for p in written},
+  }
+  mpath = os.path.join(out_dir, "MANIFEST.json")
+  with open(mpath, "w") as f:
+    json.dump(manifest, f, indent=1, sort_keys=True)
+    f.write("\n")
+  return written + [mpath]

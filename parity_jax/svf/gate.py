@@ -1,0 +1,620 @@
+"""Replays a Python SVF run in JAX and judges it: stage tolerances, bytes, explained mismatches.
+
+:func:`replay` is what ``python -m tools.svf_parity`` runs:
+
+* **sample** scope: the report's sample tensor, in its target orientation,
+  against the sample stage bundle (``stage.<stage>``);
+* **all-selected** scope: every tensor of the components file (or those whose
+  source or safe name contains ``selected_source_filter``), source-oriented,
+  against the all-selected bundle (``tensor.<safe_source_name>.<stage>``).
+  A selected tensor without all ten stages in the golden bundle is a setup
+  error (:class:`UsageError`), never a skip.
+
+Every tensor is rebuilt in row chunks of ``U`` sized from ``chunk_mb`` (a
+multiple of ``row_block``; ``chunk_mb=0`` rebuilds it whole). Each chunk's
+stages are compared with the golden rows as they are read
+(:class:`parity_jax.compare.DiffAccumulator`), hashed incrementally, checked
+against their tolerance, and written to our stage bundle if asked, so a
+151936 x 1024 embedding never needs two full float32 copies in memory. The
+golden's ``source_f32`` is our input ``W`` (like the Python process's
+``--source-from-python-stage``).
+
+Verdicts (:data:`MODES`):
+
+* ``stage_tolerances`` -- every stage within its stated tolerance
+  (:data:`STAGE_TOLERANCES`, derived in :mod:`parity_jax.svf.bounds`) and no
+  unexplained final bf16 element. A differing final hash is reported, not failed.
+* ``bytes`` -- all of that, and the final bf16 bytes identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from parity_jax import stages
+from parity_jax.compare import DiffAccumulator, diff_stats
+from parity_jax.errors import UsageError
+from parity_jax.progress import byte_progress
+from parity_jax.svf import core, io
+from parity_jax.svf.bounds import (
+    EXPLAIN_RULES,
+    FormulaConstants,
+    MismatchAccounting,
+    adapted_tolerance,
+    matmul_tolerance,
+    normalization_tolerance,
+    row_norms,
+)
+from parity_jax.svf.hashing import ArrayHasher, bf16_bits, combined_sha256, safe_source_name
+
+__all__ = ["DEFAULT_CHUNK_MB", "MODES", "STAGE_TOLERANCES", "ReplayResult", "chunk_rows", "replay"]
+
+MODES = ("stage_tolerances", "bytes")
+DEFAULT_CHUNK_MB = 512  # one 8192-row block of a k = n = 1024 tensor (384 MiB) fits
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+_F32 = np.dtype(np.float32)
+
+#: stage -> (rule, why). ``exact``: bit-identical. ``bound``: every element
+#: within twice the rigorous one-sided float error bound of a correct
+#: evaluation (see :mod:`parity_jax.svf.bounds`). ``explained``: every
+#: differing element is a legitimate bf16 rounding tie.
+STAGE_TOLERANCES: dict[str, tuple[str, str]] = {
+    "source_f32": ("exact", "the input W, taken from the golden bundle"),
+    "offsets_f32": ("exact", "an input: the offsets as float32"),
+    "scaled_s": ("exact", "S * (1 + offsets): IEEE-754 add and multiply of identical inputs are deterministic"),
+    "normalization": ("bound", "2 nu |N|: two correct float32 sums (any order) of S and scaled_s, then one division"),
+    "u_scaled": ("exact", "U * scaled_s: one IEEE-754 multiply of identical inputs"),
+    "matmul_pre_norm": ("bound", "2 gamma(k) ||u_scaled_j|| ||V_l||: two correct float32 dots (any order, FMA or not) of identical inputs"),
+    "zero_source_f32": ("bound", "2 gamma(k) ||(U S)_j|| ||V_l||: the same dot with zero offsets; the normalization is exactly 1"),
+    "adapted_source_f32": ("bound", "2 (|M'| |N| (nu + u + nu u) + gamma(k) C |N| (1 + nu)(1 + u)), C = ||u_scaled_j|| ||V_l||: dot, normalization and the final multiply"),
+    "final_f32": ("bound", "as adapted_source_f32, in the target orientation"),
+    "final_bf16": ("explained", "each differing element a legitimate rounding: 1 bf16 ULP apart with the float64 reference within the float32 error bound of the rounding midpoint (rule=bound also admits 2+ ULPs where that bound spans them)"),
+}
+
+# Bytes per row of U that one chunk holds at peak, per element of k (U and
+# u_scaled rows, XLA's block temporaries) and of n (matmul_pre_norm,
+# zero_source, adapted, final bf16 and its torch-NaN copy, XLA temporaries).
+# The comparisons run in sub-blocks of _COMPARE_ELEMS elements on top of that.
+_ROW_BYTES_PER_K = 16
+_ROW_BYTES_PER_N = 32
+_COMPARE_ELEMS = 1 << 20
+
+
+def chunk_rows(m: int, n: int, k: int, chunk_mb: float, row_block: int = core.DEFAULT_ROW_BLOCK) -> int:
+  """Rows of ``U`` per chunk under a budget of ``chunk_mb`` MiB (0: all rows).
+
+  Always a multiple of ``row_block`` (so chunks cut between the reconstruction's
+  own row blocks) and at least one block: a budget smaller than one block of
+  rows still gets one block.
+  """
+  if chunk_mb <= 0 or m <= row_block:
+    return m
+  row_bytes = _ROW_BYTES_PER_K * k + _ROW_BYTES_PER_N * n
+  rows = int(chunk_mb * 2**20) // row_bytes
+  rows = max(row_block, rows // row_block * row_block)
+  return min(m, rows)
+
+
+class _Stats:
+  """Streaming summary of one stage: NaN/inf counts, min/max, mean and RMS over finite values."""
+
+  def __init__(self):
+    self.n = self.n_nan = self.n_inf = 0
+    self.min = math.inf
+    self.max = -math.inf
+    self.sum = self.sumsq = 0.0
+
+  def update(self, x: np.ndarray) -> None:
+    x = np.asarray(x).astype(np.float64).reshape(-1)
+    self.n += x.size
+    nan = np.isnan(x)
+    inf = np.isinf(x)
+    self.n_nan += int(nan.sum())
+    self.n_inf += int(inf.sum())
+    f = x[~(nan | inf)] if (nan.any() or inf.any()) else x
+    if f.size:
+      self.min = min(self.min, float(f.min()))
+      self.max = max(self.max, float(f.max()))
+      self.sum += float(f.sum())
+      self.sumsq += float(np.dot(f, f))
+
+  def to_dict(self) -> dict[str, Any]:
+    finite = self.n - self.n_nan - self.n_inf
+    return {
+        "count": self.n,
+        "n_nan": self.n_nan,
+        "n_inf": self.n_inf,
+        "min": self.min if finite else None,
+        "max": self.max if finite else None,
+        "mean": self.sum / finite if finite else None,
+        "rms": math.sqrt(self.sumsq / finite) if finite else None,
+    }
+
+
+class _StageCheck:
+  """Comparison, tolerance, hashes and stats of one stage, fed chunk by chunk."""
+
+  def __init__(self, stage: str, shape: Sequence[int], dtype: np.dtype):
+    self.stage = stage
+    self.rule, self.why = STAGE_TOLERANCES[stage]
+    self.acc = DiffAccumulator(shape, dtype, top_k=5)
+    bf16 = stage == "final_bf16"
+    self.ours_hash = ArrayHasher(bf16=bf16, nan_policy="torch")
+    self.golden_hash = ArrayHasher(bf16=bf16, nan_policy="torch")
+    self.stats = _Stats()
+    self.n_out_of_tolerance = 0
+    self.max_tolerance_ratio = 0.0
+
+  def update(self, golden: np.ndarray, ours: np.ndarray, origin: Sequence[int], tol: np.ndarray | float | None = None, hash_rows: bool = True) -> None:
+    self.acc.update(golden, ours, origin=origin)
+    if hash_rows:
+      self.ours_hash.update(ours)
+      self.golden_hash.update(golden)
+    self.stats.update(ours)
+    if self.rule == "bound" and tol is not None:
+      g = np.asarray(golden, dtype=np.float64)
+      o = np.asarray(ours, dtype=np.float64)
+      with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        d = np.abs(g - o)
+        same = (g == o) | (np.isnan(g) & np.isnan(o))
+        ok = same | (d <= tol)
+        self.n_out_of_tolerance += int(np.count_nonzero(~ok))
+        ratio = np.where(same, 0.0, d / tol)
+      if ratio.size:
+        r = float(np.nanmax(np.where(np.isnan(ratio), np.inf, ratio)))
+        self.max_tolerance_ratio = max(self.max_tolerance_ratio, r)
+
+  def result(self, ours_sha: str | None = None, golden_sha: str | None = None) -> dict[str, Any]:
+    diff = self.acc.result()
+    if self.rule == "exact":
+      self.n_out_of_tolerance = diff.n_diff
+    passed = None if self.rule == "explained" else self.n_out_of_tolerance == 0  # explained: set by the caller
+    return {
+        "sha256": ours_sha or self.ours_hash.hexdigest(),
+        "golden_sha256": golden_sha or self.golden_hash.hexdigest(),
+        "dtype": diff.dtype,
+        "shape": list(diff.shape),
+        "stats": self.stats.to_dict(),
+        "bit_equal": diff.bit_equal,
+        "diff": diff.to_dict(),
+        "summary": diff.summary(),
+        "tolerance": {
+            "rule": self.rule,
+            "why": self.why,
+            "n_out_of_tolerance": None if self.rule == "explained" else self.n_out_of_tolerance,
+            "max_ratio": self.max_tolerance_ratio if self.rule == "bound" else None,
+        },
+        "pass": passed,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+  name: str
+  m: int
+  n: int
+  k: int
+  orientation: str
+  key: Callable[[str], str]
+
+  @property
+  def target_shape(self) -> tuple[int, int]:
+    return (self.m, self.n) if self.orientation == "identity" else (self.n, self.m)
+
+  def stage_shape(self, stage: str) -> tuple[int, ...]:
+    m, n, k = self.m, self.n, self.k
+    return {
+        "source_f32": (m, n),
+        "offsets_f32": (k,),
+        "scaled_s": (k,),
+        "normalization": (),
+        "u_scaled": (m, k),
+        "matmul_pre_norm": (m, n),
+        "zero_source_f32": (m, n),
+        "adapted_source_f32": (m, n),
+        "final_f32": self.target_shape,
+        "final_bf16": self.target_shape,
+    }[stage]
+
+
+def _stage_dtype(stage: str) -> np.dtype:
+  return _BF16 if stage == "final_bf16" else _F32
+
+
+def _check_golden(job: _Job, reader: stages.BundleReader) -> None:
+  """Every stage present with the expected shape and dtype: else a setup error."""
+  for stage in core.STAGES:
+    key = job.key(stage)
+    if key not in reader:
+      raise UsageError(f"setup error: golden bundle {reader.path} has no {key!r} for selected tensor {job.name}")
+    shape, want = reader.shape(key), job.stage_shape(stage)
+    if shape != want and not (stage == "normalization" and shape in ((), (1,))):
+      raise UsageError(f"golden {key} has shape {list(shape)}, expected {list(want)} for {job.name}")
+    if reader.dtype(key) != _stage_dtype(stage):
+      raise UsageError(f"golden {key} has dtype {reader.dtype(key)}, expected {_stage_dtype(stage)}")
+
+
+def _select(store: io.ComponentStore, golden: io.GoldenRun, all_selected: bool, selected_filter: str | None) -> list[_Job]:
+  if all_selected:
+    names = list(store.names)
+    orient = {n: "identity" for n in names}  # all-selected stages are source-oriented
+    key_fn = lambda name: (lambda stage: io.tensor_key(name, stage))  # noqa: E731
+  else:
+    sample = golden.sample or {}
+    name = sample.get("source_name")
+    if not name:
+      raise UsageError(f"{golden.report_path}: the report names no sample tensor (sample.source_name)")
+    if name not in store.names:
+      raise UsageError(f"sample tensor {name!r} has no components in {store.components_path}")
+    names = [name]
+    m, n, _ = store.dims(name)
+    orient = {name: core.resolve_orientation((m, n), sample.get("target_shape"), sample.get("orientation"))}
+    key_fn = lambda name: io.sample_key  # noqa: E731
+  if selected_filter:
+    names = [n for n in names if selected_filter in n or selected_filter in safe_source_name(n)]
+    if not names:
+      raise UsageError(f"--selected_source_filter={selected_filter!r} selects no tensor")
+  jobs = []
+  for name in names:
+    m, n, k = store.dims(name)
+    jobs.append(_Job(name, m, n, k, orient[name], key_fn(name)))
+  return jobs
+
+
+def _to_np(x: Any, dtype: np.dtype) -> np.ndarray:
+  a = np.asarray(x)
+  return a if a.dtype == dtype else a.astype(dtype)
+
+
+def _replay_tensor(
+    job: _Job,
+    store: io.ComponentStore,
+    greader: stages.BundleReader,
+    writer: stages.BundleWriter | None,
+    *,
+    mode: str,
+    chunk_mb: float,
+    row_block: int,
+    compute_dtype: Any,
+    explain_rule: str,
+    progress: Any,
+) -> dict[str, Any]:
+  name, m, n, k = job.name, job.m, job.n, job.k
+  layout = store.layout
+  s, v, offsets = store.s(name), store.v(name), store.offsets(name)
+  v_nk = store.v_nk(name)
+  fc = FormulaConstants.from_components(s, offsets, compute_dtype)
+  u_cd = fc.u
+  # the golden's own shapes: Python may store the normalization as [] or [1]
+  checks = {stage: _StageCheck(stage, greader.shape(job.key(stage)), _stage_dtype(stage)) for stage in core.STAGES}
+  accounting = MismatchAccounting(fc, rule=explain_rule)
+  zero_vs_source = DiffAccumulator((m, n), _F32, top_k=1)
+  transpose = job.orientation == "transpose"
+
+  # Whole-vector stages: small, compared at once.
+  vec = {k_: np.asarray(v_) for k_, v_ in core._vector_stages(s, offsets, compute_dtype=compute_dtype).items()}
+  vec["scaled_s"] = _to_np(vec["scaled_s"], _F32)
+  vec["normalization"] = _to_np(vec["normalization"], _F32)
+  for stage in ("offsets_f32", "scaled_s", "normalization"):
+    golden = greader.get(job.key(stage))
+    ours = vec[stage].reshape(golden.shape)
+    tol = normalization_tolerance(fc) if stage == "normalization" else None
+    checks[stage].update(golden, ours, origin=(0,) * golden.ndim, tol=tol)
+    if writer is not None:
+      writer.write(job.key(stage), vec[stage].reshape(job.stage_shape(stage)))
+
+  rows_per_chunk = chunk_rows(m, n, k, chunk_mb, row_block)
+  n_chunks = -(-m // rows_per_chunk) if m else 0
+  chunked = n_chunks > 1
+  v_norms = row_norms(v_nk.astype(compute_dtype))
+  full_final_f32 = full_final_bits = None
+  if transpose:
+    full_final_f32 = np.empty((n, m), _F32)
+    full_final_bits = np.empty((n, m), np.uint16)
+
+  s_cd = np.asarray(s).astype(compute_dtype).astype(np.float64)
+  sub_rows = max(1, _COMPARE_ELEMS // max(n, k, 1))
+  for r0 in range(0, m, rows_per_chunk):
+    r1 = min(m, r0 + rows_per_chunk)
+    u_chunk = store.u_rows(name, r0, r1)
+    # A fresh reader per chunk: safetensors maps the file, and every page read
+    # through a long-lived mapping stays in our RSS.
+    chunk_reader = stages.BundleReader(greader.path)
+    res = core._rows(u_chunk, s, v, offsets, layout=layout, compute_dtype=jnp.dtype(compute_dtype), row_block=row_block, capture=True)
+    res = jax.device_get(res)
+    ours_chunk = {st: _to_np(res[st], _F32) for st in core.ROW_STAGES}
+    bits_chunk = bf16_bits(res["final_bf16"], "torch")  # torch's NaN encoding, comparable with Python
+    del res
+    # Compare in sub-blocks of rows: the float64 temporaries stay small even when
+    # the chunk is the whole tensor (chunk_mb=0).
+    for b0 in range(r0, r1, sub_rows):
+      b1 = min(r1, b0 + sub_rows)
+      sl = slice(b0 - r0, b1 - r0)
+      ours = {st: a[sl] for st, a in ours_chunk.items()}
+      ours_bits = bits_chunk[sl]
+      u_rows = u_chunk[sl]
+      golden_row = lambda stage: chunk_reader.get_rows(job.key(stage), b0, b1)  # noqa: E731
+      src = golden_row("source_f32")
+      checks["source_f32"].update(src, src, origin=(b0, 0))
+      us_norms = row_norms(ours["u_scaled"])
+      checks["u_scaled"].update(golden_row("u_scaled"), ours["u_scaled"], origin=(b0, 0))
+      checks["matmul_pre_norm"].update(golden_row("matmul_pre_norm"), ours["matmul_pre_norm"], origin=(b0, 0), tol=matmul_tolerance(us_norms, v_norms, k, u_cd))
+      us0_norms = row_norms(np.asarray(u_rows).astype(compute_dtype).astype(np.float64) * s_cd[None, :]) * (1 + u_cd)
+      checks["zero_source_f32"].update(golden_row("zero_source_f32"), ours["zero_source_f32"], origin=(b0, 0), tol=matmul_tolerance(us0_norms, v_norms, k, u_cd))
+      zero_vs_source.update(src, ours["zero_source_f32"], origin=(b0, 0))
+      tol_adapted = adapted_tolerance(us_norms, v_norms, fc)
+      checks["adapted_source_f32"].update(golden_row("adapted_source_f32"), ours["adapted_source_f32"], origin=(b0, 0), tol=tol_adapted)
+      if transpose:
+        g_f32 = io.read_columns(greader.path, job.key("final_f32"), b0, b1)  # [n, rows]
+        g_bf16 = io.read_columns(greader.path, job.key("final_bf16"), b0, b1)
+        checks["final_f32"].update(g_f32, ours["adapted_source_f32"].T, origin=(0, b0), tol=tol_adapted.T, hash_rows=False)
+        checks["final_bf16"].update(g_bf16, ours_bits.view(_BF16).T, origin=(0, b0), hash_rows=False)
+        golden_bits_src = np.ascontiguousarray(g_bf16.view(np.uint16).T)
+        full_final_f32[:, b0:b1] = ours["adapted_source_f32"].T
+        full_final_bits[:, b0:b1] = ours_bits.T
+      else:
+        g_bf16 = golden_row("final_bf16")
+        checks["final_f32"].update(golden_row("final_f32"), ours["adapted_source_f32"], origin=(b0, 0), tol=tol_adapted)
+        checks["final_bf16"].update(g_bf16, ours_bits.view(_BF16), origin=(b0, 0))
+        golden_bits_src = g_bf16.view(np.uint16)
+      accounting.update(golden_bits_src, ours_bits, u_rows, v_nk, row_offset=b0)
+      if writer is not None:
+        writer.write_rows(job.key("source_f32"), src)
+        for stage in core.ROW_STAGES:
+          writer.write_rows(job.key(stage), ours[stage])
+        if not transpose:
+          writer.write_rows(job.key("final_f32"), ours["adapted_source_f32"])
+          writer.write_rows(job.key("final_bf16"), ours_bits.view(_BF16))
+    if progress is not None:
+      progress.update((r1 - r0) * (4 * k))
+    chunk_reader.close()
+    del ours_chunk, bits_chunk, u_chunk, chunk_reader
+
+  sha_override: dict[str, tuple[str, str]] = {}
+  if transpose:
+    # Target-orientation bytes need every source row: hash and write the held copy,
+    # and hash the golden's target rows in a streaming pass of their own.
+    for stage, full, bf16 in (("final_f32", full_final_f32, False), ("final_bf16", full_final_bits.view(_BF16), True)):
+      gh = ArrayHasher(bf16=bf16, nan_policy="torch")
+      step = max(1, rows_per_chunk)
+      for c0 in range(0, n, step):
+        with stages.BundleReader(greader.path) as r:
+          gh.update(r.get_rows(job.key(stage), c0, min(n, c0 + step)))
+      sha_override[stage] = (ArrayHasher(bf16=bf16, nan_policy="torch").update(full).hexdigest(), gh.hexdigest())
+      if writer is not None:
+        writer.write_rows(job.key(stage), full)
+    del full_final_f32, full_final_bits
+
+  stage_results = {st: checks[st].result(*sha_override.get(st, (None, None))) for st in core.STAGES}
+  expl = accounting.to_dict()
+  stage_results["final_bf16"]["pass"] = expl["n_unexplained"] == 0
+  final_equal = stage_results["final_bf16"]["bit_equal"]
+  stages_pass = all(r["pass"] for r in stage_results.values())
+  passed = stages_pass and (final_equal or mode == "stage_tolerances")
+  zs = zero_vs_source.result()
+  return {
+      "name": name,
+      "safe_name": safe_source_name(name),
+      "shape": [m, n],
+      "rank": k,
+      "target_shape": list(job.target_shape),
+      "layout": layout,
+      "orientation": job.orientation,
+      "chunking": {"rows_per_chunk": rows_per_chunk, "n_chunks": n_chunks, "chunked": chunked, "row_block": row_block},
+      "stages": stage_results,
+      "final_bf16_sha256": stage_results["final_bf16"]["sha256"],
+      "golden_final_bf16_sha256": stage_results["final_bf16"]["golden_sha256"],
+      "final_bytes_equal": final_equal,
+      "explained": expl,
+      "components_reproduce_source": {"rel_l2": zs.rel_l2, "max_abs_diff": zs.max_abs_diff, "cosine": zs.cosine},
+      "stages_pass": stages_pass,
+      "pass": passed,
+  }
+
+
+@dataclasses.dataclass
+class ReplayResult:
+  """The report of one replay, plus its rendering."""
+
+  report: dict[str, Any]
+
+  @property
+  def passed(self) -> bool:
+    return self.report["verdict"] == "PASS"
+
+  def table(self) -> str:
+    rows = [("tensor", "shape", "orient", "stages", "final bytes", "mismatch (expl/unexpl)", "verdict")]
+    for t in self.report["tensors"]:
+      failing = [s for s, r in t["stages"].items() if r["pass"] is False]
+      e = t["explained"]
+      rows.append((
+          t["name"],
+          "x".join(str(d) for d in t["shape"]),
+          "T" if t["orientation"] == "transpose" else "I",
+          "ok" if not failing else "FAIL:" + ",".join(failing),
+          "identical" if t["final_bytes_equal"] else "differ",
+          f"{e['n_mismatch']} ({e['n_explained']}/{e['n_unexplained']})",
+          "PASS" if t["pass"] else "FAIL",
+      ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+  def verdict_line(self) -> str:
+    s = self.report["summary"]
+    torch_ref = s.get("torch_self_flips")
+    ref = "" if torch_ref is None else f"; torch 1-thread vs default flips {torch_ref}"
+    return (
+        f"SVF parity {self.report['verdict']} (mode={self.report['mode']}, {self.report['scope']}): "
+        f"{s['passed']}/{s['tensors']} tensors pass; final bf16 identical {s['final_bytes_equal']}/{s['tensors']}; "
+        f"mismatched elements {s['n_mismatch']} (explained {s['n_explained']}: {s['n_explained_tie']} 1-ULP ties,"
+        f" {s['n_explained_multi_ulp']} multi-ULP within bound; unexplained {s['n_unexplained']}){ref}; "
+        f"combined sha256 {'equal' if s['combined_equal'] else 'differs'}"
+    )
+
+
+def _check_report_hashes(golden: io.GoldenRun, results: list[dict[str, Any]], all_selected: bool) -> None:
+  """The golden report's recorded final hashes must match the golden bundle's bytes."""
+  records = {r.get("name"): r for r in (golden.report.get("tensors") or [])}
+  if not all_selected and golden.sample:
+    records = {golden.sample.get("source_name"): golden.sample}
+  for r in results:
+    recorded = (records.get(r["name"]) or {}).get("final_bf16_sha256")
+    r["golden_report_final_bf16_sha256"] = recorded
+    if recorded is not None and recorded != r["golden_final_bf16_sha256"]:
+      raise UsageError(
+          f"setup error: {golden.report_path} records final_bf16 sha256 {recorded[:12]}... for {r['name']},"
+          f" but the golden bundle hashes to {r['golden_final_bf16_sha256'][:12]}..."
+      )
+
+
+def _backend() -> dict[str, Any]:
+  devs = jax.devices()
+  return {
+      "framework": "jax",
+      "backend": jax.default_backend(),
+      "devices": [str(d) for d in devs],
+      "device_kind": devs[0].device_kind if devs else None,
+  }
+
+
+def replay(
+    *,
+    components_dir: str | None = None,
+    python_report: str | None = None,
+    golden_dir: str | None = None,
+    stage_dir: str | None = None,
+    all_selected: bool = False,
+    selected_source_filter: str | None = None,
+    layout: str | None = None,
+    chunk_mb: float = DEFAULT_CHUNK_MB,
+    mode: str = "stage_tolerances",
+    row_block: int = core.DEFAULT_ROW_BLOCK,
+    compute_dtype: Any = np.float32,
+    explain_rule: str = "bound",
+    show_progress: bool = False,
+) -> ReplayResult:
+  """Replays the golden run in JAX and compares every stage. See the module docstring.
+
+  Bad input (missing files, mismatched shapes, a filter selecting nothing, a
+  missing golden stage) raises :class:`UsageError` before anything is written.
+  """
+  if mode not in MODES:
+    raise UsageError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+  if explain_rule not in EXPLAIN_RULES:
+    raise UsageError(f"unknown explain rule {explain_rule!r}; expected one of {', '.join(EXPLAIN_RULES)}")
+  if row_block < 1:
+    raise UsageError(f"row_block must be >= 1, got {row_block}")
+  if chunk_mb < 0:
+    raise UsageError(f"chunk_mb must be >= 0, got {chunk_mb}")
+  compute_dtype = np.dtype(compute_dtype)
+  if compute_dtype not in (_F32, _BF16):
+    raise UsageError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype}")
+  golden = io.load_golden(python_report, golden_dir)
+  layout = layout or golden.layout or "torch_v"
+  components_dir = components_dir or golden.components_dir or golden.base_dir
+  comp_path, off_path = io.find_component_files(components_dir)
+  bundle_path = golden.all_selected_bundle if all_selected else golden.sample_bundle
+  if not bundle_path:
+    what = "stage_debug.all_selected_stage_tensor_file" if all_selected else "stage_debug.stage_tensor_file"
+    raise UsageError(f"setup error: {golden.report_path} names no {what}" + (" (all-selected replay needs an all-selected report)" if all_selected else ""))
+  if not os.path.isfile(bundle_path):
+    raise UsageError(f"setup error: golden stage bundle {bundle_path} does not exist")
+
+  with io.ComponentStore(comp_path, off_path, layout) as store, stages.BundleReader(bundle_path) as greader:
+    jobs = _select(store, golden, all_selected, selected_source_filter)
+    for job in jobs:
+      _check_golden(job, greader)
+
+    writer = None
+    out_bundle = None
+    if stage_dir:
+      if os.path.exists(stage_dir) and not os.path.isdir(stage_dir):
+        raise UsageError(f"--stage_dir {stage_dir} exists and is not a directory")
+      os.makedirs(stage_dir, exist_ok=True)
+      out_bundle = os.path.join(stage_dir, io.ALL_SELECTED_BUNDLE if all_selected else io.SAMPLE_BUNDLE)
+      inputs = [golden.report_path, bundle_path, comp_path, off_path, golden.sample_bundle, golden.all_selected_bundle]
+      if any(p and os.path.realpath(p) == os.path.realpath(out_bundle) for p in inputs):
+        raise UsageError(f"--stage_dir {stage_dir} would overwrite an input ({os.path.basename(out_bundle)}); choose another directory")
+      specs = [(job.key(st), job.stage_shape(st), _stage_dtype(st)) for job in jobs for st in core.STAGES]
+      prov = stages.default_provenance("parity_jax.svf.replay", golden_report=os.path.abspath(golden.report_path), layout=layout)
+      writer = stages.BundleWriter(out_bundle, specs, prov, interleave=True)
+
+    total = sum(job.m * job.k * 4 for job in jobs)
+    progress = byte_progress(total, "svf replay", enabled=show_progress)
+    results = []
+    try:
+      for job in jobs:
+        progress.set_postfix_str(job.name)
+        results.append(
+            _replay_tensor(job, store, greader, writer, mode=mode, chunk_mb=chunk_mb, row_block=row_block, compute_dtype=compute_dtype, explain_rule=explain_rule, progress=progress)
+        )
+      _check_report_hashes(golden, results, all_selected)
+      if writer is not None:
+        writer.close()
+    except BaseException:
+      if writer is not None:
+        writer.abort()
+      raise
+    finally:
+      progress.close()
+
+  ours_combined = combined_sha256((r["name"], r["final_bf16_sha256"]) for r in results)
+  golden_combined = combined_sha256((r["name"], r["golden_final_bf16_sha256"]) for r in results)
+  self_check = golden.report.get("torch_self_consistency") or {}
+  summary = {
+      "tensors": len(results),
+      "passed": sum(r["pass"] for r in results),
+      "final_bytes_equal": sum(r["final_bytes_equal"] for r in results),
+      "n_elements": sum(r["shape"][0] * r["shape"][1] for r in results),
+      "n_mismatch": sum(r["explained"]["n_mismatch"] for r in results),
+      "n_explained": sum(r["explained"]["n_explained"] for r in results),
+      "n_explained_tie": sum(r["explained"]["n_explained_tie"] for r in results),
+      "n_explained_multi_ulp": sum(r["explained"]["n_explained_multi_ulp"] for r in results),
+      "n_unexplained": sum(r["explained"]["n_unexplained"] for r in results),
+      "combined_equal": ours_combined == golden_combined,
+      "torch_self_flips": self_check.get("bf16_elements_differing"),
+      "torch_self_flips_elements": self_check.get("n_elements"),
+  }
+  verdict = "PASS" if results and all(r["pass"] for r in results) else "FAIL"
+  report = {
+      "format": io.REPORT_FORMAT,
+      "producer": "parity_jax.svf.replay",
+      "scope": "all_selected" if all_selected else "sample",
+      "mode": mode,
+      "layout": layout,
+      "selected_source_filter": selected_source_filter,
+      "chunk_mb": chunk_mb,
+      "row_block": row_block,
+      "compute_dtype": str(compute_dtype),
+      "matmul_precision": "HIGHEST",
+      "sum_order": "torch_cpu_cascade",
+      "nan_policy": "torch",
+      "explain_rule": explain_rule,
+      "backend": _backend(),
+      "versions": stages.default_provenance("parity_jax.svf")["versions"],
+      "golden": {
+          "report": os.path.abspath(golden.report_path),
+          "bundle": os.path.abspath(bundle_path),
+          "producer": golden.report.get("producer"),
+          "backend": golden.report.get("backend"),
+          "torch_self_consistency": self_check or None,
+      },
+      "components": {"components_file": os.path.abspath(comp_path), "offsets_file": os.path.abspath(off_path)},
+      "stage_debug": {("all_selected_stage_tensor_file" if all_selected else "stage_tensor_file"): os.path.abspath(out_bundle) if out_bundle else None},
+      "stage_tolerances": {s: {"rule": r, "why": w} for s, (r, w) in STAGE_TOLERANCES.items()},
+      "tensors": results,
+      "combined_sha256": ours_combined,
+      "golden_combined_sha256": golden_combined,
+      "golden_report_combined_sha256": golden.report.get("combined_sha256"),
+      "summary": summary,
+      "verdict": verdict,
+  }
+  return ReplayResult(report)

@@ -1,0 +1,83 @@
+"""Explained mismatches: legitimate rounding ties pass, everything else does not."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from parity_jax.svf import reconstruct
+from parity_jax.svf.bounds import FormulaConstants, MismatchAccounting, gamma, unit_roundoff
+
+BF16 = ml_dtypes.bfloat16
+
+
+def _bits(x):
+  return np.asarray(x, np.float32).astype(BF16).view(np.uint16)
+
+
+def _one_element(u_value, golden_bits, ours_bits):
+  """k = 1, S = 1, offsets 0, V = 1: the float64 reference is exactly u_value."""
+  fc = FormulaConstants.from_components(np.ones(1, np.float32), np.zeros(1, np.float32))
+  acc = MismatchAccounting(fc)
+  acc.update(np.array([[golden_bits]], np.uint16), np.array([[ours_bits]], np.uint16), np.array([[u_value]], np.float32), np.ones((1, 1), np.float32))
+  return acc
+
+
+def test_unit_roundoff_and_gamma():
+  assert unit_roundoff(np.float32) == 2.0**-24 and unit_roundoff(BF16) == 2.0**-8
+  assert gamma(3, 2.0**-24) == pytest.approx(3 * 2.0**-24, rel=1e-6)
+  assert gamma(2**24, 2.0**-24) == float("inf")
+
+
+def test_a_tie_at_the_midpoint_is_explained_and_anything_else_is_not():
+  mid = 1.0 + 2.0**-8  # halfway between bf16 1.0 (0x3f80) and 1.0078125 (0x3f81)
+  acc = _one_element(mid, 0x3F80, 0x3F81)
+  assert (acc.n_mismatch, acc.n_explained, acc.n_unexplained) == (1, 1, 0)
+  acc = _one_element(mid + 1e-4, 0x3F80, 0x3F81)  # a 1-ULP difference, but the truth is not near the midpoint
+  assert (acc.n_explained, acc.n_unexplained, acc.n_outside_bound) == (0, 1, 1)
+  acc = _one_element(mid, 0x3F80, 0x3F82)  # 2 ULP apart and the bound is ~1e-7 wide: no
+  assert (acc.n_unexplained, acc.n_outside_bound, acc.n_explained_multi_ulp) == (1, 1, 0)
+  acc = _one_element(mid, 0x3F80, 0xFFFF)  # NaN on one side
+  assert (acc.n_unexplained, acc.n_nonfinite) == (1, 1)
+  acc = _one_element(0.0, 0x0000, 0x8000)  # +0 / -0 of a true zero
+  assert (acc.n_explained, acc.n_unexplained) == (1, 0)
+  acc = _one_element(0.5, 0x3F00, 0x3F00)  # equal: nothing to explain
+  assert acc.n_mismatch == 0
+  d = acc.to_dict()
+  assert d["unit_roundoff"] == 2.0**-24 and d["n_mismatch"] == 0
+
+
+def test_an_independent_correct_float32_evaluation_is_fully_explained():
+  # numpy's BLAS sums in another order than XLA: a legitimate second opinion.
+  rng = np.random.default_rng(11)
+  m, n = 600, 1000
+  k = min(m, n)
+  u = np.linalg.qr(rng.standard_normal((m, k)))[0].astype(np.float32)
+  v = np.linalg.qr(rng.standard_normal((n, k)))[0].astype(np.float32)
+  s = np.sort(rng.uniform(0.1, 20, k))[::-1].astype(np.float32)
+  o = (rng.standard_normal(k) * 0.1).astype(np.float32)
+  ours = np.asarray(reconstruct(u, s, v, o))
+  ss = s * (np.float32(1) + o)
+  nrm = np.float32(np.sum(s, dtype=np.float32) / np.sum(ss, dtype=np.float32))
+  other = ((u * ss[None, :]) @ v.T * nrm).astype(BF16)
+  acc = MismatchAccounting(FormulaConstants.from_components(s, o))
+  acc.update(other.view(np.uint16), ours.view(np.uint16), u, v)
+  assert acc.n_explained_tie > 0, "expected some real bf16 ties between numpy and XLA"
+  assert acc.n_unexplained == 0, acc.to_dict()["unexplained_examples"]
+  assert 0 < acc.max_explained_ratio <= 1
+  # Near-zero elements after heavy cancellation legitimately land 2+ bf16 ULPs apart;
+  # the strict one-ULP rule refuses exactly those.
+  assert acc.n_explained_multi_ulp > 0 and acc.max_ulp_explained >= 2
+  strict = MismatchAccounting(FormulaConstants.from_components(s, o), rule="one_ulp")
+  strict.update(other.view(np.uint16), ours.view(np.uint16), u, v)
+  assert strict.n_unexplained == strict.n_multi_ulp_refused == acc.n_explained_multi_ulp
+  assert strict.n_explained == acc.n_explained_tie
+  # A 0.5% normalization bug on our side (about one bf16 ULP) fails: most of its
+  # elements are unexplained. (Some land within the worst-case gamma(k) bound of a
+  # midpoint: at k = 600 with this much cancellation that bound is ~0.35 half-ULPs.)
+  rows = slice(0, 96)  # enough elements to judge; the accounting costs O(k) per mismatch
+  bad = (np.asarray(reconstruct(u[rows], s, v, o, capture=True)["matmul_pre_norm"]) * (nrm * np.float32(1.005))).astype(BF16)
+  acc = MismatchAccounting(FormulaConstants.from_components(s, o))
+  acc.update(other[rows].view(np.uint16), bad.view(np.uint16), u[rows], v)
+  assert acc.n_unexplained > 0.6 * acc.n_mismatch > 0

@@ -1,0 +1,160 @@
+"""Live torch oracle (skipped without torch): fresh seeds and shapes, torch's NaN and sum order, the converter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from parity_jax import compare, stages  # noqa: E402
+from parity_jax.errors import UsageError  # noqa: E402
+from parity_jax.oracle import svf_goldens  # noqa: E402
+from parity_jax.svf import ComponentStore, bf16_sha256, reconstruct, torch_cpu_sum  # noqa: E402
+from parity_jax.svf.bounds import FormulaConstants, MismatchAccounting  # noqa: E402
+from parity_jax.svf.io import find_component_files  # noqa: E402
+from tools.convert_svd_weights import convert  # noqa: E402
+
+pytestmark = pytest.mark.oracle
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SEED = int.from_bytes(os.urandom(4), "little")  # fresh every run; printed on failure
+
+
+def test_torch_canonicalises_every_bf16_nan_to_0xffff():
+  bits = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FFFFFFF, 0xFFBFFFFF, 0x3F800000], np.uint32)
+  t = torch.from_numpy(bits.view(np.float32)).to(torch.bfloat16)
+  got = t.view(torch.int16).numpy().view(np.uint16)
+  assert got.tolist() == [0xFFFF] * 5 + [0x3F80]
+  with np.errstate(invalid="ignore"):
+    ours = np.asarray(bits.view(np.float32)).astype(ml_dtypes.bfloat16)  # what JAX/ml_dtypes produce
+  assert ours.view(np.uint16)[0] == 0x7FC0 and ours.view(np.uint16)[1] == 0xFFC0
+  torch_hash = hashlib.sha256(got.astype("<u2").tobytes()).hexdigest()
+  assert bf16_sha256(ours, nan_policy="torch") == torch_hash
+  assert bf16_sha256(ours) != torch_hash
+
+
+def test_torch_cpu_sum_replays_torch_sum_bit_for_bit():
+  rng = np.random.default_rng(SEED)
+  lengths = sorted({0, 1, 3, 7, 8, 9, 31, 32, 33, 64, 80, 1024, 3072} | set(rng.integers(2, 4096, 12).tolist()))
+  for n in lengths:
+    x = (rng.standard_normal(n) * rng.uniform(0.01, 100)).astype(np.float32)
+    if rng.random() < 0.5:
+      x = np.abs(x)  # singular values are non-negative
+    want = torch.from_numpy(x).sum().numpy()
+    assert compare.bit_equal(np.asarray(torch_cpu_sum(x)), want), (SEED, n)
+
+
+def _torch_svf(m, n, gen, orientation):
+  w = torch.randn(m, n, generator=gen) * 0.02
+  u, s, v = torch.svd(w)
+  u, s, v = u.contiguous(), s.contiguous(), v.contiguous()
+  o = torch.randn(s.shape[0], generator=gen) * 0.1
+  return (u, s, v, o), svf_goldens.torch_formula(u, s, v, o, orientation)
+
+
+def test_fresh_shapes_against_the_live_torch_formula():
+  rng = np.random.default_rng(SEED)
+  gen = torch.Generator().manual_seed(SEED)
+  total = {"mismatch": 0, "elements": 0}
+  for m, n in [(int(a), int(b)) for a, b in rng.integers(40, 360, (4, 2))] + [(300, 200)]:
+    orientation = "transpose" if rng.random() < 0.5 else "identity"
+    (u, s, v, o), want = _torch_svf(m, n, gen, orientation)
+    un, sn, vn, on = (t.numpy() for t in (u, s, v, o))
+    target = (m, n) if orientation == "identity" else (n, m)
+    got = {k: np.asarray(x) for k, x in reconstruct(un, sn, vn, on, capture=True, target_shape=target).items()}
+    for exact in ("offsets_f32", "scaled_s", "normalization", "u_scaled"):
+      assert compare.bit_equal(got[exact], svf_goldens.to_numpy(want[exact])), (SEED, m, n, exact)
+    acc = MismatchAccounting(FormulaConstants.from_components(sn, on))
+    g_final = svf_goldens.to_numpy(want["final_bf16"]).view(np.uint16)
+    ours = got["final_bf16"].view(np.uint16)
+    if orientation == "transpose":
+      g_final, ours = g_final.T.copy(), ours.T.copy()
+    acc.update(g_final, ours, un, vn)
+    assert acc.n_unexplained == 0, (SEED, m, n, acc.to_dict()["unexplained_examples"])
+    total["mismatch"] += acc.n_mismatch
+    total["elements"] += m * n
+  print(f"seed {SEED}: {total['mismatch']} of {total['elements']} final bf16 elements differ from torch, all explained")
+
+
+def test_torch_against_itself_and_us_at_one_thread():
+  # torch's own flips (1 thread vs default) and ours against 1-thread torch, on
+  # shapes where XLA and MKL sum differently (k not a multiple of 64).
+  gen = torch.Generator().manual_seed(SEED)
+  default = torch.get_num_threads()
+  flips_torch = flips_ours = 0
+  for m, n in [(400, 300), (264, 330)]:
+    (u, s, v, o), multi = _torch_svf(m, n, gen, "identity")
+    torch.set_num_threads(1)
+    try:
+      single = svf_goldens.torch_formula(u, s, v, o)["final_bf16"]
+    finally:
+      torch.set_num_threads(default)
+    fc = FormulaConstants.from_components(s.numpy(), o.numpy())
+    a = MismatchAccounting(fc)
+    a.update(svf_goldens.to_numpy(single).view(np.uint16), svf_goldens.to_numpy(multi["final_bf16"]).view(np.uint16), u.numpy(), v.numpy())
+    b = MismatchAccounting(fc)
+    b.update(svf_goldens.to_numpy(single).view(np.uint16), np.asarray(reconstruct(u.numpy(), s.numpy(), v.numpy(), o.numpy())).view(np.uint16), u.numpy(), v.numpy())
+    assert a.n_unexplained == 0 and b.n_unexplained == 0, (SEED, m, n)
+    flips_torch += a.n_mismatch
+    flips_ours += b.n_mismatch
+  assert flips_ours > 0  # real ties against torch exist here, and every one is explained
+  print(f"seed {SEED}: torch 1 vs {default} threads: {flips_torch} bf16 flips; JAX vs torch: {flips_ours}")
+
+
+def _convert(*args):
+  return subprocess.run([sys.executable, "-m", "tools.convert_svd_weights", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_convert_svd_weights_roundtrip_and_bad_files(tmp_path):
+  gen = torch.Generator().manual_seed(SEED)
+  data = {}
+  for name, shape in [("model.layers.0.mlp.up_proj.weight", (24, 16)), ("lm_head.weight", (40, 16))]:
+    u, s, v = torch.svd(torch.randn(shape, generator=gen))
+    data[f"{name}.U"], data[f"{name}.S"], data[f"{name}.V"] = u, s, v  # non-contiguous U, as torch.svd returns it
+  pt = tmp_path / "svd_weights.pt"
+  torch.save(data, pt)
+  out = tmp_path / "comps"
+  p = _convert(f"--svd_weights={pt}", f"--out_dir={out}", "--prefix=trinity_")
+  assert p.returncode == 0, p.stderr
+  path = out / "trinity_svf_components.safetensors"
+  assert p.stdout.strip() == str(path)
+  b = stages.load_bundle(path)
+  for k, t in data.items():
+    assert compare.bit_equal(b[k], t.contiguous().numpy()), k
+  assert b.provenance["source_sha256"] == hashlib.sha256(pt.read_bytes()).hexdigest()
+  # refuses to overwrite; bad files are one-line errors
+  with pytest.raises(UsageError, match="refusing to overwrite"):
+    convert(str(pt), str(out), prefix="trinity_")
+  bad = dict(data)
+  del bad["lm_head.weight.V"]
+  torch.save(bad, tmp_path / "bad.pt")
+  with pytest.raises(UsageError, match="lm_head.weight has no .V"):
+    convert(str(tmp_path / "bad.pt"), str(tmp_path / "o2"))
+  torch.save({"a.U": torch.zeros(3, 2), "a.S": torch.zeros(2), "a.V": torch.zeros(3, 2)}, tmp_path / "shape.pt")
+  with pytest.raises(UsageError, match="shapes disagree"):
+    convert(str(tmp_path / "shape.pt"), str(tmp_path / "o2"), layout="vh")
+  (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+  p = _convert(f"--svd_weights={tmp_path / 'junk.pt'}", f"--out_dir={tmp_path / 'o3'}")
+  assert p.returncode == 2 and "cannot load" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_regenerating_the_goldens_reproduces_them_on_the_same_backend(tmp_path):
+  manifest = json.loads((ROOT / "goldens" / "svf" / "MANIFEST.json").read_text())
+  here = svf_goldens._backend()
+  if (here["version"], here["cpu_capability"], here["num_threads"]) != tuple(manifest["backend"][k] for k in ("version", "cpu_capability", "num_threads")):
+    pytest.skip(f"goldens were made on {manifest['backend']}, this is {here}")
+  svf_goldens.regenerate(str(tmp_path))
+  for name, meta in manifest["files"].items():
+    got = hashlib.sha256((tmp_path / "svf" / name).read_bytes()).hexdigest()
+    assert got == meta["sha256"], name
+  with ComponentStore(*find_component_files(str(tmp_path / "svf"))) as st:
+    assert len(st.names) == 16
