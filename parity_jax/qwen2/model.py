@@ -1,0 +1,279 @@
+"""Qwen2 / Qwen3 forward pass: pure jitted functions over the dataclass pytrees.
+
+The math follows transformers' ``modeling_qwen2`` / ``modeling_qwen3`` (eager
+attention) operation by operation, because the point of this model is to be
+compared element by element against it:
+
+* RMSNorm in float32, cast back to the activation dtype, *then* multiplied by
+  the weight (``weight * normed.to(input_dtype)``);
+* rotate-half RoPE with HF's ``inv_freq = 1 / base ** (arange(0, hd, 2) / hd)``
+  built in float32; ``cos``/``sin`` computed in float32 and cast to the
+  activation dtype before they touch q and k;
+* scores ``(q @ k^T) * hd**-0.5`` plus an additive mask holding 0 where a key
+  is visible and ``finfo(dtype).min`` where it is not (causal and padding),
+  softmax in float32, probabilities cast back to the activation dtype;
+* GQA by grouping query heads ``h = kv * G + g`` onto kv head ``kv`` (HF's
+  ``repeat_kv`` order), without materialising repeated keys;
+* every contraction is an ``einsum`` over named axes with
+  ``precision=HIGHEST``, so float32 means float32 on every backend.
+
+Fully masked query rows (the padded positions of a left-padded batch) behave
+as in HF: every score there is ``score + finfo.min``, which rounds to exactly
+``finfo.min``, so softmax spreads the row uniformly over all keys.
+
+Axis letters: b batch, t query position, s key position, d hidden, v vocab,
+n query heads, k kv heads, g query heads per kv head, h head_dim, i intermediate.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from parity_jax.errors import UsageError
+from parity_jax.qwen2.config import QwenConfig
+from parity_jax.qwen2.params import Attention, Layer, Mlp, Params
+from parity_jax.stage_names import qwen_stage_names
+
+__all__ = ["Model", "forward", "rms_norm", "rope_inv_freq", "rope_cos_sin", "apply_rope", "attention_mask_bias"]
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A config (static pytree metadata) plus its :class:`Params` (the leaves)."""
+
+  config: QwenConfig
+  params: Params
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.params.embed.dtype)
+
+
+jax.tree_util.register_dataclass(Model, data_fields=["params"], meta_fields=["config"])
+
+
+def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
+  return jnp.einsum(spec, *operands, precision=HIGHEST)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """HF ``Qwen2RMSNorm``: normalise in float32, cast to ``x.dtype``, then scale by the weight."""
+  xf = x.astype(jnp.float32)
+  variance = jnp.mean(xf * xf, axis=-1, keepdims=True)
+  normed = xf * jax.lax.rsqrt(variance + jnp.float32(eps))
+  return weight * normed.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+  """HF's default-RoPE ``inv_freq``, computed in float32 the way transformers does.
+
+  ``1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))``: the
+  exponent is a float32 division, the power and the reciprocal are float32.
+  It is a host constant baked into the jitted function.
+  """
+  exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  return (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """``cos``/``sin`` tables ``[B, T, hd]`` for integer positions ``[B, T]``, as HF's rotary embedding."""
+  inv_freq = jnp.asarray(rope_inv_freq(head_dim, theta))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+  half = x.shape[-1] // 2
+  return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate-half RoPE on ``x[B, T, heads, hd]`` with ``cos``/``sin`` ``[B, T, hd]``."""
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  return x * cos + _rotate_half(x) * sin
+
+
+def attention_mask_bias(attention_mask: jax.Array | None, batch: int, seq: int, dtype: Any) -> jax.Array:
+  """Additive mask ``[B, T, S]``: 0 where query t may see key s (s <= t and s not padding), else finfo.min."""
+  causal = jnp.arange(seq)[None, :] <= jnp.arange(seq)[:, None]  # [t, s]
+  allowed = causal[None]
+  if attention_mask is not None:
+    allowed = allowed & (attention_mask[:, None, :] != 0)
+  allowed = jnp.broadcast_to(allowed, (batch, seq, seq))
+  return jnp.where(allowed, jnp.zeros((), dtype), jnp.finfo(dtype).min)
+
+
+def _attention(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
+               cfg: QwenConfig, st: dict[str, jax.Array] | None) -> jax.Array:
+  """Self-attention of one layer: ``x[B, T, D]`` (already normed) -> o_proj output ``[B, T, D]``."""
+  b, t, _ = x.shape
+  q = _einsum("btd,nhd->btnh", x, p.wq)
+  k = _einsum("btd,khd->btkh", x, p.wk)
+  v = _einsum("btd,khd->btkh", x, p.wv)
+  if p.bq is not None:
+    q, k, v = q + p.bq, k + p.bk, v + p.bv
+  if st is not None:
+    st["q_proj"] = q.reshape(b, t, -1)
+    st["k_proj"] = k.reshape(b, t, -1)
+    st["v_proj"] = v.reshape(b, t, -1)
+  if p.q_norm is not None:
+    q = rms_norm(q, p.q_norm, cfg.rms_norm_eps)
+    k = rms_norm(k, p.k_norm, cfg.rms_norm_eps)
+    if st is not None:
+      st["q_norm"], st["k_norm"] = q, k
+  q = apply_rope(q, cos, sin)
+  k = apply_rope(k, cos, sin)
+  if st is not None:
+    st["q_rope"], st["k_rope"] = q, k
+  qg = q.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
+  scores = _einsum("btkgh,bskh->bkgts", qg, k) * jnp.asarray(cfg.head_dim ** -0.5, x.dtype)
+  scores = scores + bias[:, None, None, :, :]
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
+  ctx = _einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
+  if st is not None:
+    st["attention"] = ctx.reshape(b, t, -1)
+  out = _einsum("btnh,dnh->btd", ctx, p.wo)
+  if p.bo is not None:
+    out = out + p.bo
+  return out
+
+
+def _mlp(p: Mlp, x: jax.Array, st: dict[str, jax.Array] | None) -> jax.Array:
+  """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``."""
+  gate = _einsum("btd,id->bti", x, p.w_gate)
+  up = _einsum("btd,id->bti", x, p.w_up)
+  act = jax.nn.silu(gate)
+  swiglu = act * up
+  out = _einsum("bti,di->btd", swiglu, p.w_down)
+  if st is not None:
+    st.update(ffn_gate=gate, ffn_up=up, ffn_silu=act, ffn_swiglu=swiglu, ffn_out=out)
+  return out
+
+
+def _layer(p: Layer, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
+           cfg: QwenConfig, st: dict[str, jax.Array] | None) -> jax.Array:
+  """One pre-norm decoder layer."""
+  h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
+  if st is not None:
+    st["attn_norm"] = h
+  a = _attention(p.attn, h, cos, sin, bias, cfg, st)
+  x = x + a
+  if st is not None:
+    st["attn_out"], st["post_attn_residual"] = a, x
+  h = rms_norm(x, p.ffn_norm, cfg.rms_norm_eps)
+  if st is not None:
+    st["ffn_norm"] = h
+  x = x + _mlp(p.mlp, h, st)
+  if st is not None:
+    st["output"] = x
+  return x
+
+
+@jax.jit(static_argnames=("capture",))
+def _forward(model: Model, tokens: jax.Array, attention_mask: jax.Array | None, positions: jax.Array,
+             capture: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """The jitted forward: logits ``[B, T, V]`` and, when ``capture``, every stage in execution order."""
+  cfg, p = model.config, model.params
+  dtype = p.embed.dtype
+  b, t = tokens.shape
+  stages: list[jax.Array] = []
+  # Out-of-range ids give NaN rows (never a silently clamped row); forward() rejects them on the host first.
+  x = jnp.take(p.embed, tokens, axis=0, mode="fill", fill_value=jnp.nan)
+  if capture:
+    stages.append(x)
+  cos, sin = rope_cos_sin(jnp.broadcast_to(positions, (b, t)), cfg.head_dim, cfg.rope_theta, dtype)
+  bias = attention_mask_bias(attention_mask, b, t, dtype)
+  for i, layer in enumerate(p.layers):
+    st: dict[str, jax.Array] | None = {} if capture else None
+    x = _layer(layer, x, cos, sin, bias, cfg, st)
+    if capture:
+      stages.extend(st[name] for name in _LAYER_ORDER[cfg.qk_norm])
+  x = rms_norm(x, p.final_norm, cfg.rms_norm_eps)
+  head = p.embed if p.lm_head is None else p.lm_head
+  logits = _einsum("btd,vd->btv", x, head)
+  if capture:
+    stages += [x, logits]
+  return logits, tuple(stages)
+
+
+_LAYER_ORDER = {
+    qk: [name.split(".", 2)[2] for name in qwen_stage_names(1, qk_norm=qk) if name.startswith("layers.0.")]
+    for qk in (False, True)
+}
+
+
+def _is_concrete(x: Any) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_inputs(model: Model, tokens: Any, attention_mask: Any, positions: Any) -> tuple[Any, Any, Any]:
+  """Shapes, dtypes and (for concrete inputs) values; one-line UsageError on bad input."""
+  cfg = model.config
+  if not isinstance(tokens, jax.Array):
+    tokens = np.asarray(tokens)
+  if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
+    raise UsageError(f"tokens must be a non-empty int array [batch, seq], got shape {list(tokens.shape)}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise UsageError(f"tokens must be integers, got dtype {tokens.dtype}")
+  b, t = tokens.shape
+  if _is_concrete(tokens):
+    lo, hi = int(np.min(np.asarray(tokens))), int(np.max(np.asarray(tokens)))
+    if lo < 0 or hi >= cfg.vocab_size:
+      raise UsageError(f"token ids must lie in [0, {cfg.vocab_size}), got min {lo} max {hi}")
+  cfg.check_seq_len(t)
+  if attention_mask is not None:
+    if not isinstance(attention_mask, jax.Array):
+      attention_mask = np.asarray(attention_mask)
+    if tuple(attention_mask.shape) != (b, t):
+      raise UsageError(f"attention_mask must have the tokens' shape {[b, t]}, got {list(attention_mask.shape)}")
+    if not (jnp.issubdtype(attention_mask.dtype, jnp.integer) or attention_mask.dtype == jnp.bool_):
+      raise UsageError(f"attention_mask must be bool or integer 0/1, got dtype {attention_mask.dtype}")
+    if _is_concrete(attention_mask):
+      m = np.asarray(attention_mask)
+      if not np.isin(m, (0, 1)).all():
+        raise UsageError("attention_mask must hold only 0 and 1")
+  if positions is None:
+    positions = np.arange(t, dtype=np.int32)[None, :]
+  else:
+    if not isinstance(positions, jax.Array):
+      positions = np.asarray(positions)
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+      raise UsageError(f"positions must be integers, got dtype {positions.dtype}")
+    if positions.ndim == 1:
+      positions = positions[None, :]
+    if positions.ndim != 2 or positions.shape[1] != t or positions.shape[0] not in (1, b):
+      raise UsageError(f"positions must have shape [{t}], [1, {t}] or [{b}, {t}], got {list(positions.shape)}")
+  return tokens, attention_mask, positions
+
+
+def forward(model: Model, tokens: Any, *, attention_mask: Any = None, positions: Any = None, capture: bool = False):
+  """Runs the model on ``tokens[B, T]``.
+
+  Returns ``logits[B, T, V]`` in the model's dtype, or ``(logits, stages)``
+  with ``capture=True``, where ``stages`` is an ordered dict stage name ->
+  array in the names and layouts of :func:`parity_jax.stage_names.qwen_stage_names`.
+
+  ``attention_mask[B, T]`` (1 = real token, 0 = padding) masks padded keys,
+  like HF's 2-D mask. ``positions`` (``[T]``, ``[1, T]`` or ``[B, T]``) only
+  feed RoPE; the default is ``arange(T)`` for every row, which is what HF uses
+  when called without ``position_ids``, padded or not. Capture happens inside
+  the jitted computation (``capture`` is static): no host callbacks.
+  """
+  if not isinstance(model, Model):
+    raise UsageError(f"forward() needs a parity_jax.qwen2 Model, got {type(model).__name__}")
+  tokens, attention_mask, positions = _check_inputs(model, tokens, attention_mask, positions)
+  logits, stages = _forward(model, tokens, attention_mask, positions, bool(capture))
+  if not capture:
+    return logits
+  names = qwen_stage_names(model.config.num_layers, model.config.qk_norm)
+  assert len(names) == len(stages), (len(names), len(stages))
+  return logits, collections.OrderedDict(zip(names, stages))
