@@ -20,11 +20,12 @@ import jax.numpy as jnp
 
 from parity_jax.qwen2.config import QwenConfig, load_config, parse_config
 from parity_jax.qwen2.model import Model, forward
-from parity_jax.qwen2.params import KEY_TABLE, Attention, Layer, LoadReport, Mlp, Params, init_params, load_params
+from parity_jax.qwen2.params import (KEY_TABLE, Attention, Layer, LoadReport, Mlp, Params, init_params, load_params,
+                                     to_hf_tensors)
 
 __all__ = [
     "Attention", "KEY_TABLE", "Layer", "LoadReport", "Mlp", "Model", "Params", "QwenConfig",
-    "forward", "init_params", "load", "load_config", "load_params", "parse_config",
+    "forward", "init_params", "load", "load_config", "load_params", "parse_config", "to_hf_tensors",
 ]
 
 

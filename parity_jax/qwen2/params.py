@@ -51,7 +51,7 @@ from parity_jax.compare import bit_equal
 from parity_jax.errors import UsageError
 from parity_jax.qwen2.config import QwenConfig
 
-__all__ = ["Attention", "Mlp", "Layer", "Params", "LoadReport", "KEY_TABLE", "load_params", "init_params"]
+__all__ = ["Attention", "Mlp", "Layer", "Params", "LoadReport", "KEY_TABLE", "load_params", "init_params", "to_hf_tensors"]
 
 Array = Any  # jax.Array or np.ndarray
 
@@ -343,3 +343,27 @@ def init_params(cfg: QwenConfig, key: jax.Array, dtype: Any = jnp.float32, scale
     else:
       values[name] = (scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
   return _assemble(cfg, values, expected)
+
+
+def _get_field(params: Params, path: str) -> Any:
+  obj: Any = params
+  for part in path.split("."):
+    obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+  return obj
+
+
+def to_hf_tensors(params: Params, cfg: QwenConfig) -> dict[str, np.ndarray]:
+  """The inverse of the key table: HF tensor name -> host array in HF's shape (a reshape, no transpose).
+
+  Used to write test checkpoints without torch and to check that loading
+  round-trips bit for bit.
+  """
+  out: dict[str, np.ndarray] = {}
+  for name, key in _expected_names(cfg).items():
+    if key.per_layer:
+      i = int(re.match(r"model\.layers\.(\d+)\.", name).group(1))
+      value = _get_field(params, key.field.format(i=i))
+    else:
+      value = _get_field(params, key.field)
+    out[name] = np.asarray(value).reshape(key.hf_shape(cfg))
+  return out
