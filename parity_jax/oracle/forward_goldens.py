@@ -178,6 +178,19 @@ def _to_4x_style(config_path: str, store_dtype: str) -> None:
     f.write("\n")
 
 
+def _write_bundle(path: str, stages: dict[str, np.ndarray], provenance: dict[str, Any]) -> None:
+  """A stage bundle with byte-for-byte reproducible bytes.
+
+  ``stages.save_bundle`` goes through the safetensors library, whose Rust
+  HashMap writes the three metadata keys in a random order, so its files
+  differ run to run; ``BundleWriter`` writes the header with ``json.dumps``.
+  """
+  specs = [(name, a.shape, a.dtype) for name, a in stages.items()]
+  with stages_lib.BundleWriter(path, specs, provenance) as w:
+    for name, a in stages.items():
+      w.write(name, a)
+
+
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
@@ -254,7 +267,7 @@ def regenerate(goldens_dir: str) -> list[str]:
             PRODUCER, seed=seed, model=name, dtype=dtype, inputs=inputs, input_set=input_name,
             model_type=spec["model_type"], oracle="transformers eager attention, CPU",
             positions="default arange(T)")
-        stages_lib.save_bundle(path, stages, prov)
+        _write_bundle(path, stages, prov)
         written.append(path)
         entry = {"model": name, "dtype": dtype, "inputs": inputs, "input_set": input_name, "stages": len(stages)}
         if dtype == "float32":
