@@ -7,7 +7,6 @@ import os
 import pathlib
 from typing import Any
 
-import jax
 import numpy as np
 import safetensors.numpy
 
@@ -54,7 +53,7 @@ def config_dict(model_type: str = "qwen2", style: str = "5.x", **over: Any) -> d
 def random_tensors(cfg_dict: dict[str, Any], seed: int = 0, scale: float = 0.3) -> dict[str, np.ndarray]:
   """HF-named float32 tensors for ``cfg_dict`` (random, norms around 1), via the loader's own key table."""
   cfg = qwen2.parse_config(cfg_dict)
-  params = qwen2.init_params(cfg, jax.random.key(seed), scale=scale)
+  params = qwen2.init_params(cfg, seed, scale=scale, put=None)
   tensors = qwen2.to_hf_tensors(params, cfg)
   rng = np.random.default_rng(seed)
   for name in tensors:

@@ -327,22 +327,28 @@ def _assemble(cfg: QwenConfig, values: Mapping[str, np.ndarray], expected: Mappi
   return Params(embed=get("embed"), layers=tuple(layers), final_norm=get("final_norm"), lm_head=get("lm_head"))
 
 
-def init_params(cfg: QwenConfig, key: jax.Array, dtype: Any = jnp.float32, scale: float = 0.02) -> Params:
-  """Random parameters with this config's tree structure (for benchmarks and sharding experiments).
+def init_params(cfg: QwenConfig, seed: int = 0, dtype: Any = jnp.float32, scale: float = 0.02,
+                put: Callable[[Any], Any] | None = jax.device_put) -> Params:
+  """Random parameters with this config's tree structure (benchmarks, tests, sharding experiments).
 
-  Norm weights are ones, everything else ``scale * N(0, 1)``; the values mean
-  nothing, the shapes and structure match :func:`load_params` exactly.
+  Norm weights are ones, everything else ``scale * N(0, 1)`` drawn on the host
+  with ``numpy.random.default_rng(seed)`` in key-table order (fast even at
+  0.5B parameters). The values mean nothing; shapes and structure match
+  :func:`load_params` exactly.
   """
-  expected = _expected_names(cfg)
-  keys = jax.random.split(key, len(expected))
+  rng = np.random.default_rng(seed)
+  np_dtype = np.dtype(dtype)
   values = {}
-  for k, (name, row) in zip(keys, expected.items()):
+  for name, row in _expected_names(cfg).items():
     shape = row.shape(cfg)
     if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-      values[name] = jnp.ones(shape, dtype)
+      values[name] = np.ones(shape, np_dtype)
     else:
-      values[name] = (scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
-  return _assemble(cfg, values, expected)
+      a = rng.standard_normal(shape, dtype=np.float32)
+      a *= np.float32(scale)
+      values[name] = a.astype(np_dtype, copy=False)
+  params = _assemble(cfg, values, _expected_names(cfg))
+  return put(params) if put is not None else params
 
 
 def _get_field(params: Params, path: str) -> Any:
