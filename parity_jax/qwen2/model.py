@@ -160,7 +160,10 @@ def _attention(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array, bias:
   q = tap(prefix + "q_rope", apply_rope(q, cos, sin))
   k = tap(prefix + "k_rope", apply_rope(k, cos, sin))
   qg = q.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
-  scores = _einsum("btkgh,bskh->bkgts", qg, k) * jnp.asarray(cfg.head_dim ** -0.5, x.dtype)
+  scores = _einsum("btkgh,bskh->bkgts", qg, k)
+  # HF multiplies by the Python float hd**-0.5; torch does that in float32 ("opmath") and rounds
+  # once to the activation dtype, so the scale itself is never rounded to bfloat16.
+  scores = (scores.astype(jnp.float32) * jnp.float32(cfg.head_dim ** -0.5)).astype(x.dtype)
   scores = scores + bias[:, None, None, :, :]
   probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
   ctx = _einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
