@@ -64,6 +64,18 @@ def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
   return jnp.einsum(spec, *operands, precision=HIGHEST)
 
 
+def _heads_proj(x: jax.Array, w: jax.Array) -> jax.Array:
+  """``einsum("btd,nhd->btnh")`` computed as ``btd,fd->btf`` over the merged axis ``f = (n, h)``.
+
+  Same math, same HF ``[out, in]`` weight layout; a rank-2 weight lets XLA's CPU
+  dot read it in place, where the rank-3 form made it copy (transpose) every
+  attention weight on every call. The merge keeps ``n`` major, so a weight
+  sharded over heads stays sharded over the merged axis.
+  """
+  n, h, d = w.shape
+  return _einsum("btd,fd->btf", x, w.reshape(n * h, d)).reshape(*x.shape[:-1], n, h)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   """HF ``Qwen2RMSNorm``: normalise in float32, cast to ``x.dtype``, then scale by the weight."""
   xf = x.astype(jnp.float32)
@@ -146,9 +158,9 @@ def _attention(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array, bias:
                cfg: QwenConfig, tap: _Stages, prefix: str) -> jax.Array:
   """Self-attention of one layer: ``x[B, T, D]`` (already normed) -> o_proj output ``[B, T, D]``."""
   b, t, _ = x.shape
-  q = _einsum("btd,nhd->btnh", x, p.wq)
-  k = _einsum("btd,khd->btkh", x, p.wk)
-  v = _einsum("btd,khd->btkh", x, p.wv)
+  q = _heads_proj(x, p.wq)  # btd,nhd->btnh
+  k = _heads_proj(x, p.wk)  # btd,khd->btkh
+  v = _heads_proj(x, p.wv)  # btd,khd->btkh
   if p.bq is not None:
     q, k, v = q + p.bq, k + p.bk, v + p.bv
   q = tap(prefix + "q_proj", q, (b, t, -1))
@@ -168,7 +180,8 @@ def _attention(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array, bias:
   probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
   ctx = _einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
   ctx = tap(prefix + "attention", ctx, (b, t, -1))
-  out = _einsum("btnh,dnh->btd", ctx, p.wo)
+  # btnh,dnh->btd with the (n, h) pair merged into one axis f, for the same reason as _heads_proj.
+  out = _einsum("btf,df->btd", ctx.reshape(b, t, -1), p.wo.reshape(p.wo.shape[0], -1))
   if p.bo is not None:
     out = out + p.bo
   return tap(prefix + "attn_out", out)
