@@ -186,3 +186,12 @@ def test_bad_inputs_are_one_line_usage_errors(kwargs, needle):
   with pytest.raises(UsageError, match=needle) as e:
     qwen2.forward(model, tokens, **kwargs)
   assert "\n" not in str(e.value)
+
+
+def test_forward_composes_under_jit():
+  """forward() can be called inside a user's jit (traced tokens skip the host-side value checks)."""
+  model = _model("qwen2_tied")
+  g = golden("qwen2_tied")
+  tokens, _ = golden_inputs(g)
+  logits = jax.jit(lambda m, t: qwen2.forward(m, t))(model, jnp.asarray(tokens, jnp.int32))
+  assert diff_stats(g["logits"], np.asarray(logits)).rel_l2 <= REL_L2_F32
