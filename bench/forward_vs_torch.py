@@ -182,6 +182,21 @@ def main(argv):
       with torch.inference_mode():
         return hf(input_ids=ids, use_cache=False).logits
 
+    # torch's own matmul rate on the same groups (same operands, torch.einsum on the same specs):
+    # tells whether a JAX/torch gap is in the matmul kernels or around them.
+    tmm = []
+    for m in mm:
+      spec = next(spec for name, spec, _, _ in matmul_groups(cfg, params, 1, 1, dtype) if name == m["name"])
+      txs = [torch.from_numpy(np.array(x, dtype=np.float32)).to(tdtype) for x in m["xs"]]
+      tws = [torch.from_numpy(np.array(w, dtype=np.float32)).to(tdtype) for w in m["ws"]]
+
+      def run(spec=spec, txs=txs, tws=tws):
+        with torch.inference_mode():
+          return [torch.einsum(spec, x, w) for x, w in zip(txs, tws)]
+
+      run()
+      tmm.append((m["name"], run))
+
     ref = torch_fwd().float().numpy()
     ours = np.asarray(qwen2.forward(model, tokens)).astype(np.float32)
     parity = diff_stats(ref, ours)
@@ -193,6 +208,7 @@ def main(argv):
     contenders.insert(0, ("torch", torch_fwd))
   times: dict[str, list[float]] = {name: [] for name, _ in contenders}
   mm_times: dict[str, list[float]] = {m["name"]: [] for m in mm}
+  tmm_times: dict[str, list[float]] = {m["name"]: [] for m in mm}
   for r in range(_WARMUP.value + _ROUNDS.value):
     for name, fn in contenders:
       t0 = time.perf_counter()
@@ -203,6 +219,10 @@ def main(argv):
       dt = _median_time(lambda m=m: jax.block_until_ready(m["fn"](m["xs"], m["ws"])), 3)
       if r >= _WARMUP.value:
         mm_times[m["name"]].append(dt)
+    for name, run in (tmm if hf is not None else []):
+      dt = _median_time(run, 3)
+      if r >= _WARMUP.value:
+        tmm_times[name].append(dt)
     if r >= _WARMUP.value:
       print(f"round {r - _WARMUP.value + 1}: " + " ".join(f"{n}={times[n][-1]:.3f}s" for n in times), flush=True)
 
@@ -237,7 +257,11 @@ def main(argv):
   }
   if hf is not None:
     quiet = min(range(len(times["torch"])), key=lambda r: times["torch"][r] + times["jax"][r])
-    res |= {"jax_over_torch_paired_median": paired_torch,
+    tmm_med = {n: statistics.median(v) for n, v in tmm_times.items()}
+    res |= {"torch_matmul_only_s": sum(tmm_med.values()),
+            "torch_matmul_gflops": total_flops / sum(tmm_med.values()) / 1e9,
+            "torch_per_shape_gflops": {m["name"]: m["count"] * m["flops"] / tmm_med[m["name"]] / 1e9 for m in mm},
+            "jax_over_torch_paired_median": paired_torch,
             "quietest_round": {n: times[n][quiet] for n in times},
             "torch_s": med["torch"], "jax_over_torch": med["jax"] / med["torch"],
             "torch_gflops": total_flops / med["torch"] / 1e9, "torch_attn": _ATTN.value}
@@ -254,6 +278,10 @@ def main(argv):
   print(f"matmuls alone      {matmul_s:.3f} s  ({res['matmul_gflops']:.1f} GFLOP/s)   "
         f"forward achieves {100 * res['fraction_of_matmul_rate']:.1f}% of it  (target >= 90%)")
   print("  per shape GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in res["per_shape_gflops"].items()))
+  if hf is not None:
+    print(f"torch matmuls alone {res['torch_matmul_only_s']:.3f} s  ({res['torch_matmul_gflops']:.1f} GFLOP/s, "
+          f"torch.einsum on the same operands)")
+    print("  per shape GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in res["torch_per_shape_gflops"].items()))
   print(f"JAX capture=True   {med['jax_capture']:.3f} s   capture/plain = {res['capture_over_plain']:.3f} "
         f"(paired per round {paired_capture:.3f}; target <= 1.25)")
   print(f"load average       start {load_start}, end {os.getloadavg()} (other jobs may share the 2 cores)")
