@@ -210,7 +210,6 @@ def regenerate(goldens_dir: str) -> list[str]:
   import torch
   import transformers
 
-  torch.set_num_threads(max(1, torch.get_num_threads()))
   models_root = os.path.join(goldens_dir, "models")
   forward_root = os.path.join(goldens_dir, "forward")
   os.makedirs(models_root, exist_ok=True)

@@ -9,13 +9,20 @@ compared element by element against it:
 * rotate-half RoPE with HF's ``inv_freq = 1 / base ** (arange(0, hd, 2) / hd)``
   built in float32; ``cos``/``sin`` computed in float32 and cast to the
   activation dtype before they touch q and k;
-* scores ``(q @ k^T) * hd**-0.5`` plus an additive mask holding 0 where a key
+* scores ``(q @ k^T) * hd**-0.5`` (the scale applied in float32, as torch's
+  opmath does for a Python-float factor) plus an additive mask holding 0 where a key
   is visible and ``finfo(dtype).min`` where it is not (causal and padding),
   softmax in float32, probabilities cast back to the activation dtype;
 * GQA by grouping query heads ``h = kv * G + g`` onto kv head ``kv`` (HF's
   ``repeat_kv`` order), without materialising repeated keys;
 * every contraction is an ``einsum`` over named axes with
   ``precision=HIGHEST``, so float32 means float32 on every backend.
+
+Where float32 results can still differ from HF in the last bits: matmul
+accumulation order, the libm behind ``pow``/``cos``/``sin``/``exp``, and XLA's
+CPU backend contracting ``a*b + c`` into fused multiply-adds inside fusions
+(torch rounds the product first). On the goldens that is ~1e-6 relative L2 at
+worst, against the tests' 1e-5.
 
 Fully masked query rows (the padded positions of a left-padded batch) behave
 as in HF: every score there is ``score + finfo.min``, which rounds to exactly
