@@ -1,0 +1,101 @@
+"""Stage capture to a bundle file: what ``python -m tools.capture_stages`` runs.
+
+Kept in the library (not the tool) so tests and notebooks call the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from parity_jax import stages as stages_lib
+from parity_jax.errors import UsageError
+from parity_jax.qwen2.config import load_config
+from parity_jax.qwen2.model import Model, forward
+from parity_jax.qwen2.params import load_params
+
+__all__ = ["parse_int_rows", "capture_to_bundle", "DTYPES"]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_INT = re.compile(r"^[+-]?\d+$")
+
+
+def parse_int_rows(text: str, what: str) -> np.ndarray:
+  """``"1,2,3"`` -> ``[[1, 2, 3]]``; ``"1,2;3,4"`` -> ``[[1, 2], [3, 4]]`` (rows separated by ``;``).
+
+  Empty fields, non-integers and ragged rows are one-line :class:`UsageError` s.
+  """
+  text = text.strip()
+  if not text:
+    raise UsageError(f"--{what} is empty")
+  rows = []
+  for r, row in enumerate(text.split(";")):
+    fields = [f.strip() for f in row.split(",")]
+    bad = [f for f in fields if not _INT.match(f)]
+    if bad:
+      raise UsageError(f"--{what}: row {r} has non-integer entries {bad[:3]} (expected e.g. 1,2,3 or 1,2;3,4)")
+    rows.append([int(f) for f in fields])
+  lengths = sorted({len(r) for r in rows})
+  if len(lengths) > 1:
+    raise UsageError(f"--{what}: rows have different lengths {lengths}; pad them and pass --attention_mask")
+  a = np.asarray(rows, dtype=np.int64)
+  return a
+
+
+def capture_to_bundle(model_dir: str, tokens: np.ndarray, out: str, dtype: str = "float32",
+                      attention_mask: np.ndarray | None = None, strict: bool = True) -> dict[str, Any]:
+  """Loads ``model_dir``, runs ``forward(capture=True)`` and writes the stage bundle ``out``.
+
+  Everything that can be checked before loading weights is checked first
+  (config, token range, shapes, output path), so bad input fails fast and
+  nothing is written. Returns the provenance written.
+  """
+  if dtype not in DTYPES:
+    raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+  out = os.fspath(out)
+  if not out.endswith(".safetensors"):
+    raise UsageError(f"--out must name a .safetensors file, got {out!r}")
+  if os.path.isdir(out):
+    raise UsageError(f"--out is a directory: {out}")
+  parent = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(parent):
+    raise UsageError(f"--out: directory {parent} does not exist")
+  cfg = load_config(model_dir)  # missing dir / unsupported config
+  if os.path.commonpath([os.path.realpath(out), os.path.realpath(model_dir)]) == os.path.realpath(model_dir):
+    raise UsageError("--out must not be inside --model_dir (tools never modify their inputs)")
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 2:
+    raise UsageError(f"tokens must be [batch, seq], got shape {list(tokens.shape)}")
+  lo, hi = int(tokens.min()), int(tokens.max())
+  if lo < 0 or hi >= cfg.vocab_size:
+    raise UsageError(f"token ids must lie in [0, {cfg.vocab_size}) for this model, got min {lo} max {hi}")
+  if attention_mask is not None:
+    attention_mask = np.asarray(attention_mask)
+    if attention_mask.shape != tokens.shape:
+      raise UsageError(f"attention_mask shape {list(attention_mask.shape)} does not match tokens {list(tokens.shape)}")
+    if not np.isin(attention_mask, (0, 1)).all():
+      raise UsageError("attention_mask must hold only 0 and 1")
+  cfg.check_seq_len(tokens.shape[1])
+  params, report = load_params(model_dir, cfg, dtype=DTYPES[dtype], strict=strict)
+  model = Model(cfg, params)
+  _, stages = forward(model, tokens, attention_mask=attention_mask, capture=True)
+  stages = {name: np.asarray(jax.device_get(v)) for name, v in stages.items()}
+  prov = stages_lib.default_provenance(
+      "parity_jax.qwen2 (tools.capture_stages)",
+      model=os.path.basename(os.path.normpath(model_dir)),
+      model_dir=os.path.abspath(model_dir),
+      model_type=cfg.model_type,
+      dtype=dtype,
+      inputs={"tokens": tokens.tolist(), "attention_mask": None if attention_mask is None else attention_mask.tolist()},
+      positions="default arange(T)",
+      weight_files=[os.path.basename(f) for f in report.files],
+      stored_dtypes=list(report.stored_dtypes),
+      backend=jax.default_backend(),
+  )
+  stages_lib.save_bundle(out, stages, prov)
+  return prov

@@ -1,0 +1,302 @@
+"""Qwen2 / Qwen3 forward pass: pure jitted functions over the dataclass pytrees.
+
+The math follows transformers' ``modeling_qwen2`` / ``modeling_qwen3`` (eager
+attention) operation by operation, because the point of this model is to be
+compared element by element against it:
+
+* RMSNorm in float32, cast back to the activation dtype, *then* multiplied by
+  the weight (``weight * normed.to(input_dtype)``);
+* rotate-half RoPE with HF's ``inv_freq = 1 / base ** (arange(0, hd, 2) / hd)``
+  built in float32; ``cos``/``sin`` computed in float32 and cast to the
+  activation dtype before they touch q and k;
+* scores ``(q @ k^T) * hd**-0.5`` (the scale applied in float32, as torch's
+  opmath does for a Python-float factor) plus an additive mask holding 0 where a key
+  is visible and ``finfo(dtype).min`` where it is not (causal and padding),
+  softmax in float32, probabilities cast back to the activation dtype;
+* GQA by grouping query heads ``h = kv * G + g`` onto kv head ``kv`` (HF's
+  ``repeat_kv`` order), without materialising repeated keys;
+* every contraction is an ``einsum`` over named axes with
+  ``precision=HIGHEST``, so float32 means float32 on every backend.
+
+Where float32 results can still differ from HF in the last bits: matmul
+accumulation order, the libm behind ``pow``/``cos``/``sin``/``exp``, and XLA's
+CPU backend contracting ``a*b + c`` into fused multiply-adds inside fusions
+(torch rounds the product first). On the goldens that is ~1e-6 relative L2 at
+worst, against the tests' 1e-5.
+
+Fully masked query rows (the padded positions of a left-padded batch) behave
+as in HF: every score there is ``score + finfo.min``, which rounds to exactly
+``finfo.min``, so softmax spreads the row uniformly over all keys.
+
+Axis letters: b batch, t query position, s key position, d hidden, v vocab,
+n query heads, k kv heads, g query heads per kv head, h head_dim, i intermediate.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from parity_jax.errors import UsageError
+from parity_jax.qwen2.config import QwenConfig
+from parity_jax.qwen2.params import Attention, Layer, Mlp, Params
+from parity_jax.stage_names import qwen_stage_names
+
+__all__ = ["Model", "forward", "rms_norm", "rope_inv_freq", "rope_cos_sin", "apply_rope", "attention_mask_bias"]
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A config (static pytree metadata) plus its :class:`Params` (the leaves)."""
+
+  config: QwenConfig
+  params: Params
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.params.embed.dtype)
+
+
+jax.tree_util.register_dataclass(Model, data_fields=["params"], meta_fields=["config"])
+
+
+def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
+  return jnp.einsum(spec, *operands, precision=HIGHEST)
+
+
+def _heads_proj(x: jax.Array, w: jax.Array) -> jax.Array:
+  """``einsum("btd,nhd->btnh")`` computed as ``btd,fd->btf`` over the merged axis ``f = (n, h)``.
+
+  Same math, same HF ``[out, in]`` weight layout; a rank-2 weight lets XLA's CPU
+  dot read it in place, where the rank-3 form made it copy (transpose) every
+  attention weight on every call. The merge keeps ``n`` major, so a weight
+  sharded over heads stays sharded over the merged axis.
+  """
+  n, h, d = w.shape
+  return _einsum("btd,fd->btf", x, w.reshape(n * h, d)).reshape(*x.shape[:-1], n, h)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """HF ``Qwen2RMSNorm``: normalise in float32, cast to ``x.dtype``, then scale by the weight."""
+  xf = x.astype(jnp.float32)
+  variance = jnp.mean(xf * xf, axis=-1, keepdims=True)
+  normed = xf * jax.lax.rsqrt(variance + jnp.float32(eps))
+  return weight * normed.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+  """HF's default-RoPE ``inv_freq``: ``1.0 / (base ** (arange(0, dim, 2, float32) / dim))`` in float32.
+
+  The exponent is HF's float32 division; the power is evaluated in float64 and
+  rounded to float32 (a correctly rounded float32 power), then the float32
+  reciprocal, as HF takes it. torch evaluates the float32 power with SLEEF's
+  vectorised ``powf`` (1-ulp accurate, not always correctly rounded), so an
+  element can differ from torch's by an ulp or two; over 70 (head_dim, theta) pairs
+  99.4% of elements are bit-identical, the rest 1-2 ulp apart (checked by the live-oracle test).
+  A host constant baked into the jitted function.
+  """
+  exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  power = np.power(np.float64(np.float32(theta)), exponent.astype(np.float64)).astype(np.float32)
+  return (np.float32(1.0) / power).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """``cos``/``sin`` tables ``[B, T, hd]`` for integer positions ``[B, T]``, as HF's rotary embedding."""
+  inv_freq = jnp.asarray(rope_inv_freq(head_dim, theta))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+  half = x.shape[-1] // 2
+  return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate-half RoPE on ``x[B, T, heads, hd]`` with ``cos``/``sin`` ``[B, T, hd]``."""
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  return x * cos + _rotate_half(x) * sin
+
+
+def attention_mask_bias(attention_mask: jax.Array | None, batch: int, seq: int, dtype: Any) -> jax.Array:
+  """Additive mask ``[B, T, S]``: 0 where query t may see key s (s <= t and s not padding), else finfo.min."""
+  causal = jnp.arange(seq)[None, :] <= jnp.arange(seq)[:, None]  # [t, s]
+  allowed = causal[None]
+  if attention_mask is not None:
+    allowed = allowed & (attention_mask[:, None, :] != 0)
+  allowed = jnp.broadcast_to(allowed, (batch, seq, seq))
+  return jnp.where(allowed, jnp.zeros((), dtype), jnp.finfo(dtype).min)
+
+
+class _Stages:
+  """The stage boundaries of one forward pass, in execution order.
+
+  Every stage value passes through :meth:`__call__`; with ``capture`` it is
+  kept (in its canonical layout) as an extra output of the jitted program,
+  otherwise it is just passed on. Because capturing adds outputs, XLA compiles
+  a different program and may fuse elementwise work differently around them;
+  on CPU it contracts ``a*b + c`` into FMAs inside fusions, so the logits of
+  ``capture=True`` can differ from ``capture=False`` in the last bits (about
+  3e-7 relative L2 on the goldens). Each mode is deterministic on its own, and
+  the stages and logits of one capture run come from one program.
+  """
+
+  def __init__(self, capture: bool):
+    self.capture = capture
+    self.names: list[str] = []
+    self.values: list[jax.Array] = []
+
+  def __call__(self, name: str, x: jax.Array, layout: tuple[int, ...] | None = None) -> jax.Array:
+    if self.capture:
+      self.names.append(name)
+      self.values.append(x if layout is None else x.reshape(layout))
+    return x
+
+
+def _attention(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
+               cfg: QwenConfig, tap: _Stages, prefix: str) -> jax.Array:
+  """Self-attention of one layer: ``x[B, T, D]`` (already normed) -> o_proj output ``[B, T, D]``."""
+  b, t, _ = x.shape
+  q = _heads_proj(x, p.wq)  # btd,nhd->btnh
+  k = _heads_proj(x, p.wk)  # btd,khd->btkh
+  v = _heads_proj(x, p.wv)  # btd,khd->btkh
+  if p.bq is not None:
+    q, k, v = q + p.bq, k + p.bk, v + p.bv
+  q = tap(prefix + "q_proj", q, (b, t, -1))
+  k = tap(prefix + "k_proj", k, (b, t, -1))
+  v = tap(prefix + "v_proj", v, (b, t, -1))
+  if p.q_norm is not None:
+    q = tap(prefix + "q_norm", rms_norm(q, p.q_norm, cfg.rms_norm_eps))
+    k = tap(prefix + "k_norm", rms_norm(k, p.k_norm, cfg.rms_norm_eps))
+  q = tap(prefix + "q_rope", apply_rope(q, cos, sin))
+  k = tap(prefix + "k_rope", apply_rope(k, cos, sin))
+  qg = q.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
+  scores = _einsum("btkgh,bskh->bkgts", qg, k)
+  # HF multiplies by the Python float hd**-0.5; torch does that in float32 ("opmath") and rounds
+  # once to the activation dtype, so the scale itself is never rounded to bfloat16.
+  scores = (scores.astype(jnp.float32) * jnp.float32(cfg.head_dim ** -0.5)).astype(x.dtype)
+  scores = scores + bias[:, None, None, :, :]
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
+  ctx = _einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
+  ctx = tap(prefix + "attention", ctx, (b, t, -1))
+  # btnh,dnh->btd with the (n, h) pair merged into one axis f, for the same reason as _heads_proj.
+  out = _einsum("btf,df->btd", ctx.reshape(b, t, -1), p.wo.reshape(p.wo.shape[0], -1))
+  if p.bo is not None:
+    out = out + p.bo
+  return tap(prefix + "attn_out", out)
+
+
+def _mlp(p: Mlp, x: jax.Array, tap: _Stages, prefix: str) -> jax.Array:
+  """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``."""
+  gate = tap(prefix + "ffn_gate", _einsum("btd,id->bti", x, p.w_gate))
+  up = tap(prefix + "ffn_up", _einsum("btd,id->bti", x, p.w_up))
+  act = tap(prefix + "ffn_silu", jax.nn.silu(gate))
+  swiglu = tap(prefix + "ffn_swiglu", act * up)
+  return tap(prefix + "ffn_out", _einsum("bti,di->btd", swiglu, p.w_down))
+
+
+def _layer(p: Layer, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
+           cfg: QwenConfig, tap: _Stages, prefix: str) -> jax.Array:
+  """One pre-norm decoder layer."""
+  h = tap(prefix + "attn_norm", rms_norm(x, p.attn_norm, cfg.rms_norm_eps))
+  x = tap(prefix + "post_attn_residual", x + _attention(p.attn, h, cos, sin, bias, cfg, tap, prefix))
+  h = tap(prefix + "ffn_norm", rms_norm(x, p.ffn_norm, cfg.rms_norm_eps))
+  return tap(prefix + "output", x + _mlp(p.mlp, h, tap, prefix))
+
+
+@jax.jit(static_argnames=("capture",))
+def _forward(model: Model, tokens: jax.Array, attention_mask: jax.Array | None, positions: jax.Array,
+             capture: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """The jitted forward: logits ``[B, T, V]`` and, when ``capture``, every stage in execution order."""
+  cfg, p = model.config, model.params
+  dtype = p.embed.dtype
+  b, t = tokens.shape
+  tap = _Stages(capture)
+  # Out-of-range ids give NaN rows (never a silently clamped row); forward() rejects them on the host first.
+  x = tap("embedding", jnp.take(p.embed, tokens, axis=0, mode="fill", fill_value=jnp.nan))
+  cos, sin = rope_cos_sin(jnp.broadcast_to(positions, (b, t)), cfg.head_dim, cfg.rope_theta, dtype)
+  bias = attention_mask_bias(attention_mask, b, t, dtype)
+  for i, layer in enumerate(p.layers):
+    x = _layer(layer, x, cos, sin, bias, cfg, tap, f"layers.{i}.")
+  x = tap("final_norm", rms_norm(x, p.final_norm, cfg.rms_norm_eps))
+  head = p.embed if p.lm_head is None else p.lm_head
+  logits = tap("logits", _einsum("btd,vd->btv", x, head))
+  if capture and tap.names != qwen_stage_names(cfg.num_layers, cfg.qk_norm):
+    raise AssertionError(f"stage order drifted from parity_jax.stage_names: {tap.names[:6]}...")
+  return logits, tuple(tap.values)
+
+
+def _is_concrete(x: Any) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_inputs(model: Model, tokens: Any, attention_mask: Any, positions: Any) -> tuple[Any, Any, Any]:
+  """Shapes, dtypes and (for concrete inputs) values; one-line UsageError on bad input."""
+  cfg = model.config
+  if not isinstance(tokens, jax.Array):
+    tokens = np.asarray(tokens)
+  if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
+    raise UsageError(f"tokens must be a non-empty int array [batch, seq], got shape {list(tokens.shape)}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise UsageError(f"tokens must be integers, got dtype {tokens.dtype}")
+  b, t = tokens.shape
+  if _is_concrete(tokens):
+    lo, hi = int(np.min(np.asarray(tokens))), int(np.max(np.asarray(tokens)))
+    if lo < 0 or hi >= cfg.vocab_size:
+      raise UsageError(f"token ids must lie in [0, {cfg.vocab_size}), got min {lo} max {hi}")
+  cfg.check_seq_len(t)
+  if attention_mask is not None:
+    if not isinstance(attention_mask, jax.Array):
+      attention_mask = np.asarray(attention_mask)
+    if tuple(attention_mask.shape) != (b, t):
+      raise UsageError(f"attention_mask must have the tokens' shape {[b, t]}, got {list(attention_mask.shape)}")
+    if not (jnp.issubdtype(attention_mask.dtype, jnp.integer) or attention_mask.dtype == jnp.bool_):
+      raise UsageError(f"attention_mask must be bool or integer 0/1, got dtype {attention_mask.dtype}")
+    if _is_concrete(attention_mask):
+      m = np.asarray(attention_mask)
+      if not np.isin(m, (0, 1)).all():
+        raise UsageError("attention_mask must hold only 0 and 1")
+  if positions is None:
+    positions = np.arange(t, dtype=np.int32)[None, :]
+  else:
+    if not isinstance(positions, jax.Array):
+      positions = np.asarray(positions)
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+      raise UsageError(f"positions must be integers, got dtype {positions.dtype}")
+    if positions.ndim == 1:
+      positions = positions[None, :]
+    if positions.ndim != 2 or positions.shape[1] != t or positions.shape[0] not in (1, b):
+      raise UsageError(f"positions must have shape [{t}], [1, {t}] or [{b}, {t}], got {list(positions.shape)}")
+  return tokens, attention_mask, positions
+
+
+def forward(model: Model, tokens: Any, *, attention_mask: Any = None, positions: Any = None, capture: bool = False):
+  """Runs the model on ``tokens[B, T]``.
+
+  Returns ``logits[B, T, V]`` in the model's dtype, or ``(logits, stages)``
+  with ``capture=True``, where ``stages`` is an ordered dict stage name ->
+  array in the names and layouts of :func:`parity_jax.stage_names.qwen_stage_names`.
+
+  ``attention_mask[B, T]`` (1 = real token, 0 = padding) masks padded keys,
+  like HF's 2-D mask. ``positions`` (``[T]``, ``[1, T]`` or ``[B, T]``) only
+  feed RoPE; the default is ``arange(T)`` for every row, which is what HF uses
+  when called without ``position_ids``, padded or not. Capture happens inside
+  the jitted computation (``capture`` is static): no host callbacks.
+  """
+  if not isinstance(model, Model):
+    raise UsageError(f"forward() needs a parity_jax.qwen2 Model, got {type(model).__name__}")
+  tokens, attention_mask, positions = _check_inputs(model, tokens, attention_mask, positions)
+  logits, stages = _forward(model, tokens, attention_mask, positions, bool(capture))
+  if not capture:
+    return logits
+  names = qwen_stage_names(model.config.num_layers, model.config.qk_norm)
+  assert len(names) == len(stages), (len(names), len(stages))
+  return logits, collections.OrderedDict(zip(names, stages))

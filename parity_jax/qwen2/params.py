@@ -1,0 +1,375 @@
+"""Qwen2 / Qwen3 weights: dataclass pytrees and the HF safetensors loader.
+
+The pytree keeps HF's ``[out, in]`` weight layout, only split into named axes
+(``wq[H, hd, D]``, ``wo[D, H, hd]``), so loading is a reshape and never a
+transpose, and a later tensor-parallel placement can shard the ``heads`` and
+``intermediate`` axes with ``NamedSharding`` directly:
+
+=====================  ================  ===============================
+field                  shape             HF tensor
+=====================  ================  ===============================
+``embed``              ``[V, D]``        ``model.embed_tokens.weight``
+``layers[i].attn_norm````[D]``           ``...input_layernorm.weight``
+``...attn.wq``         ``[H, hd, D]``    ``...self_attn.q_proj.weight``
+``...attn.bq``         ``[H, hd]``       ``...self_attn.q_proj.bias``
+``...attn.wk/wv``      ``[K, hd, D]``    ``...self_attn.{k,v}_proj.weight``
+``...attn.bk/bv``      ``[K, hd]``       ``...self_attn.{k,v}_proj.bias``
+``...attn.wo``         ``[D, H, hd]``    ``...self_attn.o_proj.weight``
+``...attn.bo``         ``[D]``           ``...self_attn.o_proj.bias`` (Qwen3 + attention_bias)
+``...attn.q_norm``     ``[hd]``          ``...self_attn.q_norm.weight`` (Qwen3)
+``...attn.k_norm``     ``[hd]``          ``...self_attn.k_norm.weight`` (Qwen3)
+``layers[i].ffn_norm`` ``[D]``           ``...post_attention_layernorm.weight``
+``...mlp.w_gate/w_up`` ``[I, D]``        ``...mlp.{gate,up}_proj.weight``
+``...mlp.w_down``      ``[D, I]``        ``...mlp.down_proj.weight``
+``final_norm``         ``[D]``           ``model.norm.weight``
+``lm_head``            ``[V, D]``        ``lm_head.weight`` (None when tied)
+=====================  ================  ===============================
+
+Absent optional parts (biases, q/k norms, a tied ``lm_head``) are ``None``, so
+the tree structure itself says which variant a model is. The loader reads
+``*.safetensors`` (one file, or the shards named by
+``model.safetensors.index.json``) with the ``safetensors`` library, asserts
+every tensor's shape, and reports missing and unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import warnings
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors
+
+from parity_jax.compare import bit_equal
+from parity_jax.errors import UsageError
+from parity_jax.qwen2.config import QwenConfig
+
+__all__ = ["Attention", "Mlp", "Layer", "Params", "LoadReport", "KEY_TABLE", "load_params", "init_params", "to_hf_tensors"]
+
+Array = Any  # jax.Array or np.ndarray
+
+_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
+
+
+def _pytree(cls):
+  """Frozen dataclass registered as a pytree with every field a data field."""
+  cls = dataclasses.dataclass(frozen=True)(cls)
+  return jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in dataclasses.fields(cls)], meta_fields=[])
+
+
+@_pytree
+class Attention:
+  wq: Array  # [H, hd, D]
+  wk: Array  # [K, hd, D]
+  wv: Array  # [K, hd, D]
+  wo: Array  # [D, H, hd]
+  bq: Array | None = None  # [H, hd]
+  bk: Array | None = None  # [K, hd]
+  bv: Array | None = None  # [K, hd]
+  bo: Array | None = None  # [D]
+  q_norm: Array | None = None  # [hd]
+  k_norm: Array | None = None  # [hd]
+
+
+@_pytree
+class Mlp:
+  w_gate: Array  # [I, D]
+  w_up: Array  # [I, D]
+  w_down: Array  # [D, I]
+
+
+@_pytree
+class Layer:
+  attn_norm: Array  # [D]
+  attn: Attention
+  ffn_norm: Array  # [D]
+  mlp: Mlp
+
+
+@_pytree
+class Params:
+  embed: Array  # [V, D]
+  layers: tuple[Layer, ...]
+  final_norm: Array  # [D]
+  lm_head: Array | None = None  # [V, D]; None when tied to ``embed``
+
+
+@dataclasses.dataclass(frozen=True)
+class _Key:
+  """One row of the key table: HF name pattern -> pytree field, with both shapes."""
+
+  pattern: str  # regex over the HF name; group 1 is the layer index for per-layer keys
+  field: str  # dotted path in Params; "{i}" is the layer index
+  hf_shape: Callable[[QwenConfig], tuple[int, ...]]
+  shape: Callable[[QwenConfig], tuple[int, ...]]
+  needed: Callable[[QwenConfig], bool] = lambda c: True
+
+  @property
+  def per_layer(self) -> bool:
+    return "{i}" in self.field
+
+
+def _row(pattern, field, hf_shape, shape=None, needed=lambda c: True) -> _Key:
+  return _Key(pattern, field, hf_shape, shape or hf_shape, needed)
+
+
+_L = r"model\.layers\.(\d+)\."
+# The declarative table: every HF tensor this model reads, where it goes, and its shapes.
+KEY_TABLE: tuple[_Key, ...] = (
+    _row(r"model\.embed_tokens\.weight", "embed", lambda c: (c.vocab_size, c.hidden_size)),
+    _row(_L + r"input_layernorm\.weight", "layers.{i}.attn_norm", lambda c: (c.hidden_size,)),
+    _row(_L + r"self_attn\.q_proj\.weight", "layers.{i}.attn.wq", lambda c: (c.q_dim, c.hidden_size),
+         lambda c: (c.num_heads, c.head_dim, c.hidden_size)),
+    _row(_L + r"self_attn\.q_proj\.bias", "layers.{i}.attn.bq", lambda c: (c.q_dim,),
+         lambda c: (c.num_heads, c.head_dim), lambda c: c.qkv_bias),
+    _row(_L + r"self_attn\.k_proj\.weight", "layers.{i}.attn.wk", lambda c: (c.kv_dim, c.hidden_size),
+         lambda c: (c.num_kv_heads, c.head_dim, c.hidden_size)),
+    _row(_L + r"self_attn\.k_proj\.bias", "layers.{i}.attn.bk", lambda c: (c.kv_dim,),
+         lambda c: (c.num_kv_heads, c.head_dim), lambda c: c.qkv_bias),
+    _row(_L + r"self_attn\.v_proj\.weight", "layers.{i}.attn.wv", lambda c: (c.kv_dim, c.hidden_size),
+         lambda c: (c.num_kv_heads, c.head_dim, c.hidden_size)),
+    _row(_L + r"self_attn\.v_proj\.bias", "layers.{i}.attn.bv", lambda c: (c.kv_dim,),
+         lambda c: (c.num_kv_heads, c.head_dim), lambda c: c.qkv_bias),
+    _row(_L + r"self_attn\.o_proj\.weight", "layers.{i}.attn.wo", lambda c: (c.hidden_size, c.q_dim),
+         lambda c: (c.hidden_size, c.num_heads, c.head_dim)),
+    _row(_L + r"self_attn\.o_proj\.bias", "layers.{i}.attn.bo", lambda c: (c.hidden_size,), needed=lambda c: c.o_bias),
+    _row(_L + r"self_attn\.q_norm\.weight", "layers.{i}.attn.q_norm", lambda c: (c.head_dim,), needed=lambda c: c.qk_norm),
+    _row(_L + r"self_attn\.k_norm\.weight", "layers.{i}.attn.k_norm", lambda c: (c.head_dim,), needed=lambda c: c.qk_norm),
+    _row(_L + r"post_attention_layernorm\.weight", "layers.{i}.ffn_norm", lambda c: (c.hidden_size,)),
+    _row(_L + r"mlp\.gate_proj\.weight", "layers.{i}.mlp.w_gate", lambda c: (c.intermediate_size, c.hidden_size)),
+    _row(_L + r"mlp\.up_proj\.weight", "layers.{i}.mlp.w_up", lambda c: (c.intermediate_size, c.hidden_size)),
+    _row(_L + r"mlp\.down_proj\.weight", "layers.{i}.mlp.w_down", lambda c: (c.hidden_size, c.intermediate_size)),
+    _row(r"model\.norm\.weight", "final_norm", lambda c: (c.hidden_size,)),
+    _row(r"lm_head\.weight", "lm_head", lambda c: (c.vocab_size, c.hidden_size)),
+)
+_COMPILED = tuple((re.compile(k.pattern + r"\Z"), k) for k in KEY_TABLE)
+
+
+def _expected_names(cfg: QwenConfig) -> dict[str, _Key]:
+  """HF name -> table row for every tensor the config requires (lm_head only when untied)."""
+  out: dict[str, _Key] = {}
+  for key in KEY_TABLE:
+    if not key.needed(cfg):
+      continue
+    if key.field == "lm_head" and cfg.tie_word_embeddings:
+      continue
+    if key.per_layer:
+      template = key.pattern.replace(r"(\d+)", "{i}").replace("\\", "")
+      for i in range(cfg.num_layers):
+        out[template.format(i=i)] = key
+    else:
+      out[key.pattern.replace("\\", "")] = key
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+  """What the loader found: files read, stored dtypes, keys it could not place."""
+
+  files: tuple[str, ...]
+  stored_dtypes: tuple[str, ...]
+  unknown_keys: tuple[str, ...]
+  tied_lm_head_in_file: bool  # config ties embeddings and the file still carries a (bit-equal) lm_head.weight
+
+
+def _checkpoint_files(path: str) -> tuple[list[str], dict[str, str] | None]:
+  """The safetensors files of a checkpoint dir, and the index's weight_map when sharded."""
+  if not os.path.exists(path):
+    raise UsageError(f"no such checkpoint directory: {path}")
+  if not os.path.isdir(path):
+    raise UsageError(f"expected a checkpoint directory, got a file: {path}")
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+      raise UsageError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise UsageError(f"{index}: weight_map is empty or not an object")
+    files = sorted(set(weight_map.values()))
+    for name in files:
+      if os.path.basename(name) != name:
+        raise UsageError(f"{index}: shard name {name!r} must be a file name inside the checkpoint directory")
+      if not os.path.isfile(os.path.join(path, name)):
+        raise UsageError(f"{index}: shard {name} is missing")
+    return [os.path.join(path, n) for n in files], weight_map
+  single = os.path.join(path, "model.safetensors")
+  if os.path.isfile(single):
+    return [single], None
+  others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+  if others:
+    raise UsageError(f"{path}: has {others[:3]} but neither model.safetensors nor model.safetensors.index.json")
+  raise UsageError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _convert(a: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+  """Stored tensor -> requested dtype. Upcasts (bf16/f16 -> f32) are exact; f32 -> bf16 rounds to nearest even."""
+  if a.dtype not in (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
+    raise UsageError(f"{name}: stored dtype {a.dtype} is not a float dtype this loader reads (float32, float16, bfloat16)")
+  return a if a.dtype == dtype else a.astype(dtype)
+
+
+def load_params(path: str | os.PathLike, cfg: QwenConfig, dtype: Any = jnp.float32, strict: bool = True,
+                put: Callable[[Any], Any] | None = jax.device_put) -> tuple[Params, LoadReport]:
+  """Loads an HF Qwen2/Qwen3 checkpoint directory into :class:`Params`.
+
+  ``dtype`` is float32 (bf16/f16-stored tensors are upcast exactly) or
+  bfloat16 (bf16-stored tensors are taken as stored). Every tensor's shape is
+  asserted against the config. Missing keys always raise; unknown keys raise
+  when ``strict`` (the default) and are reported in the :class:`LoadReport`
+  and as a warning otherwise. ``put`` places the finished numpy tree
+  (``jax.device_put`` by default; pass ``None`` to keep host numpy arrays, or
+  a function applying shardings).
+  """
+  path = os.fspath(path)
+  np_dtype = np.dtype(dtype)
+  if np_dtype not in _DTYPES.values():
+    raise UsageError(f"dtype must be float32 or bfloat16, got {np_dtype}")
+  files, weight_map = _checkpoint_files(path)
+  expected = _expected_names(cfg)
+  values: dict[str, np.ndarray] = {}
+  unknown: list[str] = []
+  stored: set[str] = set()
+  lm_head_in_file = None
+  seen_in: dict[str, str] = {}
+  for file in files:
+    try:
+      handle = safetensors.safe_open(file, framework="numpy")
+      keys = list(handle.keys())
+    except Exception as e:  # safetensors raises its own error types for bad headers
+      raise UsageError(f"cannot read {file} as safetensors: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    for name in keys:
+      if name in seen_in:
+        raise UsageError(f"{name} appears in both {os.path.basename(seen_in[name])} and {os.path.basename(file)}")
+      seen_in[name] = file
+      if weight_map is not None and weight_map.get(name) != os.path.basename(file):
+        raise UsageError(f"{os.path.basename(file)} holds {name}, which the index maps to {weight_map.get(name)!r}")
+      if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        lm_head_in_file = (file, name)
+        continue
+      if name not in expected:
+        unknown.append(name)
+        continue
+      key = expected[name]
+      hf_shape = tuple(key.hf_shape(cfg))
+      got = tuple(handle.get_slice(name).get_shape())
+      if got != hf_shape:
+        raise UsageError(f"{name}: shape {list(got)} does not match the config's {list(hf_shape)}")
+      a = handle.get_tensor(name)
+      stored.add(str(a.dtype))
+      values[name] = _convert(a, np_dtype, name).reshape(key.shape(cfg))
+  if weight_map is not None:
+    absent = sorted(set(weight_map) - set(seen_in))
+    if absent:
+      raise UsageError(f"index lists {len(absent)} tensors its shards do not hold, e.g. {absent[:3]}")
+  missing = sorted(set(expected) - set(values), key=_natural)
+  if missing:
+    more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+    raise UsageError(f"{path}: {len(missing)} missing tensors: {', '.join(missing[:5])}{more}")
+  unknown.sort(key=_natural)
+  if unknown:
+    more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
+    msg = f"{path}: {len(unknown)} unknown tensors: {', '.join(unknown[:5])}{more}"
+    if strict:
+      raise UsageError(msg + " (load with strict=False to ignore them)")
+    warnings.warn(msg, stacklevel=2)
+  if lm_head_in_file is not None:
+    file, name = lm_head_in_file
+    with safetensors.safe_open(file, framework="numpy") as h:
+      lm = h.get_tensor(name)
+    embed_name = "model.embed_tokens.weight"
+    emb = values[embed_name]
+    if tuple(lm.shape) != (cfg.vocab_size, cfg.hidden_size) or not bit_equal(_convert(lm, np_dtype, name), emb):
+      raise UsageError(f"{path}: config ties word embeddings but lm_head.weight differs from {embed_name}")
+
+  params = _assemble(cfg, values, expected)
+  report = LoadReport(tuple(files), tuple(sorted(stored)), tuple(unknown), lm_head_in_file is not None)
+  return (put(params) if put is not None else params), report
+
+
+def _natural(name: str) -> list:
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _assemble(cfg: QwenConfig, values: Mapping[str, np.ndarray], expected: Mapping[str, _Key]) -> Params:
+  """Builds the pytree from HF name -> array, following the key table's field paths."""
+  fields: dict[str, np.ndarray] = {}
+  for name, key in expected.items():
+    if key.per_layer:
+      i = int(re.match(r"model\.layers\.(\d+)\.", name).group(1))
+      fields[key.field.format(i=i)] = values[name]
+    else:
+      fields[key.field] = values[name]
+
+  def get(path: str) -> np.ndarray | None:
+    return fields.get(path)
+
+  layers = []
+  for i in range(cfg.num_layers):
+    p = f"layers.{i}."
+    attn = Attention(
+        wq=get(p + "attn.wq"), wk=get(p + "attn.wk"), wv=get(p + "attn.wv"), wo=get(p + "attn.wo"),
+        bq=get(p + "attn.bq"), bk=get(p + "attn.bk"), bv=get(p + "attn.bv"), bo=get(p + "attn.bo"),
+        q_norm=get(p + "attn.q_norm"), k_norm=get(p + "attn.k_norm"))
+    mlp = Mlp(w_gate=get(p + "mlp.w_gate"), w_up=get(p + "mlp.w_up"), w_down=get(p + "mlp.w_down"))
+    layers.append(Layer(attn_norm=get(p + "attn_norm"), attn=attn, ffn_norm=get(p + "ffn_norm"), mlp=mlp))
+  return Params(embed=get("embed"), layers=tuple(layers), final_norm=get("final_norm"), lm_head=get("lm_head"))
+
+
+def init_params(cfg: QwenConfig, seed: int = 0, dtype: Any = jnp.float32, scale: float = 0.02,
+                put: Callable[[Any], Any] | None = jax.device_put) -> Params:
+  """Random parameters with this config's tree structure (benchmarks, tests, sharding experiments).
+
+  Norm weights are ones, everything else ``scale * N(0, 1)`` drawn on the host
+  with ``numpy.random.default_rng(seed)`` in key-table order (fast even at
+  0.5B parameters). The values mean nothing; shapes and structure match
+  :func:`load_params` exactly.
+  """
+  rng = np.random.default_rng(seed)
+  np_dtype = np.dtype(dtype)
+  values = {}
+  for name, row in _expected_names(cfg).items():
+    shape = row.shape(cfg)
+    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+      values[name] = np.ones(shape, np_dtype)
+    else:
+      a = rng.standard_normal(shape, dtype=np.float32)
+      a *= np.float32(scale)
+      values[name] = a.astype(np_dtype, copy=False)
+  params = _assemble(cfg, values, _expected_names(cfg))
+  return put(params) if put is not None else params
+
+
+def _get_field(params: Params, path: str) -> Any:
+  obj: Any = params
+  for part in path.split("."):
+    obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+  return obj
+
+
+def to_hf_tensors(params: Params, cfg: QwenConfig) -> dict[str, np.ndarray]:
+  """The inverse of the key table: HF tensor name -> host array in HF's shape (a reshape, no transpose).
+
+  Used to write test checkpoints without torch and to check that loading
+  round-trips bit for bit.
+  """
+  out: dict[str, np.ndarray] = {}
+  for name, key in _expected_names(cfg).items():
+    if key.per_layer:
+      i = int(re.match(r"model\.layers\.(\d+)\.", name).group(1))
+      value = _get_field(params, key.field.format(i=i))
+    else:
+      value = _get_field(params, key.field)
+    out[name] = np.asarray(value).reshape(key.hf_shape(cfg))
+  return out

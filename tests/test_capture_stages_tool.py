@@ -1,0 +1,95 @@
+"""tools.capture_stages through real subprocess calls: a good run, and one-line exit-2 errors for bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from parity_jax import qwen2
+from parity_jax.compare import bit_equal
+from parity_jax.stages import load_bundle
+from parity_jax.stage_names import qwen_stage_names
+from qwen_testlib import MODELS, ROOT
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, "-m", "tools.capture_stages", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+
+
+def test_capture_writes_bundle_matching_in_process_forward(tmp_path):
+  out = tmp_path / "b.safetensors"
+  r = _run(f"--model_dir={MODELS / 'qwen2_tied'}", "--tokens=0,0,5,6;7,8,9,10", "--attention_mask=0,0,1,1;1,1,1,1",
+           f"--out={out}")
+  assert r.returncode == 0, r.stderr
+  assert "wrote" in r.stdout and r.stderr.strip() == ""
+  bundle = load_bundle(out)
+  prov = bundle.provenance
+  assert prov["model"] == "qwen2_tied" and prov["dtype"] == "float32" and prov["model_type"] == "qwen2"
+  assert prov["inputs"] == {"tokens": [[0, 0, 5, 6], [7, 8, 9, 10]], "attention_mask": [[0, 0, 1, 1], [1, 1, 1, 1]]}
+  assert os.path.samefile(prov["model_dir"], MODELS / "qwen2_tied")
+  assert bundle.names == qwen_stage_names(2, qk_norm=False)
+  # Same code in this process gives the same bytes: determinism across processes.
+  model = qwen2.load(MODELS / "qwen2_tied")
+  _, stages = qwen2.forward(model, np.array([[0, 0, 5, 6], [7, 8, 9, 10]]),
+                            attention_mask=np.array([[0, 0, 1, 1], [1, 1, 1, 1]]), capture=True)
+  assert all(bit_equal(np.asarray(stages[n]), bundle[n]) for n in bundle)
+
+
+def test_capture_bfloat16(tmp_path):
+  out = tmp_path / "b16.safetensors"
+  r = _run(f"--model_dir={MODELS / 'qwen3'}", "--tokens=1,2,3", "--dtype=bfloat16", f"--out={out}")
+  assert r.returncode == 0, r.stderr
+  bundle = load_bundle(out)
+  assert bundle.provenance["dtype"] == "bfloat16" and bundle["logits"].dtype.name == "bfloat16"
+  assert "layers.1.q_norm" in bundle.names
+
+
+@pytest.fixture(scope="module")
+def unsupported_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("unsupported") / "m"
+  shutil.copytree(MODELS / "qwen2_gqa_bias", d)
+  cfg = json.loads((d / "config.json").read_text())
+  cfg["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0}
+  (d / "config.json").write_text(json.dumps(cfg))
+  return d
+
+
+BAD = {
+    "missing_dir": (["--model_dir={tmp}/nope", "--tokens=1,2"], "no such checkpoint directory"),
+    "unsupported": (["--model_dir={unsupported}", "--tokens=1,2"], "rope_type='yarn' is not implemented"),
+    "out_of_range": (["--model_dir={model}", "--tokens=1,2,384"], r"token ids must lie in \[0, 384\)"),
+    "negative": (["--model_dir={model}", "--tokens=1,-2"], r"token ids must lie in \[0, 384\)"),
+    "malformed": (["--model_dir={model}", "--tokens=1,x,3"], "non-integer"),
+    "empty_field": (["--model_dir={model}", "--tokens=1,,3"], "non-integer"),
+    "ragged": (["--model_dir={model}", "--tokens=1,2,3;4,5"], "different lengths"),
+    "mask_shape": (["--model_dir={model}", "--tokens=1,2,3", "--attention_mask=1,1"], "does not match tokens"),
+    "mask_values": (["--model_dir={model}", "--tokens=1,2,3", "--attention_mask=1,2,1"], "only 0 and 1"),
+    "no_tokens": (["--model_dir={model}"], "--tokens is required"),
+    "bad_dtype": (["--model_dir={model}", "--tokens=1", "--dtype=float16"], "dtype"),
+    "out_dir_missing": (["--model_dir={model}", "--tokens=1", "--out={tmp}/no/such/b.safetensors"], "does not exist"),
+    "out_in_model_dir": (["--model_dir={model}", "--tokens=1", "--out={model}/b.safetensors"], "must not be inside --model_dir"),
+    "stray_arg": (["--model_dir={model}", "--tokens=1", "extra"], "unexpected positional"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_exits_2_with_one_line(tmp_path, unsupported_dir, case):
+  args, needle = BAD[case]
+  subs = {"tmp": tmp_path, "unsupported": unsupported_dir, "model": MODELS / "qwen2_gqa_bias"}
+  args = [a.format(**subs) for a in args]
+  if not any(a.startswith("--out=") for a in args):
+    args.append(f"--out={tmp_path / 'b.safetensors'}")
+  before = sorted(os.listdir(MODELS / "qwen2_gqa_bias"))
+  r = _run(*args)
+  assert r.returncode == 2, (r.returncode, r.stderr)
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in r.stderr, r.stderr
+  import re
+  assert re.search(needle, lines[0]), lines[0]
+  assert not (tmp_path / "b.safetensors").exists()
+  assert sorted(os.listdir(MODELS / "qwen2_gqa_bias")) == before

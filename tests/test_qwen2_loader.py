@@ -1,0 +1,155 @@
+"""The safetensors loader: single file and sharded, tied embeddings, dtypes, missing/unknown keys, shapes."""
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors
+import safetensors.numpy
+
+from parity_jax import qwen2
+from parity_jax.compare import bit_equal
+from parity_jax.errors import UsageError
+from qwen_testlib import MODELS, config_dict, random_tensors, write_checkpoint
+
+
+def _leaves_equal(a, b):
+  import jax
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(bit_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_roundtrip_single_and_sharded(tmp_path, model_type):
+  cfg_dict = config_dict(model_type)
+  tensors = random_tensors(cfg_dict, seed=1)
+  single = qwen2.load(write_checkpoint(tmp_path / "single", cfg_dict, tensors))
+  sharded = qwen2.load(write_checkpoint(tmp_path / "sharded", cfg_dict, tensors, shards=3))
+  assert _leaves_equal(single.params, sharded.params)
+  back = qwen2.to_hf_tensors(single.params, single.config)
+  assert sorted(back) == sorted(tensors) and all(bit_equal(back[k], tensors[k]) for k in tensors)
+  p = single.params.layers[1].attn
+  hd = 8 if model_type == "qwen2" else 16  # qwen3 config: explicit head_dim 16 != 32 // 4
+  assert p.wq.shape == (4, hd, 32) and p.wk.shape == (2, hd, 32) and p.wo.shape == (32, 4, hd)
+  if model_type == "qwen2":
+    assert p.bq.shape == (4, 8) and p.bk.shape == (2, 8) and p.q_norm is None and p.bo is None
+  else:
+    assert p.bq is None and p.bo is None and p.q_norm.shape == (16,) and p.k_norm.shape == (16,)
+
+
+def test_golden_sharded_bf16_checkpoint_upcasts_exactly():
+  """qwen2_tied: 5 bf16 shards, tied embeddings, no lm_head.weight on disk (like Qwen2.5-0.5B)."""
+  index = json.loads((MODELS / "qwen2_tied" / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) >= 3 and "lm_head.weight" not in index["weight_map"]
+  m32 = qwen2.load(MODELS / "qwen2_tied", dtype=jnp.float32)
+  m16 = qwen2.load(MODELS / "qwen2_tied", dtype=jnp.bfloat16)
+  assert m32.params.lm_head is None and m32.config.tie_word_embeddings
+  stored = {}
+  for fname in set(index["weight_map"].values()):
+    with safetensors.safe_open(str(MODELS / "qwen2_tied" / fname), framework="numpy") as f:
+      stored.update({k: f.get_tensor(k) for k in f.keys()})
+  h32 = qwen2.to_hf_tensors(m32.params, m32.config)
+  h16 = qwen2.to_hf_tensors(m16.params, m16.config)
+  for name, value in stored.items():
+    assert value.dtype == ml_dtypes.bfloat16
+    assert bit_equal(h16[name], value), name  # bf16 as stored
+    assert bit_equal(h32[name], value.astype(np.float32)), name  # exact upcast
+    assert bit_equal(h32[name].astype(ml_dtypes.bfloat16), value), name  # ... and nothing was rounded
+
+
+def test_tied_embeddings_use_embed_as_lm_head(tmp_path):
+  tied_cfg = config_dict(tie_word_embeddings=True)
+  tensors = random_tensors(tied_cfg, seed=2)
+  assert "lm_head.weight" not in tensors
+  tied = qwen2.load(write_checkpoint(tmp_path / "tied", tied_cfg, tensors))
+  assert tied.params.lm_head is None
+  untied_cfg = config_dict(tie_word_embeddings=False)
+  untied = qwen2.load(write_checkpoint(tmp_path / "untied", untied_cfg,
+                                       dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"].copy()})))
+  tokens = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+  assert bit_equal(np.asarray(qwen2.forward(tied, tokens)), np.asarray(qwen2.forward(untied, tokens)))
+  # A tied config with a bit-identical lm_head.weight on disk loads; a different one is refused.
+  same = write_checkpoint(tmp_path / "tied_same", tied_cfg, dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"].copy()}))
+  assert qwen2.load(same).params.lm_head is None
+  other = dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"] + 1})
+  with pytest.raises(UsageError, match="ties word embeddings but lm_head.weight differs"):
+    qwen2.load(write_checkpoint(tmp_path / "tied_diff", tied_cfg, other))
+
+
+def test_missing_unknown_and_misshapen_tensors(tmp_path):
+  cfg_dict = config_dict()
+  tensors = random_tensors(cfg_dict, seed=3)
+  missing = {k: v for k, v in tensors.items() if k != "model.layers.1.self_attn.k_proj.bias"}
+  with pytest.raises(UsageError, match=r"1 missing tensors: model.layers.1.self_attn.k_proj.bias"):
+    qwen2.load(write_checkpoint(tmp_path / "missing", cfg_dict, missing))
+  no_head = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+  with pytest.raises(UsageError, match="missing tensors: lm_head.weight"):
+    qwen2.load(write_checkpoint(tmp_path / "nohead", cfg_dict, no_head))
+  extra = dict(tensors, **{"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32),
+                           "model.layers.5.mlp.gate_proj.weight": np.ones((48, 32), np.float32)})
+  path = write_checkpoint(tmp_path / "extra", cfg_dict, extra)
+  with pytest.raises(UsageError, match="2 unknown tensors: model.layers.0.self_attn.rotary_emb.inv_freq, model.layers.5"):
+    qwen2.load(path)
+  with pytest.warns(UserWarning, match="2 unknown tensors"):
+    model = qwen2.load(path, strict=False)
+  cfg = qwen2.parse_config(cfg_dict)
+  with pytest.warns(UserWarning):
+    _, report = qwen2.load_params(path, cfg, strict=False)
+  assert report.unknown_keys == ("model.layers.0.self_attn.rotary_emb.inv_freq", "model.layers.5.mlp.gate_proj.weight")
+  assert model.params.layers[0].mlp.w_gate.shape == (48, 32)
+  bad = dict(tensors, **{"model.layers.0.self_attn.q_proj.weight": np.ones((32, 33), np.float32)})
+  with pytest.raises(UsageError, match=r"model.layers.0.self_attn.q_proj.weight: shape \[32, 33\] does not match the config's \[32, 32\]"):
+    qwen2.load(write_checkpoint(tmp_path / "shape", cfg_dict, bad))
+  # Qwen3 without biases: a q_proj.bias on disk is an unknown key, not silently used or dropped.
+  q3 = config_dict("qwen3")
+  t3 = dict(random_tensors(q3, seed=4), **{"model.layers.0.self_attn.q_proj.bias": np.ones(64, np.float32)})
+  with pytest.raises(UsageError, match="unknown tensors: model.layers.0.self_attn.q_proj.bias"):
+    qwen2.load(write_checkpoint(tmp_path / "q3bias", q3, t3))
+
+
+def test_checkpoint_layout_errors(tmp_path):
+  cfg_dict = config_dict()
+  tensors = random_tensors(cfg_dict, seed=5)
+  with pytest.raises(UsageError, match="no such checkpoint directory"):
+    qwen2.load(tmp_path / "nope")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "config.json").write_text(json.dumps(cfg_dict))
+  with pytest.raises(UsageError, match="no model.safetensors"):
+    qwen2.load(empty)
+  sharded = write_checkpoint(tmp_path / "sharded", cfg_dict, tensors, shards=3)
+  broken = tmp_path / "broken"
+  shutil.copytree(sharded, broken)
+  (broken / "model-00002-of-00003.safetensors").unlink()
+  with pytest.raises(UsageError, match="shard model-00002-of-00003.safetensors is missing"):
+    qwen2.load(broken)
+  lying = tmp_path / "lying"
+  shutil.copytree(sharded, lying)
+  index = json.loads((lying / "model.safetensors.index.json").read_text())
+  index["weight_map"]["model.norm.weight"] = "model-00001-of-00003.safetensors" if index["weight_map"]["model.norm.weight"] != "model-00001-of-00003.safetensors" else "model-00002-of-00003.safetensors"
+  (lying / "model.safetensors.index.json").write_text(json.dumps(index))
+  with pytest.raises(UsageError, match="model.norm.weight, which the index maps to"):
+    qwen2.load(lying)
+  corrupt = tmp_path / "corrupt"
+  corrupt.mkdir()
+  (corrupt / "config.json").write_text(json.dumps(cfg_dict))
+  (corrupt / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+  with pytest.raises(UsageError, match="cannot read .* as safetensors"):
+    qwen2.load(corrupt)
+  ints = dict(tensors, **{"model.norm.weight": np.ones(32, np.int32)})
+  with pytest.raises(UsageError, match="stored dtype int32"):
+    qwen2.load(write_checkpoint(tmp_path / "ints", cfg_dict, ints))
+  with pytest.raises(UsageError, match="dtype must be float32 or bfloat16"):
+    qwen2.load(sharded, dtype=jnp.float16)
+
+
+def test_bfloat16_load_rounds_float32_to_nearest_even(tmp_path):
+  cfg_dict = config_dict()
+  tensors = random_tensors(cfg_dict, seed=6)
+  model = qwen2.load(write_checkpoint(tmp_path / "m", cfg_dict, tensors), dtype=jnp.bfloat16)
+  back = qwen2.to_hf_tensors(model.params, model.config)
+  for name, value in tensors.items():
+    assert bit_equal(back[name], value.astype(ml_dtypes.bfloat16)), name
