@@ -1,10 +1,7 @@
-"""A small HF transformers stage capture for testing and calibrating the bundle comparison.
+"""Tiny seeded HF Qwen models for testing and calibrating the bundle comparison (needs torch + transformers).
 
-Forward hooks on a HF Qwen2/Qwen3 model record the stages that are module
-inputs or outputs, under the canonical names of parity_jax.stage_names
-(``q_rope``/``k_rope`` are computed inside the attention function and are not
-captured here). This is a test/bench helper, not the oracle's golden capture
-(parity_jax.oracle.forward_goldens). Needs torch + transformers.
+Stages are captured with the oracle's own capture,
+:func:`parity_jax.oracle.hf_forward.capture_hf_stages`.
 """
 
 from __future__ import annotations
@@ -14,7 +11,7 @@ import numpy as np
 
 def tiny_qwen(kind: str = "qwen2", num_layers: int = 4, init: float = 0.02, seed: int = 0, hidden: int = 64,
               vocab: int = 256):
-  """A seeded random HF model in float32 with non-zero q/k/v biases (Qwen2) so that dropping one shows."""
+  """A seeded random HF model in float32, eager attention, with non-zero q/k/v biases (Qwen2) so that dropping one shows."""
   import torch
   import transformers
 
@@ -23,11 +20,15 @@ def tiny_qwen(kind: str = "qwen2", num_layers: int = 4, init: float = 0.02, seed
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=init,
                 tie_word_embeddings=False)
   if kind == "qwen2":
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    config = transformers.Qwen2Config(**common)
+    model_cls = transformers.Qwen2ForCausalLM
   elif kind == "qwen3":
-    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=hidden // 4, **common))
+    config = transformers.Qwen3Config(head_dim=hidden // 4, **common)
+    model_cls = transformers.Qwen3ForCausalLM
   else:
     raise ValueError(kind)
+  config._attn_implementation = "eager"
+  model = model_cls(config)
   with torch.no_grad():
     for layer in model.model.layers:
       for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -37,46 +38,7 @@ def tiny_qwen(kind: str = "qwen2", num_layers: int = 4, init: float = 0.02, seed
 
 
 def capture(model, tokens) -> dict[str, np.ndarray]:
-  """Runs ``model`` on ``tokens`` and returns name -> numpy array (model dtype) in execution order."""
-  import torch
+  """The oracle's stages of ``model`` on ``tokens``, in the model's dtype, in execution order."""
+  from parity_jax.oracle.hf_forward import capture_hf_stages
 
-  out: dict[str, np.ndarray] = {}
-  hooks = []
-
-  def hook(name, use_input=False):
-    def f(mod, args, result):
-      x = args[0] if use_input else (result[0] if isinstance(result, tuple) else result)
-      x = x.detach()
-      out[name] = x.float().numpy() if x.dtype == torch.bfloat16 else x.numpy().copy()
-      if x.dtype == torch.bfloat16:  # keep bf16 as bf16 (exactly), not widened
-        import ml_dtypes
-        out[name] = out[name].astype(ml_dtypes.bfloat16)
-    return f
-
-  m = model.model
-  hooks.append(m.embed_tokens.register_forward_hook(hook("embedding")))
-  for i, layer in enumerate(m.layers):
-    p = f"layers.{i}."
-    att, mlp = layer.self_attn, layer.mlp
-    pairs = [(layer.input_layernorm, "attn_norm", False), (att.q_proj, "q_proj", False), (att.k_proj, "k_proj", False),
-             (att.v_proj, "v_proj", False)]
-    if hasattr(att, "q_norm"):
-      pairs += [(att.q_norm, "q_norm", False), (att.k_norm, "k_norm", False)]
-    pairs += [(att.o_proj, "attention", True), (att.o_proj, "attn_out", False),
-              (layer.post_attention_layernorm, "post_attn_residual", True), (layer.post_attention_layernorm, "ffn_norm", False),
-              (mlp.gate_proj, "ffn_gate", False), (mlp.up_proj, "ffn_up", False), (mlp.act_fn, "ffn_silu", False),
-              (mlp.down_proj, "ffn_swiglu", True), (mlp.down_proj, "ffn_out", False), (layer, "output", False)]
-    hooks += [mod.register_forward_hook(hook(p + name, use_input)) for mod, name, use_input in pairs]
-  hooks.append(m.norm.register_forward_hook(hook("final_norm")))
-  try:
-    with torch.no_grad():
-      logits = model(torch.as_tensor(tokens)).logits.detach()
-  finally:
-    for h in hooks:
-      h.remove()
-  out["logits"] = logits.float().numpy() if logits.dtype == torch.bfloat16 else logits.numpy().copy()
-  if logits.dtype == torch.bfloat16:
-    import ml_dtypes
-    out["logits"] = out["logits"].astype(ml_dtypes.bfloat16)
-  from parity_jax.stage_names import qwen_stage_sort_key
-  return dict(sorted(out.items(), key=lambda kv: qwen_stage_sort_key(kv[0])))
+  return dict(capture_hf_stages(model, np.asarray(tokens)))

@@ -74,13 +74,13 @@ def load_hf_model(model_dir: str | os.PathLike, dtype: str = "float32"):
 
 
 def _to_numpy(t) -> np.ndarray:
-  """torch tensor -> numpy, keeping float32 and bfloat16 bit-exact."""
+  """torch tensor -> numpy, keeping float32, float64 and bfloat16 bit-exact."""
   import torch
 
   t = t.detach().to("cpu").contiguous()
   if t.dtype == torch.bfloat16:
     return t.view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
-  if t.dtype != torch.float32:
+  if t.dtype not in (torch.float32, torch.float64):
     raise UsageError(f"unexpected stage dtype {t.dtype}")
   return t.numpy().copy()
 
