@@ -19,7 +19,7 @@ from parity_jax.qwen2.config import load_config
 from parity_jax.qwen2.model import Model, forward
 from parity_jax.qwen2.params import load_params
 
-__all__ = ["parse_int_rows", "capture_to_bundle", "DTYPES"]
+__all__ = ["DTYPES", "capture_stages", "capture_to_bundle", "check_inputs", "check_out_path", "parse_int_rows"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _INT = re.compile(r"^[+-]?\d+$")
@@ -47,30 +47,29 @@ def parse_int_rows(text: str, what: str) -> np.ndarray:
   return a
 
 
-def capture_to_bundle(model_dir: str, tokens: np.ndarray, out: str, dtype: str = "float32",
-                      attention_mask: np.ndarray | None = None, strict: bool = True) -> dict[str, Any]:
-  """Loads ``model_dir``, runs ``forward(capture=True)`` and writes the stage bundle ``out``.
-
-  Everything that can be checked before loading weights is checked first
-  (config, token range, shapes, output path), so bad input fails fast and
-  nothing is written. Returns the provenance written.
-  """
-  if dtype not in DTYPES:
-    raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+def check_out_path(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = (), flag: str = "--out") -> str:
+  """Validates an output ``.safetensors`` path before any work: parent exists, not a dir, not inside an input."""
   out = os.fspath(out)
   if not out.endswith(".safetensors"):
-    raise UsageError(f"--out must name a .safetensors file, got {out!r}")
+    raise UsageError(f"{flag} must name a .safetensors file, got {out!r}")
   if os.path.isdir(out):
-    raise UsageError(f"--out is a directory: {out}")
+    raise UsageError(f"{flag} is a directory: {out}")
   parent = os.path.dirname(os.path.abspath(out))
   if not os.path.isdir(parent):
-    raise UsageError(f"--out: directory {parent} does not exist")
-  cfg = load_config(model_dir)  # missing dir / unsupported config
-  if os.path.commonpath([os.path.realpath(out), os.path.realpath(model_dir)]) == os.path.realpath(model_dir):
-    raise UsageError("--out must not be inside --model_dir (tools never modify their inputs)")
+    raise UsageError(f"{flag}: directory {parent} does not exist")
+  real = os.path.realpath(out)
+  for src in inputs:
+    src_real = os.path.realpath(src)
+    if real == src_real or (os.path.isdir(src_real) and os.path.commonpath([real, src_real]) == src_real):
+      raise UsageError(f"{flag} must not overwrite or lie inside an input ({src}); tools never modify their inputs")
+  return out
+
+
+def check_inputs(cfg, tokens: Any, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
+  """Token range, batch shape and padding mask against ``cfg``: one-line :class:`UsageError` s."""
   tokens = np.asarray(tokens)
-  if tokens.ndim != 2:
-    raise UsageError(f"tokens must be [batch, seq], got shape {list(tokens.shape)}")
+  if tokens.ndim != 2 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
+    raise UsageError(f"tokens must be a non-empty int array [batch, seq], got {tokens.dtype} {list(tokens.shape)}")
   lo, hi = int(tokens.min()), int(tokens.max())
   if lo < 0 or hi >= cfg.vocab_size:
     raise UsageError(f"token ids must lie in [0, {cfg.vocab_size}) for this model, got min {lo} max {hi}")
@@ -81,6 +80,19 @@ def capture_to_bundle(model_dir: str, tokens: np.ndarray, out: str, dtype: str =
     if not np.isin(attention_mask, (0, 1)).all():
       raise UsageError("attention_mask must hold only 0 and 1")
   cfg.check_seq_len(tokens.shape[1])
+  return tokens, attention_mask
+
+
+def capture_stages(model_dir: str | os.PathLike, tokens: Any, dtype: str = "float32", attention_mask: Any = None,
+                   strict: bool = True) -> stages_lib.StageBundle:
+  """Loads ``model_dir``, runs ``forward(capture=True)`` and returns the stages as a bundle with provenance.
+
+  The config and the inputs are checked before any weight is read.
+  """
+  if dtype not in DTYPES:
+    raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+  cfg = load_config(model_dir)  # missing dir / unsupported config
+  tokens, attention_mask = check_inputs(cfg, tokens, attention_mask)
   params, report = load_params(model_dir, cfg, dtype=DTYPES[dtype], strict=strict)
   model = Model(cfg, params)
   _, stages = forward(model, tokens, attention_mask=attention_mask, capture=True)
@@ -97,5 +109,17 @@ def capture_to_bundle(model_dir: str, tokens: np.ndarray, out: str, dtype: str =
       stored_dtypes=list(report.stored_dtypes),
       backend=jax.default_backend(),
   )
-  stages_lib.save_bundle(out, stages, prov)
-  return prov
+  return stages_lib.StageBundle(stages, prov)
+
+
+def capture_to_bundle(model_dir: str, tokens: np.ndarray, out: str, dtype: str = "float32",
+                      attention_mask: np.ndarray | None = None, strict: bool = True) -> dict[str, Any]:
+  """:func:`capture_stages` written to the stage bundle ``out``; returns the provenance written.
+
+  The output path is checked before anything runs, so bad input fails fast and
+  nothing is written.
+  """
+  out = check_out_path(out, (model_dir,))
+  bundle = capture_stages(model_dir, tokens, dtype=dtype, attention_mask=attention_mask, strict=strict)
+  bundle.save(out)
+  return bundle.provenance
