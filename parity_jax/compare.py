@@ -320,8 +320,14 @@ class DiffAccumulator:
     cand = np.flatnonzero(differs)
     if cand.size > k:
       # Largest |diff| first; bitwise-only differences (|diff| == 0) still rank.
-      part = np.argpartition(-d[cand], k - 1)[:k]
-      cand = cand[part]
+      # Ties at the k-th value go to the lowest indices (``cand`` is ascending,
+      # and a box's C order is monotone in the full array's flat order), so the
+      # result does not depend on how the arrays were chunked.
+      dc = d[cand]
+      kth = np.partition(dc, dc.size - k)[dc.size - k]
+      above = cand[dc > kth]
+      ties = cand[dc == kth][: k - above.size]
+      cand = np.concatenate([above, ties])
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     width = a.dtype.itemsize
     bits_a_all = flat_a.view(_UINT_OF_WIDTH[width])

@@ -34,7 +34,6 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 import safetensors
-import safetensors.numpy
 
 from parity_jax.compare import c_contiguous
 from parity_jax.errors import UsageError
@@ -168,18 +167,15 @@ def _metadata(names: Sequence[str], provenance: Mapping[str, Any] | None) -> dic
 def save_bundle(path: str | os.PathLike, stages: Mapping[str, Any], provenance: Mapping[str, Any] | None = None) -> None:
   """Writes ``stages`` (in their iteration order) and ``provenance`` to ``path``.
 
-  The file is written next to ``path`` and renamed into place, so a crash
-  never leaves a truncated bundle behind.
+  The bytes are a deterministic function of the inputs (the safetensors
+  library writes header metadata in hash-map order; :class:`BundleWriter`
+  does not), and the file is written next to ``path`` and renamed into place,
+  so a crash never leaves a truncated bundle behind.
   """
   arrays = collections.OrderedDict((name, _to_numpy(v)) for name, v in stages.items())
-  path = os.fspath(path)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    safetensors.numpy.save_file(arrays, tmp, metadata=_metadata(list(arrays), provenance))
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with BundleWriter(path, [(n, a.shape, a.dtype) for n, a in arrays.items()], provenance) as w:
+    for name, a in arrays.items():
+      w.write(name, a)
 
 
 class BundleReader:

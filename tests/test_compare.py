@@ -153,3 +153,15 @@ def test_accumulator_refuses_incomplete_or_outside_chunks():
     acc.result()
   with pytest.raises(ComparisonError, match="outside"):
     acc.update(np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32), origin=(3, 0))
+
+
+def test_top_k_ties_do_not_depend_on_chunking():
+  a = np.zeros((40, 50), np.float32)
+  b = np.ones_like(a)  # every element differs by exactly 1: all tied...
+  b.reshape(-1)[::7] = 0.5  # ...except a sprinkle of smaller differences
+  expected = [(0, 1), (0, 2), (0, 3)]  # lowest flat indices among the largest |diff|
+  assert [t.index for t in compare.diff_stats(a, b, top_k=3).top_k] == expected
+  acc = compare.DiffAccumulator(a.shape, a.dtype, top_k=3)
+  for r in (30, 20, 10, 0):  # row chunks arriving last-first
+    acc.update(a[r : r + 10], b[r : r + 10], origin=(r, 0))
+  assert [t.index for t in acc.result().top_k] == expected

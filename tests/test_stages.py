@@ -112,3 +112,11 @@ def test_corrupt_npz_is_a_usage_error(tmp_path):
   bad.write_bytes(b"PK\x03\x04 not really a zip")
   with pytest.raises(UsageError, match="cannot read .* as .npz"):
     stages.load_bundle(bad)
+
+
+def test_save_bundle_is_byte_deterministic(tmp_path):
+  data = _example()
+  prov = {"producer": "x", "seed": 1, "inputs": {"tokens": [[1, 2]]}, "z": 0, "a": 1}
+  stages.save_bundle(tmp_path / "1.safetensors", data, prov)
+  stages.save_bundle(tmp_path / "2.safetensors", dict(data), dict(reversed(list(prov.items()))))
+  assert (tmp_path / "1.safetensors").read_bytes() == (tmp_path / "2.safetensors").read_bytes()
