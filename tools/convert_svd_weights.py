@@ -33,7 +33,8 @@ def convert(svd_weights: str, out_dir: str, layout: str = "torch_v", prefix: str
   import torch
 
   from parity_jax import stages
-  from parity_jax.oracle.svf_goldens import file_sha256, to_numpy
+  from parity_jax.oracle.svf_goldens import to_numpy
+  from parity_jax.provenance import file_sha256
   from parity_jax.svf import io
   from parity_jax.svf.core import validate_components
 

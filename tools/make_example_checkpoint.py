@@ -12,7 +12,6 @@ timestamps and random file names, so the file hashes are not.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -20,6 +19,7 @@ import shutil
 
 from absl import flags, logging
 
+from parity_jax.provenance import file_sha256
 from tools import _cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -27,14 +27,6 @@ _OUT = flags.DEFINE_string("out", str(REPO / "goldens" / "checkpoints"), "Output
 _SEED = flags.DEFINE_integer("seed", None, "Random seed (default: the shipped example's seed).")
 
 MANIFEST_FORMAT = "parity_jax.example_checkpoints/1"
-
-
-def _sha256(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def write_example(out: pathlib.Path, seed: int) -> list[pathlib.Path]:
@@ -56,7 +48,7 @@ def write_example(out: pathlib.Path, seed: int) -> list[pathlib.Path]:
       p: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype), "sha256": example.leaf_sha256(v)}
       for p, v in example.flatten(tree).items()
   }
-  files = {str(p.relative_to(out)): _sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
+  files = {str(p.relative_to(out)): file_sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
   manifest = {
       "format": MANIFEST_FORMAT,
       "generator": "python -m tools.make_example_checkpoint",

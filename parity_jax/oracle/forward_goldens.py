@@ -37,7 +37,6 @@ versions and the sha256 of every file written under ``models/`` and
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import shutil
@@ -47,6 +46,7 @@ import numpy as np
 
 from parity_jax import stages as stages_lib
 from parity_jax.oracle import require_oracle
+from parity_jax.provenance import file_sha256
 from parity_jax.oracle.hf_forward import capture_hf_stages, load_hf_model
 
 __all__ = ["MODELS", "INPUTS", "regenerate", "build_model", "widen_weights"]
@@ -178,27 +178,6 @@ def _to_4x_style(config_path: str, store_dtype: str) -> None:
     f.write("\n")
 
 
-def _write_bundle(path: str, stages: dict[str, np.ndarray], provenance: dict[str, Any]) -> None:
-  """A stage bundle with byte-for-byte reproducible bytes.
-
-  ``stages.save_bundle`` goes through the safetensors library, whose Rust
-  HashMap writes the three metadata keys in a random order, so its files
-  differ run to run; ``BundleWriter`` writes the header with ``json.dumps``.
-  """
-  specs = [(name, a.shape, a.dtype) for name, a in stages.items()]
-  with stages_lib.BundleWriter(path, specs, provenance) as w:
-    for name, a in stages.items():
-      w.write(name, a)
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def _top1_gap(logits: np.ndarray) -> float:
   top2 = np.sort(logits.astype(np.float64), axis=-1)[..., -2:]
   return float((top2[..., 1] - top2[..., 0]).min())
@@ -266,7 +245,7 @@ def regenerate(goldens_dir: str) -> list[str]:
             PRODUCER, seed=seed, model=name, dtype=dtype, inputs=inputs, input_set=input_name,
             model_type=spec["model_type"], oracle="transformers eager attention, CPU",
             positions="default arange(T)")
-        _write_bundle(path, stages, prov)
+        stages_lib.save_bundle(path, stages, prov)
         written.append(path)
         entry = {"model": name, "dtype": dtype, "inputs": inputs, "input_set": input_name, "stages": len(stages)}
         if dtype == "float32":
@@ -275,7 +254,7 @@ def regenerate(goldens_dir: str) -> list[str]:
 
   root = os.path.abspath(goldens_dir)
   manifest["sha256"] = collections.OrderedDict(
-      (os.path.relpath(os.path.abspath(p), root), _sha256(p)) for p in sorted(written))
+      (os.path.relpath(os.path.abspath(p), root), file_sha256(p)) for p in sorted(written))
   manifest_path = os.path.join(forward_root, "MANIFEST.json")
   tmp = manifest_path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:

@@ -42,6 +42,7 @@ import ml_dtypes
 import numpy as np
 
 from parity_jax import stages
+from parity_jax.provenance import file_sha256
 
 SEED = 20261123
 MODEL = {
@@ -108,28 +109,6 @@ def _combined(pairs) -> str:
   h = hashlib.sha256()
   for name, digest in sorted(pairs):
     h.update(f"{name}\t{digest}\n".encode())
-  return h.hexdigest()
-
-
-def _write(path: str, tensors: dict[str, np.ndarray], provenance: dict[str, Any]) -> None:
-  """A safetensors file with a deterministic header.
-
-  ``safetensors.save_file`` serialises metadata in hash-map order, which changes
-  from run to run; :class:`stages.BundleWriter` writes ``json.dumps`` order, so
-  regenerating on the same backend reproduces every byte.
-  """
-  if os.path.exists(path):
-    os.remove(path)
-  with stages.BundleWriter(path, [(k, v.shape, v.dtype) for k, v in tensors.items()], provenance) as w:
-    for k, v in tensors.items():
-      w.write(k, v)
-
-
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
   return h.hexdigest()
 
 
@@ -268,8 +247,8 @@ def regenerate(goldens_dir: str) -> list[str]:
     comp_tensors = {}
     for name, (u, s, v) in comps_mem.items():
       comp_tensors[f"{name}.U"], comp_tensors[f"{name}.S"], comp_tensors[f"{name}.V"] = to_numpy(u), to_numpy(s), to_numpy(v)
-    _write(paths["components"], comp_tensors, prov)
-    _write(paths["offsets"], {n: to_numpy(o) for n, o in offs.items()}, prov)
+    stages.save_bundle(paths["components"], comp_tensors, prov)
+    stages.save_bundle(paths["offsets"], {n: to_numpy(o) for n, o in offs.items()}, prov)
 
     # The Python baseline: the formula applied to the components as read back from safetensors.
     back = safetensors.torch.load_file(paths["components"])
@@ -297,8 +276,8 @@ def regenerate(goldens_dir: str) -> list[str]:
     sample_record["source_name"] = SAMPLE
 
     bundle_prov = stages.default_provenance("parity_jax.oracle.svf_goldens", seed=SEED, formula="torch float32 CPU", layout="torch_v")
-    _write(paths["sample"], sample_stages, bundle_prov)
-    _write(paths["all_selected"], all_stages, bundle_prov)
+    stages.save_bundle(paths["sample"], sample_stages, bundle_prov)
+    stages.save_bundle(paths["all_selected"], all_stages, bundle_prov)
 
     report = {
         "format": "parity_jax.svf_report/1",
