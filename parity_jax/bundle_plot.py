@@ -220,7 +220,8 @@ def plot_report(report: "BundleReport", path: str | os.PathLike | None = None, d
   ax.set_ylabel("rel-L2", fontsize=8)
   ax.tick_params(labelsize=7)
   ax.set_title("rel-L2 along the execution order", fontsize=9, loc="left")
-  ax.legend(fontsize=7, loc="upper left", ncol=4, frameon=True, framealpha=0.85, edgecolor="none")
+  # Above the panel, right of its title: never over the data.
+  ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=4, frameon=False, borderaxespad=0.2)
 
   v = report.verdict
   if v.status == "pass":
