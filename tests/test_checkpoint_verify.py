@@ -163,10 +163,11 @@ STREAM_MODES = {
     "cached source rows": (
         dict(src_chunk_mb=None, mig_chunk_mb=4 / 1024), {},
         r"stream: 6 slab\(s\) of <= 4.0 KiB; source chunk rows of 24.0 KiB cached \(1 at a time\); migrated raw"
-        r".*; sha256 of the migrated side in a background thread"),
+        r".*; sha256 of the migrated leaf read by a background thread"),
     "whole chunk rows per piece": (
         dict(src_chunk_mb=2 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024), {},
-        r"stream: 6 slab\(s\) of <= 4.0 KiB; source whole chunk rows of 2.0 KiB per piece; migrated raw"),
+        r"stream: 6 slab\(s\) of <= 4.0 KiB; source whole chunk rows of 2.0 KiB per piece; migrated raw"
+        r".*; sha256 of compared source pieces in a pipelined thread"),
     "rows reopened per row": (
         dict(src_chunk_mb=8 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024), {},
         r"stream: 6 slab\(s\) of <= 4.0 KiB; source chunk rows of 8.0 KiB cached \(1 at a time\); migrated raw"),
@@ -176,13 +177,16 @@ STREAM_MODES = {
     "orbax's own chunk shapes": (dict(src_chunk_mb=8 / 1024, mig_chunk_mb=8 / 1024), {}, ""),  # any plan, same answer
     "both raw": (
         dict(src_chunk_mb=4 / 1024, src_compressed=False, mig_chunk_mb=8 / 1024), {},
-        r"stream: 6 slab.*; source raw.*; migrated raw.*; sha256 of the migrated side in a background thread"),
+        r"stream: 6 slab.*; source raw.*; migrated raw.*; sha256 of compared source pieces in a pipelined thread"),
     "compressed migrated, raw source": (
         dict(src_chunk_mb=None, src_compressed=False, mig_chunk_mb=4 / 1024, mig_compression="zstd"), {},
-        r"stream: .*; source raw.*; sha256 of the source side in a background thread"),
+        r"stream: .*; source raw.*; migrated whole chunk rows of 4.0 KiB per piece"),
+    "single compressed migrated chunk, raw source": (
+        dict(src_chunk_mb=4 / 1024, src_compressed=False, mig_chunk_mb=None, mig_compression="zstd"), {},
+        r"stream: .*; source raw.*; migrated chunk rows of 24.0 KiB cached.*; sha256 of the source leaf read by a"),
     "both compressed, chunked": (
         dict(src_chunk_mb=8 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024, mig_compression="zstd"), {},
-        r"stream: .*; sha256 of the source side inline"),
+        r"stream: .*; source chunk rows of 8.0 KiB cached.*; migrated chunk rows of 8.0 KiB cached"),
     "spill": (  # both single compressed chunks: the two leaves are never in memory together
         dict(src_chunk_mb=None, mig_chunk_mb=None, mig_compression="zstd"), {}, r"spill: "),
 }

@@ -38,6 +38,7 @@ hashes equal ``sha256(leaf.tobytes())`` of each side.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -58,6 +59,8 @@ __all__ = ["Buffers", "PairPlan", "PairStreamer", "SidePlan", "plan_pair"]
 _MIB = 1 << 20
 _COMPARE_PIECE = 8 * _MIB
 SPILL_PREFIX = "parity_jax_verify_spill_"
+# Source pieces in flight between the comparison and the hashing thread.
+PIPELINE_DEPTH = 3
 # Below this modelled peak a pair is always streamed: the disk round trip of a spill costs more than it saves.
 SPILL_ABOVE_BYTES = 256 * _MIB
 
@@ -106,16 +109,17 @@ class PairPlan:
   slabs: geometry.SlabPlan
   src: SidePlan
   mig: SidePlan
-  hash_side: str | None  # "source" | "migrated": hashed by a background thread; None: inline over the source
+  hash_mode: str  # "inline" | "pipelined" (source pieces after comparing) | "source"/"migrated" (own reads)
   spill: bool
   itemsize: int
   estimate_bytes: int  # modelled peak above the process baseline
 
   def describe(self) -> str:
     mode = "spill" if self.spill else "stream"
-    who = f"{self.hash_side} side in a background thread" if self.hash_side else "source side inline"
+    how = {"inline": "inline", "pipelined": "of compared source pieces in a pipelined thread"}.get(
+        self.hash_mode, f"of the {self.hash_mode} leaf read by a background thread")
     return (f"{mode}: {self.slabs.n_slabs} slab(s) of <= {human(self.slabs.slab_elems * self.itemsize)};"
-            f" source {self.src.describe()}; migrated {self.mig.describe()}; sha256 of the {who}")
+            f" source {self.src.describe()}; migrated {self.mig.describe()}; sha256 {how}")
 
 
 def _slab_candidates(r: tuple[int, ...], budget: int, rows: Sequence[int]) -> list[geometry.SlabPlan]:
@@ -152,7 +156,10 @@ def plan_pair(
   the verifier's peak above baseline should be, give or take ~10 MiB of
   tensorstore contexts and thread stacks):
 
-  * buffers: 2 L for the compared pieces, + L for the background hash;
+  * buffers: L for the migrated piece and PIPELINE_DEPTH x L for source
+    pieces (compared, then hashed by the pipelined thread; one when inline);
+    a background hash of one side instead needs one piece buffer of its own
+    plus the L pages its reads map;
   * a ``raw`` read maps the pages it copies: L per concurrent read;
   * a ``direct`` read holds compressed + decoded chunks of one piece: 2 L;
   * a ``rows`` side holds (rows_cached - 1) rows while decoding the next one
@@ -202,16 +209,20 @@ def plan_pair(
     return SidePlan("rows", e, rows_cached, reopen, ahead, item), cost
 
   (sp, cs), (mp, cm) = side(ks, es), side(km, em)
-  hash_side = "migrated" if mp.mode == "raw" else ("source" if sp.mode == "raw" else None)
-  if slabs.n_slabs <= 1:
-    hash_side = None  # one piece: hashing inline is cheaper than a thread
-  stream_est = 2 * l + (2 * l if hash_side else 0) + cs + cm
+  hash_mode = "inline" if slabs.n_slabs <= 1 else "pipelined"  # one piece: a thread costs more than it saves
+  for one, other, name in ((mp, sp, "migrated"), (sp, mp, "source")):
+    if hash_mode == "pipelined" and one.mode == "raw" and other.mode == "rows" and 2 * other.row_elems >= n:
+      # The other side decodes (nearly) the whole leaf before its first piece: hash this side meanwhile.
+      hash_mode = name
+      break
+  bufs = {"inline": 2 * l, "pipelined": (PIPELINE_DEPTH + 1) * l}.get(hash_mode, 4 * l)  # own reads map L more
+  stream_est = bufs + cs + cm
   spill = False
   if sp.mode == "rows" and mp.mode == "rows" and stream_est * item > SPILL_ABOVE_BYTES:
-    spill_est = max(2 * l + cs, 2 * l + cm)
+    spill_est = bufs + max(cs, cm)
     if spill_est / 0.9 < stream_est:
-      spill, hash_side, stream_est = True, None, spill_est
-  return PairPlan(slabs, sp, mp, hash_side, spill, item, int(stream_est * item))
+      spill, stream_est = True, spill_est
+  return PairPlan(slabs, sp, mp, hash_mode, spill, item, int(stream_est * item))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,30 +230,36 @@ def plan_pair(
 
 
 class Buffers:
-  """Three reusable byte buffers of ``nbytes`` each: source piece, migrated piece, background hash."""
+  """Reusable byte buffers of ``nbytes`` each, allocated on first use and kept for the whole run.
+
+  ``pool[i]`` (PIPELINE_DEPTH of them) hold source pieces on their way from
+  the comparison to the hashing thread; ``b`` holds the migrated piece; ``h``
+  is the background hash thread's.
+  """
 
   def __init__(self, nbytes: int):
     self.nbytes = int(nbytes)
-    self._a = self._b = self._h = None
+    self._pool: list[np.ndarray | None] = [None] * PIPELINE_DEPTH
+    self._b: np.ndarray | None = None
+    self._h: np.ndarray | None = None
 
-  def _get(self, name: str) -> np.ndarray:
-    buf = getattr(self, name)
-    if buf is None:
-      buf = np.empty(self.nbytes, np.uint8)
-      setattr(self, name, buf)
-    return buf
-
-  @property
-  def a(self) -> np.ndarray:
-    return self._get("_a")
+  def pool(self, i: int) -> np.ndarray:
+    if self._pool[i] is None:
+      self._pool[i] = np.empty(self.nbytes, np.uint8)
+    return self._pool[i]
 
   @property
   def b(self) -> np.ndarray:
-    return self._get("_b")
+    if self._b is None:
+      self._b = np.empty(self.nbytes, np.uint8)
+    return self._b
 
   @property
   def h(self) -> np.ndarray:
-    return self._get("_h")
+    """The background hash thread's own piece buffer."""
+    if self._h is None:
+      self._h = np.empty(self.nbytes, np.uint8)
+    return self._h
 
 
 def _view(buf: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -399,8 +416,63 @@ class _SpillReader:
     return None
 
 
+class _HashPipeline:
+  """sha256 of source pieces in order, in a thread of its own, overlapped with the next reads and comparisons.
+
+  The comparison takes a free pool buffer (:meth:`acquire`), reads a source
+  piece into it, and :meth:`submit`s it once compared; the thread hashes it
+  and frees the buffer. hashlib releases the GIL on large buffers, as do
+  tensorstore's reads and numpy's comparison, so the two run on two cores.
+  """
+
+  def __init__(self, buffers: Buffers, name: str):
+    import queue
+
+    self.buffers = buffers
+    self.h = hashlib.sha256()
+    self._free: "queue.Queue[int]" = queue.Queue()
+    self._todo: "queue.Queue[tuple[int, int] | None]" = queue.Queue()
+    for i in range(PIPELINE_DEPTH):
+      self._free.put(i)
+    self._thread = threading.Thread(target=self._run, name=f"parity_jax-sha256:{name}", daemon=True)
+    self._thread.start()
+
+  def _run(self) -> None:
+    while True:
+      item = self._todo.get()
+      if item is None:
+        return
+      i, n = item
+      self.h.update(memoryview(self.buffers.pool(i)[:n]))
+      self._free.put(i)
+
+  def acquire(self) -> int:
+    return self._free.get()
+
+  def release(self, i: int) -> None:
+    """Returns a buffer that was not submitted (its piece differed or failed to read)."""
+    self._free.put(i)
+
+  def submit(self, i: int, nbytes: int) -> None:
+    self._todo.put((i, nbytes))
+
+  def finish(self) -> str:
+    self.stop()
+    return self.h.hexdigest()
+
+  def stop(self) -> None:
+    if self._thread.is_alive():
+      self._todo.put(None)
+      self._thread.join()
+
+
 class _BackgroundHash:
-  """sha256 of one side's C-order bytes, read piece by piece by a thread of its own."""
+  """sha256 of one ``raw`` side's C-order bytes, read piece by piece by a thread of its own.
+
+  Used when the other side must decode (nearly) its whole leaf before the
+  first piece can be compared: the hash is done by the time the comparison
+  starts, at the price of reading this side twice (cheap: it is raw).
+  """
 
   def __init__(self, ckpt: Checkpoint, meta: LeafMeta, boxes: list[tuple], buf: np.ndarray):
     self.ckpt, self.meta, self.boxes, self.buf = ckpt, meta, boxes, buf
@@ -419,16 +491,16 @@ class _BackgroundHash:
           v = _view(self.buf, geometry.box_shape(box) if box else (), self.meta.dtype)
           reader.wait(reader.read_into_async(box, v))
           self.h.update(_bytes(v))
-    except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread by result()
+    except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread by finish()
       self.error = e
 
-  def result(self) -> str:
+  def finish(self) -> str:
     self._thread.join()
     if self.error is not None:
       raise self.error
     return self.h.hexdigest()
 
-  def cancel(self) -> None:
+  def stop(self) -> None:
     self._stop.set()
     self._thread.join()
 
@@ -475,58 +547,72 @@ class PairStreamer:
       self.on_bytes(upto - self._counted)
       self._counted = upto
 
-  def _pairs(self, spill_file=None) -> Iterator[tuple[np.ndarray, np.ndarray, Piece]]:
-    """(source piece, migrated piece, piece) in C order; both reads of a piece run concurrently."""
+  def _pairs(self, spill_file=None, hasher: _HashPipeline | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray, Piece]]:
+    """(pool index, source piece, migrated piece, piece) in C order; both reads of a piece run concurrently.
+
+    With a ``hasher``, each source piece goes into a pool buffer taken from
+    it; the caller must ``submit`` or ``release`` that buffer.
+    """
     mig_reader = _SideReader(self.mig_ckpt, self.mig, self.plan.mig, self.pieces, lambda p: p.mig_box)
     src_reader = None if spill_file is not None else _SideReader(
         self.src_ckpt, self.src, self.plan.src, self.pieces, lambda p: p.src_box)
     spill = _SpillReader(spill_file, self.dtype.itemsize) if spill_file is not None else None
     try:
       for i, p in enumerate(self.pieces):
-        va = _view(self.buffers.a, p.shape(p.src_box), self.dtype)
+        slot = hasher.acquire() if hasher is not None else 0
+        va = _view(self.buffers.pool(slot), p.shape(p.src_box), self.dtype)
         vb = _view(self.buffers.b, p.shape(p.mig_box), self.dtype)
-        tb = mig_reader.start(i, vb)
-        ta = None
         errors = []
+        tokens = []
         try:
+          tokens.append((mig_reader, mig_reader.start(i, vb)))
           if spill is not None:
             spill.start(i, va, p)
           else:
-            ta = src_reader.start(i, va)
-        except Exception as e:  # noqa: BLE001 -- wait for the migrated read before raising
+            tokens.append((src_reader, src_reader.start(i, va)))
+        except Exception as e:  # noqa: BLE001 -- wait for the reads already started before raising
           errors.append(e)
-        for reader, token in ((mig_reader, tb), (src_reader, ta)):
-          if token is None:
-            continue
+        for reader, token in tokens:
           try:
             reader.wait(token)
           except Exception as e:  # noqa: BLE001 -- every started read is waited for before any error is raised
             errors.append(e)
         if errors:
+          if hasher is not None:
+            hasher.release(slot)
           raise errors[0]
-        yield va, vb, p
+        yield slot, va, vb, p
     finally:
       mig_reader.close()
       if src_reader is not None:
         src_reader.close()
 
-  def _spill(self) -> tuple[Any, str]:
+  def _spill(self, hasher: _HashPipeline | None) -> tuple[Any, str]:
     """Streams the source leaf into a temporary file; returns (file, sha256 of the source)."""
     f = tempfile.TemporaryFile(dir=self.spill_dir, prefix=SPILL_PREFIX)
+    h = hashlib.sha256() if hasher is None else None
     try:
-      h = hashlib.sha256()
       reader = _SideReader(self.src_ckpt, self.src, self.plan.src, self.pieces, lambda p: p.src_box)
       try:
         for i, p in enumerate(self.pieces):
-          va = _view(self.buffers.a, p.shape(p.src_box), self.dtype)
-          reader.wait(reader.start(i, va))
-          h.update(_bytes(va))
-          f.write(_bytes(va))
+          slot = hasher.acquire() if hasher is not None else 0
+          va = _view(self.buffers.pool(slot), p.shape(p.src_box), self.dtype)
+          try:
+            reader.wait(reader.start(i, va))
+            f.write(_bytes(va))
+          except BaseException:
+            if hasher is not None:
+              hasher.release(slot)
+            raise
+          if hasher is not None:
+            hasher.submit(slot, va.nbytes)
+          else:
+            h.update(_bytes(va))
           self._count(p.flat_hi * self.dtype.itemsize)
       finally:
         reader.close()
       f.flush()
-      return f, h.hexdigest()
+      return f, (hasher.finish() if hasher is not None else h.hexdigest())
     except BaseException:
       f.close()
       raise
@@ -534,44 +620,62 @@ class PairStreamer:
   # -- the passes --
 
   def run(self, top_k: int = 10) -> PairOutcome:
+    """First pass: compare (stop at the first difference) and hash one side; a differing pair gets a second pass."""
     spill_file = None
-    hasher = None
-    item = self.dtype.itemsize
+    hasher = background = None
+    name = self.mig.path
     try:
+      base, digest = 0, None
       if self.plan.spill:
-        spill_file, digest = self._spill()
-        base = self.src.nbytes  # the spill pass already reported the source bytes
-        h_inline = None
-      else:
-        digest, base = None, 0
-        if self.plan.hash_side is not None:
-          meta, ckpt, box_of = ((self.mig, self.mig_ckpt, lambda p: p.mig_box) if self.plan.hash_side == "migrated"
+        hasher = _HashPipeline(self.buffers, name) if self.plan.hash_mode == "pipelined" else None
+        spill_file, digest = self._spill(hasher)
+        hasher = None
+        base = self.src.nbytes  # the spill pass reported the source bytes
+      h_inline = background = None
+      if digest is None:
+        if self.plan.hash_mode == "pipelined":
+          hasher = _HashPipeline(self.buffers, name)
+        elif self.plan.hash_mode in ("source", "migrated"):
+          meta, ckpt, box_of = ((self.mig, self.mig_ckpt, lambda p: p.mig_box) if self.plan.hash_mode == "migrated"
                                 else (self.src, self.src_ckpt, lambda p: p.src_box))
-          hasher = _BackgroundHash(ckpt, meta, [box_of(p) for p in self.pieces], self.buffers.h)
-        h_inline = None if hasher is not None else hashlib.sha256()
-      equal = True
+          background = _BackgroundHash(ckpt, meta, [box_of(p) for p in self.pieces], self.buffers.h)
+        else:
+          h_inline = hashlib.sha256()
       sides = 1 if spill_file is not None else 2
-      for a, b, p in self._pairs(spill_file):
-        if h_inline is not None:
-          h_inline.update(_bytes(a))
-        if not bytes_equal(a, b):
-          equal = False
-          break
-        self._count(base + sides * p.flat_hi * item)
+      equal = True
+      item = self.dtype.itemsize
+      pairs = contextlib.closing(self._pairs(spill_file, hasher))
+      with pairs as it:
+        for slot, a, b, p in it:
+          if not bytes_equal(a, b):
+            equal = False
+            if hasher is not None:
+              hasher.release(slot)
+            break
+          if hasher is not None:
+            hasher.submit(slot, a.nbytes)  # equal bytes: the source's hash is the migrated leaf's too
+          elif h_inline is not None:
+            h_inline.update(_bytes(a))
+          self._count(base + sides * p.flat_hi * item)
       if equal:
         if hasher is not None:
-          digest = hasher.result()
+          digest = hasher.finish()
           hasher = None
+        elif background is not None:
+          digest = background.finish()
+          background = None
         elif h_inline is not None:
           digest = h_inline.hexdigest()
         return PairOutcome(True, digest, digest)
-      if hasher is not None:
-        hasher.cancel()
-        hasher = None
+      for t in (hasher, background):
+        if t is not None:
+          t.stop()
+      hasher = background = None
       return self._second_pass(spill_file, base, sides, top_k)
     finally:
-      if hasher is not None:
-        hasher.cancel()
+      for t in (hasher, background):
+        if t is not None:
+          t.stop()
       if spill_file is not None:
         spill_file.close()
 
@@ -585,7 +689,7 @@ class PairStreamer:
       acc = compare.DiffAccumulator(self.mig.shape, self.dtype, top_k=top_k)
     except compare.ComparisonError as e:
       err = str(e)
-    for a, b, p in self._pairs(spill_file):
+    for _, a, b, p in self._pairs(spill_file):
       h_src.update(_bytes(a))
       h_mig.update(_bytes(b))
       if acc is not None:
