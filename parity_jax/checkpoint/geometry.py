@@ -238,7 +238,14 @@ class SlabPlan:
     full = self.step * trailing  # slab boundaries inside a block are multiples of this
     if e % block == 0:
       return True
-    return block % e == 0 and e % full == 0
+    if block % full == 0:  # boundaries are exactly the multiples of ``full``
+      return e % full == 0
+    # The last slab of each block is partial: check the multiples of e over one period of (m * e) mod block.
+    period = block // math.gcd(e, block)
+    last = min((n - 1) // e, period)
+    if last > 1_000_000:
+      return False  # conservative: the caller then caches one more row
+    return all(((m * e) % block) % full == 0 for m in range(1, last + 1))
 
   def __iter__(self) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
     """Yields ``(lo, hi)`` corner pairs (hi exclusive) in C order."""
