@@ -21,19 +21,22 @@ is read depends on how it is stored:
   costs more than streaming the source once into a temporary file (outside
   both checkpoints) and comparing the migrated leaf against it.
 
-Pieces are read straight into three buffers allocated once per verification
-(:class:`Buffers`) -- tensorstore writes into them, no array is allocated per
-read. On this 2-core VM the page faults of fresh per-read arrays cost about
-as much as zstd decoding, so this matters as much as anything else here.
+Pieces are read straight into buffers allocated once per verification
+(:class:`Buffers`): tensorstore writes into them, no array is allocated per
+read. On this 2-core VM the page faults of fresh per-read arrays cost about as
+much as zstd decoding, so this matters as much as anything else here.
 
-**sha256.** When a pair is bit-identical, both leaves are the same byte
-string, so one hash serves both. It is computed over a ``raw`` side (the
-migrated one when both are raw) by a background thread that reads that side
-on its own, concurrently with the comparison (tensorstore, hashlib and
-numpy's comparison release the GIL); with no raw side it is computed inline
-over the source. The comparison stops at the first differing piece; a second
-pass then computes both hashes and the difference statistics. Either way the
-hashes equal ``sha256(leaf.tobytes())`` of each side.
+**sha256.** When a pair is bit-identical both leaves are the same byte string,
+so one hash serves both. By default (``pipelined``) each source piece, once
+compared, is handed to a hashing thread while the next pieces are read and
+compared (tensorstore, hashlib and numpy's comparison release the GIL); a
+small pool of piece buffers bounds how far the two may drift apart. When the
+other side must decode (nearly) its whole leaf before the first piece can be
+compared, a ``raw`` side is instead hashed by a thread that reads it on its
+own, during that decode. Single-piece leaves are hashed inline. The
+comparison stops at the first differing piece; a second pass then computes
+both hashes and the difference statistics. Either way the reported hashes
+equal ``sha256(leaf.tobytes())`` of each side.
 """
 
 from __future__ import annotations
@@ -156,10 +159,11 @@ def plan_pair(
   the verifier's peak above baseline should be, give or take ~10 MiB of
   tensorstore contexts and thread stacks):
 
-  * buffers: L for the migrated piece and PIPELINE_DEPTH x L for source
-    pieces (compared, then hashed by the pipelined thread; one when inline);
-    a background hash of one side instead needs one piece buffer of its own
-    plus the L pages its reads map;
+  * buffers (allocated once at ``piece_bytes``, so counted at that size):
+    one for the migrated piece and PIPELINE_DEPTH for source pieces
+    (compared, then hashed by the pipelined thread; one when inline); a
+    background hash of one side instead needs one buffer of its own plus the
+    L pages its reads map;
   * a ``raw`` read maps the pages it copies: L per concurrent read;
   * a ``direct`` read holds compressed + decoded chunks of one piece: 2 L;
   * a ``rows`` side holds (rows_cached - 1) rows while decoding the next one
@@ -215,7 +219,10 @@ def plan_pair(
       # The other side decodes (nearly) the whole leaf before its first piece: hash this side meanwhile.
       hash_mode = name
       break
-  bufs = {"inline": 2 * l, "pipelined": (PIPELINE_DEPTH + 1) * l}.get(hash_mode, 4 * l)  # own reads map L more
+  # The buffers are allocated once at the full piece size and stay resident after the first big leaf.
+  bufs = {"inline": 2, "pipelined": PIPELINE_DEPTH + 1}.get(hash_mode, 3) * budget
+  if hash_mode in ("source", "migrated"):
+    bufs += l  # the background reads map the pages they copy
   stream_est = bufs + cs + cm
   spill = False
   if sp.mode == "rows" and mp.mode == "rows" and stream_est * item > SPILL_ABOVE_BYTES:

@@ -7,29 +7,21 @@
    migrated checkpoint 1:1. Every pair's shape and dtype is checked against
    the transform. Missing, extra, reshaped or retyped leaves FAIL by name
    before any array data is read.
-2. **Values, one leaf pair at a time.** Both leaves are read in C-order slabs
-   of the common refinement of their shapes (:mod:`.geometry`): a slab is a
-   box in the source leaf AND in the migrated leaf, so a squeeze or reshape is
-   applied by index arithmetic, never by copying. Each slab pair is compared
-   byte for byte (:func:`parity_jax.compare.bit_equal` semantics: NaN payloads
-   and -0.0 count) and streamed into sha256, so the reported hashes equal
-   ``sha256(leaf.tobytes())``. Memory is bounded by the storage layout:
-
-   * chunked leaves whose chunk rows line up with the slabs are decoded chunk
-     by chunk, no cache (about one chunk per side in memory);
-   * a side whose chunk rows are bigger than a slab gets a private tensorstore
-     cache holding one chunk row, so each chunk is decoded once;
-   * when BOTH sides must be held whole (single-chunk storage, large leaf),
-     the source is streamed once to a temporary spill file outside both
-     checkpoints, released, and the migrated leaf is compared against it, so
-     the two leaves are never in memory together.
-
-   The migrated slab is read first and the source slab after it, and a pair
-   is released before the next reads start, so at most one decode transient
-   (compressed + decoded chunk) is alive at a time (``overlap_reads=True``
-   runs the two reads concurrently: faster, about one more chunk in memory).
-   A leaf that differs gets a second pass that accumulates
-   :class:`parity_jax.compare.DiffAccumulator` statistics chunk by chunk.
+2. **Values, one leaf pair at a time.** Both leaves are read in C-order
+   pieces of the common refinement of their shapes (:mod:`.geometry`): a
+   piece is a box in the source leaf AND in the migrated leaf, so a squeeze or
+   reshape is applied by index arithmetic, never by copying. Each piece pair
+   is compared byte for byte (:func:`parity_jax.compare.bit_equal` semantics:
+   NaN payloads and -0.0 count). How each side is read (memory-mapped boxes of
+   uncompressed chunks, whole chunk rows per piece, or one cached chunk row at
+   a time), how sha256 is computed (one hash serves both sides of a
+   bit-identical pair; it runs in a thread beside the comparison) and when a
+   source leaf is spilled to a temporary file are planned per pair by
+   :mod:`.stream` from a memory model: about one storage chunk row per side
+   plus a few piece buffers, never a whole tree and never both copies of a big
+   leaf. A pair that differs gets a second pass that hashes both sides and
+   accumulates :class:`parity_jax.compare.DiffAccumulator` statistics piece by
+   piece. Reported hashes always equal ``sha256(leaf.tobytes())``.
 
 Both checkpoints are opened read-only; nothing is ever written into them.
 """
