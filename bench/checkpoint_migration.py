@@ -17,6 +17,11 @@ imports, right before the work):
 * verifier throughput (bytes of both trees / s) vs the naive restore (target >= 2x)
   and as a fraction of ``cat`` of the same files (page cache warm).
 
+Verifier and naive runs are repeated ``--reps`` times, interleaved; the fastest
+time and the largest peak of the repeats are reported (page-fault costs on this
+VM swing with what ran just before, which otherwise favours whichever side runs
+right after another process freed its memory).
+
 Everything is read from the page cache (files are cat'ed first). Prints one
 table and a JSON blob; the generated checkpoints under /tmp are removed at
 the end unless --keep.
@@ -189,6 +194,15 @@ def _run(task: str, **args) -> dict:
   return result
 
 
+def _best(runs: list[dict]) -> dict:
+  """The fastest of repeated runs, with the largest peak of any of them (and every run kept)."""
+  best = dict(min(runs, key=lambda r: r["seconds"]))
+  best["peak_above_baseline"] = max(r["peak_above_baseline"] for r in runs)
+  best["passed"] = all(r.get("passed", True) for r in runs)
+  best["runs"] = [{k: r[k] for k in ("seconds", "peak_above_baseline")} for r in runs]
+  return best
+
+
 def _files(*dirs: str) -> list[str]:
   out = []
   for d in dirs:
@@ -217,6 +231,7 @@ def main() -> None:
   ap.add_argument("--scale", type=float, default=1.0, help="1.0: largest leaf 1 GiB")
   ap.add_argument("--workdir", default=None, help="where to generate (default: a new dir under /tmp)")
   ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+  ap.add_argument("--reps", type=int, default=2, help="runs of each verifier/naive measurement (fastest reported)")
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--args", default="{}", help=argparse.SUPPRESS)
   a = ap.parse_args()
@@ -288,12 +303,18 @@ def main() -> None:
       cat_s = _cat_seconds(d[src], d[mig])
       nbytes = _du(d[src], d[mig])
       r = {"files_bytes": nbytes, "cat_seconds": cat_s}
-      r["verify"] = v = _run("verify", source=d[src], migrated=d[mig], spec=spec, spill_dir=work, readahead=readahead)
       key = (src, mig)
-      if key not in results.setdefault("_naive", {}):
-        results["_naive"][key] = (_run("naive", source=d[src], migrated=d[mig], spec=spec, numpy=False),
-                                  _run("naive", source=d[src], migrated=d[mig], spec=spec, numpy=True))
-      nj, nn = results["_naive"][key]
+      naive = results.setdefault("_naive", {})
+      runs: dict = {"verify": []}
+      for _ in range(a.reps):  # interleaved, so that neither side always runs on a freshly freed page pool
+        runs["verify"].append(_run("verify", source=d[src], migrated=d[mig], spec=spec, spill_dir=work,
+                                   readahead=readahead))
+        if len(naive.get(key, ([], []))[0]) < a.reps:
+          jn = naive.setdefault(key, ([], []))
+          jn[0].append(_run("naive", source=d[src], migrated=d[mig], spec=spec, numpy=False))
+          jn[1].append(_run("naive", source=d[src], migrated=d[mig], spec=spec, numpy=True))
+      r["verify"] = v = _best(runs["verify"])
+      nj, nn = _best(naive[key][0]), _best(naive[key][1])
       r["naive_jax"], r["naive_numpy"] = nj, nn
       assert v["passed"] and nj["passed"] and nn["passed"]
       results[f"verify {label}"] = r

@@ -357,6 +357,10 @@ class _SideReader:
           self._reader = self._open()
         self._last_row = last
         if self.plan.readahead:
+          if self._prefetched is not None:
+            # Let this row finish decoding (its compressed bytes released) before the next one starts:
+            # at most one decode transient is alive, as the memory model assumes.
+            self._settle_prefetched()
           self._read_ahead(i, last)
       self._last_row = max(self._last_row, last)
     elif self._reader is None:
@@ -389,13 +393,16 @@ class _SideReader:
     reader, fut = token
     reader.wait(fut)
 
-  def _release_current(self) -> None:
+  def _settle_prefetched(self) -> None:
     if self._prefetched is not None:
       try:
-        self._prefetched.result()  # never close a reader under a running read
+        self._prefetched.result()
       except Exception:  # noqa: BLE001 -- only a warm-up read; the real reads report errors
         pass
       self._prefetched = None
+
+  def _release_current(self) -> None:
+    self._settle_prefetched()  # never close a reader under a running read
     if self._reader is not None:
       self._reader.close()
       self._reader = None
