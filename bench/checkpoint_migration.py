@@ -126,7 +126,7 @@ def _child(task: str, args: dict) -> dict:
             compression=args.get("compression", "none"))
   elif task == "verify":
     rep = verify_migration(args["source"], args["migrated"], args["spec"], spill_dir=args["spill_dir"],
-                           readahead=args.get("readahead", False))
+                           readahead=args.get("readahead", 0))
     out["passed"] = rep.passed
     out["bytes_read"] = rep.bytes_read
     out["modes"] = {r.migrated_path: r.read_mode for r in rep.leaves}
@@ -293,12 +293,13 @@ def main() -> None:
           f" {r['seconds']:5.1f}s ({total / r['seconds'] / MIB:.0f} MiB/s)")
     say("-- verifier vs naive full restore of both trees (same files, page cache warm)")
     for label, src, mig, readahead in [
-        ("single-chunk storage", "src_single", "mig_single", False),
-        ("chunked storage", "src_rowmajor", "mig_from_rowmajor", False),
-        ("chunked storage, readahead", "src_rowmajor", "mig_from_rowmajor", True),
-        ("single-chunk src -> chunked", "src_single", "mig_chunked", False),
-        ("orbax-chunked src -> chunked", "src_orbax_chunked", "mig_from_orbax_chunked", False),
-        ("orbax-chunked, readahead", "src_orbax_chunked", "mig_from_orbax_chunked", True),
+        ("single-chunk storage", "src_single", "mig_single", 0),
+        ("chunked storage", "src_rowmajor", "mig_from_rowmajor", 0),
+        ("chunked storage, readahead=1", "src_rowmajor", "mig_from_rowmajor", 1),
+        ("chunked storage, readahead=2", "src_rowmajor", "mig_from_rowmajor", 2),
+        ("single-chunk src -> chunked", "src_single", "mig_chunked", 0),
+        ("orbax-chunked src -> chunked", "src_orbax_chunked", "mig_from_orbax_chunked", 0),
+        ("orbax-chunked, readahead=1", "src_orbax_chunked", "mig_from_orbax_chunked", 1),
     ]:
       cat_s = _cat_seconds(d[src], d[mig])
       nbytes = _du(d[src], d[mig])

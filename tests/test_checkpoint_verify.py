@@ -172,8 +172,8 @@ STREAM_MODES = {
         dict(src_chunk_mb=8 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024), {},
         r"stream: 6 slab\(s\) of <= 4.0 KiB; source chunk rows of 8.0 KiB cached \(1 at a time\); migrated raw"),
     "rows read ahead": (
-        dict(src_chunk_mb=8 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024), {"readahead": True},
-        r"stream: .*source chunk rows of 8.0 KiB cached \(1 at a time, next row read ahead\); migrated raw"),
+        dict(src_chunk_mb=8 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024), {"readahead": 1},
+        r"stream: .*source chunk rows of 8.0 KiB cached \(1 at a time, 1 row\(s\) read ahead\); migrated raw"),
     "orbax's own chunk shapes": (dict(src_chunk_mb=8 / 1024, mig_chunk_mb=8 / 1024), {}, ""),  # any plan, same answer
     "both raw": (
         dict(src_chunk_mb=4 / 1024, src_compressed=False, mig_chunk_mb=8 / 1024), {},

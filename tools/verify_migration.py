@@ -26,7 +26,7 @@ _REPORT = flags.DEFINE_string("report", None, "Write the per-leaf JSON report he
 _TOP_K = flags.DEFINE_integer("top_k", 10, "Divergences listed per differing leaf.", lower_bound=0)
 _SLAB_MB = flags.DEFINE_float("slab_mb", 8.0, "Size of one compared piece in MiB (three such buffers are allocated once; memory vs. number of reads).", lower_bound=0.004)
 _SPILL_DIR = flags.DEFINE_string("spill_dir", None, "Where to spill a source leaf when both sides are stored as single big chunks (default: system temp dir).")
-_READAHEAD = flags.DEFINE_boolean("readahead", False, "Decode the next storage chunk row of a compressed leaf while the current one is compared: faster on >= 2 cores, about one more chunk row (plus its compressed bytes) in memory.")
+_READAHEAD = flags.DEFINE_integer("readahead", 0, "Storage chunk rows of a compressed leaf decoded ahead while the current row is compared (0: none, meets the chunked memory target). N > 0 is faster with free cores and costs about N more chunk rows plus their compressed bytes in memory.", lower_bound=0)
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress with rate and ETA on stderr.")
 
 EXAMPLE_DIR = pathlib.Path(__file__).resolve().parents[1] / "goldens" / "checkpoints"

@@ -15,8 +15,9 @@ is read depends on how it is stored:
   are cut from it. Before the next row is decoded the reader is reopened,
   which drops the old row, so at most one row plus the next row's decode
   transient (its compressed bytes and the decoded chunk) is alive. With
-  ``readahead`` a second reader decodes the next row while the current one is
-  compared: faster on two or more cores, about one more row in memory.
+  ``readahead`` = N, readers of their own decode the next N rows while the
+  current one is compared: faster with free cores, about N more rows and
+  their transients in memory.
 * ``spill`` (pair level) -- both sides are ``rows`` and holding a row of each
   costs more than streaming the source once into a temporary file (outside
   both checkpoints) and comparing the migrated leaf against it.
@@ -88,7 +89,7 @@ class SidePlan:
   row_elems: int = 0  # elements per storage chunk row ("rows" and "direct")
   rows_cached: int = 0  # rows the private cache holds ("rows")
   reopen: bool = False  # drop the cache before decoding the next row ("rows" with rows > a piece)
-  readahead: bool = False  # decode the next row with a second reader ("rows" with reopen)
+  readahead: int = 0  # rows decoded ahead by readers of their own ("rows" with reopen)
   itemsize: int = 1
 
   @property
@@ -104,7 +105,7 @@ class SidePlan:
     if self.mode == "direct":
       return f"whole chunk rows of {human(self.row_elems * self.itemsize)} per piece"
     return (f"chunk rows of {human(self.row_elems * self.itemsize)} cached ({self.rows_cached} at a time"
-            f"{', next row read ahead' if self.readahead else ''})")
+            f"{f', {self.readahead} row(s) read ahead' if self.readahead else ''})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +151,7 @@ def plan_pair(
     r: tuple[int, ...],
     piece_bytes: int,
     *,
-    readahead: bool = False,
+    readahead: int = 0,
     memmap: bool | None = None,
 ) -> PairPlan:
   """Chooses pieces, per-side read modes, the hashed side and spilling for one pair.
@@ -166,8 +167,9 @@ def plan_pair(
     L pages its reads map;
   * a ``raw`` read maps the pages it copies: L per concurrent read;
   * a ``direct`` read holds compressed + decoded chunks of one piece: 2 L;
-  * a ``rows`` side holds (rows_cached - 1) rows while decoding the next one
-    (compressed + decoded: 2 rows), + one more row and transient when read ahead;
+  * a ``rows`` side holds rows_cached rows, minus the one dropped before the
+    next is decoded (compressed + decoded: 2 rows); with ``readahead`` = N it
+    holds the current row plus up to N decodes (and their warm-up pieces);
   * spilling holds one side at a time (the spill file is read with pread,
     which maps nothing).
 
@@ -208,8 +210,10 @@ def plan_pair(
     straddle = not slabs.boundaries_include_multiples_of(e)
     rows_cached = max(1, math.ceil(l / e)) + int(straddle)
     reopen = e > l
-    ahead = bool(readahead and reopen and e < n)
-    cost = (rows_cached + 1) * e + (e + l if ahead else 0)  # held rows + decode of the next + read-ahead
+    ahead = int(readahead) if (readahead and reopen and e < n) else 0
+    # held rows + one decode transient (compressed + decoded row); read ahead: up to N decodes and their
+    # warm-up pieces at once
+    cost = rows_cached * e + ahead * (2 * e + l) if ahead else (rows_cached + 1) * e
     return SidePlan("rows", e, rows_cached, reopen, ahead, item), cost
 
   (sp, cs), (mp, cm) = side(ks, es), side(km, em)
@@ -325,15 +329,40 @@ def pieces_of(src: LeafMeta, mig: LeafMeta, r: tuple[int, ...], slabs: geometry.
 # Readers
 
 
+def _settle(fut) -> None:
+  """Waits for a warm-up read; its errors are reported by the real read of the same piece."""
+  if fut is not None:
+    try:
+      fut.result()
+    except Exception:  # noqa: BLE001 -- see above
+      pass
+
+
 class _SideReader:
-  """Reads pieces of one side into caller buffers following a :class:`SidePlan`."""
+  """Reads pieces of one side into caller buffers following a :class:`SidePlan`.
+
+  In ``rows`` mode with ``reopen``, a *switch* is a piece that starts beyond
+  every row read so far: there the reader is reopened (dropping the rows
+  already compared) before the new row is decoded. With ``readahead`` = N,
+  the next N switch rows are being decoded by readers of their own (each
+  warmed up by reading its first piece), and at most N decodes run at once.
+  """
 
   def __init__(self, ckpt: Checkpoint, meta: LeafMeta, plan: SidePlan, pieces: list[Piece], box_of: Callable[[Piece], tuple]):
     self.ckpt, self.meta, self.plan, self.pieces, self.box_of = ckpt, meta, plan, pieces, box_of
     self._reader: LeafReader | None = None
     self._last_row = -1
-    self._ahead: tuple[int, LeafReader, Any] | None = None  # (first row, reader, future) decoding ahead
-    self._prefetched: Any = None  # the read-ahead future of the current reader, kept alive until it is replaced
+    self._prefetched: Any = None  # the warm-up read of the current reader, if it came from read-ahead
+    self._ahead: list[list] = []  # [switch piece index, reader, warm-up future or None], in order
+    self._switches: list[int] = []
+    if plan.mode == "rows" and plan.readahead:
+      top = -1
+      for j, p in enumerate(pieces):
+        first, last = self._rows(p)
+        if first > top:
+          self._switches.append(j)
+        top = max(top, last)
+    self._switch_pos = {j: k for k, j in enumerate(self._switches)}
 
   def _open(self) -> LeafReader:
     return LeafReader(self.ckpt, self.meta, self.plan.cache_bytes).open()
@@ -349,43 +378,40 @@ class _SideReader:
       first, last = self._rows(p)
       if self._reader is None or (self.plan.reopen and first > self._last_row):
         self._release_current()  # drop the rows already compared before the next one is decoded
-        if self._ahead is not None and self._ahead[0] == first:
-          _, self._reader, self._prefetched = self._ahead
-          self._ahead = None
+        if self._ahead and self._ahead[0][0] == i:
+          _, self._reader, self._prefetched = self._ahead.pop(0)
         else:
           self._drop_ahead()
           self._reader = self._open()
         self._last_row = last
-        if self.plan.readahead:
-          if self._prefetched is not None:
-            # Let this row finish decoding (its compressed bytes released) before the next one starts:
-            # at most one decode transient is alive, as the memory model assumes.
-            self._settle_prefetched()
-          self._read_ahead(i, last)
+        if self.plan.readahead and i in self._switch_pos:
+          self._fill_ahead(self._switch_pos[i])
       self._last_row = max(self._last_row, last)
     elif self._reader is None:
       self._reader = self._open()
     return self._reader, self._reader.read_into_async(self.box_of(p), out)
 
-  def _read_ahead(self, i: int, last: int) -> None:
-    """Starts decoding the row after ``last`` with a second reader (its first piece is read and dropped)."""
-    for j in range(i + 1, len(self.pieces)):
-      first = self._rows(self.pieces[j])[0]
-      if first > last:
-        if self._ahead is None or self._ahead[0] != first:
-          self._drop_ahead()
-          reader = self._open()
-          self._ahead = (first, reader, reader.read_async(self.box_of(self.pieces[j])))
-        return
+  def _fill_ahead(self, k: int) -> None:
+    """Keeps the rows of the next ``readahead`` switches decoding, at most ``readahead`` decodes at once."""
+    n = self.plan.readahead
+    for j in self._switches[k + 1:k + 1 + n]:
+      if any(a[0] == j for a in self._ahead):
+        continue
+      while sum(f is not None for f in [self._prefetched] + [a[2] for a in self._ahead]) >= n:
+        if self._prefetched is not None:  # oldest first: the current row, then the queue
+          _settle(self._prefetched)
+          self._prefetched = None
+        else:
+          a = next(a for a in self._ahead if a[2] is not None)
+          _settle(a[2])
+          a[2] = None
+      reader = self._open()
+      self._ahead.append([j, reader, reader.read_async(self.box_of(self.pieces[j]))])
 
   def _drop_ahead(self) -> None:
-    if self._ahead is not None:
-      _, reader, fut = self._ahead
-      self._ahead = None
-      try:
-        fut.result()  # never leave a read running into a reader we close
-      except Exception:  # noqa: BLE001 -- the same piece is read again for real and reports its error then
-        pass
+    while self._ahead:
+      _, reader, fut = self._ahead.pop(0)
+      _settle(fut)  # never close a reader under a running read
       reader.close()
 
   @staticmethod
@@ -393,16 +419,9 @@ class _SideReader:
     reader, fut = token
     reader.wait(fut)
 
-  def _settle_prefetched(self) -> None:
-    if self._prefetched is not None:
-      try:
-        self._prefetched.result()
-      except Exception:  # noqa: BLE001 -- only a warm-up read; the real reads report errors
-        pass
-      self._prefetched = None
-
   def _release_current(self) -> None:
-    self._settle_prefetched()  # never close a reader under a running read
+    _settle(self._prefetched)  # never close a reader under a running read
+    self._prefetched = None
     if self._reader is not None:
       self._reader.close()
       self._reader = None

@@ -303,13 +303,13 @@ def _compare_arrays(
     top_k: int,
     spill_dir: str,
     progress: _Progress,
-    readahead: bool = False,
+    readahead: int = 0,
 ) -> None:
   s_meta, m_meta = src_ckpt.leaves[p.source], mig_ckpt.leaves[p.dest]
   r = geometry.refinement(s_meta.shape, m_meta.shape)
   if r is None:  # unreachable after the structure phase; keep the check honest
     raise UsageError(f"{p.source} -> {p.dest}: shapes {s_meta.shape} and {m_meta.shape} are not related by the transform")
-  plan = stream.plan_pair(s_meta, m_meta, r, buffers.nbytes, readahead=readahead)
+  plan = stream.plan_pair(s_meta, m_meta, r, buffers.nbytes, readahead=int(readahead))
   res.read_mode = plan.describe()
   out = stream.PairStreamer(
       src_ckpt, mig_ckpt, s_meta, m_meta, r, plan, buffers, spill_dir=spill_dir, on_bytes=progress.add,
@@ -350,7 +350,7 @@ def verify_migration(
     top_k: int = 10,
     slab_mb: float = 8.0,
     spill_dir: str | os.PathLike | None = None,
-    readahead: bool = False,
+    readahead: int = 0,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> VerifyReport:
@@ -362,10 +362,11 @@ def verify_migration(
   leaves, shape/dtype changes, differing or unreadable values -- is reported
   per leaf in the returned :class:`VerifyReport` (``passed`` False).
 
-  ``slab_mb`` is the size of one compared piece (three such buffers are
-  allocated once); ``readahead`` decodes the next storage chunk row of a
-  compressed leaf while the current one is compared -- faster with two or
-  more cores, about one more chunk row (plus its compressed bytes) in memory.
+  ``slab_mb`` is the size of one compared piece (a few such buffers are
+  allocated once); ``readahead`` = N decodes the next N storage chunk rows of
+  a compressed leaf while the current one is compared -- faster with free
+  cores, about N more chunk rows plus their compressed bytes in memory (so
+  above the chunked-storage memory target; 0, the default, meets it).
   """
   t0 = time.perf_counter()
   spec = _load_spec(spec)
