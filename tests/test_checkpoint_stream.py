@@ -17,6 +17,7 @@ import pytest
 from parity_jax import compare
 from parity_jax.checkpoint import RemapSpec, geometry, migrate, stream, verify_migration
 from parity_jax.checkpoint.layout import LeafMeta
+from parity_jax.errors import UsageError
 
 MIB = 2**20
 
@@ -247,3 +248,26 @@ def test_hash_pipeline_hashes_pieces_in_submission_order():
     want.update(data.tobytes())
     hp.submit(i, n)
   assert hp.finish() == want.hexdigest()
+
+
+def test_spill_file_failure_is_a_one_line_usage_error(tmp_path, monkeypatch):
+  tree = _source_tree()
+  src = _save_source(tmp_path / "src", tree)
+  mig = _migrated(tmp_path, "mig", {"w": tree["w"][0], "s": tree["s"]}, compression="zstd")
+  monkeypatch.setattr(stream, "SPILL_ABOVE_BYTES", 0)
+
+  class Full:
+    def __init__(self, f):
+      self.f = f
+
+    def write(self, data):
+      raise OSError(28, "No space left on device")
+
+    def __getattr__(self, name):
+      return getattr(self.f, name)
+
+  real = stream.tempfile.TemporaryFile
+  monkeypatch.setattr(stream.tempfile, "TemporaryFile", lambda **kw: Full(real(**kw)))
+  with pytest.raises(UsageError, match=r"cannot write the spill file in .*No space left on device") as e:
+    verify_migration(src, mig, SPEC, slab_mb=PIECE_MB, spill_dir=tmp_path)
+  assert "\n" not in str(e.value)

@@ -57,6 +57,7 @@ from parity_jax import compare
 from parity_jax.checkpoint import geometry
 from parity_jax.checkpoint.io import LeafReader, memmap_reads
 from parity_jax.checkpoint.layout import Checkpoint, LeafMeta
+from parity_jax.errors import UsageError
 
 __all__ = ["Buffers", "PairPlan", "PairStreamer", "SidePlan", "plan_pair"]
 
@@ -305,10 +306,6 @@ class Piece:
   src_box: tuple[slice, ...]
   mig_box: tuple[slice, ...]
 
-  @property
-  def count(self) -> int:
-    return self.flat_hi - self.flat_lo
-
   def shape(self, box: tuple[slice, ...]) -> tuple[int, ...]:
     return geometry.box_shape(box)
 
@@ -441,11 +438,14 @@ class _SpillReader:
     mv = _bytes(out)
     off = piece.flat_lo * self.itemsize
     got = 0
-    while got < len(mv):
-      k = os.preadv(self.f.fileno(), [mv[got:]], off + got)
-      if k <= 0:
-        raise OSError(f"spill file ended early at byte {off + got}")
-      got += k
+    try:
+      while got < len(mv):
+        k = os.preadv(self.f.fileno(), [mv[got:]], off + got)
+        if k <= 0:
+          raise OSError(f"it ended early at byte {off + got}")
+        got += k
+    except OSError as e:
+      raise UsageError(f"cannot read back the verifier's spill file: {e}") from None
     return None
 
 
@@ -622,7 +622,10 @@ class PairStreamer:
 
   def _spill(self, hasher: _HashPipeline | None) -> tuple[Any, str]:
     """Streams the source leaf into a temporary file; returns (file, sha256 of the source)."""
-    f = tempfile.TemporaryFile(dir=self.spill_dir, prefix=SPILL_PREFIX)
+    try:
+      f = tempfile.TemporaryFile(dir=self.spill_dir, prefix=SPILL_PREFIX)
+    except OSError as e:
+      raise UsageError(f"cannot create a spill file in {self.spill_dir}: {e}") from None
     h = hashlib.sha256() if hasher is None else None
     try:
       reader = _SideReader(self.src_ckpt, self.src, self.plan.src, self.pieces, lambda p: p.src_box)
@@ -632,7 +635,10 @@ class PairStreamer:
           va = _view(self.buffers.pool(slot), p.shape(p.src_box), self.dtype)
           try:
             reader.wait(reader.start(i, va))
-            f.write(_bytes(va))
+            try:
+              f.write(_bytes(va))
+            except OSError as e:  # e.g. no space left
+              raise UsageError(f"cannot write the spill file in {self.spill_dir}: {e}") from None
           except BaseException:
             if hasher is not None:
               hasher.release(slot)
