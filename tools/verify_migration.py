@@ -24,7 +24,7 @@ _MIGRATED = flags.DEFINE_string("migrated", None, "Migrated checkpoint (same lay
 _SPEC = flags.DEFINE_string("spec", None, "Remap spec JSON used for the migration.")
 _REPORT = flags.DEFINE_string("report", None, "Write the per-leaf JSON report here (never inside either checkpoint).")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "Divergences listed per differing leaf.", lower_bound=0)
-_SLAB_MB = flags.DEFINE_float("slab_mb", 8.0, "Size of one compared piece in MiB (three such buffers are allocated once; memory vs. number of reads).", lower_bound=0.004)
+_SLAB_MB = flags.DEFINE_float("slab_mb", 8.0, "Size of one compared piece in MiB (a few such buffers are allocated once; memory vs. number of reads).", lower_bound=0.004)
 _SPILL_DIR = flags.DEFINE_string("spill_dir", None, "Where to spill a source leaf when both sides are stored as single big chunks (default: system temp dir).")
 _READAHEAD = flags.DEFINE_integer("readahead", 0, "Storage chunk rows of a compressed leaf decoded ahead while the current row is compared (0: none, meets the chunked memory target). N > 0 is faster with free cores and costs about N more chunk rows plus their compressed bytes in memory.", lower_bound=0)
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress with rate and ETA on stderr.")
