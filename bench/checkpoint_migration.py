@@ -17,6 +17,11 @@ imports, right before the work):
 * verifier throughput (bytes of both trees / s) vs the naive restore (target >= 2x)
   and as a fraction of ``cat`` of the same files (page cache warm).
 
+Verifier and naive runs are repeated ``--reps`` times, interleaved; the fastest
+time and the largest peak of the repeats are reported (page-fault costs on this
+VM swing with what ran just before, which otherwise favours whichever side runs
+right after another process freed its memory).
+
 Everything is read from the page cache (files are cat'ed first). Prints one
 table and a JSON blob; the generated checkpoints under /tmp are removed at
 the end unless --keep.
@@ -121,10 +126,21 @@ def _child(task: str, args: dict) -> dict:
             compression=args.get("compression", "none"))
   elif task == "verify":
     rep = verify_migration(args["source"], args["migrated"], args["spec"], spill_dir=args["spill_dir"],
-                           overlap_reads=args.get("overlap", False))
+                           readahead=args.get("readahead", 0))
     out["passed"] = rep.passed
     out["bytes_read"] = rep.bytes_read
     out["modes"] = {r.migrated_path: r.read_mode for r in rep.leaves}
+  elif task == "decode_floor":
+    # tensorstore alone decoding the leaf into its cache (no copy out): the least any reader of a
+    # single-chunk zstd leaf holds at once (compressed + decoded chunk).
+    from parity_jax.checkpoint import LeafReader, open_checkpoint
+
+    ck = open_checkpoint(args["source"])
+    meta = ck.leaves[args["leaf"]]
+    with LeafReader(ck, meta, cache_bytes=int(meta.nbytes * 1.1)) as r:
+      baseline = _rss()
+      t0 = time.perf_counter()
+      r.read(tuple(slice(0, 1) for _ in meta.shape))
   elif task == "naive":
     import numpy as np
 
@@ -178,6 +194,15 @@ def _run(task: str, **args) -> dict:
   return result
 
 
+def _best(runs: list[dict]) -> dict:
+  """The fastest of repeated runs, with the largest peak of any of them (and every run kept)."""
+  best = dict(min(runs, key=lambda r: r["seconds"]))
+  best["peak_above_baseline"] = max(r["peak_above_baseline"] for r in runs)
+  best["passed"] = all(r.get("passed", True) for r in runs)
+  best["runs"] = [{k: r[k] for k in ("seconds", "peak_above_baseline")} for r in runs]
+  return best
+
+
 def _files(*dirs: str) -> list[str]:
   out = []
   for d in dirs:
@@ -206,6 +231,7 @@ def main() -> None:
   ap.add_argument("--scale", type=float, default=1.0, help="1.0: largest leaf 1 GiB")
   ap.add_argument("--workdir", default=None, help="where to generate (default: a new dir under /tmp)")
   ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+  ap.add_argument("--reps", type=int, default=2, help="runs of each verifier/naive measurement (fastest reported)")
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--args", default="{}", help=argparse.SUPPRESS)
   a = ap.parse_args()
@@ -246,6 +272,12 @@ def main() -> None:
     _run("generate", dest=d["src_single"], scale=a.scale, chunk_mb=0)
     _run("generate", dest=d["src_rowmajor"], scale=a.scale, chunk_mb=64, row_major=True)
     _run("generate", dest=d["src_orbax_chunked"], scale=a.scale, chunk_mb=64)
+    _cat_seconds(d["src_single"])
+    fl = _run("decode_floor", source=d["src_single"], leaf="components/0/g/V")
+    results["decode_floor single-chunk zstd leaf"] = fl
+    say(f"-- tensorstore alone decoding the largest leaf of the single-chunk source into its cache: peak"
+        f" +{fl['peak_above_baseline'] / MIB:.0f} MiB = {fl['peak_above_baseline'] / largest:.2f}x (compressed +"
+        f" decoded chunk; the floor for any reader of that leaf)")
     say("-- migrator (peak over largest leaf; target <= 1.5x)")
     for name, src, out, cmb, comp in [
         ("from single-chunk source", "src_single", "mig_chunked", 64, "none"),
@@ -260,22 +292,30 @@ def main() -> None:
       say(f"migrate {name:30s} peak +{r['peak_above_baseline'] / MIB:6.0f} MiB = {r['peak_above_baseline'] / largest:.2f}x;"
           f" {r['seconds']:5.1f}s ({total / r['seconds'] / MIB:.0f} MiB/s)")
     say("-- verifier vs naive full restore of both trees (same files, page cache warm)")
-    for label, src, mig, overlap in [
-        ("single-chunk storage", "src_single", "mig_single", False),
-        ("chunked storage", "src_rowmajor", "mig_from_rowmajor", False),
-        ("chunked storage, overlap_reads", "src_rowmajor", "mig_from_rowmajor", True),
-        ("single-chunk src -> chunked", "src_single", "mig_chunked", False),
-        ("orbax-chunked src -> chunked", "src_orbax_chunked", "mig_from_orbax_chunked", False),
+    for label, src, mig, readahead in [
+        ("single-chunk storage", "src_single", "mig_single", 0),
+        ("chunked storage", "src_rowmajor", "mig_from_rowmajor", 0),
+        ("chunked storage, readahead=1", "src_rowmajor", "mig_from_rowmajor", 1),
+        ("chunked storage, readahead=2", "src_rowmajor", "mig_from_rowmajor", 2),
+        ("single-chunk src -> chunked", "src_single", "mig_chunked", 0),
+        ("orbax-chunked src -> chunked", "src_orbax_chunked", "mig_from_orbax_chunked", 0),
+        ("orbax-chunked, readahead=1", "src_orbax_chunked", "mig_from_orbax_chunked", 1),
     ]:
       cat_s = _cat_seconds(d[src], d[mig])
       nbytes = _du(d[src], d[mig])
       r = {"files_bytes": nbytes, "cat_seconds": cat_s}
-      r["verify"] = v = _run("verify", source=d[src], migrated=d[mig], spec=spec, spill_dir=work, overlap=overlap)
       key = (src, mig)
-      if key not in results.setdefault("_naive", {}):
-        results["_naive"][key] = (_run("naive", source=d[src], migrated=d[mig], spec=spec, numpy=False),
-                                  _run("naive", source=d[src], migrated=d[mig], spec=spec, numpy=True))
-      nj, nn = results["_naive"][key]
+      naive = results.setdefault("_naive", {})
+      runs: dict = {"verify": []}
+      for _ in range(a.reps):  # interleaved, so that neither side always runs on a freshly freed page pool
+        runs["verify"].append(_run("verify", source=d[src], migrated=d[mig], spec=spec, spill_dir=work,
+                                   readahead=readahead))
+        if len(naive.get(key, ([], []))[0]) < a.reps:
+          jn = naive.setdefault(key, ([], []))
+          jn[0].append(_run("naive", source=d[src], migrated=d[mig], spec=spec, numpy=False))
+          jn[1].append(_run("naive", source=d[src], migrated=d[mig], spec=spec, numpy=True))
+      r["verify"] = v = _best(runs["verify"])
+      nj, nn = _best(naive[key][0]), _best(naive[key][1])
       r["naive_jax"], r["naive_numpy"] = nj, nn
       assert v["passed"] and nj["passed"] and nn["passed"]
       results[f"verify {label}"] = r

@@ -62,7 +62,7 @@ def test_verify_cli_pass_and_fail_exit_codes_and_report(ck, tmp_path):
 
   report = tmp_path / "bad.json"
   proc = H.run_tool("verify_migration", f"--source={ck['src']}", f"--migrated={ck['bad']}", f"--spec={ck['spec']}",
-                    f"--report={report}", "--noprogress")
+                    f"--report={report}", "--noprogress", "--readahead=2", "--slab_mb=0.01")
   assert proc.returncode == 1, proc.stdout + proc.stderr
   out = proc.stdout
   assert "[FAIL] params  7/8 leaves bit-identical" in out
@@ -77,7 +77,8 @@ def test_verify_cli_pass_and_fail_exit_codes_and_report(ck, tmp_path):
 @pytest.mark.parametrize(
     "case",
     ["missing source", "missing migrated", "missing spec", "not a checkpoint", "malformed JSON",
-     "rule matches nothing", "leaf matched twice", "partial flags", "report inside checkpoint", "unknown flag"],
+     "rule matches nothing", "leaf matched twice", "partial flags", "report inside checkpoint", "unknown flag",
+     "negative readahead"],
 )
 def test_verify_bad_input_exits_2_with_one_line(ck, tmp_path, case):
   src, mig, spec = ck["src"], ck["mig"], ck["spec"]
@@ -109,6 +110,8 @@ def test_verify_bad_input_exits_2_with_one_line(ck, tmp_path, case):
     extra, needle = [f"--report={ck['mig']}/state/report.json"], "lies inside the checkpoint"
   elif case == "unknown flag":
     extra, needle = ["--frobnicate"], "frobnicate"
+  elif case == "negative readahead":
+    extra, needle = ["--readahead=-1"], "readahead"
   args = [f"--source={src}", f"--migrated={mig}", "--noprogress", *extra]
   if spec is not None:
     args.append(f"--spec={spec}")

@@ -20,6 +20,7 @@ from parity_jax import compare
 from parity_jax.checkpoint import (
     LeafReader, RemapSpec, migrate, open_checkpoint, restore_leaves, verify_migration,
 )
+from parity_jax.checkpoint import stream
 from parity_jax.checkpoint.example import flatten, leaf_sha256
 from parity_jax.checkpoint.io import hash_file_tree
 from parity_jax.errors import UsageError
@@ -137,7 +138,8 @@ def test_leaf_reader_matches_orbax_restore_for_every_leaf(gen):
           assert compare.bit_equal(r.read(), restored[p]), (path, p)
 
 
-def _big_pair(tmp_path, src_chunk_mb, mig_chunk_mb, shape=(1, 96, 64), src_row_major=False):
+def _big_pair(tmp_path, src_chunk_mb, mig_chunk_mb, shape=(1, 96, 64), src_row_major=False, src_compressed=True,
+              mig_compression="none"):
   rng = np.random.default_rng(1)
   tree = {"w": rng.standard_normal(shape).astype(np.float32), "s": np.array(1, np.int32)}
   spec = RemapSpec.from_rules([{"match": "^w$", "to": "w", "squeeze": [0]}, {"match": "^s$", "to": "s"}])
@@ -146,29 +148,60 @@ def _big_pair(tmp_path, src_chunk_mb, mig_chunk_mb, shape=(1, 96, 64), src_row_m
   ctx = ocp_v1.Context()
   if src_chunk_mb:
     ctx.array.saving.storage_options.chunk_byte_size = int(src_chunk_mb * 2**20)
+  ctx.array.saving.use_compression = src_compressed
   from parity_jax.checkpoint.migrate import row_major_chunks
 
   with ctx, (row_major_chunks() if src_row_major else contextlib.nullcontext()):
     H.save_v1(tmp_path / "src", tree)
-  migrate(tmp_path / "src", tmp_path / "mig", spec, chunk_mb=mig_chunk_mb or 1024)
+  migrate(tmp_path / "src", tmp_path / "mig", spec, chunk_mb=mig_chunk_mb or 1024, compression=mig_compression)
   return tree, spec
 
 
-@pytest.mark.parametrize(
-    "src_chunk_mb, row_major, mig_chunk_mb, mode",
-    [
-        (None, False, 4 / 1024, r"stream: 6 slab\(s\) of <= 4.0 KiB, cache source [1-9][\d.]* MiB / migrated 0 B"),  # cached source
-        (8 / 1024, True, 8 / 1024, r"stream: 3 slab\(s\) of <= 8.0 KiB, cache source 0 B / migrated 0 B"),  # aligned rows
-        (8 / 1024, False, 8 / 1024, ""),  # orbax's own chunk shapes on the source side: any plan, same answer
-        (None, False, None, "spill: "),  # both single chunks: the two leaves are never in memory together
-    ],
-)
-def test_streaming_modes_agree_with_whole_array_reference(tmp_path, src_chunk_mb, row_major, mig_chunk_mb, mode):
-  tree, spec = _big_pair(tmp_path, src_chunk_mb, mig_chunk_mb, src_row_major=row_major)
-  rep = verify_migration(tmp_path / "src", tmp_path / "mig", spec, slab_mb=2 / 1024, spill_dir=tmp_path)
+# Every read plan the verifier can choose, on a 24 KiB leaf read in 4 KiB pieces (6 pieces). The source is
+# orbax's default (one zstd chunk) unless said otherwise; our migrator writes raw (uncompressed) chunks.
+STREAM_MODES = {
+    "cached source rows": (
+        dict(src_chunk_mb=None, mig_chunk_mb=4 / 1024), {},
+        r"stream: 6 slab\(s\) of <= 4.0 KiB; source chunk rows of 24.0 KiB cached \(1 at a time\); migrated raw"
+        r".*; sha256 of the migrated leaf read by a background thread"),
+    "whole chunk rows per piece": (
+        dict(src_chunk_mb=2 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024), {},
+        r"stream: 6 slab\(s\) of <= 4.0 KiB; source whole chunk rows of 2.0 KiB per piece; migrated raw"
+        r".*; sha256 of compared source pieces in a pipelined thread"),
+    "rows reopened per row": (
+        dict(src_chunk_mb=8 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024), {},
+        r"stream: 6 slab\(s\) of <= 4.0 KiB; source chunk rows of 8.0 KiB cached \(1 at a time\); migrated raw"),
+    "rows read ahead": (
+        dict(src_chunk_mb=8 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024), {"readahead": 1},
+        r"stream: .*source chunk rows of 8.0 KiB cached \(1 at a time, 1 row\(s\) read ahead\); migrated raw"),
+    "orbax's own chunk shapes": (dict(src_chunk_mb=8 / 1024, mig_chunk_mb=8 / 1024), {}, ""),  # any plan, same answer
+    "both raw": (
+        dict(src_chunk_mb=4 / 1024, src_compressed=False, mig_chunk_mb=8 / 1024), {},
+        r"stream: 6 slab.*; source raw.*; migrated raw.*; sha256 of compared source pieces in a pipelined thread"),
+    "compressed migrated, raw source": (
+        dict(src_chunk_mb=None, src_compressed=False, mig_chunk_mb=4 / 1024, mig_compression="zstd"), {},
+        r"stream: .*; source raw.*; migrated whole chunk rows of 4.0 KiB per piece"),
+    "single compressed migrated chunk, raw source": (
+        dict(src_chunk_mb=4 / 1024, src_compressed=False, mig_chunk_mb=None, mig_compression="zstd"), {},
+        r"stream: .*; source raw.*; migrated chunk rows of 24.0 KiB cached.*; sha256 of the source leaf read by a"),
+    "both compressed, chunked": (
+        dict(src_chunk_mb=8 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024, mig_compression="zstd"), {},
+        r"stream: .*; source chunk rows of 8.0 KiB cached.*; migrated chunk rows of 8.0 KiB cached"),
+    "spill": (  # both single compressed chunks: the two leaves are never in memory together
+        dict(src_chunk_mb=None, mig_chunk_mb=None, mig_compression="zstd"), {}, r"spill: "),
+}
+
+
+@pytest.mark.parametrize("mode", list(STREAM_MODES))
+def test_streaming_modes_agree_with_whole_array_reference(tmp_path, mode, monkeypatch):
+  if mode == "spill":
+    monkeypatch.setattr(stream, "SPILL_ABOVE_BYTES", 0)  # spill as soon as it saves memory, even for tiny leaves
+  pair_kw, verify_kw, want = STREAM_MODES[mode]
+  tree, spec = _big_pair(tmp_path, **pair_kw)
+  rep = verify_migration(tmp_path / "src", tmp_path / "mig", spec, slab_mb=2 / 1024, spill_dir=tmp_path, **verify_kw)
   assert rep.passed, rep.text()
   w = rep.leaf("w")
-  assert re.match(mode, w.read_mode), w.read_mode
+  assert re.match(want, w.read_mode), w.read_mode
   assert w.sha256 == w.source_sha256 == leaf_sha256(tree["w"][0])
   assert not list(tmp_path.glob("parity_jax_verify_spill_*"))  # the spill file is gone
 

@@ -24,9 +24,9 @@ _MIGRATED = flags.DEFINE_string("migrated", None, "Migrated checkpoint (same lay
 _SPEC = flags.DEFINE_string("spec", None, "Remap spec JSON used for the migration.")
 _REPORT = flags.DEFINE_string("report", None, "Write the per-leaf JSON report here (never inside either checkpoint).")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "Divergences listed per differing leaf.", lower_bound=0)
-_SLAB_MB = flags.DEFINE_float("slab_mb", 16.0, "Target size of one comparison slab in MiB (memory vs. number of reads).", lower_bound=0.004)
+_SLAB_MB = flags.DEFINE_float("slab_mb", 8.0, "Size of one compared piece in MiB (a few such buffers are allocated once; memory vs. number of reads).", lower_bound=0.004)
 _SPILL_DIR = flags.DEFINE_string("spill_dir", None, "Where to spill a source leaf when both sides are stored as single big chunks (default: system temp dir).")
-_OVERLAP = flags.DEFINE_boolean("overlap_reads", False, "Read the source and migrated slab concurrently: faster, about one more storage chunk in memory.")
+_READAHEAD = flags.DEFINE_integer("readahead", 0, "Storage chunk rows of a compressed leaf decoded ahead while the current row is compared (0: none, meets the chunked memory target). N > 0 is faster with free cores and costs about N more chunk rows plus their compressed bytes in memory.", lower_bound=0)
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress with rate and ETA on stderr.")
 
 EXAMPLE_DIR = pathlib.Path(__file__).resolve().parents[1] / "goldens" / "checkpoints"
@@ -72,7 +72,7 @@ def main(argv):
 
   report = verify_migration(
       source, migrated, spec, top_k=_TOP_K.value, slab_mb=_SLAB_MB.value, spill_dir=_SPILL_DIR.value,
-      overlap_reads=_OVERLAP.value, progress=_PROGRESS.value,
+      readahead=_READAHEAD.value, progress=_PROGRESS.value,
   )
   print(f"source:   {report.source} ({report.source_layout})")
   print(f"migrated: {report.migrated} ({report.migrated_layout})")

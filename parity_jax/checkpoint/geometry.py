@@ -224,6 +224,29 @@ class SlabPlan:
     inner_ok = full % e == 0 or self.step >= self.r[self.k]
     return inner_ok and (self.k == 0 or block % e == 0)
 
+  def boundaries_include_multiples_of(self, e: int) -> bool:
+    """True when every multiple of ``e`` elements (below the end) is a slab boundary.
+
+    Then no slab straddles a storage chunk row of ``e`` elements: a reader
+    that caches one row at a time can drop it before decoding the next.
+    """
+    n = _prod(self.r) if self.r else 1
+    if e <= 0 or e >= n or not self.r:
+      return True
+    trailing = _prod(self.r[self.k + 1:])
+    block = self.r[self.k] * trailing  # one prefix block; all its ends are slab boundaries
+    full = self.step * trailing  # slab boundaries inside a block are multiples of this
+    if e % block == 0:
+      return True
+    if block % full == 0:  # boundaries are exactly the multiples of ``full``
+      return e % full == 0
+    # The last slab of each block is partial: check the multiples of e over one period of (m * e) mod block.
+    period = block // math.gcd(e, block)
+    last = min((n - 1) // e, period)
+    if last > 1_000_000:
+      return False  # conservative: the caller then caches one more row
+    return all(((m * e) % block) % full == 0 for m in range(1, last + 1))
+
   def __iter__(self) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
     """Yields ``(lo, hi)`` corner pairs (hi exclusive) in C order."""
     r = self.r

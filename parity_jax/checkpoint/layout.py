@@ -50,6 +50,7 @@ class LeafMeta:
   storage_name: str  # orbax's name for the leaf in the item's key-value store
   value_type: str
   error: str | None = None  # set when the leaf's array metadata cannot be read (damaged files)
+  raw_chunks: bool = False  # chunks stored uncompressed: any sub-box can be read without decoding a chunk
 
   @property
   def nbytes(self) -> int:
@@ -191,6 +192,32 @@ def _first_line(e: BaseException) -> str:
   return msg if len(msg) <= 300 else msg[:300] + "..."
 
 
+def _raw_chunks(t: Any) -> bool:
+  """True when ``t``'s read chunks are stored as plain little/big-endian bytes (no compressor, filter or checksum).
+
+  Then a sub-box of a chunk is a byte range of the file, which memory-mapped
+  reads copy without decoding the rest of the chunk. Sharded zarr3 (what orbax
+  writes) counts when the codecs *inside* the shard are just ``bytes``; the
+  shard index's own checksum does not matter. Anything unrecognised is False
+  (the caller then treats chunks as units that must be decoded whole).
+  """
+  try:
+    codec = t.codec.to_json()
+  except Exception:  # noqa: BLE001 -- a missing/odd codec spec only means "not known to be raw"
+    return False
+  if not isinstance(codec, dict):
+    return False
+  if codec.get("driver") == "zarr":
+    return "compressor" in codec and codec["compressor"] is None and not codec.get("filters")
+  if codec.get("driver") == "zarr3":
+    codecs = codec.get("codecs")
+    while (isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)
+           and codecs[0].get("name") == "sharding_indexed"):
+      codecs = (codecs[0].get("configuration") or {}).get("codecs")
+    return isinstance(codecs, list) and [c.get("name") if isinstance(c, dict) else None for c in codecs] == ["bytes"]
+  return False
+
+
 def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkpoint:
   """Resolves ``path`` and reads its tree metadata (shapes, dtypes, chunking); no array data.
 
@@ -267,6 +294,6 @@ def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkp
     chunk = t.chunk_layout.read_chunk.shape
     leaves[p] = LeafMeta(
         p, keys, kind, tuple(int(d) for d in t.shape), np.dtype(t.dtype.numpy_dtype),
-        None if chunk is None else tuple(int(c) for c in chunk), name, vt,
+        None if chunk is None else tuple(int(c) for c in chunk), name, vt, raw_chunks=_raw_chunks(t),
     )
   return Checkpoint(path, item_dir, layout, use_ocdbt, use_zarr3, leaves, sorted(empty_nodes))

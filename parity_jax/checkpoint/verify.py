@@ -7,29 +7,21 @@
    migrated checkpoint 1:1. Every pair's shape and dtype is checked against
    the transform. Missing, extra, reshaped or retyped leaves FAIL by name
    before any array data is read.
-2. **Values, one leaf pair at a time.** Both leaves are read in C-order slabs
-   of the common refinement of their shapes (:mod:`.geometry`): a slab is a
-   box in the source leaf AND in the migrated leaf, so a squeeze or reshape is
-   applied by index arithmetic, never by copying. Each slab pair is compared
-   byte for byte (:func:`parity_jax.compare.bit_equal` semantics: NaN payloads
-   and -0.0 count) and streamed into sha256, so the reported hashes equal
-   ``sha256(leaf.tobytes())``. Memory is bounded by the storage layout:
-
-   * chunked leaves whose chunk rows line up with the slabs are decoded chunk
-     by chunk, no cache (about one chunk per side in memory);
-   * a side whose chunk rows are bigger than a slab gets a private tensorstore
-     cache holding one chunk row, so each chunk is decoded once;
-   * when BOTH sides must be held whole (single-chunk storage, large leaf),
-     the source is streamed once to a temporary spill file outside both
-     checkpoints, released, and the migrated leaf is compared against it, so
-     the two leaves are never in memory together.
-
-   The migrated slab is read first and the source slab after it, and a pair
-   is released before the next reads start, so at most one decode transient
-   (compressed + decoded chunk) is alive at a time (``overlap_reads=True``
-   runs the two reads concurrently: faster, about one more chunk in memory).
-   A leaf that differs gets a second pass that accumulates
-   :class:`parity_jax.compare.DiffAccumulator` statistics chunk by chunk.
+2. **Values, one leaf pair at a time.** Both leaves are read in C-order
+   pieces of the common refinement of their shapes (:mod:`.geometry`): a
+   piece is a box in the source leaf AND in the migrated leaf, so a squeeze or
+   reshape is applied by index arithmetic, never by copying. Each piece pair
+   is compared byte for byte (:func:`parity_jax.compare.bit_equal` semantics:
+   NaN payloads and -0.0 count). How each side is read (memory-mapped boxes of
+   uncompressed chunks, whole chunk rows per piece, or one cached chunk row at
+   a time), how sha256 is computed (one hash serves both sides of a
+   bit-identical pair; it runs in a thread beside the comparison) and when a
+   source leaf is spilled to a temporary file are planned per pair by
+   :mod:`.stream` from a memory model: about one storage chunk row per side
+   plus a few piece buffers, never a whole tree and never both copies of a big
+   leaf. A pair that differs gets a second pass that hashes both sides and
+   accumulates :class:`parity_jax.compare.DiffAccumulator` statistics piece by
+   piece. Reported hashes always equal ``sha256(leaf.tobytes())``.
 
 Both checkpoints are opened read-only; nothing is ever written into them.
 """
@@ -40,18 +32,15 @@ import dataclasses
 import hashlib
 import html
 import json
-import math
 import os
 import tempfile
 import time
-from typing import Any, Callable, Sequence
-
-import numpy as np
+from typing import Any, Callable
 
 from parity_jax import compare
-from parity_jax.checkpoint import geometry
-from parity_jax.checkpoint.io import LeafReadError, LeafReader, read_string_leaf
-from parity_jax.checkpoint.layout import Checkpoint, LeafMeta, open_checkpoint
+from parity_jax.checkpoint import geometry, stream
+from parity_jax.checkpoint.io import LeafReadError, read_string_leaf
+from parity_jax.checkpoint.layout import Checkpoint, open_checkpoint
 from parity_jax.checkpoint.spec import LeafPlan, RemapSpec
 from parity_jax.errors import UsageError
 
@@ -69,7 +58,6 @@ UNREADABLE = "UNREADABLE"
 STATUSES = (PASS, VALUE_MISMATCH, SHAPE_MISMATCH, DTYPE_MISMATCH, KIND_MISMATCH, MISSING, EXTRA, UNREADABLE)
 
 _MIB = 1 << 20
-_COMPARE_PIECE = 8 * _MIB
 
 
 @dataclasses.dataclass
@@ -279,98 +267,6 @@ class VerifyReport:
 
 
 # ---------------------------------------------------------------------------------------------
-# Byte comparison
-
-
-def _flat_u8(a: np.ndarray) -> np.ndarray:
-  return compare.c_contiguous(a).reshape(-1).view(np.uint8)
-
-
-def _bytes_equal(a: np.ndarray, b: np.ndarray) -> bool:
-  """Raw-byte equality of two same-size slabs (shapes may differ by the transform), 8 MiB at a time."""
-  if a.dtype != b.dtype or a.size != b.size:
-    return False
-  fa, fb = _flat_u8(a), _flat_u8(b)
-  n = fa.size
-  for i in range(0, n, _COMPARE_PIECE):
-    pa, pb = fa[i:i + _COMPARE_PIECE], fb[i:i + _COMPARE_PIECE]
-    if pa.size % 8 == 0:
-      pa, pb = pa.view(np.uint64), pb.view(np.uint64)
-    if not np.array_equal(pa, pb):
-      return False
-  return True
-
-
-# ---------------------------------------------------------------------------------------------
-# Planning how to stream one pair
-
-
-@dataclasses.dataclass(frozen=True)
-class _PairPlan:
-  slabs: geometry.SlabPlan
-  cache_src: int  # bytes of tensorstore cache for the source reader (0 = none)
-  cache_mig: int
-  spill: bool  # stream the source to a spill file first, then compare against it
-  itemsize: int = 1
-
-  def describe(self) -> str:
-    mode = "spill" if self.spill else "stream"
-    return (f"{mode}: {self.slabs.n_slabs} slab(s) of <= {_human(self.slabs.slab_elems * self.itemsize)},"
-            f" cache source {_human(self.cache_src)} / migrated {_human(self.cache_mig)}")
-
-
-def _human(n: int) -> str:
-  for unit in ("B", "KiB", "MiB", "GiB"):
-    if n < 1024 or unit == "GiB":
-      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-    n /= 1024
-  return f"{n} B"
-
-
-def _plan_pair(src: LeafMeta, mig: LeafMeta, r: tuple[int, ...], slab_bytes: int) -> _PairPlan:
-  """Chooses slab size, caches and spilling to keep one pair's peak memory small.
-
-  Memory model, in elements, for slabs of L elements:
-
-  * a side whose chunk rows line up with the slab boundaries is decoded slab
-    by slab with no cache: it costs the slab plus its compressed bytes (<= L);
-  * otherwise the side gets a cache of the chunk rows a slab can touch, and
-    decoding one row costs its compressed bytes (<= the row) on top;
-  * streaming holds both sides at once: cache_src + cache_mig + 2 L plus the
-    larger decode transient;
-  * spilling first streams the source alone to a file (cache_src + L +
-    transient), releases it, then streams the migrated side against the file
-    (cache_mig + 2 L + transient).
-
-  The cheapest estimate wins; spilling (disk traffic) must save >= 10%.
-  """
-  item = src.dtype.itemsize
-  n = int(np.prod(r)) if r else 1
-  e_src = geometry.chunk_row_elems(src.shape, src.chunk_shape)
-  e_mig = geometry.chunk_row_elems(mig.shape, mig.chunk_shape)
-  budget = max(1, slab_bytes // item)
-  cap = max(budget, (256 * _MIB) // item)
-  targets = {budget} | {e for e in (e_src, e_mig) if 0 < e <= cap}
-  options = []  # (estimate, prefer, slabs, cache_src, cache_mig, spill)
-  for t in sorted(targets, reverse=True):
-    slabs = geometry.SlabPlan.for_target(r, t)
-    l = min(slabs.slab_elems, n)
-
-    def side(e: int) -> tuple[int, int]:  # (cache, decode transient)
-      if e == 0 or slabs.boundaries_are_multiples_of(e):
-        return 0, l
-      return min(n, (math.ceil(l / max(e, 1)) + 1) * e), min(e, n)
-
-    (cs, ts), (cm, tm) = side(e_src), side(e_mig)
-    options.append((cs + cm + 2 * l + max(ts, tm), 0, -l, slabs, cs, cm, False))
-    if cs and cm:
-      options.append((max(cs + l + ts, cm + 2 * l + tm) / 0.9, 1, -l, slabs, cs, cm, True))
-  _, _, _, slabs, cs, cm, spill = min(options, key=lambda o: o[:3])
-  pad = lambda c: 0 if c == 0 else int(c * item * 1.05) + 4 * _MIB  # tensorstore bookkeeping slack
-  return _PairPlan(slabs, pad(cs), pad(cm), spill, item)
-
-
-# ---------------------------------------------------------------------------------------------
 # Comparing one pair
 
 
@@ -403,107 +299,32 @@ def _compare_arrays(
     p: LeafPlan,
     res: LeafResult,
     *,
-    slab_bytes: int,
+    buffers: stream.Buffers,
     top_k: int,
     spill_dir: str,
     progress: _Progress,
-    overlap: bool = False,
+    readahead: int = 0,
 ) -> None:
   s_meta, m_meta = src_ckpt.leaves[p.source], mig_ckpt.leaves[p.dest]
   r = geometry.refinement(s_meta.shape, m_meta.shape)
   if r is None:  # unreachable after the structure phase; keep the check honest
     raise UsageError(f"{p.source} -> {p.dest}: shapes {s_meta.shape} and {m_meta.shape} are not related by the transform")
-  g_src, g_mig = geometry.axis_groups(s_meta.shape, r), geometry.axis_groups(m_meta.shape, r)
-  plan = _plan_pair(s_meta, m_meta, r, slab_bytes)
+  plan = stream.plan_pair(s_meta, m_meta, r, buffers.nbytes, readahead=int(readahead))
   res.read_mode = plan.describe()
-  dtype = m_meta.dtype
-  itemsize = dtype.itemsize
-
-  def boxes(lo, hi):
-    return geometry.box_in(s_meta.shape, g_src, r, lo, hi), geometry.box_in(m_meta.shape, g_mig, r, lo, hi)
-
-  spill_file = None
-  src_reader = LeafReader(src_ckpt, s_meta, plan.cache_src)
-  mig_reader = LeafReader(mig_ckpt, m_meta, plan.cache_mig)
-  try:
-    h_src = hashlib.sha256()
-    h_mig: Any = None  # forks from h_src at the first differing slab
-    if plan.spill:
-      spill_file = tempfile.TemporaryFile(dir=spill_dir, prefix="parity_jax_verify_spill_")
-      with src_reader:
-        for lo, hi in plan.slabs:
-          a = src_reader.read(boxes(lo, hi)[0])
-          spill_file.write(memoryview(_flat_u8(a)))
-          progress.add(a.nbytes)
-          del a
-      spill_file.flush()
-
-    def source_slab(lo, hi, bs):
-      if spill_file is None:
-        return src_reader.read_async(bs)
-      count = int(np.prod(geometry.box_shape(bs)))
-      spill_file.seek(geometry.flat_offset(lo, r) * itemsize if r else 0)
-      return np.fromfile(spill_file, dtype=dtype, count=count).reshape(geometry.box_shape(bs))
-
-    def pairs():
-      """(source slab, migrated slab, migrated box) in C order.
-
-      With ``overlap`` the two reads run concurrently (faster, about one more
-      chunk in flight); otherwise the migrated slab is read first and the
-      source slab after it, so at most one read's transient (compressed +
-      decoded chunk) is alive at a time. The previous pair is released before
-      the next reads start.
-      """
-      for lo, hi in plan.slabs:
-        bs, bm = boxes(lo, hi)
-        if overlap:
-          fm = mig_reader.read_async(bm)
-          fs = source_slab(lo, hi, bs)
-          b = mig_reader.result(fm)
-        else:
-          b = mig_reader.result(mig_reader.read_async(bm))
-          fs = source_slab(lo, hi, bs)
-        a = fs if isinstance(fs, np.ndarray) else src_reader.result(fs)
-        del fs
-        yield a, b, bm
-        del a, b
-
-    differs = False
-    with mig_reader:
-      if spill_file is None:
-        src_reader.open()
-      for a, b, bm in pairs():
-        nbytes = b.nbytes + (0 if spill_file is not None else a.nbytes)
-        if h_mig is None and _bytes_equal(a, b):
-          h_src.update(memoryview(_flat_u8(a)))
-        else:
-          if h_mig is None:
-            h_mig, differs = h_src.copy(), True
-          h_src.update(memoryview(_flat_u8(a)))
-          h_mig.update(memoryview(_flat_u8(b)))
-        del a, b
-        progress.add(nbytes)
-      res.source_sha256 = h_src.hexdigest()
-      res.sha256 = (h_mig or h_src).hexdigest()
-      if not differs:
-        res.status = PASS
-        return
-      # Second pass: statistics, chunk by chunk, in the migrated leaf's coordinates.
-      res.status = VALUE_MISMATCH
-      try:
-        acc = compare.DiffAccumulator(m_meta.shape, dtype, top_k=top_k)
-        for a, b, bm in pairs():
-          acc.update(a.reshape(b.shape), b, origin=tuple(s.start for s in bm))
-          del a, b
-        res.diff = acc.result()
-        res.reason = res.diff.summary()
-      except compare.ComparisonError as e:
-        res.reason = f"bytes differ (sha256 {res.source_sha256[:12]} vs {res.sha256[:12]}); no statistics: {e}"
-  finally:
-    src_reader.close()
-    mig_reader.close()
-    if spill_file is not None:
-      spill_file.close()
+  out = stream.PairStreamer(
+      src_ckpt, mig_ckpt, s_meta, m_meta, r, plan, buffers, spill_dir=spill_dir, on_bytes=progress.add,
+  ).run(top_k=top_k)
+  res.source_sha256, res.sha256 = out.source_sha256, out.sha256
+  if out.equal:
+    res.status = PASS
+    return
+  res.status = VALUE_MISMATCH
+  if out.diff is not None:
+    res.diff = out.diff
+    res.reason = out.diff.summary()
+  else:
+    res.reason = (f"bytes differ (sha256 {res.source_sha256[:12]} vs {res.sha256[:12]});"
+                  f" no statistics: {out.diff_error}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,9 +348,9 @@ def verify_migration(
     spec: RemapSpec | str | os.PathLike,
     *,
     top_k: int = 10,
-    slab_mb: float = 16.0,
+    slab_mb: float = 8.0,
     spill_dir: str | os.PathLike | None = None,
-    overlap_reads: bool = False,
+    readahead: int = 0,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> VerifyReport:
@@ -540,6 +361,12 @@ def verify_migration(
   source). Every difference in the checkpoints themselves -- missing/extra
   leaves, shape/dtype changes, differing or unreadable values -- is reported
   per leaf in the returned :class:`VerifyReport` (``passed`` False).
+
+  ``slab_mb`` is the size of one compared piece (a few such buffers are
+  allocated once); ``readahead`` = N decodes the next N storage chunk rows of
+  a compressed leaf while the current one is compared -- faster with free
+  cores, about N more chunk rows plus their compressed bytes in memory (so
+  above the chunked-storage memory target; 0, the default, meets it).
   """
   t0 = time.perf_counter()
   spec = _load_spec(spec)
@@ -622,6 +449,7 @@ def verify_migration(
 
     bar = byte_progress(total, "verify")
   prog = _Progress(bar)
+  buffers = stream.Buffers(max(4096, int(slab_mb * _MIB)))
   try:
     for i, (p, res) in enumerate(to_compare):
       if bar is not None:
@@ -632,8 +460,7 @@ def verify_migration(
         else:
           _compare_arrays(
               src_ckpt, mig_ckpt, p, res,
-              slab_bytes=max(4096, int(slab_mb * _MIB)), top_k=top_k, spill_dir=spill_dir, progress=prog,
-              overlap=overlap_reads,
+              buffers=buffers, top_k=top_k, spill_dir=spill_dir, progress=prog, readahead=readahead,
           )
       except LeafReadError as e:
         res.status, res.reason = UNREADABLE, str(e)
