@@ -72,7 +72,7 @@ BAD = {
     "no_tokens": (["--model_dir={model}"], "--tokens is required"),
     "bad_dtype": (["--model_dir={model}", "--tokens=1", "--dtype=float16"], "dtype"),
     "out_dir_missing": (["--model_dir={model}", "--tokens=1", "--out={tmp}/no/such/b.safetensors"], "does not exist"),
-    "out_in_model_dir": (["--model_dir={model}", "--tokens=1", "--out={model}/b.safetensors"], "must not overwrite or lie inside an input"),
+    "out_in_model_dir": (["--model_dir={model}", "--tokens=1", "--out={model}/b.safetensors"], "would overwrite or lie inside an input"),
     "stray_arg": (["--model_dir={model}", "--tokens=1", "extra"], "unexpected positional"),
 }
 

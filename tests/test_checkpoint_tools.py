@@ -107,7 +107,7 @@ def test_verify_bad_input_exits_2_with_one_line(ck, tmp_path, case):
   elif case == "partial flags":
     spec, needle = None, "missing --spec"
   elif case == "report inside checkpoint":
-    extra, needle = [f"--report={ck['mig']}/state/report.json"], "lies inside the checkpoint"
+    extra, needle = [f"--report={ck['mig']}/state/report.json"], "would overwrite or lie inside an input"
   elif case == "unknown flag":
     extra, needle = ["--frobnicate"], "frobnicate"
   elif case == "negative readahead":

@@ -166,7 +166,7 @@ def test_bad_inputs_exit_2(bundles, tmp_path):
   # flags
   _assert_usage_error(*_run(g), "candidate")
   _assert_usage_error(*_run(g, f"--candidate={d}/ok.safetensors", "--stages=("), "not a valid regular expression")
-  _assert_usage_error(*_run(g, f"--candidate={d}/ok.safetensors", f"--plot={d}/golden.safetensors"), "overwrite an input")
+  _assert_usage_error(*_run(g, f"--candidate={d}/ok.safetensors", f"--plot={d}/golden.safetensors"), "would overwrite or lie inside an input")
 
 
 def test_inputs_are_not_modified(bundles):

@@ -104,7 +104,7 @@ def test_tool_passes_and_writes_candidate_and_plot(tmp_path):
     (["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors", "--tokens=1,x"], "non-integer"),
     (["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen2_tied.safetensors"], "one side only"),
     (["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors",
-      "--save_candidate=goldens/forward/qwen3.safetensors"], "must not overwrite"),
+      "--save_candidate=goldens/forward/qwen3.safetensors"], "would overwrite or lie inside an input"),
     (["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors", "--dtype=float8"], "dtype"),
 ])
 def test_bad_input_exits_2_with_one_line(args, needle):

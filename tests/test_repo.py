@@ -23,3 +23,22 @@ def test_readme_opens_with_two_setup_commands():
 def test_ci_runs_exactly_the_readme_test_command():
   ci = (ROOT / ".ci" / "run").read_text().splitlines()
   assert _readme_commands()[1] in [line.strip() for line in ci]
+
+
+def test_output_paths_never_touch_inputs(tmp_path):
+  import pytest
+
+  from parity_jax.errors import UsageError
+  from parity_jax.paths import check_output_path, is_inside
+
+  src = tmp_path / "ckpt"
+  (src / "sub").mkdir(parents=True)
+  assert is_inside(src / "sub" / "x", src) and is_inside(src, src) and not is_inside(tmp_path / "ckpt2", src)
+  for bad in (src / "sub" / "r.json", src):
+    with pytest.raises(UsageError, match="would overwrite or lie inside an input"):
+      check_output_path(bad, [src], "--report")
+  with pytest.raises(UsageError, match="directory .* does not exist"):
+    check_output_path(tmp_path / "no" / "r.json", [src])
+  with pytest.raises(UsageError, match="must name a .png file"):
+    check_output_path(tmp_path / "p.jpg", [], "--plot", suffix=".png")
+  assert check_output_path(tmp_path / "r.json", [src]) == str(tmp_path / "r.json")

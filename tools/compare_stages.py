@@ -14,13 +14,13 @@ diverges; 2: bad input (one-line error, nothing written).
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import flags
 
 from parity_jax.bundle_compare import compare_bundles
 from parity_jax.errors import UsageError
+from parity_jax.paths import check_output_path
 from parity_jax.tolerance import BUILTIN_PROFILES, load_profile_json
 from tools import _cli
 
@@ -38,17 +38,6 @@ _FAILING_ONLY = flags.DEFINE_bool("failing_only", False, "Text format: show only
 flags.mark_flags_as_required(["golden", "candidate"])
 
 
-def _check_output_path(path: str, inputs: list[str]) -> None:
-  real = os.path.realpath(path)
-  if any(os.path.exists(p) and real == os.path.realpath(p) for p in inputs):
-    raise UsageError(f"--plot={path} would overwrite an input")
-  parent = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(parent):
-    raise UsageError(f"--plot: directory {parent} does not exist")
-  if os.path.isdir(path):
-    raise UsageError(f"--plot={path} is a directory")
-
-
 def main(argv):
   del argv
   if _PROFILE_JSON.value is not None:
@@ -60,7 +49,7 @@ def main(argv):
   if _PLOT.value:
     from parity_jax.bundle_plot import require_matplotlib
     require_matplotlib()
-    _check_output_path(_PLOT.value, [_GOLDEN.value, _CANDIDATE.value])
+    check_output_path(_PLOT.value, [_GOLDEN.value, _CANDIDATE.value], "--plot")
   report = compare_bundles(_GOLDEN.value, _CANDIDATE.value, profile=profile, top_k=_TOP_K.value, stages=_STAGES.value,
                            allow_missing=_ALLOW_MISSING.value, progress=sys.stderr.isatty())
   if _PLOT.value:

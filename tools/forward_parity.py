@@ -46,6 +46,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from parity_jax.errors import UsageError
   from parity_jax.forward_parity import forward_parity
+  from parity_jax.paths import check_output_path
   from parity_jax.qwen2.capture import check_out_path, parse_int_rows
   from parity_jax.tolerance import load_profile_json
 
@@ -63,8 +64,7 @@ def main(argv):
     from parity_jax.bundle_plot import require_matplotlib
 
     require_matplotlib()
-    if not _PLOT.value.endswith(".png"):
-      raise UsageError(f"--plot must name a .png file, got {_PLOT.value!r}")
+    check_output_path(_PLOT.value, inputs, "--plot", suffix=".png")
   profile = load_profile_json(_PROFILE_JSON.value) if _PROFILE_JSON.value else _PROFILE.value
   tokens = parse_int_rows(_TOKENS.value, "tokens") if _TOKENS.value else None
   mask = parse_int_rows(_MASK.value, "attention_mask") if _MASK.value else None

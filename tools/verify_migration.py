@@ -32,29 +32,12 @@ _PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress with rate and 
 EXAMPLE_DIR = pathlib.Path(__file__).resolve().parents[1] / "goldens" / "checkpoints"
 
 
-def _inside(child: str, parent: str) -> bool:
-  child, parent = os.path.realpath(child), os.path.realpath(parent)
-  return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
-
-
-def _check_report_path(report: str, checkpoints: list[str]) -> None:
-  from parity_jax.errors import UsageError
-
-  for ck in checkpoints:
-    if os.path.exists(ck) and _inside(report, ck):
-      raise UsageError(f"--report {report} lies inside the checkpoint {ck}; the verifier never writes there")
-  if os.path.isdir(report):
-    raise UsageError(f"--report must be a file path, got a directory: {report}")
-  parent = os.path.dirname(os.path.abspath(report))
-  if not os.path.isdir(parent):
-    raise UsageError(f"--report's directory does not exist: {parent}")
-
-
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # orbax logs every step at INFO; keep stderr for progress and errors
     logging.set_verbosity(logging.ERROR)
   from parity_jax.errors import UsageError
+  from parity_jax.paths import check_output_path
 
   given = [_SOURCE.value, _MIGRATED.value, _SPEC.value]
   if all(v is None for v in given):
@@ -66,7 +49,7 @@ def main(argv):
   else:
     source, migrated, spec = given
   if _REPORT.value:
-    _check_report_path(_REPORT.value, [source, migrated])
+    check_output_path(_REPORT.value, [source, migrated], "--report")
 
   from parity_jax.checkpoint import verify_migration
 

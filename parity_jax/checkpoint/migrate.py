@@ -51,6 +51,7 @@ from parity_jax.checkpoint.io import restore_leaves
 from parity_jax.checkpoint.layout import open_checkpoint, quiet_orbax, resolve_item_dir
 from parity_jax.checkpoint.spec import LeafPlan, RemapSpec, split_path
 from parity_jax.errors import UsageError
+from parity_jax.paths import is_inside
 
 __all__ = ["MigrateResult", "migrate", "row_major_chunks"]
 
@@ -105,11 +106,6 @@ def row_major_chunks() -> Iterator[bool]:
     subchunking.choose_chunk_shape = original
 
 
-def _inside(child: str, parent: str) -> bool:
-  child, parent = os.path.realpath(child), os.path.realpath(parent)
-  return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
-
-
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -142,9 +138,9 @@ def _check_dest(src_path: str, dest: str, overwrite: bool) -> None:
     raise UsageError(f"destination's parent directory does not exist: {parent}")
   if os.path.realpath(dest) == os.path.realpath(src_path):
     raise UsageError(f"destination {dest} is the source checkpoint; migrate to a new directory")
-  if _inside(dest, src_path):
+  if is_inside(dest, src_path):
     raise UsageError(f"destination {dest} lies inside the source checkpoint {src_path}")
-  if _inside(src_path, dest):
+  if is_inside(src_path, dest):
     raise UsageError(f"destination {dest} is or contains the source checkpoint {src_path}")
   if not os.path.lexists(dest):
     return

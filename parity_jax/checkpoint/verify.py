@@ -43,6 +43,7 @@ from parity_jax.checkpoint.io import LeafReadError, read_string_leaf
 from parity_jax.checkpoint.layout import Checkpoint, open_checkpoint
 from parity_jax.checkpoint.spec import LeafPlan, RemapSpec
 from parity_jax.errors import UsageError
+from parity_jax.paths import is_inside
 
 __all__ = ["GroupResult", "LeafResult", "VerifyReport", "verify_migration", "REPORT_FORMAT"]
 
@@ -221,7 +222,7 @@ class VerifyReport:
     """Writes the JSON report atomically (temp file + rename); never inside either checkpoint."""
     path = os.fspath(path)
     for ck in (self.source, self.migrated):
-      if _inside(path, ck):
+      if is_inside(path, ck):
         raise UsageError(f"report {path} lies inside the checkpoint {ck}; the verifier never writes there")
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -331,11 +332,6 @@ def _compare_arrays(
 # The public entry point
 
 
-def _inside(child: str, parent: str) -> bool:
-  child, parent = os.path.realpath(child), os.path.realpath(parent)
-  return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
-
-
 def _load_spec(spec: RemapSpec | str | os.PathLike) -> RemapSpec:
   if isinstance(spec, RemapSpec):
     return spec
@@ -374,7 +370,7 @@ def verify_migration(
   mig_ckpt = open_checkpoint(migrated, "migrated checkpoint")
   spill_dir = os.fspath(spill_dir) if spill_dir is not None else tempfile.gettempdir()
   for ck in (src_ckpt, mig_ckpt):
-    if _inside(spill_dir, ck.path):
+    if is_inside(spill_dir, ck.path):
       raise UsageError(f"spill directory {spill_dir} lies inside a checkpoint ({ck.path}); choose another")
   if not os.path.isdir(spill_dir):
     raise UsageError(f"spill directory does not exist: {spill_dir}")

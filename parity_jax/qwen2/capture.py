@@ -15,6 +15,7 @@ import numpy as np
 
 from parity_jax import stages as stages_lib
 from parity_jax.errors import UsageError
+from parity_jax.paths import check_output_path
 from parity_jax.qwen2.config import load_config
 from parity_jax.qwen2.model import Model, forward
 from parity_jax.qwen2.params import load_params
@@ -48,21 +49,8 @@ def parse_int_rows(text: str, what: str) -> np.ndarray:
 
 
 def check_out_path(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = (), flag: str = "--out") -> str:
-  """Validates an output ``.safetensors`` path before any work: parent exists, not a dir, not inside an input."""
-  out = os.fspath(out)
-  if not out.endswith(".safetensors"):
-    raise UsageError(f"{flag} must name a .safetensors file, got {out!r}")
-  if os.path.isdir(out):
-    raise UsageError(f"{flag} is a directory: {out}")
-  parent = os.path.dirname(os.path.abspath(out))
-  if not os.path.isdir(parent):
-    raise UsageError(f"{flag}: directory {parent} does not exist")
-  real = os.path.realpath(out)
-  for src in inputs:
-    src_real = os.path.realpath(src)
-    if real == src_real or (os.path.isdir(src_real) and os.path.commonpath([real, src_real]) == src_real):
-      raise UsageError(f"{flag} must not overwrite or lie inside an input ({src}); tools never modify their inputs")
-  return out
+  """Validates an output ``.safetensors`` path before any work (see :func:`parity_jax.paths.check_output_path`)."""
+  return check_output_path(out, inputs, flag, suffix=".safetensors")
 
 
 def check_inputs(cfg, tokens: Any, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
