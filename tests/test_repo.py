@@ -42,3 +42,18 @@ def test_output_paths_never_touch_inputs(tmp_path):
   with pytest.raises(UsageError, match="must name a .png file"):
     check_output_path(tmp_path / "p.jpg", [], "--plot", suffix=".png")
   assert check_output_path(tmp_path / "r.json", [src]) == str(tmp_path / "r.json")
+
+
+def test_every_submodule_is_reachable_from_the_package():
+  import pkgutil
+
+  import parity_jax
+
+  names = [m.name for m in pkgutil.iter_modules(parity_jax.__path__) if m.name != "oracle"]
+  assert {"compare", "stages", "forward_parity", "paths", "qwen2", "svf", "checkpoint"} <= set(names)
+  for name in names:
+    assert getattr(parity_jax, name).__name__ == f"parity_jax.{name}"
+  import pytest
+
+  with pytest.raises(AttributeError):
+    parity_jax.no_such_module
