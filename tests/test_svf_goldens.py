@@ -17,6 +17,8 @@ from parity_jax.svf import STAGES, gate, ComponentStore, reconstruct, replay, sa
 from parity_jax.svf.bounds import FormulaConstants, MismatchAccounting
 from parity_jax.svf.io import find_component_files
 
+import svf_testlib
+
 GOLDENS = pathlib.Path(__file__).resolve().parents[1] / "goldens" / "svf"
 BF16 = ml_dtypes.bfloat16
 
@@ -45,15 +47,45 @@ def test_manifest_lists_every_file_with_its_sha256():
   assert sum(meta["bytes"] for meta in manifest["files"].values()) < 8 * 2**20
 
 
-def test_sample_replay_passes_with_explained_ties_in_target_orientation():
+def test_sample_replay_passes_in_target_orientation():
   res = replay(golden_dir=str(GOLDENS))
   (t,) = res.report["tensors"]
   assert t["name"] == "model.layers.1.mlp.down_proj.weight" and t["orientation"] == "transpose"
   assert t["target_shape"] == [160, 80]
   assert res.passed and t["stages_pass"]
-  assert t["explained"]["n_mismatch"] > 0 and t["explained"]["n_unexplained"] == 0  # real ties in real data
-  assert not t["final_bytes_equal"]
-  assert replay(golden_dir=str(GOLDENS), mode="bytes").report["verdict"] == "FAIL"
+  # How many bf16 ties JAX and torch's MKL produce here depends on the machine
+  # (25 over all tensors on AVX-512, none on AVX2); whatever they are, all are explained.
+  assert t["explained"]["n_unexplained"] == 0
+  assert t["final_bytes_equal"] == (t["explained"]["n_mismatch"] == 0)
+  want = "FAIL" if t["explained"]["n_mismatch"] else "PASS"
+  assert replay(golden_dir=str(GOLDENS), mode="bytes").report["verdict"] == want
+
+
+@pytest.fixture(scope="module")
+def alt_goldens(tmp_path_factory):
+  return svf_testlib.alternative_order_goldens(tmp_path_factory.mktemp("alt") / "svf")
+
+
+def test_legitimate_ties_from_another_summation_order_are_all_explained():
+  """Real ties on every machine: torch's blocked sgemm against a sequential float32 sum."""
+  total = 0
+  with _store() as st:
+    for name in st.names:
+      norm = stages.load_bundle(GOLDENS / "svf_all_selected_stage_debug.safetensors")[tensor_key(name, "normalization")]
+      _, adapted = svf_testlib.sequential_order(st.u(name), st.s(name), st.v_nk(name), st.offsets(name), norm)
+      acc = _accounting(name, adapted.astype(BF16))
+      assert acc.n_unexplained == 0, (name, acc.to_dict()["unexplained_examples"])
+      total += acc.n_mismatch
+  assert total > 0  # the two orders do round differently (torch bytes and numpy are both fixed: same count everywhere)
+
+
+def test_replay_against_another_summation_order_explains_every_tie(alt_goldens):
+  golden_dir, n_ties = alt_goldens
+  assert n_ties > 0
+  res = replay(golden_dir=str(golden_dir), all_selected=True)
+  s = res.report["summary"]
+  assert res.passed and s["n_unexplained"] == 0 and s["n_mismatch"] == s["n_explained"] > 0, s
+  assert replay(golden_dir=str(golden_dir), all_selected=True, mode="bytes").report["verdict"] == "FAIL"
 
 
 def test_all_selected_replay_against_torch(all_selected):
@@ -73,8 +105,8 @@ def test_all_selected_replay_against_torch(all_selected):
       assert t["final_bf16_sha256"] == t["golden_final_bf16_sha256"]
     assert t["components_reproduce_source"]["rel_l2"] < 1e-5
   s = rep["summary"]
-  assert s["n_mismatch"] == s["n_explained"] > 0 and s["n_unexplained"] == 0
-  assert 0 < s["final_bytes_equal"] < 16  # some tensors byte-identical, some with real ties
+  assert s["n_mismatch"] == s["n_explained"] and s["n_unexplained"] == 0
+  assert s["final_bytes_equal"] == sum(t["explained"]["n_mismatch"] == 0 for t in rep["tensors"])
   # our combined hash of the golden bytes equals the one the oracle computed independently
   assert rep["golden_combined_sha256"] == rep["golden_report_combined_sha256"]
   assert s["torch_self_flips"] == 0  # torch against itself at 1 vs 2 threads, on the same tensors
@@ -110,9 +142,10 @@ def test_real_bugs_are_never_explained(bug):
     final = (pre if bug == "no_normalization" else pre * (np.float32(1) / nrm / nrm)).astype(BF16)
   acc = _accounting(name, final)
   assert acc.n_unexplained > 0.5 * acc.n_mismatch > 0, acc.to_dict()
-  # the same check on the correct rebuild explains everything
+  # the same check on the correct rebuild explains everything (real ties included:
+  # test_legitimate_ties_from_another_summation_order_are_all_explained)
   good = _accounting(name, reconstruct(u, s, v, o))
-  assert good.n_unexplained == 0 and good.n_mismatch > 0
+  assert good.n_unexplained == 0
 
 
 def _copy_goldens(tmp_path) -> pathlib.Path:

@@ -42,7 +42,7 @@ import ml_dtypes
 import numpy as np
 
 from parity_jax import stages
-from parity_jax.provenance import file_sha256
+from parity_jax.provenance import file_sha256, torch_backend
 
 SEED = 20261123
 MODEL = {
@@ -186,16 +186,7 @@ def _record(name: str, shape, rank: int, target_shape, orientation: str, st: dic
 
 
 def _backend() -> dict[str, Any]:
-  import torch
-
-  return {
-      "framework": "torch",
-      "version": torch.__version__,
-      "device": "cpu",
-      "num_threads": torch.get_num_threads(),
-      "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-      "blas": "mkl" if torch.backends.mkl.is_available() else "other",
-  }
+  return torch_backend()
 
 
 def self_consistency(components: dict[str, tuple[Any, Any, Any]], offsets: dict[str, Any]) -> dict[str, Any]:
@@ -321,3 +312,131 @@ def regenerate(goldens_dir: str) -> list[str]:
     json.dump(manifest, f, indent=1, sort_keys=True)
     f.write("\n")
   return written + [mpath]
+
+
+# ----------------------------------------------------------------------------
+# Regenerated goldens against committed ones
+# ----------------------------------------------------------------------------
+
+#: Fields of a provenance record that describe the install, not the data.
+ENVIRONMENT_FIELDS = ("versions", "platform", "python", "backend")
+#: Stages whose values depend on the sign/rotation gauge of U and V (compared through their product instead).
+GAUGE_STAGES = ("u_scaled",)
+
+
+def _strip_env(d: Any) -> Any:
+  return {k: v for k, v in d.items() if k not in ENVIRONMENT_FIELDS} if isinstance(d, dict) else d
+
+
+def compare_regenerated(committed_dir: str | os.PathLike, fresh_dir: str | os.PathLike) -> dict[str, Any]:
+  """Compares freshly regenerated SVF goldens with committed ones, promising only what holds.
+
+  * **Same backend** (every field of :func:`parity_jax.provenance.torch_backend`
+    equal: torch build, threads, dispatch level, BLAS build, CPU vendor, model and
+    SIMD flags, dispatch overrides): every tensor bit for bit and the JSON files
+    equal less environment fields.
+  * **Another backend**: what is invariant. The random weights and offsets and
+    every float32 stage within the ``f32`` profile's rel-L2 (1e-5), except
+    ``u_scaled``, whose columns carry the SVD's sign/rotation gauge; ``S`` and
+    the product ``U diag(S) V^T`` within the same tolerance, never U and V bitwise;
+    and every ``final_bf16`` difference explained: each side's bf16 is exactly
+    the round-to-nearest-even of its own ``final_f32``, so a flip is the rounding
+    of a float32 difference that is itself within tolerance.
+
+  Returns ``{"mode": "bytes"|"invariants", "problems": [...], ...}``; no problems means reproduced.
+  """
+  from parity_jax import compare
+  from parity_jax.tolerance import builtin_profile
+
+  committed, fresh = os.fspath(committed_dir), os.fspath(fresh_dir)
+  want_manifest = _read_json(os.path.join(committed, "MANIFEST.json"))
+  got_manifest = _read_json(os.path.join(fresh, "MANIFEST.json"))
+  same_backend = want_manifest.get("backend") == got_manifest.get("backend")
+  max_rel = builtin_profile("f32").rules[-1].max_rel_l2
+  problems: list[str] = []
+  n_flips = 0
+  if sorted(want_manifest["files"]) != sorted(got_manifest["files"]):
+    problems.append(f"file lists differ: {sorted(want_manifest['files'])} vs {sorted(got_manifest['files'])}")
+  for name in sorted(set(want_manifest["files"]) & set(got_manifest["files"])):
+    a_path, b_path = os.path.join(committed, name), os.path.join(fresh, name)
+    if name.endswith(".json"):
+      if same_backend and not _json_equal_less_env(_read_json(a_path), _read_json(b_path)):
+        problems.append(f"{name}: differs beyond environment fields")
+      continue
+    with stages.BundleReader(a_path) as want, stages.BundleReader(b_path) as got:
+      if got.names != want.names:
+        problems.append(f"{name}: tensor names or order differ")
+        continue
+      if _strip_env(got.provenance) != _strip_env(want.provenance):
+        problems.append(f"{name}: provenance differs beyond environment fields")
+      tensors = {k: (want.get(k), got.get(k)) for k in want.names}
+    if same_backend:
+      problems += [f"{name}: {k} not bit-identical" for k, (a, b) in tensors.items() if not compare.bit_equal(a, b)]
+      continue
+    if name == FILES["components"]:
+      problems += _compare_components(name, tensors, max_rel)
+      continue
+    for key, (a, b) in tensors.items():
+      stage = key.rsplit(".", 1)[-1]
+      if stage in GAUGE_STAGES:
+        continue
+      if a.shape != b.shape or a.dtype != b.dtype:
+        problems.append(f"{name}: {key} is {b.dtype}{list(b.shape)}, committed {a.dtype}{list(a.shape)}")
+      elif stage == "final_bf16":
+        f32_key = key[: -len("final_bf16")] + "final_f32"
+        flips, why = _explain_bf16(a, b, *tensors[f32_key])
+        n_flips += flips
+        problems += [f"{name}: {key}: {w}" for w in why]
+      else:
+        st = compare.diff_stats(a, b, name=key)
+        if not st.rel_l2 <= max_rel:
+          problems.append(f"{name}: {key} rel-L2 {st.rel_l2:.3g} > {max_rel:g}")
+  return {
+      "mode": "bytes" if same_backend else "invariants",
+      "committed_backend": want_manifest.get("backend"),
+      "fresh_backend": got_manifest.get("backend"),
+      "max_rel_l2": max_rel,
+      "bf16_flips_explained": n_flips,
+      "problems": problems,
+  }
+
+
+def _read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _json_equal_less_env(a: Any, b: Any) -> bool:
+  if isinstance(a, dict) and isinstance(b, dict):
+    a, b = _strip_env(a), _strip_env(b)
+    return a.keys() == b.keys() and all(_json_equal_less_env(a[k], b[k]) for k in a)
+  if isinstance(a, list) and isinstance(b, list):
+    return len(a) == len(b) and all(_json_equal_less_env(x, y) for x, y in zip(a, b))
+  return a == b
+
+
+def _compare_components(name: str, tensors: dict[str, tuple[np.ndarray, np.ndarray]], max_rel: float) -> list[str]:
+  """S and the product U diag(S) V^T within tolerance; U and V themselves carry the gauge."""
+  from parity_jax import compare
+
+  problems = []
+  for key in (k for k in tensors if k.endswith(".S")):
+    base = key[:-2]
+    (sa, sb), (ua, ub), (va, vb) = tensors[key], tensors[base + ".U"], tensors[base + ".V"]
+    st = compare.diff_stats(sa, sb, name=key)
+    if not st.rel_l2 <= max_rel:
+      problems.append(f"{name}: {key} rel-L2 {st.rel_l2:.3g} > {max_rel:g}")
+    prod = lambda u, s, v: (u.astype(np.float64) * s.astype(np.float64)) @ v.astype(np.float64).T  # noqa: E731
+    st = compare.diff_stats(prod(ua, sa, va), prod(ub, sb, vb), name=base)
+    if not st.rel_l2 <= max_rel:
+      problems.append(f"{name}: U diag(S) V^T of {base} rel-L2 {st.rel_l2:.3g} > {max_rel:g}")
+  return problems
+
+
+def _explain_bf16(a16: np.ndarray, b16: np.ndarray, a32: np.ndarray, b32: np.ndarray) -> tuple[int, list[str]]:
+  """Counts bf16 flips and says why any is not the rounding of its own side's float32 value."""
+  why = []
+  for side, v16, v32 in (("committed", a16, a32), ("fresh", b16, b32)):
+    if not np.array_equal(v16.view(np.uint16), v32.astype(ml_dtypes.bfloat16).view(np.uint16)):
+      why.append(f"the {side} final_bf16 is not the rounding of its final_f32")
+  return int(np.count_nonzero(a16.view(np.uint16) != b16.view(np.uint16))), why

@@ -52,9 +52,12 @@ __all__ = [
     "STAGES",
     "reconstruct",
     "resolve_orientation",
+    "row_stages",
     "source_shape",
     "torch_cpu_sum",
     "validate_components",
+    "v_nk",
+    "vector_stages",
 ]
 
 #: Stage names, exactly the Python bundle's, in execution order.
@@ -276,10 +279,26 @@ def _map_row_blocks(fn: Callable[[jax.Array], Any], u: jax.Array, row_block: int
   return outs
 
 
-def _matmul_vt(a: jax.Array, v: jax.Array, layout: str) -> jax.Array:
-  """``a @ V.T`` for ``torch_v`` (V ``[n, k]``), ``a @ Vh`` for ``vh`` (Vh ``[k, n]``)."""
-  spec = "mk,nk->mn" if layout == "torch_v" else "mk,kn->mn"
-  return jnp.einsum(spec, a, v, precision=_PRECISION, preferred_element_type=a.dtype)
+def v_nk(v: Any, layout: str) -> Any:
+  """V as a materialised ``[n, k]`` array whatever the stored layout.
+
+  Every matmul reads V in this one layout. XLA's CPU dot picks its kernel (and
+  so its accumulation order) by operand layout, and on some machines (AVX2
+  EPYC, measured) ``a @ Vh`` and ``a @ V.T`` round differently; with one layout
+  the two component layouts give identical bytes on every machine by
+  construction. The transpose is a real copy made outside the jitted matmul,
+  so XLA cannot fold it back into the dot.
+  """
+  if layout == "torch_v":
+    return v
+  if isinstance(v, np.ndarray):
+    return np.ascontiguousarray(v.T)
+  return jax.block_until_ready(jnp.transpose(jnp.asarray(v)))
+
+
+def _matmul_vt(a: jax.Array, v: jax.Array) -> jax.Array:
+  """``a @ V.T`` with V ``[n, k]`` (see :func:`v_nk`)."""
+  return jnp.einsum("mk,nk->mn", a, v, precision=_PRECISION, preferred_element_type=a.dtype)
 
 
 def _scalars(s: jax.Array, offsets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -290,9 +309,9 @@ def _scalars(s: jax.Array, offsets: jax.Array) -> tuple[jax.Array, jax.Array]:
   return scaled_s, normalization
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "compute_dtype", "row_block", "capture"))
-def _rows(u, s, v, offsets, *, layout: str, compute_dtype: Any, row_block: int, capture: bool):
-  """Row stages (source orientation) of the rows of ``U`` given; S, V, offsets are whole.
+@functools.partial(jax.jit, static_argnames=("compute_dtype", "row_block", "capture"))
+def row_stages(u, s, v, offsets, *, compute_dtype: Any, row_block: int, capture: bool):
+  """Row stages (source orientation) of the rows of ``U`` given; S, V ``[n, k]`` (:func:`v_nk`), offsets whole.
 
   ``capture=False``: ``final_bf16`` rows only. ``capture=True``: the four
   :data:`ROW_STAGES` plus ``final_bf16``, all ``[rows, ...]``.
@@ -304,7 +323,7 @@ def _rows(u, s, v, offsets, *, layout: str, compute_dtype: Any, row_block: int, 
   if not capture:
 
     def block(ub):
-      adapted = _matmul_vt(ub * scaled_s[None, :], v, layout) * normalization
+      adapted = _matmul_vt(ub * scaled_s[None, :], v) * normalization
       return adapted.astype(jnp.bfloat16)
 
     return _map_row_blocks(block, u, row_block)
@@ -313,8 +332,8 @@ def _rows(u, s, v, offsets, *, layout: str, compute_dtype: Any, row_block: int, 
 
   def block(ub):
     u_scaled = ub * scaled_s[None, :]
-    pre = _matmul_vt(u_scaled, v, layout)
-    zero = _matmul_vt(ub * scaled_zero[None, :], v, layout) * norm_zero
+    pre = _matmul_vt(u_scaled, v)
+    zero = _matmul_vt(ub * scaled_zero[None, :], v) * norm_zero
     adapted = pre * normalization
     return {
         "u_scaled": u_scaled,
@@ -328,7 +347,8 @@ def _rows(u, s, v, offsets, *, layout: str, compute_dtype: Any, row_block: int, 
 
 
 @functools.partial(jax.jit, static_argnames=("compute_dtype",))
-def _vector_stages(s, offsets, *, compute_dtype: Any):
+def vector_stages(s, offsets, *, compute_dtype: Any):
+  """The whole-vector stages ``offsets_f32``, ``scaled_s`` and ``normalization``."""
   cd = jnp.dtype(compute_dtype)
   s, offsets = jnp.asarray(s).astype(cd), jnp.asarray(offsets).astype(cd)
   scaled_s, normalization = _scalars(s, offsets)
@@ -387,12 +407,13 @@ def reconstruct(
   compute_dtype = jnp.dtype(compute_dtype)
   if compute_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
     raise UsageError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype}")
-  kw = dict(layout=layout, compute_dtype=compute_dtype, row_block=int(row_block))
+  kw = dict(compute_dtype=compute_dtype, row_block=int(row_block))
+  v = v_nk(v, layout)
   orient_fn = (lambda x: x) if orient == "identity" else (lambda x: jnp.transpose(x))
   if not capture:
-    return orient_fn(_rows(u, s, v, offsets, capture=False, **kw))
-  rows = _rows(u, s, v, offsets, capture=True, **kw)
-  vec = _vector_stages(s, offsets, compute_dtype=compute_dtype)
+    return orient_fn(row_stages(u, s, v, offsets, capture=False, **kw))
+  rows = row_stages(u, s, v, offsets, capture=True, **kw)
+  vec = vector_stages(s, offsets, compute_dtype=compute_dtype)
   out: dict[str, jax.Array] = {}
   if source is not None:
     out["source_f32"] = jnp.asarray(source).astype(jnp.float32)

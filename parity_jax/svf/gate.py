@@ -289,7 +289,7 @@ def _replay_tensor(
 ) -> dict[str, Any]:
   name, m, n, k = job.name, job.m, job.n, job.k
   layout = store.layout
-  s, v, offsets = store.s(name), store.v(name), store.offsets(name)
+  s, offsets = store.s(name), store.offsets(name)
   v_nk = store.v_nk(name)
   fc = FormulaConstants.from_components(s, offsets, compute_dtype)
   u_cd = fc.u
@@ -300,7 +300,7 @@ def _replay_tensor(
   transpose = job.orientation == "transpose"
 
   # Whole-vector stages: small, compared at once.
-  vec = {k_: np.asarray(v_) for k_, v_ in core._vector_stages(s, offsets, compute_dtype=compute_dtype).items()}
+  vec = {k_: np.asarray(v_) for k_, v_ in core.vector_stages(s, offsets, compute_dtype=compute_dtype).items()}
   vec["scaled_s"] = _to_np(vec["scaled_s"], _F32)
   vec["normalization"] = _to_np(vec["normalization"], _F32)
   for stage in ("offsets_f32", "scaled_s", "normalization"):
@@ -328,7 +328,7 @@ def _replay_tensor(
     # A fresh reader per chunk: safetensors maps the file, and every page read
     # through a long-lived mapping stays in our RSS.
     chunk_reader = stages.BundleReader(greader.path)
-    res = core._rows(u_chunk, s, v, offsets, layout=layout, compute_dtype=jnp.dtype(compute_dtype), row_block=row_block, capture=True)
+    res = core.row_stages(u_chunk, s, v_nk, offsets, compute_dtype=jnp.dtype(compute_dtype), row_block=row_block, capture=True)
     res = jax.device_get(res)
     ours_chunk = {st: _to_np(res[st], _F32) for st in core.ROW_STAGES}
     bits_chunk = bf16_bits(res["final_bf16"], "torch")  # torch's NaN encoding, comparable with Python
