@@ -127,13 +127,13 @@ def test_golden_without_inputs_is_a_usage_error(tmp_path):
 
 
 @pytest.mark.oracle
-def test_live_oracle_on_a_fresh_model(tmp_path):
+def test_live_oracle_on_a_fresh_model(tmp_path, test_seed):
   """--oracle: HF transformers produces the golden on the spot, for a model and tokens not in the goldens."""
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
   from tests import hf_capture
 
-  seed = int(np.random.default_rng().integers(1 << 30))
+  seed = test_seed
   model = hf_capture.tiny_qwen("qwen3", num_layers=2, init=0.08, seed=seed, hidden=96, vocab=200)
   model.save_pretrained(tmp_path / "m")
   tokens = np.random.default_rng(seed).integers(0, 200, (2, 7))
