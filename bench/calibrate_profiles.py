@@ -27,9 +27,9 @@ import sys
 
 import numpy as np
 
-from parity_jax.bundle_compare import compare_bundles
+from parity_jax.bundles import compare_bundles
 from parity_jax.oracle import require_oracle
-from parity_jax.tolerance import BUILTIN_PROFILES
+from parity_jax.bundles import BUILTIN_PROFILES
 
 
 def _worst(report) -> dict[str, float]:
@@ -50,7 +50,7 @@ def main() -> int:
   require_oracle()
   import torch
 
-  from tests import hf_capture
+  from tests.helpers import hf as hf_capture
 
   torch.set_num_threads(2)
   tokens = np.random.default_rng(0).integers(0, 256, (2, 16))

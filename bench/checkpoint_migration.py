@@ -86,7 +86,7 @@ def _child(task: str, args: dict) -> dict:
 
   from parity_jax import compare  # noqa: F401
   from parity_jax.checkpoint import migrate, verify_migration  # noqa: F401
-  from parity_jax.checkpoint.layout import quiet_orbax
+  from parity_jax.checkpoint.tstore import quiet_orbax
 
   import jax  # noqa: F401
 
@@ -145,7 +145,7 @@ def _child(task: str, args: dict) -> dict:
     import numpy as np
 
     from parity_jax.checkpoint import RemapSpec, open_checkpoint
-    from parity_jax.checkpoint.example import flatten
+    from parity_jax.checkpoint.keypath import flatten
 
     def restore(path):
       item = open_checkpoint(path).item_dir

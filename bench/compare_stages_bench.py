@@ -29,7 +29,8 @@ import time
 
 import numpy as np
 
-from parity_jax import stage_names, stages
+from parity_jax import bundles as stages
+from parity_jax.bundles import qwen_graph as stage_names
 
 D, H, K, HD, I, V, L = 1024, 16, 8, 128, 3072, 151936, 28
 
@@ -66,7 +67,7 @@ def write_bundles(d: str, t: int) -> tuple[int, int]:
 
 _READ = """
 import sys
-from parity_jax.stages import BundleReader
+from parity_jax.bundles import BundleReader
 for p in sys.argv[1:]:
   pass
 a, b = BundleReader(sys.argv[1]), BundleReader(sys.argv[2])
@@ -78,7 +79,7 @@ for n in a.names:
 
 _COMPARE = """
 import sys
-from parity_jax.bundle_compare import compare_bundles
+from parity_jax.bundles import compare_bundles
 r = compare_bundles(sys.argv[1], sys.argv[2], profile="f32")
 assert r.first_divergent == "layers.17.ffn_up", r.verdict_line()
 if len(sys.argv) > 3:

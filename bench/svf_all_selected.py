@@ -43,8 +43,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from parity_jax import stages  # noqa: E402
-from parity_jax.oracle.svf_goldens import to_numpy, torch_formula  # noqa: E402
+from parity_jax.provenance import default_provenance
+from parity_jax import bundles as stages  # noqa: E402
+from parity_jax.oracle import to_numpy  # noqa: E402
+from parity_jax.oracle.svf_goldens import torch_formula  # noqa: E402
 from parity_jax.svf import reconstruct, tensor_key  # noqa: E402
 from parity_jax.svf.bounds import FormulaConstants, MismatchAccounting  # noqa: E402
 
@@ -127,7 +129,7 @@ def build_embedding_golden(workdir: str, vocab: int, seed: int = 7) -> None:
 
   rng = np.random.default_rng(seed)
   u, s, v, o = components((vocab, HIDDEN), rng)
-  prov = stages.default_provenance("bench.svf_all_selected", seed=seed)
+  prov = default_provenance("bench.svf_all_selected", seed=seed)
   with stages.BundleWriter(os.path.join(workdir, "svf_components.safetensors"), [(f"{EMBED}.U", u.shape, u.dtype), (f"{EMBED}.S", s.shape, s.dtype), (f"{EMBED}.V", v.shape, v.dtype)], prov) as w:
     w.write(f"{EMBED}.U", u)
     w.write(f"{EMBED}.S", s)

@@ -1,13 +1,18 @@
 """parity_jax: prove that a port, a migration or a weight reconstruction is exactly right.
 
-Subpackages are imported lazily so that ``import parity_jax`` stays cheap:
+Subpackages are imported lazily so that ``import parity_jax`` stays cheap
+(``docs/architecture.md`` draws the whole map):
 
-* :mod:`parity_jax.compare`    -- bit-exact equality and diff statistics
-* :mod:`parity_jax.stages`     -- stage bundles (ordered safetensors + provenance)
-* :mod:`parity_jax.checkpoint` -- Orbax remap specs, migrator and value-exact verifier
-* :mod:`parity_jax.qwen2`      -- Qwen2 / Qwen3 forward pass with stage capture
-* :mod:`parity_jax.svf`        -- SVF (singular-value fine-tuning) reconstruction
-* :mod:`parity_jax.forward_parity` -- our forward against the HF oracle, first divergent stage
+* :mod:`parity_jax.checkpoint` -- Orbax remap specs, the migrator and the value-exact verifier
+* :mod:`parity_jax.qwen2`      -- Qwen2 / Qwen3 forward with stage capture, and forward parity against HF
+* :mod:`parity_jax.svf`        -- SVF (singular-value fine-tuning) reconstruction and its parity gate
+* :mod:`parity_jax.bundles`    -- stage bundles and their comparison: tolerance, verdict, report, plot
+* :mod:`parity_jax.oracle`     -- the independent oracle (HF transformers + torch): goldens
+* :mod:`parity_jax.cli`        -- the command-line tools (console scripts ``parity-*``)
+* foundations: :mod:`~parity_jax.compare` (bit-exact equality, diff statistics),
+  :mod:`~parity_jax.dtypes`, :mod:`~parity_jax.files`, :mod:`~parity_jax.jsonio`,
+  :mod:`~parity_jax.report`, :mod:`~parity_jax.progress`, :mod:`~parity_jax.provenance`,
+  :mod:`~parity_jax.errors`
 """
 
 import importlib

@@ -19,9 +19,10 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
-import ml_dtypes
 import numpy as np
 
+from parity_jax import jsonio
+from parity_jax.dtypes import c_contiguous, is_float_dtype
 from parity_jax.errors import ComparisonError
 
 __all__ = [
@@ -31,10 +32,8 @@ __all__ = [
     "Divergence",
     "as_numpy",
     "bit_equal",
-    "c_contiguous",
     "check_comparable",
     "diff_stats",
-    "is_float_dtype",
     "ulp_distance",
 ]
 
@@ -42,26 +41,9 @@ _INT_OF_WIDTH = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 _UINT_OF_WIDTH = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-def c_contiguous(a: np.ndarray) -> np.ndarray:
-  """C-contiguous ``a`` keeping its rank (``np.ascontiguousarray`` turns 0-d into 1-d)."""
-  return a if a.flags.c_contiguous else np.array(a, order="C")
-
-
 def as_numpy(x: Any) -> np.ndarray:
   """Host numpy view of ``x`` (numpy, jax or anything ``np.asarray`` takes)."""
   return np.asarray(x)
-
-
-def is_float_dtype(dtype: Any) -> bool:
-  """True for IEEE-style floating dtypes, including ml_dtypes' bfloat16/float8."""
-  dtype = np.dtype(dtype)
-  if dtype.kind == "c":
-    return False
-  try:
-    ml_dtypes.finfo(dtype)
-  except (ValueError, TypeError):
-    return False
-  return True
 
 
 def _flat_bytes(a: np.ndarray) -> np.ndarray:
@@ -135,17 +117,6 @@ def ulp_distance(a: Any, b: Any) -> np.ndarray:
   return _ulp(a, b)
 
 
-def _json_float(x: float | None) -> float | str | None:
-  if x is None:
-    return None
-  x = float(x)
-  if math.isnan(x):
-    return "nan"
-  if math.isinf(x):
-    return "inf" if x > 0 else "-inf"
-  return x
-
-
 def _scalar(x: Any) -> float | int | bool:
   if isinstance(x, (np.bool_, bool)):
     return bool(x)
@@ -168,12 +139,17 @@ class Divergence:
   def to_dict(self) -> dict[str, Any]:
     return {
         "index": list(self.index),
-        "a": _json_float(self.a) if isinstance(self.a, float) else self.a,
-        "b": _json_float(self.b) if isinstance(self.b, float) else self.b,
-        "abs_diff": _json_float(self.abs_diff),
+        "a": jsonio.num(self.a),
+        "b": jsonio.num(self.b),
+        "abs_diff": jsonio.num(self.abs_diff),
         "a_bits": self.a_bits,
         "b_bits": self.b_bits,
     }
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "Divergence":
+    return cls(index=tuple(d["index"]), a=jsonio.from_jsonable(d["a"]), b=jsonio.from_jsonable(d["b"]),
+               abs_diff=float(jsonio.from_jsonable(d["abs_diff"])), a_bits=d["a_bits"], b_bits=d["b_bits"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,15 +181,35 @@ class DiffStats:
         "size": self.size,
         "n_diff": self.n_diff,
         "frac_diff": self.frac_diff,
-        "max_abs_diff": _json_float(self.max_abs_diff),
+        "max_abs_diff": jsonio.num(self.max_abs_diff),
         "max_abs_index": None if self.max_abs_index is None else list(self.max_abs_index),
-        "rms_diff": _json_float(self.rms_diff),
-        "cosine": _json_float(self.cosine),
-        "rel_l2": _json_float(self.rel_l2),
+        "rms_diff": jsonio.num(self.rms_diff),
+        "cosine": jsonio.num(self.cosine),
+        "rel_l2": jsonio.num(self.rel_l2),
         "max_ulp": self.max_ulp,
         "n_nan_mismatch": self.n_nan_mismatch,
         "top_k": [d.to_dict() for d in self.top_k],
     }
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "DiffStats":
+    """The inverse of :meth:`to_dict`."""
+    f = lambda key: float(jsonio.from_jsonable(d[key]))  # noqa: E731
+    return cls(
+        shape=tuple(d["shape"]),
+        dtype=d["dtype"],
+        size=int(d["size"]),
+        n_diff=int(d["n_diff"]),
+        frac_diff=float(d["frac_diff"]),
+        max_abs_diff=f("max_abs_diff"),
+        max_abs_index=None if d["max_abs_index"] is None else tuple(d["max_abs_index"]),
+        rms_diff=f("rms_diff"),
+        cosine=f("cosine"),
+        rel_l2=f("rel_l2"),
+        max_ulp=d["max_ulp"],
+        n_nan_mismatch=int(d["n_nan_mismatch"]),
+        top_k=tuple(Divergence.from_dict(t) for t in d["top_k"]),
+    )
 
   def summary(self) -> str:
     """One line for tables and logs."""
@@ -401,20 +397,3 @@ def diff_stats(a: Any, b: Any, top_k: int = 10, name: str | None = None) -> Diff
   acc = DiffAccumulator(a.shape, a.dtype, top_k=top_k)
   acc.update(a, b)
   return acc.result()
-
-
-# Stage-bundle comparison lives in parity_jax.bundle_compare (it builds on this
-# module); its public names are reachable from here, imported on first use so
-# that importing the core stays cheap and free of import cycles.
-_BUNDLE_API = ("compare_bundles", "BundleReport", "StageRow", "Breach", "load_report", "REPORT_SCHEMA")
-_TOLERANCE_API = ("Profile", "Rule", "BUILTIN_PROFILES", "load_profile_json", "resolve_profile")
-
-
-def __getattr__(name: str) -> Any:
-  if name in _BUNDLE_API:
-    from parity_jax import bundle_compare
-    return getattr(bundle_compare, name)
-  if name in _TOLERANCE_API:
-    from parity_jax import tolerance
-    return getattr(tolerance, name)
-  raise AttributeError(f"module 'parity_jax.compare' has no attribute {name!r}")

@@ -1,11 +1,20 @@
-"""Error types shared by the library and the tools.
+"""Error types shared by the library and the tools, and the one rule for one-line messages.
 
-Every tool under ``tools/`` maps :class:`UsageError` (and its subclasses) to a
-one-line message on stderr and exit code 2: bad input is the caller's to fix,
-so it never gets a traceback.
+Every tool maps :class:`UsageError` (and its subclasses) to a one-line message
+on stderr and exit code 2: bad input is the caller's to fix, so it never gets
+a traceback. The library raises them with messages that speak of arguments
+(``tokens``, ``out``); the tools add their flag names.
 """
 
 from __future__ import annotations
+
+import re
+
+__all__ = ["ComparisonError", "UsageError", "first_line"]
+
+_MAX_LINE = 300
+# tensorstore appends the whole JSON spec in brackets: noise in a one-line error
+_TS_SPEC = re.compile(r"\s*\[tensorstore_spec=.*$")
 
 
 class UsageError(Exception):
@@ -14,3 +23,12 @@ class UsageError(Exception):
 
 class ComparisonError(UsageError):
   """Two arrays cannot be compared element by element (shape or dtype differ)."""
+
+
+def first_line(e: BaseException | str) -> str:
+  """The first non-empty line of an exception's message (or its type name), at most 300 characters."""
+  text = str(e).strip()
+  lines = [line for line in text.splitlines() if line.strip()]
+  msg = lines[0].strip() if lines else (type(e).__name__ if isinstance(e, BaseException) else "")
+  msg = _TS_SPEC.sub("", msg)
+  return msg if len(msg) <= _MAX_LINE else msg[:_MAX_LINE] + "..."

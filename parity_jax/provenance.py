@@ -1,22 +1,48 @@
-"""Provenance helpers shared by every producer of goldens, bundles and reports."""
+"""Provenance: who produced a file, with what, on which machine.
+
+* :func:`default_provenance` -- producer, python, platform, library versions,
+  seed and extras: the record every bundle, golden and report carries.
+* :func:`cpu_fingerprint` / :func:`torch_backend` -- what decides whether two
+  runs can promise identical bytes (CPU vendor, model and SIMD flags, BLAS
+  build, dispatch level, threads, dispatch overrides).
+"""
 
 from __future__ import annotations
 
-import hashlib
+import importlib.metadata
 import os
+import platform
+import sys
+from typing import Any
 
-from parity_jax.stages import default_provenance
+__all__ = ["DISPATCH_ENV", "cpu_fingerprint", "default_provenance", "package_versions", "torch_backend"]
 
-__all__ = ["DISPATCH_ENV", "cpu_fingerprint", "default_provenance", "file_sha256", "torch_backend"]
+_VERSIONED = ("parity_jax", "numpy", "jax", "jaxlib", "safetensors", "ml_dtypes", "orbax-checkpoint", "tensorstore", "torch", "transformers")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-  """sha256 of a file's bytes, read in 1 MiB blocks (bounded memory for any size)."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
+def package_versions(packages: tuple[str, ...] = _VERSIONED) -> dict[str, str]:
+  """Installed versions from package metadata (nothing is imported, so torch costs nothing)."""
+  out = {}
+  for pkg in packages:
+    try:
+      out[pkg] = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def default_provenance(producer: str, seed: int | None = None, **extra: Any) -> dict[str, Any]:
+  """Provenance for a bundle, golden or report: producer, python/platform, library versions, seed, extras."""
+  prov: dict[str, Any] = {
+      "producer": producer,
+      "python": sys.version.split()[0],
+      "platform": platform.platform(),
+      "versions": package_versions(),
+  }
+  if seed is not None:
+    prov["seed"] = seed
+  prov.update(extra)
+  return prov
 
 
 # Environment variables that change which kernels torch / MKL / XLA dispatch to.
@@ -41,8 +67,6 @@ def cpu_fingerprint() -> dict[str, object]:
         info.setdefault(key.strip(), value.strip())
   except OSError:
     pass
-  import platform
-
   flags = set(info.get("flags", "").split())
   return {
       "machine": platform.machine(),

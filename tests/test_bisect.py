@@ -6,10 +6,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from parity_jax import bisect
-from parity_jax.compare import compare_bundles
+from parity_jax.bundles import verdict as bisect
+from parity_jax.bundles import compare_bundles
 from parity_jax.errors import UsageError
-from tests import stage_synth as synth
+from tests.helpers import stages as synth
 
 NOISE = 1e-7  # honest float32 noise, relative
 
@@ -139,7 +139,7 @@ def test_bf16_profile_accepts_bf16_rounding_and_names_a_real_bug():
   with pytest.raises(UsageError, match=r"stage 'embedding': dtype mismatch: golden float32 vs candidate bfloat16"):
     compare_bundles(golden, cand, profile="f32")
   report = compare_bundles(golden, cand, profile="bf16")
-  assert report.passed, report.to_text(failing_only=True)
+  assert report.passed, report.text(failing_only=True)
   assert report.row("embedding").candidate_dtype == "bfloat16"
   rng = np.random.default_rng(3)
   cand["layers.1.v_proj"] = synth.with_error(golden["layers.1.v_proj"], 0.3, rng).astype(ml_dtypes.bfloat16)

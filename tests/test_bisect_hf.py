@@ -13,8 +13,8 @@ pytestmark = pytest.mark.oracle
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from parity_jax.compare import compare_bundles  # noqa: E402
-from tests import hf_capture  # noqa: E402
+from parity_jax.bundles import compare_bundles  # noqa: E402
+from tests.helpers import hf as hf_capture  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 12))
 
@@ -38,7 +38,7 @@ def test_f32_dropped_bias_is_named(model):
   model.to(torch.float32)
   ok = {k: v.astype(np.float32) for k, v in ok.items()}
   report = compare_bundles(golden, ok, profile="f32")
-  assert report.passed, report.to_text(failing_only=True)
+  assert report.passed, report.text(failing_only=True)
   broken = hf_capture.capture(_drop_v_bias(model, 2), TOKENS)
   report = compare_bundles(golden, broken, profile="f32")
   assert report.first_divergent == "layers.2.v_proj" and report.verdict.status == "jump"
@@ -50,7 +50,7 @@ def test_bf16_dropped_bias_is_named(model):
   honest = hf_capture.capture(model.to(torch.bfloat16), TOKENS)
   model.to(torch.float32)
   report = compare_bundles(golden, honest, profile="bf16")
-  assert report.passed, report.to_text(failing_only=True)
+  assert report.passed, report.text(failing_only=True)
   broken = hf_capture.capture(_drop_v_bias(model, 1).to(torch.bfloat16), TOKENS)
   report = compare_bundles(golden, broken, profile="bf16")
   assert report.first_divergent == "layers.1.v_proj" and report.verdict.status == "jump"

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from parity_jax import compare, stage_names, stages
-from parity_jax.bundle_compare import REPORT_SCHEMA, BundleReport, compare_bundles, load_report
+from parity_jax.provenance import default_provenance
+from parity_jax import bundles as stages, compare
+from parity_jax.bundles import qwen_graph as stage_names
+from parity_jax.bundles import REPORT_SCHEMA, BundleReport, compare_bundles, load_report
 from parity_jax.errors import UsageError
-from tests import stage_synth as synth
+from tests.helpers import stages as synth
 
 DATA = pathlib.Path(__file__).parent / "data"
 
@@ -23,8 +25,8 @@ def _pair(tmp_path, num_layers=2, planted="layers.1.v_proj"):
   names = list(golden)
   cand = synth.candidate(golden, lambda i, n: 1e-3 if planted and i >= names.index(planted) else 1e-7)
   g, c = tmp_path / "golden.safetensors", tmp_path / "cand.safetensors"
-  stages.save_bundle(g, golden, stages.default_provenance("test-golden"))
-  stages.save_bundle(c, cand, stages.default_provenance("test-candidate"))
+  stages.save_bundle(g, golden, default_provenance("test-golden"))
+  stages.save_bundle(c, cand, default_provenance("test-candidate"))
   return golden, cand, g, c
 
 
@@ -79,7 +81,7 @@ def test_one_sided_stages_error_by_default_and_are_listed_when_allowed(tmp_path)
   report = compare_bundles(golden, cand, allow_missing=True)
   assert report.only_golden == ["layers.1.ffn_up"] and report.only_candidate == ["extra_stage"]
   assert report.passed and "layers.1.ffn_up" not in report.names
-  text = report.to_text()
+  text = report.text()
   assert "only in golden (1): layers.1.ffn_up" in text and "only in candidate (1): extra_stage" in text
 
 
@@ -128,20 +130,20 @@ def test_stage_filter(tmp_path):
 
 
 def test_chunked_large_stage_matches_diff_stats(monkeypatch):
-  from parity_jax import bundle_compare
+  from parity_jax.bundles import diff as bundle_diff
   rng = np.random.default_rng(5)
   a = rng.standard_normal((3, 5, 7)).astype(np.float32)
   b = a.copy()
   b[1, 2, 3] += 1.0
   b[2, 4, 6] -= 2.0
   b[0, 0, 0] = np.nan
-  monkeypatch.setattr(bundle_compare, "_CHUNK_ELEMENTS", 4)  # forces boxes smaller than a row
-  st = bundle_compare.stage_stats(a, b, 5, "x")
+  monkeypatch.setattr(bundle_diff, "CHUNK_ELEMENTS", 4)  # forces boxes smaller than a row
+  st = bundle_diff.stage_stats(a, b, 5, "x")
   ref = compare.diff_stats(a, b, 5)
   assert st.max_abs_index == ref.max_abs_index and st.n_diff == ref.n_diff
   assert [d.to_dict() for d in st.top_k] == [d.to_dict() for d in ref.top_k]  # (NaN != NaN as a dataclass field)
   assert st.rel_l2 == ref.rel_l2 and st.cosine == pytest.approx(ref.cosine, rel=1e-14)
-  assert sum(1 for _ in bundle_compare._boxes((3, 5, 7), 4)) == 3 * 5 * 2
+  assert sum(1 for _ in bundle_diff.boxes((3, 5, 7), 4)) == 3 * 5 * 2
 
 
 def test_nan_on_one_side_is_always_a_breach():
@@ -162,7 +164,7 @@ def test_json_round_trip_is_lossless(tmp_path):
   back = BundleReport.from_json(text)
   assert back.to_json() == text
   assert back.rows == report.rows and back.verdict == report.verdict and back.profile == report.profile
-  report.save_json(tmp_path / "r.json")
+  report.write_json(tmp_path / "r.json")
   assert load_report(tmp_path / "r.json").first_divergent == "layers.1.v_proj"
 
 
@@ -191,7 +193,7 @@ def test_saved_report_schema_v1_loads_and_matches_a_live_comparison(tmp_path):
   assert report.row("logits").logits.kl_max == pytest.approx(1.150420765208883)
   assert report.row("embedding").stats.max_abs_index == (3,)
   assert report.row("embedding").stats.top_k[0].b_bits == "0x40a00000"
-  assert "first divergent" in report.to_text() and "<table" in report._repr_html_()
+  assert "first divergent" in report.text() and "<table" in report._repr_html_()
   # the same inputs, compared now: every field of the fixture is present with the same value
   gd = {"embedding": np.array([1, 2, 3, 4], np.float32), "logits": np.array([[1, 2, 3], [3, 2, 1]], np.float32)}
   cd = {"embedding": np.array([1, 2, 3, 5], np.float32), "logits": np.array([[1, 2, 3], [1, 2, 3]], np.float32)}
@@ -221,14 +223,14 @@ def test_other_schema_versions_are_refused():
 def test_text_and_html_renderings(tmp_path):
   golden, cand, g, c = _pair(tmp_path)
   report = compare_bundles(g, c)
-  text = report.to_text()
+  text = report.text()
   line = next(l for l in text.splitlines() if " layers.1.v_proj " in l)
   assert "FAIL rel_l2" in line and "<-- first divergent (jump)" in line
   assert next(l for l in text.splitlines() if " layers.1.k_proj " in l).rstrip().endswith("ok")
   assert text.splitlines()[-1] == report.verdict_line()
   assert "top 5 divergences in layers.1.v_proj" in text
   assert all(ord(ch) < 128 for ch in text)
-  short = report.to_text(failing_only=True)
+  short = report.text(failing_only=True)
   assert " layers.1.k_proj " not in short and " layers.1.v_proj " in short
   html = report._repr_html_()
   assert html.count("<tr") == len(report.rows) + 1

@@ -11,9 +11,9 @@ import pytest
 
 from parity_jax import qwen2
 from parity_jax.compare import bit_equal
-from parity_jax.stages import load_bundle
-from parity_jax.stage_names import qwen_stage_names
-from qwen_testlib import MODELS, ROOT
+from parity_jax.bundles import load_bundle
+from parity_jax.bundles.qwen_graph import qwen_stage_names
+from tests.helpers.qwen import MODELS, ROOT
 
 
 def _run(*args):
@@ -67,9 +67,9 @@ BAD = {
     "malformed": (["--model_dir={model}", "--tokens=1,x,3"], "non-integer"),
     "empty_field": (["--model_dir={model}", "--tokens=1,,3"], "non-integer"),
     "ragged": (["--model_dir={model}", "--tokens=1,2,3;4,5"], "different lengths"),
-    "mask_shape": (["--model_dir={model}", "--tokens=1,2,3", "--attention_mask=1,1"], "does not match tokens"),
+    "mask_shape": (["--model_dir={model}", "--tokens=1,2,3", "--attention_mask=1,1"], "attention_mask must have the tokens' shape"),
     "mask_values": (["--model_dir={model}", "--tokens=1,2,3", "--attention_mask=1,2,1"], "only 0 and 1"),
-    "no_tokens": (["--model_dir={model}"], "--tokens is required"),
+    "no_tokens": (["--model_dir={model}"], "missing required flag --tokens"),
     "bad_dtype": (["--model_dir={model}", "--tokens=1", "--dtype=float16"], "dtype"),
     "out_dir_missing": (["--model_dir={model}", "--tokens=1", "--out={tmp}/no/such/b.safetensors"], "does not exist"),
     "out_in_model_dir": (["--model_dir={model}", "--tokens=1", "--out={model}/b.safetensors"], "would overwrite or lie inside an input"),

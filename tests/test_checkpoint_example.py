@@ -1,4 +1,4 @@
-"""The shipped example in goldens/checkpoints: integrity, size, deterministic regeneration."""
+"""The shipped example (parity_jax/checkpoint/example_data): integrity, size, deterministic regeneration."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import json
 
 import numpy as np
 
-import _ckpt_helpers as H
+from tests.helpers import ckpt as H
 from parity_jax import compare
 from parity_jax.checkpoint import RemapSpec, open_checkpoint, restore_leaves, verify_migration
-from parity_jax.checkpoint.example import example_source_tree, example_spec_dict, flatten, leaf_sha256
+from parity_jax.checkpoint.example import example_source_tree, example_spec_dict, leaf_sha256
+from parity_jax.checkpoint.keypath import flatten
 
 
 def _manifest():

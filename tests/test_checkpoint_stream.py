@@ -156,7 +156,7 @@ SPEC = RemapSpec.from_rules([{"match": "^w$", "to": "w", "squeeze": [0]}, {"matc
 def _save_source(path, tree, chunk_kb=None, row_major=False, compressed=True):
   from orbax.checkpoint import v1 as ocp_v1
 
-  from parity_jax.checkpoint.layout import quiet_orbax
+  from parity_jax.checkpoint.tstore import quiet_orbax
   from parity_jax.checkpoint.migrate import row_major_chunks
 
   ctx = ocp_v1.Context()

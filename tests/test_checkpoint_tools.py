@@ -13,9 +13,9 @@ import threading
 import numpy as np
 import pytest
 
-import _ckpt_helpers as H
+from tests.helpers import ckpt as H
 from parity_jax.checkpoint import migrate, verify_migration
-from parity_jax.checkpoint.io import hash_file_tree
+from tests.helpers.files import hash_file_tree
 from parity_jax.checkpoint.layout import resolve_item_dir
 from parity_jax.errors import UsageError
 

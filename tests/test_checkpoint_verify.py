@@ -15,14 +15,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import _ckpt_helpers as H
+from tests.helpers import ckpt as H
 from parity_jax import compare
 from parity_jax.checkpoint import (
     LeafReader, RemapSpec, migrate, open_checkpoint, restore_leaves, verify_migration,
 )
 from parity_jax.checkpoint import stream
-from parity_jax.checkpoint.example import flatten, leaf_sha256
-from parity_jax.checkpoint.io import hash_file_tree
+from parity_jax.checkpoint.example import leaf_sha256
+from parity_jax.checkpoint.keypath import flatten
+from tests.helpers.files import hash_file_tree
 from parity_jax.errors import UsageError
 
 TINY_CHUNK_MB = 256 / 2**20  # 256-byte chunks: every multi-row leaf spans several chunks

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from parity_jax import stages
-from tests import stage_synth as synth
+from parity_jax.provenance import default_provenance
+from parity_jax import bundles as stages
+from tests.helpers import stages as synth
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,9 +34,9 @@ def bundles(tmp_path_factory):
   k = names.index("layers.2.k_proj")
   ok = synth.candidate(golden, lambda i, n: 1e-7)
   bad = synth.candidate(golden, lambda i, n: 1e-3 * 1.05 ** (i - k) if i >= k else 1e-7)
-  stages.save_bundle(d / "golden.safetensors", golden, stages.default_provenance("test-golden"))
-  stages.save_bundle(d / "ok.safetensors", ok, stages.default_provenance("test-ok"))
-  stages.save_bundle(d / "bad.safetensors", bad, stages.default_provenance("test-bad"))
+  stages.save_bundle(d / "golden.safetensors", golden, default_provenance("test-golden"))
+  stages.save_bundle(d / "ok.safetensors", ok, default_provenance("test-ok"))
+  stages.save_bundle(d / "bad.safetensors", bad, default_provenance("test-bad"))
   return d, golden
 
 
@@ -75,7 +76,7 @@ def test_json_format(bundles, tmp_path):
   assert [s["name"] for s in doc["stages"]] == list(golden)
   logits = doc["stages"][-1]
   assert logits["name"] == "logits" and set(logits["logits"]) >= {"kl_max", "kl_mean", "argmax_agreement", "topk_overlap_mean"}
-  from parity_jax.bundle_compare import BundleReport
+  from parity_jax.bundles import BundleReport
   assert BundleReport.from_dict(doc).first_divergent == "layers.2.k_proj"
 
 

@@ -17,7 +17,7 @@ import pytest
 import safetensors.numpy
 
 from parity_jax.errors import UsageError
-from parity_jax.forward_parity import forward_parity, golden_inputs
+from parity_jax.qwen2.parity import forward_parity, golden_inputs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDENS = ROOT / "goldens"
@@ -34,7 +34,7 @@ def _tool(*args, cwd=ROOT):
 def test_every_golden_passes_in_float32(model, inputs):
   golden = GOLDENS / "forward" / f"{model}{inputs}.safetensors"
   result = forward_parity(GOLDENS / "models" / model, golden)
-  assert result.passed, result.report.to_text(failing_only=True)
+  assert result.passed, result.report.text(failing_only=True)
   tokens, mask, prov = golden_inputs(golden)
   assert prov["producer"] == "parity_jax.oracle.forward_goldens"  # an independent oracle, not our own code
   np.testing.assert_array_equal(result.tokens, tokens)
@@ -48,7 +48,7 @@ def test_every_golden_passes_in_float32(model, inputs):
 def test_bfloat16_passes_the_bf16_profile(model):
   result = forward_parity(GOLDENS / "models" / model, GOLDENS / "forward" / f"{model}.safetensors", dtype="bfloat16")
   assert result.report.profile.name == "bf16"
-  assert result.passed, result.report.to_text(failing_only=True)
+  assert result.passed, result.report.text(failing_only=True)
   # and it really ran in bf16: stages are bf16 and far outside the f32 bound
   assert result.candidate["logits"].dtype.name == "bfloat16"
   assert max(row.rel_l2 for row in result.report.rows) > 1e-3
@@ -131,7 +131,7 @@ def test_live_oracle_on_a_fresh_model(tmp_path, test_seed):
   """--oracle: HF transformers produces the golden on the spot, for a model and tokens not in the goldens."""
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
-  from tests import hf_capture
+  from tests.helpers import hf as hf_capture
 
   seed = test_seed
   model = hf_capture.tiny_qwen("qwen3", num_layers=2, init=0.08, seed=seed, hidden=96, vocab=200)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from parity_jax.logit_stats import log_softmax64, logits_stats
+from parity_jax.bundles.logits import log_softmax64, logits_stats
 
 
 def _kl_naive(a, b):

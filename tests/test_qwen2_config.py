@@ -8,7 +8,7 @@ import pytest
 
 from parity_jax import qwen2
 from parity_jax.errors import UsageError
-from qwen_testlib import MODELS, config_dict, random_tensors, write_checkpoint
+from tests.helpers.qwen import MODELS, config_dict, random_tensors, write_checkpoint
 
 
 def test_5x_style_golden_config():

@@ -34,9 +34,9 @@ import pytest
 from parity_jax import qwen2
 from parity_jax.compare import bit_equal, diff_stats
 from parity_jax.errors import UsageError
-from parity_jax.stage_names import qwen_stage_names
-from parity_jax.stages import load_bundle
-from qwen_testlib import FORWARD, GOLDEN_MODELS, GOLDENS, MODELS, golden, golden_inputs
+from parity_jax.bundles.qwen_graph import qwen_stage_names
+from parity_jax.bundles import load_bundle
+from tests.helpers.qwen import FORWARD, GOLDEN_MODELS, GOLDENS, MODELS, golden, golden_inputs
 
 F32_GOLDENS = [f"{m}{s}" for m in GOLDEN_MODELS for s in ("", ".padded")]
 REL_L2_F32 = 1e-5

@@ -13,7 +13,7 @@ import safetensors.numpy
 from parity_jax import qwen2
 from parity_jax.compare import bit_equal
 from parity_jax.errors import UsageError
-from qwen_testlib import MODELS, config_dict, random_tensors, write_checkpoint
+from tests.helpers.qwen import MODELS, config_dict, random_tensors, write_checkpoint
 
 
 def _leaves_equal(a, b):

@@ -18,8 +18,8 @@ from parity_jax import qwen2  # noqa: E402
 from parity_jax.compare import bit_equal, diff_stats  # noqa: E402
 from parity_jax.oracle import forward_goldens  # noqa: E402
 from parity_jax.oracle.hf_forward import capture_hf_stages, hf_stages, load_hf_model  # noqa: E402
-from parity_jax.stages import load_bundle  # noqa: E402
-from qwen_testlib import FORWARD, GOLDEN_MODELS, MODELS  # noqa: E402
+from parity_jax.bundles import load_bundle  # noqa: E402
+from tests.helpers.qwen import FORWARD, GOLDEN_MODELS, MODELS  # noqa: E402
 
 pytestmark = pytest.mark.oracle
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-from qwen_testlib import MODELS, ROOT
+from tests.helpers.qwen import MODELS, ROOT
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np

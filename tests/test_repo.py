@@ -29,7 +29,7 @@ def test_output_paths_never_touch_inputs(tmp_path):
   import pytest
 
   from parity_jax.errors import UsageError
-  from parity_jax.paths import check_output_path, is_inside
+  from parity_jax.files import check_output_path, is_inside
 
   src = tmp_path / "ckpt"
   (src / "sub").mkdir(parents=True)
@@ -50,7 +50,7 @@ def test_every_submodule_is_reachable_from_the_package():
   import parity_jax
 
   names = [m.name for m in pkgutil.iter_modules(parity_jax.__path__) if m.name != "oracle"]
-  assert {"compare", "stages", "forward_parity", "paths", "qwen2", "svf", "checkpoint"} <= set(names)
+  assert {"bundles", "checkpoint", "cli", "compare", "dtypes", "errors", "files", "jsonio", "progress", "provenance", "qwen2", "report", "svf"} <= set(names)
   for name in names:
     assert getattr(parity_jax, name).__name__ == f"parity_jax.{name}"
   import pytest

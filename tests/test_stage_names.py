@@ -1,4 +1,4 @@
-from parity_jax import stage_names
+from parity_jax.bundles import qwen_graph as stage_names
 
 
 def test_names_in_execution_order():

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from parity_jax import compare, stages
+from parity_jax.provenance import default_provenance
+from parity_jax import bundles as stages, compare
 from parity_jax.errors import UsageError
 
 
@@ -24,7 +25,7 @@ def _example():
 
 def test_roundtrip_keeps_order_dtypes_bytes_and_provenance(tmp_path):
   data = _example()
-  prov = stages.default_provenance("test", seed=7, note={"free": ["form"]})
+  prov = default_provenance("test", seed=7, note={"free": ["form"]})
   path = tmp_path / "b.safetensors"
   stages.save_bundle(path, data, prov)
   back = stages.load_bundle(path)

@@ -11,13 +11,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from parity_jax import compare, stages
+from parity_jax import bundles as stages, compare
 from parity_jax.errors import UsageError
 from parity_jax.svf import STAGES, gate, ComponentStore, reconstruct, replay, safe_source_name, tensor_key
 from parity_jax.svf.bounds import FormulaConstants, MismatchAccounting
 from parity_jax.svf.io import find_component_files
 
-import svf_testlib
+from tests.helpers import svf as svf_testlib
 
 GOLDENS = pathlib.Path(__file__).resolve().parents[1] / "goldens" / "svf"
 BF16 = ml_dtypes.bfloat16

@@ -15,19 +15,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import conftest  # noqa: E402
-from parity_jax import compare, stages  # noqa: E402
-from parity_jax.stages import BundleReader  # noqa: E402
+from parity_jax import bundles as stages, compare  # noqa: E402
+from parity_jax.bundles import BundleReader  # noqa: E402
 from parity_jax.errors import UsageError  # noqa: E402
-from parity_jax.oracle import svf_goldens  # noqa: E402
+from parity_jax.oracle import svf_goldens, to_numpy  # noqa: E402
+from tests.helpers.seed import TEST_SEED  # noqa: E402
 from parity_jax.svf import ComponentStore, bf16_sha256, reconstruct, torch_cpu_sum  # noqa: E402
 from parity_jax.svf.bounds import FormulaConstants, MismatchAccounting  # noqa: E402
 from parity_jax.svf.io import find_component_files  # noqa: E402
-from tools.convert_svd_weights import convert  # noqa: E402
+from parity_jax.oracle.svd_weights import convert_svd_weights as convert  # noqa: E402
 
 pytestmark = pytest.mark.oracle
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SEED = conftest.SEED  # fixed, printed in the session header and on failure; PARITY_JAX_TEST_SEED overrides
+SEED = TEST_SEED  # fixed, printed in the session header and on failure; PARITY_JAX_TEST_SEED overrides
 
 
 def test_torch_canonicalises_every_bf16_nan_to_0xffff():
@@ -73,9 +73,9 @@ def test_fresh_shapes_against_the_live_torch_formula():
     target = (m, n) if orientation == "identity" else (n, m)
     got = {k: np.asarray(x) for k, x in reconstruct(un, sn, vn, on, capture=True, target_shape=target).items()}
     for exact in ("offsets_f32", "scaled_s", "normalization", "u_scaled"):
-      assert compare.bit_equal(got[exact], svf_goldens.to_numpy(want[exact])), (SEED, m, n, exact)
+      assert compare.bit_equal(got[exact], to_numpy(want[exact])), (SEED, m, n, exact)
     acc = MismatchAccounting(FormulaConstants.from_components(sn, on))
-    g_final = svf_goldens.to_numpy(want["final_bf16"]).view(np.uint16)
+    g_final = to_numpy(want["final_bf16"]).view(np.uint16)
     ours = got["final_bf16"].view(np.uint16)
     if orientation == "transpose":
       g_final, ours = g_final.T.copy(), ours.T.copy()
@@ -101,9 +101,9 @@ def test_torch_against_itself_and_us_at_one_thread():
       torch.set_num_threads(default)
     fc = FormulaConstants.from_components(s.numpy(), o.numpy())
     a = MismatchAccounting(fc)
-    a.update(svf_goldens.to_numpy(single).view(np.uint16), svf_goldens.to_numpy(multi["final_bf16"]).view(np.uint16), u.numpy(), v.numpy())
+    a.update(to_numpy(single).view(np.uint16), to_numpy(multi["final_bf16"]).view(np.uint16), u.numpy(), v.numpy())
     b = MismatchAccounting(fc)
-    b.update(svf_goldens.to_numpy(single).view(np.uint16), np.asarray(reconstruct(u.numpy(), s.numpy(), v.numpy(), o.numpy())).view(np.uint16), u.numpy(), v.numpy())
+    b.update(to_numpy(single).view(np.uint16), np.asarray(reconstruct(u.numpy(), s.numpy(), v.numpy(), o.numpy())).view(np.uint16), u.numpy(), v.numpy())
     assert a.n_unexplained == 0 and b.n_unexplained == 0, (SEED, m, n)
     flips_torch += a.n_mismatch
     flips_ours += b.n_mismatch

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from parity_jax import stages
+from parity_jax import bundles as stages
 from parity_jax.svf import STAGES, tensor_key
 
-import svf_testlib
+from tests.helpers import svf as svf_testlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDENS = ROOT / "goldens" / "svf"
@@ -33,6 +33,7 @@ def _one_line_error(p, contains):
 
 def test_pass_writes_report_and_stage_bundle(tmp_path):
   out, stage_dir = tmp_path / "r" / "report.json", tmp_path / "stages"
+  out.parent.mkdir()
   p = _run(
       "svf_parity", f"--golden_dir={GOLDENS}", "--all_selected_tensors", "--selected_source_filter=model.layers.1.",
       f"--out={out}", f"--stage_dir={stage_dir}", "--chunk_mb=0.05", "--row_block=32", "--progress=false",
@@ -73,8 +74,8 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
   _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", "stray"), "unexpected positional")
   # never overwrite an input: our bundle and report names are the golden's own
   before = {p.name: p.read_bytes() for p in GOLDENS.iterdir()}
-  _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", f"--stage_dir={GOLDENS}"), "would overwrite an input")
-  _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", f"--out={GOLDENS / 'svf_report.json'}"), "would overwrite an input")
+  _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", f"--stage_dir={GOLDENS}"), "would overwrite or lie inside an input")
+  _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", f"--out={GOLDENS / 'svf_report.json'}"), "would overwrite or lie inside an input")
   assert {p.name: p.read_bytes() for p in GOLDENS.iterdir()} == before
 
 
@@ -91,8 +92,8 @@ def _damaged_goldens(tmp_path, edit):
 
 
 def test_missing_stage_and_mismatched_shapes_exit_2_and_write_nothing(tmp_path):
-  out = tmp_path / "out"
-  args = ["--all_selected_tensors", f"--stage_dir={out}", f"--out={out / 'r.json'}"]
+  out, report = tmp_path / "out", tmp_path / "r.json"
+  args = ["--all_selected_tensors", f"--stage_dir={out}", f"--out={report}"]
   g = _damaged_goldens(tmp_path / "missing", lambda d: d.pop(tensor_key("lm_head.weight", "matmul_pre_norm")))
   _one_line_error(_run("svf_parity", f"--golden_dir={g}", *args), "setup error: golden bundle")
 
@@ -102,7 +103,7 @@ def test_missing_stage_and_mismatched_shapes_exit_2_and_write_nothing(tmp_path):
 
   g = _damaged_goldens(tmp_path / "shape", narrow)
   _one_line_error(_run("svf_parity", f"--golden_dir={g}", *args), "has shape [320, 79], expected [320, 80]")
-  assert not out.exists()
+  assert not out.exists() and not report.exists()
 
 
 def test_convert_svd_weights_needs_the_oracle_extra(tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from parity_jax import tolerance
+from parity_jax.bundles import tolerance
 from parity_jax.errors import UsageError
 
 

@@ -1,54 +1,6 @@
-"""Migrates an Orbax checkpoint under a remap spec, streaming one leaf at a time, atomically.
+"""``python -m tools.migrate_checkpoint`` from the repository root: the same tool as the console script ``parity-migrate-checkpoint`` (see parity_jax.cli.migrate_checkpoint)."""
 
-  python -m tools.migrate_checkpoint --source=DIR --dest=DIR --spec=FILE [--chunk_mb=64] [--overwrite]
-
-Reads source metadata, validates the spec against it (every problem reported
-at once, before any data is read), then restores one leaf (or a small batch of
-small leaves) at a time, applies its squeeze/reshape and appends it with
-``ocp.v1.partial.save``; ``finalize`` makes one v1 checkpoint. The result
-appears at --dest only when complete. Progress (leaves, bytes, rate, ETA) goes
-to stderr. Exit 0 on success, 2 on bad input (one ``error:`` line, nothing
-written). Check the result with ``python -m tools.verify_migration``.
-"""
-
-from __future__ import annotations
-
-import sys
-
-from absl import flags, logging
-
-from tools import _cli
-
-_SOURCE = flags.DEFINE_string("source", None, "Source checkpoint (v0 PyTree dir, v1 checkpoint or a CheckpointManager step dir).")
-_DEST = flags.DEFINE_string("dest", None, "Where the migrated v1 checkpoint appears (must not exist unless --overwrite).")
-_SPEC = flags.DEFINE_string("spec", None, "Remap spec JSON.")
-_CHUNK_MB = flags.DEFINE_float("chunk_mb", 64.0, "Storage chunk size in MiB for the written arrays.", lower_bound=1e-3)
-_BATCH_MB = flags.DEFINE_float("batch_mb", None, "Small leaves are restored/saved together up to this many MiB (default: min(chunk_mb, largest leaf), >= 8).")
-_COMPRESSION = flags.DEFINE_enum("compression", "none", ["none", "zstd"], "Chunk codec. 'none' writes straight from memory (peak ~1x the largest leaf); 'zstd' (orbax's default) saves a few % of disk on float weights but OCDBT buffers every compressed chunk of a leaf (~1 more leaf of memory) and every read must decode.")
-_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace an existing --dest (only if it is an Orbax checkpoint or empty).")
-_PROGRESS = flags.DEFINE_boolean("progress", True, "Show progress with rate and ETA on stderr.")
-
-for _f in ("source", "dest", "spec"):
-  flags.mark_flag_as_required(_f)
-
-
-def main(argv):
-  del argv
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every step at INFO; keep stderr for progress and errors
-    logging.set_verbosity(logging.ERROR)
-  from parity_jax.checkpoint import migrate
-
-  result = migrate(
-      _SOURCE.value, _DEST.value, _SPEC.value, chunk_mb=_CHUNK_MB.value, overwrite=_OVERWRITE.value,
-      progress=_PROGRESS.value, batch_mb=_BATCH_MB.value, compression=_COMPRESSION.value,
-  )
-  if result.dropped_empty_nodes:
-    shown = ", ".join(result.dropped_empty_nodes[:10])
-    print(f"note: {len(result.dropped_empty_nodes)} empty node(s) in the source hold no data and were not carried"
-          f" over: {shown}", file=sys.stderr)
-  print(result.summary())
-  return 0
-
+from parity_jax.cli.migrate_checkpoint import run
 
 if __name__ == "__main__":
-  _cli.run(main)
+  run()

@@ -8,15 +8,17 @@
   the source under the spec, in bounded memory; returns a
   :class:`VerifyReport`.
 * :func:`open_checkpoint`, :func:`restore_leaves`, :class:`LeafReader` --
-  the read-only building blocks (metadata, single-leaf restore, chunked reads).
+  the read-only building blocks (metadata, single-leaf restore, chunked reads);
+  :mod:`.keypath` names leaves, :mod:`.geometry` and :mod:`.stream` plan and
+  run the piecewise comparison, :mod:`.tstore` holds the tensorstore context.
 
 Submodules import orbax/jax lazily, so importing this package is cheap.
 """
 
-from parity_jax.checkpoint.io import LeafReadError, LeafReader, restore_leaves
+from parity_jax.checkpoint.reader import LeafReadError, LeafReader, restore_leaves
 from parity_jax.checkpoint.layout import Checkpoint, LeafMeta, open_checkpoint
 from parity_jax.checkpoint.migrate import MigrateResult, migrate
-from parity_jax.checkpoint.spec import LeafPlan, MigrationPlan, RemapSpec, Rule, SpecError, Transform
+from parity_jax.checkpoint.spec import LeafPlan, MigrationPlan, RemapRule, RemapSpec, SpecError, Transform
 from parity_jax.checkpoint.verify import GroupResult, LeafResult, VerifyReport, verify_migration
 
 __all__ = [
@@ -29,8 +31,8 @@ __all__ = [
     "LeafResult",
     "MigrateResult",
     "MigrationPlan",
+    "RemapRule",
     "RemapSpec",
-    "Rule",
     "SpecError",
     "Transform",
     "VerifyReport",

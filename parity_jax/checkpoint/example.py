@@ -1,6 +1,8 @@
 """The shipped example: a small parameter-decomposition training state and its remap spec.
 
-``goldens/checkpoints/`` holds (regenerate with ``python -m tools.make_example_checkpoint``):
+``example_data/`` in this package (package data, so it ships with every
+install; :func:`example_paths` finds it) holds (regenerate with
+``parity-make-example-checkpoint --out=parity_jax/checkpoint/example_data``):
 
 * ``source/``   -- a legacy v0 PyTree checkpoint (``PyTreeCheckpointer``) of
   :func:`example_source_tree`: groups ``ci_fn``, ``ci_fn_opt_state``,
@@ -25,12 +27,17 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
+import json
+import os
+import pathlib
+import shutil
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-__all__ = ["DIMS", "KINDS", "SEED", "example_source_tree", "example_spec_dict", "flatten", "leaf_sha256"]
+__all__ = ["DIMS", "KINDS", "SEED", "example_dir", "example_paths", "example_source_tree", "example_spec_dict", "leaf_sha256", "write_example"]
 
 SEED = 20261123
 DIMS = {"layers": 2, "d_model": 16, "d_ff": 32, "C": 8, "ci_hidden": 4, "source_batch": 3}
@@ -113,24 +120,91 @@ def example_spec_dict() -> dict[str, Any]:
   }
 
 
-def flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
-  """Leaf path ('/'-joined keys, list indices as decimal strings) -> leaf, in key order."""
-  if isinstance(tree, dict):
-    out: dict[str, Any] = {}
-    for k in sorted(tree, key=str):
-      out.update(flatten(tree[k], prefix + (str(k),)))
-    return out
-  if isinstance(tree, (list, tuple)):
-    out = {}
-    for i, v in enumerate(tree):
-      out.update(flatten(v, prefix + (str(i),)))
-    return out
-  return {"/".join(prefix): tree}
-
-
 def leaf_sha256(x: Any) -> str:
   """sha256 of a leaf's C-order bytes (what the verifier reports)."""
   if isinstance(x, str):
     return hashlib.sha256(x.encode()).hexdigest()
   a = np.ascontiguousarray(np.asarray(x))
   return hashlib.sha256(a.reshape(-1).view(np.uint8).tobytes()).hexdigest()
+
+
+def example_dir() -> pathlib.Path:
+  """The shipped example's directory (``parity_jax/checkpoint/example_data``) in this installation."""
+  return pathlib.Path(str(importlib.resources.files("parity_jax.checkpoint") / "example_data"))
+
+
+def example_paths() -> tuple[str, str, str]:
+  """``(source, migrated, spec)`` of the shipped example: what the verifier checks when given no paths."""
+  d = example_dir()
+  return str(d / "source"), str(d / "migrated"), str(d / "spec.json")
+
+
+MANIFEST_FORMAT = "parity_jax.example_checkpoints/1"
+
+
+def _write_into(out: pathlib.Path, seed: int) -> list[pathlib.Path]:
+  import orbax.checkpoint as ocp
+
+  from parity_jax.checkpoint import keypath
+  from parity_jax.checkpoint.migrate import migrate
+  from parity_jax.checkpoint.tstore import quiet_orbax
+  from parity_jax.files import file_sha256
+  from parity_jax.provenance import default_provenance
+
+  out.mkdir(parents=True)
+  tree = example_source_tree(seed)
+  with quiet_orbax():
+    ocp.PyTreeCheckpointer().save(str(out / "source"), tree)
+  spec_path = out / "spec.json"
+  spec_path.write_text(json.dumps(example_spec_dict(), indent=2) + "\n")
+  migrate(out / "source", out / "migrated", spec_path, chunk_mb=EXAMPLE_CHUNK_MB)
+  leaves = {
+      p: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype), "sha256": leaf_sha256(v)}
+      for p, v in keypath.flatten(tree).items()
+  }
+  files = {str(p.relative_to(out)): file_sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
+  manifest = {
+      "format": MANIFEST_FORMAT,
+      "generator": "parity-make-example-checkpoint",
+      "note": ("source/ is a v0 PyTree checkpoint, migrated/ a v1 checkpoint written by parity_jax's migrator;"
+               " leaf values are deterministic in the seed, file bytes are not (orbax writes timestamps and"
+               " random file names)."),
+      "provenance": default_provenance("parity_jax.checkpoint.example", seed=seed, dims=DIMS, chunk_mb=EXAMPLE_CHUNK_MB),
+      "source_leaves": leaves,
+      "files": files,
+  }
+  (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+  return [out / "source", out / "migrated", spec_path, out / "MANIFEST.json"]
+
+
+def write_example(out: str | os.PathLike, seed: int = SEED) -> list[pathlib.Path]:
+  """Writes the example (source/, spec.json, migrated/, MANIFEST.json) to ``out``; returns the paths.
+
+  ``out`` may be missing, an empty directory, or a previous example (which is
+  replaced only once the new one is complete); anything else is refused.
+  """
+  from parity_jax.errors import UsageError
+
+  out = pathlib.Path(out).resolve()
+  if out.exists() and not out.is_dir():
+    raise UsageError(f"out={out} exists and is not a directory")
+  if not out.parent.is_dir():
+    raise UsageError(f"out: directory {out.parent} does not exist")
+  old = None
+  if out.exists() and any(out.iterdir()):
+    manifest = out / "MANIFEST.json"
+    if not (manifest.is_file() and MANIFEST_FORMAT in manifest.read_text(errors="replace")):
+      raise UsageError(f"out={out} exists and does not hold a previous example (no {MANIFEST_FORMAT} MANIFEST); refusing to replace it")
+  if out.exists():
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(old)
+  try:
+    paths = _write_into(out, seed)
+  except BaseException:
+    shutil.rmtree(out, ignore_errors=True)
+    if old is not None:
+      old.rename(out)
+    raise
+  if old is not None:
+    shutil.rmtree(old)
+  return paths

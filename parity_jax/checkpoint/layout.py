@@ -16,18 +16,17 @@ found and what to pass instead.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import logging
 import os
 import re
 from typing import Any
 
 import numpy as np
 
-from parity_jax.checkpoint.spec import join_path
-from parity_jax.errors import UsageError
+from parity_jax.checkpoint import keypath
+from parity_jax.checkpoint.tstore import quiet_orbax, raw_chunks, read_context
+from parity_jax.errors import UsageError, first_line
 
 __all__ = ["Checkpoint", "LeafMeta", "open_checkpoint", "resolve_item_dir"]
 
@@ -88,7 +87,7 @@ class Checkpoint:
         with quiet_orbax():
           self._metadata_tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.item_dir)).tree
       except Exception as e:
-        raise UsageError(f"{self.path}: cannot read checkpoint metadata: {_first_line(e)}") from None
+        raise UsageError(f"{self.path}: cannot read checkpoint metadata: {first_line(e)}") from None
     return self._metadata_tree
 
   def unreadable(self) -> dict[str, str]:
@@ -101,22 +100,6 @@ class Checkpoint:
 
   def describe(self) -> str:
     return f"{self.layout} checkpoint, {len(self.leaves)} leaves, {self.nbytes / 2**20:.1f} MiB"
-
-
-@contextlib.contextmanager
-def quiet_orbax(level: int = logging.ERROR):
-  """Raises the ``absl`` logger's level while orbax works (its INFO/WARNING chatter is noise here).
-
-  Errors still propagate as exceptions; nothing is hidden from callers.
-  """
-  logger = logging.getLogger("absl")
-  old = logger.level
-  if old < level:
-    logger.setLevel(level)
-  try:
-    yield
-  finally:
-    logger.setLevel(old)
 
 
 def _is_item_dir(d: str) -> bool:
@@ -170,54 +153,6 @@ def resolve_item_dir(path: str, role: str = "checkpoint") -> tuple[str, str]:
   raise UsageError(f"{role} is not an Orbax checkpoint (no {PYTREE_METADATA} in it or in one item below it): {path}")
 
 
-def _key_str(k: Any) -> str:
-  import jax  # local: keep `import parity_jax.checkpoint` light
-
-  if isinstance(k, jax.tree_util.DictKey):
-    return str(k.key)
-  if isinstance(k, jax.tree_util.SequenceKey):
-    return str(k.idx)
-  if isinstance(k, jax.tree_util.GetAttrKey):
-    return str(k.name)
-  if isinstance(k, jax.tree_util.FlattenedIndexKey):
-    return str(k.key)
-  return str(k)
-
-
-def _first_line(e: BaseException) -> str:
-  s = str(e).strip().splitlines()
-  msg = s[0] if s else type(e).__name__
-  # tensorstore appends the full JSON spec in brackets; the spec is noise in a one-line error
-  msg = re.sub(r"\s*\[tensorstore_spec=.*$", "", msg)
-  return msg if len(msg) <= 300 else msg[:300] + "..."
-
-
-def _raw_chunks(t: Any) -> bool:
-  """True when ``t``'s read chunks are stored as plain little/big-endian bytes (no compressor, filter or checksum).
-
-  Then a sub-box of a chunk is a byte range of the file, which memory-mapped
-  reads copy without decoding the rest of the chunk. Sharded zarr3 (what orbax
-  writes) counts when the codecs *inside* the shard are just ``bytes``; the
-  shard index's own checksum does not matter. Anything unrecognised is False
-  (the caller then treats chunks as units that must be decoded whole).
-  """
-  try:
-    codec = t.codec.to_json()
-  except Exception:  # noqa: BLE001 -- a missing/odd codec spec only means "not known to be raw"
-    return False
-  if not isinstance(codec, dict):
-    return False
-  if codec.get("driver") == "zarr":
-    return "compressor" in codec and codec["compressor"] is None and not codec.get("filters")
-  if codec.get("driver") == "zarr3":
-    codecs = codec.get("codecs")
-    while (isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)
-           and codecs[0].get("name") == "sharding_indexed"):
-      codecs = (codecs[0].get("configuration") or {}).get("codecs")
-    return isinstance(codecs, list) and [c.get("name") if isinstance(c, dict) else None for c in codecs] == ["bytes"]
-  return False
-
-
 def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkpoint:
   """Resolves ``path`` and reads its tree metadata (shapes, dtypes, chunking); no array data.
 
@@ -234,7 +169,7 @@ def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkp
     with open(os.path.join(item_dir, PYTREE_METADATA), encoding="utf-8") as f:
       raw = json.load(f)
   except (OSError, ValueError) as e:
-    raise UsageError(f"{role} {path}: cannot read {PYTREE_METADATA}: {_first_line(e)}") from None
+    raise UsageError(f"{role} {path}: cannot read {PYTREE_METADATA}: {first_line(e)}") from None
   if not isinstance(raw, dict) or not isinstance(raw.get("tree_metadata"), dict):
     raise UsageError(f"{role} {path}: {PYTREE_METADATA} has no tree_metadata (not a PyTree checkpoint?)")
   use_ocdbt = bool(raw.get("use_ocdbt", True))
@@ -255,7 +190,7 @@ def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkp
         problems.append(f"key {bad[0]!r} in {keys} is empty or contains '/', which leaf paths cannot express")
       entries.append((keys, vt))
     else:
-      empty_nodes.append(join_path(keys))
+      empty_nodes.append(keypath.join(keys))
   if problems:
     raise UsageError(f"{role} {path}: " + "; ".join(problems[:5]))
   entries.sort(key=lambda e: e[0])
@@ -263,7 +198,6 @@ def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkp
   import tensorstore as ts
   from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
 
-  from parity_jax.checkpoint.io import read_context
 
   context = read_context(0)
   futures = {}
@@ -277,7 +211,7 @@ def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkp
       futures[keys] = e
   leaves: dict[str, LeafMeta] = {}
   for keys, vt in entries:
-    p = join_path(keys)
+    p = keypath.join(keys)
     name = ".".join(keys)
     if vt == "string":
       leaves[p] = LeafMeta(p, keys, "string", (), None, None, name, vt)
@@ -289,11 +223,11 @@ def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkp
         raise fut
       t = fut.result()
     except Exception as e:
-      leaves[p] = LeafMeta(p, keys, kind, (), None, None, name, vt, error=_first_line(e))
+      leaves[p] = LeafMeta(p, keys, kind, (), None, None, name, vt, error=first_line(e))
       continue
     chunk = t.chunk_layout.read_chunk.shape
     leaves[p] = LeafMeta(
         p, keys, kind, tuple(int(d) for d in t.shape), np.dtype(t.dtype.numpy_dtype),
-        None if chunk is None else tuple(int(c) for c in chunk), name, vt, raw_chunks=_raw_chunks(t),
+        None if chunk is None else tuple(int(c) for c in chunk), name, vt, raw_chunks=raw_chunks(t),
     )
   return Checkpoint(path, item_dir, layout, use_ocdbt, use_zarr3, leaves, sorted(empty_nodes))

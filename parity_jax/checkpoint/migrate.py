@@ -46,12 +46,16 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from parity_jax.checkpoint import geometry
-from parity_jax.checkpoint.io import restore_leaves
-from parity_jax.checkpoint.layout import open_checkpoint, quiet_orbax, resolve_item_dir
-from parity_jax.checkpoint.spec import LeafPlan, RemapSpec, split_path
+from parity_jax.checkpoint import geometry, keypath
+from parity_jax.checkpoint.layout import Checkpoint, open_checkpoint, resolve_item_dir
+from parity_jax.checkpoint.reader import restore_leaves
+from parity_jax.checkpoint.spec import LeafPlan, RemapSpec
+from parity_jax.checkpoint.tstore import quiet_orbax
 from parity_jax.errors import UsageError
-from parity_jax.paths import is_inside
+from parity_jax.files import is_inside
+from parity_jax.progress import human_bytes, progress as progress_bar
+from parity_jax.provenance import default_provenance
+from parity_jax.report import Report
 
 __all__ = ["MigrateResult", "migrate", "row_major_chunks"]
 
@@ -60,7 +64,9 @@ _STALL_ENV = "PARITY_JAX_MIGRATE_STALL"  # test hook: "batch:N" | "finalize" | "
 
 
 @dataclasses.dataclass(frozen=True)
-class MigrateResult:
+class MigrateResult(Report):
+  """What :func:`migrate` wrote. A result exists only for a completed migration, so ``passed`` is True."""
+
   source: str
   dest: str
   n_leaves: int
@@ -72,10 +78,20 @@ class MigrateResult:
   dropped_empty_nodes: tuple[str, ...]
   row_major_chunks: bool
 
-  def summary(self) -> str:
-    rate = self.nbytes / self.elapsed_s / _MIB if self.elapsed_s > 0 else float("inf")
-    return (f"migrated {self.n_leaves} leaves ({self.nbytes / _MIB:.1f} MiB) in {self.elapsed_s:.1f}s"
-            f" ({rate:.1f} MiB/s): {self.source} -> {self.dest}")
+  @property
+  def passed(self) -> bool:
+    return True
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["dropped_empty_nodes"] = list(self.dropped_empty_nodes)
+    d["elapsed_s"] = round(self.elapsed_s, 3)
+    return {"format": "parity_jax.migrate_result/1", **d}
+
+  def text(self) -> str:
+    rate = f"{human_bytes(self.nbytes / self.elapsed_s)}/s" if self.elapsed_s > 0 else "-"
+    return (f"migrated {self.n_leaves} leaves ({human_bytes(self.nbytes)}) in {self.elapsed_s:.2f} s"
+            f" ({rate}): {self.source} -> {self.dest}")
 
 
 @contextlib.contextmanager
@@ -172,7 +188,7 @@ def _batches(plan: tuple[LeafPlan, ...], sizes: dict[str, int], batch_bytes: int
 def _nest(items: list[tuple[str, Any]]) -> dict[str, Any]:
   root: dict[str, Any] = {}
   for dest, value in items:
-    comps = split_path(dest)
+    comps = keypath.split(dest)
     node = root
     for c in comps[:-1]:
       node = node.setdefault(c, {})
@@ -223,30 +239,12 @@ def migrate(
   chunk_bytes = max(1, int(chunk_mb * _MIB))
   sizes = {p.source: src.leaves[p.source].nbytes for p in plan.leaves}
   largest = max(sizes.values(), default=0)
-  if batch_mb is None:
-    batch_bytes = max(min(chunk_bytes, largest), 8 * _MIB)
-  else:
-    batch_bytes = max(1, int(batch_mb * _MIB))
-  total = sum(sizes.values())
-
-  import orbax.checkpoint as ocp
-  from orbax.checkpoint import v1 as ocp_v1
-
-  from parity_jax.stages import default_provenance
+  batch_bytes = max(min(chunk_bytes, largest), 8 * _MIB) if batch_mb is None else max(1, int(batch_mb * _MIB))
 
   tmp = os.path.join(parent, f".{name}.migrating-{os.getpid()}-{secrets.token_hex(4)}")
   os.mkdir(tmp)
   target = os.path.join(tmp, "checkpoint")
-  bar = None
   try:
-    if progress:
-      from parity_jax.progress import byte_progress
-
-      bar = byte_progress(total, "migrate")
-    ctx = ocp_v1.Context()
-    ctx.memory.deepcopy_host_arrays = False
-    ctx.array.saving.storage_options.chunk_byte_size = chunk_bytes
-    ctx.array.saving.use_compression = compression == "zstd"
     custom = {
         "parity_jax_migration": {
             "source": src.path,
@@ -257,43 +255,19 @@ def migrate(
             "provenance": default_provenance("parity_jax.checkpoint.migrate"),
         }
     }
-    done = n_batches = 0
-    with ctx, row_major_chunks() as hooked, quiet_orbax():
-      for batch in _batches(plan.leaves, sizes, batch_bytes):
-        values = restore_leaves(src, [p.source for p in batch])
-        items = [(p.dest, p.transform.apply(values.pop(p.source)) if src.leaves[p.source].kind != "string"
-                  else values.pop(p.source)) for p in batch]
-        ocp_v1.partial.save(target, _nest(items), custom_metadata=custom if n_batches == 0 else None)
-        del items, values
-        n_batches += 1
-        done += len(batch)
-        if bar is not None:
-          bar.update(sum(sizes[p.source] for p in batch))
-          bar.set_postfix_str(f"{done}/{len(plan.leaves)} leaves", refresh=False)
-        _maybe_stall(f"batch:{n_batches}")
-      _maybe_stall("finalize")
-      ocp_v1.partial.finalize(target)
-    del ocp  # imported for its side effects on handler registration
+    n_batches, hooked = _write(src, plan.leaves, sizes, target, custom, chunk_bytes=chunk_bytes, batch_bytes=batch_bytes,
+                               compression=compression, show_progress=progress)
     _maybe_stall("install")
-    if os.path.lexists(dest):  # overwrite: swap, keeping the old one until the new one is in place
-      old = os.path.join(parent, f".{name}.replaced-{os.getpid()}-{secrets.token_hex(4)}")
-      os.rename(dest, old)
-      os.rename(target, dest)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(target, dest)
+    _install(target, dest)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  finally:
-    if bar is not None:
-      bar.close()
   shutil.rmtree(tmp, ignore_errors=True)
   return MigrateResult(
       source=src.path,
       dest=dest,
       n_leaves=len(plan.leaves),
-      nbytes=total,
+      nbytes=sum(sizes.values()),
       n_batches=n_batches,
       chunk_bytes=chunk_bytes,
       compression=compression,
@@ -301,3 +275,43 @@ def migrate(
       dropped_empty_nodes=tuple(src.empty_nodes),
       row_major_chunks=hooked,
   )
+
+
+def _write(src: Checkpoint, leaves: tuple[LeafPlan, ...], sizes: dict[str, int], target: str, custom: dict[str, Any], *,
+           chunk_bytes: int, batch_bytes: int, compression: str, show_progress: bool) -> tuple[int, bool]:
+  """Restores, transforms and appends the leaves batch by batch, then finalizes ``target``. Returns (batches, hooked)."""
+  import orbax.checkpoint as ocp  # noqa: F401 -- registers the handlers v1 uses
+  from orbax.checkpoint import v1 as ocp_v1
+
+  ctx = ocp_v1.Context()
+  ctx.memory.deepcopy_host_arrays = False
+  ctx.array.saving.storage_options.chunk_byte_size = chunk_bytes
+  ctx.array.saving.use_compression = compression == "zstd"
+  done = n_batches = 0
+  with progress_bar(sum(sizes.values()), "migrate", enabled=show_progress) as bar, ctx, row_major_chunks() as hooked, quiet_orbax():
+    for batch in _batches(leaves, sizes, batch_bytes):
+      values = restore_leaves(src, [p.source for p in batch])
+      items = [(p.dest, p.transform.apply(values.pop(p.source)) if src.leaves[p.source].kind != "string"
+                else values.pop(p.source)) for p in batch]
+      ocp_v1.partial.save(target, _nest(items), custom_metadata=custom if n_batches == 0 else None)
+      del items, values
+      n_batches += 1
+      done += len(batch)
+      bar.update(sum(sizes[p.source] for p in batch))
+      bar.set_postfix_str(f"{done}/{len(leaves)} leaves")
+      _maybe_stall(f"batch:{n_batches}")
+    _maybe_stall("finalize")
+    ocp_v1.partial.finalize(target)
+  return n_batches, hooked
+
+
+def _install(target: str, dest: str) -> None:
+  """Renames the finished checkpoint to ``dest``; an existing ``dest`` (overwrite) is swapped out, then removed."""
+  if os.path.lexists(dest):
+    parent, name = os.path.dirname(dest), os.path.basename(dest)
+    old = os.path.join(parent, f".{name}.replaced-{os.getpid()}-{secrets.token_hex(4)}")
+    os.rename(dest, old)
+    os.rename(target, dest)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.rename(target, dest)

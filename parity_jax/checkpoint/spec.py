@@ -42,22 +42,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from parity_jax.checkpoint import geometry
+from parity_jax.checkpoint import geometry, keypath
 from parity_jax.errors import UsageError
 
-__all__ = ["LeafPlan", "MigrationPlan", "RemapSpec", "Rule", "SpecError", "Transform", "join_path", "split_path"]
+__all__ = ["LeafPlan", "MigrationPlan", "RemapRule", "RemapSpec", "SpecError", "Transform"]
 
 _RULE_KEYS = {"match", "to", "squeeze", "reshape", "comment"}
 _TOP_KEYS = {"rules", "group_depth", "comment", "description"}
 _MAX_LISTED = 25  # problems spelled out in the one-line message; all are in .problems
-
-
-def join_path(keys: Iterable[Any]) -> str:
-  return "/".join(str(k) for k in keys)
-
-
-def split_path(path: str) -> tuple[str, ...]:
-  return tuple(path.split("/")) if path else ()
 
 
 class SpecError(UsageError):
@@ -111,7 +103,7 @@ class Transform:
 
 
 @dataclasses.dataclass(frozen=True)
-class Rule:
+class RemapRule:
   """One remap rule; ``index`` is its 1-based position in the spec (for messages)."""
 
   index: int
@@ -167,7 +159,7 @@ class LeafPlan:
 
   source: str
   dest: str
-  rule: Rule
+  rule: RemapRule
   transform: Transform
   group: str
 
@@ -210,7 +202,7 @@ def _check_template(pattern: re.Pattern, to: str) -> str | None:
 class RemapSpec:
   """A validated list of rules plus ``group_depth``. Build with :meth:`from_json` or :meth:`from_rules`."""
 
-  def __init__(self, rules: Sequence[Rule], group_depth: int = 1, source: str | None = None):
+  def __init__(self, rules: Sequence[RemapRule], group_depth: int = 1, source: str | None = None):
     self.rules = tuple(rules)
     self.group_depth = int(group_depth)
     self.source = source  # where the spec came from (a path or "<rules>")
@@ -258,7 +250,7 @@ class RemapSpec:
       problems.append(f"'group_depth' must be an integer >= 1, got {group_depth!r}")
       group_depth = 1
     raw_rules = obj.get("rules")
-    rules: list[Rule] = []
+    rules: list[RemapRule] = []
     if not isinstance(raw_rules, list) or not raw_rules:
       problems.append("'rules' must be a non-empty list of rule objects")
       raw_rules = []
@@ -302,7 +294,7 @@ class RemapSpec:
       if squeeze is not None and reshape is not None:
         problems.append(f"{where}: give 'squeeze' or 'reshape', not both (a reshape can drop size-1 axes itself)")
       rules.append(
-          Rule(
+          RemapRule(
               index=i,
               match=match if isinstance(match, str) else "",
               to=to if isinstance(to, str) else "",
@@ -323,7 +315,7 @@ class RemapSpec:
   def to_json(self, indent: int | None = 2) -> str:
     return json.dumps(self.to_dict(), indent=indent)
 
-  def matching_rules(self, path: str) -> list[Rule]:
+  def matching_rules(self, path: str) -> list[RemapRule]:
     return [r for r in self.rules if r.pattern.fullmatch(path)]
 
   def map_path(self, path: str) -> str | None:
@@ -334,7 +326,7 @@ class RemapSpec:
     return rules[0].pattern.fullmatch(path).expand(rules[0].to)
 
   def group_of(self, dest: str) -> str:
-    return "/".join(split_path(dest)[: self.group_depth])
+    return keypath.join(keypath.split(dest)[: self.group_depth])
 
   def inverse(self, source_paths: Iterable[str]) -> dict[str, str]:
     """Destination -> source for ``source_paths`` (shape-independent part of :meth:`bind`)."""
@@ -375,7 +367,7 @@ class RemapSpec:
         continue
       rule = rules[0]
       dest = rule.pattern.fullmatch(path).expand(rule.to)
-      comps = split_path(dest)
+      comps = keypath.split(dest)
       if not dest or any(c == "" for c in comps):
         problems.append(f"{rule.label()} maps {path!r} to {dest!r}, which has an empty path component")
         continue
@@ -410,7 +402,7 @@ def _destination_conflicts(dests: list[str]) -> list[str]:
   problems = []
   as_set = set(dests)
   for d in dests:
-    comps = split_path(d)
+    comps = keypath.split(d)
     for i in range(1, len(comps)):
       prefix = "/".join(comps[:i])
       if prefix in as_set:
@@ -419,7 +411,7 @@ def _destination_conflicts(dests: list[str]) -> list[str]:
   # orbax stores each leaf under its keys joined by '.', so 'a.b/c' and 'a/b.c' collide on disk.
   storage: dict[str, str] = {}
   for d in dests:
-    name = ".".join(split_path(d))
+    name = ".".join(keypath.split(d))
     if name in storage and storage[name] != d:
       problems.append(f"destinations {storage[name]!r} and {d!r} collide in orbax storage as {name!r}")
     storage.setdefault(name, d)

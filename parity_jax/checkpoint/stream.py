@@ -5,7 +5,7 @@ C-order slabs of the common refinement of the two shapes (:mod:`.geometry`),
 each a box in both leaves, so a squeeze or reshape costs nothing. How a side
 is read depends on how it is stored:
 
-* ``raw`` -- uncompressed chunks read memory-mapped (:func:`.io.memmap_reads`):
+* ``raw`` -- uncompressed chunks read memory-mapped (:func:`.tstore.memmap_reads`):
   any box costs just its own bytes, so pieces can be small and need no cache.
 * ``direct`` -- compressed chunks whose rows (:func:`.geometry.chunk_row_elems`)
   line up with the piece boundaries: every piece is made of whole chunk rows,
@@ -55,9 +55,12 @@ import numpy as np
 
 from parity_jax import compare
 from parity_jax.checkpoint import geometry
-from parity_jax.checkpoint.io import LeafReader, memmap_reads
 from parity_jax.checkpoint.layout import Checkpoint, LeafMeta
+from parity_jax.checkpoint.reader import LeafReader
+from parity_jax.checkpoint.tstore import memmap_reads
+from parity_jax.dtypes import c_contiguous
 from parity_jax.errors import UsageError
+from parity_jax.progress import human_bytes
 
 __all__ = ["Buffers", "PairPlan", "PairStreamer", "SidePlan", "plan_pair"]
 
@@ -68,14 +71,6 @@ SPILL_PREFIX = "parity_jax_verify_spill_"
 PIPELINE_DEPTH = 3
 # Below this modelled peak a pair is always streamed: the disk round trip of a spill costs more than it saves.
 SPILL_ABOVE_BYTES = 256 * _MIB
-
-
-def human(n: float) -> str:
-  for unit in ("B", "KiB", "MiB", "GiB"):
-    if n < 1024 or unit == "GiB":
-      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-    n /= 1024
-  return f"{n} B"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,8 +99,8 @@ class SidePlan:
     if self.mode == "raw":
       return "raw (memory-mapped boxes)"
     if self.mode == "direct":
-      return f"whole chunk rows of {human(self.row_elems * self.itemsize)} per piece"
-    return (f"chunk rows of {human(self.row_elems * self.itemsize)} cached ({self.rows_cached} at a time"
+      return f"whole chunk rows of {human_bytes(self.row_elems * self.itemsize)} per piece"
+    return (f"chunk rows of {human_bytes(self.row_elems * self.itemsize)} cached ({self.rows_cached} at a time"
             f"{f', {self.readahead} row(s) read ahead' if self.readahead else ''})")
 
 
@@ -123,7 +118,7 @@ class PairPlan:
     mode = "spill" if self.spill else "stream"
     how = {"inline": "inline", "pipelined": "of compared source pieces in a pipelined thread"}.get(
         self.hash_mode, f"of the {self.hash_mode} leaf read by a background thread")
-    return (f"{mode}: {self.slabs.n_slabs} slab(s) of <= {human(self.slabs.slab_elems * self.itemsize)};"
+    return (f"{mode}: {self.slabs.n_slabs} slab(s) of <= {human_bytes(self.slabs.slab_elems * self.itemsize)};"
             f" source {self.src.describe()}; migrated {self.mig.describe()}; sha256 {how}")
 
 
@@ -288,8 +283,8 @@ def bytes_equal(a: np.ndarray, b: np.ndarray) -> bool:
   """Raw-byte equality of two same-size pieces (shapes may differ by the transform), 8 MiB at a time."""
   if a.dtype != b.dtype or a.size != b.size:
     return False
-  fa = compare.c_contiguous(a).reshape(-1).view(np.uint8)
-  fb = compare.c_contiguous(b).reshape(-1).view(np.uint8)
+  fa = c_contiguous(a).reshape(-1).view(np.uint8)
+  fb = c_contiguous(b).reshape(-1).view(np.uint8)
   for i in range(0, fa.size, _COMPARE_PIECE):
     pa, pb = fa[i:i + _COMPARE_PIECE], fb[i:i + _COMPARE_PIECE]
     if pa.size % 8 == 0:

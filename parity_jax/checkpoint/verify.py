@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import html
-import json
 import os
 import tempfile
 import time
@@ -39,11 +38,13 @@ from typing import Any, Callable
 
 from parity_jax import compare
 from parity_jax.checkpoint import geometry, stream
-from parity_jax.checkpoint.io import LeafReadError, read_string_leaf
-from parity_jax.checkpoint.layout import Checkpoint, open_checkpoint
-from parity_jax.checkpoint.spec import LeafPlan, RemapSpec
+from parity_jax.checkpoint.reader import LeafReadError, read_string_leaf
+from parity_jax.checkpoint.layout import Checkpoint, LeafMeta, open_checkpoint
+from parity_jax.checkpoint.spec import LeafPlan, MigrationPlan, RemapSpec
 from parity_jax.errors import UsageError
-from parity_jax.paths import is_inside
+from parity_jax.files import is_inside
+from parity_jax.progress import Progress, progress as progress_bar
+from parity_jax.report import Report
 
 __all__ = ["GroupResult", "LeafResult", "VerifyReport", "verify_migration", "REPORT_FORMAT"]
 
@@ -59,6 +60,7 @@ UNREADABLE = "UNREADABLE"
 STATUSES = (PASS, VALUE_MISMATCH, SHAPE_MISMATCH, DTYPE_MISMATCH, KIND_MISMATCH, MISSING, EXTRA, UNREADABLE)
 
 _MIB = 1 << 20
+_SHOWN_FAILURES = 20  # failing leaves spelled out per group (text) and in the HTML view; the JSON has all
 
 
 @dataclasses.dataclass
@@ -124,7 +126,7 @@ class GroupResult:
 
 
 @dataclasses.dataclass
-class VerifyReport:
+class VerifyReport(Report):
   """The verdict plus one :class:`LeafResult` per leaf. ``passed`` is the verdict."""
 
   source: str
@@ -176,7 +178,7 @@ class VerifyReport:
       return "VERDICT: FAIL — no leaves to compare"
     return f"VERDICT: FAIL — {self.n_failed} of {len(self.leaves)} leaves differ"
 
-  def table_lines(self, max_failures_per_group: int = 20) -> list[str]:
+  def table_lines(self, max_failures_per_group: int = _SHOWN_FAILURES) -> list[str]:
     groups = self.groups
     width = max((len(g) for g in groups), default=0)
     lines = []
@@ -193,7 +195,7 @@ class VerifyReport:
     return "\n".join(self.table_lines() + [self.verdict_line()])
 
   def to_dict(self) -> dict[str, Any]:
-    from parity_jax.stages import default_provenance
+    from parity_jax.provenance import default_provenance
 
     return {
         "format": REPORT_FORMAT,
@@ -215,24 +217,12 @@ class VerifyReport:
         "provenance": default_provenance("parity_jax.checkpoint.verify_migration"),
     }
 
-  def to_json(self, indent: int | None = 2) -> str:
-    return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-
-  def write_json(self, path: str | os.PathLike) -> None:
-    """Writes the JSON report atomically (temp file + rename); never inside either checkpoint."""
-    path = os.fspath(path)
+  def write_json(self, path: str | os.PathLike) -> str:
+    """Writes the JSON report atomically; never inside either checkpoint. Returns the absolute path."""
     for ck in (self.source, self.migrated):
       if is_inside(path, ck):
-        raise UsageError(f"report {path} lies inside the checkpoint {ck}; the verifier never writes there")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.write(self.to_json())
-        f.write("\n")
-      os.replace(tmp, path)
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+        raise UsageError(f"report {os.fspath(path)} lies inside the checkpoint {ck}; the verifier never writes there")
+    return super().write_json(path)
 
   def _repr_html_(self) -> str:
     e = html.escape
@@ -242,19 +232,21 @@ class VerifyReport:
       c = "#1a7f37" if g.passed else "#cf222e"
       rows.append(
           f"<tr><td style='color:{c};font-weight:bold'>{'PASS' if g.passed else 'FAIL'}</td>"
-          f"<td><code>{e(g.name)}</code></td><td>{g.n_pass}/{g.n_leaves} leaves bit-identical</td></tr>"
+          f"<td><code>{e(g.name)}</code></td><td style='white-space:nowrap'>{g.n_pass}/{g.n_leaves} leaves bit-identical</td></tr>"
       )
     fails = []
-    for r in self.failures[:200]:
+    for r in self.failures[:_SHOWN_FAILURES]:
       fails.append(
-          f"<tr><td>{e(r.status)}</td><td><code>{e(r.migrated_path or '')}</code></td>"
+          f"<tr><td style='white-space:nowrap'>{e(r.status)}</td><td><code>{e(r.migrated_path or '')}</code></td>"
           f"<td><code>{e(r.source_path or '')}</code></td><td>{e(r.reason)}</td></tr>"
       )
     fail_table = ""
     if fails:
+      more = self.n_failed - len(fails)
       fail_table = (
-          "<details open><summary>Failing leaves</summary><table><tr><th>status</th><th>migrated</th>"
-          "<th>source</th><th>reason</th></tr>" + "".join(fails) + "</table></details>"
+          f"<details open><summary>Failing leaves ({self.n_failed})</summary><table><tr><th>status</th><th>migrated</th>"
+          "<th>source</th><th>reason</th></tr>" + "".join(fails) + "</table>"
+          + (f"<p>... and {more} more (the JSON report lists every leaf)</p>" if more > 0 else "") + "</details>"
       )
     return (
         f"<div><p style='color:{color};font-weight:bold'>{e(self.verdict_line())}</p>"
@@ -272,14 +264,15 @@ class VerifyReport:
 
 
 class _Progress:
-  def __init__(self, bar):
+  """Counts the bytes read and moves the bar."""
+
+  def __init__(self, bar: Progress):
     self.bar = bar
     self.bytes = 0
 
   def add(self, n: int) -> None:
     self.bytes += n
-    if self.bar is not None:
-      self.bar.update(n)
+    self.bar.update(n)
 
 
 def _compare_strings(src_ckpt, mig_ckpt, p: LeafPlan, res: LeafResult) -> None:
@@ -368,107 +361,16 @@ def verify_migration(
   spec = _load_spec(spec)
   src_ckpt = open_checkpoint(source, "source checkpoint")
   mig_ckpt = open_checkpoint(migrated, "migrated checkpoint")
-  spill_dir = os.fspath(spill_dir) if spill_dir is not None else tempfile.gettempdir()
-  for ck in (src_ckpt, mig_ckpt):
-    if is_inside(spill_dir, ck.path):
-      raise UsageError(f"spill directory {spill_dir} lies inside a checkpoint ({ck.path}); choose another")
-  if not os.path.isdir(spill_dir):
-    raise UsageError(f"spill directory does not exist: {spill_dir}")
+  spill_dir = _check_spill_dir(spill_dir, (src_ckpt, mig_ckpt))
   bad = src_ckpt.unreadable()
   if bad:
     p0 = next(iter(bad))
     raise UsageError(f"source checkpoint {src_ckpt.path}: cannot read leaf {p0!r}"
                      f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: {bad[p0]}")
   plan = spec.bind(src_ckpt.leaves, what="source checkpoint")
-
-  # ---- phase 1: structure, from metadata only ----
-  results: list[LeafResult] = []
-  to_compare: list[tuple[LeafPlan, LeafResult]] = []
-  for p in plan.leaves:
-    s = src_ckpt.leaves[p.source]
-    res = LeafResult(
-        source_path=p.source,
-        migrated_path=p.dest,
-        group=p.group,
-        status=MISSING,
-        shape=p.transform.dst_shape,
-        source_shape=s.shape,
-        dtype=None if s.dtype is None else str(s.dtype),
-        nbytes=s.nbytes,
-        transform=p.transform.describe(),
-    )
-    results.append(res)
-    m = mig_ckpt.leaves.get(p.dest)
-    if m is None:
-      res.reason = "no such leaf in the migrated checkpoint"
-      continue
-    if m.error:
-      res.status, res.reason = UNREADABLE, f"cannot read the migrated leaf's array metadata: {m.error}"
-      continue
-    res.shape = m.shape
-    if (s.kind == "string") != (m.kind == "string"):
-      res.status, res.reason = KIND_MISMATCH, f"source is a {s.kind}, migrated is a {m.kind}"
-      continue
-    problems = []
-    if s.dtype != m.dtype:
-      problems.append(f"dtype {m.dtype} != source dtype {s.dtype}")
-    if m.shape != p.transform.dst_shape:
-      how = "" if p.transform.kind == "identity" else f" ({p.transform.describe()} of {s.shape})"
-      problems.append(f"shape {m.shape} != expected {p.transform.dst_shape}{how}")
-    if problems:
-      res.status = SHAPE_MISMATCH if m.shape != p.transform.dst_shape else DTYPE_MISMATCH
-      res.reason = "; ".join(problems)
-      res.dtype = str(m.dtype) if m.dtype is not None else None
-      continue
-    to_compare.append((p, res))
-  inverse = plan.inverse
-  for path, m in mig_ckpt.leaves.items():
-    if path not in inverse:
-      results.append(
-          LeafResult(
-              source_path=None,
-              migrated_path=path,
-              group=spec.group_of(path),
-              status=EXTRA,
-              reason="no source leaf maps here",
-              shape=m.shape,
-              dtype=None if m.dtype is None else str(m.dtype),
-              nbytes=m.nbytes,
-          )
-      )
-
-  # ---- phase 2: values, one pair at a time ----
-  total = sum(2 * src_ckpt.leaves[p.source].nbytes for p, _ in to_compare)
-  bar = None
-  if progress:
-    from parity_jax.progress import byte_progress
-
-    bar = byte_progress(total, "verify")
-  prog = _Progress(bar)
-  buffers = stream.Buffers(max(4096, int(slab_mb * _MIB)))
-  try:
-    for i, (p, res) in enumerate(to_compare):
-      if bar is not None:
-        bar.set_postfix_str(f"{i}/{len(to_compare)} leaves", refresh=False)
-      try:
-        if src_ckpt.leaves[p.source].kind == "string":
-          _compare_strings(src_ckpt, mig_ckpt, p, res)
-        else:
-          _compare_arrays(
-              src_ckpt, mig_ckpt, p, res,
-              buffers=buffers, top_k=top_k, spill_dir=spill_dir, progress=prog, readahead=readahead,
-          )
-      except LeafReadError as e:
-        res.status, res.reason = UNREADABLE, str(e)
-        res.sha256 = res.source_sha256 = None
-      if log is not None and not res.passed:
-        log(f"{res.status} {res.describe()}: {res.reason}")
-    if bar is not None:
-      bar.set_postfix_str(f"{len(to_compare)}/{len(to_compare)} leaves")
-  finally:
-    if bar is not None:
-      bar.close()
-
+  results, to_compare = _structure(plan, spec, src_ckpt, mig_ckpt)
+  bytes_read = _values(to_compare, src_ckpt, mig_ckpt, top_k=top_k, slab_mb=slab_mb, spill_dir=spill_dir,
+                       readahead=readahead, show_progress=progress, log=log)
   return VerifyReport(
       source=src_ckpt.path,
       migrated=mig_ckpt.path,
@@ -478,6 +380,93 @@ def verify_migration(
       leaves=results,
       ignored_empty_nodes={"source": src_ckpt.empty_nodes, "migrated": mig_ckpt.empty_nodes},
       elapsed_s=time.perf_counter() - t0,
-      bytes_read=prog.bytes,
+      bytes_read=bytes_read,
       spec=spec.to_dict(),
   )
+
+
+def _check_spill_dir(spill_dir: str | os.PathLike | None, checkpoints: tuple[Checkpoint, ...]) -> str:
+  spill_dir = os.fspath(spill_dir) if spill_dir is not None else tempfile.gettempdir()
+  for ck in checkpoints:
+    if is_inside(spill_dir, ck.path):
+      raise UsageError(f"spill directory {spill_dir} lies inside a checkpoint ({ck.path}); choose another")
+  if not os.path.isdir(spill_dir):
+    raise UsageError(f"spill directory does not exist: {spill_dir}")
+  return spill_dir
+
+
+def _structure(plan: MigrationPlan, spec: RemapSpec, src_ckpt: Checkpoint, mig_ckpt: Checkpoint
+               ) -> tuple[list[LeafResult], list[tuple[LeafPlan, LeafResult]]]:
+  """Phase 1, metadata only: one result per leaf; the pairs whose kind, shape and dtype fit go on to phase 2."""
+  results: list[LeafResult] = []
+  to_compare: list[tuple[LeafPlan, LeafResult]] = []
+  for p in plan.leaves:
+    res = _pair_result(p, src_ckpt.leaves[p.source], mig_ckpt.leaves.get(p.dest))
+    results.append(res)
+    if res.status == _PENDING:
+      to_compare.append((p, res))
+  inverse = plan.inverse
+  for path, m in mig_ckpt.leaves.items():
+    if path not in inverse:
+      results.append(LeafResult(source_path=None, migrated_path=path, group=spec.group_of(path), status=EXTRA,
+                                reason="no source leaf maps here", shape=m.shape,
+                                dtype=None if m.dtype is None else str(m.dtype), nbytes=m.nbytes))
+  return results, to_compare
+
+
+_PENDING = "PENDING"  # structure fits; the values phase decides
+
+
+def _pair_result(p: LeafPlan, s: LeafMeta, m: LeafMeta | None) -> LeafResult:
+  """The structure verdict for one planned pair (status ``_PENDING`` when only the values can tell)."""
+  res = LeafResult(source_path=p.source, migrated_path=p.dest, group=p.group, status=MISSING,
+                   shape=p.transform.dst_shape, source_shape=s.shape, dtype=None if s.dtype is None else str(s.dtype),
+                   nbytes=s.nbytes, transform=p.transform.describe())
+  if m is None:
+    res.reason = "no such leaf in the migrated checkpoint"
+    return res
+  if m.error:
+    res.status, res.reason = UNREADABLE, f"cannot read the migrated leaf's array metadata: {m.error}"
+    return res
+  res.shape = m.shape
+  if (s.kind == "string") != (m.kind == "string"):
+    res.status, res.reason = KIND_MISMATCH, f"source is a {s.kind}, migrated is a {m.kind}"
+    return res
+  problems = []
+  if s.dtype != m.dtype:
+    problems.append(f"dtype {m.dtype} != source dtype {s.dtype}")
+  if m.shape != p.transform.dst_shape:
+    how = "" if p.transform.kind == "identity" else f" ({p.transform.describe()} of {s.shape})"
+    problems.append(f"shape {m.shape} != expected {p.transform.dst_shape}{how}")
+  if problems:
+    res.status = SHAPE_MISMATCH if m.shape != p.transform.dst_shape else DTYPE_MISMATCH
+    res.reason = "; ".join(problems)
+    res.dtype = str(m.dtype) if m.dtype is not None else None
+    return res
+  res.status = _PENDING
+  return res
+
+
+def _values(to_compare: list[tuple[LeafPlan, LeafResult]], src_ckpt: Checkpoint, mig_ckpt: Checkpoint, *, top_k: int,
+            slab_mb: float, spill_dir: str, readahead: int, show_progress: bool,
+            log: Callable[[str], None] | None) -> int:
+  """Phase 2, one pair at a time in reused buffers; fills each result's status. Returns the bytes read."""
+  total = sum(2 * src_ckpt.leaves[p.source].nbytes for p, _ in to_compare)
+  buffers = stream.Buffers(max(4096, int(slab_mb * _MIB)))
+  with progress_bar(total, "verify", enabled=show_progress) as bar:
+    prog = _Progress(bar)
+    for i, (p, res) in enumerate(to_compare):
+      bar.set_postfix_str(f"{i}/{len(to_compare)} leaves")
+      try:
+        if src_ckpt.leaves[p.source].kind == "string":
+          _compare_strings(src_ckpt, mig_ckpt, p, res)
+        else:
+          _compare_arrays(src_ckpt, mig_ckpt, p, res, buffers=buffers, top_k=top_k, spill_dir=spill_dir,
+                          progress=prog, readahead=readahead)
+      except LeafReadError as e:
+        res.status, res.reason = UNREADABLE, str(e)
+        res.sha256 = res.source_sha256 = None
+      if log is not None and not res.passed:
+        log(f"{res.status} {res.describe()}: {res.reason}")
+    bar.set_postfix_str(f"{len(to_compare)}/{len(to_compare)} leaves")
+  return prog.bytes

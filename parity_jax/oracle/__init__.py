@@ -8,11 +8,19 @@ the modules import torch lazily so that ``import parity_jax`` never needs it.
   and their float32 stage tensors.
 * :mod:`parity_jax.oracle.svf_goldens` -- seeded matrices, ``torch.svd``
   components and the Python SVF reconstruction stages.
+* :mod:`parity_jax.oracle.hf_forward` -- every named stage of an HF forward, by hooks.
+* :mod:`parity_jax.oracle.svd_weights` -- a PyTorch ``svd_weights.pt`` as an SVF components file.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
 from parity_jax.errors import UsageError
+
+__all__ = ["require_oracle", "to_numpy"]
 
 
 def require_oracle() -> None:
@@ -22,3 +30,14 @@ def require_oracle() -> None:
     import transformers  # noqa: F401
   except ImportError as e:
     raise UsageError(f"this needs the [oracle] extra (pip install -e '.[oracle]'): {e}") from None
+
+
+def to_numpy(t: Any) -> np.ndarray:
+  """A torch tensor as a C-order numpy array with the same bytes (bfloat16 through ml_dtypes, no rounding)."""
+  import ml_dtypes
+  import torch
+
+  t = t.detach().to("cpu").contiguous()
+  if t.dtype == torch.bfloat16:
+    return t.view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
+  return t.numpy().copy()

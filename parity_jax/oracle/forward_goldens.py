@@ -44,9 +44,10 @@ from typing import Any
 
 import numpy as np
 
-from parity_jax import stages as stages_lib
+from parity_jax import bundles
 from parity_jax.oracle import require_oracle
-from parity_jax.provenance import file_sha256
+from parity_jax.files import file_sha256
+from parity_jax.provenance import default_provenance
 from parity_jax.oracle.hf_forward import capture_hf_stages, load_hf_model
 
 __all__ = ["MODELS", "INPUTS", "regenerate", "build_model", "widen_weights"]
@@ -241,11 +242,11 @@ def regenerate(goldens_dir: str) -> list[str]:
         base = name + ("" if input_name == "single" else f".{input_name}") + suffix
         path = os.path.join(forward_root, base + ".safetensors")
         inputs = {"tokens": tokens.tolist(), "attention_mask": None if mask is None else mask.tolist()}
-        prov = stages_lib.default_provenance(
+        prov = default_provenance(
             PRODUCER, seed=seed, model=name, dtype=dtype, inputs=inputs, input_set=input_name,
             model_type=spec["model_type"], oracle="transformers eager attention, CPU",
             positions="default arange(T)")
-        stages_lib.save_bundle(path, stages, prov)
+        bundles.save_bundle(path, stages, prov)
         written.append(path)
         entry = {"model": name, "dtype": dtype, "inputs": inputs, "input_set": input_name, "stages": len(stages)}
         if dtype == "float32":

@@ -2,7 +2,7 @@
 
 ``hf_stages(model_dir, tokens, attention_mask=None)`` runs the Hugging Face
 Qwen2/Qwen3 model in float32 with ``attn_implementation="eager"`` and returns
-the stages named by :mod:`parity_jax.stage_names`, in the same layouts the JAX
+the stages named by :mod:`parity_jax.bundles.qwen_graph`, in the same layouts the JAX
 model emits. Nothing here uses parity_jax's own model: the tensors come from
 transformers' modules, read with hooks:
 
@@ -36,8 +36,8 @@ import ml_dtypes
 import numpy as np
 
 from parity_jax.errors import UsageError
-from parity_jax.oracle import require_oracle
-from parity_jax.stage_names import qwen_stage_names
+from parity_jax.oracle import require_oracle, to_numpy
+from parity_jax.bundles.qwen_graph import qwen_stage_names
 
 __all__ = ["hf_stages", "capture_hf_stages", "load_hf_model"]
 
@@ -73,16 +73,12 @@ def load_hf_model(model_dir: str | os.PathLike, dtype: str = "float32"):
   return model.eval()
 
 
-def _to_numpy(t) -> np.ndarray:
-  """torch tensor -> numpy, keeping float32, float64 and bfloat16 bit-exact."""
-  import torch
-
-  t = t.detach().to("cpu").contiguous()
-  if t.dtype == torch.bfloat16:
-    return t.view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
-  if t.dtype not in (torch.float32, torch.float64):
+def _stage_numpy(t) -> np.ndarray:
+  """A captured stage as numpy: float32, float64 and bfloat16 only, bit-exact."""
+  a = to_numpy(t)
+  if a.dtype not in (np.float32, np.float64, ml_dtypes.bfloat16):
     raise UsageError(f"unexpected stage dtype {t.dtype}")
-  return t.numpy().copy()
+  return a
 
 
 class _Recorder:
@@ -94,7 +90,7 @@ class _Recorder:
   def put(self, name: str, tensor) -> None:
     if name in self.stages:
       raise RuntimeError(f"oracle capture: stage {name} recorded twice")
-    self.stages[name] = _to_numpy(tensor)
+    self.stages[name] = _stage_numpy(tensor)
 
 
 def _first(x):

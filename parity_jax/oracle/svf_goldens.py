@@ -41,8 +41,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from parity_jax import stages
-from parity_jax.provenance import file_sha256, torch_backend
+from parity_jax import bundles
+from parity_jax.oracle import to_numpy
+from parity_jax.files import file_sha256
+from parity_jax.provenance import default_provenance, package_versions, torch_backend
 
 SEED = 20261123
 MODEL = {
@@ -137,16 +139,6 @@ def torch_formula(U, S, V, offsets, orientation: str = "identity") -> dict[str, 
   }
 
 
-def to_numpy(t) -> np.ndarray:
-  """A torch tensor as a C-order numpy array with the same bytes (bf16 via ml_dtypes)."""
-  import torch
-
-  t = t.detach().contiguous()
-  if t.dtype == torch.bfloat16:
-    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-  return t.numpy().copy()
-
-
 def _torch_sha(t) -> str:
   return hashlib.sha256(to_numpy(t).tobytes()).hexdigest()
 
@@ -234,12 +226,12 @@ def regenerate(goldens_dir: str) -> list[str]:
       comps_mem[name] = (u, s, v)
       offs[name] = torch.randn(s.shape[0], generator=gen, dtype=torch.float32) * OFFSET_STD
 
-    prov = stages.default_provenance("parity_jax.oracle.svf_goldens", seed=SEED, decomposition="torch.svd (legacy: V, not Vh)")
+    prov = default_provenance("parity_jax.oracle.svf_goldens", seed=SEED, decomposition="torch.svd (legacy: V, not Vh)")
     comp_tensors = {}
     for name, (u, s, v) in comps_mem.items():
       comp_tensors[f"{name}.U"], comp_tensors[f"{name}.S"], comp_tensors[f"{name}.V"] = to_numpy(u), to_numpy(s), to_numpy(v)
-    stages.save_bundle(paths["components"], comp_tensors, prov)
-    stages.save_bundle(paths["offsets"], {n: to_numpy(o) for n, o in offs.items()}, prov)
+    bundles.save_bundle(paths["components"], comp_tensors, prov)
+    bundles.save_bundle(paths["offsets"], {n: to_numpy(o) for n, o in offs.items()}, prov)
 
     # The Python baseline: the formula applied to the components as read back from safetensors.
     back = safetensors.torch.load_file(paths["components"])
@@ -266,9 +258,9 @@ def regenerate(goldens_dir: str) -> list[str]:
     sample_record = _record(SAMPLE, (m, n), int(comps[SAMPLE][1].shape[0]), target, "transpose", sst)
     sample_record["source_name"] = SAMPLE
 
-    bundle_prov = stages.default_provenance("parity_jax.oracle.svf_goldens", seed=SEED, formula="torch float32 CPU", layout="torch_v")
-    stages.save_bundle(paths["sample"], sample_stages, bundle_prov)
-    stages.save_bundle(paths["all_selected"], all_stages, bundle_prov)
+    bundle_prov = default_provenance("parity_jax.oracle.svf_goldens", seed=SEED, formula="torch float32 CPU", layout="torch_v")
+    bundles.save_bundle(paths["sample"], sample_stages, bundle_prov)
+    bundles.save_bundle(paths["all_selected"], all_stages, bundle_prov)
 
     report = {
         "format": "parity_jax.svf_report/1",
@@ -278,7 +270,7 @@ def regenerate(goldens_dir: str) -> list[str]:
         "seed": SEED,
         "model": MODEL,
         "backend": _backend(),
-        "versions": stages.default_provenance("x")["versions"],
+        "versions": package_versions(),
         "components": {"components_file": FILES["components"], "offsets_file": FILES["offsets"], "directory": "."},
         "stage_debug": {"stage_tensor_file": FILES["sample"], "all_selected_stage_tensor_file": FILES["all_selected"]},
         "baseline": "safetensors readback",
@@ -304,7 +296,7 @@ def regenerate(goldens_dir: str) -> list[str]:
       "sample": {"source_name": SAMPLE, "target_shape": list(target), "orientation": "transpose"},
       "selected": [{"name": nm, "shape": list(sh)} for nm, sh, _ in specs],
       "backend": _backend(),
-      "versions": stages.default_provenance("x")["versions"],
+      "versions": package_versions(),
       "files": {os.path.basename(p): {"sha256": file_sha256(p), "bytes": os.path.getsize(p)} for p in written},
   }
   mpath = os.path.join(out_dir, "MANIFEST.json")
@@ -346,7 +338,7 @@ def compare_regenerated(committed_dir: str | os.PathLike, fresh_dir: str | os.Pa
   Returns ``{"mode": "bytes"|"invariants", "problems": [...], ...}``; no problems means reproduced.
   """
   from parity_jax import compare
-  from parity_jax.tolerance import builtin_profile
+  from parity_jax.bundles import builtin_profile
 
   committed, fresh = os.fspath(committed_dir), os.fspath(fresh_dir)
   want_manifest = _read_json(os.path.join(committed, "MANIFEST.json"))
@@ -363,7 +355,7 @@ def compare_regenerated(committed_dir: str | os.PathLike, fresh_dir: str | os.Pa
       if same_backend and not _json_equal_less_env(_read_json(a_path), _read_json(b_path)):
         problems.append(f"{name}: differs beyond environment fields")
       continue
-    with stages.BundleReader(a_path) as want, stages.BundleReader(b_path) as got:
+    with bundles.BundleReader(a_path) as want, bundles.BundleReader(b_path) as got:
       if got.names != want.names:
         problems.append(f"{name}: tensor names or order differ")
         continue

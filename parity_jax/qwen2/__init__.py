@@ -7,7 +7,11 @@
 ``path`` is a Hugging Face checkpoint directory (``config.json`` plus
 ``model.safetensors`` or sharded ``model-*.safetensors`` with
 ``model.safetensors.index.json``). ``stages`` is an ordered dict stage name ->
-array with the names of :mod:`parity_jax.stage_names`.
+array with the names of :mod:`parity_jax.bundles.qwen_graph`.
+
+:mod:`.capture` writes those stages to a bundle; :mod:`.parity` runs the whole
+workflow against the HF oracle (a golden file or transformers on the spot) and
+names the first divergent stage.
 """
 
 from __future__ import annotations
@@ -18,14 +22,17 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from parity_jax.qwen2.capture import capture_stages, capture_to_bundle
 from parity_jax.qwen2.config import QwenConfig, load_config, parse_config
-from parity_jax.qwen2.model import Model, forward
+from parity_jax.qwen2.model import Model, check_inputs, forward
+from parity_jax.qwen2.parity import ForwardParity, forward_parity
 from parity_jax.qwen2.params import (KEY_TABLE, Attention, Layer, LoadReport, Mlp, Params, init_params, load_params,
                                      to_hf_tensors)
 
 __all__ = [
-    "Attention", "KEY_TABLE", "Layer", "LoadReport", "Mlp", "Model", "Params", "QwenConfig",
-    "forward", "init_params", "load", "load_config", "load_params", "parse_config", "to_hf_tensors",
+    "Attention", "ForwardParity", "KEY_TABLE", "Layer", "LoadReport", "Mlp", "Model", "Params", "QwenConfig",
+    "capture_stages", "capture_to_bundle", "check_inputs", "forward", "forward_parity", "init_params", "load",
+    "load_config", "load_params", "parse_config", "to_hf_tensors",
 ]
 
 

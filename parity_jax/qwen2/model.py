@@ -45,9 +45,9 @@ import numpy as np
 from parity_jax.errors import UsageError
 from parity_jax.qwen2.config import QwenConfig
 from parity_jax.qwen2.params import Attention, Layer, Mlp, Params
-from parity_jax.stage_names import qwen_stage_names
+from parity_jax.bundles.qwen_graph import qwen_stage_names
 
-__all__ = ["Model", "forward", "rms_norm", "rope_inv_freq", "rope_cos_sin", "apply_rope", "attention_mask_bias"]
+__all__ = ["Model", "check_inputs", "forward", "rms_norm", "rope_inv_freq", "rope_cos_sin", "apply_rope", "attention_mask_bias"]
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -230,7 +230,7 @@ def _forward(model: Model, tokens: jax.Array, attention_mask: jax.Array | None, 
   head = p.embed if p.lm_head is None else p.lm_head
   logits = tap("logits", _einsum("btd,vd->btv", x, head))
   if capture and tap.names != qwen_stage_names(cfg.num_layers, cfg.qk_norm):
-    raise AssertionError(f"stage order drifted from parity_jax.stage_names: {tap.names[:6]}...")
+    raise AssertionError(f"stage order drifted from parity_jax.bundles.qwen_graph: {tap.names[:6]}...")
   return logits, tuple(tap.values)
 
 
@@ -238,9 +238,13 @@ def _is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _check_inputs(model: Model, tokens: Any, attention_mask: Any, positions: Any) -> tuple[Any, Any, Any]:
-  """Shapes, dtypes and (for concrete inputs) values; one-line UsageError on bad input."""
-  cfg = model.config
+def check_inputs(cfg: QwenConfig, tokens: Any, attention_mask: Any = None, positions: Any = None) -> tuple[Any, Any, Any]:
+  """Shapes, dtypes and (for concrete inputs) values of a forward's inputs against ``cfg``.
+
+  Returns ``(tokens, attention_mask, positions)`` with numpy arrays for
+  non-JAX inputs and the default positions filled in; bad input is a one-line
+  UsageError. Needs only the config, so callers check before loading weights.
+  """
   if not isinstance(tokens, jax.Array):
     tokens = np.asarray(tokens)
   if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
@@ -283,7 +287,7 @@ def forward(model: Model, tokens: Any, *, attention_mask: Any = None, positions:
 
   Returns ``logits[B, T, V]`` in the model's dtype, or ``(logits, stages)``
   with ``capture=True``, where ``stages`` is an ordered dict stage name ->
-  array in the names and layouts of :func:`parity_jax.stage_names.qwen_stage_names`.
+  array in the names and layouts of :func:`parity_jax.bundles.qwen_graph.qwen_stage_names`.
 
   ``attention_mask[B, T]`` (1 = real token, 0 = padding) masks padded keys,
   like HF's 2-D mask. ``positions`` (``[T]``, ``[1, T]`` or ``[B, T]``) only
@@ -293,7 +297,7 @@ def forward(model: Model, tokens: Any, *, attention_mask: Any = None, positions:
   """
   if not isinstance(model, Model):
     raise UsageError(f"forward() needs a parity_jax.qwen2 Model, got {type(model).__name__}")
-  tokens, attention_mask, positions = _check_inputs(model, tokens, attention_mask, positions)
+  tokens, attention_mask, positions = check_inputs(model.config, tokens, attention_mask, positions)
   logits, stages = _forward(model, tokens, attention_mask, positions, bool(capture))
   if not capture:
     return logits

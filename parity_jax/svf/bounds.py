@@ -69,6 +69,7 @@ import ml_dtypes
 import numpy as np
 
 from parity_jax.compare import ulp_distance
+from parity_jax.dtypes import BF16
 
 __all__ = [
     "EXPLAIN_RULES",
@@ -188,7 +189,6 @@ def adapted_tolerance(row_norms_us: np.ndarray, row_norms_v: np.ndarray, fc: For
   return 2.0 * one_side * _SAFETY
 
 
-_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 EXPLAIN_RULES = ("bound", "one_ulp")
@@ -206,8 +206,8 @@ def _rounding_interval(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   Half-way to each bf16 neighbour; +0 and -0 share ``[-h, h]`` with ``h`` half the
   smallest subnormal. The neighbours of the largest finite value are infinite.
   """
-  up = np.nextafter(x, np.array(np.inf, _BF16)).astype(np.float64)
-  down = np.nextafter(x, np.array(-np.inf, _BF16)).astype(np.float64)
+  up = np.nextafter(x, np.array(np.inf, BF16)).astype(np.float64)
+  down = np.nextafter(x, np.array(-np.inf, BF16)).astype(np.float64)
   x64 = x.astype(np.float64)
   with np.errstate(invalid="ignore", over="ignore"):
     lo = np.where(np.isinf(down), -np.inf, 0.5 * (x64 + down))
@@ -274,8 +274,8 @@ class MismatchAccounting:
       return
     self.n_mismatch += int(rows.size)
     cd = np.dtype(self.fc.compute_dtype)
-    g = golden_bits[rows, cols].view(_BF16)
-    o = ours_bits[rows, cols].view(_BF16)
+    g = golden_bits[rows, cols].view(BF16)
+    o = ours_bits[rows, cols].view(BF16)
     g64, o64 = g.astype(np.float64), o.astype(np.float64)
     finite = np.isfinite(g64) & np.isfinite(o64)
     ulp = ulp_distance(g, o)

@@ -39,10 +39,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from parity_jax import stages
+from parity_jax import bundles
 from parity_jax.compare import DiffAccumulator, diff_stats
+from parity_jax.dtypes import BF16 as _BF16, bf16_bits
 from parity_jax.errors import UsageError
-from parity_jax.progress import byte_progress
+from parity_jax.files import check_output_dir
+from parity_jax.progress import Progress, progress as progress_bar
+from parity_jax.provenance import default_provenance, package_versions
+from parity_jax.report import Report
 from parity_jax.svf import core, io
 from parity_jax.svf.bounds import (
     EXPLAIN_RULES,
@@ -53,13 +57,12 @@ from parity_jax.svf.bounds import (
     normalization_tolerance,
     row_norms,
 )
-from parity_jax.svf.hashing import ArrayHasher, bf16_bits, combined_sha256, safe_source_name
+from parity_jax.svf.hashing import ArrayHasher, combined_sha256, safe_source_name
 
 __all__ = ["DEFAULT_CHUNK_MB", "MODES", "STAGE_TOLERANCES", "ReplayResult", "chunk_rows", "replay"]
 
 MODES = ("stage_tolerances", "bytes")
 DEFAULT_CHUNK_MB = 512  # one 8192-row block of a k = n = 1024 tensor (384 MiB) fits
-_BF16 = np.dtype(ml_dtypes.bfloat16)
 _F32 = np.dtype(np.float32)
 
 #: stage -> (rule, why). ``exact``: bit-identical. ``bound``: every element
@@ -229,7 +232,7 @@ def _stage_dtype(stage: str) -> np.dtype:
   return _BF16 if stage == "final_bf16" else _F32
 
 
-def _check_golden(job: _Job, reader: stages.BundleReader) -> None:
+def _check_golden(job: _Job, reader: bundles.BundleReader) -> None:
   """Every stage present with the expected shape and dtype: else a setup error."""
   for stage in core.STAGES:
     key = job.key(stage)
@@ -277,15 +280,15 @@ def _to_np(x: Any, dtype: np.dtype) -> np.ndarray:
 def _replay_tensor(
     job: _Job,
     store: io.ComponentStore,
-    greader: stages.BundleReader,
-    writer: stages.BundleWriter | None,
+    greader: bundles.BundleReader,
+    writer: bundles.BundleWriter | None,
     *,
     mode: str,
     chunk_mb: float,
     row_block: int,
     compute_dtype: Any,
     explain_rule: str,
-    progress: Any,
+    progress: Progress,
 ) -> dict[str, Any]:
   name, m, n, k = job.name, job.m, job.n, job.k
   layout = store.layout
@@ -327,7 +330,7 @@ def _replay_tensor(
     u_chunk = store.u_rows(name, r0, r1)
     # A fresh reader per chunk: safetensors maps the file, and every page read
     # through a long-lived mapping stays in our RSS.
-    chunk_reader = stages.BundleReader(greader.path)
+    chunk_reader = bundles.BundleReader(greader.path)
     res = core.row_stages(u_chunk, s, v_nk, offsets, compute_dtype=jnp.dtype(compute_dtype), row_block=row_block, capture=True)
     res = jax.device_get(res)
     ours_chunk = {st: _to_np(res[st], _F32) for st in core.ROW_STAGES}
@@ -373,8 +376,7 @@ def _replay_tensor(
         if not transpose:
           writer.write_rows(job.key("final_f32"), ours["adapted_source_f32"])
           writer.write_rows(job.key("final_bf16"), ours_bits.view(_BF16))
-    if progress is not None:
-      progress.update((r1 - r0) * (4 * k))
+    progress.update((r1 - r0) * (4 * k))
     chunk_reader.close()
     del ours_chunk, bits_chunk, u_chunk, chunk_reader
 
@@ -386,7 +388,7 @@ def _replay_tensor(
       gh = ArrayHasher(bf16=bf16, nan_policy="torch")
       step = max(1, rows_per_chunk)
       for c0 in range(0, n, step):
-        with stages.BundleReader(greader.path) as r:
+        with bundles.BundleReader(greader.path) as r:
           gh.update(r.get_rows(job.key(stage), c0, min(n, c0 + step)))
       sha_override[stage] = (ArrayHasher(bf16=bf16, nan_policy="torch").update(full).hexdigest(), gh.hexdigest())
       if writer is not None:
@@ -421,8 +423,8 @@ def _replay_tensor(
 
 
 @dataclasses.dataclass
-class ReplayResult:
-  """The report of one replay, plus its rendering."""
+class ReplayResult(Report):
+  """The report of one replay (``report``, the JSON document) and its renderings."""
 
   report: dict[str, Any]
 
@@ -430,7 +432,11 @@ class ReplayResult:
   def passed(self) -> bool:
     return self.report["verdict"] == "PASS"
 
+  def to_dict(self) -> dict[str, Any]:
+    return self.report
+
   def table(self) -> str:
+    """One row per tensor: shape, orientation, failing stages, final bytes, mismatches, verdict."""
     rows = [("tensor", "shape", "orient", "stages", "final bytes", "mismatch (expl/unexpl)", "verdict")]
     for t in self.report["tensors"]:
       failing = [s for s, r in t["stages"].items() if r["pass"] is False]
@@ -458,6 +464,9 @@ class ReplayResult:
         f" {s['n_explained_multi_ulp']} multi-ULP within bound; unexplained {s['n_unexplained']}){ref}; "
         f"combined sha256 {'equal' if s['combined_equal'] else 'differs'}"
     )
+
+  def text(self) -> str:
+    return self.table() + "\n" + self.verdict_line()
 
 
 def _check_report_hashes(golden: io.GoldenRun, results: list[dict[str, Any]], all_selected: bool) -> None:
@@ -499,13 +508,57 @@ def replay(
     row_block: int = core.DEFAULT_ROW_BLOCK,
     compute_dtype: Any = np.float32,
     explain_rule: str = "bound",
-    show_progress: bool = False,
+    progress: bool = False,
+    overwrite: bool = False,
 ) -> ReplayResult:
   """Replays the golden run in JAX and compares every stage. See the module docstring.
 
   Bad input (missing files, mismatched shapes, a filter selecting nothing, a
-  missing golden stage) raises :class:`UsageError` before anything is written.
+  missing golden stage, a ``stage_dir`` on or inside an input or holding our
+  bundle already without ``overwrite``) raises :class:`UsageError` before
+  anything is written.
   """
+  compute_dtype = _check_args(mode, explain_rule, row_block, chunk_mb, compute_dtype)
+  golden = io.load_golden(python_report, golden_dir)
+  layout = layout or golden.layout or "torch_v"
+  comp_path, off_path = io.find_component_files(components_dir or golden.components_dir or golden.base_dir)
+  bundle_path = _golden_bundle(golden, all_selected)
+  inputs = [golden.report_path, bundle_path, comp_path, off_path, golden.sample_bundle, golden.all_selected_bundle]
+  out_bundle = _check_stage_dir(stage_dir, inputs, all_selected, overwrite)
+
+  with io.ComponentStore(comp_path, off_path, layout) as store, bundles.BundleReader(bundle_path) as greader:
+    jobs = _select(store, golden, all_selected, selected_source_filter)
+    for job in jobs:
+      _check_golden(job, greader)
+    writer = None
+    if out_bundle is not None:
+      os.makedirs(stage_dir, exist_ok=True)
+      specs = [(job.key(st), job.stage_shape(st), _stage_dtype(st)) for job in jobs for st in core.STAGES]
+      prov = default_provenance("parity_jax.svf.replay", golden_report=os.path.abspath(golden.report_path), layout=layout)
+      writer = bundles.BundleWriter(out_bundle, specs, prov, interleave=True)
+    try:
+      with progress_bar(sum(job.m * job.k * 4 for job in jobs), "svf replay", enabled=progress) as bar:
+        results = []
+        for job in jobs:
+          bar.set_postfix_str(job.name)
+          results.append(_replay_tensor(job, store, greader, writer, mode=mode, chunk_mb=chunk_mb, row_block=row_block,
+                                        compute_dtype=compute_dtype, explain_rule=explain_rule, progress=bar))
+      _check_report_hashes(golden, results, all_selected)
+      if writer is not None:
+        writer.close()
+    except BaseException:
+      if writer is not None:
+        writer.abort()
+      raise
+
+  settings = {"scope": "all_selected" if all_selected else "sample", "mode": mode, "layout": layout,
+              "selected_source_filter": selected_source_filter, "chunk_mb": chunk_mb, "row_block": row_block,
+              "compute_dtype": str(compute_dtype), "explain_rule": explain_rule}
+  files = {"bundle": bundle_path, "components": comp_path, "offsets": off_path, "ours": out_bundle}
+  return ReplayResult(_report(results, golden, settings, files, all_selected))
+
+
+def _check_args(mode: str, explain_rule: str, row_block: int, chunk_mb: float, compute_dtype: Any) -> np.dtype:
   if mode not in MODES:
     raise UsageError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
   if explain_rule not in EXPLAIN_RULES:
@@ -517,104 +570,76 @@ def replay(
   compute_dtype = np.dtype(compute_dtype)
   if compute_dtype not in (_F32, _BF16):
     raise UsageError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype}")
-  golden = io.load_golden(python_report, golden_dir)
-  layout = layout or golden.layout or "torch_v"
-  components_dir = components_dir or golden.components_dir or golden.base_dir
-  comp_path, off_path = io.find_component_files(components_dir)
+  return compute_dtype
+
+
+def _golden_bundle(golden: io.GoldenRun, all_selected: bool) -> str:
   bundle_path = golden.all_selected_bundle if all_selected else golden.sample_bundle
   if not bundle_path:
     what = "stage_debug.all_selected_stage_tensor_file" if all_selected else "stage_debug.stage_tensor_file"
     raise UsageError(f"setup error: {golden.report_path} names no {what}" + (" (all-selected replay needs an all-selected report)" if all_selected else ""))
   if not os.path.isfile(bundle_path):
     raise UsageError(f"setup error: golden stage bundle {bundle_path} does not exist")
+  return bundle_path
 
-  with io.ComponentStore(comp_path, off_path, layout) as store, stages.BundleReader(bundle_path) as greader:
-    jobs = _select(store, golden, all_selected, selected_source_filter)
-    for job in jobs:
-      _check_golden(job, greader)
 
-    writer = None
-    out_bundle = None
-    if stage_dir:
-      if os.path.exists(stage_dir) and not os.path.isdir(stage_dir):
-        raise UsageError(f"--stage_dir {stage_dir} exists and is not a directory")
-      os.makedirs(stage_dir, exist_ok=True)
-      out_bundle = os.path.join(stage_dir, io.ALL_SELECTED_BUNDLE if all_selected else io.SAMPLE_BUNDLE)
-      inputs = [golden.report_path, bundle_path, comp_path, off_path, golden.sample_bundle, golden.all_selected_bundle]
-      if any(p and os.path.realpath(p) == os.path.realpath(out_bundle) for p in inputs):
-        raise UsageError(f"--stage_dir {stage_dir} would overwrite an input ({os.path.basename(out_bundle)}); choose another directory")
-      specs = [(job.key(st), job.stage_shape(st), _stage_dtype(st)) for job in jobs for st in core.STAGES]
-      prov = stages.default_provenance("parity_jax.svf.replay", golden_report=os.path.abspath(golden.report_path), layout=layout)
-      writer = stages.BundleWriter(out_bundle, specs, prov, interleave=True)
+def _check_stage_dir(stage_dir: str | None, inputs: list[str | None], all_selected: bool, overwrite: bool) -> str | None:
+  """Our bundle's path under ``stage_dir`` (None without one); never on or inside an input, never over an old one."""
+  if not stage_dir:
+    return None
+  name = io.ALL_SELECTED_BUNDLE if all_selected else io.SAMPLE_BUNDLE
+  input_dirs = {os.path.dirname(os.path.abspath(p)) for p in inputs if p}
+  check_output_dir(stage_dir, [p for p in inputs if p] + sorted(input_dirs), "stage_dir", overwrite=overwrite,
+                   will_write=[name])
+  return os.path.join(stage_dir, name)
 
-    total = sum(job.m * job.k * 4 for job in jobs)
-    progress = byte_progress(total, "svf replay", enabled=show_progress)
-    results = []
-    try:
-      for job in jobs:
-        progress.set_postfix_str(job.name)
-        results.append(
-            _replay_tensor(job, store, greader, writer, mode=mode, chunk_mb=chunk_mb, row_block=row_block, compute_dtype=compute_dtype, explain_rule=explain_rule, progress=progress)
-        )
-      _check_report_hashes(golden, results, all_selected)
-      if writer is not None:
-        writer.close()
-    except BaseException:
-      if writer is not None:
-        writer.abort()
-      raise
-    finally:
-      progress.close()
 
+def _report(results: list[dict[str, Any]], golden: io.GoldenRun, settings: dict[str, Any], files: dict[str, str | None],
+            all_selected: bool) -> dict[str, Any]:
+  """The replay's JSON document: settings, backend, inputs, per-tensor results, summary and verdict."""
   ours_combined = combined_sha256((r["name"], r["final_bf16_sha256"]) for r in results)
   golden_combined = combined_sha256((r["name"], r["golden_final_bf16_sha256"]) for r in results)
   self_check = golden.report.get("torch_self_consistency") or {}
+  total = lambda key: sum(r["explained"][key] for r in results)  # noqa: E731
   summary = {
       "tensors": len(results),
       "passed": sum(r["pass"] for r in results),
       "final_bytes_equal": sum(r["final_bytes_equal"] for r in results),
       "n_elements": sum(r["shape"][0] * r["shape"][1] for r in results),
-      "n_mismatch": sum(r["explained"]["n_mismatch"] for r in results),
-      "n_explained": sum(r["explained"]["n_explained"] for r in results),
-      "n_explained_tie": sum(r["explained"]["n_explained_tie"] for r in results),
-      "n_explained_multi_ulp": sum(r["explained"]["n_explained_multi_ulp"] for r in results),
-      "n_unexplained": sum(r["explained"]["n_unexplained"] for r in results),
+      "n_mismatch": total("n_mismatch"),
+      "n_explained": total("n_explained"),
+      "n_explained_tie": total("n_explained_tie"),
+      "n_explained_multi_ulp": total("n_explained_multi_ulp"),
+      "n_unexplained": total("n_unexplained"),
       "combined_equal": ours_combined == golden_combined,
       "torch_self_flips": self_check.get("bf16_elements_differing"),
       "torch_self_flips_elements": self_check.get("n_elements"),
   }
-  verdict = "PASS" if results and all(r["pass"] for r in results) else "FAIL"
-  report = {
+  return {
       "format": io.REPORT_FORMAT,
       "producer": "parity_jax.svf.replay",
-      "scope": "all_selected" if all_selected else "sample",
-      "mode": mode,
-      "layout": layout,
-      "selected_source_filter": selected_source_filter,
-      "chunk_mb": chunk_mb,
-      "row_block": row_block,
-      "compute_dtype": str(compute_dtype),
+      **{k: settings[k] for k in ("scope", "mode", "layout", "selected_source_filter", "chunk_mb", "row_block", "compute_dtype")},
       "matmul_precision": "HIGHEST",
       "sum_order": "torch_cpu_cascade",
       "nan_policy": "torch",
-      "explain_rule": explain_rule,
+      "explain_rule": settings["explain_rule"],
       "backend": _backend(),
-      "versions": stages.default_provenance("parity_jax.svf")["versions"],
+      "versions": package_versions(),
       "golden": {
           "report": os.path.abspath(golden.report_path),
-          "bundle": os.path.abspath(bundle_path),
+          "bundle": os.path.abspath(files["bundle"]),
           "producer": golden.report.get("producer"),
           "backend": golden.report.get("backend"),
           "torch_self_consistency": self_check or None,
       },
-      "components": {"components_file": os.path.abspath(comp_path), "offsets_file": os.path.abspath(off_path)},
-      "stage_debug": {("all_selected_stage_tensor_file" if all_selected else "stage_tensor_file"): os.path.abspath(out_bundle) if out_bundle else None},
+      "components": {"components_file": os.path.abspath(files["components"]), "offsets_file": os.path.abspath(files["offsets"])},
+      "stage_debug": {("all_selected_stage_tensor_file" if all_selected else "stage_tensor_file"):
+                      os.path.abspath(files["ours"]) if files["ours"] else None},
       "stage_tolerances": {s: {"rule": r, "why": w} for s, (r, w) in STAGE_TOLERANCES.items()},
       "tensors": results,
       "combined_sha256": ours_combined,
       "golden_combined_sha256": golden_combined,
       "golden_report_combined_sha256": golden.report.get("combined_sha256"),
       "summary": summary,
-      "verdict": verdict,
+      "verdict": "PASS" if results and all(r["pass"] for r in results) else "FAIL",
   }
-  return ReplayResult(report)

@@ -18,15 +18,12 @@ import hashlib
 import re
 from typing import Any, Iterable
 
-import ml_dtypes
 import numpy as np
 
-from parity_jax.compare import c_contiguous, is_float_dtype
+from parity_jax.dtypes import NAN_POLICIES, bf16_bits, c_contiguous
 from parity_jax.errors import UsageError
 
 __all__ = [
-    "NAN_POLICIES",
-    "bf16_bits",
     "ArrayHasher",
     "bf16_sha256",
     "combined_sha256",
@@ -34,9 +31,6 @@ __all__ = [
     "sha256_array",
 ]
 
-NAN_POLICIES = ("keep", "torch")
-TORCH_BF16_NAN_BITS = 0xFFFF
-_BF16 = np.dtype(ml_dtypes.bfloat16)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 
 
@@ -51,23 +45,6 @@ def _le_bytes(a: np.ndarray) -> np.ndarray:
   if a.dtype.byteorder == ">":
     a = a.astype(a.dtype.newbyteorder("<"))
   return a
-
-
-def bf16_bits(a: Any, nan_policy: str = "keep") -> np.ndarray:
-  """C-order uint16 bit patterns of ``a`` as bfloat16, NaNs canonicalised under ``nan_policy``."""
-  if nan_policy not in NAN_POLICIES:
-    raise UsageError(f"unknown nan_policy {nan_policy!r}; expected one of {', '.join(NAN_POLICIES)}")
-  a = np.asarray(a)
-  if a.dtype != _BF16:
-    if not is_float_dtype(a.dtype):
-      raise UsageError(f"bf16_sha256 expects a floating array, got {a.dtype}")
-    a = a.astype(_BF16)  # round to nearest even, like torch's .to(bfloat16)
-  bits = c_contiguous(a).view(np.uint16)
-  if nan_policy == "torch":
-    nan = (bits & 0x7FFF) > 0x7F80
-    if nan.any():
-      bits = np.where(nan, np.uint16(TORCH_BF16_NAN_BITS), bits)
-  return bits
 
 
 class ArrayHasher:

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 import safetensors
 
-from parity_jax import stages
+from parity_jax import bundles
 from parity_jax.errors import UsageError
 from parity_jax.svf.core import LAYOUTS, validate_components
 from parity_jax.svf.hashing import safe_source_name
@@ -96,8 +96,8 @@ class ComponentStore:
     self.layout = layout
     self.components_path = components_path
     self.offsets_path = offsets_path
-    self._c = stages.BundleReader(components_path)
-    self._o = stages.BundleReader(offsets_path)
+    self._c = bundles.BundleReader(components_path)
+    self._o = bundles.BundleReader(offsets_path)
     keys = set(self._c.names)
     names = [k[:-2] for k in self._c.names if k.endswith(".U")]
     if not names:
@@ -145,7 +145,7 @@ class ComponentStore:
   def u_rows(self, name: str, start: int, stop: int) -> np.ndarray:
     """Rows of U through a reader of their own, so the mapped pages leave with it."""
     self._check(name)
-    with stages.BundleReader(self.components_path) as r:
+    with bundles.BundleReader(self.components_path) as r:
       return r.get_rows(f"{name}.U", start, stop)
 
   def s(self, name: str) -> np.ndarray:
@@ -173,11 +173,12 @@ def write_components(
     offsets: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
     prefix: str = "",
+    overwrite: bool = False,
 ) -> list[str]:
   """Writes ``<prefix>svf_components.safetensors`` (and the offsets file when given).
 
   ``components``: name -> (U, S, V). Returns the paths written. Existing files
-  are never overwritten.
+  are refused unless ``overwrite``.
   """
   os.makedirs(directory, exist_ok=True)
   out = []
@@ -189,10 +190,10 @@ def write_components(
   if offsets is not None:
     targets.append((os.path.join(directory, prefix + OFFSETS_SUFFIX), dict(offsets)))
   for path, _ in targets:
-    if os.path.exists(path):
-      raise UsageError(f"refusing to overwrite {path}")
+    if os.path.exists(path) and not overwrite:
+      raise UsageError(f"{path} exists; refusing to overwrite it (pass overwrite / --overwrite)")
   for path, data in targets:
-    stages.save_bundle(path, data, provenance)
+    bundles.save_bundle(path, data, provenance)
     out.append(path)
   return out
 

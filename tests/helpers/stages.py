@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from parity_jax import stage_names
+from parity_jax.bundles import qwen_graph as stage_names
 
 
 def golden_stages(num_layers: int = 3, qk_norm: bool = False, seed: int = 0, tokens: int = 4, hidden: int = 16,

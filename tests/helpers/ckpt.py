@@ -17,8 +17,8 @@ import sys
 import ml_dtypes
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "goldens" / "checkpoints"
+REPO = pathlib.Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "parity_jax" / "checkpoint" / "example_data"
 NAN_A = 0x7FC00001  # quiet NaN, payload 1 (the source value)
 NAN_B = 0x7FC00002  # quiet NaN, payload 2 (a corrupted copy)
 
@@ -115,7 +115,7 @@ def deepcopy(tree):
 def save_v0(path, tree) -> str:
   import orbax.checkpoint as ocp
 
-  from parity_jax.checkpoint.layout import quiet_orbax
+  from parity_jax.checkpoint.tstore import quiet_orbax
 
   with quiet_orbax():
     ocp.PyTreeCheckpointer().save(os.path.abspath(path), tree)
@@ -125,7 +125,7 @@ def save_v0(path, tree) -> str:
 def save_v1(path, tree) -> str:
   from orbax.checkpoint import v1 as ocp_v1
 
-  from parity_jax.checkpoint.layout import quiet_orbax
+  from parity_jax.checkpoint.tstore import quiet_orbax
 
   with quiet_orbax():
     ocp_v1.save(os.path.abspath(path), tree)
@@ -136,7 +136,7 @@ def save_manager_step(root, step: int, tree) -> str:
   """A CheckpointManager directory; returns the step directory (one item, 'default')."""
   import orbax.checkpoint as ocp
 
-  from parity_jax.checkpoint.layout import quiet_orbax
+  from parity_jax.checkpoint.tstore import quiet_orbax
 
   with quiet_orbax():
     with ocp.CheckpointManager(os.path.abspath(root)) as mngr:

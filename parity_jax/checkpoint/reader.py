@@ -22,53 +22,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from parity_jax.checkpoint.layout import Checkpoint, LeafMeta, _first_line, quiet_orbax
-from parity_jax.errors import UsageError
+from parity_jax.checkpoint import keypath
+from parity_jax.checkpoint.layout import Checkpoint, LeafMeta
+from parity_jax.checkpoint.tstore import memmap_reads, quiet_orbax, read_context
+from parity_jax.errors import UsageError, first_line
 
-__all__ = ["LeafReadError", "LeafReader", "memmap_reads", "read_string_leaf", "restore_leaves"]
-
-_OCDBT_NODE_CACHE = 8 << 20  # B-tree nodes only; values go through the chunk cache
-
-
-_MEMMAP: bool | None = None
-
-
-def memmap_reads() -> bool:
-  """Whether this tensorstore reads data files memory-mapped (``file_io_mode: memmap``).
-
-  With memory-mapped reads, a box inside an *uncompressed* chunk costs only
-  the pages it touches (no read of the whole chunk), which the verifier's
-  planner relies on to read such leaves in small pieces.
-  """
-  global _MEMMAP
-  if _MEMMAP is None:
-    import tensorstore as ts
-
-    try:
-      ts.Context({"file_io_mode": {"mode": "memmap"}})
-      _MEMMAP = True
-    except ValueError:
-      _MEMMAP = False
-  return _MEMMAP
-
-
-def read_context(cache_bytes: int = 0):
-  """A private tensorstore context for reading: chunk cache of ``cache_bytes``, memory-mapped file reads.
-
-  Memory-mapped reads (tensorstore's ``file_io_mode: memmap``) skip a copy of
-  every value read from a data file: the same peak memory, about 1.5-2x the
-  read throughput. Older tensorstores without it fall back to plain reads.
-  """
-  import tensorstore as ts
-
-  base = {
-      "cache_pool": {"total_bytes_limit": int(cache_bytes)},
-      "cache_pool#ocdbt": {"total_bytes_limit": _OCDBT_NODE_CACHE},
-  }
-  if memmap_reads():
-    return ts.Context({**base, "file_io_mode": {"mode": "memmap"}})
-  return ts.Context(base)
-
+__all__ = ["LeafReadError", "LeafReader", "read_string_leaf", "restore_leaves"]
 
 class LeafReadError(UsageError):
   """A leaf's data could not be read (missing or corrupted files)."""
@@ -101,7 +60,7 @@ class LeafReader:
     try:
       t = ts.open(spec, open=True, read=True, write=False, context=read_context(self.cache_bytes)).result()
     except Exception as e:  # tensorstore raises ValueError/OSError subclasses with long specs
-      raise LeafReadError(self.leaf.path, _first_line(e)) from None
+      raise LeafReadError(self.leaf.path, first_line(e)) from None
     if tuple(t.shape) != self.leaf.shape or np.dtype(t.dtype.numpy_dtype) != self.leaf.dtype:
       raise LeafReadError(
           self.leaf.path,
@@ -145,13 +104,13 @@ class LeafReader:
     try:
       future.result()
     except Exception as e:
-      raise LeafReadError(self.leaf.path, _first_line(e)) from None
+      raise LeafReadError(self.leaf.path, first_line(e)) from None
 
   def result(self, future) -> np.ndarray:
     try:
       out = future.result()
     except Exception as e:
-      raise LeafReadError(self.leaf.path, _first_line(e)) from None
+      raise LeafReadError(self.leaf.path, first_line(e)) from None
     return np.asarray(out)
 
   def read(self, box: Sequence[slice] = ()) -> np.ndarray:
@@ -168,7 +127,7 @@ def read_string_leaf(ckpt: Checkpoint, leaf: LeafMeta) -> str:
       table = json.load(f)
     value = table[leaf.storage_name]
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise LeafReadError(leaf.path, f"cannot read it from {path}: {_first_line(e) or type(e).__name__}") from None
+    raise LeafReadError(leaf.path, f"cannot read it from {path}: {first_line(e)}") from None
   if not isinstance(value, str):
     raise LeafReadError(leaf.path, f"{path} holds a {type(value).__name__}, not a string")
   return value
@@ -183,19 +142,16 @@ def restore_leaves(ckpt: Checkpoint, paths: Sequence[str]) -> dict[str, Any]:
   import jax
   import orbax.checkpoint as ocp
 
-  from parity_jax.checkpoint.layout import _key_str
-  from parity_jax.checkpoint.spec import join_path
-
   wanted = set(paths)
   unknown = wanted - set(ckpt.leaves)
   if unknown:
     raise UsageError(f"no such leaf in {ckpt.path}: {sorted(unknown)[0]!r}")
 
   def item_fn(kp, m):
-    return m if join_path(_key_str(k) for k in kp) in wanted else ocp.PLACEHOLDER
+    return m if keypath.keypath_str(kp) in wanted else ocp.PLACEHOLDER
 
   def args_fn(kp, m):
-    p = join_path(_key_str(k) for k in kp)
+    p = keypath.keypath_str(kp)
     if p not in wanted:
       return ocp.PLACEHOLDER
     return ocp.RestoreArgs() if ckpt.leaves[p].kind == "string" else ocp.RestoreArgs(restore_type=np.ndarray)
@@ -213,10 +169,10 @@ def restore_leaves(ckpt: Checkpoint, paths: Sequence[str]) -> dict[str, Any]:
           ckpt.item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
       )
   except Exception as e:
-    raise LeafReadError(first, _first_line(e)) from None
+    raise LeafReadError(first, first_line(e)) from None
   out: dict[str, Any] = {}
   for kp, v in jax.tree_util.tree_flatten_with_path(restored)[0]:
-    p = join_path(_key_str(k) for k in kp)
+    p = keypath.keypath_str(kp)
     if p not in wanted:
       continue
     meta = ckpt.leaves[p]
@@ -230,25 +186,4 @@ def restore_leaves(ckpt: Checkpoint, paths: Sequence[str]) -> dict[str, Any]:
   missing = wanted - set(out)
   if missing:
     raise LeafReadError(sorted(missing)[0], "orbax returned no value for it")
-  return out
-
-
-def hash_file_tree(root: str | os.PathLike) -> dict[str, tuple[int, int, str]]:
-  """{relative path: (size, mtime_ns, sha256)} of every file under ``root`` (tests/bench use it)."""
-  import hashlib
-
-  out = {}
-  root = os.fspath(root)
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames.sort()
-    rel_dir = os.path.relpath(dirpath, root)
-    out[rel_dir + "/"] = (0, 0, "dir")
-    for name in sorted(filenames):
-      p = os.path.join(dirpath, name)
-      h = hashlib.sha256()
-      with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-          h.update(block)
-      st = os.stat(p)
-      out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns, h.hexdigest())
   return out

@@ -1,4 +1,4 @@
-"""The picture of a :class:`~parity_jax.bundle_compare.BundleReport` (matplotlib, optional).
+"""The picture of a :class:`~parity_jax.bundles.BundleReport` (matplotlib, optional).
 
 Three panels sharing one colour scale (log10 rel-L2):
 
@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from parity_jax.bisect import fmt_growth
+from parity_jax.bundles.verdict import fmt_growth
 from parity_jax.errors import UsageError
-from parity_jax.stage_names import LAYER_STAGES
+from parity_jax.files import atomic_output
+from parity_jax.bundles.qwen_graph import LAYER_STAGES
 
 if TYPE_CHECKING:
-  from parity_jax.bundle_compare import BundleReport
+  from parity_jax.bundles.report import BundleReport
 
 __all__ = ["plot_report", "require_matplotlib"]
 
@@ -233,14 +234,9 @@ def plot_report(report: "BundleReport", path: str | os.PathLike | None = None, d
   fig.suptitle(title, fontsize=10, color={"pass": "#1b7f3b", "jump": "#b00020", "drift": "#b36b00"}[v.status], x=0.02,
                y=1 - 0.12 / total_h, ha="left", va="top")
   if path is not None:
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
     try:
-      fig.savefig(tmp, format="png", dpi=dpi)
-      os.replace(tmp, path)
+      with atomic_output(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
     except OSError as e:
-      raise UsageError(f"cannot write plot {path}: {e}") from None
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+      raise UsageError(f"cannot write plot {os.fspath(path)}: {e}") from None
   return fig

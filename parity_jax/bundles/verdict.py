@@ -8,7 +8,7 @@ the per-stage rel-L2 errors and breaches, with one documented rule:
 1. **Input of a stage.** For Qwen2/Qwen3 stage names the data-flow inputs are
    known (``layers.i.v_proj`` reads ``layers.i.attn_norm``, ``layers.i.output``
    reads ``ffn_out`` and ``post_attn_residual``, ...; see
-   :func:`qwen_stage_inputs`). For other names the input is the previous
+   :func:`parity_jax.bundles.qwen_graph.qwen_stage_inputs`). For other names the input is the previous
    compared stage in execution order. The *reference* of a stage is its
    compared input with the largest rel-L2.
 2. **Growth** across a stage = ``rel_l2(stage) / max(rel_l2(reference),
@@ -36,69 +36,10 @@ import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
-from parity_jax.stage_names import LAYER_STAGES, parse_stage
+from parity_jax import jsonio
+from parity_jax.bundles.qwen_graph import qwen_stage_inputs
 
-__all__ = ["StageError", "Verdict", "analyse", "qwen_stage_inputs"]
-
-# Per-layer data flow: stage -> tuple of inputs; an input given as a tuple means
-# "the first of these that is compared" (q_rope reads q_norm on Qwen3, q_proj on Qwen2).
-# "@prev" is the previous layer's output (the embedding for layer 0).
-_LAYER_INPUTS: dict[str, tuple[Any, ...]] = {
-    "attn_norm": ("@prev",),
-    "q_proj": ("attn_norm",),
-    "k_proj": ("attn_norm",),
-    "v_proj": ("attn_norm",),
-    "q_norm": ("q_proj",),
-    "k_norm": ("k_proj",),
-    "q_rope": (("q_norm", "q_proj"),),
-    "k_rope": (("k_norm", "k_proj"),),
-    "attention": (("q_rope", "q_norm", "q_proj"), ("k_rope", "k_norm", "k_proj"), "v_proj"),
-    "attn_out": ("attention",),
-    "post_attn_residual": ("attn_out", "@prev"),
-    "ffn_norm": ("post_attn_residual",),
-    "ffn_gate": ("ffn_norm",),
-    "ffn_up": ("ffn_norm",),
-    "ffn_silu": ("ffn_gate",),
-    "ffn_swiglu": ("ffn_silu", "ffn_up"),
-    "ffn_out": ("ffn_swiglu",),
-    "output": ("ffn_out", "post_attn_residual"),
-}
-assert set(_LAYER_INPUTS) == set(LAYER_STAGES)
-
-
-def qwen_stage_inputs(name: str, compared: Sequence[str] | set[str]) -> tuple[str, ...] | None:
-  """Data-flow inputs of a Qwen stage among the ``compared`` names; None if ``name`` is not a Qwen stage.
-
-  An empty tuple means: a Qwen stage, but none of its inputs is compared.
-  """
-  compared = set(compared)
-  layer, stage = parse_stage(name)
-  if layer is None:
-    if name == "embedding":
-      return ()
-    if name in ("final_norm", "logits"):
-      if name == "logits":
-        return ("final_norm",) if "final_norm" in compared else _last_layer_output(compared)
-      return _last_layer_output(compared)
-    return None
-  if stage not in _LAYER_INPUTS:
-    return None
-  prev = f"layers.{layer - 1}.output" if layer > 0 else "embedding"
-  out = []
-  for spec in _LAYER_INPUTS[stage]:
-    options = spec if isinstance(spec, tuple) else (spec,)
-    for opt in options:
-      full = prev if opt == "@prev" else f"layers.{layer}.{opt}"
-      if full in compared:
-        out.append(full)
-        break
-  return tuple(out)
-
-
-def _last_layer_output(compared: set[str]) -> tuple[str, ...]:
-  layers = [parse_stage(n)[0] for n in compared if parse_stage(n)[1] == "output" and parse_stage(n)[0] is not None]
-  return (f"layers.{max(layers)}.output",) if layers else ()
-
+__all__ = ["StageError", "StageGrowth", "Verdict", "analyse", "fmt_growth"]
 
 @dataclasses.dataclass(frozen=True)
 class StageError:
@@ -139,11 +80,11 @@ class Verdict:
         "status": self.status,
         "first_divergent": self.first_divergent,
         "first_breach": self.first_breach,
-        "growth": _json_num(self.growth),
+        "growth": jsonio.num(self.growth),
         "ref_stage": self.ref_stage,
         "path": list(self.path),
         "max_growth_stage": self.max_growth_stage,
-        "max_growth": _json_num(self.max_growth),
+        "max_growth": jsonio.num(self.max_growth),
         "n_breached": self.n_breached,
     }
 
@@ -153,11 +94,11 @@ class Verdict:
         status=d["status"],
         first_divergent=d["first_divergent"],
         first_breach=d["first_breach"],
-        growth=_num(d.get("growth")),
+        growth=_opt_float(d.get("growth")),
         ref_stage=d.get("ref_stage"),
         path=tuple(d.get("path", ())),
         max_growth_stage=d.get("max_growth_stage"),
-        max_growth=_num(d.get("max_growth")),
+        max_growth=_opt_float(d.get("max_growth")),
         n_breached=int(d.get("n_breached", 0)),
     )
 
@@ -184,20 +125,8 @@ def fmt_growth(g: float | None) -> str:
   return f"{g:.3g}" if g < 1e4 else f"{g:.1e}"
 
 
-def _json_num(x: float | None) -> float | str | None:
-  if x is None:
-    return None
-  if math.isinf(x):
-    return "inf"
-  if math.isnan(x):
-    return "nan"
-  return float(x)
-
-
-def _num(x: Any) -> float | None:
-  if x is None:
-    return None
-  return float(x)  # float("inf") / float("nan") parse the string forms too
+def _opt_float(x: Any) -> float | None:
+  return None if x is None else float(jsonio.from_jsonable(x))
 
 
 def analyse(order: Sequence[str], errors: Mapping[str, StageError], jump_factor: float, noise_floor: float,

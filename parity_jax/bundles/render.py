@@ -1,4 +1,4 @@
-"""Text and HTML renderings of a :class:`~parity_jax.bundle_compare.BundleReport`.
+"""Text and HTML renderings of a :class:`~parity_jax.bundles.BundleReport`.
 
 The text table is ASCII only (CI logs, any terminal encoding): one row per
 stage with rel-L2, cosine, max|diff| and where, max ULP, the growth over the
@@ -14,10 +14,10 @@ import html
 import math
 from typing import TYPE_CHECKING
 
-from parity_jax.bisect import fmt_growth
+from parity_jax.bundles.verdict import fmt_growth
 
 if TYPE_CHECKING:
-  from parity_jax.bundle_compare import BundleReport, StageRow
+  from parity_jax.bundles.report import BundleReport, StageRow
 
 __all__ = ["fmt_cosine", "render_html", "render_text"]
 

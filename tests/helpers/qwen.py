@@ -11,9 +11,9 @@ import numpy as np
 import safetensors.numpy
 
 from parity_jax import qwen2
-from parity_jax.stages import load_bundle
+from parity_jax.bundles import load_bundle
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 GOLDENS = ROOT / "goldens"
 FORWARD = GOLDENS / "forward"
 MODELS = GOLDENS / "models"

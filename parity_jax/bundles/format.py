@@ -22,21 +22,17 @@ streams tensors row chunk by row chunk for bundles too big to hold in memory
 from __future__ import annotations
 
 import collections
-import importlib.metadata
 import json
 import os
-import platform
 import struct
-import sys
 import zipfile
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-import ml_dtypes
 import numpy as np
 import safetensors
 
-from parity_jax.compare import c_contiguous
-from parity_jax.errors import UsageError
+from parity_jax.dtypes import SAFETENSORS_DTYPES, c_contiguous, safetensors_name
+from parity_jax.errors import UsageError, first_line
 
 FORMAT = "parity_jax.stage_bundle/1"
 
@@ -45,67 +41,16 @@ __all__ = [
     "BundleReader",
     "BundleWriter",
     "StageBundle",
-    "default_provenance",
     "load_bundle",
     "save_bundle",
 ]
 
-# safetensors dtype names <-> numpy dtypes (only what numpy/ml_dtypes can hold).
-_ST_DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U64": np.dtype(np.uint64),
-    "U32": np.dtype(np.uint32),
-    "U16": np.dtype(np.uint16),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-_NP_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def _package_version(name: str) -> str | None:
-  try:
-    return importlib.metadata.version(name)
-  except importlib.metadata.PackageNotFoundError:
-    return None
-
-
-def default_provenance(producer: str, seed: int | None = None, **extra: Any) -> dict[str, Any]:
-  """Provenance for a bundle: producer, python/platform, library versions, seed, extras.
-
-  Versions are read from package metadata, so nothing heavy (torch) is imported.
-  """
-  versions = {}
-  for pkg in ("parity_jax", "numpy", "jax", "jaxlib", "safetensors", "ml_dtypes", "orbax-checkpoint", "torch", "transformers"):
-    v = _package_version(pkg)
-    if v is not None:
-      versions[pkg] = v
-  prov: dict[str, Any] = {
-      "producer": producer,
-      "python": sys.version.split()[0],
-      "platform": platform.platform(),
-      "versions": versions,
-  }
-  if seed is not None:
-    prov["seed"] = seed
-  prov.update(extra)
-  return prov
-
-
 def _to_numpy(x: Any) -> np.ndarray:
   a = np.asarray(x)
-  if a.dtype not in _NP_TO_ST:
-    raise UsageError(f"stage bundles cannot store dtype {a.dtype}")
   if not a.dtype.isnative:
     a = a.astype(a.dtype.newbyteorder("="))
+  if safetensors_name(a.dtype) is None:
+    raise UsageError(f"stage bundles cannot store dtype {a.dtype}")
   return c_contiguous(a)
 
 
@@ -197,7 +142,7 @@ class BundleReader:
       keys = list(self._file.keys())
       self._info = {k: (self._file.get_slice(k).get_shape(), self._file.get_slice(k).get_dtype()) for k in keys}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-      raise UsageError(f"cannot read {self.path} as safetensors: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+      raise UsageError(f"cannot read {self.path} as safetensors: {first_line(e)}") from None
     self.metadata: dict[str, str] = dict(meta)
     self.provenance: dict[str, Any] = {}
     if "provenance" in meta:
@@ -232,7 +177,7 @@ class BundleReader:
     return tuple(self._info[name][0])
 
   def dtype(self, name: str) -> np.dtype:
-    return _ST_DTYPES[self._info[name][1]]
+    return SAFETENSORS_DTYPES[self._info[name][1]]
 
   def get(self, name: str) -> np.ndarray:
     if name not in self._info:
@@ -256,7 +201,7 @@ def load_bundle(path: str | os.PathLike) -> StageBundle:
       with np.load(path, allow_pickle=False) as z:
         return StageBundle([(k, z[k]) for k in z.files], {"producer": "npz", "source": path}, ordered=False)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-      raise UsageError(f"cannot read {path} as .npz: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+      raise UsageError(f"cannot read {path} as .npz: {first_line(e)}") from None
   with BundleReader(path) as r:
     return StageBundle([(n, r.get(n)) for n in r.names], r.provenance, ordered=r.has_order)
 
@@ -290,13 +235,13 @@ class BundleWriter:
     offset = 0
     for name, shape, dtype in specs:
       dtype = np.dtype(dtype)
-      if dtype not in _NP_TO_ST:
+      if safetensors_name(dtype) is None:
         raise UsageError(f"stage bundles cannot store dtype {dtype}")
       if name in self._layout:
         raise UsageError(f"duplicate stage name {name!r}")
       shape = tuple(int(s) for s in shape)
       nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-      header[name] = {"dtype": _NP_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+      header[name] = {"dtype": safetensors_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
       self._layout[name] = (shape, dtype, offset, nbytes)
       offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()

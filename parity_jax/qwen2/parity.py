@@ -3,7 +3,7 @@
 ``forward_parity(model_dir, golden=PATH)`` loads the HF checkpoint with
 :mod:`parity_jax.qwen2`, runs the tokens (and padding mask) recorded in the
 golden's provenance with stage capture on, and compares every stage against
-the golden with :func:`parity_jax.compare.compare_bundles`. With
+the golden with :func:`parity_jax.bundles.compare_bundles`. With
 ``oracle=True`` the golden is produced on the spot by HF transformers
 (:func:`parity_jax.oracle.hf_forward.hf_stages`, float32, CPU) instead of
 being read from a file. This is what a researcher runs to bisect a drift: the
@@ -22,10 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from parity_jax.bundle_compare import BundleReport, compare_bundles
+from parity_jax.bundles import BundleReader, BundleReport, StageBundle, compare_bundles
+from parity_jax.dtypes import compute_dtype
 from parity_jax.errors import UsageError
-from parity_jax.qwen2.capture import DTYPES, capture_stages
-from parity_jax.stages import BundleReader, StageBundle, default_provenance
+from parity_jax.provenance import default_provenance
+from parity_jax.qwen2.capture import capture_stages
+from parity_jax.report import Report
 
 __all__ = ["ForwardParity", "forward_parity", "golden_inputs"]
 
@@ -33,7 +35,7 @@ DEFAULT_PROFILE = {"float32": "f32", "bfloat16": "bf16"}
 
 
 @dataclasses.dataclass
-class ForwardParity:
+class ForwardParity(Report):
   """The comparison report plus both sides, so a notebook can dig into any stage."""
 
   report: BundleReport
@@ -46,6 +48,12 @@ class ForwardParity:
   def passed(self) -> bool:
     return self.report.passed
 
+  def to_dict(self) -> dict[str, Any]:
+    return self.report.to_dict()
+
+  def text(self, failing_only: bool = False) -> str:
+    return self.report.text(failing_only=failing_only)
+
   def _repr_html_(self) -> str:
     return self.report._repr_html_()
 
@@ -56,7 +64,7 @@ def golden_inputs(golden: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | N
     prov = r.provenance
   inputs = prov.get("inputs")
   if not isinstance(inputs, dict) or "tokens" not in inputs:
-    raise UsageError(f"{golden}: the golden's provenance records no inputs.tokens; pass --tokens with --oracle instead")
+    raise UsageError(f"{golden}: the golden's provenance records no inputs.tokens; give tokens and use the live oracle instead")
   try:
     tokens = np.asarray(inputs["tokens"], dtype=np.int64)
     mask = inputs.get("attention_mask")
@@ -85,16 +93,15 @@ def forward_parity(
   ``bf16`` for bfloat16. Bad input raises a one-line :class:`UsageError`
   before the model runs.
   """
-  if dtype not in DTYPES:
-    raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+  dtype = compute_dtype(dtype).name
   model_dir = os.fspath(model_dir)
   if not os.path.isdir(model_dir):
     raise UsageError(f"no such model directory: {model_dir}")
   if golden is None and not oracle:
-    raise UsageError("give a golden bundle (--golden) or ask for the live oracle (--oracle)")
+    raise UsageError("give a golden bundle (golden) or ask for the live oracle (oracle=True)")
   if tokens is None:
     if golden is None:
-      raise UsageError("--oracle needs --tokens (or a --golden whose provenance records the inputs)")
+      raise UsageError("the live oracle needs tokens (or a golden whose provenance records the inputs)")
     tokens, recorded_mask, _ = golden_inputs(golden)
     if attention_mask is None:
       attention_mask = recorded_mask
@@ -108,7 +115,7 @@ def forward_parity(
     from parity_jax.oracle.hf_forward import hf_stages
 
     prov = default_provenance(
-        "parity_jax.oracle.hf_forward (live, tools.forward_parity --oracle)",
+        "parity_jax.oracle.hf_forward (live oracle of parity_jax.qwen2.parity)",
         model=os.path.basename(os.path.normpath(model_dir)),
         model_dir=os.path.abspath(model_dir),
         dtype="float32",

@@ -21,11 +21,11 @@ import shutil
 import ml_dtypes
 import numpy as np
 
-from parity_jax import stages
+from parity_jax import bundles as stages
 from parity_jax.svf import ComponentStore, tensor_key
 from parity_jax.svf.io import find_component_files
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SVF_GOLDENS = ROOT / "goldens" / "svf"
 _F32 = np.float32
 

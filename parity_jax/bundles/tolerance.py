@@ -17,7 +17,7 @@ Three profiles are built in:
 * ``exact`` -- bit-identical bytes, every stage.
 
 A profile also carries the two numbers the bisection verdict uses
-(:mod:`parity_jax.bisect`): ``jump_factor`` (a stage whose rel-L2 grows by at
+(:mod:`parity_jax.bundles.verdict`): ``jump_factor`` (a stage whose rel-L2 grows by at
 least this factor over its input's is a *jump*, not drift) and
 ``noise_floor`` (rel-L2 below this is rounding; growth is measured from at
 least this level, so rounding-level inputs never make a harmless stage look
@@ -66,7 +66,7 @@ __all__ = [
     "BUILTIN_PROFILES",
     "PROFILE_SCHEMA",
     "Profile",
-    "Rule",
+    "ToleranceRule",
     "builtin_profile",
     "load_profile_json",
     "profile_from_dict",
@@ -91,7 +91,7 @@ THRESHOLD_KEYS = tuple(_NUM_KEYS) + ("max_ulp",) + _BOOL_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
-class Rule:
+class ToleranceRule:
   """Thresholds for the stages whose full name matches ``stages`` (a regex)."""
 
   stages: str
@@ -129,6 +129,12 @@ class Rule:
         out[f.name] = v
     return out
 
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ToleranceRule":
+    """The inverse of :meth:`to_dict` (a rule read back from a report; :func:`profile_from_dict` validates user input)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
   def describe(self) -> str:
     """Short human text, e.g. ``rel_l2<=1e-05, cos>=0.999``."""
     parts = []
@@ -150,13 +156,13 @@ class Profile:
   """An ordered list of rules plus the bisection parameters."""
 
   name: str
-  rules: tuple[Rule, ...]
+  rules: tuple[ToleranceRule, ...]
   jump_factor: float = 10.0
   noise_floor: float = 0.0
   widen_dtypes: bool = False
   description: str = ""
 
-  def rule_for(self, stage: str) -> Rule:
+  def rule_for(self, stage: str) -> ToleranceRule:
     for rule in self.rules:
       if rule.matches(stage):
         return rule
@@ -182,8 +188,8 @@ BUILTIN_PROFILES: dict[str, Profile] = {
         name="f32",
         description="float32 port vs float32/float64 golden: per-stage rel-L2 <= 1e-5; logits keep every top-1 token",
         rules=(
-            Rule(stages=r"(.*\.)?logits", max_rel_l2=1e-5, max_kl=1e-6, min_argmax_agreement=1.0),
-            Rule(stages=r".*", max_rel_l2=1e-5),
+            ToleranceRule(stages=r"(.*\.)?logits", max_rel_l2=1e-5, max_kl=1e-6, min_argmax_agreement=1.0),
+            ToleranceRule(stages=r".*", max_rel_l2=1e-5),
         ),
         jump_factor=10.0,
         noise_floor=_F32_EPS,
@@ -192,8 +198,8 @@ BUILTIN_PROFILES: dict[str, Profile] = {
         name="bf16",
         description="bfloat16 weights+activations vs float32 golden: rel-L2 <= 0.1, cosine >= 0.995 per stage; logits KL and top-5 overlap",
         rules=(
-            Rule(stages=r"(.*\.)?logits", max_rel_l2=0.1, min_cosine=0.995, max_kl=0.05, max_mean_kl=0.01, min_topk_overlap=0.8, topk=5),
-            Rule(stages=r".*", max_rel_l2=0.1, min_cosine=0.995),
+            ToleranceRule(stages=r"(.*\.)?logits", max_rel_l2=0.1, min_cosine=0.995, max_kl=0.05, max_mean_kl=0.01, min_topk_overlap=0.8, topk=5),
+            ToleranceRule(stages=r".*", max_rel_l2=0.1, min_cosine=0.995),
         ),
         jump_factor=4.0,
         noise_floor=_BF16_EPS,
@@ -202,7 +208,7 @@ BUILTIN_PROFILES: dict[str, Profile] = {
     "exact": Profile(
         name="exact",
         description="bit-identical bytes in every stage",
-        rules=(Rule(stages=r".*", bit_exact=True),),
+        rules=(ToleranceRule(stages=r".*", bit_exact=True),),
         jump_factor=10.0,
         noise_floor=0.0,
     ),
@@ -231,7 +237,7 @@ def _check_int(where: str, key: str, v: Any, lo: int, hi: int) -> int:
   return v
 
 
-def _rule_from_dict(where: str, d: Any) -> Rule:
+def _rule_from_dict(where: str, d: Any) -> ToleranceRule:
   if not isinstance(d, Mapping):
     raise UsageError(f"{where} must be an object, got {json.dumps(d)}")
   unknown = sorted(set(d) - {"stages", *_NUM_KEYS, *_INT_KEYS, *_BOOL_KEYS})
@@ -259,7 +265,7 @@ def _rule_from_dict(where: str, d: Any) -> Rule:
     raise UsageError(f"{where} sets no threshold (one of {', '.join(THRESHOLD_KEYS)})")
   if "topk" in kw and not any(k in kw for k in LOGITS_KEYS):
     raise UsageError(f"{where}.topk only makes sense with min_topk_overlap or another logits threshold")
-  return Rule(**kw)
+  return ToleranceRule(**kw)
 
 
 def profile_from_dict(d: Any, source: str = "profile") -> Profile:

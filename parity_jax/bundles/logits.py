@@ -10,11 +10,11 @@ logits tensor never needs more than a bounded float64 working set.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
 import numpy as np
 
+from parity_jax import jsonio
 from parity_jax.compare import as_numpy, check_comparable
 
 __all__ = ["LogitsStats", "log_softmax64", "logits_stats"]
@@ -55,8 +55,8 @@ class LogitsStats:
     return {
         "n_tokens": self.n_tokens,
         "vocab": self.vocab,
-        "kl_max": _jf(self.kl_max),
-        "kl_mean": _jf(self.kl_mean),
+        "kl_max": jsonio.num(float(self.kl_max)),
+        "kl_mean": jsonio.num(float(self.kl_mean)),
         "kl_argmax_index": list(self.kl_argmax_index),
         "argmax_agree": self.argmax_agree,
         "argmax_agreement": self.argmax_agreement,
@@ -71,8 +71,8 @@ class LogitsStats:
     return cls(
         n_tokens=int(d["n_tokens"]),
         vocab=int(d["vocab"]),
-        kl_max=float(d["kl_max"]),
-        kl_mean=float(d["kl_mean"]),
+        kl_max=float(jsonio.from_jsonable(d["kl_max"])),
+        kl_mean=float(jsonio.from_jsonable(d["kl_mean"])),
         kl_argmax_index=tuple(d["kl_argmax_index"]),
         argmax_agree=int(d["argmax_agree"]),
         topk=int(d["topk"]),
@@ -85,14 +85,6 @@ class LogitsStats:
     return (f"KL max {self.kl_max:.3g} (token {list(self.kl_argmax_index)}) mean {self.kl_mean:.3g};"
             f" argmax agree {self.argmax_agree}/{self.n_tokens} ({100 * self.argmax_agreement:.1f}%);"
             f" top-{self.topk} overlap mean {self.topk_overlap_mean:.3f} min {self.topk_overlap_min:.3f}")
-
-
-def _jf(x: float) -> float | str:
-  if math.isnan(x):
-    return "nan"
-  if math.isinf(x):
-    return "inf" if x > 0 else "-inf"
-  return float(x)
 
 
 def _kl_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

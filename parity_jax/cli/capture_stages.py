@@ -1,0 +1,47 @@
+"""Runs the JAX Qwen2/Qwen3 forward pass and writes every stage to a bundle.
+
+  parity-capture-stages --model_dir=DIR --tokens=1,2,3 --out=bundle.safetensors
+  parity-capture-stages --model_dir=DIR --tokens="0,0,5,6;7,8,9,10" \
+      --attention_mask="0,0,1,1;1,1,1,1" --dtype=bfloat16 --out=b.safetensors
+
+(``python -m tools.capture_stages`` from the repository root is the same tool.)
+Rows of a batch are separated by ';'. The bundle holds the stages named by
+parity_jax.bundles.qwen_graph in execution order, plus provenance (model, dtype,
+inputs, versions). Bad input (missing dir, unsupported config, out-of-range
+tokens, malformed or ragged --tokens, mask shape mismatch, an existing --out
+without --overwrite) exits 2 with one line on stderr and writes nothing.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from parity_jax.cli import app
+
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "HF checkpoint directory (config.json + *.safetensors).")
+_TOKENS = flags.DEFINE_string("tokens", None, "Token ids: '1,2,3', or rows separated by ';' for a batch.")
+_MASK = flags.DEFINE_string("attention_mask", None, "Optional 0/1 padding mask, same layout as --tokens.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight and activation dtype.")
+_OUT = flags.DEFINE_string("out", None, "Output stage bundle (.safetensors).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+_STRICT = flags.DEFINE_bool("strict", True, "Refuse checkpoints holding tensors the model does not use.")
+
+
+def main(argv):
+  del argv
+  from parity_jax.qwen2 import capture_to_bundle
+
+  app.require(_MODEL_DIR, _TOKENS, _OUT)
+  tokens = app.parse_int_rows(_TOKENS.value, "tokens")
+  mask = app.parse_int_rows(_MASK.value, "attention_mask") if _MASK.value else None
+  prov = capture_to_bundle(_MODEL_DIR.value, tokens, _OUT.value, dtype=_DTYPE.value, attention_mask=mask,
+                           strict=_STRICT.value, overwrite=_OVERWRITE.value)
+  b, t = tokens.shape
+  print(f"wrote {_OUT.value}: model {prov['model']} ({prov['model_type']}), {_DTYPE.value}, tokens of shape [{b}, {t}]")
+  return 0
+
+
+run = app.entry(main, __doc__, __name__)
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,39 @@
+"""Regenerates the shipped example checkpoint pair (deterministic in --seed).
+
+  parity-make-example-checkpoint --out=parity_jax/checkpoint/example_data   # the shipped example, in a checkout
+  parity-make-example-checkpoint --out=/tmp/ex                              # somewhere else
+
+(``python -m tools.make_example_checkpoint`` from the repository root is the same tool.)
+Writes source/ (a legacy v0 PyTree checkpoint of a small parameter-decomposition
+training state), spec.json, migrated/ (made by parity_jax's migrator with 1 KiB
+chunks) and MANIFEST.json (seed, dims, versions, sha256 of every file and of
+every source leaf), and prints their paths. --out may be missing, empty, or a
+previous example (replaced once the new one is complete). Leaf values are
+identical on every run; orbax writes timestamps and random file names, so the
+file hashes are not.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from parity_jax.cli import app
+
+_OUT = flags.DEFINE_string("out", None, "Output directory (the shipped example: parity_jax/checkpoint/example_data in a checkout).")
+_SEED = flags.DEFINE_integer("seed", None, "Random seed (default: the shipped example's seed).")
+
+
+def main(argv):
+  del argv
+  from parity_jax.checkpoint import example
+
+  app.require(_OUT)
+  for p in example.write_example(_OUT.value, example.SEED if _SEED.value is None else _SEED.value):
+    print(p)
+  return 0
+
+
+run = app.entry(main, __doc__, __name__)
+
+if __name__ == "__main__":
+  run()

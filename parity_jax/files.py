@@ -1,0 +1,131 @@
+"""Every file parity_jax writes goes through here: output-path checks, the overwrite rule, atomic writes, file hashes.
+
+The rules, the same for every tool and library call that writes:
+
+* **Never on or inside an input.** An output that is an input, or lies inside
+  an input directory, is refused before any work (:func:`check_output_path`).
+* **One overwrite rule.** An existing output is refused unless the caller
+  passes ``overwrite=True`` (the tools' ``--overwrite``). An existing *empty*
+  directory counts as free for directory outputs: it holds nothing to lose.
+* **Atomic.** A file appears at its path complete or not at all: it is written
+  next to its destination and renamed into place (:func:`atomic_output`).
+
+Every refusal is a one-line :class:`~parity_jax.errors.UsageError` naming the
+argument (``what``), which the tools turn into exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from typing import IO, Iterable, Iterator
+
+from parity_jax.errors import UsageError
+
+__all__ = [
+    "atomic_output",
+    "check_output_dir",
+    "check_output_path",
+    "file_sha256",
+    "is_inside",
+    "write_text_atomic",
+]
+
+PathLike = str | os.PathLike
+
+
+def is_inside(child: PathLike, parent: PathLike) -> bool:
+  """True when ``child`` is ``parent`` or lies below it (symlinks resolved)."""
+  child, parent = os.path.realpath(child), os.path.realpath(parent)
+  return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def _check_not_input(path: str, inputs: Iterable[PathLike | None], what: str) -> None:
+  for src in inputs:
+    if src is not None and os.path.exists(src) and is_inside(path, src):
+      raise UsageError(f"{what}={path} would overwrite or lie inside an input ({os.fspath(src)}); inputs are never modified")
+
+
+def check_output_path(path: PathLike, inputs: Iterable[PathLike | None] = (), what: str = "out",
+                      suffix: str | None = None, overwrite: bool = False) -> str:
+  """Validates an output *file* path before any work; returns it as ``str``.
+
+  Refused: the wrong ``suffix``, a path on or inside an input, a directory, a
+  missing parent directory, an existing file unless ``overwrite``.
+  """
+  path = os.fspath(path)
+  if not path:
+    raise UsageError(f"{what} is empty")
+  _check_not_input(path, inputs, what)
+  if suffix is not None and not path.endswith(suffix):
+    raise UsageError(f"{what} must name a {suffix} file, got {path!r}")
+  if os.path.isdir(path):
+    raise UsageError(f"{what} is a directory: {path}")
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise UsageError(f"{what}: directory {parent} does not exist")
+  if os.path.lexists(path) and not overwrite:
+    raise UsageError(f"{what}={path} exists; refusing to overwrite it (pass overwrite / --overwrite)")
+  return path
+
+
+def check_output_dir(path: PathLike, inputs: Iterable[PathLike | None] = (), what: str = "out_dir",
+                     overwrite: bool = False, will_write: Iterable[str] = ()) -> str:
+  """Validates an output *directory* before any work; returns it as ``str``.
+
+  Refused: a path on or inside an input, an existing non-directory, and an
+  existing directory that already holds one of the files named in
+  ``will_write`` (or, when ``will_write`` is empty, any file) unless
+  ``overwrite``. A missing directory is fine (its parent is created on write);
+  an existing empty directory is fine.
+  """
+  path = os.fspath(path)
+  if not path:
+    raise UsageError(f"{what} is empty")
+  _check_not_input(path, inputs, what)
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise UsageError(f"{what}={path} exists and is not a directory")
+  if os.path.isdir(path) and not overwrite:
+    names = list(will_write)
+    clash = [n for n in names if os.path.lexists(os.path.join(path, n))] if names else sorted(os.listdir(path))[:1]
+    if clash:
+      raise UsageError(f"{what}={path} already holds {clash[0]}; refusing to overwrite it (pass overwrite / --overwrite)")
+  return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+  """Opens a temporary file beside ``path``; renames it into place on success, removes it on error.
+
+  The parent directory is created if missing. ``mode`` is ``"w"`` or ``"wb"``.
+  """
+  path = os.fspath(path)
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+  kwargs = {"encoding": encoding} if "b" not in mode else {}
+  try:
+    with open(tmp, mode, **kwargs) as f:
+      yield f
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+def write_text_atomic(path: PathLike, text: str) -> str:
+  """Writes ``text`` to ``path`` atomically; returns the absolute path."""
+  with atomic_output(path) as f:
+    f.write(text)
+  return os.path.abspath(path)
+
+
+def file_sha256(path: PathLike) -> str:
+  """sha256 of a file's bytes, read in 1 MiB blocks (bounded memory for any size)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()

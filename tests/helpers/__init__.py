@@ -1,0 +1,1 @@
+"""Test helpers: import them as ``from tests.helpers.<module> import ...`` (the one way)."""
