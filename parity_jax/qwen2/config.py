@@ -3,18 +3,29 @@
 Two on-disk styles exist and both load:
 
 * transformers 4.x (what the published Qwen2.5 / Qwen3 checkpoints ship):
-  top-level ``rope_theta``, ``rope_scaling: null``, ``sliding_window`` with
-  ``use_sliding_window: false``, ``torch_dtype``;
+  top-level ``rope_theta``, ``rope_scaling`` (``null``, or e.g.
+  ``{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}``),
+  ``sliding_window`` with ``use_sliding_window`` and ``max_window_layers``,
+  ``torch_dtype``;
 * transformers 5.x (what ``save_pretrained`` writes today):
-  ``rope_parameters: {rope_theta, rope_type}``, ``layer_types``, ``dtype``.
+  ``rope_parameters: {rope_theta, rope_type, ...}``, ``layer_types``, ``dtype``.
 
-The parser is strict in the penzai sense: every attribute value that would
-change the math and that this implementation does not reproduce (RoPE
-scaling, a non-SiLU activation, non-causal attention, quantised weights, ...)
-is refused with a one-line :class:`~parity_jax.errors.UsageError`. It never
-guesses. A sliding window cannot be judged from the config alone (it is a
-no-op while the sequence fits in the window), so the config records it and
-:func:`QwenConfig.check_seq_len` refuses a forward pass it would change.
+Both are read the way transformers 5.23 (the pinned oracle) reads them.
+
+The parser is strict: every attribute value that would change the math and
+that this implementation does not reproduce (a RoPE type other than default /
+linear / dynamic / yarn, a non-SiLU activation, non-causal attention,
+quantised weights, ...) is refused with a one-line
+:class:`~parity_jax.errors.UsageError`. It never guesses.
+
+Long-context variants (all as transformers 5.23 applies them):
+
+* ``rope_type`` ``linear``, ``dynamic`` (NTK, recomputed from the sequence
+  length at run time) and ``yarn``, recorded as a hashable :class:`RopeScaling`;
+* the Qwen2/Qwen3 sliding window: ``sliding_window`` only counts when
+  ``use_sliding_window`` is true; the layers it applies to are ``layer_types``'
+  ``"sliding_attention"`` entries, or, without ``layer_types``, every layer
+  ``i >= max_window_layers`` (``Qwen2Config.__post_init__``).
 """
 
 from __future__ import annotations
@@ -27,16 +38,58 @@ from typing import Any, Mapping
 
 from parity_jax.errors import UsageError
 
-__all__ = ["QwenConfig", "load_config", "parse_config", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["QwenConfig", "RopeScaling", "load_config", "parse_config", "SUPPORTED_MODEL_TYPES", "ROPE_TYPES"]
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
-_ROPE_KEYS = {"rope_theta", "rope_type"}
+# transformers' configuration_utils._LEGACY_LAYER_TYPE_REMAP, restricted to what maps onto _LAYER_TYPES.
+_LEGACY_LAYER_TYPES = {"attention": "full_attention"}
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+
+# Class defaults of transformers 5.23's Qwen2Config / Qwen3Config, used where config.json omits the key.
+_HF_DEFAULT_MAX_POSITION_EMBEDDINGS = 32768
+_HF_DEFAULT_SLIDING_WINDOW = 4096
+_HF_DEFAULT_MAX_WINDOW_LAYERS = 28
+
 # Values these keys may hold without changing the math we implement.
 _MUST_BE = {
     "is_causal": (True,),
     "pretraining_tp": (1,),
 }
+
+# Keys a RoPE parameter dict may hold, per rope_type (transformers' _validate_<type>_rope_parameters).
+_ROPE_COMMON = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+_ROPE_KEYS = {
+    "default": _ROPE_COMMON,
+    "linear": _ROPE_COMMON | {"factor"},
+    "dynamic": _ROPE_COMMON | {"factor"},
+    "yarn": _ROPE_COMMON | {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
+                            "beta_slow", "mscale", "mscale_all_dim", "truncate"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """A scaled RoPE variant, resolved the way transformers 5.23 resolves it (hashable static data).
+
+  * ``linear``: ``inv_freq / factor``.
+  * ``dynamic``: at run time, when ``max(positions) + 1 > max_position_embeddings``
+    the base becomes ``theta * (factor * L / max_pos - (factor - 1)) ** (hd / (hd - 2))``
+    with ``L = max(positions) + 1``; otherwise the unscaled frequencies.
+  * ``yarn``: per-frequency blend of ``inv_freq`` and ``inv_freq / factor``
+    with a linear ramp between the correction dims of ``beta_fast`` /
+    ``beta_slow`` at ``original_max_position_embeddings`` (floored / ceiled
+    when ``truncate``); cos and sin are multiplied by ``attention_factor``.
+  """
+
+  rope_type: str  # "linear" | "dynamic" | "yarn"
+  factor: float
+  max_position_embeddings: int | None = None  # dynamic: HF's config.max_position_embeddings (the scaling threshold)
+  original_max_position_embeddings: int | None = None  # yarn
+  attention_factor: float = 1.0  # yarn: explicit, or derived from factor / mscale / mscale_all_dim as HF does
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  truncate: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +111,8 @@ class QwenConfig:
   o_bias: bool  # Qwen3 with attention_bias only
   qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k before RoPE
   max_position_embeddings: int | None = None
-  # Sliding window, when enabled: the window and the layers it may apply to.
+  rope_scaling: RopeScaling | None = None  # None: HF's "default" RoPE
+  # Sliding window as HF applies it: the window (None when use_sliding_window is false) and the layers using it.
   sliding_window: int | None = None
   sliding_layers: tuple[int, ...] = ()
   stored_dtype: str | None = None  # torch_dtype / dtype as written in config.json (informational)
@@ -78,16 +132,12 @@ class QwenConfig:
     return self.num_kv_heads * self.head_dim
 
   def check_seq_len(self, seq_len: int) -> None:
-    """Refuses a sequence length at which the sliding window would mask something.
+    """Kept for callers: every config that parses runs at any sequence length.
 
-    HF masks key ``j`` from query ``i`` on a sliding layer when ``j <= i - window``;
-    that never happens while ``seq_len <= window``.
+    (Before sliding-window attention was implemented this refused the lengths
+    the window would have changed.)
     """
-    if self.sliding_window is not None and self.sliding_layers and seq_len > self.sliding_window:
-      raise UsageError(
-          f"{self.source}: sliding_window={self.sliding_window} would apply to layers {list(self.sliding_layers)[:8]} "
-          f"at sequence length {seq_len}; sliding-window attention is not implemented"
-      )
+    del seq_len
 
 
 def _fail(source: str, msg: str) -> "NoReturn":  # noqa: F821
@@ -111,63 +161,141 @@ def _float(v: Any, key: str, source: str) -> float:
   return float(v)
 
 
-def _rope_theta(cfg: Mapping[str, Any], source: str) -> float:
-  """``rope_theta`` from either style; refuses any RoPE variant other than the default."""
+def _bool(cfg: Mapping[str, Any], key: str, source: str, default: bool) -> bool:
+  v = cfg.get(key, default)
+  if not isinstance(v, bool):
+    _fail(source, f"{key} must be true or false, got {v!r}")
+  return v
+
+
+def _rope(cfg: Mapping[str, Any], head_dim: int, source: str) -> tuple[float, RopeScaling | None]:
+  """``rope_theta`` and the RoPE variant from either style, as transformers 5.23 standardises them.
+
+  ``convert_rope_params_to_dict``: a truthy ``rope_scaling`` replaces
+  ``rope_parameters``; the top-level ``rope_theta`` fills in a missing
+  ``rope_theta``; ``type`` is the legacy spelling of ``rope_type``. For yarn,
+  ``original_max_position_embeddings`` defaults to ``max_position_embeddings``
+  and a top-level ``original_max_position_embeddings`` takes priority
+  (``standardize_rope_params``). Where transformers would silently prefer one
+  of two contradicting values, this refuses instead.
+  """
   scaling = cfg.get("rope_scaling")
-  if scaling is not None:
-    _fail(source, f"rope_scaling={json.dumps(scaling, sort_keys=True)} is not implemented (only unscaled RoPE)")
-  prf = cfg.get("partial_rotary_factor")
-  if prf is not None and prf != 1.0:
-    _fail(source, f"partial_rotary_factor={prf!r} is not implemented (only full rotary)")
   params = cfg.get("rope_parameters")
+  if scaling and params:
+    _fail(source, "both rope_scaling and rope_parameters are set (transformers would use rope_scaling and drop "
+                  "rope_parameters); refusing to guess")
+  where = "rope_scaling" if scaling else "rope_parameters"
+  rope = scaling or params or {}
+  if not isinstance(rope, Mapping):
+    _fail(source, f"{where} must be an object, got {rope!r}")
+  if "rope_type" in rope and "type" in rope and rope["rope_type"] != rope["type"]:
+    _fail(source, f"{where}.rope_type={rope['rope_type']!r} contradicts {where}.type={rope['type']!r}")
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ROPE_TYPES:
+    _fail(source, f"{where}.rope_type={rope_type!r} is not implemented (only {', '.join(ROPE_TYPES)})")
+  extra = sorted(set(rope) - _ROPE_KEYS[rope_type])
+  if extra:
+    _fail(source, f"{where} has {extra}, which rope_type {rope_type!r} does not use (transformers would ignore it); "
+                  "refusing to guess")
+  for prf, key in ((rope.get("partial_rotary_factor"), f"{where}.partial_rotary_factor"),
+                   (cfg.get("partial_rotary_factor"), "partial_rotary_factor")):
+    if prf is not None and (isinstance(prf, bool) or prf != 1.0):
+      _fail(source, f"{key}={prf!r} is not implemented (only full rotary)")
+
   top = cfg.get("rope_theta")
-  if params is not None:
-    if not isinstance(params, Mapping):
-      _fail(source, f"rope_parameters must be an object, got {params!r}")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-      _fail(source, f"rope_parameters.rope_type={rope_type!r} is not implemented (only 'default')")
-    extra = sorted(set(params) - _ROPE_KEYS - {"type"})
-    if extra:
-      _fail(source, f"rope_parameters has {extra} which is not implemented (only rope_theta, rope_type)")
-    if "rope_theta" not in params:
-      _fail(source, "rope_parameters has no rope_theta")
-    theta = _float(params["rope_theta"], "rope_parameters.rope_theta", source)
+  if "rope_theta" in rope and rope["rope_theta"] is not None:
+    theta = _float(rope["rope_theta"], f"{where}.rope_theta", source)
     if top is not None and _float(top, "rope_theta", source) != theta:
-      _fail(source, f"rope_theta={top!r} contradicts rope_parameters.rope_theta={params['rope_theta']!r}")
-    return theta
-  if top is None:
-    _fail(source, "config has neither rope_theta nor rope_parameters (refusing to guess the RoPE base)")
-  return _float(top, "rope_theta", source)
+      _fail(source, f"rope_theta={top!r} contradicts {where}.rope_theta={rope['rope_theta']!r}")
+  elif top is not None:
+    theta = _float(top, "rope_theta", source)
+  else:
+    _fail(source, "config has neither rope_theta nor rope_parameters.rope_theta (refusing to guess the RoPE base)")
+  if rope_type == "default":
+    return theta, None
+
+  mpe = cfg.get("max_position_embeddings", _HF_DEFAULT_MAX_POSITION_EMBEDDINGS)
+  if "factor" not in rope:
+    _fail(source, f"{where} has no factor (transformers requires it for rope_type {rope_type!r})")
+  factor = rope["factor"]
+  if rope_type == "linear":
+    return theta, RopeScaling("linear", _float(factor, f"{where}.factor", source))
+  if rope_type == "dynamic":
+    if head_dim <= 2:
+      _fail(source, f"dynamic RoPE needs head_dim > 2 (its exponent is hd / (hd - 2)), got {head_dim}")
+    return theta, RopeScaling("dynamic", _float(factor, f"{where}.factor", source), max_position_embeddings=mpe)
+
+  # yarn: transformers' _compute_yarn_parameters, in Python floats as it computes them.
+  orig = rope.get("original_max_position_embeddings")
+  top_orig = cfg.get("original_max_position_embeddings")
+  if top_orig is not None:
+    if orig is not None and orig != top_orig:
+      _fail(source, f"original_max_position_embeddings={top_orig!r} contradicts "
+                    f"{where}.original_max_position_embeddings={orig!r}")
+    orig = top_orig
+  if orig is None:
+    orig = mpe
+  if isinstance(orig, bool) or not isinstance(orig, int) or orig < 1:
+    _fail(source, f"{where}.original_max_position_embeddings must be a positive integer, got {orig!r}")
+  factor = mpe / orig if factor is None else _float(factor, f"{where}.factor", source)
+  numbers = {}
+  for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+    v = rope.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+      _fail(source, f"{where}.{key} must be a number, got {v!r}")
+    numbers[key] = v
+  truncate = rope.get("truncate", True)
+  if not isinstance(truncate, bool):
+    _fail(source, f"{where}.truncate must be true or false, got {truncate!r}")
+
+  def get_mscale(scale: float, mscale: float = 1) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+  attention_factor = numbers["attention_factor"]
+  if attention_factor is None:
+    if numbers["mscale"] and numbers["mscale_all_dim"]:
+      attention_factor = float(get_mscale(factor, numbers["mscale"]) / get_mscale(factor, numbers["mscale_all_dim"]))
+    else:
+      attention_factor = get_mscale(factor)
+  elif attention_factor <= 0:
+    _fail(source, f"{where}.attention_factor must be positive, got {attention_factor!r}")
+  return theta, RopeScaling(
+      "yarn", factor, original_max_position_embeddings=orig, attention_factor=float(attention_factor),
+      beta_fast=float(numbers["beta_fast"] or 32), beta_slow=float(numbers["beta_slow"] or 1), truncate=truncate)
 
 
 def _sliding(cfg: Mapping[str, Any], num_layers: int, source: str) -> tuple[int | None, tuple[int, ...]]:
-  """The effective sliding window and the layers it may apply to, as transformers decides them.
+  """The sliding window and the layers it applies to, as transformers 5.23's ``Qwen2Config`` / ``Qwen3Config`` decide.
 
-  transformers only honours ``sliding_window`` when ``use_sliding_window`` is
-  true. The layers come from ``layer_types`` when the config has them; a 4.x
-  config without ``layer_types`` gets every layer, conservatively (4.x releases
-  disagreed about ``max_window_layers``, and the forward refuses any length the
-  window would affect anyway).
+  ``__post_init__``: ``sliding_window`` (class default 4096 when absent) is
+  dropped unless ``use_sliding_window``; without ``layer_types``, layer ``i``
+  is ``"sliding_attention"`` when the window is set and
+  ``i >= max_window_layers`` (default 28). Legacy layer type ``"attention"``
+  means ``"full_attention"``. A sliding layer without a window makes
+  transformers fail (``create_sliding_window_causal_mask``), so it is refused.
   """
+  use = _bool(cfg, "use_sliding_window", source, False)
+  window = cfg.get("sliding_window", _HF_DEFAULT_SLIDING_WINDOW)
+  if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+    _fail(source, f"sliding_window must be a positive integer or null, got {window!r}")
+  if not use:
+    window = None
+  max_window_layers = _int(cfg, "max_window_layers", source, default=_HF_DEFAULT_MAX_WINDOW_LAYERS, minimum=0)
   layer_types = cfg.get("layer_types")
-  if layer_types is not None:
+  if layer_types is None:
+    layer_types = ["sliding_attention" if window is not None and i >= max_window_layers else "full_attention"
+                   for i in range(num_layers)]
+  else:
     if not isinstance(layer_types, list) or len(layer_types) != num_layers:
       _fail(source, f"layer_types must list {num_layers} entries, got {layer_types!r}")
-    bad = sorted({t for t in layer_types if t not in _LAYER_TYPES})
+    layer_types = [_LEGACY_LAYER_TYPES.get(t, t) if isinstance(t, str) else t for t in layer_types]
+    bad = sorted({repr(t) for t in layer_types if t not in _LAYER_TYPES})
     if bad:
       _fail(source, f"layer_types {bad} are not implemented (only {list(_LAYER_TYPES)})")
-  if not cfg.get("use_sliding_window", False):
-    return None, ()
-  window = cfg.get("sliding_window")
-  if window is None:
-    return None, ()
-  if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-    _fail(source, f"sliding_window must be a positive integer, got {window!r}")
-  if layer_types is not None:
-    layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
-  else:
-    layers = tuple(range(num_layers))
+  layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+  if layers and window is None:
+    _fail(source, f"layer_types marks layers {list(layers)[:8]} sliding_attention but there is no window "
+                  "(use_sliding_window is false or sliding_window is null; transformers fails there)")
   return window, layers
 
 
@@ -208,19 +336,21 @@ def parse_config(cfg: Mapping[str, Any], source: str = "config.json") -> QwenCon
     _fail(source, f"head_dim={head_dim} must be even for rotate-half RoPE")
 
   if model_type == "qwen3":
-    bias = cfg.get("attention_bias", False)
-    if not isinstance(bias, bool):
-      _fail(source, f"attention_bias must be true or false, got {bias!r}")
+    bias = _bool(cfg, "attention_bias", source, False)
     qkv_bias, o_bias, qk_norm = bias, bias, True
   else:
     # transformers' Qwen2Attention hard-wires bias=True on q/k/v and none on o_proj.
     qkv_bias, o_bias, qk_norm = True, False, False
 
-  tie = cfg.get("tie_word_embeddings", False)
-  if not isinstance(tie, bool):
-    _fail(source, f"tie_word_embeddings must be true or false, got {tie!r}")
-  window, sliding_layers = _sliding(cfg, num_layers, source)
+  tie = _bool(cfg, "tie_word_embeddings", source, False)
   mpe = cfg.get("max_position_embeddings")
+  if mpe is not None:
+    mpe = _int(cfg, "max_position_embeddings", source)
+  theta, scaling = _rope(cfg, head_dim, source)
+  window, sliding_layers = _sliding(cfg, num_layers, source)
+  stored_dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+  if stored_dtype is not None and not isinstance(stored_dtype, str):
+    _fail(source, f"dtype must be a string, got {stored_dtype!r}")
   return QwenConfig(
       model_type=model_type,
       vocab_size=_int(cfg, "vocab_size", source),
@@ -231,15 +361,16 @@ def parse_config(cfg: Mapping[str, Any], source: str = "config.json") -> QwenCon
       num_kv_heads=num_kv_heads,
       head_dim=head_dim,
       rms_norm_eps=_float(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", source),
-      rope_theta=_rope_theta(cfg, source),
+      rope_theta=theta,
       tie_word_embeddings=tie,
       qkv_bias=qkv_bias,
       o_bias=o_bias,
       qk_norm=qk_norm,
-      max_position_embeddings=mpe if isinstance(mpe, int) and not isinstance(mpe, bool) else None,
+      max_position_embeddings=mpe,
+      rope_scaling=scaling,
       sliding_window=window,
       sliding_layers=sliding_layers,
-      stored_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+      stored_dtype=stored_dtype,
       source=source,
   )
 
