@@ -12,11 +12,15 @@ Two on-disk styles exist and both load:
 
 Both are read the way transformers 5.23 (the pinned oracle) reads them.
 
-The parser is strict: every attribute value that would change the math and
-that this implementation does not reproduce (a RoPE type other than default /
-linear / dynamic / yarn, a non-SiLU activation, non-causal attention,
-quantised weights, ...) is refused with a one-line
-:class:`~parity_jax.errors.UsageError`. It never guesses.
+The parser is an allowlist, as penzai's is: every attribute of the config is
+either *handled* (parsed into :class:`QwenConfig`), *knowingly ignored* (listed
+in :data:`IGNORED` with the reason it cannot change the forward pass), or
+*conditional* (listed in :data:`CONDITIONAL`: accepted only at the value that
+keeps the math we implement). Anything else, and any value this
+implementation does not reproduce (a RoPE type other than default / linear /
+dynamic / yarn, a non-SiLU activation, non-causal attention, quantised
+weights, ...), is refused with a one-line :class:`~parity_jax.errors.UsageError`
+naming the attribute. It never guesses.
 
 Long-context variants (all as transformers 5.23 applies them):
 
@@ -38,7 +42,10 @@ from typing import Any, Mapping
 
 from parity_jax.errors import UsageError
 
-__all__ = ["QwenConfig", "RopeScaling", "load_config", "parse_config", "SUPPORTED_MODEL_TYPES", "ROPE_TYPES"]
+__all__ = [
+    "QwenConfig", "RopeScaling", "load_config", "parse_config", "SUPPORTED_MODEL_TYPES",
+    "HANDLED", "IGNORED", "CONDITIONAL", "ROPE_TYPES",
+]
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -51,10 +58,72 @@ _HF_DEFAULT_MAX_POSITION_EMBEDDINGS = 32768
 _HF_DEFAULT_SLIDING_WINDOW = 4096
 _HF_DEFAULT_MAX_WINDOW_LAYERS = 28
 
-# Values these keys may hold without changing the math we implement.
-_MUST_BE = {
-    "is_causal": (True,),
-    "pretraining_tp": (1,),
+# --- The allowlist ---------------------------------------------------------------------------------------------
+# Attributes parsed into QwenConfig (or read to decide it). Per model type: Qwen2 has no attention_bias
+# (transformers hard-wires its q/k/v biases), so the key is unknown there.
+_HANDLED_COMMON = frozenset({
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "tie_word_embeddings",
+    "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
+    "original_max_position_embeddings", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
+    "dtype", "torch_dtype",
+})
+HANDLED: Mapping[str, frozenset] = {
+    "qwen2": _HANDLED_COMMON,
+    "qwen3": _HANDLED_COMMON | {"attention_bias"},
+}
+
+_GENERATION = "a generation setting (transformers pops it from the model config on load); not part of the forward pass"
+_OUTPUTS = "selects which outputs HF returns, not their values"
+# Attributes known not to change the forward pass, with the reason.
+IGNORED: Mapping[str, str] = {
+    "architectures": "names the HF class to instantiate; model_type selects the math",
+    "transformers_version": "the writer's version (provenance)",
+    "_name_or_path": "provenance", "name_or_path": "provenance", "_commit_hash": "provenance",
+    "bos_token_id": "tokenizer / generation id", "eos_token_id": "tokenizer / generation id",
+    "sep_token_id": "tokenizer / generation id", "decoder_start_token_id": "tokenizer / generation id",
+    "pad_token_id": "HF's nn.Embedding padding_idx only zeroes that row's gradient and init; "
+                    "the stored embedding row is used as is",
+    "tokenizer_class": "tokenizer metadata", "prefix": "pipeline metadata", "task_specific_params": "pipeline metadata",
+    "finetuning_task": "classification-head metadata", "id2label": "classification-head metadata",
+    "label2id": "classification-head metadata", "num_labels": "classification-head metadata",
+    "problem_type": "classification-head metadata",
+    "use_cache": "KV cache for generation; a full-sequence forward computes the same values",
+    "initializer_range": "weight initialisation only; weights come from the checkpoint",
+    "attention_dropout": "dropout is inactive at inference (HF passes dropout=0.0 unless training)",
+    "output_attentions": _OUTPUTS, "output_hidden_states": _OUTPUTS, "return_dict": _OUTPUTS,
+    "use_return_dict": _OUTPUTS, "torchscript": "export plumbing (tied weights are cloned, with equal values)",
+    "chunk_size_feed_forward": "not used by the Qwen2/Qwen3 modeling code (and chunking would not change values)",
+    "use_bfloat16": "legacy TensorFlow flag; the loader's dtype decides", "tf_legacy_loss": "training loss only",
+    "is_decoder": "not read by the Qwen2/Qwen3 modeling code (a causal LM is a decoder)",
+    "cross_attention_hidden_size": "not read: Qwen2/Qwen3 have no cross-attention",
+    "attn_implementation": "selects HF's attention kernel; the math is eager attention's",
+    "_attn_implementation_autoset": "HF bookkeeping for the attention kernel",
+    "_attn_implementation_internal": "HF bookkeeping (transformers skips it on load)",
+    "experts_implementation": "selects HF's MoE kernel; Qwen2/Qwen3 dense models have no experts",
+    "_experts_implementation_internal": "HF bookkeeping (transformers skips it on load)",
+    # transformers.GenerationConfig._get_default_generation_params() in 5.23 (use_cache is above)
+    **{k: _GENERATION for k in (
+        "assistant_confidence_threshold", "assistant_lookbehind", "bad_words_ids", "begin_suppress_tokens",
+        "diversity_penalty", "do_sample", "early_stopping", "encoder_no_repeat_ngram_size",
+        "encoder_repetition_penalty", "epsilon_cutoff", "eta_cutoff", "exponential_decay_length_penalty",
+        "forced_bos_token_id", "forced_eos_token_id", "length_penalty", "max_length", "min_length",
+        "no_repeat_ngram_size", "num_assistant_tokens", "num_assistant_tokens_schedule", "num_beam_groups",
+        "num_beams", "num_return_sequences", "output_scores", "remove_invalid_values", "repetition_penalty",
+        "return_dict_in_generate", "suppress_tokens", "target_lookbehind", "temperature", "top_k", "top_p",
+        "typical_p")},
+}
+
+# Attributes accepted only at these values (anything else would change the math, or names a model we do not run).
+CONDITIONAL: Mapping[str, tuple[tuple[Any, ...], str]] = {
+    "is_causal": ((True,), "bidirectional attention is not implemented"),
+    "pretraining_tp": ((1,), "tensor-parallel-split linear layers are not implemented"),
+    "quantization_config": ((None,), "quantized checkpoints are not supported"),
+    "is_encoder_decoder": ((False,), "Qwen2/Qwen3 are decoder-only"),
+    "add_cross_attention": ((False,), "Qwen2/Qwen3 have no cross-attention"),
+    "tie_encoder_decoder": ((False,), "Qwen2/Qwen3 are decoder-only"),
+    "pruned_heads": (({},), "pruned attention heads are not implemented"),
+    "use_mrope": ((False,), "multimodal RoPE (Qwen2-VL) is not implemented"),  # Qwen2.5 base configs carry false
 }
 
 # Keys a RoPE parameter dict may hold, per rope_type (transformers' _validate_<type>_rope_parameters).
@@ -166,6 +235,23 @@ def _bool(cfg: Mapping[str, Any], key: str, source: str, default: bool) -> bool:
   if not isinstance(v, bool):
     _fail(source, f"{key} must be true or false, got {v!r}")
   return v
+
+
+def _check_allowlist(cfg: Mapping[str, Any], model_type: str, source: str) -> None:
+  """Every key is handled, knowingly ignored, or conditional at an accepted value; else one line naming it."""
+  handled = HANDLED[model_type]
+  unknown = sorted(k for k in cfg if k not in handled and k not in IGNORED and k not in CONDITIONAL)
+  if len(unknown) == 1:
+    _fail(source, f"unknown attribute {unknown[0]!r} (not handled, not known to be harmless); refusing to guess")
+  if unknown:
+    _fail(source, f"unknown attributes {', '.join(map(repr, unknown))} (not handled, not known to be harmless); "
+                  "refusing to guess")
+  for key, (allowed, why) in CONDITIONAL.items():
+    if key in cfg:
+      v = cfg[key]
+      if not any(type(v) is type(a) and v == a for a in allowed):
+        _fail(source, f"{key}={json.dumps(v, sort_keys=True)} is not implemented ({why}; only "
+                      f"{json.dumps(allowed[0])})")
 
 
 def _rope(cfg: Mapping[str, Any], head_dim: int, source: str) -> tuple[float, RopeScaling | None]:
@@ -300,20 +386,16 @@ def _sliding(cfg: Mapping[str, Any], num_layers: int, source: str) -> tuple[int 
 
 
 def parse_config(cfg: Mapping[str, Any], source: str = "config.json") -> QwenConfig:
-  """Validates a config.json dict (4.x or 5.x style) and returns a :class:`QwenConfig`."""
+  """Validates a config.json dict (4.x or 5.x style) against the allowlist and returns a :class:`QwenConfig`."""
   if not isinstance(cfg, Mapping):
     _fail(source, f"expected a JSON object, got {type(cfg).__name__}")
   model_type = cfg.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
     _fail(source, f"model_type={model_type!r} is not supported (only {', '.join(SUPPORTED_MODEL_TYPES)})")
-  if cfg.get("quantization_config") is not None:
-    _fail(source, "quantized checkpoints (quantization_config) are not supported")
+  _check_allowlist(cfg, model_type, source)
   act = cfg.get("hidden_act", "silu")
   if act != "silu":
     _fail(source, f"hidden_act={act!r} is not implemented (only 'silu')")
-  for key, allowed in _MUST_BE.items():
-    if key in cfg and cfg[key] not in allowed:
-      _fail(source, f"{key}={cfg[key]!r} is not implemented (only {allowed[0]!r})")
 
   hidden = _int(cfg, "hidden_size", source)
   num_layers = _int(cfg, "num_hidden_layers", source)
