@@ -13,6 +13,7 @@ Needs torch + transformers (the [oracle] extra); skipped when either is missing.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import pathlib
@@ -94,7 +95,7 @@ def _to_4x(path: pathlib.Path, case: Case) -> None:
   cfg.pop("layer_types")
   cfg["torch_dtype"] = cfg.pop("dtype")
   cfg["rope_theta"] = rope["rope_theta"]
-  cfg["rope_scaling"] = case.hf_config.get("rope_scaling")
+  cfg["rope_scaling"] = copy.deepcopy(case.hf_config.get("rope_scaling"))
   cfg["sliding_window"] = case.hf_config.get("sliding_window", 4096)
   cfg["transformers_version"] = "4.43.1"
   (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
@@ -137,7 +138,8 @@ def case_dirs(tmp_path_factory):
   def get(name: str) -> pathlib.Path:
     if name not in cache:
       case = CASES[name]
-      model = forward_goldens.build_model(case.model_type, dict(case.hf_config), case.seed)
+      # deep copy: transformers standardises the rope dict it is given in place (adds rope_type, rope_theta)
+      model = forward_goldens.build_model(case.model_type, copy.deepcopy(case.hf_config), case.seed)
       model.save_pretrained(root / name)
       if case.style == "4.x":
         _to_4x(root / name, case)
@@ -169,6 +171,9 @@ def test_every_stage_matches_hf_and_turning_the_feature_off_fails(case_dirs, nam
   model = qwen2.load(path)
   cfg = model.config
   tag = f"[{name} seed={case.seed}]"
+  if case.style == "4.x":
+    assert "rope_parameters" not in raw and "layer_types" not in raw and "rope_theta" in raw, (tag, raw)
+    assert raw["rope_scaling"] == case.hf_config.get("rope_scaling"), (tag, raw)  # as written, e.g. the model card's
   if "sliding" in name:
     assert cfg.sliding_window == 8 and cfg.sliding_layers in ((1, 2), (0, 2)) and cfg.rope_scaling is None, (tag, cfg)
   else:
@@ -230,6 +235,7 @@ ROPE_GRID = [
      "mscale_all_dim": 1.0},
     {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "attention_factor": 0.9},
     {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 32},  # factor from the ratio
+    {"rope_type": "yarn", "factor": 4.0},  # original_max_position_embeddings from max_position_embeddings
 ]
 
 
