@@ -54,14 +54,14 @@ def unsupported_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("unsupported") / "m"
   shutil.copytree(MODELS / "qwen2_gqa_bias", d)
   cfg = json.loads((d / "config.json").read_text())
-  cfg["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0}
+  cfg["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "longrope", "factor": 4.0}
   (d / "config.json").write_text(json.dumps(cfg))
   return d
 
 
 BAD = {
     "missing_dir": (["--model_dir={tmp}/nope", "--tokens=1,2"], "no such checkpoint directory"),
-    "unsupported": (["--model_dir={unsupported}", "--tokens=1,2"], "rope_type='yarn' is not implemented"),
+    "unsupported": (["--model_dir={unsupported}", "--tokens=1,2"], "rope_type='longrope' is not implemented"),
     "out_of_range": (["--model_dir={model}", "--tokens=1,2,384"], r"token ids must lie in \[0, 384\)"),
     "negative": (["--model_dir={model}", "--tokens=1,-2"], r"token ids must lie in \[0, 384\)"),
     "malformed": (["--model_dir={model}", "--tokens=1,x,3"], "non-integer"),

@@ -42,8 +42,31 @@ def test_both_styles_parse_to_the_same_config():
 
 
 REFUSED = {
-    "rope_scaling": (dict(style="4.x", rope_scaling={"type": "yarn", "factor": 4.0}), "rope_scaling"),
-    "rope_type": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0}), "rope_type"),
+    "rope_scaling": (dict(style="4.x", rope_scaling={"type": "longrope", "factor": 4.0}), "rope_scaling.rope_type='longrope'"),
+    "rope_type": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "llama3", "factor": 8.0}), "rope_type='llama3'"),
+    "rope_ntk_variant": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "proportional"}), "'proportional'"),
+    "rope_unknown_key": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "foo": 1}),
+                         "\\['foo'\\], which rope_type 'yarn' does not use"),
+    "rope_key_of_other_type": (dict(style="4.x", rope_scaling={"type": "dynamic", "factor": 4.0,
+                                                               "original_max_position_embeddings": 16}),
+                               "original_max_position_embeddings'\\], which rope_type 'dynamic'"),
+    "rope_no_factor": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "linear"}), "has no factor"),
+    "rope_bad_factor": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "dynamic", "factor": 0}), "factor"),
+    "rope_yarn_partial": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0,
+                                                "partial_rotary_factor": 0.5}), "partial_rotary_factor=0.5"),
+    "rope_yarn_attention_factor": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0,
+                                                         "attention_factor": 0.0}), "attention_factor"),
+    "rope_yarn_truncate": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0,
+                                                 "truncate": "yes"}), "truncate"),
+    "rope_type_contradiction": (dict(style="4.x", rope_scaling={"type": "yarn", "rope_type": "linear", "factor": 2.0}),
+                                "contradicts"),
+    "rope_both_styles": (dict(rope_scaling={"type": "linear", "factor": 2.0}), "both rope_scaling and rope_parameters"),
+    "yarn_original_conflict": (dict(original_max_position_embeddings=8, rope_parameters={
+        "rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}), "contradicts"),
+    "mrope": (dict(style="4.x", rope_scaling={"type": "default", "mrope_section": [2, 2]}), "mrope_section"),
+    "sliding_without_window": (dict(layer_types=["full_attention", "sliding_attention"]), "no window"),
+    "bad_window": (dict(use_sliding_window=True, sliding_window=0), "sliding_window"),
+    "bad_use_sliding": (dict(use_sliding_window="yes"), "use_sliding_window"),
     "rope_extra_key": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "default", "partial_rotary_factor": 0.5}), "partial_rotary_factor"),
     "partial_rotary": (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
     "rope_theta_conflict": (dict(rope_theta=5.0), "contradicts"),
@@ -73,21 +96,45 @@ def test_refused_configs(case):
   assert "\n" not in str(e.value) and str(e.value).startswith("cfg.json: ")
 
 
-def test_sliding_window_refused_only_where_it_would_apply(tmp_path):
+def test_sliding_window_layers_and_any_length_runs(tmp_path):
+  """The window applies per layer, as transformers 5.23 decides (checked against HF in test_qwen2_long_context.py)."""
   cfg_dict = config_dict(use_sliding_window=True, sliding_window=4, layer_types=["full_attention", "sliding_attention"])
   cfg = qwen2.parse_config(cfg_dict)
   assert cfg.sliding_window == 4 and cfg.sliding_layers == (1,)
   model = qwen2.load(write_checkpoint(tmp_path / "m", cfg_dict, random_tensors(cfg_dict)))
-  qwen2.forward(model, np.ones((1, 4), np.int32))  # fits in the window: the window masks nothing
-  with pytest.raises(UsageError, match="sliding_window=4 would apply to layers \\[1\\] at sequence length 5"):
-    qwen2.forward(model, np.ones((1, 5), np.int32))
-  # 4.x style without layer_types: every layer may slide, conservatively.
-  assert qwen2.parse_config(config_dict(style="4.x", use_sliding_window=True, sliding_window=8)).sliding_layers == (0, 1)
+  assert qwen2.forward(model, np.ones((1, 9), np.int32)).shape == (1, 9, 96)  # longer than the window: runs
+  # 4.x style without layer_types: layers i >= max_window_layers slide (Qwen2Config.__post_init__).
+  assert qwen2.parse_config(config_dict(style="4.x", use_sliding_window=True, sliding_window=8)).sliding_layers == ()
+  four = qwen2.parse_config(config_dict(style="4.x", use_sliding_window=True, sliding_window=8, max_window_layers=1))
+  assert four.sliding_layers == (1,) and four.sliding_window == 8
   # transformers ignores the window unless use_sliding_window is true.
   assert qwen2.parse_config(config_dict(use_sliding_window=False, sliding_window=4)).sliding_window is None
-  # no layer is a sliding layer: nothing to refuse
+  # no layer is a sliding layer: the window is recorded, and nothing masks by it
   full = qwen2.parse_config(config_dict(use_sliding_window=True, sliding_window=4))
-  full.check_seq_len(1000)
+  assert full.sliding_window == 4 and full.sliding_layers == ()
+
+
+def test_rope_variants_parse_from_both_styles():
+  yarn4 = qwen2.parse_config(config_dict(style="4.x", rope_theta=1e6, max_position_embeddings=131072, rope_scaling={
+      "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}))
+  yarn5 = qwen2.parse_config(config_dict(max_position_embeddings=131072, rope_parameters={
+      "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32768}))
+  assert yarn4.rope_scaling == yarn5.rope_scaling and yarn4.rope_theta == yarn5.rope_theta == 1e6
+  s = yarn4.rope_scaling
+  assert (s.rope_type, s.factor, s.original_max_position_embeddings, s.beta_fast, s.beta_slow, s.truncate) == \
+      ("yarn", 4.0, 32768, 32.0, 1.0, True)
+  assert s.attention_factor == 0.1 * np.log(4.0) + 1.0
+  # yarn without original_max_position_embeddings: transformers uses max_position_embeddings
+  assert qwen2.parse_config(config_dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0})
+                            ).rope_scaling.original_max_position_embeddings == 128
+  dyn = qwen2.parse_config(config_dict(style="4.x", rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+  assert dyn.rope_scaling.max_position_embeddings == 128 and dyn.rope_scaling.factor == 2.0
+  lin = qwen2.parse_config(config_dict(rope_parameters={"type": "linear", "rope_theta": 1e4, "factor": 2}))
+  assert lin.rope_scaling.rope_type == "linear" and lin.rope_scaling.factor == 2.0
+  # rope_scaling {"type": "default"} and null are both plain RoPE
+  assert qwen2.parse_config(config_dict(style="4.x", rope_scaling={"type": "default"})).rope_scaling is None
+  # static under jit: hashable, and equal variants hash equal
+  assert hash(yarn4.rope_scaling) == hash(yarn5.rope_scaling) and isinstance(hash(yarn4), int)
 
 
 def test_load_config_errors(tmp_path):

@@ -3,18 +3,33 @@
 Two on-disk styles exist and both load:
 
 * transformers 4.x (what the published Qwen2.5 / Qwen3 checkpoints ship):
-  top-level ``rope_theta``, ``rope_scaling: null``, ``sliding_window`` with
-  ``use_sliding_window: false``, ``torch_dtype``;
+  top-level ``rope_theta``, ``rope_scaling`` (``null``, or e.g.
+  ``{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}``),
+  ``sliding_window`` with ``use_sliding_window`` and ``max_window_layers``,
+  ``torch_dtype``;
 * transformers 5.x (what ``save_pretrained`` writes today):
-  ``rope_parameters: {rope_theta, rope_type}``, ``layer_types``, ``dtype``.
+  ``rope_parameters: {rope_theta, rope_type, ...}``, ``layer_types``, ``dtype``.
 
-The parser is strict in the penzai sense: every attribute value that would
-change the math and that this implementation does not reproduce (RoPE
-scaling, a non-SiLU activation, non-causal attention, quantised weights, ...)
-is refused with a one-line :class:`~parity_jax.errors.UsageError`. It never
-guesses. A sliding window cannot be judged from the config alone (it is a
-no-op while the sequence fits in the window), so the config records it and
-:func:`QwenConfig.check_seq_len` refuses a forward pass it would change.
+Both are read the way transformers 5.23 (the pinned oracle) reads them.
+
+The parser is an allowlist, as penzai's is: every attribute of the config is
+either *handled* (parsed into :class:`QwenConfig`), *knowingly ignored* (listed
+in :data:`IGNORED` with the reason it cannot change the forward pass), or
+*conditional* (listed in :data:`CONDITIONAL`: accepted only at the value that
+keeps the math we implement). Anything else, and any value this
+implementation does not reproduce (a RoPE type other than default / linear /
+dynamic / yarn, a non-SiLU activation, non-causal attention, quantised
+weights, ...), is refused with a one-line :class:`~parity_jax.errors.UsageError`
+naming the attribute. It never guesses.
+
+Long-context variants (all as transformers 5.23 applies them):
+
+* ``rope_type`` ``linear``, ``dynamic`` (NTK, recomputed from the sequence
+  length at run time) and ``yarn``, recorded as a hashable :class:`RopeScaling`;
+* the Qwen2/Qwen3 sliding window: ``sliding_window`` only counts when
+  ``use_sliding_window`` is true; the layers it applies to are ``layer_types``'
+  ``"sliding_attention"`` entries, or, without ``layer_types``, every layer
+  ``i >= max_window_layers`` (``Qwen2Config.__post_init__``).
 """
 
 from __future__ import annotations
@@ -27,16 +42,123 @@ from typing import Any, Mapping
 
 from parity_jax.errors import UsageError
 
-__all__ = ["QwenConfig", "load_config", "parse_config", "SUPPORTED_MODEL_TYPES"]
+__all__ = [
+    "QwenConfig", "RopeScaling", "load_config", "parse_config", "SUPPORTED_MODEL_TYPES",
+    "HANDLED", "IGNORED", "CONDITIONAL", "ROPE_TYPES",
+]
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
-_ROPE_KEYS = {"rope_theta", "rope_type"}
-# Values these keys may hold without changing the math we implement.
-_MUST_BE = {
-    "is_causal": (True,),
-    "pretraining_tp": (1,),
+# transformers' configuration_utils._LEGACY_LAYER_TYPE_REMAP, restricted to what maps onto _LAYER_TYPES.
+_LEGACY_LAYER_TYPES = {"attention": "full_attention"}
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+
+# Class defaults of transformers 5.23's Qwen2Config / Qwen3Config, used where config.json omits the key.
+_HF_DEFAULT_MAX_POSITION_EMBEDDINGS = 32768
+_HF_DEFAULT_SLIDING_WINDOW = 4096
+_HF_DEFAULT_MAX_WINDOW_LAYERS = 28
+
+# --- The allowlist ---------------------------------------------------------------------------------------------
+# Attributes parsed into QwenConfig (or read to decide it). Per model type: Qwen2 has no attention_bias
+# (transformers hard-wires its q/k/v biases), so the key is unknown there.
+_HANDLED_COMMON = frozenset({
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "tie_word_embeddings",
+    "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
+    "original_max_position_embeddings", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
+    "dtype", "torch_dtype",
+})
+HANDLED: Mapping[str, frozenset] = {
+    "qwen2": _HANDLED_COMMON,
+    "qwen3": _HANDLED_COMMON | {"attention_bias"},
 }
+
+_GENERATION = "a generation setting (transformers pops it from the model config on load); not part of the forward pass"
+_OUTPUTS = "selects which outputs HF returns, not their values"
+# Attributes known not to change the forward pass, with the reason.
+IGNORED: Mapping[str, str] = {
+    "architectures": "names the HF class to instantiate; model_type selects the math",
+    "transformers_version": "the writer's version (provenance)",
+    "_name_or_path": "provenance", "name_or_path": "provenance", "_commit_hash": "provenance",
+    "bos_token_id": "tokenizer / generation id", "eos_token_id": "tokenizer / generation id",
+    "sep_token_id": "tokenizer / generation id", "decoder_start_token_id": "tokenizer / generation id",
+    "pad_token_id": "HF's nn.Embedding padding_idx only zeroes that row's gradient and init; "
+                    "the stored embedding row is used as is",
+    "tokenizer_class": "tokenizer metadata", "prefix": "pipeline metadata", "task_specific_params": "pipeline metadata",
+    "finetuning_task": "classification-head metadata", "id2label": "classification-head metadata",
+    "label2id": "classification-head metadata", "num_labels": "classification-head metadata",
+    "problem_type": "classification-head metadata",
+    "use_cache": "KV cache for generation; a full-sequence forward computes the same values",
+    "initializer_range": "weight initialisation only; weights come from the checkpoint",
+    "attention_dropout": "dropout is inactive at inference (HF passes dropout=0.0 unless training)",
+    "output_attentions": _OUTPUTS, "output_hidden_states": _OUTPUTS, "return_dict": _OUTPUTS,
+    "use_return_dict": _OUTPUTS, "torchscript": "export plumbing (tied weights are cloned, with equal values)",
+    "chunk_size_feed_forward": "not used by the Qwen2/Qwen3 modeling code (and chunking would not change values)",
+    "use_bfloat16": "legacy TensorFlow flag; the loader's dtype decides", "tf_legacy_loss": "training loss only",
+    "is_decoder": "not read by the Qwen2/Qwen3 modeling code (a causal LM is a decoder)",
+    "cross_attention_hidden_size": "not read: Qwen2/Qwen3 have no cross-attention",
+    "attn_implementation": "selects HF's attention kernel; the math is eager attention's",
+    "_attn_implementation_autoset": "HF bookkeeping for the attention kernel",
+    "_attn_implementation_internal": "HF bookkeeping (transformers skips it on load)",
+    "experts_implementation": "selects HF's MoE kernel; Qwen2/Qwen3 dense models have no experts",
+    "_experts_implementation_internal": "HF bookkeeping (transformers skips it on load)",
+    # transformers.GenerationConfig._get_default_generation_params() in 5.23 (use_cache is above)
+    **{k: _GENERATION for k in (
+        "assistant_confidence_threshold", "assistant_lookbehind", "bad_words_ids", "begin_suppress_tokens",
+        "diversity_penalty", "do_sample", "early_stopping", "encoder_no_repeat_ngram_size",
+        "encoder_repetition_penalty", "epsilon_cutoff", "eta_cutoff", "exponential_decay_length_penalty",
+        "forced_bos_token_id", "forced_eos_token_id", "length_penalty", "max_length", "min_length",
+        "no_repeat_ngram_size", "num_assistant_tokens", "num_assistant_tokens_schedule", "num_beam_groups",
+        "num_beams", "num_return_sequences", "output_scores", "remove_invalid_values", "repetition_penalty",
+        "return_dict_in_generate", "suppress_tokens", "target_lookbehind", "temperature", "top_k", "top_p",
+        "typical_p")},
+}
+
+# Attributes accepted only at these values (anything else would change the math, or names a model we do not run).
+CONDITIONAL: Mapping[str, tuple[tuple[Any, ...], str]] = {
+    "is_causal": ((True,), "bidirectional attention is not implemented"),
+    "pretraining_tp": ((1,), "tensor-parallel-split linear layers are not implemented"),
+    "quantization_config": ((None,), "quantized checkpoints are not supported"),
+    "is_encoder_decoder": ((False,), "Qwen2/Qwen3 are decoder-only"),
+    "add_cross_attention": ((False,), "Qwen2/Qwen3 have no cross-attention"),
+    "tie_encoder_decoder": ((False,), "Qwen2/Qwen3 are decoder-only"),
+    "pruned_heads": (({},), "pruned attention heads are not implemented"),
+    "use_mrope": ((False,), "multimodal RoPE (Qwen2-VL) is not implemented"),  # Qwen2.5 base configs carry false
+}
+
+# Keys a RoPE parameter dict may hold, per rope_type (transformers' _validate_<type>_rope_parameters).
+_ROPE_COMMON = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+_ROPE_KEYS = {
+    "default": _ROPE_COMMON,
+    "linear": _ROPE_COMMON | {"factor"},
+    "dynamic": _ROPE_COMMON | {"factor"},
+    "yarn": _ROPE_COMMON | {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
+                            "beta_slow", "mscale", "mscale_all_dim", "truncate"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """A scaled RoPE variant, resolved the way transformers 5.23 resolves it (hashable static data).
+
+  * ``linear``: ``inv_freq / factor``.
+  * ``dynamic``: at run time, when ``max(positions) + 1 > max_position_embeddings``
+    the base becomes ``theta * (factor * L / max_pos - (factor - 1)) ** (hd / (hd - 2))``
+    with ``L = max(positions) + 1``; otherwise the unscaled frequencies.
+  * ``yarn``: per-frequency blend of ``inv_freq`` and ``inv_freq / factor``
+    with a linear ramp between the correction dims of ``beta_fast`` /
+    ``beta_slow`` at ``original_max_position_embeddings`` (floored / ceiled
+    when ``truncate``); cos and sin are multiplied by ``attention_factor``.
+  """
+
+  rope_type: str  # "linear" | "dynamic" | "yarn"
+  factor: float
+  max_position_embeddings: int | None = None  # dynamic: HF's config.max_position_embeddings (the scaling threshold)
+  original_max_position_embeddings: int | None = None  # yarn
+  attention_factor: float = 1.0  # yarn: explicit, or derived from factor / mscale / mscale_all_dim as HF does
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  truncate: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +180,8 @@ class QwenConfig:
   o_bias: bool  # Qwen3 with attention_bias only
   qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k before RoPE
   max_position_embeddings: int | None = None
-  # Sliding window, when enabled: the window and the layers it may apply to.
+  rope_scaling: RopeScaling | None = None  # None: HF's "default" RoPE
+  # Sliding window as HF applies it: the window (None when use_sliding_window is false) and the layers using it.
   sliding_window: int | None = None
   sliding_layers: tuple[int, ...] = ()
   stored_dtype: str | None = None  # torch_dtype / dtype as written in config.json (informational)
@@ -76,18 +199,6 @@ class QwenConfig:
   @property
   def kv_dim(self) -> int:
     return self.num_kv_heads * self.head_dim
-
-  def check_seq_len(self, seq_len: int) -> None:
-    """Refuses a sequence length at which the sliding window would mask something.
-
-    HF masks key ``j`` from query ``i`` on a sliding layer when ``j <= i - window``;
-    that never happens while ``seq_len <= window``.
-    """
-    if self.sliding_window is not None and self.sliding_layers and seq_len > self.sliding_window:
-      raise UsageError(
-          f"{self.source}: sliding_window={self.sliding_window} would apply to layers {list(self.sliding_layers)[:8]} "
-          f"at sequence length {seq_len}; sliding-window attention is not implemented"
-      )
 
 
 def _fail(source: str, msg: str) -> "NoReturn":  # noqa: F821
@@ -111,81 +222,172 @@ def _float(v: Any, key: str, source: str) -> float:
   return float(v)
 
 
-def _rope_theta(cfg: Mapping[str, Any], source: str) -> float:
-  """``rope_theta`` from either style; refuses any RoPE variant other than the default."""
+def _bool(cfg: Mapping[str, Any], key: str, source: str, default: bool) -> bool:
+  v = cfg.get(key, default)
+  if not isinstance(v, bool):
+    _fail(source, f"{key} must be true or false, got {v!r}")
+  return v
+
+
+def _check_allowlist(cfg: Mapping[str, Any], model_type: str, source: str) -> None:
+  """Every key is handled, knowingly ignored, or conditional at an accepted value; else one line naming it."""
+  handled = HANDLED[model_type]
+  unknown = sorted(k for k in cfg if k not in handled and k not in IGNORED and k not in CONDITIONAL)
+  if len(unknown) == 1:
+    _fail(source, f"unknown attribute {unknown[0]!r} (not handled, not known to be harmless); refusing to guess")
+  if unknown:
+    _fail(source, f"unknown attributes {', '.join(map(repr, unknown))} (not handled, not known to be harmless); "
+                  "refusing to guess")
+  for key, (allowed, why) in CONDITIONAL.items():
+    if key in cfg:
+      v = cfg[key]
+      if not any(type(v) is type(a) and v == a for a in allowed):
+        _fail(source, f"{key}={json.dumps(v, sort_keys=True)} is not implemented ({why}; only "
+                      f"{json.dumps(allowed[0])})")
+
+
+def _rope(cfg: Mapping[str, Any], head_dim: int, source: str) -> tuple[float, RopeScaling | None]:
+  """``rope_theta`` and the RoPE variant from either style, as transformers 5.23 standardises them.
+
+  ``convert_rope_params_to_dict``: a truthy ``rope_scaling`` replaces
+  ``rope_parameters``; the top-level ``rope_theta`` fills in a missing
+  ``rope_theta``; ``type`` is the legacy spelling of ``rope_type``. For yarn,
+  ``original_max_position_embeddings`` defaults to ``max_position_embeddings``
+  and a top-level ``original_max_position_embeddings`` takes priority
+  (``standardize_rope_params``). Where transformers would silently prefer one
+  of two contradicting values, this refuses instead.
+  """
   scaling = cfg.get("rope_scaling")
-  if scaling is not None:
-    _fail(source, f"rope_scaling={json.dumps(scaling, sort_keys=True)} is not implemented (only unscaled RoPE)")
-  prf = cfg.get("partial_rotary_factor")
-  if prf is not None and prf != 1.0:
-    _fail(source, f"partial_rotary_factor={prf!r} is not implemented (only full rotary)")
   params = cfg.get("rope_parameters")
+  if scaling and params:
+    _fail(source, "both rope_scaling and rope_parameters are set (transformers would use rope_scaling and drop "
+                  "rope_parameters); refusing to guess")
+  where = "rope_scaling" if scaling else "rope_parameters"
+  rope = scaling or params or {}
+  if not isinstance(rope, Mapping):
+    _fail(source, f"{where} must be an object, got {rope!r}")
+  if "rope_type" in rope and "type" in rope and rope["rope_type"] != rope["type"]:
+    _fail(source, f"{where}.rope_type={rope['rope_type']!r} contradicts {where}.type={rope['type']!r}")
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ROPE_TYPES:
+    _fail(source, f"{where}.rope_type={rope_type!r} is not implemented (only {', '.join(ROPE_TYPES)})")
+  extra = sorted(set(rope) - _ROPE_KEYS[rope_type])
+  if extra:
+    _fail(source, f"{where} has {extra}, which rope_type {rope_type!r} does not use (transformers would ignore it); "
+                  "refusing to guess")
+  for prf, key in ((rope.get("partial_rotary_factor"), f"{where}.partial_rotary_factor"),
+                   (cfg.get("partial_rotary_factor"), "partial_rotary_factor")):
+    if prf is not None and (isinstance(prf, bool) or prf != 1.0):
+      _fail(source, f"{key}={prf!r} is not implemented (only full rotary)")
+
   top = cfg.get("rope_theta")
-  if params is not None:
-    if not isinstance(params, Mapping):
-      _fail(source, f"rope_parameters must be an object, got {params!r}")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-      _fail(source, f"rope_parameters.rope_type={rope_type!r} is not implemented (only 'default')")
-    extra = sorted(set(params) - _ROPE_KEYS - {"type"})
-    if extra:
-      _fail(source, f"rope_parameters has {extra} which is not implemented (only rope_theta, rope_type)")
-    if "rope_theta" not in params:
-      _fail(source, "rope_parameters has no rope_theta")
-    theta = _float(params["rope_theta"], "rope_parameters.rope_theta", source)
+  if "rope_theta" in rope and rope["rope_theta"] is not None:
+    theta = _float(rope["rope_theta"], f"{where}.rope_theta", source)
     if top is not None and _float(top, "rope_theta", source) != theta:
-      _fail(source, f"rope_theta={top!r} contradicts rope_parameters.rope_theta={params['rope_theta']!r}")
-    return theta
-  if top is None:
-    _fail(source, "config has neither rope_theta nor rope_parameters (refusing to guess the RoPE base)")
-  return _float(top, "rope_theta", source)
+      _fail(source, f"rope_theta={top!r} contradicts {where}.rope_theta={rope['rope_theta']!r}")
+  elif top is not None:
+    theta = _float(top, "rope_theta", source)
+  else:
+    _fail(source, "config has neither rope_theta nor rope_parameters.rope_theta (refusing to guess the RoPE base)")
+  if rope_type == "default":
+    return theta, None
+
+  mpe = cfg.get("max_position_embeddings", _HF_DEFAULT_MAX_POSITION_EMBEDDINGS)
+  if "factor" not in rope:
+    _fail(source, f"{where} has no factor (transformers requires it for rope_type {rope_type!r})")
+  factor = rope["factor"]
+  if rope_type == "linear":
+    return theta, RopeScaling("linear", _float(factor, f"{where}.factor", source))
+  if rope_type == "dynamic":
+    if head_dim <= 2:
+      _fail(source, f"dynamic RoPE needs head_dim > 2 (its exponent is hd / (hd - 2)), got {head_dim}")
+    return theta, RopeScaling("dynamic", _float(factor, f"{where}.factor", source), max_position_embeddings=mpe)
+
+  # yarn: transformers' _compute_yarn_parameters, in Python floats as it computes them.
+  orig = rope.get("original_max_position_embeddings")
+  top_orig = cfg.get("original_max_position_embeddings")
+  if top_orig is not None:
+    if orig is not None and orig != top_orig:
+      _fail(source, f"original_max_position_embeddings={top_orig!r} contradicts "
+                    f"{where}.original_max_position_embeddings={orig!r}")
+    orig = top_orig
+  if orig is None:
+    orig = mpe
+  if isinstance(orig, bool) or not isinstance(orig, int) or orig < 1:
+    _fail(source, f"{where}.original_max_position_embeddings must be a positive integer, got {orig!r}")
+  factor = mpe / orig if factor is None else _float(factor, f"{where}.factor", source)
+  numbers = {}
+  for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+    v = rope.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+      _fail(source, f"{where}.{key} must be a number, got {v!r}")
+    numbers[key] = v
+  truncate = rope.get("truncate", True)
+  if not isinstance(truncate, bool):
+    _fail(source, f"{where}.truncate must be true or false, got {truncate!r}")
+
+  def get_mscale(scale: float, mscale: float = 1) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+  attention_factor = numbers["attention_factor"]
+  if attention_factor is None:
+    if numbers["mscale"] and numbers["mscale_all_dim"]:
+      attention_factor = float(get_mscale(factor, numbers["mscale"]) / get_mscale(factor, numbers["mscale_all_dim"]))
+    else:
+      attention_factor = get_mscale(factor)
+  elif attention_factor <= 0:
+    _fail(source, f"{where}.attention_factor must be positive, got {attention_factor!r}")
+  return theta, RopeScaling(
+      "yarn", factor, original_max_position_embeddings=orig, attention_factor=float(attention_factor),
+      beta_fast=float(numbers["beta_fast"] or 32), beta_slow=float(numbers["beta_slow"] or 1), truncate=truncate)
 
 
 def _sliding(cfg: Mapping[str, Any], num_layers: int, source: str) -> tuple[int | None, tuple[int, ...]]:
-  """The effective sliding window and the layers it may apply to, as transformers decides them.
+  """The sliding window and the layers it applies to, as transformers 5.23's ``Qwen2Config`` / ``Qwen3Config`` decide.
 
-  transformers only honours ``sliding_window`` when ``use_sliding_window`` is
-  true. The layers come from ``layer_types`` when the config has them; a 4.x
-  config without ``layer_types`` gets every layer, conservatively (4.x releases
-  disagreed about ``max_window_layers``, and the forward refuses any length the
-  window would affect anyway).
+  ``__post_init__``: ``sliding_window`` (class default 4096 when absent) is
+  dropped unless ``use_sliding_window``; without ``layer_types``, layer ``i``
+  is ``"sliding_attention"`` when the window is set and
+  ``i >= max_window_layers`` (default 28). Legacy layer type ``"attention"``
+  means ``"full_attention"``. A sliding layer without a window makes
+  transformers fail (``create_sliding_window_causal_mask``), so it is refused.
   """
+  use = _bool(cfg, "use_sliding_window", source, False)
+  window = cfg.get("sliding_window", _HF_DEFAULT_SLIDING_WINDOW)
+  if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+    _fail(source, f"sliding_window must be a positive integer or null, got {window!r}")
+  if not use:
+    window = None
+  max_window_layers = _int(cfg, "max_window_layers", source, default=_HF_DEFAULT_MAX_WINDOW_LAYERS, minimum=0)
   layer_types = cfg.get("layer_types")
-  if layer_types is not None:
+  if layer_types is None:
+    layer_types = ["sliding_attention" if window is not None and i >= max_window_layers else "full_attention"
+                   for i in range(num_layers)]
+  else:
     if not isinstance(layer_types, list) or len(layer_types) != num_layers:
       _fail(source, f"layer_types must list {num_layers} entries, got {layer_types!r}")
-    bad = sorted({t for t in layer_types if t not in _LAYER_TYPES})
+    layer_types = [_LEGACY_LAYER_TYPES.get(t, t) if isinstance(t, str) else t for t in layer_types]
+    bad = sorted({repr(t) for t in layer_types if t not in _LAYER_TYPES})
     if bad:
       _fail(source, f"layer_types {bad} are not implemented (only {list(_LAYER_TYPES)})")
-  if not cfg.get("use_sliding_window", False):
-    return None, ()
-  window = cfg.get("sliding_window")
-  if window is None:
-    return None, ()
-  if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-    _fail(source, f"sliding_window must be a positive integer, got {window!r}")
-  if layer_types is not None:
-    layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
-  else:
-    layers = tuple(range(num_layers))
+  layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+  if layers and window is None:
+    _fail(source, f"layer_types marks layers {list(layers)[:8]} sliding_attention but there is no window "
+                  "(use_sliding_window is false or sliding_window is null; transformers fails there)")
   return window, layers
 
 
 def parse_config(cfg: Mapping[str, Any], source: str = "config.json") -> QwenConfig:
-  """Validates a config.json dict (4.x or 5.x style) and returns a :class:`QwenConfig`."""
+  """Validates a config.json dict (4.x or 5.x style) against the allowlist and returns a :class:`QwenConfig`."""
   if not isinstance(cfg, Mapping):
     _fail(source, f"expected a JSON object, got {type(cfg).__name__}")
   model_type = cfg.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
     _fail(source, f"model_type={model_type!r} is not supported (only {', '.join(SUPPORTED_MODEL_TYPES)})")
-  if cfg.get("quantization_config") is not None:
-    _fail(source, "quantized checkpoints (quantization_config) are not supported")
+  _check_allowlist(cfg, model_type, source)
   act = cfg.get("hidden_act", "silu")
   if act != "silu":
     _fail(source, f"hidden_act={act!r} is not implemented (only 'silu')")
-  for key, allowed in _MUST_BE.items():
-    if key in cfg and cfg[key] not in allowed:
-      _fail(source, f"{key}={cfg[key]!r} is not implemented (only {allowed[0]!r})")
 
   hidden = _int(cfg, "hidden_size", source)
   num_layers = _int(cfg, "num_hidden_layers", source)
@@ -208,19 +410,21 @@ def parse_config(cfg: Mapping[str, Any], source: str = "config.json") -> QwenCon
     _fail(source, f"head_dim={head_dim} must be even for rotate-half RoPE")
 
   if model_type == "qwen3":
-    bias = cfg.get("attention_bias", False)
-    if not isinstance(bias, bool):
-      _fail(source, f"attention_bias must be true or false, got {bias!r}")
+    bias = _bool(cfg, "attention_bias", source, False)
     qkv_bias, o_bias, qk_norm = bias, bias, True
   else:
     # transformers' Qwen2Attention hard-wires bias=True on q/k/v and none on o_proj.
     qkv_bias, o_bias, qk_norm = True, False, False
 
-  tie = cfg.get("tie_word_embeddings", False)
-  if not isinstance(tie, bool):
-    _fail(source, f"tie_word_embeddings must be true or false, got {tie!r}")
-  window, sliding_layers = _sliding(cfg, num_layers, source)
+  tie = _bool(cfg, "tie_word_embeddings", source, False)
   mpe = cfg.get("max_position_embeddings")
+  if mpe is not None:
+    mpe = _int(cfg, "max_position_embeddings", source)
+  theta, scaling = _rope(cfg, head_dim, source)
+  window, sliding_layers = _sliding(cfg, num_layers, source)
+  stored_dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+  if stored_dtype is not None and not isinstance(stored_dtype, str):
+    _fail(source, f"dtype must be a string, got {stored_dtype!r}")
   return QwenConfig(
       model_type=model_type,
       vocab_size=_int(cfg, "vocab_size", source),
@@ -231,15 +435,16 @@ def parse_config(cfg: Mapping[str, Any], source: str = "config.json") -> QwenCon
       num_kv_heads=num_kv_heads,
       head_dim=head_dim,
       rms_norm_eps=_float(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", source),
-      rope_theta=_rope_theta(cfg, source),
+      rope_theta=theta,
       tie_word_embeddings=tie,
       qkv_bias=qkv_bias,
       o_bias=o_bias,
       qk_norm=qk_norm,
-      max_position_embeddings=mpe if isinstance(mpe, int) and not isinstance(mpe, bool) else None,
+      max_position_embeddings=mpe,
+      rope_scaling=scaling,
       sliding_window=window,
       sliding_layers=sliding_layers,
-      stored_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+      stored_dtype=stored_dtype,
       source=source,
   )
 

@@ -7,12 +7,15 @@ compared element by element against it:
 * RMSNorm in float32, cast back to the activation dtype, *then* multiplied by
   the weight (``weight * normed.to(input_dtype)``);
 * rotate-half RoPE with HF's ``inv_freq = 1 / base ** (arange(0, hd, 2) / hd)``
-  built in float32; ``cos``/``sin`` computed in float32 and cast to the
+  built in float32, or its ``linear`` / ``dynamic`` / ``yarn`` variant
+  (:func:`rope_inv_freq_scaled`, :func:`dynamic_inv_freq`); ``cos``/``sin``
+  computed in float32, multiplied by yarn's attention factor, and cast to the
   activation dtype before they touch q and k;
 * scores ``(q @ k^T) * hd**-0.5`` (the scale applied in float32, as torch's
   opmath does for a Python-float factor) plus an additive mask holding 0 where a key
-  is visible and ``finfo(dtype).min`` where it is not (causal and padding),
-  softmax in float32, probabilities cast back to the activation dtype;
+  is visible and ``finfo(dtype).min`` where it is not (causal, padding and, on
+  the config's sliding layers, the window), softmax in float32, probabilities
+  cast back to the activation dtype;
 * GQA by grouping query heads ``h = kv * G + g`` onto kv head ``kv`` (HF's
   ``repeat_kv`` order), without materialising repeated keys;
 * every contraction is an ``einsum`` over named axes with
@@ -21,7 +24,9 @@ compared element by element against it:
 Where float32 results can still differ from HF in the last bits: matmul
 accumulation order, the libm behind ``pow``/``cos``/``sin``/``exp``, and XLA's
 CPU backend contracting ``a*b + c`` into fused multiply-adds inside fusions
-(torch rounds the product first). On the goldens that is ~1e-6 relative L2 at
+(torch rounds the product first), and, for dynamic RoPE beyond
+``max_position_embeddings``, the float32 evaluation of a power torch takes in
+float64 (:func:`dynamic_inv_freq`). On the goldens that is ~1e-6 relative L2 at
 worst, against the tests' 1e-5.
 
 Fully masked query rows (the padded positions of a left-padded batch) behave
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -43,11 +49,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from parity_jax.errors import UsageError
-from parity_jax.qwen2.config import QwenConfig
+from parity_jax.qwen2.config import QwenConfig, RopeScaling
 from parity_jax.qwen2.params import Attention, Layer, Mlp, Params
 from parity_jax.bundles.qwen_graph import qwen_stage_names
 
-__all__ = ["Model", "check_inputs", "forward", "rms_norm", "rope_inv_freq", "rope_cos_sin", "apply_rope", "attention_mask_bias"]
+__all__ = ["Model", "check_inputs", "forward", "rms_norm", "rope_inv_freq", "rope_inv_freq_scaled", "dynamic_inv_freq",
+           "rope_cos_sin", "apply_rope", "attention_mask_bias"]
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -91,28 +98,135 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return weight * normed.astype(x.dtype)
 
 
+def _pos_freqs(head_dim: int, theta: float) -> np.ndarray:
+  """HF's ``base ** (arange(0, dim, 2, float32) / dim)`` in float32.
+
+  The exponent is HF's float32 division; the power is evaluated in float64 and
+  rounded to float32 (a correctly rounded float32 power). torch evaluates the
+  float32 power with SLEEF's vectorised ``powf`` (1-ulp accurate, not always
+  correctly rounded), so an element can differ from torch's by an ulp.
+  """
+  exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  return np.power(np.float64(np.float32(theta)), exponent.astype(np.float64)).astype(np.float32)
+
+
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
   """HF's default-RoPE ``inv_freq``: ``1.0 / (base ** (arange(0, dim, 2, float32) / dim))`` in float32.
 
-  The exponent is HF's float32 division; the power is evaluated in float64 and
-  rounded to float32 (a correctly rounded float32 power), then the float32
-  reciprocal, as HF takes it. torch evaluates the float32 power with SLEEF's
-  vectorised ``powf`` (1-ulp accurate, not always correctly rounded), so an
-  element can differ from torch's by an ulp or two; over 70 (head_dim, theta) pairs
-  99.4% of elements are bit-identical, the rest 1-2 ulp apart (checked by the live-oracle test).
-  A host constant baked into the jitted function.
+  The power as in :func:`_pos_freqs`, then the float32 reciprocal, as HF takes
+  it. Over 70 (head_dim, theta) pairs 99.4% of elements are bit-identical to
+  torch's, the rest 1-2 ulp apart (checked by the live-oracle test). A host
+  constant baked into the jitted function.
   """
-  exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-  power = np.power(np.float64(np.float32(theta)), exponent.astype(np.float64)).astype(np.float32)
-  return (np.float32(1.0) / power).astype(np.float32)
+  return (np.float32(1.0) / _pos_freqs(head_dim, theta)).astype(np.float32)
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype: Any) -> tuple[jax.Array, jax.Array]:
-  """``cos``/``sin`` tables ``[B, T, hd]`` for integer positions ``[B, T]``, as HF's rotary embedding."""
-  inv_freq = jnp.asarray(rope_inv_freq(head_dim, theta))
+def rope_inv_freq_scaled(head_dim: int, theta: float, scaling: RopeScaling | None) -> tuple[np.ndarray, float]:
+  """Host-side ``(inv_freq, attention_factor)`` of a RoPE variant, as transformers 5.23's init functions compute them.
+
+  * ``None`` (default): :func:`rope_inv_freq`, factor 1.
+  * ``linear`` (``_compute_linear_scaling_rope_parameters``): the default
+    ``inv_freq`` divided by ``float32(factor)`` (torch's in-place division by a
+    Python scalar), factor 1.
+  * ``dynamic`` (``_compute_dynamic_ntk_parameters`` at init, ``seq_len=None``):
+    the frequencies used while ``max(positions) + 1 <= max_position_embeddings``;
+    the base ``theta * ((factor * mpe / mpe) - (factor - 1)) ** (hd / (hd - 2))``
+    in Python float64, as HF computes it there; factor 1. Longer sequences use
+    :func:`dynamic_inv_freq`.
+  * ``yarn`` (``_compute_yarn_parameters``): ``pos_freqs`` as :func:`_pos_freqs`;
+    extrapolation ``1 / pos_freqs`` and interpolation ``1 / (float32(factor) * pos_freqs)``
+    in float32; the correction range in Python float64 (``math.log``,
+    floor/ceil when ``truncate``, clipped to ``[0, dim - 1]``, ``+0.001`` when
+    empty); the ramp ``clamp((arange(dim // 2) - low) / (high - low), 0, 1)``
+    and the blend ``interp * (1 - e) + extrap * e`` with ``e = 1 - ramp``, all
+    in float32 with a rounding after each operation, as torch does them;
+    ``attention_factor`` as resolved by the config. Given torch's
+    ``pos_freqs`` this is bit-identical to HF's (so any difference is the
+    :func:`_pos_freqs` ulp).
+  """
+  if scaling is None:
+    return rope_inv_freq(head_dim, theta), 1.0
+  if scaling.rope_type == "linear":
+    return (rope_inv_freq(head_dim, theta) / np.float32(scaling.factor)).astype(np.float32), 1.0
+  if scaling.rope_type == "dynamic":
+    f, mpe = scaling.factor, scaling.max_position_embeddings
+    base = theta * ((f * mpe / mpe) - (f - 1)) ** (head_dim / (head_dim - 2))
+    return rope_inv_freq(head_dim, base), 1.0
+  if scaling.rope_type != "yarn":
+    raise UsageError(f"rope_type {scaling.rope_type!r} is not implemented")
+  dim, f32 = head_dim, np.float32
+  pos_freqs = _pos_freqs(dim, theta)
+
+  def correction_dim(num_rotations: float) -> float:
+    return (dim * math.log(scaling.original_max_position_embeddings / (num_rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+  low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+  if scaling.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001
+  ramp = np.clip((np.arange(dim // 2, dtype=f32) - f32(low)) / f32(high - low), f32(0), f32(1)).astype(f32)
+  extrapolation_factor = (f32(1) - ramp).astype(f32)
+  extrapolation = (f32(1) / pos_freqs).astype(f32)
+  interpolation = (f32(1) / (f32(scaling.factor) * pos_freqs)).astype(f32)
+  inv_freq = interpolation * (f32(1) - extrapolation_factor) + extrapolation * extrapolation_factor
+  return inv_freq.astype(f32), scaling.attention_factor
+
+
+def dynamic_inv_freq(seq_len: jax.Array, head_dim: int, theta: float, factor: float,
+                     max_position_embeddings: int) -> jax.Array:
+  """Dynamic-NTK ``inv_freq`` for a traced ``seq_len > max_position_embeddings``, in float32 inside jit.
+
+  transformers (``dynamic_rope_update`` -> ``_compute_dynamic_ntk_parameters``
+  with ``seq_len = max(position_ids) + 1`` as a tensor) computes
+  ``base = theta * ((factor * L / mpe) - (factor - 1)) ** (hd / (hd - 2))`` in
+  float32 torch ops, except that torch's float32 ``pow`` with a Python-float
+  exponent is evaluated in float64 and rounded. Here that power is the float32
+  power of the float32-rounded exponent times ``1 + e_lo * log(x)`` (``e_lo``
+  the exponent's rounding error): within 1 ulp of torch's, identical about 3
+  times in 4. Then ``1 / base ** (arange(0, hd, 2) / hd)`` in float32; the
+  optimization barrier keeps XLA from rewriting ``1 / pow(b, e)`` into
+  ``pow(b, -e)``, which rounds differently. Against HF the result is within a
+  few ulp, ~85% bit-identical (live-oracle test).
+  """
+  exponent = head_dim / (head_dim - 2)
+  e_hi = np.float32(exponent)
+  e_lo = np.float32(exponent - float(e_hi))
+  inner = (jnp.float32(factor) * seq_len.astype(jnp.float32)) / jnp.float32(max_position_embeddings) \
+      - jnp.float32(factor - 1)
+  power = jnp.power(inner, e_hi)
+  power = power + power * (e_lo * jnp.log(inner))
+  base = jnp.float32(theta) * power
+  exps = jnp.asarray(np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))
+  return jnp.float32(1.0) / jax.lax.optimization_barrier(jnp.power(base, exps))
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype: Any,
+                 scaling: RopeScaling | None = None) -> tuple[jax.Array, jax.Array]:
+  """``cos``/``sin`` tables ``[B, T, hd]`` for integer positions ``[B, T]``, as HF's rotary embedding.
+
+  HF: ``freqs = positions.float() * inv_freq``; ``cos = cat(freqs, freqs).cos() * attention_scaling``
+  (a float32 product) and the same for ``sin``, then cast to the activation
+  dtype. With ``dynamic`` scaling the frequencies depend on the data:
+  ``L = max(positions) + 1`` over the whole batch, and
+  ``where(L > max_position_embeddings, dynamic_inv_freq(L), unscaled)``. That
+  is a fresh HF model's behaviour; HF's rotary module also *keeps* grown
+  frequencies across calls (until a call shorter than
+  ``max_position_embeddings`` resets them), which a pure function does not.
+  """
+  inv_freq, attention_factor = rope_inv_freq_scaled(head_dim, theta, scaling)
+  inv_freq = jnp.asarray(inv_freq)
+  if scaling is not None and scaling.rope_type == "dynamic":
+    seq_len = jnp.max(positions) + 1
+    grown = dynamic_inv_freq(seq_len, head_dim, theta, scaling.factor, scaling.max_position_embeddings)
+    inv_freq = jnp.where(seq_len > scaling.max_position_embeddings, grown, inv_freq)
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq
   emb = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  if attention_factor != 1.0:
+    cos, sin = cos * jnp.float32(attention_factor), sin * jnp.float32(attention_factor)
+  return cos.astype(dtype), sin.astype(dtype)
 
 
 def _rotate_half(x: jax.Array) -> jax.Array:
@@ -126,10 +240,20 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x * cos + _rotate_half(x) * sin
 
 
-def attention_mask_bias(attention_mask: jax.Array | None, batch: int, seq: int, dtype: Any) -> jax.Array:
-  """Additive mask ``[B, T, S]``: 0 where query t may see key s (s <= t and s not padding), else finfo.min."""
-  causal = jnp.arange(seq)[None, :] <= jnp.arange(seq)[:, None]  # [t, s]
-  allowed = causal[None]
+def attention_mask_bias(attention_mask: jax.Array | None, batch: int, seq: int, dtype: Any,
+                        sliding_window: int | None = None) -> jax.Array:
+  """Additive mask ``[B, T, S]``: 0 where query t may see key s, else finfo.min.
+
+  Visible: ``s <= t`` and s not padding and, with a ``sliding_window`` ``w``,
+  ``s > t - w`` (transformers' ``sliding_window_overlay``: the query and the
+  ``w - 1`` keys before it). Indices are sequence indices, not positions, as in
+  transformers' mask functions.
+  """
+  t_idx, s_idx = jnp.arange(seq)[:, None], jnp.arange(seq)[None, :]
+  allowed = s_idx <= t_idx  # [t, s]
+  if sliding_window is not None:
+    allowed = allowed & (s_idx > t_idx - sliding_window)
+  allowed = allowed[None]
   if attention_mask is not None:
     allowed = allowed & (attention_mask[:, None, :] != 0)
   allowed = jnp.broadcast_to(allowed, (batch, seq, seq))
@@ -222,10 +346,14 @@ def _forward(model: Model, tokens: jax.Array, attention_mask: jax.Array | None, 
   tap = _Stages(capture)
   # Out-of-range ids give NaN rows (never a silently clamped row); forward() rejects them on the host first.
   x = tap("embedding", jnp.take(p.embed, tokens, axis=0, mode="fill", fill_value=jnp.nan))
-  cos, sin = rope_cos_sin(jnp.broadcast_to(positions, (b, t)), cfg.head_dim, cfg.rope_theta, dtype)
+  cos, sin = rope_cos_sin(jnp.broadcast_to(positions, (b, t)), cfg.head_dim, cfg.rope_theta, dtype, cfg.rope_scaling)
   bias = attention_mask_bias(attention_mask, b, t, dtype)
+  sliding_bias = None
+  if cfg.sliding_layers:
+    sliding_bias = attention_mask_bias(attention_mask, b, t, dtype, cfg.sliding_window)
   for i, layer in enumerate(p.layers):
-    x = _layer(layer, x, cos, sin, bias, cfg, tap, f"layers.{i}.")
+    layer_bias = sliding_bias if i in cfg.sliding_layers else bias
+    x = _layer(layer, x, cos, sin, layer_bias, cfg, tap, f"layers.{i}.")
   x = tap("final_norm", rms_norm(x, p.final_norm, cfg.rms_norm_eps))
   head = p.embed if p.lm_head is None else p.lm_head
   logits = tap("logits", _einsum("btd,vd->btv", x, head))
@@ -256,7 +384,6 @@ def check_inputs(cfg: QwenConfig, tokens: Any, attention_mask: Any = None, posit
     lo, hi = int(np.min(np.asarray(tokens))), int(np.max(np.asarray(tokens)))
     if lo < 0 or hi >= cfg.vocab_size:
       raise UsageError(f"token ids must lie in [0, {cfg.vocab_size}), got min {lo} max {hi}")
-  cfg.check_seq_len(t)
   if attention_mask is not None:
     if not isinstance(attention_mask, jax.Array):
       attention_mask = np.asarray(attention_mask)
@@ -291,8 +418,10 @@ def forward(model: Model, tokens: Any, *, attention_mask: Any = None, positions:
 
   ``attention_mask[B, T]`` (1 = real token, 0 = padding) masks padded keys,
   like HF's 2-D mask. ``positions`` (``[T]``, ``[1, T]`` or ``[B, T]``) only
-  feed RoPE; the default is ``arange(T)`` for every row, which is what HF uses
-  when called without ``position_ids``, padded or not. Capture happens inside
+  feed RoPE (with dynamic RoPE also its length ``max(positions) + 1``); the
+  default is ``arange(T)`` for every row, which is what HF uses when called
+  without ``position_ids``, padded or not. The sliding window, on the config's
+  sliding layers, counts sequence indices, as HF's mask does. Capture happens inside
   the jitted computation (``capture`` is static): no host callbacks.
   """
   if not isinstance(model, Model):
