@@ -22,7 +22,6 @@ layer's v_proj bias is zeroed (must name that stage). Needs the [oracle] extra.
 from __future__ import annotations
 
 import copy
-import math
 import sys
 
 import numpy as np

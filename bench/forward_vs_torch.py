@@ -24,12 +24,10 @@ neighbour's load hits all of them alike):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 from absl import app, flags

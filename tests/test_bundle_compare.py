@@ -12,7 +12,6 @@ import safetensors.numpy
 
 from parity_jax.provenance import default_provenance
 from parity_jax import bundles as stages, compare
-from parity_jax.bundles import qwen_graph as stage_names
 from parity_jax.bundles import REPORT_SCHEMA, BundleReport, compare_bundles, load_report
 from parity_jax.errors import UsageError
 from tests.helpers import stages as synth

@@ -11,7 +11,6 @@ import contextlib
 import json
 import re
 
-import ml_dtypes
 import numpy as np
 import pytest
 

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 from parity_jax import bundles as stages
 from parity_jax.svf import STAGES, tensor_key

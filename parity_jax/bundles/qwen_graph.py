@@ -141,37 +141,3 @@ def qwen_stage_sort_key(name: str) -> tuple:
 def is_qwen_stage_name(name: str) -> bool:
   layer, stage = parse_stage(name)
   return name in ("embedding", "final_norm", "logits") if layer is None else stage in LAYER_STAGES
-
-
-def qwen_stage_inputs(name: str, compared: Sequence[str] | set[str]) -> tuple[str, ...] | None:
-  """Data-flow inputs of a Qwen stage among the ``compared`` names; None if ``name`` is not a Qwen stage.
-
-  An empty tuple means: a Qwen stage, but none of its inputs is compared.
-  """
-  compared = set(compared)
-  layer, stage = parse_stage(name)
-  if layer is None:
-    if name == "embedding":
-      return ()
-    if name == "logits" and "final_norm" in compared:
-      return ("final_norm",)
-    if name in ("final_norm", "logits"):
-      return _last_layer_output(compared)
-    return None
-  if stage not in _LAYER_INPUTS:
-    return None
-  prev = f"layers.{layer - 1}.output" if layer > 0 else "embedding"
-  out = []
-  for spec in _LAYER_INPUTS[stage]:
-    options = spec if isinstance(spec, tuple) else (spec,)
-    for opt in options:
-      full = prev if opt == "@prev" else f"layers.{layer}.{opt}"
-      if full in compared:
-        out.append(full)
-        break
-  return tuple(out)
-
-
-def _last_layer_output(compared: set[str]) -> tuple[str, ...]:
-  layers = [parse_stage(n)[0] for n in compared if parse_stage(n)[1] == "output" and parse_stage(n)[0] is not None]
-  return (f"layers.{max(layers)}.output",) if layers else ()

@@ -24,7 +24,7 @@ import numpy as np
 
 from parity_jax.checkpoint import keypath
 from parity_jax.checkpoint.layout import Checkpoint, LeafMeta
-from parity_jax.checkpoint.tstore import memmap_reads, quiet_orbax, read_context
+from parity_jax.checkpoint.tstore import quiet_orbax, read_context
 from parity_jax.errors import UsageError, first_line
 
 __all__ = ["LeafReadError", "LeafReader", "read_string_leaf", "restore_leaves"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable, Iterable, NoReturn, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Sequence
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -106,7 +106,7 @@ def entry(main: Callable[[Sequence[str]], int | None], doc: str | None, module: 
   return run
 
 
-def parse_int_rows(text: str, flag: str) -> "np.ndarray":
+def parse_int_rows(text: str, flag: str) -> Any:
   """``"1,2,3"`` -> ``[[1, 2, 3]]``; ``"1,2;3,4"`` -> ``[[1, 2], [3, 4]]`` (rows separated by ``;``).
 
   Empty fields, non-integers and ragged rows are one-line errors naming ``--flag``.
