@@ -5,8 +5,10 @@
 * :data:`COMPUTE_DTYPES` -- the names the tools accept for a model's compute
   dtype (``float32``, ``bfloat16``) -> numpy dtypes (``jnp`` accepts them).
 * :func:`bf16_bits` -- bfloat16 bit patterns with torch's or the IEEE NaN
-  encoding: torch writes ``0xFFFF`` for every NaN it rounds to bfloat16, JAX
-  and ml_dtypes keep the sign and quiet the payload (``0x7FC0``/``0xFFC0``).
+  encoding. Rounding float32 to bfloat16, torch's vectorised CPU kernels (AVX2,
+  AVX-512: what x86-64 machines run) write ``0xFFFF`` for every NaN, its scalar
+  kernels (``ATEN_CPU_CAPABILITY=default``) write ``0x7FC0``, and JAX and
+  ml_dtypes keep the sign and quiet the payload (``0x7FC0``/``0xFFC0``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "NAN_POLICIES",
     "SAFETENSORS_DTYPES",
     "TORCH_BF16_NAN_BITS",
+    "TORCH_SCALAR_BF16_NAN_BITS",
     "bf16_bits",
     "c_contiguous",
     "compute_dtype",
@@ -32,8 +35,9 @@ __all__ = [
 ]
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-TORCH_BF16_NAN_BITS = 0xFFFF
-NAN_POLICIES = ("keep", "torch")
+TORCH_BF16_NAN_BITS = 0xFFFF  # torch's vectorised float32 -> bfloat16 kernels
+TORCH_SCALAR_BF16_NAN_BITS = 0x7FC0  # torch's scalar kernels (c10::BFloat16 round_to_nearest_even)
+NAN_POLICIES = ("keep", "torch", "torch_scalar")
 
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -95,7 +99,8 @@ def bf16_bits(a: Any, nan_policy: str = "keep") -> np.ndarray:
 
   Float inputs of another dtype are rounded to bfloat16 first (nearest even,
   like torch's ``.to(bfloat16)``). ``nan_policy="torch"`` maps every NaN to
-  ``0xFFFF``, so a JAX array's bits equal the torch tensor it should equal.
+  ``0xFFFF`` (torch's vectorised kernels), ``"torch_scalar"`` to ``0x7FC0``
+  (its scalar ones), so a JAX array's bits equal the torch tensor it should equal.
   """
   if nan_policy not in NAN_POLICIES:
     raise UsageError(f"unknown nan_policy {nan_policy!r}; expected one of {', '.join(NAN_POLICIES)}")
@@ -105,8 +110,9 @@ def bf16_bits(a: Any, nan_policy: str = "keep") -> np.ndarray:
       raise UsageError(f"expected a floating array for bfloat16 bits, got {a.dtype}")
     a = a.astype(BF16)
   bits = c_contiguous(a).view(np.uint16)
-  if nan_policy == "torch":
+  if nan_policy != "keep":
     nan = (bits & 0x7FFF) > 0x7F80
     if nan.any():
-      bits = np.where(nan, np.uint16(TORCH_BF16_NAN_BITS), bits)
+      canonical = TORCH_BF16_NAN_BITS if nan_policy == "torch" else TORCH_SCALAR_BF16_NAN_BITS
+      bits = np.where(nan, np.uint16(canonical), bits)
   return bits

@@ -46,11 +46,12 @@ import numpy as np
 
 from parity_jax import bundles
 from parity_jax.oracle import require_oracle
-from parity_jax.files import file_sha256
-from parity_jax.provenance import default_provenance
+from parity_jax.dtypes import BF16
+from parity_jax.files import file_sha256, write_text_atomic
+from parity_jax.provenance import default_provenance, torch_backend
 from parity_jax.oracle.hf_forward import capture_hf_stages, load_hf_model
 
-__all__ = ["MODELS", "INPUTS", "regenerate", "build_model", "widen_weights"]
+__all__ = ["MODELS", "INPUTS", "build_model", "compare_regenerated", "regenerate", "widen_weights"]
 
 PRODUCER = "parity_jax.oracle.forward_goldens"
 
@@ -197,10 +198,11 @@ def regenerate(goldens_dir: str) -> list[str]:
   written: list[str] = []
   manifest: dict[str, Any] = {
       "producer": PRODUCER,
-      "command": "python -m tools.regen_goldens --what=forward",
+      "command": "parity-regen-goldens --goldens_dir=goldens --what=forward --overwrite",
       "oracle": "transformers AutoModelForCausalLM, attn_implementation='eager', CPU; stages captured by "
                 "parity_jax.oracle.hf_forward (module hooks + wrapped eager_attention_forward)",
       "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__},
+      "backend": torch_backend(),
       "weights": {"gain": _GAIN, "bias_std": _BIAS_STD, "norm_std": _NORM_STD,
                   "other_linear": "N(0,1)/sqrt(fan_in)", "embed": "N(0,1)"},
       "positions": "default (arange(T) for every row, as transformers uses without position_ids)",
@@ -208,59 +210,202 @@ def regenerate(goldens_dir: str) -> list[str]:
       "goldens": {},
   }
   for name, spec in MODELS.items():
-    seed = spec["seed"]
     model_dir = os.path.join(models_root, name)
-    if os.path.isdir(model_dir):
-      shutil.rmtree(model_dir)
-    model = build_model(spec["model_type"], spec["config"], seed)
-    to_save = model.to(torch.bfloat16) if spec["store_dtype"] == "bfloat16" else model
-    save_kwargs = {"safe_serialization": True}
-    if spec["max_shard_size"]:
-      save_kwargs["max_shard_size"] = spec["max_shard_size"]
-    to_save.save_pretrained(model_dir, **save_kwargs)
-    if spec["config_style"] == "4.x":
-      _to_4x_style(os.path.join(model_dir, "config.json"), spec["store_dtype"])
+    written += _write_model(model_dir, spec)
     manifest["models"][name] = {k: v for k, v in spec.items()}
-    for fname in sorted(os.listdir(model_dir)):
-      written.append(os.path.join(model_dir, fname))
-
-    # The oracle reads the checkpoint back from disk, exactly as parity_jax will.
-    hf32 = load_hf_model(model_dir, "float32")
-    hf16 = load_hf_model(model_dir, "bfloat16")
-    vocab = spec["config"]["vocab_size"]
-    for input_name, input_spec in INPUTS.items():
-      tokens, mask = make_inputs(vocab, seed + 1 + list(INPUTS).index(input_name), input_spec)
-      runs = [("float32", hf32, "")]
-      if input_name == "single":
-        runs.append(("bfloat16", hf16, ".bf16"))
-      for dtype, hf, suffix in runs:
-        stages = capture_hf_stages(hf, tokens, mask)
-        if dtype == "float32":
-          gap = _top1_gap(stages["logits"])
-          if gap < _MIN_TOP1_GAP:
-            raise RuntimeError(f"{name}/{input_name}: top-1 logit gap {gap:.3g} too small for a stable top-1 test")
-        base = name + ("" if input_name == "single" else f".{input_name}") + suffix
-        path = os.path.join(forward_root, base + ".safetensors")
-        inputs = {"tokens": tokens.tolist(), "attention_mask": None if mask is None else mask.tolist()}
-        prov = default_provenance(
-            PRODUCER, seed=seed, model=name, dtype=dtype, inputs=inputs, input_set=input_name,
-            model_type=spec["model_type"], oracle="transformers eager attention, CPU",
-            positions="default arange(T)")
-        bundles.save_bundle(path, stages, prov)
-        written.append(path)
-        entry = {"model": name, "dtype": dtype, "inputs": inputs, "input_set": input_name, "stages": len(stages)}
-        if dtype == "float32":
-          entry["min_top1_logit_gap"] = _top1_gap(stages["logits"])
-        manifest["goldens"][os.path.basename(path)] = entry
+    for path, entry in _write_stages(name, spec, model_dir, forward_root):
+      written.append(path)
+      manifest["goldens"][os.path.basename(path)] = entry
 
   root = os.path.abspath(goldens_dir)
   manifest["sha256"] = collections.OrderedDict(
       (os.path.relpath(os.path.abspath(p), root), file_sha256(p)) for p in sorted(written))
   manifest_path = os.path.join(forward_root, "MANIFEST.json")
-  tmp = manifest_path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=2, sort_keys=False)
-    f.write("\n")
-  os.replace(tmp, manifest_path)
+  write_text_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
   written.append(manifest_path)
   return written
+
+
+def _write_model(model_dir: str, spec: dict[str, Any]) -> list[str]:
+  """Builds the seeded HF model and saves it (in its storage dtype, sharding and config style)."""
+  import torch
+
+  if os.path.isdir(model_dir):
+    shutil.rmtree(model_dir)
+  model = build_model(spec["model_type"], spec["config"], spec["seed"])
+  to_save = model.to(torch.bfloat16) if spec["store_dtype"] == "bfloat16" else model
+  save_kwargs: dict[str, Any] = {"safe_serialization": True}
+  if spec["max_shard_size"]:
+    save_kwargs["max_shard_size"] = spec["max_shard_size"]
+  to_save.save_pretrained(model_dir, **save_kwargs)
+  if spec["config_style"] == "4.x":
+    _to_4x_style(os.path.join(model_dir, "config.json"), spec["store_dtype"])
+  return [os.path.join(model_dir, f) for f in sorted(os.listdir(model_dir))]
+
+
+def _write_stages(name: str, spec: dict[str, Any], model_dir: str, forward_root: str) -> list[tuple[str, dict[str, Any]]]:
+  """The oracle's stages for every input set (float32; bfloat16 too for the unpadded one), read back from disk."""
+  seed = spec["seed"]
+  hf32 = load_hf_model(model_dir, "float32")
+  hf16 = load_hf_model(model_dir, "bfloat16")
+  vocab = spec["config"]["vocab_size"]
+  out = []
+  for input_name, input_spec in INPUTS.items():
+    tokens, mask = make_inputs(vocab, seed + 1 + list(INPUTS).index(input_name), input_spec)
+    runs = [("float32", hf32, "")]
+    if input_name == "single":
+      runs.append(("bfloat16", hf16, ".bf16"))
+    for dtype, hf, suffix in runs:
+      stages = capture_hf_stages(hf, tokens, mask)
+      if dtype == "float32":
+        gap = _top1_gap(stages["logits"])
+        if gap < _MIN_TOP1_GAP:
+          raise RuntimeError(f"{name}/{input_name}: top-1 logit gap {gap:.3g} too small for a stable top-1 test")
+      base = name + ("" if input_name == "single" else f".{input_name}") + suffix
+      path = os.path.join(forward_root, base + ".safetensors")
+      inputs = {"tokens": tokens.tolist(), "attention_mask": None if mask is None else mask.tolist()}
+      prov = default_provenance(
+          PRODUCER, seed=seed, model=name, dtype=dtype, inputs=inputs, input_set=input_name,
+          model_type=spec["model_type"], oracle="transformers eager attention, CPU",
+          positions="default arange(T)")
+      bundles.save_bundle(path, stages, prov)
+      entry = {"model": name, "dtype": dtype, "inputs": inputs, "input_set": input_name, "stages": len(stages)}
+      if dtype == "float32":
+        entry["min_top1_logit_gap"] = _top1_gap(stages["logits"])
+      out.append((path, entry))
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Regenerated goldens against committed ones
+# ----------------------------------------------------------------------------
+
+#: config.json keys that name the writer, not the model.
+CONFIG_ENV_KEYS = ("transformers_version",)
+#: Provenance fields that describe the install, not the data.
+ENVIRONMENT_FIELDS = ("versions", "platform", "python")
+#: Random float32 weights regenerated on another backend: torch's RNG may take
+#: another code path (e.g. ATEN_CPU_CAPABILITY=default); the draws then differ
+#: in their last bits only.
+WEIGHT_REL_L2 = 1e-6
+
+
+def compare_regenerated(committed_root: str | os.PathLike, fresh_root: str | os.PathLike) -> dict[str, Any]:
+  """Compares freshly regenerated forward goldens with committed ones, promising only what holds.
+
+  * **Same backend** (equal :func:`parity_jax.provenance.torch_backend` in both
+    manifests): configs equal less the writer's version, every weight tensor and
+    every stage bit for bit, provenance equal less environment fields.
+  * **Another backend**: configs equal less the writer's version; float32
+    weights within rel-L2 :data:`WEIGHT_REL_L2` and bfloat16-stored weights
+    differing only by rounding flips (every differing element exactly one bf16
+    ULP apart: a float32 draw that moved in its last bits rounded the other way);
+    and the oracle, re-run here on the *committed* models and inputs, reproduces
+    every committed stage under the project's profiles (``f32`` for float32
+    stages, ``bf16`` for HF's bfloat16 run): the stages depend on the machine
+    only through float rounding.
+
+  Returns ``{"mode": "bytes"|"invariants", "problems": [...], ...}``.
+  """
+  committed, fresh = os.fspath(committed_root), os.fspath(fresh_root)
+  want = _read_json(os.path.join(committed, "forward", "MANIFEST.json"))
+  got = _read_json(os.path.join(fresh, "forward", "MANIFEST.json"))
+  same_backend = want.get("backend") == got.get("backend")
+  problems: list[str] = []
+  if sorted(want["goldens"]) != sorted(got["goldens"]) or sorted(want["models"]) != sorted(got["models"]):
+    problems.append("the regenerated goldens do not have the committed file set")
+    return {"mode": "bytes" if same_backend else "invariants", "problems": problems}
+  flips = 0
+  for name in want["models"]:
+    problems += _compare_configs(name, committed, fresh)
+    p, f = _compare_weights(name, committed, fresh, exact=same_backend)
+    problems += p
+    flips += f
+  if same_backend:
+    problems += _compare_stage_files(want["goldens"], committed, fresh)
+  else:
+    problems += _rerun_committed(want["goldens"], committed)
+  return {"mode": "bytes" if same_backend else "invariants", "committed_backend": want.get("backend"),
+          "fresh_backend": got.get("backend"), "bf16_weight_flips": flips, "problems": problems}
+
+
+def _read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _compare_configs(name: str, committed: str, fresh: str) -> list[str]:
+  a, b = (_read_json(os.path.join(root, "models", name, "config.json")) for root in (committed, fresh))
+  strip = lambda c: {k: v for k, v in c.items() if k not in CONFIG_ENV_KEYS}  # noqa: E731
+  return [] if strip(a) == strip(b) else [f"models/{name}/config.json differs beyond {CONFIG_ENV_KEYS}"]
+
+
+def _weights(root: str, name: str) -> dict[str, np.ndarray]:
+  d = os.path.join(root, "models", name)
+  out: dict[str, np.ndarray] = {}
+  for f in sorted(os.listdir(d)):
+    if f.endswith(".safetensors"):
+      with bundles.BundleReader(os.path.join(d, f)) as r:
+        out.update({k: r.get(k) for k in r.names})
+  return out
+
+
+def _compare_weights(name: str, committed: str, fresh: str, exact: bool) -> tuple[list[str], int]:
+  from parity_jax import compare
+
+  a, b = _weights(committed, name), _weights(fresh, name)
+  if sorted(a) != sorted(b):
+    return [f"models/{name}: tensor names differ"], 0
+  problems, flips = [], 0
+  for k in sorted(a):
+    x, y = a[k], b[k]
+    if x.shape != y.shape or x.dtype != y.dtype:
+      problems.append(f"models/{name}: {k} is {y.dtype}{list(y.shape)}, committed {x.dtype}{list(x.shape)}")
+    elif exact:
+      if not compare.bit_equal(x, y):
+        problems.append(f"models/{name}: {k} not bit-identical")
+    elif x.dtype == BF16:
+      ulps = compare.ulp_distance(x, y)
+      flips += int(np.count_nonzero(ulps))
+      if ulps.max(initial=0) > 1:
+        problems.append(f"models/{name}: bf16 weight {k} moved {int(ulps.max())} ULPs (a rounding flip moves 1)")
+    else:
+      st = compare.diff_stats(x, y, name=k)
+      if not st.rel_l2 <= WEIGHT_REL_L2:
+        problems.append(f"models/{name}: {k} rel-L2 {st.rel_l2:.3g} > {WEIGHT_REL_L2:g}")
+  return problems, flips
+
+
+def _compare_stage_files(goldens: dict[str, Any], committed: str, fresh: str) -> list[str]:
+  from parity_jax import compare
+
+  problems = []
+  for fname in goldens:
+    with bundles.BundleReader(os.path.join(committed, "forward", fname)) as a, \
+         bundles.BundleReader(os.path.join(fresh, "forward", fname)) as b:
+      if a.names != b.names:
+        problems.append(f"forward/{fname}: stage names or order differ")
+        continue
+      strip = lambda p: {k: v for k, v in p.items() if k not in ENVIRONMENT_FIELDS}  # noqa: E731
+      if strip(a.provenance) != strip(b.provenance):
+        problems.append(f"forward/{fname}: provenance differs beyond environment fields")
+      problems += [f"forward/{fname}: {k} not bit-identical" for k in a.names if not compare.bit_equal(a.get(k), b.get(k))]
+  return problems
+
+
+def _rerun_committed(goldens: dict[str, Any], committed: str) -> list[str]:
+  """The oracle run here on the committed models and recorded inputs against the committed stages."""
+  problems = []
+  models = {}
+  for fname, entry in goldens.items():
+    key = (entry["model"], entry["dtype"])
+    if key not in models:
+      models[key] = load_hf_model(os.path.join(committed, "models", entry["model"]), entry["dtype"])
+    inputs = entry["inputs"]
+    mask = None if inputs["attention_mask"] is None else np.asarray(inputs["attention_mask"], np.int64)
+    here = capture_hf_stages(models[key], np.asarray(inputs["tokens"], np.int64), mask)
+    report = bundles.compare_bundles(os.path.join(committed, "forward", fname), here,
+                                     profile="f32" if entry["dtype"] == "float32" else "bf16")
+    if not report.passed:
+      problems.append(f"forward/{fname}: the oracle here does not reproduce it: {report.verdict_line()}")
+  return problems

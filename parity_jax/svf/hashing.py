@@ -1,7 +1,8 @@
 """Hashes the Python process records, and the one name-sanitising rule.
 
 * :func:`bf16_sha256` -- sha256 of the little-endian, C-order bfloat16 bytes.
-  ``nan_policy="torch"`` canonicalises every NaN to ``0xFFFF`` first, because
+  ``nan_policy="torch"`` canonicalises every NaN to ``0xFFFF`` first (``"torch_scalar"``:
+  ``0x7FC0``, torch's scalar kernels; see :mod:`parity_jax.dtypes`), because
   torch's float32 -> bfloat16 conversion writes ``0xFFFF`` for every NaN while
   JAX/ml_dtypes keep the sign and quiet the payload (``0x7FC0``/``0xFFC0``).
   With the torch policy a JAX array hashes like the torch tensor it should equal.
