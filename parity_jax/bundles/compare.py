@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from parity_jax.bundles.diff import Breach, check_rule, common_dtype, is_logits, stage_stats
+from parity_jax.bundles.diff import Breach, check_rule, common_dtype, is_logits, max_ulp_in, stage_stats, ulp_dtype
 from parity_jax.bundles.format import BundleReader, StageBundle, load_bundle
 from parity_jax.bundles.logits import LogitsStats, logits_stats
 from parity_jax.bundles.qwen_graph import is_qwen_stage_name, parse_stage, qwen_stage_sort_key
@@ -195,7 +195,8 @@ def _compare(gs: _Source, cs: _Source, prof: Profile, top_k: int, stage_filter: 
     g = growth[r.name]
     rows.append(StageRow(index=i, name=r.name, layer=layer, stage=stage, golden_dtype=str(r.golden_dtype),
                          candidate_dtype=str(r.candidate_dtype), stats=r.stats, rule=r.rule, breaches=r.breaches,
-                         growth=g.growth, ref_stage=g.ref_stage, jump=g.jump, logits=r.logits))
+                         growth=g.growth, ref_stage=g.ref_stage, jump=g.jump, logits=r.logits,
+                         max_ulp=r.max_ulp, ulp_dtype=r.ulp_dtype))
   return BundleReport(
       rows=rows,
       verdict=verdict,
@@ -273,6 +274,8 @@ class _Measured:
   rule: ToleranceRule
   logits: LogitsStats | None
   breaches: tuple[Breach, ...]
+  max_ulp: int | None
+  ulp_dtype: str
 
 
 def _plan(ordered: list[str], gs: _Source, cs: _Source, prof: Profile) -> list[_Planned]:
@@ -309,7 +312,10 @@ def _measure(plan: list[_Planned], gs: _Source, cs: _Source, top_k: int, show_pr
       b = b if b.dtype == p.compare_dtype else b.astype(p.compare_dtype)
       st = stage_stats(a, b, top_k, p.name)
       lg = logits_stats(a, b, topk=p.rule.topk) if p.want_logits else None
-      results.append(_Measured(p.name, p.golden_dtype, p.candidate_dtype, st, p.rule, lg, check_rule(p.rule, st, lg)))
+      udt = ulp_dtype(p.golden_dtype, p.candidate_dtype)
+      max_ulp = st.max_ulp if udt == p.compare_dtype or st.max_ulp is None else max_ulp_in(a, b, udt)
+      results.append(_Measured(p.name, p.golden_dtype, p.candidate_dtype, st, p.rule, lg,
+                               check_rule(p.rule, st, lg, max_ulp), max_ulp, str(udt)))
       bar.update(nbytes(p))
       bar.set_postfix_str(f"{i + 1}/{len(plan)} stages")
       del a, b

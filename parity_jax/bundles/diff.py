@@ -12,11 +12,11 @@ from parity_jax import jsonio
 from parity_jax.bundles.logits import LogitsStats
 from parity_jax.bundles.qwen_graph import parse_stage
 from parity_jax.bundles.tolerance import Profile, ToleranceRule
-from parity_jax.compare import DiffAccumulator, DiffStats, check_comparable, diff_stats
+from parity_jax.compare import DiffAccumulator, DiffStats, check_comparable, diff_stats, ulp_distance
 from parity_jax.dtypes import is_float_dtype
 from parity_jax.errors import UsageError
 
-__all__ = ["Breach", "CHUNK_ELEMENTS", "boxes", "check_rule", "common_dtype", "is_logits", "stage_stats"]
+__all__ = ["Breach", "CHUNK_ELEMENTS", "boxes", "check_rule", "common_dtype", "is_logits", "max_ulp_in", "stage_stats", "ulp_dtype"]
 
 CHUNK_ELEMENTS = 1 << 20  # per-chunk element budget for the float64 reductions of a large stage (~8 MiB per temporary)
 
@@ -76,8 +76,35 @@ def is_logits(name: str) -> bool:
   return parse_stage(name)[1].split(".")[-1] == "logits"
 
 
-def check_rule(rule: ToleranceRule, st: DiffStats, lg: LogitsStats | None) -> tuple[Breach, ...]:
-  """The thresholds of ``rule`` that ``st``/``lg`` violate. A one-sided NaN always breaches."""
+def ulp_dtype(golden_dtype: np.dtype, candidate_dtype: np.dtype) -> np.dtype:
+  """The dtype ULPs are counted in: the narrower of the two (a bf16 candidate against an f32 golden: bf16).
+
+  Counted in the wider dtype, an exactly rounded bf16 value sits ~32000 float32
+  ULPs from its float32 original; in bf16 it is 0 ULPs away, which is the
+  question a widened comparison asks.
+  """
+  if golden_dtype == candidate_dtype or not (is_float_dtype(golden_dtype) and is_float_dtype(candidate_dtype)):
+    return np.dtype(golden_dtype)
+  return min((np.dtype(golden_dtype), np.dtype(candidate_dtype)), key=lambda d: ml_dtypes.finfo(d).nmant)
+
+
+def max_ulp_in(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> int:
+  """Largest ULP distance in ``dtype`` after rounding both sides to it (nearest even); bounded memory."""
+  best = 0
+  for _, sl in boxes(a.shape, CHUNK_ELEMENTS):
+    with np.errstate(over="ignore", invalid="ignore"):
+      x, y = a[sl].astype(dtype), b[sl].astype(dtype)
+    if x.size:
+      best = max(best, int(ulp_distance(x, y).max()))
+  return best
+
+
+def check_rule(rule: ToleranceRule, st: DiffStats, lg: LogitsStats | None, max_ulp: int | None = None) -> tuple[Breach, ...]:
+  """The thresholds of ``rule`` that ``st``/``lg`` violate. A one-sided NaN always breaches.
+
+  ``max_ulp`` overrides ``st.max_ulp`` (a widened comparison counts ULPs in the narrower dtype: :func:`ulp_dtype`).
+  """
+  max_ulp = st.max_ulp if max_ulp is None else max_ulp
   out: list[Breach] = []
   if st.n_nan_mismatch:
     out.append(Breach("nan_mismatch", st.n_nan_mismatch, 0))
@@ -89,8 +116,8 @@ def check_rule(rule: ToleranceRule, st: DiffStats, lg: LogitsStats | None) -> tu
     out.append(Breach("cosine", st.cosine, rule.min_cosine))
   if rule.max_abs_diff is not None and not st.max_abs_diff <= rule.max_abs_diff:
     out.append(Breach("max_abs_diff", st.max_abs_diff, rule.max_abs_diff))
-  if rule.max_ulp is not None and st.max_ulp is not None and st.max_ulp > rule.max_ulp:
-    out.append(Breach("max_ulp", st.max_ulp, rule.max_ulp))
+  if rule.max_ulp is not None and max_ulp is not None and max_ulp > rule.max_ulp:
+    out.append(Breach("max_ulp", max_ulp, rule.max_ulp))
   if rule.max_frac_diff is not None and st.frac_diff > rule.max_frac_diff:
     out.append(Breach("frac_diff", st.frac_diff, rule.max_frac_diff))
   if lg is not None:

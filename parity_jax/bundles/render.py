@@ -61,10 +61,15 @@ def _where(r: "StageRow") -> str:
 
 
 def _ulp(r: "StageRow") -> str:
-  u = r.stats.max_ulp
+  """Max ULP in the row's ULP dtype, named when it is not the compared dtype (a widened comparison)."""
+  u = r.stats.max_ulp if r.max_ulp is None else r.max_ulp
   if u is None:
     return "-"
-  return str(u) if u < 100000 else f"{u:.2e}"
+  text = str(u) if u < 100000 else f"{u:.2e}"
+  return text if r.ulp_dtype in (None, r.stats.dtype) else f"{text} {_SHORT.get(r.ulp_dtype, r.ulp_dtype)}"
+
+
+_SHORT = {"bfloat16": "bf16", "float16": "f16", "float32": "f32", "float64": "f64"}
 
 
 def _mark(report: "BundleReport", r: "StageRow") -> str:
@@ -109,7 +114,7 @@ def render_text(report: "BundleReport", failing_only: bool = False, show_top: bo
   lines.append("")
   rows = [r for r in report.rows if not (failing_only and r.passed and r.name != report.first_divergent)]
   w = max([len("stage")] + [len(r.name) for r in rows])
-  header = (f"{'#':>4}  {'stage':<{w}}  {'rel-L2':>9}  {'cosine':>10}  {'max|diff|':>9}  {'at':<14}  {'max ULP':>8}"
+  header = (f"{'#':>4}  {'stage':<{w}}  {'rel-L2':>9}  {'cosine':>10}  {'max|diff|':>9}  {'at':<14}  {'max ULP':>13}"
             f"  {'growth':>8}  result")
   lines.append(header)
   lines.append("-" * len(header))
@@ -119,10 +124,12 @@ def render_text(report: "BundleReport", failing_only: bool = False, show_top: bo
       where = where[:13] + "]"
     lines.append(
         f"{r.index:>4}  {r.name:<{w}}  {fmt_rel(r.stats.rel_l2):>9}  {fmt_cosine(r.stats.cosine):>10}"
-        f"  {_fmt_abs(r.stats.max_abs_diff):>9}  {where:<14}  {_ulp(r):>8}  {'x' + fmt_growth(r.growth) if r.growth is not None else '-':>8}"
+        f"  {_fmt_abs(r.stats.max_abs_diff):>9}  {where:<14}  {_ulp(r):>13}  {'x' + fmt_growth(r.growth) if r.growth is not None else '-':>8}"
         f"  {_mark(report, r)}")
   if failing_only and len(rows) < len(report.rows):
     lines.append(f"     ({len(report.rows) - len(rows)} passing stages not shown)")
+  if any(r.ulp_dtype not in (None, r.stats.dtype) for r in rows):
+    lines.append("     (max ULP of a widened stage is counted in its narrower dtype: 0 = correctly rounded)")
   for r in report.rows:
     if r.logits is not None:
       lines.append("")

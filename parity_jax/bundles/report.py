@@ -51,6 +51,8 @@ class StageRow:
   ref_stage: str | None
   jump: bool
   logits: LogitsStats | None = None
+  max_ulp: int | None = None  # in ulp_dtype: the narrower dtype of a widened comparison (see bundles.diff.ulp_dtype)
+  ulp_dtype: str | None = None
 
   @property
   def passed(self) -> bool:
@@ -76,6 +78,8 @@ class StageRow:
         "jump": self.jump,
         "stats": self.stats.to_dict(),
         "logits": None if self.logits is None else self.logits.to_dict(),
+        "max_ulp": self.max_ulp,
+        "ulp_dtype": self.ulp_dtype,
     }
 
   @classmethod
@@ -94,6 +98,8 @@ class StageRow:
         ref_stage=d.get("ref_stage"),
         jump=bool(d.get("jump", False)),
         logits=None if d.get("logits") is None else LogitsStats.from_dict(d["logits"]),
+        max_ulp=d.get("max_ulp", d["stats"].get("max_ulp")),
+        ulp_dtype=d.get("ulp_dtype", d["stats"].get("dtype")),
     )
 
 

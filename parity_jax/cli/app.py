@@ -63,7 +63,7 @@ def _print_help(doc: str | None, module: str) -> NoReturn:
     name = sys.argv[0] if module == "__main__" else module
     own = flags.FLAGS.module_help(name)
     print(own if own.strip() else "(this tool has no flags of its own)")
-    print("\nabsl's own flags (--verbosity, --flagfile, ...): --helpfull")
+    print("\nabsl's own flags (logging, flag files): --helpfull")
   sys.exit(EXIT_OK)
 
 
@@ -98,6 +98,9 @@ def entry(main: Callable[[Sequence[str]], int | None], doc: str | None, module: 
     except KeyboardInterrupt:
       print("interrupted", file=sys.stderr)
       sys.exit(130)
+    except BrokenPipeError:  # stdout closed early (``| head``): stop quietly, as shell tools do
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+      sys.exit(128 + 13)
     sys.exit(EXIT_OK if rc is None else int(rc))
 
   def run() -> None:

@@ -1,7 +1,7 @@
 """Runs the JAX Qwen2/Qwen3 forward pass and writes every stage to a bundle.
 
   parity-capture-stages --model_dir=DIR --tokens=1,2,3 --out=bundle.safetensors
-  parity-capture-stages --model_dir=DIR --tokens="0,0,5,6;7,8,9,10" \
+  parity-capture-stages --model_dir=DIR --tokens="0,0,5,6;7,8,9,10" \\
       --attention_mask="0,0,1,1;1,1,1,1" --dtype=bfloat16 --out=b.safetensors
 
 (``python -m tools.capture_stages`` from the repository root is the same tool.)

@@ -36,6 +36,7 @@ _SAVE_CANDIDATE = flags.DEFINE_string("save_candidate", None, "Also write our st
 _SAVE_GOLDEN = flags.DEFINE_string("save_golden", None, "With --oracle: also write the oracle's stage bundle here.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing --plot / --save_candidate / --save_golden files.")
 _STRICT = flags.DEFINE_bool("strict", True, "Refuse checkpoints holding tensors the model does not use.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Progress of the stage comparison on stderr (a bar on a terminal, a line every few seconds otherwise).")
 
 
 def _check_flags() -> None:
@@ -82,7 +83,8 @@ def main(argv):
   mask = app.parse_int_rows(_MASK.value, "attention_mask") if _MASK.value else None
   try:
     result = forward_parity(_MODEL_DIR.value, _GOLDEN.value, oracle=_ORACLE.value, tokens=tokens, attention_mask=mask,
-                            dtype=_DTYPE.value, profile=profile, top_k=_TOP_K.value, strict=_STRICT.value)
+                            dtype=_DTYPE.value, profile=profile, top_k=_TOP_K.value, strict=_STRICT.value,
+                            progress=_PROGRESS.value)
   except OneSidedStagesError as e:
     raise UsageError(f"stages present on one side only ({e.where}): is the golden from another model?") from None
   if _SAVE_CANDIDATE.value:

@@ -24,6 +24,11 @@ def _load(svd_weights: str):
 
   if not os.path.isfile(svd_weights):
     raise UsageError(f"no such file: {svd_weights}")
+  with open(svd_weights, "rb") as f:
+    head = f.read(4)
+  if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip archive, or a legacy pickle
+    raise UsageError(f"{svd_weights} is not a PyTorch file (torch.save writes a zip archive or a pickle;"
+                     f" this starts with {head!r})")
   try:
     data = torch.load(svd_weights, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for corrupt, foreign or unsafe files

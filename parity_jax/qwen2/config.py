@@ -455,6 +455,8 @@ def load_config(path: str | os.PathLike) -> QwenConfig:
   file = os.path.join(path, "config.json") if os.path.isdir(path) else path
   if not os.path.exists(path):
     raise UsageError(f"no such checkpoint directory: {path}")
+  if os.path.isfile(path) and os.path.basename(path) != "config.json":
+    raise UsageError(f"{path} is a file; expected an HF checkpoint directory (config.json + *.safetensors)")
   if not os.path.isfile(file):
     raise UsageError(f"{path}: no config.json")
   try:

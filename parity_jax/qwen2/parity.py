@@ -85,6 +85,7 @@ def forward_parity(
     profile: Any = None,
     top_k: int = 5,
     strict: bool = True,
+    progress: bool = False,
 ) -> ForwardParity:
   """Runs our forward on ``model_dir`` and compares it with the golden (file) or the live HF oracle.
 
@@ -124,6 +125,7 @@ def forward_parity(
     golden_bundle = StageBundle(hf_stages(model_dir, tokens, attention_mask), prov)
   else:
     golden_bundle = os.fspath(golden)  # compared stage by stage straight from the file
-  report = compare_bundles(golden_bundle, candidate, profile=profile or DEFAULT_PROFILE[dtype], top_k=top_k)
+  report = compare_bundles(golden_bundle, candidate, profile=profile or DEFAULT_PROFILE[dtype], top_k=top_k,
+                           progress=progress)
   mask = None if attention_mask is None else np.asarray(attention_mask)
   return ForwardParity(report, golden_bundle, candidate, tokens, mask)

@@ -249,6 +249,9 @@ def load_golden(python_report: str | None = None, golden_dir: str | None = None)
     raise UsageError(f"cannot read report {path}: {e}") from None
   if not isinstance(report, dict):
     raise UsageError(f"{path}: report must be a JSON object")
+  if not any(k in report for k in ("stage_debug", "sample", "tensors")):
+    fmt = report.get("format")
+    raise UsageError(f"{path} is not an SVF run report (format {fmt!r}; it has none of stage_debug, sample, tensors)")
   base = os.path.dirname(os.path.abspath(path))
   debug = report.get("stage_debug") or {}
   comps = report.get("components") or {}
