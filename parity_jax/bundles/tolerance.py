@@ -46,7 +46,9 @@ Rule keys (every threshold optional, at least one per rule): ``max_rel_l2``,
 ``max_kl`` (largest per-token KL(golden||candidate)), ``max_mean_kl``,
 ``min_argmax_agreement`` and ``min_topk_overlap`` (mean over tokens of the
 top-``topk`` token-set overlap, ``topk`` default 5). All thresholds of a rule
-must hold. A NaN on one side only is always a breach.
+must hold, and every bound is inclusive: a value exactly at its limit passes
+(``rel_l2 == max_rel_l2``, ``cosine == min_cosine``, ``max_ulp`` ULPs). A NaN
+on one side only is always a breach.
 """
 
 from __future__ import annotations

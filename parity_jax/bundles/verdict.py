@@ -16,7 +16,7 @@ the per-stage rel-L2 errors and breaches, with one documented rule:
    keeps rounding-level errors out: a stage reading bit-identical inputs and
    adding one rounding shows growth of about 1, not infinity.
 3. **Jump.** A stage *jumps* when its growth is at least the profile's
-   ``jump_factor``, or when it differs although every compared input is
+   ``jump_factor`` (inclusive: growth exactly equal to the factor is a jump), or when it differs although every compared input is
    bit-identical (or it has none): the error entered there.
 4. **Verdict.** No stage over its tolerance: ``pass``. Otherwise let B be the
    first stage in execution order over its tolerance (the *first breach*).

@@ -191,6 +191,26 @@ def adapted_tolerance(row_norms_us: np.ndarray, row_norms_v: np.ndarray, fc: For
 
 
 
+def check_bound(golden: Any, ours: Any, tol: np.ndarray | float) -> tuple[int, float]:
+  """``(elements out of tolerance, max |ours - golden| / tol)`` for a ``bound`` stage.
+
+  The tolerance is inclusive: ``|ours - golden| <= tol`` passes, so a value
+  exactly at the rigorous bound is a correct evaluation. Identical values
+  (NaN payloads aside: NaN on both sides) pass whatever ``tol``; a NaN on one
+  side fails. Differences are taken in float64, where they are exact for
+  float32 inputs.
+  """
+  g = np.asarray(golden, dtype=np.float64)
+  o = np.asarray(ours, dtype=np.float64)
+  with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+    d = np.abs(g - o)
+    same = (g == o) | (np.isnan(g) & np.isnan(o))
+    ok = same | (d <= tol)
+    ratio = np.where(same, 0.0, d / tol)
+  worst = float(np.nanmax(np.where(np.isnan(ratio), np.inf, ratio))) if ratio.size else 0.0
+  return int(np.count_nonzero(~ok)), worst
+
+
 EXPLAIN_RULES = ("bound", "one_ulp")
 
 

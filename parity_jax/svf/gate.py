@@ -53,6 +53,7 @@ from parity_jax.svf.bounds import (
     FormulaConstants,
     MismatchAccounting,
     adapted_tolerance,
+    check_bound,
     matmul_tolerance,
     normalization_tolerance,
     row_norms,
@@ -163,17 +164,9 @@ class _StageCheck:
       self.golden_hash.update(golden)
     self.stats.update(ours)
     if self.rule == "bound" and tol is not None:
-      g = np.asarray(golden, dtype=np.float64)
-      o = np.asarray(ours, dtype=np.float64)
-      with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        d = np.abs(g - o)
-        same = (g == o) | (np.isnan(g) & np.isnan(o))
-        ok = same | (d <= tol)
-        self.n_out_of_tolerance += int(np.count_nonzero(~ok))
-        ratio = np.where(same, 0.0, d / tol)
-      if ratio.size:
-        r = float(np.nanmax(np.where(np.isnan(ratio), np.inf, ratio)))
-        self.max_tolerance_ratio = max(self.max_tolerance_ratio, r)
+      n_out, worst = check_bound(golden, ours, tol)
+      self.n_out_of_tolerance += n_out
+      self.max_tolerance_ratio = max(self.max_tolerance_ratio, worst)
 
   def result(self, ours_sha: str | None = None, golden_sha: str | None = None) -> dict[str, Any]:
     diff = self.acc.result()
