@@ -43,7 +43,7 @@ import numpy as np
 
 from parity_jax import bundles
 from parity_jax.oracle import to_numpy
-from parity_jax.files import file_sha256
+from parity_jax.files import file_sha256, write_text_atomic
 from parity_jax.provenance import default_provenance, package_versions, torch_backend
 
 SEED = 20261123
@@ -204,64 +204,16 @@ def self_consistency(components: dict[str, tuple[Any, Any, Any]], offsets: dict[
 
 def regenerate(goldens_dir: str) -> list[str]:
   """Writes the SVF goldens under ``goldens_dir/svf`` and returns the paths written."""
-  import safetensors.torch
   import torch
 
   out_dir = os.path.join(goldens_dir, "svf")
   os.makedirs(out_dir, exist_ok=True)
   paths = {k: os.path.join(out_dir, v) for k, v in FILES.items()}
-  gen = torch.Generator().manual_seed(SEED)
   specs = selected_tensors()
-  weights: dict[str, Any] = {}
-  comps_mem: dict[str, tuple[Any, Any, Any]] = {}
-  offs: dict[str, Any] = {}
   with torch.no_grad():
-    for name, shape, kind in specs:
-      if kind == "tied":
-        w = weights["model.embed_tokens.weight"]
-      else:
-        w = torch.randn(shape, generator=gen, dtype=torch.float32) * WEIGHT_STD[kind]
-      weights[name] = w
-      u, s, v = torch.svd(w)  # legacy torch.svd: V, not Vh
-      comps_mem[name] = (u, s, v)
-      offs[name] = torch.randn(s.shape[0], generator=gen, dtype=torch.float32) * OFFSET_STD
-
-    prov = default_provenance("parity_jax.oracle.svf_goldens", seed=SEED, decomposition="torch.svd (legacy: V, not Vh)")
-    comp_tensors = {}
-    for name, (u, s, v) in comps_mem.items():
-      comp_tensors[f"{name}.U"], comp_tensors[f"{name}.S"], comp_tensors[f"{name}.V"] = to_numpy(u), to_numpy(s), to_numpy(v)
-    bundles.save_bundle(paths["components"], comp_tensors, prov)
-    bundles.save_bundle(paths["offsets"], {n: to_numpy(o) for n, o in offs.items()}, prov)
-
-    # The Python baseline: the formula applied to the components as read back from safetensors.
-    back = safetensors.torch.load_file(paths["components"])
-    comps = {n: (back[f"{n}.U"], back[f"{n}.S"], back[f"{n}.V"]) for n, _, _ in specs}
-    offs_back = safetensors.torch.load_file(paths["offsets"])
-
-    all_stages: dict[str, np.ndarray] = {}
-    records = []
-    in_memory_equal = True
-    for name, shape, _ in specs:
-      st = torch_formula(*comps[name], offs_back[name])
-      st["source_f32"] = weights[name]
-      mem = torch_formula(*comps_mem[name], offs[name])
-      in_memory_equal &= bool(torch.equal(mem["final_bf16"].view(torch.int16), st["final_bf16"].view(torch.int16)))
-      for s in STAGE_NAMES:
-        all_stages[f"tensor.{_safe(name)}.{s}"] = to_numpy(st[s])
-      records.append(_record(name, shape, int(comps[name][1].shape[0]), shape, "identity", st))
-
-    m, n = dict((nm, sh) for nm, sh, _ in specs)[SAMPLE]
-    target = (n, m)
-    sst = torch_formula(*comps[SAMPLE], offs_back[SAMPLE], orientation="transpose")
-    sst["source_f32"] = weights[SAMPLE]
-    sample_stages = {f"stage.{s}": to_numpy(sst[s]) for s in STAGE_NAMES}
-    sample_record = _record(SAMPLE, (m, n), int(comps[SAMPLE][1].shape[0]), target, "transpose", sst)
-    sample_record["source_name"] = SAMPLE
-
-    bundle_prov = default_provenance("parity_jax.oracle.svf_goldens", seed=SEED, formula="torch float32 CPU", layout="torch_v")
-    bundles.save_bundle(paths["sample"], sample_stages, bundle_prov)
-    bundles.save_bundle(paths["all_selected"], all_stages, bundle_prov)
-
+    weights, comps_mem, offs = _draw(specs)
+    comps, offs_back = _write_components(paths, comps_mem, offs, specs)
+    records, in_memory_equal = _write_stages(paths, specs, weights, comps, offs_back, comps_mem, offs)
     report = {
         "format": "parity_jax.svf_report/1",
         "producer": "parity_jax.oracle.svf_goldens",
@@ -275,35 +227,96 @@ def regenerate(goldens_dir: str) -> list[str]:
         "stage_debug": {"stage_tensor_file": FILES["sample"], "all_selected_stage_tensor_file": FILES["all_selected"]},
         "baseline": "safetensors readback",
         "in_memory_matches_readback": in_memory_equal,
-        "sample": sample_record,
+        "sample": records.pop(),
         "tensors": records,
         "combined_sha256": _combined((r["name"], r["final_bf16_sha256"]) for r in records),
         "torch_self_consistency": self_consistency(comps, offs_back),
     }
-  with open(paths["report"], "w") as f:
-    json.dump(report, f, indent=1, sort_keys=True)
-    f.write("\n")
-
+  write_text_atomic(paths["report"], json.dumps(report, indent=1, sort_keys=True) + "\n")
   written = [paths[k] for k in ("components", "offsets", "sample", "all_selected", "report")]
+  m, n = dict((nm, sh) for nm, sh, _ in specs)[SAMPLE]
   manifest = {
       "area": "svf",
       "generator": "parity_jax.oracle.svf_goldens.regenerate",
-      "regenerate": "python -m tools.regen_goldens --what=svf",
+      "regenerate": "parity-regen-goldens --goldens_dir=goldens --what=svf --overwrite",
       "seed": SEED,
       "model": MODEL,
       "weight_std": WEIGHT_STD,
       "offset_std": OFFSET_STD,
-      "sample": {"source_name": SAMPLE, "target_shape": list(target), "orientation": "transpose"},
+      "sample": {"source_name": SAMPLE, "target_shape": [n, m], "orientation": "transpose"},
       "selected": [{"name": nm, "shape": list(sh)} for nm, sh, _ in specs],
       "backend": _backend(),
       "versions": package_versions(),
       "files": {os.path.basename(p): {"sha256": file_sha256(p), "bytes": os.path.getsize(p)} for p in written},
   }
   mpath = os.path.join(out_dir, "MANIFEST.json")
-  with open(mpath, "w") as f:
-    json.dump(manifest, f, indent=1, sort_keys=True)
-    f.write("\n")
+  write_text_atomic(mpath, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
   return written + [mpath]
+
+
+def _draw(specs) -> tuple[dict[str, Any], dict[str, tuple[Any, Any, Any]], dict[str, Any]]:
+  """Seeded weights (the LM head tied to the embedding), their ``torch.svd`` components and seeded offsets."""
+  import torch
+
+  gen = torch.Generator().manual_seed(SEED)
+  weights: dict[str, Any] = {}
+  comps: dict[str, tuple[Any, Any, Any]] = {}
+  offs: dict[str, Any] = {}
+  for name, shape, kind in specs:
+    if kind == "tied":
+      w = weights["model.embed_tokens.weight"]
+    else:
+      w = torch.randn(shape, generator=gen, dtype=torch.float32) * WEIGHT_STD[kind]
+    weights[name] = w
+    u, s, v = torch.svd(w)  # legacy torch.svd: V, not Vh
+    comps[name] = (u, s, v)
+    offs[name] = torch.randn(s.shape[0], generator=gen, dtype=torch.float32) * OFFSET_STD
+  return weights, comps, offs
+
+
+def _write_components(paths: dict[str, str], comps_mem, offs, specs) -> tuple[dict[str, tuple[Any, Any, Any]], dict[str, Any]]:
+  """Writes the components and offsets files; returns them as read back (the Python process's baseline)."""
+  import safetensors.torch
+
+  prov = default_provenance("parity_jax.oracle.svf_goldens", seed=SEED, decomposition="torch.svd (legacy: V, not Vh)")
+  comp_tensors = {}
+  for name, (u, s, v) in comps_mem.items():
+    comp_tensors[f"{name}.U"], comp_tensors[f"{name}.S"], comp_tensors[f"{name}.V"] = to_numpy(u), to_numpy(s), to_numpy(v)
+  bundles.save_bundle(paths["components"], comp_tensors, prov)
+  bundles.save_bundle(paths["offsets"], {n: to_numpy(o) for n, o in offs.items()}, prov)
+  back = safetensors.torch.load_file(paths["components"])
+  comps = {n: (back[f"{n}.U"], back[f"{n}.S"], back[f"{n}.V"]) for n, _, _ in specs}
+  return comps, safetensors.torch.load_file(paths["offsets"])
+
+
+def _write_stages(paths, specs, weights, comps, offs_back, comps_mem, offs) -> tuple[list[dict[str, Any]], bool]:
+  """The formula's stages of every tensor (all-selected bundle) and of the sample (transposed); their records.
+
+  Returns the per-tensor records with the sample's record last, and whether the
+  in-memory components give the same final bytes as the read-back ones.
+  """
+  import torch
+
+  all_stages: dict[str, np.ndarray] = {}
+  records = []
+  in_memory_equal = True
+  for name, shape, _ in specs:
+    st = torch_formula(*comps[name], offs_back[name])
+    st["source_f32"] = weights[name]
+    mem = torch_formula(*comps_mem[name], offs[name])
+    in_memory_equal &= bool(torch.equal(mem["final_bf16"].view(torch.int16), st["final_bf16"].view(torch.int16)))
+    for s in STAGE_NAMES:
+      all_stages[f"tensor.{_safe(name)}.{s}"] = to_numpy(st[s])
+    records.append(_record(name, shape, int(comps[name][1].shape[0]), shape, "identity", st))
+  m, n = dict((nm, sh) for nm, sh, _ in specs)[SAMPLE]
+  sst = torch_formula(*comps[SAMPLE], offs_back[SAMPLE], orientation="transpose")
+  sst["source_f32"] = weights[SAMPLE]
+  sample_record = _record(SAMPLE, (m, n), int(comps[SAMPLE][1].shape[0]), (n, m), "transpose", sst)
+  sample_record["source_name"] = SAMPLE
+  bundle_prov = default_provenance("parity_jax.oracle.svf_goldens", seed=SEED, formula="torch float32 CPU", layout="torch_v")
+  bundles.save_bundle(paths["sample"], {f"stage.{s}": to_numpy(sst[s]) for s in STAGE_NAMES}, bundle_prov)
+  bundles.save_bundle(paths["all_selected"], all_stages, bundle_prov)
+  return records + [sample_record], in_memory_equal
 
 
 # ----------------------------------------------------------------------------
