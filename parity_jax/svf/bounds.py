@@ -235,6 +235,18 @@ def _rounding_interval(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return lo, hi
 
 
+class _Mismatches:
+  """The differing elements of one update: positions, both bf16 values, their ULP distance and rounding intervals."""
+
+  def __init__(self, rows: np.ndarray, cols: np.ndarray, g: np.ndarray, o: np.ndarray):
+    self.rows, self.cols = rows, cols
+    self.g64, self.o64 = g.astype(np.float64), o.astype(np.float64)
+    self.finite = np.isfinite(self.g64) & np.isfinite(self.o64)
+    self.ulp = ulp_distance(g, o)
+    self.lo_g, self.hi_g = _rounding_interval(g)
+    self.lo_o, self.hi_o = _rounding_interval(o)
+
+
 class MismatchAccounting:
   """Explained/unexplained accounting of final bf16 differences, chunk by chunk.
 
@@ -288,71 +300,84 @@ class MismatchAccounting:
       row_offset: int = 0,
   ) -> None:
     """``golden_bits``/``ours_bits``: ``[rows, n]`` uint16 bf16 bit patterns (NaN policies aligned)."""
-    differs = golden_bits != ours_bits
-    rows, cols = np.nonzero(differs)
+    rows, cols = np.nonzero(golden_bits != ours_bits)
     if rows.size == 0:
       return
     self.n_mismatch += int(rows.size)
-    cd = np.dtype(self.fc.compute_dtype)
-    g = golden_bits[rows, cols].view(BF16)
-    o = ours_bits[rows, cols].view(BF16)
-    g64, o64 = g.astype(np.float64), o.astype(np.float64)
-    finite = np.isfinite(g64) & np.isfinite(o64)
-    ulp = ulp_distance(g, o)
-    lo_g, hi_g = _rounding_interval(g)
-    lo_o, hi_o = _rounding_interval(o)
-    # Cheap necessary condition: the reference interval (width 2 beta') must reach both
-    # rounding intervals; beta' <= its value at |M| = T = C (Cauchy-Schwarz).
-    ss = self.fc.ss64
-    us_rows = np.asarray(u_rows)[np.unique(rows)]
-    c = row_norms(us_rows.astype(cd).astype(np.float64) * ss[None, :])[np.searchsorted(np.unique(rows), rows)]
-    c = c * row_norms(np.asarray(v_nk)[np.unique(cols)].astype(cd).astype(np.float64))[np.searchsorted(np.unique(cols), cols)]
-    beta_max = self.fc.value_bound(c, c) + self.fc.reference_bound(c, c)
-    with np.errstate(invalid="ignore"):
-      gap = np.maximum(lo_g - hi_o, lo_o - hi_g)  # > 0 when the two intervals are disjoint
-      reachable = finite & (gap <= 2.0 * beta_max)
-    self.n_nonfinite += int(np.count_nonzero(~finite))
-    ratio = np.full(rows.shape, np.inf)
-    ref = np.full(rows.shape, np.nan)
-    bound = np.full(rows.shape, np.nan)
-    cand = np.flatnonzero(reachable)
-    k = max(1, self.fc.k)
-    step = max(1, self.batch_elems // k)
-    for start in range(0, cand.size, step):
-      sel = cand[start : start + step]
-      # the reference sees the inputs as the computation does: rounded to the compute dtype
-      uu = np.asarray(u_rows[rows[sel]]).astype(cd).astype(np.float64)
-      vv = np.asarray(v_nk[cols[sel]]).astype(cd).astype(np.float64)
-      terms = uu * ss[None, :] * vv
-      m = terms.sum(axis=1)
-      t = np.abs(terms).sum(axis=1)
-      r = m * self.fc.n64
-      b = self.fc.value_bound(np.abs(m), t) + self.fc.reference_bound(np.abs(m), t)
-      # distance from the reference to each rounding interval (0 inside it)
-      d = np.maximum(np.maximum(0.0, np.maximum(lo_g[sel] - r, r - hi_g[sel])), np.maximum(0.0, np.maximum(lo_o[sel] - r, r - hi_o[sel])))
-      ref[sel], bound[sel] = r, b
-      with np.errstate(invalid="ignore", divide="ignore"):
-        ratio[sel] = d / b
+    m = _Mismatches(rows, cols, golden_bits[rows, cols].view(BF16), ours_bits[rows, cols].view(BF16))
+    reachable = self._reachable(m, u_rows, v_nk)
+    ratio, ref, bound = self._ratios(m, reachable, u_rows, v_nk)
     within = reachable & (ratio <= 1.0)
-    tie = ulp <= 1
+    tie = m.ulp <= 1
     explained = within & (tie | (self.rule == "bound"))
+    self.n_nonfinite += int(np.count_nonzero(~m.finite))
     self.n_explained_tie += int(np.count_nonzero(explained & tie))
     self.n_explained_multi_ulp += int(np.count_nonzero(explained & ~tie))
     self.n_multi_ulp_refused += int(np.count_nonzero(within & ~explained))
-    self.n_outside_bound += int(np.count_nonzero(finite & ~within))
+    self.n_outside_bound += int(np.count_nonzero(m.finite & ~within))
     self.n_unexplained += int(rows.size) - int(np.count_nonzero(explained))
     if explained.any():
       self.max_explained_ratio = max(self.max_explained_ratio, float(ratio[explained].max()))
-      self.max_ulp_explained = max(self.max_ulp_explained, int(ulp[explained].max()))
+      self.max_ulp_explained = max(self.max_ulp_explained, int(m.ulp[explained].max()))
+    self._keep_examples(m, explained, ratio, ref, bound, golden_bits, ours_bits, row_offset)
+
+  def _reachable(self, m: "_Mismatches", u_rows: np.ndarray, v_nk: np.ndarray) -> np.ndarray:
+    """Cheap necessary condition: the reference interval (width 2 beta') must reach both rounding intervals.
+
+    beta' <= its value at ``|M| = T = C`` (Cauchy-Schwarz), ``C`` the product of the row norms.
+    """
+    cd = np.dtype(self.fc.compute_dtype)
+    ur, uc = np.unique(m.rows), np.unique(m.cols)
+    c = row_norms(np.asarray(u_rows)[ur].astype(cd).astype(np.float64) * self.fc.ss64[None, :])[np.searchsorted(ur, m.rows)]
+    c = c * row_norms(np.asarray(v_nk)[uc].astype(cd).astype(np.float64))[np.searchsorted(uc, m.cols)]
+    beta_max = self.fc.value_bound(c, c) + self.fc.reference_bound(c, c)
+    with np.errstate(invalid="ignore"):
+      gap = np.maximum(m.lo_g - m.hi_o, m.lo_o - m.hi_g)  # > 0 when the two intervals are disjoint
+      return m.finite & (gap <= 2.0 * beta_max)
+
+  def _ratios(self, m: "_Mismatches", reachable: np.ndarray, u_rows: np.ndarray, v_nk: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per mismatch: (distance of the float64 reference to the farther rounding interval) / bound, the reference, the bound.
+
+    One length-``k`` dot per reachable mismatch, in batches of ``batch_elems``; unreachable ones get ratio inf.
+    """
+    cd = np.dtype(self.fc.compute_dtype)
+    ratio = np.full(m.rows.shape, np.inf)
+    ref = np.full(m.rows.shape, np.nan)
+    bound = np.full(m.rows.shape, np.nan)
+    cand = np.flatnonzero(reachable)
+    step = max(1, self.batch_elems // max(1, self.fc.k))
+    for start in range(0, cand.size, step):
+      sel = cand[start : start + step]
+      # the reference sees the inputs as the computation does: rounded to the compute dtype
+      uu = np.asarray(u_rows[m.rows[sel]]).astype(cd).astype(np.float64)
+      vv = np.asarray(v_nk[m.cols[sel]]).astype(cd).astype(np.float64)
+      terms = uu * self.fc.ss64[None, :] * vv
+      dot = terms.sum(axis=1)
+      t = np.abs(terms).sum(axis=1)
+      r = dot * self.fc.n64
+      b = self.fc.value_bound(np.abs(dot), t) + self.fc.reference_bound(np.abs(dot), t)
+      # distance from the reference to each rounding interval (0 inside it)
+      d = np.maximum(np.maximum(0.0, np.maximum(m.lo_g[sel] - r, r - m.hi_g[sel])),
+                     np.maximum(0.0, np.maximum(m.lo_o[sel] - r, r - m.hi_o[sel])))
+      ref[sel], bound[sel] = r, b
+      with np.errstate(invalid="ignore", divide="ignore"):
+        ratio[sel] = d / b
+    return ratio, ref, bound
+
+  def _keep_examples(self, m: "_Mismatches", explained: np.ndarray, ratio: np.ndarray, ref: np.ndarray,
+                     bound: np.ndarray, golden_bits: np.ndarray, ours_bits: np.ndarray, row_offset: int) -> None:
+    """The first unexplained mismatches, and the explained ones closest to their bound (chunking-independent)."""
 
     def record(i: int, ok: bool) -> dict[str, Any]:
+      r, c = int(m.rows[i]), int(m.cols[i])
       return {
-          "index_source": [int(rows[i]) + int(row_offset), int(cols[i])],
-          "golden": float(g64[i]),
-          "ours": float(o64[i]),
-          "golden_bits": f"0x{int(golden_bits[rows[i], cols[i]]):04x}",
-          "ours_bits": f"0x{int(ours_bits[rows[i], cols[i]]):04x}",
-          "ulp": int(ulp[i]) if finite[i] else None,
+          "index_source": [r + int(row_offset), c],
+          "golden": float(m.g64[i]),
+          "ours": float(m.o64[i]),
+          "golden_bits": f"0x{int(golden_bits[r, c]):04x}",
+          "ours_bits": f"0x{int(ours_bits[r, c]):04x}",
+          "ulp": int(m.ulp[i]) if m.finite[i] else None,
           "reference_f64": None if math.isnan(ref[i]) else float(ref[i]),
           "bound": None if math.isnan(bound[i]) else float(bound[i]),
           "ratio": None if not math.isfinite(ratio[i]) else float(ratio[i]),
@@ -364,9 +389,8 @@ class MismatchAccounting:
       self.unexplained_examples.append(record(int(i), False))
     good = np.flatnonzero(explained)
     if good.size:
-      # The explained ones closest to their bound are the informative ones. Ranked
-      # by (-ratio, index) over everything seen, so chunking does not change them.
-      order = good[np.lexsort((rows[good] * golden_bits.shape[1] + cols[good], -ratio[good]))][: self.keep]
+      # Ranked by (-ratio, index) over everything seen, so chunking does not change them.
+      order = good[np.lexsort((m.rows[good] * golden_bits.shape[1] + m.cols[good], -ratio[good]))][: self.keep]
       pool = self.explained_examples + [record(int(i), True) for i in order]
       pool.sort(key=lambda e: (-e["ratio"], e["index_source"]))
       self.explained_examples = pool[: self.keep]
