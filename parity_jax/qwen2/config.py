@@ -257,6 +257,25 @@ def _rope(cfg: Mapping[str, Any], head_dim: int, source: str) -> tuple[float, Ro
   (``standardize_rope_params``). Where transformers would silently prefer one
   of two contradicting values, this refuses instead.
   """
+  where, rope, rope_type = _rope_section(cfg, source)
+  theta = _rope_theta(cfg, rope, where, source)
+  if rope_type == "default":
+    return theta, None
+  mpe = cfg.get("max_position_embeddings", _HF_DEFAULT_MAX_POSITION_EMBEDDINGS)
+  if "factor" not in rope:
+    _fail(source, f"{where} has no factor (transformers requires it for rope_type {rope_type!r})")
+  factor = rope["factor"]
+  if rope_type == "linear":
+    return theta, RopeScaling("linear", _float(factor, f"{where}.factor", source))
+  if rope_type == "dynamic":
+    if head_dim <= 2:
+      _fail(source, f"dynamic RoPE needs head_dim > 2 (its exponent is hd / (hd - 2)), got {head_dim}")
+    return theta, RopeScaling("dynamic", _float(factor, f"{where}.factor", source), max_position_embeddings=mpe)
+  return theta, _yarn(cfg, rope, where, mpe, factor, source)
+
+
+def _rope_section(cfg: Mapping[str, Any], source: str) -> tuple[str, Mapping[str, Any], str]:
+  """``(where, rope dict, rope_type)``: the one RoPE section in force, its keys checked against its type."""
   scaling = cfg.get("rope_scaling")
   params = cfg.get("rope_parameters")
   if scaling and params:
@@ -279,31 +298,24 @@ def _rope(cfg: Mapping[str, Any], head_dim: int, source: str) -> tuple[float, Ro
                    (cfg.get("partial_rotary_factor"), "partial_rotary_factor")):
     if prf is not None and (isinstance(prf, bool) or prf != 1.0):
       _fail(source, f"{key}={prf!r} is not implemented (only full rotary)")
+  return where, rope, rope_type
 
+
+def _rope_theta(cfg: Mapping[str, Any], rope: Mapping[str, Any], where: str, source: str) -> float:
+  """The RoPE base: the section's ``rope_theta``, else the top-level one; never both different, never neither."""
   top = cfg.get("rope_theta")
   if "rope_theta" in rope and rope["rope_theta"] is not None:
     theta = _float(rope["rope_theta"], f"{where}.rope_theta", source)
     if top is not None and _float(top, "rope_theta", source) != theta:
       _fail(source, f"rope_theta={top!r} contradicts {where}.rope_theta={rope['rope_theta']!r}")
-  elif top is not None:
-    theta = _float(top, "rope_theta", source)
-  else:
-    _fail(source, "config has neither rope_theta nor rope_parameters.rope_theta (refusing to guess the RoPE base)")
-  if rope_type == "default":
-    return theta, None
+    return theta
+  if top is not None:
+    return _float(top, "rope_theta", source)
+  _fail(source, "config has neither rope_theta nor rope_parameters.rope_theta (refusing to guess the RoPE base)")
 
-  mpe = cfg.get("max_position_embeddings", _HF_DEFAULT_MAX_POSITION_EMBEDDINGS)
-  if "factor" not in rope:
-    _fail(source, f"{where} has no factor (transformers requires it for rope_type {rope_type!r})")
-  factor = rope["factor"]
-  if rope_type == "linear":
-    return theta, RopeScaling("linear", _float(factor, f"{where}.factor", source))
-  if rope_type == "dynamic":
-    if head_dim <= 2:
-      _fail(source, f"dynamic RoPE needs head_dim > 2 (its exponent is hd / (hd - 2)), got {head_dim}")
-    return theta, RopeScaling("dynamic", _float(factor, f"{where}.factor", source), max_position_embeddings=mpe)
 
-  # yarn: transformers' _compute_yarn_parameters, in Python floats as it computes them.
+def _yarn(cfg: Mapping[str, Any], rope: Mapping[str, Any], where: str, mpe: int, factor: Any, source: str) -> RopeScaling:
+  """YaRN as transformers' ``_compute_yarn_parameters`` resolves it, in Python floats as it computes them."""
   orig = rope.get("original_max_position_embeddings")
   top_orig = cfg.get("original_max_position_embeddings")
   if top_orig is not None:
@@ -337,9 +349,9 @@ def _rope(cfg: Mapping[str, Any], head_dim: int, source: str) -> tuple[float, Ro
       attention_factor = get_mscale(factor)
   elif attention_factor <= 0:
     _fail(source, f"{where}.attention_factor must be positive, got {attention_factor!r}")
-  return theta, RopeScaling(
-      "yarn", factor, original_max_position_embeddings=orig, attention_factor=float(attention_factor),
-      beta_fast=float(numbers["beta_fast"] or 32), beta_slow=float(numbers["beta_slow"] or 1), truncate=truncate)
+  return RopeScaling("yarn", factor, original_max_position_embeddings=orig, attention_factor=float(attention_factor),
+                     beta_fast=float(numbers["beta_fast"] or 32), beta_slow=float(numbers["beta_slow"] or 1),
+                     truncate=truncate)
 
 
 def _sliding(cfg: Mapping[str, Any], num_layers: int, source: str) -> tuple[int | None, tuple[int, ...]]:
@@ -377,6 +389,22 @@ def _sliding(cfg: Mapping[str, Any], num_layers: int, source: str) -> tuple[int 
   return window, layers
 
 
+def _head_dim(cfg: Mapping[str, Any], model_type: str, hidden: int, num_heads: int, source: str) -> int:
+  head_dim = cfg.get("head_dim")
+  if head_dim is None:
+    if model_type == "qwen3":
+      head_dim = 128  # Qwen3Config's class default, used by transformers when config.json omits it
+    else:
+      if hidden % num_heads:
+        _fail(source, f"hidden_size={hidden} is not divisible by num_attention_heads={num_heads} and no head_dim is given")
+      head_dim = hidden // num_heads
+  else:
+    head_dim = _int(cfg, "head_dim", source)
+  if head_dim % 2:
+    _fail(source, f"head_dim={head_dim} must be even for rotate-half RoPE")
+  return head_dim
+
+
 def parse_config(cfg: Mapping[str, Any], source: str = "config.json") -> QwenConfig:
   """Validates a config.json dict (4.x or 5.x style) against the allowlist and returns a :class:`QwenConfig`."""
   if not isinstance(cfg, Mapping):
@@ -396,19 +424,7 @@ def parse_config(cfg: Mapping[str, Any], source: str = "config.json") -> QwenCon
   num_kv_heads = num_heads if kv is None else _int(cfg, "num_key_value_heads", source)
   if num_heads % num_kv_heads:
     _fail(source, f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
-  head_dim = cfg.get("head_dim")
-  if head_dim is None:
-    if model_type == "qwen3":
-      head_dim = 128  # Qwen3Config's class default, used by transformers when config.json omits it
-    else:
-      if hidden % num_heads:
-        _fail(source, f"hidden_size={hidden} is not divisible by num_attention_heads={num_heads} and no head_dim is given")
-      head_dim = hidden // num_heads
-  else:
-    head_dim = _int(cfg, "head_dim", source)
-  if head_dim % 2:
-    _fail(source, f"head_dim={head_dim} must be even for rotate-half RoPE")
-
+  head_dim = _head_dim(cfg, model_type, hidden, num_heads, source)
   if model_type == "qwen3":
     bias = _bool(cfg, "attention_bias", source, False)
     qkv_bias, o_bias, qk_norm = bias, bias, True
