@@ -15,3 +15,11 @@ def pytest_report_header(config):
 def test_seed() -> int:
   """The session's seed (tests/helpers/seed.py)."""
   return TEST_SEED
+
+
+@pytest.fixture(scope="session")
+def alt_svf_goldens(tmp_path_factory):
+  """SVF goldens whose finals come from a second legitimate float32 summation order (tests/helpers/svf.py)."""
+  from tests.helpers.svf import alternative_order_goldens
+
+  return alternative_order_goldens(tmp_path_factory.mktemp("alt") / "svf")

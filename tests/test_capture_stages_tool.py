@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from parity_jax import qwen2
-from parity_jax.compare import bit_equal
 from parity_jax.bundles import load_bundle
 from parity_jax.bundles.qwen_graph import qwen_stage_names
+from parity_jax.compare import bit_equal
 from tests.helpers.qwen import MODELS, ROOT
+from tests.helpers.tools import run_many
 
 
 def _run(*args):
@@ -77,19 +78,30 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_exits_2_with_one_line(tmp_path, unsupported_dir, case):
-  args, needle = BAD[case]
-  subs = {"tmp": tmp_path, "unsupported": unsupported_dir, "model": MODELS / "qwen2_gqa_bias"}
-  args = [a.format(**subs) for a in args]
-  if not any(a.startswith("--out=") for a in args):
-    args.append(f"--out={tmp_path / 'b.safetensors'}")
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory, unsupported_dir):
+  """Every BAD case through the tool in one process (tests.helpers.tools.run_many): case -> (result, its tmp dir)."""
+  argvs, dirs = [], {}
+  for case in sorted(BAD):
+    tmp = tmp_path_factory.mktemp(case)
+    args = [a.format(tmp=tmp, unsupported=unsupported_dir, model=MODELS / "qwen2_gqa_bias") for a in BAD[case][0]]
+    if not any(a.startswith("--out=") for a in args):
+      args.append(f"--out={tmp / 'b.safetensors'}")
+    argvs.append(args)
+    dirs[case] = tmp
   before = sorted(os.listdir(MODELS / "qwen2_gqa_bias"))
-  r = _run(*args)
+  results = run_many("capture_stages", argvs)
+  assert sorted(os.listdir(MODELS / "qwen2_gqa_bias")) == before
+  return {case: (r, dirs[case]) for case, r in zip(sorted(BAD), results)}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_exits_2_with_one_line(bad_runs, case):
+  import re
+
+  r, tmp = bad_runs[case]
   assert r.returncode == 2, (r.returncode, r.stderr)
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in r.stderr, r.stderr
-  import re
-  assert re.search(needle, lines[0]), lines[0]
-  assert not (tmp_path / "b.safetensors").exists()
-  assert sorted(os.listdir(MODELS / "qwen2_gqa_bias")) == before
+  assert re.search(BAD[case][1], lines[0]), lines[0]
+  assert not (tmp / "b.safetensors").exists()

@@ -18,6 +18,7 @@ import safetensors.numpy
 
 from parity_jax.errors import UsageError
 from parity_jax.qwen2.parity import forward_parity, golden_inputs
+from tests.helpers.tools import run_many
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDENS = ROOT / "goldens"
@@ -95,7 +96,7 @@ def test_tool_passes_and_writes_candidate_and_plot(tmp_path):
   assert "layers.0.q_norm" in safetensors.numpy.load_file(str(out))
 
 
-@pytest.mark.parametrize("args, needle", [
+BAD = [
     (["--model_dir=/nonexistent", "--golden=goldens/forward/qwen3.safetensors"], "no such model directory"),
     (["--model_dir=goldens/models/qwen3"], "give --golden"),
     (["--model_dir=goldens/models/qwen3", "--golden=/nonexistent.safetensors"], "no such file"),
@@ -106,17 +107,27 @@ def test_tool_passes_and_writes_candidate_and_plot(tmp_path):
     (["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors",
       "--save_candidate=goldens/forward/qwen3.safetensors"], "would overwrite or lie inside an input"),
     (["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors", "--dtype=float8"], "dtype"),
-])
-def test_bad_input_exits_2_with_one_line(args, needle):
+]
+
+
+@pytest.fixture(scope="module")
+def bad_runs():
+  """Every BAD case through the tool in one process (tests.helpers.tools.run_many), from the repository root."""
+  before = {p: p.read_bytes() for p in (GOLDENS / "forward").glob("qwen3*.safetensors")}
+  results = run_many("forward_parity", [args for args, _ in BAD])
+  assert {p: p.read_bytes() for p in before} == before
+  return results
+
+
+@pytest.mark.parametrize("i", range(len(BAD)), ids=[needle for _, needle in BAD])
+def test_bad_input_exits_2_with_one_line(bad_runs, i):
   import re
 
-  before = {p: p.read_bytes() for p in (GOLDENS / "forward").glob("qwen3*.safetensors")}
-  r = _tool(*args)
+  r, needle = bad_runs[i], BAD[i][1]
   lines = r.stderr.strip().splitlines()
   assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
   assert len(lines) == 1 and "error:" in lines[0], r.stderr
   assert re.search(needle, lines[0]), lines[0]
-  assert {p: p.read_bytes() for p in before} == before
 
 
 def test_golden_without_inputs_is_a_usage_error(tmp_path):

@@ -61,9 +61,6 @@ def test_sample_replay_passes_in_target_orientation():
   assert replay(golden_dir=str(GOLDENS), mode="bytes").report["verdict"] == want
 
 
-@pytest.fixture(scope="module")
-def alt_goldens(tmp_path_factory):
-  return svf_testlib.alternative_order_goldens(tmp_path_factory.mktemp("alt") / "svf")
 
 
 def test_legitimate_ties_from_another_summation_order_are_all_explained():
@@ -79,8 +76,8 @@ def test_legitimate_ties_from_another_summation_order_are_all_explained():
   assert total > 0  # the two orders do round differently (torch bytes and numpy are both fixed: same count everywhere)
 
 
-def test_replay_against_another_summation_order_explains_every_tie(alt_goldens):
-  golden_dir, n_ties = alt_goldens
+def test_replay_against_another_summation_order_explains_every_tie(alt_svf_goldens):
+  golden_dir, n_ties = alt_svf_goldens
   assert n_ties > 0
   res = replay(golden_dir=str(golden_dir), all_selected=True)
   s = res.report["summary"]

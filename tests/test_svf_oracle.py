@@ -156,5 +156,5 @@ def test_convert_svd_weights_roundtrip_and_bad_files(tmp_path):
     convert(str(tmp_path / "shape.pt"), str(tmp_path / "o2"), layout="vh")
   (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
   p = _convert(f"--svd_weights={tmp_path / 'junk.pt'}", f"--out_dir={tmp_path / 'o3'}")
-  assert p.returncode == 2 and "cannot load" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+  assert p.returncode == 2 and "is not a PyTorch file" in p.stderr and len(p.stderr.strip().splitlines()) == 1
   assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

@@ -4,30 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import shutil
-import subprocess
-import sys
-
 
 from parity_jax import bundles as stages
 from parity_jax.svf import STAGES, tensor_key
+from tests.helpers.tools import ROOT, run_many
+from tests.helpers.tools import one_line_error as _one_line_error
 
-from tests.helpers import svf as svf_testlib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDENS = ROOT / "goldens" / "svf"
 
 
 def _run(tool, *args, env=None):
-  return subprocess.run([sys.executable, "-m", f"tools.{tool}", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-
-
-def _one_line_error(p, contains):
-  assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-  lines = [line for line in p.stderr.splitlines() if line.strip()]
-  assert len(lines) == 1 and "error:" in lines[0] and contains in lines[0], p.stderr
-  assert "Traceback" not in p.stderr
+  (r,) = run_many(tool, [list(args)], env=env)
+  return r
 
 
 def test_pass_writes_report_and_stage_bundle(tmp_path):
@@ -51,30 +40,32 @@ def test_pass_writes_report_and_stage_bundle(tmp_path):
   assert len(bundle) == 70 and tensor_key("model.layers.1.mlp.up_proj.weight", "final_bf16") in bundle
 
 
-def test_bytes_mode_fails_with_exit_1_on_real_ties(tmp_path):
-  # Goldens with legitimate ties on every machine (another float32 summation order; see svf_testlib).
-  golden_dir, n_ties = svf_testlib.alternative_order_goldens(tmp_path / "svf")
+def test_bytes_mode_fails_with_exit_1_on_real_ties(alt_svf_goldens):
+  # Goldens with legitimate ties on every machine (another float32 summation order; see tests/helpers/svf.py);
+  # the default mode's PASS on them: test_svf_goldens.test_replay_against_another_summation_order_explains_every_tie.
+  golden_dir, n_ties = alt_svf_goldens
   assert n_ties > 0
   p = _run("svf_parity", f"--golden_dir={golden_dir}", "--all_selected_tensors", "--mode=bytes", "--progress=false")
   assert p.returncode == 1, p.stdout + p.stderr
   assert "SVF parity FAIL (mode=bytes, all_selected)" in p.stdout and "unexplained 0" in p.stdout
-  p = _run("svf_parity", f"--golden_dir={golden_dir}", "--all_selected_tensors", "--progress=false")
-  assert p.returncode == 0, p.stdout + p.stderr
-  assert "SVF parity PASS (mode=stage_tolerances, all_selected)" in p.stdout
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path):
-  _one_line_error(_run("svf_parity", f"--golden_dir={tmp_path / 'nope'}"), "no such directory")
-  _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", f"--python_report={GOLDENS / 'svf_report.json'}"), "exactly one of")
-  _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", "--all_selected_tensors", "--selected_source_filter=layers.9."), "selects no tensor")
-  _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", "--layout=vh"), "component shapes disagree")
-  _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", f"--components_dir={tmp_path}"), "no components file")
-  _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", "--mode=fast"), "mode")
-  _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", "stray"), "unexpected positional")
-  # never overwrite an input: our bundle and report names are the golden's own
+  cases = [
+      ([f"--golden_dir={tmp_path / 'nope'}"], "no such directory"),
+      ([f"--golden_dir={GOLDENS}", f"--python_report={GOLDENS / 'svf_report.json'}"], "exactly one of"),
+      ([f"--golden_dir={GOLDENS}", "--all_selected_tensors", "--selected_source_filter=layers.9."], "selects no tensor"),
+      ([f"--golden_dir={GOLDENS}", "--layout=vh"], "component shapes disagree"),
+      ([f"--golden_dir={GOLDENS}", f"--components_dir={tmp_path}"], "no components file"),
+      ([f"--golden_dir={GOLDENS}", "--mode=fast"], "mode"),
+      ([f"--golden_dir={GOLDENS}", "stray"], "unexpected positional"),
+      # never overwrite an input: our bundle and report names are the golden's own
+      ([f"--golden_dir={GOLDENS}", f"--stage_dir={GOLDENS}"], "would overwrite or lie inside an input"),
+      ([f"--golden_dir={GOLDENS}", f"--out={GOLDENS / 'svf_report.json'}"], "would overwrite or lie inside an input"),
+  ]
   before = {p.name: p.read_bytes() for p in GOLDENS.iterdir()}
-  _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", f"--stage_dir={GOLDENS}"), "would overwrite or lie inside an input")
-  _one_line_error(_run("svf_parity", f"--golden_dir={GOLDENS}", f"--out={GOLDENS / 'svf_report.json'}"), "would overwrite or lie inside an input")
+  for result, (_, contains) in zip(run_many("svf_parity", [a for a, _ in cases]), cases):
+    _one_line_error(result, contains)
   assert {p.name: p.read_bytes() for p in GOLDENS.iterdir()} == before
 
 
@@ -93,15 +84,16 @@ def _damaged_goldens(tmp_path, edit):
 def test_missing_stage_and_mismatched_shapes_exit_2_and_write_nothing(tmp_path):
   out, report = tmp_path / "out", tmp_path / "r.json"
   args = ["--all_selected_tensors", f"--stage_dir={out}", f"--out={report}"]
-  g = _damaged_goldens(tmp_path / "missing", lambda d: d.pop(tensor_key("lm_head.weight", "matmul_pre_norm")))
-  _one_line_error(_run("svf_parity", f"--golden_dir={g}", *args), "setup error: golden bundle")
+  missing = _damaged_goldens(tmp_path / "missing", lambda d: d.pop(tensor_key("lm_head.weight", "matmul_pre_norm")))
 
   def narrow(d):
     key = tensor_key("lm_head.weight", "u_scaled")
     d[key] = d[key][:, :-1]
 
-  g = _damaged_goldens(tmp_path / "shape", narrow)
-  _one_line_error(_run("svf_parity", f"--golden_dir={g}", *args), "has shape [320, 79], expected [320, 80]")
+  shape = _damaged_goldens(tmp_path / "shape", narrow)
+  r1, r2 = run_many("svf_parity", [[f"--golden_dir={missing}", *args], [f"--golden_dir={shape}", *args]])
+  _one_line_error(r1, "setup error: golden bundle")
+  _one_line_error(r2, "has shape [320, 79], expected [320, 80]")
   assert not out.exists() and not report.exists()
 
 
@@ -110,6 +102,7 @@ def test_convert_svd_weights_needs_the_oracle_extra(tmp_path):
   (fake / "torch").mkdir(parents=True)
   (fake / "torch" / "__init__.py").write_text("raise ImportError('No module named torch (simulated)')\n")
   env = dict(os.environ, PYTHONPATH=f"{fake}{os.pathsep}{ROOT}")
-  p = _run("convert_svd_weights", f"--svd_weights={tmp_path / 'x.pt'}", f"--out_dir={tmp_path}", env=env)
-  _one_line_error(p, "[oracle]")
-  _one_line_error(_run("convert_svd_weights", f"--out_dir={tmp_path}", env=env), "required")
+  r1, r2 = run_many("convert_svd_weights", [[f"--svd_weights={tmp_path / 'x.pt'}", f"--out_dir={tmp_path}"],
+                                            [f"--out_dir={tmp_path}"]], env=env)
+  _one_line_error(r1, "[oracle]")
+  _one_line_error(r2, "required")
