@@ -303,20 +303,26 @@ class Job:
       self.client.key_value_set(self._key("abort"), f"process {self.process_id} failed: {first_line(message)}")
     except Exception:  # noqa: BLE001 -- the store is gone already; the others' watchdogs will see us go
       pass
+    self._stop.set()
+    self._await_acks(None)
     self.close()
-    if self.is_coordinator:  # the store lives in this process: leave it up until the others have read why
-      deadline = time.monotonic() + _FAIL_GRACE_S
-      others = set(range(1, self.num_processes))
-      while others and time.monotonic() < deadline:
-        for p in list(others):
-          try:
-            self.client.key_value_try_get(self._key(f"abort_seen/{p}"))
-            others.discard(p)
-          except Exception:  # noqa: BLE001
-            pass
-        time.sleep(0.05)
 
-  def _abort(self, message: str, post: bool = True) -> None:
+  def _await_acks(self, lost: int | None) -> None:
+    """On process 0, which hosts the store: keep it up until the others have read why the job ends."""
+    if not self.is_coordinator or self.client is None:
+      return
+    deadline = time.monotonic() + _FAIL_GRACE_S
+    others = set(range(1, self.num_processes)) - {lost}
+    while others and time.monotonic() < deadline:
+      for p in list(others):
+        try:
+          self.client.key_value_try_get(self._key(f"abort_seen/{p}"))
+          others.discard(p)
+        except Exception:  # noqa: BLE001 -- not yet
+          pass
+      time.sleep(0.05)
+
+  def _abort(self, message: str, post: bool = True, lost: int | None = None) -> None:
     """Cleanup hooks, one line on stderr, exit 2; at most once per process, from any thread."""
     if not self._aborting.acquire(blocking=False):
       return
@@ -325,6 +331,7 @@ class Job:
         self.client.key_value_set(self._key("abort"), message)
       except Exception:  # noqa: BLE001
         pass
+      self._await_acks(lost)
     for fn in reversed(self._cleanups):
       try:
         fn()
@@ -402,6 +409,6 @@ class Job:
           continue
         if now - alive_at[p] > self.timeout_s:
           what = "never joined" if p not in seen else "stopped sending heartbeats (crashed, killed or unreachable)"
-          self._abort(f"process {p} of {self.num_processes} lost: {what} for {self.timeout_s:g} s")
-        if now - progress_at[p] > self.timeout_s:
+          self._abort(f"process {p} of {self.num_processes} lost: {what} for {self.timeout_s:g} s", lost=p)
+        if now - progress_at[p] > self.timeout_s and now - alive_at[p] <= 3 * self.period_s:
           self._abort(f"process {p} of {self.num_processes} lost: no progress for {self.timeout_s:g} s (hung)")

@@ -46,7 +46,9 @@ import ctypes.util
 import dataclasses
 import hashlib
 import json
+import os
 import resource
+import sys
 import time
 from typing import Any, Callable
 
@@ -61,6 +63,16 @@ from parity_jax.distributed import Job
 from parity_jax.errors import UsageError
 
 __all__ = ["Sha256State", "Work", "assign", "run_values"]
+
+_STALL_ENV = "PARITY_JAX_DIST_STALL"  # test hook: "<process_id>:<seconds>" sleeps before that process's share
+
+
+def _maybe_stall(process_id: int) -> None:
+  spec = os.environ.get(_STALL_ENV, "")
+  who, _, seconds = spec.partition(":")
+  if who.strip() == str(process_id) and seconds:
+    print(f"parity_jax: process {process_id} stalling for {seconds} s", file=sys.stderr, flush=True)
+    time.sleep(float(seconds))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +292,7 @@ def run_values(
 
   # -- this process's share --
   mine = work[job.process_id]
+  _maybe_stall(job.process_id)
   records: list[dict[str, Any]] = []
   deferred: list[tuple[Work, dict[str, Any]]] = []
   read = {"bytes": 0}
@@ -354,7 +367,8 @@ def run_values(
 
   mine_stats = {"process": job.process_id, "bytes_read": read["bytes"],
                 "hash_reread_bytes": counted["hash_reread_bytes"],
-                "whole_leaves": sum(1 for w in mine if not w.split), "ranges": sum(1 for w in mine if w.split),
+                "whole_leaves": [to_compare[w.pair][0].dest for w in mine if not w.split],
+                "ranges": [f"{to_compare[w.pair][0].dest}#{w.rank}" for w in mine if w.split],
                 "share_bytes": sum(w.nbytes for w in mine), "values_s": round(time.perf_counter() - t0, 3),
                 "peak_rss_bytes": _peak_rss()}
   payloads = job.gather("results", json.dumps({"records": records, "stats": mine_stats}).encode())
