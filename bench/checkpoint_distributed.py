@@ -93,13 +93,14 @@ def _run(n: int, args: list[str], report_dir: str) -> dict:
     procs.append(subprocess.Popen([sys.executable, "-m", "tools.verify_migration", *args,
                                    f"--report={report_dir}/r{n}.json", "--overwrite", "--noprogress", *extra],
                                   cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-  peaks, rcs = {}, {}
+  peaks, rcs, cpu = {}, {}, {}
   left = {p.pid: i for i, p in enumerate(procs)}
   while left:
     pid, status, ru = os.wait4(-1, 0)
     if pid in left:
       i = left.pop(pid)
       peaks[i] = ru.ru_maxrss * 1024
+      cpu[i] = ru.ru_utime + ru.ru_stime
       rcs[i] = os.waitstatus_to_exitcode(status)
   wall = time.perf_counter() - t0
   for p in procs:
@@ -110,7 +111,7 @@ def _run(n: int, args: list[str], report_dir: str) -> dict:
   rep = json.load(open(f"{report_dir}/r{n}.json"))
   per = rep.get("distributed", {}).get("per_process") or [{"process": 0, "bytes_read": rep["bytes_read"],
                                                           "hash_reread_bytes": 0}]
-  return {"wall_s": wall, "elapsed_s": rep["elapsed_s"], "peak_rss": [peaks[i] for i in range(n)],
+  return {"wall_s": wall, "cpu_s": [cpu[i] for i in range(n)], "elapsed_s": rep["elapsed_s"], "peak_rss": [peaks[i] for i in range(n)],
           "bytes_read": [p["bytes_read"] for p in per], "hash_reread": [p["hash_reread_bytes"] for p in per],
           "values_s": [p.get("values_s") for p in per],
           "split": rep.get("distributed", {}).get("split_leaves"), "verdict": rep["verdict"]}
@@ -121,17 +122,27 @@ def main() -> None:
   ap.add_argument("--scale", type=float, default=1.0)
   ap.add_argument("--reps", type=int, default=2)
   ap.add_argument("--keep", action="store_true")
+  ap.add_argument("--_prepare", default=None, help=argparse.SUPPRESS)
   a = ap.parse_args()
+  if a._prepare:
+    root = a._prepare
+    _generate(f"{root}/src", a.scale)
+    json.dump(SPEC, open(f"{root}/spec.json", "w"))
+    sys.path.insert(0, REPO)
+    from parity_jax.checkpoint import migrate
+
+    migrate(f"{root}/src", f"{root}/mig", f"{root}/spec.json")
+    return
   root = tempfile.mkdtemp(prefix="parity_dist_bench_")
   try:
     src, mig, spec = f"{root}/src", f"{root}/mig", f"{root}/spec.json"
     t = time.perf_counter()
-    _generate(src, a.scale)
-    json.dump(SPEC, open(spec, "w"))
+    # in a child: the children timed below must not inherit this process's RSS high-water mark through fork
+    subprocess.run([sys.executable, "-m", "bench.checkpoint_distributed", "--_prepare", root, f"--scale={a.scale}"],
+                   cwd=REPO, check=True)
     sys.path.insert(0, REPO)
-    from parity_jax.checkpoint import migrate, open_checkpoint
+    from parity_jax.checkpoint import open_checkpoint
 
-    migrate(src, mig, spec)
     print(f"generated and migrated in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     total = open_checkpoint(src).nbytes
     largest = max(m.nbytes for m in open_checkpoint(src).leaves.values())
@@ -147,15 +158,16 @@ def main() -> None:
           f" {platform.processor() or platform.machine()}")
     print("| processes | wall (start to last exit) | verify_migration (process 0) | values phase per process |"
           " throughput (both sides, wall) |"
-          " bytes read per process | hash re-read | peak RSS per process |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          " bytes read per process | hash re-read | peak RSS per process | CPU-s per process |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in (1, 2):
       b = best[n]
       print(f"| {n} | {b['wall_s']:.2f} s | {b['elapsed_s']:.2f} s | {', '.join(f'{v:.2f} s' for v in b['values_s'] if v is not None) or '-'} |"
             f" {2 * total / b['wall_s'] / 2**30:.2f} GiB/s |"
             f" {', '.join(f'{x / MIB:.0f} MiB' for x in b['bytes_read'])} |"
             f" {', '.join(f'{x / MIB:.0f} MiB' for x in b['hash_reread'])} |"
-            f" {', '.join(f'{x / MIB:.0f} MiB' for x in peak[n])} |")
+            f" {', '.join(f'{x / MIB:.0f} MiB' for x in peak[n])} |"
+            f" {', '.join(f'{x:.1f}' for x in b['cpu_s'])} |")
     ratio = best[1]["wall_s"] / best[2]["wall_s"]
     inner = min(r["elapsed_s"] for r in runs[1]) / min(r["elapsed_s"] for r in runs[2])
     print(f"throughput ratio 2 vs 1 processes: {ratio:.2f}x wall, {inner:.2f}x inside verify_migration (target >= 1.7x)")
