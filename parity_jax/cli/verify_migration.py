@@ -13,8 +13,7 @@ Both checkpoints are opened read-only. Progress (bytes, rate, ETA) goes to stder
 As one job of N processes on the JAX runtime (each reads only its share of the bytes;
 process 0 prints the table and writes the report; every process exits with the same code):
 
-  parity-verify-migration --source=... --migrated=... --spec=... \
-      --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+  parity-verify-migration --source=... --migrated=... --spec=... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
   parity-verify-migration --source=... --migrated=... --spec=... --distributed   # SLURM, TPU, k8s, MPI
 
 A process that dies or hangs makes the others exit 2 within --peer_timeout seconds.
