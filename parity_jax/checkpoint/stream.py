@@ -453,11 +453,11 @@ class _HashPipeline:
   tensorstore's reads and numpy's comparison, so the two run on two cores.
   """
 
-  def __init__(self, buffers: Buffers, name: str):
+  def __init__(self, buffers: Buffers, name: str, new_hash: Callable[[], Any] = hashlib.sha256):
     import queue
 
     self.buffers = buffers
-    self.h = hashlib.sha256()
+    self.h = new_hash()
     self._free: "queue.Queue[int]" = queue.Queue()
     self._todo: "queue.Queue[tuple[int, int] | None]" = queue.Queue()
     for i in range(PIPELINE_DEPTH):
@@ -502,9 +502,10 @@ class _BackgroundHash:
   starts, at the price of reading this side twice (cheap: it is raw).
   """
 
-  def __init__(self, ckpt: Checkpoint, meta: LeafMeta, boxes: list[tuple], buf: np.ndarray):
+  def __init__(self, ckpt: Checkpoint, meta: LeafMeta, boxes: list[tuple], buf: np.ndarray,
+               new_hash: Callable[[], Any] = hashlib.sha256):
     self.ckpt, self.meta, self.boxes, self.buf = ckpt, meta, boxes, buf
-    self.h = hashlib.sha256()
+    self.h = new_hash()
     self.error: BaseException | None = None
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, name=f"parity_jax-sha256:{meta.path}", daemon=True)
@@ -547,7 +548,13 @@ class PairOutcome:
 
 
 class PairStreamer:
-  """Streams one pair according to a :class:`PairPlan`; :meth:`run` gives the :class:`PairOutcome`."""
+  """Streams one pair according to a :class:`PairPlan`; :meth:`run` gives the :class:`PairOutcome`.
+
+  ``piece_range`` = (i, j) streams only pieces i..j-1 (a C-order byte range
+  of the leaf, for a job that splits the leaf across processes): the hashes
+  then cover that range only, continuing whatever state ``new_hash`` returns
+  (the first-pass hashers are made by ``new_hash``; default ``hashlib.sha256``).
+  """
 
   def __init__(
       self,
@@ -561,14 +568,26 @@ class PairStreamer:
       *,
       spill_dir: str,
       on_bytes: Callable[[int], None] = lambda n: None,
+      piece_range: tuple[int, int] | None = None,
+      new_hash: Callable[[], Any] = hashlib.sha256,
   ):
     self.src_ckpt, self.mig_ckpt, self.src, self.mig, self.r = src_ckpt, mig_ckpt, src, mig, r
     self.plan, self.buffers, self.spill_dir, self.on_bytes = plan, buffers, spill_dir, on_bytes
     self.dtype = mig.dtype
     self.pieces = pieces_of(src, mig, r, plan.slabs)
-    self._counted = 0  # bytes reported through on_bytes (the second pass reports only what the first did not)
+    if piece_range is not None:
+      self.pieces = self.pieces[piece_range[0]:piece_range[1]]
+    self.new_hash = new_hash
+    # bytes reported through on_bytes (the second pass reports only what the first did not), counted from the
+    # first streamed piece
+    self._counted = 0
+    self._skip = self.pieces[0].flat_lo * self.dtype.itemsize if self.pieces else 0
 
   # -- building blocks --
+
+  def _through(self, p: Piece) -> int:
+    """Bytes of one side from the first streamed piece through ``p``."""
+    return p.flat_hi * self.dtype.itemsize - self._skip
 
   def _count(self, upto: int) -> None:
     if upto > self._counted:
@@ -621,8 +640,9 @@ class PairStreamer:
       f = tempfile.TemporaryFile(dir=self.spill_dir, prefix=SPILL_PREFIX)
     except OSError as e:
       raise UsageError(f"cannot create a spill file in {self.spill_dir}: {e}") from None
-    h = hashlib.sha256() if hasher is None else None
+    h = self.new_hash() if hasher is None else None
     try:
+      f.seek(self._skip)  # a byte range of the leaf sits at its own offsets (pieces are read back by them)
       reader = _SideReader(self.src_ckpt, self.src, self.plan.src, self.pieces, lambda p: p.src_box)
       try:
         for i, p in enumerate(self.pieces):
@@ -642,7 +662,7 @@ class PairStreamer:
             hasher.submit(slot, va.nbytes)
           else:
             h.update(_bytes(va))
-          self._count(p.flat_hi * self.dtype.itemsize)
+          self._count(self._through(p))
       finally:
         reader.close()
       f.flush()
@@ -653,28 +673,31 @@ class PairStreamer:
 
   # -- the passes --
 
-  def run(self, top_k: int = 10) -> PairOutcome:
-    """First pass: compare (stop at the first difference) and hash one side; a differing pair gets a second pass."""
+  def run(self, top_k: int = 10, second_pass: bool = True) -> PairOutcome:
+    """First pass: compare (stop at the first difference) and hash one side; a differing pair gets a second pass.
+
+    Without ``second_pass`` a differing pair returns at once (no hashes, no statistics).
+    """
     spill_file = None
     hasher = background = None
     name = self.mig.path
     try:
       base, digest = 0, None
       if self.plan.spill:
-        hasher = _HashPipeline(self.buffers, name) if self.plan.hash_mode == "pipelined" else None
+        hasher = _HashPipeline(self.buffers, name, self.new_hash) if self.plan.hash_mode == "pipelined" else None
         spill_file, digest = self._spill(hasher)
         hasher = None
-        base = self.src.nbytes  # the spill pass reported the source bytes
+        base = self._through(self.pieces[-1])  # the spill pass reported the source bytes
       h_inline = background = None
       if digest is None:
         if self.plan.hash_mode == "pipelined":
-          hasher = _HashPipeline(self.buffers, name)
+          hasher = _HashPipeline(self.buffers, name, self.new_hash)
         elif self.plan.hash_mode in ("source", "migrated"):
           meta, ckpt, box_of = ((self.mig, self.mig_ckpt, lambda p: p.mig_box) if self.plan.hash_mode == "migrated"
                                 else (self.src, self.src_ckpt, lambda p: p.src_box))
-          background = _BackgroundHash(ckpt, meta, [box_of(p) for p in self.pieces], self.buffers.h)
+          background = _BackgroundHash(ckpt, meta, [box_of(p) for p in self.pieces], self.buffers.h, self.new_hash)
         else:
-          h_inline = hashlib.sha256()
+          h_inline = self.new_hash()
       sides = 1 if spill_file is not None else 2
       equal = True
       item = self.dtype.itemsize
@@ -690,7 +713,7 @@ class PairStreamer:
             hasher.submit(slot, a.nbytes)  # equal bytes: the source's hash is the migrated leaf's too
           elif h_inline is not None:
             h_inline.update(_bytes(a))
-          self._count(base + sides * p.flat_hi * item)
+          self._count(base + sides * self._through(p))
       if equal:
         if hasher is not None:
           digest = hasher.finish()
@@ -705,6 +728,8 @@ class PairStreamer:
         if t is not None:
           t.stop()
       hasher = background = None
+      if not second_pass:
+        return PairOutcome(False, "", "", None, "second pass not run")
       return self._second_pass(spill_file, base, sides, top_k)
     finally:
       for t in (hasher, background):
@@ -731,6 +756,6 @@ class PairStreamer:
           acc.update(a.reshape(b.shape), b, origin=tuple(s.start for s in p.mig_box))
         except compare.ComparisonError as e:
           acc, err = None, str(e)
-      self._count(base + sides * p.flat_hi * item)
+      self._count(base + sides * self._through(p))
     diff = acc.result() if acc is not None else None
     return PairOutcome(False, h_src.hexdigest(), h_mig.hexdigest(), diff, err)

@@ -139,6 +139,7 @@ class VerifyReport(Report):
   elapsed_s: float = 0.0
   bytes_read: int = 0
   spec: dict[str, Any] | None = None
+  distributed: dict[str, Any] | None = None  # the job's figures when run across processes (None: one process)
 
   @property
   def groups(self) -> dict[str, GroupResult]:
@@ -215,6 +216,7 @@ class VerifyReport(Report):
         "elapsed_s": round(self.elapsed_s, 3),
         "bytes_read": self.bytes_read,
         "provenance": default_provenance("parity_jax.checkpoint.verify_migration"),
+        **({"distributed": self.distributed} if self.distributed is not None else {}),
     }
 
   def write_json(self, path: str | os.PathLike) -> str:
@@ -342,6 +344,8 @@ def verify_migration(
     readahead: int = 0,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    distributed: bool = False,
+    peer_timeout_s: float | None = None,
 ) -> VerifyReport:
   """Proves (or refutes) that ``migrated`` is ``source`` remapped by ``spec``, bit for bit.
 
@@ -356,7 +360,33 @@ def verify_migration(
   a compressed leaf while the current one is compared -- faster with free
   cores, about N more chunk rows plus their compressed bytes in memory (so
   above the chunked-storage memory target; 0, the default, meets it).
+
+  ``distributed=True`` runs the comparison as one job of every process of
+  the JAX runtime (:func:`jax.distributed.initialize` must have been called
+  in each, and each calls this with the same arguments): the bytes are
+  split across processes (see :mod:`parity_jax.checkpoint.distributed`), and
+  every process returns the same report, identical to one process's apart
+  from ``elapsed_s``, ``provenance`` and the added ``distributed`` figures. A
+  process that dies, or shows no progress for ``peer_timeout_s`` seconds,
+  makes every other process print one line naming it and exit with code 2
+  (see :mod:`parity_jax.distributed`).
   """
+  if not distributed:
+    return _verify(source, migrated, spec, top_k=top_k, slab_mb=slab_mb, spill_dir=spill_dir, readahead=readahead,
+                   progress=progress, log=log, job=None)
+  from parity_jax import distributed as dist
+
+  job = dist.attach(peer_timeout_s or dist.DEFAULT_TIMEOUT_S, "verify")
+  with job:
+    try:
+      return _verify(source, migrated, spec, top_k=top_k, slab_mb=slab_mb, spill_dir=spill_dir,
+                     readahead=readahead, progress=progress, log=log, job=job)
+    except UsageError as e:
+      job.fail(str(e))
+      raise
+
+
+def _verify(source, migrated, spec, *, top_k, slab_mb, spill_dir, readahead, progress, log, job) -> VerifyReport:
   t0 = time.perf_counter()
   spec = _load_spec(spec)
   src_ckpt = open_checkpoint(source, "source checkpoint")
@@ -369,8 +399,14 @@ def verify_migration(
                      f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: {bad[p0]}")
   plan = spec.bind(src_ckpt.leaves, what="source checkpoint")
   results, to_compare = _structure(plan, spec, src_ckpt, mig_ckpt)
-  bytes_read = _values(to_compare, src_ckpt, mig_ckpt, top_k=top_k, slab_mb=slab_mb, spill_dir=spill_dir,
-                       readahead=readahead, show_progress=progress, log=log)
+  job_figures = None
+  if job is not None and job.distributed:
+    bytes_read, job_figures = _values_distributed(job, to_compare, src_ckpt, mig_ckpt, top_k=top_k, slab_mb=slab_mb,
+                                                  spill_dir=spill_dir, readahead=readahead, show_progress=progress,
+                                                  log=log)
+  else:
+    bytes_read = _values(to_compare, src_ckpt, mig_ckpt, top_k=top_k, slab_mb=slab_mb, spill_dir=spill_dir,
+                         readahead=readahead, show_progress=progress, log=log)
   return VerifyReport(
       source=src_ckpt.path,
       migrated=mig_ckpt.path,
@@ -382,6 +418,7 @@ def verify_migration(
       elapsed_s=time.perf_counter() - t0,
       bytes_read=bytes_read,
       spec=spec.to_dict(),
+      distributed=job_figures,
   )
 
 
@@ -457,16 +494,55 @@ def _values(to_compare: list[tuple[LeafPlan, LeafResult]], src_ckpt: Checkpoint,
     prog = _Progress(bar)
     for i, (p, res) in enumerate(to_compare):
       bar.set_postfix_str(f"{i}/{len(to_compare)} leaves")
-      try:
-        if src_ckpt.leaves[p.source].kind == "string":
-          _compare_strings(src_ckpt, mig_ckpt, p, res)
-        else:
-          _compare_arrays(src_ckpt, mig_ckpt, p, res, buffers=buffers, top_k=top_k, spill_dir=spill_dir,
-                          progress=prog, readahead=readahead)
-      except LeafReadError as e:
-        res.status, res.reason = UNREADABLE, str(e)
-        res.sha256 = res.source_sha256 = None
-      if log is not None and not res.passed:
-        log(f"{res.status} {res.describe()}: {res.reason}")
+      _compare_one(src_ckpt, mig_ckpt, p, res, buffers=buffers, top_k=top_k, spill_dir=spill_dir, progress=prog,
+                   readahead=readahead, log=log)
     bar.set_postfix_str(f"{len(to_compare)}/{len(to_compare)} leaves")
   return prog.bytes
+
+
+def _compare_one(src_ckpt: Checkpoint, mig_ckpt: Checkpoint, p: LeafPlan, res: LeafResult, *, buffers: stream.Buffers,
+                 top_k: int, spill_dir: str, progress: _Progress, readahead: int,
+                 log: Callable[[str], None] | None) -> None:
+  """One pair, whole: its result's status, hashes and statistics."""
+  try:
+    if src_ckpt.leaves[p.source].kind == "string":
+      _compare_strings(src_ckpt, mig_ckpt, p, res)
+    else:
+      _compare_arrays(src_ckpt, mig_ckpt, p, res, buffers=buffers, top_k=top_k, spill_dir=spill_dir,
+                      progress=progress, readahead=readahead)
+  except LeafReadError as e:
+    res.status, res.reason = UNREADABLE, str(e)
+    res.sha256 = res.source_sha256 = None
+  if log is not None and not res.passed:
+    log(f"{res.status} {res.describe()}: {res.reason}")
+
+
+class _Counter:
+  """A :class:`_Progress` lookalike that forwards each count to a callback."""
+
+  def __init__(self, fn: Callable[[int], None]):
+    self.fn = fn
+
+  def add(self, n: int) -> None:
+    self.fn(n)
+
+
+def _values_distributed(job, to_compare: list[tuple[LeafPlan, LeafResult]], src_ckpt: Checkpoint, mig_ckpt: Checkpoint,
+                        *, top_k: int, slab_mb: float, spill_dir: str, readahead: int, show_progress: bool,
+                        log: Callable[[str], None] | None) -> tuple[int, dict[str, Any]]:
+  """Phase 2 as one job (:mod:`.distributed`): this process's share; every result filled on every process."""
+  from parity_jax.checkpoint import distributed as dv
+
+  buffers = stream.Buffers(max(4096, int(slab_mb * _MIB)))
+  share_total = sum(2 * src_ckpt.leaves[p.source].nbytes for p, _ in to_compare) // job.num_processes
+  with progress_bar(share_total, f"verify [{job.describe()}]", enabled=show_progress) as bar:
+    prog = _Progress(bar)
+
+    def compare_whole(p: LeafPlan, res: LeafResult, on_bytes: Callable[[int], None]) -> None:
+      _compare_one(src_ckpt, mig_ckpt, p, res, buffers=buffers, top_k=top_k, spill_dir=spill_dir,
+                   progress=_Counter(on_bytes), readahead=readahead, log=log)
+
+    figures = dv.run_values(job, to_compare, src_ckpt, mig_ckpt, compare_whole=compare_whole, top_k=top_k,
+                            buffers=buffers, readahead=readahead, spill_dir=spill_dir, on_bytes=prog.add)
+  total = sum(pp["bytes_read"] for pp in figures["per_process"])
+  return total, dict(figures, process=job.process_id)

@@ -23,7 +23,8 @@ from absl import logging as absl_logging
 
 from parity_jax.errors import UsageError, first_line
 
-__all__ = ["EXIT_FAIL", "EXIT_OK", "EXIT_USAGE", "entry", "fail_usage", "parse_int_rows", "print_written", "require"]
+__all__ = ["EXIT_FAIL", "EXIT_OK", "EXIT_USAGE", "distributed_flags", "entry", "fail_usage", "parse_int_rows",
+           "print_written", "require"]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 _HELP_ARGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
@@ -132,3 +133,39 @@ def parse_int_rows(text: str, flag: str) -> Any:
   if len(lengths) > 1:
     raise UsageError(f"--{flag}: rows have different lengths {lengths}; pad them and pass --attention_mask")
   return np.asarray(rows, dtype=np.int64)
+
+
+_DIST_FLAGS = ("coordinator_address", "num_processes", "process_id", "distributed", "peer_timeout")
+
+
+def distributed_flags(module: str) -> Callable[[], "parity_jax.distributed.Options"]:
+  """The launch flags of a job on the JAX runtime, for the tool ``module`` (its ``__name__``).
+
+  ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (the
+  arguments of ``jax.distributed.initialize``), ``--distributed`` (initialize
+  with no arguments: JAX's cluster detection) and ``--peer_timeout``. Defined
+  once, shown in the tool's ``--help``. Returns a function that reads them
+  as :class:`parity_jax.distributed.Options` (``requested`` False when none
+  is given: one process).
+  """
+  from parity_jax.distributed import DEFAULT_TIMEOUT_S, Options
+
+  if "coordinator_address" not in flags.FLAGS:
+    flags.DEFINE_string("coordinator_address", None, "Run as one process of a job: the coordinator's HOST:PORT "
+                        "(jax.distributed.initialize); with --num_processes and --process_id.")
+    flags.DEFINE_integer("num_processes", None, "Processes in the job (jax.distributed.initialize).", lower_bound=1)
+    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) "
+                         "(jax.distributed.initialize).", lower_bound=0)
+    flags.DEFINE_boolean("distributed", False, "Run as one process of a job whose parameters JAX detects itself "
+                         "(SLURM, Cloud TPU, GKE/Kubernetes, MPI): jax.distributed.initialize() with no arguments.")
+    flags.DEFINE_float("peer_timeout", DEFAULT_TIMEOUT_S, "In a job: seconds without a heartbeat or without progress "
+                       "after which a process counts as lost; the others then exit 2 naming it.", lower_bound=0.1)
+  for name in _DIST_FLAGS:
+    flags.FLAGS.register_key_flag_for_module(module, flags.FLAGS[name])
+
+  def read() -> Options:
+    f = flags.FLAGS
+    return Options(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
+                   process_id=f.process_id, auto=bool(f.distributed), timeout_s=float(f.peer_timeout))
+
+  return read

@@ -9,6 +9,14 @@ the failing leaves by name with their difference statistics, and a final
 ``VERDICT: PASS`` or ``VERDICT: FAIL — N of M leaves differ``. Exit code 0 for
 PASS, 1 for FAIL, 2 for bad input (one ``error:`` line, nothing written).
 Both checkpoints are opened read-only. Progress (bytes, rate, ETA) goes to stderr.
+
+As one job of N processes on the JAX runtime (each reads only its share of the bytes;
+process 0 prints the table and writes the report; every process exits with the same code):
+
+  parity-verify-migration --source=... --migrated=... --spec=... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+  parity-verify-migration --source=... --migrated=... --spec=... --distributed   # SLURM, TPU, k8s, MPI
+
+A process that dies or hangs makes the others exit 2 within --peer_timeout seconds.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ _SLAB_MB = flags.DEFINE_float("slab_mb", 8.0, "Size of one compared piece in MiB
 _SPILL_DIR = flags.DEFINE_string("spill_dir", None, "Where to spill a source leaf when both sides are stored as single big chunks (default: system temp dir).")
 _READAHEAD = flags.DEFINE_integer("readahead", 0, "Storage chunk rows of a compressed leaf decoded ahead while the current row is compared (0: none, meets the chunked memory target). N > 0 is faster with free cores and costs about N more chunk rows plus their compressed bytes in memory.", lower_bound=0)
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise).")
+_DIST = app.distributed_flags(__name__)
 
 
 def main(argv):
@@ -44,13 +53,26 @@ def main(argv):
     raise UsageError(f"missing {', '.join(missing)}: give --source, --migrated and --spec together (or none for the shipped example)")
   else:
     source, migrated, spec = given
-  if _REPORT.value:
+  dist = _DIST()
+  if dist.requested:
+    from parity_jax import distributed
+
+    distributed.initialize(dist)
+    lead = distributed.process_index() == 0
+  else:
+    lead = True
+  if _REPORT.value and lead:
     check_output_path(_REPORT.value, [source, migrated, spec], "--report", overwrite=_OVERWRITE.value)
 
   report = verify_migration(
       source, migrated, spec, top_k=_TOP_K.value, slab_mb=_SLAB_MB.value, spill_dir=_SPILL_DIR.value,
-      readahead=_READAHEAD.value, progress=_PROGRESS.value,
+      readahead=_READAHEAD.value, progress=_PROGRESS.value, distributed=dist.requested, peer_timeout_s=dist.timeout_s,
   )
+  if not lead:
+    me = next(p for p in report.distributed["per_process"] if p["process"] == report.distributed["process"])
+    print(f"process {me['process']} of {report.distributed['num_processes']}: compared {me['bytes_read']} bytes;"
+          f" {report.verdict_line()} (process 0 prints the table and writes the report)")
+    return report.exit_code
   print(f"source:   {report.source} ({report.source_layout})")
   print(f"migrated: {report.migrated} ({report.migrated_layout})")
   print(f"spec:     {report.spec_source}")

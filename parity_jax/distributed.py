@@ -1,0 +1,414 @@
+"""One job, many processes: the JAX multi-controller runtime (``jax.distributed``) with bounded waits.
+
+The ecosystem's launch conventions, shared by every tool that can run as a job:
+
+* ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``: the
+  arguments of :func:`jax.distributed.initialize`;
+* ``--distributed``: :func:`jax.distributed.initialize` with no arguments, so
+  that JAX's own cluster detection (SLURM, Cloud TPU, GKE/Kubernetes, MPI)
+  fills them in;
+* none of these: one process, nothing changes.
+
+:func:`initialize` starts the runtime from such :class:`Options` (on CPU it
+selects the gloo collectives that multi-process CPU jobs need);
+:func:`attach` returns a :class:`Job` on the started runtime (the caller's or
+:func:`initialize`'s), whose exchanges go through the runtime's key-value store (no
+device collectives, so nothing here initialises an XLA backend):
+
+* :meth:`Job.gather` (to process 0), :meth:`Job.broadcast` (from process 0),
+  :meth:`Job.barrier`, :meth:`Job.publish` / :meth:`Job.wait_for`;
+* every wait is bounded by *liveness*, not by a fixed deadline: each process
+  posts a heartbeat (with a progress counter that only its main thread
+  advances, through :meth:`Job.tick` or any wait) about once a second, and a
+  watchdog thread in every process watches the others. A peer whose heartbeat
+  stops (crash, SIGKILL, lost host) or whose progress stops (a hung main
+  thread) for ``timeout_s`` seconds is *lost*: every survivor runs its cleanup
+  hooks, prints one line naming the lost process on stderr and exits with
+  code 2. A process that fails on its own (bad input on one host) calls
+  :meth:`Job.fail`, and the others exit 2 at once, naming it.
+
+JAX's own heartbeat (``heartbeat_timeout_seconds``, which on expiry aborts
+every process with a stack trace) is set well above ``timeout_s`` by
+:func:`initialize`, so the watchdog acts first. One case stays JAX's: when
+process 0, which hosts the coordination service, dies, the runtime aborts the
+survivors at once (non-zero exit, JAX's own message); nothing in the Python
+API lets a process outlive its coordinator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+import time
+import zlib
+from typing import Callable
+
+from parity_jax.errors import UsageError, first_line
+
+__all__ = ["DEFAULT_TIMEOUT_S", "Job", "JobAborted", "Options", "attach", "initialize", "process_count", "process_index",
+           "single_process"]
+
+DEFAULT_TIMEOUT_S = 120.0
+EXIT_LOST = 2
+_CHUNK = 1 << 20  # bytes per key-value entry (gRPC messages stay far below their limits)
+_FAIL_GRACE_S = 3.0  # how long a failing process 0 keeps the store up for the others to read why
+
+
+class JobAborted(UsageError):
+  """Another process of the job failed or was lost (raised only where the watchdog does not exit itself)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How to join a job: the arguments of :func:`jax.distributed.initialize`, or ``auto`` for cluster detection."""
+
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  auto: bool = False
+  timeout_s: float = DEFAULT_TIMEOUT_S
+
+  @property
+  def requested(self) -> bool:
+    """True when any launch parameter was given (otherwise: one process)."""
+    return self.auto or any(v is not None for v in (self.coordinator_address, self.num_processes, self.process_id))
+
+  def check(self) -> None:
+    if not (self.timeout_s > 0):
+      raise UsageError(f"the peer timeout must be positive, got {self.timeout_s}")
+    if self.auto:
+      return
+    given = {"coordinator_address": self.coordinator_address, "num_processes": self.num_processes,
+             "process_id": self.process_id}
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+      raise UsageError(f"a distributed launch needs coordinator_address, num_processes and process_id together"
+                       f" (missing {', '.join(missing)}), or `distributed` alone for cluster detection")
+    if ":" not in str(self.coordinator_address):
+      raise UsageError(f"coordinator_address must be HOST:PORT, got {self.coordinator_address!r}")
+    if self.num_processes < 1:
+      raise UsageError(f"num_processes must be at least 1, got {self.num_processes}")
+    if not 0 <= self.process_id < self.num_processes:
+      raise UsageError(f"process_id must be in [0, {self.num_processes}), got {self.process_id}")
+
+
+def _use_gloo_on_cpu() -> None:
+  """Multi-process collectives on CPU need gloo; select it unless the user chose an implementation."""
+  import jax
+
+  try:
+    current = jax.config.read("jax_cpu_collectives_implementation")
+  except (AttributeError, KeyError):
+    return
+  if current in (None, "", "gloo"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def initialize(opts: Options) -> None:
+  """Starts the JAX runtime for this process from ``opts`` (nothing when it is already started)."""
+  opts.check()
+  import jax
+
+  if jax.distributed.is_initialized():
+    return
+  _use_gloo_on_cpu()
+  kwargs = {}
+  if not opts.auto:
+    kwargs = dict(coordinator_address=opts.coordinator_address, num_processes=int(opts.num_processes),
+                  process_id=int(opts.process_id))
+  try:
+    jax.distributed.initialize(
+        **kwargs,
+        initialization_timeout=int(max(30, opts.timeout_s)),
+        heartbeat_timeout_seconds=int(3 * opts.timeout_s + 30),
+    )
+  except Exception as e:  # noqa: BLE001 -- connection refused, cluster not detected, timeouts: all one line
+    raise UsageError(f"cannot join the distributed job: {first_line(e)}") from None
+
+
+def attach(timeout_s: float = DEFAULT_TIMEOUT_S, op: str = "job") -> "Job":
+  """A :class:`Job` on a runtime that :func:`jax.distributed.initialize` already started."""
+  import jax
+  from jax._src import distributed as jd  # the key-value client has no public accessor in jax 0.10
+
+  if not jax.distributed.is_initialized() or jd.global_state.client is None:
+    raise UsageError("distributed=True needs jax.distributed.initialize() to have been called in this process")
+  st = jd.global_state
+  return Job(st.client, int(st.process_id), int(st.num_processes), float(timeout_s), op)
+
+
+def process_index() -> int:
+  """This process's index in the started runtime (0 without one); initialises no XLA backend."""
+  from jax._src import distributed as jd
+
+  return int(jd.global_state.process_id) if jd.global_state.client is not None else 0
+
+
+def process_count() -> int:
+  """Processes in the started runtime (1 without one); initialises no XLA backend."""
+  from jax._src import distributed as jd
+
+  return int(jd.global_state.num_processes) if jd.global_state.client is not None else 1
+
+
+def single_process(op: str = "job") -> "Job":
+  """A :class:`Job` of one process (no runtime): every exchange is local."""
+  return Job(None, 0, 1, DEFAULT_TIMEOUT_S, op)
+
+
+_SESSIONS: dict[str, int] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+class Job:
+  """This process's handle on a job of ``num_processes`` processes; see the module docstring.
+
+  Use as a context manager: entering starts the heartbeat and the watchdog,
+  leaving stops them. Every process must create its jobs in the same order
+  (their keys are namespaced by operation name and sequence number).
+  """
+
+  def __init__(self, client, process_id: int, num_processes: int, timeout_s: float, op: str):
+    self.client, self.process_id, self.num_processes = client, process_id, num_processes
+    self.timeout_s = float(timeout_s)
+    with _SESSIONS_LOCK:
+      seq = _SESSIONS.get(op, 0)
+      _SESSIONS[op] = seq + 1
+    self.ns = f"parity_jax/{op}/{seq}"
+    self._progress = 0
+    self._cleanups: list[Callable[[], None]] = []
+    self._stop = threading.Event()
+    self._aborting = threading.Lock()
+    self._threads: list[threading.Thread] = []
+    self.period_s = max(0.05, min(1.0, self.timeout_s / 10))
+
+  # -- basics --
+
+  @property
+  def distributed(self) -> bool:
+    return self.num_processes > 1
+
+  @property
+  def is_coordinator(self) -> bool:
+    return self.process_id == 0
+
+  def describe(self) -> str:
+    return f"process {self.process_id} of {self.num_processes}"
+
+  def tick(self) -> None:
+    """Marks progress of this process's main thread (the watchdogs of the others see it)."""
+    self._progress += 1
+
+  def on_abort(self, fn: Callable[[], None]) -> None:
+    """Runs ``fn`` (best effort) before this process exits because the job was lost or failed."""
+    self._cleanups.append(fn)
+
+  def __enter__(self) -> "Job":
+    if self.distributed and not self._threads:
+      self._stop.clear()
+      self._beat()
+      for target, name in ((self._heartbeat_loop, "heartbeat"), (self._watchdog_loop, "watchdog")):
+        t = threading.Thread(target=target, name=f"parity_jax-{name}", daemon=True)
+        t.start()
+        self._threads.append(t)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def close(self) -> None:
+    self._stop.set()
+    for t in self._threads:
+      t.join(timeout=5)
+    self._threads = []
+
+  # -- the key-value store --
+
+  def _key(self, key: str) -> str:
+    return f"{self.ns}/{key}"
+
+  def publish(self, key: str, value: bytes) -> None:
+    """Stores ``value`` under ``key`` for the other processes (any size: split into entries of 1 MiB)."""
+    if not self.distributed:
+      self._local = getattr(self, "_local", {})
+      self._local[key] = bytes(value)
+      return
+    data = zlib.compress(bytes(value), 1)
+    parts = [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [b""]
+    for i, p in enumerate(parts):
+      self.client.key_value_set_bytes(self._key(f"{key}/part{i}"), p)
+    self.client.key_value_set(self._key(f"{key}/n"), str(len(parts)))
+
+  def try_get(self, key: str) -> bytes | None:
+    """The value under ``key`` if it is there now, else None."""
+    if not self.distributed:
+      return getattr(self, "_local", {}).get(key)
+    try:
+      n = int(self.client.key_value_try_get(self._key(f"{key}/n")))
+    except Exception:  # noqa: BLE001 -- NOT_FOUND
+      return None
+    return self._read_parts(key, n)
+
+  def _read_parts(self, key: str, n: int) -> bytes:
+    parts = [self.client.blocking_key_value_get_bytes(self._key(f"{key}/part{i}"), 60_000) for i in range(n)]
+    return zlib.decompress(b"".join(parts))
+
+  def wait_for(self, key: str) -> bytes:
+    """Waits for ``key`` as long as every process stays alive (the watchdog ends a lost job)."""
+    if not self.distributed:
+      v = self.try_get(key)
+      if v is None:
+        raise KeyError(key)
+      return v
+    poll_ms = int(self.period_s * 1000)
+    while True:
+      self.tick()
+      try:
+        n = int(self.client.blocking_key_value_get(self._key(f"{key}/n"), poll_ms))
+      except Exception as e:  # noqa: BLE001 -- DEADLINE_EXCEEDED: not there yet; anything else: store gone
+        if "DEADLINE_EXCEEDED" not in str(e) and "timed out" not in str(e):
+          self._lost_store(e)
+        continue
+      return self._read_parts(key, n)
+
+  def gather(self, name: str, payload: bytes) -> list[bytes] | None:
+    """Every process's ``payload``, in process order, on process 0 (None elsewhere)."""
+    self.publish(f"gather/{name}/{self.process_id}", payload)
+    if not self.is_coordinator:
+      return None
+    return [self.wait_for(f"gather/{name}/{p}") for p in range(self.num_processes)]
+
+  def broadcast(self, name: str, payload: bytes | None = None) -> bytes:
+    """Process 0's ``payload`` on every process."""
+    if self.is_coordinator:
+      self.publish(f"bcast/{name}", payload if payload is not None else b"")
+      return payload if payload is not None else b""
+    return self.wait_for(f"bcast/{name}")
+
+  def barrier(self, name: str) -> None:
+    """Returns when every process has reached ``name`` (bounded by liveness, like every wait)."""
+    self.publish(f"barrier/{name}/{self.process_id}", b"")
+    for p in range(self.num_processes):
+      self.wait_for(f"barrier/{name}/{p}")
+
+  # -- failure --
+
+  def fail(self, message: str) -> None:
+    """This process cannot go on: tell the others (they exit 2 naming it). Returns; the caller exits."""
+    if not self.distributed:
+      return
+    try:
+      self.client.key_value_set(self._key("abort"), f"process {self.process_id} failed: {first_line(message)}")
+    except Exception:  # noqa: BLE001 -- the store is gone already; the others' watchdogs will see us go
+      pass
+    self._stop.set()
+    self._await_acks(None)
+    self.close()
+
+  def _await_acks(self, lost: int | None) -> None:
+    """On process 0, which hosts the store: keep it up until the others have read why the job ends."""
+    if not self.is_coordinator or self.client is None:
+      return
+    deadline = time.monotonic() + _FAIL_GRACE_S
+    others = set(range(1, self.num_processes)) - {lost}
+    while others and time.monotonic() < deadline:
+      for p in list(others):
+        try:
+          self.client.key_value_try_get(self._key(f"abort_seen/{p}"))
+          others.discard(p)
+        except Exception:  # noqa: BLE001 -- not yet
+          pass
+      time.sleep(0.05)
+
+  def _abort(self, message: str, post: bool = True, lost: int | None = None) -> None:
+    """Cleanup hooks, one line on stderr, exit 2; at most once per process, from any thread."""
+    if not self._aborting.acquire(blocking=False):
+      return
+    if post and self.client is not None:
+      try:
+        self.client.key_value_set(self._key("abort"), message)
+      except Exception:  # noqa: BLE001
+        pass
+      self._await_acks(lost)
+    for fn in reversed(self._cleanups):
+      try:
+        fn()
+      except Exception:  # noqa: BLE001 -- best effort: we are leaving
+        pass
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "parity_jax"
+    try:
+      sys.stdout.flush()
+    except Exception:  # noqa: BLE001
+      pass
+    os.write(2, f"{prog}: error: {message} (this is process {self.process_id}; exiting 2)\n".encode())
+    os._exit(EXIT_LOST)
+
+  def _lost_store(self, e: BaseException) -> None:
+    if self.is_coordinator:
+      self._abort(f"the job's key-value store failed: {first_line(e)}", post=False)
+    self._abort(f"process 0 (the coordinator) of {self.num_processes} lost: {first_line(e)}", post=False)
+
+  # -- threads --
+
+  def _beat(self) -> None:
+    self._beats = getattr(self, "_beats", 0) + 1
+    self.client.key_value_set(self._key(f"hb/{self.process_id}"), f"{self._beats}:{self._progress}",
+                              allow_overwrite=True)
+
+  def _heartbeat_loop(self) -> None:
+    while not self._stop.wait(self.period_s):
+      try:
+        self._beat()
+      except Exception as e:  # noqa: BLE001
+        if not self._stop.is_set():
+          self._lost_store(e)
+        return
+
+  def _watchdog_loop(self) -> None:
+    start = time.monotonic()
+    seen: dict[int, tuple[str, str]] = {}
+    alive_at = {p: start for p in range(self.num_processes)}
+    progress_at = dict(alive_at)
+    prefix = self._key("hb/")
+    while not self._stop.wait(self.period_s):
+      try:
+        entries = self.client.key_value_dir_get(prefix)
+        try:
+          why = self.client.key_value_try_get(self._key("abort"))
+        except Exception:  # noqa: BLE001 -- NOT_FOUND: nobody gave up
+          why = None
+      except Exception as e:  # noqa: BLE001
+        if not self._stop.is_set():
+          self._lost_store(e)
+        return
+      if self._stop.is_set():
+        return
+      if why:
+        try:
+          self.client.key_value_set(self._key(f"abort_seen/{self.process_id}"), "1", allow_overwrite=True)
+        except Exception:  # noqa: BLE001
+          pass
+        self._abort(why, post=False)
+      now = time.monotonic()
+      for key, value in entries:
+        try:
+          p = int(key.rsplit("/", 1)[1])
+          beats, progress = value.split(":")
+        except ValueError:
+          continue
+        old = seen.get(p)
+        if old is None or old[0] != beats:
+          alive_at[p] = now
+        if old is None or old[1] != progress:
+          progress_at[p] = now
+        seen[p] = (beats, progress)
+      for p in range(self.num_processes):
+        if p == self.process_id:
+          continue
+        if now - alive_at[p] > self.timeout_s:
+          what = "never joined" if p not in seen else "stopped sending heartbeats (crashed, killed or unreachable)"
+          self._abort(f"process {p} of {self.num_processes} lost: {what} for {self.timeout_s:g} s", lost=p)
+        if now - progress_at[p] > self.timeout_s and now - alive_at[p] <= 3 * self.period_s:
+          self._abort(f"process {p} of {self.num_processes} lost: no progress for {self.timeout_s:g} s (hung)")
