@@ -316,3 +316,75 @@ def test_read_box_reads_any_box_bit_exact(tmp_path):
   assert view.tobytes() == tensors["a"].reshape(6, 35)[1:3, 2:5].tobytes()
   with pytest.raises(UsageError, match="cannot view shape"):
     f.read_box("a", (slice(0, 1),), view_shape=(6, 36))
+
+
+TWO_PROCESS_SCRIPT = textwrap.dedent(r"""
+    import json, sys
+    from parity_jax.svf import spread
+    path, port, pid, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    spread.initialize(f"127.0.0.1:{port}", 2, pid)
+    import jax, numpy as np
+    from parity_jax import qwen2
+    from parity_jax.bundles import StageBundle, compare_bundles, load_bundle
+    from parity_jax.qwen2 import sharding
+
+    reads = []
+    original = sharding.SafetensorsFile.read_box
+    def recording(self, name, index, *args, **kwargs):
+      reads.append((name, tuple((s.start, s.stop) for s in index)))
+      return original(self, name, index, *args, **kwargs)
+    sharding.SafetensorsFile.read_box = recording
+
+    assert jax.process_count() == 2 and jax.local_device_count() == 2 and jax.device_count() == 4
+    mesh = qwen2.make_mesh("tp:4")  # spans both processes
+    model = qwen2.load(path, mesh=mesh)
+    cfg = model.config
+    # this process read the embedding rows of its own two devices, nothing else of it
+    rows = cfg.vocab_size // 4
+    mine = sorted(d.id for d in jax.local_devices())
+    want = {(rows * k, rows * (k + 1)) for k in range(4) if mesh.devices.reshape(-1)[k].id in mine}
+    got = {box[0] for name, box in reads if name == "model.embed_tokens.weight"}
+    assert got == want, (got, want)
+    assert not model.params.embed.is_fully_addressable
+    tokens = np.array([[3, 1, 4, 1, 5, 9, 2, 6], [5, 3, 5, 8, 9, 7, 9, 3]])
+    prov = qwen2.capture_to_bundle(path, tokens, out, mesh=mesh)   # gathered from both processes; process 0 writes
+    assert prov["processes"] == 2
+    with jax.default_device(jax.local_devices()[0]):  # the unsharded reference, on one local device
+      ref_model = qwen2.load(path)
+      _, ref = qwen2.forward(ref_model, tokens, capture=True)
+      ref = StageBundle({k: np.asarray(v) for k, v in ref.items()})
+    if pid == 0:
+      rep = compare_bundles(ref, load_bundle(out), "f32")
+      assert rep.passed, rep.text(failing_only=True)
+    print("OK", pid, sorted(got))
+""")
+
+
+def test_two_processes_each_read_only_their_own_shards(tmp_path):
+  """Under jax.distributed (2 processes x 2 devices, tp=4 across both): each process reads only its shards."""
+  import socket
+  import subprocess
+  import sys
+
+  from tests.helpers.devices import ROOT, device_env
+
+  cfg = config_dict("qwen2", vocab_size=96, hidden_size=64, intermediate_size=64, num_attention_heads=8,
+                    num_key_value_heads=4)
+  path = write_checkpoint(tmp_path / "model", cfg, random_tensors(cfg, seed=813))
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  out = tmp_path / "stages.safetensors"
+  procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SCRIPT, str(path), str(port), str(i), str(out)],
+                            cwd=ROOT, env=device_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (so, se) in zip(procs, outs):
+    assert p.returncode == 0 and "OK" in so, so[-2000:] + se[-3000:]
+  assert "OK 0 [(0, 24), (24, 48)]" in outs[0][0] and "OK 1 [(48, 72), (72, 96)]" in outs[1][0]
+  assert load_bundle(out).provenance["mesh"] == {"dp": 1, "tp": 4}
