@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.helpers.devices import ROOT
@@ -79,3 +80,22 @@ def test_without_torch_the_torch_sides_are_skipped(tmp_path):
   assert s["parity"]["skipped"].startswith("torch/transformers not importable")
   assert s["svf"]["torch"]["skipped"].startswith("torch/transformers not importable") and s["svf"]["jax"]["tflops"] > 0
   assert "parity: skipped (torch/transformers not importable" in p.stdout
+
+
+@pytest.mark.parametrize("golden", ["qwen3", "qwen2_gqa_bias.padded"])
+def test_fused_attention_is_within_f32_of_hf(golden):
+  """forward(attention="xla"), the suite's fused-attention path (causal, or a boolean mask when padded)."""
+  from parity_jax import qwen2
+  from parity_jax.bundles import StageBundle, compare_bundles
+  from parity_jax.errors import UsageError
+  from parity_jax.qwen2.parity import golden_inputs
+  from tests.helpers.qwen import FORWARD, MODELS
+
+  path = FORWARD / f"{golden}.safetensors"
+  tokens, mask, _ = golden_inputs(path)
+  model = qwen2.load(MODELS / golden.split(".")[0])
+  _, stages = qwen2.forward(model, tokens, attention_mask=mask, capture=True, attention="xla")
+  rep = compare_bundles(path, StageBundle({k: np.asarray(v) for k, v in stages.items()}), "f32")
+  assert rep.passed, rep.text(failing_only=True)
+  with pytest.raises(UsageError, match="attention must be one of eager, xla, cudnn, auto"):
+    qwen2.forward(model, tokens, attention="flash")
