@@ -89,6 +89,8 @@ _CHILD = flags.DEFINE_string("child", None, "Internal: the determinism child's j
 SCHEMA = "parity_jax.gpu_suite/1"
 #: XLA flag the determinism child runs with (documented in docs/benchmarks.md); on CPU XLA is deterministic anyway.
 DETERMINISM_FLAG = "--xla_gpu_deterministic_ops=true"
+#: Tried when an XLA build no longer knows DETERMINISM_FLAG (an unknown XLA flag aborts the process).
+FALLBACK_DETERMINISM_FLAG = "--xla_gpu_exclude_nondeterministic_ops=true"
 BUDGET_S = {"full": 360.0, "quick": 120.0, "reduced": 300.0, "tiny": 20.0}
 
 QWEN25_7B = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
@@ -303,7 +305,7 @@ def section_parity(shapes: dict[str, Any], quick: bool) -> dict[str, Any]:
   from parity_jax.oracle import forward_goldens, hf_forward
 
   precision = _torch_strict_f32(torch)
-  precision["jax_default_matmul_precision"] = jax.config.jax_default_matmul_precision
+  precision["jax_default_matmul_precision"] = getattr(jax.config, "jax_default_matmul_precision", "highest")
   dev = _torch_device(torch)
   out: dict[str, Any] = {"torch_device": dev, "jax_device": str(jax.devices()[0]), "precision": precision, "models": {}}
   seq = shapes["parity_seq"]
@@ -537,9 +539,9 @@ def _determinism_job(shapes: dict[str, Any]) -> dict[str, Any]:
   return {"config": cfg_dict, "seq": shapes["seq"], "dtype": "bfloat16", "seed": 0}
 
 
-def start_determinism_child(shapes: dict[str, Any]) -> tuple[subprocess.Popen, float]:
-  """The child process: this script with ``--child``, ``XLA_FLAGS`` plus :data:`DETERMINISM_FLAG`."""
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + DETERMINISM_FLAG).strip(),
+def start_determinism_child(shapes: dict[str, Any], flag: str = DETERMINISM_FLAG) -> tuple[subprocess.Popen, float]:
+  """The child process: this script with ``--child``, ``XLA_FLAGS`` plus ``flag``."""
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flag).strip(),
              PYTHONPATH=ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
   job = _determinism_job(shapes)
   proc = subprocess.Popen([sys.executable, "-m", "bench.gpu_suite", f"--child={json.dumps(job)}"], cwd=ROOT, env=env,
@@ -561,13 +563,22 @@ def section_determinism(shapes: dict[str, Any], quick: bool,
                          "this_process": here,
                          "this_process_identical": here["plain"][0] == here["plain"][1] and here["capture"][0] == here["capture"][1]}
   proc, t0 = child if child is not None else start_determinism_child(shapes)
-  try:
-    stdout, stderr = proc.communicate(timeout=300)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  out["child_s"] = time.perf_counter() - t0
   out["child_overlapped"] = child is not None
+
+  def wait(proc: subprocess.Popen) -> tuple[str, str]:
+    try:
+      return proc.communicate(timeout=300)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+
+  stdout, stderr = wait(proc)
+  if proc.returncode != 0 and DETERMINISM_FLAG.split("=")[0].lstrip("-") in stderr:  # this XLA rejects the flag
+    out["flag_rejected"] = (stderr.strip().splitlines() or [""])[-1]
+    out["flag"] = FALLBACK_DETERMINISM_FLAG
+    proc, t0 = start_determinism_child(shapes, FALLBACK_DETERMINISM_FLAG)
+    stdout, stderr = wait(proc)
+  out["child_s"] = time.perf_counter() - t0
   if proc.returncode != 0:
     out["child_error"] = (stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
     out["identical"] = False
