@@ -561,7 +561,8 @@ def section_determinism(shapes: dict[str, Any], quick: bool,
   here = determinism_hashes(job)
   out: dict[str, Any] = {"config": job["config"], "seq": shapes["seq"], "dtype": "bfloat16", "flag": DETERMINISM_FLAG,
                          "this_process": here,
-                         "this_process_identical": here["plain"][0] == here["plain"][1] and here["capture"][0] == here["capture"][1]}
+                         "this_process_identical": (here["plain"][0] == here["plain"][1]
+                                                    and here["capture"][0] == here["capture"][1])}
   proc, t0 = child if child is not None else start_determinism_child(shapes)
   out["child_overlapped"] = child is not None
 

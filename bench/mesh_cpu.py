@@ -42,7 +42,8 @@ _LAYERS = flags.DEFINE_integer("layers", 8, "Decoder layers of the Qwen3-0.6B-sh
 _SEQ = flags.DEFINE_integer("seq", 128, "Forward sequence length (batch 2).")
 _REPS = flags.DEFINE_integer("reps", 3, "Timed forward calls after the first.")
 _SVF_HIDDEN = flags.DEFINE_integer("svf_hidden", 256, "Hidden size of the SVF golden model (Qwen3-0.6B proportions).")
-_SVF_LAYERS = flags.DEFINE_integer("svf_layers", 4, "Layers of the SVF golden model (>= 2: the golden sample is in layer 1).", lower_bound=2)
+_SVF_LAYERS = flags.DEFINE_integer("svf_layers", 4, "Layers of the SVF golden model (>= 2: its sample is in layer 1).",
+                                   lower_bound=2)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/parity_mesh_bench", "Scratch directory (removed afterwards).")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures here.")
 

@@ -140,7 +140,8 @@ MESH_SCRIPT = textwrap.dedent(r"""
       expect_error(lambda: qwen2.load(job["models"] + "/" + name, mesh=mesh),
                    r"^layers\.0\.attn\.wk: axis 0 \(kv_heads, size [12]\) does not divide over mesh axis tp=4")
       model = qwen2.load(job["models"] + "/" + name, mesh=mesh, rules=rules)
-      assert model.params.layers[0].attn.wk.sharding.spec == P() and model.params.layers[0].attn.wq.sharding.spec == P("tp", None, None)
+      attn = model.params.layers[0].attn
+      assert attn.wk.sharding.spec == P() and attn.wq.sharding.spec == P("tp", None, None)
       check(golden, stages_of(model, tokens, mask), name + " tp=4 vs committed HF golden")
 
     # 4. Refusals, before any weight is read.
@@ -258,7 +259,8 @@ def _write_big_checkpoint(path: pathlib.Path) -> int:
       step = max(1, (8 << 20) // (4 * cols))
       for r0 in range(0, shape[0], step):
         r1 = min(shape[0], r0 + step)
-        w.write_rows(name, (np.arange(r0 * cols, r1 * cols, dtype=np.int64) % 1021).astype(np.float32).reshape((r1 - r0,) + tuple(shape[1:])))
+        block = (np.arange(r0 * cols, r1 * cols, dtype=np.int64) % 1021).astype(np.float32)
+        w.write_rows(name, block.reshape((r1 - r0,) + tuple(shape[1:])))
   return sum(int(np.prod(s)) * 4 for _, s, _ in specs)
 
 

@@ -287,7 +287,8 @@ class _Stages:
 
 
 def _attention(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
-               cfg: QwenConfig, tap: _Stages, prefix: str, attention: str = "eager", causal_only: bool = False) -> jax.Array:
+               cfg: QwenConfig, tap: _Stages, prefix: str, attention: str = "eager",
+               causal_only: bool = False) -> jax.Array:
   """Self-attention of one layer: ``x[B, T, D]`` (already normed) -> o_proj output ``[B, T, D]``."""
   b, t, _ = x.shape
   q = _heads_proj(x, p.wq)  # btd,nhd->btnh
@@ -353,7 +354,8 @@ def _layer(p: Layer, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Arr
            cfg: QwenConfig, tap: _Stages, prefix: str, attention: str = "eager", causal_only: bool = False) -> jax.Array:
   """One pre-norm decoder layer."""
   h = tap(prefix + "attn_norm", rms_norm(x, p.attn_norm, cfg.rms_norm_eps))
-  x = tap(prefix + "post_attn_residual", x + _attention(p.attn, h, cos, sin, bias, cfg, tap, prefix, attention, causal_only))
+  attn = _attention(p.attn, h, cos, sin, bias, cfg, tap, prefix, attention, causal_only)
+  x = tap(prefix + "post_attn_residual", x + attn)
   h = tap(prefix + "ffn_norm", rms_norm(x, p.ffn_norm, cfg.rms_norm_eps))
   return tap(prefix + "output", x + _mlp(p.mlp, h, tap, prefix))
 
