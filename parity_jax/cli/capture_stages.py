@@ -3,6 +3,7 @@
   parity-capture-stages --model_dir=DIR --tokens=1,2,3 --out=bundle.safetensors
   parity-capture-stages --model_dir=DIR --tokens="0,0,5,6;7,8,9,10" \\
       --attention_mask="0,0,1,1;1,1,1,1" --dtype=bfloat16 --out=b.safetensors
+  parity-capture-stages --model_dir=DIR --tokens="1,2;3,4" --mesh=dp:2,tp:4 --out=b.safetensors
 
 (``python -m tools.capture_stages`` from the repository root is the same tool.)
 Rows of a batch are separated by ';'. The bundle holds the stages named by
@@ -25,19 +26,22 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight 
 _OUT = flags.DEFINE_string("out", None, "Output stage bundle (.safetensors).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 _STRICT = flags.DEFINE_bool("strict", True, "Refuse checkpoints holding tensors the model does not use.")
+_MESH = flags.DEFINE_string("mesh", None, "Load the weights sharded on a device mesh, e.g. dp:2,tp:4 (batch over dp; heads, MLP columns and vocab over tp). Needs that many devices (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N).")
 
 
 def main(argv):
   del argv
-  from parity_jax.qwen2 import capture_to_bundle
+  from parity_jax.qwen2 import capture_to_bundle, make_mesh
 
   app.require(_MODEL_DIR, _TOKENS, _OUT)
   tokens = app.parse_int_rows(_TOKENS.value, "tokens")
   mask = app.parse_int_rows(_MASK.value, "attention_mask") if _MASK.value else None
+  mesh = make_mesh(_MESH.value) if _MESH.value else None
   prov = capture_to_bundle(_MODEL_DIR.value, tokens, _OUT.value, dtype=_DTYPE.value, attention_mask=mask,
-                           strict=_STRICT.value, overwrite=_OVERWRITE.value)
+                           strict=_STRICT.value, overwrite=_OVERWRITE.value, mesh=mesh)
   b, t = tokens.shape
-  print(f"wrote {_OUT.value}: model {prov['model']} ({prov['model_type']}), {_DTYPE.value}, tokens of shape [{b}, {t}]")
+  on = f", on mesh {','.join(f'{k}:{v}' for k, v in prov['mesh'].items())}" if "mesh" in prov else ""
+  print(f"wrote {_OUT.value}: model {prov['model']} ({prov['model_type']}), {_DTYPE.value}, tokens of shape [{b}, {t}]{on}")
   return 0
 
 

@@ -3,6 +3,7 @@
   parity-forward-parity --model_dir=goldens/models/qwen3 \\
       --golden=goldens/forward/qwen3.safetensors [--dtype=bfloat16] [--plot=out.png]
   parity-forward-parity --model_dir=DIR --oracle --tokens="1,2,3;4,5,6"   # needs the [oracle] extra
+  parity-forward-parity --model_dir=DIR --golden=G.safetensors --mesh=dp:2,tp:4   # weights sharded on 8 devices
 
 (``python -m tools.forward_parity`` from the repository root is the same tool.)
 Loads the HF checkpoint with parity_jax.qwen2, runs the tokens recorded in the
@@ -37,6 +38,7 @@ _SAVE_GOLDEN = flags.DEFINE_string("save_golden", None, "With --oracle: also wri
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing --plot / --save_candidate / --save_golden files.")
 _STRICT = flags.DEFINE_bool("strict", True, "Refuse checkpoints holding tensors the model does not use.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress of the stage comparison on stderr (a bar on a terminal, a line every few seconds otherwise).")
+_MESH = flags.DEFINE_string("mesh", None, "Load the weights sharded on a device mesh, e.g. dp:2,tp:4 (batch over dp; heads, MLP columns and vocab over tp). Needs that many devices (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N).")
 
 
 def _check_flags() -> None:
@@ -74,16 +76,17 @@ def main(argv):
   from parity_jax.bundles import load_profile_json
   from parity_jax.bundles.compare import OneSidedStagesError
   from parity_jax.errors import UsageError
-  from parity_jax.qwen2 import forward_parity
+  from parity_jax.qwen2 import forward_parity, make_mesh
 
   _check_flags()
   _check_outputs()
   profile = load_profile_json(_PROFILE_JSON.value) if _PROFILE_JSON.value else _PROFILE.value
   tokens = app.parse_int_rows(_TOKENS.value, "tokens") if _TOKENS.value else None
   mask = app.parse_int_rows(_MASK.value, "attention_mask") if _MASK.value else None
+  mesh = make_mesh(_MESH.value) if _MESH.value else None
   try:
     result = forward_parity(_MODEL_DIR.value, _GOLDEN.value, oracle=_ORACLE.value, tokens=tokens, attention_mask=mask,
-                            dtype=_DTYPE.value, profile=profile, top_k=_TOP_K.value, strict=_STRICT.value,
+                            dtype=_DTYPE.value, profile=profile, top_k=_TOP_K.value, strict=_STRICT.value, mesh=mesh,
                             progress=_PROGRESS.value)
   except OneSidedStagesError as e:
     raise UsageError(f"stages present on one side only ({e.where}): is the golden from another model?") from None

@@ -5,6 +5,7 @@
       --selected_source_filter=model.layers.1. --stage_dir=out/svf_stages --out=out/svf_report.json
   parity-svf-parity --python_report=tmp/sakana_parity/python_sample_trace.json \\
       --components_dir=tmp/sakana_parity/python_components --mode=bytes
+  parity-svf-parity --golden_dir=DIR --all_selected_tensors --devices=8   # tensors spread over 8 devices
 
 (``python -m tools.svf_parity`` from the repository root is the same tool.)
 
@@ -42,14 +43,19 @@ _EXPLAIN = flags.DEFINE_enum(
 )
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out report or our bundle in --stage_dir.")
+_DEVICES = flags.DEFINE_integer("devices", 0, "With --all_selected_tensors: spread the tensors over this many devices, balanced by FLOPs (0: every device JAX sees, across processes under jax.distributed). The report is the single-device one.", lower_bound=0)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "jax.distributed: host:port of process 0 (with --num_processes and --process_id); each process replays the tensors of its own devices, process 0 prints and writes the report.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "jax.distributed: the number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "jax.distributed: this process's index.")
 
 
 def main(argv):
   del argv
   from parity_jax.errors import UsageError
   from parity_jax.files import check_output_path
-  from parity_jax.svf import replay  # after flag parsing: a bad flag should not pay for importing jax
+  from parity_jax.svf import replay, spread  # after flag parsing: a bad flag should not pay for importing jax
 
+  spread.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if (_REPORT.value is None) == (_GOLDEN.value is None):
     raise UsageError("give exactly one of --python_report and --golden_dir")
   if _OUT.value:
@@ -70,7 +76,12 @@ def main(argv):
       explain_rule=_EXPLAIN.value,
       progress=_PROGRESS.value,
       overwrite=_OVERWRITE.value,
+      devices=_DEVICES.value,
   )
+  import jax
+
+  if jax.process_index() != 0:  # process 0 speaks for the run
+    return result.exit_code
   print(result.table())
   if _OUT.value:
     print(f"report: {result.write_json(_OUT.value)}")

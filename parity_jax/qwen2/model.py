@@ -51,9 +51,10 @@ import numpy as np
 from parity_jax.errors import UsageError
 from parity_jax.qwen2.config import QwenConfig, RopeScaling
 from parity_jax.qwen2.params import Attention, Layer, Mlp, Params
+from parity_jax.qwen2.sharding import mesh_of, place_inputs
 from parity_jax.bundles.qwen_graph import qwen_stage_names
 
-__all__ = ["Model", "check_inputs", "forward", "rms_norm", "rope_inv_freq", "rope_inv_freq_scaled", "dynamic_inv_freq",
+__all__ = ["ATTENTION_IMPLS", "Model", "check_inputs", "forward", "rms_norm", "rope_inv_freq", "rope_inv_freq_scaled", "dynamic_inv_freq",
            "rope_cos_sin", "apply_rope", "attention_mask_bias"]
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -286,7 +287,8 @@ class _Stages:
 
 
 def _attention(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
-               cfg: QwenConfig, tap: _Stages, prefix: str) -> jax.Array:
+               cfg: QwenConfig, tap: _Stages, prefix: str, attention: str = "eager",
+               causal_only: bool = False) -> jax.Array:
   """Self-attention of one layer: ``x[B, T, D]`` (already normed) -> o_proj output ``[B, T, D]``."""
   b, t, _ = x.shape
   q = _heads_proj(x, p.wq)  # btd,nhd->btnh
@@ -302,6 +304,13 @@ def _attention(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array, bias:
     k = tap(prefix + "k_norm", rms_norm(k, p.k_norm, cfg.rms_norm_eps))
   q = tap(prefix + "q_rope", apply_rope(q, cos, sin))
   k = tap(prefix + "k_rope", apply_rope(k, cos, sin))
+  if attention != "eager":
+    ctx = _fused_attention(q, k, v, bias, cfg, attention, causal_only)
+    ctx = tap(prefix + "attention", ctx, (b, t, -1))
+    out = _einsum("btf,df->btd", ctx.reshape(b, t, -1), p.wo.reshape(p.wo.shape[0], -1))
+    if p.bo is not None:
+      out = out + p.bo
+    return tap(prefix + "attn_out", out)
   qg = q.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
   scores = _einsum("btkgh,bskh->bkgts", qg, k)
   # HF multiplies by the Python float hd**-0.5; torch does that in float32 ("opmath") and rounds
@@ -318,6 +327,20 @@ def _attention(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array, bias:
   return tap(prefix + "attn_out", out)
 
 
+#: ``forward(attention=...)``: ``eager`` is HF's eager attention operation by operation (the parity path);
+#: ``xla`` / ``cudnn`` / ``auto`` run :func:`jax.nn.dot_product_attention` with that implementation (``auto``:
+#: JAX picks), a fused kernel for speed whose rounding differs from HF's eager attention.
+ATTENTION_IMPLS = ("eager", "xla", "cudnn", "auto")
+
+
+def _fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, cfg: QwenConfig, attention: str,
+                     causal_only: bool) -> jax.Array:
+  """``jax.nn.dot_product_attention`` on ``q[B, T, N, hd]``, ``k/v[B, S, K, hd]`` (GQA in the kernel)."""
+  impl = None if attention == "auto" else attention
+  kw: dict[str, Any] = {"is_causal": True} if causal_only else {"mask": (bias == 0)[:, None, :, :]}
+  return jax.nn.dot_product_attention(q, k, v, scale=cfg.head_dim ** -0.5, implementation=impl, **kw)
+
+
 def _mlp(p: Mlp, x: jax.Array, tap: _Stages, prefix: str) -> jax.Array:
   """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``."""
   gate = tap(prefix + "ffn_gate", _einsum("btd,id->bti", x, p.w_gate))
@@ -328,17 +351,18 @@ def _mlp(p: Mlp, x: jax.Array, tap: _Stages, prefix: str) -> jax.Array:
 
 
 def _layer(p: Layer, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
-           cfg: QwenConfig, tap: _Stages, prefix: str) -> jax.Array:
+           cfg: QwenConfig, tap: _Stages, prefix: str, attention: str = "eager", causal_only: bool = False) -> jax.Array:
   """One pre-norm decoder layer."""
   h = tap(prefix + "attn_norm", rms_norm(x, p.attn_norm, cfg.rms_norm_eps))
-  x = tap(prefix + "post_attn_residual", x + _attention(p.attn, h, cos, sin, bias, cfg, tap, prefix))
+  attn = _attention(p.attn, h, cos, sin, bias, cfg, tap, prefix, attention, causal_only)
+  x = tap(prefix + "post_attn_residual", x + attn)
   h = tap(prefix + "ffn_norm", rms_norm(x, p.ffn_norm, cfg.rms_norm_eps))
   return tap(prefix + "output", x + _mlp(p.mlp, h, tap, prefix))
 
 
-@jax.jit(static_argnames=("capture",))
+@jax.jit(static_argnames=("capture", "attention"))
 def _forward(model: Model, tokens: jax.Array, attention_mask: jax.Array | None, positions: jax.Array,
-             capture: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+             capture: bool, attention: str = "eager") -> tuple[jax.Array, tuple[jax.Array, ...]]:
   """The jitted forward: logits ``[B, T, V]`` and, when ``capture``, every stage in execution order."""
   cfg, p = model.config, model.params
   dtype = p.embed.dtype
@@ -352,8 +376,10 @@ def _forward(model: Model, tokens: jax.Array, attention_mask: jax.Array | None, 
   if cfg.sliding_layers:
     sliding_bias = attention_mask_bias(attention_mask, b, t, dtype, cfg.sliding_window)
   for i, layer in enumerate(p.layers):
-    layer_bias = sliding_bias if i in cfg.sliding_layers else bias
-    x = _layer(layer, x, cos, sin, layer_bias, cfg, tap, f"layers.{i}.")
+    sliding = i in cfg.sliding_layers
+    layer_bias = sliding_bias if sliding else bias
+    causal_only = attention_mask is None and not sliding
+    x = _layer(layer, x, cos, sin, layer_bias, cfg, tap, f"layers.{i}.", attention, causal_only)
   x = tap("final_norm", rms_norm(x, p.final_norm, cfg.rms_norm_eps))
   head = p.embed if p.lm_head is None else p.lm_head
   logits = tap("logits", _einsum("btd,vd->btv", x, head))
@@ -409,7 +435,8 @@ def check_inputs(cfg: QwenConfig, tokens: Any, attention_mask: Any = None, posit
   return tokens, attention_mask, positions
 
 
-def forward(model: Model, tokens: Any, *, attention_mask: Any = None, positions: Any = None, capture: bool = False):
+def forward(model: Model, tokens: Any, *, attention_mask: Any = None, positions: Any = None, capture: bool = False,
+            attention: str = "eager"):
   """Runs the model on ``tokens[B, T]``.
 
   Returns ``logits[B, T, V]`` in the model's dtype, or ``(logits, stages)``
@@ -423,11 +450,27 @@ def forward(model: Model, tokens: Any, *, attention_mask: Any = None, positions:
   without ``position_ids``, padded or not. The sliding window, on the config's
   sliding layers, counts sequence indices, as HF's mask does. Capture happens inside
   the jitted computation (``capture`` is static): no host callbacks.
+
+  A model loaded onto a mesh (``load(path, mesh=mesh)``) runs unchanged: the
+  inputs are placed with their batch over the mesh's ``dp`` axis
+  (:func:`parity_jax.qwen2.sharding.place_inputs`) and XLA partitions the
+  computation from the weights' shardings. The logits and stages are then
+  global arrays on the mesh.
+
+  ``attention`` (:data:`ATTENTION_IMPLS`): ``eager`` (default) is HF's eager
+  attention, the parity path; ``xla``, ``cudnn`` or ``auto`` use
+  :func:`jax.nn.dot_product_attention` (causal without a padding mask or
+  window, else a boolean mask), for speed, not for bit-level parity.
   """
   if not isinstance(model, Model):
     raise UsageError(f"forward() needs a parity_jax.qwen2 Model, got {type(model).__name__}")
+  if attention not in ATTENTION_IMPLS:
+    raise UsageError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {attention!r}")
   tokens, attention_mask, positions = check_inputs(model.config, tokens, attention_mask, positions)
-  logits, stages = _forward(model, tokens, attention_mask, positions, bool(capture))
+  mesh = mesh_of(model.params)
+  if mesh is not None:  # a sharded model: the batch goes over dp, the weights' sharding does the rest
+    tokens, attention_mask, positions = place_inputs(mesh, tokens, attention_mask, positions)
+  logits, stages = _forward(model, tokens, attention_mask, positions, bool(capture), attention)
   if not capture:
     return logits
   names = qwen_stage_names(model.config.num_layers, model.config.qk_norm)

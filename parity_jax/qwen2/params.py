@@ -35,7 +35,9 @@ every tensor's shape, and reports missing and unknown keys.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
 import re
 import warnings
@@ -48,10 +50,11 @@ import numpy as np
 import safetensors
 
 from parity_jax.compare import bit_equal
+from parity_jax.dtypes import SAFETENSORS_DTYPES
 from parity_jax.errors import UsageError
 from parity_jax.qwen2.config import QwenConfig
 
-__all__ = ["Attention", "Mlp", "Layer", "Params", "LoadReport", "KEY_TABLE", "load_params", "init_params", "to_hf_tensors"]
+__all__ = ["Attention", "Mlp", "Layer", "Params", "LoadReport", "KEY_TABLE", "load_params", "init_params", "random_params", "to_hf_tensors"]
 
 Array = Any  # jax.Array or np.ndarray
 
@@ -220,27 +223,25 @@ def _convert(a: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
   return a if a.dtype == dtype else a.astype(dtype)
 
 
-def load_params(path: str | os.PathLike, cfg: QwenConfig, dtype: Any = jnp.float32, strict: bool = True,
-                put: Callable[[Any], Any] | None = jax.device_put) -> tuple[Params, LoadReport]:
-  """Loads an HF Qwen2/Qwen3 checkpoint directory into :class:`Params`.
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What a checkpoint holds, checked against the config before any tensor is read."""
 
-  ``dtype`` is float32 (bf16/f16-stored tensors are upcast exactly) or
-  bfloat16 (bf16-stored tensors are taken as stored). Every tensor's shape is
-  asserted against the config. Missing keys always raise; unknown keys raise
-  when ``strict`` (the default) and are reported in the :class:`LoadReport`
-  and as a warning otherwise. ``put`` places the finished numpy tree
-  (``jax.device_put`` by default; pass ``None`` to keep host numpy arrays, or
-  a function applying shardings).
-  """
-  path = os.fspath(path)
-  np_dtype = np.dtype(dtype)
-  if np_dtype not in _DTYPES.values():
-    raise UsageError(f"dtype must be float32 or bfloat16, got {np_dtype}")
+  files: list[str]
+  expected: dict[str, _Key]  # HF name -> table row, every tensor the config needs
+  file_of: dict[str, str]  # HF name -> file, for every expected tensor
+  stored: dict[str, np.dtype]  # HF name -> stored dtype
+  unknown: list[str]
+  lm_head_in_file: tuple[str, str] | None  # (file, name) of a tied config's lm_head.weight
+
+
+def _plan(path: str, cfg: QwenConfig, strict: bool) -> _Plan:
+  """Index, keys, shapes and dtypes of a checkpoint against the config: missing/unknown/wrong tensors raise here."""
   files, weight_map = _checkpoint_files(path)
   expected = _expected_names(cfg)
-  values: dict[str, np.ndarray] = {}
+  file_of: dict[str, str] = {}
+  stored: dict[str, np.dtype] = {}
   unknown: list[str] = []
-  stored: set[str] = set()
   lm_head_in_file = None
   seen_in: dict[str, str] = {}
   for file in files:
@@ -263,17 +264,21 @@ def load_params(path: str | os.PathLike, cfg: QwenConfig, dtype: Any = jnp.float
         continue
       key = expected[name]
       hf_shape = tuple(key.hf_shape(cfg))
-      got = tuple(handle.get_slice(name).get_shape())
+      sl = handle.get_slice(name)
+      got = tuple(sl.get_shape())
       if got != hf_shape:
         raise UsageError(f"{name}: shape {list(got)} does not match the config's {list(hf_shape)}")
-      a = handle.get_tensor(name)
-      stored.add(str(a.dtype))
-      values[name] = _convert(a, np_dtype, name).reshape(key.shape(cfg))
+      dt = SAFETENSORS_DTYPES.get(sl.get_dtype())
+      if dt not in _READABLE:
+        raise UsageError(f"{name}: stored dtype {dt if dt is not None else sl.get_dtype()} is not a float dtype this "
+                         "loader reads (float32, float16, bfloat16)")
+      file_of[name], stored[name] = file, dt
+    del handle
   if weight_map is not None:
     absent = sorted(set(weight_map) - set(seen_in))
     if absent:
       raise UsageError(f"index lists {len(absent)} tensors its shards do not hold, e.g. {absent[:3]}")
-  missing = sorted(set(expected) - set(values), key=_natural)
+  missing = sorted(set(expected) - set(file_of), key=_natural)
   if missing:
     more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
     raise UsageError(f"{path}: {len(missing)} missing tensors: {', '.join(missing[:5])}{more}")
@@ -283,19 +288,100 @@ def load_params(path: str | os.PathLike, cfg: QwenConfig, dtype: Any = jnp.float
     msg = f"{path}: {len(unknown)} unknown tensors: {', '.join(unknown[:5])}{more}"
     if strict:
       raise UsageError(msg + " (load with strict=False to ignore them)")
-    warnings.warn(msg, stacklevel=2)
-  if lm_head_in_file is not None:
-    file, name = lm_head_in_file
-    with safetensors.safe_open(file, framework="numpy") as h:
-      lm = h.get_tensor(name)
-    embed_name = "model.embed_tokens.weight"
-    emb = values[embed_name]
-    if tuple(lm.shape) != (cfg.vocab_size, cfg.hidden_size) or not bit_equal(_convert(lm, np_dtype, name), emb):
-      raise UsageError(f"{path}: config ties word embeddings but lm_head.weight differs from {embed_name}")
+    warnings.warn(msg, stacklevel=3)
+  return _Plan(files, expected, file_of, stored, unknown, lm_head_in_file)
 
-  params = _assemble(cfg, values, expected)
-  report = LoadReport(tuple(files), tuple(sorted(stored)), tuple(unknown), lm_head_in_file is not None)
-  return (put(params) if put is not None else params), report
+
+_READABLE = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+_TIED_MSG = "config ties word embeddings but lm_head.weight differs from model.embed_tokens.weight"
+
+
+def _field_of(name: str, key: _Key) -> str:
+  if key.per_layer:
+    return key.field.format(i=int(re.match(r"model\.layers\.(\d+)\.", name).group(1)))
+  return key.field
+
+
+def load_params(path: str | os.PathLike, cfg: QwenConfig, dtype: Any = jnp.float32, strict: bool = True,
+                put: Callable[[Any], Any] | None = jax.device_put, *, mesh: Any = None,
+                rules: Any = None) -> tuple[Params, LoadReport]:
+  """Loads an HF Qwen2/Qwen3 checkpoint directory into :class:`Params`.
+
+  ``dtype`` is float32 (bf16/f16-stored tensors are upcast exactly) or
+  bfloat16 (bf16-stored tensors are taken as stored). Every tensor's shape is
+  asserted against the config. Missing keys always raise; unknown keys raise
+  when ``strict`` (the default) and are reported in the :class:`LoadReport`
+  and as a warning otherwise. ``put`` places the finished numpy tree
+  (``jax.device_put`` by default; pass ``None`` to keep host numpy arrays, or
+  a function applying shardings).
+
+  ``mesh`` (a :class:`jax.sharding.Mesh` with ``dp``/``tp`` axes) instead
+  places every weight directly on the mesh, sharded by the rule table
+  (``rules`` rows first, then :data:`parity_jax.qwen2.sharding.DEFAULT_RULES`):
+  each device's shard is read from the file by byte range, so no host holds
+  more of a tensor than one shard plus a small buffer, and under
+  ``jax.distributed`` each process reads only its own devices' shards. All
+  checks (keys, shapes, dtypes, divisibility of every split axis) run before
+  the first tensor is read.
+  """
+  path = os.fspath(path)
+  np_dtype = np.dtype(dtype)
+  if np_dtype not in _DTYPES.values():
+    raise UsageError(f"dtype must be float32 or bfloat16, got {np_dtype}")
+  if mesh is not None and put is not jax.device_put:
+    raise UsageError("give put or mesh, not both")
+  plan = _plan(path, cfg, strict)
+  if mesh is not None:
+    params = _load_sharded(path, plan, cfg, np_dtype, mesh, rules)
+  else:
+    values: dict[str, np.ndarray] = {}
+    for file in plan.files:
+      names = [n for n in plan.expected if plan.file_of[n] == file]
+      if not names:
+        continue
+      with safetensors.safe_open(file, framework="numpy") as handle:
+        for name in names:
+          values[name] = _convert(handle.get_tensor(name), np_dtype, name).reshape(plan.expected[name].shape(cfg))
+    if plan.lm_head_in_file is not None:
+      file, name = plan.lm_head_in_file
+      with safetensors.safe_open(file, framework="numpy") as h:
+        lm = h.get_tensor(name)
+      emb = values["model.embed_tokens.weight"]
+      if tuple(lm.shape) != (cfg.vocab_size, cfg.hidden_size) or not bit_equal(_convert(lm, np_dtype, name), emb):
+        raise UsageError(f"{path}: {_TIED_MSG}")
+    params = _assemble(cfg, values, plan.expected)
+    params = put(params) if put is not None else params
+  report = LoadReport(tuple(plan.files), tuple(sorted({str(d) for d in plan.stored.values()})), tuple(plan.unknown),
+                      plan.lm_head_in_file is not None)
+  return params, report
+
+
+def _load_sharded(path: str, plan: _Plan, cfg: QwenConfig, np_dtype: np.dtype, mesh: Any, rules: Any) -> Params:
+  """Every weight read shard by shard onto ``mesh`` (see :func:`load_params`)."""
+  from parity_jax.qwen2 import sharding as sh
+
+  shardings = {name: sh.field_sharding(_field_of(name, key), key.shape(cfg), mesh, rules)
+               for name, key in plan.expected.items()}
+  headers = {file: sh.SafetensorsFile(file) for file in plan.files}
+  if plan.lm_head_in_file is not None:
+    # Compared over this process's own embedding shards, piece by piece: never a whole tensor in memory.
+    file, name = plan.lm_head_in_file
+    emb_name = "model.embed_tokens.weight"
+    lm_file, emb_file = headers[file], headers[plan.file_of[emb_name]]
+    shape = (cfg.vocab_size, cfg.hidden_size)
+    if lm_file.entries[name][1] != shape or lm_file.entries[name][0] not in _READABLE:
+      raise UsageError(f"{path}: {_TIED_MSG}")
+    for box in sh.shard_boxes(shape, shardings[emb_name]):
+      for piece in sh.row_pieces(box, shape, np_dtype.itemsize, sh.READ_BUFFER_BYTES):
+        if not bit_equal(lm_file.read_box(name, piece, np_dtype), emb_file.read_box(emb_name, piece, np_dtype)):
+          raise UsageError(f"{path}: {_TIED_MSG}")
+  values = {}
+  for name, key in plan.expected.items():
+    shape = tuple(key.shape(cfg))
+    f = headers[plan.file_of[name]]
+    read = lambda index, f=f, name=name, shape=shape: f.read_box(name, index, np_dtype, view_shape=shape)  # noqa: E731
+    values[name] = sh.place_sharded(read, shape, shardings[name])
+  return _assemble(cfg, values, plan.expected)
 
 
 def _natural(name: str) -> list:
@@ -349,6 +435,65 @@ def init_params(cfg: QwenConfig, seed: int = 0, dtype: Any = jnp.float32, scale:
       values[name] = a.astype(np_dtype, copy=False)
   params = _assemble(cfg, values, _expected_names(cfg))
   return put(params) if put is not None else params
+
+
+def random_params(cfg: QwenConfig, seed: int = 0, dtype: Any = jnp.float32, scale: float = 0.02, *,
+                  mesh: Any = None, rules: Any = None) -> Params:
+  """Random parameters generated on the device(s): nothing passes through the host.
+
+  For benchmarks at real size (a 7B model's 15 GB of bf16 weights are made on
+  the accelerator in about a second; nothing is written to disk). Norm
+  weights are ones, everything else zero-mean uniform with standard deviation
+  ``scale``, from a counter-based hash of (seed, tensor index in key-table
+  order, element index) (:func:`_hash_uniform`): one jitted program that
+  compiles in milliseconds, deterministic on every backend. With a ``mesh``
+  each weight is generated already sharded by the rule table
+  (:mod:`parity_jax.qwen2.sharding`). The values differ from
+  :func:`init_params`' (another generator); shapes and structure are the same.
+  """
+  from parity_jax.qwen2 import sharding as sh
+
+  np_dtype = np.dtype(dtype)
+  expected = _expected_names(cfg)
+  leaves = tuple((tuple(int(d) for d in row.shape(cfg)), name.endswith("norm.weight")) for name, row in expected.items())
+  shardings = None
+  if mesh is not None:
+    shardings = tuple(sh.field_sharding(_field_of(name, row), shape, mesh, rules)
+                      for (name, row), (shape, _) in zip(expected.items(), leaves))
+  values = _random_tree(leaves, np_dtype, int(seed), float(scale), shardings)()
+  return _assemble(cfg, dict(zip(expected, values)), expected)
+
+
+def _hash_uniform(shape: tuple[int, ...], dtype: Any, seed: int, leaf: int, scale: float) -> jax.Array:
+  """Zero-mean uniform values with standard deviation ``scale`` from a counter-based integer hash.
+
+  ``lowbias32`` (Wellons) of the element index, salted by seed and leaf: a
+  few fused elementwise ops, so it compiles in milliseconds and runs at
+  memory bandwidth (``jax.random``'s threefry took seconds to compile per
+  shape on CPU).
+  """
+  n = math.prod(shape)
+  x = jax.lax.iota(jnp.uint32, n) * jnp.uint32(0x9E3779B1)
+  x = x + jnp.uint32((seed * 0x85EBCA77 + leaf * 0xC2B2AE3D + 0x27D4EB2F) & 0xFFFFFFFF)
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  x = x ^ (x >> 16)
+  u = (x >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24) - jnp.float32(0.5)  # [-0.5, 0.5)
+  return (u * jnp.float32(scale * math.sqrt(12.0))).astype(dtype).reshape(shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _random_tree(leaves: tuple[tuple[tuple[int, ...], bool], ...], dtype: np.dtype, seed: int, scale: float,
+                 shardings: tuple[Any, ...] | None) -> Callable:
+  """One jitted program drawing every leaf (one quick compile, however many shapes)."""
+
+  def draw():
+    return tuple(jnp.ones(shape, dtype) if norm else _hash_uniform(shape, dtype, seed, i, scale)
+                 for i, (shape, norm) in enumerate(leaves))
+
+  return jax.jit(draw, out_shardings=shardings)
 
 
 def _get_field(params: Params, path: str) -> Any:

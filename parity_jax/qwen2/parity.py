@@ -86,13 +86,16 @@ def forward_parity(
     top_k: int = 5,
     strict: bool = True,
     progress: bool = False,
+    mesh: Any = None,
+    rules: Any = None,
 ) -> ForwardParity:
   """Runs our forward on ``model_dir`` and compares it with the golden (file) or the live HF oracle.
 
   Inputs come from ``tokens``/``attention_mask`` when given, else from the
   golden's provenance. ``profile`` defaults to ``f32`` for float32 and
   ``bf16`` for bfloat16. Bad input raises a one-line :class:`UsageError`
-  before the model runs.
+  before the model runs. ``mesh``/``rules`` load our side sharded onto a
+  device mesh (:mod:`parity_jax.qwen2.sharding`); the comparison is the same.
   """
   dtype = compute_dtype(dtype).name
   model_dir = os.fspath(model_dir)
@@ -111,7 +114,8 @@ def forward_parity(
     from parity_jax.oracle import require_oracle
 
     require_oracle()
-  candidate = capture_stages(model_dir, tokens, dtype=dtype, attention_mask=attention_mask, strict=strict)
+  candidate = capture_stages(model_dir, tokens, dtype=dtype, attention_mask=attention_mask, strict=strict, mesh=mesh,
+                             rules=rules)
   if oracle:
     from parity_jax.oracle.hf_forward import hf_stages
 

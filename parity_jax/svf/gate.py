@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 from typing import Any, Callable, Sequence
 
 import jax
@@ -47,7 +48,7 @@ from parity_jax.files import check_output_dir
 from parity_jax.progress import Progress, progress as progress_bar
 from parity_jax.provenance import default_provenance, package_versions
 from parity_jax.report import Report
-from parity_jax.svf import core, io
+from parity_jax.svf import core, io, spread
 from parity_jax.svf.bounds import (
     EXPLAIN_RULES,
     FormulaConstants,
@@ -503,8 +504,18 @@ def replay(
     explain_rule: str = "bound",
     progress: bool = False,
     overwrite: bool = False,
+    devices: int = 0,
 ) -> ReplayResult:
   """Replays the golden run in JAX and compares every stage. See the module docstring.
+
+  ``devices``: the all-selected tensors are spread over this many devices
+  (0: all of them; :func:`_placement`), balanced by FLOPs, each tensor
+  rebuilt and compared on its own device, in a thread per device; under
+  ``jax.distributed`` over every process's devices, the results gathered to
+  every process. The report is the single-device one: same per-stage hashes,
+  same explained-mismatch accounting, same tensor order; only
+  ``backend.placement`` says where each tensor ran. ``chunk_mb`` is per
+  device (up to ``devices`` chunks are in memory at once).
 
   Bad input (missing files, mismatched shapes, a filter selecting nothing, a
   missing golden stage, a ``stage_dir`` on or inside an input or holding our
@@ -512,6 +523,10 @@ def replay(
   anything is written.
   """
   compute_dtype = _check_args(mode, explain_rule, row_block, chunk_mb, compute_dtype)
+  if devices < 0 or devices > jax.device_count():
+    raise UsageError(f"devices must lie in [0, {jax.device_count()}] (0: all), got {devices}")
+  if stage_dir and jax.process_count() > 1:
+    raise UsageError("stage_dir: our stage bundle is written by a single process; drop it under jax.distributed")
   golden = io.load_golden(python_report, golden_dir)
   layout = layout or golden.layout or "torch_v"
   comp_path, off_path = io.find_component_files(components_dir or golden.components_dir or golden.base_dir)
@@ -529,13 +544,22 @@ def replay(
       specs = [(job.key(st), job.stage_shape(st), _stage_dtype(st)) for job in jobs for st in core.STAGES]
       prov = default_provenance("parity_jax.svf.replay", golden_report=os.path.abspath(golden.report_path), layout=layout)
       writer = bundles.BundleWriter(out_bundle, specs, prov, interleave=True)
+    placement, assignment = _placement(jobs, devices if all_selected else 1)
     try:
       with progress_bar(sum(job.m * job.k * 4 for job in jobs), "svf replay", enabled=progress) as bar:
-        results = []
-        for job in jobs:
-          bar.set_postfix_str(job.name)
-          results.append(_replay_tensor(job, store, greader, writer, mode=mode, chunk_mb=chunk_mb, row_block=row_block,
-                                        compute_dtype=compute_dtype, explain_rule=explain_rule, progress=bar))
+        lock = threading.Lock()
+        shared_bar, shared_writer = _Locked(bar, lock), (None if writer is None else _Locked(writer, lock))
+
+        def one(i: int, device: Any) -> dict[str, Any]:
+          shared_bar.set_postfix_str(jobs[i].name)
+          return _replay_tensor(jobs[i], store, greader, shared_writer, mode=mode, chunk_mb=chunk_mb,
+                                row_block=row_block, compute_dtype=compute_dtype, explain_rule=explain_rule,
+                                progress=shared_bar)
+
+        done: dict[int, dict[str, Any]] = {}
+        for part in spread.gather(spread.run_on_devices(one, assignment)):
+          done.update(part)
+        results = [done[i] for i in range(len(jobs))]
       _check_report_hashes(golden, results, all_selected)
       if writer is not None:
         writer.close()
@@ -548,7 +572,46 @@ def replay(
               "selected_source_filter": selected_source_filter, "chunk_mb": chunk_mb, "row_block": row_block,
               "compute_dtype": str(compute_dtype), "explain_rule": explain_rule}
   files = {"bundle": bundle_path, "components": comp_path, "offsets": off_path, "ours": out_bundle}
-  return ReplayResult(_report(results, golden, settings, files, all_selected))
+  return ReplayResult(_report(results, golden, settings, files, all_selected, placement))
+
+
+class _Locked:
+  """Calls to an object's methods under one lock (the progress bar and the bundle writer, shared by device threads)."""
+
+  def __init__(self, obj: Any, lock: threading.Lock):
+    self._obj, self._lock = obj, lock
+
+  def __getattr__(self, name: str) -> Any:
+    attr = getattr(self._obj, name)
+    if not callable(attr):
+      return attr
+
+    def call(*args, **kwargs):
+      with self._lock:
+        return attr(*args, **kwargs)
+
+    return call
+
+
+def _placement(jobs: list[_Job], devices: int) -> tuple[dict[str, Any], list[tuple[Any, list[int]]]]:
+  """Which device rebuilds which tensor: LPT over the first ``devices`` global devices (0: all) by FLOPs.
+
+  Returns the placement recorded in the report and this process's ``(device,
+  job indices)`` pairs. Every process computes the same placement.
+  """
+  pool = jax.devices()[:devices] if devices else jax.devices()
+  costs = [2.0 * job.m * job.n * job.k for job in jobs]
+  bins = spread.balance(costs, len(pool))
+  me = jax.process_index()
+  assignment = [(d, bins[b]) for b, d in enumerate(pool) if d.process_index == me]
+  placement = {
+      "devices": len(pool),
+      "processes": len({d.process_index for d in pool}),
+      "balanced_by": "matmul FLOPs 2 m n k, greedy longest-first",
+      "device_of_tensor": {jobs[i].name: pool[b].id for b in range(len(pool)) for i in bins[b]},
+      "gflop_per_device": {str(pool[b].id): sum(costs[i] for i in bins[b]) / 1e9 for b in range(len(pool))},
+  }
+  return placement, assignment
 
 
 def _check_args(mode: str, explain_rule: str, row_block: int, chunk_mb: float, compute_dtype: Any) -> np.dtype:
@@ -588,7 +651,7 @@ def _check_stage_dir(stage_dir: str | None, inputs: list[str | None], all_select
 
 
 def _report(results: list[dict[str, Any]], golden: io.GoldenRun, settings: dict[str, Any], files: dict[str, str | None],
-            all_selected: bool) -> dict[str, Any]:
+            all_selected: bool, placement: dict[str, Any]) -> dict[str, Any]:
   """The replay's JSON document: settings, backend, inputs, per-tensor results, summary and verdict."""
   ours_combined = combined_sha256((r["name"], r["final_bf16_sha256"]) for r in results)
   golden_combined = combined_sha256((r["name"], r["golden_final_bf16_sha256"]) for r in results)
@@ -616,7 +679,7 @@ def _report(results: list[dict[str, Any]], golden: io.GoldenRun, settings: dict[
       "sum_order": "torch_cpu_cascade",
       "nan_policy": "torch",
       "explain_rule": settings["explain_rule"],
-      "backend": _backend(),
+      "backend": dict(_backend(), placement=placement),
       "versions": package_versions(),
       "golden": {
           "report": os.path.abspath(golden.report_path),

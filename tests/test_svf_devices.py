@@ -1,0 +1,110 @@
+"""SVF all-selected spread over devices and processes: the report and our stage bundle are the single-device ones.
+
+The reference runs here, on this process's one device; the spread runs are
+tools.svf_parity in child processes with 8 forced host devices (tensors spread
+over all 8, threads per device), and under jax.distributed as 2 processes of 2
+devices each (gloo on CPU). The goldens are the committed ones re-summed in a
+second float32 order (tests/helpers/svf.py), so there are real bf16 ties and
+the explained-mismatch accounting has something to count.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from parity_jax.errors import UsageError
+from parity_jax.files import file_sha256
+from parity_jax.svf import replay, spread
+from tests.helpers import svf as svf_testlib
+from tests.helpers.devices import ROOT, device_env, run_module
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """Golden dir with real ties, and the single-device replay's report and stage bundle."""
+  root = tmp_path_factory.mktemp("svf_devices")
+  golden_dir, n_ties = svf_testlib.alternative_order_goldens(root / "golden")
+  assert n_ties > 0
+  res = replay(golden_dir=str(golden_dir), all_selected=True, stage_dir=str(root / "one"), chunk_mb=0.05, row_block=32)
+  report = res.to_dict()
+  assert report["summary"]["n_explained"] > 0 and report["summary"]["n_unexplained"] == 0
+  assert report["backend"]["placement"]["devices"] == 1
+  return {"golden": golden_dir, "report": report, "bundle": root / "one" / "svf_all_selected_stage_debug.safetensors",
+          "root": root}
+
+
+def _comparable(report: dict) -> dict:
+  """The report without where it ran (``backend``) and where our bundle went (``stage_debug``)."""
+  r = copy.deepcopy(report)
+  del r["backend"]
+  r.pop("stage_debug")
+  return r
+
+
+def _check_placement(placement: dict, n_devices: int, n_processes: int) -> None:
+  assert placement["devices"] == n_devices and placement["processes"] == n_processes
+  assert len(set(placement["device_of_tensor"].values())) == n_devices  # 16 tensors: every device gets work
+  loads = sorted(placement["gflop_per_device"].values())
+  assert loads[-1] - loads[0] <= max(loads) / 2  # LPT: no device has more than the largest job over the least
+
+
+def test_eight_devices_give_the_single_device_report_and_bundle(reference):
+  out, stage_dir = reference["root"] / "eight.json", reference["root"] / "eight"
+  p = run_module("tools.svf_parity", [f"--golden_dir={reference['golden']}", "--all_selected_tensors", "--devices=0",
+                                      f"--out={out}", f"--stage_dir={stage_dir}", "--chunk_mb=0.05", "--row_block=32",
+                                      "--progress=false"])
+  assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+  report = json.loads(out.read_text())
+  _check_placement(report["backend"]["placement"], 8, 1)
+  assert _comparable(report) == _comparable(reference["report"])
+  assert file_sha256(stage_dir / "svf_all_selected_stage_debug.safetensors") == file_sha256(reference["bundle"])
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_give_the_single_device_report(reference):
+  out = reference["root"] / "two_processes.json"
+  args = [sys.executable, "-m", "tools.svf_parity", f"--golden_dir={reference['golden']}", "--all_selected_tensors",
+          f"--out={out}", "--chunk_mb=0.05", "--row_block=32", "--progress=false",
+          f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
+  env = device_env(2)  # 2 x 2 devices: each process compiles for its own devices, so fewer keep the test quick
+  procs = [subprocess.Popen(args + [f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (so, se) in zip(procs, outs):
+    assert p.returncode == 0, so[-2000:] + se[-3000:]
+  assert "SVF parity PASS" in outs[0][0] and "SVF parity" not in outs[1][0]  # process 0 speaks for the run
+  report = json.loads(out.read_text())
+  _check_placement(report["backend"]["placement"], 4, 2)
+  assert _comparable(report) == _comparable(reference["report"])
+
+
+def test_bad_spread_arguments_are_usage_errors(reference):
+  with pytest.raises(UsageError, match=r"devices must lie in \[0, 1\] \(0: all\), got 2"):
+    replay(golden_dir=str(reference["golden"]), all_selected=True, devices=2)
+  with pytest.raises(UsageError, match="--coordinator_address, --num_processes and --process_id go together"):
+    spread.initialize(None, 2, None)
+  with pytest.raises(UsageError, match=r"--process_id must lie in \[0, --num_processes=2\), got 2"):
+    spread.initialize("127.0.0.1:1", 2, 2)
+  assert spread.initialize(None, None, None) is False and spread.gather({"a": 1}) == [{"a": 1}]
+
+
+def test_balance_is_longest_first_to_the_least_loaded():
+  assert spread.balance([5, 4, 3, 3, 3], 2) == [[0, 3], [1, 2, 4]]
+  assert spread.balance([1, 1, 1], 4) == [[0], [1], [2], []]
+  assert spread.balance([2, 2, 2, 2], 2) == [[0, 2], [1, 3]]  # ties go to the lower index, in job order
