@@ -138,7 +138,7 @@ def parse_int_rows(text: str, flag: str) -> Any:
 _DIST_FLAGS = ("coordinator_address", "num_processes", "process_id", "distributed", "peer_timeout")
 
 
-def distributed_flags(module: str) -> Callable[[], "parity_jax.distributed.Options"]:
+def distributed_flags(module: str) -> Callable[[], Any]:
   """The launch flags of a job on the JAX runtime, for the tool ``module`` (its ``__name__``).
 
   ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (the
