@@ -19,6 +19,9 @@ Pure functions on shapes; nothing here reads data.
 * :func:`row_major_chunk_shape` -- the chunk shape the migrator asks orbax to
   write: C-contiguous rows of chunks (leading axes split first), so the
   migrated leaf streams chunk by chunk.
+* :func:`flat_range_boxes` -- a C-order element range of a shape as the few
+  boxes that tile it (how the distributed migrator reads and writes a range
+  of a leaf).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ __all__ = [
     "SlabPlan",
     "axis_groups",
     "chunk_row_elems",
+    "flat_range_boxes",
     "normalize_squeeze",
     "refinement",
     "row_major_chunk_shape",
@@ -296,3 +300,45 @@ def flat_offset(lo: Sequence[int], r: Shape) -> int:
   for l, d in zip(lo, r):
     off = off * d + l
   return off
+
+
+def flat_range_boxes(shape: Shape, lo: int, hi: int) -> list[tuple[tuple[slice, ...], int]]:
+  """The C-order elements ``[lo, hi)`` of ``shape`` as boxes, each with its flat offset relative to ``lo``.
+
+  Each box is itself a contiguous C-order range, the boxes follow each other
+  in C order, and there are at most ``2 * len(shape) - 1`` of them: a partial
+  row at the start, whole blocks in the middle, a partial row at the end,
+  recursively. A 0-d shape has one element and one box ``()``.
+  """
+  shape = tuple(int(d) for d in shape)
+  lo, hi = int(lo), int(hi)
+  out: list[tuple[tuple[slice, ...], int]] = []
+
+  def rec(prefix: tuple[slice, ...], dims: Shape, a: int, b: int, base: int) -> None:
+    if a >= b:
+      return
+    if not dims:
+      out.append((prefix, base))
+      return
+    inner = _prod(dims[1:])
+    rest = tuple(slice(0, d) for d in dims[1:])
+    i0, r0 = divmod(a, inner)
+    i1, r1 = divmod(b, inner)
+    if i0 == i1:
+      rec(prefix + (slice(i0, i0 + 1),), dims[1:], r0, r1, base)
+      return
+    at = base
+    if r0:
+      rec(prefix + (slice(i0, i0 + 1),), dims[1:], r0, inner, at)
+      at += inner - r0
+      i0 += 1
+    if i1 > i0:
+      out.append((prefix + (slice(i0, i1),) + rest, at))
+      at += (i1 - i0) * inner
+    if r1:
+      rec(prefix + (slice(i1, i1 + 1),), dims[1:], 0, r1, at)
+
+  if not 0 <= lo <= hi <= (_prod(shape) if shape else 1):
+    raise ValueError(f"range [{lo}, {hi}) is outside a leaf of shape {shape}")
+  rec((), shape, lo, hi, 0)
+  return out

@@ -49,7 +49,7 @@ import numpy as np
 from parity_jax.checkpoint import geometry, keypath
 from parity_jax.checkpoint.layout import Checkpoint, open_checkpoint, resolve_item_dir
 from parity_jax.checkpoint.reader import restore_leaves
-from parity_jax.checkpoint.spec import LeafPlan, RemapSpec
+from parity_jax.checkpoint.spec import LeafPlan, MigrationPlan, RemapSpec
 from parity_jax.checkpoint.tstore import quiet_orbax
 from parity_jax.errors import UsageError
 from parity_jax.files import is_inside
@@ -77,6 +77,7 @@ class MigrateResult(Report):
   elapsed_s: float
   dropped_empty_nodes: tuple[str, ...]
   row_major_chunks: bool
+  distributed: dict[str, Any] | None = None  # the job's figures when written by several processes
 
   @property
   def passed(self) -> bool:
@@ -86,7 +87,16 @@ class MigrateResult(Report):
     d = dataclasses.asdict(self)
     d["dropped_empty_nodes"] = list(self.dropped_empty_nodes)
     d["elapsed_s"] = round(self.elapsed_s, 3)
+    if d["distributed"] is None:
+      del d["distributed"]
     return {"format": "parity_jax.migrate_result/1", **d}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "MigrateResult":
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in d.items() if k in names}
+    kw["dropped_empty_nodes"] = tuple(kw.get("dropped_empty_nodes", ()))
+    return cls(**kw)
 
   def text(self) -> str:
     rate = f"{human_bytes(self.nbytes / self.elapsed_s)}/s" if self.elapsed_s > 0 else "-"
@@ -206,6 +216,8 @@ def migrate(
     progress: bool = False,
     batch_mb: float | None = None,
     compression: str = "none",
+    distributed: bool = False,
+    peer_timeout_s: float | None = None,
 ) -> MigrateResult:
   """Writes ``source`` remapped by ``spec`` to ``dest`` as a v1 checkpoint; atomic.
 
@@ -218,19 +230,23 @@ def migrate(
   largest leaf) and every later read pays for decoding, for a few percent
   less disk on float weights. Raises
   :class:`~parity_jax.errors.UsageError` (nothing written) for bad input.
+
+  ``distributed=True`` writes the checkpoint as one job of every process of
+  the JAX runtime (:func:`jax.distributed.initialize` must have been called
+  in each, and each calls this with the same arguments; ``dest`` must be on
+  storage every process sees): each process restores and writes only its
+  share of the leaves (and of big leaves), process 0 assembles the one
+  checkpoint and installs it at ``dest`` only after every share is committed
+  (see :mod:`parity_jax.checkpoint.migrate_distributed`). Every process
+  returns the same result. A process that dies, or shows no progress for
+  ``peer_timeout_s`` seconds, makes every other process print one line naming
+  it and exit with code 2; nothing appears at ``dest``.
   """
+  if distributed:
+    return _migrate_as_job(source, dest, spec, chunk_mb=chunk_mb, overwrite=overwrite, progress=progress,
+                           batch_mb=batch_mb, compression=compression, peer_timeout_s=peer_timeout_s)
   t0 = time.perf_counter()
-  spec = spec if isinstance(spec, RemapSpec) else RemapSpec.from_json(spec)
-  if compression not in ("none", "zstd"):
-    raise UsageError(f"compression must be 'none' or 'zstd', got {compression!r}")
-  if not (isinstance(chunk_mb, (int, float)) and chunk_mb > 0 and np.isfinite(chunk_mb)):
-    raise UsageError(f"chunk_mb must be a positive number, got {chunk_mb!r}")
-  src = open_checkpoint(source, "source checkpoint")
-  bad = src.unreadable()
-  if bad:
-    p0 = next(iter(bad))
-    raise UsageError(f"source checkpoint {src.path}: cannot read leaf {p0!r}: {bad[p0]}")
-  plan = spec.bind(src.leaves, what="source checkpoint")
+  spec, src, plan = _open_inputs(source, spec, chunk_mb=chunk_mb, compression=compression)
   dest = os.path.abspath(os.fspath(dest)).rstrip(os.sep)
   _check_dest(src.path, dest, overwrite)
   parent, name = os.path.dirname(dest), os.path.basename(dest)
@@ -238,23 +254,13 @@ def migrate(
 
   chunk_bytes = max(1, int(chunk_mb * _MIB))
   sizes = {p.source: src.leaves[p.source].nbytes for p in plan.leaves}
-  largest = max(sizes.values(), default=0)
-  batch_bytes = max(min(chunk_bytes, largest), 8 * _MIB) if batch_mb is None else max(1, int(batch_mb * _MIB))
+  batch_bytes = _batch_bytes(chunk_bytes, max(sizes.values(), default=0), batch_mb)
 
   tmp = os.path.join(parent, f".{name}.migrating-{os.getpid()}-{secrets.token_hex(4)}")
   os.mkdir(tmp)
   target = os.path.join(tmp, "checkpoint")
   try:
-    custom = {
-        "parity_jax_migration": {
-            "source": src.path,
-            "source_layout": src.layout,
-            "spec": spec.to_dict(),
-            "chunk_bytes": chunk_bytes,
-            "compression": compression,
-            "provenance": default_provenance("parity_jax.checkpoint.migrate"),
-        }
-    }
+    custom = _custom_metadata(src, spec, chunk_bytes, compression)
     n_batches, hooked = _write(src, plan.leaves, sizes, target, custom, chunk_bytes=chunk_bytes, batch_bytes=batch_bytes,
                                compression=compression, show_progress=progress)
     _maybe_stall("install")
@@ -275,6 +281,56 @@ def migrate(
       dropped_empty_nodes=tuple(src.empty_nodes),
       row_major_chunks=hooked,
   )
+
+
+def _open_inputs(source, spec, *, chunk_mb: float, compression: str) -> tuple[RemapSpec, Checkpoint, MigrationPlan]:
+  """Every check that needs no destination: options, the source's metadata, the spec bound to it."""
+  spec = spec if isinstance(spec, RemapSpec) else RemapSpec.from_json(spec)
+  if compression not in ("none", "zstd"):
+    raise UsageError(f"compression must be 'none' or 'zstd', got {compression!r}")
+  if not (isinstance(chunk_mb, (int, float)) and chunk_mb > 0 and np.isfinite(chunk_mb)):
+    raise UsageError(f"chunk_mb must be a positive number, got {chunk_mb!r}")
+  src = open_checkpoint(source, "source checkpoint")
+  bad = src.unreadable()
+  if bad:
+    p0 = next(iter(bad))
+    raise UsageError(f"source checkpoint {src.path}: cannot read leaf {p0!r}: {bad[p0]}")
+  return spec, src, spec.bind(src.leaves, what="source checkpoint")
+
+
+def _batch_bytes(chunk_bytes: int, largest: int, batch_mb: float | None) -> int:
+  return max(min(chunk_bytes, largest), 8 * _MIB) if batch_mb is None else max(1, int(batch_mb * _MIB))
+
+
+def _custom_metadata(src: Checkpoint, spec: RemapSpec, chunk_bytes: int, compression: str,
+                     **extra: Any) -> dict[str, Any]:
+  """What the migrator records in the checkpoint's ``custom_metadata``."""
+  return {
+      "parity_jax_migration": {
+          "source": src.path,
+          "source_layout": src.layout,
+          "spec": spec.to_dict(),
+          "chunk_bytes": chunk_bytes,
+          "compression": compression,
+          **extra,
+          "provenance": default_provenance("parity_jax.checkpoint.migrate"),
+      }
+  }
+
+
+def _migrate_as_job(source, dest, spec, *, peer_timeout_s: float | None, **kw: Any) -> MigrateResult:
+  from parity_jax import distributed as dist
+  from parity_jax.checkpoint import migrate_distributed
+
+  job = dist.attach(peer_timeout_s or dist.DEFAULT_TIMEOUT_S, "migrate")
+  with job:
+    try:
+      return migrate_distributed.run(job, source, dest, spec, **kw)
+    except migrate_distributed.AgreedError:
+      raise  # every process raises the same error
+    except UsageError as e:
+      job.fail(str(e))
+      raise
 
 
 def _write(src: Checkpoint, leaves: tuple[LeafPlan, ...], sizes: dict[str, int], target: str, custom: dict[str, Any], *,

@@ -12,6 +12,15 @@ appears at --dest only when complete. An existing --dest is replaced only with
 Progress (leaves, bytes, rate, ETA) goes to stderr. Exit 0 on success, 2 on
 bad input (one ``error:`` line, nothing written). Check the result with
 ``parity-verify-migration``.
+
+As one job of N processes on the JAX runtime (each restores and writes only its share of the leaves and of
+big leaves; process 0 assembles the one checkpoint and installs it at --dest once every share is committed;
+--dest must be on storage every process sees):
+
+  parity-migrate-checkpoint --source=... --dest=... --spec=... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+  parity-migrate-checkpoint --source=... --dest=... --spec=... --distributed   # SLURM, TPU, k8s, MPI
+
+A process that dies or hangs makes the others exit 2 within --peer_timeout seconds; nothing appears at --dest.
 """
 
 from __future__ import annotations
@@ -30,17 +39,35 @@ _BATCH_MB = flags.DEFINE_float("batch_mb", None, "Small leaves are restored/save
 _COMPRESSION = flags.DEFINE_enum("compression", "none", ["none", "zstd"], "Chunk codec. 'none' writes straight from memory (peak ~1x the largest leaf); 'zstd' (orbax's default) saves a few % of disk on float weights but OCDBT buffers every compressed chunk of a leaf (~1 more leaf of memory) and every read must decode.")
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace an existing --dest (only if it is an Orbax checkpoint or empty).")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise).")
+_DIST = app.distributed_flags(__name__)
 
 
 def main(argv):
   del argv
   from parity_jax.checkpoint import migrate
+  from parity_jax.progress import human_bytes
 
   app.require(_SOURCE, _DEST, _SPEC)
+  dist = _DIST()
+  if dist.requested:
+    from parity_jax import distributed
+
+    distributed.initialize(dist)
   result = migrate(
       _SOURCE.value, _DEST.value, _SPEC.value, chunk_mb=_CHUNK_MB.value, overwrite=_OVERWRITE.value,
       progress=_PROGRESS.value, batch_mb=_BATCH_MB.value, compression=_COMPRESSION.value,
+      distributed=dist.requested, peer_timeout_s=dist.timeout_s,
   )
+  if result.distributed is not None:
+    from parity_jax import distributed
+
+    me = distributed.process_index()
+    if me != 0:
+      mine = next(p for p in result.distributed["per_process"] if p["process"] == me)
+      print(f"process {me} of {result.distributed['num_processes']}: wrote {human_bytes(mine['bytes_written'])}"
+            f" ({len(mine['whole_leaves'])} leaves, {len(mine['split_ranges'])} ranges of split leaves);"
+            f" process 0 installed {result.dest}")
+      return result.exit_code
   if result.dropped_empty_nodes:
     shown = ", ".join(result.dropped_empty_nodes[:10])
     print(f"note: {len(result.dropped_empty_nodes)} empty node(s) in the source hold no data and were not carried"
