@@ -31,8 +31,11 @@ JAX's own heartbeat (``heartbeat_timeout_seconds``, which on expiry aborts
 every process with a stack trace) is set well above ``timeout_s`` by
 :func:`initialize`, so the watchdog acts first. One case stays JAX's: when
 process 0, which hosts the coordination service, dies, the runtime aborts the
-survivors at once (non-zero exit, JAX's own message); nothing in the Python
-API lets a process outlive its coordinator.
+survivors at once (SIGABRT, a C++ stack trace); nothing in the Python API
+lets a process outlive its coordinator. The tools therefore run a job's work
+in a supervised child process (:mod:`parity_jax.cli.supervise`), which turns
+that abort into one line, ``error: lost process 0 (the coordinator): ...``,
+and exit 2.
 """
 
 from __future__ import annotations
@@ -342,13 +345,21 @@ class Job:
       sys.stdout.flush()
     except Exception:  # noqa: BLE001
       pass
-    os.write(2, f"{prog}: error: {message} (this is process {self.process_id}; exiting 2)\n".encode())
+    line = f"{prog}: error: {message} (this is process {self.process_id}; exiting 2)\n".encode()
+    try:
+      fd = sys.stderr.fileno()  # under a supervisor, fd 2 is the runtime's pipe and sys.stderr the real stderr
+    except Exception:  # noqa: BLE001 -- no usable sys.stderr
+      fd = 2
+    try:
+      os.write(fd, line)
+    except OSError:
+      pass
     os._exit(EXIT_LOST)
 
   def _lost_store(self, e: BaseException) -> None:
     if self.is_coordinator:
       self._abort(f"the job's key-value store failed: {first_line(e)}", post=False)
-    self._abort(f"process 0 (the coordinator) of {self.num_processes} lost: {first_line(e)}", post=False)
+    self._abort(f"lost process 0 (the coordinator) of {self.num_processes}: {first_line(e)}", post=False)
 
   # -- threads --
 

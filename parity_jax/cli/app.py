@@ -93,7 +93,9 @@ def entry(main: Callable[[Sequence[str]], int | None], doc: str | None, module: 
   def wrapped(argv: Sequence[str]) -> None:
     _quiet_startup()
     try:
-      rc = main(argv)
+      rc = _supervise_job(module)
+      if rc is None:
+        rc = main(argv)
     except UsageError as e:
       fail_usage(str(e))
     except KeyboardInterrupt:
@@ -108,6 +110,36 @@ def entry(main: Callable[[Sequence[str]], int | None], doc: str | None, module: 
     app.run(wrapped, flags_parser=parse)
 
   return run
+
+
+def _supervise_job(module: str) -> int | None:
+  """For a tool given distributed launch flags: run it in a supervised child and return its exit code (else None).
+
+  See :mod:`parity_jax.cli.supervise`: losing the job's coordinator is then
+  one ``error:`` line and exit 2 instead of the JAX runtime's abort. Inside
+  the child (and for every other run) this returns None and the tool works.
+  """
+  from parity_jax.cli import supervise
+
+  if supervise.is_child():
+    supervise.enter_child()
+    return None
+  if "coordinator_address" not in flags.FLAGS:
+    return None
+  from parity_jax.distributed import Options
+
+  f = flags.FLAGS
+  opts = Options(coordinator_address=f.coordinator_address, num_processes=f.num_processes, process_id=f.process_id,
+                 auto=bool(f.distributed), timeout_s=float(f.peer_timeout))
+  if not opts.requested:
+    return None
+  opts.check()  # a bad launch is one line here, before any child starts
+  if module == "__main__":
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    module = spec.name if spec is not None else None
+  if not module:
+    return None  # not started as a module: cannot start it again; work in this process
+  return supervise.supervise(module, None if opts.auto else opts.process_id, verbose=f["verbosity"].present)
 
 
 def parse_int_rows(text: str, flag: str) -> Any:
