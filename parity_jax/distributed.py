@@ -50,8 +50,8 @@ from typing import Callable
 
 from parity_jax.errors import UsageError, first_line
 
-__all__ = ["DEFAULT_TIMEOUT_S", "Job", "JobAborted", "Options", "attach", "initialize", "process_count", "process_index",
-           "single_process"]
+__all__ = ["DEFAULT_TIMEOUT_S", "Job", "JobAborted", "Options", "attach", "initialize", "left_job", "process_count",
+           "process_index", "single_process"]
 
 DEFAULT_TIMEOUT_S = 120.0
 EXIT_LOST = 2
@@ -159,6 +159,19 @@ def process_count() -> int:
 def single_process(op: str = "job") -> "Job":
   """A :class:`Job` of one process (no runtime): every exchange is local."""
   return Job(None, 0, 1, DEFAULT_TIMEOUT_S, op)
+
+
+_LEFT = threading.Event()  # set once this process has told a job it fails (see left_job)
+
+
+def left_job() -> bool:
+  """True once this process has failed a job (:meth:`Job.fail`).
+
+  The others have then left without JAX's shutdown barrier, so this process
+  must end with ``os._exit`` as well: a normal exit would wait at that
+  barrier for processes that are gone, and the runtime would abort it.
+  """
+  return _LEFT.is_set()
 
 
 _SESSIONS: dict[str, int] = {}
@@ -302,6 +315,7 @@ class Job:
     """This process cannot go on: tell the others (they exit 2 naming it). Returns; the caller exits."""
     if not self.distributed:
       return
+    _LEFT.set()
     try:
       self.client.key_value_set(self._key("abort"), f"process {self.process_id} failed: {first_line(message)}")
     except Exception:  # noqa: BLE001 -- the store is gone already; the others' watchdogs will see us go

@@ -219,13 +219,12 @@ class _Commit:
     self.job, self.tmp, self.own_db = job, tmp, own_db
     self.lock = threading.Lock()
     self.reported = False
-    self.installed = False
 
   def cleanup(self) -> None:
     if not self.lock.acquire(timeout=30):
       return  # the main thread is stuck inside a commit step: leave the files (a later run removes them)
     try:
-      if self.job.is_coordinator and not self.installed:
+      if self.job.is_coordinator:  # once installed, only the empty shell of the temporary directory is left
         shutil.rmtree(self.tmp, ignore_errors=True)
       elif not self.job.is_coordinator and not self.reported:
         shutil.rmtree(self.own_db, ignore_errors=True)
@@ -421,9 +420,8 @@ def _assemble_and_install(job: Job, commit: _Commit, src: Checkpoint, spec, arra
   with open(os.path.join(target, "commit_success.txt"), "w") as f:
     f.write(f"Checkpoint commit was successful to {dest}")
   _maybe_stall(0, "install")
-  with commit.lock:
+  with commit.lock:  # a cleanup waits for the rename, then removes only the temporary's empty shell
     _install(target, dest)
-    commit.installed = True
   split = [{"path": arrays[i].plan.dest, "processes": [k for k, ws in enumerate(work) for w in ws if w.pair == i]}
            for i in sorted({w.pair for ws in work for w in ws if w.split})]
   for s in per:

@@ -38,7 +38,16 @@ def fail_usage(message: object) -> NoReturn:
   """Prints ``<prog>: error: <first line>`` on stderr and exits 2."""
   text = first_line(str(message)) if str(message).strip() else "bad input"
   print(f"{_prog()}: error: {text}", file=sys.stderr)
+  if _left_job():  # the job's other processes are gone: no JAX shutdown barrier to wait at (it would abort)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_USAGE)
   sys.exit(EXIT_USAGE)
+
+
+def _left_job() -> bool:
+  mod = sys.modules.get("parity_jax.distributed")
+  return bool(mod is not None and mod.left_job())
 
 
 def require(*holders: flags.FlagHolder) -> None:
