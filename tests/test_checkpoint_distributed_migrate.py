@@ -87,12 +87,18 @@ def _kv(path) -> dict[str, bytes]:
 
 
 def test_two_processes_write_one_checkpoint_that_loads_and_verifies_like_a_one_process_migration(ck, tmp_path):
-  dest = tmp_path / "mig"
-  (rc0, out0, e0), (rc1, out1, e1) = jobs.finish(jobs.start("migrate_checkpoint", _margs(ck, dest)))
+  dest, report = tmp_path / "mig", tmp_path / "r.json"
+  procs = jobs.start("migrate_checkpoint", _margs(ck, dest) + [f"--report={report}"])
+  (rc0, out0, e0), (rc1, out1, e1) = jobs.finish(procs)
   assert (rc0, rc1) == (0, 0), e0 + e1
-  assert _lines(out0)[-1].startswith("migrated 15 leaves") and _lines(out0)[-1].endswith(f"-> {dest}")
+  assert _lines(out0)[-2].startswith("migrated 15 leaves") and _lines(out0)[-2].endswith(f"-> {dest}")
   assert _lines(out1) and _lines(out1)[-1].startswith("process 1 of 2: wrote ") and str(dest) in out1
-  assert sorted(os.listdir(tmp_path)) == ["mig"]  # no temporary left behind
+  assert sorted(os.listdir(tmp_path)) == ["mig", "r.json"]  # no temporary left behind
+  job = json.loads(report.read_text())["distributed"]
+  arrays = sum(v.nbytes for v in ck["expected"].values() if not isinstance(v, str))
+  assert job["num_processes"] == 2 and job["split_leaves"] == [{"path": "params/big_t", "processes": [0, 1]}]
+  assert all(p["bytes_written"] > 0 for p in job["per_process"])
+  assert sum(p["bytes_written"] for p in job["per_process"]) == arrays  # each byte written once
 
   # one checkpoint: plain ocp.v1.load restores every leaf, bit for bit
   from orbax.checkpoint import v1 as ocp_v1

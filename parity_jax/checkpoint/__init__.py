@@ -3,7 +3,8 @@
 * :class:`RemapSpec` -- declarative leaf remapping (regex rules, squeeze /
   reshape), validated against checkpoint metadata before any data is read.
 * :func:`migrate` -- streaming, atomic migrator (one leaf at a time,
-  ``ocp.v1.partial.save`` + ``finalize``, chunked storage).
+  ``ocp.v1.partial.save`` + ``finalize``, chunked storage), or one job of
+  many processes (``distributed=True``: :mod:`.migrate_distributed`).
 * :func:`verify_migration` -- proves bit for bit that a migrated checkpoint is
   the source under the spec, in bounded memory; returns a
   :class:`VerifyReport`.

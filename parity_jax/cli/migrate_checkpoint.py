@@ -1,6 +1,6 @@
 """Migrates an Orbax checkpoint under a remap spec, streaming one leaf at a time, atomically.
 
-  parity-migrate-checkpoint --source=DIR --dest=DIR --spec=FILE [--chunk_mb=64] [--overwrite]
+  parity-migrate-checkpoint --source=DIR --dest=DIR --spec=FILE [--chunk_mb=64] [--overwrite] [--report=out.json]
 
 (``python -m tools.migrate_checkpoint`` from the repository root is the same tool.)
 Reads source metadata, validates the spec against it (every problem reported
@@ -37,7 +37,8 @@ _SPEC = flags.DEFINE_string("spec", None, "Remap spec JSON.")
 _CHUNK_MB = flags.DEFINE_float("chunk_mb", 64.0, "Storage chunk size in MiB for the written arrays.", lower_bound=1e-3)
 _BATCH_MB = flags.DEFINE_float("batch_mb", None, "Small leaves are restored/saved together up to this many MiB (default: min(chunk_mb, largest leaf), >= 8).")
 _COMPRESSION = flags.DEFINE_enum("compression", "none", ["none", "zstd"], "Chunk codec. 'none' writes straight from memory (peak ~1x the largest leaf); 'zstd' (orbax's default) saves a few % of disk on float weights but OCDBT buffers every compressed chunk of a leaf (~1 more leaf of memory) and every read must decode.")
-_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace an existing --dest (only if it is an Orbax checkpoint or empty).")
+_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace an existing --dest (only if it is an Orbax checkpoint or empty) and an existing --report.")
+_REPORT = flags.DEFINE_string("report", None, "Also write the result as JSON here (in a job: by process 0, with every process's figures); never inside either checkpoint.")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise).")
 _DIST = app.distributed_flags(__name__)
 
@@ -45,10 +46,13 @@ _DIST = app.distributed_flags(__name__)
 def main(argv):
   del argv
   from parity_jax.checkpoint import migrate
+  from parity_jax.files import check_output_path
   from parity_jax.progress import human_bytes
 
   app.require(_SOURCE, _DEST, _SPEC)
   dist = _DIST()
+  if _REPORT.value:  # every process checks it, before joining: a refusal is then the same one line everywhere
+    check_output_path(_REPORT.value, [_SOURCE.value, _DEST.value, _SPEC.value], "--report", overwrite=_OVERWRITE.value)
   if dist.requested:
     from parity_jax import distributed
 
@@ -73,6 +77,8 @@ def main(argv):
     print(f"note: {len(result.dropped_empty_nodes)} empty node(s) in the source hold no data and were not carried"
           f" over: {shown}", file=sys.stderr)
   print(result.text())
+  if _REPORT.value:
+    print(f"report: {result.write_json(_REPORT.value)}")
   return result.exit_code
 
 
