@@ -33,7 +33,7 @@ every process with a stack trace) is set well above ``timeout_s`` by
 process 0, which hosts the coordination service, dies, the runtime aborts the
 survivors at once (SIGABRT, a C++ stack trace); nothing in the Python API
 lets a process outlive its coordinator. The tools therefore run a job's work
-in a supervised child process (:mod:`parity_jax.cli.supervise`), which turns
+in a supervised child process (:mod:`parity_jax.cli.app`, "Distributed runs"), which turns
 that abort into one line, ``error: lost process 0 (the coordinator): ...``,
 and exit 2.
 """

@@ -153,11 +153,10 @@ def test_killing_process_1_mid_run_makes_process_0_exit_2_and_leaves_nothing(ck,
   assert os.listdir(tmp_path) == []  # nothing at --dest, and process 0 removed the temporary directory
 
 
-@pytest.mark.parametrize("point", ["group:1", "install"])
-def test_killing_process_0_mid_run_makes_process_1_exit_2_with_one_line(ck, tmp_path, point):
-  """The coordinator dies mid-share, or with the checkpoint complete but not yet renamed: nothing at --dest."""
+def test_killing_process_0_before_the_rename_makes_process_1_exit_2_with_one_line(ck, tmp_path):
+  """The coordinator dies with the checkpoint complete but not yet renamed: nothing at --dest."""
   dest = tmp_path / "mig"
-  procs = jobs.start("migrate_checkpoint", _margs(ck, dest) + ["--peer_timeout=30"], env={STALL: f"0:{point}"})
+  procs = jobs.start("migrate_checkpoint", _margs(ck, dest) + ["--peer_timeout=30"], env={STALL: "0:install"})
   jobs.wait_for_line(procs[0], "stalling")
   t0 = time.monotonic()
   procs[0].send_signal(signal.SIGKILL)
