@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,6 +193,24 @@ def test_processes_that_plan_differently_all_stop_with_one_line_and_write_nothin
     lines = _lines(err)
     assert rc == 2 and len(lines) == 1 and "error: process 1 planned the migration differently" in lines[0], err
   assert os.listdir(tmp_path) == []
+
+
+def test_a_process_that_cannot_read_its_share_stops_the_job_with_one_line_on_each_process(ck, tmp_path):
+  """Process 1 is given a copy of the source whose data files are damaged (the metadata is intact)."""
+  bad = tmp_path / "bad_src"
+  shutil.copytree(ck["src"], bad)
+  for f in (bad / "state").glob("ocdbt.process_*/d/*"):
+    data = bytearray(f.read_bytes())
+    for i in range(100, len(data) - 100, 97):
+      data[i] ^= 0xFF
+    f.write_bytes(bytes(data))
+  dest = tmp_path / "mig"
+  (rc0, _, err0), (rc1, _, err1) = jobs.finish(jobs.start("migrate_checkpoint", _margs(ck, dest) + ["--peer_timeout=5"],
+                                                          extra={1: [f"--source={bad}"]}))
+  l0, l1 = _lines(err0), _lines(err1)
+  assert rc1 == 2 and len(l1) == 1 and "error: cannot read leaf" in l1[0], err1
+  assert rc0 == 2 and len(l0) == 1 and "error: process 1 failed: cannot read leaf" in l0[0], err0
+  assert os.listdir(tmp_path) == ["bad_src"]  # nothing at --dest, no temporary
 
 
 def test_a_two_process_written_source_migrated_by_two_processes_verifies(tmp_path):

@@ -226,7 +226,7 @@ class _Commit:
     try:
       if self.job.is_coordinator:  # once installed, only the empty shell of the temporary directory is left
         shutil.rmtree(self.tmp, ignore_errors=True)
-      elif not self.job.is_coordinator and not self.reported:
+      elif not self.reported:
         shutil.rmtree(self.own_db, ignore_errors=True)
     finally:
       self.lock.release()
@@ -328,15 +328,9 @@ def _write_share(job: Job, src: Checkpoint, arrays: list[_Leaf], mine, item_dir:
        row_major_chunks(), quiet_orbax():
     for w in mine:
       leaf = arrays[w.pair]
-      if w.split:
-        lo, hi = w.lo, w.hi
-        a_el = leaf.ends[lo - 1] if lo else 0
-        b_el = leaf.ends[hi - 1]
-        pieces_lo, pieces_hi = lo, hi
-      else:
-        a_el, b_el = 0, leaf.size if leaf.ends else 0
-        pieces_lo, pieces_hi = 0, len(leaf.ends)
-      groups = _groups(leaf.ends, pieces_lo, pieces_hi, max(1, group_bytes // leaf.dtype.itemsize))
+      lo, hi = (w.lo, w.hi) if w.split else (0, len(leaf.ends))  # pieces of this leaf that are this process's
+      a_el, b_el = (leaf.ends[lo - 1] if lo else 0), (leaf.ends[hi - 1] if hi else 0)
+      groups = _groups(leaf.ends, lo, hi, max(1, group_bytes // leaf.dtype.itemsize))
       spec = _write_spec(leaf.name, leaf.shape, leaf.dtype, item_dir, job.process_id, chunk_bytes=chunk_bytes,
                          compression=compression).json
       first = not w.split or w.rank == 0
@@ -360,13 +354,13 @@ def _write_share(job: Job, src: Checkpoint, arrays: list[_Leaf], mine, item_dir:
       with LeafReader(src, leaf.src, _read_cache_bytes(leaf.src, groups)) as reader:
         for a, b in groups:
           buf = np.empty(b - a, leaf.dtype)
-          futs = [reader.read_into_async(box, buf[off:off + _count(box, leaf.src.shape)].reshape(
+          futs = [reader.read_into_async(box, buf[off:off + _count(box)].reshape(
               geometry.box_shape(box))) for box, off in geometry.flat_range_boxes(leaf.src.shape, a, b)]
           for f in futs:
             reader.wait(f)
           settle()  # the previous group's writes (overlapped with this group's reads)
           for box, off in geometry.flat_range_boxes(leaf.shape, a, b):
-            view = buf[off:off + _count(box, leaf.shape)].reshape(geometry.box_shape(box))
+            view = buf[off:off + _count(box)].reshape(geometry.box_shape(box))
             pending.append((t[box] if box else t).write(view, can_reference_source_data_indefinitely=True))
           del buf
           written += (b - a) * leaf.dtype.itemsize
@@ -383,7 +377,7 @@ def _write_share(job: Job, src: Checkpoint, arrays: list[_Leaf], mine, item_dir:
           "share_bytes": share, "write_s": round(time.perf_counter() - t0, 3), "peak_rss_bytes": _peak_rss()}
 
 
-def _count(box, shape) -> int:
+def _count(box) -> int:
   return int(np.prod(geometry.box_shape(box))) if box else 1
 
 
