@@ -137,8 +137,8 @@ def _supervise_job(module: str) -> int | None:
   if _is_child():
     _enter_child()
     return None
-  if "coordinator_address" not in flags.FLAGS:
-    return None
+  if not all(name in flags.FLAGS for name in _DIST_FLAGS):
+    return None  # not a tool with distributed_flags (a tool may define launch flags of its own)
   from parity_jax.distributed import Options
 
   f = flags.FLAGS
