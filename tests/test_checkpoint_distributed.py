@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,39 +21,9 @@ from parity_jax.checkpoint import migrate
 from parity_jax.checkpoint.distributed import Sha256State, assign
 from tests.helpers import ckpt as H
 from tests.helpers import multiprocess_save
+from tests.helpers.jobs import finish, free_port, start
 
 SLAB = "--slab_mb=0.02"  # 20 KiB pieces: the 256 KB leaf below has a dozen of them
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _start(module: str, args: list[str], n: int = 2, env: dict | None = None, extra: dict | None = None):
-  port = _free_port()
-  procs = []
-  for i in range(n):
-    more = (extra or {}).get(i, [])
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", f"tools.{module}", *args, *more, f"--coordinator_address=127.0.0.1:{port}",
-         f"--num_processes={n}", f"--process_id={i}"],
-        cwd=H.REPO, env=dict(os.environ, **(env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  return procs
-
-
-def _finish(procs, timeout: float = 90):
-  out = []
-  for p in procs:
-    try:
-      o, e = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    out.append((p.returncode, o, e))
-  return out
 
 
 def _leaf_tree() -> dict:
@@ -104,7 +72,7 @@ def test_two_processes_give_the_single_process_report_and_the_split_leaf_its_tru
   assert proc.returncode == 0, proc.stdout + proc.stderr
   job = tmp_path / "job.json"
   # process 1 starts its share 1.5 s late: the relayed state is there when it reaches its range (hashed inline)
-  (rc0, out0, err0), (rc1, out1, err1) = _finish(_start("verify_migration", _args(ck, ck["mig"], job),
+  (rc0, out0, err0), (rc1, out1, err1) = finish(start("verify_migration", _args(ck, ck["mig"], job),
                                                         env={"PARITY_JAX_DIST_STALL": "1:1.5"}))
   assert (rc0, rc1) == (0, 0), err0 + err1
   assert out0.splitlines()[-2] == "VERDICT: PASS" and "[PASS] params  9/9 leaves bit-identical" in out0
@@ -143,7 +111,7 @@ def _flat(tree, prefix=""):
 def test_relay_resumes_from_a_state_that_arrives_late(ck, tmp_path):
   """Process 0 starts late: process 1 compares its range first, then re-reads it to hash from the relayed state."""
   job = tmp_path / "job.json"
-  (rc0, _, e0), (rc1, _, e1) = _finish(_start("verify_migration", _args(ck, ck["mig"], job),
+  (rc0, _, e0), (rc1, _, e1) = finish(start("verify_migration", _args(ck, ck["mig"], job),
                                               env={"PARITY_JAX_DIST_STALL": "0:2"}))
   assert (rc0, rc1) == (0, 0), e0 + e1
   rep = json.loads(job.read_text())
@@ -157,7 +125,7 @@ def test_relay_resumes_from_a_state_that_arrives_late(ck, tmp_path):
 def test_bit_flip_in_a_leaf_of_process_1_and_in_the_split_leaf(ck, tmp_path):
   """Process 0 reports a flip that only process 1 read; a flip in the split leaf gets the single-process statistics."""
   probe = tmp_path / "probe.json"
-  _finish(_start("verify_migration", _args(ck, ck["mig"], probe)))
+  finish(start("verify_migration", _args(ck, ck["mig"], probe)))
   p1 = json.loads(probe.read_text())["distributed"]["per_process"][1]
   owned = p1["whole_leaves"]
   assert p1["ranges"] == ["params/big_t#1"]  # the tail of the split leaf
@@ -168,7 +136,7 @@ def test_bit_flip_in_a_leaf_of_process_1_and_in_the_split_leaf(ck, tmp_path):
   bad["params"]["big_t"].reshape(-1).view(np.uint32)[60_000] ^= 1  # in process 1's range of the split leaf
   bad_dir = H.save_v1(tmp_path / "bad", bad)
   job, single = tmp_path / "job.json", tmp_path / "single.json"
-  (rc0, out0, e0), (rc1, out1, e1) = _finish(_start("verify_migration", _args(ck, bad_dir, job)))
+  (rc0, out0, e0), (rc1, out1, e1) = finish(start("verify_migration", _args(ck, bad_dir, job)))
   assert (rc0, rc1) == (1, 1), e0 + e1
   assert "VERDICT: FAIL — 2 of 15 leaves differ" in out0 and f"VALUE_MISMATCH  {victim}" in out0
   assert "VERDICT: FAIL" in out1
@@ -187,14 +155,14 @@ def test_bit_flip_in_a_leaf_of_process_1_and_in_the_split_leaf(ck, tmp_path):
 @pytest.mark.parametrize("how", ["sigkill", "hang"])
 def test_a_lost_process_makes_the_other_exit_2_naming_it(ck, tmp_path, how):
   job = tmp_path / "job.json"
-  procs = _start("verify_migration", _args(ck, ck["mig"], job) + ["--peer_timeout=2"],
+  procs = start("verify_migration", _args(ck, ck["mig"], job) + ["--peer_timeout=2"],
                  env={"PARITY_JAX_DIST_STALL": "1:3600"})
   t0 = time.monotonic()
   if how == "sigkill":
     line = procs[1].stderr.readline()  # "stalling": process 1 is mid-run (structure done, values not)
     assert "stalling" in line, line
     procs[1].send_signal(signal.SIGKILL)
-  (rc0, out0, err0), (rc1, _, err1) = _finish(procs, timeout=60)
+  (rc0, out0, err0), (rc1, _, err1) = finish(procs, timeout=60)
   elapsed = time.monotonic() - t0
   assert rc0 == 2 and "VERDICT" not in out0
   lines = [l for l in err0.splitlines() if l.strip()]
@@ -208,10 +176,10 @@ def test_a_lost_process_makes_the_other_exit_2_naming_it(ck, tmp_path, how):
 def test_two_process_written_checkpoint_verifies_against_its_migration(tmp_path):
   """A source written by orbax from a real 2-process job (ocdbt.process_0/ and _1/), single- and multi-process."""
   src = tmp_path / "src"
-  port = _free_port()
+  port = free_port()
   writers = [subprocess.Popen([sys.executable, "-m", "tests.helpers.multiprocess_save", str(src), str(port), str(i)],
                               cwd=H.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
-  for rc, _, err in _finish(writers):
+  for rc, _, err in finish(writers):
     assert rc == 0, err
   item = src / "state"
   assert (item / "ocdbt.process_0").is_dir() and (item / "ocdbt.process_1").is_dir()
@@ -222,7 +190,7 @@ def test_two_process_written_checkpoint_verifies_against_its_migration(tmp_path)
   migrate(str(src), str(mig), spec, chunk_mb=0.004)
   args = [f"--source={src}", f"--migrated={mig}", f"--spec={spec}", "--noprogress", "--slab_mb=0.005"]
   job = tmp_path / "job.json"
-  (rc0, out0, e0), (rc1, _, e1) = _finish(_start("verify_migration", args + [f"--report={job}"]))
+  (rc0, out0, e0), (rc1, _, e1) = finish(start("verify_migration", args + [f"--report={job}"]))
   assert (rc0, rc1) == (0, 0), e0 + e1
   rep = json.loads(job.read_text())
   assert rep["verdict"] == "PASS" and rep["n_leaves"] == 5 and rep["source"]["layout"] == "v1"
