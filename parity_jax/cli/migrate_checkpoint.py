@@ -28,19 +28,29 @@ _SPEC = flags.DEFINE_string("spec", None, "Remap spec JSON.")
 _CHUNK_MB = flags.DEFINE_float("chunk_mb", 64.0, "Storage chunk size in MiB for the written arrays.", lower_bound=1e-3)
 _BATCH_MB = flags.DEFINE_float("batch_mb", None, "Small leaves are restored/saved together up to this many MiB (default: min(chunk_mb, largest leaf), >= 8).")
 _COMPRESSION = flags.DEFINE_enum("compression", "none", ["none", "zstd"], "Chunk codec. 'none' writes straight from memory (peak ~1x the largest leaf); 'zstd' (orbax's default) saves a few % of disk on float weights but OCDBT buffers every compressed chunk of a leaf (~1 more leaf of memory) and every read must decode.")
-_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace an existing --dest (only if it is an Orbax checkpoint or empty).")
+_SPEC_ERRORS = flags.DEFINE_string("spec_errors", None, "If the spec is malformed or does not fit the source, write every problem here as JSON (the error line shows the first few).")
+_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace an existing --dest (only if it is an Orbax checkpoint or empty) / --spec_errors.")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise).")
 
 
 def main(argv):
   del argv
-  from parity_jax.checkpoint import migrate
+  from parity_jax.checkpoint import SpecError, migrate
+  from parity_jax.errors import UsageError
+  from parity_jax.files import check_output_path
 
   app.require(_SOURCE, _DEST, _SPEC)
-  result = migrate(
-      _SOURCE.value, _DEST.value, _SPEC.value, chunk_mb=_CHUNK_MB.value, overwrite=_OVERWRITE.value,
-      progress=_PROGRESS.value, batch_mb=_BATCH_MB.value, compression=_COMPRESSION.value,
-  )
+  if _SPEC_ERRORS.value:
+    check_output_path(_SPEC_ERRORS.value, [_SOURCE.value, _DEST.value, _SPEC.value], "--spec_errors",
+                      overwrite=_OVERWRITE.value)
+  try:
+    result = migrate(
+        _SOURCE.value, _DEST.value, _SPEC.value, chunk_mb=_CHUNK_MB.value, overwrite=_OVERWRITE.value,
+        progress=_PROGRESS.value, batch_mb=_BATCH_MB.value, compression=_COMPRESSION.value,
+    )
+  except SpecError as e:
+    written = [e.write_json(_SPEC_ERRORS.value)] if _SPEC_ERRORS.value else []
+    raise UsageError(e.line(written, hint="--spec_errors=FILE writes them all as JSON")) from None
   if result.dropped_empty_nodes:
     shown = ", ".join(result.dropped_empty_nodes[:10])
     print(f"note: {len(result.dropped_empty_nodes)} empty node(s) in the source hold no data and were not carried"
