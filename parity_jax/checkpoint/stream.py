@@ -69,6 +69,8 @@ _COMPARE_PIECE = 8 * _MIB
 SPILL_PREFIX = "parity_jax_verify_spill_"
 # Source pieces in flight between the comparison and the hashing thread.
 PIPELINE_DEPTH = 3
+# A background-hashed migrated leaf of at most this many pieces is kept in buffers for the comparison (see run()).
+KEPT_PIECES = 2
 # Below this modelled peak a pair is always streamed: the disk round trip of a spill costs more than it saves.
 SPILL_ABOVE_BYTES = 256 * _MIB
 
@@ -118,6 +120,8 @@ class PairPlan:
     mode = "spill" if self.spill else "stream"
     how = {"inline": "inline", "pipelined": "of compared source pieces in a pipelined thread"}.get(
         self.hash_mode, f"of the {self.hash_mode} leaf read by a background thread")
+    if self.hash_mode == "migrated" and self.slabs.n_slabs <= KEPT_PIECES:
+      how += ", which keeps its pieces for the comparison"
     return (f"{mode}: {self.slabs.n_slabs} slab(s) of <= {human_bytes(self.slabs.slab_elems * self.itemsize)};"
             f" source {self.src.describe()}; migrated {self.mig.describe()}; sha256 {how}")
 
@@ -499,28 +503,46 @@ class _BackgroundHash:
 
   Used when the other side must decode (nearly) its whole leaf before the
   first piece can be compared: the hash is done by the time the comparison
-  starts, at the price of reading this side twice (cheap: it is raw).
+  starts. With ``keep`` (one buffer per piece), the pieces stay in those
+  buffers and the comparison takes them from there (:meth:`piece`) instead of
+  reading this side a second time; otherwise they pass through ``buf``.
   """
 
-  def __init__(self, ckpt: Checkpoint, meta: LeafMeta, boxes: list[tuple], buf: np.ndarray):
+  def __init__(self, ckpt: Checkpoint, meta: LeafMeta, boxes: list[tuple], buf: np.ndarray,
+               keep: Sequence[np.ndarray] | None = None):
     self.ckpt, self.meta, self.boxes, self.buf = ckpt, meta, boxes, buf
+    self.keep = list(keep) if keep is not None and len(keep) >= len(boxes) else None
     self.h = hashlib.sha256()
     self.error: BaseException | None = None
     self._stop = threading.Event()
+    self._ready = [threading.Event() for _ in boxes]
     self._thread = threading.Thread(target=self._run, name=f"parity_jax-sha256:{meta.path}", daemon=True)
     self._thread.start()
 
   def _run(self) -> None:
     try:
       with LeafReader(self.ckpt, self.meta, 0) as reader:
-        for box in self.boxes:
+        for k, box in enumerate(self.boxes):
           if self._stop.is_set():
             return
-          v = _view(self.buf, geometry.box_shape(box) if box else (), self.meta.dtype)
+          buf = self.keep[k] if self.keep is not None else self.buf
+          v = _view(buf, geometry.box_shape(box) if box else (), self.meta.dtype)
           reader.wait(reader.read_into_async(box, v))
           self.h.update(_bytes(v))
-    except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread by finish()
+          self._ready[k].set()
+    except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread by finish() / piece()
       self.error = e
+    finally:
+      for r in self._ready:  # wake a waiting piece(): it finds the error (or the stop)
+        r.set()
+
+  def piece(self, k: int) -> np.ndarray:
+    """Piece ``k`` as read into its kept buffer (waits for it); re-raises the thread's read error."""
+    self._ready[k].wait()
+    if self.error is not None:
+      raise self.error
+    box = self.boxes[k]
+    return _view(self.keep[k], geometry.box_shape(box) if box else (), self.meta.dtype)
 
   def finish(self) -> str:
     self._thread.join()
@@ -678,12 +700,18 @@ class PairStreamer:
       self.on_bytes(upto - self._counted)
       self._counted = upto
 
-  def _pairs(self, spill_file=None, hasher: _HashPipeline | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray, Piece]]:
+  def _pairs(self, spill_file=None, hasher: _HashPipeline | None = None,
+             kept: _BackgroundHash | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray, Piece]]:
     """(pool index, source piece, migrated piece, piece) in C order; both reads of a piece run concurrently.
 
     With a ``hasher``, each source piece goes into a pool buffer taken from
-    it; the caller must ``submit`` or ``release`` that buffer.
+    it; the caller must ``submit`` or ``release`` that buffer. With ``kept``
+    (a background hash of the migrated side keeping its pieces), migrated
+    pieces come from there instead of a second read.
     """
+    if kept is not None:
+      yield from self._pairs_kept(kept)
+      return
     mig_reader = _SideReader(self.mig_ckpt, self.mig, self.plan.mig, self.pieces, lambda p: p.mig_box)
     src_reader = None if spill_file is not None else _SideReader(
         self.src_ckpt, self.src, self.plan.src, self.pieces, lambda p: p.src_box)
@@ -717,6 +745,16 @@ class PairStreamer:
       mig_reader.close()
       if src_reader is not None:
         src_reader.close()
+
+  def _pairs_kept(self, kept: _BackgroundHash) -> Iterator[tuple[int, np.ndarray, np.ndarray, Piece]]:
+    src_reader = _SideReader(self.src_ckpt, self.src, self.plan.src, self.pieces, lambda p: p.src_box)
+    try:
+      for i, p in enumerate(self.pieces):
+        va = _view(self.buffers.pool(0), p.shape(p.src_box), self.dtype)
+        src_reader.wait(src_reader.start(i, va))
+        yield 0, va, kept.piece(i), p
+    finally:
+      src_reader.close()
 
   def _spill(self, hasher: _HashPipeline | None) -> tuple[Any, str]:
     """Streams the source leaf into a temporary file; returns (file, sha256 of the source)."""
@@ -768,20 +806,25 @@ class PairStreamer:
         spill_file, digest = self._spill(hasher)
         hasher = None
         base = self.src.nbytes  # the spill pass reported the source bytes
-      h_inline = background = None
+      h_inline = background = kept = None
       if digest is None:
         if self.plan.hash_mode == "pipelined":
           hasher = _HashPipeline(self.buffers, name)
         elif self.plan.hash_mode in ("source", "migrated"):
           meta, ckpt, box_of = ((self.mig, self.mig_ckpt, lambda p: p.mig_box) if self.plan.hash_mode == "migrated"
                                 else (self.src, self.src_ckpt, lambda p: p.src_box))
-          background = _BackgroundHash(ckpt, meta, [box_of(p) for p in self.pieces], self.buffers.h)
+          # A migrated leaf of at most two pieces stays in the two buffers the thread and the migrated pieces
+          # would use anyway, and the comparison takes it from there: one read of it instead of two.
+          keep = [self.buffers.b, self.buffers.h][:KEPT_PIECES] if self.plan.hash_mode == "migrated" else None
+          background = _BackgroundHash(ckpt, meta, [box_of(p) for p in self.pieces], self.buffers.h, keep=keep)
+          if background.keep is not None:
+            kept = background
         else:
           h_inline = hashlib.sha256()
       sides = 1 if spill_file is not None else 2
       equal = True
       item = self.dtype.itemsize
-      pairs = contextlib.closing(self._pairs(spill_file, hasher))
+      pairs = contextlib.closing(self._pairs(spill_file, hasher, kept))
       with pairs as it:
         for slot, a, b, p in it:
           if not bytes_equal(a, b):
