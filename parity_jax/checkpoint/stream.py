@@ -22,6 +22,12 @@ is read depends on how it is stored:
   costs more than streaming the source once into a temporary file (outside
   both checkpoints) and comparing the migrated leaf against it.
 
+**Many small leaves** (:class:`SmallPairs`): a pair whose leaves fit in one
+piece is read whole, in batches of pairs read concurrently through the
+handles each checkpoint opened once in its shared tensorstore context, one
+batch ahead of the comparison; thousands of them cost little more than their
+bytes. A differing or unreadable small pair is streamed the ordinary way.
+
 Pieces are read straight into buffers allocated once per verification
 (:class:`Buffers`): tensorstore writes into them, no array is allocated per
 read. On this 2-core VM the page faults of fresh per-read arrays cost about as
@@ -34,7 +40,9 @@ compared (tensorstore, hashlib and numpy's comparison release the GIL); a
 small pool of piece buffers bounds how far the two may drift apart. When the
 other side must decode (nearly) its whole leaf before the first piece can be
 compared, a ``raw`` side is instead hashed by a thread that reads it on its
-own, during that decode. Single-piece leaves are hashed inline. The
+own, during that decode (a migrated leaf of at most :data:`KEPT_PIECES`
+pieces stays in the buffers that thread filled, and is compared from there
+instead of being read again). Single-piece leaves are hashed inline. The
 comparison stops at the first differing piece; a second pass then computes
 both hashes and the difference statistics. Either way the reported hashes
 equal ``sha256(leaf.tobytes())`` of each side.
@@ -560,7 +568,7 @@ class _BackgroundHash:
 
 
 SMALL_LEAF_BYTES = 1 << 20  # a pair whose leaves are both at most this big is read whole, in batches
-SMALL_BATCH_BYTES = 1 << 20  # bytes of one batch (both sides; at least one pair); two batches are in flight at most
+SMALL_BATCH_BYTES = 512 << 10  # bytes of one batch (both sides; at least one pair); two batches are in flight at most
 
 
 class SmallPairs:
