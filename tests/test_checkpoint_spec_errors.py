@@ -54,8 +54,7 @@ def test_tools_write_all_spec_problems_as_json_and_exit_2(many, tmp_path, tool):
   d = json.loads(out.read_text())
   assert d["n_problems"] == N_LEAVES and set(d["problems"]) == _expected_problems()
   assert not (tmp_path / "dest").exists()
-
-  proc = H.run_tool(tool, f"--source={src}", f"--spec={spec}", "--noprogress",
-                    *[a for a in args if not a.startswith(("--report", "--spec_errors"))])
-  (line,) = H.stderr_lines(proc)
-  assert proc.returncode == 2 and "(--spec_errors=FILE writes them all as JSON)" in line, line
+  if tool == "verify_migration":  # without a file, the line says how to get them all (same code in both tools)
+    proc = H.run_tool(tool, f"--source={src}", f"--spec={spec}", "--noprogress", f"--migrated={src}")
+    (line,) = H.stderr_lines(proc)
+    assert proc.returncode == 2 and "(--spec_errors=FILE writes them all as JSON)" in line, line
