@@ -9,22 +9,26 @@ Two paths, both touching only the leaves asked for:
 * :class:`LeafReader` -- the leaf's zarr array opened directly with
   tensorstore, read-only (``open=True, read=True, write=False``), using the
   very spec orbax builds for its own restores
-  (``tensorstore_utils.ArrayReadSpec``). Boxes are read one at a time, so
-  memory is bounded by the box plus the storage chunks it decodes; a private
+  (``tensorstore_utils.ArrayReadSpec``, with the checkpoint's missing-chunk
+  rule, :data:`.layout.MISSING_CHUNK_RULE`), in a private context whose
   cache pool of a chosen size keeps a decoded chunk row alive while several
-  boxes are cut from it.
+  boxes are cut from it. Boxes are read one at a time, so memory is bounded
+  by the box plus the storage chunks it decodes. (Small leaves are read
+  whole, many at once, through the handles the checkpoint keeps:
+  :class:`.stream.SmallPairs`.)
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
 
 from parity_jax.checkpoint import keypath
 from parity_jax.checkpoint.layout import Checkpoint, LeafMeta
-from parity_jax.checkpoint.tstore import quiet_orbax, read_context
+from parity_jax.checkpoint.tstore import quiet_orbax
 from parity_jax.errors import UsageError, first_line
 
 __all__ = ["LeafReadError", "LeafReader", "read_string_leaf", "restore_leaves"]
@@ -48,17 +52,9 @@ class LeafReader:
     self._ts = None
 
   def open(self) -> "LeafReader":
-    import tensorstore as ts
-    from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
-
-    spec = tsu.ArrayReadSpec(
-        self.ckpt.item_dir,
-        self.leaf.storage_name,
-        self.ckpt.use_zarr3,
-        use_ocdbt=self.ckpt.use_ocdbt,
-    ).json
+    """Opens the leaf read-only in a private context (chunk cache of ``cache_bytes``)."""
     try:
-      t = ts.open(spec, open=True, read=True, write=False, context=read_context(self.cache_bytes)).result()
+      t = self.ckpt.open_leaf(self.leaf, self.cache_bytes)
     except Exception as e:  # tensorstore raises ValueError/OSError subclasses with long specs
       raise LeafReadError(self.leaf.path, first_line(e)) from None
     if tuple(t.shape) != self.leaf.shape or np.dtype(t.dtype.numpy_dtype) != self.leaf.dtype:
@@ -163,13 +159,14 @@ def restore_leaves(ckpt: Checkpoint, paths: Sequence[str]) -> dict[str, Any]:
     raise LeafReadError(first, str(e)) from None
   item = jax.tree_util.tree_map_with_path(item_fn, tree)
   restore_args = jax.tree_util.tree_map_with_path(args_fn, tree)
+  _ignore_late_callbacks()
   try:
     with quiet_orbax():
       restored = ocp.PyTreeCheckpointer().restore(
           ckpt.item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
       )
   except Exception as e:
-    raise LeafReadError(first, first_line(e)) from None
+    raise LeafReadError(_culprit(ckpt, wanted, str(e)) or first, first_line(e)) from None
   out: dict[str, Any] = {}
   for kp, v in jax.tree_util.tree_flatten_with_path(restored)[0]:
     p = keypath.keypath_str(kp)
@@ -187,3 +184,44 @@ def restore_leaves(ckpt: Checkpoint, paths: Sequence[str]) -> dict[str, Any]:
   if missing:
     raise LeafReadError(sorted(missing)[0], "orbax returned no value for it")
   return out
+
+
+def _culprit(ckpt: Checkpoint, wanted: set[str], message: str) -> str | None:
+  """The leaf a batch restore error is about, from the storage name tensorstore quotes (``"a.b.c/c/0/0"``)."""
+  hits = [p for p in wanted if ckpt.leaves[p].storage_name
+          and re.search(rf'["/]{re.escape(ckpt.leaves[p].storage_name)}/', message)]
+  return max(hits, key=lambda p: len(ckpt.leaves[p].storage_name)) if hits else None
+
+
+_HOOK: Any = None
+
+
+def _ignore_late_callbacks() -> None:
+  """Silences one known orbax/asyncio afterthought of a failed restore, and nothing else.
+
+  When one leaf of a batch fails to read, orbax's restore raises at once and
+  closes its event loop while tensorstore is still finishing the batch's
+  other reads; their completion callbacks then hit the closed loop
+  (``RuntimeError: Event loop is closed`` from ``call_soon_threadsafe``) and
+  Python prints that as an "unraisable" traceback, after the tool's one-line
+  error. The failure itself is already reported; every other unraisable
+  exception still reaches the previous hook.
+  """
+  global _HOOK
+  import sys
+
+  if _HOOK is not None and sys.unraisablehook is _HOOK:
+    return
+
+  previous = sys.unraisablehook
+
+  def hook(u):
+    tb = u.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+      tb = tb.tb_next
+    if (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+        and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"):
+      return
+    previous(u)
+
+  sys.unraisablehook = _HOOK = hook

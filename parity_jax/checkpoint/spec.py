@@ -50,6 +50,7 @@ __all__ = ["LeafPlan", "MigrationPlan", "RemapRule", "RemapSpec", "SpecError", "
 _RULE_KEYS = {"match", "to", "squeeze", "reshape", "comment"}
 _TOP_KEYS = {"rules", "group_depth", "comment", "description"}
 _MAX_LISTED = 25  # problems spelled out in the one-line message; all are in .problems
+SPEC_ERRORS_FORMAT = "parity_jax.spec_errors/1"
 
 
 class SpecError(UsageError):
@@ -64,6 +65,28 @@ class SpecError(UsageError):
       listed += f"; ... and {more} more"
     n = len(self.problems)
     super().__init__(f"{what}: {n} problem{'s' if n != 1 else ''}: {listed}")
+
+  def to_dict(self) -> dict[str, Any]:
+    """Every problem, none cut off (the one-line message lists the first few)."""
+    return {"format": SPEC_ERRORS_FORMAT, "error": self.what, "n_problems": len(self.problems),
+            "problems": list(self.problems)}
+
+  def write_json(self, path: str | os.PathLike) -> str:
+    """Writes :meth:`to_dict` atomically; returns the absolute path."""
+    from parity_jax import jsonio
+
+    return jsonio.write_json(path, self.to_dict())
+
+  def line(self, written: Sequence[str] = (), hint: str = "") -> str:
+    """The one-line message, saying first where all problems were written (or ``hint``: how to get them).
+
+    Tools cut a line at 300 characters, so what matters comes first: the
+    count, where to find the full list, then as many problems as fit.
+    """
+    n = len(self.problems)
+    where = f"all {n} in {', '.join(written)}" if written else hint
+    head = f"{self.what}: {n} problem{'s' if n != 1 else ''}{f' ({where})' if where and n > 1 else ''}: "
+    return head + "; ".join(self.problems[:_MAX_LISTED])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,12 @@ is read depends on how it is stored:
   costs more than streaming the source once into a temporary file (outside
   both checkpoints) and comparing the migrated leaf against it.
 
+**Many small leaves** (:class:`SmallPairs`): a pair whose leaves fit in one
+piece is read whole, in batches of pairs read concurrently through the
+handles each checkpoint opened once in its shared tensorstore context, one
+batch ahead of the comparison; thousands of them cost little more than their
+bytes. A differing or unreadable small pair is streamed the ordinary way.
+
 Pieces are read straight into buffers allocated once per verification
 (:class:`Buffers`): tensorstore writes into them, no array is allocated per
 read. On this 2-core VM the page faults of fresh per-read arrays cost about as
@@ -34,7 +40,9 @@ compared (tensorstore, hashlib and numpy's comparison release the GIL); a
 small pool of piece buffers bounds how far the two may drift apart. When the
 other side must decode (nearly) its whole leaf before the first piece can be
 compared, a ``raw`` side is instead hashed by a thread that reads it on its
-own, during that decode. Single-piece leaves are hashed inline. The
+own, during that decode (a migrated leaf of at most :data:`KEPT_PIECES`
+pieces stays in the buffers that thread filled, and is compared from there
+instead of being read again). Single-piece leaves are hashed inline. The
 comparison stops at the first differing piece; a second pass then computes
 both hashes and the difference statistics. Either way the reported hashes
 equal ``sha256(leaf.tobytes())`` of each side.
@@ -62,13 +70,15 @@ from parity_jax.dtypes import c_contiguous
 from parity_jax.errors import UsageError
 from parity_jax.progress import human_bytes
 
-__all__ = ["Buffers", "PairPlan", "PairStreamer", "SidePlan", "plan_pair"]
+__all__ = ["Buffers", "PairPlan", "PairStreamer", "SidePlan", "SmallPairs", "plan_pair"]
 
 _MIB = 1 << 20
 _COMPARE_PIECE = 8 * _MIB
 SPILL_PREFIX = "parity_jax_verify_spill_"
 # Source pieces in flight between the comparison and the hashing thread.
 PIPELINE_DEPTH = 3
+# A background-hashed migrated leaf of at most this many pieces is kept in buffers for the comparison (see run()).
+KEPT_PIECES = 2
 # Below this modelled peak a pair is always streamed: the disk round trip of a spill costs more than it saves.
 SPILL_ABOVE_BYTES = 256 * _MIB
 
@@ -118,6 +128,8 @@ class PairPlan:
     mode = "spill" if self.spill else "stream"
     how = {"inline": "inline", "pipelined": "of compared source pieces in a pipelined thread"}.get(
         self.hash_mode, f"of the {self.hash_mode} leaf read by a background thread")
+    if self.hash_mode == "migrated" and self.slabs.n_slabs <= KEPT_PIECES:
+      how += ", which keeps its pieces for the comparison"
     return (f"{mode}: {self.slabs.n_slabs} slab(s) of <= {human_bytes(self.slabs.slab_elems * self.itemsize)};"
             f" source {self.src.describe()}; migrated {self.mig.describe()}; sha256 {how}")
 
@@ -499,29 +511,46 @@ class _BackgroundHash:
 
   Used when the other side must decode (nearly) its whole leaf before the
   first piece can be compared: the hash is done by the time the comparison
-  starts, at the price of reading this side twice (cheap: it is raw).
+  starts. With ``keep`` (one buffer per piece), the pieces stay in those
+  buffers and the comparison takes them from there (:meth:`piece`) instead of
+  reading this side a second time; otherwise they pass through ``buf``.
   """
 
   def __init__(self, ckpt: Checkpoint, meta: LeafMeta, boxes: list[tuple], buf: np.ndarray,
-               new_hash: Callable[[], Any] = hashlib.sha256):
+               new_hash: Callable[[], Any] = hashlib.sha256, keep: Sequence[np.ndarray] | None = None):
     self.ckpt, self.meta, self.boxes, self.buf = ckpt, meta, boxes, buf
+    self.keep = list(keep) if keep is not None and len(keep) >= len(boxes) else None
     self.h = new_hash()
     self.error: BaseException | None = None
     self._stop = threading.Event()
+    self._ready = [threading.Event() for _ in boxes]
     self._thread = threading.Thread(target=self._run, name=f"parity_jax-sha256:{meta.path}", daemon=True)
     self._thread.start()
 
   def _run(self) -> None:
     try:
       with LeafReader(self.ckpt, self.meta, 0) as reader:
-        for box in self.boxes:
+        for k, box in enumerate(self.boxes):
           if self._stop.is_set():
             return
-          v = _view(self.buf, geometry.box_shape(box) if box else (), self.meta.dtype)
+          buf = self.keep[k] if self.keep is not None else self.buf
+          v = _view(buf, geometry.box_shape(box) if box else (), self.meta.dtype)
           reader.wait(reader.read_into_async(box, v))
           self.h.update(_bytes(v))
-    except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread by finish()
+          self._ready[k].set()
+    except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread by finish() / piece()
       self.error = e
+    finally:
+      for r in self._ready:  # wake a waiting piece(): it finds the error (or the stop)
+        r.set()
+
+  def piece(self, k: int) -> np.ndarray:
+    """Piece ``k`` as read into its kept buffer (waits for it); re-raises the thread's read error."""
+    self._ready[k].wait()
+    if self.error is not None:
+      raise self.error
+    box = self.boxes[k]
+    return _view(self.keep[k], geometry.box_shape(box) if box else (), self.meta.dtype)
 
   def finish(self) -> str:
     self._thread.join()
@@ -532,6 +561,109 @@ class _BackgroundHash:
   def stop(self) -> None:
     self._stop.set()
     self._thread.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# Many small pairs
+
+
+SMALL_LEAF_BYTES = 1 << 20  # a pair whose leaves are both at most this big is read whole, in batches
+SMALL_BATCH_BYTES = 512 << 10  # bytes of one batch (both sides; at least one pair); two batches are in flight at most
+
+
+class SmallPairs:
+  """Small leaf pairs read whole, a batch at a time and one batch ahead, then compared and hashed in order.
+
+  Thousands of small leaves (per-layer parameters x optimizer moments) cost
+  next to nothing to read each; what costs is everything per read. Here the
+  leaves of a batch (up to :data:`SMALL_BATCH_BYTES` of both sides) are read
+  concurrently through each checkpoint's already-open handles in its one
+  shared context, while the previous batch is compared, so tensorstore
+  decodes on every core. Memory: two batches, plus the decode transients of
+  the leaves being read.
+
+  :meth:`take` returns the :class:`PairOutcome` of a bit-identical pair (one
+  sha256 serves both sides). A pair that differs or fails to read gives
+  ``None``: the caller streams it the ordinary way, which computes both
+  hashes, the difference statistics, or the read error.
+  """
+
+  def __init__(self, src_ckpt: Checkpoint, mig_ckpt: Checkpoint, pairs: Sequence[tuple[LeafMeta, LeafMeta]], *,
+               leaf_bytes: int = SMALL_LEAF_BYTES, batch_bytes: int = SMALL_BATCH_BYTES):
+    self.src_ckpt, self.mig_ckpt = src_ckpt, mig_ckpt
+    self._batches: list[list[tuple[LeafMeta, LeafMeta]]] = []
+    self._where: dict[tuple[str, str], tuple[int, int]] = {}
+    batch: list[tuple[LeafMeta, LeafMeta]] = []
+    acc = 0
+    for s, m in pairs:
+      if not (s.streamable and m.streamable and s.dtype == m.dtype and s.nbytes == m.nbytes
+              and s.nbytes <= leaf_bytes):
+        continue
+      if batch and acc + 2 * s.nbytes > batch_bytes:
+        self._batches.append(batch)
+        batch, acc = [], 0
+      self._where[(s.path, m.path)] = (len(self._batches), len(batch))
+      batch.append((s, m))
+      acc += 2 * s.nbytes
+    if batch:
+      self._batches.append(batch)
+    self._reads: dict[int, list[tuple[Any, Any]]] = {}
+
+  def __contains__(self, pair: tuple[str, str]) -> bool:
+    return pair in self._where
+
+  def __len__(self) -> int:
+    return len(self._where)
+
+  def describe(self, source: str, dest: str) -> str:
+    b, _ = self._where[(source, dest)]
+    return f"small: whole leaves read in a batch of {len(self._batches[b])} pairs; sha256 inline"
+
+  def _issue(self, b: int) -> None:
+    if b >= len(self._batches) or b in self._reads:
+      return
+    reads = []
+    for s, m in self._batches[b]:
+      futs = []
+      for ck, meta in ((self.src_ckpt, s), (self.mig_ckpt, m)):
+        try:
+          futs.append(ck.handle(meta).read())
+        except Exception as e:  # noqa: BLE001 -- reported by the ordinary path, which reads it again
+          futs.append(e)
+      reads.append((futs[0], futs[1]))
+    self._reads[b] = reads
+
+  def take(self, source: LeafMeta, dest: LeafMeta) -> PairOutcome | None:
+    where = self._where.get((source.path, dest.path))
+    if where is None:
+      return None
+    b, i = where
+    for old in [k for k in self._reads if k < b]:  # batches behind us: drop them (and wait for any stray read)
+      for fa, fb in self._reads.pop(old):
+        for f in (fa, fb):
+          _settle(None if isinstance(f, Exception) else f)
+    self._issue(b)
+    self._issue(b + 1)
+    fa, fb = self._reads[b][i]
+    self._reads[b][i] = (None, None)
+    try:
+      if isinstance(fa, Exception) or isinstance(fb, Exception) or fa is None or fb is None:
+        return None
+      a, c = np.asarray(fa.result()), np.asarray(fb.result())
+    except Exception:  # noqa: BLE001 -- see the class docstring
+      return None
+    if not bytes_equal(a, c):
+      return None
+    digest = hashlib.sha256(_bytes(c_contiguous(a))).hexdigest()
+    return PairOutcome(True, digest, digest)
+
+  def close(self) -> None:
+    for reads in self._reads.values():
+      for fa, fb in reads:
+        for f in (fa, fb):
+          if f is not None and not isinstance(f, Exception):
+            _settle(f)
+    self._reads.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -594,12 +726,18 @@ class PairStreamer:
       self.on_bytes(upto - self._counted)
       self._counted = upto
 
-  def _pairs(self, spill_file=None, hasher: _HashPipeline | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray, Piece]]:
+  def _pairs(self, spill_file=None, hasher: _HashPipeline | None = None,
+             kept: _BackgroundHash | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray, Piece]]:
     """(pool index, source piece, migrated piece, piece) in C order; both reads of a piece run concurrently.
 
     With a ``hasher``, each source piece goes into a pool buffer taken from
-    it; the caller must ``submit`` or ``release`` that buffer.
+    it; the caller must ``submit`` or ``release`` that buffer. With ``kept``
+    (a background hash of the migrated side keeping its pieces), migrated
+    pieces come from there instead of a second read.
     """
+    if kept is not None:
+      yield from self._pairs_kept(kept)
+      return
     mig_reader = _SideReader(self.mig_ckpt, self.mig, self.plan.mig, self.pieces, lambda p: p.mig_box)
     src_reader = None if spill_file is not None else _SideReader(
         self.src_ckpt, self.src, self.plan.src, self.pieces, lambda p: p.src_box)
@@ -633,6 +771,16 @@ class PairStreamer:
       mig_reader.close()
       if src_reader is not None:
         src_reader.close()
+
+  def _pairs_kept(self, kept: _BackgroundHash) -> Iterator[tuple[int, np.ndarray, np.ndarray, Piece]]:
+    src_reader = _SideReader(self.src_ckpt, self.src, self.plan.src, self.pieces, lambda p: p.src_box)
+    try:
+      for i, p in enumerate(self.pieces):
+        va = _view(self.buffers.pool(0), p.shape(p.src_box), self.dtype)
+        src_reader.wait(src_reader.start(i, va))
+        yield 0, va, kept.piece(i), p
+    finally:
+      src_reader.close()
 
   def _spill(self, hasher: _HashPipeline | None) -> tuple[Any, str]:
     """Streams the source leaf into a temporary file; returns (file, sha256 of the source)."""
@@ -688,20 +836,25 @@ class PairStreamer:
         spill_file, digest = self._spill(hasher)
         hasher = None
         base = self._through(self.pieces[-1])  # the spill pass reported the source bytes
-      h_inline = background = None
+      h_inline = background = kept = None
       if digest is None:
         if self.plan.hash_mode == "pipelined":
           hasher = _HashPipeline(self.buffers, name, self.new_hash)
         elif self.plan.hash_mode in ("source", "migrated"):
           meta, ckpt, box_of = ((self.mig, self.mig_ckpt, lambda p: p.mig_box) if self.plan.hash_mode == "migrated"
                                 else (self.src, self.src_ckpt, lambda p: p.src_box))
-          background = _BackgroundHash(ckpt, meta, [box_of(p) for p in self.pieces], self.buffers.h, self.new_hash)
+          # A migrated leaf of at most two pieces stays in the two buffers the thread and the migrated pieces
+          # would use anyway, and the comparison takes it from there: one read of it instead of two.
+          keep = [self.buffers.b, self.buffers.h][:KEPT_PIECES] if self.plan.hash_mode == "migrated" else None
+          background = _BackgroundHash(ckpt, meta, [box_of(p) for p in self.pieces], self.buffers.h, self.new_hash,
+                                       keep=keep)
+          if background.keep is not None:
+            kept = background
         else:
           h_inline = self.new_hash()
       sides = 1 if spill_file is not None else 2
       equal = True
-      item = self.dtype.itemsize
-      pairs = contextlib.closing(self._pairs(spill_file, hasher))
+      pairs = contextlib.closing(self._pairs(spill_file, hasher, kept))
       with pairs as it:
         for slot, a, b, p in it:
           if not bytes_equal(a, b):
@@ -740,7 +893,6 @@ class PairStreamer:
 
   def _second_pass(self, spill_file, base: int, sides: int, top_k: int) -> PairOutcome:
     """Both hashes and the difference statistics, piece by piece, in the migrated leaf's coordinates."""
-    item = self.dtype.itemsize
     h_src, h_mig = hashlib.sha256(), hashlib.sha256()
     acc: compare.DiffAccumulator | None = None
     err = None

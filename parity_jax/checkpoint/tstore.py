@@ -6,7 +6,7 @@ import contextlib
 import logging
 from typing import Any
 
-__all__ = ["memmap_reads", "quiet_orbax", "raw_chunks", "read_context"]
+__all__ = ["codec_info", "codec_name", "memmap_reads", "quiet_orbax", "raw_chunks", "read_context"]
 
 _OCDBT_NODE_CACHE = 8 << 20  # B-tree nodes only; values go through the chunk cache
 
@@ -51,6 +51,51 @@ def read_context(cache_bytes: int = 0):
   return ts.Context(base)
 
 
+def _codec_json(t: Any) -> Any:
+  try:
+    return t.codec.to_json()
+  except Exception:  # noqa: BLE001 -- a missing/odd codec spec only means "unknown"
+    return None
+
+
+def _inner_codecs(codec: dict) -> Any:
+  codecs = codec.get("codecs")
+  while (isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)
+         and codecs[0].get("name") == "sharding_indexed"):
+    codecs = (codecs[0].get("configuration") or {}).get("codecs")
+  return codecs
+
+
+def _raw(codec: Any) -> bool:
+  if not isinstance(codec, dict):
+    return False
+  if codec.get("driver") == "zarr":
+    return "compressor" in codec and codec["compressor"] is None and not codec.get("filters")
+  if codec.get("driver") == "zarr3":
+    codecs = _inner_codecs(codec)
+    return isinstance(codecs, list) and [c.get("name") if isinstance(c, dict) else None for c in codecs] == ["bytes"]
+  return False
+
+
+def _name(codec: Any) -> str:
+  if not isinstance(codec, dict):
+    return "?"
+  if codec.get("driver") == "zarr":
+    names = [str((f or {}).get("id", "?")) for f in (codec.get("filters") or [])]
+    comp = codec.get("compressor")
+    if comp:
+      names.append(str(comp.get("id", "?")))
+    return "+".join(names) or "none"
+  if codec.get("driver") == "zarr3":
+    codecs = _inner_codecs(codec)
+    if not isinstance(codecs, list):
+      return "?"
+    names = [str(c.get("name", "?")) if isinstance(c, dict) else "?" for c in codecs]
+    names = [n for n in names if n not in ("bytes", "transpose")]
+    return "+".join(names) or "none"
+  return "?"
+
+
 def raw_chunks(t: Any) -> bool:
   """True when ``t``'s read chunks are stored as plain little/big-endian bytes (no compressor, filter or checksum).
 
@@ -60,21 +105,22 @@ def raw_chunks(t: Any) -> bool:
   shard index's own checksum does not matter. Anything unrecognised is False
   (the caller then treats chunks as units that must be decoded whole).
   """
-  try:
-    codec = t.codec.to_json()
-  except Exception:  # noqa: BLE001 -- a missing/odd codec spec only means "not known to be raw"
-    return False
-  if not isinstance(codec, dict):
-    return False
-  if codec.get("driver") == "zarr":
-    return "compressor" in codec and codec["compressor"] is None and not codec.get("filters")
-  if codec.get("driver") == "zarr3":
-    codecs = codec.get("codecs")
-    while (isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)
-           and codecs[0].get("name") == "sharding_indexed"):
-      codecs = (codecs[0].get("configuration") or {}).get("codecs")
-    return isinstance(codecs, list) and [c.get("name") if isinstance(c, dict) else None for c in codecs] == ["bytes"]
-  return False
+  return _raw(_codec_json(t))
+
+
+def codec_name(t: Any) -> str:
+  """The compression of ``t``'s chunks in a word: ``"none"``, ``"zstd"``, ``"blosc"``, ... (``"?"`` if unknown).
+
+  zarr v2: the ``compressor`` id (plus filters); zarr3: the codecs inside the
+  shard (or of the array), leaving out the ``bytes``/``transpose`` layout codecs.
+  """
+  return _name(_codec_json(t))
+
+
+def codec_info(t: Any) -> tuple[bool, str]:
+  """(:func:`raw_chunks`, :func:`codec_name`) of ``t`` from one look at its codec."""
+  codec = _codec_json(t)
+  return _raw(codec), _name(codec)
 
 
 @contextlib.contextmanager

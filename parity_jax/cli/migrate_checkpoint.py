@@ -37,7 +37,8 @@ _SPEC = flags.DEFINE_string("spec", None, "Remap spec JSON.")
 _CHUNK_MB = flags.DEFINE_float("chunk_mb", 64.0, "Storage chunk size in MiB for the written arrays.", lower_bound=1e-3)
 _BATCH_MB = flags.DEFINE_float("batch_mb", None, "Small leaves are restored/saved together up to this many MiB (default: min(chunk_mb, largest leaf), >= 8).")
 _COMPRESSION = flags.DEFINE_enum("compression", "none", ["none", "zstd"], "Chunk codec. 'none' writes straight from memory (peak ~1x the largest leaf); 'zstd' (orbax's default) saves a few % of disk on float weights but OCDBT buffers every compressed chunk of a leaf (~1 more leaf of memory) and every read must decode.")
-_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace an existing --dest (only if it is an Orbax checkpoint or empty) and an existing --report.")
+_SPEC_ERRORS = flags.DEFINE_string("spec_errors", None, "If the spec is malformed or does not fit the source, write every problem here as JSON (the error line shows the first few).")
+_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace an existing --dest (only if it is an Orbax checkpoint or empty), --report and --spec_errors.")
 _REPORT = flags.DEFINE_string("report", None, "Also write the result as JSON here (in a job: by process 0, with every process's figures); never inside either checkpoint.")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise).")
 _DIST = app.distributed_flags(__name__)
@@ -45,23 +46,35 @@ _DIST = app.distributed_flags(__name__)
 
 def main(argv):
   del argv
-  from parity_jax.checkpoint import migrate
+  from parity_jax.checkpoint import SpecError, migrate
+  from parity_jax.errors import UsageError
   from parity_jax.files import check_output_path
   from parity_jax.progress import human_bytes
 
   app.require(_SOURCE, _DEST, _SPEC)
   dist = _DIST()
-  if _REPORT.value:  # every process checks it, before joining: a refusal is then the same one line everywhere
-    check_output_path(_REPORT.value, [_SOURCE.value, _DEST.value, _SPEC.value], "--report", overwrite=_OVERWRITE.value)
+  # every process checks the outputs before joining: a refusal is then the same one line everywhere
+  for out, name in ((_REPORT.value, "--report"), (_SPEC_ERRORS.value, "--spec_errors")):
+    if out:
+      check_output_path(out, [_SOURCE.value, _DEST.value, _SPEC.value], name, overwrite=_OVERWRITE.value)
   if dist.requested:
     from parity_jax import distributed
 
     distributed.initialize(dist)
-  result = migrate(
-      _SOURCE.value, _DEST.value, _SPEC.value, chunk_mb=_CHUNK_MB.value, overwrite=_OVERWRITE.value,
-      progress=_PROGRESS.value, batch_mb=_BATCH_MB.value, compression=_COMPRESSION.value,
-      distributed=dist.requested, peer_timeout_s=dist.timeout_s,
-  )
+  try:
+    result = migrate(
+        _SOURCE.value, _DEST.value, _SPEC.value, chunk_mb=_CHUNK_MB.value, overwrite=_OVERWRITE.value,
+        progress=_PROGRESS.value, batch_mb=_BATCH_MB.value, compression=_COMPRESSION.value,
+        distributed=dist.requested, peer_timeout_s=dist.timeout_s,
+    )
+  except SpecError as e:
+    lead = True
+    if dist.requested:
+      from parity_jax import distributed
+
+      lead = distributed.process_index() == 0
+    written = [e.write_json(_SPEC_ERRORS.value)] if _SPEC_ERRORS.value and lead else []
+    raise UsageError(e.line(written, hint="--spec_errors=FILE writes them all as JSON")) from None
   if result.distributed is not None:
     from parity_jax import distributed
 

@@ -29,7 +29,8 @@ _SOURCE = flags.DEFINE_string("source", None, "Source checkpoint (v0 PyTree dir,
 _MIGRATED = flags.DEFINE_string("migrated", None, "Migrated checkpoint (same layouts accepted).")
 _SPEC = flags.DEFINE_string("spec", None, "Remap spec JSON used for the migration.")
 _REPORT = flags.DEFINE_string("report", None, "Write the per-leaf JSON report here (never inside either checkpoint).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --report.")
+_SPEC_ERRORS = flags.DEFINE_string("spec_errors", None, "If the spec is malformed or does not fit the checkpoints, write every problem here as JSON (the error line shows the first few); --report gets them too.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --report / --spec_errors.")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "Divergences listed per differing leaf.", lower_bound=0)
 _SLAB_MB = flags.DEFINE_float("slab_mb", 8.0, "Size of one compared piece in MiB (a few such buffers are allocated once; memory vs. number of reads).", lower_bound=0.004)
 _SPILL_DIR = flags.DEFINE_string("spill_dir", None, "Where to spill a source leaf when both sides are stored as single big chunks (default: system temp dir).")
@@ -40,7 +41,7 @@ _DIST = app.distributed_flags(__name__)
 
 def main(argv):
   del argv
-  from parity_jax.checkpoint import example, verify_migration
+  from parity_jax.checkpoint import SpecError, example, verify_migration
   from parity_jax.errors import UsageError
   from parity_jax.files import check_output_path
 
@@ -61,13 +62,20 @@ def main(argv):
     lead = distributed.process_index() == 0
   else:
     lead = True
-  if _REPORT.value and lead:
-    check_output_path(_REPORT.value, [source, migrated, spec], "--report", overwrite=_OVERWRITE.value)
+  if lead:
+    for out, name in ((_REPORT.value, "--report"), (_SPEC_ERRORS.value, "--spec_errors")):
+      if out:
+        check_output_path(out, [source, migrated, spec], name, overwrite=_OVERWRITE.value)
 
-  report = verify_migration(
-      source, migrated, spec, top_k=_TOP_K.value, slab_mb=_SLAB_MB.value, spill_dir=_SPILL_DIR.value,
-      readahead=_READAHEAD.value, progress=_PROGRESS.value, distributed=dist.requested, peer_timeout_s=dist.timeout_s,
-  )
+  try:
+    report = verify_migration(
+        source, migrated, spec, top_k=_TOP_K.value, slab_mb=_SLAB_MB.value, spill_dir=_SPILL_DIR.value,
+        readahead=_READAHEAD.value, progress=_PROGRESS.value, distributed=dist.requested,
+        peer_timeout_s=dist.timeout_s,
+    )
+  except SpecError as e:
+    written = [e.write_json(out) for out in (_SPEC_ERRORS.value, _REPORT.value) if out] if lead else []
+    raise UsageError(e.line(written, hint="--spec_errors=FILE writes them all as JSON")) from None
   if not lead:
     me = next(p for p in report.distributed["per_process"] if p["process"] == report.distributed["process"])
     print(f"process {me['process']} of {report.distributed['num_processes']}: compared {me['bytes_read']} bytes;"

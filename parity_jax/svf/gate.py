@@ -37,11 +37,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from parity_jax import bundles
-from parity_jax.compare import DiffAccumulator, diff_stats
+from parity_jax.compare import DiffAccumulator
 from parity_jax.dtypes import BF16 as _BF16, bf16_bits
 from parity_jax.errors import UsageError
 from parity_jax.files import check_output_dir
