@@ -250,6 +250,7 @@ def run_values(
     readahead: int,
     spill_dir: str,
     on_bytes: Callable[[int], None],
+    prepare_whole: Callable[[list[int]], None] | None = None,
 ) -> dict[str, Any]:
   """Fills every result of ``to_compare`` on every process; returns the job's figures (bytes per process, ...).
 
@@ -303,6 +304,8 @@ def run_values(
     on_bytes(n)
     job.tick()
 
+  if prepare_whole is not None:  # e.g. batch the small ones (the verifier's SmallPairs)
+    prepare_whole([w.pair for w in mine if not w.split])
   for w in mine:
     p, res = to_compare[w.pair]
     if not w.split:

@@ -558,11 +558,24 @@ def _values_distributed(job, to_compare: list[tuple[LeafPlan, LeafResult]], src_
   with progress_bar(share_total, f"verify [{job.describe()}]", enabled=show_progress) as bar:
     prog = _Progress(bar)
 
-    def compare_whole(p: LeafPlan, res: LeafResult, on_bytes: Callable[[int], None]) -> None:
-      _compare_one(src_ckpt, mig_ckpt, p, res, buffers=buffers, top_k=top_k, spill_dir=spill_dir,
-                   progress=_Counter(on_bytes), readahead=readahead, log=log)
+    small: list[stream.SmallPairs] = []
 
-    figures = dv.run_values(job, to_compare, src_ckpt, mig_ckpt, compare_whole=compare_whole, top_k=top_k,
-                            buffers=buffers, readahead=readahead, spill_dir=spill_dir, on_bytes=prog.add)
+    def prepare_whole(indices: list[int]) -> None:  # this process's whole pairs: the small ones in batches
+      pairs = [(src_ckpt.leaves[to_compare[i][0].source], mig_ckpt.leaves[to_compare[i][0].dest]) for i in indices]
+      small.append(stream.SmallPairs(src_ckpt, mig_ckpt, pairs,
+                                     leaf_bytes=min(buffers.nbytes, stream.SMALL_LEAF_BYTES)))
+
+    def compare_whole(p: LeafPlan, res: LeafResult, on_bytes: Callable[[int], None]) -> None:
+      batch = small[0] if small and (p.source, p.dest) in small[0] else None  # process 0 redoes others unbatched
+      _compare_one(src_ckpt, mig_ckpt, p, res, buffers=buffers, top_k=top_k, spill_dir=spill_dir,
+                   progress=_Counter(on_bytes), readahead=readahead, log=log, small=batch)
+
+    try:
+      figures = dv.run_values(job, to_compare, src_ckpt, mig_ckpt, compare_whole=compare_whole, top_k=top_k,
+                              buffers=buffers, readahead=readahead, spill_dir=spill_dir, on_bytes=prog.add,
+                              prepare_whole=prepare_whole)
+    finally:
+      for s in small:
+        s.close()
   total = sum(pp["bytes_read"] for pp in figures["per_process"])
   return total, dict(figures, process=job.process_id)
