@@ -296,6 +296,14 @@ class Job:
       return None
     return [self.wait_for(f"gather/{name}/{p}") for p in range(self.num_processes)]
 
+  def first_disagreeing(self, name: str, fingerprint: str) -> int | None:
+    """Gathers every process's ``fingerprint`` (of its plan); on process 0 the first process whose differs
+    from process 0's, None if all agree (and on every other process)."""
+    fps = self.gather(name, fingerprint.encode())
+    if fps is None:
+      return None
+    return next((k for k, f in enumerate(fps) if f.decode() != fingerprint), None)
+
   def broadcast(self, name: str, payload: bytes | None = None) -> bytes:
     """Process 0's ``payload`` on every process."""
     if self.is_coordinator:

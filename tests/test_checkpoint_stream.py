@@ -236,7 +236,7 @@ def test_mode_detects_fault_with_exact_hashes_and_stats(mode_pair, fault, monkey
 def test_hash_pipeline_hashes_pieces_in_submission_order():
   rng = np.random.default_rng(5)
   bufs = stream.Buffers(4096)
-  hp = stream._HashPipeline(bufs, "t")
+  hp = stream.HashPipeline(bufs, "t")
   want = hashlib.sha256()
   for n in itertools.islice(itertools.cycle([4096, 1, 4000, 17, 0]), 60):
     i = hp.acquire()  # blocks while all PIPELINE_DEPTH buffers wait to be hashed

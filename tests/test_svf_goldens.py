@@ -209,7 +209,7 @@ def test_chunked_replay_is_bit_identical_to_unchunked_and_to_reconstruct(tmp_pat
   kw = dict(golden_dir=str(GOLDENS), all_selected=True, row_block=16, selected_source_filter="embed_tokens")
   a = replay(stage_dir=str(tmp_path / "chunked"), chunk_mb=0.02, **kw)
   b = replay(stage_dir=str(tmp_path / "whole"), chunk_mb=0, **kw)
-  monkeypatch.setattr(gate, "_COMPARE_ELEMS", 1000)  # comparison sub-blocks of 12 rows, across chunk edges
+  monkeypatch.setattr(gate, "COMPARE_ELEMS", 1000)  # comparison sub-blocks of 12 rows, across chunk edges
   c = replay(stage_dir=str(tmp_path / "sub"), chunk_mb=0.02, **kw)
   (ta,), (tb,), (tc,) = a.report["tensors"], b.report["tensors"], c.report["tensors"]
   assert ta["chunking"]["n_chunks"] > 4 and tb["chunking"]["n_chunks"] == 1

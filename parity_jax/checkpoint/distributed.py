@@ -56,7 +56,7 @@ import numpy as np
 
 from parity_jax import compare
 from parity_jax.checkpoint import geometry, stream
-from parity_jax.checkpoint.layout import Checkpoint
+from parity_jax.checkpoint.layout import Checkpoint, LeafMeta
 from parity_jax.checkpoint.reader import LeafReadError, LeafReader
 from parity_jax.checkpoint.spec import LeafPlan
 from parity_jax.distributed import Job
@@ -258,9 +258,54 @@ def run_values(
   process, as the single-process verifier does.
   """
   t0 = time.perf_counter()
-  # -- the same plan on every process --
-  metas = []
-  pair_bytes, piece_ends, read_modes = [], [], []
+  plan = _plan_job(job, to_compare, src_ckpt, mig_ckpt, buffers, readahead)
+  mine = plan.work[job.process_id]
+  _maybe_stall(job.process_id)
+  ranges = _Ranges(job, plan.metas, src_ckpt, mig_ckpt, buffers=buffers, readahead=readahead, spill_dir=spill_dir,
+                   top_k=top_k, on_bytes=on_bytes)
+  records: list[dict[str, Any]] = []
+  if prepare_whole is not None:  # e.g. batch the small ones (the verifier's SmallPairs)
+    prepare_whole([w.pair for w in mine if not w.split])
+  for w in mine:
+    p, res = to_compare[w.pair]
+    if not w.split:
+      compare_whole(p, res, ranges.count)
+      records.append({"pair": w.pair, "whole": _result_dict(res)})
+    else:
+      records.append(ranges.compare(w))
+  ranges.finish_deferred()
+
+  mine_stats = {"process": job.process_id, "bytes_read": ranges.bytes_read,
+                "hash_reread_bytes": ranges.hash_reread_bytes,
+                "whole_leaves": [to_compare[w.pair][0].dest for w in mine if not w.split],
+                "ranges": [f"{to_compare[w.pair][0].dest}#{w.rank}" for w in mine if w.split],
+                "share_bytes": sum(w.nbytes for w in mine), "values_s": round(time.perf_counter() - t0, 3),
+                "peak_rss_bytes": _peak_rss()}
+  payloads = job.gather("results", json.dumps({"records": records, "stats": mine_stats}).encode())
+
+  final = b""
+  if job.is_coordinator:
+    per_process = [json.loads(x) for x in payloads]
+    final = json.dumps(_assemble(per_process, to_compare, compare_whole, ranges.count, plan.work,
+                                 plan.read_modes)).encode()
+  assembled = json.loads(job.broadcast("final", final))
+  for (p, res), d in zip(to_compare, assembled["results"]):
+    _apply(res, d)
+  job.barrier("done")
+  return assembled["job"]
+
+
+@dataclasses.dataclass
+class _JobPlan:
+  metas: list[tuple[LeafMeta, LeafMeta]]  # per pair: (source, migrated)
+  read_modes: list[str]  # per pair: how one process reads it
+  work: list[list[Work]]  # per process: its share
+
+
+def _plan_job(job: Job, to_compare, src_ckpt: Checkpoint, mig_ckpt: Checkpoint, buffers: stream.Buffers,
+              readahead: int) -> _JobPlan:
+  """The same plan on every process, checked to be the same: any difference stops the job with one line."""
+  metas, pair_bytes, piece_ends, read_modes = [], [], [], []
   for p, _ in to_compare:
     s, m = src_ckpt.leaves[p.source], mig_ckpt.leaves[p.dest]
     metas.append((s, m))
@@ -280,111 +325,91 @@ def run_values(
   fingerprint = hashlib.sha256(json.dumps(
       [[p.source, p.dest, b, e[-1] if e else 0, len(e)] for (p, _), b, e in zip(to_compare, pair_bytes, piece_ends)]
   ).encode()).hexdigest()
-  fps = job.gather("plan", fingerprint.encode())
-  verdict = b""
-  if job.is_coordinator:
-    bad = [k for k, f in enumerate(fps) if f.decode() != fingerprint]
-    if bad:
-      verdict = (f"process {bad[0]} planned the comparison differently from process 0 (different checkpoints,"
-                 f" spec or flags on that host?)").encode()
+  bad = job.first_disagreeing("plan", fingerprint)
+  verdict = b"" if bad is None else (f"process {bad} planned the comparison differently from process 0"
+                                     f" (different checkpoints, spec or flags on that host?)").encode()
   verdict = job.broadcast("plan_ok", verdict)
   if verdict:
     raise UsageError(verdict.decode())
+  return _JobPlan(metas, read_modes, work)
 
-  # -- this process's share --
-  mine = work[job.process_id]
-  _maybe_stall(job.process_id)
-  records: list[dict[str, Any]] = []
-  deferred: list[tuple[Work, dict[str, Any]]] = []
-  read = {"bytes": 0}
-  counted = {"hash_reread_bytes": 0}
 
-  def count(n: int) -> None:
-    read["bytes"] += n
-    on_bytes(n)
-    job.tick()
+class _Ranges:
+  """This process's ranges of split leaves: compared at once; the sha256 state relayed between ranks.
 
-  if prepare_whole is not None:  # e.g. batch the small ones (the verifier's SmallPairs)
-    prepare_whole([w.pair for w in mine if not w.split])
-  for w in mine:
-    p, res = to_compare[w.pair]
-    if not w.split:
-      compare_whole(p, res, count)
-      records.append({"pair": w.pair, "whole": _result_dict(res)})
-      continue
+  A range whose predecessor's state is there (or rank 0) is hashed inline; otherwise its hash is deferred
+  and, once the state arrives, its bytes are read again (:meth:`finish_deferred`, by rank, so a state of
+  rank k-1 never waits on rank k).
+  """
+
+  def __init__(self, job: Job, metas, src_ckpt: Checkpoint, mig_ckpt: Checkpoint, *, buffers: stream.Buffers,
+               readahead: int, spill_dir: str, top_k: int, on_bytes: Callable[[int], None]):
+    self.job, self.metas, self.src_ckpt, self.mig_ckpt = job, metas, src_ckpt, mig_ckpt
+    self.buffers, self.readahead, self.spill_dir, self.top_k = buffers, readahead, spill_dir, top_k
+    self.on_bytes = on_bytes
+    self.bytes_read = self.hash_reread_bytes = 0
+    self.deferred: list[tuple[Work, dict[str, Any]]] = []
+
+  def count(self, n: int) -> None:
+    self.bytes_read += n
+    self.on_bytes(n)
+    self.job.tick()
+
+  def compare(self, w: Work) -> dict[str, Any]:
+    """One range: its record (equal, how it was hashed, the digest of the last rank)."""
+    job = self.job
     rec = {"pair": w.pair, "rank": w.rank, "n": w.n, "equal": None, "hash": None, "digest": None}
-    records.append(rec)
     state_in = None
     if w.rank > 0:
       got = job.try_get(f"mid/{w.pair}/{w.rank - 1}")
       if got is not None and got == b"broken":
         rec["equal"], rec["hash"] = None, "skipped: an earlier range differs"
         _publish_state(job, w, None)
-        continue
+        return rec
       state_in = got
     made: list[Any] = []
-    if w.rank == 0 or state_in is not None:
-      def new_hash(state=state_in):
-        h = Sha256State(state)
-        made.append(h)
-        return h
-      rec["hash"] = "inline"
-    else:
-      def new_hash():
-        h = _NoHash()
-        made.append(h)
-        return h
-      rec["hash"] = "deferred"
-    s_meta, m_meta = metas[w.pair]
+    inline = w.rank == 0 or state_in is not None
+    rec["hash"] = "inline" if inline else "deferred"
+
+    def new_hash():
+      h = Sha256State(state_in) if inline else _NoHash()
+      made.append(h)
+      return h
+
+    s_meta, m_meta = self.metas[w.pair]
     r = geometry.refinement(s_meta.shape, m_meta.shape)
-    plan = stream.plan_pair(s_meta, m_meta, r, buffers.nbytes, readahead=int(readahead))
+    plan = stream.plan_pair(s_meta, m_meta, r, self.buffers.nbytes, readahead=int(self.readahead))
     try:
-      out = stream.PairStreamer(src_ckpt, mig_ckpt, s_meta, m_meta, r, plan, buffers, spill_dir=spill_dir,
-                                on_bytes=count, piece_range=(w.lo, w.hi), new_hash=new_hash).run(
-                                    top_k=top_k, second_pass=False)
+      out = stream.PairStreamer(self.src_ckpt, self.mig_ckpt, s_meta, m_meta, r, plan, self.buffers,
+                                spill_dir=self.spill_dir, on_bytes=self.count, piece_range=(w.lo, w.hi),
+                                new_hash=new_hash).run(top_k=self.top_k, second_pass=False)
       rec["equal"] = bool(out.equal)
     except LeafReadError as e:
       rec["equal"], rec["error"] = False, str(e)
     if not rec["equal"]:
       _publish_state(job, w, None)
-      continue
-    if rec["hash"] == "deferred":
-      deferred.append((w, rec))
-      continue
-    _finish_range(job, w, rec, made[0])
+    elif not inline:
+      self.deferred.append((w, rec))
+    else:
+      _finish_range(job, w, rec, made[0])
+    return rec
 
-  for w, rec in deferred:  # by rank: a state of rank k-1 never waits on rank k
-    got = job.wait_for(f"mid/{w.pair}/{w.rank - 1}")
-    if got == b"broken":
-      rec["hash"] = "skipped: an earlier range differs"
-      _publish_state(job, w, None)
-      continue
-    h = Sha256State(got)
-    try:
-      counted["hash_reread_bytes"] += _rehash(src_ckpt, mig_ckpt, metas[w.pair], w, buffers, readahead, h, job)
-      rec["hash"] = "re-read"
-      _finish_range(job, w, rec, h)
-    except LeafReadError as e:
-      rec["equal"], rec["error"] = False, str(e)
-      _publish_state(job, w, None)
-
-  mine_stats = {"process": job.process_id, "bytes_read": read["bytes"],
-                "hash_reread_bytes": counted["hash_reread_bytes"],
-                "whole_leaves": [to_compare[w.pair][0].dest for w in mine if not w.split],
-                "ranges": [f"{to_compare[w.pair][0].dest}#{w.rank}" for w in mine if w.split],
-                "share_bytes": sum(w.nbytes for w in mine), "values_s": round(time.perf_counter() - t0, 3),
-                "peak_rss_bytes": _peak_rss()}
-  payloads = job.gather("results", json.dumps({"records": records, "stats": mine_stats}).encode())
-
-  final = b""
-  if job.is_coordinator:
-    per_process = [json.loads(x) for x in payloads]
-    final = json.dumps(_assemble(per_process, to_compare, compare_whole, count, work, read_modes)).encode()
-  assembled = json.loads(job.broadcast("final", final))
-  for (p, res), d in zip(to_compare, assembled["results"]):
-    _apply(res, d)
-  job.barrier("done")
-  return assembled["job"]
+  def finish_deferred(self) -> None:
+    for w, rec in self.deferred:  # by rank: a state of rank k-1 never waits on rank k
+      got = self.job.wait_for(f"mid/{w.pair}/{w.rank - 1}")
+      if got == b"broken":
+        rec["hash"] = "skipped: an earlier range differs"
+        _publish_state(self.job, w, None)
+        continue
+      h = Sha256State(got)
+      try:
+        self.hash_reread_bytes += _rehash(self.src_ckpt, self.mig_ckpt, self.metas[w.pair], w, self.buffers,
+                                          self.readahead, h, self.job)
+        rec["hash"] = "re-read"
+        _finish_range(self.job, w, rec, h)
+      except LeafReadError as e:
+        rec["equal"], rec["error"] = False, str(e)
+        _publish_state(self.job, w, None)
 
 
 def _publish_state(job: Job, w: Work, h: Sha256State | None) -> None:

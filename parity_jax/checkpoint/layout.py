@@ -490,25 +490,7 @@ def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkp
     raise UsageError(f"{role} {path}: {PYTREE_METADATA} has no tree_metadata (not a PyTree checkpoint?)")
   use_ocdbt, use_zarr3, strict, facts = _decide_layout(raw, item_dir, path, layout)
 
-  entries: list[tuple[tuple[str, ...], str]] = []
-  empty_nodes: list[str] = []
-  problems = []
-  for entry in raw["tree_metadata"].values():
-    try:
-      keys = tuple(str(k["key"]) for k in entry.get("key_metadata", []))
-      vt = str(entry.get("value_metadata", {}).get("value_type", ""))
-    except (AttributeError, KeyError, TypeError):
-      raise UsageError(f"{role} {path}: malformed entry in {PYTREE_METADATA}") from None
-    if vt in _ARRAY_TYPES or vt in ("scalar", "string"):
-      bad = [k for k in keys if "/" in k or k == ""]
-      if bad:
-        problems.append(f"key {bad[0]!r} in {keys} is empty or contains '/', which leaf paths cannot express")
-      entries.append((keys, vt))
-    else:
-      empty_nodes.append(keypath.join(keys))
-  if problems:
-    raise UsageError(f"{role} {path}: " + "; ".join(problems[:5]))
-  entries.sort(key=lambda e: e[0])
+  entries, empty_nodes = _tree_entries(raw["tree_metadata"], f"{role} {path}")
   collisions = _storage_collisions([k for k, _ in entries])
 
   context = read_context(0)
@@ -526,27 +508,10 @@ def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkp
   codecs = _CodecCache()
   for keys, vt in entries:
     p = keypath.join(keys)
-    name = ".".join(keys)
-    kind = {"string": "string", "scalar": "scalar"}.get(vt, "array")
-    leaf_strict = strict or keys in strict_keys
-    if keys in collisions:
-      leaves[p] = LeafMeta(p, keys, kind, (), None, None, name, vt, error=collisions[keys], strict=leaf_strict)
-      continue
-    if vt == "string":
-      leaves[p] = LeafMeta(p, keys, "string", (), None, None, name, vt, strict=leaf_strict)
-      continue
-    t = opened[keys]
-    if isinstance(t, Exception):
-      leaves[p] = LeafMeta(p, keys, kind, (), None, None, name, vt, error=first_line(t), strict=leaf_strict)
-      continue
-    chunk = t.chunk_layout.read_chunk.shape
-    raw, codec = codecs.info(t)
-    leaves[p] = LeafMeta(
-        p, keys, kind, tuple(int(d) for d in t.shape), np.dtype(t.dtype.numpy_dtype),
-        None if chunk is None else tuple(int(c) for c in chunk), name, vt, raw_chunks=raw,
-        strict=leaf_strict, codec=codec,
-    )
-    handles[p] = t
+    t = None if keys in collisions or vt == "string" else opened[keys]
+    leaves[p] = _leaf_meta(keys, vt, t, collisions.get(keys), strict or keys in strict_keys, codecs)
+    if leaves[p].error is None and t is not None:
+      handles[p] = t
   if strict_keys:
     facts["missing_chunks"] = "error for zarr v2 leaves with fill_value null, else fill value"
     if len(strict_keys) == len(opened):
@@ -555,6 +520,49 @@ def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkp
                                            " writer stored every chunk: missing chunks there are errors")
   return Checkpoint(path, item_dir, layout, use_ocdbt, use_zarr3, leaves, sorted(empty_nodes),
                     strict_chunks=strict, facts=facts, _context=context, _handles=handles)
+
+
+def _tree_entries(tree_metadata: dict, where: str) -> tuple[list[tuple[tuple[str, ...], str]], list[str]]:
+  """The leaves ``(keys, value_type)`` of ``_METADATA``'s tree, sorted, and its empty nodes (paths)."""
+  entries: list[tuple[tuple[str, ...], str]] = []
+  empty_nodes: list[str] = []
+  problems = []
+  for entry in tree_metadata.values():
+    try:
+      keys = tuple(str(k["key"]) for k in entry.get("key_metadata", []))
+      vt = str(entry.get("value_metadata", {}).get("value_type", ""))
+    except (AttributeError, KeyError, TypeError):
+      raise UsageError(f"{where}: malformed entry in {PYTREE_METADATA}") from None
+    if vt in _ARRAY_TYPES or vt in ("scalar", "string"):
+      bad = [k for k in keys if "/" in k or k == ""]
+      if bad:
+        problems.append(f"key {bad[0]!r} in {keys} is empty or contains '/', which leaf paths cannot express")
+      entries.append((keys, vt))
+    else:
+      empty_nodes.append(keypath.join(keys))
+  if problems:
+    raise UsageError(f"{where}: " + "; ".join(problems[:5]))
+  entries.sort(key=lambda e: e[0])
+  return entries, empty_nodes
+
+
+def _leaf_meta(keys: tuple[str, ...], vt: str, t: Any, collision: str | None, strict: bool,
+               codecs: "_CodecCache") -> LeafMeta:
+  """One leaf's metadata from its opened tensorstore ``t`` (an exception: the leaf keeps the error)."""
+  p, name = keypath.join(keys), ".".join(keys)
+  kind = {"string": "string", "scalar": "scalar"}.get(vt, "array")
+  if collision is not None:
+    return LeafMeta(p, keys, kind, (), None, None, name, vt, error=collision, strict=strict)
+  if vt == "string":
+    return LeafMeta(p, keys, "string", (), None, None, name, vt, strict=strict)
+  if isinstance(t, Exception):
+    return LeafMeta(p, keys, kind, (), None, None, name, vt, error=first_line(t), strict=strict)
+  chunk = t.chunk_layout.read_chunk.shape
+  raw, codec = codecs.info(t)
+  return LeafMeta(
+      p, keys, kind, tuple(int(d) for d in t.shape), np.dtype(t.dtype.numpy_dtype),
+      None if chunk is None else tuple(int(c) for c in chunk), name, vt, raw_chunks=raw, strict=strict, codec=codec,
+  )
 
 
 class _CodecCache:

@@ -254,27 +254,7 @@ def run(job: Job, source, dest, spec, *, chunk_mb: float, overwrite: bool, progr
       [dest, chunk_bytes, compression, group_bytes, [p.dest for p in strings]]
       + [[a.plan.source, a.plan.dest, list(a.shape), str(a.dtype), list(a.chunk), len(a.ends), a.splittable]
          for a in arrays]).encode()).hexdigest()
-  fps = job.gather("plan", fingerprint.encode())
-  answer: dict[str, Any] = {}
-  if job.is_coordinator:
-    bad = [k for k, f in enumerate(fps) if f.decode() != fingerprint]
-    try:
-      if bad:
-        raise UsageError(f"process {bad[0]} planned the migration differently from process 0 (different source,"
-                         f" spec, destination or flags on that host?)")
-      _check_dest(src.path, dest, overwrite)
-      _remove_stale_temporaries(parent, name)
-      tmp = os.path.join(parent, f".{name}.migrating-{os.getpid()}-{secrets.token_hex(4)}")
-      os.makedirs(os.path.join(tmp, "checkpoint", _STATE))
-      answer = {"tmp": tmp}
-    except UsageError as e:
-      answer = {"error": str(e)}
-    except OSError as e:
-      answer = {"error": f"cannot create a temporary directory next to {dest}: {first_line(e)}"}
-  answer = json.loads(job.broadcast("tmp", json.dumps(answer).encode()))
-  if "error" in answer:
-    raise AgreedError(answer["error"])
-  tmp = answer["tmp"]
+  tmp = _agree_and_make_tmp(job, fingerprint, src, dest, overwrite)
   target = os.path.join(tmp, "checkpoint")
   item_dir = os.path.join(target, _STATE)
   own_db = os.path.join(item_dir, f"ocdbt.process_{job.process_id}")
@@ -312,6 +292,32 @@ def run(job: Job, source, dest, spec, *, chunk_mb: float, overwrite: bool, progr
   if job.is_coordinator:
     shutil.rmtree(tmp, ignore_errors=True)  # only the empty shell is left after the rename
   return MigrateResult.from_dict(answer["result"])
+
+
+def _agree_and_make_tmp(job: Job, fingerprint: str, src: Checkpoint, dest: str, overwrite: bool) -> str:
+  """Every process planned the same; process 0 checks the destination and makes the temporary directory next
+  to it. Its path on every process, or the same one line everywhere."""
+  bad = job.first_disagreeing("plan", fingerprint)
+  answer: dict[str, Any] = {}
+  if job.is_coordinator:
+    parent, name = os.path.dirname(dest), os.path.basename(dest)
+    try:
+      if bad is not None:
+        raise UsageError(f"process {bad} planned the migration differently from process 0 (different source,"
+                         f" spec, destination or flags on that host?)")
+      _check_dest(src.path, dest, overwrite)
+      _remove_stale_temporaries(parent, name)
+      tmp = os.path.join(parent, f".{name}.migrating-{os.getpid()}-{secrets.token_hex(4)}")
+      os.makedirs(os.path.join(tmp, "checkpoint", _STATE))
+      answer = {"tmp": tmp}
+    except UsageError as e:
+      answer = {"error": str(e)}
+    except OSError as e:
+      answer = {"error": f"cannot create a temporary directory next to {dest}: {first_line(e)}"}
+  answer = json.loads(job.broadcast("tmp", json.dumps(answer).encode()))
+  if "error" in answer:
+    raise AgreedError(answer["error"])
+  return answer["tmp"]
 
 
 def _write_share(job: Job, src: Checkpoint, arrays: list[_Leaf], mine, item_dir: str, *, chunk_bytes: int,

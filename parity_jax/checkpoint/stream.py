@@ -456,7 +456,7 @@ class _SpillReader:
     return None
 
 
-class _HashPipeline:
+class HashPipeline:
   """sha256 of source pieces in order, in a thread of its own, overlapped with the next reads and comparisons.
 
   The comparison takes a free pool buffer (:meth:`acquire`), reads a source
@@ -726,7 +726,7 @@ class PairStreamer:
       self.on_bytes(upto - self._counted)
       self._counted = upto
 
-  def _pairs(self, spill_file=None, hasher: _HashPipeline | None = None,
+  def _pairs(self, spill_file=None, hasher: HashPipeline | None = None,
              kept: _BackgroundHash | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray, Piece]]:
     """(pool index, source piece, migrated piece, piece) in C order; both reads of a piece run concurrently.
 
@@ -782,7 +782,7 @@ class PairStreamer:
     finally:
       src_reader.close()
 
-  def _spill(self, hasher: _HashPipeline | None) -> tuple[Any, str]:
+  def _spill(self, hasher: HashPipeline | None) -> tuple[Any, str]:
     """Streams the source leaf into a temporary file; returns (file, sha256 of the source)."""
     try:
       f = tempfile.TemporaryFile(dir=self.spill_dir, prefix=SPILL_PREFIX)
@@ -832,14 +832,14 @@ class PairStreamer:
     try:
       base, digest = 0, None
       if self.plan.spill:
-        hasher = _HashPipeline(self.buffers, name, self.new_hash) if self.plan.hash_mode == "pipelined" else None
+        hasher = HashPipeline(self.buffers, name, self.new_hash) if self.plan.hash_mode == "pipelined" else None
         spill_file, digest = self._spill(hasher)
         hasher = None
         base = self._through(self.pieces[-1])  # the spill pass reported the source bytes
       h_inline = background = kept = None
       if digest is None:
         if self.plan.hash_mode == "pipelined":
-          hasher = _HashPipeline(self.buffers, name, self.new_hash)
+          hasher = HashPipeline(self.buffers, name, self.new_hash)
         elif self.plan.hash_mode in ("source", "migrated"):
           meta, ckpt, box_of = ((self.mig, self.mig_ckpt, lambda p: p.mig_box) if self.plan.hash_mode == "migrated"
                                 else (self.src, self.src_ckpt, lambda p: p.src_box))

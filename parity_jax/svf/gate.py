@@ -86,10 +86,10 @@ STAGE_TOLERANCES: dict[str, tuple[str, str]] = {
 # Bytes per row of U that one chunk holds at peak, per element of k (U and
 # u_scaled rows, XLA's block temporaries) and of n (matmul_pre_norm,
 # zero_source, adapted, final bf16 and its torch-NaN copy, XLA temporaries).
-# The comparisons run in sub-blocks of _COMPARE_ELEMS elements on top of that.
+# The comparisons run in sub-blocks of COMPARE_ELEMS elements on top of that.
 _ROW_BYTES_PER_K = 16
 _ROW_BYTES_PER_N = 32
-_COMPARE_ELEMS = 1 << 20
+COMPARE_ELEMS = 1 << 20
 
 
 def chunk_rows(m: int, n: int, k: int, chunk_mb: float, row_block: int = core.DEFAULT_ROW_BLOCK) -> int:
@@ -283,136 +283,168 @@ def _replay_tensor(
     explain_rule: str,
     progress: Progress,
 ) -> dict[str, Any]:
-  name, m, n, k = job.name, job.m, job.n, job.k
-  layout = store.layout
-  s, offsets = store.s(name), store.offsets(name)
-  v_nk = store.v_nk(name)
-  fc = FormulaConstants.from_components(s, offsets, compute_dtype)
-  u_cd = fc.u
-  # the golden's own shapes: Python may store the normalization as [] or [1]
-  checks = {stage: _StageCheck(stage, greader.shape(job.key(stage)), _stage_dtype(stage)) for stage in core.STAGES}
-  accounting = MismatchAccounting(fc, rule=explain_rule)
-  zero_vs_source = DiffAccumulator((m, n), _F32, top_k=1)
-  transpose = job.orientation == "transpose"
+  """One tensor: every stage against its golden, chunk by chunk of rows; the tensor's report entry."""
+  t = _TensorReplay(job, store, greader, writer, chunk_mb=chunk_mb, row_block=row_block,
+                    compute_dtype=compute_dtype, explain_rule=explain_rule)
+  t.vector_stages()
+  for r0 in range(0, job.m, t.rows_per_chunk):
+    r1 = min(job.m, r0 + t.rows_per_chunk)
+    t.row_chunk(r0, r1)
+    progress.update((r1 - r0) * (4 * job.k))
+  return t.result(mode, t.target_orientation_hashes())
 
-  # Whole-vector stages: small, compared at once.
-  vec = {k_: np.asarray(v_) for k_, v_ in core.vector_stages(s, offsets, compute_dtype=compute_dtype).items()}
-  vec["scaled_s"] = _to_np(vec["scaled_s"], _F32)
-  vec["normalization"] = _to_np(vec["normalization"], _F32)
-  for stage in ("offsets_f32", "scaled_s", "normalization"):
-    golden = greader.get(job.key(stage))
-    ours = vec[stage].reshape(golden.shape)
-    tol = normalization_tolerance(fc) if stage == "normalization" else None
-    checks[stage].update(golden, ours, origin=(0,) * golden.ndim, tol=tol)
-    if writer is not None:
-      writer.write(job.key(stage), vec[stage].reshape(job.stage_shape(stage)))
 
-  rows_per_chunk = chunk_rows(m, n, k, chunk_mb, row_block)
-  n_chunks = -(-m // rows_per_chunk) if m else 0
-  chunked = n_chunks > 1
-  v_norms = row_norms(v_nk.astype(compute_dtype))
-  full_final_f32 = full_final_bits = None
-  if transpose:
-    full_final_f32 = np.empty((n, m), _F32)
-    full_final_bits = np.empty((n, m), np.uint16)
+class _TensorReplay:
+  """The state of one tensor's replay: the stage checks, the bf16 accounting, and (transposed) the held final."""
 
-  s_cd = np.asarray(s).astype(compute_dtype).astype(np.float64)
-  sub_rows = max(1, _COMPARE_ELEMS // max(n, k, 1))
-  for r0 in range(0, m, rows_per_chunk):
-    r1 = min(m, r0 + rows_per_chunk)
-    u_chunk = store.u_rows(name, r0, r1)
+  def __init__(self, job: _Job, store: io.ComponentStore, greader: bundles.BundleReader,
+               writer: bundles.BundleWriter | None, *, chunk_mb: float, row_block: int, compute_dtype: Any,
+               explain_rule: str):
+    self.job, self.store, self.greader, self.writer = job, store, greader, writer
+    self.row_block, self.compute_dtype = row_block, compute_dtype
+    m, n, k = job.m, job.n, job.k
+    self.s, self.offsets = store.s(job.name), store.offsets(job.name)
+    self.v_nk = store.v_nk(job.name)
+    self.fc = FormulaConstants.from_components(self.s, self.offsets, compute_dtype)
+    # the golden's own shapes: Python may store the normalization as [] or [1]
+    self.checks = {st: _StageCheck(st, greader.shape(job.key(st)), _stage_dtype(st)) for st in core.STAGES}
+    self.accounting = MismatchAccounting(self.fc, rule=explain_rule)
+    self.zero_vs_source = DiffAccumulator((m, n), _F32, top_k=1)
+    self.transpose = job.orientation == "transpose"
+    self.rows_per_chunk = chunk_rows(m, n, k, chunk_mb, row_block)
+    self.n_chunks = -(-m // self.rows_per_chunk) if m else 0
+    self.v_norms = row_norms(self.v_nk.astype(compute_dtype))
+    self.full_final_f32 = self.full_final_bits = None
+    if self.transpose:  # target-orientation bytes need every source row: held until the end
+      self.full_final_f32 = np.empty((n, m), _F32)
+      self.full_final_bits = np.empty((n, m), np.uint16)
+    self.s_cd = np.asarray(self.s).astype(compute_dtype).astype(np.float64)
+    self.sub_rows = max(1, COMPARE_ELEMS // max(n, k, 1))
+
+  def vector_stages(self) -> None:
+    """The whole-vector stages: small, compared at once."""
+    job = self.job
+    vec = {k_: np.asarray(v_) for k_, v_ in
+           core.vector_stages(self.s, self.offsets, compute_dtype=self.compute_dtype).items()}
+    vec["scaled_s"] = _to_np(vec["scaled_s"], _F32)
+    vec["normalization"] = _to_np(vec["normalization"], _F32)
+    for stage in ("offsets_f32", "scaled_s", "normalization"):
+      golden = self.greader.get(job.key(stage))
+      ours = vec[stage].reshape(golden.shape)
+      tol = normalization_tolerance(self.fc) if stage == "normalization" else None
+      self.checks[stage].update(golden, ours, origin=(0,) * golden.ndim, tol=tol)
+      if self.writer is not None:
+        self.writer.write(job.key(stage), vec[stage].reshape(job.stage_shape(stage)))
+
+  def row_chunk(self, r0: int, r1: int) -> None:
+    """Rows ``[r0, r1)``: computed at once, compared in sub-blocks (the float64 temporaries stay small even
+    when the chunk is the whole tensor, chunk_mb=0)."""
+    u_chunk = self.store.u_rows(self.job.name, r0, r1)
     # A fresh reader per chunk: safetensors maps the file, and every page read
     # through a long-lived mapping stays in our RSS.
-    chunk_reader = bundles.BundleReader(greader.path)
-    res = core.row_stages(u_chunk, s, v_nk, offsets, compute_dtype=jnp.dtype(compute_dtype), row_block=row_block, capture=True)
-    res = jax.device_get(res)
-    ours_chunk = {st: _to_np(res[st], _F32) for st in core.ROW_STAGES}
-    bits_chunk = bf16_bits(res["final_bf16"], "torch")  # torch's NaN encoding, comparable with Python
-    del res
-    # Compare in sub-blocks of rows: the float64 temporaries stay small even when
-    # the chunk is the whole tensor (chunk_mb=0).
-    for b0 in range(r0, r1, sub_rows):
-      b1 = min(r1, b0 + sub_rows)
-      sl = slice(b0 - r0, b1 - r0)
-      ours = {st: a[sl] for st, a in ours_chunk.items()}
-      ours_bits = bits_chunk[sl]
-      u_rows = u_chunk[sl]
-      golden_row = lambda stage: chunk_reader.get_rows(job.key(stage), b0, b1)  # noqa: E731
-      src = golden_row("source_f32")
-      checks["source_f32"].update(src, src, origin=(b0, 0))
-      us_norms = row_norms(ours["u_scaled"])
-      checks["u_scaled"].update(golden_row("u_scaled"), ours["u_scaled"], origin=(b0, 0))
-      checks["matmul_pre_norm"].update(golden_row("matmul_pre_norm"), ours["matmul_pre_norm"], origin=(b0, 0), tol=matmul_tolerance(us_norms, v_norms, k, u_cd))
-      us0_norms = row_norms(np.asarray(u_rows).astype(compute_dtype).astype(np.float64) * s_cd[None, :]) * (1 + u_cd)
-      checks["zero_source_f32"].update(golden_row("zero_source_f32"), ours["zero_source_f32"], origin=(b0, 0), tol=matmul_tolerance(us0_norms, v_norms, k, u_cd))
-      zero_vs_source.update(src, ours["zero_source_f32"], origin=(b0, 0))
-      tol_adapted = adapted_tolerance(us_norms, v_norms, fc)
-      checks["adapted_source_f32"].update(golden_row("adapted_source_f32"), ours["adapted_source_f32"], origin=(b0, 0), tol=tol_adapted)
-      if transpose:
-        g_f32 = io.read_columns(greader.path, job.key("final_f32"), b0, b1)  # [n, rows]
-        g_bf16 = io.read_columns(greader.path, job.key("final_bf16"), b0, b1)
-        checks["final_f32"].update(g_f32, ours["adapted_source_f32"].T, origin=(0, b0), tol=tol_adapted.T, hash_rows=False)
-        checks["final_bf16"].update(g_bf16, ours_bits.view(_BF16).T, origin=(0, b0), hash_rows=False)
-        golden_bits_src = np.ascontiguousarray(g_bf16.view(np.uint16).T)
-        full_final_f32[:, b0:b1] = ours["adapted_source_f32"].T
-        full_final_bits[:, b0:b1] = ours_bits.T
-      else:
-        g_bf16 = golden_row("final_bf16")
-        checks["final_f32"].update(golden_row("final_f32"), ours["adapted_source_f32"], origin=(b0, 0), tol=tol_adapted)
-        checks["final_bf16"].update(g_bf16, ours_bits.view(_BF16), origin=(b0, 0))
-        golden_bits_src = g_bf16.view(np.uint16)
-      accounting.update(golden_bits_src, ours_bits, u_rows, v_nk, row_offset=b0)
-      if writer is not None:
-        writer.write_rows(job.key("source_f32"), src)
-        for stage in core.ROW_STAGES:
-          writer.write_rows(job.key(stage), ours[stage])
-        if not transpose:
-          writer.write_rows(job.key("final_f32"), ours["adapted_source_f32"])
-          writer.write_rows(job.key("final_bf16"), ours_bits.view(_BF16))
-    progress.update((r1 - r0) * (4 * k))
-    chunk_reader.close()
-    del ours_chunk, bits_chunk, u_chunk, chunk_reader
+    with bundles.BundleReader(self.greader.path) as chunk_reader:
+      res = core.row_stages(u_chunk, self.s, self.v_nk, self.offsets, compute_dtype=jnp.dtype(self.compute_dtype),
+                            row_block=self.row_block, capture=True)
+      res = jax.device_get(res)
+      ours_chunk = {st: _to_np(res[st], _F32) for st in core.ROW_STAGES}
+      bits_chunk = bf16_bits(res["final_bf16"], "torch")  # torch's NaN encoding, comparable with Python
+      del res
+      for b0 in range(r0, r1, self.sub_rows):
+        b1 = min(r1, b0 + self.sub_rows)
+        sl = slice(b0 - r0, b1 - r0)
+        self._block(chunk_reader, b0, b1, {st: a[sl] for st, a in ours_chunk.items()}, bits_chunk[sl], u_chunk[sl])
 
-  sha_override: dict[str, tuple[str, str]] = {}
-  if transpose:
-    # Target-orientation bytes need every source row: hash and write the held copy,
-    # and hash the golden's target rows in a streaming pass of their own.
-    for stage, full, bf16 in (("final_f32", full_final_f32, False), ("final_bf16", full_final_bits.view(_BF16), True)):
+  def _block(self, chunk_reader: bundles.BundleReader, b0: int, b1: int, ours: dict[str, np.ndarray],
+             ours_bits: np.ndarray, u_rows: np.ndarray) -> None:
+    job, checks, fc = self.job, self.checks, self.fc
+
+    def golden_row(stage: str) -> np.ndarray:
+      return chunk_reader.get_rows(job.key(stage), b0, b1)
+
+    src = golden_row("source_f32")
+    checks["source_f32"].update(src, src, origin=(b0, 0))
+    us_norms = row_norms(ours["u_scaled"])
+    checks["u_scaled"].update(golden_row("u_scaled"), ours["u_scaled"], origin=(b0, 0))
+    checks["matmul_pre_norm"].update(golden_row("matmul_pre_norm"), ours["matmul_pre_norm"], origin=(b0, 0),
+                                     tol=matmul_tolerance(us_norms, self.v_norms, job.k, fc.u))
+    us0_norms = row_norms(np.asarray(u_rows).astype(self.compute_dtype).astype(np.float64) * self.s_cd[None, :])
+    checks["zero_source_f32"].update(golden_row("zero_source_f32"), ours["zero_source_f32"], origin=(b0, 0),
+                                     tol=matmul_tolerance(us0_norms * (1 + fc.u), self.v_norms, job.k, fc.u))
+    self.zero_vs_source.update(src, ours["zero_source_f32"], origin=(b0, 0))
+    tol_adapted = adapted_tolerance(us_norms, self.v_norms, fc)
+    checks["adapted_source_f32"].update(golden_row("adapted_source_f32"), ours["adapted_source_f32"],
+                                        origin=(b0, 0), tol=tol_adapted)
+    if self.transpose:
+      g_f32 = io.read_columns(self.greader.path, job.key("final_f32"), b0, b1)  # [n, rows]
+      g_bf16 = io.read_columns(self.greader.path, job.key("final_bf16"), b0, b1)
+      checks["final_f32"].update(g_f32, ours["adapted_source_f32"].T, origin=(0, b0), tol=tol_adapted.T,
+                                 hash_rows=False)
+      checks["final_bf16"].update(g_bf16, ours_bits.view(_BF16).T, origin=(0, b0), hash_rows=False)
+      golden_bits_src = np.ascontiguousarray(g_bf16.view(np.uint16).T)
+      self.full_final_f32[:, b0:b1] = ours["adapted_source_f32"].T
+      self.full_final_bits[:, b0:b1] = ours_bits.T
+    else:
+      g_bf16 = golden_row("final_bf16")
+      checks["final_f32"].update(golden_row("final_f32"), ours["adapted_source_f32"], origin=(b0, 0),
+                                 tol=tol_adapted)
+      checks["final_bf16"].update(g_bf16, ours_bits.view(_BF16), origin=(b0, 0))
+      golden_bits_src = g_bf16.view(np.uint16)
+    self.accounting.update(golden_bits_src, ours_bits, u_rows, self.v_nk, row_offset=b0)
+    if self.writer is not None:
+      self.writer.write_rows(job.key("source_f32"), src)
+      for stage in core.ROW_STAGES:
+        self.writer.write_rows(job.key(stage), ours[stage])
+      if not self.transpose:
+        self.writer.write_rows(job.key("final_f32"), ours["adapted_source_f32"])
+        self.writer.write_rows(job.key("final_bf16"), ours_bits.view(_BF16))
+
+  def target_orientation_hashes(self) -> dict[str, tuple[str, str]]:
+    """Transposed tensors: hash and write the held final, and hash the golden's target rows in a streaming
+    pass of their own. ``{stage: (ours, golden)}``; empty otherwise."""
+    if not self.transpose:
+      return {}
+    job, n = self.job, self.job.n
+    out: dict[str, tuple[str, str]] = {}
+    for stage, full, bf16 in (("final_f32", self.full_final_f32, False),
+                              ("final_bf16", self.full_final_bits.view(_BF16), True)):
       gh = ArrayHasher(bf16=bf16, nan_policy="torch")
-      step = max(1, rows_per_chunk)
+      step = max(1, self.rows_per_chunk)
       for c0 in range(0, n, step):
-        with bundles.BundleReader(greader.path) as r:
+        with bundles.BundleReader(self.greader.path) as r:
           gh.update(r.get_rows(job.key(stage), c0, min(n, c0 + step)))
-      sha_override[stage] = (ArrayHasher(bf16=bf16, nan_policy="torch").update(full).hexdigest(), gh.hexdigest())
-      if writer is not None:
-        writer.write_rows(job.key(stage), full)
-    del full_final_f32, full_final_bits
+      out[stage] = (ArrayHasher(bf16=bf16, nan_policy="torch").update(full).hexdigest(), gh.hexdigest())
+      if self.writer is not None:
+        self.writer.write_rows(job.key(stage), full)
+    self.full_final_f32 = self.full_final_bits = None
+    return out
 
-  stage_results = {st: checks[st].result(*sha_override.get(st, (None, None))) for st in core.STAGES}
-  expl = accounting.to_dict()
-  stage_results["final_bf16"]["pass"] = expl["n_unexplained"] == 0
-  final_equal = stage_results["final_bf16"]["bit_equal"]
-  stages_pass = all(r["pass"] for r in stage_results.values())
-  passed = stages_pass and (final_equal or mode == "stage_tolerances")
-  zs = zero_vs_source.result()
-  return {
-      "name": name,
-      "safe_name": safe_source_name(name),
-      "shape": [m, n],
-      "rank": k,
-      "target_shape": list(job.target_shape),
-      "layout": layout,
-      "orientation": job.orientation,
-      "chunking": {"rows_per_chunk": rows_per_chunk, "n_chunks": n_chunks, "chunked": chunked, "row_block": row_block},
-      "stages": stage_results,
-      "final_bf16_sha256": stage_results["final_bf16"]["sha256"],
-      "golden_final_bf16_sha256": stage_results["final_bf16"]["golden_sha256"],
-      "final_bytes_equal": final_equal,
-      "explained": expl,
-      "components_reproduce_source": {"rel_l2": zs.rel_l2, "max_abs_diff": zs.max_abs_diff, "cosine": zs.cosine},
-      "stages_pass": stages_pass,
-      "pass": passed,
-  }
+  def result(self, mode: str, sha_override: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    job = self.job
+    stage_results = {st: self.checks[st].result(*sha_override.get(st, (None, None))) for st in core.STAGES}
+    expl = self.accounting.to_dict()
+    stage_results["final_bf16"]["pass"] = expl["n_unexplained"] == 0
+    final_equal = stage_results["final_bf16"]["bit_equal"]
+    stages_pass = all(r["pass"] for r in stage_results.values())
+    zs = self.zero_vs_source.result()
+    return {
+        "name": job.name,
+        "safe_name": safe_source_name(job.name),
+        "shape": [job.m, job.n],
+        "rank": job.k,
+        "target_shape": list(job.target_shape),
+        "layout": self.store.layout,
+        "orientation": job.orientation,
+        "chunking": {"rows_per_chunk": self.rows_per_chunk, "n_chunks": self.n_chunks,
+                     "chunked": self.n_chunks > 1, "row_block": self.row_block},
+        "stages": stage_results,
+        "final_bf16_sha256": stage_results["final_bf16"]["sha256"],
+        "golden_final_bf16_sha256": stage_results["final_bf16"]["golden_sha256"],
+        "final_bytes_equal": final_equal,
+        "explained": expl,
+        "components_reproduce_source": {"rel_l2": zs.rel_l2, "max_abs_diff": zs.max_abs_diff, "cosine": zs.cosine},
+        "stages_pass": stages_pass,
+        "pass": stages_pass and (final_equal or mode == "stage_tolerances"),
+    }
 
 
 @dataclasses.dataclass
