@@ -19,6 +19,7 @@ from parity_jax import bundles as stages, compare  # noqa: E402
 from parity_jax.errors import UsageError  # noqa: E402
 from parity_jax.oracle import svf_goldens, to_numpy  # noqa: E402
 from tests.helpers.seed import TEST_SEED  # noqa: E402
+from tests.helpers.tools import one_line_error, run_many  # noqa: E402
 from parity_jax.svf import bf16_sha256, reconstruct, torch_cpu_sum  # noqa: E402
 from parity_jax.svf.bounds import FormulaConstants, MismatchAccounting  # noqa: E402
 from parity_jax.oracle.svd_weights import convert_svd_weights as convert  # noqa: E402
@@ -122,10 +123,6 @@ def test_torch_against_itself_and_us_at_one_thread():
   print(f"seed {SEED}: torch 1 vs {default} threads: {flips_torch} bf16 flips; JAX vs torch: {flips_ours}")
 
 
-def _convert(*args):
-  return subprocess.run([sys.executable, "-m", "tools.convert_svd_weights", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
 def test_convert_svd_weights_roundtrip_and_bad_files(tmp_path):
   gen = torch.Generator().manual_seed(SEED)
   data = {}
@@ -135,7 +132,9 @@ def test_convert_svd_weights_roundtrip_and_bad_files(tmp_path):
   pt = tmp_path / "svd_weights.pt"
   torch.save(data, pt)
   out = tmp_path / "comps"
-  p = _convert(f"--svd_weights={pt}", f"--out_dir={out}", "--prefix=trinity_")
+  (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+  p, junk = run_many("convert_svd_weights", [[f"--svd_weights={pt}", f"--out_dir={out}", "--prefix=trinity_"],
+                                                  [f"--svd_weights={tmp_path / 'junk.pt'}", f"--out_dir={tmp_path / 'o3'}"]])
   assert p.returncode == 0, p.stderr
   path = out / "trinity_svf_components.safetensors"
   assert p.stdout.strip() == str(path)
@@ -154,7 +153,5 @@ def test_convert_svd_weights_roundtrip_and_bad_files(tmp_path):
   torch.save({"a.U": torch.zeros(3, 2), "a.S": torch.zeros(2), "a.V": torch.zeros(3, 2)}, tmp_path / "shape.pt")
   with pytest.raises(UsageError, match="shapes disagree"):
     convert(str(tmp_path / "shape.pt"), str(tmp_path / "o2"), layout="vh")
-  (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-  p = _convert(f"--svd_weights={tmp_path / 'junk.pt'}", f"--out_dir={tmp_path / 'o3'}")
-  assert p.returncode == 2 and "is not a PyTorch file" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+  one_line_error(junk, "is not a PyTorch file")
   assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
