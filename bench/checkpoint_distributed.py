@@ -41,10 +41,13 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
 
-SPEC = {"rules": [
-    {"match": r"^params/(?P<n>\w+)$", "to": r"params/\g<n>", "squeeze": [0]},
-    {"match": r"^(opt/.+|step)$", "to": r"\1"},
-], "group_depth": 1}
+SPEC = {
+    "rules": [
+        {"match": r"^params/(?P<n>\w+)$", "to": r"params/\g<n>", "squeeze": [0]},
+        {"match": r"^(opt/.+|step)$", "to": r"\1"},
+    ],
+    "group_depth": 1,
+}
 
 
 def _shapes(scale: float) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -101,9 +104,23 @@ def _run(n: int, args: list[str], report_dir: str) -> dict:
   t0 = time.perf_counter()
   for i in range(n):
     extra = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}", f"--process_id={i}"] if n > 1 else []
-    procs.append(subprocess.Popen([sys.executable, "-m", "tools.verify_migration", *args,
-                                   f"--report={report_dir}/r{n}.json", "--overwrite", "--noprogress", *extra],
-                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    procs.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tools.verify_migration",
+                *args,
+                f"--report={report_dir}/r{n}.json",
+                "--overwrite",
+                "--noprogress",
+                *extra,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    )
   peaks, rcs, cpu = {}, {}, {}
   left = {p.pid: i for i, p in enumerate(procs)}
   while left:
@@ -120,12 +137,20 @@ def _run(n: int, args: list[str], report_dir: str) -> dict:
   if any(rcs.values()):
     raise SystemExit(f"verify with {n} process(es) failed: {rcs}")
   rep = json.load(open(f"{report_dir}/r{n}.json"))
-  per = rep.get("distributed", {}).get("per_process") or [{"process": 0, "bytes_read": rep["bytes_read"],
-                                                          "hash_reread_bytes": 0}]
-  return {"wall_s": wall, "cpu_s": [cpu[i] for i in range(n)], "elapsed_s": rep["elapsed_s"], "peak_rss": [peaks[i] for i in range(n)],
-          "bytes_read": [p["bytes_read"] for p in per], "hash_reread": [p["hash_reread_bytes"] for p in per],
-          "values_s": [p.get("values_s") for p in per],
-          "split": rep.get("distributed", {}).get("split_leaves"), "verdict": rep["verdict"]}
+  per = rep.get("distributed", {}).get("per_process") or [
+      {"process": 0, "bytes_read": rep["bytes_read"], "hash_reread_bytes": 0}
+  ]
+  return {
+      "wall_s": wall,
+      "cpu_s": [cpu[i] for i in range(n)],
+      "elapsed_s": rep["elapsed_s"],
+      "peak_rss": [peaks[i] for i in range(n)],
+      "bytes_read": [p["bytes_read"] for p in per],
+      "hash_reread": [p["hash_reread_bytes"] for p in per],
+      "values_s": [p.get("values_s") for p in per],
+      "split": rep.get("distributed", {}).get("split_leaves"),
+      "verdict": rep["verdict"],
+  }
 
 
 def _wait_all(procs) -> tuple[dict, dict, dict]:
@@ -149,11 +174,28 @@ def _migrate_run(mode: str, args: list[str], root: str, tag: str) -> dict:
   procs = []
   t0 = time.perf_counter()
   for i in range(n):
-    extra = [] if mode == "single" else [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
-                                          f"--process_id={i}"]
-    procs.append(subprocess.Popen([sys.executable, "-m", "tools.migrate_checkpoint", *args, f"--dest={dest}",
-                                   f"--report={report}", "--noprogress", *extra],
-                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    extra = (
+        []
+        if mode == "single"
+        else [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}", f"--process_id={i}"]
+    )
+    procs.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tools.migrate_checkpoint",
+                *args,
+                f"--dest={dest}",
+                f"--report={report}",
+                "--noprogress",
+                *extra,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    )
   peaks, rcs, cpu = _wait_all(procs)
   wall = time.perf_counter() - t0
   errs = [p.stderr.read().decode(errors="replace") for p in procs]
@@ -164,10 +206,19 @@ def _migrate_run(mode: str, args: list[str], root: str, tag: str) -> dict:
     raise SystemExit(f"migrate ({mode}) failed: {rcs} {errs}")
   rep = json.load(open(report))
   per = (rep.get("distributed") or {}).get("per_process") or [{"process": 0, "bytes_read": rep["nbytes"]}]
-  return {"mode": mode, "wall_s": wall, "elapsed_s": rep["elapsed_s"], "cpu_s": [cpu[i] for i in range(n)],
-          "peak_rss": [peaks[i] for i in range(n)], "bytes_read": [p["bytes_read"] for p in per],
-          "write_s": [p.get("write_s") for p in per], "merge_s": (rep.get("distributed") or {}).get("merge_s"),
-          "split": (rep.get("distributed") or {}).get("split_leaves"), "dest": dest, "report": report}
+  return {
+      "mode": mode,
+      "wall_s": wall,
+      "elapsed_s": rep["elapsed_s"],
+      "cpu_s": [cpu[i] for i in range(n)],
+      "peak_rss": [peaks[i] for i in range(n)],
+      "bytes_read": [p["bytes_read"] for p in per],
+      "write_s": [p.get("write_s") for p in per],
+      "merge_s": (rep.get("distributed") or {}).get("merge_s"),
+      "split": (rep.get("distributed") or {}).get("split_leaves"),
+      "dest": dest,
+      "report": report,
+  }
 
 
 def _bench_migrate(a, root: str, src: str, spec: str, total: int, largest: int) -> dict:
@@ -195,26 +246,38 @@ def _bench_migrate(a, root: str, src: str, spec: str, total: int, largest: int) 
   best = {m: min(rs, key=lambda r: r["wall_s"]) for m, rs in runs.items()}
   peak = {m: [max(r["peak_rss"][i] for r in rs) for i in range(len(rs[0]["peak_rss"]))] for m, rs in runs.items()}
   names = {"single": "1 (streaming migrator)", "job1": "1 (job)", "job2": "2 (job)"}
-  print(f"migrate: tree {total / MIB:.0f} MiB, largest leaf {largest / MIB:.0f} MiB; {os.cpu_count()} cores;"
-        f" {platform.processor() or platform.machine()}")
-  print("| processes | wall (start to last exit) | migrate (process 0) | throughput (wall) | bytes read per process |"
-        " write phase per process | merge | peak RSS per process | CPU-s per process |")
+  print(
+      f"migrate: tree {total / MIB:.0f} MiB, largest leaf {largest / MIB:.0f} MiB; {os.cpu_count()} cores;"
+      f" {platform.processor() or platform.machine()}"
+  )
+  print(
+      "| processes | wall (start to last exit) | migrate (process 0) | throughput (wall) | bytes read per process |"
+      " write phase per process | merge | peak RSS per process | CPU-s per process |"
+  )
   print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
   for m in modes:
     b = best[m]
     merge = "-" if b["merge_s"] is None else f"{b['merge_s']:.2f} s"
-    print(f"| {names[m]} | {b['wall_s']:.2f} s | {b['elapsed_s']:.2f} s | {total / b['wall_s'] / 2**30:.2f} GiB/s |"
-          f" {', '.join(f'{x / MIB:.0f} MiB' for x in b['bytes_read'])} |"
-          f" {', '.join(f'{x:.2f} s' for x in b['write_s'] if x is not None) or '-'} |"
-          f" {merge} |"
-          f" {', '.join(f'{x / MIB:.0f} MiB' for x in peak[m])} |"
-          f" {', '.join(f'{x:.1f}' for x in b['cpu_s'])} |")
-  ratios = {ref: {"wall": best[ref]["wall_s"] / best["job2"]["wall_s"],
-                  "inside": min(r["elapsed_s"] for r in runs[ref]) / min(r["elapsed_s"] for r in runs["job2"])}
-            for ref in ("single", "job1")}
+    print(
+        f"| {names[m]} | {b['wall_s']:.2f} s | {b['elapsed_s']:.2f} s | {total / b['wall_s'] / 2**30:.2f} GiB/s |"
+        f" {', '.join(f'{x / MIB:.0f} MiB' for x in b['bytes_read'])} |"
+        f" {', '.join(f'{x:.2f} s' for x in b['write_s'] if x is not None) or '-'} |"
+        f" {merge} |"
+        f" {', '.join(f'{x / MIB:.0f} MiB' for x in peak[m])} |"
+        f" {', '.join(f'{x:.1f}' for x in b['cpu_s'])} |"
+    )
+  ratios = {
+      ref: {
+          "wall": best[ref]["wall_s"] / best["job2"]["wall_s"],
+          "inside": min(r["elapsed_s"] for r in runs[ref]) / min(r["elapsed_s"] for r in runs["job2"]),
+      }
+      for ref in ("single", "job1")
+  }
   for ref, r in ratios.items():
-    print(f"throughput ratio 2 processes vs {names[ref]}: {r['wall']:.2f}x wall, {r['inside']:.2f}x inside migrate"
-          f" (target >= 1.7x)")
+    print(
+        f"throughput ratio 2 processes vs {names[ref]}: {r['wall']:.2f}x wall, {r['inside']:.2f}x inside migrate"
+        f" (target >= 1.7x)"
+    )
   return {"runs": runs, "ratios": ratios, "split": best["job2"]["split"]}
 
 
@@ -240,8 +303,11 @@ def main() -> None:
     src, mig, spec = f"{root}/src", f"{root}/mig", f"{root}/spec.json"
     t = time.perf_counter()
     # in a child: the children timed below must not inherit this process's RSS high-water mark through fork
-    subprocess.run([sys.executable, "-m", "bench.checkpoint_distributed", "--_prepare", root, f"--scale={a.scale}"],
-                   cwd=REPO, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "bench.checkpoint_distributed", "--_prepare", root, f"--scale={a.scale}"],
+        cwd=REPO,
+        check=True,
+    )
     sys.path.insert(0, REPO)
     from parity_jax.checkpoint import open_checkpoint
 
@@ -261,24 +327,43 @@ def main() -> None:
         runs[n].append(_run(n, args, root))
     best = {n: min(rs, key=lambda r: r["wall_s"]) for n, rs in runs.items()}
     peak = {n: [max(r["peak_rss"][i] for r in rs) for i in range(n)] for n, rs in runs.items()}
-    print(f"tree: {total / MIB:.0f} MiB per side, largest leaf {largest / MIB:.0f} MiB; {os.cpu_count()} cores;"
-          f" {platform.processor() or platform.machine()}")
-    print("| processes | wall (start to last exit) | verify_migration (process 0) | values phase per process |"
-          " throughput (both sides, wall) |"
-          " bytes read per process | hash re-read | peak RSS per process | CPU-s per process |")
+    print(
+        f"tree: {total / MIB:.0f} MiB per side, largest leaf {largest / MIB:.0f} MiB; {os.cpu_count()} cores;"
+        f" {platform.processor() or platform.machine()}"
+    )
+    print(
+        "| processes | wall (start to last exit) | verify_migration (process 0) | values phase per process |"
+        " throughput (both sides, wall) |"
+        " bytes read per process | hash re-read | peak RSS per process | CPU-s per process |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in (1, 2):
       b = best[n]
-      print(f"| {n} | {b['wall_s']:.2f} s | {b['elapsed_s']:.2f} s | {', '.join(f'{v:.2f} s' for v in b['values_s'] if v is not None) or '-'} |"
-            f" {2 * total / b['wall_s'] / 2**30:.2f} GiB/s |"
-            f" {', '.join(f'{x / MIB:.0f} MiB' for x in b['bytes_read'])} |"
-            f" {', '.join(f'{x / MIB:.0f} MiB' for x in b['hash_reread'])} |"
-            f" {', '.join(f'{x / MIB:.0f} MiB' for x in peak[n])} |"
-            f" {', '.join(f'{x:.1f}' for x in b['cpu_s'])} |")
+      print(
+          f"| {n} | {b['wall_s']:.2f} s | {b['elapsed_s']:.2f} s | {', '.join(f'{v:.2f} s' for v in b['values_s'] if v is not None) or '-'} |"
+          f" {2 * total / b['wall_s'] / 2**30:.2f} GiB/s |"
+          f" {', '.join(f'{x / MIB:.0f} MiB' for x in b['bytes_read'])} |"
+          f" {', '.join(f'{x / MIB:.0f} MiB' for x in b['hash_reread'])} |"
+          f" {', '.join(f'{x / MIB:.0f} MiB' for x in peak[n])} |"
+          f" {', '.join(f'{x:.1f}' for x in b['cpu_s'])} |"
+      )
     ratio = best[1]["wall_s"] / best[2]["wall_s"]
     inner = min(r["elapsed_s"] for r in runs[1]) / min(r["elapsed_s"] for r in runs[2])
-    print(f"throughput ratio 2 vs 1 processes: {ratio:.2f}x wall, {inner:.2f}x inside verify_migration (target >= 1.7x)")
-    print(json.dumps({"scale": a.scale, "total_bytes": total, "largest": largest, "runs": runs, "ratio": ratio, "ratio_inside": inner}))
+    print(
+        f"throughput ratio 2 vs 1 processes: {ratio:.2f}x wall, {inner:.2f}x inside verify_migration (target >= 1.7x)"
+    )
+    print(
+        json.dumps(
+            {
+                "scale": a.scale,
+                "total_bytes": total,
+                "largest": largest,
+                "runs": runs,
+                "ratio": ratio,
+                "ratio_inside": inner,
+            }
+        )
+    )
   finally:
     if not a.keep:
       shutil.rmtree(root, ignore_errors=True)

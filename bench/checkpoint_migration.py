@@ -45,8 +45,16 @@ GIB = 1 << 30
 
 SPEC = {
     "rules": [
-        {"match": r"^components/(?P<l>\d+)/g/(?P<vu>[VU])$", "to": r"components/layers.\g<l>.mlp.gate_proj/\g<vu>", "squeeze": [0]},
-        {"match": r"^components/(?P<l>\d+)/u/(?P<vu>[VU])$", "to": r"components/layers.\g<l>.mlp.up_proj/\g<vu>", "squeeze": [0]},
+        {
+            "match": r"^components/(?P<l>\d+)/g/(?P<vu>[VU])$",
+            "to": r"components/layers.\g<l>.mlp.gate_proj/\g<vu>",
+            "squeeze": [0],
+        },
+        {
+            "match": r"^components/(?P<l>\d+)/u/(?P<vu>[VU])$",
+            "to": r"components/layers.\g<l>.mlp.up_proj/\g<vu>",
+            "squeeze": [0],
+        },
         {"match": r"^(opt/.+|step)$", "to": r"\1"},
     ],
     "group_depth": 1,
@@ -119,14 +127,20 @@ def _child(task: str, args: dict) -> dict:
     ctx.memory.deepcopy_host_arrays = False
     if args["chunk_mb"]:
       ctx.array.saving.storage_options.chunk_byte_size = int(args["chunk_mb"] * MIB)
-    with ctx, quiet_orbax(), (row_major_chunks() if args.get("row_major") else contextlib.nullcontext()):
+    with ctx, quiet_orbax(), row_major_chunks() if args.get("row_major") else contextlib.nullcontext():
       ocp_v1.save(args["dest"], tree)
   elif task == "migrate":
-    migrate(args["source"], args["dest"], args["spec"], chunk_mb=args["chunk_mb"],
-            compression=args.get("compression", "none"))
+    migrate(
+        args["source"],
+        args["dest"],
+        args["spec"],
+        chunk_mb=args["chunk_mb"],
+        compression=args.get("compression", "none"),
+    )
   elif task == "verify":
-    rep = verify_migration(args["source"], args["migrated"], args["spec"], spill_dir=args["spill_dir"],
-                           readahead=args.get("readahead", 0))
+    rep = verify_migration(
+        args["source"], args["migrated"], args["spec"], spill_dir=args["spill_dir"], readahead=args.get("readahead", 0)
+    )
     out["passed"] = rep.passed
     out["bytes_read"] = rep.bytes_read
     out["modes"] = {r.migrated_path: r.read_mode for r in rep.leaves}
@@ -159,8 +173,9 @@ def _child(task: str, args: dict) -> dict:
     src = flatten(restore(args["source"]))
     mig = flatten(restore(args["migrated"]))
     plan = RemapSpec.from_json(args["spec"]).bind({p: _Meta(np.shape(v)) for p, v in src.items()})
-    ok = all(compare.bit_equal(p.transform.apply(np.asarray(src[p.source])), np.asarray(mig[p.dest]))
-             for p in plan.leaves)
+    ok = all(
+        compare.bit_equal(p.transform.apply(np.asarray(src[p.source])), np.asarray(mig[p.dest])) for p in plan.leaves
+    )
     out["passed"] = bool(ok) and len(mig) == len(plan.leaves)
   else:
     raise SystemExit(f"unknown task {task}")
@@ -169,6 +184,7 @@ def _child(task: str, args: dict) -> dict:
 
 
 class _Meta:
+
   def __init__(self, shape):
     self.shape, self.kind = tuple(shape), "array"
 
@@ -248,17 +264,35 @@ def main() -> None:
   import numpy as np
   import ml_dtypes
 
-  sizes = {p: int(np.prod(s)) * np.dtype(ml_dtypes.bfloat16 if d == "bfloat16" else d).itemsize for p, (s, d) in shapes.items()}
+  sizes = {
+      p: int(np.prod(s)) * np.dtype(ml_dtypes.bfloat16 if d == "bfloat16" else d).itemsize
+      for p, (s, d) in shapes.items()
+  }
   largest = max(sizes.values())
   total = sum(sizes.values())
   chunk = 64 * MIB
-  names = ("src_single", "src_rowmajor", "src_orbax_chunked", "mig_chunked", "mig_single", "mig_from_rowmajor",
-           "mig_from_orbax_chunked", "mig_zstd")
+  names = (
+      "src_single",
+      "src_rowmajor",
+      "src_orbax_chunked",
+      "mig_chunked",
+      "mig_single",
+      "mig_from_rowmajor",
+      "mig_from_orbax_chunked",
+      "mig_zstd",
+  )
   d = {k: os.path.join(work, k) for k in names}
-  results: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
-                   "largest_leaf_bytes": largest, "tree_bytes": total, "chunk_bytes": chunk, "scale": a.scale}
-  lines = [f"{len(shapes)} leaves, {total / MIB:.0f} MiB per tree, largest leaf {largest / MIB:.0f} MiB,"
-           f" chunk {chunk / MIB:.0f} MiB; peaks are RSS above the child's post-import baseline"]
+  results: dict = {
+      "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+      "largest_leaf_bytes": largest,
+      "tree_bytes": total,
+      "chunk_bytes": chunk,
+      "scale": a.scale,
+  }
+  lines = [
+      f"{len(shapes)} leaves, {total / MIB:.0f} MiB per tree, largest leaf {largest / MIB:.0f} MiB,"
+      f" chunk {chunk / MIB:.0f} MiB; peaks are RSS above the child's post-import baseline"
+  ]
 
   def say(line: str) -> None:
     lines.append(line)
@@ -275,9 +309,11 @@ def main() -> None:
     _cat_seconds(d["src_single"])
     fl = _run("decode_floor", source=d["src_single"], leaf="components/0/g/V")
     results["decode_floor single-chunk zstd leaf"] = fl
-    say(f"-- tensorstore alone decoding the largest leaf of the single-chunk source into its cache: peak"
+    say(
+        f"-- tensorstore alone decoding the largest leaf of the single-chunk source into its cache: peak"
         f" +{fl['peak_above_baseline'] / MIB:.0f} MiB = {fl['peak_above_baseline'] / largest:.2f}x (compressed +"
-        f" decoded chunk; the floor for any reader of that leaf)")
+        f" decoded chunk; the floor for any reader of that leaf)"
+    )
     say("-- migrator (peak over largest leaf; target <= 1.5x)")
     for name, src, out, cmb, comp in [
         ("from single-chunk source", "src_single", "mig_chunked", 64, "none"),
@@ -289,8 +325,10 @@ def main() -> None:
       _cat_seconds(d[src])
       r = _run("migrate", source=d[src], dest=d[out], spec=spec, chunk_mb=cmb, compression=comp)
       results[f"migrate {name}"] = r
-      say(f"migrate {name:30s} peak +{r['peak_above_baseline'] / MIB:6.0f} MiB = {r['peak_above_baseline'] / largest:.2f}x;"
-          f" {r['seconds']:5.1f}s ({total / r['seconds'] / MIB:.0f} MiB/s)")
+      say(
+          f"migrate {name:30s} peak +{r['peak_above_baseline'] / MIB:6.0f} MiB = {r['peak_above_baseline'] / largest:.2f}x;"
+          f" {r['seconds']:5.1f}s ({total / r['seconds'] / MIB:.0f} MiB/s)"
+      )
     say("-- verifier vs naive full restore of both trees (same files, page cache warm)")
     for label, src, mig, readahead in [
         ("single-chunk storage", "src_single", "mig_single", 0),
@@ -308,8 +346,9 @@ def main() -> None:
       naive = results.setdefault("_naive", {})
       runs: dict = {"verify": []}
       for _ in range(a.reps):  # interleaved, so that neither side always runs on a freshly freed page pool
-        runs["verify"].append(_run("verify", source=d[src], migrated=d[mig], spec=spec, spill_dir=work,
-                                   readahead=readahead))
+        runs["verify"].append(
+            _run("verify", source=d[src], migrated=d[mig], spec=spec, spill_dir=work, readahead=readahead)
+        )
         if len(naive.get(key, ([], []))[0]) < a.reps:
           jn = naive.setdefault(key, ([], []))
           jn[0].append(_run("naive", source=d[src], migrated=d[mig], spec=spec, numpy=False))
@@ -324,11 +363,15 @@ def main() -> None:
       if label.startswith("chunked"):
         extra = f" = {peak / (2 * chunk + 64 * MIB):.2f}x (2 x chunk + 64 MiB)"
       say(f"verify {label:31s} peak +{peak / MIB:6.0f} MiB = {peak / largest:.2f}x largest leaf{extra}")
-      say(f"  naive restore (jax / numpy)  peak +{nj['peak_above_baseline'] / MIB:6.0f} / +{nn['peak_above_baseline'] / MIB:.0f} MiB")
-      say(f"  time verify {v['seconds']:.1f}s vs naive {nj['seconds']:.1f}s / {nn['seconds']:.1f}s -> verifier"
+      say(
+          f"  naive restore (jax / numpy)  peak +{nj['peak_above_baseline'] / MIB:6.0f} / +{nn['peak_above_baseline'] / MIB:.0f} MiB"
+      )
+      say(
+          f"  time verify {v['seconds']:.1f}s vs naive {nj['seconds']:.1f}s / {nn['seconds']:.1f}s -> verifier"
           f" {nj['seconds'] / v['seconds']:.2f}x / {nn['seconds'] / v['seconds']:.2f}x the naive throughput;"
           f" {nbytes / v['seconds'] / MIB:.0f} MiB/s of files = {cat_s / v['seconds']:.3f} of cat"
-          f" ({nbytes / cat_s / MIB:.0f} MiB/s)")
+          f" ({nbytes / cat_s / MIB:.0f} MiB/s)"
+      )
   finally:
     if not a.keep:
       shutil.rmtree(work, ignore_errors=True)

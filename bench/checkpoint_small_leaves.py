@@ -37,8 +37,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
 
-SPEC = {"rules": [{"match": r"^params/(?P<rest>.+)$", "to": r"model/\g<rest>"},
-                  {"match": r"^(opt/.+|step)$", "to": r"\1"}], "group_depth": 2}
+SPEC = {
+    "rules": [{"match": r"^params/(?P<rest>.+)$", "to": r"model/\g<rest>"}, {"match": r"^(opt/.+|step)$", "to": r"\1"}],
+    "group_depth": 2,
+}
 
 
 def _tree_paths(n: int) -> list[str]:
@@ -119,8 +121,9 @@ def _child(task: str, args: dict) -> dict:
     src = flatten(restore(args["source"]))
     mig = flatten(restore(args["migrated"]))
     plan = RemapSpec.from_json(args["spec"]).bind({p: _Meta(np.shape(v)) for p, v in src.items()})
-    ok = all(compare.bit_equal(p.transform.apply(np.asarray(src[p.source])), np.asarray(mig[p.dest]))
-             for p in plan.leaves)
+    ok = all(
+        compare.bit_equal(p.transform.apply(np.asarray(src[p.source])), np.asarray(mig[p.dest])) for p in plan.leaves
+    )
     out["passed"] = bool(ok) and len(mig) == len(plan.leaves)
     out["n_leaves"] = len(plan.leaves)
   else:
@@ -130,6 +133,7 @@ def _child(task: str, args: dict) -> dict:
 
 
 class _Meta:
+
   def __init__(self, shape):
     self.shape, self.kind = tuple(shape), "array"
 
@@ -162,13 +166,10 @@ def _best(runs: list[dict]) -> dict:
 def _warm(*dirs: str) -> None:
   files = [os.path.join(root, n) for d in dirs for root, _, names in os.walk(d) for n in names]
   for i in range(0, len(files), 500):
-    subprocess.run(["cat", *files[i:i + 500]], stdout=subprocess.DEVNULL, check=True)
+    subprocess.run(["cat", *files[i : i + 500]], stdout=subprocess.DEVNULL, check=True)
 
 
-CASES = {
-    "small": {"n": 5000, "shape": [64, 64]},
-    "medium": {"n": 200, "shape": [2048, 2048]},
-}
+CASES = {"small": {"n": 5000, "shape": [64, 64]}, "medium": {"n": 200, "shape": [2048, 2048]}}
 
 
 def main() -> None:
@@ -221,14 +222,23 @@ def main() -> None:
       n = best["verify"]["n_leaves"]
       rate = {k: n / b["seconds"] for k, b in best.items()}
       naive = max(rate["naive_numpy"], rate["naive_jax"])
-      results[name] = {"n_leaves": n, "shape": case["shape"], **best, "leaves_per_s": rate,
-                       "ratio_vs_faster_naive": rate["verify"] / naive}
-      say(f"[{name}] {n} leaf pairs; verify {best['verify']['seconds']:.2f}s = {rate['verify']:.0f} leaves/s,"
-          f" peak +{best['verify']['peak_above_baseline'] / MIB:.0f} MiB; modes {best['verify']['modes']}")
+      results[name] = {
+          "n_leaves": n,
+          "shape": case["shape"],
+          **best,
+          "leaves_per_s": rate,
+          "ratio_vs_faster_naive": rate["verify"] / naive,
+      }
+      say(
+          f"[{name}] {n} leaf pairs; verify {best['verify']['seconds']:.2f}s = {rate['verify']:.0f} leaves/s,"
+          f" peak +{best['verify']['peak_above_baseline'] / MIB:.0f} MiB; modes {best['verify']['modes']}"
+      )
       for k in ("naive_numpy", "naive_jax"):
         b = best[k]
-        say(f"[{name}]   {k:12s} {b['seconds']:.2f}s = {rate[k]:.0f} leaves/s, peak +{b['peak_above_baseline'] / MIB:.0f} MiB"
-            f" -> verifier {rate['verify'] / rate[k]:.2f}x")
+        say(
+            f"[{name}]   {k:12s} {b['seconds']:.2f}s = {rate[k]:.0f} leaves/s, peak +{b['peak_above_baseline'] / MIB:.0f} MiB"
+            f" -> verifier {rate['verify'] / rate[k]:.2f}x"
+        )
       say(f"[{name}] verifier / faster naive = {rate['verify'] / naive:.2f}x (target >= 2x)")
   finally:
     if not a.keep:

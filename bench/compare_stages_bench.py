@@ -40,9 +40,18 @@ def _shape(name: str, t: int) -> tuple[int, ...]:
   if name == "logits":
     return (1, t, V)
   return {
-      "q_proj": (1, t, H * HD), "k_proj": (1, t, K * HD), "v_proj": (1, t, K * HD), "attention": (1, t, H * HD),
-      "q_norm": (1, t, H, HD), "k_norm": (1, t, K, HD), "q_rope": (1, t, H, HD), "k_rope": (1, t, K, HD),
-      "ffn_gate": (1, t, I), "ffn_up": (1, t, I), "ffn_silu": (1, t, I), "ffn_swiglu": (1, t, I),
+      "q_proj": (1, t, H * HD),
+      "k_proj": (1, t, K * HD),
+      "v_proj": (1, t, K * HD),
+      "attention": (1, t, H * HD),
+      "q_norm": (1, t, H, HD),
+      "k_norm": (1, t, K, HD),
+      "q_rope": (1, t, H, HD),
+      "k_rope": (1, t, K, HD),
+      "ffn_gate": (1, t, I),
+      "ffn_up": (1, t, I),
+      "ffn_silu": (1, t, I),
+      "ffn_swiglu": (1, t, I),
   }.get(s, (1, t, D))
 
 
@@ -52,8 +61,10 @@ def write_bundles(d: str, t: int) -> tuple[int, int]:
   rng = np.random.default_rng(0)
   planted = "layers.17.ffn_up"
   nbytes = largest = 0
-  with stages.BundleWriter(os.path.join(d, "golden.safetensors"), specs, {"producer": "bench"}) as wg, \
-       stages.BundleWriter(os.path.join(d, "candidate.safetensors"), specs, {"producer": "bench"}) as wc:
+  with (
+      stages.BundleWriter(os.path.join(d, "golden.safetensors"), specs, {"producer": "bench"}) as wg,
+      stages.BundleWriter(os.path.join(d, "candidate.safetensors"), specs, {"producer": "bench"}) as wc,
+  ):
     for n, shape, _ in specs:
       g = rng.standard_normal(shape, dtype=np.float32)
       rel = 1e-3 if n == planted else 1e-7
@@ -105,14 +116,19 @@ def main() -> int:
   os.makedirs(args.dir, exist_ok=True)
   t0 = time.perf_counter()
   nbytes, largest = write_bundles(args.dir, args.tokens)
-  print(f"Qwen3-0.6B-shaped capture, {args.tokens} tokens: 507 stages, {nbytes / 2**20:.0f} MiB per bundle,"
-        f" largest stage pair {largest / 2**20:.0f} MiB (written in {time.perf_counter() - t0:.1f} s)")
+  print(
+      f"Qwen3-0.6B-shaped capture, {args.tokens} tokens: 507 stages, {nbytes / 2**20:.0f} MiB per bundle,"
+      f" largest stage pair {largest / 2**20:.0f} MiB (written in {time.perf_counter() - t0:.1f} s)"
+  )
   g, c = os.path.join(args.dir, "golden.safetensors"), os.path.join(args.dir, "candidate.safetensors")
   png = os.path.join(args.dir, "plot.png")
   # Each measurement in a fresh child; RUSAGE_CHILDREN keeps the max, so run the expected-smallest first.
   results = {}
-  for label, code, extra in (("read both bundles (reference)", _READ, ()), ("compare_bundles", _COMPARE, ()),
-                             ("compare_bundles + plot", _COMPARE, (png,))):
+  for label, code, extra in (
+      ("read both bundles (reference)", _READ, ()),
+      ("compare_bundles", _COMPARE, ()),
+      ("compare_bundles + plot", _COMPARE, (png,)),
+  ):
     walls = []
     peak = 0
     for _ in range(args.repeats):
@@ -124,8 +140,10 @@ def main() -> int:
   for label, (w, peak) in results.items():
     print(f"{label:32} {w:>16.2f} s {w / ref:>12.2f} {peak / 2**20:>18.0f} MiB")
   extra = results["compare_bundles"][1] - results["read both bundles (reference)"][1]
-  print(f"compare_bundles peak RSS over the reference (which holds both mmapped bundles' pages):"
-        f" {extra / 2**20:.0f} MiB = {extra / largest:.2f} x the largest stage pair, {extra / nbytes:.2f} x one bundle")
+  print(
+      f"compare_bundles peak RSS over the reference (which holds both mmapped bundles' pages):"
+      f" {extra / 2**20:.0f} MiB = {extra / largest:.2f} x the largest stage pair, {extra / nbytes:.2f} x one bundle"
+  )
   return 0
 
 

@@ -45,11 +45,23 @@ _JSON = flags.DEFINE_string("json_out", None, "Also write the figures to this JS
 
 def qwen25_05b_config(layers: int) -> dict:
   return {
-      "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
-      "num_hidden_layers": layers, "num_attention_heads": 14, "num_key_value_heads": 2,
-      "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": None,
-      "tie_word_embeddings": True, "hidden_act": "silu", "use_sliding_window": False, "sliding_window": 32768,
-      "max_window_layers": 21, "torch_dtype": "bfloat16",
+      "model_type": "qwen2",
+      "vocab_size": 151936,
+      "hidden_size": 896,
+      "intermediate_size": 4864,
+      "num_hidden_layers": layers,
+      "num_attention_heads": 14,
+      "num_key_value_heads": 2,
+      "max_position_embeddings": 32768,
+      "rms_norm_eps": 1e-6,
+      "rope_theta": 1000000.0,
+      "rope_scaling": None,
+      "tie_word_embeddings": True,
+      "hidden_act": "silu",
+      "use_sliding_window": False,
+      "sliding_window": 32768,
+      "max_window_layers": 21,
+      "torch_dtype": "bfloat16",
   }
 
 
@@ -84,15 +96,38 @@ def matmul_groups(cfg, params, b: int, t: int, dtype, seed: int = 2):
   flat = lambda w: w.reshape(-1, w.shape[-1])  # [n, h, d] -> [n*h, d], as _heads_proj does
   groups = [
       ("q_proj", "btd,fd->btf", [(act(b, t, d), flat(l.attn.wq)) for l in layers], 2 * b * t * d * h * hd),
-      ("k_proj/v_proj", "btd,fd->btf", [(act(b, t, d), flat(w)) for l in layers for w in (l.attn.wk, l.attn.wv)],
-       2 * b * t * d * k * hd),
-      ("scores", "btkgh,bskh->bkgts", [(act(b, t, k, g, hd), act(b, t, k, hd)) for _ in layers], 2 * b * h * t * t * hd),
+      (
+          "k_proj/v_proj",
+          "btd,fd->btf",
+          [(act(b, t, d), flat(w)) for l in layers for w in (l.attn.wk, l.attn.wv)],
+          2 * b * t * d * k * hd,
+      ),
+      (
+          "scores",
+          "btkgh,bskh->bkgts",
+          [(act(b, t, k, g, hd), act(b, t, k, hd)) for _ in layers],
+          2 * b * h * t * t * hd,
+      ),
       ("attn@v", "bkgts,bskh->btkgh", [(act(b, k, g, t, t), act(b, t, k, hd)) for _ in layers], 2 * b * h * t * t * hd),
-      ("o_proj", "btf,df->btd", [(act(b, t, h * hd), l.attn.wo.reshape(d, -1)) for l in layers], 2 * b * t * h * hd * d),
-      ("gate/up", "btd,id->bti", [(act(b, t, d), w) for l in layers for w in (l.mlp.w_gate, l.mlp.w_up)], 2 * b * t * d * i),
+      (
+          "o_proj",
+          "btf,df->btd",
+          [(act(b, t, h * hd), l.attn.wo.reshape(d, -1)) for l in layers],
+          2 * b * t * h * hd * d,
+      ),
+      (
+          "gate/up",
+          "btd,id->bti",
+          [(act(b, t, d), w) for l in layers for w in (l.mlp.w_gate, l.mlp.w_up)],
+          2 * b * t * d * i,
+      ),
       ("down", "bti,di->btd", [(act(b, t, i), l.mlp.w_down) for l in layers], 2 * b * t * i * d),
-      ("lm_head", "btd,vd->btv", [(act(b, t, d), params.embed if params.lm_head is None else params.lm_head)],
-       2 * b * t * d * v),
+      (
+          "lm_head",
+          "btd,vd->btv",
+          [(act(b, t, d), params.embed if params.lm_head is None else params.lm_head)],
+          2 * b * t * d * v,
+      ),
   ]
   return groups
 
@@ -111,8 +146,11 @@ def main(argv):
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[_DTYPE.value]
   cfg = qwen2.parse_config(qwen25_05b_config(_LAYERS.value), source="Qwen2.5-0.5B shape")
   b, t = _BATCH.value, _SEQ.value
-  print(f"machine: {platform.machine()} {os.cpu_count()} cpus, jax {jax.__version__} backend={jax.default_backend()} "
-        f"devices={jax.devices()}", flush=True)
+  print(
+      f"machine: {platform.machine()} {os.cpu_count()} cpus, jax {jax.__version__} backend={jax.default_backend()} "
+      f"devices={jax.devices()}",
+      flush=True,
+  )
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   t0 = time.perf_counter()
   params = qwen2.init_params(cfg, 0, dtype=dtype, scale=0.02)
@@ -142,8 +180,11 @@ def main(argv):
   # and no elementwise work at all.
   mm = []
   for name, spec, operands, flops in matmul_groups(cfg, params, b, t, dtype):
-    fn = jax.jit(lambda xs, ws, spec=spec: tuple(
-        jnp.einsum(spec, x, w, precision=jax.lax.Precision.HIGHEST) for x, w in zip(xs, ws)))
+    fn = jax.jit(
+        lambda xs, ws, spec=spec: tuple(
+            jnp.einsum(spec, x, w, precision=jax.lax.Precision.HIGHEST) for x, w in zip(xs, ws)
+        )
+    )
     xs, ws = tuple(o[0] for o in operands), tuple(o[1] for o in operands)
     jax.block_until_ready(fn(xs, ws))
     mm.append(dict(name=name, fn=fn, xs=xs, ws=ws, count=len(operands), flops=flops))
@@ -154,26 +195,34 @@ def main(argv):
     import torch
     import transformers
 
-    tcfg = transformers.Qwen2Config(**{k: v for k, v in qwen25_05b_config(_LAYERS.value).items() if k != "model_type"},
-                                    attn_implementation=_ATTN.value)
+    tcfg = transformers.Qwen2Config(
+        **{k: v for k, v in qwen25_05b_config(_LAYERS.value).items() if k != "model_type"},
+        attn_implementation=_ATTN.value,
+    )
     t0 = time.perf_counter()
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[_DTYPE.value]
     try:
       from transformers.initialization import no_init_weights  # skip HF's random init: we load our weights
     except ImportError:  # older transformers
       import contextlib
+
       no_init_weights = contextlib.nullcontext
     with no_init_weights():
       hf = transformers.Qwen2ForCausalLM(tcfg).to(tdtype).eval()
-    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(tdtype)
-             for k, v in qwen2.to_hf_tensors(params, cfg).items()}
+    state = {
+        k: torch.from_numpy(np.array(v, dtype=np.float32)).to(tdtype)
+        for k, v in qwen2.to_hf_tensors(params, cfg).items()
+    }
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     hf.tie_weights()
     assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()  # tied
     del state
-    print(f"built HF model in {time.perf_counter() - t0:.1f}s; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, attn={_ATTN.value}", flush=True)
+    print(
+        f"built HF model in {time.perf_counter() - t0:.1f}s; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, attn={_ATTN.value}",
+        flush=True,
+    )
     ids = torch.from_numpy(tokens)
 
     def torch_fwd():
@@ -198,8 +247,11 @@ def main(argv):
     ref = torch_fwd().float().numpy()
     ours = np.asarray(qwen2.forward(model, tokens)).astype(np.float32)
     parity = diff_stats(ref, ours)
-    print(f"logits JAX vs torch: rel_l2={parity.rel_l2:.3g} max|diff|={parity.max_abs_diff:.3g} "
-          f"top1 agree={np.mean(ref.argmax(-1) == ours.argmax(-1)):.3f}", flush=True)
+    print(
+        f"logits JAX vs torch: rel_l2={parity.rel_l2:.3g} max|diff|={parity.max_abs_diff:.3g} "
+        f"top1 agree={np.mean(ref.argmax(-1) == ours.argmax(-1)):.3f}",
+        flush=True,
+    )
 
   contenders = [("jax", jax_plain), ("jax_capture", jax_capture)]
   if hf is not None:
@@ -256,32 +308,47 @@ def main(argv):
   if hf is not None:
     quiet = min(range(len(times["torch"])), key=lambda r: times["torch"][r] + times["jax"][r])
     tmm_med = {n: statistics.median(v) for n, v in tmm_times.items()}
-    res |= {"torch_matmul_only_s": sum(tmm_med.values()),
-            "torch_matmul_gflops": total_flops / sum(tmm_med.values()) / 1e9,
-            "torch_per_shape_gflops": {m["name"]: m["count"] * m["flops"] / tmm_med[m["name"]] / 1e9 for m in mm},
-            "jax_over_torch_paired_median": paired_torch,
-            "quietest_round": {n: times[n][quiet] for n in times},
-            "torch_s": med["torch"], "jax_over_torch": med["jax"] / med["torch"],
-            "torch_gflops": total_flops / med["torch"] / 1e9, "torch_attn": _ATTN.value}
+    res |= {
+        "torch_matmul_only_s": sum(tmm_med.values()),
+        "torch_matmul_gflops": total_flops / sum(tmm_med.values()) / 1e9,
+        "torch_per_shape_gflops": {m["name"]: m["count"] * m["flops"] / tmm_med[m["name"]] / 1e9 for m in mm},
+        "jax_over_torch_paired_median": paired_torch,
+        "quietest_round": {n: times[n][quiet] for n in times},
+        "torch_s": med["torch"],
+        "jax_over_torch": med["jax"] / med["torch"],
+        "torch_gflops": total_flops / med["torch"] / 1e9,
+        "torch_attn": _ATTN.value,
+    }
   print()
   print(f"forward: {total_flops / 1e9:.1f} GFLOP in matmuls")
   if hf is not None:
     print(f"torch forward      {med['torch']:.3f} s  ({res['torch_gflops']:.1f} GFLOP/s)")
-  print(f"JAX forward        {med['jax']:.3f} s  ({res['jax_forward_gflops']:.1f} GFLOP/s)"
-        + (f"   JAX/torch = {res['jax_over_torch']:.3f} (paired per round {paired_torch:.3f}; target <= 0.7)"
-           if hf is not None else ""))
+  print(
+      f"JAX forward        {med['jax']:.3f} s  ({res['jax_forward_gflops']:.1f} GFLOP/s)"
+      + (
+          f"   JAX/torch = {res['jax_over_torch']:.3f} (paired per round {paired_torch:.3f}; target <= 0.7)"
+          if hf is not None
+          else ""
+      )
+  )
   if hf is not None:
     q = res["quietest_round"]
     print(f"quietest round     torch {q['torch']:.3f} s, JAX {q['jax']:.3f} s, JAX/torch {q['jax'] / q['torch']:.3f}")
-  print(f"matmuls alone      {matmul_s:.3f} s  ({res['matmul_gflops']:.1f} GFLOP/s)   "
-        f"forward achieves {100 * res['fraction_of_matmul_rate']:.1f}% of it  (target >= 90%)")
+  print(
+      f"matmuls alone      {matmul_s:.3f} s  ({res['matmul_gflops']:.1f} GFLOP/s)   "
+      f"forward achieves {100 * res['fraction_of_matmul_rate']:.1f}% of it  (target >= 90%)"
+  )
   print("  per shape GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in res["per_shape_gflops"].items()))
   if hf is not None:
-    print(f"torch matmuls alone {res['torch_matmul_only_s']:.3f} s  ({res['torch_matmul_gflops']:.1f} GFLOP/s, "
-          f"torch.einsum on the same operands)")
+    print(
+        f"torch matmuls alone {res['torch_matmul_only_s']:.3f} s  ({res['torch_matmul_gflops']:.1f} GFLOP/s, "
+        f"torch.einsum on the same operands)"
+    )
     print("  per shape GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in res["torch_per_shape_gflops"].items()))
-  print(f"JAX capture=True   {med['jax_capture']:.3f} s   capture/plain = {res['capture_over_plain']:.3f} "
-        f"(paired per round {paired_capture:.3f}; target <= 1.25)")
+  print(
+      f"JAX capture=True   {med['jax_capture']:.3f} s   capture/plain = {res['capture_over_plain']:.3f} "
+      f"(paired per round {paired_capture:.3f}; target <= 1.25)"
+  )
   print(f"load average       start {load_start}, end {os.getloadavg()} (other jobs may share the 2 cores)")
   print(f"compile            plain {compile_s['plain']:.1f} s, capture {compile_s['capture']:.1f} s")
   print(json.dumps(res))

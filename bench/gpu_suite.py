@@ -81,7 +81,9 @@ from absl import app, flags  # noqa: E402
 _OUT = flags.DEFINE_string("out", None, "Output directory (gpu_suite.json, gpu_suite.txt).")
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer layers and repetitions (<= 2 min on an H100/H200-class GPU).")
 _TINY = flags.DEFINE_bool("tiny", False, "Tiny shapes and one repetition: seconds on any CPU (the CI test).")
-_SHAPES = flags.DEFINE_enum("shapes", None, ["full", "reduced", "tiny"], "Shape set (default: full, or tiny with --tiny).")
+_SHAPES = flags.DEFINE_enum(
+    "shapes", None, ["full", "reduced", "tiny"], "Shape set (default: full, or tiny with --tiny)."
+)
 _SECTIONS = flags.DEFINE_list("sections", ["peaks", "parity", "prefill", "svf", "determinism"], "Sections to run.")
 _TORCH = flags.DEFINE_bool("torch", True, "Compare against torch when torch/transformers import.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: the determinism child's job (JSON).")
@@ -93,49 +95,122 @@ DETERMINISM_FLAG = "--xla_gpu_deterministic_ops=true"
 FALLBACK_DETERMINISM_FLAG = "--xla_gpu_exclude_nondeterministic_ops=true"
 BUDGET_S = {"full": 360.0, "quick": 120.0, "reduced": 300.0, "tiny": 20.0}
 
-QWEN25_7B = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                 num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                 rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False, hidden_act="silu",
-                 use_sliding_window=False)
+QWEN25_7B = dict(
+    model_type="qwen2",
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    use_sliding_window=False,
+)
 
 # Per shape set: prefill model/seq, SVF (hidden, q, kv, intermediate, vocab, layers), peak matmul size, parity models.
 SHAPES: dict[str, dict[str, Any]] = {
     "full": {
-        "prefill": dict(QWEN25_7B), "seq": 2048, "quick_layers": 4,
-        "svf": dict(hidden=1024, q=2048, kv=1024, inter=3072, vocab=151936, layers=28), "svf_quick_layers": 4,
-        "peak_n": 8192, "det_layers": 2,
+        "prefill": dict(QWEN25_7B),
+        "seq": 2048,
+        "quick_layers": 4,
+        "svf": dict(hidden=1024, q=2048, kv=1024, inter=3072, vocab=151936, layers=28),
+        "svf_quick_layers": 4,
+        "peak_n": 8192,
+        "det_layers": 2,
         "parity": {
-            "qwen2": dict(vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096),
-            "qwen3": dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                          num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096),
+            "qwen2": dict(
+                vocab_size=1024,
+                hidden_size=256,
+                intermediate_size=704,
+                num_hidden_layers=4,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                max_position_embeddings=4096,
+            ),
+            "qwen3": dict(
+                vocab_size=1024,
+                hidden_size=256,
+                intermediate_size=512,
+                num_hidden_layers=4,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                head_dim=64,
+                max_position_embeddings=4096,
+            ),
         },
         "parity_seq": 64,
     },
     "reduced": {
         "prefill": dict(QWEN25_7B, vocab_size=19008, hidden_size=448, intermediate_size=2368, num_hidden_layers=4),
-        "seq": 256, "quick_layers": 2,
-        "svf": dict(hidden=128, q=256, kv=128, inter=384, vocab=4748, layers=4), "svf_quick_layers": 2,
-        "peak_n": 1024, "det_layers": 2,
+        "seq": 256,
+        "quick_layers": 2,
+        "svf": dict(hidden=128, q=256, kv=128, inter=384, vocab=4748, layers=4),
+        "svf_quick_layers": 2,
+        "peak_n": 1024,
+        "det_layers": 2,
         "parity": {
-            "qwen2": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
-            "qwen3": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096),
+            "qwen2": dict(
+                vocab_size=512,
+                hidden_size=128,
+                intermediate_size=352,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=4096,
+            ),
+            "qwen3": dict(
+                vocab_size=512,
+                hidden_size=128,
+                intermediate_size=256,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=32,
+                max_position_embeddings=4096,
+            ),
         },
         "parity_seq": 32,
     },
     "tiny": {
-        "prefill": dict(QWEN25_7B, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2),
-        "seq": 16, "quick_layers": 1,
-        "svf": dict(hidden=32, q=32, kv=32, inter=32, vocab=160, layers=1), "svf_quick_layers": 1,
-        "peak_n": 128, "det_layers": 1,
+        "prefill": dict(
+            QWEN25_7B,
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        "seq": 16,
+        "quick_layers": 1,
+        "svf": dict(hidden=32, q=32, kv=32, inter=32, vocab=160, layers=1),
+        "svf_quick_layers": 1,
+        "peak_n": 128,
+        "det_layers": 1,
         "parity": {
-            "qwen2": dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
-            "qwen3": dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256),
+            "qwen2": dict(
+                vocab_size=96,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+            ),
+            "qwen3": dict(
+                vocab_size=96,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                max_position_embeddings=256,
+            ),
         },
         "parity_seq": 8,
     },
@@ -170,8 +245,11 @@ def _torch_strict_f32(torch: Any) -> dict[str, Any]:
   torch.backends.cuda.matmul.allow_tf32 = False
   torch.backends.cudnn.allow_tf32 = False
   torch.set_float32_matmul_precision("highest")
-  return {"torch.backends.cuda.matmul.allow_tf32": False, "torch.backends.cudnn.allow_tf32": False,
-          "torch.float32_matmul_precision": "highest"}
+  return {
+      "torch.backends.cuda.matmul.allow_tf32": False,
+      "torch.backends.cudnn.allow_tf32": False,
+      "torch.float32_matmul_precision": "highest",
+  }
 
 
 def _sync(torch: Any, device: str) -> None:
@@ -216,8 +294,10 @@ def _section(name: str, fn: Callable[[], dict[str, Any]], results: dict[str, Any
   try:
     out = fn()
   except Exception as e:  # noqa: BLE001 -- a failed section is reported, never hides the others
-    out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-           "traceback": traceback.format_exc(limit=6)}
+    out = {
+        "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+        "traceback": traceback.format_exc(limit=6),
+    }
   out["wall_s"] = time.perf_counter() - t0
   results[name] = out
   print(f"[gpu_suite] {name} done in {out['wall_s']:.1f} s", flush=True)
@@ -245,11 +325,13 @@ def section_peaks(shapes: dict[str, Any], quick: bool) -> dict[str, Any]:
 
   n = shapes["peak_n"]
   reps = _reps(quick, 10, 3)
-  flop = 2.0 * n ** 3
+  flop = 2.0 * n**3
   out: dict[str, Any] = {"n": n, "flop_per_matmul": flop}
   key = jax.random.key(0)
-  for label, dtype, precision in (("bf16", jnp.bfloat16, jax.lax.Precision.DEFAULT),
-                                  ("f32_highest", jnp.float32, jax.lax.Precision.HIGHEST)):
+  for label, dtype, precision in (
+      ("bf16", jnp.bfloat16, jax.lax.Precision.DEFAULT),
+      ("f32_highest", jnp.float32, jax.lax.Precision.HIGHEST),
+  ):
     a = jax.random.normal(key, (n, n), dtype)
     b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dtype)
     mm = jax.jit(lambda x, y, p=precision: jnp.dot(x, y, precision=p, preferred_element_type=x.dtype))
@@ -281,8 +363,15 @@ def _write_parity_checkpoint(directory: str, model_type: str, config: dict[str, 
 
   from parity_jax.oracle import to_numpy
 
-  cfg = dict(config, model_type=model_type, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0,
-             tie_word_embeddings=False, use_sliding_window=False)
+  cfg = dict(
+      config,
+      model_type=model_type,
+      hidden_act="silu",
+      rms_norm_eps=1e-6,
+      rope_theta=1000000.0,
+      tie_word_embeddings=False,
+      use_sliding_window=False,
+  )
   if model_type == "qwen3":
     cfg["attention_bias"] = False
   with open(os.path.join(directory, "config.json"), "w") as f:
@@ -314,15 +403,18 @@ def section_parity(shapes: dict[str, Any], quick: bool) -> dict[str, Any]:
     if model_type == "qwen3":
       full["attention_bias"] = False
     model = forward_goldens.build_model(model_type, full, seed=4242 + i)  # float32, eager, widened weights
-    tokens, mask = forward_goldens.make_inputs(config["vocab_size"], 4242 + i,
-                                               {"batch": 2, "seq": seq, "pad": [("left", 3), (None, 0)]})
+    tokens, mask = forward_goldens.make_inputs(
+        config["vocab_size"], 4242 + i, {"batch": 2, "seq": seq, "pad": [("left", 3), (None, 0)]}
+    )
     with tempfile.TemporaryDirectory() as d:
       _write_parity_checkpoint(d, model_type, config, model)
       model = model.to(dev)
 
       def inputs_to_device(module, args, kwargs):
-        return (tuple(a.to(dev) if torch.is_tensor(a) else a for a in args),
-                {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in kwargs.items()})
+        return (
+            tuple(a.to(dev) if torch.is_tensor(a) else a for a in args),
+            {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in kwargs.items()},
+        )
 
       hook = model.register_forward_pre_hook(inputs_to_device, with_kwargs=True)
       try:
@@ -333,8 +425,13 @@ def section_parity(shapes: dict[str, Any], quick: bool) -> dict[str, Any]:
     rep = compare_bundles(StageBundle(golden), ours, "f32")
     worst = max(rep.rows, key=lambda r: r.stats.rel_l2 if np.isfinite(r.stats.rel_l2) else np.inf)
     out["models"][model_type] = {
-        "config": config, "tokens_shape": list(tokens.shape), "stages": len(rep.rows), "passed": rep.passed,
-        "worst_stage": worst.name, "worst_rel_l2": float(worst.stats.rel_l2), "verdict": rep.verdict_line(),
+        "config": config,
+        "tokens_shape": list(tokens.shape),
+        "stages": len(rep.rows),
+        "passed": rep.passed,
+        "worst_stage": worst.name,
+        "worst_rel_l2": float(worst.stats.rel_l2),
+        "verdict": rep.verdict_line(),
     }
     del model
   out["passed"] = all(m["passed"] for m in out["models"].values())
@@ -367,8 +464,14 @@ def section_prefill(shapes: dict[str, Any], quick: bool, peaks: dict[str, Any]) 
   reps = _reps(quick, 5, 2)
   flops = _model_flops(cfg, seq)
   peak = (peaks.get("bf16") or {}).get("peak_tflops")
-  out: dict[str, Any] = {"config": cfg_dict, "batch": 1, "seq": seq, "model_flops": flops, "bf16_peak_tflops": peak,
-                         "flops_convention": "2 N per token + 4 L T d_attn per token (full T x T scores)"}
+  out: dict[str, Any] = {
+      "config": cfg_dict,
+      "batch": 1,
+      "seq": seq,
+      "model_flops": flops,
+      "bf16_peak_tflops": peak,
+      "flops_convention": "2 N per token + 4 L T d_attn per token (full T x T scores)",
+  }
   t0 = time.perf_counter()
   model = qwen2.Model(cfg, _jax_sync(qwen2.random_params(cfg, seed=0, dtype=jnp.bfloat16)))
   out["weights_on_device_s"] = time.perf_counter() - t0
@@ -419,8 +522,14 @@ def section_prefill(shapes: dict[str, Any], quick: bool, peaks: dict[str, Any]) 
   ids = torch.from_numpy(np.asarray(tokens).astype(np.int64)).to(dev)
   with torch.inference_mode():
     t = _timeit(lambda: hf(input_ids=ids, use_cache=False).logits, reps, lambda _: _sync(torch, dev))
-  out["torch"] = dict(t, device=dev, attn_implementation=config._attn_implementation, build_s=build_s,
-                      tokens_per_s=seq / t["best_s"], tflops=flops / t["best_s"] / 1e12)
+  out["torch"] = dict(
+      t,
+      device=dev,
+      attn_implementation=config._attn_implementation,
+      build_s=build_s,
+      tokens_per_s=seq / t["best_s"],
+      tflops=flops / t["best_s"] / 1e12,
+  )
   out["ours_over_torch_time"] = out["best"]["best_s"] / t["best_s"]
   del hf, ids
   if dev == "cuda":
@@ -433,10 +542,15 @@ def svf_shapes(hidden: int, q: int, kv: int, inter: int, vocab: int, layers: int
   out = []
   for i in range(layers):
     p = f"model.layers.{i}."
-    out += [(p + "self_attn.q_proj.weight", (q, hidden)), (p + "self_attn.k_proj.weight", (kv, hidden)),
-            (p + "self_attn.v_proj.weight", (kv, hidden)), (p + "self_attn.o_proj.weight", (hidden, q)),
-            (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
-            (p + "mlp.down_proj.weight", (hidden, inter))]
+    out += [
+        (p + "self_attn.q_proj.weight", (q, hidden)),
+        (p + "self_attn.k_proj.weight", (kv, hidden)),
+        (p + "self_attn.v_proj.weight", (kv, hidden)),
+        (p + "self_attn.o_proj.weight", (hidden, q)),
+        (p + "mlp.gate_proj.weight", (inter, hidden)),
+        (p + "mlp.up_proj.weight", (inter, hidden)),
+        (p + "mlp.down_proj.weight", (hidden, inter)),
+    ]
   return out + [("model.embed_tokens.weight", (vocab, hidden))]
 
 
@@ -541,16 +655,26 @@ def _determinism_job(shapes: dict[str, Any]) -> dict[str, Any]:
 
 def start_determinism_child(shapes: dict[str, Any], flag: str = DETERMINISM_FLAG) -> tuple[subprocess.Popen, float]:
   """The child process: this script with ``--child``, ``XLA_FLAGS`` plus ``flag``."""
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flag).strip(),
-             PYTHONPATH=ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
+  env = dict(
+      os.environ,
+      XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flag).strip(),
+      PYTHONPATH=ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
+  )
   job = _determinism_job(shapes)
-  proc = subprocess.Popen([sys.executable, "-m", "bench.gpu_suite", f"--child={json.dumps(job)}"], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "bench.gpu_suite", f"--child={json.dumps(job)}"],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   return proc, time.perf_counter()
 
 
-def section_determinism(shapes: dict[str, Any], quick: bool,
-                        child: tuple[subprocess.Popen, float] | None = None) -> dict[str, Any]:
+def section_determinism(
+    shapes: dict[str, Any], quick: bool, child: tuple[subprocess.Popen, float] | None = None
+) -> dict[str, Any]:
   """Byte-identical forwards: twice in this process, twice in a child with the determinism flag, and across.
 
   ``child``: one started earlier (CPU runs overlap it with the other sections; on an accelerator it starts
@@ -559,10 +683,14 @@ def section_determinism(shapes: dict[str, Any], quick: bool,
   del quick
   job = _determinism_job(shapes)
   here = determinism_hashes(job)
-  out: dict[str, Any] = {"config": job["config"], "seq": shapes["seq"], "dtype": "bfloat16", "flag": DETERMINISM_FLAG,
-                         "this_process": here,
-                         "this_process_identical": (here["plain"][0] == here["plain"][1]
-                                                    and here["capture"][0] == here["capture"][1])}
+  out: dict[str, Any] = {
+      "config": job["config"],
+      "seq": shapes["seq"],
+      "dtype": "bfloat16",
+      "flag": DETERMINISM_FLAG,
+      "this_process": here,
+      "this_process_identical": (here["plain"][0] == here["plain"][1] and here["capture"][0] == here["capture"][1]),
+  }
   proc, t0 = child if child is not None else start_determinism_child(shapes)
   out["child_overlapped"] = child is not None
 
@@ -588,7 +716,9 @@ def section_determinism(shapes: dict[str, Any], quick: bool,
   child = child_hashes
   out["child_with_flag"] = child
   out["child_identical"] = child["plain"][0] == child["plain"][1] and child["capture"][0] == child["capture"][1]
-  out["across_processes_identical"] = child["plain"][0] == here["plain"][0] and child["capture"][0] == here["capture"][0]
+  out["across_processes_identical"] = (
+      child["plain"][0] == here["plain"][0] and child["capture"][0] == here["capture"][0]
+  )
   out["identical"] = out["this_process_identical"] and out["child_identical"]
   return out
 
@@ -604,9 +734,15 @@ def _machine() -> dict[str, Any]:
   from parity_jax.provenance import package_versions
 
   devs = jax.devices()
-  info: dict[str, Any] = {"backend": jax.default_backend(), "device_kind": devs[0].device_kind, "devices": len(devs),
-                          "platform": platform.platform(), "python": platform.python_version(),
-                          "versions": package_versions(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  info: dict[str, Any] = {
+      "backend": jax.default_backend(),
+      "device_kind": devs[0].device_kind,
+      "devices": len(devs),
+      "platform": platform.platform(),
+      "python": platform.python_version(),
+      "versions": package_versions(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
   try:
     info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
   except (OSError, StopIteration):
@@ -628,14 +764,18 @@ def _fmt(x: Any, spec: str = ".3g") -> str:
 def summary(doc: dict[str, Any]) -> str:
   """The readable summary: one block per section, the targets last."""
   m = doc["machine"]
-  lines = [f"parity_jax GPU suite ({doc['mode']['shapes']}{', quick' if doc['mode']['quick'] else ''}) on "
-           f"{m['backend']} {m['device_kind']} x{m['devices']}; jax {m['versions'].get('jax')}, "
-           f"torch {m.get('torch', 'absent')}, transformers {m.get('transformers', 'absent')}; {doc['wall_s']:.1f} s"]
+  lines = [
+      f"parity_jax GPU suite ({doc['mode']['shapes']}{', quick' if doc['mode']['quick'] else ''}) on "
+      f"{m['backend']} {m['device_kind']} x{m['devices']}; jax {m['versions'].get('jax')}, "
+      f"torch {m.get('torch', 'absent')}, transformers {m.get('transformers', 'absent')}; {doc['wall_s']:.1f} s"
+  ]
   s = doc["sections"]
   pk = s.get("peaks", {})
   if "bf16" in pk:
-    lines.append(f"peaks (N={pk['n']}): bf16 {_fmt(pk['bf16']['peak_tflops'])} TFLOP/s, "
-                 f"f32 HIGHEST {_fmt(pk['f32_highest']['peak_tflops'])} TFLOP/s")
+    lines.append(
+        f"peaks (N={pk['n']}): bf16 {_fmt(pk['bf16']['peak_tflops'])} TFLOP/s, "
+        f"f32 HIGHEST {_fmt(pk['f32_highest']['peak_tflops'])} TFLOP/s"
+    )
   for name, sec in s.items():
     if "error" in sec:
       lines.append(f"{name}: ERROR {sec['error']}")
@@ -643,30 +783,45 @@ def summary(doc: dict[str, Any]) -> str:
       lines.append(f"{name}: skipped ({sec['skipped']})")
   par = s.get("parity", {})
   for mt, r in par.get("models", {}).items():
-    lines.append(f"parity {mt}: {'PASS' if r['passed'] else 'FAIL'} f32 vs HF torch on {par['torch_device']}, "
-                 f"{r['stages']} stages, worst {r['worst_stage']} rel-L2 {r['worst_rel_l2']:.2e}")
+    lines.append(
+        f"parity {mt}: {'PASS' if r['passed'] else 'FAIL'} f32 vs HF torch on {par['torch_device']}, "
+        f"{r['stages']} stages, worst {r['worst_stage']} rel-L2 {r['worst_rel_l2']:.2e}"
+    )
   pf = s.get("prefill", {})
   if "best" in pf:
-    lines.append(f"prefill bf16 {pf['config']['num_hidden_layers']} layers x seq {pf['seq']}: best {pf['best']['run']} "
-                 f"{pf['best']['best_s'] * 1e3:.1f} ms, {pf['best']['tokens_per_s']:.0f} tok/s, "
-                 f"{pf['best']['tflops']:.1f} TFLOP/s, MFU {_fmt(pf['best']['mfu'], '.1%')}; "
-                 f"eager {pf['runs']['eager']['best_s'] * 1e3:.1f} ms; capture overhead {pf['capture_overhead']:.2f}x")
+    lines.append(
+        f"prefill bf16 {pf['config']['num_hidden_layers']} layers x seq {pf['seq']}: best {pf['best']['run']} "
+        f"{pf['best']['best_s'] * 1e3:.1f} ms, {pf['best']['tokens_per_s']:.0f} tok/s, "
+        f"{pf['best']['tflops']:.1f} TFLOP/s, MFU {_fmt(pf['best']['mfu'], '.1%')}; "
+        f"eager {pf['runs']['eager']['best_s'] * 1e3:.1f} ms; capture overhead {pf['capture_overhead']:.2f}x"
+    )
     if "best_s" in pf.get("torch", {}):
-      lines.append(f"prefill torch SDPA: {pf['torch']['best_s'] * 1e3:.1f} ms; ours/torch time "
-                   f"{pf['ours_over_torch_time']:.2f}")
+      lines.append(
+          f"prefill torch SDPA: {pf['torch']['best_s'] * 1e3:.1f} ms; ours/torch time "
+          f"{pf['ours_over_torch_time']:.2f}"
+      )
   sv = s.get("svf", {})
   if "jax" in sv:
-    lines.append(f"svf f32 {sv['tensors']} tensors {sv['gflop']:.1f} GFLOP: {sv['jax']['best_s'] * 1e3:.1f} ms, "
-                 f"{sv['jax']['tflops']:.2f} TFLOP/s = {_fmt(sv['jax']['fraction_of_f32_peak'], '.1%')} of the f32 peak"
-                 + (f"; torch {sv['torch']['best_s'] * 1e3:.1f} ms, ours/torch time {sv['jax_over_torch_time']:.2f}"
-                    if "best_s" in sv.get("torch", {}) else ""))
+    lines.append(
+        f"svf f32 {sv['tensors']} tensors {sv['gflop']:.1f} GFLOP: {sv['jax']['best_s'] * 1e3:.1f} ms, "
+        f"{sv['jax']['tflops']:.2f} TFLOP/s = {_fmt(sv['jax']['fraction_of_f32_peak'], '.1%')} of the f32 peak"
+        + (
+            f"; torch {sv['torch']['best_s'] * 1e3:.1f} ms, ours/torch time {sv['jax_over_torch_time']:.2f}"
+            if "best_s" in sv.get("torch", {})
+            else ""
+        )
+    )
   dt = s.get("determinism", {})
   if "this_process_identical" in dt:
-    lines.append(f"determinism: in-process identical {dt['this_process_identical']}; child with {dt['flag']} "
-                 f"identical {dt.get('child_identical', dt.get('child_error'))}; across processes "
-                 f"{dt.get('across_processes_identical')}")
-  lines.append("targets: " + ", ".join(f"{k} {'met' if v else ('n/a' if v is None else 'NOT met')}"
-                                      for k, v in doc["targets"].items()))
+    lines.append(
+        f"determinism: in-process identical {dt['this_process_identical']}; child with {dt['flag']} "
+        f"identical {dt.get('child_identical', dt.get('child_error'))}; across processes "
+        f"{dt.get('across_processes_identical')}"
+    )
+  lines.append(
+      "targets: "
+      + ", ".join(f"{k} {'met' if v else ('n/a' if v is None else 'NOT met')}" for k, v in doc["targets"].items())
+  )
   lines.append(f"verdict: {'PASS' if doc['passed'] else 'FAIL'} (correctness: parity and determinism)")
   return "\n".join(lines)
 
@@ -709,8 +864,13 @@ def main(argv) -> int:
   shapes_name, quick = _mode()
   shapes = SHAPES[shapes_name]
   t0 = time.perf_counter()
-  doc: dict[str, Any] = {"schema": SCHEMA, "mode": {"shapes": shapes_name, "quick": quick},
-                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": _machine(), "sections": {}}
+  doc: dict[str, Any] = {
+      "schema": SCHEMA,
+      "mode": {"shapes": shapes_name, "quick": quick},
+      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      "machine": _machine(),
+      "sections": {},
+  }
   sections = doc["sections"]
   want = set(_SECTIONS.value)
   child = None
@@ -730,8 +890,11 @@ def main(argv) -> int:
   doc["budget_s"] = BUDGET_S["quick" if quick and shapes_name == "full" else shapes_name]
   doc["targets"] = _targets(doc)
   errors = [k for k, v in sections.items() if "error" in v]
-  doc["passed"] = (not errors and doc["targets"]["parity_f32_every_stage"] is not False
-                   and doc["targets"]["deterministic"] is not False)
+  doc["passed"] = (
+      not errors
+      and doc["targets"]["parity_f32_every_stage"] is not False
+      and doc["targets"]["deterministic"] is not False
+  )
   text = summary(doc)
   from parity_jax import jsonio
 

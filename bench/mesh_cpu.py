@@ -42,8 +42,9 @@ _LAYERS = flags.DEFINE_integer("layers", 8, "Decoder layers of the Qwen3-0.6B-sh
 _SEQ = flags.DEFINE_integer("seq", 128, "Forward sequence length (batch 2).")
 _REPS = flags.DEFINE_integer("reps", 3, "Timed forward calls after the first.")
 _SVF_HIDDEN = flags.DEFINE_integer("svf_hidden", 256, "Hidden size of the SVF golden model (Qwen3-0.6B proportions).")
-_SVF_LAYERS = flags.DEFINE_integer("svf_layers", 4, "Layers of the SVF golden model (>= 2: its sample is in layer 1).",
-                                   lower_bound=2)
+_SVF_LAYERS = flags.DEFINE_integer(
+    "svf_layers", 4, "Layers of the SVF golden model (>= 2: its sample is in layer 1).", lower_bound=2
+)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/parity_mesh_bench", "Scratch directory (removed afterwards).")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures here.")
 
@@ -99,10 +100,23 @@ def write_checkpoint(path: str, layers: int) -> int:
 
   from parity_jax import bundles, qwen2
 
-  cfg = {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
-         "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
-         "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
-         "hidden_act": "silu", "attention_bias": False, "use_sliding_window": False}
+  cfg = {
+      "model_type": "qwen3",
+      "vocab_size": 151936,
+      "hidden_size": 1024,
+      "intermediate_size": 3072,
+      "num_hidden_layers": layers,
+      "num_attention_heads": 16,
+      "num_key_value_heads": 8,
+      "head_dim": 128,
+      "max_position_embeddings": 40960,
+      "rms_norm_eps": 1e-6,
+      "rope_theta": 1000000.0,
+      "tie_word_embeddings": True,
+      "hidden_act": "silu",
+      "attention_bias": False,
+      "use_sliding_window": False,
+  }
   os.makedirs(path)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(cfg, f)
@@ -126,8 +140,13 @@ def write_checkpoint(path: str, layers: int) -> int:
 def load_and_forward(path: str) -> list[dict]:
   out = []
   for n, spec in ((1, "none"), (8, "tp:8"), (8, "dp:2,tp:4")):
-    p = subprocess.run([sys.executable, "-c", CHILD, path, spec, str(_SEQ.value), str(_REPS.value)], cwd=ROOT,
-                       env=_env(n), capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, path, spec, str(_SEQ.value), str(_REPS.value)],
+        cwd=ROOT,
+        env=_env(n),
+        capture_output=True,
+        text=True,
+    )
     if p.returncode != 0:
       raise RuntimeError(p.stderr[-2000:])
     r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -135,8 +154,16 @@ def load_and_forward(path: str) -> list[dict]:
     r["growth_over_bound"] = r["growth"] / r["bound"]
     r["overhead_over_resident_mib"] = (r["growth"] - r["resident"]) / 2**20
     out.append(r)
-    print(json.dumps({k: (round(v / 2**20, 1) if k in ("growth", "model_bytes", "resident", "largest_shard", "bound")
-                          else v) for k, v in r.items() if k not in ("before", "peak")}), flush=True)
+    print(
+        json.dumps(
+            {
+                k: (round(v / 2**20, 1) if k in ("growth", "model_bytes", "resident", "largest_shard", "bound") else v)
+                for k, v in r.items()
+                if k not in ("before", "peak")
+            }
+        ),
+        flush=True,
+    )
   return out
 
 
@@ -145,8 +172,15 @@ def svf_runs(workdir: str) -> dict:
   from parity_jax.oracle import svf_goldens
 
   h = _SVF_HIDDEN.value
-  svf_goldens.MODEL.update(hidden_size=h, num_attention_heads=16, head_dim=2 * h // 16, num_key_value_heads=8,
-                           intermediate_size=3 * h, vocab_size=16 * h, num_hidden_layers=_SVF_LAYERS.value)
+  svf_goldens.MODEL.update(
+      hidden_size=h,
+      num_attention_heads=16,
+      head_dim=2 * h // 16,
+      num_key_value_heads=8,
+      intermediate_size=3 * h,
+      vocab_size=16 * h,
+      num_hidden_layers=_SVF_LAYERS.value,
+  )
   golden = os.path.join(workdir, "svf_golden")
   t0 = time.perf_counter()
   svf_goldens.regenerate(golden)
@@ -156,14 +190,30 @@ def svf_runs(workdir: str) -> dict:
   for n in (1, 8):
     rep = os.path.join(workdir, f"svf_{n}.json")
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "tools.svf_parity", f"--golden_dir={golden}", "--all_selected_tensors",
-                        f"--out={rep}", "--progress=false"], cwd=ROOT, env=_env(n), capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.svf_parity",
+            f"--golden_dir={golden}",
+            "--all_selected_tensors",
+            f"--out={rep}",
+            "--progress=false",
+        ],
+        cwd=ROOT,
+        env=_env(n),
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     if p.returncode not in (0, 1):
       raise RuntimeError(p.stderr[-2000:])
     reports[n] = json.load(open(rep))
-    out[f"devices_{n}"] = {"wall_s": wall, "verdict": reports[n]["verdict"],
-                           "gflop_per_device": reports[n]["backend"]["placement"]["gflop_per_device"]}
+    out[f"devices_{n}"] = {
+        "wall_s": wall,
+        "verdict": reports[n]["verdict"],
+        "gflop_per_device": reports[n]["backend"]["placement"]["gflop_per_device"],
+    }
     print(f"svf on {n} device(s): {wall:.1f} s, {reports[n]['verdict']}", flush=True)
   strip = lambda r: {k: v for k, v in r.items() if k != "backend"}  # noqa: E731
   out["reports_identical_less_backend"] = strip(reports[1]) == strip(reports[8])
@@ -177,8 +227,12 @@ def main(argv):
   workdir = _WORKDIR.value
   shutil.rmtree(workdir, ignore_errors=True)
   os.makedirs(workdir)
-  figures: dict = {"date": time.strftime("%Y-%m-%d"), "cpu": _cpu(), "cores": os.cpu_count(),
-                   "platform": platform.platform()}
+  figures: dict = {
+      "date": time.strftime("%Y-%m-%d"),
+      "cpu": _cpu(),
+      "cores": os.cpu_count(),
+      "platform": platform.platform(),
+  }
   try:
     t0 = time.perf_counter()
     figures["checkpoint_bytes"] = write_checkpoint(os.path.join(workdir, "model"), _LAYERS.value)

@@ -130,18 +130,38 @@ def build_embedding_golden(workdir: str, vocab: int, seed: int = 7) -> None:
   rng = np.random.default_rng(seed)
   u, s, v, o = components((vocab, HIDDEN), rng)
   prov = default_provenance("bench.svf_all_selected", seed=seed)
-  with stages.BundleWriter(os.path.join(workdir, "svf_components.safetensors"), [(f"{EMBED}.U", u.shape, u.dtype), (f"{EMBED}.S", s.shape, s.dtype), (f"{EMBED}.V", v.shape, v.dtype)], prov) as w:
+  with stages.BundleWriter(
+      os.path.join(workdir, "svf_components.safetensors"),
+      [(f"{EMBED}.U", u.shape, u.dtype), (f"{EMBED}.S", s.shape, s.dtype), (f"{EMBED}.V", v.shape, v.dtype)],
+      prov,
+  ) as w:
     w.write(f"{EMBED}.U", u)
     w.write(f"{EMBED}.S", s)
     w.write(f"{EMBED}.V", v)
-  with stages.BundleWriter(os.path.join(workdir, "svf_scale_offsets.safetensors"), [(EMBED, o.shape, o.dtype)], prov) as w:
+  with stages.BundleWriter(
+      os.path.join(workdir, "svf_scale_offsets.safetensors"), [(EMBED, o.shape, o.dtype)], prov
+  ) as w:
     w.write(EMBED, o)
   ut, st, vt, ot = (torch.from_numpy(x) for x in (u, s, v, o))
   with torch.no_grad():
     stg = torch_formula(ut, st, vt, ot)
     stg["source_f32"] = stg["zero_source_f32"]  # the "original" matrix these components reproduce
-  order = ["source_f32", "offsets_f32", "scaled_s", "normalization", "u_scaled", "matmul_pre_norm", "zero_source_f32", "adapted_source_f32", "final_f32", "final_bf16"]
-  specs = [(tensor_key(EMBED, k), tuple(stg[k].shape), ml_dtypes.bfloat16 if k == "final_bf16" else np.float32) for k in order]
+  order = [
+      "source_f32",
+      "offsets_f32",
+      "scaled_s",
+      "normalization",
+      "u_scaled",
+      "matmul_pre_norm",
+      "zero_source_f32",
+      "adapted_source_f32",
+      "final_f32",
+      "final_bf16",
+  ]
+  specs = [
+      (tensor_key(EMBED, k), tuple(stg[k].shape), ml_dtypes.bfloat16 if k == "final_bf16" else np.float32)
+      for k in order
+  ]
   with stages.BundleWriter(os.path.join(workdir, "svf_all_selected_stage_debug.safetensors"), specs, prov) as w:
     for k in order:
       w.write(tensor_key(EMBED, k), to_numpy(stg[k]))
@@ -167,7 +187,16 @@ def rss_section(workdir: str, vocab: int, chunk_mb: float) -> dict:
   out = {"setup_s": setup_s}
   for label, mb in (("chunked", chunk_mb), ("unchunked", 0.0)):
     rep = os.path.join(workdir, f"{label}.json")
-    cmd = [sys.executable, "-m", "tools.svf_parity", f"--golden_dir={workdir}", "--all_selected_tensors", f"--chunk_mb={mb}", f"--out={rep}", "--progress=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tools.svf_parity",
+        f"--golden_dir={workdir}",
+        "--all_selected_tensors",
+        f"--chunk_mb={mb}",
+        f"--out={rep}",
+        "--progress=false",
+    ]
     kib, secs, rc = _peak_rss(cmd, os.path.join(workdir, f"{label}.rss"))
     r = json.load(open(rep))
     t = r["tensors"][0]
@@ -180,7 +209,18 @@ def rss_section(workdir: str, vocab: int, chunk_mb: float) -> dict:
         "rows_per_chunk": t["chunking"]["rows_per_chunk"],
         "verdict": r["verdict"],
         "stage_sha256": {s: v["sha256"] for s, v in t["stages"].items()},
-        "explained": {k: t["explained"][k] for k in ("n_mismatch", "n_explained", "n_explained_tie", "n_explained_multi_ulp", "n_unexplained", "max_ulp_explained", "max_explained_ratio")},
+        "explained": {
+            k: t["explained"][k]
+            for k in (
+                "n_mismatch",
+                "n_explained",
+                "n_explained_tie",
+                "n_explained_multi_ulp",
+                "n_unexplained",
+                "max_ulp_explained",
+                "max_explained_ratio",
+            )
+        },
     }
   out["chunked_equals_unchunked"] = out["chunked"]["stage_sha256"] == out["unchunked"]["stage_sha256"]
   return out
@@ -189,7 +229,17 @@ def rss_section(workdir: str, vocab: int, chunk_mb: float) -> dict:
 def flips_section(items) -> dict:
   """torch 1 vs default threads, and JAX vs torch, on the given tensors."""
   default = torch.get_num_threads()
-  res = {"threads_default": default, "n_elements": 0, "torch_1_vs_default": 0, "jax_vs_torch": 0, "jax_explained": 0, "jax_unexplained": 0, "torch_explained": 0, "torch_unexplained": 0, "jax_multi_ulp_explained": 0}
+  res = {
+      "threads_default": default,
+      "n_elements": 0,
+      "torch_1_vs_default": 0,
+      "jax_vs_torch": 0,
+      "jax_explained": 0,
+      "jax_unexplained": 0,
+      "torch_explained": 0,
+      "torch_unexplained": 0,
+      "jax_multi_ulp_explained": 0,
+  }
   for name, (u, s, v, o), _ in items:
     ut, st, vt, ot = (torch.from_numpy(x) for x in (u, s, v, o))
     multi = to_numpy(torch_final(ut, st, vt, ot)).view(np.uint16)
@@ -261,7 +311,12 @@ def main(argv):
       run_jax(*ji)
       run_mm(*ji)
       run_torch(*ti)
-  contenders = {"torch_formula": (run_torch, torch_items), "jax_reconstruct": (run_jax, jax_items), "jax_f32_matmul": (run_mm, jax_items), "torch_f32_matmul": (torch_mm, torch_items)}
+  contenders = {
+      "torch_formula": (run_torch, torch_items),
+      "jax_reconstruct": (run_jax, jax_items),
+      "jax_f32_matmul": (run_mm, jax_items),
+      "torch_f32_matmul": (torch_mm, torch_items),
+  }
   times = {k: [] for k in contenders}
   with torch.no_grad():
     for rep in range(_REPS.value):
@@ -276,13 +331,33 @@ def main(argv):
   figures["gflops"] = {k: total_gflop / v for k, v in best.items()}
   figures["jax_over_torch_time"] = best["jax_reconstruct"] / best["torch_formula"]
   figures["jax_fraction_of_matmul_rate"] = best["jax_f32_matmul"] / best["jax_reconstruct"]
-  figures["targets"] = {"jax_time_le_0.7x_torch": figures["jax_over_torch_time"] <= 0.7, "jax_ge_90pct_matmul_rate": figures["jax_fraction_of_matmul_rate"] >= 0.9}
+  figures["targets"] = {
+      "jax_time_le_0.7x_torch": figures["jax_over_torch_time"] <= 0.7,
+      "jax_ge_90pct_matmul_rate": figures["jax_fraction_of_matmul_rate"] >= 0.9,
+  }
 
   # flips: layer 0 and the embedding
   sel = [it for it in items if it[0].startswith("model.layers.0.") or it[0] == EMBED]
   with torch.no_grad():
     figures["flips"] = flips_section(sel)
-  print(json.dumps({k: figures[k] for k in ("gflop", "best_s", "gflops", "jax_over_torch_time", "jax_fraction_of_matmul_rate", "targets", "flips")}, indent=1), flush=True)
+  print(
+      json.dumps(
+          {
+              k: figures[k]
+              for k in (
+                  "gflop",
+                  "best_s",
+                  "gflops",
+                  "jax_over_torch_time",
+                  "jax_fraction_of_matmul_rate",
+                  "targets",
+                  "flips",
+              )
+          },
+          indent=1,
+      ),
+      flush=True,
+  )
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(figures, f, indent=1, default=str)

@@ -148,8 +148,14 @@ class Divergence:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "Divergence":
-    return cls(index=tuple(d["index"]), a=jsonio.from_jsonable(d["a"]), b=jsonio.from_jsonable(d["b"]),
-               abs_diff=float(jsonio.from_jsonable(d["abs_diff"])), a_bits=d["a_bits"], b_bits=d["b_bits"])
+    return cls(
+        index=tuple(d["index"]),
+        a=jsonio.from_jsonable(d["a"]),
+        b=jsonio.from_jsonable(d["b"]),
+        abs_diff=float(jsonio.from_jsonable(d["abs_diff"])),
+        a_bits=d["a_bits"],
+        b_bits=d["b_bits"],
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,8 +50,18 @@ from typing import Callable
 
 from parity_jax.errors import UsageError, first_line
 
-__all__ = ["DEFAULT_TIMEOUT_S", "Job", "JobAborted", "Options", "attach", "initialize", "left_job", "process_count",
-           "process_index", "single_process"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "Job",
+    "JobAborted",
+    "Options",
+    "attach",
+    "initialize",
+    "left_job",
+    "process_count",
+    "process_index",
+    "single_process",
+]
 
 DEFAULT_TIMEOUT_S = 120.0
 EXIT_LOST = 2
@@ -83,12 +93,17 @@ class Options:
       raise UsageError(f"the peer timeout must be positive, got {self.timeout_s}")
     if self.auto:
       return
-    given = {"coordinator_address": self.coordinator_address, "num_processes": self.num_processes,
-             "process_id": self.process_id}
+    given = {
+        "coordinator_address": self.coordinator_address,
+        "num_processes": self.num_processes,
+        "process_id": self.process_id,
+    }
     missing = [k for k, v in given.items() if v is None]
     if missing:
-      raise UsageError(f"a distributed launch needs coordinator_address, num_processes and process_id together"
-                       f" (missing {', '.join(missing)}), or `distributed` alone for cluster detection")
+      raise UsageError(
+          f"a distributed launch needs coordinator_address, num_processes and process_id together"
+          f" (missing {', '.join(missing)}), or `distributed` alone for cluster detection"
+      )
     if ":" not in str(self.coordinator_address):
       raise UsageError(f"coordinator_address must be HOST:PORT, got {self.coordinator_address!r}")
     if self.num_processes < 1:
@@ -119,8 +134,11 @@ def initialize(opts: Options) -> None:
   _use_gloo_on_cpu()
   kwargs = {}
   if not opts.auto:
-    kwargs = dict(coordinator_address=opts.coordinator_address, num_processes=int(opts.num_processes),
-                  process_id=int(opts.process_id))
+    kwargs = dict(
+        coordinator_address=opts.coordinator_address,
+        num_processes=int(opts.num_processes),
+        process_id=int(opts.process_id),
+    )
   try:
     jax.distributed.initialize(
         **kwargs,
@@ -252,7 +270,7 @@ class Job:
       self._local[key] = bytes(value)
       return
     data = zlib.compress(bytes(value), 1)
-    parts = [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [b""]
+    parts = [data[i : i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [b""]
     for i, p in enumerate(parts):
       self.client.key_value_set_bytes(self._key(f"{key}/part{i}"), p)
     self.client.key_value_set(self._key(f"{key}/n"), str(len(parts)))
@@ -387,8 +405,9 @@ class Job:
 
   def _beat(self) -> None:
     self._beats = getattr(self, "_beats", 0) + 1
-    self.client.key_value_set(self._key(f"hb/{self.process_id}"), f"{self._beats}:{self._progress}",
-                              allow_overwrite=True)
+    self.client.key_value_set(
+        self._key(f"hb/{self.process_id}"), f"{self._beats}:{self._progress}", allow_overwrite=True
+    )
 
   def _heartbeat_loop(self) -> None:
     while not self._stop.wait(self.period_s):

@@ -23,14 +23,7 @@ from typing import IO, Iterable, Iterator
 
 from parity_jax.errors import UsageError
 
-__all__ = [
-    "atomic_output",
-    "check_output_dir",
-    "check_output_path",
-    "file_sha256",
-    "is_inside",
-    "write_text_atomic",
-]
+__all__ = ["atomic_output", "check_output_dir", "check_output_path", "file_sha256", "is_inside", "write_text_atomic"]
 
 PathLike = str | os.PathLike
 
@@ -44,11 +37,18 @@ def is_inside(child: PathLike, parent: PathLike) -> bool:
 def _check_not_input(path: str, inputs: Iterable[PathLike | None], what: str) -> None:
   for src in inputs:
     if src is not None and os.path.exists(src) and is_inside(path, src):
-      raise UsageError(f"{what}={path} would overwrite or lie inside an input ({os.fspath(src)}); inputs are never modified")
+      raise UsageError(
+          f"{what}={path} would overwrite or lie inside an input ({os.fspath(src)}); inputs are never modified"
+      )
 
 
-def check_output_path(path: PathLike, inputs: Iterable[PathLike | None] = (), what: str = "out",
-                      suffix: str | None = None, overwrite: bool = False) -> str:
+def check_output_path(
+    path: PathLike,
+    inputs: Iterable[PathLike | None] = (),
+    what: str = "out",
+    suffix: str | None = None,
+    overwrite: bool = False,
+) -> str:
   """Validates an output *file* path before any work; returns it as ``str``.
 
   Refused: the wrong ``suffix``, a path on or inside an input, a directory, a
@@ -70,8 +70,13 @@ def check_output_path(path: PathLike, inputs: Iterable[PathLike | None] = (), wh
   return path
 
 
-def check_output_dir(path: PathLike, inputs: Iterable[PathLike | None] = (), what: str = "out_dir",
-                     overwrite: bool = False, will_write: Iterable[str] = ()) -> str:
+def check_output_dir(
+    path: PathLike,
+    inputs: Iterable[PathLike | None] = (),
+    what: str = "out_dir",
+    overwrite: bool = False,
+    will_write: Iterable[str] = (),
+) -> str:
   """Validates an output *directory* before any work; returns it as ``str``.
 
   Refused: a path on or inside an input, an existing non-directory, and an
@@ -90,7 +95,9 @@ def check_output_dir(path: PathLike, inputs: Iterable[PathLike | None] = (), wha
     names = list(will_write)
     clash = [n for n in names if os.path.lexists(os.path.join(path, n))] if names else sorted(os.listdir(path))[:1]
     if clash:
-      raise UsageError(f"{what}={path} already holds {clash[0]}; refusing to overwrite it (pass overwrite / --overwrite)")
+      raise UsageError(
+          f"{what}={path} already holds {clash[0]}; refusing to overwrite it (pass overwrite / --overwrite)"
+      )
   return path
 
 

@@ -47,8 +47,16 @@ class _Bar(Progress):
     from tqdm.auto import tqdm
 
     scale = unit == "B"
-    self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
-                     file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    self._bar = tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=scale,
+        unit_divisor=1024 if scale else 1000,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
 
   def update(self, n: int = 1) -> None:
     self._bar.update(n)
@@ -113,7 +121,9 @@ class _Lines(Progress):
       self._emit(time.monotonic())  # the last line: what was done, at what rate
 
 
-def progress(total: int, desc: str, enabled: bool = True, unit: str = "B", interval: float = LOG_INTERVAL_S) -> Progress:
+def progress(
+    total: int, desc: str, enabled: bool = True, unit: str = "B", interval: float = LOG_INTERVAL_S
+) -> Progress:
   """The progress object for ``total`` units (bytes by default); see the module docstring."""
   if not enabled:
     return Progress()

@@ -17,7 +17,18 @@ from typing import Any
 
 __all__ = ["DISPATCH_ENV", "cpu_fingerprint", "default_provenance", "package_versions", "torch_backend"]
 
-_VERSIONED = ("parity_jax", "numpy", "jax", "jaxlib", "safetensors", "ml_dtypes", "orbax-checkpoint", "tensorstore", "torch", "transformers")
+_VERSIONED = (
+    "parity_jax",
+    "numpy",
+    "jax",
+    "jaxlib",
+    "safetensors",
+    "ml_dtypes",
+    "orbax-checkpoint",
+    "tensorstore",
+    "torch",
+    "transformers",
+)
 
 
 def package_versions(packages: tuple[str, ...] = _VERSIONED) -> dict[str, str]:
@@ -46,8 +57,26 @@ def default_provenance(producer: str, seed: int | None = None, **extra: Any) -> 
 
 
 # Environment variables that change which kernels torch / MKL / XLA dispatch to.
-DISPATCH_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "XLA_FLAGS")
-_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "amx_tile")
+DISPATCH_ENV = (
+    "ATEN_CPU_CAPABILITY",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "MKL_CBWR",
+    "MKL_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "XLA_FLAGS",
+)
+_ISA_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_bf16",
+    "avx512_vnni",
+    "amx_tile",
+)
 
 
 def cpu_fingerprint() -> dict[str, object]:

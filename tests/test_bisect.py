@@ -29,16 +29,19 @@ def _planted(golden, stage, rel=1e-3, propagate=True):
   return synth.candidate(golden, rel_of)
 
 
-@pytest.mark.parametrize("stage,qk_norm", [
-    ("embedding", False),
-    ("layers.0.attn_norm", False),
-    ("layers.1.v_proj", False),
-    ("layers.2.ffn_swiglu", False),
-    ("layers.1.q_norm", True),
-    ("layers.2.attention", True),
-    ("final_norm", False),
-    ("logits", False),
-])
+@pytest.mark.parametrize(
+    "stage,qk_norm",
+    [
+        ("embedding", False),
+        ("layers.0.attn_norm", False),
+        ("layers.1.v_proj", False),
+        ("layers.2.ffn_swiglu", False),
+        ("layers.1.q_norm", True),
+        ("layers.2.attention", True),
+        ("final_norm", False),
+        ("logits", False),
+    ],
+)
 def test_planted_error_is_named_exactly(stage, qk_norm):
   golden = synth.golden_stages(num_layers=3, qk_norm=qk_norm)
   cand = _planted(golden, stage)
@@ -62,7 +65,8 @@ def test_local_error_without_propagation_and_just_over_tolerance():
   row = report.row("layers.1.ffn_up")
   assert row.ref_stage == "layers.1.ffn_norm"  # its data-flow input, not the stage listed before it (ffn_gate)
   expected = synth.rel_l2(golden["layers.1.ffn_up"], cand["layers.1.ffn_up"]) / max(
-      synth.rel_l2(golden["layers.1.ffn_norm"], cand["layers.1.ffn_norm"]), 2.0**-23)
+      synth.rel_l2(golden["layers.1.ffn_norm"], cand["layers.1.ffn_norm"]), 2.0**-23
+  )
   assert row.growth == pytest.approx(expected, rel=1e-9)
 
 
@@ -73,7 +77,7 @@ def test_honest_noise_passes():
 
 
 def _drift(golden, rate, start=1e-8):
-  return synth.candidate(golden, lambda i, n: start * rate ** i)
+  return synth.candidate(golden, lambda i, n: start * rate**i)
 
 
 def test_gradual_drift_is_not_blamed_on_the_late_stage():
@@ -111,7 +115,7 @@ def test_sub_tolerance_jump_inside_drift_is_the_onset():
   k = names.index("layers.1.attn_out")  # every later stage reads it, directly or not
 
   def rel_of(i, name):
-    r = 1e-8 * 1.1 ** i
+    r = 1e-8 * 1.1**i
     return r * 60 if i >= k else r  # a x60 jump, still under 1e-5 there, then drift
 
   cand = synth.candidate(golden, rel_of)
@@ -153,14 +157,22 @@ def _errs(table):
 
 def test_analyse_rule_on_a_plain_table():
   order = ["a", "b", "c", "d", "e"]  # unknown names: the reference is the previous stage
-  growth, v = bisect.analyse(order, _errs({"a": (0, False), "b": (1e-7, False), "c": (2e-6, False), "d": (3e-6, True),
-                                           "e": (1e-3, True)}), jump_factor=10, noise_floor=1e-7)
+  growth, v = bisect.analyse(
+      order,
+      _errs({"a": (0, False), "b": (1e-7, False), "c": (2e-6, False), "d": (3e-6, True), "e": (1e-3, True)}),
+      jump_factor=10,
+      noise_floor=1e-7,
+  )
   assert growth["b"].jump  # differs although its input is bit-identical: the error entered here
   assert growth["c"].growth == pytest.approx(20) and growth["c"].jump
   assert growth["d"].growth == pytest.approx(1.5) and not growth["d"].jump
   assert v.status == "drift" and v.first_breach == "d" and v.first_divergent == "c" and v.path == ("d", "c")
-  _, v = bisect.analyse(order, _errs({"a": (0, False), "b": (0, False), "c": (0, False), "d": (5e-5, True),
-                                      "e": (1e-3, True)}), jump_factor=10, noise_floor=1e-7)
+  _, v = bisect.analyse(
+      order,
+      _errs({"a": (0, False), "b": (0, False), "c": (0, False), "d": (5e-5, True), "e": (1e-3, True)}),
+      jump_factor=10,
+      noise_floor=1e-7,
+  )
   assert v.status == "jump" and v.first_divergent == "d"
   _, v = bisect.analyse(order, _errs({n: (1e-7, False) for n in order}), 10, 1e-7)
   assert v.status == "pass" and v.first_divergent is None

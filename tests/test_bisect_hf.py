@@ -26,6 +26,7 @@ def model():
 
 def _drop_v_bias(model, layer):
   import copy
+
   broken = copy.deepcopy(model)
   with torch.no_grad():
     broken.model.layers[layer].self_attn.v_proj.bias.zero_()

@@ -13,9 +13,21 @@ from parity_jax.svf.bounds import check_bound
 
 
 def _stats(rel_l2: float, cosine: float = 1.0, max_ulp: int = 0, max_abs: float = 0.0, frac: float = 0.0) -> DiffStats:
-  return DiffStats(shape=(4,), dtype="float32", size=4, n_diff=1, frac_diff=frac, max_abs_diff=max_abs,
-                   max_abs_index=(0,), rms_diff=0.0, cosine=cosine, rel_l2=rel_l2, max_ulp=max_ulp,
-                   n_nan_mismatch=0, top_k=())
+  return DiffStats(
+      shape=(4,),
+      dtype="float32",
+      size=4,
+      n_diff=1,
+      frac_diff=frac,
+      max_abs_diff=max_abs,
+      max_abs_index=(0,),
+      rms_diff=0.0,
+      cosine=cosine,
+      rel_l2=rel_l2,
+      max_ulp=max_ulp,
+      n_nan_mismatch=0,
+      top_k=(),
+  )
 
 
 def test_every_tolerance_passes_at_its_limit_and_fails_just_past_it():
@@ -23,9 +35,13 @@ def test_every_tolerance_passes_at_its_limit_and_fails_just_past_it():
   assert check_rule(rule, _stats(1e-5, 0.999, 4, 0.25, 0.5), None) == ()
   up = lambda x: math.nextafter(x, math.inf)  # noqa: E731
   down = lambda x: math.nextafter(x, -math.inf)  # noqa: E731
-  for st, metric in ((_stats(up(1e-5)), "rel_l2"), (_stats(0.0, cosine=down(0.999)), "cosine"),
-                     (_stats(0.0, max_abs=up(0.25)), "max_abs_diff"), (_stats(0.0, max_ulp=5), "max_ulp"),
-                     (_stats(0.0, frac=up(0.5)), "frac_diff")):
+  for st, metric in (
+      (_stats(up(1e-5)), "rel_l2"),
+      (_stats(0.0, cosine=down(0.999)), "cosine"),
+      (_stats(0.0, max_abs=up(0.25)), "max_abs_diff"),
+      (_stats(0.0, max_ulp=5), "max_ulp"),
+      (_stats(0.0, frac=up(0.5)), "frac_diff"),
+  ):
     assert [b.metric for b in check_rule(rule, st, None)] == [metric]
   # the built-in f32 profile: rel-L2 of exactly 1e-5 passes
   assert check_rule(BUILTIN_PROFILES["f32"].rule_for("layers.0.q_proj"), _stats(1e-5), None) == ()
@@ -35,8 +51,10 @@ def test_growth_equal_to_the_jump_factor_is_a_jump():
   ref = 2.0**-10  # powers of two: the growth is exactly 8, with no rounding in the division
   order = ["embedding", "layers.0.attn_norm"]
   for rel, status in ((ref * 8, "jump"), (math.nextafter(ref * 8, 0.0), "drift")):
-    errors = {"embedding": StageError(rel_l2=ref, bit_equal=False, breached=False),
-              "layers.0.attn_norm": StageError(rel_l2=rel, bit_equal=False, breached=True)}
+    errors = {
+        "embedding": StageError(rel_l2=ref, bit_equal=False, breached=False),
+        "layers.0.attn_norm": StageError(rel_l2=rel, bit_equal=False, breached=True),
+    }
     growth, verdict = analyse(order, errors, jump_factor=8.0, noise_floor=0.0)
     assert growth["layers.0.attn_norm"].growth == rel / ref
     assert verdict.status == status, (rel, verdict)

@@ -44,8 +44,11 @@ def test_inputs_path_bundle_dict_npz_agree(tmp_path):
   golden, cand, g, c = _pair(tmp_path)
   np.savez(tmp_path / "cand.npz", **cand)
   by_path = compare_bundles(g, c)
-  for other in (compare_bundles(stages.load_bundle(g), stages.load_bundle(c)), compare_bundles(golden, cand),
-                compare_bundles(str(g), tmp_path / "cand.npz")):
+  for other in (
+      compare_bundles(stages.load_bundle(g), stages.load_bundle(c)),
+      compare_bundles(golden, cand),
+      compare_bundles(str(g), tmp_path / "cand.npz"),
+  ):
     assert [r.stats for r in other.rows] == [r.stats for r in by_path.rows]
     assert other.first_divergent == by_path.first_divergent == "layers.1.v_proj"
 
@@ -84,14 +87,23 @@ def test_one_sided_stages_error_by_default_and_are_listed_when_allowed(tmp_path)
   assert "only in golden (1): layers.1.ffn_up" in text and "only in candidate (1): extra_stage" in text
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda c: c.__setitem__("layers.0.k_proj", np.zeros((1, 4, 8), np.float32)),
-     r"stage 'layers\.0\.k_proj': shape mismatch: golden \(1, 4, 16\) vs candidate \(1, 4, 8\)"),
-    (lambda c: c.__setitem__("layers.1.output", c["layers.1.output"].astype(np.float64)),
-     r"stage 'layers\.1\.output': dtype mismatch: golden float32 vs candidate float64"),
-    (lambda c: c.__setitem__("final_norm", c["final_norm"].astype(np.int32)),
-     r"stage 'final_norm': dtype mismatch"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (
+            lambda c: c.__setitem__("layers.0.k_proj", np.zeros((1, 4, 8), np.float32)),
+            r"stage 'layers\.0\.k_proj': shape mismatch: golden \(1, 4, 16\) vs candidate \(1, 4, 8\)",
+        ),
+        (
+            lambda c: c.__setitem__("layers.1.output", c["layers.1.output"].astype(np.float64)),
+            r"stage 'layers\.1\.output': dtype mismatch: golden float32 vs candidate float64",
+        ),
+        (
+            lambda c: c.__setitem__("final_norm", c["final_norm"].astype(np.int32)),
+            r"stage 'final_norm': dtype mismatch",
+        ),
+    ],
+)
 def test_shape_and_dtype_mismatch_fail_fast_naming_the_stage(edit, message):
   golden = synth.golden_stages(num_layers=2)
   cand = dict(golden)
@@ -130,6 +142,7 @@ def test_stage_filter(tmp_path):
 
 def test_chunked_large_stage_matches_diff_stats(monkeypatch):
   from parity_jax.bundles import diff as bundle_diff
+
   rng = np.random.default_rng(5)
   a = rng.standard_normal((3, 5, 7)).astype(np.float32)
   b = a.copy()

@@ -18,14 +18,19 @@ from tests.helpers.tools import run_many
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, "-m", "tools.capture_stages", *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=120)
+  return subprocess.run(
+      [sys.executable, "-m", "tools.capture_stages", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
 
 
 def test_capture_writes_bundle_matching_in_process_forward(tmp_path):
   out = tmp_path / "b.safetensors"
-  r = _run(f"--model_dir={MODELS / 'qwen2_tied'}", "--tokens=0,0,5,6;7,8,9,10", "--attention_mask=0,0,1,1;1,1,1,1",
-           f"--out={out}")
+  r = _run(
+      f"--model_dir={MODELS / 'qwen2_tied'}",
+      "--tokens=0,0,5,6;7,8,9,10",
+      "--attention_mask=0,0,1,1;1,1,1,1",
+      f"--out={out}",
+  )
   assert r.returncode == 0, r.stderr
   assert "wrote" in r.stdout and r.stderr.strip() == ""
   bundle = load_bundle(out)
@@ -36,8 +41,12 @@ def test_capture_writes_bundle_matching_in_process_forward(tmp_path):
   assert bundle.names == qwen_stage_names(2, qk_norm=False)
   # Same code in this process gives the same bytes: determinism across processes.
   model = qwen2.load(MODELS / "qwen2_tied")
-  _, stages = qwen2.forward(model, np.array([[0, 0, 5, 6], [7, 8, 9, 10]]),
-                            attention_mask=np.array([[0, 0, 1, 1], [1, 1, 1, 1]]), capture=True)
+  _, stages = qwen2.forward(
+      model,
+      np.array([[0, 0, 5, 6], [7, 8, 9, 10]]),
+      attention_mask=np.array([[0, 0, 1, 1], [1, 1, 1, 1]]),
+      capture=True,
+  )
   assert all(bit_equal(np.asarray(stages[n]), bundle[n]) for n in bundle)
 
 
@@ -68,12 +77,18 @@ BAD = {
     "malformed": (["--model_dir={model}", "--tokens=1,x,3"], "non-integer"),
     "empty_field": (["--model_dir={model}", "--tokens=1,,3"], "non-integer"),
     "ragged": (["--model_dir={model}", "--tokens=1,2,3;4,5"], "different lengths"),
-    "mask_shape": (["--model_dir={model}", "--tokens=1,2,3", "--attention_mask=1,1"], "attention_mask must have the tokens' shape"),
+    "mask_shape": (
+        ["--model_dir={model}", "--tokens=1,2,3", "--attention_mask=1,1"],
+        "attention_mask must have the tokens' shape",
+    ),
     "mask_values": (["--model_dir={model}", "--tokens=1,2,3", "--attention_mask=1,2,1"], "only 0 and 1"),
     "no_tokens": (["--model_dir={model}"], "missing required flag --tokens"),
     "bad_dtype": (["--model_dir={model}", "--tokens=1", "--dtype=float16"], "dtype"),
     "out_dir_missing": (["--model_dir={model}", "--tokens=1", "--out={tmp}/no/such/b.safetensors"], "does not exist"),
-    "out_in_model_dir": (["--model_dir={model}", "--tokens=1", "--out={model}/b.safetensors"], "would overwrite or lie inside an input"),
+    "out_in_model_dir": (
+        ["--model_dir={model}", "--tokens=1", "--out={model}/b.safetensors"],
+        "would overwrite or lie inside an input",
+    ),
     "stray_arg": (["--model_dir={model}", "--tokens=1", "extra"], "unexpected positional"),
 }
 

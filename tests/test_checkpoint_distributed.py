@@ -34,8 +34,10 @@ def _leaf_tree() -> dict:
   return src
 
 
-_SPEC = dict(H.GENERATED_SPEC, rules=H.GENERATED_SPEC["rules"] + [
-    {"match": r"^params/big$", "to": "params/big_t", "reshape": [8, 8, 1000]}])
+_SPEC = dict(
+    H.GENERATED_SPEC,
+    rules=H.GENERATED_SPEC["rules"] + [{"match": r"^params/big$", "to": "params/big_t", "reshape": [8, 8, 1000]}],
+)
 
 
 def _expected(src: dict) -> dict:
@@ -56,8 +58,14 @@ def ck(tmp_path_factory):
 
 
 def _args(ck, migrated, report):
-  return [f"--source={ck['src']}", f"--migrated={migrated}", f"--spec={ck['spec']}", f"--report={report}",
-          "--noprogress", SLAB]
+  return [
+      f"--source={ck['src']}",
+      f"--migrated={migrated}",
+      f"--spec={ck['spec']}",
+      f"--report={report}",
+      "--noprogress",
+      SLAB,
+  ]
 
 
 def _comparable(rep: dict) -> dict:
@@ -65,8 +73,10 @@ def _comparable(rep: dict) -> dict:
   for k in ("elapsed_s", "provenance", "distributed"):
     rep.pop(k, None)
   # each process batches the small leaves of its own share: only the batch sizes may differ
-  rep["leaves"] = [dict(leaf, read_mode=re.sub(r"a batch of \d+ pairs", "a batch", leaf["read_mode"] or ""))
-                   for leaf in rep["leaves"]]
+  rep["leaves"] = [
+      dict(leaf, read_mode=re.sub(r"a batch of \d+ pairs", "a batch", leaf["read_mode"] or ""))
+      for leaf in rep["leaves"]
+  ]
   return rep
 
 
@@ -76,8 +86,9 @@ def test_two_processes_give_the_single_process_report_and_the_split_leaf_its_tru
   assert proc.returncode == 0, proc.stdout + proc.stderr
   job = tmp_path / "job.json"
   # process 1 starts its share 1.5 s late: the relayed state is there when it reaches its range (hashed inline)
-  (rc0, out0, err0), (rc1, out1, err1) = finish(start("verify_migration", _args(ck, ck["mig"], job),
-                                                        env={"PARITY_JAX_DIST_STALL": "1:1.5"}))
+  (rc0, out0, err0), (rc1, out1, err1) = finish(
+      start("verify_migration", _args(ck, ck["mig"], job), env={"PARITY_JAX_DIST_STALL": "1:1.5"})
+  )
   assert (rc0, rc1) == (0, 0), err0 + err1
   assert out0.splitlines()[-2] == "VERDICT: PASS" and "[PASS] params  9/9 leaves bit-identical" in out0
   assert "VERDICT: PASS" in out1 and "[PASS]" not in out1  # process 1 prints one line, no table
@@ -115,8 +126,9 @@ def _flat(tree, prefix=""):
 def test_relay_resumes_from_a_state_that_arrives_late(ck, tmp_path):
   """Process 0 starts late: process 1 compares its range first, then re-reads it to hash from the relayed state."""
   job = tmp_path / "job.json"
-  (rc0, _, e0), (rc1, _, e1) = finish(start("verify_migration", _args(ck, ck["mig"], job),
-                                              env={"PARITY_JAX_DIST_STALL": "0:2"}))
+  (rc0, _, e0), (rc1, _, e1) = finish(
+      start("verify_migration", _args(ck, ck["mig"], job), env={"PARITY_JAX_DIST_STALL": "0:2"})
+  )
   assert (rc0, rc1) == (0, 0), e0 + e1
   rep = json.loads(job.read_text())
   (split,) = rep["distributed"]["split_leaves"]
@@ -159,8 +171,9 @@ def test_bit_flip_in_a_leaf_of_process_1_and_in_the_split_leaf(ck, tmp_path):
 @pytest.mark.parametrize("how", ["sigkill", "hang"])
 def test_a_lost_process_makes_the_other_exit_2_naming_it(ck, tmp_path, how):
   job = tmp_path / "job.json"
-  procs = start("verify_migration", _args(ck, ck["mig"], job) + ["--peer_timeout=2"],
-                 env={"PARITY_JAX_DIST_STALL": "1:3600"})
+  procs = start(
+      "verify_migration", _args(ck, ck["mig"], job) + ["--peer_timeout=2"], env={"PARITY_JAX_DIST_STALL": "1:3600"}
+  )
   t0 = time.monotonic()
   if how == "sigkill":
     line = procs[1].stderr.readline()  # "stalling": process 1 is mid-run (structure done, values not)
@@ -181,15 +194,29 @@ def test_two_process_written_checkpoint_verifies_against_its_migration(tmp_path)
   """A source written by orbax from a real 2-process job (ocdbt.process_0/ and _1/), single- and multi-process."""
   src = tmp_path / "src"
   port = free_port()
-  writers = [subprocess.Popen([sys.executable, "-m", "tests.helpers.multiprocess_save", str(src), str(port), str(i)],
-                              cwd=H.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+  writers = [
+      subprocess.Popen(
+          [sys.executable, "-m", "tests.helpers.multiprocess_save", str(src), str(port), str(i)],
+          cwd=H.REPO,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for i in (0, 1)
+  ]
   for rc, _, err in finish(writers):
     assert rc == 0, err
   item = src / "state"
   assert (item / "ocdbt.process_0").is_dir() and (item / "ocdbt.process_1").is_dir()
-  spec = H.write_spec(tmp_path / "spec.json", {"rules": [
-      {"match": r"^params/w$", "to": "params/w", "squeeze": [0]},
-      {"match": r"^(params/(?:big|bias)|mu/big|step)$", "to": r"\1"}]})
+  spec = H.write_spec(
+      tmp_path / "spec.json",
+      {
+          "rules": [
+              {"match": r"^params/w$", "to": "params/w", "squeeze": [0]},
+              {"match": r"^(params/(?:big|bias)|mu/big|step)$", "to": r"\1"},
+          ]
+      },
+  )
   mig = tmp_path / "mig"
   migrate(str(src), str(mig), spec, chunk_mb=0.004)
   args = [f"--source={src}", f"--migrated={mig}", f"--spec={spec}", "--noprogress", "--slab_mb=0.005"]
@@ -199,14 +226,25 @@ def test_two_process_written_checkpoint_verifies_against_its_migration(tmp_path)
   rep = json.loads(job.read_text())
   assert rep["verdict"] == "PASS" and rep["n_leaves"] == 5 and rep["source"]["layout"] == "v1"
   t = multiprocess_save.tree()
-  want = {"params/w": t["params"]["w"][0], "params/big": t["params"]["big"], "params/bias": t["params"]["bias"],
-          "mu/big": t["mu"]["big"], "step": t["step"]}
+  want = {
+      "params/w": t["params"]["w"][0],
+      "params/big": t["params"]["big"],
+      "params/bias": t["params"]["bias"],
+      "mu/big": t["mu"]["big"],
+      "step": t["step"],
+  }
   for e in rep["leaves"]:
     assert e["sha256"] == hashlib.sha256(np.ascontiguousarray(want[e["migrated_path"]]).tobytes()).hexdigest()
   # and the migrated copy back against the 2-process-written original, the other way round, in one process
-  back = H.write_spec(tmp_path / "back.json", {"rules": [
-      {"match": r"^params/w$", "to": "params/w", "reshape": [1, 8, 24]},
-      {"match": r"^(params/(?:big|bias)|mu/big|step)$", "to": r"\1"}]})
+  back = H.write_spec(
+      tmp_path / "back.json",
+      {
+          "rules": [
+              {"match": r"^params/w$", "to": "params/w", "reshape": [1, 8, 24]},
+              {"match": r"^(params/(?:big|bias)|mu/big|step)$", "to": r"\1"},
+          ]
+      },
+  )
   proc = H.run_tool("verify_migration", f"--source={mig}", f"--migrated={src}", f"--spec={back}", "--noprogress")
   assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "VERDICT: PASS", proc.stdout + proc.stderr
 

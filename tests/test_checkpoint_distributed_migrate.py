@@ -29,8 +29,10 @@ from tests.helpers import jobs, multiprocess_save
 
 STALL = "PARITY_JAX_MIGRATE_STALL"  # "<process>:group:<n>" | "<process>:commit" | "0:merge" | "0:install"
 
-_SPEC = dict(H.GENERATED_SPEC, rules=H.GENERATED_SPEC["rules"] + [
-    {"match": r"^params/big$", "to": "params/big_t", "reshape": [8, 8, 1000]}])
+_SPEC = dict(
+    H.GENERATED_SPEC,
+    rules=H.GENERATED_SPEC["rules"] + [{"match": r"^params/big$", "to": "params/big_t", "reshape": [8, 8, 1000]}],
+)
 
 
 def _save_chunked(path, tree) -> str:
@@ -65,8 +67,12 @@ def ck(tmp_path_factory):
   src["params"]["big"] = np.random.default_rng(5).standard_normal((1, 64, 1000)).astype(np.float32)  # 256 KB
   expected = H.expected_migrated(src)
   expected["params"]["big_t"] = src["params"]["big"].reshape(8, 8, 1000)
-  d = {"src": _save_chunked(root / "src", src), "spec": H.write_spec(root / "spec.json", _SPEC),
-       "expected": _flat(expected), "one": str(root / "one")}
+  d = {
+      "src": _save_chunked(root / "src", src),
+      "spec": H.write_spec(root / "spec.json", _SPEC),
+      "expected": _flat(expected),
+      "one": str(root / "one"),
+  }
   migrate(d["src"], d["one"], d["spec"], chunk_mb=0.05)  # the single-process migrator: orbax's own writer
   d["one_report"] = verify_migration(d["src"], d["one"], d["spec"]).to_dict()
   return d
@@ -172,8 +178,15 @@ def test_killing_process_0_before_the_rename_makes_process_1_exit_2_with_one_lin
 
 
 def test_killing_process_0_of_a_verify_job_makes_process_1_exit_2_with_one_line(ck, tmp_path):
-  args = [f"--source={ck['src']}", f"--migrated={ck['one']}", f"--spec={ck['spec']}", "--noprogress",
-          "--slab_mb=0.02", "--peer_timeout=30", f"--report={tmp_path / 'r.json'}"]
+  args = [
+      f"--source={ck['src']}",
+      f"--migrated={ck['one']}",
+      f"--spec={ck['spec']}",
+      "--noprogress",
+      "--slab_mb=0.02",
+      "--peer_timeout=30",
+      f"--report={tmp_path / 'r.json'}",
+  ]
   procs = jobs.start("verify_migration", args, env={"PARITY_JAX_DIST_STALL": "0:3600"})
   jobs.wait_for_line(procs[0], "stalling")
   t0 = time.monotonic()
@@ -205,8 +218,9 @@ def test_a_process_that_cannot_read_its_share_stops_the_job_with_one_line_on_eac
       data[i] ^= 0xFF
     f.write_bytes(bytes(data))
   dest = tmp_path / "mig"
-  (rc0, _, err0), (rc1, _, err1) = jobs.finish(jobs.start("migrate_checkpoint", _margs(ck, dest) + ["--peer_timeout=5"],
-                                                          extra={1: [f"--source={bad}"]}))
+  (rc0, _, err0), (rc1, _, err1) = jobs.finish(
+      jobs.start("migrate_checkpoint", _margs(ck, dest) + ["--peer_timeout=5"], extra={1: [f"--source={bad}"]})
+  )
   l0, l1 = _lines(err0), _lines(err1)
   assert rc1 == 2 and len(l1) == 1 and "error: cannot read leaf" in l1[0], err1
   assert rc0 == 2 and len(l0) == 1 and "error: process 1 failed: cannot read leaf" in l0[0], err0
@@ -217,21 +231,40 @@ def test_a_two_process_written_source_migrated_by_two_processes_verifies(tmp_pat
   """A source written by orbax from a real 2-process job (ocdbt.process_0/ and _1/), migrated by a 2-process job."""
   src = tmp_path / "src"
   port = jobs.free_port()
-  writers = [subprocess.Popen([sys.executable, "-m", "tests.helpers.multiprocess_save", str(src), str(port), str(i)],
-                              cwd=H.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+  writers = [
+      subprocess.Popen(
+          [sys.executable, "-m", "tests.helpers.multiprocess_save", str(src), str(port), str(i)],
+          cwd=H.REPO,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for i in (0, 1)
+  ]
   for rc, _, err in jobs.finish(writers):
     assert rc == 0, err
-  spec = H.write_spec(tmp_path / "spec.json", {"rules": [
-      {"match": r"^params/w$", "to": "params/w", "squeeze": [0]},
-      {"match": r"^(params/(?:big|bias)|mu/big|step)$", "to": r"\1"}]})
+  spec = H.write_spec(
+      tmp_path / "spec.json",
+      {
+          "rules": [
+              {"match": r"^params/w$", "to": "params/w", "squeeze": [0]},
+              {"match": r"^(params/(?:big|bias)|mu/big|step)$", "to": r"\1"},
+          ]
+      },
+  )
   mig = tmp_path / "mig"
   args = [f"--source={src}", f"--dest={mig}", f"--spec={spec}", "--chunk_mb=0.004", "--noprogress"]
   (rc0, _, e0), (rc1, _, e1) = jobs.finish(jobs.start("migrate_checkpoint", args))
   assert (rc0, rc1) == (0, 0), e0 + e1
   assert (mig / "state" / "ocdbt.process_0").is_dir() and (mig / "state" / "ocdbt.process_1").is_dir()
   t = multiprocess_save.tree()
-  want = {"params/w": t["params"]["w"][0], "params/big": t["params"]["big"], "params/bias": t["params"]["bias"],
-          "mu/big": t["mu"]["big"], "step": t["step"]}
+  want = {
+      "params/w": t["params"]["w"][0],
+      "params/big": t["params"]["big"],
+      "params/bias": t["params"]["bias"],
+      "mu/big": t["mu"]["big"],
+      "step": t["step"],
+  }
   rep = verify_migration(str(src), str(mig), spec).to_dict()
   assert rep["verdict"] == "PASS" and rep["n_leaves"] == 5
   for e in rep["leaves"]:

@@ -28,14 +28,16 @@ ITEMS = [(fx, name) for fx in FIXTURES for name in fx.item_names()]
 SINGLE = [fx for fx in FIXTURES if len(fx.items) == 1]
 
 # A renaming spec, so that the migrated side is not the source under another directory name.
-SPEC = RemapSpec.from_rules([{"match": r"^params/(?P<r>.+)$", "to": r"model/\g<r>"},
-                             {"match": r"^(?!params/)(?P<r>.+)$", "to": r"\g<r>"}], name="legacy-rename")
+SPEC = RemapSpec.from_rules(
+    [{"match": r"^params/(?P<r>.+)$", "to": r"model/\g<r>"}, {"match": r"^(?!params/)(?P<r>.+)$", "to": r"\g<r>"}],
+    name="legacy-rename",
+)
 SPEC_NO_PARAMS = RemapSpec.from_rules([{"match": r"(.+)", "to": r"\1"}], name="legacy-rename")  # the 'extra' item
 IDENTITY = RemapSpec.from_rules([{"match": "(.*)", "to": r"\1"}], name="identity")
 
 
 def _dest(path: str) -> str:
-  return "model/" + path[len("params/"):] if path.startswith("params/") else path
+  return "model/" + path[len("params/") :] if path.startswith("params/") else path
 
 
 # Leaves equal to the zarr fill value (0.0) in some or all of their chunks: on disk in zarr3 from orbax < 0.10
@@ -49,8 +51,14 @@ def test_fixtures_are_the_documented_set():
   # each release: OCDBT and not, zarr v2 and zarr3, and a CheckpointManager step dir
   for rel in L.RELEASES:
     names = {fx.name for fx in FIXTURES if fx.release == rel}
-    assert {"pytree_ocdbt_zarr2", "pytree_noocdbt_zarr2", "pytree_ocdbt_zarr3", "pytree_noocdbt_zarr3",
-            "manager_step_default", "manager_step_two_items"} <= names
+    assert {
+        "pytree_ocdbt_zarr2",
+        "pytree_noocdbt_zarr2",
+        "pytree_ocdbt_zarr3",
+        "pytree_noocdbt_zarr3",
+        "manager_step_default",
+        "manager_step_two_items",
+    } <= names
 
 
 @pytest.mark.parametrize("fx,item", ITEMS, ids=[f"{fx.id}:{item or 'pytree'}" for fx, item in ITEMS])
@@ -101,8 +109,11 @@ def _flip_one_bit(a: np.ndarray, k: int) -> np.ndarray:
   return a
 
 
-@pytest.mark.parametrize("i,fx,item", [(i, fx, item) for i, (fx, item) in enumerate(ITEMS)],
-                         ids=[f"{fx.id}:{item or 'pytree'}" for fx, item in ITEMS])
+@pytest.mark.parametrize(
+    "i,fx,item",
+    [(i, fx, item) for i, (fx, item) in enumerate(ITEMS)],
+    ids=[f"{fx.id}:{item or 'pytree'}" for fx, item in ITEMS],
+)
 def test_migrate_then_verify_passes_and_a_flipped_bit_fails_naming_the_leaf(i, fx, item, tmp_path):
   item_dir, leaves = fx.items[item]
   spec = SPEC if any(l.path.startswith("params/") for l in leaves) else SPEC_NO_PARAMS
@@ -160,12 +171,15 @@ def test_zarr3_from_orbax_before_0_10_reads_missing_chunks_as_the_fill_value(rel
   assert rep.passed, rep.text()
 
 
-@pytest.mark.parametrize("release,name,leaf,chunk", [
-    ("0.10.2", "pytree_noocdbt_zarr3", "params/dense/bias", "params.dense.bias/c/0/0"),  # flag in _METADATA
-    ("0.10.2", "pytree_noocdbt_zarr3", "opt_state/nu/kernel", "opt_state.nu.kernel/c/2/0"),
-    ("0.5.10", "pytree_noocdbt_zarr2", "params/mixed", "params.mixed/2.0"),  # zarr v2, fill_value null
-    ("0.6.4", "manager_step_noocdbt", "opt_state/mu/kernel", "state/opt_state.mu.kernel/0.0"),
-])
+@pytest.mark.parametrize(
+    "release,name,leaf,chunk",
+    [
+        ("0.10.2", "pytree_noocdbt_zarr3", "params/dense/bias", "params.dense.bias/c/0/0"),  # flag in _METADATA
+        ("0.10.2", "pytree_noocdbt_zarr3", "opt_state/nu/kernel", "opt_state.nu.kernel/c/2/0"),
+        ("0.5.10", "pytree_noocdbt_zarr2", "params/mixed", "params.mixed/2.0"),  # zarr v2, fill_value null
+        ("0.6.4", "manager_step_noocdbt", "opt_state/mu/kernel", "state/opt_state.mu.kernel/0.0"),
+    ],
+)
 def test_missing_chunk_where_the_writer_stored_every_chunk_is_unreadable(tmp_path, release, name, leaf, chunk):
   fx = _fixture(release, name)
   damaged = L.copy_checkpoint(fx, tmp_path / "damaged")
@@ -194,8 +208,9 @@ def test_migrate_tool_on_a_damaged_source_prints_one_line_only(tmp_path):
   (damaged / "params.dense.bias" / "c" / "0" / "0").unlink()  # its metadata opens; its data read fails mid-batch
   spec = H.write_spec(tmp_path / "id.json", {"rules": [{"match": "(.*)", "to": r"\1"}]})
   for _ in range(2):  # the stray callbacks race with the exit; two runs make it likely to show if unfixed
-    proc = H.run_tool("migrate_checkpoint", f"--source={damaged}", f"--dest={tmp_path / 'out'}", f"--spec={spec}",
-                      "--noprogress")
+    proc = H.run_tool(
+        "migrate_checkpoint", f"--source={damaged}", f"--dest={tmp_path / 'out'}", f"--spec={spec}", "--noprogress"
+    )
     lines = H.stderr_lines(proc)
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "params/dense/bias" in lines[0]
@@ -217,8 +232,11 @@ def test_lost_data_chunk_in_an_old_zarr3_checkpoint_is_a_value_mismatch(tmp_path
 
 @pytest.mark.parametrize("release", L.RELEASES)
 def test_step_directory_with_one_item_is_used_even_without_a_marker(release):
-  for name, item in (("manager_step_default", "default"), ("manager_step_legacy_api", "default"),
-                     ("manager_step_noocdbt", "state")):
+  for name, item in (
+      ("manager_step_default", "default"),
+      ("manager_step_legacy_api", "default"),
+      ("manager_step_noocdbt", "state"),
+  ):
     fx = _fixture(release, name)
     item_dir, layout = resolve_item_dir(fx.checkpoint)
     assert (item_dir, layout) == (str(fx.checkpoint / item), "step")
@@ -251,7 +269,9 @@ def _flax_msgpack(path):
   return path
 
 
-@pytest.mark.parametrize("case", ["flax msgpack file", "flax checkpoints dir", "pre-_METADATA orbax", "safetensors dir"])
+@pytest.mark.parametrize(
+    "case", ["flax msgpack file", "flax checkpoints dir", "pre-_METADATA orbax", "safetensors dir"]
+)
 def test_layouts_of_other_libraries_get_one_line_naming_them_and_what_is_supported(tmp_path, case):
   d = tmp_path / "ck"
   d.mkdir()
@@ -266,7 +286,10 @@ def test_layouts_of_other_libraries_get_one_line_naming_them_and_what_is_support
   else:
     (d / "model.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0{}      ")
     target, want = d, "a safetensors / Hugging Face model directory"
-  for tool_call in (lambda: verify_migration(target, target, IDENTITY), lambda: migrate(target, tmp_path / "o", IDENTITY)):
+  for tool_call in (
+      lambda: verify_migration(target, target, IDENTITY),
+      lambda: migrate(target, tmp_path / "o", IDENTITY),
+  ):
     with pytest.raises(UsageError) as e:
       tool_call()
     msg = str(e.value)
@@ -283,14 +306,19 @@ def test_layouts_of_other_libraries_get_one_line_naming_them_and_what_is_support
 def colliding(tmp_path_factory):
   """orbax (current) saves both without a word; both leaves then restore the same array."""
   root = tmp_path_factory.mktemp("collide")
-  tree = {"a.b": {"c": np.arange(4, dtype=np.float32)}, "a": {"b.c": np.ones(4, np.float32)}, "z": np.zeros(3, np.int32)}
+  tree = {
+      "a.b": {"c": np.arange(4, dtype=np.float32)},
+      "a": {"b.c": np.ones(4, np.float32)},
+      "z": np.zeros(3, np.int32),
+  }
   return H.save_v0(root / "src", tree), root
 
 
 def test_colliding_leaf_names_in_the_source_are_refused_by_both_tools_naming_both_keys(colliding, tmp_path):
   src, root = colliding
-  spec = RemapSpec.from_rules([{"match": "^a\\.b/c$", "to": "x/c"}, {"match": "^a/b\\.c$", "to": "y/c"},
-                               {"match": "^z$", "to": "z"}])
+  spec = RemapSpec.from_rules(
+      [{"match": "^a\\.b/c$", "to": "x/c"}, {"match": "^a/b\\.c$", "to": "y/c"}, {"match": "^z$", "to": "z"}]
+  )
   for call in (lambda: migrate(src, tmp_path / "out", spec), lambda: verify_migration(src, src, IDENTITY)):
     with pytest.raises(UsageError) as e:
       call()
@@ -312,7 +340,10 @@ def test_colliding_leaf_names_in_the_migrated_checkpoint_fail(colliding, tmp_pat
 def test_colliding_source_via_both_tools_exits_2_with_one_line(colliding, tmp_path):
   src, root = colliding
   spec = H.write_spec(tmp_path / "id.json", {"rules": [{"match": "(.*)", "to": r"\1"}]})
-  for tool, args in (("migrate_checkpoint", [f"--dest={tmp_path / 'out'}"]), ("verify_migration", [f"--migrated={src}"])):
+  for tool, args in (
+      ("migrate_checkpoint", [f"--dest={tmp_path / 'out'}"]),
+      ("verify_migration", [f"--migrated={src}"]),
+  ):
     proc = H.run_tool(tool, f"--source={src}", f"--spec={spec}", "--noprogress", *args)
     lines = H.stderr_lines(proc)
     assert proc.returncode == 2 and len(lines) == 1 and proc.stdout == "", proc.stdout + proc.stderr
@@ -336,8 +367,10 @@ def test_report_records_the_layout_facts_of_each_side(tmp_path):
   assert src["zarr_format"] == 3 and src["missing_chunks"] == "fill value"
   assert "store_array_data_equal_to_fill_value" in src["missing_chunks_decided_by"]
   assert src["orbax_version"] is None and src["orbax_version_hint"] == "orbax < 0.10.0"
-  assert {g["storage"] for g in src["leaf_storage"]} == {"zstd, 1 chunk, missing chunk = fill value",
-                                                         "zstd, 4 chunks, missing chunk = fill value"}
+  assert {g["storage"] for g in src["leaf_storage"]} == {
+      "zstd, 1 chunk, missing chunk = fill value",
+      "zstd, 4 chunks, missing chunk = fill value",
+  }
   assert mig["ocdbt"] is True and mig["zarr_format"] == 3 and mig["missing_chunks"] == "error"
   assert mig["orbax_version"] == version("orbax-checkpoint")
   assert sum(g["leaves"] for g in mig["leaf_storage"]) == 17

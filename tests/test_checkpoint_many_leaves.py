@@ -18,8 +18,9 @@ from parity_jax.checkpoint import RemapSpec, migrate, stream, verify_migration
 from tests.helpers import ckpt as H
 
 N = 300
-SPEC = RemapSpec.from_rules([{"match": r"^layers/(?P<i>\d+)/(?P<k>\w+)$", "to": r"model/l\g<i>/\g<k>"},
-                             {"match": r"^step$", "to": "step"}])
+SPEC = RemapSpec.from_rules(
+    [{"match": r"^layers/(?P<i>\d+)/(?P<k>\w+)$", "to": r"model/l\g<i>/\g<k>"}, {"match": r"^step$", "to": "step"}]
+)
 
 
 def _tree():
@@ -52,8 +53,11 @@ def test_many_small_leaves_pass_in_batches_with_exact_hashes(many):
   root, tree, src, mig = many
   rep = verify_migration(src, mig, SPEC)
   assert rep.passed and len(rep.leaves) == N + 1, rep.text()
-  want = {f"model/l{i}/{k}": hashlib.sha256(v.tobytes()).hexdigest()
-          for i, layer in tree["layers"].items() for k, v in layer.items()}
+  want = {
+      f"model/l{i}/{k}": hashlib.sha256(v.tobytes()).hexdigest()
+      for i, layer in tree["layers"].items()
+      for k, v in layer.items()
+  }
   want["step"] = hashlib.sha256(np.array(12, np.int64).tobytes()).hexdigest()
   got = {r.migrated_path: (r.sha256, r.source_sha256) for r in rep.leaves}
   assert got == {p: (h, h) for p, h in want.items()}
@@ -74,7 +78,10 @@ FAULTS = {
     "flipped bit in a weight": ("model/l7/w", lambda t: _flip(t["model"]["l7"]["w"], (3, 4), 1 << 3)),
     "-0.0 in a zero bias": ("model/l50/b", lambda t: t["model"]["l50"]["b"].__setitem__(2, -0.0)),
     "NaN in the last leaf's batch": ("model/l99/w", lambda t: t["model"]["l99"]["w"].__setitem__((0, 0), np.nan)),
-    "int8 off by one": ("model/l0/m", lambda t: t["model"]["l0"]["m"].__setitem__((2, 4), t["model"]["l0"]["m"][2, 4] + 1)),
+    "int8 off by one": (
+        "model/l0/m",
+        lambda t: t["model"]["l0"]["m"].__setitem__((2, 4), t["model"]["l0"]["m"][2, 4] + 1),
+    ),
 }
 
 
@@ -92,7 +99,9 @@ def test_a_fault_in_one_small_leaf_fails_exactly_that_leaf_with_whole_array_stat
   _, l, k = leaf.split("/")
   g, b = good["model"][l][k], bad["model"][l][k]
   assert r.diff.to_dict() == compare.diff_stats(g, b, top_k=10).to_dict()
-  assert r.source_sha256 == hashlib.sha256(g.tobytes()).hexdigest() and r.sha256 == hashlib.sha256(b.tobytes()).hexdigest()
+  assert (
+      r.source_sha256 == hashlib.sha256(g.tobytes()).hexdigest() and r.sha256 == hashlib.sha256(b.tobytes()).hexdigest()
+  )
   assert r.read_mode.startswith("stream: ")  # the differing pair was streamed again for its statistics
 
 

@@ -24,8 +24,11 @@ def big_pair(tmp_path_factory):
   return d, w, src, write_spec(d / "spec.json", IDENTITY)
 
 
-@pytest.mark.parametrize("where", [(ROWS // 2 - 1, COLS - 1), (ROWS - 1, COLS - 1), (ROWS // 2, 0)],
-                         ids=["last element of the first piece", "last element of the leaf", "first of the second"])
+@pytest.mark.parametrize(
+    "where",
+    [(ROWS // 2 - 1, COLS - 1), (ROWS - 1, COLS - 1), (ROWS // 2, 0)],
+    ids=["last element of the first piece", "last element of the leaf", "first of the second"],
+)
 def test_a_difference_anywhere_in_a_piece_over_8_mib_is_found(big_pair, tmp_path, where):
   d, w, src, spec = big_pair
   bad = w.copy()

@@ -20,7 +20,11 @@ def leaf(shape, kind="array"):
 
 GOOD = {
     "rules": [
-        {"match": r"^components/(?P<layer>\d+)/g/V$", "to": r"components/layers.\g<layer>.mlp.gate_proj/V", "squeeze": [0]},
+        {
+            "match": r"^components/(?P<layer>\d+)/g/V$",
+            "to": r"components/layers.\g<layer>.mlp.gate_proj/V",
+            "squeeze": [0],
+        },
         {"match": r"^emb$", "to": "embedding", "reshape": [2, -1]},
         {"match": r"^step$", "to": "step"},
     ],
@@ -66,7 +70,10 @@ def test_bind_builds_plan_transforms_and_inverse():
         ('{"rules": [{"match": "^a$"}]}', "'to' must be a non-empty string"),
         ('{"rules": [{"match": "^(a)$", "to": "\\\\2"}]}', "not a valid template"),
         ('{"rules": [{"match": "^(?P<x>a)$", "to": "\\\\g<y>"}]}', "not a valid template"),
-        ('{"rules": [{"match": "^a$", "to": "a", "squeeze": [true]}]}', "'squeeze' must be a non-empty list of integer"),
+        (
+            '{"rules": [{"match": "^a$", "to": "a", "squeeze": [true]}]}',
+            "'squeeze' must be a non-empty list of integer",
+        ),
         ('{"rules": [{"match": "^a$", "to": "a", "squeeze": []}]}', "'squeeze' must be a non-empty list"),
         ('{"rules": [{"match": "^a$", "to": "a", "squeeze": [0, 0]}]}', "repeats an axis"),
         ('{"rules": [{"match": "^a$", "to": "a", "reshape": [-1, -1]}]}', "at most one -1"),
@@ -100,25 +107,38 @@ def test_all_parse_problems_are_reported_together():
 
 
 def test_bind_reports_every_problem_together_before_reading_data():
-  spec = RemapSpec.from_rules([
-      {"match": r"^a/(\d+)$", "to": r"x/\1", "squeeze": [0]},   # #1
-      {"match": r"^a/1$", "to": "y"},                            # #2: a/1 matched twice
-      {"match": r"^b$", "to": "x/0"},                            # #3: b and a/0 -> x/0
-      {"match": r"^never$", "to": "z"},                          # #4: matches nothing
-      {"match": r"^c$", "to": "c", "reshape": [6, 4]},           # #5: not value-preserving
-      {"match": r"^d$", "to": "d", "reshape": [5]},              # #6: wrong element count
-      {"match": r"^e$", "to": "e/"},                             # #7: empty component
-      {"match": r"^f$", "to": "p"},                              # #8: p is a leaf ...
-      {"match": r"^g$", "to": "p/q"},                            # #9: ... and a parent
-      {"match": r"^h$", "to": "s.t/u"},                          # #10: collides with #11 in storage
-      {"match": r"^i$", "to": "s/t.u"},                          # #11
-      {"match": r"^j$", "to": "j", "squeeze": [3]},              # #12: out of range
-      {"match": r"^k$", "to": "k", "squeeze": [-1]},             # #13: size 4, not 1
-  ])
+  spec = RemapSpec.from_rules(
+      [
+          {"match": r"^a/(\d+)$", "to": r"x/\1", "squeeze": [0]},  # #1
+          {"match": r"^a/1$", "to": "y"},  # #2: a/1 matched twice
+          {"match": r"^b$", "to": "x/0"},  # #3: b and a/0 -> x/0
+          {"match": r"^never$", "to": "z"},  # #4: matches nothing
+          {"match": r"^c$", "to": "c", "reshape": [6, 4]},  # #5: not value-preserving
+          {"match": r"^d$", "to": "d", "reshape": [5]},  # #6: wrong element count
+          {"match": r"^e$", "to": "e/"},  # #7: empty component
+          {"match": r"^f$", "to": "p"},  # #8: p is a leaf ...
+          {"match": r"^g$", "to": "p/q"},  # #9: ... and a parent
+          {"match": r"^h$", "to": "s.t/u"},  # #10: collides with #11 in storage
+          {"match": r"^i$", "to": "s/t.u"},  # #11
+          {"match": r"^j$", "to": "j", "squeeze": [3]},  # #12: out of range
+          {"match": r"^k$", "to": "k", "squeeze": [-1]},  # #13: size 4, not 1
+      ]
+  )
   leaves = {
-      "a/0": leaf((1, 2)), "a/1": leaf((1, 2)), "a/2": leaf((3, 2)), "b": leaf((2,)), "c": leaf((4, 6)),
-      "d": leaf((2, 3)), "e": leaf(()), "f": leaf(()), "g": leaf(()), "h": leaf(()), "i": leaf(()),
-      "j": leaf((1,)), "k": leaf((1, 4)), "unmatched": leaf(()),
+      "a/0": leaf((1, 2)),
+      "a/1": leaf((1, 2)),
+      "a/2": leaf((3, 2)),
+      "b": leaf((2,)),
+      "c": leaf((4, 6)),
+      "d": leaf((2, 3)),
+      "e": leaf(()),
+      "f": leaf(()),
+      "g": leaf(()),
+      "h": leaf(()),
+      "i": leaf(()),
+      "j": leaf((1,)),
+      "k": leaf((1, 4)),
+      "unmatched": leaf(()),
   }
   with pytest.raises(SpecError) as e:
     spec.bind(leaves)
@@ -175,7 +195,14 @@ def test_refinement(a, b, r):
   assert geometry.refinement(a, b) == r
 
 
-SHAPE_PAIRS = [((1, 6, 40), (6, 40)), ((50, 8), (5, 10, 8)), ((6, 4), (2, 12)), ((1, 5, 1), (5, 1)), ((3, 1, 4, 2), (12, 2)), ((), ())]
+SHAPE_PAIRS = [
+    ((1, 6, 40), (6, 40)),
+    ((50, 8), (5, 10, 8)),
+    ((6, 4), (2, 12)),
+    ((1, 5, 1), (5, 1)),
+    ((3, 1, 4, 2), (12, 2)),
+    ((), ()),
+]
 
 
 @pytest.mark.parametrize("a, b", SHAPE_PAIRS)
@@ -215,7 +242,7 @@ def test_chunk_rows_and_row_major_chunks():
     c = geometry.row_major_chunk_shape(shape, 4, target)
     assert int(np.prod(c)) * 4 <= max(target, 4) or c[-1] == shape[-1] and int(np.prod(c[:-1])) == 1
     # every chunk is a C-contiguous run: ones, then one split axis, then whole axes
-    assert any(all(cc == 1 for cc in c[:p]) and tuple(c[p + 1:]) == tuple(shape[p + 1:]) for p in range(len(shape)))
+    assert any(all(cc == 1 for cc in c[:p]) and tuple(c[p + 1 :]) == tuple(shape[p + 1 :]) for p in range(len(shape)))
 
 
 def test_slab_boundaries_alignment():

@@ -18,14 +18,16 @@ def many(tmp_path_factory):
   root = tmp_path_factory.mktemp("spec_errors")
   src = H.save_v0(root / "src", {f"layer_{i:02d}": {"w": np.full((2,), i, np.float32)} for i in range(N_LEAVES)})
   # one rule that fits one leaf; every other leaf matches no rule, and a second rule matches nothing
-  spec = H.write_spec(root / "spec.json", {"rules": [{"match": "^layer_00/w$", "to": "w0"},
-                                                     {"match": "^ghost$", "to": "g"}]})
+  spec = H.write_spec(
+      root / "spec.json", {"rules": [{"match": "^layer_00/w$", "to": "w0"}, {"match": "^ghost$", "to": "g"}]}
+  )
   return root, src, spec
 
 
 def _expected_problems() -> set[str]:
-  return ({f"source leaf 'layer_{i:02d}/w' matches no rule" for i in range(1, N_LEAVES)}
-          | {"rule #2 ('^ghost$') matches no source leaf"})
+  return {f"source leaf 'layer_{i:02d}/w' matches no rule" for i in range(1, N_LEAVES)} | {
+      "rule #2 ('^ghost$') matches no source leaf"
+  }
 
 
 def test_spec_error_lists_every_problem_in_its_json():

@@ -41,8 +41,9 @@ def test_boundaries_include_multiples_of_matches_brute_force():
 
 
 def _meta(shape, chunk, raw, dtype=np.float32, path="w"):
-  return LeafMeta(path, (path,), "array", tuple(shape), np.dtype(dtype), tuple(chunk), path, "np.ndarray",
-                  raw_chunks=raw)
+  return LeafMeta(
+      path, (path,), "array", tuple(shape), np.dtype(dtype), tuple(chunk), path, "np.ndarray", raw_chunks=raw
+  )
 
 
 def _plan(src, mig, piece_mb=8, **kw):
@@ -134,7 +135,9 @@ FAULTS = {
     "mantissa bit in a middle piece": lambda w: _flip(w, (50, 17), 1 << 9),
     "last element": lambda w: _flip(w, (95, 63), 1 << 22),
     "-0.0 for +0.0 in the last piece": lambda w: w.__setitem__((90, 3), -0.0),
-    "NaN payload in the second piece": lambda w: w.__setitem__((20, 5), np.array(0x7FC00002, np.uint32).view(np.float32)),
+    "NaN payload in the second piece": lambda w: w.__setitem__(
+        (20, 5), np.array(0x7FC00002, np.uint32).view(np.float32)
+    ),
 }
 
 
@@ -163,7 +166,7 @@ def _save_source(path, tree, chunk_kb=None, row_major=False, compressed=True):
   if chunk_kb:
     ctx.array.saving.storage_options.chunk_byte_size = int(chunk_kb * 1024)
   ctx.array.saving.use_compression = compressed
-  with ctx, quiet_orbax(), (row_major_chunks() if row_major else contextlib.nullcontext()):
+  with ctx, quiet_orbax(), row_major_chunks() if row_major else contextlib.nullcontext():
     ocp_v1.save(str(path), tree)
   return path
 
@@ -257,6 +260,7 @@ def test_spill_file_failure_is_a_one_line_usage_error(tmp_path, monkeypatch):
   monkeypatch.setattr(stream, "SPILL_ABOVE_BYTES", 0)
 
   class Full:
+
     def __init__(self, f):
       self.f = f
 

@@ -55,14 +55,28 @@ def test_default_command_verifies_the_shipped_example():
 
 def test_verify_cli_pass_and_fail_exit_codes_and_report(ck, tmp_path):
   report = tmp_path / "ok.json"
-  proc = H.run_tool("verify_migration", f"--source={ck['src']}", f"--migrated={ck['mig']}", f"--spec={ck['spec']}",
-                    f"--report={report}", "--noprogress")
+  proc = H.run_tool(
+      "verify_migration",
+      f"--source={ck['src']}",
+      f"--migrated={ck['mig']}",
+      f"--spec={ck['spec']}",
+      f"--report={report}",
+      "--noprogress",
+  )
   assert proc.returncode == 0 and proc.stdout.splitlines()[-2] == "VERDICT: PASS", proc.stdout + proc.stderr
   assert json.loads(report.read_text())["verdict"] == "PASS"
 
   report = tmp_path / "bad.json"
-  proc = H.run_tool("verify_migration", f"--source={ck['src']}", f"--migrated={ck['bad']}", f"--spec={ck['spec']}",
-                    f"--report={report}", "--noprogress", "--readahead=2", "--slab_mb=0.01")
+  proc = H.run_tool(
+      "verify_migration",
+      f"--source={ck['src']}",
+      f"--migrated={ck['bad']}",
+      f"--spec={ck['spec']}",
+      f"--report={report}",
+      "--noprogress",
+      "--readahead=2",
+      "--slab_mb=0.01",
+  )
   assert proc.returncode == 1, proc.stdout + proc.stderr
   out = proc.stdout
   assert "[FAIL] params  7/8 leaves bit-identical" in out
@@ -76,9 +90,19 @@ def test_verify_cli_pass_and_fail_exit_codes_and_report(ck, tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing source", "missing migrated", "missing spec", "not a checkpoint", "malformed JSON",
-     "rule matches nothing", "leaf matched twice", "partial flags", "report inside checkpoint", "unknown flag",
-     "negative readahead"],
+    [
+        "missing source",
+        "missing migrated",
+        "missing spec",
+        "not a checkpoint",
+        "malformed JSON",
+        "rule matches nothing",
+        "leaf matched twice",
+        "partial flags",
+        "report inside checkpoint",
+        "unknown flag",
+        "negative readahead",
+    ],
 )
 def test_verify_bad_input_exits_2_with_one_line(ck, tmp_path, case):
   src, mig, spec = ck["src"], ck["mig"], ck["spec"]
@@ -102,7 +126,9 @@ def test_verify_bad_input_exits_2_with_one_line(ck, tmp_path, case):
     spec = H.write_spec(tmp_path / "s.json", {"rules": H.GENERATED_SPEC["rules"] + [{"match": "^ghost$", "to": "g"}]})
     needle = "rule #6 ('^ghost$') matches no source leaf"
   elif case == "leaf matched twice":
-    spec = H.write_spec(tmp_path / "s.json", {"rules": H.GENERATED_SPEC["rules"] + [{"match": "^step$", "to": "step2"}]})
+    spec = H.write_spec(
+        tmp_path / "s.json", {"rules": H.GENERATED_SPEC["rules"] + [{"match": "^step$", "to": "step2"}]}
+    )
     needle = "source leaf 'step' matches 2 rules: #5, #6"
   elif case == "partial flags":
     spec, needle = None, "missing --spec"
@@ -123,8 +149,19 @@ def test_verify_bad_input_exits_2_with_one_line(ck, tmp_path, case):
   assert hash_file_tree(ck["mig"]) == before
 
 
-@pytest.mark.parametrize("case", ["missing source", "not a checkpoint", "malformed JSON", "rule matches nothing",
-                                  "leaf matched twice", "dest exists", "dest inside source", "missing flag"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing source",
+        "not a checkpoint",
+        "malformed JSON",
+        "rule matches nothing",
+        "leaf matched twice",
+        "dest exists",
+        "dest inside source",
+        "missing flag",
+    ],
+)
 def test_migrate_bad_input_exits_2_with_one_line_and_writes_nothing(ck, tmp_path, case):
   src, spec, dest = ck["src"], ck["spec"], str(tmp_path / "out")
   needle = ""
@@ -163,8 +200,9 @@ def test_migrate_bad_input_exits_2_with_one_line_and_writes_nothing(ck, tmp_path
 
 def test_migrate_cli_progress_then_verify(ck, tmp_path):
   dest = tmp_path / "m"
-  proc = H.run_tool("migrate_checkpoint", f"--source={ck['src']}", f"--dest={dest}", f"--spec={ck['spec']}",
-                    "--chunk_mb=0.001")
+  proc = H.run_tool(
+      "migrate_checkpoint", f"--source={ck['src']}", f"--dest={dest}", f"--spec={ck['spec']}", "--chunk_mb=0.001"
+  )
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.startswith("migrated 14 leaves")
   assert "14/14 leaves" in proc.stderr and "B/s" in proc.stderr and "Traceback" not in proc.stderr
@@ -174,8 +212,14 @@ def test_migrate_cli_progress_then_verify(ck, tmp_path):
 def test_overwrite_semantics(ck, tmp_path):
   dest = tmp_path / "m"
   shutil.copytree(H.EXAMPLE / "migrated", dest)  # some other checkpoint is in the way
-  proc = H.run_tool("migrate_checkpoint", f"--source={ck['src']}", f"--dest={dest}", f"--spec={ck['spec']}",
-                    "--overwrite", "--noprogress")
+  proc = H.run_tool(
+      "migrate_checkpoint",
+      f"--source={ck['src']}",
+      f"--dest={dest}",
+      f"--spec={ck['spec']}",
+      "--overwrite",
+      "--noprogress",
+  )
   assert proc.returncode == 0, proc.stderr
   assert verify_migration(ck["src"], dest, ck["spec"]).passed
   assert [p for p in os.listdir(tmp_path)] == ["m"]  # no temporaries or replaced copies left behind
@@ -196,9 +240,20 @@ def test_overwrite_semantics(ck, tmp_path):
 def test_sigkill_leaves_nothing_that_looks_like_a_checkpoint(ck, tmp_path, point):
   dest = tmp_path / "m"
   proc = subprocess.Popen(
-      [sys.executable, "-m", "tools.migrate_checkpoint", f"--source={ck['src']}", f"--dest={dest}",
-       f"--spec={ck['spec']}", "--batch_mb=0.0005", "--noprogress"],
-      cwd=H.REPO, env=dict(os.environ, PARITY_JAX_MIGRATE_STALL=point), stderr=subprocess.PIPE, text=True,
+      [
+          sys.executable,
+          "-m",
+          "tools.migrate_checkpoint",
+          f"--source={ck['src']}",
+          f"--dest={dest}",
+          f"--spec={ck['spec']}",
+          "--batch_mb=0.0005",
+          "--noprogress",
+      ],
+      cwd=H.REPO,
+      env=dict(os.environ, PARITY_JAX_MIGRATE_STALL=point),
+      stderr=subprocess.PIPE,
+      text=True,
   )
   watchdog = threading.Timer(90, proc.kill)
   watchdog.start()
@@ -230,8 +285,14 @@ def test_corrupted_migrated_checkpoint_via_cli_is_a_clean_fail(ck, tmp_path):
   shutil.copytree(ck["mig"], mig)
   for f in (mig / "state" / "d").iterdir():
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-  proc = H.run_tool("verify_migration", f"--source={ck['src']}", f"--migrated={mig}", f"--spec={ck['spec']}",
-                    "--noprogress", timeout=120)
+  proc = H.run_tool(
+      "verify_migration",
+      f"--source={ck['src']}",
+      f"--migrated={mig}",
+      f"--spec={ck['spec']}",
+      "--noprogress",
+      timeout=120,
+  )
   assert proc.returncode == 1, proc.stdout + proc.stderr
   assert "Traceback" not in proc.stderr and "UNREADABLE" in proc.stdout
   assert proc.stdout.splitlines()[-1].startswith("VERDICT: FAIL — 13 of 14 leaves differ")

@@ -16,9 +16,7 @@ import pytest
 
 from tests.helpers import ckpt as H
 from parity_jax import compare
-from parity_jax.checkpoint import (
-    LeafReader, RemapSpec, migrate, open_checkpoint, restore_leaves, verify_migration,
-)
+from parity_jax.checkpoint import (LeafReader, RemapSpec, migrate, open_checkpoint, restore_leaves, verify_migration)
 from parity_jax.checkpoint import stream
 from parity_jax.checkpoint.example import leaf_sha256
 from parity_jax.checkpoint.keypath import flatten
@@ -75,8 +73,15 @@ def _assert_same_stats(got: compare.DiffStats, want: compare.DiffStats):
 def test_shipped_example_passes_and_hashes_match_the_manifest():
   rep = verify_migration(H.EXAMPLE / "source", H.EXAMPLE / "migrated", H.EXAMPLE / "spec.json")
   assert rep.passed, rep.text()
-  assert list(rep.groups) == ["ci_fn", "ci_fn_opt_state", "components", "components_opt_state", "sources",
-                              "sources_opt_state", "step"]
+  assert list(rep.groups) == [
+      "ci_fn",
+      "ci_fn_opt_state",
+      "components",
+      "components_opt_state",
+      "sources",
+      "sources_opt_state",
+      "step",
+  ]
   manifest = json.loads((H.EXAMPLE / "MANIFEST.json").read_text())["source_leaves"]
   assert len(rep.leaves) == len(manifest) == 94
   for r in rep.leaves:
@@ -138,8 +143,15 @@ def test_leaf_reader_matches_orbax_restore_for_every_leaf(gen):
           assert compare.bit_equal(r.read(), restored[p]), (path, p)
 
 
-def _big_pair(tmp_path, src_chunk_mb, mig_chunk_mb, shape=(1, 96, 64), src_row_major=False, src_compressed=True,
-              mig_compression="none"):
+def _big_pair(
+    tmp_path,
+    src_chunk_mb,
+    mig_chunk_mb,
+    shape=(1, 96, 64),
+    src_row_major=False,
+    src_compressed=True,
+    mig_compression="none",
+):
   rng = np.random.default_rng(1)
   tree = {"w": rng.standard_normal(shape).astype(np.float32), "s": np.array(1, np.int32)}
   spec = RemapSpec.from_rules([{"match": "^w$", "to": "w", "squeeze": [0]}, {"match": "^s$", "to": "s"}])
@@ -151,7 +163,7 @@ def _big_pair(tmp_path, src_chunk_mb, mig_chunk_mb, shape=(1, 96, 64), src_row_m
   ctx.array.saving.use_compression = src_compressed
   from parity_jax.checkpoint.migrate import row_major_chunks
 
-  with ctx, (row_major_chunks() if src_row_major else contextlib.nullcontext()):
+  with ctx, row_major_chunks() if src_row_major else contextlib.nullcontext():
     H.save_v1(tmp_path / "src", tree)
   migrate(tmp_path / "src", tmp_path / "mig", spec, chunk_mb=mig_chunk_mb or 1024, compression=mig_compression)
   return tree, spec
@@ -161,34 +173,53 @@ def _big_pair(tmp_path, src_chunk_mb, mig_chunk_mb, shape=(1, 96, 64), src_row_m
 # orbax's default (one zstd chunk) unless said otherwise; our migrator writes raw (uncompressed) chunks.
 STREAM_MODES = {
     "cached source rows": (
-        dict(src_chunk_mb=None, mig_chunk_mb=4 / 1024), {},
+        dict(src_chunk_mb=None, mig_chunk_mb=4 / 1024),
+        {},
         r"stream: 6 slab\(s\) of <= 4.0 KiB; source chunk rows of 24.0 KiB cached \(1 at a time\); migrated raw"
-        r".*; sha256 of the migrated leaf read by a background thread"),
+        r".*; sha256 of the migrated leaf read by a background thread",
+    ),
     "whole chunk rows per piece": (
-        dict(src_chunk_mb=2 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024), {},
+        dict(src_chunk_mb=2 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024),
+        {},
         r"stream: 6 slab\(s\) of <= 4.0 KiB; source whole chunk rows of 2.0 KiB per piece; migrated raw"
-        r".*; sha256 of compared source pieces in a pipelined thread"),
+        r".*; sha256 of compared source pieces in a pipelined thread",
+    ),
     "rows reopened per row": (
-        dict(src_chunk_mb=8 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024), {},
-        r"stream: 6 slab\(s\) of <= 4.0 KiB; source chunk rows of 8.0 KiB cached \(1 at a time\); migrated raw"),
+        dict(src_chunk_mb=8 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024),
+        {},
+        r"stream: 6 slab\(s\) of <= 4.0 KiB; source chunk rows of 8.0 KiB cached \(1 at a time\); migrated raw",
+    ),
     "rows read ahead": (
-        dict(src_chunk_mb=8 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024), {"readahead": 1},
-        r"stream: .*source chunk rows of 8.0 KiB cached \(1 at a time, 1 row\(s\) read ahead\); migrated raw"),
+        dict(src_chunk_mb=8 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024),
+        {"readahead": 1},
+        r"stream: .*source chunk rows of 8.0 KiB cached \(1 at a time, 1 row\(s\) read ahead\); migrated raw",
+    ),
     "orbax's own chunk shapes": (dict(src_chunk_mb=8 / 1024, mig_chunk_mb=8 / 1024), {}, ""),  # any plan, same answer
     "both raw": (
-        dict(src_chunk_mb=4 / 1024, src_compressed=False, mig_chunk_mb=8 / 1024), {},
-        r"stream: 6 slab.*; source raw.*; migrated raw.*; sha256 of compared source pieces in a pipelined thread"),
+        dict(src_chunk_mb=4 / 1024, src_compressed=False, mig_chunk_mb=8 / 1024),
+        {},
+        r"stream: 6 slab.*; source raw.*; migrated raw.*; sha256 of compared source pieces in a pipelined thread",
+    ),
     "compressed migrated, raw source": (
-        dict(src_chunk_mb=None, src_compressed=False, mig_chunk_mb=4 / 1024, mig_compression="zstd"), {},
-        r"stream: .*; source raw.*; migrated whole chunk rows of 4.0 KiB per piece"),
+        dict(src_chunk_mb=None, src_compressed=False, mig_chunk_mb=4 / 1024, mig_compression="zstd"),
+        {},
+        r"stream: .*; source raw.*; migrated whole chunk rows of 4.0 KiB per piece",
+    ),
     "single compressed migrated chunk, raw source": (
-        dict(src_chunk_mb=4 / 1024, src_compressed=False, mig_chunk_mb=None, mig_compression="zstd"), {},
-        r"stream: .*; source raw.*; migrated chunk rows of 24.0 KiB cached.*; sha256 of the source leaf read by a"),
+        dict(src_chunk_mb=4 / 1024, src_compressed=False, mig_chunk_mb=None, mig_compression="zstd"),
+        {},
+        r"stream: .*; source raw.*; migrated chunk rows of 24.0 KiB cached.*; sha256 of the source leaf read by a",
+    ),
     "both compressed, chunked": (
-        dict(src_chunk_mb=8 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024, mig_compression="zstd"), {},
-        r"stream: .*; source chunk rows of 8.0 KiB cached.*; migrated chunk rows of 8.0 KiB cached"),
+        dict(src_chunk_mb=8 / 1024, src_row_major=True, mig_chunk_mb=8 / 1024, mig_compression="zstd"),
+        {},
+        r"stream: .*; source chunk rows of 8.0 KiB cached.*; migrated chunk rows of 8.0 KiB cached",
+    ),
     "spill": (  # both single compressed chunks: the two leaves are never in memory together
-        dict(src_chunk_mb=None, mig_chunk_mb=None, mig_compression="zstd"), {}, r"spill: "),
+        dict(src_chunk_mb=None, mig_chunk_mb=None, mig_compression="zstd"),
+        {},
+        r"spill: ",
+    ),
 }
 
 
@@ -292,7 +323,10 @@ FAULTS = {
     "flipped bit": (_flip_bit, {"params/block_0/kernel": "VALUE_MISMATCH"}),
     "NaN payload": (_nan_payload, {"params/embedding": "VALUE_MISMATCH"}),
     "-0.0 for +0.0": (_negative_zero, {"params/block_1/kernel": "VALUE_MISMATCH"}),
-    "swapped same-shape leaves": (_swap, {"params/block_0/kernel": "VALUE_MISMATCH", "params/block_1/kernel": "VALUE_MISMATCH"}),
+    "swapped same-shape leaves": (
+        _swap,
+        {"params/block_0/kernel": "VALUE_MISMATCH", "params/block_1/kernel": "VALUE_MISMATCH"},
+    ),
     "squeeze on the wrong axis": (_wrong_squeeze, {"params/odd": "SHAPE_MISMATCH"}),
     "missing leaf": (_missing, {"params/ids": "MISSING"}),
     "extra leaf": (_extra, {"params/extra": "EXTRA"}),
@@ -349,7 +383,10 @@ def test_gate_up_mix_up_in_the_example_is_caught(tmp_path):
     node[last] = v
   mig = H.example_expected_migrated(src_tree)
   comp = mig["components"]
-  comp["layers.1.mlp.gate_proj"], comp["layers.1.mlp.up_proj"] = comp["layers.1.mlp.up_proj"], comp["layers.1.mlp.gate_proj"]
+  comp["layers.1.mlp.gate_proj"], comp["layers.1.mlp.up_proj"] = (
+      comp["layers.1.mlp.up_proj"],
+      comp["layers.1.mlp.gate_proj"],
+  )
   rep = verify_migration(H.EXAMPLE / "source", H.save_v1(tmp_path / "bad", mig), H.EXAMPLE / "spec.json")
   got = sorted(r.migrated_path for r in rep.failures)
   assert got == [f"components/layers.1.mlp.{k}/{vu}" for k in ("gate_proj", "up_proj") for vu in ("U", "V")]
@@ -364,7 +401,9 @@ def test_corrupted_data_file_is_a_clean_per_leaf_failure(tmp_path, damage):
   victim = files[-1]  # the data file holding w's chunks
   data = bytearray(victim.read_bytes())
   mid = len(data) // 2
-  victim.write_bytes(bytes(data[:mid] + bytes(64) + data[mid + 64:]) if damage == "zeroed bytes" else bytes(data[:mid]))
+  victim.write_bytes(
+      bytes(data[:mid] + bytes(64) + data[mid + 64 :]) if damage == "zeroed bytes" else bytes(data[:mid])
+  )
   rep = verify_migration(tmp_path / "src", tmp_path / "mig", spec)
   assert [r.migrated_path for r in rep.failures] == ["w"]
   r = rep.failures[0]
@@ -380,7 +419,7 @@ def test_damaged_index_makes_every_leaf_unreadable_not_a_crash(gen, tmp_path):
   for f in (mig / "state" / "d").iterdir():  # small values live inline in these B-tree files
     data = bytearray(f.read_bytes())
     mid = len(data) // 2
-    f.write_bytes(bytes(data[:mid] + bytes(64) + data[mid + 64:]))
+    f.write_bytes(bytes(data[:mid] + bytes(64) + data[mid + 64 :]))
   rep = verify_migration(gen["v0"], mig, SPEC)
   assert len(rep.leaves) == 14 and rep.n_failed == 13
   assert rep.leaf("name").passed  # strings live in _strings.json, untouched
@@ -404,7 +443,10 @@ def test_setup_errors_are_usage_errors(gen, tmp_path):
 
 def test_compression_option(tmp_path):
   """Default output is uncompressed (written straight from memory); zstd is available and verifies too."""
-  tree = {"z": np.zeros((1, 256, 64), np.float32), "r": np.random.default_rng(3).standard_normal((4, 8)).astype(np.float32)}
+  tree = {
+      "z": np.zeros((1, 256, 64), np.float32),
+      "r": np.random.default_rng(3).standard_normal((4, 8)).astype(np.float32),
+  }
   spec = RemapSpec.from_rules([{"match": "^z$", "to": "z", "squeeze": [0]}, {"match": "^r$", "to": "r"}])
   H.save_v0(tmp_path / "src", tree)
   sizes = {}

@@ -21,8 +21,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _run(*args, env=None):
   full_env = dict(os.environ, **(env or {}))
-  p = subprocess.run([sys.executable, "-m", "tools.compare_stages", *args], cwd=ROOT, capture_output=True, text=True,
-                     env=full_env, timeout=120)
+  p = subprocess.run(
+      [sys.executable, "-m", "tools.compare_stages", *args],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env=full_env,
+      timeout=120,
+  )
   return p.returncode, p.stdout, p.stderr
 
 
@@ -75,8 +81,14 @@ def test_json_format(bundles, tmp_path):
   assert doc["verdict"]["first_divergent"] == "layers.2.k_proj" and doc["verdict"]["status"] == "jump"
   assert [s["name"] for s in doc["stages"]] == list(golden)
   logits = doc["stages"][-1]
-  assert logits["name"] == "logits" and set(logits["logits"]) >= {"kl_max", "kl_mean", "argmax_agreement", "topk_overlap_mean"}
+  assert logits["name"] == "logits" and set(logits["logits"]) >= {
+      "kl_max",
+      "kl_mean",
+      "argmax_agreement",
+      "topk_overlap_mean",
+  }
   from parity_jax.bundles import BundleReport
+
   assert BundleReport.from_dict(doc).first_divergent == "layers.2.k_proj"
 
 
@@ -98,15 +110,21 @@ def test_plot_without_matplotlib_is_a_usage_error(bundles, tmp_path):
   shim.mkdir(parents=True)
   (shim / "__init__.py").write_text("raise ImportError('No module named matplotlib (test shim)')\n")
   out_png = tmp_path / "x.png"
-  rc, out, err = _run(f"--golden={d}/golden.safetensors", f"--candidate={d}/bad.safetensors", f"--plot={out_png}",
-                      env={"PYTHONPATH": f"{tmp_path / 'shim'}{os.pathsep}{ROOT}"})
+  rc, out, err = _run(
+      f"--golden={d}/golden.safetensors",
+      f"--candidate={d}/bad.safetensors",
+      f"--plot={out_png}",
+      env={"PYTHONPATH": f"{tmp_path / 'shim'}{os.pathsep}{ROOT}"},
+  )
   _assert_usage_error(rc, out, err, "plotting needs matplotlib")
   assert not out_png.exists()
 
 
 def test_stage_filter_and_failing_only(bundles):
   d, _ = bundles
-  rc, out, _ = _run(f"--golden={d}/golden.safetensors", f"--candidate={d}/bad.safetensors", "--stages=^layers\\.[01]\\.")
+  rc, out, _ = _run(
+      f"--golden={d}/golden.safetensors", f"--candidate={d}/bad.safetensors", "--stages=^layers\\.[01]\\."
+  )
   assert rc == 0 and "layers.2." not in out
   rc, out, _ = _run(f"--golden={d}/golden.safetensors", f"--candidate={d}/bad.safetensors", "--failing_only")
   assert rc == 1 and " layers.0.q_proj " not in out and " layers.2.k_proj " in out
@@ -115,17 +133,31 @@ def test_stage_filter_and_failing_only(bundles):
 def test_profile_json(bundles, tmp_path):
   d, _ = bundles
   loose = tmp_path / "loose.json"
-  loose.write_text(json.dumps({"schema": "parity_jax.tolerance_profile/1", "name": "loose",
-                               "rules": [{"stages": ".*", "max_rel_l2": 0.5}]}))
+  loose.write_text(
+      json.dumps(
+          {"schema": "parity_jax.tolerance_profile/1", "name": "loose", "rules": [{"stages": ".*", "max_rel_l2": 0.5}]}
+      )
+  )
   rc, out, err = _run(f"--golden={d}/golden.safetensors", f"--candidate={d}/bad.safetensors", f"--profile_json={loose}")
   assert rc == 0, err
   assert "profile:   loose" in out
   bad = tmp_path / "bad.json"
-  bad.write_text(json.dumps({"schema": "parity_jax.tolerance_profile/1", "rules": [{"stages": ".*", "max_rel_l2": -3}]}))
-  _assert_usage_error(*_run(f"--golden={d}/golden.safetensors", f"--candidate={d}/ok.safetensors", f"--profile_json={bad}"),
-                      "rules[0].max_rel_l2 must lie in")
-  _assert_usage_error(*_run(f"--golden={d}/golden.safetensors", f"--candidate={d}/ok.safetensors", f"--profile_json={loose}",
-                            "--profile=bf16"), "not both")
+  bad.write_text(
+      json.dumps({"schema": "parity_jax.tolerance_profile/1", "rules": [{"stages": ".*", "max_rel_l2": -3}]})
+  )
+  _assert_usage_error(
+      *_run(f"--golden={d}/golden.safetensors", f"--candidate={d}/ok.safetensors", f"--profile_json={bad}"),
+      "rules[0].max_rel_l2 must lie in",
+  )
+  _assert_usage_error(
+      *_run(
+          f"--golden={d}/golden.safetensors",
+          f"--candidate={d}/ok.safetensors",
+          f"--profile_json={loose}",
+          "--profile=bf16",
+      ),
+      "not both",
+  )
 
 
 def test_bad_inputs_exit_2(bundles, tmp_path):
@@ -135,19 +167,25 @@ def test_bad_inputs_exit_2(bundles, tmp_path):
   shp = dict(golden)
   shp["layers.1.attention"] = np.zeros((1, 4, 8), np.float32)
   stages.save_bundle(tmp_path / "shape.safetensors", shp)
-  _assert_usage_error(*_run(g, f"--candidate={tmp_path}/shape.safetensors"), "stage 'layers.1.attention': shape mismatch")
+  _assert_usage_error(
+      *_run(g, f"--candidate={tmp_path}/shape.safetensors"), "stage 'layers.1.attention': shape mismatch"
+  )
   # dtype mismatch (bf16 candidate under the strict f32 profile)
   bf = {k: v.astype(ml_dtypes.bfloat16) for k, v in golden.items()}
   stages.save_bundle(tmp_path / "bf16.safetensors", bf)
-  _assert_usage_error(*_run(g, f"--candidate={tmp_path}/bf16.safetensors"), "stage 'embedding': dtype mismatch",
-                      "golden float32 vs candidate bfloat16")
+  _assert_usage_error(
+      *_run(g, f"--candidate={tmp_path}/bf16.safetensors"),
+      "stage 'embedding': dtype mismatch",
+      "golden float32 vs candidate bfloat16",
+  )
   rc, out, err = _run(g, f"--candidate={tmp_path}/bf16.safetensors", "--profile=bf16")
   assert rc == 0, err  # the bf16 profile widens bf16 to float32 exactly
   # missing stages
   miss = {k: v for k, v in golden.items() if k != "layers.0.ffn_silu"}
   stages.save_bundle(tmp_path / "miss.safetensors", miss)
-  _assert_usage_error(*_run(g, f"--candidate={tmp_path}/miss.safetensors"), "only in golden: layers.0.ffn_silu",
-                      "--allow_missing")
+  _assert_usage_error(
+      *_run(g, f"--candidate={tmp_path}/miss.safetensors"), "only in golden: layers.0.ffn_silu", "--allow_missing"
+  )
   rc, out, err = _run(g, f"--candidate={tmp_path}/miss.safetensors", "--allow_missing")
   assert rc == 0 and "only in golden (1): layers.0.ffn_silu" in out
   # empty bundle, unreadable file, missing file, directory, no common stages
@@ -159,7 +197,9 @@ def test_bad_inputs_exit_2(bundles, tmp_path):
   (tmp_path / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
   _assert_usage_error(*_run(g, f"--candidate={tmp_path}/truncated.safetensors"), "cannot read", "truncated.safetensors")
   (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 not a zip")
-  _assert_usage_error(*_run(f"--golden={tmp_path}/garbage.npz", f"--candidate={d}/ok.safetensors"), "cannot read", ".npz")
+  _assert_usage_error(
+      *_run(f"--golden={tmp_path}/garbage.npz", f"--candidate={d}/ok.safetensors"), "cannot read", ".npz"
+  )
   _assert_usage_error(*_run(g, f"--candidate={tmp_path}/nope.safetensors"), "no such file")
   _assert_usage_error(*_run(g, f"--candidate={tmp_path}"), "directory")
   stages.save_bundle(tmp_path / "other.safetensors", {"something_else": np.ones(3, np.float32)})
@@ -167,7 +207,10 @@ def test_bad_inputs_exit_2(bundles, tmp_path):
   # flags
   _assert_usage_error(*_run(g), "candidate")
   _assert_usage_error(*_run(g, f"--candidate={d}/ok.safetensors", "--stages=("), "not a valid regular expression")
-  _assert_usage_error(*_run(g, f"--candidate={d}/ok.safetensors", f"--plot={d}/golden.safetensors"), "would overwrite or lie inside an input")
+  _assert_usage_error(
+      *_run(g, f"--candidate={d}/ok.safetensors", f"--plot={d}/golden.safetensors"),
+      "would overwrite or lie inside an input",
+  )
 
 
 def test_inputs_are_not_modified(bundles):

@@ -26,8 +26,9 @@ MODELS = ["qwen2_gqa_bias", "qwen2_tied", "qwen3"]
 
 
 def _tool(*args, cwd=ROOT):
-  return subprocess.run([sys.executable, "-m", "tools.forward_parity", *args], cwd=cwd, capture_output=True, text=True,
-                        timeout=300)
+  return subprocess.run(
+      [sys.executable, "-m", "tools.forward_parity", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+  )
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -88,8 +89,12 @@ def test_zeroed_v_proj_bias_is_named_first_divergent(broken_model):
 def test_tool_passes_and_writes_candidate_and_plot(tmp_path):
   model = GOLDENS / "models" / "qwen3"
   out, png = tmp_path / "ours.safetensors", tmp_path / "p.png"
-  r = _tool(f"--model_dir={model}", f"--golden={GOLDENS / 'forward' / 'qwen3.padded.safetensors'}",
-            f"--save_candidate={out}", f"--plot={png}")
+  r = _tool(
+      f"--model_dir={model}",
+      f"--golden={GOLDENS / 'forward' / 'qwen3.padded.safetensors'}",
+      f"--save_candidate={out}",
+      f"--plot={png}",
+  )
   assert r.returncode == 0, r.stdout + r.stderr
   assert "PASS" in r.stdout
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -100,12 +105,20 @@ BAD = [
     (["--model_dir=/nonexistent", "--golden=goldens/forward/qwen3.safetensors"], "no such model directory"),
     (["--model_dir=goldens/models/qwen3"], "give --golden"),
     (["--model_dir=goldens/models/qwen3", "--golden=/nonexistent.safetensors"], "no such file"),
-    (["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors", "--tokens=1,999999"],
-     r"token ids must lie in \[0, "),
+    (
+        ["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors", "--tokens=1,999999"],
+        r"token ids must lie in \[0, ",
+    ),
     (["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors", "--tokens=1,x"], "non-integer"),
     (["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen2_tied.safetensors"], "one side only"),
-    (["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors",
-      "--save_candidate=goldens/forward/qwen3.safetensors"], "would overwrite or lie inside an input"),
+    (
+        [
+            "--model_dir=goldens/models/qwen3",
+            "--golden=goldens/forward/qwen3.safetensors",
+            "--save_candidate=goldens/forward/qwen3.safetensors",
+        ],
+        "would overwrite or lie inside an input",
+    ),
     (["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors", "--dtype=float8"], "dtype"),
 ]
 

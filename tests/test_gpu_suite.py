@@ -36,8 +36,14 @@ runpy.run_module("bench.gpu_suite", run_name="__main__", alter_sys=True)
 def _run(out, blocked, *args):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env.update(PYTHONPATH=".", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-c", RUNNER, ",".join(blocked), f"--out={out}", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+      [sys.executable, "-c", RUNNER, ",".join(blocked), f"--out={out}", *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
 
 
 @pytest.mark.oracle

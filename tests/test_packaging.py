@@ -11,8 +11,12 @@ from tests.helpers.tools import ROOT
 
 
 def test_the_wheel_holds_every_console_script_and_the_whole_shipped_example(tmp_path):
-  p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
-                      str(ROOT)], capture_output=True, text=True, timeout=300)
+  p = subprocess.run(
+      [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert p.returncode == 0, p.stderr
   (wheel,) = tmp_path.glob("parity_jax-*.whl")
   with zipfile.ZipFile(wheel) as z:

@@ -42,32 +42,62 @@ def test_both_styles_parse_to_the_same_config():
 
 
 REFUSED = {
-    "rope_scaling": (dict(style="4.x", rope_scaling={"type": "longrope", "factor": 4.0}), "rope_scaling.rope_type='longrope'"),
-    "rope_type": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "llama3", "factor": 8.0}), "rope_type='llama3'"),
+    "rope_scaling": (
+        dict(style="4.x", rope_scaling={"type": "longrope", "factor": 4.0}),
+        "rope_scaling.rope_type='longrope'",
+    ),
+    "rope_type": (
+        dict(rope_parameters={"rope_theta": 1e4, "rope_type": "llama3", "factor": 8.0}),
+        "rope_type='llama3'",
+    ),
     "rope_ntk_variant": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "proportional"}), "'proportional'"),
-    "rope_unknown_key": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "foo": 1}),
-                         "\\['foo'\\], which rope_type 'yarn' does not use"),
-    "rope_key_of_other_type": (dict(style="4.x", rope_scaling={"type": "dynamic", "factor": 4.0,
-                                                               "original_max_position_embeddings": 16}),
-                               "original_max_position_embeddings'\\], which rope_type 'dynamic'"),
+    "rope_unknown_key": (
+        dict(rope_parameters={"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "foo": 1}),
+        "\\['foo'\\], which rope_type 'yarn' does not use",
+    ),
+    "rope_key_of_other_type": (
+        dict(style="4.x", rope_scaling={"type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 16}),
+        "original_max_position_embeddings'\\], which rope_type 'dynamic'",
+    ),
     "rope_no_factor": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "linear"}), "has no factor"),
     "rope_bad_factor": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "dynamic", "factor": 0}), "factor"),
-    "rope_yarn_partial": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0,
-                                                "partial_rotary_factor": 0.5}), "partial_rotary_factor=0.5"),
-    "rope_yarn_attention_factor": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0,
-                                                         "attention_factor": 0.0}), "attention_factor"),
-    "rope_yarn_truncate": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0,
-                                                 "truncate": "yes"}), "truncate"),
-    "rope_type_contradiction": (dict(style="4.x", rope_scaling={"type": "yarn", "rope_type": "linear", "factor": 2.0}),
-                                "contradicts"),
+    "rope_yarn_partial": (
+        dict(rope_parameters={"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5}),
+        "partial_rotary_factor=0.5",
+    ),
+    "rope_yarn_attention_factor": (
+        dict(rope_parameters={"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "attention_factor": 0.0}),
+        "attention_factor",
+    ),
+    "rope_yarn_truncate": (
+        dict(rope_parameters={"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "truncate": "yes"}),
+        "truncate",
+    ),
+    "rope_type_contradiction": (
+        dict(style="4.x", rope_scaling={"type": "yarn", "rope_type": "linear", "factor": 2.0}),
+        "contradicts",
+    ),
     "rope_both_styles": (dict(rope_scaling={"type": "linear", "factor": 2.0}), "both rope_scaling and rope_parameters"),
-    "yarn_original_conflict": (dict(original_max_position_embeddings=8, rope_parameters={
-        "rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}), "contradicts"),
+    "yarn_original_conflict": (
+        dict(
+            original_max_position_embeddings=8,
+            rope_parameters={
+                "rope_theta": 1e4,
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+        "contradicts",
+    ),
     "mrope": (dict(style="4.x", rope_scaling={"type": "default", "mrope_section": [2, 2]}), "mrope_section"),
     "sliding_without_window": (dict(layer_types=["full_attention", "sliding_attention"]), "no window"),
     "bad_window": (dict(use_sliding_window=True, sliding_window=0), "sliding_window"),
     "bad_use_sliding": (dict(use_sliding_window="yes"), "use_sliding_window"),
-    "rope_extra_key": (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "default", "partial_rotary_factor": 0.5}), "partial_rotary_factor"),
+    "rope_extra_key": (
+        dict(rope_parameters={"rope_theta": 1e4, "rope_type": "default", "partial_rotary_factor": 0.5}),
+        "partial_rotary_factor",
+    ),
     "partial_rotary": (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
     "rope_theta_conflict": (dict(rope_theta=5.0), "contradicts"),
     "no_rope_theta": (dict(style="4.x", rope_theta=None), "rope_theta"),
@@ -115,18 +145,43 @@ def test_sliding_window_layers_and_any_length_runs(tmp_path):
 
 
 def test_rope_variants_parse_from_both_styles():
-  yarn4 = qwen2.parse_config(config_dict(style="4.x", rope_theta=1e6, max_position_embeddings=131072, rope_scaling={
-      "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}))
-  yarn5 = qwen2.parse_config(config_dict(max_position_embeddings=131072, rope_parameters={
-      "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32768}))
+  yarn4 = qwen2.parse_config(
+      config_dict(
+          style="4.x",
+          rope_theta=1e6,
+          max_position_embeddings=131072,
+          rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+      )
+  )
+  yarn5 = qwen2.parse_config(
+      config_dict(
+          max_position_embeddings=131072,
+          rope_parameters={
+              "rope_type": "yarn",
+              "rope_theta": 1e6,
+              "factor": 4.0,
+              "original_max_position_embeddings": 32768,
+          },
+      )
+  )
   assert yarn4.rope_scaling == yarn5.rope_scaling and yarn4.rope_theta == yarn5.rope_theta == 1e6
   s = yarn4.rope_scaling
-  assert (s.rope_type, s.factor, s.original_max_position_embeddings, s.beta_fast, s.beta_slow, s.truncate) == \
-      ("yarn", 4.0, 32768, 32.0, 1.0, True)
+  assert (s.rope_type, s.factor, s.original_max_position_embeddings, s.beta_fast, s.beta_slow, s.truncate) == (
+      "yarn",
+      4.0,
+      32768,
+      32.0,
+      1.0,
+      True,
+  )
   assert s.attention_factor == 0.1 * np.log(4.0) + 1.0
   # yarn without original_max_position_embeddings: transformers uses max_position_embeddings
-  assert qwen2.parse_config(config_dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0})
-                            ).rope_scaling.original_max_position_embeddings == 128
+  assert (
+      qwen2.parse_config(
+          config_dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0})
+      ).rope_scaling.original_max_position_embeddings
+      == 128
+  )
   dyn = qwen2.parse_config(config_dict(style="4.x", rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
   assert dyn.rope_scaling.max_position_embeddings == 128 and dyn.rope_scaling.factor == 2.0
   lin = qwen2.parse_config(config_dict(rope_parameters={"type": "linear", "rope_theta": 1e4, "factor": 2}))

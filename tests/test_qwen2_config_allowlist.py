@@ -132,8 +132,12 @@ QWEN3_8B = {
     "vocab_size": 151936,
 }
 
-PUBLISHED = {"Qwen2.5-7B-Instruct": QWEN25_7B_INSTRUCT, "Qwen2.5-0.5B": QWEN25_05B, "Qwen3-0.6B": QWEN3_06B,
-             "Qwen3-8B": QWEN3_8B}
+PUBLISHED = {
+    "Qwen2.5-7B-Instruct": QWEN25_7B_INSTRUCT,
+    "Qwen2.5-0.5B": QWEN25_05B,
+    "Qwen3-0.6B": QWEN3_06B,
+    "Qwen3-8B": QWEN3_8B,
+}
 
 # The long-context snippets the model cards tell users to add to config.json.
 YARN_QWEN25 = {"factor": 4.0, "original_max_position_embeddings": 32768, "type": "yarn"}
@@ -142,19 +146,55 @@ YARN_QWEN3 = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddi
 # transformers 4.x's PretrainedConfig.to_dict() added these (with these defaults) to every config it saved in full,
 # e.g. with use_diff=False; from PretrainedConfig.__init__ of the 4.4x-4.5x releases.
 TO_DICT_4X = {
-    "return_dict": True, "output_hidden_states": False, "output_attentions": False, "torchscript": False,
-    "use_bfloat16": False, "tf_legacy_loss": False, "pruned_heads": {}, "chunk_size_feed_forward": 0,
-    "is_encoder_decoder": False, "is_decoder": False, "cross_attention_hidden_size": None,
-    "add_cross_attention": False, "tie_encoder_decoder": False, "max_length": 20, "min_length": 0,
-    "do_sample": False, "early_stopping": False, "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0,
-    "temperature": 1.0, "top_k": 50, "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0,
-    "length_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
-    "num_return_sequences": 1, "output_scores": False, "return_dict_in_generate": False,
-    "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": False,
-    "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-    "finetuning_task": None, "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "label2id": {"LABEL_0": 0, "LABEL_1": 1},
-    "tokenizer_class": None, "prefix": None, "sep_token_id": None, "decoder_start_token_id": None,
-    "task_specific_params": None, "problem_type": None, "_name_or_path": "", "_attn_implementation_autoset": True,
+    "return_dict": True,
+    "output_hidden_states": False,
+    "output_attentions": False,
+    "torchscript": False,
+    "use_bfloat16": False,
+    "tf_legacy_loss": False,
+    "pruned_heads": {},
+    "chunk_size_feed_forward": 0,
+    "is_encoder_decoder": False,
+    "is_decoder": False,
+    "cross_attention_hidden_size": None,
+    "add_cross_attention": False,
+    "tie_encoder_decoder": False,
+    "max_length": 20,
+    "min_length": 0,
+    "do_sample": False,
+    "early_stopping": False,
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+    "repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "num_return_sequences": 1,
+    "output_scores": False,
+    "return_dict_in_generate": False,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "remove_invalid_values": False,
+    "exponential_decay_length_penalty": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "finetuning_task": None,
+    "id2label": {"0": "LABEL_0", "1": "LABEL_1"},
+    "label2id": {"LABEL_0": 0, "LABEL_1": 1},
+    "tokenizer_class": None,
+    "prefix": None,
+    "sep_token_id": None,
+    "decoder_start_token_id": None,
+    "task_specific_params": None,
+    "problem_type": None,
+    "_name_or_path": "",
+    "_attn_implementation_autoset": True,
 }
 
 
@@ -180,15 +220,24 @@ def test_published_configs_parse_to_their_architecture():
   }
   for name, raw in PUBLISHED.items():
     cfg = qwen2.parse_config(raw, source=name)
-    assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.tie_word_embeddings, cfg.qk_norm) \
-        == expect[name], name
+    assert (
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.tie_word_embeddings,
+        cfg.qk_norm,
+    ) == expect[name], name
     assert cfg.rope_theta == 1e6 and cfg.rope_scaling is None, name
     assert cfg.sliding_window is None and cfg.sliding_layers == (), name  # use_sliding_window false
     assert cfg.stored_dtype == "bfloat16", name
 
 
 def test_published_configs_with_the_model_cards_yarn_snippet():
-  for name, raw, snippet in (("Qwen2.5-7B-Instruct", QWEN25_7B_INSTRUCT, YARN_QWEN25), ("Qwen3-8B", QWEN3_8B, YARN_QWEN3)):
+  for name, raw, snippet in (
+      ("Qwen2.5-7B-Instruct", QWEN25_7B_INSTRUCT, YARN_QWEN25),
+      ("Qwen3-8B", QWEN3_8B, YARN_QWEN3),
+  ):
     cfg = qwen2.parse_config(dict(raw, rope_scaling=dict(snippet)), source=name)
     s = cfg.rope_scaling
     assert (s.rope_type, s.factor, s.original_max_position_embeddings) == ("yarn", 4.0, 32768), name
@@ -222,17 +271,24 @@ def test_an_attribute_added_at_random_is_refused_naming_it(draw, test_seed):
     with pytest.raises(UsageError) as e:
       qwen2.parse_config(bad, source="cfg.json")
     msg = str(e.value)
-    assert msg == f"cfg.json: unknown attribute {name!r} (not handled, not known to be harmless); refusing to guess", \
-        (seed, source, name, msg)
+    assert msg == f"cfg.json: unknown attribute {name!r} (not handled, not known to be harmless); refusing to guess", (
+        seed,
+        source,
+        name,
+        msg,
+    )
 
 
 @pytest.mark.parametrize("draw", [10, 11])
 def test_a_random_key_inside_the_rope_parameters_is_refused_naming_it(draw, test_seed):
   seed = (test_seed, draw)
   rng = np.random.default_rng(seed)
-  for rope in ({"rope_type": "default", "rope_theta": 1e4}, {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0},
-               {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0},
-               {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}):
+  for rope in (
+      {"rope_type": "default", "rope_theta": 1e4},
+      {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0},
+      {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0},
+      {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0},
+  ):
     name = _random_name(rng, {"type", "rope_type", "rope_theta", "factor"})
     with pytest.raises(UsageError, match=f"rope_parameters has \\['{name}'\\]") as e:
       qwen2.parse_config(config_dict(rope_parameters=dict(rope, **{name: 1.0})), source="cfg.json")
@@ -273,6 +329,7 @@ def test_every_conditional_attribute_is_accepted_at_its_value_only(key):
 
 # --- Against transformers itself ----------------------------------------------------------------------------------
 
+
 @pytest.mark.oracle
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
 def test_every_key_transformers_writes_is_in_the_table(model_type, tmp_path):
@@ -285,8 +342,17 @@ def test_every_key_transformers_writes_is_in_the_table(model_type, tmp_path):
   missing = sorted(keys - known)
   assert not missing, f"{model_type}: transformers {transformers.__version__} writes {missing}, not in the allowlist"
   # and configs it saves parse (small, so that layer_types stays short)
-  small = cls(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+  small = cls(
+      vocab_size=64,
+      hidden_size=32,
+      intermediate_size=48,
+      num_hidden_layers=3,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      use_sliding_window=True,
+      sliding_window=8,
+      max_window_layers=1,
+  )
   small.save_pretrained(tmp_path)
   saved = json.loads((tmp_path / "config.json").read_text())
   cfg = qwen2.load_config(tmp_path)
@@ -301,6 +367,7 @@ def test_published_configs_read_as_transformers_reads_them(name, yarn):
   """Same RoPE base, RoPE variant, attention factor, window and sliding layers as transformers' own config class."""
   transformers = pytest.importorskip("transformers")
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
   raw = dict(PUBLISHED[name])
   if yarn:
     raw["rope_scaling"] = dict(YARN_QWEN3 if raw["model_type"] == "qwen3" else YARN_QWEN25)

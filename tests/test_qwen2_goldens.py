@@ -168,18 +168,21 @@ def test_positions_argument():
   assert bit_equal(per_row[0], base[0]) and not bit_equal(per_row[1], base[1])
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    (dict(tokens=np.arange(5)), r"\[batch, seq\]"),
-    (dict(tokens=np.zeros((1, 0), np.int32)), r"\[batch, seq\]"),
-    (dict(tokens=np.ones((1, 3), np.float32)), "integers"),
-    (dict(tokens=np.array([[1, 2, 384]])), r"\[0, 384\)"),
-    (dict(tokens=np.array([[1, -2, 3]])), r"\[0, 384\)"),
-    (dict(tokens=np.ones((2, 3), np.int32), attention_mask=np.ones((2, 4))), "attention_mask must have"),
-    (dict(tokens=np.ones((2, 3), np.int32), attention_mask=np.full((2, 3), 2)), "only 0 and 1"),
-    (dict(tokens=np.ones((2, 3), np.int32), attention_mask=np.ones((2, 3), np.float32)), "bool or integer"),
-    (dict(tokens=np.ones((2, 3), np.int32), positions=np.arange(4)), "positions must have shape"),
-    (dict(tokens=np.ones((2, 3), np.int32), positions=np.arange(3.0)), "positions must be integers"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(tokens=np.arange(5)), r"\[batch, seq\]"),
+        (dict(tokens=np.zeros((1, 0), np.int32)), r"\[batch, seq\]"),
+        (dict(tokens=np.ones((1, 3), np.float32)), "integers"),
+        (dict(tokens=np.array([[1, 2, 384]])), r"\[0, 384\)"),
+        (dict(tokens=np.array([[1, -2, 3]])), r"\[0, 384\)"),
+        (dict(tokens=np.ones((2, 3), np.int32), attention_mask=np.ones((2, 4))), "attention_mask must have"),
+        (dict(tokens=np.ones((2, 3), np.int32), attention_mask=np.full((2, 3), 2)), "only 0 and 1"),
+        (dict(tokens=np.ones((2, 3), np.int32), attention_mask=np.ones((2, 3), np.float32)), "bool or integer"),
+        (dict(tokens=np.ones((2, 3), np.int32), positions=np.arange(4)), "positions must have shape"),
+        (dict(tokens=np.ones((2, 3), np.int32), positions=np.arange(3.0)), "positions must be integers"),
+    ],
+)
 def test_bad_inputs_are_one_line_usage_errors(kwargs, needle):
   model = _model("qwen2_gqa_bias")
   tokens = kwargs.pop("tokens")

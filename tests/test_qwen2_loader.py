@@ -18,8 +18,11 @@ from tests.helpers.qwen import MODELS, config_dict, random_tensors, write_checkp
 
 def _leaves_equal(a, b):
   import jax
+
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  return jax.tree.structure(a) == jax.tree.structure(b) and all(bit_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      bit_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
+  )
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
@@ -67,12 +70,19 @@ def test_tied_embeddings_use_embed_as_lm_head(tmp_path):
   tied = qwen2.load(write_checkpoint(tmp_path / "tied", tied_cfg, tensors))
   assert tied.params.lm_head is None
   untied_cfg = config_dict(tie_word_embeddings=False)
-  untied = qwen2.load(write_checkpoint(tmp_path / "untied", untied_cfg,
-                                       dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"].copy()})))
+  untied = qwen2.load(
+      write_checkpoint(
+          tmp_path / "untied",
+          untied_cfg,
+          dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"].copy()}),
+      )
+  )
   tokens = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
   assert bit_equal(np.asarray(qwen2.forward(tied, tokens)), np.asarray(qwen2.forward(untied, tokens)))
   # A tied config with a bit-identical lm_head.weight on disk loads; a different one is refused.
-  same = write_checkpoint(tmp_path / "tied_same", tied_cfg, dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"].copy()}))
+  same = write_checkpoint(
+      tmp_path / "tied_same", tied_cfg, dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"].copy()})
+  )
   assert qwen2.load(same).params.lm_head is None
   other = dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"] + 1})
   with pytest.raises(UsageError, match="ties word embeddings but lm_head.weight differs"):
@@ -88,10 +98,17 @@ def test_missing_unknown_and_misshapen_tensors(tmp_path):
   no_head = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
   with pytest.raises(UsageError, match="missing tensors: lm_head.weight"):
     qwen2.load(write_checkpoint(tmp_path / "nohead", cfg_dict, no_head))
-  extra = dict(tensors, **{"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32),
-                           "model.layers.5.mlp.gate_proj.weight": np.ones((48, 32), np.float32)})
+  extra = dict(
+      tensors,
+      **{
+          "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32),
+          "model.layers.5.mlp.gate_proj.weight": np.ones((48, 32), np.float32),
+      },
+  )
   path = write_checkpoint(tmp_path / "extra", cfg_dict, extra)
-  with pytest.raises(UsageError, match="2 unknown tensors: model.layers.0.self_attn.rotary_emb.inv_freq, model.layers.5"):
+  with pytest.raises(
+      UsageError, match="2 unknown tensors: model.layers.0.self_attn.rotary_emb.inv_freq, model.layers.5"
+  ):
     qwen2.load(path)
   with pytest.warns(UserWarning, match="2 unknown tensors"):
     model = qwen2.load(path, strict=False)
@@ -101,7 +118,10 @@ def test_missing_unknown_and_misshapen_tensors(tmp_path):
   assert report.unknown_keys == ("model.layers.0.self_attn.rotary_emb.inv_freq", "model.layers.5.mlp.gate_proj.weight")
   assert model.params.layers[0].mlp.w_gate.shape == (48, 32)
   bad = dict(tensors, **{"model.layers.0.self_attn.q_proj.weight": np.ones((32, 33), np.float32)})
-  with pytest.raises(UsageError, match=r"model.layers.0.self_attn.q_proj.weight: shape \[32, 33\] does not match the config's \[32, 32\]"):
+  with pytest.raises(
+      UsageError,
+      match=r"model.layers.0.self_attn.q_proj.weight: shape \[32, 33\] does not match the config's \[32, 32\]",
+  ):
     qwen2.load(write_checkpoint(tmp_path / "shape", cfg_dict, bad))
   # Qwen3 without biases: a q_proj.bias on disk is an unknown key, not silently used or dropped.
   q3 = config_dict("qwen3")
@@ -129,7 +149,11 @@ def test_checkpoint_layout_errors(tmp_path):
   lying = tmp_path / "lying"
   shutil.copytree(sharded, lying)
   index = json.loads((lying / "model.safetensors.index.json").read_text())
-  index["weight_map"]["model.norm.weight"] = "model-00001-of-00003.safetensors" if index["weight_map"]["model.norm.weight"] != "model-00001-of-00003.safetensors" else "model-00002-of-00003.safetensors"
+  index["weight_map"]["model.norm.weight"] = (
+      "model-00001-of-00003.safetensors"
+      if index["weight_map"]["model.norm.weight"] != "model-00001-of-00003.safetensors"
+      else "model-00002-of-00003.safetensors"
+  )
   (lying / "model.safetensors.index.json").write_text(json.dumps(index))
   with pytest.raises(UsageError, match="model.norm.weight, which the index maps to"):
     qwen2.load(lying)

@@ -39,8 +39,15 @@ pytestmark = pytest.mark.oracle
 TOL = 1e-5
 CONTROL_MIN = 1e-3  # a feature turned off must miss HF by at least this much (100x the tolerance) at some stage
 
-_SMALL = dict(vocab_size=160, hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-              rms_norm_eps=1e-6, tie_word_embeddings=False)
+_SMALL = dict(
+    vocab_size=160,
+    hidden_size=48,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,35 +63,114 @@ class Case:
 
 
 CASES = {
-    "linear_qwen2": Case("qwen2", dict(_SMALL, num_hidden_layers=2, max_position_embeddings=32,
-                                       rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
-                         seed=41001, batch=2, seq=64),
-    "dynamic_qwen2": Case("qwen2", dict(_SMALL, num_hidden_layers=2, max_position_embeddings=24,
-                                        rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}),
-                          seed=41002, batch=2, seq=72, padded=True),
+    "linear_qwen2": Case(
+        "qwen2",
+        dict(
+            _SMALL,
+            num_hidden_layers=2,
+            max_position_embeddings=32,
+            rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+        ),
+        seed=41001,
+        batch=2,
+        seq=64,
+    ),
+    "dynamic_qwen2": Case(
+        "qwen2",
+        dict(
+            _SMALL,
+            num_hidden_layers=2,
+            max_position_embeddings=24,
+            rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+        ),
+        seed=41002,
+        batch=2,
+        seq=72,
+        padded=True,
+    ),
     # T = 16 fits in max_position_embeddings = 24, but the explicit positions run to 45: scaling is data-dependent.
-    "dynamic_qwen3_positions": Case("qwen3", dict(_SMALL, num_hidden_layers=2, head_dim=16, max_position_embeddings=24,
-                                                  rope_parameters={"rope_type": "dynamic", "factor": 3.0,
-                                                                   "rope_theta": 1000000.0}),
-                                    seed=41003, batch=1, seq=16, positions_offset=30),
-    "yarn_qwen3": Case("qwen3", dict(_SMALL, num_hidden_layers=2, head_dim=16, max_position_embeddings=64,
-                                     rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                                                      "original_max_position_embeddings": 16}),
-                       seed=41004, batch=2, seq=48, padded=True),
+    "dynamic_qwen3_positions": Case(
+        "qwen3",
+        dict(
+            _SMALL,
+            num_hidden_layers=2,
+            head_dim=16,
+            max_position_embeddings=24,
+            rope_parameters={"rope_type": "dynamic", "factor": 3.0, "rope_theta": 1000000.0},
+        ),
+        seed=41003,
+        batch=1,
+        seq=16,
+        positions_offset=30,
+    ),
+    "yarn_qwen3": Case(
+        "qwen3",
+        dict(
+            _SMALL,
+            num_hidden_layers=2,
+            head_dim=16,
+            max_position_embeddings=64,
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "rope_theta": 10000.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+        seed=41004,
+        batch=2,
+        seq=48,
+        padded=True,
+    ),
     # As the Qwen2.5 model cards say to enable YaRN: 4.x rope_scaling with "type", top-level rope_theta.
-    "yarn_qwen2_4x": Case("qwen2", dict(_SMALL, num_hidden_layers=2, max_position_embeddings=64, rope_theta=10000.0,
-                                        rope_scaling={"type": "yarn", "factor": 4.0,
-                                                      "original_max_position_embeddings": 16}),
-                          seed=41005, batch=1, seq=64, style="4.x"),
+    "yarn_qwen2_4x": Case(
+        "qwen2",
+        dict(
+            _SMALL,
+            num_hidden_layers=2,
+            max_position_embeddings=64,
+            rope_theta=10000.0,
+            rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        ),
+        seed=41005,
+        batch=1,
+        seq=64,
+        style="4.x",
+    ),
     # 4.x style: no layer_types; transformers derives them from max_window_layers -> layer 0 full, 1 and 2 sliding.
-    "sliding_qwen2_4x": Case("qwen2", dict(_SMALL, num_hidden_layers=3, max_position_embeddings=64, rope_theta=10000.0,
-                                           use_sliding_window=True, sliding_window=8, max_window_layers=1),
-                             seed=41006, batch=3, seq=32, style="4.x", padded=True),
-    "sliding_qwen3_layer_types": Case("qwen3", dict(_SMALL, num_hidden_layers=3, head_dim=16, max_position_embeddings=64,
-                                                    use_sliding_window=True, sliding_window=8,
-                                                    layer_types=["sliding_attention", "full_attention",
-                                                                 "sliding_attention"]),
-                                      seed=41007, batch=3, seq=32, padded=True),
+    "sliding_qwen2_4x": Case(
+        "qwen2",
+        dict(
+            _SMALL,
+            num_hidden_layers=3,
+            max_position_embeddings=64,
+            rope_theta=10000.0,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=1,
+        ),
+        seed=41006,
+        batch=3,
+        seq=32,
+        style="4.x",
+        padded=True,
+    ),
+    "sliding_qwen3_layer_types": Case(
+        "qwen3",
+        dict(
+            _SMALL,
+            num_hidden_layers=3,
+            head_dim=16,
+            max_position_embeddings=64,
+            use_sliding_window=True,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+        seed=41007,
+        batch=3,
+        seq=32,
+        padded=True,
+    ),
 }
 
 
@@ -122,7 +208,7 @@ def _inputs(case: Case) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | Non
     mask = np.ones(tokens.shape, np.int64)
     mask[0, :5] = 0  # left padding
     if case.batch > 1:
-      mask[1, case.seq - 7:] = 0  # right padding
+      mask[1, case.seq - 7 :] = 0  # right padding
     tokens = np.where(mask == 1, tokens, 0)
   positions = None
   if case.positions_offset is not None:
@@ -192,7 +278,9 @@ def test_every_stage_matches_hf_and_turning_the_feature_off_fails(case_dirs, nam
   assert off.config.rope_scaling is None and off.config.sliding_layers == (), (tag, off.config)
   control, where = _worst(ref, _run(off, tokens, mask, positions))
   print(f"{tag} control (feature off) worst rel-L2 vs HF {control:.3g} at {where}")
-  assert control > CONTROL_MIN, f"{tag} the feature does not change the numbers at this length: {control:.3g} at {where}"
+  assert (
+      control > CONTROL_MIN
+  ), f"{tag} the feature does not change the numbers at this length: {control:.3g} at {where}"
 
 
 def test_dynamic_rope_is_data_dependent_inside_one_jit(case_dirs):
@@ -212,27 +300,58 @@ def test_dynamic_rope_is_data_dependent_inside_one_jit(case_dirs):
 
 # --- RoPE tables against transformers' own functions (no model) ---------------------------------------------------
 
+
 def _hf_config(head_dim: int, rope_parameters: dict[str, Any], mpe: int):
-  return transformers.Qwen2Config(hidden_size=head_dim * 2, num_attention_heads=2, num_key_value_heads=1,
-                                  num_hidden_layers=1, vocab_size=8, intermediate_size=8, max_position_embeddings=mpe,
-                                  rope_parameters=dict(rope_parameters))
+  return transformers.Qwen2Config(
+      hidden_size=head_dim * 2,
+      num_attention_heads=2,
+      num_key_value_heads=1,
+      num_hidden_layers=1,
+      vocab_size=8,
+      intermediate_size=8,
+      max_position_embeddings=mpe,
+      rope_parameters=dict(rope_parameters),
+  )
 
 
 def _ours(head_dim: int, rope_parameters: dict[str, Any], mpe: int):
-  cfg = qwen2.parse_config({"model_type": "qwen2", "vocab_size": 8, "hidden_size": head_dim * 2, "intermediate_size": 8,
-                            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                            "max_position_embeddings": mpe, "rope_parameters": dict(rope_parameters)})
+  cfg = qwen2.parse_config(
+      {
+          "model_type": "qwen2",
+          "vocab_size": 8,
+          "hidden_size": head_dim * 2,
+          "intermediate_size": 8,
+          "num_hidden_layers": 1,
+          "num_attention_heads": 2,
+          "num_key_value_heads": 1,
+          "max_position_embeddings": mpe,
+          "rope_parameters": dict(rope_parameters),
+      }
+  )
   return cfg
 
 
 ROPE_GRID = [
-    {"rope_type": "linear", "factor": 2.0}, {"rope_type": "linear", "factor": 3.3},
-    {"rope_type": "dynamic", "factor": 4.0}, {"rope_type": "dynamic", "factor": 2.5},
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "linear", "factor": 3.3},
+    {"rope_type": "dynamic", "factor": 4.0},
+    {"rope_type": "dynamic", "factor": 2.5},
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
-    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096, "beta_fast": 16, "beta_slow": 2,
-     "truncate": False},
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "mscale": 0.707,
-     "mscale_all_dim": 1.0},
+    {
+        "rope_type": "yarn",
+        "factor": 8.0,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 16,
+        "beta_slow": 2,
+        "truncate": False,
+    },
+    {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 32768,
+        "mscale": 0.707,
+        "mscale_all_dim": 1.0,
+    },
     {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "attention_factor": 0.9},
     {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 32},  # factor from the ratio
     {"rope_type": "yarn", "factor": 4.0},  # original_max_position_embeddings from max_position_embeddings
@@ -243,6 +362,7 @@ ROPE_GRID = [
 def test_scaled_inv_freq_and_attention_factor_match_hf(k):
   """Host tables: attention factor identical; inv_freq within 2 ulp (the pow note of rope_inv_freq), mostly identical."""
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
   total = same = 0
   for head_dim in (8, 16, 64, 128):
     for theta in (10000.0, 1000000.0):
@@ -263,6 +383,7 @@ def test_scaled_inv_freq_and_attention_factor_match_hf(k):
 def test_dynamic_inv_freq_matches_hf_runtime_recompute():
   """The in-jit recompute against ``_compute_dynamic_ntk_parameters(seq_len=tensor)``: within 4 ulp, ~85% identical."""
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
   total = same = 0
   for head_dim in (16, 64):
     for theta, factor, mpe in ((10000.0, 4.0, 32), (1000000.0, 2.5, 24)):
@@ -282,10 +403,13 @@ def test_dynamic_inv_freq_matches_hf_runtime_recompute():
 def test_cos_sin_match_a_fresh_hf_rotary_embedding(rope_type):
   """cos/sin (incl. yarn's attention factor and dynamic's max(position_ids)+1 rule) against Qwen2RotaryEmbedding."""
   from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
   head_dim, mpe = 32, 32
-  params = {"linear": {"rope_type": "linear", "factor": 4.0},
-            "dynamic": {"rope_type": "dynamic", "factor": 4.0},
-            "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}}[rope_type]
+  params = {
+      "linear": {"rope_type": "linear", "factor": 4.0},
+      "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+      "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+  }[rope_type]
   params = dict(params, rope_theta=10000.0)
   cfg = _ours(head_dim, params, mpe)
   fn = jax.jit(lambda pos: rope_cos_sin(pos, head_dim, cfg.rope_theta, jnp.float32, cfg.rope_scaling))
@@ -319,8 +443,17 @@ SLIDING_GRID = [
 @pytest.mark.parametrize("k", range(len(SLIDING_GRID)))
 def test_sliding_layers_are_the_ones_transformers_picks(model_type, k):
   over = SLIDING_GRID[k]
-  base = dict(model_type=model_type, vocab_size=8, hidden_size=32, intermediate_size=8, num_hidden_layers=4,
-              num_attention_heads=2, num_key_value_heads=1, rope_theta=10000.0, **over)
+  base = dict(
+      model_type=model_type,
+      vocab_size=8,
+      hidden_size=32,
+      intermediate_size=8,
+      num_hidden_layers=4,
+      num_attention_heads=2,
+      num_key_value_heads=1,
+      rope_theta=10000.0,
+      **over,
+  )
   hf = transformers.AutoConfig.for_model(**base)
   hf_sliding = tuple(i for i, t in enumerate(hf.layer_types) if t == "sliding_attention")
   cfg = qwen2.parse_config(base)

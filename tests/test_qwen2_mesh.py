@@ -23,12 +23,28 @@ from tests.helpers.qwen import FORWARD, MODELS, config_dict, random_tensors, wri
 
 # Head counts that divide over tp=4 and tp=8 (the default rules split query and kv heads, MLP columns and vocab).
 FRESH = {
-    "qwen2_tp8": ("qwen2", dict(vocab_size=128, hidden_size=128, intermediate_size=128, num_attention_heads=16,
-                                num_key_value_heads=8), 2, 811),  # two safetensors files + index
-    "qwen3_tp8_tied": ("qwen3", dict(vocab_size=96, hidden_size=64, intermediate_size=64, num_attention_heads=16,
-                                     num_key_value_heads=8, head_dim=8, tie_word_embeddings=True, num_hidden_layers=1,
-                                     layer_types=["full_attention"]),
-                       None, 812),
+    "qwen2_tp8": (
+        "qwen2",
+        dict(vocab_size=128, hidden_size=128, intermediate_size=128, num_attention_heads=16, num_key_value_heads=8),
+        2,
+        811,
+    ),  # two safetensors files + index
+    "qwen3_tp8_tied": (
+        "qwen3",
+        dict(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=64,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=8,
+            tie_word_embeddings=True,
+            num_hidden_layers=1,
+            layer_types=["full_attention"],
+        ),
+        None,
+        812,
+    ),
 }
 TOKENS = np.array([[0, 0, 5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16]])
 MASK = np.array([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
@@ -51,7 +67,10 @@ def fresh(tmp_path_factory):
     path = write_checkpoint(root / name, cfg, tensors, shards=shards)
     golden = root / f"{name}.hf.safetensors"
     stages = hf_stages(path, TOKENS, MASK)
-    prov = {"producer": "parity_jax.oracle.hf_forward", "inputs": {"tokens": TOKENS.tolist(), "attention_mask": MASK.tolist()}}
+    prov = {
+        "producer": "parity_jax.oracle.hf_forward",
+        "inputs": {"tokens": TOKENS.tolist(), "attention_mask": MASK.tolist()},
+    }
     bundles.StageBundle(stages, prov).save(golden)
     out[name] = {"dir": str(path), "golden": str(golden)}
     if cfg["tie_word_embeddings"]:
@@ -160,9 +179,14 @@ MESH_SCRIPT = textwrap.dedent(r"""
 def test_sharded_forward_matches_unsharded_and_hf_on_two_meshes(fresh, tmp_path):
   # qwen3 on tp=8 is the tool test's (test_tools_take_a_mesh): every compile here costs seconds
   meshes = {"qwen2_tp8": ["dp:2,tp:4", "tp:8"], "qwen3_tp8_tied": ["dp:2,tp:4"]}
-  job = {"fresh": {k: dict(v, meshes=meshes[k]) for k, v in fresh.items() if k in FRESH}, "bad_tied": fresh["bad_tied"],
-         "goldens": ["qwen2_tied", "qwen3"], "forward": str(FORWARD), "models": str(MODELS),
-         "bundle_out": str(tmp_path / "sharded_run.safetensors")}
+  job = {
+      "fresh": {k: dict(v, meshes=meshes[k]) for k, v in fresh.items() if k in FRESH},
+      "bad_tied": fresh["bad_tied"],
+      "goldens": ["qwen2_tied", "qwen3"],
+      "forward": str(FORWARD),
+      "models": str(MODELS),
+      "bundle_out": str(tmp_path / "sharded_run.safetensors"),
+  }
   p = run_python(MESH_SCRIPT, [json.dumps(job)])
   assert p.returncode == 0 and p.stdout.strip().endswith("OK"), p.stdout[-2000:] + p.stderr[-4000:]
 
@@ -173,16 +197,31 @@ def test_tools_take_a_mesh(fresh, tmp_path):
   out = tmp_path / "stages.safetensors"
   tokens = ";".join(",".join(str(t) for t in row) for row in TOKENS)
   mask = ";".join(",".join(str(t) for t in row) for row in MASK)
-  p = run_module("tools.capture_stages", [f"--model_dir={item['dir']}", f"--tokens={tokens}", f"--attention_mask={mask}",
-                                          "--mesh=dp:2,tp:4", f"--out={out}"])
+  p = run_module(
+      "tools.capture_stages",
+      [
+          f"--model_dir={item['dir']}",
+          f"--tokens={tokens}",
+          f"--attention_mask={mask}",
+          "--mesh=dp:2,tp:4",
+          f"--out={out}",
+      ],
+  )
   assert p.returncode == 0 and "on mesh dp:2,tp:4" in p.stdout, p.stdout + p.stderr
   captured = load_bundle(out)
   assert captured.provenance["mesh"] == {"dp": 2, "tp": 4}
   rep = compare_bundles(item["golden"], captured, "f32")
   assert rep.passed, rep.text(failing_only=True)
 
-  p = run_module("tools.forward_parity", [f"--model_dir={fresh['qwen3_tp8_tied']['dir']}",
-                                          f"--golden={fresh['qwen3_tp8_tied']['golden']}", "--mesh=tp:8", "--format=json"])
+  p = run_module(
+      "tools.forward_parity",
+      [
+          f"--model_dir={fresh['qwen3_tp8_tied']['dir']}",
+          f"--golden={fresh['qwen3_tp8_tied']['golden']}",
+          "--mesh=tp:8",
+          "--format=json",
+      ],
+  )
   assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
   assert json.loads(p.stdout)["passed"] is True
 
@@ -190,8 +229,13 @@ def test_tools_take_a_mesh(fresh, tmp_path):
 def test_mesh_flag_errors_are_one_line():
   from parity_jax.qwen2 import sharding
 
-  for text, msg in [("dp:2,pp:2", "unknown mesh axis 'pp'"), ("dp=2,dp=2", "axis 'dp' given twice"),
-                    ("tp:x", "'tp:x' is not axis:size"), ("", "--mesh is empty"), ("tp:0", "size >= 1")]:
+  for text, msg in [
+      ("dp:2,pp:2", "unknown mesh axis 'pp'"),
+      ("dp=2,dp=2", "axis 'dp' given twice"),
+      ("tp:x", "'tp:x' is not axis:size"),
+      ("", "--mesh is empty"),
+      ("tp:0", "size >= 1"),
+  ]:
     with pytest.raises(UsageError, match=msg):
       sharding.parse_mesh_spec(text)
   assert sharding.parse_mesh_spec(" dp:2 , tp=4 ") == {"dp": 2, "tp": 4}
@@ -244,9 +288,17 @@ def _write_big_checkpoint(path: pathlib.Path) -> int:
   The tied 65536 x 1024 embedding is the largest tensor (its tp=8 shard is 32 MiB). Values: ``i % 1021``
   over the flat index, so a shard's rows can be checked without the file.
   """
-  cfg = config_dict("qwen2", vocab_size=65536, hidden_size=1024, intermediate_size=2048, num_hidden_layers=1,
-                    num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True,
-                    layer_types=["full_attention"])
+  cfg = config_dict(
+      "qwen2",
+      vocab_size=65536,
+      hidden_size=1024,
+      intermediate_size=2048,
+      num_hidden_layers=1,
+      num_attention_heads=8,
+      num_key_value_heads=8,
+      tie_word_embeddings=True,
+      layer_types=["full_attention"],
+  )
   path.mkdir()
   (path / "config.json").write_text(json.dumps(cfg))
   from parity_jax import qwen2
@@ -285,8 +337,10 @@ def test_sharded_load_peak_host_memory_is_the_model_plus_one_shard(tmp_path):
   assert r["resident"] - r["model_bytes"] <= 8 * 3 * 1024 * 4  # only the replicated norms, 8 copies each
   growth = r["peak"] - r["before"]  # exact when the load set a new high-water mark, else an over-estimate
   bound = r["resident"] + 1.2 * r["largest_shard"]
-  print(f"sharded load: peak growth {growth / 2**20:.1f} MiB, model {r['model_bytes'] / 2**20:.1f} MiB, "
-        f"bound {bound / 2**20:.1f} MiB")
+  print(
+      f"sharded load: peak growth {growth / 2**20:.1f} MiB, model {r['model_bytes'] / 2**20:.1f} MiB, "
+      f"bound {bound / 2**20:.1f} MiB"
+  )
   assert r["resident"] <= growth <= bound, r
 
 
@@ -300,9 +354,11 @@ def test_read_box_reads_any_box_bit_exact(tmp_path):
   from parity_jax.qwen2.sharding import SafetensorsFile
 
   rng = np.random.default_rng(5)
-  tensors = {"a": rng.standard_normal((6, 5, 7)).astype(np.float32),
-             "b": rng.standard_normal((9, 8)).astype(ml_dtypes.bfloat16),
-             "c": rng.standard_normal((4,)).astype(np.float16)}
+  tensors = {
+      "a": rng.standard_normal((6, 5, 7)).astype(np.float32),
+      "b": rng.standard_normal((9, 8)).astype(ml_dtypes.bfloat16),
+      "c": rng.standard_normal((4,)).astype(np.float16),
+  }
   path = tmp_path / "t.safetensors"
   safetensors.numpy.save_file(tensors, str(path))
   f = SafetensorsFile(path)
@@ -370,16 +426,25 @@ def test_two_processes_each_read_only_their_own_shards(tmp_path):
 
   from tests.helpers.devices import ROOT, device_env
 
-  cfg = config_dict("qwen2", vocab_size=96, hidden_size=64, intermediate_size=64, num_attention_heads=8,
-                    num_key_value_heads=4)
+  cfg = config_dict(
+      "qwen2", vocab_size=96, hidden_size=64, intermediate_size=64, num_attention_heads=8, num_key_value_heads=4
+  )
   path = write_checkpoint(tmp_path / "model", cfg, random_tensors(cfg, seed=813))
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   out = tmp_path / "stages.safetensors"
-  procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SCRIPT, str(path), str(port), str(i), str(out)],
-                            cwd=ROOT, env=device_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, "-c", TWO_PROCESS_SCRIPT, str(path), str(port), str(i), str(out)],
+          cwd=ROOT,
+          env=device_env(2),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for i in range(2)
+  ]
   try:
     outs = [p.communicate(timeout=240) for p in procs]
   finally:

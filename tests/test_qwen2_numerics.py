@@ -36,8 +36,15 @@ def _assert_within_one_bf16_ulp(ours: np.ndarray, ref: np.ndarray, what: str) ->
 
 @pytest.fixture(scope="module")
 def bf16_run(tmp_path_factory):
-  cfg = config_dict("qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
-                    num_hidden_layers=2, vocab_size=96)
+  cfg = config_dict(
+      "qwen2",
+      hidden_size=64,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      vocab_size=96,
+  )
   path = write_checkpoint(tmp_path_factory.mktemp("bf16") / "m", cfg, random_tensors(cfg, seed=5, scale=0.5))
   model = qwen2.load(path, dtype=jnp.bfloat16)
   tokens = np.random.default_rng(1).integers(0, 96, (2, 96))  # 96 keys per row: a long softmax
@@ -54,7 +61,7 @@ def test_bf16_softmax_is_taken_in_float32(bf16_run):
   k = st["layers.0.k_rope"].reshape(b, t, kv, hd)
   v = st["layers.0.v_proj"].reshape(b, t, kv, hd)
   scores = _rb(np.einsum("btkgh,bskh->bkgts", q, k))  # a bf16 dot: float32 accumulation, one rounding
-  scores = _rb(scores * np.float32(hd ** -0.5))
+  scores = _rb(scores * np.float32(hd**-0.5))
   scores = np.where(np.triu(np.ones((t, t), bool), 1), np.float32(ml_dtypes.finfo(BF16).min), scores)
   e = np.exp(scores - scores.max(-1, keepdims=True))  # softmax in float32, rounded once to bf16
   probs = _rb(e / e.sum(-1, keepdims=True, dtype=np.float32))

@@ -3,7 +3,6 @@
 Need torch + transformers (the [oracle] extra); skipped when either is missing.
 """
 
-
 import numpy as np
 import pytest
 
@@ -21,13 +20,38 @@ pytestmark = pytest.mark.oracle
 # Shapes and seeds deliberately unlike the goldens: other head counts and ratios, head_dim 8 and 24,
 # Qwen3 with attention_bias (o_proj bias), tied Qwen3, odd sequence lengths.
 FRESH = {
-    "qwen2_mha6": ("qwen2", dict(vocab_size=200, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                 num_attention_heads=6, num_key_value_heads=3, rope_theta=50000.0,
-                                 rms_norm_eps=1e-5, tie_word_embeddings=False), 911),
-    "qwen3_bias_tied": ("qwen3", dict(vocab_size=160, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=4, head_dim=24,
-                                      rope_theta=1000000.0, rms_norm_eps=1e-6, attention_bias=True,
-                                      tie_word_embeddings=True), 912),
+    "qwen2_mha6": (
+        "qwen2",
+        dict(
+            vocab_size=200,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            rope_theta=50000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+        ),
+        911,
+    ),
+    "qwen3_bias_tied": (
+        "qwen3",
+        dict(
+            vocab_size=160,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=24,
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+            attention_bias=True,
+            tie_word_embeddings=True,
+        ),
+        912,
+    ),
 }
 
 
@@ -93,11 +117,19 @@ def test_inv_freq_within_two_ulp_of_hf():
   """HF's inv_freq goes through SLEEF's powf; ours is the correctly rounded power (see rope_inv_freq): <= 2 ulp apart, mostly identical."""
   from parity_jax.compare import ulp_distance
   from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
   total = same = 0
   for head_dim in (8, 16, 24, 32, 64, 128):
     for theta in (10000.0, 50000.0, 1000000.0, 5000000.0):
-      cfg = transformers.Qwen2Config(hidden_size=head_dim * 2, num_attention_heads=2, num_key_value_heads=1,
-                                     rope_theta=theta, num_hidden_layers=1, vocab_size=8, intermediate_size=8)
+      cfg = transformers.Qwen2Config(
+          hidden_size=head_dim * 2,
+          num_attention_heads=2,
+          num_key_value_heads=1,
+          rope_theta=theta,
+          num_hidden_layers=1,
+          vocab_size=8,
+          intermediate_size=8,
+      )
       hf = Qwen2RotaryEmbedding(cfg).inv_freq.numpy()
       ours = qwen2.model.rope_inv_freq(head_dim, theta)
       assert hf.dtype == ours.dtype == np.float32 and hf.shape == ours.shape
@@ -116,5 +148,6 @@ def test_oracle_bf16_run_and_model_object(fresh_dirs):
   st16 = capture_hf_stages(hf16, tokens)
   assert st16["logits"].dtype.name == "bfloat16"
   from parity_jax.errors import UsageError
+
   with pytest.raises(UsageError, match="float32"):
     hf_stages(hf16, tokens)

@@ -47,6 +47,12 @@ SCRIPT = textwrap.dedent("""
 
 def test_tensor_parallel_placement_runs_the_same_forward():
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
-  r = subprocess.run([sys.executable, "-c", SCRIPT.replace("MODEL_DIR", str(MODELS / "qwen2_gqa_bias"))], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+      [sys.executable, "-c", SCRIPT.replace("MODEL_DIR", str(MODELS / "qwen2_gqa_bias"))],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]

@@ -50,7 +50,21 @@ def test_every_submodule_is_reachable_from_the_package():
   import parity_jax
 
   names = [m.name for m in pkgutil.iter_modules(parity_jax.__path__) if m.name != "oracle"]
-  assert {"bundles", "checkpoint", "cli", "compare", "dtypes", "errors", "files", "jsonio", "progress", "provenance", "qwen2", "report", "svf"} <= set(names)
+  assert {
+      "bundles",
+      "checkpoint",
+      "cli",
+      "compare",
+      "dtypes",
+      "errors",
+      "files",
+      "jsonio",
+      "progress",
+      "provenance",
+      "qwen2",
+      "report",
+      "svf",
+  } <= set(names)
   for name in names:
     assert getattr(parity_jax, name).__name__ == f"parity_jax.{name}"
   import pytest

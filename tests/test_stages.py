@@ -103,7 +103,9 @@ def test_streaming_writer_leaves_nothing_on_failure(tmp_path):
 
 def test_bad_stage_order_metadata_is_refused(tmp_path):
   path = tmp_path / "b.safetensors"
-  safetensors.numpy.save_file({"a": np.zeros(1, np.float32)}, str(path), metadata={"stage_order": json.dumps(["a", "zzz"])})
+  safetensors.numpy.save_file(
+      {"a": np.zeros(1, np.float32)}, str(path), metadata={"stage_order": json.dumps(["a", "zzz"])}
+  )
   with pytest.raises(UsageError, match="stage_order"):
     stages.load_bundle(path)
 

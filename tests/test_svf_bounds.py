@@ -20,7 +20,12 @@ def _one_element(u_value, golden_bits, ours_bits):
   """k = 1, S = 1, offsets 0, V = 1: the float64 reference is exactly u_value."""
   fc = FormulaConstants.from_components(np.ones(1, np.float32), np.zeros(1, np.float32))
   acc = MismatchAccounting(fc)
-  acc.update(np.array([[golden_bits]], np.uint16), np.array([[ours_bits]], np.uint16), np.array([[u_value]], np.float32), np.ones((1, 1), np.float32))
+  acc.update(
+      np.array([[golden_bits]], np.uint16),
+      np.array([[ours_bits]], np.uint16),
+      np.array([[u_value]], np.float32),
+      np.ones((1, 1), np.float32),
+  )
   return acc
 
 
@@ -77,7 +82,9 @@ def test_an_independent_correct_float32_evaluation_is_fully_explained():
   # elements are unexplained. (Some land within the worst-case gamma(k) bound of a
   # midpoint: at k = 600 with this much cancellation that bound is ~0.35 half-ULPs.)
   rows = slice(0, 96)  # enough elements to judge; the accounting costs O(k) per mismatch
-  bad = (np.asarray(reconstruct(u[rows], s, v, o, capture=True)["matmul_pre_norm"]) * (nrm * np.float32(1.005))).astype(BF16)
+  bad = (np.asarray(reconstruct(u[rows], s, v, o, capture=True)["matmul_pre_norm"]) * (nrm * np.float32(1.005))).astype(
+      BF16
+  )
   acc = MismatchAccounting(FormulaConstants.from_components(s, o))
   acc.update(other[rows].view(np.uint16), bad.view(np.uint16), u[rows], v)
   assert acc.n_unexplained > 0.6 * acc.n_mismatch > 0

@@ -64,7 +64,7 @@ def test_final_lies_within_the_rigorous_float32_bound_of_the_float64_truth():
   bound = fc.value_bound(np.abs(m), t) + fc.reference_bound(np.abs(m), t)
   assert np.all(err <= bound)
   # ...and the bound is not vacuous: a 0.1% normalization error breaks it on most elements
-  wrong = (st["matmul_pre_norm"].astype(np.float64) * n * 1.001)
+  wrong = st["matmul_pre_norm"].astype(np.float64) * n * 1.001
   assert np.mean(np.abs(wrong - m * n) > bound) > 0.5
   # the elementwise stages are single IEEE roundings of the float32 inputs
   ss32 = s * (np.float32(1) + o)

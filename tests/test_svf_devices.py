@@ -35,8 +35,12 @@ def reference(tmp_path_factory):
   report = res.to_dict()
   assert report["summary"]["n_explained"] > 0 and report["summary"]["n_unexplained"] == 0
   assert report["backend"]["placement"]["devices"] == 1
-  return {"golden": golden_dir, "report": report, "bundle": root / "one" / "svf_all_selected_stage_debug.safetensors",
-          "root": root}
+  return {
+      "golden": golden_dir,
+      "report": report,
+      "bundle": root / "one" / "svf_all_selected_stage_debug.safetensors",
+      "root": root,
+  }
 
 
 def _comparable(report: dict) -> dict:
@@ -56,9 +60,19 @@ def _check_placement(placement: dict, n_devices: int, n_processes: int) -> None:
 
 def test_eight_devices_give_the_single_device_report_and_bundle(reference):
   out, stage_dir = reference["root"] / "eight.json", reference["root"] / "eight"
-  p = run_module("tools.svf_parity", [f"--golden_dir={reference['golden']}", "--all_selected_tensors", "--devices=0",
-                                      f"--out={out}", f"--stage_dir={stage_dir}", "--chunk_mb=0.05", "--row_block=32",
-                                      "--progress=false"])
+  p = run_module(
+      "tools.svf_parity",
+      [
+          f"--golden_dir={reference['golden']}",
+          "--all_selected_tensors",
+          "--devices=0",
+          f"--out={out}",
+          f"--stage_dir={stage_dir}",
+          "--chunk_mb=0.05",
+          "--row_block=32",
+          "--progress=false",
+      ],
+  )
   assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
   report = json.loads(out.read_text())
   _check_placement(report["backend"]["placement"], 8, 1)
@@ -74,12 +88,26 @@ def _free_port() -> int:
 
 def test_two_processes_give_the_single_device_report(reference):
   out = reference["root"] / "two_processes.json"
-  args = [sys.executable, "-m", "tools.svf_parity", f"--golden_dir={reference['golden']}", "--all_selected_tensors",
-          f"--out={out}", "--chunk_mb=0.05", "--row_block=32", "--progress=false",
-          f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
+  args = [
+      sys.executable,
+      "-m",
+      "tools.svf_parity",
+      f"--golden_dir={reference['golden']}",
+      "--all_selected_tensors",
+      f"--out={out}",
+      "--chunk_mb=0.05",
+      "--row_block=32",
+      "--progress=false",
+      f"--coordinator_address=127.0.0.1:{_free_port()}",
+      "--num_processes=2",
+  ]
   env = device_env(2)  # 2 x 2 devices: each process compiles for its own devices, so fewer keep the test quick
-  procs = [subprocess.Popen(args + [f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          args + [f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+      )
+      for i in range(2)
+  ]
   try:
     outs = [p.communicate(timeout=240) for p in procs]
   finally:

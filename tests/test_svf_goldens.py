@@ -61,8 +61,6 @@ def test_sample_replay_passes_in_target_orientation():
   assert replay(golden_dir=str(GOLDENS), mode="bytes").report["verdict"] == want
 
 
-
-
 def test_legitimate_ties_from_another_summation_order_are_all_explained():
   """Real ties on every machine: torch's blocked sgemm against a sequential float32 sum."""
   total = 0
@@ -120,7 +118,9 @@ def _accounting(name, ours_final):
     return acc
 
 
-@pytest.mark.parametrize("bug", ["offset_off_by_one", "transposed_v", "no_normalization", "inverted_normalization", "one_offset_perturbed"])
+@pytest.mark.parametrize(
+    "bug", ["offset_off_by_one", "transposed_v", "no_normalization", "inverted_normalization", "one_offset_perturbed"]
+)
 def test_real_bugs_are_never_explained(bug):
   name = "model.embed_tokens.weight"  # [320, 80]: V is square, so a transposed V still fits
   with _store() as st:
@@ -233,7 +233,9 @@ def test_chunked_replay_is_bit_identical_to_unchunked_and_to_reconstruct(tmp_pat
   ours = stages.load_bundle(tmp_path / "chunked" / "svf_all_selected_stage_debug.safetensors")
   for stage in STAGES:
     if stage != "source_f32":
-      assert compare.bit_equal(ours[tensor_key(name, stage)], np.asarray(full[stage]).reshape(ours[tensor_key(name, stage)].shape)), stage
+      assert compare.bit_equal(
+          ours[tensor_key(name, stage)], np.asarray(full[stage]).reshape(ours[tensor_key(name, stage)].shape)
+      ), stage
   assert ours.names[0] == f"tensor.{safe_source_name(name)}.source_f32"
 
 
@@ -242,8 +244,13 @@ def test_chunked_sample_in_target_orientation_matches_unchunked(tmp_path):
   b = replay(golden_dir=str(GOLDENS), stage_dir=str(tmp_path / "b"), row_block=16, chunk_mb=0)
   (ta,), (tb,) = a.report["tensors"], b.report["tensors"]
   assert ta["chunking"]["n_chunks"] == 5 and ta["orientation"] == "transpose"
-  assert ta["final_bf16_sha256"] == tb["final_bf16_sha256"] and ta["explained"]["n_mismatch"] == tb["explained"]["n_mismatch"]
-  assert (tmp_path / "a" / "svf_stage_debug.safetensors").read_bytes() == (tmp_path / "b" / "svf_stage_debug.safetensors").read_bytes()
+  assert (
+      ta["final_bf16_sha256"] == tb["final_bf16_sha256"]
+      and ta["explained"]["n_mismatch"] == tb["explained"]["n_mismatch"]
+  )
+  assert (tmp_path / "a" / "svf_stage_debug.safetensors").read_bytes() == (
+      tmp_path / "b" / "svf_stage_debug.safetensors"
+  ).read_bytes()
   ours = stages.load_bundle(tmp_path / "a" / "svf_stage_debug.safetensors")
   assert ours["stage.final_bf16"].shape == (160, 80)
   assert a.passed and b.passed

@@ -23,7 +23,9 @@ def test_bf16_sha256_is_sha256_of_little_endian_c_order_bytes():
   assert bf16_sha256(a.T.copy().T) == want
   # float inputs are rounded to bf16 (nearest even) first
   assert bf16_sha256(a.astype(np.float32)) == want
-  assert bf16_sha256(np.array([1 + 2**-8, 1 + 3 * 2**-8], np.float32)) == bf16_sha256(np.array([1.0, 1 + 2**-6], np.float32).astype(BF16))
+  assert bf16_sha256(np.array([1 + 2**-8, 1 + 3 * 2**-8], np.float32)) == bf16_sha256(
+      np.array([1.0, 1 + 2**-6], np.float32).astype(BF16)
+  )
   with pytest.raises(UsageError, match="floating"):
     bf16_sha256(np.arange(3))
 

@@ -47,10 +47,17 @@ def test_torch_canonicalises_every_bf16_nan_and_our_policies_follow():
 
 def test_torch_scalar_kernels_write_0x7fc0_for_every_nan():
   """The other dispatch, forced in a subprocess, so both policies are checked against real torch on every machine."""
-  code = ("import numpy as np, torch; b = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFBFFFFF], np.uint32);"
-          "print(torch.from_numpy(b.view(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).tolist())")
-  p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ATEN_CPU_CAPABILITY="default"),
-                     capture_output=True, text=True, timeout=120)
+  code = (
+      "import numpy as np, torch; b = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFBFFFFF], np.uint32);"
+      "print(torch.from_numpy(b.view(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).tolist())"
+  )
+  p = subprocess.run(
+      [sys.executable, "-c", code],
+      env=dict(os.environ, ATEN_CPU_CAPABILITY="default"),
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert p.returncode == 0, p.stderr
   assert json.loads(p.stdout) == [0x7FC0] * 4
 
@@ -115,7 +122,12 @@ def test_torch_against_itself_and_us_at_one_thread():
     a = MismatchAccounting(fc)
     a.update(to_numpy(single).view(np.uint16), to_numpy(multi["final_bf16"]).view(np.uint16), u.numpy(), v.numpy())
     b = MismatchAccounting(fc)
-    b.update(to_numpy(single).view(np.uint16), np.asarray(reconstruct(u.numpy(), s.numpy(), v.numpy(), o.numpy())).view(np.uint16), u.numpy(), v.numpy())
+    b.update(
+        to_numpy(single).view(np.uint16),
+        np.asarray(reconstruct(u.numpy(), s.numpy(), v.numpy(), o.numpy())).view(np.uint16),
+        u.numpy(),
+        v.numpy(),
+    )
     assert a.n_unexplained == 0 and b.n_unexplained == 0, (SEED, m, n)
     flips_torch += a.n_mismatch
     flips_ours += b.n_mismatch
@@ -133,8 +145,13 @@ def test_convert_svd_weights_roundtrip_and_bad_files(tmp_path):
   torch.save(data, pt)
   out = tmp_path / "comps"
   (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-  p, junk = run_many("convert_svd_weights", [[f"--svd_weights={pt}", f"--out_dir={out}", "--prefix=trinity_"],
-                                                  [f"--svd_weights={tmp_path / 'junk.pt'}", f"--out_dir={tmp_path / 'o3'}"]])
+  p, junk = run_many(
+      "convert_svd_weights",
+      [
+          [f"--svd_weights={pt}", f"--out_dir={out}", "--prefix=trinity_"],
+          [f"--svd_weights={tmp_path / 'junk.pt'}", f"--out_dir={tmp_path / 'o3'}"],
+      ],
+  )
   assert p.returncode == 0, p.stderr
   path = out / "trinity_svf_components.safetensors"
   assert p.stdout.strip() == str(path)

@@ -23,12 +23,22 @@ def test_pass_writes_report_and_stage_bundle(tmp_path):
   out, stage_dir = tmp_path / "r" / "report.json", tmp_path / "stages"
   out.parent.mkdir()
   p = _run(
-      "svf_parity", f"--golden_dir={GOLDENS}", "--all_selected_tensors", "--selected_source_filter=model.layers.1.",
-      f"--out={out}", f"--stage_dir={stage_dir}", "--chunk_mb=0.05", "--row_block=32", "--progress=false",
+      "svf_parity",
+      f"--golden_dir={GOLDENS}",
+      "--all_selected_tensors",
+      "--selected_source_filter=model.layers.1.",
+      f"--out={out}",
+      f"--stage_dir={stage_dir}",
+      "--chunk_mb=0.05",
+      "--row_block=32",
+      "--progress=false",
   )
   assert p.returncode == 0, p.stdout + p.stderr
   lines = p.stdout.strip().splitlines()
-  assert lines[0].split()[:3] == ["tensor", "shape", "orient"] and len([x for x in lines if x.startswith("model.layers.1.")]) == 7
+  assert (
+      lines[0].split()[:3] == ["tensor", "shape", "orient"]
+      and len([x for x in lines if x.startswith("model.layers.1.")]) == 7
+  )
   assert lines[-1].startswith("SVF parity PASS (mode=stage_tolerances, all_selected): 7/7 tensors pass")
   rep = json.loads(out.read_text())
   assert rep["verdict"] == "PASS" and rep["backend"]["framework"] == "jax" and rep["versions"]["jax"]
@@ -54,7 +64,10 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
   cases = [
       ([f"--golden_dir={tmp_path / 'nope'}"], "no such directory"),
       ([f"--golden_dir={GOLDENS}", f"--python_report={GOLDENS / 'svf_report.json'}"], "exactly one of"),
-      ([f"--golden_dir={GOLDENS}", "--all_selected_tensors", "--selected_source_filter=layers.9."], "selects no tensor"),
+      (
+          [f"--golden_dir={GOLDENS}", "--all_selected_tensors", "--selected_source_filter=layers.9."],
+          "selects no tensor",
+      ),
       ([f"--golden_dir={GOLDENS}", "--layout=vh"], "component shapes disagree"),
       ([f"--golden_dir={GOLDENS}", f"--components_dir={tmp_path}"], "no components file"),
       ([f"--golden_dir={GOLDENS}", "--mode=fast"], "mode"),
@@ -102,7 +115,10 @@ def test_convert_svd_weights_needs_the_oracle_extra(tmp_path):
   (fake / "torch").mkdir(parents=True)
   (fake / "torch" / "__init__.py").write_text("raise ImportError('No module named torch (simulated)')\n")
   env = dict(os.environ, PYTHONPATH=f"{fake}{os.pathsep}{ROOT}")
-  r1, r2 = run_many("convert_svd_weights", [[f"--svd_weights={tmp_path / 'x.pt'}", f"--out_dir={tmp_path}"],
-                                            [f"--out_dir={tmp_path}"]], env=env)
+  r1, r2 = run_many(
+      "convert_svd_weights",
+      [[f"--svd_weights={tmp_path / 'x.pt'}", f"--out_dir={tmp_path}"], [f"--out_dir={tmp_path}"]],
+      env=env,
+  )
   _one_line_error(r1, "[oracle]")
   _one_line_error(r2, "required")

@@ -23,13 +23,17 @@ def test_builtins_cover_every_stage_and_are_consistent():
 
 def test_json_profile_first_match_and_extends(tmp_path):
   path = tmp_path / "p.json"
-  path.write_text(json.dumps({
-      "schema": "parity_jax.tolerance_profile/1",
-      "name": "loose-attention",
-      "extends": "f32",
-      "jump_factor": 5,
-      "rules": [{"stages": r"layers\.\d+\.attention", "max_rel_l2": 1e-4, "min_cosine": 0.9999}],
-  }))
+  path.write_text(
+      json.dumps(
+          {
+              "schema": "parity_jax.tolerance_profile/1",
+              "name": "loose-attention",
+              "extends": "f32",
+              "jump_factor": 5,
+              "rules": [{"stages": r"layers\.\d+\.attention", "max_rel_l2": 1e-4, "min_cosine": 0.9999}],
+          }
+      )
+  )
   p = tolerance.load_profile_json(path)
   assert p.name == "loose-attention" and p.jump_factor == 5.0
   assert p.noise_floor == tolerance.BUILTIN_PROFILES["f32"].noise_floor
@@ -40,7 +44,9 @@ def test_json_profile_first_match_and_extends(tmp_path):
 
 
 def test_no_matching_rule_is_an_error():
-  p = tolerance.profile_from_dict({"schema": "parity_jax.tolerance_profile/1", "rules": [{"stages": "logits", "max_kl": 1}]})
+  p = tolerance.profile_from_dict(
+      {"schema": "parity_jax.tolerance_profile/1", "rules": [{"stages": "logits", "max_kl": 1}]}
+  )
   with pytest.raises(UsageError, match="no rule for stage 'embedding'"):
     p.rule_for("embedding")
 
@@ -48,28 +54,31 @@ def test_no_matching_rule_is_an_error():
 _S = "parity_jax.tolerance_profile/1"
 
 
-@pytest.mark.parametrize("doc,message", [
-    ([], "must be a JSON object"),
-    ({"rules": [{"stages": ".*", "max_rel_l2": 1}]}, "\"schema\" must be"),
-    ({"schema": "parity_jax.tolerance_profile/2", "rules": []}, "\"schema\" must be"),
-    ({"schema": _S}, "at least one rule"),
-    ({"schema": _S, "rules": {"stages": ".*"}}, "\"rules\" must be a list"),
-    ({"schema": _S, "rules": [{"stages": ".*", "max_rel_l2": -1}]}, r"rules\[0\]\.max_rel_l2 must lie in"),
-    ({"schema": _S, "rules": [{"stages": ".*", "max_rel_l2": "1e-5"}]}, "must be a finite number"),
-    ({"schema": _S, "rules": [{"stages": ".*", "min_cosine": 1.5}]}, "min_cosine must lie in"),
-    ({"schema": _S, "rules": [{"stages": ".*", "max_ulp": 2.5}]}, "max_ulp must be an integer"),
-    ({"schema": _S, "rules": [{"stages": "(", "max_rel_l2": 1}]}, "not a valid regular expression"),
-    ({"schema": _S, "rules": [{"stages": ".*"}]}, "sets no threshold"),
-    ({"schema": _S, "rules": [{"stages": ".*", "bit_exact": False}]}, "sets no threshold"),
-    ({"schema": _S, "rules": [{"stages": ".*", "max_rel_l2": 1, "max_rell2": 1}]}, "unknown key 'max_rell2'"),
-    ({"schema": _S, "rules": [{"stages": ".*", "max_rel_l2": 1, "topk": 3}]}, "topk only makes sense"),
-    ({"schema": _S, "rules": [{"max_rel_l2": 1}]}, "stages must be a non-empty"),
-    ({"schema": _S, "extends": "f16", "rules": []}, "\"extends\" must name a built-in"),
-    ({"schema": _S, "extends": "f32", "jump_factor": 1}, "jump_factor must be greater than 1"),
-    ({"schema": _S, "extends": "f32", "noise_floor": -1}, "noise_floor must lie in"),
-    ({"schema": _S, "extends": "f32", "widen_dtypes": "yes"}, "widen_dtypes must be true or false"),
-    ({"schema": _S, "extends": "f32", "tolerance": 1}, "unknown key 'tolerance'"),
-])
+@pytest.mark.parametrize(
+    "doc,message",
+    [
+        ([], "must be a JSON object"),
+        ({"rules": [{"stages": ".*", "max_rel_l2": 1}]}, '"schema" must be'),
+        ({"schema": "parity_jax.tolerance_profile/2", "rules": []}, '"schema" must be'),
+        ({"schema": _S}, "at least one rule"),
+        ({"schema": _S, "rules": {"stages": ".*"}}, '"rules" must be a list'),
+        ({"schema": _S, "rules": [{"stages": ".*", "max_rel_l2": -1}]}, r"rules\[0\]\.max_rel_l2 must lie in"),
+        ({"schema": _S, "rules": [{"stages": ".*", "max_rel_l2": "1e-5"}]}, "must be a finite number"),
+        ({"schema": _S, "rules": [{"stages": ".*", "min_cosine": 1.5}]}, "min_cosine must lie in"),
+        ({"schema": _S, "rules": [{"stages": ".*", "max_ulp": 2.5}]}, "max_ulp must be an integer"),
+        ({"schema": _S, "rules": [{"stages": "(", "max_rel_l2": 1}]}, "not a valid regular expression"),
+        ({"schema": _S, "rules": [{"stages": ".*"}]}, "sets no threshold"),
+        ({"schema": _S, "rules": [{"stages": ".*", "bit_exact": False}]}, "sets no threshold"),
+        ({"schema": _S, "rules": [{"stages": ".*", "max_rel_l2": 1, "max_rell2": 1}]}, "unknown key 'max_rell2'"),
+        ({"schema": _S, "rules": [{"stages": ".*", "max_rel_l2": 1, "topk": 3}]}, "topk only makes sense"),
+        ({"schema": _S, "rules": [{"max_rel_l2": 1}]}, "stages must be a non-empty"),
+        ({"schema": _S, "extends": "f16", "rules": []}, '"extends" must name a built-in'),
+        ({"schema": _S, "extends": "f32", "jump_factor": 1}, "jump_factor must be greater than 1"),
+        ({"schema": _S, "extends": "f32", "noise_floor": -1}, "noise_floor must lie in"),
+        ({"schema": _S, "extends": "f32", "widen_dtypes": "yes"}, "widen_dtypes must be true or false"),
+        ({"schema": _S, "extends": "f32", "tolerance": 1}, "unknown key 'tolerance'"),
+    ],
+)
 def test_bad_profiles_are_one_line_usage_errors(doc, message):
   with pytest.raises(UsageError, match=message) as e:
     tolerance.profile_from_dict(doc, source="p.json")

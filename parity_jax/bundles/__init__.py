@@ -20,8 +20,16 @@ from parity_jax.bundles.diff import Breach
 from parity_jax.bundles.format import FORMAT, BundleReader, BundleWriter, StageBundle, load_bundle, save_bundle
 from parity_jax.bundles.logits import LogitsStats, logits_stats
 from parity_jax.bundles.report import REPORT_SCHEMA, BundleReport, SourceInfo, StageRow, load_report
-from parity_jax.bundles.tolerance import (BUILTIN_PROFILES, PROFILE_SCHEMA, Profile, ToleranceRule, builtin_profile,
-                                          load_profile_json, profile_from_dict, resolve_profile)
+from parity_jax.bundles.tolerance import (
+    BUILTIN_PROFILES,
+    PROFILE_SCHEMA,
+    Profile,
+    ToleranceRule,
+    builtin_profile,
+    load_profile_json,
+    profile_from_dict,
+    resolve_profile,
+)
 from parity_jax.bundles.verdict import StageError, Verdict, analyse
 
 __all__ = [

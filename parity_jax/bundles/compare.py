@@ -76,7 +76,11 @@ class _Source:
         self._arrays, self.names, self.ordered, self.provenance = b, b.names, b.ordered, b.provenance
       else:
         self._reader = BundleReader(path)
-        self.names, self.ordered, self.provenance = list(self._reader.names), self._reader.has_order, self._reader.provenance
+        self.names, self.ordered, self.provenance = (
+            list(self._reader.names),
+            self._reader.has_order,
+            self._reader.provenance,
+        )
     elif isinstance(obj, StageBundle):
       self.label = f"<StageBundle {obj.provenance.get('producer', '?')}>"
       self._arrays, self.names, self.ordered, self.provenance = obj, obj.names, obj.ordered, obj.provenance
@@ -103,7 +107,9 @@ class _Source:
       except KeyError:
         raise UsageError(f"stage {name!r}: {self.side} {self.label} stores a dtype numpy cannot hold") from None
     value = self._arrays[name]
-    return np.dtype(value.dtype) if hasattr(value, "dtype") else np.asarray(value).dtype  # no device copy for jax arrays
+    return (
+        np.dtype(value.dtype) if hasattr(value, "dtype") else np.asarray(value).dtype
+    )  # no device copy for jax arrays
 
   def get(self, name: str) -> np.ndarray:
     if self._reader is not None:
@@ -181,22 +187,47 @@ def compare_bundles(
     cs.close()
 
 
-def _compare(gs: _Source, cs: _Source, prof: Profile, top_k: int, stage_filter: str | None, allow_missing: bool,
-             order: Sequence[str] | None, progress: bool) -> BundleReport:
+def _compare(
+    gs: _Source,
+    cs: _Source,
+    prof: Profile,
+    top_k: int,
+    stage_filter: str | None,
+    allow_missing: bool,
+    order: Sequence[str] | None,
+    progress: bool,
+) -> BundleReport:
   common, only_g, only_c = _common_stages(gs, cs, stage_filter, allow_missing)
   ordered, order_source = _execution_order(common, gs, cs, order)
   plan = _plan(ordered, gs, cs, prof)
   results = _measure(plan, gs, cs, top_k, progress)
-  errors = {r.name: StageError(rel_l2=r.stats.rel_l2, bit_equal=r.stats.bit_equal, breached=bool(r.breaches)) for r in results}
+  errors = {
+      r.name: StageError(rel_l2=r.stats.rel_l2, bit_equal=r.stats.bit_equal, breached=bool(r.breaches)) for r in results
+  }
   growth, verdict = analyse([r.name for r in results], errors, prof.jump_factor, prof.noise_floor)
   rows = []
   for i, r in enumerate(results):
     layer, stage = parse_stage(r.name)
     g = growth[r.name]
-    rows.append(StageRow(index=i, name=r.name, layer=layer, stage=stage, golden_dtype=str(r.golden_dtype),
-                         candidate_dtype=str(r.candidate_dtype), stats=r.stats, rule=r.rule, breaches=r.breaches,
-                         growth=g.growth, ref_stage=g.ref_stage, jump=g.jump, logits=r.logits,
-                         max_ulp=r.max_ulp, ulp_dtype=r.ulp_dtype))
+    rows.append(
+        StageRow(
+            index=i,
+            name=r.name,
+            layer=layer,
+            stage=stage,
+            golden_dtype=str(r.golden_dtype),
+            candidate_dtype=str(r.candidate_dtype),
+            stats=r.stats,
+            rule=r.rule,
+            breaches=r.breaches,
+            growth=g.growth,
+            ref_stage=g.ref_stage,
+            jump=g.jump,
+            logits=r.logits,
+            max_ulp=r.max_ulp,
+            ulp_dtype=r.ulp_dtype,
+        )
+    )
   return BundleReport(
       rows=rows,
       verdict=verdict,
@@ -211,7 +242,9 @@ def _compare(gs: _Source, cs: _Source, prof: Profile, top_k: int, stage_filter: 
   )
 
 
-def _common_stages(gs: _Source, cs: _Source, stage_filter: str | None, allow_missing: bool) -> tuple[list[str], list[str], list[str]]:
+def _common_stages(
+    gs: _Source, cs: _Source, stage_filter: str | None, allow_missing: bool
+) -> tuple[list[str], list[str], list[str]]:
   """(common stages in golden order, only-golden, only-candidate), after the filter; one-sided stages refused unless allowed."""
   gnames, cnames = list(gs.names), list(cs.names)
   if stage_filter is not None:
@@ -301,6 +334,7 @@ def _plan(ordered: list[str], gs: _Source, cs: _Source, prof: Profile) -> list[_
 
 def _measure(plan: list[_Planned], gs: _Source, cs: _Source, top_k: int, show_progress: bool) -> list[_Measured]:
   """Statistics and breaches per stage, two stages in memory at a time."""
+
   def nbytes(p: _Planned) -> int:
     return int(np.prod(gs.shape(p.name), dtype=np.int64)) * (p.golden_dtype.itemsize + p.candidate_dtype.itemsize)
 
@@ -314,8 +348,19 @@ def _measure(plan: list[_Planned], gs: _Source, cs: _Source, top_k: int, show_pr
       lg = logits_stats(a, b, topk=p.rule.topk) if p.want_logits else None
       udt = ulp_dtype(p.golden_dtype, p.candidate_dtype)
       max_ulp = st.max_ulp if udt == p.compare_dtype or st.max_ulp is None else max_ulp_in(a, b, udt)
-      results.append(_Measured(p.name, p.golden_dtype, p.candidate_dtype, st, p.rule, lg,
-                               check_rule(p.rule, st, lg, max_ulp), max_ulp, str(udt)))
+      results.append(
+          _Measured(
+              p.name,
+              p.golden_dtype,
+              p.candidate_dtype,
+              st,
+              p.rule,
+              lg,
+              check_rule(p.rule, st, lg, max_ulp),
+              max_ulp,
+              str(udt),
+          )
+      )
       bar.update(nbytes(p))
       bar.set_postfix_str(f"{i + 1}/{len(plan)} stages")
       del a, b

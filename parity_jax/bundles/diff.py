@@ -16,7 +16,17 @@ from parity_jax.compare import DiffAccumulator, DiffStats, check_comparable, dif
 from parity_jax.dtypes import is_float_dtype
 from parity_jax.errors import UsageError
 
-__all__ = ["Breach", "CHUNK_ELEMENTS", "boxes", "check_rule", "common_dtype", "is_logits", "max_ulp_in", "stage_stats", "ulp_dtype"]
+__all__ = [
+    "Breach",
+    "CHUNK_ELEMENTS",
+    "boxes",
+    "check_rule",
+    "common_dtype",
+    "is_logits",
+    "max_ulp_in",
+    "stage_stats",
+    "ulp_dtype",
+]
 
 CHUNK_ELEMENTS = 1 << 20  # per-chunk element budget for the float64 reductions of a large stage (~8 MiB per temporary)
 
@@ -52,15 +62,14 @@ def _g(x: Any) -> str:
 def _holds_exactly(wide: np.dtype, narrow: np.dtype) -> bool:
   """True when every value of float dtype ``narrow`` is exactly representable in ``wide``."""
   fw, fn = ml_dtypes.finfo(wide), ml_dtypes.finfo(narrow)
-  return (fw.nmant >= fn.nmant and fw.maxexp >= fn.maxexp
-          and (fw.minexp - fw.nmant) <= (fn.minexp - fn.nmant))
+  return fw.nmant >= fn.nmant and fw.maxexp >= fn.maxexp and (fw.minexp - fw.nmant) <= (fn.minexp - fn.nmant)
 
 
 def common_dtype(name: str, gd: np.dtype, cd: np.dtype, profile: Profile) -> np.dtype:
   """The dtype both sides of stage ``name`` are compared in: equal dtypes, or (profiles that widen) the narrowest float holding both exactly."""
   if gd == cd:
     return gd
-  strict = (f"stage {name!r}: dtype mismatch: golden {gd} vs candidate {cd}")
+  strict = f"stage {name!r}: dtype mismatch: golden {gd} vs candidate {cd}"
   if not profile.widen_dtypes:
     raise UsageError(f"{strict} (profile {profile.name!r} compares dtypes strictly; the bf16 profile widens exactly)")
   if not (is_float_dtype(gd) and is_float_dtype(cd)):
@@ -99,7 +108,9 @@ def max_ulp_in(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> int:
   return best
 
 
-def check_rule(rule: ToleranceRule, st: DiffStats, lg: LogitsStats | None, max_ulp: int | None = None) -> tuple[Breach, ...]:
+def check_rule(
+    rule: ToleranceRule, st: DiffStats, lg: LogitsStats | None, max_ulp: int | None = None
+) -> tuple[Breach, ...]:
   """The thresholds of ``rule`` that ``st``/``lg`` violate. A one-sided NaN always breaches.
 
   ``max_ulp`` overrides ``st.max_ulp`` (a widened comparison counts ULPs in the narrower dtype: :func:`ulp_dtype`).

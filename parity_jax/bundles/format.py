@@ -36,14 +36,8 @@ from parity_jax.errors import UsageError, first_line
 
 FORMAT = "parity_jax.stage_bundle/1"
 
-__all__ = [
-    "FORMAT",
-    "BundleReader",
-    "BundleWriter",
-    "StageBundle",
-    "load_bundle",
-    "save_bundle",
-]
+__all__ = ["FORMAT", "BundleReader", "BundleWriter", "StageBundle", "load_bundle", "save_bundle"]
+
 
 def _to_numpy(x: Any) -> np.ndarray:
   a = np.asarray(x)
@@ -109,7 +103,9 @@ def _metadata(names: Sequence[str], provenance: Mapping[str, Any] | None) -> dic
   }
 
 
-def save_bundle(path: str | os.PathLike, stages: Mapping[str, Any], provenance: Mapping[str, Any] | None = None) -> None:
+def save_bundle(
+    path: str | os.PathLike, stages: Mapping[str, Any], provenance: Mapping[str, Any] | None = None
+) -> None:
   """Writes ``stages`` (in their iteration order) and ``provenance`` to ``path``.
 
   The bytes are a deterministic function of the inputs (the safetensors
@@ -263,10 +259,16 @@ class BundleWriter:
     if name not in self._layout:
       raise UsageError(f"{name!r} is not a declared tensor of {self.path}")
     shape, dtype, offset, nbytes = self._layout[name]
-    while not self._interleave and self._current < len(self._order) and self._written[self._order[self._current]] == self._layout[self._order[self._current]][3]:
+    while (
+        not self._interleave
+        and self._current < len(self._order)
+        and self._written[self._order[self._current]] == self._layout[self._order[self._current]][3]
+    ):
       self._current += 1
     if not self._interleave and (self._current >= len(self._order) or self._order[self._current] != name):
-      raise UsageError(f"tensors must be written in declared order; expected {self._order[self._current] if self._current < len(self._order) else None!r}, got {name!r}")
+      raise UsageError(
+          f"tensors must be written in declared order; expected {self._order[self._current] if self._current < len(self._order) else None!r}, got {name!r}"
+      )
     a = c_contiguous(np.asarray(rows))
     if a.dtype != dtype:
       raise UsageError(f"{name}: dtype {a.dtype} does not match declared {dtype}")

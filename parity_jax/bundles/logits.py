@@ -82,9 +82,11 @@ class LogitsStats:
     )
 
   def summary(self) -> str:
-    return (f"KL max {self.kl_max:.3g} (token {list(self.kl_argmax_index)}) mean {self.kl_mean:.3g};"
-            f" argmax agree {self.argmax_agree}/{self.n_tokens} ({100 * self.argmax_agreement:.1f}%);"
-            f" top-{self.topk} overlap mean {self.topk_overlap_mean:.3f} min {self.topk_overlap_min:.3f}")
+    return (
+        f"KL max {self.kl_max:.3g} (token {list(self.kl_argmax_index)}) mean {self.kl_mean:.3g};"
+        f" argmax agree {self.argmax_agree}/{self.n_tokens} ({100 * self.argmax_agreement:.1f}%);"
+        f" top-{self.topk} overlap mean {self.topk_overlap_mean:.3f} min {self.topk_overlap_min:.3f}"
+    )
 
 
 def _kl_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -128,11 +130,11 @@ def logits_stats(golden: Any, candidate: Any, topk: int = 5) -> LogitsStats:
   agree = np.empty(n, bool)
   overlap = np.empty(n, np.float64)
   for s in range(0, n, rows):
-    ca, cb = a2[s:s + rows].astype(np.float64), b2[s:s + rows].astype(np.float64)
-    kl[s:s + rows] = _kl_rows(ca, cb)
-    agree[s:s + rows] = np.argmax(ca, axis=-1) == np.argmax(cb, axis=-1)
+    ca, cb = a2[s : s + rows].astype(np.float64), b2[s : s + rows].astype(np.float64)
+    kl[s : s + rows] = _kl_rows(ca, cb)
+    agree[s : s + rows] = np.argmax(ca, axis=-1) == np.argmax(cb, axis=-1)
     ta, tb = _topk_sets(ca, k), _topk_sets(cb, k)
-    overlap[s:s + rows] = (ta[:, :, None] == tb[:, None, :]).any(axis=-1).sum(axis=-1) / k
+    overlap[s : s + rows] = (ta[:, :, None] == tb[:, None, :]).any(axis=-1).sum(axis=-1) / k
   # NaN KL (a NaN logit on either side) must not hide behind nanmax: it is the worst case.
   kl_for_max = np.where(np.isnan(kl), np.inf, kl)
   worst = int(np.argmax(kl_for_max)) if n else 0

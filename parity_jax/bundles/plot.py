@@ -123,8 +123,16 @@ def plot_report(report: "BundleReport", path: str | os.PathLike | None = None, d
 
   cbar_block = None
   if other_rows:  # stages outside the layers, above the heatmap (labels on top), same cell size
-    _paint(canvas.axes("strip"), [other_rows], [r.name for r in other_rows], ["model"], n_cells, scale, report,
-           top_labels=True)
+    _paint(
+        canvas.axes("strip"),
+        [other_rows],
+        [r.name for r in other_rows],
+        ["model"],
+        n_cells,
+        scale,
+        report,
+        top_labels=True,
+    )
     cbar_block = "strip"
   if layers:
     grid = [[next((r for r in layer_rows if r.layer == L and r.stage == c), None) for c in cols] for L in layers]
@@ -133,8 +141,15 @@ def plot_report(report: "BundleReport", path: str | os.PathLike | None = None, d
   _colorbar(canvas, cbar_block, scale)
   _line_panel(canvas.axes("line"), report, scale, has_strip=bool(other_rows))
   v = report.verdict
-  canvas.fig.suptitle(_title(report), fontsize=10, color={"pass": "#1b7f3b", "jump": "#b00020", "drift": "#b36b00"}[v.status],
-                      x=0.02, y=1 - 0.12 / canvas.height, ha="left", va="top")
+  canvas.fig.suptitle(
+      _title(report),
+      fontsize=10,
+      color={"pass": "#1b7f3b", "jump": "#b00020", "drift": "#b36b00"}[v.status],
+      x=0.02,
+      y=1 - 0.12 / canvas.height,
+      ha="left",
+      va="top",
+  )
   if path is not None:
     try:
       with atomic_output(path, "wb") as f:
@@ -144,8 +159,16 @@ def plot_report(report: "BundleReport", path: str | os.PathLike | None = None, d
   return canvas.fig
 
 
-def _paint(ax, grid_rows: list[list], xlabels: list[str], ylabels: list[str], n_x: int, scale: _Scale,
-           report: "BundleReport", top_labels: bool = False) -> None:
+def _paint(
+    ax,
+    grid_rows: list[list],
+    xlabels: list[str],
+    ylabels: list[str],
+    n_x: int,
+    scale: _Scale,
+    report: "BundleReport",
+    top_labels: bool = False,
+) -> None:
   """Rows of StageRow-or-None as unit cells: colour by rel-L2, '=' bit-identical, 'x' over tolerance, frames."""
   import matplotlib as mpl
   from matplotlib.patches import Rectangle
@@ -165,7 +188,16 @@ def _paint(ax, grid_rows: list[list], xlabels: list[str], ylabels: list[str], n_
       level = scale.level(lv)
       ax.add_patch(Rectangle(cell, 1, 1, facecolor=cmap(level), edgecolor="white", lw=0.3))
       if not r.passed:
-        ax.text(xi, yi, "x", ha="center", va="center", fontsize=8, fontweight="bold", color="white" if level < 0.6 else "black")
+        ax.text(
+            xi,
+            yi,
+            "x",
+            ha="center",
+            va="center",
+            fontsize=8,
+            fontweight="bold",
+            color="white" if level < 0.6 else "black",
+        )
       if r.name == report.first_divergent:
         ax.add_patch(Rectangle(cell, 1, 1, fill=False, edgecolor="red", lw=2.8, zorder=5))
       elif r.name == report.first_breach:
@@ -201,17 +233,32 @@ def _line_panel(ax, report: "BundleReport", scale: _Scale, has_strip: bool) -> N
   rows = report.rows
   x = np.arange(len(rows))
   y = np.array([r.stats.rel_l2 for r in rows], dtype=float)
-  floor = 10.0 ** scale.lo
-  shown = np.where(y > 0, np.minimum(y, 10.0 ** scale.hi), np.nan)
+  floor = 10.0**scale.lo
+  shown = np.where(y > 0, np.minimum(y, 10.0**scale.hi), np.nan)
   ax.plot(x, shown, "-", color="#4060a0", lw=1.0, zorder=2)
   ok = np.array([r.passed for r in rows])
   ax.scatter(x[ok & (y > 0)], shown[ok & (y > 0)], s=10, color="#4060a0", zorder=3, label="within tolerance")
-  ax.scatter(x[~ok], np.where(np.isnan(shown[~ok]), floor, shown[~ok]), s=22, color="#d02020", marker="x", zorder=4,
-             label="over tolerance")
+  ax.scatter(
+      x[~ok],
+      np.where(np.isnan(shown[~ok]), floor, shown[~ok]),
+      s=22,
+      color="#d02020",
+      marker="x",
+      zorder=4,
+      label="over tolerance",
+  )
   zero = y == 0
   if zero.any():
-    ax.scatter(x[zero], np.full(zero.sum(), floor), s=12, facecolors="none", edgecolors="#999999", marker="o", zorder=3,
-               label="bit-identical")
+    ax.scatter(
+        x[zero],
+        np.full(zero.sum(), floor),
+        s=12,
+        facecolors="none",
+        edgecolors="#999999",
+        marker="o",
+        zorder=3,
+        label="bit-identical",
+    )
   tol_y = np.array([r.rule.max_rel_l2 if r.rule.max_rel_l2 else np.nan for r in rows], dtype=float)
   if np.isfinite(tol_y).any():
     ax.step(x, tol_y, where="mid", color="#d02020", ls="--", lw=0.9, label="rel-L2 tolerance")
@@ -226,7 +273,7 @@ def _line_panel(ax, report: "BundleReport", scale: _Scale, has_strip: bool) -> N
   if fb is not None and fb != fd:
     _mark_stage(ax, index[fb], len(rows), f"first over tolerance: {fb}", "#e08000", 0.14, dict(lw=1.2, ls=":"))
   ax.set_yscale("log")
-  ax.set_ylim(floor / 2, 10.0 ** scale.hi * 2)
+  ax.set_ylim(floor / 2, 10.0**scale.hi * 2)
   ax.set_xlim(-0.5, len(rows) - 0.5)
   ticks, labels = _stage_ticks(rows)
   ax.set_xticks(ticks)
@@ -243,9 +290,19 @@ def _mark_stage(ax, i: int, n: int, label: str, color: str, height: float, line:
   late = i > 0.6 * n
   ax.axvline(i, color=color, zorder=1, **line)
   box = dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none", alpha=0.85)
-  ax.annotate(label, (i, height), xycoords=("data", "axes fraction"), xytext=(-4 if late else 4, 0),
-              textcoords="offset points", fontsize=8, color=color, va="bottom", ha="right" if late else "left",
-              bbox=box, zorder=6)
+  ax.annotate(
+      label,
+      (i, height),
+      xycoords=("data", "axes fraction"),
+      xytext=(-4 if late else 4, 0),
+      textcoords="offset points",
+      fontsize=8,
+      color=color,
+      va="bottom",
+      ha="right" if late else "left",
+      bbox=box,
+      zorder=6,
+  )
 
 
 def _stage_ticks(rows: list["StageRow"]) -> tuple[list[float], list[str]]:
@@ -269,5 +326,7 @@ def _title(report: "BundleReport") -> str:
   if v.status == "jump":
     rel = report.row(fd).stats.rel_l2
     return f"FAIL (jump) -- first divergent: {fd}  (rel-L2 {rel:.2e}, x{fmt_growth(v.growth)} over {v.ref_stage or 'nothing'})"
-  return (f"FAIL (drift) -- onset {fd}, first over tolerance {v.first_breach} (x{fmt_growth(v.growth)},"
-          f" below jump factor {report.profile.jump_factor:g})")
+  return (
+      f"FAIL (drift) -- onset {fd}, first over tolerance {v.first_breach} (x{fmt_growth(v.growth)},"
+      f" below jump factor {report.profile.jump_factor:g})"
+  )

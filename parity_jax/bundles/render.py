@@ -114,8 +114,10 @@ def render_text(report: "BundleReport", failing_only: bool = False, show_top: bo
   lines.append("")
   rows = [r for r in report.rows if not (failing_only and r.passed and r.name != report.first_divergent)]
   w = max([len("stage")] + [len(r.name) for r in rows])
-  header = (f"{'#':>4}  {'stage':<{w}}  {'rel-L2':>9}  {'cosine':>10}  {'max|diff|':>9}  {'at':<14}  {'max ULP':>13}"
-            f"  {'growth':>8}  result")
+  header = (
+      f"{'#':>4}  {'stage':<{w}}  {'rel-L2':>9}  {'cosine':>10}  {'max|diff|':>9}  {'at':<14}  {'max ULP':>13}"
+      f"  {'growth':>8}  result"
+  )
   lines.append(header)
   lines.append("-" * len(header))
   for r in rows:
@@ -125,7 +127,8 @@ def render_text(report: "BundleReport", failing_only: bool = False, show_top: bo
     lines.append(
         f"{r.index:>4}  {r.name:<{w}}  {fmt_rel(r.stats.rel_l2):>9}  {fmt_cosine(r.stats.cosine):>10}"
         f"  {_fmt_abs(r.stats.max_abs_diff):>9}  {where:<14}  {_ulp(r):>13}  {'x' + fmt_growth(r.growth) if r.growth is not None else '-':>8}"
-        f"  {_mark(report, r)}")
+        f"  {_mark(report, r)}"
+    )
   if failing_only and len(rows) < len(report.rows):
     lines.append(f"     ({len(report.rows) - len(rows)} passing stages not shown)")
   if any(r.ulp_dtype not in (None, r.stats.dtype) for r in rows):
@@ -142,14 +145,19 @@ def render_text(report: "BundleReport", failing_only: bool = False, show_top: bo
       lines.append(f"top {len(r.stats.top_k)} divergences in {fd} (golden vs candidate):")
       for d in r.stats.top_k:
         idx = "[" + ",".join(str(i) for i in d.index) + "]"
-        lines.append(f"  {idx:<18} {_val(d.a):>15} vs {_val(d.b):<15} |diff| {_fmt_abs(d.abs_diff):<9}  bits {d.a_bits} vs {d.b_bits}")
+        lines.append(
+            f"  {idx:<18} {_val(d.a):>15} vs {_val(d.b):<15} |diff| {_fmt_abs(d.abs_diff):<9}  bits {d.a_bits} vs {d.b_bits}"
+        )
     for b in r.breaches:
       lines.append(f"  breach: {b.text()}")
   if report.only_golden:
     lines.append("")
     lines.append(f"only in golden ({len(report.only_golden)}): {', '.join(report.only_golden)}")
   if report.only_candidate:
-    lines.append(("" if report.only_golden else "\n") + f"only in candidate ({len(report.only_candidate)}): {', '.join(report.only_candidate)}")
+    lines.append(
+        ("" if report.only_golden else "\n")
+        + f"only in candidate ({len(report.only_candidate)}): {', '.join(report.only_candidate)}"
+    )
   lines.append("")
   lines.append(report.verdict_line())
   return "\n".join(lines)
@@ -177,10 +185,22 @@ def render_html(report: "BundleReport") -> str:
       f"<div style='font-size:smaller'>golden: {esc(report.golden.source)} &middot; candidate: {esc(report.candidate.source)}"
       f" &middot; profile {esc(report.profile.name)} (jump factor {report.profile.jump_factor:g})</div>",
       "<table style='border-collapse:collapse;font-family:monospace;font-size:12px'>",
-      "<thead><tr>" + "".join(
+      "<thead><tr>"
+      + "".join(
           f"<th style='text-align:{a};padding:2px 6px;border-bottom:1px solid #999'>{h}</th>"
-          for h, a in (("#", "right"), ("stage", "left"), ("rel-L2", "right"), ("cosine", "right"), ("max|diff|", "right"),
-                       ("at", "left"), ("max ULP", "right"), ("growth", "right"), ("tolerance", "left"), ("result", "left")))
+          for h, a in (
+              ("#", "right"),
+              ("stage", "left"),
+              ("rel-L2", "right"),
+              ("cosine", "right"),
+              ("max|diff|", "right"),
+              ("at", "left"),
+              ("max ULP", "right"),
+              ("growth", "right"),
+              ("tolerance", "left"),
+              ("result", "left"),
+          )
+      )
       + "</tr></thead><tbody>",
   ]
   for r in report.rows:
@@ -197,19 +217,32 @@ def render_html(report: "BundleReport") -> str:
     elif r.name == report.first_breach:
       mark += " &larr; first over tolerance"
     cells = [
-        (str(r.index), "right", ""), (esc(r.name), "left", ""),
+        (str(r.index), "right", ""),
+        (esc(r.name), "left", ""),
         (fmt_rel(r.stats.rel_l2), "right", f"background:{_heat(r.stats.rel_l2)};"),
-        (fmt_cosine(r.stats.cosine), "right", ""), (_fmt_abs(r.stats.max_abs_diff), "right", ""),
-        (esc(_where(r)), "left", ""), (_ulp(r), "right", ""),
-        ("x" + fmt_growth(r.growth) if r.growth is not None else "-", "right", "color:#b00020;" if r.jump and not r.passed else ""),
-        (esc(r.rule.describe()), "left", "color:#666;"), (mark, "left", ""),
+        (fmt_cosine(r.stats.cosine), "right", ""),
+        (_fmt_abs(r.stats.max_abs_diff), "right", ""),
+        (esc(_where(r)), "left", ""),
+        (_ulp(r), "right", ""),
+        (
+            "x" + fmt_growth(r.growth) if r.growth is not None else "-",
+            "right",
+            "color:#b00020;" if r.jump and not r.passed else "",
+        ),
+        (esc(r.rule.describe()), "left", "color:#666;"),
+        (mark, "left", ""),
     ]
-    out.append(f"<tr style='background:{row_bg};{bold}'>" + "".join(
-        f"<td style='text-align:{a};padding:1px 6px;{extra}'>{c}</td>" for c, a, extra in cells) + "</tr>")
+    out.append(
+        f"<tr style='background:{row_bg};{bold}'>"
+        + "".join(f"<td style='text-align:{a};padding:1px 6px;{extra}'>{c}</td>" for c, a, extra in cells)
+        + "</tr>"
+    )
   out.append("</tbody></table>")
   for r in report.rows:
     if r.logits is not None:
-      out.append(f"<div style='font-family:monospace;font-size:12px;margin-top:4px'>{esc(r.name)}: {esc(r.logits.summary())}</div>")
+      out.append(
+          f"<div style='font-family:monospace;font-size:12px;margin-top:4px'>{esc(r.name)}: {esc(r.logits.summary())}</div>"
+      )
   if report.only_golden:
     out.append(f"<div style='font-size:smaller'>only in golden: {esc(', '.join(report.only_golden))}</div>")
   if report.only_candidate:

@@ -205,6 +205,7 @@ class BundleReport(Report):
 
   def text(self, failing_only: bool = False, show_top: bool = True) -> str:
     from parity_jax.bundles import render
+
     return render.render_text(self, failing_only=failing_only, show_top=show_top)
 
   def __repr__(self) -> str:
@@ -212,12 +213,14 @@ class BundleReport(Report):
 
   def _repr_html_(self) -> str:
     from parity_jax.bundles import render
+
     return render.render_html(self)
 
   def plot(self, path: str | os.PathLike | None = None, dpi: int = 110):
     """A heatmap layer x stage of log10 rel-L2 (first divergent stage marked) and the error along the
     stage order. Writes a PNG when ``path`` is given; returns the matplotlib Figure."""
     from parity_jax.bundles import plot
+
     return plot.plot_report(self, path=path, dpi=dpi)
 
 

@@ -143,10 +143,16 @@ class ToleranceRule:
     if self.bit_exact:
       parts.append("bit-exact")
     for key, label, op in (
-        ("max_rel_l2", "rel_l2", "<="), ("min_cosine", "cos", ">="), ("max_abs_diff", "|diff|", "<="),
-        ("max_ulp", "ulp", "<="), ("max_frac_diff", "frac", "<="), ("max_kl", "kl", "<="),
-        ("max_mean_kl", "mean_kl", "<="), ("min_argmax_agreement", "argmax", ">="),
-        ("min_topk_overlap", f"top{self.topk}", ">=")):
+        ("max_rel_l2", "rel_l2", "<="),
+        ("min_cosine", "cos", ">="),
+        ("max_abs_diff", "|diff|", "<="),
+        ("max_ulp", "ulp", "<="),
+        ("max_frac_diff", "frac", "<="),
+        ("max_kl", "kl", "<="),
+        ("max_mean_kl", "mean_kl", "<="),
+        ("min_argmax_agreement", "argmax", ">="),
+        ("min_topk_overlap", f"top{self.topk}", ">="),
+    ):
       v = getattr(self, key)
       if v is not None:
         parts.append(f"{label}{op}{v:.3g}" if isinstance(v, float) else f"{label}{op}{v}")
@@ -168,7 +174,9 @@ class Profile:
     for rule in self.rules:
       if rule.matches(stage):
         return rule
-    raise UsageError(f"profile {self.name!r} has no rule for stage {stage!r} (add a catch-all rule {{\"stages\": \".*\", ...}})")
+    raise UsageError(
+        f'profile {self.name!r} has no rule for stage {stage!r} (add a catch-all rule {{"stages": ".*", ...}})'
+    )
 
   def to_dict(self) -> dict[str, Any]:
     return {
@@ -200,7 +208,15 @@ BUILTIN_PROFILES: dict[str, Profile] = {
         name="bf16",
         description="bfloat16 weights+activations vs float32 golden: rel-L2 <= 0.1, cosine >= 0.995 per stage; logits KL and top-5 overlap",
         rules=(
-            ToleranceRule(stages=r"(.*\.)?logits", max_rel_l2=0.1, min_cosine=0.995, max_kl=0.05, max_mean_kl=0.01, min_topk_overlap=0.8, topk=5),
+            ToleranceRule(
+                stages=r"(.*\.)?logits",
+                max_rel_l2=0.1,
+                min_cosine=0.995,
+                max_kl=0.05,
+                max_mean_kl=0.01,
+                min_topk_overlap=0.8,
+                topk=5,
+            ),
             ToleranceRule(stages=r".*", max_rel_l2=0.1, min_cosine=0.995),
         ),
         jump_factor=4.0,
@@ -280,17 +296,19 @@ def profile_from_dict(d: Any, source: str = "profile") -> Profile:
     raise UsageError(f"{source}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
   schema = d.get("schema")
   if schema != PROFILE_SCHEMA:
-    raise UsageError(f"{source}: \"schema\" must be {PROFILE_SCHEMA!r}, got {json.dumps(schema)}")
+    raise UsageError(f'{source}: "schema" must be {PROFILE_SCHEMA!r}, got {json.dumps(schema)}')
   base = None
   if "extends" in d:
     if d["extends"] not in BUILTIN_PROFILES:
-      raise UsageError(f"{source}: \"extends\" must name a built-in profile ({', '.join(BUILTIN_PROFILES)}), got {json.dumps(d['extends'])}")
+      raise UsageError(
+          f"{source}: \"extends\" must name a built-in profile ({', '.join(BUILTIN_PROFILES)}), got {json.dumps(d['extends'])}"
+      )
     base = BUILTIN_PROFILES[d["extends"]]
   rules_in = d.get("rules", [])
   if not isinstance(rules_in, list):
-    raise UsageError(f"{source}: \"rules\" must be a list")
+    raise UsageError(f'{source}: "rules" must be a list')
   if not rules_in and base is None:
-    raise UsageError(f"{source}: \"rules\" must list at least one rule (or set \"extends\")")
+    raise UsageError(f'{source}: "rules" must list at least one rule (or set "extends")')
   rules = tuple(_rule_from_dict(f"{source}: rules[{i}]", r) for i, r in enumerate(rules_in))
   if base is not None:
     rules += base.rules
@@ -299,10 +317,18 @@ def profile_from_dict(d: Any, source: str = "profile") -> Profile:
   for key, v in (("name", name), ("description", desc)):
     if not isinstance(v, str):
       raise UsageError(f"{source}: {key!r} must be a string")
-  jump = _check_number(source, "jump_factor", d["jump_factor"], 1.0, math.inf) if "jump_factor" in d else (base.jump_factor if base else 10.0)
+  jump = (
+      _check_number(source, "jump_factor", d["jump_factor"], 1.0, math.inf)
+      if "jump_factor" in d
+      else (base.jump_factor if base else 10.0)
+  )
   if jump <= 1.0:
     raise UsageError(f"{source}.jump_factor must be greater than 1, got {jump}")
-  floor = _check_number(source, "noise_floor", d["noise_floor"], 0.0, math.inf) if "noise_floor" in d else (base.noise_floor if base else 0.0)
+  floor = (
+      _check_number(source, "noise_floor", d["noise_floor"], 0.0, math.inf)
+      if "noise_floor" in d
+      else (base.noise_floor if base else 0.0)
+  )
   widen = d.get("widen_dtypes", base.widen_dtypes if base else False)
   if not isinstance(widen, bool):
     raise UsageError(f"{source}.widen_dtypes must be true or false")

@@ -41,6 +41,7 @@ from parity_jax.bundles.qwen_graph import qwen_stage_inputs
 
 __all__ = ["StageError", "StageGrowth", "Verdict", "analyse", "fmt_growth"]
 
+
 @dataclasses.dataclass(frozen=True)
 class StageError:
   """What the verdict needs to know about one compared stage."""
@@ -108,13 +109,20 @@ class Verdict:
       return "PASS: every compared stage is within tolerance"
     g = f"x{fmt_growth(self.growth)}" + (f" over {self.ref_stage}" if self.ref_stage else " (no compared input)")
     if self.status == "jump":
-      return (f"FAIL: first divergent stage {self.first_divergent} -- jump: rel-L2 grows {g}"
-              f" (jump factor {jump_factor:g}); {self.n_breached} stage(s) over tolerance")
-    biggest = (f"; largest growth on the way x{fmt_growth(self.max_growth)} at {self.max_growth_stage}"
-               if self.max_growth_stage else "")
-    return (f"FAIL: drift -- error accumulates gradually from {self.first_divergent} (first divergent) and first exceeds"
-            f" tolerance at {self.first_breach} ({g}, below jump factor {jump_factor:g}){biggest};"
-            f" {self.n_breached} stage(s) over tolerance")
+      return (
+          f"FAIL: first divergent stage {self.first_divergent} -- jump: rel-L2 grows {g}"
+          f" (jump factor {jump_factor:g}); {self.n_breached} stage(s) over tolerance"
+      )
+    biggest = (
+        f"; largest growth on the way x{fmt_growth(self.max_growth)} at {self.max_growth_stage}"
+        if self.max_growth_stage
+        else ""
+    )
+    return (
+        f"FAIL: drift -- error accumulates gradually from {self.first_divergent} (first divergent) and first exceeds"
+        f" tolerance at {self.first_breach} ({g}, below jump factor {jump_factor:g}){biggest};"
+        f" {self.n_breached} stage(s) over tolerance"
+    )
 
 
 def fmt_growth(g: float | None) -> str:
@@ -129,8 +137,13 @@ def _opt_float(x: Any) -> float | None:
   return None if x is None else float(jsonio.from_jsonable(x))
 
 
-def analyse(order: Sequence[str], errors: Mapping[str, StageError], jump_factor: float, noise_floor: float,
-            inputs: Mapping[str, Sequence[str]] | None = None) -> tuple[dict[str, StageGrowth], Verdict]:
+def analyse(
+    order: Sequence[str],
+    errors: Mapping[str, StageError],
+    jump_factor: float,
+    noise_floor: float,
+    inputs: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[dict[str, StageGrowth], Verdict]:
   """Growth per stage and the verdict, for stages compared in execution ``order``.
 
   ``inputs`` overrides the data flow (stage -> its input stages); by default
@@ -165,8 +178,15 @@ def analyse(order: Sequence[str], errors: Mapping[str, StageError], jump_factor:
   b = breached[0]
   gb = growth[b]
   if gb.jump:
-    return growth, Verdict(status="jump", first_divergent=b, first_breach=b, growth=gb.growth, ref_stage=gb.ref_stage,
-                           path=(b,), n_breached=len(breached))
+    return growth, Verdict(
+        status="jump",
+        first_divergent=b,
+        first_breach=b,
+        growth=gb.growth,
+        ref_stage=gb.ref_stage,
+        path=(b,),
+        n_breached=len(breached),
+    )
   path = [b]
   x = b
   while not growth[x].jump and growth[x].ref_stage is not None and growth[x].ref_stage not in path:
@@ -174,8 +194,17 @@ def analyse(order: Sequence[str], errors: Mapping[str, StageError], jump_factor:
     path.append(x)
   with_growth = [(growth[p].growth, p) for p in path if growth[p].growth is not None]
   mg, ms = max(with_growth, key=lambda t: t[0]) if with_growth else (None, None)
-  return growth, Verdict(status="drift", first_divergent=x, first_breach=b, growth=gb.growth, ref_stage=gb.ref_stage,
-                         path=tuple(path), max_growth_stage=ms, max_growth=mg, n_breached=len(breached))
+  return growth, Verdict(
+      status="drift",
+      first_divergent=x,
+      first_breach=b,
+      growth=gb.growth,
+      ref_stage=gb.ref_stage,
+      path=tuple(path),
+      max_growth_stage=ms,
+      max_growth=mg,
+      n_breached=len(breached),
+  )
 
 
 def _rel(e: StageError) -> float:

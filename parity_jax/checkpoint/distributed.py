@@ -81,8 +81,14 @@ def _maybe_stall(process_id: int) -> None:
 
 class _Ctx(ctypes.Structure):
   # OpenSSL's SHA256_CTX (sha.h), unchanged since 0.9.8.
-  _fields_ = [("h", ctypes.c_uint32 * 8), ("Nl", ctypes.c_uint32), ("Nh", ctypes.c_uint32),
-              ("data", ctypes.c_uint32 * 16), ("num", ctypes.c_uint), ("md_len", ctypes.c_uint)]
+  _fields_ = [
+      ("h", ctypes.c_uint32 * 8),
+      ("Nl", ctypes.c_uint32),
+      ("Nh", ctypes.c_uint32),
+      ("data", ctypes.c_uint32 * 16),
+      ("num", ctypes.c_uint),
+      ("md_len", ctypes.c_uint),
+  ]
 
 
 _LIB: Any = None
@@ -228,8 +234,14 @@ def _peak_rss() -> int:
 
 
 def _result_dict(res) -> dict[str, Any]:
-  return {"status": res.status, "reason": res.reason, "sha256": res.sha256, "source_sha256": res.source_sha256,
-          "diff": None if res.diff is None else res.diff.to_dict(), "read_mode": res.read_mode}
+  return {
+      "status": res.status,
+      "reason": res.reason,
+      "sha256": res.sha256,
+      "source_sha256": res.source_sha256,
+      "diff": None if res.diff is None else res.diff.to_dict(),
+      "read_mode": res.read_mode,
+  }
 
 
 def _apply(res, d: dict[str, Any]) -> None:
@@ -261,8 +273,17 @@ def run_values(
   plan = _plan_job(job, to_compare, src_ckpt, mig_ckpt, buffers, readahead)
   mine = plan.work[job.process_id]
   _maybe_stall(job.process_id)
-  ranges = _Ranges(job, plan.metas, src_ckpt, mig_ckpt, buffers=buffers, readahead=readahead, spill_dir=spill_dir,
-                   top_k=top_k, on_bytes=on_bytes)
+  ranges = _Ranges(
+      job,
+      plan.metas,
+      src_ckpt,
+      mig_ckpt,
+      buffers=buffers,
+      readahead=readahead,
+      spill_dir=spill_dir,
+      top_k=top_k,
+      on_bytes=on_bytes,
+  )
   records: list[dict[str, Any]] = []
   if prepare_whole is not None:  # e.g. batch the small ones (the verifier's SmallPairs)
     prepare_whole([w.pair for w in mine if not w.split])
@@ -275,19 +296,24 @@ def run_values(
       records.append(ranges.compare(w))
   ranges.finish_deferred()
 
-  mine_stats = {"process": job.process_id, "bytes_read": ranges.bytes_read,
-                "hash_reread_bytes": ranges.hash_reread_bytes,
-                "whole_leaves": [to_compare[w.pair][0].dest for w in mine if not w.split],
-                "ranges": [f"{to_compare[w.pair][0].dest}#{w.rank}" for w in mine if w.split],
-                "share_bytes": sum(w.nbytes for w in mine), "values_s": round(time.perf_counter() - t0, 3),
-                "peak_rss_bytes": _peak_rss()}
+  mine_stats = {
+      "process": job.process_id,
+      "bytes_read": ranges.bytes_read,
+      "hash_reread_bytes": ranges.hash_reread_bytes,
+      "whole_leaves": [to_compare[w.pair][0].dest for w in mine if not w.split],
+      "ranges": [f"{to_compare[w.pair][0].dest}#{w.rank}" for w in mine if w.split],
+      "share_bytes": sum(w.nbytes for w in mine),
+      "values_s": round(time.perf_counter() - t0, 3),
+      "peak_rss_bytes": _peak_rss(),
+  }
   payloads = job.gather("results", json.dumps({"records": records, "stats": mine_stats}).encode())
 
   final = b""
   if job.is_coordinator:
     per_process = [json.loads(x) for x in payloads]
-    final = json.dumps(_assemble(per_process, to_compare, compare_whole, ranges.count, plan.work,
-                                 plan.read_modes)).encode()
+    final = json.dumps(
+        _assemble(per_process, to_compare, compare_whole, ranges.count, plan.work, plan.read_modes)
+    ).encode()
   assembled = json.loads(job.broadcast("final", final))
   for (p, res), d in zip(to_compare, assembled["results"]):
     _apply(res, d)
@@ -302,8 +328,9 @@ class _JobPlan:
   work: list[list[Work]]  # per process: its share
 
 
-def _plan_job(job: Job, to_compare, src_ckpt: Checkpoint, mig_ckpt: Checkpoint, buffers: stream.Buffers,
-              readahead: int) -> _JobPlan:
+def _plan_job(
+    job: Job, to_compare, src_ckpt: Checkpoint, mig_ckpt: Checkpoint, buffers: stream.Buffers, readahead: int
+) -> _JobPlan:
   """The same plan on every process, checked to be the same: any difference stops the job with one line."""
   metas, pair_bytes, piece_ends, read_modes = [], [], [], []
   for p, _ in to_compare:
@@ -322,12 +349,20 @@ def _plan_job(job: Job, to_compare, src_ckpt: Checkpoint, mig_ckpt: Checkpoint, 
     pair_bytes.append(s.nbytes)
     piece_ends.append([pc.flat_hi * item for pc in pieces])
   work = assign(pair_bytes, piece_ends, job.num_processes)
-  fingerprint = hashlib.sha256(json.dumps(
-      [[p.source, p.dest, b, e[-1] if e else 0, len(e)] for (p, _), b, e in zip(to_compare, pair_bytes, piece_ends)]
-  ).encode()).hexdigest()
+  fingerprint = hashlib.sha256(
+      json.dumps(
+          [[p.source, p.dest, b, e[-1] if e else 0, len(e)] for (p, _), b, e in zip(to_compare, pair_bytes, piece_ends)]
+      ).encode()
+  ).hexdigest()
   bad = job.first_disagreeing("plan", fingerprint)
-  verdict = b"" if bad is None else (f"process {bad} planned the comparison differently from process 0"
-                                     f" (different checkpoints, spec or flags on that host?)").encode()
+  verdict = (
+      b""
+      if bad is None
+      else (
+          f"process {bad} planned the comparison differently from process 0"
+          f" (different checkpoints, spec or flags on that host?)"
+      ).encode()
+  )
   verdict = job.broadcast("plan_ok", verdict)
   if verdict:
     raise UsageError(verdict.decode())
@@ -342,8 +377,19 @@ class _Ranges:
   rank k-1 never waits on rank k).
   """
 
-  def __init__(self, job: Job, metas, src_ckpt: Checkpoint, mig_ckpt: Checkpoint, *, buffers: stream.Buffers,
-               readahead: int, spill_dir: str, top_k: int, on_bytes: Callable[[int], None]):
+  def __init__(
+      self,
+      job: Job,
+      metas,
+      src_ckpt: Checkpoint,
+      mig_ckpt: Checkpoint,
+      *,
+      buffers: stream.Buffers,
+      readahead: int,
+      spill_dir: str,
+      top_k: int,
+      on_bytes: Callable[[int], None],
+  ):
     self.job, self.metas, self.src_ckpt, self.mig_ckpt = job, metas, src_ckpt, mig_ckpt
     self.buffers, self.readahead, self.spill_dir, self.top_k = buffers, readahead, spill_dir, top_k
     self.on_bytes = on_bytes
@@ -380,9 +426,19 @@ class _Ranges:
     r = geometry.refinement(s_meta.shape, m_meta.shape)
     plan = stream.plan_pair(s_meta, m_meta, r, self.buffers.nbytes, readahead=int(self.readahead))
     try:
-      out = stream.PairStreamer(self.src_ckpt, self.mig_ckpt, s_meta, m_meta, r, plan, self.buffers,
-                                spill_dir=self.spill_dir, on_bytes=self.count, piece_range=(w.lo, w.hi),
-                                new_hash=new_hash).run(top_k=self.top_k, second_pass=False)
+      out = stream.PairStreamer(
+          self.src_ckpt,
+          self.mig_ckpt,
+          s_meta,
+          m_meta,
+          r,
+          plan,
+          self.buffers,
+          spill_dir=self.spill_dir,
+          on_bytes=self.count,
+          piece_range=(w.lo, w.hi),
+          new_hash=new_hash,
+      ).run(top_k=self.top_k, second_pass=False)
       rec["equal"] = bool(out.equal)
     except LeafReadError as e:
       rec["equal"], rec["error"] = False, str(e)
@@ -403,8 +459,9 @@ class _Ranges:
         continue
       h = Sha256State(got)
       try:
-        self.hash_reread_bytes += _rehash(self.src_ckpt, self.mig_ckpt, self.metas[w.pair], w, self.buffers,
-                                          self.readahead, h, self.job)
+        self.hash_reread_bytes += _rehash(
+            self.src_ckpt, self.mig_ckpt, self.metas[w.pair], w, self.buffers, self.readahead, h, self.job
+        )
         rec["hash"] = "re-read"
         _finish_range(self.job, w, rec, h)
       except LeafReadError as e:
@@ -424,13 +481,14 @@ def _finish_range(job: Job, w: Work, rec: dict[str, Any], h: Sha256State) -> Non
     _publish_state(job, w, h)
 
 
-def _rehash(src_ckpt, mig_ckpt, metas, w: Work, buffers: stream.Buffers, readahead: int, h: Sha256State,
-            job: Job) -> int:
+def _rehash(
+    src_ckpt, mig_ckpt, metas, w: Work, buffers: stream.Buffers, readahead: int, h: Sha256State, job: Job
+) -> int:
   """Reads one side of range ``w`` again (the uncompressed one if any) and hashes it into ``h``; returns the bytes."""
   s_meta, m_meta = metas
   r = geometry.refinement(s_meta.shape, m_meta.shape)
   plan = stream.plan_pair(s_meta, m_meta, r, buffers.nbytes, readahead=int(readahead))
-  pieces = stream.pieces_of(s_meta, m_meta, r, plan.slabs)[w.lo:w.hi]
+  pieces = stream.pieces_of(s_meta, m_meta, r, plan.slabs)[w.lo : w.hi]
   use_src = plan.src.mode == "raw" and plan.mig.mode != "raw"
   ckpt, meta, side = (src_ckpt, s_meta, plan.src) if use_src else (mig_ckpt, m_meta, plan.mig)
   n = 0
@@ -448,8 +506,9 @@ def _rehash(src_ckpt, mig_ckpt, metas, w: Work, buffers: stream.Buffers, readahe
   return n
 
 
-def _assemble(per_process: list[dict[str, Any]], to_compare, compare_whole, count, work,
-              read_modes: list[str]) -> dict[str, Any]:
+def _assemble(
+    per_process: list[dict[str, Any]], to_compare, compare_whole, count, work, read_modes: list[str]
+) -> dict[str, Any]:
   """Process 0: one result per pair, in the report's order, from every process's records."""
   from parity_jax.checkpoint.verify import PASS
 
@@ -470,7 +529,7 @@ def _assemble(per_process: list[dict[str, Any]], to_compare, compare_whole, coun
       continue
     recs = sorted(ranges.get(i, []), key=lambda r: r["rank"])
     n = recs[0]["n"] if recs else 0
-    ok = (len(recs) == n and n > 0 and all(r["equal"] for r in recs) and recs[-1]["digest"])
+    ok = len(recs) == n and n > 0 and all(r["equal"] for r in recs) and recs[-1]["digest"]
     owners = [k for k, ws in enumerate(work) for w in ws if w.pair == i]
     split_info.append({"path": p.dest, "processes": owners, "hash": [r["hash"] for r in recs]})
     if ok:
@@ -483,7 +542,12 @@ def _assemble(per_process: list[dict[str, Any]], to_compare, compare_whole, coun
       redone.append(p.dest)
       results.append(_result_dict(res))
   stats = sorted((pp["stats"] for pp in per_process), key=lambda s: s["process"])
-  return {"results": results, "job": {"num_processes": len(per_process), "per_process": stats,
-                                       "split_leaves": split_info, "redone_whole_by_process_0": redone}}
-
-
+  return {
+      "results": results,
+      "job": {
+          "num_processes": len(per_process),
+          "per_process": stats,
+          "split_leaves": split_info,
+          "redone_whole_by_process_0": redone,
+      },
+  }

@@ -37,7 +37,17 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-__all__ = ["DIMS", "KINDS", "SEED", "example_dir", "example_paths", "example_source_tree", "example_spec_dict", "leaf_sha256", "write_example"]
+__all__ = [
+    "DIMS",
+    "KINDS",
+    "SEED",
+    "example_dir",
+    "example_paths",
+    "example_source_tree",
+    "example_spec_dict",
+    "leaf_sha256",
+    "write_example",
+]
 
 SEED = 20261123
 DIMS = {"layers": 2, "d_model": 16, "d_ff": 32, "C": 8, "ci_hidden": 4, "source_batch": 3}
@@ -101,16 +111,20 @@ def example_spec_dict() -> dict[str, Any]:
   """The remap spec for the example, as the JSON object written to ``spec.json``."""
   rules = []
   for k, name in KINDS.items():
-    rules.append({
-        "match": rf"^(?P<grp>components|components_opt_state/(?:mu|nu))/(?P<layer>\d+)/{k}/(?P<vu>[VU])$",
-        "to": rf"\g<grp>/layers.\g<layer>.mlp.{name}/\g<vu>",
-        "squeeze": [0],
-    })
+    rules.append(
+        {
+            "match": rf"^(?P<grp>components|components_opt_state/(?:mu|nu))/(?P<layer>\d+)/{k}/(?P<vu>[VU])$",
+            "to": rf"\g<grp>/layers.\g<layer>.mlp.{name}/\g<vu>",
+            "squeeze": [0],
+        }
+    )
   for k, name in KINDS.items():
-    rules.append({
-        "match": rf"^(?P<grp>ci_fn|ci_fn_opt_state/(?:mu|nu)|sources|sources_opt_state/(?:mu|nu))/(?P<layer>\d+)/{k}(?P<rest>/.+)?$",
-        "to": rf"\g<grp>/layers.\g<layer>.mlp.{name}\g<rest>",
-    })
+    rules.append(
+        {
+            "match": rf"^(?P<grp>ci_fn|ci_fn_opt_state/(?:mu|nu)|sources|sources_opt_state/(?:mu|nu))/(?P<layer>\d+)/{k}(?P<rest>/.+)?$",
+            "to": rf"\g<grp>/layers.\g<layer>.mlp.{name}\g<rest>",
+        }
+    )
   rules.append({"match": r"^(?P<grp>\w+_opt_state)/count$", "to": r"\g<grp>/count"})
   rules.append({"match": r"^step$", "to": "step"})
   return {
@@ -166,10 +180,14 @@ def _write_into(out: pathlib.Path, seed: int) -> list[pathlib.Path]:
   manifest = {
       "format": MANIFEST_FORMAT,
       "generator": "parity-make-example-checkpoint",
-      "note": ("source/ is a v0 PyTree checkpoint, migrated/ a v1 checkpoint written by parity_jax's migrator;"
-               " leaf values are deterministic in the seed, file bytes are not (orbax writes timestamps and"
-               " random file names)."),
-      "provenance": default_provenance("parity_jax.checkpoint.example", seed=seed, dims=DIMS, chunk_mb=EXAMPLE_CHUNK_MB),
+      "note": (
+          "source/ is a v0 PyTree checkpoint, migrated/ a v1 checkpoint written by parity_jax's migrator;"
+          " leaf values are deterministic in the seed, file bytes are not (orbax writes timestamps and"
+          " random file names)."
+      ),
+      "provenance": default_provenance(
+          "parity_jax.checkpoint.example", seed=seed, dims=DIMS, chunk_mb=EXAMPLE_CHUNK_MB
+      ),
       "source_leaves": leaves,
       "files": files,
   }
@@ -194,7 +212,9 @@ def write_example(out: str | os.PathLike, seed: int = SEED) -> list[pathlib.Path
   if out.exists() and any(out.iterdir()):
     manifest = out / "MANIFEST.json"
     if not (manifest.is_file() and MANIFEST_FORMAT in manifest.read_text(errors="replace")):
-      raise UsageError(f"out={out} exists and does not hold a previous example (no {MANIFEST_FORMAT} MANIFEST); refusing to replace it")
+      raise UsageError(
+          f"out={out} exists and does not hold a previous example (no {MANIFEST_FORMAT} MANIFEST); refusing to replace it"
+      )
   if out.exists():
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     out.rename(old)

@@ -135,7 +135,7 @@ def chunk_row_elems(shape: Shape, chunk: Shape | None) -> int:
       # The first non-trivial axis is not split: a row is the whole leaf,
       # unless nothing after it is split either (single chunk: also whole).
       return n
-    return int(c) * _prod(shape[i + 1:])
+    return int(c) * _prod(shape[i + 1 :])
   return n
 
 
@@ -165,13 +165,13 @@ def row_major_chunk_shape(shape: Shape, itemsize: int, target_bytes: int | None)
   if _prod(shape) <= target:
     return shape
   for p in range(len(shape)):
-    trailing = _prod(shape[p + 1:])
+    trailing = _prod(shape[p + 1 :])
     if trailing <= target:
       r = max(1, min(shape[p], target // trailing))
       div = _largest_divisor_at_most(shape[p], r)
       if 2 * div >= r:
         r = div
-      return (1,) * p + (r,) + shape[p + 1:]
+      return (1,) * p + (r,) + shape[p + 1 :]
   return (1,) * len(shape)  # unreachable: trailing of the last axis is 1
 
 
@@ -191,7 +191,7 @@ class SlabPlan:
       return cls(r, 0, 1)
     target_elems = max(1, int(target_elems))
     for k in range(len(r)):
-      trailing = _prod(r[k + 1:])
+      trailing = _prod(r[k + 1 :])
       if trailing <= target_elems:
         return cls(r, k, max(1, min(r[k], target_elems // trailing)))
     return cls(r, len(r) - 1, 1)
@@ -201,7 +201,7 @@ class SlabPlan:
     """Elements in a full slab."""
     if not self.r:
       return 1
-    return self.step * _prod(self.r[self.k + 1:])
+    return self.step * _prod(self.r[self.k + 1 :])
 
   @property
   def n_slabs(self) -> int:
@@ -222,7 +222,7 @@ class SlabPlan:
       return self.n_slabs <= 1
     if not self.r:
       return True
-    trailing = _prod(self.r[self.k + 1:])
+    trailing = _prod(self.r[self.k + 1 :])
     block = self.r[self.k] * trailing  # one prefix block
     full = self.step * trailing
     inner_ok = full % e == 0 or self.step >= self.r[self.k]
@@ -237,7 +237,7 @@ class SlabPlan:
     n = _prod(self.r) if self.r else 1
     if e <= 0 or e >= n or not self.r:
       return True
-    trailing = _prod(self.r[self.k + 1:])
+    trailing = _prod(self.r[self.k + 1 :])
     block = self.r[self.k] * trailing  # one prefix block; all its ends are slab boundaries
     full = self.step * trailing  # slab boundaries inside a block are multiples of this
     if e % block == 0:
@@ -261,7 +261,7 @@ class SlabPlan:
       return
     k = self.k
     tail_lo = (0,) * (len(r) - k - 1)
-    tail_hi = tuple(r[k + 1:])
+    tail_hi = tuple(r[k + 1 :])
     for prefix in itertools.product(*(range(d) for d in r[:k])):
       for j in range(0, r[k], self.step):
         lo = prefix + (j,) + tail_lo
@@ -269,7 +269,9 @@ class SlabPlan:
         yield lo, hi
 
 
-def box_in(shape: Shape, groups: list[tuple[int, int]], r: Shape, lo: Sequence[int], hi: Sequence[int]) -> tuple[slice, ...]:
+def box_in(
+    shape: Shape, groups: list[tuple[int, int]], r: Shape, lo: Sequence[int], hi: Sequence[int]
+) -> tuple[slice, ...]:
   """Maps a slab of the refinement to the same elements as a box of ``shape``.
 
   Within each group the slab has the pattern (points, one range, full), which

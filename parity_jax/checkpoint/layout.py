@@ -62,8 +62,10 @@ _ARRAY_TYPES = {"np.ndarray", "jax.Array"}
 _STEP_NAME = re.compile(r"(\w+_)?\d+")
 _FILL_FLAG = "store_array_data_equal_to_fill_value"
 
-SUPPORTED = ("supported: Orbax PyTree checkpoints, orbax >= 0.5 (PyTree/Standard checkpoint dir, ocp.v1 checkpoint,"
-             " CheckpointManager step dir)")
+SUPPORTED = (
+    "supported: Orbax PyTree checkpoints, orbax >= 0.5 (PyTree/Standard checkpoint dir, ocp.v1 checkpoint,"
+    " CheckpointManager step dir)"
+)
 
 MISSING_CHUNK_RULE = (
     "a storage chunk missing on disk is an error when the writer stored every chunk"
@@ -194,8 +196,9 @@ class Checkpoint:
     """
     import tensorstore as ts
 
-    return ts.open(self.read_spec(leaf), open=True, read=True, write=False,
-                   context=read_context(int(max(0, cache_bytes)))).result()
+    return ts.open(
+        self.read_spec(leaf), open=True, read=True, write=False, context=read_context(int(max(0, cache_bytes)))
+    ).result()
 
   def storage_facts(self) -> dict[str, Any]:
     """What the reader used to read this checkpoint: the layout facts, and how each was decided.
@@ -214,8 +217,10 @@ class Checkpoint:
       else:
         n = m.n_chunks
         chunks = "1 chunk" if n == 1 else f"{n} chunks"
-        key = (f"{m.codec or '?'}, {chunks}{', uncompressed boxes readable in place' if m.raw_chunks else ''},"
-               f" missing chunk = {'error' if m.strict else 'fill value'}")
+        key = (
+            f"{m.codec or '?'}, {chunks}{', uncompressed boxes readable in place' if m.raw_chunks else ''},"
+            f" missing chunk = {'error' if m.strict else 'fill value'}"
+        )
       g = groups.setdefault(key, {"storage": key, "leaves": 0, "examples": []})
       g["leaves"] += 1
       if len(g["examples"]) < 3:
@@ -229,8 +234,10 @@ class Checkpoint:
     ver = f.get("orbax_version") or f.get("orbax_version_hint") or "orbax version unknown"
     if f.get("orbax_version"):
       ver = f"orbax {ver}"
-    return (f"{'OCDBT' if self.use_ocdbt else 'one directory per leaf'}, zarr {'3' if self.use_zarr3 else 'v2'},"
-            f" {'/'.join(codecs) or 'no arrays'}; missing chunks: {f.get('missing_chunks', '?')}; {ver}")
+    return (
+        f"{'OCDBT' if self.use_ocdbt else 'one directory per leaf'}, zarr {'3' if self.use_zarr3 else 'v2'},"
+        f" {'/'.join(codecs) or 'no arrays'}; missing chunks: {f.get('missing_chunks', '?')}; {ver}"
+    )
 
 
 def _orbax_read_spec(item_dir: str, name: str, use_zarr3: bool, use_ocdbt: bool, strict: bool) -> dict[str, Any]:
@@ -417,7 +424,9 @@ def _recorded_orbax_version(path: str, item_dir: str) -> str | None:
   return None
 
 
-def _decide_layout(raw: dict[str, Any], item_dir: str, path: str, layout: str) -> tuple[bool, bool, bool, dict[str, Any]]:
+def _decide_layout(
+    raw: dict[str, Any], item_dir: str, path: str, layout: str
+) -> tuple[bool, bool, bool, dict[str, Any]]:
   """(use_ocdbt, use_zarr3, strict, facts) from ``_METADATA`` and the directory, the way orbax decides."""
   manifest = os.path.exists(os.path.join(item_dir, OCDBT_MANIFEST))
   if "use_ocdbt" in raw:
@@ -432,9 +441,15 @@ def _decide_layout(raw: dict[str, Any], item_dir: str, path: str, layout: str) -
     strict = bool(flag)
     why = f"_METADATA {_FILL_FLAG}: {str(strict).lower()}"
   elif "use_ocdbt" in raw:
-    strict, why = True, f"no {_FILL_FLAG}, but use_ocdbt is recorded: written by orbax >= 0.11.31, which stores every chunk"
+    strict, why = (
+        True,
+        f"no {_FILL_FLAG}, but use_ocdbt is recorded: written by orbax >= 0.11.31, which stores every chunk",
+    )
   else:
-    strict, why = False, f"no {_FILL_FLAG} in _METADATA: written by orbax < 0.10, which left out chunks equal to the fill value"
+    strict, why = (
+        False,
+        f"no {_FILL_FLAG} in _METADATA: written by orbax < 0.10, which left out chunks equal to the fill value",
+    )
   if "use_ocdbt" in raw:
     hint, evidence = ">= 0.11.31", "use_ocdbt in _METADATA"
   elif flag is not None:
@@ -445,8 +460,9 @@ def _decide_layout(raw: dict[str, Any], item_dir: str, path: str, layout: str) -
   container = {"v0": "PyTree item directory", "v1": "ocp.v1 checkpoint (orbax.checkpoint marker)"}.get(layout)
   if container is None:
     marked = os.path.exists(os.path.join(path, CHECKPOINT_METADATA))
-    container = ("CheckpointManager step directory" + ("" if marked else
-                 " without _CHECKPOINT_METADATA (orbax 0.5; recognised by its step-number name)"))
+    container = "CheckpointManager step directory" + (
+        "" if marked else " without _CHECKPOINT_METADATA (orbax 0.5; recognised by its step-number name)"
+    )
   facts = {
       "path": path,
       "item_dir": item_dir,
@@ -454,12 +470,13 @@ def _decide_layout(raw: dict[str, Any], item_dir: str, path: str, layout: str) -
       "container": container,
       "orbax_version": version,
       "orbax_version_hint": None if version else f"orbax {hint}",
-      "orbax_version_evidence": ("recorded by parity_jax's migrator in _CHECKPOINT_METADATA" if version
-                                 else evidence),
+      "orbax_version_evidence": ("recorded by parity_jax's migrator in _CHECKPOINT_METADATA" if version else evidence),
       "ocdbt": use_ocdbt,
       "ocdbt_decided_by": ocdbt_by,
       "zarr_format": 3 if use_zarr3 else 2,
-      "zarr_decided_by": f"_METADATA use_zarr3: {str(use_zarr3).lower()}" if "use_zarr3" in raw else "no use_zarr3 in _METADATA: zarr v2",
+      "zarr_decided_by": f"_METADATA use_zarr3: {str(use_zarr3).lower()}"
+      if "use_zarr3" in raw
+      else "no use_zarr3 in _METADATA: zarr v2",
       "missing_chunks": "error" if strict else "fill value",
       "missing_chunks_decided_by": why,
       "missing_chunk_rule": MISSING_CHUNK_RULE,
@@ -516,10 +533,23 @@ def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkp
     facts["missing_chunks"] = "error for zarr v2 leaves with fill_value null, else fill value"
     if len(strict_keys) == len(opened):
       facts["missing_chunks"] = "error"
-    facts["missing_chunks_decided_by"] += (f"; {len(strict_keys)} zarr v2 leaf(s) have fill_value null, so their"
-                                           " writer stored every chunk: missing chunks there are errors")
-  return Checkpoint(path, item_dir, layout, use_ocdbt, use_zarr3, leaves, sorted(empty_nodes),
-                    strict_chunks=strict, facts=facts, _context=context, _handles=handles)
+    facts["missing_chunks_decided_by"] += (
+        f"; {len(strict_keys)} zarr v2 leaf(s) have fill_value null, so their"
+        " writer stored every chunk: missing chunks there are errors"
+    )
+  return Checkpoint(
+      path,
+      item_dir,
+      layout,
+      use_ocdbt,
+      use_zarr3,
+      leaves,
+      sorted(empty_nodes),
+      strict_chunks=strict,
+      facts=facts,
+      _context=context,
+      _handles=handles,
+  )
 
 
 def _tree_entries(tree_metadata: dict, where: str) -> tuple[list[tuple[tuple[str, ...], str]], list[str]]:
@@ -546,8 +576,9 @@ def _tree_entries(tree_metadata: dict, where: str) -> tuple[list[tuple[tuple[str
   return entries, empty_nodes
 
 
-def _leaf_meta(keys: tuple[str, ...], vt: str, t: Any, collision: str | None, strict: bool,
-               codecs: "_CodecCache") -> LeafMeta:
+def _leaf_meta(
+    keys: tuple[str, ...], vt: str, t: Any, collision: str | None, strict: bool, codecs: "_CodecCache"
+) -> LeafMeta:
   """One leaf's metadata from its opened tensorstore ``t`` (an exception: the leaf keeps the error)."""
   p, name = keypath.join(keys), ".".join(keys)
   kind = {"string": "string", "scalar": "scalar"}.get(vt, "array")
@@ -560,8 +591,17 @@ def _leaf_meta(keys: tuple[str, ...], vt: str, t: Any, collision: str | None, st
   chunk = t.chunk_layout.read_chunk.shape
   raw, codec = codecs.info(t)
   return LeafMeta(
-      p, keys, kind, tuple(int(d) for d in t.shape), np.dtype(t.dtype.numpy_dtype),
-      None if chunk is None else tuple(int(c) for c in chunk), name, vt, raw_chunks=raw, strict=strict, codec=codec,
+      p,
+      keys,
+      kind,
+      tuple(int(d) for d in t.shape),
+      np.dtype(t.dtype.numpy_dtype),
+      None if chunk is None else tuple(int(c) for c in chunk),
+      name,
+      vt,
+      raw_chunks=raw,
+      strict=strict,
+      codec=codec,
   )
 
 
@@ -588,8 +628,9 @@ class _CodecCache:
 _OPEN_WINDOW = 256  # opens in flight at once: all at once costs ~20 KiB of transient memory per leaf
 
 
-def _open_all(item_dir: str, names: list[tuple[str, ...]], use_zarr3: bool, use_ocdbt: bool, strict: bool,
-              context: Any) -> dict[tuple[str, ...], Any]:
+def _open_all(
+    item_dir: str, names: list[tuple[str, ...]], use_zarr3: bool, use_ocdbt: bool, strict: bool, context: Any
+) -> dict[tuple[str, ...], Any]:
   """Opens every leaf read-only in ``context``, a window of them at a time; {keys: handle or the exception}."""
   import tensorstore as ts
 
@@ -627,6 +668,8 @@ def _storage_collisions(keys: list[tuple[str, ...]]) -> dict[tuple[str, ...], st
     paths = [keypath.join(k) for k in ks]
     listed = " and ".join(repr(p) for p in paths)
     for k in ks:
-      out[k] = (f"leaves {listed} collide: orbax stores both under the name {name!r} (keys joined by '.'),"
-                " so both read back the same array")
+      out[k] = (
+          f"leaves {listed} collide: orbax stores both under the name {name!r} (keys joined by '.'),"
+          " so both read back the same array"
+      )
   return out

@@ -100,8 +100,10 @@ class MigrateResult(Report):
 
   def text(self) -> str:
     rate = f"{human_bytes(self.nbytes / self.elapsed_s)}/s" if self.elapsed_s > 0 else "-"
-    return (f"migrated {self.n_leaves} leaves ({human_bytes(self.nbytes)}) in {self.elapsed_s:.2f} s"
-            f" ({rate}): {self.source} -> {self.dest}")
+    return (
+        f"migrated {self.n_leaves} leaves ({human_bytes(self.nbytes)}) in {self.elapsed_s:.2f} s"
+        f" ({rate}): {self.source} -> {self.dest}"
+    )
 
 
 @contextlib.contextmanager
@@ -147,8 +149,9 @@ def _remove_stale_temporaries(parent: str, name: str) -> None:
   for entry in os.listdir(parent):
     m = pat.match(entry)
     if m and not _pid_alive(int(m.group(1))):
-      print(f"parity_jax: removing stale temporary {os.path.join(parent, entry)} from an interrupted run",
-            file=sys.stderr)
+      print(
+          f"parity_jax: removing stale temporary {os.path.join(parent, entry)} from an interrupted run", file=sys.stderr
+      )
       shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
@@ -243,8 +246,17 @@ def migrate(
   it and exit with code 2; nothing appears at ``dest``.
   """
   if distributed:
-    return _migrate_as_job(source, dest, spec, chunk_mb=chunk_mb, overwrite=overwrite, progress=progress,
-                           batch_mb=batch_mb, compression=compression, peer_timeout_s=peer_timeout_s)
+    return _migrate_as_job(
+        source,
+        dest,
+        spec,
+        chunk_mb=chunk_mb,
+        overwrite=overwrite,
+        progress=progress,
+        batch_mb=batch_mb,
+        compression=compression,
+        peer_timeout_s=peer_timeout_s,
+    )
   t0 = time.perf_counter()
   spec, src, plan = _open_inputs(source, spec, chunk_mb=chunk_mb, compression=compression)
   dest = os.path.abspath(os.fspath(dest)).rstrip(os.sep)
@@ -261,8 +273,17 @@ def migrate(
   target = os.path.join(tmp, "checkpoint")
   try:
     custom = _custom_metadata(src, spec, chunk_bytes, compression)
-    n_batches, hooked = _write(src, plan.leaves, sizes, target, custom, chunk_bytes=chunk_bytes, batch_bytes=batch_bytes,
-                               compression=compression, show_progress=progress)
+    n_batches, hooked = _write(
+        src,
+        plan.leaves,
+        sizes,
+        target,
+        custom,
+        chunk_bytes=chunk_bytes,
+        batch_bytes=batch_bytes,
+        compression=compression,
+        show_progress=progress,
+    )
     _maybe_stall("install")
     _install(target, dest)
   except BaseException:
@@ -302,8 +323,9 @@ def _batch_bytes(chunk_bytes: int, largest: int, batch_mb: float | None) -> int:
   return max(min(chunk_bytes, largest), 8 * _MIB) if batch_mb is None else max(1, int(batch_mb * _MIB))
 
 
-def _custom_metadata(src: Checkpoint, spec: RemapSpec, chunk_bytes: int, compression: str,
-                     **extra: Any) -> dict[str, Any]:
+def _custom_metadata(
+    src: Checkpoint, spec: RemapSpec, chunk_bytes: int, compression: str, **extra: Any
+) -> dict[str, Any]:
   """What the migrator records in the checkpoint's ``custom_metadata``."""
   return {
       "parity_jax_migration": {
@@ -333,8 +355,18 @@ def _migrate_as_job(source, dest, spec, *, peer_timeout_s: float | None, **kw: A
       raise
 
 
-def _write(src: Checkpoint, leaves: tuple[LeafPlan, ...], sizes: dict[str, int], target: str, custom: dict[str, Any], *,
-           chunk_bytes: int, batch_bytes: int, compression: str, show_progress: bool) -> tuple[int, bool]:
+def _write(
+    src: Checkpoint,
+    leaves: tuple[LeafPlan, ...],
+    sizes: dict[str, int],
+    target: str,
+    custom: dict[str, Any],
+    *,
+    chunk_bytes: int,
+    batch_bytes: int,
+    compression: str,
+    show_progress: bool,
+) -> tuple[int, bool]:
   """Restores, transforms and appends the leaves batch by batch, then finalizes ``target``. Returns (batches, hooked)."""
   import orbax.checkpoint as ocp  # noqa: F401 -- registers the handlers v1 uses
   from orbax.checkpoint import v1 as ocp_v1
@@ -344,11 +376,23 @@ def _write(src: Checkpoint, leaves: tuple[LeafPlan, ...], sizes: dict[str, int],
   ctx.array.saving.storage_options.chunk_byte_size = chunk_bytes
   ctx.array.saving.use_compression = compression == "zstd"
   done = n_batches = 0
-  with progress_bar(sum(sizes.values()), "migrate", enabled=show_progress) as bar, ctx, row_major_chunks() as hooked, quiet_orbax():
+  with (
+      progress_bar(sum(sizes.values()), "migrate", enabled=show_progress) as bar,
+      ctx,
+      row_major_chunks() as hooked,
+      quiet_orbax(),
+  ):
     for batch in _batches(leaves, sizes, batch_bytes):
       values = restore_leaves(src, [p.source for p in batch])
-      items = [(p.dest, p.transform.apply(values.pop(p.source)) if src.leaves[p.source].kind != "string"
-                else values.pop(p.source)) for p in batch]
+      items = [
+          (
+              p.dest,
+              p.transform.apply(values.pop(p.source))
+              if src.leaves[p.source].kind != "string"
+              else values.pop(p.source),
+          )
+          for p in batch
+      ]
       ocp_v1.partial.save(target, _nest(items), custom_metadata=custom if n_batches == 0 else None)
       del items, values
       n_batches += 1

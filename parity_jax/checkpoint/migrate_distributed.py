@@ -55,8 +55,16 @@ from typing import Any
 import numpy as np
 
 from parity_jax.checkpoint import geometry, keypath
-from parity_jax.checkpoint.migrate import (MigrateResult, _batch_bytes, _check_dest, _custom_metadata, _install,
-                                           _open_inputs, _remove_stale_temporaries, row_major_chunks)
+from parity_jax.checkpoint.migrate import (
+    MigrateResult,
+    _batch_bytes,
+    _check_dest,
+    _custom_metadata,
+    _install,
+    _open_inputs,
+    _remove_stale_temporaries,
+    row_major_chunks,
+)
 from parity_jax.checkpoint.migrate import _maybe_stall as _stall_at
 from parity_jax.checkpoint.distributed import assign
 from parity_jax.checkpoint.layout import Checkpoint, LeafMeta
@@ -122,7 +130,7 @@ def _chunk_ends(shape: tuple[int, ...], chunk: tuple[int, ...]) -> tuple[int, ..
   if any(chunk[j] != shape[j] for j in axes if j > k):
     return None  # e.g. orbax's own column blocks: a chunk is not a C-order range
   c, d = min(int(chunk[k]), shape[k]), shape[k]
-  inner = int(np.prod(shape[k + 1:])) if k + 1 < len(shape) else 1
+  inner = int(np.prod(shape[k + 1 :])) if k + 1 < len(shape) else 1
   per_block = -(-d // c)
   count = per_block * (n // (d * inner))
   step = max(1, -(-count // _MAX_PIECES))
@@ -145,17 +153,28 @@ def _readable_in_parts(meta: LeafMeta) -> bool:
   return geometry.chunk_row_elems(meta.shape, meta.chunk_shape) < n
 
 
-def _write_spec(leaf_name: str, shape, dtype, item_dir: str, process_id: int | None, *, chunk_bytes: int,
-                compression: str):
+def _write_spec(
+    leaf_name: str, shape, dtype, item_dir: str, process_id: int | None, *, chunk_bytes: int, compression: str
+):
   from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
 
-  return tsu.ArrayWriteSpec(item_dir, leaf_name, global_shape=tuple(shape), write_shape=tuple(shape), dtype=dtype,
-                            chunk_byte_size=chunk_bytes, use_compression=compression == "zstd", use_zarr3=True,
-                            use_ocdbt=True, process_id=process_id)
+  return tsu.ArrayWriteSpec(
+      item_dir,
+      leaf_name,
+      global_shape=tuple(shape),
+      write_shape=tuple(shape),
+      dtype=dtype,
+      chunk_byte_size=chunk_bytes,
+      use_compression=compression == "zstd",
+      use_zarr3=True,
+      use_ocdbt=True,
+      process_id=process_id,
+  )
 
 
-def _plan(src: Checkpoint, leaves: tuple[LeafPlan, ...], item_dir: str, *, chunk_bytes: int,
-          compression: str) -> tuple[list[_Leaf], list[LeafPlan], bool]:
+def _plan(
+    src: Checkpoint, leaves: tuple[LeafPlan, ...], item_dir: str, *, chunk_bytes: int, compression: str
+) -> tuple[list[_Leaf], list[LeafPlan], bool]:
   """The arrays (with their chunking and pieces), the string leaves, and whether row-major chunks apply."""
   arrays, strings = [], []
   with row_major_chunks() as hooked, quiet_orbax():
@@ -165,15 +184,25 @@ def _plan(src: Checkpoint, leaves: tuple[LeafPlan, ...], item_dir: str, *, chunk
         strings.append(p)
         continue
       shape = tuple(int(d) for d in p.transform.dst_shape)
-      spec = _write_spec(".".join(keypath.split(p.dest)), shape, s.dtype, item_dir, None, chunk_bytes=chunk_bytes,
-                         compression=compression)
+      spec = _write_spec(
+          ".".join(keypath.split(p.dest)),
+          shape,
+          s.dtype,
+          item_dir,
+          None,
+          chunk_bytes=chunk_bytes,
+          compression=compression,
+      )
       chunk = tuple(int(c) for c in spec.metadata.chunk_shape)
       ends = _chunk_ends(shape, chunk)
       n = int(np.prod(shape)) if shape else 1
       if ends is None:
         ends = (n,) if n else ()
-      arrays.append(_Leaf(p, s, tuple(keypath.split(p.dest)), shape, s.dtype, chunk, ends,
-                          len(ends) > 1 and _readable_in_parts(s)))
+      arrays.append(
+          _Leaf(
+              p, s, tuple(keypath.split(p.dest)), shape, s.dtype, chunk, ends, len(ends) > 1 and _readable_in_parts(s)
+          )
+      )
   return arrays, strings, hooked
 
 
@@ -232,8 +261,18 @@ class _Commit:
       self.lock.release()
 
 
-def run(job: Job, source, dest, spec, *, chunk_mb: float, overwrite: bool, progress: bool, batch_mb: float | None,
-        compression: str) -> MigrateResult:
+def run(
+    job: Job,
+    source,
+    dest,
+    spec,
+    *,
+    chunk_mb: float,
+    overwrite: bool,
+    progress: bool,
+    batch_mb: float | None,
+    compression: str,
+) -> MigrateResult:
   """:func:`parity_jax.checkpoint.migrate` as one job: this process's share; process 0 assembles and installs."""
   t0 = time.perf_counter()
   init_ns = time.time_ns()
@@ -246,14 +285,20 @@ def run(job: Job, source, dest, spec, *, chunk_mb: float, overwrite: bool, progr
   largest = max((a.nbytes for a in arrays), default=0)
   group_bytes = _batch_bytes(chunk_bytes, largest, batch_mb)
   pieces = [list(a.ends) if a.splittable else [a.size] for a in arrays]
-  work = assign([a.nbytes for a in arrays], [[e * a.dtype.itemsize for e in p] for a, p in zip(arrays, pieces)],
-                job.num_processes)
+  work = assign(
+      [a.nbytes for a in arrays], [[e * a.dtype.itemsize for e in p] for a, p in zip(arrays, pieces)], job.num_processes
+  )
 
   # -- the same plan everywhere; process 0 checks the destination and makes the temporary directory --
-  fingerprint = hashlib.sha256(json.dumps(
-      [dest, chunk_bytes, compression, group_bytes, [p.dest for p in strings]]
-      + [[a.plan.source, a.plan.dest, list(a.shape), str(a.dtype), list(a.chunk), len(a.ends), a.splittable]
-         for a in arrays]).encode()).hexdigest()
+  fingerprint = hashlib.sha256(
+      json.dumps(
+          [dest, chunk_bytes, compression, group_bytes, [p.dest for p in strings]]
+          + [
+              [a.plan.source, a.plan.dest, list(a.shape), str(a.dtype), list(a.chunk), len(a.ends), a.splittable]
+              for a in arrays
+          ]
+      ).encode()
+  ).hexdigest()
   tmp = _agree_and_make_tmp(job, fingerprint, src, dest, overwrite)
   target = os.path.join(tmp, "checkpoint")
   item_dir = os.path.join(target, _STATE)
@@ -262,13 +307,24 @@ def run(job: Job, source, dest, spec, *, chunk_mb: float, overwrite: bool, progr
   job.on_abort(commit.cleanup)
   try:
     if not os.path.isdir(item_dir):
-      raise UsageError(f"process {job.process_id} cannot see the temporary directory {tmp} that process 0 made next"
-                       f" to the destination: --dest must be on storage that every process shares")
+      raise UsageError(
+          f"process {job.process_id} cannot see the temporary directory {tmp} that process 0 made next"
+          f" to the destination: --dest must be on storage that every process shares"
+      )
 
     # -- this process's share --
     mine = work[job.process_id]
-    stats = _write_share(job, src, arrays, mine, item_dir, chunk_bytes=chunk_bytes, compression=compression,
-                         group_bytes=group_bytes, progress=progress)
+    stats = _write_share(
+        job,
+        src,
+        arrays,
+        mine,
+        item_dir,
+        chunk_bytes=chunk_bytes,
+        compression=compression,
+        group_bytes=group_bytes,
+        progress=progress,
+    )
     _maybe_stall(job.process_id, "commit")
     if job.is_coordinator:
       reports = job.gather("committed", json.dumps(stats).encode())  # the barrier: every share committed
@@ -280,9 +336,24 @@ def run(job: Job, source, dest, spec, *, chunk_mb: float, overwrite: bool, progr
     answer = {}
     if job.is_coordinator:
       per = sorted((json.loads(r) for r in reports), key=lambda s: s["process"])
-      result = _assemble_and_install(job, commit, src, spec, arrays, strings, per, work, target, dest, t0=t0,
-                                     init_ns=init_ns, chunk_bytes=chunk_bytes, compression=compression, hooked=hooked,
-                                     n_leaves=len(plan.leaves))
+      result = _assemble_and_install(
+          job,
+          commit,
+          src,
+          spec,
+          arrays,
+          strings,
+          per,
+          work,
+          target,
+          dest,
+          t0=t0,
+          init_ns=init_ns,
+          chunk_bytes=chunk_bytes,
+          compression=compression,
+          hooked=hooked,
+          n_leaves=len(plan.leaves),
+      )
       answer = {"result": result.to_dict()}
     answer = json.loads(job.broadcast("installed", json.dumps(answer).encode()))
     job.barrier("done")
@@ -303,8 +374,10 @@ def _agree_and_make_tmp(job: Job, fingerprint: str, src: Checkpoint, dest: str, 
     parent, name = os.path.dirname(dest), os.path.basename(dest)
     try:
       if bad is not None:
-        raise UsageError(f"process {bad} planned the migration differently from process 0 (different source,"
-                         f" spec, destination or flags on that host?)")
+        raise UsageError(
+            f"process {bad} planned the migration differently from process 0 (different source,"
+            f" spec, destination or flags on that host?)"
+        )
       _check_dest(src.path, dest, overwrite)
       _remove_stale_temporaries(parent, name)
       tmp = os.path.join(parent, f".{name}.migrating-{os.getpid()}-{secrets.token_hex(4)}")
@@ -320,8 +393,18 @@ def _agree_and_make_tmp(job: Job, fingerprint: str, src: Checkpoint, dest: str, 
   return answer["tmp"]
 
 
-def _write_share(job: Job, src: Checkpoint, arrays: list[_Leaf], mine, item_dir: str, *, chunk_bytes: int,
-                 compression: str, group_bytes: int, progress: bool) -> dict[str, Any]:
+def _write_share(
+    job: Job,
+    src: Checkpoint,
+    arrays: list[_Leaf],
+    mine,
+    item_dir: str,
+    *,
+    chunk_bytes: int,
+    compression: str,
+    group_bytes: int,
+    progress: bool,
+) -> dict[str, Any]:
   """Reads and writes this process's leaves and ranges; every write has committed on return."""
   import tensorstore as ts
   from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
@@ -330,15 +413,15 @@ def _write_share(job: Job, src: Checkpoint, arrays: list[_Leaf], mine, item_dir:
   ctx = tsu.get_ts_context(use_ocdbt=True)  # one context: one OCDBT writer for this process's database
   written, n_groups, records = 0, 0, []
   share = sum(w.nbytes for w in mine)
-  with progress_bar(share, f"migrate [{job.describe()}]", enabled=progress) as bar, \
-       row_major_chunks(), quiet_orbax():
+  with progress_bar(share, f"migrate [{job.describe()}]", enabled=progress) as bar, row_major_chunks(), quiet_orbax():
     for w in mine:
       leaf = arrays[w.pair]
       lo, hi = (w.lo, w.hi) if w.split else (0, len(leaf.ends))  # pieces of this leaf that are this process's
       a_el, b_el = (leaf.ends[lo - 1] if lo else 0), (leaf.ends[hi - 1] if hi else 0)
       groups = _groups(leaf.ends, lo, hi, max(1, group_bytes // leaf.dtype.itemsize))
-      spec = _write_spec(leaf.name, leaf.shape, leaf.dtype, item_dir, job.process_id, chunk_bytes=chunk_bytes,
-                         compression=compression).json
+      spec = _write_spec(
+          leaf.name, leaf.shape, leaf.dtype, item_dir, job.process_id, chunk_bytes=chunk_bytes, compression=compression
+      ).json
       first = not w.split or w.rank == 0
       try:
         if first:
@@ -360,13 +443,15 @@ def _write_share(job: Job, src: Checkpoint, arrays: list[_Leaf], mine, item_dir:
       with LeafReader(src, leaf.src, _read_cache_bytes(leaf.src, groups)) as reader:
         for a, b in groups:
           buf = np.empty(b - a, leaf.dtype)
-          futs = [reader.read_into_async(box, buf[off:off + _count(box)].reshape(
-              geometry.box_shape(box))) for box, off in geometry.flat_range_boxes(leaf.src.shape, a, b)]
+          futs = [
+              reader.read_into_async(box, buf[off : off + _count(box)].reshape(geometry.box_shape(box)))
+              for box, off in geometry.flat_range_boxes(leaf.src.shape, a, b)
+          ]
           for f in futs:
             reader.wait(f)
           settle()  # the previous group's writes (overlapped with this group's reads)
           for box, off in geometry.flat_range_boxes(leaf.shape, a, b):
-            view = buf[off:off + _count(box)].reshape(geometry.box_shape(box))
+            view = buf[off : off + _count(box)].reshape(geometry.box_shape(box))
             pending.append((t[box] if box else t).write(view, can_reference_source_data_indefinitely=True))
           del buf
           written += (b - a) * leaf.dtype.itemsize
@@ -377,20 +462,43 @@ def _write_share(job: Job, src: Checkpoint, arrays: list[_Leaf], mine, item_dir:
         settle()
       del t
       records.append([w.pair, a_el, b_el])
-  return {"process": job.process_id, "ranges": records, "bytes_read": written, "bytes_written": written,
-          "groups": n_groups, "whole_leaves": [arrays[w.pair].plan.dest for w in mine if not w.split],
-          "split_ranges": [f"{arrays[w.pair].plan.dest}#{w.rank}" for w in mine if w.split],
-          "share_bytes": share, "write_s": round(time.perf_counter() - t0, 3), "peak_rss_bytes": _peak_rss()}
+  return {
+      "process": job.process_id,
+      "ranges": records,
+      "bytes_read": written,
+      "bytes_written": written,
+      "groups": n_groups,
+      "whole_leaves": [arrays[w.pair].plan.dest for w in mine if not w.split],
+      "split_ranges": [f"{arrays[w.pair].plan.dest}#{w.rank}" for w in mine if w.split],
+      "share_bytes": share,
+      "write_s": round(time.perf_counter() - t0, 3),
+      "peak_rss_bytes": _peak_rss(),
+  }
 
 
 def _count(box) -> int:
   return int(np.prod(geometry.box_shape(box))) if box else 1
 
 
-def _assemble_and_install(job: Job, commit: _Commit, src: Checkpoint, spec, arrays: list[_Leaf],
-                          strings: list[LeafPlan], per: list[dict[str, Any]], work, target: str, dest: str, *,
-                          t0: float, init_ns: int, chunk_bytes: int, compression: str, hooked: bool,
-                          n_leaves: int) -> MigrateResult:
+def _assemble_and_install(
+    job: Job,
+    commit: _Commit,
+    src: Checkpoint,
+    spec,
+    arrays: list[_Leaf],
+    strings: list[LeafPlan],
+    per: list[dict[str, Any]],
+    work,
+    target: str,
+    dest: str,
+    *,
+    t0: float,
+    init_ns: int,
+    chunk_bytes: int,
+    compression: str,
+    hooked: bool,
+    n_leaves: int,
+) -> MigrateResult:
   """Process 0, after every share is committed: one checkpoint in ``target``, renamed to ``dest``."""
   item_dir = os.path.join(target, _STATE)
   _check_tiling(arrays, per)
@@ -405,33 +513,67 @@ def _assemble_and_install(job: Job, commit: _Commit, src: Checkpoint, spec, arra
     with open(os.path.join(item_dir, "_strings.json"), "w", encoding="utf-8") as f:
       json.dump(table, f, separators=(",", ":"), ensure_ascii=False)
   entries = [(a.keys, "np.ndarray") for a in arrays] + [(tuple(keypath.split(p.dest)), "string") for p in strings]
-  tree = {str(keys): {"key_metadata": [{"key": k, "key_type": 2} for k in keys],
-                      "value_metadata": {"value_type": vt, "skip_deserialize": False}}
-          for keys, vt in sorted(entries)}
+  tree = {
+      str(keys): {
+          "key_metadata": [{"key": k, "key_type": 2} for k in keys],
+          "value_metadata": {"value_type": vt, "skip_deserialize": False},
+      }
+      for keys, vt in sorted(entries)
+  }
   with open(os.path.join(item_dir, "_METADATA"), "w", encoding="utf-8") as f:
-    json.dump({"tree_metadata": tree, "use_ocdbt": True, "use_zarr3": True,
-               "store_array_data_equal_to_fill_value": True, "custom_metadata": None}, f)
+    json.dump(
+        {
+            "tree_metadata": tree,
+            "use_ocdbt": True,
+            "use_zarr3": True,
+            "store_array_data_equal_to_fill_value": True,
+            "custom_metadata": None,
+        },
+        f,
+    )
   custom = _custom_metadata(src, spec, chunk_bytes, compression, num_processes=job.num_processes)
   with open(os.path.join(target, "_CHECKPOINT_METADATA"), "w", encoding="utf-8") as f:
-    json.dump({"item_handlers": {_STATE: _item_handler()}, "metrics": {}, "performance_metrics": {},
-               "init_timestamp_nsecs": init_ns, "commit_timestamp_nsecs": time.time_ns(),
-               "custom_metadata": custom}, f)
+    json.dump(
+        {
+            "item_handlers": {_STATE: _item_handler()},
+            "metrics": {},
+            "performance_metrics": {},
+            "init_timestamp_nsecs": init_ns,
+            "commit_timestamp_nsecs": time.time_ns(),
+            "custom_metadata": custom,
+        },
+        f,
+    )
   open(os.path.join(target, "orbax.checkpoint"), "w").close()
   with open(os.path.join(target, "commit_success.txt"), "w") as f:
     f.write(f"Checkpoint commit was successful to {dest}")
   _maybe_stall(0, "install")
   with commit.lock:  # a cleanup waits for the rename, then removes only the temporary's empty shell
     _install(target, dest)
-  split = [{"path": arrays[i].plan.dest, "processes": [k for k, ws in enumerate(work) for w in ws if w.pair == i]}
-           for i in sorted({w.pair for ws in work for w in ws if w.split})]
+  split = [
+      {"path": arrays[i].plan.dest, "processes": [k for k, ws in enumerate(work) for w in ws if w.pair == i]}
+      for i in sorted({w.pair for ws in work for w in ws if w.split})
+  ]
   for s in per:
     del s["ranges"]
   return MigrateResult(
-      source=src.path, dest=dest, n_leaves=n_leaves, nbytes=sum(a.nbytes for a in arrays),
-      n_batches=sum(s["groups"] for s in per), chunk_bytes=chunk_bytes, compression=compression,
-      elapsed_s=time.perf_counter() - t0, dropped_empty_nodes=tuple(src.empty_nodes), row_major_chunks=hooked,
-      distributed={"num_processes": job.num_processes, "per_process": per, "split_leaves": split,
-                   "merge_s": round(merge_s, 3)})
+      source=src.path,
+      dest=dest,
+      n_leaves=n_leaves,
+      nbytes=sum(a.nbytes for a in arrays),
+      n_batches=sum(s["groups"] for s in per),
+      chunk_bytes=chunk_bytes,
+      compression=compression,
+      elapsed_s=time.perf_counter() - t0,
+      dropped_empty_nodes=tuple(src.empty_nodes),
+      row_major_chunks=hooked,
+      distributed={
+          "num_processes": job.num_processes,
+          "per_process": per,
+          "split_leaves": split,
+          "merge_s": round(merge_s, 3),
+      },
+  )
 
 
 def _check_tiling(arrays: list[_Leaf], per: list[dict[str, Any]]) -> None:
@@ -448,8 +590,9 @@ def _check_tiling(arrays: list[_Leaf], per: list[dict[str, Any]]) -> None:
         break
       at = b
     if at != (leaf.size if leaf.ends else 0) or (not rs and leaf.ends):
-      raise UsageError(f"leaf {leaf.plan.dest!r} was not written completely by the job (ranges {rs}); nothing"
-                       f" installed")
+      raise UsageError(
+          f"leaf {leaf.plan.dest!r} was not written completely by the job (ranges {rs}); nothing" f" installed"
+      )
 
 
 def _merge(item_dir: str) -> None:
@@ -459,8 +602,11 @@ def _merge(item_dir: str) -> None:
 
   with quiet_orbax():
     try:
-      asyncio.run(ocdbt_utils.merge_ocdbt_per_process_files(
-          epath.Path(item_dir), ts_context=tsu.get_ts_context(use_ocdbt=True), use_zarr3=True))
+      asyncio.run(
+          ocdbt_utils.merge_ocdbt_per_process_files(
+              epath.Path(item_dir), ts_context=tsu.get_ts_context(use_ocdbt=True), use_zarr3=True
+          )
+      )
     except Exception as e:  # noqa: BLE001
       raise UsageError(f"cannot merge the per-process databases under {item_dir}: {first_line(e)}") from None
 
@@ -471,8 +617,9 @@ def _check_merged(item_dir: str, arrays: list[_Leaf]) -> None:
   from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
 
   try:
-    kv = ts.KvStore.open(tsu.build_kvstore_tspec(item_dir, use_ocdbt=True),
-                         context=tsu.get_ts_context(use_ocdbt=True)).result()
+    kv = ts.KvStore.open(
+        tsu.build_kvstore_tspec(item_dir, use_ocdbt=True), context=tsu.get_ts_context(use_ocdbt=True)
+    ).result()
     keys = [k.decode() for k in kv.list().result()]
   except Exception as e:  # noqa: BLE001
     raise UsageError(f"cannot list the merged checkpoint under {item_dir}: {first_line(e)}") from None
@@ -485,9 +632,11 @@ def _check_merged(item_dir: str, arrays: list[_Leaf]) -> None:
       chunks[name] = chunks.get(name, 0) + 1
   for leaf in arrays:
     if leaf.name not in meta or chunks.get(leaf.name, 0) != leaf.n_chunks:
-      raise UsageError(f"the merged checkpoint lacks part of leaf {leaf.plan.dest!r}"
-                       f" ({chunks.get(leaf.name, 0)} of {leaf.n_chunks} chunks"
-                       f"{'' if leaf.name in meta else ', no zarr.json'}); nothing installed")
+      raise UsageError(
+          f"the merged checkpoint lacks part of leaf {leaf.plan.dest!r}"
+          f" ({chunks.get(leaf.name, 0)} of {leaf.n_chunks} chunks"
+          f"{'' if leaf.name in meta else ', no zarr.json'}); nothing installed"
+      )
 
 
 def _item_handler() -> str:
@@ -498,5 +647,7 @@ def _item_handler() -> str:
     cls = h.StatefulCheckpointableHandler
     return f"{cls.__module__}.{cls.__qualname__}"
   except (ImportError, AttributeError):
-    return ("orbax.checkpoint.experimental.v1._src.handlers.stateful_checkpointable_handler."
-            "StatefulCheckpointableHandler")
+    return (
+        "orbax.checkpoint.experimental.v1._src.handlers.stateful_checkpointable_handler."
+        "StatefulCheckpointableHandler"
+    )

@@ -33,6 +33,7 @@ from parity_jax.errors import UsageError, first_line
 
 __all__ = ["LeafReadError", "LeafReader", "read_string_leaf", "restore_leaves"]
 
+
 class LeafReadError(UsageError):
   """A leaf's data could not be read (missing or corrupted files)."""
 
@@ -188,8 +189,11 @@ def restore_leaves(ckpt: Checkpoint, paths: Sequence[str]) -> dict[str, Any]:
 
 def _culprit(ckpt: Checkpoint, wanted: set[str], message: str) -> str | None:
   """The leaf a batch restore error is about, from the storage name tensorstore quotes (``"a.b.c/c/0/0"``)."""
-  hits = [p for p in wanted if ckpt.leaves[p].storage_name
-          and re.search(rf'["/]{re.escape(ckpt.leaves[p].storage_name)}/', message)]
+  hits = [
+      p
+      for p in wanted
+      if ckpt.leaves[p].storage_name and re.search(rf'["/]{re.escape(ckpt.leaves[p].storage_name)}/', message)
+  ]
   return max(hits, key=lambda p: len(ckpt.leaves[p].storage_name)) if hits else None
 
 
@@ -219,8 +223,12 @@ def _ignore_late_callbacks() -> None:
     tb = u.exc_traceback
     while tb is not None and tb.tb_next is not None:
       tb = tb.tb_next
-    if (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
-        and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"):
+    if (
+        isinstance(u.exc_value, RuntimeError)
+        and str(u.exc_value) == "Event loop is closed"
+        and tb is not None
+        and tb.tb_frame.f_code.co_name == "_check_closed"
+    ):
       return
     previous(u)
 

@@ -68,8 +68,12 @@ class SpecError(UsageError):
 
   def to_dict(self) -> dict[str, Any]:
     """Every problem, none cut off (the one-line message lists the first few)."""
-    return {"format": SPEC_ERRORS_FORMAT, "error": self.what, "n_problems": len(self.problems),
-            "problems": list(self.problems)}
+    return {
+        "format": SPEC_ERRORS_FORMAT,
+        "error": self.what,
+        "n_problems": len(self.problems),
+        "problems": list(self.problems),
+    }
 
   def write_json(self, path: str | os.PathLike) -> str:
     """Writes :meth:`to_dict` atomically; returns the absolute path."""
@@ -170,8 +174,9 @@ class RemapRule:
       if int(np.prod(target_t)) != n:
         return f"reshape {list(self.reshape)}: {n} elements cannot become {target_t}"
       if geometry.refinement(shape, target_t) is None:
-        return (f"reshape {shape} -> {target_t} is not value-preserving: it does not only split or merge"
-                f" adjacent axes")
+        return (
+            f"reshape {shape} -> {target_t} is not value-preserving: it does not only split or merge" f" adjacent axes"
+        )
       return Transform("reshape", shape, target_t)
     return Transform("identity", shape, shape)
 
@@ -233,7 +238,9 @@ class RemapSpec:
   # ---- construction -------------------------------------------------------------------------
 
   @classmethod
-  def from_rules(cls, rules: Sequence[Mapping[str, Any]], group_depth: int = 1, *, name: str = "<rules>") -> "RemapSpec":
+  def from_rules(
+      cls, rules: Sequence[Mapping[str, Any]], group_depth: int = 1, *, name: str = "<rules>"
+  ) -> "RemapSpec":
     """Builds a spec from rule dicts (the JSON ``rules`` list); raises :class:`SpecError`."""
     return cls._parse({"rules": list(rules), "group_depth": group_depth}, name)
 

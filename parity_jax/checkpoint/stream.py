@@ -110,8 +110,10 @@ class SidePlan:
       return "raw (memory-mapped boxes)"
     if self.mode == "direct":
       return f"whole chunk rows of {human_bytes(self.row_elems * self.itemsize)} per piece"
-    return (f"chunk rows of {human_bytes(self.row_elems * self.itemsize)} cached ({self.rows_cached} at a time"
-            f"{f', {self.readahead} row(s) read ahead' if self.readahead else ''})")
+    return (
+        f"chunk rows of {human_bytes(self.row_elems * self.itemsize)} cached ({self.rows_cached} at a time"
+        f"{f', {self.readahead} row(s) read ahead' if self.readahead else ''})"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +129,14 @@ class PairPlan:
   def describe(self) -> str:
     mode = "spill" if self.spill else "stream"
     how = {"inline": "inline", "pipelined": "of compared source pieces in a pipelined thread"}.get(
-        self.hash_mode, f"of the {self.hash_mode} leaf read by a background thread")
+        self.hash_mode, f"of the {self.hash_mode} leaf read by a background thread"
+    )
     if self.hash_mode == "migrated" and self.slabs.n_slabs <= KEPT_PIECES:
       how += ", which keeps its pieces for the comparison"
-    return (f"{mode}: {self.slabs.n_slabs} slab(s) of <= {human_bytes(self.slabs.slab_elems * self.itemsize)};"
-            f" source {self.src.describe()}; migrated {self.mig.describe()}; sha256 {how}")
+    return (
+        f"{mode}: {self.slabs.n_slabs} slab(s) of <= {human_bytes(self.slabs.slab_elems * self.itemsize)};"
+        f" source {self.src.describe()}; migrated {self.mig.describe()}; sha256 {how}"
+    )
 
 
 def _slab_candidates(r: tuple[int, ...], budget: int, rows: Sequence[int]) -> list[geometry.SlabPlan]:
@@ -298,7 +303,7 @@ def bytes_equal(a: np.ndarray, b: np.ndarray) -> bool:
   fa = c_contiguous(a).reshape(-1).view(np.uint8)
   fb = c_contiguous(b).reshape(-1).view(np.uint8)
   for i in range(0, fa.size, _COMPARE_PIECE):
-    pa, pb = fa[i:i + _COMPARE_PIECE], fb[i:i + _COMPARE_PIECE]
+    pa, pb = fa[i : i + _COMPARE_PIECE], fb[i : i + _COMPARE_PIECE]
     if pa.size % 8 == 0:
       pa, pb = pa.view(np.uint64), pb.view(np.uint64)
     if not np.array_equal(pa, pb):
@@ -352,7 +357,9 @@ class _SideReader:
   warmed up by reading its first piece), and at most N decodes run at once.
   """
 
-  def __init__(self, ckpt: Checkpoint, meta: LeafMeta, plan: SidePlan, pieces: list[Piece], box_of: Callable[[Piece], tuple]):
+  def __init__(
+      self, ckpt: Checkpoint, meta: LeafMeta, plan: SidePlan, pieces: list[Piece], box_of: Callable[[Piece], tuple]
+  ):
     self.ckpt, self.meta, self.plan, self.pieces, self.box_of = ckpt, meta, plan, pieces, box_of
     self._reader: LeafReader | None = None
     self._last_row = -1
@@ -398,7 +405,7 @@ class _SideReader:
   def _fill_ahead(self, k: int) -> None:
     """Keeps the rows of the next ``readahead`` switches decoding, at most ``readahead`` decodes at once."""
     n = self.plan.readahead
-    for j in self._switches[k + 1:k + 1 + n]:
+    for j in self._switches[k + 1 : k + 1 + n]:
       if any(a[0] == j for a in self._ahead):
         continue
       while sum(f is not None for f in [self._prefetched] + [a[2] for a in self._ahead]) >= n:
@@ -516,8 +523,15 @@ class _BackgroundHash:
   reading this side a second time; otherwise they pass through ``buf``.
   """
 
-  def __init__(self, ckpt: Checkpoint, meta: LeafMeta, boxes: list[tuple], buf: np.ndarray,
-               new_hash: Callable[[], Any] = hashlib.sha256, keep: Sequence[np.ndarray] | None = None):
+  def __init__(
+      self,
+      ckpt: Checkpoint,
+      meta: LeafMeta,
+      boxes: list[tuple],
+      buf: np.ndarray,
+      new_hash: Callable[[], Any] = hashlib.sha256,
+      keep: Sequence[np.ndarray] | None = None,
+  ):
     self.ckpt, self.meta, self.boxes, self.buf = ckpt, meta, boxes, buf
     self.keep = list(keep) if keep is not None and len(keep) >= len(boxes) else None
     self.h = new_hash()
@@ -588,16 +602,22 @@ class SmallPairs:
   hashes, the difference statistics, or the read error.
   """
 
-  def __init__(self, src_ckpt: Checkpoint, mig_ckpt: Checkpoint, pairs: Sequence[tuple[LeafMeta, LeafMeta]], *,
-               leaf_bytes: int = SMALL_LEAF_BYTES, batch_bytes: int = SMALL_BATCH_BYTES):
+  def __init__(
+      self,
+      src_ckpt: Checkpoint,
+      mig_ckpt: Checkpoint,
+      pairs: Sequence[tuple[LeafMeta, LeafMeta]],
+      *,
+      leaf_bytes: int = SMALL_LEAF_BYTES,
+      batch_bytes: int = SMALL_BATCH_BYTES,
+  ):
     self.src_ckpt, self.mig_ckpt = src_ckpt, mig_ckpt
     self._batches: list[list[tuple[LeafMeta, LeafMeta]]] = []
     self._where: dict[tuple[str, str], tuple[int, int]] = {}
     batch: list[tuple[LeafMeta, LeafMeta]] = []
     acc = 0
     for s, m in pairs:
-      if not (s.streamable and m.streamable and s.dtype == m.dtype and s.nbytes == m.nbytes
-              and s.nbytes <= leaf_bytes):
+      if not (s.streamable and m.streamable and s.dtype == m.dtype and s.nbytes == m.nbytes and s.nbytes <= leaf_bytes):
         continue
       if batch and acc + 2 * s.nbytes > batch_bytes:
         self._batches.append(batch)
@@ -708,7 +728,7 @@ class PairStreamer:
     self.dtype = mig.dtype
     self.pieces = pieces_of(src, mig, r, plan.slabs)
     if piece_range is not None:
-      self.pieces = self.pieces[piece_range[0]:piece_range[1]]
+      self.pieces = self.pieces[piece_range[0] : piece_range[1]]
     self.new_hash = new_hash
     # bytes reported through on_bytes (the second pass reports only what the first did not), counted from the
     # first streamed piece
@@ -726,8 +746,9 @@ class PairStreamer:
       self.on_bytes(upto - self._counted)
       self._counted = upto
 
-  def _pairs(self, spill_file=None, hasher: HashPipeline | None = None,
-             kept: _BackgroundHash | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray, Piece]]:
+  def _pairs(
+      self, spill_file=None, hasher: HashPipeline | None = None, kept: _BackgroundHash | None = None
+  ) -> Iterator[tuple[int, np.ndarray, np.ndarray, Piece]]:
     """(pool index, source piece, migrated piece, piece) in C order; both reads of a piece run concurrently.
 
     With a ``hasher``, each source piece goes into a pool buffer taken from
@@ -739,8 +760,11 @@ class PairStreamer:
       yield from self._pairs_kept(kept)
       return
     mig_reader = _SideReader(self.mig_ckpt, self.mig, self.plan.mig, self.pieces, lambda p: p.mig_box)
-    src_reader = None if spill_file is not None else _SideReader(
-        self.src_ckpt, self.src, self.plan.src, self.pieces, lambda p: p.src_box)
+    src_reader = (
+        None
+        if spill_file is not None
+        else _SideReader(self.src_ckpt, self.src, self.plan.src, self.pieces, lambda p: p.src_box)
+    )
     spill = _SpillReader(spill_file, self.dtype.itemsize) if spill_file is not None else None
     try:
       for i, p in enumerate(self.pieces):
@@ -841,13 +865,17 @@ class PairStreamer:
         if self.plan.hash_mode == "pipelined":
           hasher = HashPipeline(self.buffers, name, self.new_hash)
         elif self.plan.hash_mode in ("source", "migrated"):
-          meta, ckpt, box_of = ((self.mig, self.mig_ckpt, lambda p: p.mig_box) if self.plan.hash_mode == "migrated"
-                                else (self.src, self.src_ckpt, lambda p: p.src_box))
+          meta, ckpt, box_of = (
+              (self.mig, self.mig_ckpt, lambda p: p.mig_box)
+              if self.plan.hash_mode == "migrated"
+              else (self.src, self.src_ckpt, lambda p: p.src_box)
+          )
           # A migrated leaf of at most two pieces stays in the two buffers the thread and the migrated pieces
           # would use anyway, and the comparison takes it from there: one read of it instead of two.
           keep = [self.buffers.b, self.buffers.h][:KEPT_PIECES] if self.plan.hash_mode == "migrated" else None
-          background = _BackgroundHash(ckpt, meta, [box_of(p) for p in self.pieces], self.buffers.h, self.new_hash,
-                                       keep=keep)
+          background = _BackgroundHash(
+              ckpt, meta, [box_of(p) for p in self.pieces], self.buffers.h, self.new_hash, keep=keep
+          )
           if background.keep is not None:
             kept = background
         else:

@@ -60,8 +60,12 @@ def _codec_json(t: Any) -> Any:
 
 def _inner_codecs(codec: dict) -> Any:
   codecs = codec.get("codecs")
-  while (isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)
-         and codecs[0].get("name") == "sharding_indexed"):
+  while (
+      isinstance(codecs, list)
+      and len(codecs) == 1
+      and isinstance(codecs[0], dict)
+      and codecs[0].get("name") == "sharding_indexed"
+  ):
     codecs = (codecs[0].get("configuration") or {}).get("codecs")
   return codecs
 

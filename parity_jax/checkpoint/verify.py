@@ -141,7 +141,9 @@ class VerifyReport(Report):
   bytes_read: int = 0
   spec: dict[str, Any] | None = None
   distributed: dict[str, Any] | None = None  # the job's figures when run across processes (None: one process)
-  storage: dict[str, dict[str, Any]] | None = None  # per side: the layout facts the reader used (Checkpoint.storage_facts)
+  storage: dict[str, dict[str, Any]] | None = (
+      None  # per side: the layout facts the reader used (Checkpoint.storage_facts)
+  )
 
   @property
   def groups(self) -> dict[str, GroupResult]:
@@ -196,8 +198,11 @@ class VerifyReport(Report):
 
   def storage_lines(self) -> list[str]:
     """One line per side: how its storage was read (OCDBT, zarr version, compression, missing chunks, orbax)."""
-    return [f"{side + ' storage:':<18}{self.storage[side]['summary']}" for side in ("source", "migrated")
-            if self.storage and side in self.storage and "summary" in self.storage[side]]
+    return [
+        f"{side + ' storage:':<18}{self.storage[side]['summary']}"
+        for side in ("source", "migrated")
+        if self.storage and side in self.storage and "summary" in self.storage[side]
+    ]
 
   def text(self) -> str:
     return "\n".join(self.storage_lines() + self.table_lines() + [self.verdict_line()])
@@ -212,8 +217,11 @@ class VerifyReport(Report):
         "n_leaves": len(self.leaves),
         "n_failed": self.n_failed,
         "source": {"path": self.source, "layout": self.source_layout, "storage": (self.storage or {}).get("source")},
-        "migrated": {"path": self.migrated, "layout": self.migrated_layout,
-                     "storage": (self.storage or {}).get("migrated")},
+        "migrated": {
+            "path": self.migrated,
+            "layout": self.migrated_layout,
+            "storage": (self.storage or {}).get("migrated"),
+        },
         "spec": {"path": self.spec_source, **(self.spec or {})},
         "groups": [
             {"name": g.name, "passed": g.passed, "n_leaves": g.n_leaves, "n_bit_identical": g.n_pass}
@@ -255,8 +263,11 @@ class VerifyReport(Report):
       more = self.n_failed - len(fails)
       fail_table = (
           f"<details open><summary>Failing leaves ({self.n_failed})</summary><table><tr><th>status</th><th>migrated</th>"
-          "<th>source</th><th>reason</th></tr>" + "".join(fails) + "</table>"
-          + (f"<p>... and {more} more (the JSON report lists every leaf)</p>" if more > 0 else "") + "</details>"
+          "<th>source</th><th>reason</th></tr>"
+          + "".join(fails)
+          + "</table>"
+          + (f"<p>... and {more} more (the JSON report lists every leaf)</p>" if more > 0 else "")
+          + "</details>"
       )
     return (
         f"<div><p style='color:{color};font-weight:bold'>{e(self.verdict_line())}</p>"
@@ -320,11 +331,13 @@ def _compare_arrays(
       return
   r = geometry.refinement(s_meta.shape, m_meta.shape)
   if r is None:  # unreachable after the structure phase; keep the check honest
-    raise UsageError(f"{p.source} -> {p.dest}: shapes {s_meta.shape} and {m_meta.shape} are not related by the transform")
+    raise UsageError(
+        f"{p.source} -> {p.dest}: shapes {s_meta.shape} and {m_meta.shape} are not related by the transform"
+    )
   plan = stream.plan_pair(s_meta, m_meta, r, buffers.nbytes, readahead=int(readahead))
   res.read_mode = plan.describe()
   out = stream.PairStreamer(
-      src_ckpt, mig_ckpt, s_meta, m_meta, r, plan, buffers, spill_dir=spill_dir, on_bytes=progress.add,
+      src_ckpt, mig_ckpt, s_meta, m_meta, r, plan, buffers, spill_dir=spill_dir, on_bytes=progress.add
   ).run(top_k=top_k)
   res.source_sha256, res.sha256 = out.source_sha256, out.sha256
   if out.equal:
@@ -335,8 +348,9 @@ def _compare_arrays(
     res.diff = out.diff
     res.reason = out.diff.summary()
   else:
-    res.reason = (f"bytes differ (sha256 {res.source_sha256[:12]} vs {res.sha256[:12]});"
-                  f" no statistics: {out.diff_error}")
+    res.reason = (
+        f"bytes differ (sha256 {res.source_sha256[:12]} vs {res.sha256[:12]});" f" no statistics: {out.diff_error}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,15 +402,35 @@ def verify_migration(
   (see :mod:`parity_jax.distributed`).
   """
   if not distributed:
-    return _verify(source, migrated, spec, top_k=top_k, slab_mb=slab_mb, spill_dir=spill_dir, readahead=readahead,
-                   progress=progress, log=log, job=None)
+    return _verify(
+        source,
+        migrated,
+        spec,
+        top_k=top_k,
+        slab_mb=slab_mb,
+        spill_dir=spill_dir,
+        readahead=readahead,
+        progress=progress,
+        log=log,
+        job=None,
+    )
   from parity_jax import distributed as dist
 
   job = dist.attach(peer_timeout_s or dist.DEFAULT_TIMEOUT_S, "verify")
   with job:
     try:
-      return _verify(source, migrated, spec, top_k=top_k, slab_mb=slab_mb, spill_dir=spill_dir,
-                     readahead=readahead, progress=progress, log=log, job=job)
+      return _verify(
+          source,
+          migrated,
+          spec,
+          top_k=top_k,
+          slab_mb=slab_mb,
+          spill_dir=spill_dir,
+          readahead=readahead,
+          progress=progress,
+          log=log,
+          job=job,
+      )
     except UsageError as e:
       job.fail(str(e))
       raise
@@ -411,18 +445,38 @@ def _verify(source, migrated, spec, *, top_k, slab_mb, spill_dir, readahead, pro
   bad = src_ckpt.unreadable()
   if bad:
     p0 = next(iter(bad))
-    raise UsageError(f"source checkpoint {src_ckpt.path}: cannot read leaf {p0!r}"
-                     f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: {bad[p0]}")
+    raise UsageError(
+        f"source checkpoint {src_ckpt.path}: cannot read leaf {p0!r}"
+        f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: {bad[p0]}"
+    )
   plan = spec.bind(src_ckpt.leaves, what="source checkpoint")
   results, to_compare = _structure(plan, spec, src_ckpt, mig_ckpt)
   job_figures = None
   if job is not None and job.distributed:
-    bytes_read, job_figures = _values_distributed(job, to_compare, src_ckpt, mig_ckpt, top_k=top_k, slab_mb=slab_mb,
-                                                  spill_dir=spill_dir, readahead=readahead, show_progress=progress,
-                                                  log=log)
+    bytes_read, job_figures = _values_distributed(
+        job,
+        to_compare,
+        src_ckpt,
+        mig_ckpt,
+        top_k=top_k,
+        slab_mb=slab_mb,
+        spill_dir=spill_dir,
+        readahead=readahead,
+        show_progress=progress,
+        log=log,
+    )
   else:
-    bytes_read = _values(to_compare, src_ckpt, mig_ckpt, top_k=top_k, slab_mb=slab_mb, spill_dir=spill_dir,
-                         readahead=readahead, show_progress=progress, log=log)
+    bytes_read = _values(
+        to_compare,
+        src_ckpt,
+        mig_ckpt,
+        top_k=top_k,
+        slab_mb=slab_mb,
+        spill_dir=spill_dir,
+        readahead=readahead,
+        show_progress=progress,
+        log=log,
+    )
   return VerifyReport(
       source=src_ckpt.path,
       migrated=mig_ckpt.path,
@@ -435,8 +489,10 @@ def _verify(source, migrated, spec, *, top_k, slab_mb, spill_dir, readahead, pro
       bytes_read=bytes_read,
       spec=spec.to_dict(),
       distributed=job_figures,
-      storage={"source": {**src_ckpt.storage_facts(), "summary": src_ckpt.storage_summary()},
-               "migrated": {**mig_ckpt.storage_facts(), "summary": mig_ckpt.storage_summary()}},
+      storage={
+          "source": {**src_ckpt.storage_facts(), "summary": src_ckpt.storage_summary()},
+          "migrated": {**mig_ckpt.storage_facts(), "summary": mig_ckpt.storage_summary()},
+      },
   )
 
 
@@ -450,8 +506,9 @@ def _check_spill_dir(spill_dir: str | os.PathLike | None, checkpoints: tuple[Che
   return spill_dir
 
 
-def _structure(plan: MigrationPlan, spec: RemapSpec, src_ckpt: Checkpoint, mig_ckpt: Checkpoint
-               ) -> tuple[list[LeafResult], list[tuple[LeafPlan, LeafResult]]]:
+def _structure(
+    plan: MigrationPlan, spec: RemapSpec, src_ckpt: Checkpoint, mig_ckpt: Checkpoint
+) -> tuple[list[LeafResult], list[tuple[LeafPlan, LeafResult]]]:
   """Phase 1, metadata only: one result per leaf; the pairs whose kind, shape and dtype fit go on to phase 2."""
   results: list[LeafResult] = []
   to_compare: list[tuple[LeafPlan, LeafResult]] = []
@@ -463,9 +520,18 @@ def _structure(plan: MigrationPlan, spec: RemapSpec, src_ckpt: Checkpoint, mig_c
   inverse = plan.inverse
   for path, m in mig_ckpt.leaves.items():
     if path not in inverse:
-      results.append(LeafResult(source_path=None, migrated_path=path, group=spec.group_of(path), status=EXTRA,
-                                reason="no source leaf maps here", shape=m.shape,
-                                dtype=None if m.dtype is None else str(m.dtype), nbytes=m.nbytes))
+      results.append(
+          LeafResult(
+              source_path=None,
+              migrated_path=path,
+              group=spec.group_of(path),
+              status=EXTRA,
+              reason="no source leaf maps here",
+              shape=m.shape,
+              dtype=None if m.dtype is None else str(m.dtype),
+              nbytes=m.nbytes,
+          )
+      )
   return results, to_compare
 
 
@@ -474,9 +540,17 @@ _PENDING = "PENDING"  # structure fits; the values phase decides
 
 def _pair_result(p: LeafPlan, s: LeafMeta, m: LeafMeta | None) -> LeafResult:
   """The structure verdict for one planned pair (status ``_PENDING`` when only the values can tell)."""
-  res = LeafResult(source_path=p.source, migrated_path=p.dest, group=p.group, status=MISSING,
-                   shape=p.transform.dst_shape, source_shape=s.shape, dtype=None if s.dtype is None else str(s.dtype),
-                   nbytes=s.nbytes, transform=p.transform.describe())
+  res = LeafResult(
+      source_path=p.source,
+      migrated_path=p.dest,
+      group=p.group,
+      status=MISSING,
+      shape=p.transform.dst_shape,
+      source_shape=s.shape,
+      dtype=None if s.dtype is None else str(s.dtype),
+      nbytes=s.nbytes,
+      transform=p.transform.describe(),
+  )
   if m is None:
     res.reason = "no such leaf in the migrated checkpoint"
     return res
@@ -502,9 +576,18 @@ def _pair_result(p: LeafPlan, s: LeafMeta, m: LeafMeta | None) -> LeafResult:
   return res
 
 
-def _values(to_compare: list[tuple[LeafPlan, LeafResult]], src_ckpt: Checkpoint, mig_ckpt: Checkpoint, *, top_k: int,
-            slab_mb: float, spill_dir: str, readahead: int, show_progress: bool,
-            log: Callable[[str], None] | None) -> int:
+def _values(
+    to_compare: list[tuple[LeafPlan, LeafResult]],
+    src_ckpt: Checkpoint,
+    mig_ckpt: Checkpoint,
+    *,
+    top_k: int,
+    slab_mb: float,
+    spill_dir: str,
+    readahead: int,
+    show_progress: bool,
+    log: Callable[[str], None] | None,
+) -> int:
   """Phase 2, one pair at a time in reused buffers; fills each result's status. Returns the bytes read."""
   total = sum(2 * src_ckpt.leaves[p.source].nbytes for p, _ in to_compare)
   buffers = stream.Buffers(max(4096, int(slab_mb * _MIB)))
@@ -514,22 +597,54 @@ def _values(to_compare: list[tuple[LeafPlan, LeafResult]], src_ckpt: Checkpoint,
     prog = _Progress(bar)
     for i, (p, res) in enumerate(to_compare):
       bar.set_postfix_str(f"{i}/{len(to_compare)} leaves")
-      _compare_one(src_ckpt, mig_ckpt, p, res, buffers=buffers, top_k=top_k, spill_dir=spill_dir, progress=prog,
-                   readahead=readahead, log=log, small=small)
+      _compare_one(
+          src_ckpt,
+          mig_ckpt,
+          p,
+          res,
+          buffers=buffers,
+          top_k=top_k,
+          spill_dir=spill_dir,
+          progress=prog,
+          readahead=readahead,
+          log=log,
+          small=small,
+      )
     bar.set_postfix_str(f"{len(to_compare)}/{len(to_compare)} leaves")
   return prog.bytes
 
 
-def _compare_one(src_ckpt: Checkpoint, mig_ckpt: Checkpoint, p: LeafPlan, res: LeafResult, *, buffers: stream.Buffers,
-                 top_k: int, spill_dir: str, progress: _Progress, readahead: int,
-                 log: Callable[[str], None] | None, small: stream.SmallPairs | None = None) -> None:
+def _compare_one(
+    src_ckpt: Checkpoint,
+    mig_ckpt: Checkpoint,
+    p: LeafPlan,
+    res: LeafResult,
+    *,
+    buffers: stream.Buffers,
+    top_k: int,
+    spill_dir: str,
+    progress: _Progress,
+    readahead: int,
+    log: Callable[[str], None] | None,
+    small: stream.SmallPairs | None = None,
+) -> None:
   """One pair, whole: its result's status, hashes and statistics."""
   try:
     if src_ckpt.leaves[p.source].kind == "string":
       _compare_strings(src_ckpt, mig_ckpt, p, res)
     else:
-      _compare_arrays(src_ckpt, mig_ckpt, p, res, buffers=buffers, top_k=top_k, spill_dir=spill_dir,
-                      progress=progress, readahead=readahead, small=small)
+      _compare_arrays(
+          src_ckpt,
+          mig_ckpt,
+          p,
+          res,
+          buffers=buffers,
+          top_k=top_k,
+          spill_dir=spill_dir,
+          progress=progress,
+          readahead=readahead,
+          small=small,
+      )
   except LeafReadError as e:
     res.status, res.reason = UNREADABLE, str(e)
     res.sha256 = res.source_sha256 = None
@@ -547,9 +662,19 @@ class _Counter:
     self.fn(n)
 
 
-def _values_distributed(job, to_compare: list[tuple[LeafPlan, LeafResult]], src_ckpt: Checkpoint, mig_ckpt: Checkpoint,
-                        *, top_k: int, slab_mb: float, spill_dir: str, readahead: int, show_progress: bool,
-                        log: Callable[[str], None] | None) -> tuple[int, dict[str, Any]]:
+def _values_distributed(
+    job,
+    to_compare: list[tuple[LeafPlan, LeafResult]],
+    src_ckpt: Checkpoint,
+    mig_ckpt: Checkpoint,
+    *,
+    top_k: int,
+    slab_mb: float,
+    spill_dir: str,
+    readahead: int,
+    show_progress: bool,
+    log: Callable[[str], None] | None,
+) -> tuple[int, dict[str, Any]]:
   """Phase 2 as one job (:mod:`.distributed`): this process's share; every result filled on every process."""
   from parity_jax.checkpoint import distributed as dv
 
@@ -562,18 +687,40 @@ def _values_distributed(job, to_compare: list[tuple[LeafPlan, LeafResult]], src_
 
     def prepare_whole(indices: list[int]) -> None:  # this process's whole pairs: the small ones in batches
       pairs = [(src_ckpt.leaves[to_compare[i][0].source], mig_ckpt.leaves[to_compare[i][0].dest]) for i in indices]
-      small.append(stream.SmallPairs(src_ckpt, mig_ckpt, pairs,
-                                     leaf_bytes=min(buffers.nbytes, stream.SMALL_LEAF_BYTES)))
+      small.append(
+          stream.SmallPairs(src_ckpt, mig_ckpt, pairs, leaf_bytes=min(buffers.nbytes, stream.SMALL_LEAF_BYTES))
+      )
 
     def compare_whole(p: LeafPlan, res: LeafResult, on_bytes: Callable[[int], None]) -> None:
       batch = small[0] if small and (p.source, p.dest) in small[0] else None  # process 0 redoes others unbatched
-      _compare_one(src_ckpt, mig_ckpt, p, res, buffers=buffers, top_k=top_k, spill_dir=spill_dir,
-                   progress=_Counter(on_bytes), readahead=readahead, log=log, small=batch)
+      _compare_one(
+          src_ckpt,
+          mig_ckpt,
+          p,
+          res,
+          buffers=buffers,
+          top_k=top_k,
+          spill_dir=spill_dir,
+          progress=_Counter(on_bytes),
+          readahead=readahead,
+          log=log,
+          small=batch,
+      )
 
     try:
-      figures = dv.run_values(job, to_compare, src_ckpt, mig_ckpt, compare_whole=compare_whole, top_k=top_k,
-                              buffers=buffers, readahead=readahead, spill_dir=spill_dir, on_bytes=prog.add,
-                              prepare_whole=prepare_whole)
+      figures = dv.run_values(
+          job,
+          to_compare,
+          src_ckpt,
+          mig_ckpt,
+          compare_whole=compare_whole,
+          top_k=top_k,
+          buffers=buffers,
+          readahead=readahead,
+          spill_dir=spill_dir,
+          on_bytes=prog.add,
+          prepare_whole=prepare_whole,
+      )
     finally:
       for s in small:
         s.close()

@@ -29,8 +29,17 @@ from absl import logging as absl_logging
 
 from parity_jax.errors import UsageError, first_line
 
-__all__ = ["EXIT_FAIL", "EXIT_OK", "EXIT_USAGE", "distributed_flags", "entry", "fail_usage", "parse_int_rows",
-           "print_written", "require"]
+__all__ = [
+    "EXIT_FAIL",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "distributed_flags",
+    "entry",
+    "fail_usage",
+    "parse_int_rows",
+    "print_written",
+    "require",
+]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 _HELP_ARGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
@@ -142,8 +151,13 @@ def _supervise_job(module: str) -> int | None:
   from parity_jax.distributed import Options
 
   f = flags.FLAGS
-  opts = Options(coordinator_address=f.coordinator_address, num_processes=f.num_processes, process_id=f.process_id,
-                 auto=bool(f.distributed), timeout_s=float(f.peer_timeout))
+  opts = Options(
+      coordinator_address=f.coordinator_address,
+      num_processes=f.num_processes,
+      process_id=f.process_id,
+      auto=bool(f.distributed),
+      timeout_s=float(f.peer_timeout),
+  )
   if not opts.requested:
     return None
   opts.check()  # a bad launch is one line here, before any child starts
@@ -196,22 +210,41 @@ def distributed_flags(module: str) -> Callable[[], Any]:
   from parity_jax.distributed import DEFAULT_TIMEOUT_S, Options
 
   if "coordinator_address" not in flags.FLAGS:
-    flags.DEFINE_string("coordinator_address", None, "Run as one process of a job: the coordinator's HOST:PORT "
-                        "(jax.distributed.initialize); with --num_processes and --process_id.")
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "Run as one process of a job: the coordinator's HOST:PORT "
+        "(jax.distributed.initialize); with --num_processes and --process_id.",
+    )
     flags.DEFINE_integer("num_processes", None, "Processes in the job (jax.distributed.initialize).", lower_bound=1)
-    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) "
-                         "(jax.distributed.initialize).", lower_bound=0)
-    flags.DEFINE_boolean("distributed", False, "Run as one process of a job whose parameters JAX detects itself "
-                         "(SLURM, Cloud TPU, GKE/Kubernetes, MPI): jax.distributed.initialize() with no arguments.")
-    flags.DEFINE_float("peer_timeout", DEFAULT_TIMEOUT_S, "In a job: seconds without a heartbeat or without progress "
-                       "after which a process counts as lost; the others then exit 2 naming it.", lower_bound=0.1)
+    flags.DEFINE_integer(
+        "process_id", None, "This process's index in [0, num_processes) " "(jax.distributed.initialize).", lower_bound=0
+    )
+    flags.DEFINE_boolean(
+        "distributed",
+        False,
+        "Run as one process of a job whose parameters JAX detects itself "
+        "(SLURM, Cloud TPU, GKE/Kubernetes, MPI): jax.distributed.initialize() with no arguments.",
+    )
+    flags.DEFINE_float(
+        "peer_timeout",
+        DEFAULT_TIMEOUT_S,
+        "In a job: seconds without a heartbeat or without progress "
+        "after which a process counts as lost; the others then exit 2 naming it.",
+        lower_bound=0.1,
+    )
   for name in _DIST_FLAGS:
     flags.FLAGS.register_key_flag_for_module(module, flags.FLAGS[name])
 
   def read() -> Options:
     f = flags.FLAGS
-    return Options(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
-                   process_id=f.process_id, auto=bool(f.distributed), timeout_s=float(f.peer_timeout))
+    return Options(
+        coordinator_address=f.coordinator_address,
+        num_processes=f.num_processes,
+        process_id=f.process_id,
+        auto=bool(f.distributed),
+        timeout_s=float(f.peer_timeout),
+    )
 
   return read
 
@@ -257,8 +290,9 @@ def distributed_flags(module: str) -> Callable[[], Any]:
 _SUPERVISED_ENV = "PARITY_JAX_SUPERVISED"  # "<supervisor pid>:<fd of the pipe for what is written below Python>"
 _KEEP = 1 << 16  # bytes of the runtime's output kept from its start and from its end
 _PR_SET_PDEATHSIG = 1
-_COORDINATOR_GONE = re.compile(r"coordination service|JAX distributed service|leader task|Terminating process because",
-                               re.IGNORECASE)
+_COORDINATOR_GONE = re.compile(
+    r"coordination service|JAX distributed service|leader task|Terminating process because", re.IGNORECASE
+)
 _STATUS = re.compile(r"absl::Status: ([A-Z_]+: [^.\n]*)")
 
 
@@ -296,8 +330,13 @@ def _enter_child() -> None:
   real = os.dup(2)
   os.dup2(int(fd), 2)
   os.close(int(fd))
-  new = os.fdopen(real, "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
-                  errors=getattr(old, "errors", None) or "backslashreplace")
+  new = os.fdopen(
+      real,
+      "w",
+      buffering=1,
+      encoding=getattr(old, "encoding", None) or "utf-8",
+      errors=getattr(old, "errors", None) or "backslashreplace",
+  )
   sys.stderr = new
   handlers = list(logging.getLogger().handlers)
   try:
@@ -309,8 +348,6 @@ def _enter_child() -> None:
   for h in handlers:
     if isinstance(h, logging.StreamHandler) and h.stream is old:
       h.setStream(new)
-
-
 
 
 class _Tail:
@@ -338,13 +375,13 @@ class _Tail:
       self.tail += data
       if len(self.tail) > _KEEP:
         self.dropped += len(self.tail) - _KEEP
-        del self.tail[:len(self.tail) - _KEEP]
+        del self.tail[: len(self.tail) - _KEEP]
     os.close(self.fd)
 
   def text(self, timeout: float = 5.0) -> str:
     self.thread.join(timeout)
     cut = f"\n[... {self.dropped} bytes ...]\n" if self.dropped else ""
-    return (bytes(self.head).decode(errors="replace") + cut + bytes(self.tail).decode(errors="replace"))
+    return bytes(self.head).decode(errors="replace") + cut + bytes(self.tail).decode(errors="replace")
 
 
 def _signame(sig: int) -> str:
@@ -361,8 +398,10 @@ def _describe_death(sig: int, process_id: int | None, runtime_output: str) -> st
   why = f" ({status.group(1).strip()})" if status else ""
   gone = bool(_COORDINATOR_GONE.search(runtime_output))
   if process_id != 0 and (gone or sig == signal.SIGABRT):
-    return (f"lost process 0 (the coordinator): it crashed, was killed or cannot be reached, and the JAX runtime"
-            f" aborted this process{why} (this is {me}; exiting 2)")
+    return (
+        f"lost process 0 (the coordinator): it crashed, was killed or cannot be reached, and the JAX runtime"
+        f" aborted this process{why} (this is {me}; exiting 2)"
+    )
   if sig == signal.SIGABRT:
     return f"{me} was aborted by the JAX runtime{why} (exiting 2)"
   return f"{me} died: {_signame(sig)} (exiting 2)"

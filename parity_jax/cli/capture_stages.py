@@ -26,7 +26,11 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight 
 _OUT = flags.DEFINE_string("out", None, "Output stage bundle (.safetensors).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 _STRICT = flags.DEFINE_bool("strict", True, "Refuse checkpoints holding tensors the model does not use.")
-_MESH = flags.DEFINE_string("mesh", None, "Load the weights sharded on a device mesh, e.g. dp:2,tp:4 (batch over dp; heads, MLP columns and vocab over tp). Needs that many devices (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N).")
+_MESH = flags.DEFINE_string(
+    "mesh",
+    None,
+    "Load the weights sharded on a device mesh, e.g. dp:2,tp:4 (batch over dp; heads, MLP columns and vocab over tp). Needs that many devices (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N).",
+)
 
 
 def main(argv):
@@ -37,11 +41,21 @@ def main(argv):
   tokens = app.parse_int_rows(_TOKENS.value, "tokens")
   mask = app.parse_int_rows(_MASK.value, "attention_mask") if _MASK.value else None
   mesh = make_mesh(_MESH.value) if _MESH.value else None
-  prov = capture_to_bundle(_MODEL_DIR.value, tokens, _OUT.value, dtype=_DTYPE.value, attention_mask=mask,
-                           strict=_STRICT.value, overwrite=_OVERWRITE.value, mesh=mesh)
+  prov = capture_to_bundle(
+      _MODEL_DIR.value,
+      tokens,
+      _OUT.value,
+      dtype=_DTYPE.value,
+      attention_mask=mask,
+      strict=_STRICT.value,
+      overwrite=_OVERWRITE.value,
+      mesh=mesh,
+  )
   b, t = tokens.shape
   on = f", on mesh {','.join(f'{k}:{v}' for k, v in prov['mesh'].items())}" if "mesh" in prov else ""
-  print(f"wrote {_OUT.value}: model {prov['model']} ({prov['model_type']}), {_DTYPE.value}, tokens of shape [{b}, {t}]{on}")
+  print(
+      f"wrote {_OUT.value}: model {prov['model']} ({prov['model_type']}), {_DTYPE.value}, tokens of shape [{b}, {t}]{on}"
+  )
   return 0
 
 

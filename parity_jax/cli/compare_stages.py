@@ -23,15 +23,31 @@ from parity_jax.cli import app
 _GOLDEN = flags.DEFINE_string("golden", None, "Reference stage bundle (.safetensors or .npz).")
 _CANDIDATE = flags.DEFINE_string("candidate", None, "Stage bundle under test (.safetensors or .npz).")
 _PROFILE = flags.DEFINE_enum("profile", "f32", list(BUILTIN_PROFILES), "Built-in tolerance profile.")
-_PROFILE_JSON = flags.DEFINE_string("profile_json", None, "Tolerance profile JSON (schema parity_jax.tolerance_profile/1); replaces --profile.")
+_PROFILE_JSON = flags.DEFINE_string(
+    "profile_json", None, "Tolerance profile JSON (schema parity_jax.tolerance_profile/1); replaces --profile."
+)
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Largest divergences kept per stage.", lower_bound=0)
-_FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "text: a table for people; json: the report for batch jobs.")
-_PLOT = flags.DEFINE_string("plot", None, "Write a PNG: layer x stage heatmap of log10 rel-L2 and the error along the stage order (needs matplotlib).")
+_FORMAT = flags.DEFINE_enum(
+    "format", "text", ["text", "json"], "text: a table for people; json: the report for batch jobs."
+)
+_PLOT = flags.DEFINE_string(
+    "plot",
+    None,
+    "Write a PNG: layer x stage heatmap of log10 rel-L2 and the error along the stage order (needs matplotlib).",
+)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --plot.")
-_STAGES = flags.DEFINE_string("stages", None, "Only compare stages whose name matches this regular expression (re.search).")
-_ALLOW_MISSING = flags.DEFINE_bool("allow_missing", False, "Compare the common stages when some exist on one side only (they are listed).")
-_FAILING_ONLY = flags.DEFINE_bool("failing_only", False, "Text format: show only stages over tolerance (and the first divergent one).")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise).")
+_STAGES = flags.DEFINE_string(
+    "stages", None, "Only compare stages whose name matches this regular expression (re.search)."
+)
+_ALLOW_MISSING = flags.DEFINE_bool(
+    "allow_missing", False, "Compare the common stages when some exist on one side only (they are listed)."
+)
+_FAILING_ONLY = flags.DEFINE_bool(
+    "failing_only", False, "Text format: show only stages over tolerance (and the first divergent one)."
+)
+_PROGRESS = flags.DEFINE_bool(
+    "progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise)."
+)
 
 
 def main(argv):
@@ -44,7 +60,7 @@ def main(argv):
   app.require(_GOLDEN, _CANDIDATE)
   if _PROFILE_JSON.value is not None:
     if flags.FLAGS["profile"].present:
-      raise UsageError("give --profile or --profile_json, not both (a profile JSON can say \"extends\": \"f32\")")
+      raise UsageError('give --profile or --profile_json, not both (a profile JSON can say "extends": "f32")')
     profile = load_profile_json(_PROFILE_JSON.value)
   else:
     profile = BUILTIN_PROFILES[_PROFILE.value]
@@ -52,10 +68,19 @@ def main(argv):
     from parity_jax.bundles.plot import require_matplotlib
 
     require_matplotlib()
-    check_output_path(_PLOT.value, [_GOLDEN.value, _CANDIDATE.value], "--plot", suffix=".png", overwrite=_OVERWRITE.value)
+    check_output_path(
+        _PLOT.value, [_GOLDEN.value, _CANDIDATE.value], "--plot", suffix=".png", overwrite=_OVERWRITE.value
+    )
   try:
-    report = compare_bundles(_GOLDEN.value, _CANDIDATE.value, profile=profile, top_k=_TOP_K.value,
-                             stages=_STAGES.value, allow_missing=_ALLOW_MISSING.value, progress=_PROGRESS.value)
+    report = compare_bundles(
+        _GOLDEN.value,
+        _CANDIDATE.value,
+        profile=profile,
+        top_k=_TOP_K.value,
+        stages=_STAGES.value,
+        allow_missing=_ALLOW_MISSING.value,
+        progress=_PROGRESS.value,
+    )
   except OneSidedStagesError as e:
     raise e.hint("--allow_missing") from None
   if _PLOT.value:

@@ -22,13 +22,25 @@ from parity_jax.bundles import BUILTIN_PROFILES
 from parity_jax.cli import app
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "HF checkpoint directory (config.json + *.safetensors).")
-_GOLDEN = flags.DEFINE_string("golden", None, "Golden stage bundle from the oracle (goldens/forward/NAME.safetensors); not with --oracle.")
-_ORACLE = flags.DEFINE_bool("oracle", False, "Produce the golden on the spot with HF transformers (needs the [oracle] extra); not with --golden.")
-_TOKENS = flags.DEFINE_string("tokens", None, "Token ids '1,2,3' (rows separated by ';'); default: the golden's recorded inputs.")
+_GOLDEN = flags.DEFINE_string(
+    "golden", None, "Golden stage bundle from the oracle (goldens/forward/NAME.safetensors); not with --oracle."
+)
+_ORACLE = flags.DEFINE_bool(
+    "oracle",
+    False,
+    "Produce the golden on the spot with HF transformers (needs the [oracle] extra); not with --golden.",
+)
+_TOKENS = flags.DEFINE_string(
+    "tokens", None, "Token ids '1,2,3' (rows separated by ';'); default: the golden's recorded inputs."
+)
 _MASK = flags.DEFINE_string("attention_mask", None, "0/1 padding mask in the layout of --tokens.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Our weight and activation dtype.")
-_PROFILE = flags.DEFINE_enum("profile", None, list(BUILTIN_PROFILES), "Tolerance profile (default: f32, or bf16 with --dtype=bfloat16).")
-_PROFILE_JSON = flags.DEFINE_string("profile_json", None, "Tolerance profile JSON (schema parity_jax.tolerance_profile/1).")
+_PROFILE = flags.DEFINE_enum(
+    "profile", None, list(BUILTIN_PROFILES), "Tolerance profile (default: f32, or bf16 with --dtype=bfloat16)."
+)
+_PROFILE_JSON = flags.DEFINE_string(
+    "profile_json", None, "Tolerance profile JSON (schema parity_jax.tolerance_profile/1)."
+)
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Largest divergences kept per stage.", lower_bound=0)
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "text table or the JSON report.")
 _PLOT = flags.DEFINE_string("plot", None, "Write the layer x stage heatmap PNG here (needs matplotlib).")
@@ -37,8 +49,16 @@ _SAVE_CANDIDATE = flags.DEFINE_string("save_candidate", None, "Also write our st
 _SAVE_GOLDEN = flags.DEFINE_string("save_golden", None, "With --oracle: also write the oracle's stage bundle here.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing --plot / --save_candidate / --save_golden files.")
 _STRICT = flags.DEFINE_bool("strict", True, "Refuse checkpoints holding tensors the model does not use.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Progress of the stage comparison on stderr (a bar on a terminal, a line every few seconds otherwise).")
-_MESH = flags.DEFINE_string("mesh", None, "Load the weights sharded on a device mesh, e.g. dp:2,tp:4 (batch over dp; heads, MLP columns and vocab over tp). Needs that many devices (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N).")
+_PROGRESS = flags.DEFINE_bool(
+    "progress",
+    True,
+    "Progress of the stage comparison on stderr (a bar on a terminal, a line every few seconds otherwise).",
+)
+_MESH = flags.DEFINE_string(
+    "mesh",
+    None,
+    "Load the weights sharded on a device mesh, e.g. dp:2,tp:4 (batch over dp; heads, MLP columns and vocab over tp). Needs that many devices (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N).",
+)
 
 
 def _check_flags() -> None:
@@ -85,9 +105,19 @@ def main(argv):
   mask = app.parse_int_rows(_MASK.value, "attention_mask") if _MASK.value else None
   mesh = make_mesh(_MESH.value) if _MESH.value else None
   try:
-    result = forward_parity(_MODEL_DIR.value, _GOLDEN.value, oracle=_ORACLE.value, tokens=tokens, attention_mask=mask,
-                            dtype=_DTYPE.value, profile=profile, top_k=_TOP_K.value, strict=_STRICT.value, mesh=mesh,
-                            progress=_PROGRESS.value)
+    result = forward_parity(
+        _MODEL_DIR.value,
+        _GOLDEN.value,
+        oracle=_ORACLE.value,
+        tokens=tokens,
+        attention_mask=mask,
+        dtype=_DTYPE.value,
+        profile=profile,
+        top_k=_TOP_K.value,
+        strict=_STRICT.value,
+        mesh=mesh,
+        progress=_PROGRESS.value,
+    )
   except OneSidedStagesError as e:
     raise UsageError(f"stages present on one side only ({e.where}): is the golden from another model?") from None
   if _SAVE_CANDIDATE.value:
@@ -100,11 +130,15 @@ def main(argv):
     print(result.to_json())
   else:
     b, t = result.tokens.shape
-    print(f"model {_MODEL_DIR.value} ({_DTYPE.value}) vs "
-          f"{'the live HF oracle' if _ORACLE.value else _GOLDEN.value}; tokens of shape [{b}, {t}]"
-          f"{', padded' if result.attention_mask is not None else ''}")
+    print(
+        f"model {_MODEL_DIR.value} ({_DTYPE.value}) vs "
+        f"{'the live HF oracle' if _ORACLE.value else _GOLDEN.value}; tokens of shape [{b}, {t}]"
+        f"{', padded' if result.attention_mask is not None else ''}"
+    )
     print(result.text(failing_only=_FAILING_ONLY.value))
-  app.print_written([(f.name, f.value) for f in (_SAVE_CANDIDATE, _SAVE_GOLDEN, _PLOT)], json_mode=_FORMAT.value == "json")
+  app.print_written(
+      [(f.name, f.value) for f in (_SAVE_CANDIDATE, _SAVE_GOLDEN, _PLOT)], json_mode=_FORMAT.value == "json"
+  )
   return result.exit_code
 
 

@@ -19,7 +19,9 @@ from absl import flags
 
 from parity_jax.cli import app
 
-_OUT = flags.DEFINE_string("out", None, "Output directory (the shipped example: parity_jax/checkpoint/example_data in a checkout).")
+_OUT = flags.DEFINE_string(
+    "out", None, "Output directory (the shipped example: parity_jax/checkpoint/example_data in a checkout)."
+)
 _SEED = flags.DEFINE_integer("seed", None, "Random seed (default: the shipped example's seed).")
 
 

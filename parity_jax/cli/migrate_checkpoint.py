@@ -31,16 +31,43 @@ from absl import flags
 
 from parity_jax.cli import app
 
-_SOURCE = flags.DEFINE_string("source", None, "Source checkpoint (v0 PyTree dir, v1 checkpoint or a CheckpointManager step dir).")
-_DEST = flags.DEFINE_string("dest", None, "Where the migrated v1 checkpoint appears (must not exist unless --overwrite).")
+_SOURCE = flags.DEFINE_string(
+    "source", None, "Source checkpoint (v0 PyTree dir, v1 checkpoint or a CheckpointManager step dir)."
+)
+_DEST = flags.DEFINE_string(
+    "dest", None, "Where the migrated v1 checkpoint appears (must not exist unless --overwrite)."
+)
 _SPEC = flags.DEFINE_string("spec", None, "Remap spec JSON.")
 _CHUNK_MB = flags.DEFINE_float("chunk_mb", 64.0, "Storage chunk size in MiB for the written arrays.", lower_bound=1e-3)
-_BATCH_MB = flags.DEFINE_float("batch_mb", None, "Small leaves are restored/saved together up to this many MiB (default: min(chunk_mb, largest leaf), >= 8).")
-_COMPRESSION = flags.DEFINE_enum("compression", "none", ["none", "zstd"], "Chunk codec. 'none' writes straight from memory (peak ~1x the largest leaf); 'zstd' (orbax's default) saves a few % of disk on float weights but OCDBT buffers every compressed chunk of a leaf (~1 more leaf of memory) and every read must decode.")
-_SPEC_ERRORS = flags.DEFINE_string("spec_errors", None, "If the spec is malformed or does not fit the source, write every problem here as JSON (the error line shows the first few).")
-_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace an existing --dest (only if it is an Orbax checkpoint or empty), --report and --spec_errors.")
-_REPORT = flags.DEFINE_string("report", None, "Also write the result as JSON here (in a job: by process 0, with every process's figures); never inside either checkpoint.")
-_PROGRESS = flags.DEFINE_boolean("progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise).")
+_BATCH_MB = flags.DEFINE_float(
+    "batch_mb",
+    None,
+    "Small leaves are restored/saved together up to this many MiB (default: min(chunk_mb, largest leaf), >= 8).",
+)
+_COMPRESSION = flags.DEFINE_enum(
+    "compression",
+    "none",
+    ["none", "zstd"],
+    "Chunk codec. 'none' writes straight from memory (peak ~1x the largest leaf); 'zstd' (orbax's default) saves a few % of disk on float weights but OCDBT buffers every compressed chunk of a leaf (~1 more leaf of memory) and every read must decode.",
+)
+_SPEC_ERRORS = flags.DEFINE_string(
+    "spec_errors",
+    None,
+    "If the spec is malformed or does not fit the source, write every problem here as JSON (the error line shows the first few).",
+)
+_OVERWRITE = flags.DEFINE_boolean(
+    "overwrite",
+    False,
+    "Replace an existing --dest (only if it is an Orbax checkpoint or empty), --report and --spec_errors.",
+)
+_REPORT = flags.DEFINE_string(
+    "report",
+    None,
+    "Also write the result as JSON here (in a job: by process 0, with every process's figures); never inside either checkpoint.",
+)
+_PROGRESS = flags.DEFINE_boolean(
+    "progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise)."
+)
 _DIST = app.distributed_flags(__name__)
 
 
@@ -63,9 +90,16 @@ def main(argv):
     distributed.initialize(dist)
   try:
     result = migrate(
-        _SOURCE.value, _DEST.value, _SPEC.value, chunk_mb=_CHUNK_MB.value, overwrite=_OVERWRITE.value,
-        progress=_PROGRESS.value, batch_mb=_BATCH_MB.value, compression=_COMPRESSION.value,
-        distributed=dist.requested, peer_timeout_s=dist.timeout_s,
+        _SOURCE.value,
+        _DEST.value,
+        _SPEC.value,
+        chunk_mb=_CHUNK_MB.value,
+        overwrite=_OVERWRITE.value,
+        progress=_PROGRESS.value,
+        batch_mb=_BATCH_MB.value,
+        compression=_COMPRESSION.value,
+        distributed=dist.requested,
+        peer_timeout_s=dist.timeout_s,
     )
   except SpecError as e:
     lead = True
@@ -81,14 +115,19 @@ def main(argv):
     me = distributed.process_index()
     if me != 0:
       mine = next(p for p in result.distributed["per_process"] if p["process"] == me)
-      print(f"process {me} of {result.distributed['num_processes']}: wrote {human_bytes(mine['bytes_written'])}"
-            f" ({len(mine['whole_leaves'])} leaves, {len(mine['split_ranges'])} ranges of split leaves);"
-            f" process 0 installed {result.dest}")
+      print(
+          f"process {me} of {result.distributed['num_processes']}: wrote {human_bytes(mine['bytes_written'])}"
+          f" ({len(mine['whole_leaves'])} leaves, {len(mine['split_ranges'])} ranges of split leaves);"
+          f" process 0 installed {result.dest}"
+      )
       return result.exit_code
   if result.dropped_empty_nodes:
     shown = ", ".join(result.dropped_empty_nodes[:10])
-    print(f"note: {len(result.dropped_empty_nodes)} empty node(s) in the source hold no data and were not carried"
-          f" over: {shown}", file=sys.stderr)
+    print(
+        f"note: {len(result.dropped_empty_nodes)} empty node(s) in the source hold no data and were not carried"
+        f" over: {shown}",
+        file=sys.stderr,
+    )
   print(result.text())
   if _REPORT.value:
     print(f"report: {result.write_json(_REPORT.value)}")

@@ -19,9 +19,13 @@ from absl import flags
 from parity_jax.cli import app
 
 _WHAT = flags.DEFINE_enum("what", "all", ["forward", "svf", "all"], "Which goldens to regenerate.")
-_OUT = flags.DEFINE_string("goldens_dir", None, "Root of the goldens tree (the repository's goldens/ directory, or a new one).")
+_OUT = flags.DEFINE_string(
+    "goldens_dir", None, "Root of the goldens tree (the repository's goldens/ directory, or a new one)."
+)
 
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the goldens already in --goldens_dir (the areas regenerated).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace the goldens already in --goldens_dir (the areas regenerated)."
+)
 
 _AREAS = {"forward": "parity_jax.oracle.forward_goldens", "svf": "parity_jax.oracle.svf_goldens"}
 _WRITES = {"forward": ("models", "forward"), "svf": ("svf",)}
@@ -34,7 +38,9 @@ def main(argv):
 
   app.require(_OUT)
   areas = list(_AREAS) if _WHAT.value == "all" else [_WHAT.value]
-  check_output_dir(_OUT.value, (), "--goldens_dir", overwrite=_OVERWRITE.value, will_write=[d for a in areas for d in _WRITES[a]])
+  check_output_dir(
+      _OUT.value, (), "--goldens_dir", overwrite=_OVERWRITE.value, will_write=[d for a in areas for d in _WRITES[a]]
+  )
   require_oracle()
   for area in areas:
     module = importlib.import_module(_AREAS[area])

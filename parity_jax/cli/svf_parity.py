@@ -24,27 +24,65 @@ from absl import flags
 
 from parity_jax.cli import app
 
-_COMPONENTS = flags.DEFINE_string("components_dir", None, "Directory with *svf_components.safetensors and *svf_scale_offsets.safetensors (default: where the report says, else the report's directory).")
+_COMPONENTS = flags.DEFINE_string(
+    "components_dir",
+    None,
+    "Directory with *svf_components.safetensors and *svf_scale_offsets.safetensors (default: where the report says, else the report's directory).",
+)
 _REPORT = flags.DEFINE_string("python_report", None, "The Python run's report JSON (names its stage bundles).")
-_GOLDEN = flags.DEFINE_string("golden_dir", None, "A directory holding svf_report.json and its bundles (instead of --python_report).")
-_STAGE_DIR = flags.DEFINE_string("stage_dir", None, "Where to write our stage bundle (svf_stage_debug.safetensors or svf_all_selected_stage_debug.safetensors).")
+_GOLDEN = flags.DEFINE_string(
+    "golden_dir", None, "A directory holding svf_report.json and its bundles (instead of --python_report)."
+)
+_STAGE_DIR = flags.DEFINE_string(
+    "stage_dir",
+    None,
+    "Where to write our stage bundle (svf_stage_debug.safetensors or svf_all_selected_stage_debug.safetensors).",
+)
 _OUT = flags.DEFINE_string("out", None, "Where to write our report JSON.")
-_ALL = flags.DEFINE_bool("all_selected_tensors", False, "Replay every tensor of the components file against the all-selected bundle.")
-_FILTER = flags.DEFINE_string("selected_source_filter", None, "Only tensors whose source (or safe) name contains this string.")
-_LAYOUT = flags.DEFINE_enum("layout", None, ["torch_v", "vh"], "How V is stored: torch_v (torch.svd's V, [n, k]) or vh ([k, n]). Default: the report's.")
-_CHUNK_MB = flags.DEFINE_float("chunk_mb", 512.0, "Memory budget (MiB) per row chunk of U; 0 rebuilds every tensor whole.")
+_ALL = flags.DEFINE_bool(
+    "all_selected_tensors", False, "Replay every tensor of the components file against the all-selected bundle."
+)
+_FILTER = flags.DEFINE_string(
+    "selected_source_filter", None, "Only tensors whose source (or safe) name contains this string."
+)
+_LAYOUT = flags.DEFINE_enum(
+    "layout",
+    None,
+    ["torch_v", "vh"],
+    "How V is stored: torch_v (torch.svd's V, [n, k]) or vh ([k, n]). Default: the report's.",
+)
+_CHUNK_MB = flags.DEFINE_float(
+    "chunk_mb", 512.0, "Memory budget (MiB) per row chunk of U; 0 rebuilds every tensor whole."
+)
 _MODE = flags.DEFINE_enum("mode", "stage_tolerances", ["stage_tolerances", "bytes"], "Verdict mode.")
-_ROW_BLOCK = flags.DEFINE_integer("row_block", 8192, "Rows of U per matmul block; chunks are multiples of it.", lower_bound=1)
-_COMPUTE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Compute dtype (bfloat16: the original Sakana variant).")
+_ROW_BLOCK = flags.DEFINE_integer(
+    "row_block", 8192, "Rows of U per matmul block; chunks are multiples of it.", lower_bound=1
+)
+_COMPUTE = flags.DEFINE_enum(
+    "compute_dtype", "float32", ["float32", "bfloat16"], "Compute dtype (bfloat16: the original Sakana variant)."
+)
 _EXPLAIN = flags.DEFINE_enum(
-    "explain_rule", "bound", ["bound", "one_ulp"],
+    "explain_rule",
+    "bound",
+    ["bound", "one_ulp"],
     "bound: a differing final element is explained when both bf16 values are correct roundings within the float32 error bound"
     " of the float64 reference (for 1-ULP pairs: the reference within the bound of the rounding midpoint). one_ulp: additionally exactly 1 ULP apart.",
 )
-_PROGRESS = flags.DEFINE_bool("progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise).")
+_PROGRESS = flags.DEFINE_bool(
+    "progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise)."
+)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out report or our bundle in --stage_dir.")
-_DEVICES = flags.DEFINE_integer("devices", 0, "With --all_selected_tensors: spread the tensors over this many devices, balanced by FLOPs (0: every device JAX sees, across processes under jax.distributed). The report is the single-device one.", lower_bound=0)
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "jax.distributed: host:port of process 0 (with --num_processes and --process_id); each process replays the tensors of its own devices, process 0 prints and writes the report.")
+_DEVICES = flags.DEFINE_integer(
+    "devices",
+    0,
+    "With --all_selected_tensors: spread the tensors over this many devices, balanced by FLOPs (0: every device JAX sees, across processes under jax.distributed). The report is the single-device one.",
+    lower_bound=0,
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "jax.distributed: host:port of process 0 (with --num_processes and --process_id); each process replays the tensors of its own devices, process 0 prints and writes the report.",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "jax.distributed: the number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "jax.distributed: this process's index.")
 
@@ -59,7 +97,12 @@ def main(argv):
   if (_REPORT.value is None) == (_GOLDEN.value is None):
     raise UsageError("give exactly one of --python_report and --golden_dir")
   if _OUT.value:
-    inputs = [_REPORT.value, _GOLDEN.value, _COMPONENTS.value, os.path.dirname(os.path.abspath(_REPORT.value)) if _REPORT.value else None]
+    inputs = [
+        _REPORT.value,
+        _GOLDEN.value,
+        _COMPONENTS.value,
+        os.path.dirname(os.path.abspath(_REPORT.value)) if _REPORT.value else None,
+    ]
     check_output_path(_OUT.value, inputs, "--out", overwrite=_OVERWRITE.value)
   result = replay(
       components_dir=_COMPONENTS.value,

@@ -25,17 +25,39 @@ from absl import flags
 
 from parity_jax.cli import app
 
-_SOURCE = flags.DEFINE_string("source", None, "Source checkpoint (v0 PyTree dir, v1 checkpoint or a CheckpointManager step dir).")
+_SOURCE = flags.DEFINE_string(
+    "source", None, "Source checkpoint (v0 PyTree dir, v1 checkpoint or a CheckpointManager step dir)."
+)
 _MIGRATED = flags.DEFINE_string("migrated", None, "Migrated checkpoint (same layouts accepted).")
 _SPEC = flags.DEFINE_string("spec", None, "Remap spec JSON used for the migration.")
 _REPORT = flags.DEFINE_string("report", None, "Write the per-leaf JSON report here (never inside either checkpoint).")
-_SPEC_ERRORS = flags.DEFINE_string("spec_errors", None, "If the spec is malformed or does not fit the checkpoints, write every problem here as JSON (the error line shows the first few); --report gets them too.")
+_SPEC_ERRORS = flags.DEFINE_string(
+    "spec_errors",
+    None,
+    "If the spec is malformed or does not fit the checkpoints, write every problem here as JSON (the error line shows the first few); --report gets them too.",
+)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --report / --spec_errors.")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "Divergences listed per differing leaf.", lower_bound=0)
-_SLAB_MB = flags.DEFINE_float("slab_mb", 8.0, "Size of one compared piece in MiB (a few such buffers are allocated once; memory vs. number of reads).", lower_bound=0.004)
-_SPILL_DIR = flags.DEFINE_string("spill_dir", None, "Where to spill a source leaf when both sides are stored as single big chunks (default: system temp dir).")
-_READAHEAD = flags.DEFINE_integer("readahead", 0, "Storage chunk rows of a compressed leaf decoded ahead while the current row is compared (0: none, meets the chunked memory target). N > 0 is faster with free cores and costs about N more chunk rows plus their compressed bytes in memory.", lower_bound=0)
-_PROGRESS = flags.DEFINE_boolean("progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise).")
+_SLAB_MB = flags.DEFINE_float(
+    "slab_mb",
+    8.0,
+    "Size of one compared piece in MiB (a few such buffers are allocated once; memory vs. number of reads).",
+    lower_bound=0.004,
+)
+_SPILL_DIR = flags.DEFINE_string(
+    "spill_dir",
+    None,
+    "Where to spill a source leaf when both sides are stored as single big chunks (default: system temp dir).",
+)
+_READAHEAD = flags.DEFINE_integer(
+    "readahead",
+    0,
+    "Storage chunk rows of a compressed leaf decoded ahead while the current row is compared (0: none, meets the chunked memory target). N > 0 is faster with free cores and costs about N more chunk rows plus their compressed bytes in memory.",
+    lower_bound=0,
+)
+_PROGRESS = flags.DEFINE_boolean(
+    "progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise)."
+)
 _DIST = app.distributed_flags(__name__)
 
 
@@ -51,7 +73,9 @@ def main(argv):
     print(f"verifying the shipped example in {example.example_dir()}")
   elif any(v is None for v in given):
     missing = [f"--{n}" for n, v in zip(("source", "migrated", "spec"), given) if v is None]
-    raise UsageError(f"missing {', '.join(missing)}: give --source, --migrated and --spec together (or none for the shipped example)")
+    raise UsageError(
+        f"missing {', '.join(missing)}: give --source, --migrated and --spec together (or none for the shipped example)"
+    )
   else:
     source, migrated, spec = given
   dist = _DIST()
@@ -69,8 +93,15 @@ def main(argv):
 
   try:
     report = verify_migration(
-        source, migrated, spec, top_k=_TOP_K.value, slab_mb=_SLAB_MB.value, spill_dir=_SPILL_DIR.value,
-        readahead=_READAHEAD.value, progress=_PROGRESS.value, distributed=dist.requested,
+        source,
+        migrated,
+        spec,
+        top_k=_TOP_K.value,
+        slab_mb=_SLAB_MB.value,
+        spill_dir=_SPILL_DIR.value,
+        readahead=_READAHEAD.value,
+        progress=_PROGRESS.value,
+        distributed=dist.requested,
         peer_timeout_s=dist.timeout_s,
     )
   except SpecError as e:
@@ -78,8 +109,10 @@ def main(argv):
     raise UsageError(e.line(written, hint="--spec_errors=FILE writes them all as JSON")) from None
   if not lead:
     me = next(p for p in report.distributed["per_process"] if p["process"] == report.distributed["process"])
-    print(f"process {me['process']} of {report.distributed['num_processes']}: compared {me['bytes_read']} bytes;"
-          f" {report.verdict_line()} (process 0 prints the table and writes the report)")
+    print(
+        f"process {me['process']} of {report.distributed['num_processes']}: compared {me['bytes_read']} bytes;"
+        f" {report.verdict_line()} (process 0 prints the table and writes the report)"
+    )
     return report.exit_code
   print(f"source:   {report.source} ({report.source_layout})")
   print(f"migrated: {report.migrated} ({report.migrated_layout})")

@@ -59,9 +59,18 @@ MODELS: dict[str, dict[str, Any]] = {
     "qwen2_gqa_bias": {
         "seed": 20261123,
         "model_type": "qwen2",
-        "config": dict(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False),
+        "config": dict(
+            vocab_size=384,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+        ),
         "store_dtype": "float32",
         "max_shard_size": None,
         "config_style": "5.x",
@@ -69,9 +78,18 @@ MODELS: dict[str, dict[str, Any]] = {
     "qwen2_tied": {
         "seed": 20261124,
         "model_type": "qwen2",
-        "config": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
-                       rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True),
+        "config": dict(
+            vocab_size=320,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+        ),
         "store_dtype": "bfloat16",
         "max_shard_size": "40KB",
         "config_style": "4.x",
@@ -79,9 +97,20 @@ MODELS: dict[str, dict[str, Any]] = {
     "qwen3": {
         "seed": 20261125,
         "model_type": "qwen3",
-        "config": dict(vocab_size=352, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
-                       rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False, attention_bias=False),
+        "config": dict(
+            vocab_size=352,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=256,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+            attention_bias=False,
+        ),
         "store_dtype": "float32",
         "max_shard_size": None,
         "config_style": "5.x",
@@ -156,7 +185,7 @@ def make_inputs(vocab_size: int, seed: int, spec: dict[str, Any]) -> tuple[np.nd
     if side == "left":
       mask[row, :n] = 0
     elif side == "right":
-      mask[row, t - n:] = 0
+      mask[row, t - n :] = 0
   tokens = np.where(mask == 1, tokens, 0)
   return tokens, mask
 
@@ -200,11 +229,16 @@ def regenerate(goldens_dir: str) -> list[str]:
       "producer": PRODUCER,
       "command": "parity-regen-goldens --goldens_dir=goldens --what=forward --overwrite",
       "oracle": "transformers AutoModelForCausalLM, attn_implementation='eager', CPU; stages captured by "
-                "parity_jax.oracle.hf_forward (module hooks + wrapped eager_attention_forward)",
+      "parity_jax.oracle.hf_forward (module hooks + wrapped eager_attention_forward)",
       "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__},
       "backend": torch_backend(),
-      "weights": {"gain": _GAIN, "bias_std": _BIAS_STD, "norm_std": _NORM_STD,
-                  "other_linear": "N(0,1)/sqrt(fan_in)", "embed": "N(0,1)"},
+      "weights": {
+          "gain": _GAIN,
+          "bias_std": _BIAS_STD,
+          "norm_std": _NORM_STD,
+          "other_linear": "N(0,1)/sqrt(fan_in)",
+          "embed": "N(0,1)",
+      },
       "positions": "default (arange(T) for every row, as transformers uses without position_ids)",
       "models": {},
       "goldens": {},
@@ -219,7 +253,8 @@ def regenerate(goldens_dir: str) -> list[str]:
 
   root = os.path.abspath(goldens_dir)
   manifest["sha256"] = collections.OrderedDict(
-      (os.path.relpath(os.path.abspath(p), root), file_sha256(p)) for p in sorted(written))
+      (os.path.relpath(os.path.abspath(p), root), file_sha256(p)) for p in sorted(written)
+  )
   manifest_path = os.path.join(forward_root, "MANIFEST.json")
   write_text_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
   written.append(manifest_path)
@@ -243,7 +278,9 @@ def _write_model(model_dir: str, spec: dict[str, Any]) -> list[str]:
   return [os.path.join(model_dir, f) for f in sorted(os.listdir(model_dir))]
 
 
-def _write_stages(name: str, spec: dict[str, Any], model_dir: str, forward_root: str) -> list[tuple[str, dict[str, Any]]]:
+def _write_stages(
+    name: str, spec: dict[str, Any], model_dir: str, forward_root: str
+) -> list[tuple[str, dict[str, Any]]]:
   """The oracle's stages for every input set (float32; bfloat16 too for the unpadded one), read back from disk."""
   seed = spec["seed"]
   hf32 = load_hf_model(model_dir, "float32")
@@ -265,9 +302,16 @@ def _write_stages(name: str, spec: dict[str, Any], model_dir: str, forward_root:
       path = os.path.join(forward_root, base + ".safetensors")
       inputs = {"tokens": tokens.tolist(), "attention_mask": None if mask is None else mask.tolist()}
       prov = default_provenance(
-          PRODUCER, seed=seed, model=name, dtype=dtype, inputs=inputs, input_set=input_name,
-          model_type=spec["model_type"], oracle="transformers eager attention, CPU",
-          positions="default arange(T)")
+          PRODUCER,
+          seed=seed,
+          model=name,
+          dtype=dtype,
+          inputs=inputs,
+          input_set=input_name,
+          model_type=spec["model_type"],
+          oracle="transformers eager attention, CPU",
+          positions="default arange(T)",
+      )
       bundles.save_bundle(path, stages, prov)
       entry = {"model": name, "dtype": dtype, "inputs": inputs, "input_set": input_name, "stages": len(stages)}
       if dtype == "float32":
@@ -325,8 +369,13 @@ def compare_regenerated(committed_root: str | os.PathLike, fresh_root: str | os.
     problems += _compare_stage_files(want["goldens"], committed, fresh)
   else:
     problems += _rerun_committed(want["goldens"], committed)
-  return {"mode": "bytes" if same_backend else "invariants", "committed_backend": want.get("backend"),
-          "fresh_backend": got.get("backend"), "bf16_weight_flips": flips, "problems": problems}
+  return {
+      "mode": "bytes" if same_backend else "invariants",
+      "committed_backend": want.get("backend"),
+      "fresh_backend": got.get("backend"),
+      "bf16_weight_flips": flips,
+      "problems": problems,
+  }
 
 
 def _read_json(path: str) -> Any:
@@ -381,15 +430,19 @@ def _compare_stage_files(goldens: dict[str, Any], committed: str, fresh: str) ->
 
   problems = []
   for fname in goldens:
-    with bundles.BundleReader(os.path.join(committed, "forward", fname)) as a, \
-         bundles.BundleReader(os.path.join(fresh, "forward", fname)) as b:
+    with (
+        bundles.BundleReader(os.path.join(committed, "forward", fname)) as a,
+        bundles.BundleReader(os.path.join(fresh, "forward", fname)) as b,
+    ):
       if a.names != b.names:
         problems.append(f"forward/{fname}: stage names or order differ")
         continue
       strip = lambda p: {k: v for k, v in p.items() if k not in ENVIRONMENT_FIELDS}  # noqa: E731
       if strip(a.provenance) != strip(b.provenance):
         problems.append(f"forward/{fname}: provenance differs beyond environment fields")
-      problems += [f"forward/{fname}: {k} not bit-identical" for k in a.names if not compare.bit_equal(a.get(k), b.get(k))]
+      problems += [
+          f"forward/{fname}: {k} not bit-identical" for k in a.names if not compare.bit_equal(a.get(k), b.get(k))
+      ]
   return problems
 
 
@@ -404,8 +457,9 @@ def _rerun_committed(goldens: dict[str, Any], committed: str) -> list[str]:
     inputs = entry["inputs"]
     mask = None if inputs["attention_mask"] is None else np.asarray(inputs["attention_mask"], np.int64)
     here = capture_hf_stages(models[key], np.asarray(inputs["tokens"], np.int64), mask)
-    report = bundles.compare_bundles(os.path.join(committed, "forward", fname), here,
-                                     profile="f32" if entry["dtype"] == "float32" else "bf16")
+    report = bundles.compare_bundles(
+        os.path.join(committed, "forward", fname), here, profile="f32" if entry["dtype"] == "float32" else "bf16"
+    )
     if not report.passed:
       problems.append(f"forward/{fname}: the oracle here does not reproduce it: {report.verdict_line()}")
   return problems

@@ -105,11 +105,13 @@ def _hooks(model, rec: _Recorder, qk_norm: bool) -> Iterator[None]:
   def out_hook(name):
     def hook(module, args, output):
       rec.put(name, _first(output))
+
     return hook
 
   def in_hook(name):
     def hook(module, args):
       rec.put(name, args[0])
+
     return hook
 
   base = model.model
@@ -160,7 +162,9 @@ def _hooks(model, rec: _Recorder, qk_norm: bool) -> Iterator[None]:
       h.remove()
 
 
-def capture_hf_stages(model, tokens: Any, attention_mask: Any = None, position_ids: Any = None) -> collections.OrderedDict:
+def capture_hf_stages(
+    model, tokens: Any, attention_mask: Any = None, position_ids: Any = None
+) -> collections.OrderedDict:
   """Runs ``model`` (an HF Qwen2/Qwen3 ForCausalLM, eager attention) and returns its stages in the model's dtype."""
   require_oracle()
   import torch
@@ -201,7 +205,9 @@ def capture_hf_stages(model, tokens: Any, attention_mask: Any = None, position_i
   return collections.OrderedDict((n, rec.stages[n]) for n in names)
 
 
-def hf_stages(model_dir: Any, tokens: Any, attention_mask: Any = None, *, position_ids: Any = None) -> collections.OrderedDict:
+def hf_stages(
+    model_dir: Any, tokens: Any, attention_mask: Any = None, *, position_ids: Any = None
+) -> collections.OrderedDict:
   """The oracle's stages as float32 numpy arrays, in execution order.
 
   ``model_dir`` is an HF checkpoint directory (loaded in float32 on CPU with

@@ -27,19 +27,28 @@ def _load(svd_weights: str):
   with open(svd_weights, "rb") as f:
     head = f.read(4)
   if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip archive, or a legacy pickle
-    raise UsageError(f"{svd_weights} is not a PyTorch file (torch.save writes a zip archive or a pickle;"
-                     f" this starts with {head!r})")
+    raise UsageError(
+        f"{svd_weights} is not a PyTorch file (torch.save writes a zip archive or a pickle;"
+        f" this starts with {head!r})"
+    )
   try:
     data = torch.load(svd_weights, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for corrupt, foreign or unsafe files
-    raise UsageError(f"cannot load {svd_weights} as a PyTorch file with torch.load(weights_only=True): {first_line(e)}") from None
+    raise UsageError(
+        f"cannot load {svd_weights} as a PyTorch file with torch.load(weights_only=True): {first_line(e)}"
+    ) from None
   if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
     raise UsageError(f"{svd_weights}: expected a flat dict of '<name>.U/.S/.V' tensors, got {type(data).__name__}")
   return data
 
 
-def convert_svd_weights(svd_weights: str | os.PathLike, out_dir: str | os.PathLike, layout: str = "torch_v",
-                        prefix: str = "", overwrite: bool = False) -> str:
+def convert_svd_weights(
+    svd_weights: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    layout: str = "torch_v",
+    prefix: str = "",
+    overwrite: bool = False,
+) -> str:
   """Writes ``<out_dir>/<prefix>svf_components.safetensors`` from the ``.pt``; returns its path."""
   require_oracle()
   from parity_jax.svf import io
@@ -66,7 +75,11 @@ def convert_svd_weights(svd_weights: str | os.PathLike, out_dir: str | os.PathLi
     u, s, v = parts
     validate_components(u.shape, s.shape, v.shape, s.shape, layout, name)
     components[name] = tuple(to_numpy(p) for p in parts)
-  prov = default_provenance("parity_jax.oracle.svd_weights", source=os.path.abspath(svd_weights),
-                            source_sha256=file_sha256(svd_weights), layout=layout)
+  prov = default_provenance(
+      "parity_jax.oracle.svd_weights",
+      source=os.path.abspath(svd_weights),
+      source_sha256=file_sha256(svd_weights),
+      layout=layout,
+  )
   io.write_components(out_dir, components, None, prov, prefix=prefix, overwrite=overwrite)
   return os.path.join(out_dir, out_name)

@@ -170,7 +170,12 @@ def _record(name: str, shape, rank: int, target_shape, orientation: str, st: dic
       "layout": "torch_v",
       "orientation": orientation,
       "stages": {
-          s: {"sha256": _torch_sha(st[s]), "dtype": str(st[s].dtype).replace("torch.", ""), "shape": list(st[s].shape), "stats": _torch_stats(st[s])}
+          s: {
+              "sha256": _torch_sha(st[s]),
+              "dtype": str(st[s].dtype).replace("torch.", ""),
+              "shape": list(st[s].shape),
+              "stats": _torch_stats(st[s]),
+          }
           for s in STAGE_NAMES
       },
       "final_bf16_sha256": _torch_sha(st["final_bf16"]),
@@ -274,14 +279,20 @@ def _draw(specs) -> tuple[dict[str, Any], dict[str, tuple[Any, Any, Any]], dict[
   return weights, comps, offs
 
 
-def _write_components(paths: dict[str, str], comps_mem, offs, specs) -> tuple[dict[str, tuple[Any, Any, Any]], dict[str, Any]]:
+def _write_components(
+    paths: dict[str, str], comps_mem, offs, specs
+) -> tuple[dict[str, tuple[Any, Any, Any]], dict[str, Any]]:
   """Writes the components and offsets files; returns them as read back (the Python process's baseline)."""
   import safetensors.torch
 
   prov = default_provenance("parity_jax.oracle.svf_goldens", seed=SEED, decomposition="torch.svd (legacy: V, not Vh)")
   comp_tensors = {}
   for name, (u, s, v) in comps_mem.items():
-    comp_tensors[f"{name}.U"], comp_tensors[f"{name}.S"], comp_tensors[f"{name}.V"] = to_numpy(u), to_numpy(s), to_numpy(v)
+    comp_tensors[f"{name}.U"], comp_tensors[f"{name}.S"], comp_tensors[f"{name}.V"] = (
+        to_numpy(u),
+        to_numpy(s),
+        to_numpy(v),
+    )
   bundles.save_bundle(paths["components"], comp_tensors, prov)
   bundles.save_bundle(paths["offsets"], {n: to_numpy(o) for n, o in offs.items()}, prov)
   back = safetensors.torch.load_file(paths["components"])
@@ -313,7 +324,9 @@ def _write_stages(paths, specs, weights, comps, offs_back, comps_mem, offs) -> t
   sst["source_f32"] = weights[SAMPLE]
   sample_record = _record(SAMPLE, (m, n), int(comps[SAMPLE][1].shape[0]), (n, m), "transpose", sst)
   sample_record["source_name"] = SAMPLE
-  bundle_prov = default_provenance("parity_jax.oracle.svf_goldens", seed=SEED, formula="torch float32 CPU", layout="torch_v")
+  bundle_prov = default_provenance(
+      "parity_jax.oracle.svf_goldens", seed=SEED, formula="torch float32 CPU", layout="torch_v"
+  )
   bundles.save_bundle(paths["sample"], {f"stage.{s}": to_numpy(sst[s]) for s in STAGE_NAMES}, bundle_prov)
   bundles.save_bundle(paths["all_selected"], all_stages, bundle_prov)
   return records + [sample_record], in_memory_equal

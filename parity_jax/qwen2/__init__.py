@@ -27,19 +27,57 @@ from parity_jax.qwen2.capture import capture_stages, capture_to_bundle
 from parity_jax.qwen2.config import QwenConfig, load_config, parse_config
 from parity_jax.qwen2.model import Model, check_inputs, forward
 from parity_jax.qwen2.parity import ForwardParity, forward_parity
-from parity_jax.qwen2.params import (KEY_TABLE, Attention, Layer, LoadReport, Mlp, Params, init_params, load_params,
-                                     random_params, to_hf_tensors)
+from parity_jax.qwen2.params import (
+    KEY_TABLE,
+    Attention,
+    Layer,
+    LoadReport,
+    Mlp,
+    Params,
+    init_params,
+    load_params,
+    random_params,
+    to_hf_tensors,
+)
 from parity_jax.qwen2.sharding import DEFAULT_RULES, make_mesh, shard_params
 
 __all__ = [
-    "Attention", "DEFAULT_RULES", "ForwardParity", "KEY_TABLE", "Layer", "LoadReport", "Mlp", "Model", "Params", "QwenConfig",
-    "capture_stages", "capture_to_bundle", "check_inputs", "forward", "forward_parity", "init_params", "load",
-    "load_config", "load_params", "make_mesh", "parse_config", "random_params", "shard_params", "to_hf_tensors",
+    "Attention",
+    "DEFAULT_RULES",
+    "ForwardParity",
+    "KEY_TABLE",
+    "Layer",
+    "LoadReport",
+    "Mlp",
+    "Model",
+    "Params",
+    "QwenConfig",
+    "capture_stages",
+    "capture_to_bundle",
+    "check_inputs",
+    "forward",
+    "forward_parity",
+    "init_params",
+    "load",
+    "load_config",
+    "load_params",
+    "make_mesh",
+    "parse_config",
+    "random_params",
+    "shard_params",
+    "to_hf_tensors",
 ]
 
 
-def load(path: str | os.PathLike, dtype: Any = jnp.float32, *, strict: bool = True,
-         put: Callable[[Any], Any] | None = jax.device_put, mesh: Any = None, rules: Any = None) -> Model:
+def load(
+    path: str | os.PathLike,
+    dtype: Any = jnp.float32,
+    *,
+    strict: bool = True,
+    put: Callable[[Any], Any] | None = jax.device_put,
+    mesh: Any = None,
+    rules: Any = None,
+) -> Model:
   """Loads an HF Qwen2/Qwen3 checkpoint directory as a :class:`Model`.
 
   ``dtype`` (float32 or bfloat16) is both the weight and the activation

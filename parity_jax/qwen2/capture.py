@@ -24,8 +24,15 @@ from parity_jax.qwen2.sharding import batch_sharding, to_host
 __all__ = ["capture_stages", "capture_to_bundle"]
 
 
-def capture_stages(model_dir: str | os.PathLike, tokens: Any, dtype: str = "float32", attention_mask: Any = None,
-                   strict: bool = True, mesh: Any = None, rules: Any = None) -> StageBundle:
+def capture_stages(
+    model_dir: str | os.PathLike,
+    tokens: Any,
+    dtype: str = "float32",
+    attention_mask: Any = None,
+    strict: bool = True,
+    mesh: Any = None,
+    rules: Any = None,
+) -> StageBundle:
   """Loads ``model_dir``, runs ``forward(capture=True)`` and returns the stages as a bundle with provenance.
 
   The config and the inputs are checked before any weight is read. With a
@@ -60,9 +67,17 @@ def capture_stages(model_dir: str | os.PathLike, tokens: Any, dtype: str = "floa
   return StageBundle(stages, prov)
 
 
-def capture_to_bundle(model_dir: str | os.PathLike, tokens: Any, out: str | os.PathLike, dtype: str = "float32",
-                      attention_mask: Any = None, strict: bool = True, overwrite: bool = False, mesh: Any = None,
-                      rules: Any = None) -> dict[str, Any]:
+def capture_to_bundle(
+    model_dir: str | os.PathLike,
+    tokens: Any,
+    out: str | os.PathLike,
+    dtype: str = "float32",
+    attention_mask: Any = None,
+    strict: bool = True,
+    overwrite: bool = False,
+    mesh: Any = None,
+    rules: Any = None,
+) -> dict[str, Any]:
   """:func:`capture_stages` written to the stage bundle ``out``; returns the provenance written.
 
   The output path is checked before anything runs (``.safetensors``, not on or
@@ -71,8 +86,9 @@ def capture_to_bundle(model_dir: str | os.PathLike, tokens: Any, out: str | os.P
   process 0 writes.
   """
   out = check_output_path(out, (model_dir,), "out", suffix=".safetensors", overwrite=overwrite)
-  bundle = capture_stages(model_dir, tokens, dtype=dtype, attention_mask=attention_mask, strict=strict, mesh=mesh,
-                          rules=rules)
+  bundle = capture_stages(
+      model_dir, tokens, dtype=dtype, attention_mask=attention_mask, strict=strict, mesh=mesh, rules=rules
+  )
   if jax.process_index() == 0:
     bundle.save(out)
   return bundle.provenance

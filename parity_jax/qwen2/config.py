@@ -43,8 +43,15 @@ from typing import Any, Mapping
 from parity_jax.errors import UsageError
 
 __all__ = [
-    "QwenConfig", "RopeScaling", "load_config", "parse_config", "SUPPORTED_MODEL_TYPES",
-    "HANDLED", "IGNORED", "CONDITIONAL", "ROPE_TYPES",
+    "QwenConfig",
+    "RopeScaling",
+    "load_config",
+    "parse_config",
+    "SUPPORTED_MODEL_TYPES",
+    "HANDLED",
+    "IGNORED",
+    "CONDITIONAL",
+    "ROPE_TYPES",
 ]
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
@@ -61,17 +68,34 @@ _HF_DEFAULT_MAX_WINDOW_LAYERS = 28
 # --- The allowlist ---------------------------------------------------------------------------------------------
 # Attributes parsed into QwenConfig (or read to decide it). Per model type: Qwen2 has no attention_bias
 # (transformers hard-wires its q/k/v biases), so the key is unknown there.
-_HANDLED_COMMON = frozenset({
-    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "tie_word_embeddings",
-    "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
-    "original_max_position_embeddings", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
-    "dtype", "torch_dtype",
-})
-HANDLED: Mapping[str, frozenset] = {
-    "qwen2": _HANDLED_COMMON,
-    "qwen3": _HANDLED_COMMON | {"attention_bias"},
-}
+_HANDLED_COMMON = frozenset(
+    {
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_act",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "max_position_embeddings",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "partial_rotary_factor",
+        "original_max_position_embeddings",
+        "use_sliding_window",
+        "sliding_window",
+        "max_window_layers",
+        "layer_types",
+        "dtype",
+        "torch_dtype",
+    }
+)
+HANDLED: Mapping[str, frozenset] = {"qwen2": _HANDLED_COMMON, "qwen3": _HANDLED_COMMON | {"attention_bias"}}
 
 _GENERATION = "a generation setting (transformers pops it from the model config on load); not part of the forward pass"
 _OUTPUTS = "selects which outputs HF returns, not their values"
@@ -79,22 +103,34 @@ _OUTPUTS = "selects which outputs HF returns, not their values"
 IGNORED: Mapping[str, str] = {
     "architectures": "names the HF class to instantiate; model_type selects the math",
     "transformers_version": "the writer's version (provenance)",
-    "_name_or_path": "provenance", "name_or_path": "provenance", "_commit_hash": "provenance",
-    "bos_token_id": "tokenizer / generation id", "eos_token_id": "tokenizer / generation id",
-    "sep_token_id": "tokenizer / generation id", "decoder_start_token_id": "tokenizer / generation id",
+    "_name_or_path": "provenance",
+    "name_or_path": "provenance",
+    "_commit_hash": "provenance",
+    "bos_token_id": "tokenizer / generation id",
+    "eos_token_id": "tokenizer / generation id",
+    "sep_token_id": "tokenizer / generation id",
+    "decoder_start_token_id": "tokenizer / generation id",
     "pad_token_id": "HF's nn.Embedding padding_idx only zeroes that row's gradient and init; "
-                    "the stored embedding row is used as is",
-    "tokenizer_class": "tokenizer metadata", "prefix": "pipeline metadata", "task_specific_params": "pipeline metadata",
-    "finetuning_task": "classification-head metadata", "id2label": "classification-head metadata",
-    "label2id": "classification-head metadata", "num_labels": "classification-head metadata",
+    "the stored embedding row is used as is",
+    "tokenizer_class": "tokenizer metadata",
+    "prefix": "pipeline metadata",
+    "task_specific_params": "pipeline metadata",
+    "finetuning_task": "classification-head metadata",
+    "id2label": "classification-head metadata",
+    "label2id": "classification-head metadata",
+    "num_labels": "classification-head metadata",
     "problem_type": "classification-head metadata",
     "use_cache": "KV cache for generation; a full-sequence forward computes the same values",
     "initializer_range": "weight initialisation only; weights come from the checkpoint",
     "attention_dropout": "dropout is inactive at inference (HF passes dropout=0.0 unless training)",
-    "output_attentions": _OUTPUTS, "output_hidden_states": _OUTPUTS, "return_dict": _OUTPUTS,
-    "use_return_dict": _OUTPUTS, "torchscript": "export plumbing (tied weights are cloned, with equal values)",
+    "output_attentions": _OUTPUTS,
+    "output_hidden_states": _OUTPUTS,
+    "return_dict": _OUTPUTS,
+    "use_return_dict": _OUTPUTS,
+    "torchscript": "export plumbing (tied weights are cloned, with equal values)",
     "chunk_size_feed_forward": "not used by the Qwen2/Qwen3 modeling code (and chunking would not change values)",
-    "use_bfloat16": "legacy TensorFlow flag; the loader's dtype decides", "tf_legacy_loss": "training loss only",
+    "use_bfloat16": "legacy TensorFlow flag; the loader's dtype decides",
+    "tf_legacy_loss": "training loss only",
     "is_decoder": "not read by the Qwen2/Qwen3 modeling code (a causal LM is a decoder)",
     "cross_attention_hidden_size": "not read: Qwen2/Qwen3 have no cross-attention",
     "attn_implementation": "selects HF's attention kernel; the math is eager attention's",
@@ -103,15 +139,44 @@ IGNORED: Mapping[str, str] = {
     "experts_implementation": "selects HF's MoE kernel; Qwen2/Qwen3 dense models have no experts",
     "_experts_implementation_internal": "HF bookkeeping (transformers skips it on load)",
     # transformers.GenerationConfig._get_default_generation_params() in 5.23 (use_cache is above)
-    **{k: _GENERATION for k in (
-        "assistant_confidence_threshold", "assistant_lookbehind", "bad_words_ids", "begin_suppress_tokens",
-        "diversity_penalty", "do_sample", "early_stopping", "encoder_no_repeat_ngram_size",
-        "encoder_repetition_penalty", "epsilon_cutoff", "eta_cutoff", "exponential_decay_length_penalty",
-        "forced_bos_token_id", "forced_eos_token_id", "length_penalty", "max_length", "min_length",
-        "no_repeat_ngram_size", "num_assistant_tokens", "num_assistant_tokens_schedule", "num_beam_groups",
-        "num_beams", "num_return_sequences", "output_scores", "remove_invalid_values", "repetition_penalty",
-        "return_dict_in_generate", "suppress_tokens", "target_lookbehind", "temperature", "top_k", "top_p",
-        "typical_p")},
+    **{
+        k: _GENERATION
+        for k in (
+            "assistant_confidence_threshold",
+            "assistant_lookbehind",
+            "bad_words_ids",
+            "begin_suppress_tokens",
+            "diversity_penalty",
+            "do_sample",
+            "early_stopping",
+            "encoder_no_repeat_ngram_size",
+            "encoder_repetition_penalty",
+            "epsilon_cutoff",
+            "eta_cutoff",
+            "exponential_decay_length_penalty",
+            "forced_bos_token_id",
+            "forced_eos_token_id",
+            "length_penalty",
+            "max_length",
+            "min_length",
+            "no_repeat_ngram_size",
+            "num_assistant_tokens",
+            "num_assistant_tokens_schedule",
+            "num_beam_groups",
+            "num_beams",
+            "num_return_sequences",
+            "output_scores",
+            "remove_invalid_values",
+            "repetition_penalty",
+            "return_dict_in_generate",
+            "suppress_tokens",
+            "target_lookbehind",
+            "temperature",
+            "top_k",
+            "top_p",
+            "typical_p",
+        )
+    },
 }
 
 # Attributes accepted only at these values (anything else would change the math, or names a model we do not run).
@@ -132,8 +197,17 @@ _ROPE_KEYS = {
     "default": _ROPE_COMMON,
     "linear": _ROPE_COMMON | {"factor"},
     "dynamic": _ROPE_COMMON | {"factor"},
-    "yarn": _ROPE_COMMON | {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
-                            "beta_slow", "mscale", "mscale_all_dim", "truncate"},
+    "yarn": _ROPE_COMMON
+    | {
+        "factor",
+        "original_max_position_embeddings",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    },
 }
 
 
@@ -236,14 +310,19 @@ def _check_allowlist(cfg: Mapping[str, Any], model_type: str, source: str) -> No
   if len(unknown) == 1:
     _fail(source, f"unknown attribute {unknown[0]!r} (not handled, not known to be harmless); refusing to guess")
   if unknown:
-    _fail(source, f"unknown attributes {', '.join(map(repr, unknown))} (not handled, not known to be harmless); "
-                  "refusing to guess")
+    _fail(
+        source,
+        f"unknown attributes {', '.join(map(repr, unknown))} (not handled, not known to be harmless); "
+        "refusing to guess",
+    )
   for key, (allowed, why) in CONDITIONAL.items():
     if key in cfg:
       v = cfg[key]
       if not any(type(v) is type(a) and v == a for a in allowed):
-        _fail(source, f"{key}={json.dumps(v, sort_keys=True)} is not implemented ({why}; only "
-                      f"{json.dumps(allowed[0])})")
+        _fail(
+            source,
+            f"{key}={json.dumps(v, sort_keys=True)} is not implemented ({why}; only " f"{json.dumps(allowed[0])})",
+        )
 
 
 def _rope(cfg: Mapping[str, Any], head_dim: int, source: str) -> tuple[float, RopeScaling | None]:
@@ -279,8 +358,11 @@ def _rope_section(cfg: Mapping[str, Any], source: str) -> tuple[str, Mapping[str
   scaling = cfg.get("rope_scaling")
   params = cfg.get("rope_parameters")
   if scaling and params:
-    _fail(source, "both rope_scaling and rope_parameters are set (transformers would use rope_scaling and drop "
-                  "rope_parameters); refusing to guess")
+    _fail(
+        source,
+        "both rope_scaling and rope_parameters are set (transformers would use rope_scaling and drop "
+        "rope_parameters); refusing to guess",
+    )
   where = "rope_scaling" if scaling else "rope_parameters"
   rope = scaling or params or {}
   if not isinstance(rope, Mapping):
@@ -292,10 +374,15 @@ def _rope_section(cfg: Mapping[str, Any], source: str) -> tuple[str, Mapping[str
     _fail(source, f"{where}.rope_type={rope_type!r} is not implemented (only {', '.join(ROPE_TYPES)})")
   extra = sorted(set(rope) - _ROPE_KEYS[rope_type])
   if extra:
-    _fail(source, f"{where} has {extra}, which rope_type {rope_type!r} does not use (transformers would ignore it); "
-                  "refusing to guess")
-  for prf, key in ((rope.get("partial_rotary_factor"), f"{where}.partial_rotary_factor"),
-                   (cfg.get("partial_rotary_factor"), "partial_rotary_factor")):
+    _fail(
+        source,
+        f"{where} has {extra}, which rope_type {rope_type!r} does not use (transformers would ignore it); "
+        "refusing to guess",
+    )
+  for prf, key in (
+      (rope.get("partial_rotary_factor"), f"{where}.partial_rotary_factor"),
+      (cfg.get("partial_rotary_factor"), "partial_rotary_factor"),
+  ):
     if prf is not None and (isinstance(prf, bool) or prf != 1.0):
       _fail(source, f"{key}={prf!r} is not implemented (only full rotary)")
   return where, rope, rope_type
@@ -314,14 +401,19 @@ def _rope_theta(cfg: Mapping[str, Any], rope: Mapping[str, Any], where: str, sou
   _fail(source, "config has neither rope_theta nor rope_parameters.rope_theta (refusing to guess the RoPE base)")
 
 
-def _yarn(cfg: Mapping[str, Any], rope: Mapping[str, Any], where: str, mpe: int, factor: Any, source: str) -> RopeScaling:
+def _yarn(
+    cfg: Mapping[str, Any], rope: Mapping[str, Any], where: str, mpe: int, factor: Any, source: str
+) -> RopeScaling:
   """YaRN as transformers' ``_compute_yarn_parameters`` resolves it, in Python floats as it computes them."""
   orig = rope.get("original_max_position_embeddings")
   top_orig = cfg.get("original_max_position_embeddings")
   if top_orig is not None:
     if orig is not None and orig != top_orig:
-      _fail(source, f"original_max_position_embeddings={top_orig!r} contradicts "
-                    f"{where}.original_max_position_embeddings={orig!r}")
+      _fail(
+          source,
+          f"original_max_position_embeddings={top_orig!r} contradicts "
+          f"{where}.original_max_position_embeddings={orig!r}",
+      )
     orig = top_orig
   if orig is None:
     orig = mpe
@@ -349,9 +441,15 @@ def _yarn(cfg: Mapping[str, Any], rope: Mapping[str, Any], where: str, mpe: int,
       attention_factor = get_mscale(factor)
   elif attention_factor <= 0:
     _fail(source, f"{where}.attention_factor must be positive, got {attention_factor!r}")
-  return RopeScaling("yarn", factor, original_max_position_embeddings=orig, attention_factor=float(attention_factor),
-                     beta_fast=float(numbers["beta_fast"] or 32), beta_slow=float(numbers["beta_slow"] or 1),
-                     truncate=truncate)
+  return RopeScaling(
+      "yarn",
+      factor,
+      original_max_position_embeddings=orig,
+      attention_factor=float(attention_factor),
+      beta_fast=float(numbers["beta_fast"] or 32),
+      beta_slow=float(numbers["beta_slow"] or 1),
+      truncate=truncate,
+  )
 
 
 def _sliding(cfg: Mapping[str, Any], num_layers: int, source: str) -> tuple[int | None, tuple[int, ...]]:
@@ -373,8 +471,10 @@ def _sliding(cfg: Mapping[str, Any], num_layers: int, source: str) -> tuple[int 
   max_window_layers = _int(cfg, "max_window_layers", source, default=_HF_DEFAULT_MAX_WINDOW_LAYERS, minimum=0)
   layer_types = cfg.get("layer_types")
   if layer_types is None:
-    layer_types = ["sliding_attention" if window is not None and i >= max_window_layers else "full_attention"
-                   for i in range(num_layers)]
+    layer_types = [
+        "sliding_attention" if window is not None and i >= max_window_layers else "full_attention"
+        for i in range(num_layers)
+    ]
   else:
     if not isinstance(layer_types, list) or len(layer_types) != num_layers:
       _fail(source, f"layer_types must list {num_layers} entries, got {layer_types!r}")
@@ -384,8 +484,11 @@ def _sliding(cfg: Mapping[str, Any], num_layers: int, source: str) -> tuple[int 
       _fail(source, f"layer_types {bad} are not implemented (only {list(_LAYER_TYPES)})")
   layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
   if layers and window is None:
-    _fail(source, f"layer_types marks layers {list(layers)[:8]} sliding_attention but there is no window "
-                  "(use_sliding_window is false or sliding_window is null; transformers fails there)")
+    _fail(
+        source,
+        f"layer_types marks layers {list(layers)[:8]} sliding_attention but there is no window "
+        "(use_sliding_window is false or sliding_window is null; transformers fails there)",
+    )
   return window, layers
 
 
@@ -396,7 +499,9 @@ def _head_dim(cfg: Mapping[str, Any], model_type: str, hidden: int, num_heads: i
       head_dim = 128  # Qwen3Config's class default, used by transformers when config.json omits it
     else:
       if hidden % num_heads:
-        _fail(source, f"hidden_size={hidden} is not divisible by num_attention_heads={num_heads} and no head_dim is given")
+        _fail(
+            source, f"hidden_size={hidden} is not divisible by num_attention_heads={num_heads} and no head_dim is given"
+        )
       head_dim = hidden // num_heads
   else:
     head_dim = _int(cfg, "head_dim", source)

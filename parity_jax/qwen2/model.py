@@ -54,8 +54,19 @@ from parity_jax.qwen2.params import Attention, Layer, Mlp, Params
 from parity_jax.qwen2.sharding import mesh_of, place_inputs
 from parity_jax.bundles.qwen_graph import qwen_stage_names
 
-__all__ = ["ATTENTION_IMPLS", "Model", "check_inputs", "forward", "rms_norm", "rope_inv_freq", "rope_inv_freq_scaled", "dynamic_inv_freq",
-           "rope_cos_sin", "apply_rope", "attention_mask_bias"]
+__all__ = [
+    "ATTENTION_IMPLS",
+    "Model",
+    "check_inputs",
+    "forward",
+    "rms_norm",
+    "rope_inv_freq",
+    "rope_inv_freq_scaled",
+    "dynamic_inv_freq",
+    "rope_cos_sin",
+    "apply_rope",
+    "attention_mask_bias",
+]
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -159,7 +170,9 @@ def rope_inv_freq_scaled(head_dim: int, theta: float, scaling: RopeScaling | Non
   pos_freqs = _pos_freqs(dim, theta)
 
   def correction_dim(num_rotations: float) -> float:
-    return (dim * math.log(scaling.original_max_position_embeddings / (num_rotations * 2 * math.pi))) / (2 * math.log(theta))
+    return (dim * math.log(scaling.original_max_position_embeddings / (num_rotations * 2 * math.pi))) / (
+        2 * math.log(theta)
+    )
 
   low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
   if scaling.truncate:
@@ -175,8 +188,9 @@ def rope_inv_freq_scaled(head_dim: int, theta: float, scaling: RopeScaling | Non
   return inv_freq.astype(f32), scaling.attention_factor
 
 
-def dynamic_inv_freq(seq_len: jax.Array, head_dim: int, theta: float, factor: float,
-                     max_position_embeddings: int) -> jax.Array:
+def dynamic_inv_freq(
+    seq_len: jax.Array, head_dim: int, theta: float, factor: float, max_position_embeddings: int
+) -> jax.Array:
   """Dynamic-NTK ``inv_freq`` for a traced ``seq_len > max_position_embeddings``, in float32 inside jit.
 
   transformers (``dynamic_rope_update`` -> ``_compute_dynamic_ntk_parameters``
@@ -194,8 +208,9 @@ def dynamic_inv_freq(seq_len: jax.Array, head_dim: int, theta: float, factor: fl
   exponent = head_dim / (head_dim - 2)
   e_hi = np.float32(exponent)
   e_lo = np.float32(exponent - float(e_hi))
-  inner = (jnp.float32(factor) * seq_len.astype(jnp.float32)) / jnp.float32(max_position_embeddings) \
-      - jnp.float32(factor - 1)
+  inner = (jnp.float32(factor) * seq_len.astype(jnp.float32)) / jnp.float32(max_position_embeddings) - jnp.float32(
+      factor - 1
+  )
   power = jnp.power(inner, e_hi)
   power = power + power * (e_lo * jnp.log(inner))
   base = jnp.float32(theta) * power
@@ -203,8 +218,9 @@ def dynamic_inv_freq(seq_len: jax.Array, head_dim: int, theta: float, factor: fl
   return jnp.float32(1.0) / jax.lax.optimization_barrier(jnp.power(base, exps))
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype: Any,
-                 scaling: RopeScaling | None = None) -> tuple[jax.Array, jax.Array]:
+def rope_cos_sin(
+    positions: jax.Array, head_dim: int, theta: float, dtype: Any, scaling: RopeScaling | None = None
+) -> tuple[jax.Array, jax.Array]:
   """``cos``/``sin`` tables ``[B, T, hd]`` for integer positions ``[B, T]``, as HF's rotary embedding.
 
   HF: ``freqs = positions.float() * inv_freq``; ``cos = cat(freqs, freqs).cos() * attention_scaling``
@@ -241,8 +257,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x * cos + _rotate_half(x) * sin
 
 
-def attention_mask_bias(attention_mask: jax.Array | None, batch: int, seq: int, dtype: Any,
-                        sliding_window: int | None = None) -> jax.Array:
+def attention_mask_bias(
+    attention_mask: jax.Array | None, batch: int, seq: int, dtype: Any, sliding_window: int | None = None
+) -> jax.Array:
   """Additive mask ``[B, T, S]``: 0 where query t may see key s, else finfo.min.
 
   Visible: ``s <= t`` and s not padding and, with a ``sliding_window`` ``w``,
@@ -286,9 +303,18 @@ class _Stages:
     return x
 
 
-def _attention(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
-               cfg: QwenConfig, tap: _Stages, prefix: str, attention: str = "eager",
-               causal_only: bool = False) -> jax.Array:
+def _attention(
+    p: Attention,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    bias: jax.Array,
+    cfg: QwenConfig,
+    tap: _Stages,
+    prefix: str,
+    attention: str = "eager",
+    causal_only: bool = False,
+) -> jax.Array:
   """Self-attention of one layer: ``x[B, T, D]`` (already normed) -> o_proj output ``[B, T, D]``."""
   b, t, _ = x.shape
   q = _heads_proj(x, p.wq)  # btd,nhd->btnh
@@ -315,7 +341,7 @@ def _attention(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array, bias:
   scores = _einsum("btkgh,bskh->bkgts", qg, k)
   # HF multiplies by the Python float hd**-0.5; torch does that in float32 ("opmath") and rounds
   # once to the activation dtype, so the scale itself is never rounded to bfloat16.
-  scores = (scores.astype(jnp.float32) * jnp.float32(cfg.head_dim ** -0.5)).astype(x.dtype)
+  scores = (scores.astype(jnp.float32) * jnp.float32(cfg.head_dim**-0.5)).astype(x.dtype)
   scores = scores + bias[:, None, None, :, :]
   probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
   ctx = _einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -333,12 +359,13 @@ def _attention(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array, bias:
 ATTENTION_IMPLS = ("eager", "xla", "cudnn", "auto")
 
 
-def _fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, cfg: QwenConfig, attention: str,
-                     causal_only: bool) -> jax.Array:
+def _fused_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, cfg: QwenConfig, attention: str, causal_only: bool
+) -> jax.Array:
   """``jax.nn.dot_product_attention`` on ``q[B, T, N, hd]``, ``k/v[B, S, K, hd]`` (GQA in the kernel)."""
   impl = None if attention == "auto" else attention
   kw: dict[str, Any] = {"is_causal": True} if causal_only else {"mask": (bias == 0)[:, None, :, :]}
-  return jax.nn.dot_product_attention(q, k, v, scale=cfg.head_dim ** -0.5, implementation=impl, **kw)
+  return jax.nn.dot_product_attention(q, k, v, scale=cfg.head_dim**-0.5, implementation=impl, **kw)
 
 
 def _mlp(p: Mlp, x: jax.Array, tap: _Stages, prefix: str) -> jax.Array:
@@ -350,8 +377,18 @@ def _mlp(p: Mlp, x: jax.Array, tap: _Stages, prefix: str) -> jax.Array:
   return tap(prefix + "ffn_out", _einsum("bti,di->btd", swiglu, p.w_down))
 
 
-def _layer(p: Layer, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
-           cfg: QwenConfig, tap: _Stages, prefix: str, attention: str = "eager", causal_only: bool = False) -> jax.Array:
+def _layer(
+    p: Layer,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    bias: jax.Array,
+    cfg: QwenConfig,
+    tap: _Stages,
+    prefix: str,
+    attention: str = "eager",
+    causal_only: bool = False,
+) -> jax.Array:
   """One pre-norm decoder layer."""
   h = tap(prefix + "attn_norm", rms_norm(x, p.attn_norm, cfg.rms_norm_eps))
   attn = _attention(p.attn, h, cos, sin, bias, cfg, tap, prefix, attention, causal_only)
@@ -361,8 +398,14 @@ def _layer(p: Layer, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Arr
 
 
 @jax.jit(static_argnames=("capture", "attention"))
-def _forward(model: Model, tokens: jax.Array, attention_mask: jax.Array | None, positions: jax.Array,
-             capture: bool, attention: str = "eager") -> tuple[jax.Array, tuple[jax.Array, ...]]:
+def _forward(
+    model: Model,
+    tokens: jax.Array,
+    attention_mask: jax.Array | None,
+    positions: jax.Array,
+    capture: bool,
+    attention: str = "eager",
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
   """The jitted forward: logits ``[B, T, V]`` and, when ``capture``, every stage in execution order."""
   cfg, p = model.config, model.params
   dtype = p.embed.dtype
@@ -392,7 +435,9 @@ def _is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def check_inputs(cfg: QwenConfig, tokens: Any, attention_mask: Any = None, positions: Any = None) -> tuple[Any, Any, Any]:
+def check_inputs(
+    cfg: QwenConfig, tokens: Any, attention_mask: Any = None, positions: Any = None
+) -> tuple[Any, Any, Any]:
   """Shapes, dtypes and (for concrete inputs) values of a forward's inputs against ``cfg``.
 
   Returns ``(tokens, attention_mask, positions)`` with numpy arrays for
@@ -435,8 +480,15 @@ def check_inputs(cfg: QwenConfig, tokens: Any, attention_mask: Any = None, posit
   return tokens, attention_mask, positions
 
 
-def forward(model: Model, tokens: Any, *, attention_mask: Any = None, positions: Any = None, capture: bool = False,
-            attention: str = "eager"):
+def forward(
+    model: Model,
+    tokens: Any,
+    *,
+    attention_mask: Any = None,
+    positions: Any = None,
+    capture: bool = False,
+    attention: str = "eager",
+):
   """Runs the model on ``tokens[B, T]``.
 
   Returns ``logits[B, T, V]`` in the model's dtype, or ``(logits, stages)``

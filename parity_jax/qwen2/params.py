@@ -54,14 +54,22 @@ from parity_jax.dtypes import SAFETENSORS_DTYPES
 from parity_jax.errors import UsageError
 from parity_jax.qwen2.config import QwenConfig
 
-__all__ = ["Attention", "Mlp", "Layer", "Params", "LoadReport", "KEY_TABLE", "load_params", "init_params", "random_params", "to_hf_tensors"]
+__all__ = [
+    "Attention",
+    "Mlp",
+    "Layer",
+    "Params",
+    "LoadReport",
+    "KEY_TABLE",
+    "load_params",
+    "init_params",
+    "random_params",
+    "to_hf_tensors",
+]
 
 Array = Any  # jax.Array or np.ndarray
 
-_DTYPES = {
-    "float32": np.dtype(np.float32),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-}
+_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
 def _pytree(cls):
@@ -131,23 +139,58 @@ _L = r"model\.layers\.(\d+)\."
 KEY_TABLE: tuple[_Key, ...] = (
     _row(r"model\.embed_tokens\.weight", "embed", lambda c: (c.vocab_size, c.hidden_size)),
     _row(_L + r"input_layernorm\.weight", "layers.{i}.attn_norm", lambda c: (c.hidden_size,)),
-    _row(_L + r"self_attn\.q_proj\.weight", "layers.{i}.attn.wq", lambda c: (c.q_dim, c.hidden_size),
-         lambda c: (c.num_heads, c.head_dim, c.hidden_size)),
-    _row(_L + r"self_attn\.q_proj\.bias", "layers.{i}.attn.bq", lambda c: (c.q_dim,),
-         lambda c: (c.num_heads, c.head_dim), lambda c: c.qkv_bias),
-    _row(_L + r"self_attn\.k_proj\.weight", "layers.{i}.attn.wk", lambda c: (c.kv_dim, c.hidden_size),
-         lambda c: (c.num_kv_heads, c.head_dim, c.hidden_size)),
-    _row(_L + r"self_attn\.k_proj\.bias", "layers.{i}.attn.bk", lambda c: (c.kv_dim,),
-         lambda c: (c.num_kv_heads, c.head_dim), lambda c: c.qkv_bias),
-    _row(_L + r"self_attn\.v_proj\.weight", "layers.{i}.attn.wv", lambda c: (c.kv_dim, c.hidden_size),
-         lambda c: (c.num_kv_heads, c.head_dim, c.hidden_size)),
-    _row(_L + r"self_attn\.v_proj\.bias", "layers.{i}.attn.bv", lambda c: (c.kv_dim,),
-         lambda c: (c.num_kv_heads, c.head_dim), lambda c: c.qkv_bias),
-    _row(_L + r"self_attn\.o_proj\.weight", "layers.{i}.attn.wo", lambda c: (c.hidden_size, c.q_dim),
-         lambda c: (c.hidden_size, c.num_heads, c.head_dim)),
+    _row(
+        _L + r"self_attn\.q_proj\.weight",
+        "layers.{i}.attn.wq",
+        lambda c: (c.q_dim, c.hidden_size),
+        lambda c: (c.num_heads, c.head_dim, c.hidden_size),
+    ),
+    _row(
+        _L + r"self_attn\.q_proj\.bias",
+        "layers.{i}.attn.bq",
+        lambda c: (c.q_dim,),
+        lambda c: (c.num_heads, c.head_dim),
+        lambda c: c.qkv_bias,
+    ),
+    _row(
+        _L + r"self_attn\.k_proj\.weight",
+        "layers.{i}.attn.wk",
+        lambda c: (c.kv_dim, c.hidden_size),
+        lambda c: (c.num_kv_heads, c.head_dim, c.hidden_size),
+    ),
+    _row(
+        _L + r"self_attn\.k_proj\.bias",
+        "layers.{i}.attn.bk",
+        lambda c: (c.kv_dim,),
+        lambda c: (c.num_kv_heads, c.head_dim),
+        lambda c: c.qkv_bias,
+    ),
+    _row(
+        _L + r"self_attn\.v_proj\.weight",
+        "layers.{i}.attn.wv",
+        lambda c: (c.kv_dim, c.hidden_size),
+        lambda c: (c.num_kv_heads, c.head_dim, c.hidden_size),
+    ),
+    _row(
+        _L + r"self_attn\.v_proj\.bias",
+        "layers.{i}.attn.bv",
+        lambda c: (c.kv_dim,),
+        lambda c: (c.num_kv_heads, c.head_dim),
+        lambda c: c.qkv_bias,
+    ),
+    _row(
+        _L + r"self_attn\.o_proj\.weight",
+        "layers.{i}.attn.wo",
+        lambda c: (c.hidden_size, c.q_dim),
+        lambda c: (c.hidden_size, c.num_heads, c.head_dim),
+    ),
     _row(_L + r"self_attn\.o_proj\.bias", "layers.{i}.attn.bo", lambda c: (c.hidden_size,), needed=lambda c: c.o_bias),
-    _row(_L + r"self_attn\.q_norm\.weight", "layers.{i}.attn.q_norm", lambda c: (c.head_dim,), needed=lambda c: c.qk_norm),
-    _row(_L + r"self_attn\.k_norm\.weight", "layers.{i}.attn.k_norm", lambda c: (c.head_dim,), needed=lambda c: c.qk_norm),
+    _row(
+        _L + r"self_attn\.q_norm\.weight", "layers.{i}.attn.q_norm", lambda c: (c.head_dim,), needed=lambda c: c.qk_norm
+    ),
+    _row(
+        _L + r"self_attn\.k_norm\.weight", "layers.{i}.attn.k_norm", lambda c: (c.head_dim,), needed=lambda c: c.qk_norm
+    ),
     _row(_L + r"post_attention_layernorm\.weight", "layers.{i}.ffn_norm", lambda c: (c.hidden_size,)),
     _row(_L + r"mlp\.gate_proj\.weight", "layers.{i}.mlp.w_gate", lambda c: (c.intermediate_size, c.hidden_size)),
     _row(_L + r"mlp\.up_proj\.weight", "layers.{i}.mlp.w_up", lambda c: (c.intermediate_size, c.hidden_size)),
@@ -219,7 +262,9 @@ def _checkpoint_files(path: str) -> tuple[list[str], dict[str, str] | None]:
 def _convert(a: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
   """Stored tensor -> requested dtype. Upcasts (bf16/f16 -> f32) are exact; f32 -> bf16 rounds to nearest even."""
   if a.dtype not in (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
-    raise UsageError(f"{name}: stored dtype {a.dtype} is not a float dtype this loader reads (float32, float16, bfloat16)")
+    raise UsageError(
+        f"{name}: stored dtype {a.dtype} is not a float dtype this loader reads (float32, float16, bfloat16)"
+    )
   return a if a.dtype == dtype else a.astype(dtype)
 
 
@@ -249,7 +294,9 @@ def _plan(path: str, cfg: QwenConfig, strict: bool) -> _Plan:
       handle = safetensors.safe_open(file, framework="numpy")
       keys = list(handle.keys())
     except Exception as e:  # safetensors raises its own error types for bad headers
-      raise UsageError(f"cannot read {file} as safetensors: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+      raise UsageError(
+          f"cannot read {file} as safetensors: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+      ) from None
     for name in keys:
       if name in seen_in:
         raise UsageError(f"{name} appears in both {os.path.basename(seen_in[name])} and {os.path.basename(file)}")
@@ -270,8 +317,10 @@ def _plan(path: str, cfg: QwenConfig, strict: bool) -> _Plan:
         raise UsageError(f"{name}: shape {list(got)} does not match the config's {list(hf_shape)}")
       dt = SAFETENSORS_DTYPES.get(sl.get_dtype())
       if dt not in _READABLE:
-        raise UsageError(f"{name}: stored dtype {dt if dt is not None else sl.get_dtype()} is not a float dtype this "
-                         "loader reads (float32, float16, bfloat16)")
+        raise UsageError(
+            f"{name}: stored dtype {dt if dt is not None else sl.get_dtype()} is not a float dtype this "
+            "loader reads (float32, float16, bfloat16)"
+        )
       file_of[name], stored[name] = file, dt
     del handle
   if weight_map is not None:
@@ -302,9 +351,16 @@ def _field_of(name: str, key: _Key) -> str:
   return key.field
 
 
-def load_params(path: str | os.PathLike, cfg: QwenConfig, dtype: Any = jnp.float32, strict: bool = True,
-                put: Callable[[Any], Any] | None = jax.device_put, *, mesh: Any = None,
-                rules: Any = None) -> tuple[Params, LoadReport]:
+def load_params(
+    path: str | os.PathLike,
+    cfg: QwenConfig,
+    dtype: Any = jnp.float32,
+    strict: bool = True,
+    put: Callable[[Any], Any] | None = jax.device_put,
+    *,
+    mesh: Any = None,
+    rules: Any = None,
+) -> tuple[Params, LoadReport]:
   """Loads an HF Qwen2/Qwen3 checkpoint directory into :class:`Params`.
 
   ``dtype`` is float32 (bf16/f16-stored tensors are upcast exactly) or
@@ -351,8 +407,12 @@ def load_params(path: str | os.PathLike, cfg: QwenConfig, dtype: Any = jnp.float
         raise UsageError(f"{path}: {_TIED_MSG}")
     params = _assemble(cfg, values, plan.expected)
     params = put(params) if put is not None else params
-  report = LoadReport(tuple(plan.files), tuple(sorted({str(d) for d in plan.stored.values()})), tuple(plan.unknown),
-                      plan.lm_head_in_file is not None)
+  report = LoadReport(
+      tuple(plan.files),
+      tuple(sorted({str(d) for d in plan.stored.values()})),
+      tuple(plan.unknown),
+      plan.lm_head_in_file is not None,
+  )
   return params, report
 
 
@@ -360,8 +420,9 @@ def _load_sharded(path: str, plan: _Plan, cfg: QwenConfig, np_dtype: np.dtype, m
   """Every weight read shard by shard onto ``mesh`` (see :func:`load_params`)."""
   from parity_jax.qwen2 import sharding as sh
 
-  shardings = {name: sh.field_sharding(_field_of(name, key), key.shape(cfg), mesh, rules)
-               for name, key in plan.expected.items()}
+  shardings = {
+      name: sh.field_sharding(_field_of(name, key), key.shape(cfg), mesh, rules) for name, key in plan.expected.items()
+  }
   headers = {file: sh.SafetensorsFile(file) for file in plan.files}
   if plan.lm_head_in_file is not None:
     # Compared over this process's own embedding shards, piece by piece: never a whole tensor in memory.
@@ -405,16 +466,29 @@ def _assemble(cfg: QwenConfig, values: Mapping[str, np.ndarray], expected: Mappi
   for i in range(cfg.num_layers):
     p = f"layers.{i}."
     attn = Attention(
-        wq=get(p + "attn.wq"), wk=get(p + "attn.wk"), wv=get(p + "attn.wv"), wo=get(p + "attn.wo"),
-        bq=get(p + "attn.bq"), bk=get(p + "attn.bk"), bv=get(p + "attn.bv"), bo=get(p + "attn.bo"),
-        q_norm=get(p + "attn.q_norm"), k_norm=get(p + "attn.k_norm"))
+        wq=get(p + "attn.wq"),
+        wk=get(p + "attn.wk"),
+        wv=get(p + "attn.wv"),
+        wo=get(p + "attn.wo"),
+        bq=get(p + "attn.bq"),
+        bk=get(p + "attn.bk"),
+        bv=get(p + "attn.bv"),
+        bo=get(p + "attn.bo"),
+        q_norm=get(p + "attn.q_norm"),
+        k_norm=get(p + "attn.k_norm"),
+    )
     mlp = Mlp(w_gate=get(p + "mlp.w_gate"), w_up=get(p + "mlp.w_up"), w_down=get(p + "mlp.w_down"))
     layers.append(Layer(attn_norm=get(p + "attn_norm"), attn=attn, ffn_norm=get(p + "ffn_norm"), mlp=mlp))
   return Params(embed=get("embed"), layers=tuple(layers), final_norm=get("final_norm"), lm_head=get("lm_head"))
 
 
-def init_params(cfg: QwenConfig, seed: int = 0, dtype: Any = jnp.float32, scale: float = 0.02,
-                put: Callable[[Any], Any] | None = jax.device_put) -> Params:
+def init_params(
+    cfg: QwenConfig,
+    seed: int = 0,
+    dtype: Any = jnp.float32,
+    scale: float = 0.02,
+    put: Callable[[Any], Any] | None = jax.device_put,
+) -> Params:
   """Random parameters with this config's tree structure (benchmarks, tests, sharding experiments).
 
   Norm weights are ones, everything else ``scale * N(0, 1)`` drawn on the host
@@ -437,8 +511,15 @@ def init_params(cfg: QwenConfig, seed: int = 0, dtype: Any = jnp.float32, scale:
   return put(params) if put is not None else params
 
 
-def random_params(cfg: QwenConfig, seed: int = 0, dtype: Any = jnp.float32, scale: float = 0.02, *,
-                  mesh: Any = None, rules: Any = None) -> Params:
+def random_params(
+    cfg: QwenConfig,
+    seed: int = 0,
+    dtype: Any = jnp.float32,
+    scale: float = 0.02,
+    *,
+    mesh: Any = None,
+    rules: Any = None,
+) -> Params:
   """Random parameters generated on the device(s): nothing passes through the host.
 
   For benchmarks at real size (a 7B model's 15 GB of bf16 weights are made on
@@ -455,11 +536,15 @@ def random_params(cfg: QwenConfig, seed: int = 0, dtype: Any = jnp.float32, scal
 
   np_dtype = np.dtype(dtype)
   expected = _expected_names(cfg)
-  leaves = tuple((tuple(int(d) for d in row.shape(cfg)), name.endswith("norm.weight")) for name, row in expected.items())
+  leaves = tuple(
+      (tuple(int(d) for d in row.shape(cfg)), name.endswith("norm.weight")) for name, row in expected.items()
+  )
   shardings = None
   if mesh is not None:
-    shardings = tuple(sh.field_sharding(_field_of(name, row), shape, mesh, rules)
-                      for (name, row), (shape, _) in zip(expected.items(), leaves))
+    shardings = tuple(
+        sh.field_sharding(_field_of(name, row), shape, mesh, rules)
+        for (name, row), (shape, _) in zip(expected.items(), leaves)
+    )
   values = _random_tree(leaves, np_dtype, int(seed), float(scale), shardings)()
   return _assemble(cfg, dict(zip(expected, values)), expected)
 
@@ -480,18 +565,25 @@ def _hash_uniform(shape: tuple[int, ...], dtype: Any, seed: int, leaf: int, scal
   x = x ^ (x >> 15)
   x = x * jnp.uint32(0x846CA68B)
   x = x ^ (x >> 16)
-  u = (x >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24) - jnp.float32(0.5)  # [-0.5, 0.5)
+  u = (x >> 8).astype(jnp.float32) * jnp.float32(2.0**-24) - jnp.float32(0.5)  # [-0.5, 0.5)
   return (u * jnp.float32(scale * math.sqrt(12.0))).astype(dtype).reshape(shape)
 
 
 @functools.lru_cache(maxsize=None)
-def _random_tree(leaves: tuple[tuple[tuple[int, ...], bool], ...], dtype: np.dtype, seed: int, scale: float,
-                 shardings: tuple[Any, ...] | None) -> Callable:
+def _random_tree(
+    leaves: tuple[tuple[tuple[int, ...], bool], ...],
+    dtype: np.dtype,
+    seed: int,
+    scale: float,
+    shardings: tuple[Any, ...] | None,
+) -> Callable:
   """One jitted program drawing every leaf (one quick compile, however many shapes)."""
 
   def draw():
-    return tuple(jnp.ones(shape, dtype) if norm else _hash_uniform(shape, dtype, seed, i, scale)
-                 for i, (shape, norm) in enumerate(leaves))
+    return tuple(
+        jnp.ones(shape, dtype) if norm else _hash_uniform(shape, dtype, seed, i, scale)
+        for i, (shape, norm) in enumerate(leaves)
+    )
 
   return jax.jit(draw, out_shardings=shardings)
 

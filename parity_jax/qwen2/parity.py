@@ -64,7 +64,9 @@ def golden_inputs(golden: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | N
     prov = r.provenance
   inputs = prov.get("inputs")
   if not isinstance(inputs, dict) or "tokens" not in inputs:
-    raise UsageError(f"{golden}: the golden's provenance records no inputs.tokens; give tokens and use the live oracle instead")
+    raise UsageError(
+        f"{golden}: the golden's provenance records no inputs.tokens; give tokens and use the live oracle instead"
+    )
   try:
     tokens = np.asarray(inputs["tokens"], dtype=np.int64)
     mask = inputs.get("attention_mask")
@@ -114,8 +116,9 @@ def forward_parity(
     from parity_jax.oracle import require_oracle
 
     require_oracle()
-  candidate = capture_stages(model_dir, tokens, dtype=dtype, attention_mask=attention_mask, strict=strict, mesh=mesh,
-                             rules=rules)
+  candidate = capture_stages(
+      model_dir, tokens, dtype=dtype, attention_mask=attention_mask, strict=strict, mesh=mesh, rules=rules
+  )
   if oracle:
     from parity_jax.oracle.hf_forward import hf_stages
 
@@ -129,7 +132,8 @@ def forward_parity(
     golden_bundle = StageBundle(hf_stages(model_dir, tokens, attention_mask), prov)
   else:
     golden_bundle = os.fspath(golden)  # compared stage by stage straight from the file
-  report = compare_bundles(golden_bundle, candidate, profile=profile or DEFAULT_PROFILE[dtype], top_k=top_k,
-                           progress=progress)
+  report = compare_bundles(
+      golden_bundle, candidate, profile=profile or DEFAULT_PROFILE[dtype], top_k=top_k, progress=progress
+  )
   mask = None if attention_mask is None else np.asarray(attention_mask)
   return ForwardParity(report, golden_bundle, candidate, tokens, mask)

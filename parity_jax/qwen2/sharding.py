@@ -59,9 +59,24 @@ from parity_jax.dtypes import SAFETENSORS_DTYPES
 from parity_jax.errors import UsageError
 
 __all__ = [
-    "DEFAULT_RULES", "LEAF_AXES", "MESH_AXES", "READ_BUFFER_BYTES", "Rules", "SafetensorsFile", "aligned_empty",
-    "batch_sharding", "field_sharding", "make_mesh", "mesh_of", "param_shardings", "parse_mesh_spec",
-    "place_inputs", "place_sharded", "shard_params", "spec_for", "to_host",
+    "DEFAULT_RULES",
+    "LEAF_AXES",
+    "MESH_AXES",
+    "READ_BUFFER_BYTES",
+    "Rules",
+    "SafetensorsFile",
+    "aligned_empty",
+    "batch_sharding",
+    "field_sharding",
+    "make_mesh",
+    "mesh_of",
+    "param_shardings",
+    "parse_mesh_spec",
+    "place_inputs",
+    "place_sharded",
+    "shard_params",
+    "spec_for",
+    "to_host",
 ]
 
 DP, TP = "dp", "tp"
@@ -83,13 +98,24 @@ DEFAULT_RULES: tuple[tuple[str, P], ...] = (
 
 #: The named axes of every leaf of Params (by its last field name), for error messages.
 LEAF_AXES: dict[str, tuple[str, ...]] = {
-    "embed": ("vocab", "hidden"), "lm_head": ("vocab", "hidden"),
-    "attn_norm": ("hidden",), "ffn_norm": ("hidden",), "final_norm": ("hidden",),
-    "wq": ("heads", "head_dim", "hidden"), "wk": ("kv_heads", "head_dim", "hidden"),
-    "wv": ("kv_heads", "head_dim", "hidden"), "wo": ("hidden", "heads", "head_dim"),
-    "bq": ("heads", "head_dim"), "bk": ("kv_heads", "head_dim"), "bv": ("kv_heads", "head_dim"), "bo": ("hidden",),
-    "q_norm": ("head_dim",), "k_norm": ("head_dim",),
-    "w_gate": ("intermediate", "hidden"), "w_up": ("intermediate", "hidden"), "w_down": ("hidden", "intermediate"),
+    "embed": ("vocab", "hidden"),
+    "lm_head": ("vocab", "hidden"),
+    "attn_norm": ("hidden",),
+    "ffn_norm": ("hidden",),
+    "final_norm": ("hidden",),
+    "wq": ("heads", "head_dim", "hidden"),
+    "wk": ("kv_heads", "head_dim", "hidden"),
+    "wv": ("kv_heads", "head_dim", "hidden"),
+    "wo": ("hidden", "heads", "head_dim"),
+    "bq": ("heads", "head_dim"),
+    "bk": ("kv_heads", "head_dim"),
+    "bv": ("kv_heads", "head_dim"),
+    "bo": ("hidden",),
+    "q_norm": ("head_dim",),
+    "k_norm": ("head_dim",),
+    "w_gate": ("intermediate", "hidden"),
+    "w_up": ("intermediate", "hidden"),
+    "w_down": ("hidden", "intermediate"),
 }
 
 #: Largest read buffer (bytes) for short strided runs and dtype conversions.
@@ -133,21 +159,27 @@ def field_sharding(field: str, shape: Sequence[int], mesh: Mesh, rules: Rules | 
   spec, pattern = spec_for(field, rules)
   shape = tuple(int(d) for d in shape)
   if len(spec) > len(shape):
-    raise UsageError(f"{field}: sharding rule {pattern!r} gives spec {spec} for a rank-{len(shape)} weight {list(shape)}")
+    raise UsageError(
+        f"{field}: sharding rule {pattern!r} gives spec {spec} for a rank-{len(shape)} weight {list(shape)}"
+    )
   leaf = field.rsplit(".", 1)[-1]
   names = LEAF_AXES.get(leaf, tuple(f"axis{i}" for i in range(len(shape))))
   for dim, entry in enumerate(spec):
     axes = _axis_names(entry)
     for a in axes:
       if a not in mesh.shape:
-        raise UsageError(f"{field}: sharding rule {pattern!r} names mesh axis {a!r}, which the mesh "
-                         f"({', '.join(f'{k}={v}' for k, v in mesh.shape.items())}) lacks")
+        raise UsageError(
+            f"{field}: sharding rule {pattern!r} names mesh axis {a!r}, which the mesh "
+            f"({', '.join(f'{k}={v}' for k, v in mesh.shape.items())}) lacks"
+        )
     parts = math.prod(mesh.shape[a] for a in axes)
     if parts > 1 and shape[dim] % parts:
       what = names[dim] if dim < len(names) else f"axis{dim}"
       over = "x".join(f"{a}={mesh.shape[a]}" for a in axes)
-      raise UsageError(f"{field}: axis {dim} ({what}, size {shape[dim]}) does not divide over mesh axis {over}; "
-                       f"override its sharding rule (e.g. replicate it with P())")
+      raise UsageError(
+          f"{field}: axis {dim} ({what}, size {shape[dim]}) does not divide over mesh axis {over}; "
+          f"override its sharding rule (e.g. replicate it with P())"
+      )
   return NamedSharding(mesh, spec)
 
 
@@ -170,8 +202,9 @@ def _leaf_fields(params: Any) -> list[tuple[str, Any]]:
 def param_shardings(params: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
   """A pytree of :class:`NamedSharding` matching ``params`` (arrays or ``ShapeDtypeStruct`` leaves)."""
   fields = _leaf_fields(params)
-  shardings = [field_sharding(f, np.shape(leaf) if not hasattr(leaf, "shape") else leaf.shape, mesh, rules)
-               for f, leaf in fields]
+  shardings = [
+      field_sharding(f, np.shape(leaf) if not hasattr(leaf, "shape") else leaf.shape, mesh, rules) for f, leaf in fields
+  ]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), shardings)
 
 
@@ -235,8 +268,11 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence[Any] | None = Non
   need = math.prod(shape)
   if need > len(devices):
     text = ",".join(f"{a}:{s}" for a, s in zip(MESH_AXES, shape))
-    hint = (f" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={need} before JAX starts gives {need})"
-            if devices and devices[0].platform == "cpu" else "")
+    hint = (
+        f" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={need} before JAX starts gives {need})"
+        if devices and devices[0].platform == "cpu"
+        else ""
+    )
     raise UsageError(f"--{flag}={text} needs {need} devices; JAX sees {len(devices)}{hint}")
   return Mesh(np.array(devices[:need], dtype=object).reshape(shape), MESH_AXES)
 
@@ -300,7 +336,7 @@ def aligned_empty(shape: Sequence[int], dtype: Any, align: int = _ALIGN) -> np.n
   nbytes = math.prod(shape) * dtype.itemsize
   raw = np.empty(nbytes + align, np.uint8)
   off = (-raw.ctypes.data) % align
-  return raw[off:off + nbytes].view(dtype).reshape(shape)
+  return raw[off : off + nbytes].view(dtype).reshape(shape)
 
 
 def _box(index: Sequence[slice], shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -351,8 +387,14 @@ class SafetensorsFile:
         raise UsageError(f"{self.path}: {name} data_offsets {[begin, end]} do not fit its shape {list(shape)}")
       self.entries[name] = (dtype, shape, data_start + begin, data_start + end)
 
-  def read_box(self, name: str, index: Sequence[slice], out_dtype: Any = None, view_shape: Sequence[int] | None = None,
-               buffer_bytes: int = READ_BUFFER_BYTES) -> np.ndarray:
+  def read_box(
+      self,
+      name: str,
+      index: Sequence[slice],
+      out_dtype: Any = None,
+      view_shape: Sequence[int] | None = None,
+      buffer_bytes: int = READ_BUFFER_BYTES,
+  ) -> np.ndarray:
     """The box ``index`` of tensor ``name`` as an aligned numpy array in ``out_dtype``.
 
     ``view_shape`` reads the tensor as a C-order reshape of its stored shape
@@ -371,7 +413,7 @@ class SafetensorsFile:
     if out.size == 0:
       return out
     nd, isz = len(shape), stored.itemsize
-    strides = [math.prod(shape[i + 1:]) for i in range(nd)]  # elements
+    strides = [math.prod(shape[i + 1 :]) for i in range(nd)]  # elements
     a = nd - 1  # the last axis the box does not cover whole; everything after it is contiguous
     while a > 0 and box[a] == (0, shape[a]):
       a -= 1
@@ -401,8 +443,9 @@ class SafetensorsFile:
         raise UsageError(f"{f.name}: unexpected end of file at offset {offset + done}")
       done += got
 
-  def _read_runs(self, f, offset: int, rows: int, stride: int, run: int, stored: np.dtype, dest: np.ndarray,
-                 buffer_bytes: int) -> None:
+  def _read_runs(
+      self, f, offset: int, rows: int, stride: int, run: int, stored: np.dtype, dest: np.ndarray, buffer_bytes: int
+  ) -> None:
     """``rows`` runs of ``run`` elements, ``stride`` bytes apart from ``offset``, into ``dest[rows, run]``."""
     isz = stored.itemsize
     run_bytes = run * isz
@@ -417,9 +460,9 @@ class SafetensorsFile:
       for r in range(rows):
         for e0 in range(0, run, piece):
           e1 = min(run, e0 + piece)
-          mv = memoryview(buf[:(e1 - e0) * isz])
+          mv = memoryview(buf[: (e1 - e0) * isz])
           self._readinto(f, offset + r * stride + e0 * isz, mv)
-          dest[r, e0:e1] = buf[:(e1 - e0) * isz].view(stored)
+          dest[r, e0:e1] = buf[: (e1 - e0) * isz].view(stored)
       return
     # short runs: as many rows as fit the buffer per read, picked out with a strided view
     group = max(1, min(rows, (buffer_bytes - run_bytes) // max(stride, 1) + 1))
@@ -428,13 +471,15 @@ class SafetensorsFile:
       g = min(group, rows - r0)
       span = (g - 1) * stride + run_bytes
       self._readinto(f, offset + r0 * stride, memoryview(buf[:span]))
-      view = np.lib.stride_tricks.as_strided(buf[:span].view(stored), shape=(g, run), strides=(stride, isz),
-                                             writeable=False)
-      dest[r0:r0 + g] = view
+      view = np.lib.stride_tricks.as_strided(
+          buf[:span].view(stored), shape=(g, run), strides=(stride, isz), writeable=False
+      )
+      dest[r0 : r0 + g] = view
 
 
-def place_sharded(read: Callable[[tuple[slice, ...]], np.ndarray], shape: Sequence[int],
-                  sharding: NamedSharding) -> jax.Array:
+def place_sharded(
+    read: Callable[[tuple[slice, ...]], np.ndarray], shape: Sequence[int], sharding: NamedSharding
+) -> jax.Array:
   """A global array from per-shard host reads: each distinct local shard read once, put, then dropped.
 
   ``read(index)`` returns the host array of one shard. Only this process's

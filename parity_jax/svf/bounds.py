@@ -146,7 +146,9 @@ class FormulaConstants:
   def _floor(self) -> float:
     return (self.k + 8) * _TINY * max(1.0, abs(self.n64))
 
-  def value_bound(self, abs_m: np.ndarray, t: np.ndarray, u: float | None = None, nu: float | None = None) -> np.ndarray:
+  def value_bound(
+      self, abs_m: np.ndarray, t: np.ndarray, u: float | None = None, nu: float | None = None
+  ) -> np.ndarray:
     """One-sided bound ``beta`` on ``|y^ - y|`` given ``|M|`` and ``T`` (arrays)."""
     u = self.u if u is None else u
     nu = self.nu if nu is None else nu
@@ -187,8 +189,6 @@ def adapted_tolerance(row_norms_us: np.ndarray, row_norms_v: np.ndarray, fc: For
   n, nu, u = abs(fc.n64), fc.nu, fc.u
   one_side = c * n * (nu + u + nu * u) + gamma(fc.k, u) * c * n * (1.0 + nu) * (1.0 + u) + fc._floor()
   return 2.0 * one_side * _SAFETY
-
-
 
 
 def check_bound(golden: Any, ours: Any, tol: np.ndarray | float) -> tuple[int, float]:
@@ -292,12 +292,7 @@ class MismatchAccounting:
     return self.n_explained_tie + self.n_explained_multi_ulp
 
   def update(
-      self,
-      golden_bits: np.ndarray,
-      ours_bits: np.ndarray,
-      u_rows: np.ndarray,
-      v_nk: np.ndarray,
-      row_offset: int = 0,
+      self, golden_bits: np.ndarray, ours_bits: np.ndarray, u_rows: np.ndarray, v_nk: np.ndarray, row_offset: int = 0
   ) -> None:
     """``golden_bits``/``ours_bits``: ``[rows, n]`` uint16 bf16 bit patterns (NaN policies aligned)."""
     rows, cols = np.nonzero(golden_bits != ours_bits)
@@ -328,15 +323,18 @@ class MismatchAccounting:
     """
     cd = np.dtype(self.fc.compute_dtype)
     ur, uc = np.unique(m.rows), np.unique(m.cols)
-    c = row_norms(np.asarray(u_rows)[ur].astype(cd).astype(np.float64) * self.fc.ss64[None, :])[np.searchsorted(ur, m.rows)]
+    c = row_norms(np.asarray(u_rows)[ur].astype(cd).astype(np.float64) * self.fc.ss64[None, :])[
+        np.searchsorted(ur, m.rows)
+    ]
     c = c * row_norms(np.asarray(v_nk)[uc].astype(cd).astype(np.float64))[np.searchsorted(uc, m.cols)]
     beta_max = self.fc.value_bound(c, c) + self.fc.reference_bound(c, c)
     with np.errstate(invalid="ignore"):
       gap = np.maximum(m.lo_g - m.hi_o, m.lo_o - m.hi_g)  # > 0 when the two intervals are disjoint
       return m.finite & (gap <= 2.0 * beta_max)
 
-  def _ratios(self, m: "_Mismatches", reachable: np.ndarray, u_rows: np.ndarray, v_nk: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  def _ratios(
+      self, m: "_Mismatches", reachable: np.ndarray, u_rows: np.ndarray, v_nk: np.ndarray
+  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per mismatch: (distance of the float64 reference to the farther rounding interval) / bound, the reference, the bound.
 
     One length-``k`` dot per reachable mismatch, in batches of ``batch_elems``; unreachable ones get ratio inf.
@@ -358,15 +356,26 @@ class MismatchAccounting:
       r = dot * self.fc.n64
       b = self.fc.value_bound(np.abs(dot), t) + self.fc.reference_bound(np.abs(dot), t)
       # distance from the reference to each rounding interval (0 inside it)
-      d = np.maximum(np.maximum(0.0, np.maximum(m.lo_g[sel] - r, r - m.hi_g[sel])),
-                     np.maximum(0.0, np.maximum(m.lo_o[sel] - r, r - m.hi_o[sel])))
+      d = np.maximum(
+          np.maximum(0.0, np.maximum(m.lo_g[sel] - r, r - m.hi_g[sel])),
+          np.maximum(0.0, np.maximum(m.lo_o[sel] - r, r - m.hi_o[sel])),
+      )
       ref[sel], bound[sel] = r, b
       with np.errstate(invalid="ignore", divide="ignore"):
         ratio[sel] = d / b
     return ratio, ref, bound
 
-  def _keep_examples(self, m: "_Mismatches", explained: np.ndarray, ratio: np.ndarray, ref: np.ndarray,
-                     bound: np.ndarray, golden_bits: np.ndarray, ours_bits: np.ndarray, row_offset: int) -> None:
+  def _keep_examples(
+      self,
+      m: "_Mismatches",
+      explained: np.ndarray,
+      ratio: np.ndarray,
+      ref: np.ndarray,
+      bound: np.ndarray,
+      golden_bits: np.ndarray,
+      ours_bits: np.ndarray,
+      row_offset: int,
+  ) -> None:
     """The first unexplained mismatches, and the explained ones closest to their bound (chunking-independent)."""
 
     def record(i: int, ok: bool) -> dict[str, Any]:

@@ -196,17 +196,23 @@ def source_shape(u_shape: tuple[int, ...], v_shape: tuple[int, ...], layout: str
   return (int(u_shape[0]), int(v_shape[0] if layout == "torch_v" else v_shape[1]))
 
 
-def validate_components(u_shape, s_shape, v_shape, offsets_shape, layout: str, name: str | None = None) -> tuple[int, int, int]:
+def validate_components(
+    u_shape, s_shape, v_shape, offsets_shape, layout: str, name: str | None = None
+) -> tuple[int, int, int]:
   """Checks the component shapes against ``layout``; returns ``(m, n, k)``.
 
   Raises a one-line :class:`UsageError` naming the tensor when they disagree.
   """
   where = f"{name}: " if name else ""
-  u_shape, s_shape, v_shape, offsets_shape = (tuple(int(d) for d in t) for t in (u_shape, s_shape, v_shape, offsets_shape))
+  u_shape, s_shape, v_shape, offsets_shape = (
+      tuple(int(d) for d in t) for t in (u_shape, s_shape, v_shape, offsets_shape)
+  )
   if layout not in LAYOUTS:
     raise UsageError(f"{where}unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
   if len(u_shape) != 2 or len(s_shape) != 1 or len(v_shape) != 2:
-    raise UsageError(f"{where}expected U [m, k], S [k], V 2-D; got U {list(u_shape)}, S {list(s_shape)}, V {list(v_shape)}")
+    raise UsageError(
+        f"{where}expected U [m, k], S [k], V 2-D; got U {list(u_shape)}, S {list(s_shape)}, V {list(v_shape)}"
+    )
   k = s_shape[0]
   v_k = v_shape[1] if layout == "torch_v" else v_shape[0]
   if u_shape[1] != k or v_k != k:
@@ -221,7 +227,9 @@ def validate_components(u_shape, s_shape, v_shape, offsets_shape, layout: str, n
   return m, n, k
 
 
-def resolve_orientation(src_shape: tuple[int, int], target_shape: tuple[int, ...] | None = None, orientation: str | None = None) -> str:
+def resolve_orientation(
+    src_shape: tuple[int, int], target_shape: tuple[int, ...] | None = None, orientation: str | None = None
+) -> str:
   """``identity`` or ``transpose``, from the target shape and/or an explicit choice.
 
   ``target_shape`` equal to ``[m, n]`` means identity, equal to ``[n, m]``
@@ -243,7 +251,9 @@ def resolve_orientation(src_shape: tuple[int, int], target_shape: tuple[int, ...
     )
   if orientation is not None:
     if orientation not in fits:
-      raise UsageError(f"orientation {orientation} does not turn source shape [{m}, {n}] into target shape {list(target)}")
+      raise UsageError(
+          f"orientation {orientation} does not turn source shape [{m}, {n}] into target shape {list(target)}"
+      )
     return orientation
   return fits[0]
 

@@ -76,11 +76,23 @@ STAGE_TOLERANCES: dict[str, tuple[str, str]] = {
     "scaled_s": ("exact", "S * (1 + offsets): IEEE-754 add and multiply of identical inputs are deterministic"),
     "normalization": ("bound", "2 nu |N|: two correct float32 sums (any order) of S and scaled_s, then one division"),
     "u_scaled": ("exact", "U * scaled_s: one IEEE-754 multiply of identical inputs"),
-    "matmul_pre_norm": ("bound", "2 gamma(k) ||u_scaled_j|| ||V_l||: two correct float32 dots (any order, FMA or not) of identical inputs"),
-    "zero_source_f32": ("bound", "2 gamma(k) ||(U S)_j|| ||V_l||: the same dot with zero offsets; the normalization is exactly 1"),
-    "adapted_source_f32": ("bound", "2 (|M'| |N| (nu + u + nu u) + gamma(k) C |N| (1 + nu)(1 + u)), C = ||u_scaled_j|| ||V_l||: dot, normalization and the final multiply"),
+    "matmul_pre_norm": (
+        "bound",
+        "2 gamma(k) ||u_scaled_j|| ||V_l||: two correct float32 dots (any order, FMA or not) of identical inputs",
+    ),
+    "zero_source_f32": (
+        "bound",
+        "2 gamma(k) ||(U S)_j|| ||V_l||: the same dot with zero offsets; the normalization is exactly 1",
+    ),
+    "adapted_source_f32": (
+        "bound",
+        "2 (|M'| |N| (nu + u + nu u) + gamma(k) C |N| (1 + nu)(1 + u)), C = ||u_scaled_j|| ||V_l||: dot, normalization and the final multiply",
+    ),
     "final_f32": ("bound", "as adapted_source_f32, in the target orientation"),
-    "final_bf16": ("explained", "each differing element a legitimate rounding: 1 bf16 ULP apart with the float64 reference within the float32 error bound of the rounding midpoint (rule=bound also admits 2+ ULPs where that bound spans them)"),
+    "final_bf16": (
+        "explained",
+        "each differing element a legitimate rounding: 1 bf16 ULP apart with the float64 reference within the float32 error bound of the rounding midpoint (rule=bound also admits 2+ ULPs where that bound spans them)",
+    ),
 }
 
 # Bytes per row of U that one chunk holds at peak, per element of k (U and
@@ -157,7 +169,14 @@ class _StageCheck:
     self.n_out_of_tolerance = 0
     self.max_tolerance_ratio = 0.0
 
-  def update(self, golden: np.ndarray, ours: np.ndarray, origin: Sequence[int], tol: np.ndarray | float | None = None, hash_rows: bool = True) -> None:
+  def update(
+      self,
+      golden: np.ndarray,
+      ours: np.ndarray,
+      origin: Sequence[int],
+      tol: np.ndarray | float | None = None,
+      hash_rows: bool = True,
+  ) -> None:
     self.acc.update(golden, ours, origin=origin)
     if hash_rows:
       self.ours_hash.update(ours)
@@ -238,7 +257,9 @@ def _check_golden(job: _Job, reader: bundles.BundleReader) -> None:
       raise UsageError(f"golden {key} has dtype {reader.dtype(key)}, expected {_stage_dtype(stage)}")
 
 
-def _select(store: io.ComponentStore, golden: io.GoldenRun, all_selected: bool, selected_filter: str | None) -> list[_Job]:
+def _select(
+    store: io.ComponentStore, golden: io.GoldenRun, all_selected: bool, selected_filter: str | None
+) -> list[_Job]:
   if all_selected:
     names = list(store.names)
     orient = {n: "identity" for n in names}  # all-selected stages are source-oriented
@@ -284,8 +305,16 @@ def _replay_tensor(
     progress: Progress,
 ) -> dict[str, Any]:
   """One tensor: every stage against its golden, chunk by chunk of rows; the tensor's report entry."""
-  t = _TensorReplay(job, store, greader, writer, chunk_mb=chunk_mb, row_block=row_block,
-                    compute_dtype=compute_dtype, explain_rule=explain_rule)
+  t = _TensorReplay(
+      job,
+      store,
+      greader,
+      writer,
+      chunk_mb=chunk_mb,
+      row_block=row_block,
+      compute_dtype=compute_dtype,
+      explain_rule=explain_rule,
+  )
   t.vector_stages()
   for r0 in range(0, job.m, t.rows_per_chunk):
     r1 = min(job.m, r0 + t.rows_per_chunk)
@@ -297,9 +326,18 @@ def _replay_tensor(
 class _TensorReplay:
   """The state of one tensor's replay: the stage checks, the bf16 accounting, and (transposed) the held final."""
 
-  def __init__(self, job: _Job, store: io.ComponentStore, greader: bundles.BundleReader,
-               writer: bundles.BundleWriter | None, *, chunk_mb: float, row_block: int, compute_dtype: Any,
-               explain_rule: str):
+  def __init__(
+      self,
+      job: _Job,
+      store: io.ComponentStore,
+      greader: bundles.BundleReader,
+      writer: bundles.BundleWriter | None,
+      *,
+      chunk_mb: float,
+      row_block: int,
+      compute_dtype: Any,
+      explain_rule: str,
+  ):
     self.job, self.store, self.greader, self.writer = job, store, greader, writer
     self.row_block, self.compute_dtype = row_block, compute_dtype
     m, n, k = job.m, job.n, job.k
@@ -324,8 +362,10 @@ class _TensorReplay:
   def vector_stages(self) -> None:
     """The whole-vector stages: small, compared at once."""
     job = self.job
-    vec = {k_: np.asarray(v_) for k_, v_ in
-           core.vector_stages(self.s, self.offsets, compute_dtype=self.compute_dtype).items()}
+    vec = {
+        k_: np.asarray(v_)
+        for k_, v_ in core.vector_stages(self.s, self.offsets, compute_dtype=self.compute_dtype).items()
+    }
     vec["scaled_s"] = _to_np(vec["scaled_s"], _F32)
     vec["normalization"] = _to_np(vec["normalization"], _F32)
     for stage in ("offsets_f32", "scaled_s", "normalization"):
@@ -343,8 +383,15 @@ class _TensorReplay:
     # A fresh reader per chunk: safetensors maps the file, and every page read
     # through a long-lived mapping stays in our RSS.
     with bundles.BundleReader(self.greader.path) as chunk_reader:
-      res = core.row_stages(u_chunk, self.s, self.v_nk, self.offsets, compute_dtype=jnp.dtype(self.compute_dtype),
-                            row_block=self.row_block, capture=True)
+      res = core.row_stages(
+          u_chunk,
+          self.s,
+          self.v_nk,
+          self.offsets,
+          compute_dtype=jnp.dtype(self.compute_dtype),
+          row_block=self.row_block,
+          capture=True,
+      )
       res = jax.device_get(res)
       ours_chunk = {st: _to_np(res[st], _F32) for st in core.ROW_STAGES}
       bits_chunk = bf16_bits(res["final_bf16"], "torch")  # torch's NaN encoding, comparable with Python
@@ -354,8 +401,15 @@ class _TensorReplay:
         sl = slice(b0 - r0, b1 - r0)
         self._block(chunk_reader, b0, b1, {st: a[sl] for st, a in ours_chunk.items()}, bits_chunk[sl], u_chunk[sl])
 
-  def _block(self, chunk_reader: bundles.BundleReader, b0: int, b1: int, ours: dict[str, np.ndarray],
-             ours_bits: np.ndarray, u_rows: np.ndarray) -> None:
+  def _block(
+      self,
+      chunk_reader: bundles.BundleReader,
+      b0: int,
+      b1: int,
+      ours: dict[str, np.ndarray],
+      ours_bits: np.ndarray,
+      u_rows: np.ndarray,
+  ) -> None:
     job, checks, fc = self.job, self.checks, self.fc
 
     def golden_row(stage: str) -> np.ndarray:
@@ -365,28 +419,37 @@ class _TensorReplay:
     checks["source_f32"].update(src, src, origin=(b0, 0))
     us_norms = row_norms(ours["u_scaled"])
     checks["u_scaled"].update(golden_row("u_scaled"), ours["u_scaled"], origin=(b0, 0))
-    checks["matmul_pre_norm"].update(golden_row("matmul_pre_norm"), ours["matmul_pre_norm"], origin=(b0, 0),
-                                     tol=matmul_tolerance(us_norms, self.v_norms, job.k, fc.u))
+    checks["matmul_pre_norm"].update(
+        golden_row("matmul_pre_norm"),
+        ours["matmul_pre_norm"],
+        origin=(b0, 0),
+        tol=matmul_tolerance(us_norms, self.v_norms, job.k, fc.u),
+    )
     us0_norms = row_norms(np.asarray(u_rows).astype(self.compute_dtype).astype(np.float64) * self.s_cd[None, :])
-    checks["zero_source_f32"].update(golden_row("zero_source_f32"), ours["zero_source_f32"], origin=(b0, 0),
-                                     tol=matmul_tolerance(us0_norms * (1 + fc.u), self.v_norms, job.k, fc.u))
+    checks["zero_source_f32"].update(
+        golden_row("zero_source_f32"),
+        ours["zero_source_f32"],
+        origin=(b0, 0),
+        tol=matmul_tolerance(us0_norms * (1 + fc.u), self.v_norms, job.k, fc.u),
+    )
     self.zero_vs_source.update(src, ours["zero_source_f32"], origin=(b0, 0))
     tol_adapted = adapted_tolerance(us_norms, self.v_norms, fc)
-    checks["adapted_source_f32"].update(golden_row("adapted_source_f32"), ours["adapted_source_f32"],
-                                        origin=(b0, 0), tol=tol_adapted)
+    checks["adapted_source_f32"].update(
+        golden_row("adapted_source_f32"), ours["adapted_source_f32"], origin=(b0, 0), tol=tol_adapted
+    )
     if self.transpose:
       g_f32 = io.read_columns(self.greader.path, job.key("final_f32"), b0, b1)  # [n, rows]
       g_bf16 = io.read_columns(self.greader.path, job.key("final_bf16"), b0, b1)
-      checks["final_f32"].update(g_f32, ours["adapted_source_f32"].T, origin=(0, b0), tol=tol_adapted.T,
-                                 hash_rows=False)
+      checks["final_f32"].update(
+          g_f32, ours["adapted_source_f32"].T, origin=(0, b0), tol=tol_adapted.T, hash_rows=False
+      )
       checks["final_bf16"].update(g_bf16, ours_bits.view(_BF16).T, origin=(0, b0), hash_rows=False)
       golden_bits_src = np.ascontiguousarray(g_bf16.view(np.uint16).T)
       self.full_final_f32[:, b0:b1] = ours["adapted_source_f32"].T
       self.full_final_bits[:, b0:b1] = ours_bits.T
     else:
       g_bf16 = golden_row("final_bf16")
-      checks["final_f32"].update(golden_row("final_f32"), ours["adapted_source_f32"], origin=(b0, 0),
-                                 tol=tol_adapted)
+      checks["final_f32"].update(golden_row("final_f32"), ours["adapted_source_f32"], origin=(b0, 0), tol=tol_adapted)
       checks["final_bf16"].update(g_bf16, ours_bits.view(_BF16), origin=(b0, 0))
       golden_bits_src = g_bf16.view(np.uint16)
     self.accounting.update(golden_bits_src, ours_bits, u_rows, self.v_nk, row_offset=b0)
@@ -405,8 +468,10 @@ class _TensorReplay:
       return {}
     job, n = self.job, self.job.n
     out: dict[str, tuple[str, str]] = {}
-    for stage, full, bf16 in (("final_f32", self.full_final_f32, False),
-                              ("final_bf16", self.full_final_bits.view(_BF16), True)):
+    for stage, full, bf16 in (
+        ("final_f32", self.full_final_f32, False),
+        ("final_bf16", self.full_final_bits.view(_BF16), True),
+    ):
       gh = ArrayHasher(bf16=bf16, nan_policy="torch")
       step = max(1, self.rows_per_chunk)
       for c0 in range(0, n, step):
@@ -434,8 +499,12 @@ class _TensorReplay:
         "target_shape": list(job.target_shape),
         "layout": self.store.layout,
         "orientation": job.orientation,
-        "chunking": {"rows_per_chunk": self.rows_per_chunk, "n_chunks": self.n_chunks,
-                     "chunked": self.n_chunks > 1, "row_block": self.row_block},
+        "chunking": {
+            "rows_per_chunk": self.rows_per_chunk,
+            "n_chunks": self.n_chunks,
+            "chunked": self.n_chunks > 1,
+            "row_block": self.row_block,
+        },
         "stages": stage_results,
         "final_bf16_sha256": stage_results["final_bf16"]["sha256"],
         "golden_final_bf16_sha256": stage_results["final_bf16"]["golden_sha256"],
@@ -466,15 +535,17 @@ class ReplayResult(Report):
     for t in self.report["tensors"]:
       failing = [s for s, r in t["stages"].items() if r["pass"] is False]
       e = t["explained"]
-      rows.append((
-          t["name"],
-          "x".join(str(d) for d in t["shape"]),
-          "T" if t["orientation"] == "transpose" else "I",
-          "ok" if not failing else "FAIL:" + ",".join(failing),
-          "identical" if t["final_bytes_equal"] else "differ",
-          f"{e['n_mismatch']} ({e['n_explained']}/{e['n_unexplained']})",
-          "PASS" if t["pass"] else "FAIL",
-      ))
+      rows.append(
+          (
+              t["name"],
+              "x".join(str(d) for d in t["shape"]),
+              "T" if t["orientation"] == "transpose" else "I",
+              "ok" if not failing else "FAIL:" + ",".join(failing),
+              "identical" if t["final_bytes_equal"] else "differ",
+              f"{e['n_mismatch']} ({e['n_explained']}/{e['n_unexplained']})",
+              "PASS" if t["pass"] else "FAIL",
+          )
+      )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -573,7 +644,9 @@ def replay(
     if out_bundle is not None:
       os.makedirs(stage_dir, exist_ok=True)
       specs = [(job.key(st), job.stage_shape(st), _stage_dtype(st)) for job in jobs for st in core.STAGES]
-      prov = default_provenance("parity_jax.svf.replay", golden_report=os.path.abspath(golden.report_path), layout=layout)
+      prov = default_provenance(
+          "parity_jax.svf.replay", golden_report=os.path.abspath(golden.report_path), layout=layout
+      )
       writer = bundles.BundleWriter(out_bundle, specs, prov, interleave=True)
     placement, assignment = _placement(jobs, devices if all_selected else 1)
     try:
@@ -583,9 +656,18 @@ def replay(
 
         def one(i: int, device: Any) -> dict[str, Any]:
           shared_bar.set_postfix_str(jobs[i].name)
-          return _replay_tensor(jobs[i], store, greader, shared_writer, mode=mode, chunk_mb=chunk_mb,
-                                row_block=row_block, compute_dtype=compute_dtype, explain_rule=explain_rule,
-                                progress=shared_bar)
+          return _replay_tensor(
+              jobs[i],
+              store,
+              greader,
+              shared_writer,
+              mode=mode,
+              chunk_mb=chunk_mb,
+              row_block=row_block,
+              compute_dtype=compute_dtype,
+              explain_rule=explain_rule,
+              progress=shared_bar,
+          )
 
         done: dict[int, dict[str, Any]] = {}
         for part in spread.gather(spread.run_on_devices(one, assignment)):
@@ -599,9 +681,16 @@ def replay(
         writer.abort()
       raise
 
-  settings = {"scope": "all_selected" if all_selected else "sample", "mode": mode, "layout": layout,
-              "selected_source_filter": selected_source_filter, "chunk_mb": chunk_mb, "row_block": row_block,
-              "compute_dtype": str(compute_dtype), "explain_rule": explain_rule}
+  settings = {
+      "scope": "all_selected" if all_selected else "sample",
+      "mode": mode,
+      "layout": layout,
+      "selected_source_filter": selected_source_filter,
+      "chunk_mb": chunk_mb,
+      "row_block": row_block,
+      "compute_dtype": str(compute_dtype),
+      "explain_rule": explain_rule,
+  }
   files = {"bundle": bundle_path, "components": comp_path, "offsets": off_path, "ours": out_bundle}
   return ReplayResult(_report(results, golden, settings, files, all_selected, placement))
 
@@ -664,25 +753,37 @@ def _golden_bundle(golden: io.GoldenRun, all_selected: bool) -> str:
   bundle_path = golden.all_selected_bundle if all_selected else golden.sample_bundle
   if not bundle_path:
     what = "stage_debug.all_selected_stage_tensor_file" if all_selected else "stage_debug.stage_tensor_file"
-    raise UsageError(f"setup error: {golden.report_path} names no {what}" + (" (all-selected replay needs an all-selected report)" if all_selected else ""))
+    raise UsageError(
+        f"setup error: {golden.report_path} names no {what}"
+        + (" (all-selected replay needs an all-selected report)" if all_selected else "")
+    )
   if not os.path.isfile(bundle_path):
     raise UsageError(f"setup error: golden stage bundle {bundle_path} does not exist")
   return bundle_path
 
 
-def _check_stage_dir(stage_dir: str | None, inputs: list[str | None], all_selected: bool, overwrite: bool) -> str | None:
+def _check_stage_dir(
+    stage_dir: str | None, inputs: list[str | None], all_selected: bool, overwrite: bool
+) -> str | None:
   """Our bundle's path under ``stage_dir`` (None without one); never on or inside an input, never over an old one."""
   if not stage_dir:
     return None
   name = io.ALL_SELECTED_BUNDLE if all_selected else io.SAMPLE_BUNDLE
   input_dirs = {os.path.dirname(os.path.abspath(p)) for p in inputs if p}
-  check_output_dir(stage_dir, [p for p in inputs if p] + sorted(input_dirs), "stage_dir", overwrite=overwrite,
-                   will_write=[name])
+  check_output_dir(
+      stage_dir, [p for p in inputs if p] + sorted(input_dirs), "stage_dir", overwrite=overwrite, will_write=[name]
+  )
   return os.path.join(stage_dir, name)
 
 
-def _report(results: list[dict[str, Any]], golden: io.GoldenRun, settings: dict[str, Any], files: dict[str, str | None],
-            all_selected: bool, placement: dict[str, Any]) -> dict[str, Any]:
+def _report(
+    results: list[dict[str, Any]],
+    golden: io.GoldenRun,
+    settings: dict[str, Any],
+    files: dict[str, str | None],
+    all_selected: bool,
+    placement: dict[str, Any],
+) -> dict[str, Any]:
   """The replay's JSON document: settings, backend, inputs, per-tensor results, summary and verdict."""
   ours_combined = combined_sha256((r["name"], r["final_bf16_sha256"]) for r in results)
   golden_combined = combined_sha256((r["name"], r["golden_final_bf16_sha256"]) for r in results)
@@ -705,7 +806,10 @@ def _report(results: list[dict[str, Any]], golden: io.GoldenRun, settings: dict[
   return {
       "format": io.REPORT_FORMAT,
       "producer": "parity_jax.svf.replay",
-      **{k: settings[k] for k in ("scope", "mode", "layout", "selected_source_filter", "chunk_mb", "row_block", "compute_dtype")},
+      **{
+          k: settings[k]
+          for k in ("scope", "mode", "layout", "selected_source_filter", "chunk_mb", "row_block", "compute_dtype")
+      },
       "matmul_precision": "HIGHEST",
       "sum_order": "torch_cpu_cascade",
       "nan_policy": "torch",
@@ -719,9 +823,15 @@ def _report(results: list[dict[str, Any]], golden: io.GoldenRun, settings: dict[
           "backend": golden.report.get("backend"),
           "torch_self_consistency": self_check or None,
       },
-      "components": {"components_file": os.path.abspath(files["components"]), "offsets_file": os.path.abspath(files["offsets"])},
-      "stage_debug": {("all_selected_stage_tensor_file" if all_selected else "stage_tensor_file"):
-                      os.path.abspath(files["ours"]) if files["ours"] else None},
+      "components": {
+          "components_file": os.path.abspath(files["components"]),
+          "offsets_file": os.path.abspath(files["offsets"]),
+      },
+      "stage_debug": {
+          ("all_selected_stage_tensor_file" if all_selected else "stage_tensor_file"): os.path.abspath(files["ours"])
+          if files["ours"]
+          else None
+      },
       "stage_tolerances": {s: {"rule": r, "why": w} for s, (r, w) in STAGE_TOLERANCES.items()},
       "tensors": results,
       "combined_sha256": ours_combined,

@@ -24,13 +24,7 @@ import numpy as np
 from parity_jax.dtypes import NAN_POLICIES, bf16_bits, c_contiguous
 from parity_jax.errors import UsageError
 
-__all__ = [
-    "ArrayHasher",
-    "bf16_sha256",
-    "combined_sha256",
-    "safe_source_name",
-    "sha256_array",
-]
+__all__ = ["ArrayHasher", "bf16_sha256", "combined_sha256", "safe_source_name", "sha256_array"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 

@@ -78,7 +78,9 @@ def _one_file(directory: str, suffix: str, what: str) -> str:
 
 def find_component_files(components_dir: str) -> tuple[str, str]:
   """``(components_path, offsets_path)`` in ``components_dir`` (exactly one of each)."""
-  return _one_file(components_dir, COMPONENTS_SUFFIX, "components"), _one_file(components_dir, OFFSETS_SUFFIX, "scale offsets")
+  return _one_file(components_dir, COMPONENTS_SUFFIX, "components"), _one_file(
+      components_dir, OFFSETS_SUFFIX, "scale offsets"
+  )
 
 
 class ComponentStore:
@@ -111,7 +113,12 @@ class ComponentStore:
       if name not in self._o:
         raise UsageError(f"{offsets_path}: no scale offsets for {name}")
       self._dims[name] = validate_components(
-          self._c.shape(f"{name}.U"), self._c.shape(f"{name}.S"), self._c.shape(f"{name}.V"), self._o.shape(name), layout, name
+          self._c.shape(f"{name}.U"),
+          self._c.shape(f"{name}.S"),
+          self._c.shape(f"{name}.V"),
+          self._o.shape(name),
+          layout,
+          name,
       )
       safe = safe_source_name(name)
       if safe in safe_seen:
@@ -262,4 +269,3 @@ def load_golden(python_report: str | None = None, golden_dir: str | None = None)
       all_selected_bundle=_resolve(base, debug.get("all_selected_stage_tensor_file")),
       components_dir=_resolve(base, comps.get("directory")) if comps.get("directory") is not None else None,
   )
-

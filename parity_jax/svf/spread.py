@@ -105,8 +105,9 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
   import jax
 
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
   return True
 
 
@@ -121,6 +122,6 @@ def gather(obj: Any) -> list[Any]:
   data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
   buf = np.zeros(int(sizes.max()), np.uint8)
-  buf[:data.size] = data
+  buf[: data.size] = data
   everything = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
-  return [pickle.loads(everything[p, :int(sizes[p])].tobytes()) for p in range(len(sizes))]
+  return [pickle.loads(everything[p, : int(sizes[p])].tobytes()) for p in range(len(sizes))]

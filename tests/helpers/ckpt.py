@@ -40,8 +40,10 @@ def generated_source() -> dict:
   return {
       "params": {
           "blocks": [
-              {"w": rng.standard_normal((1, 6, 40)).astype(np.float32),
-               "b": rng.standard_normal((1, 40)).astype(ml_dtypes.bfloat16)},
+              {
+                  "w": rng.standard_normal((1, 6, 40)).astype(np.float32),
+                  "b": rng.standard_normal((1, 40)).astype(ml_dtypes.bfloat16),
+              },
               {"w": w1, "b": rng.standard_normal((1, 40)).astype(ml_dtypes.bfloat16)},
           ],
           "emb": emb,
@@ -83,8 +85,7 @@ def expected_migrated(src: dict) -> dict:
           "mask": p["mask"],
           "odd": p["odd"][0],
       },
-      "opt": {"count": o["count"], "lr": np.array(o["lr"], np.float64),
-              "mu": {"0": o["mu"][0], "1": o["mu"][1]}},
+      "opt": {"count": o["count"], "lr": np.array(o["lr"], np.float64), "mu": {"0": o["mu"][0], "1": o["mu"][1]}},
       "step": np.array(src["step"], np.int64),
       "name": src["name"],
   }
@@ -95,16 +96,23 @@ def example_expected_migrated(src: dict) -> dict:
   names = {"g": "gate_proj", "u": "up_proj", "d": "down_proj"}
 
   def rename(tree, squeeze):
-    return {f"layers.{l}.mlp.{names[k]}": (
-        {vu: (v[0] if squeeze else v) for vu, v in leaf.items()} if isinstance(leaf, dict) else leaf)
-        for l, kinds in tree.items() for k, leaf in kinds.items()}
+    return {
+        f"layers.{l}.mlp.{names[k]}": (
+            {vu: (v[0] if squeeze else v) for vu, v in leaf.items()} if isinstance(leaf, dict) else leaf
+        )
+        for l, kinds in tree.items()
+        for k, leaf in kinds.items()
+    }
 
   out = {"step": src["step"]}
   for grp, squeeze in (("components", True), ("ci_fn", False), ("sources", False)):
     out[grp] = rename(src[grp], squeeze)
     opt = src[f"{grp}_opt_state"]
-    out[f"{grp}_opt_state"] = {"mu": rename(opt["mu"], squeeze), "nu": rename(opt["nu"], squeeze),
-                               "count": opt["count"]}
+    out[f"{grp}_opt_state"] = {
+        "mu": rename(opt["mu"], squeeze),
+        "nu": rename(opt["nu"], squeeze),
+        "count": opt["count"],
+    }
   return out
 
 
@@ -155,7 +163,11 @@ def run_tool(module: str, *args: str, env: dict | None = None, timeout: float = 
   full_env = dict(os.environ, **(env or {}))
   return subprocess.run(
       [sys.executable, "-m", f"tools.{module}", *args],
-      cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+      cwd=REPO,
+      env=full_env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
   )
 
 

@@ -24,15 +24,29 @@ def device_env(n: int = 8, **extra: str) -> dict[str, str]:
   return env
 
 
-def run_python(code: str, args: Sequence[str] = (), n: int = 8, timeout: float = 300,
-               **env: str) -> subprocess.CompletedProcess:
+def run_python(
+    code: str, args: Sequence[str] = (), n: int = 8, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
   """``python -c code args...`` from the repository root on ``n`` forced host devices."""
-  return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=device_env(n, **env), capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+      [sys.executable, "-c", code, *args],
+      cwd=ROOT,
+      env=device_env(n, **env),
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
 
 
-def run_module(module: str, args: Sequence[str] = (), n: int = 8, timeout: float = 300,
-               **env: str) -> subprocess.CompletedProcess:
+def run_module(
+    module: str, args: Sequence[str] = (), n: int = 8, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
   """``python -m module args...`` from the repository root on ``n`` forced host devices."""
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=device_env(n, **env), capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+      [sys.executable, "-m", module, *args],
+      cwd=ROOT,
+      env=device_env(n, **env),
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )

@@ -9,16 +9,25 @@ from __future__ import annotations
 import numpy as np
 
 
-def tiny_qwen(kind: str = "qwen2", num_layers: int = 4, init: float = 0.02, seed: int = 0, hidden: int = 64,
-              vocab: int = 256):
+def tiny_qwen(
+    kind: str = "qwen2", num_layers: int = 4, init: float = 0.02, seed: int = 0, hidden: int = 64, vocab: int = 256
+):
   """A seeded random HF model in float32, eager attention, with non-zero q/k/v biases (Qwen2) so that dropping one shows."""
   import torch
   import transformers
 
   torch.manual_seed(seed)
-  common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=init,
-                tie_word_embeddings=False)
+  common = dict(
+      vocab_size=vocab,
+      hidden_size=hidden,
+      intermediate_size=2 * hidden,
+      num_hidden_layers=num_layers,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=128,
+      initializer_range=init,
+      tie_word_embeddings=False,
+  )
   if kind == "qwen2":
     config = transformers.Qwen2Config(**common)
     model_cls = transformers.Qwen2ForCausalLM

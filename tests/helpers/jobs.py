@@ -16,17 +16,33 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(module: str, args: list[str], n: int = 2, env: dict | None = None,
-          extra: dict | None = None) -> list[subprocess.Popen]:
+def start(
+    module: str, args: list[str], n: int = 2, env: dict | None = None, extra: dict | None = None
+) -> list[subprocess.Popen]:
   """``python -m tools.<module> args`` as processes 0..n-1 of one job; ``extra[i]``: more arguments for process i."""
   port = free_port()
   procs = []
   for i in range(n):
     more = (extra or {}).get(i, [])
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", f"tools.{module}", *args, *more, f"--coordinator_address=127.0.0.1:{port}",
-         f"--num_processes={n}", f"--process_id={i}"],
-        cwd=REPO, env=dict(os.environ, **(env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                f"tools.{module}",
+                *args,
+                *more,
+                f"--coordinator_address=127.0.0.1:{port}",
+                f"--num_processes={n}",
+                f"--process_id={i}",
+            ],
+            cwd=REPO,
+            env=dict(os.environ, **(env or {})),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    )
   return procs
 
 

@@ -58,8 +58,14 @@ def load(fixture_dir: pathlib.Path) -> Fixture:
   for name, item in ex["items"].items():
     leaves = tuple(Leaf("/".join(l["keys"]), l["dtype"], tuple(l["shape"]), l["sha256"]) for l in item["leaves"])
     items[name] = (fixture_dir / item["item_dir"], leaves)
-  return Fixture(ex["versions"]["orbax-checkpoint"], fixture_dir.name, fixture_dir, fixture_dir / ex["checkpoint_path"],
-                 items, ex["options"])
+  return Fixture(
+      ex["versions"]["orbax-checkpoint"],
+      fixture_dir.name,
+      fixture_dir,
+      fixture_dir / ex["checkpoint_path"],
+      items,
+      ex["options"],
+  )
 
 
 def all_fixtures() -> list[Fixture]:

@@ -36,8 +36,9 @@ def main(dest: str, port: int, process_id: int) -> None:
   import jax
 
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
-                             initialization_timeout=60)
+  jax.distributed.initialize(
+      coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id, initialization_timeout=60
+  )
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
   from orbax.checkpoint import v1 as ocp_v1
 

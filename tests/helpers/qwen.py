@@ -42,8 +42,12 @@ def config_dict(model_type: str = "qwen2", style: str = "5.x", **over: Any) -> d
   if model_type == "qwen3":
     cfg.update(head_dim=16, attention_bias=False)
   if style == "5.x":
-    cfg.update(rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}, dtype="float32",
-               sliding_window=None, layer_types=["full_attention"] * cfg["num_hidden_layers"])
+    cfg.update(
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+        dtype="float32",
+        sliding_window=None,
+        layer_types=["full_attention"] * cfg["num_hidden_layers"],
+    )
   else:
     cfg.update(rope_theta=10000.0, rope_scaling=None, sliding_window=4096, torch_dtype="bfloat16")
   cfg.update(over)
@@ -62,8 +66,9 @@ def random_tensors(cfg_dict: dict[str, Any], seed: int = 0, scale: float = 0.3) 
   return tensors
 
 
-def write_checkpoint(path: os.PathLike, cfg_dict: dict[str, Any], tensors: dict[str, np.ndarray],
-                     shards: int | None = None) -> pathlib.Path:
+def write_checkpoint(
+    path: os.PathLike, cfg_dict: dict[str, Any], tensors: dict[str, np.ndarray], shards: int | None = None
+) -> pathlib.Path:
   """Writes config.json and either model.safetensors or ``shards`` files plus model.safetensors.index.json."""
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,9 @@ import numpy as np
 from parity_jax.bundles import qwen_graph as stage_names
 
 
-def golden_stages(num_layers: int = 3, qk_norm: bool = False, seed: int = 0, tokens: int = 4, hidden: int = 16,
-                  vocab: int = 48) -> dict[str, np.ndarray]:
+def golden_stages(
+    num_layers: int = 3, qk_norm: bool = False, seed: int = 0, tokens: int = 4, hidden: int = 16, vocab: int = 48
+) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   out = {}
   for name in stage_names.qwen_stage_names(num_layers, qk_norm):

@@ -30,8 +30,9 @@ SVF_GOLDENS = ROOT / "goldens" / "svf"
 _F32 = np.float32
 
 
-def sequential_order(u: np.ndarray, s: np.ndarray, v_nk: np.ndarray, offsets: np.ndarray,
-                     normalization: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sequential_order(
+    u: np.ndarray, s: np.ndarray, v_nk: np.ndarray, offsets: np.ndarray, normalization: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
   """``(matmul_pre_norm, adapted)`` in float32 with the matmul summed term by term over ``k``.
 
   ``normalization`` is the golden's own scalar, so only the matmul's order differs.
@@ -76,7 +77,12 @@ def alternative_order_goldens(dst: pathlib.Path, src: pathlib.Path = SVF_GOLDENS
       pre, adapted = sequential_order(st.u(name), st.s(name), st.v_nk(name), st.offsets(name), norm)
       final = adapted.astype(ml_dtypes.bfloat16)
       n_ties += int((final.view(np.uint16) != all_b[tensor_key(name, "final_bf16")].view(np.uint16)).sum())
-      for stage, value in (("matmul_pre_norm", pre), ("adapted_source_f32", adapted), ("final_f32", adapted), ("final_bf16", final)):
+      for stage, value in (
+          ("matmul_pre_norm", pre),
+          ("adapted_source_f32", adapted),
+          ("final_f32", adapted),
+          ("final_bf16", final),
+      ):
         all_new[tensor_key(name, stage)] = value
       if name == sample_name:  # the sample is stored in its target orientation ([in, out]: a transpose)
         for stage, value in (("matmul_pre_norm", pre), ("adapted_source_f32", adapted)):

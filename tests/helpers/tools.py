@@ -29,19 +29,34 @@ class Result:
   stderr: str
 
 
-def run(tool: str, *args: str, env: dict[str, str] | None = None, cwd: str | os.PathLike = ROOT,
-        timeout: float = 300) -> subprocess.CompletedProcess:
+def run(
+    tool: str, *args: str, env: dict[str, str] | None = None, cwd: str | os.PathLike = ROOT, timeout: float = 300
+) -> subprocess.CompletedProcess:
   """``python -m tools.<tool> args`` in its own process."""
-  return subprocess.run([sys.executable, "-m", f"tools.{tool}", *map(str, args)], cwd=cwd, capture_output=True,
-                        text=True, env=env, timeout=timeout)
+  return subprocess.run(
+      [sys.executable, "-m", f"tools.{tool}", *map(str, args)],
+      cwd=cwd,
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=timeout,
+  )
 
 
-def run_many(tool: str, argvs: Sequence[Sequence[str]], env: dict[str, str] | None = None,
-             timeout: float = 300) -> list[Result]:
+def run_many(
+    tool: str, argvs: Sequence[Sequence[str]], env: dict[str, str] | None = None, timeout: float = 300
+) -> list[Result]:
   """Every argument list through ``tool`` in one child process; one :class:`Result` per list."""
   payload = json.dumps([[str(a) for a in argv] for argv in argvs])
-  p = subprocess.run([sys.executable, "-m", "tests.helpers.tool_batch", tool], input=payload, cwd=ROOT,
-                     capture_output=True, text=True, env=env, timeout=timeout)
+  p = subprocess.run(
+      [sys.executable, "-m", "tests.helpers.tool_batch", tool],
+      input=payload,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=timeout,
+  )
   if p.returncode != 0:
     raise AssertionError(f"tool_batch failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
   return [Result(**r) for r in json.loads(p.stdout.splitlines()[-1])]
