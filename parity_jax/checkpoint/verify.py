@@ -401,36 +401,15 @@ def verify_migration(
   makes every other process print one line naming it and exit with code 2
   (see :mod:`parity_jax.distributed`).
   """
+  args = dict(top_k=top_k, slab_mb=slab_mb, spill_dir=spill_dir, readahead=readahead, progress=progress, log=log)
   if not distributed:
-    return _verify(
-        source,
-        migrated,
-        spec,
-        top_k=top_k,
-        slab_mb=slab_mb,
-        spill_dir=spill_dir,
-        readahead=readahead,
-        progress=progress,
-        log=log,
-        job=None,
-    )
+    return _verify(source, migrated, spec, job=None, **args)
   from parity_jax import distributed as dist
 
   job = dist.attach(peer_timeout_s or dist.DEFAULT_TIMEOUT_S, "verify")
   with job:
     try:
-      return _verify(
-          source,
-          migrated,
-          spec,
-          top_k=top_k,
-          slab_mb=slab_mb,
-          spill_dir=spill_dir,
-          readahead=readahead,
-          progress=progress,
-          log=log,
-          job=job,
-      )
+      return _verify(source, migrated, spec, job=job, **args)
     except UsageError as e:
       job.fail(str(e))
       raise
