@@ -234,7 +234,11 @@ def render_html(report: "BundleReport") -> str:
     ]
     out.append(
         f"<tr style='background:{row_bg};{bold}'>"
-        + "".join(f"<td style='text-align:{a};padding:1px 6px;{extra}'>{c}</td>" for c, a, extra in cells)
+        + "".join(
+            f"<td style='text-align:{a};padding:1px 6px;{wrap}{extra}'>{c}</td>"
+            for i, (c, a, extra) in enumerate(cells)
+            for wrap in ["" if i >= len(cells) - 2 else "white-space:nowrap;"]  # numbers never wrap mid-value
+        )
         + "</tr>"
     )
   out.append("</tbody></table>")

@@ -141,9 +141,8 @@ class VerifyReport(Report):
   bytes_read: int = 0
   spec: dict[str, Any] | None = None
   distributed: dict[str, Any] | None = None  # the job's figures when run across processes (None: one process)
-  storage: dict[str, dict[str, Any]] | None = (
-      None  # per side: the layout facts the reader used (Checkpoint.storage_facts)
-  )
+  # per side: the layout facts the reader used (Checkpoint.storage_facts)
+  storage: dict[str, dict[str, Any]] | None = None
 
   @property
   def groups(self) -> dict[str, GroupResult]:
