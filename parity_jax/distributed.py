@@ -271,9 +271,12 @@ class Job:
       return
     data = zlib.compress(bytes(value), 1)
     parts = [data[i : i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [b""]
-    for i, p in enumerate(parts):
-      self.client.key_value_set_bytes(self._key(f"{key}/part{i}"), p)
-    self.client.key_value_set(self._key(f"{key}/n"), str(len(parts)))
+    try:
+      for i, p in enumerate(parts):
+        self.client.key_value_set_bytes(self._key(f"{key}/part{i}"), p)
+      self.client.key_value_set(self._key(f"{key}/n"), str(len(parts)))
+    except Exception as e:  # noqa: BLE001 -- the store (process 0) is gone
+      self._lost_store(e)
 
   def try_get(self, key: str) -> bytes | None:
     """The value under ``key`` if it is there now, else None."""
@@ -286,7 +289,10 @@ class Job:
     return self._read_parts(key, n)
 
   def _read_parts(self, key: str, n: int) -> bytes:
-    parts = [self.client.blocking_key_value_get_bytes(self._key(f"{key}/part{i}"), 60_000) for i in range(n)]
+    try:  # the parts are stored before their count: they are there unless the store itself went away
+      parts = [self.client.blocking_key_value_get_bytes(self._key(f"{key}/part{i}"), 60_000) for i in range(n)]
+    except Exception as e:  # noqa: BLE001 -- e.g. process 0 killed between reading the count and the parts
+      self._lost_store(e)
     return zlib.decompress(b"".join(parts))
 
   def wait_for(self, key: str) -> bytes:
@@ -366,9 +372,10 @@ class Job:
       time.sleep(0.05)
 
   def _abort(self, message: str, post: bool = True, lost: int | None = None) -> None:
-    """Cleanup hooks, one line on stderr, exit 2; at most once per process, from any thread."""
+    """Cleanup hooks, one line on stderr, exit 2; at most once per process, from any thread (never returns)."""
     if not self._aborting.acquire(blocking=False):
-      return
+      while True:  # another thread is already ending the process: wait for its os._exit, raise nothing here
+        time.sleep(1)
     if post and self.client is not None:
       try:
         self.client.key_value_set(self._key("abort"), message)

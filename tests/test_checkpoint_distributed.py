@@ -269,3 +269,35 @@ def test_assign_splits_by_bytes_and_orders_the_relay():
   # a leaf under half a share goes whole to the process that holds most of it
   work = assign([500, 200, 500], [[500], [100, 200], [500]], 2)
   assert [[(w.pair, w.rank) for w in ws] for ws in work] == [[(0, None), (1, None)], [(2, None)]]
+
+
+# A coordinator that dies between two calls of one exchange: the store answers one call and fails the next.
+_LOST_MID_EXCHANGE = """
+import sys
+from parity_jax.distributed import Job
+
+class Client:
+  def key_value_try_get(self, key):
+    return "1"  # the count of parts is there...
+  def blocking_key_value_get_bytes(self, key, timeout_ms):
+    raise RuntimeError("UNAVAILABLE: recvmsg:Connection reset by peer")  # ...but the store is gone
+  def key_value_set_bytes(self, key, value):
+    raise RuntimeError("UNAVAILABLE: Failed to send RPC to coordination service")
+  key_value_set = key_value_set_bytes
+
+job = Job(Client(), 1, 2, 5.0, "t")
+job.on_abort(lambda: print("cleanup ran", flush=True))
+getattr(job, sys.argv[1])(*[a.encode() if i else a for i, a in enumerate(sys.argv[2:])])  # publish takes bytes
+print("returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("call", [["try_get", "k"], ["publish", "k", "v"]], ids=["read", "write"])
+def test_a_store_lost_mid_exchange_is_one_line_and_exit_2(call):
+  p = subprocess.run(
+      [sys.executable, "-c", _LOST_MID_EXCHANGE, *call], cwd=H.REPO, capture_output=True, text=True, timeout=60
+  )
+  assert p.returncode == 2, p.stdout + p.stderr
+  assert p.stdout == "cleanup ran\n"  # the job's clean-ups ran; the call never returned
+  lines = p.stderr.strip().splitlines()
+  assert len(lines) == 1 and "lost process 0 (the coordinator) of 2" in lines[0] and "UNAVAILABLE" in lines[0], lines
