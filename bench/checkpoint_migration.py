@@ -40,6 +40,10 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench import children  # noqa: E402
+
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -156,37 +160,13 @@ def _child(task: str, args: dict) -> dict:
       t0 = time.perf_counter()
       r.read(tuple(slice(0, 1) for _ in meta.shape))
   elif task == "naive":
-    import numpy as np
-
-    from parity_jax.checkpoint import RemapSpec, open_checkpoint
-    from parity_jax.checkpoint.keypath import flatten
-
-    def restore(path):
-      item = open_checkpoint(path).item_dir
-      with quiet_orbax():
-        if args["numpy"]:
-          meta = ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
-          ra = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-          return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(restore_args=ra))
-        return ocp.PyTreeCheckpointer().restore(item)
-
-    src = flatten(restore(args["source"]))
-    mig = flatten(restore(args["migrated"]))
-    plan = RemapSpec.from_json(args["spec"]).bind({p: _Meta(np.shape(v)) for p, v in src.items()})
-    ok = all(
-        compare.bit_equal(p.transform.apply(np.asarray(src[p.source])), np.asarray(mig[p.dest])) for p in plan.leaves
+    out["passed"], out["n_leaves"] = children.naive_restore_compare(
+        args["source"], args["migrated"], args["spec"], numpy=args["numpy"]
     )
-    out["passed"] = bool(ok) and len(mig) == len(plan.leaves)
   else:
     raise SystemExit(f"unknown task {task}")
   out.update(task=task, baseline_rss=baseline, seconds=time.perf_counter() - t0)
   return out
-
-
-class _Meta:
-
-  def __init__(self, shape):
-    self.shape, self.kind = tuple(shape), "array"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,29 +174,8 @@ class _Meta:
 
 
 def _run(task: str, **args) -> dict:
-  """Runs one task in a fresh child; returns its result plus peak RSS from wait4's rusage."""
-  cmd = [sys.executable, os.path.abspath(__file__), "--child", task, "--args", json.dumps(args)]
-  with tempfile.TemporaryFile(mode="w+") as err:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
-    out_text = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-      err.seek(0)
-      raise SystemExit(f"{task} failed ({proc.returncode}):\n{err.read()[-3000:]}")
-  result = json.loads(out_text.strip().splitlines()[-1])
-  result["peak_rss"] = usage.ru_maxrss * 1024  # Linux: KiB
-  result["peak_above_baseline"] = result["peak_rss"] - result["baseline_rss"]
-  return result
-
-
-def _best(runs: list[dict]) -> dict:
-  """The fastest of repeated runs, with the largest peak of any of them (and every run kept)."""
-  best = dict(min(runs, key=lambda r: r["seconds"]))
-  best["peak_above_baseline"] = max(r["peak_above_baseline"] for r in runs)
-  best["passed"] = all(r.get("passed", True) for r in runs)
-  best["runs"] = [{k: r[k] for k in ("seconds", "peak_above_baseline")} for r in runs]
-  return best
+  """Runs one task in a fresh child (see :mod:`bench.children`)."""
+  return children.run_child(__file__, task, **args)
 
 
 def _files(*dirs: str) -> list[str]:
@@ -353,8 +312,8 @@ def main() -> None:
           jn = naive.setdefault(key, ([], []))
           jn[0].append(_run("naive", source=d[src], migrated=d[mig], spec=spec, numpy=False))
           jn[1].append(_run("naive", source=d[src], migrated=d[mig], spec=spec, numpy=True))
-      r["verify"] = v = _best(runs["verify"])
-      nj, nn = _best(naive[key][0]), _best(naive[key][1])
+      r["verify"] = v = children.best(runs["verify"])
+      nj, nn = children.best(naive[key][0]), children.best(naive[key][1])
       r["naive_jax"], r["naive_numpy"] = nj, nn
       assert v["passed"] and nj["passed"] and nn["passed"]
       results[f"verify {label}"] = r

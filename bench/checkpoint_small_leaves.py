@@ -35,6 +35,10 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench import children  # noqa: E402
+
 MIB = 1 << 20
 
 SPEC = {
@@ -68,12 +72,12 @@ def _rss() -> int:
 def _child(task: str, args: dict) -> dict:
   sys.path.insert(0, REPO)
   import numpy as np
-  import orbax.checkpoint as ocp
+  import orbax.checkpoint as ocp  # noqa: F401 -- loaded before the baseline RSS (the naive task uses it)
   from orbax.checkpoint import v1 as ocp_v1
 
-  import jax
+  import jax  # noqa: F401
 
-  from parity_jax import compare
+  from parity_jax import compare  # noqa: F401
   from parity_jax.checkpoint import migrate, verify_migration
   from parity_jax.checkpoint.tstore import quiet_orbax
 
@@ -106,61 +110,18 @@ def _child(task: str, args: dict) -> dict:
       modes[r.read_mode] = modes.get(r.read_mode, 0) + 1
     out["modes"] = modes
   elif task == "naive":
-    from parity_jax.checkpoint import RemapSpec, open_checkpoint
-    from parity_jax.checkpoint.keypath import flatten
-
-    def restore(path):
-      item = open_checkpoint(path).item_dir
-      with quiet_orbax():
-        if args["numpy"]:
-          meta = ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
-          ra = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-          return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(restore_args=ra))
-        return ocp.PyTreeCheckpointer().restore(item)
-
-    src = flatten(restore(args["source"]))
-    mig = flatten(restore(args["migrated"]))
-    plan = RemapSpec.from_json(args["spec"]).bind({p: _Meta(np.shape(v)) for p, v in src.items()})
-    ok = all(
-        compare.bit_equal(p.transform.apply(np.asarray(src[p.source])), np.asarray(mig[p.dest])) for p in plan.leaves
+    out["passed"], out["n_leaves"] = children.naive_restore_compare(
+        args["source"], args["migrated"], args["spec"], numpy=args["numpy"]
     )
-    out["passed"] = bool(ok) and len(mig) == len(plan.leaves)
-    out["n_leaves"] = len(plan.leaves)
   else:
     raise SystemExit(f"unknown task {task}")
   out.update(task=task, baseline_rss=baseline, seconds=time.perf_counter() - t0)
   return out
 
 
-class _Meta:
-
-  def __init__(self, shape):
-    self.shape, self.kind = tuple(shape), "array"
-
-
 def _run(task: str, **args) -> dict:
-  """Runs one task in a fresh child; returns its result plus peak RSS from wait4's rusage."""
-  cmd = [sys.executable, os.path.abspath(__file__), "--child", task, "--args", json.dumps(args)]
-  with tempfile.TemporaryFile(mode="w+") as err:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
-    out_text = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-      err.seek(0)
-      raise SystemExit(f"{task} failed ({proc.returncode}):\n{err.read()[-3000:]}")
-  result = json.loads(out_text.strip().splitlines()[-1])
-  result["peak_rss"] = usage.ru_maxrss * 1024  # Linux: KiB
-  result["peak_above_baseline"] = result["peak_rss"] - result["baseline_rss"]
-  return result
-
-
-def _best(runs: list[dict]) -> dict:
-  best = dict(min(runs, key=lambda r: r["seconds"]))
-  best["peak_above_baseline"] = max(r["peak_above_baseline"] for r in runs)
-  best["passed"] = all(r.get("passed", True) for r in runs)
-  best["runs"] = [{k: r[k] for k in ("seconds", "peak_above_baseline")} for r in runs]
-  return best
+  """Runs one task in a fresh child (see :mod:`bench.children`)."""
+  return children.run_child(__file__, task, **args)
 
 
 def _warm(*dirs: str) -> None:
@@ -217,7 +178,7 @@ def main() -> None:
         runs["verify"].append(_run("verify", source=src, migrated=mig, spec=spec))
         runs["naive_numpy"].append(_run("naive", source=src, migrated=mig, spec=spec, numpy=True))
         runs["naive_jax"].append(_run("naive", source=src, migrated=mig, spec=spec, numpy=False))
-      best = {k: _best(v) for k, v in runs.items()}
+      best = {k: children.best(v) for k, v in runs.items()}
       assert all(b["passed"] for b in best.values()), best
       n = best["verify"]["n_leaves"]
       rate = {k: n / b["seconds"] for k, b in best.items()}
