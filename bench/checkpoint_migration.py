@@ -81,14 +81,6 @@ def _shapes(scale: float) -> dict[str, tuple[tuple[int, ...], str]]:
 # Child tasks (run in fresh processes)
 
 
-def _rss() -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) * 1024
-  return 0
-
-
 def _child(task: str, args: dict) -> dict:
   sys.path.insert(0, REPO)
   import numpy as np  # noqa: F401
@@ -102,7 +94,7 @@ def _child(task: str, args: dict) -> dict:
 
   import jax  # noqa: F401
 
-  baseline = _rss()
+  baseline = children.rss()
   t0 = time.perf_counter()
   out: dict = {}
   if task == "generate":
@@ -156,7 +148,7 @@ def _child(task: str, args: dict) -> dict:
     ck = open_checkpoint(args["source"])
     meta = ck.leaves[args["leaf"]]
     with LeafReader(ck, meta, cache_bytes=int(meta.nbytes * 1.1)) as r:
-      baseline = _rss()
+      baseline = children.rss()
       t0 = time.perf_counter()
       r.read(tuple(slice(0, 1) for _ in meta.shape))
   elif task == "naive":

@@ -61,14 +61,6 @@ def _tree_paths(n: int) -> list[str]:
   return out[:n]
 
 
-def _rss() -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) * 1024
-  return 0
-
-
 def _child(task: str, args: dict) -> dict:
   sys.path.insert(0, REPO)
   import numpy as np
@@ -81,7 +73,7 @@ def _child(task: str, args: dict) -> dict:
   from parity_jax.checkpoint import migrate, verify_migration
   from parity_jax.checkpoint.tstore import quiet_orbax
 
-  baseline = _rss()
+  baseline = children.rss()
   t0 = time.perf_counter()
   out: dict = {}
   if task == "generate":

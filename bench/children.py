@@ -18,6 +18,15 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def rss() -> int:
+  """This process's resident set size now, in bytes (``VmRSS``)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) * 1024
+  return 0
+
+
 def run_child(script: str, task: str, **args: Any) -> dict:
   """Runs ``task`` of ``script`` in a fresh child; its result plus peak RSS from wait4's rusage."""
   cmd = [sys.executable, os.path.abspath(script), "--child", task, "--args", json.dumps(args)]

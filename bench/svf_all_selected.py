@@ -46,7 +46,7 @@ from absl import app, flags  # noqa: E402
 from parity_jax.provenance import default_provenance
 from parity_jax import bundles as stages  # noqa: E402
 from parity_jax.oracle import to_numpy  # noqa: E402
-from parity_jax.oracle.svf_goldens import torch_formula  # noqa: E402
+from parity_jax.oracle.svf_goldens import STAGE_NAMES, torch_formula  # noqa: E402
 from parity_jax.svf import reconstruct, tensor_key  # noqa: E402
 from parity_jax.svf.bounds import FormulaConstants, MismatchAccounting  # noqa: E402
 
@@ -146,24 +146,13 @@ def build_embedding_golden(workdir: str, vocab: int, seed: int = 7) -> None:
   with torch.no_grad():
     stg = torch_formula(ut, st, vt, ot)
     stg["source_f32"] = stg["zero_source_f32"]  # the "original" matrix these components reproduce
-  order = [
-      "source_f32",
-      "offsets_f32",
-      "scaled_s",
-      "normalization",
-      "u_scaled",
-      "matmul_pre_norm",
-      "zero_source_f32",
-      "adapted_source_f32",
-      "final_f32",
-      "final_bf16",
-  ]
+
   specs = [
       (tensor_key(EMBED, k), tuple(stg[k].shape), ml_dtypes.bfloat16 if k == "final_bf16" else np.float32)
-      for k in order
+      for k in STAGE_NAMES
   ]
   with stages.BundleWriter(os.path.join(workdir, "svf_all_selected_stage_debug.safetensors"), specs, prov) as w:
-    for k in order:
+    for k in STAGE_NAMES:
       w.write(tensor_key(EMBED, k), to_numpy(stg[k]))
   final_sha = hashlib.sha256(to_numpy(stg["final_bf16"]).tobytes()).hexdigest()
   del stg
@@ -179,9 +168,10 @@ def build_embedding_golden(workdir: str, vocab: int, seed: int = 7) -> None:
 
 
 def rss_section(workdir: str, vocab: int, chunk_mb: float) -> dict:
-  os.makedirs(workdir, exist_ok=True)
+  golden = os.path.join(workdir, "golden")  # the tool's input; its reports go beside it, never inside
+  os.makedirs(golden, exist_ok=True)
   t0 = time.perf_counter()
-  build_embedding_golden(workdir, vocab)
+  build_embedding_golden(golden, vocab)
   gc.collect()
   setup_s = time.perf_counter() - t0
   out = {"setup_s": setup_s}
@@ -191,7 +181,7 @@ def rss_section(workdir: str, vocab: int, chunk_mb: float) -> dict:
         sys.executable,
         "-m",
         "tools.svf_parity",
-        f"--golden_dir={workdir}",
+        f"--golden_dir={golden}",
         "--all_selected_tensors",
         f"--chunk_mb={mb}",
         f"--out={rep}",
