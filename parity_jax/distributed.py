@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 import zlib
-from typing import Callable
+from typing import Callable, NoReturn
 
 from parity_jax.errors import UsageError, first_line
 
@@ -67,6 +67,41 @@ DEFAULT_TIMEOUT_S = 120.0
 EXIT_LOST = 2
 _CHUNK = 1 << 20  # bytes per key-value entry (gRPC messages stay far below their limits)
 _FAIL_GRACE_S = 3.0  # how long a failing process 0 keeps the store up for the others to read why
+
+
+def exit_lost(message: str, process_id: int) -> NoReturn:
+  """One ``error:`` line on stderr, then exit 2 at once: a process of the job is gone, and Python's normal exit
+  would wait in JAX's shutdown barrier for it."""
+  prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "parity_jax"
+  try:
+    sys.stdout.flush()
+  except Exception:  # noqa: BLE001
+    pass
+  line = f"{prog}: error: {message} (this is process {process_id}; exiting 2)\n".encode()
+  try:
+    fd = sys.stderr.fileno()  # under a supervisor, fd 2 is the runtime's pipe and sys.stderr the real stderr
+  except Exception:  # noqa: BLE001 -- no usable sys.stderr
+    fd = 2
+  try:
+    os.write(fd, line)
+  except OSError:
+    pass
+  os._exit(EXIT_LOST)
+
+
+_STALL_ENV = "PARITY_JAX_DIST_STALL"  # test hook: "<process_id>:<seconds>"
+
+
+def maybe_stall(process_id: int) -> None:
+  """Test hook: process ``process_id`` sleeps here when ``PARITY_JAX_DIST_STALL=<process_id>:<seconds>``.
+
+  Called where a job's processes do their own share (before they exchange results), so tests can kill
+  or delay one process at a known point; it says so on stderr first.
+  """
+  who, _, seconds = os.environ.get(_STALL_ENV, "").partition(":")
+  if who.strip() == str(process_id) and seconds:
+    print(f"parity_jax: process {process_id} stalling for {seconds} s", file=sys.stderr, flush=True)
+    time.sleep(float(seconds))
 
 
 class JobAborted(UsageError):
@@ -387,21 +422,7 @@ class Job:
         fn()
       except Exception:  # noqa: BLE001 -- best effort: we are leaving
         pass
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "parity_jax"
-    try:
-      sys.stdout.flush()
-    except Exception:  # noqa: BLE001
-      pass
-    line = f"{prog}: error: {message} (this is process {self.process_id}; exiting 2)\n".encode()
-    try:
-      fd = sys.stderr.fileno()  # under a supervisor, fd 2 is the runtime's pipe and sys.stderr the real stderr
-    except Exception:  # noqa: BLE001 -- no usable sys.stderr
-      fd = 2
-    try:
-      os.write(fd, line)
-    except OSError:
-      pass
-    os._exit(EXIT_LOST)
+    exit_lost(message, self.process_id)
 
   def _lost_store(self, e: BaseException) -> None:
     if self.is_coordinator:

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from parity_jax.errors import UsageError
 from parity_jax.files import file_sha256
 from parity_jax.svf import replay, spread
+from tests.helpers import jobs
 from tests.helpers import svf as svf_testlib
 from tests.helpers.devices import ROOT, device_env, run_module
 
@@ -125,9 +128,11 @@ def test_two_processes_give_the_single_device_report(reference):
 def test_bad_spread_arguments_are_usage_errors(reference):
   with pytest.raises(UsageError, match=r"devices must lie in \[0, 1\] \(0: all\), got 2"):
     replay(golden_dir=str(reference["golden"]), all_selected=True, devices=2)
-  with pytest.raises(UsageError, match="--coordinator_address, --num_processes and --process_id go together"):
+  with pytest.raises(
+      UsageError, match="a distributed launch needs coordinator_address, num_processes and process_id together"
+  ):
     spread.initialize(None, 2, None)
-  with pytest.raises(UsageError, match=r"--process_id must lie in \[0, --num_processes=2\), got 2"):
+  with pytest.raises(UsageError, match=r"process_id must be in \[0, 2\), got 2"):
     spread.initialize("127.0.0.1:1", 2, 2)
   assert spread.initialize(None, None, None) is False and spread.gather({"a": 1}) == [{"a": 1}]
 
@@ -136,3 +141,26 @@ def test_balance_is_longest_first_to_the_least_loaded():
   assert spread.balance([5, 4, 3, 3, 3], 2) == [[0, 3], [1, 2, 4]]
   assert spread.balance([1, 1, 1], 4) == [[0], [1], [2], []]
   assert spread.balance([2, 2, 2, 2], 2) == [[0, 2], [1, 3]]  # ties go to the lower index, in job order
+
+
+def test_killing_process_0_makes_process_1_exit_2_with_one_line(reference, tmp_path):
+  out = tmp_path / "r.json"
+  args = [
+      f"--golden_dir={reference['golden']}",
+      "--all_selected_tensors",
+      f"--out={out}",
+      "--chunk_mb=0.05",
+      "--row_block=32",
+      "--progress=false",
+      "--peer_timeout=30",
+  ]
+  # process 0 replays its tensors, then stalls before the results are gathered; process 1 waits in the gather
+  procs = jobs.start("svf_parity", args, env=dict(device_env(2), PARITY_JAX_DIST_STALL="0:3600"))
+  jobs.wait_for_line(procs[0], "stalling")
+  t0 = time.monotonic()
+  procs[0].send_signal(signal.SIGKILL)
+  (rc0, _, _), (rc1, out1, err1) = jobs.finish(procs, timeout=60)
+  lines = [line for line in err1.splitlines() if line.strip()]
+  assert rc0 == -signal.SIGKILL and rc1 == 2, (rc1, out1, err1)
+  assert len(lines) == 1 and "error: lost process 0 (the coordinator)" in lines[0] and "Traceback" not in err1, err1
+  assert time.monotonic() - t0 < 20 and not out.exists()

@@ -46,9 +46,7 @@ import ctypes.util
 import dataclasses
 import hashlib
 import json
-import os
 import resource
-import sys
 import time
 from typing import Any, Callable
 
@@ -59,20 +57,10 @@ from parity_jax.checkpoint import geometry, stream
 from parity_jax.checkpoint.layout import Checkpoint, LeafMeta
 from parity_jax.checkpoint.reader import LeafReadError, LeafReader
 from parity_jax.checkpoint.spec import LeafPlan
-from parity_jax.distributed import Job
+from parity_jax.distributed import Job, maybe_stall
 from parity_jax.errors import UsageError
 
 __all__ = ["Sha256State", "Work", "assign", "run_values"]
-
-_STALL_ENV = "PARITY_JAX_DIST_STALL"  # test hook: "<process_id>:<seconds>" sleeps before that process's share
-
-
-def _maybe_stall(process_id: int) -> None:
-  spec = os.environ.get(_STALL_ENV, "")
-  who, _, seconds = spec.partition(":")
-  if who.strip() == str(process_id) and seconds:
-    print(f"parity_jax: process {process_id} stalling for {seconds} s", file=sys.stderr, flush=True)
-    time.sleep(float(seconds))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +260,7 @@ def run_values(
   t0 = time.perf_counter()
   plan = _plan_job(job, to_compare, src_ckpt, mig_ckpt, buffers, readahead)
   mine = plan.work[job.process_id]
-  _maybe_stall(job.process_id)
+  maybe_stall(job.process_id)
   ranges = _Ranges(
       job,
       plan.metas,

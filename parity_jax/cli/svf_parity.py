@@ -78,22 +78,21 @@ _DEVICES = flags.DEFINE_integer(
     "With --all_selected_tensors: spread the tensors over this many devices, balanced by FLOPs (0: every device JAX sees, across processes under jax.distributed). The report is the single-device one.",
     lower_bound=0,
 )
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address",
-    None,
-    "jax.distributed: host:port of process 0 (with --num_processes and --process_id); each process replays the tensors of its own devices, process 0 prints and writes the report.",
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "jax.distributed: the number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "jax.distributed: this process's index.")
+# jax.distributed: each process replays the tensors of its own devices; process 0 prints and writes the report
+_DIST = app.distributed_flags(__name__)
 
 
 def main(argv):
   del argv
   from parity_jax.errors import UsageError
   from parity_jax.files import check_output_path
-  from parity_jax.svf import replay, spread  # after flag parsing: a bad flag should not pay for importing jax
+  from parity_jax.svf import replay  # after flag parsing: a bad flag should not pay for importing jax
 
-  spread.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  dist = _DIST()
+  if dist.requested:
+    from parity_jax import distributed
+
+    distributed.initialize(dist)
   if (_REPORT.value is None) == (_GOLDEN.value is None):
     raise UsageError("give exactly one of --python_report and --golden_dir")
   if _OUT.value:

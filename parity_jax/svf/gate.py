@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parity_jax import bundles
+from parity_jax import bundles, distributed
 from parity_jax.compare import DiffAccumulator
 from parity_jax.dtypes import BF16 as _BF16, bf16_bits
 from parity_jax.errors import UsageError
@@ -670,7 +670,9 @@ def replay(
           )
 
         done: dict[int, dict[str, Any]] = {}
-        for part in spread.gather(spread.run_on_devices(one, assignment)):
+        mine = spread.run_on_devices(one, assignment)
+        distributed.maybe_stall(jax.process_index())
+        for part in spread.gather(mine):
           done.update(part)
         results = [done[i] for i in range(len(jobs))]
       _check_report_hashes(golden, results, all_selected)

@@ -91,23 +91,18 @@ def run_on_devices(fn: Callable[[int, Any], Any], assignment: Sequence[tuple[Any
 
 
 def initialize(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> bool:
-  """``jax.distributed.initialize`` from tool flags (gloo collectives on CPU); False when not asked to.
+  """``jax.distributed.initialize`` from the three launch arguments (gloo collectives on CPU); False when none
+  is given (one process alone needs no coordinator). Call before anything touches a JAX backend.
 
-  All three or none: one process alone needs no coordinator. Call before anything touches a JAX backend.
+  The same as :func:`parity_jax.distributed.initialize`, which the tools use (with ``--distributed`` for
+  cluster detection and ``--peer_timeout``).
   """
-  given = [v is not None for v in (coordinator_address, num_processes, process_id)]
-  if not any(given):
-    return False
-  if not all(given):
-    raise UsageError("--coordinator_address, --num_processes and --process_id go together")
-  if num_processes < 1 or not 0 <= process_id < num_processes:
-    raise UsageError(f"--process_id must lie in [0, --num_processes={num_processes}), got {process_id}")
-  import jax
+  from parity_jax import distributed
 
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(
-      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
-  )
+  opts = distributed.Options(coordinator_address, num_processes, process_id)
+  if not opts.requested:
+    return False
+  distributed.initialize(opts)
   return True
 
 
@@ -120,8 +115,18 @@ def gather(obj: Any) -> list[Any]:
   from jax.experimental import multihost_utils
 
   data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
-  sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
-  buf = np.zeros(int(sizes.max()), np.uint8)
-  buf[: data.size] = data
-  everything = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+  try:
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[: data.size] = data
+    everything = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+  except Exception as e:  # noqa: BLE001 -- the collective fails when a process of the job is gone
+    from parity_jax import distributed
+    from parity_jax.errors import first_line
+
+    me, others = jax.process_index(), [p for p in range(jax.process_count()) if p != jax.process_index()]
+    who = "a process of the job"
+    if len(others) == 1:
+      who = f"process {others[0]}" + (" (the coordinator)" if others[0] == 0 else "")
+    distributed.exit_lost(f"lost {who}: gathering the results failed ({first_line(e)})", me)
   return [pickle.loads(everything[p, : int(sizes[p])].tobytes()) for p in range(len(sizes))]
