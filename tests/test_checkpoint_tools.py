@@ -16,6 +16,7 @@ import pytest
 from tests.helpers import ckpt as H
 from parity_jax.checkpoint import migrate, verify_migration
 from tests.helpers.files import hash_file_tree
+from tests.helpers.tools import run_many
 from parity_jax.checkpoint.layout import resolve_item_dir
 from parity_jax.errors import UsageError
 
@@ -88,47 +89,45 @@ def test_verify_cli_pass_and_fail_exit_codes_and_report(ck, tmp_path):
   assert entry["diff"]["top_k"][0]["index"] == [1, 2]
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "missing source",
-        "missing migrated",
-        "missing spec",
-        "not a checkpoint",
-        "malformed JSON",
-        "rule matches nothing",
-        "leaf matched twice",
-        "partial flags",
-        "report inside checkpoint",
-        "unknown flag",
-        "negative readahead",
-    ],
-)
-def test_verify_bad_input_exits_2_with_one_line(ck, tmp_path, case):
+VERIFY_BAD = [
+    "missing source",
+    "missing migrated",
+    "missing spec",
+    "not a checkpoint",
+    "malformed JSON",
+    "rule matches nothing",
+    "leaf matched twice",
+    "partial flags",
+    "report inside checkpoint",
+    "unknown flag",
+    "negative readahead",
+]
+
+
+def _verify_bad_case(ck, d, case):
+  """(argv, needle) of one bad verify call; its files go in the fresh directory ``d``."""
   src, mig, spec = ck["src"], ck["mig"], ck["spec"]
   extra = []
   needle = ""
   if case == "missing source":
-    src, needle = str(tmp_path / "nope"), "source checkpoint does not exist"
+    src, needle = str(d / "nope"), "source checkpoint does not exist"
   elif case == "missing migrated":
-    mig, needle = str(tmp_path / "nope"), "migrated checkpoint does not exist"
+    mig, needle = str(d / "nope"), "migrated checkpoint does not exist"
   elif case == "missing spec":
-    spec, needle = str(tmp_path / "nope.json"), "spec file does not exist"
+    spec, needle = str(d / "nope.json"), "spec file does not exist"
   elif case == "not a checkpoint":
-    (tmp_path / "junk").mkdir()
-    (tmp_path / "junk" / "weights.bin").write_bytes(b"\0" * 10)
-    mig, needle = str(tmp_path / "junk"), "is not an Orbax checkpoint"
+    (d / "junk").mkdir()
+    (d / "junk" / "weights.bin").write_bytes(b"\0" * 10)
+    mig, needle = str(d / "junk"), "is not an Orbax checkpoint"
   elif case == "malformed JSON":
-    spec = H.write_spec(tmp_path / "s.json", {})
-    (tmp_path / "s.json").write_text('{"rules": [')
+    spec = H.write_spec(d / "s.json", {})
+    (d / "s.json").write_text('{"rules": [')
     needle = "is not valid JSON"
   elif case == "rule matches nothing":
-    spec = H.write_spec(tmp_path / "s.json", {"rules": H.GENERATED_SPEC["rules"] + [{"match": "^ghost$", "to": "g"}]})
+    spec = H.write_spec(d / "s.json", {"rules": H.GENERATED_SPEC["rules"] + [{"match": "^ghost$", "to": "g"}]})
     needle = "rule #6 ('^ghost$') matches no source leaf"
   elif case == "leaf matched twice":
-    spec = H.write_spec(
-        tmp_path / "s.json", {"rules": H.GENERATED_SPEC["rules"] + [{"match": "^step$", "to": "step2"}]}
-    )
+    spec = H.write_spec(d / "s.json", {"rules": H.GENERATED_SPEC["rules"] + [{"match": "^step$", "to": "step2"}]})
     needle = "source leaf 'step' matches 2 rules: #5, #6"
   elif case == "partial flags":
     spec, needle = None, "missing --spec"
@@ -141,53 +140,84 @@ def test_verify_bad_input_exits_2_with_one_line(ck, tmp_path, case):
   args = [f"--source={src}", f"--migrated={mig}", "--noprogress", *extra]
   if spec is not None:
     args.append(f"--spec={spec}")
+  return args, needle
+
+
+@pytest.fixture(scope="module")
+def verify_bad(ck, tmp_path_factory):
+  """Every bad verify call, through the real tool, in one process (tests.helpers.tools.run_many)."""
   before = hash_file_tree(ck["mig"])
-  proc = H.run_tool("verify_migration", *args)
+  cases = {c: _verify_bad_case(ck, tmp_path_factory.mktemp("verify_bad"), c) for c in VERIFY_BAD}
+  results = run_many("verify_migration", [args for args, _ in cases.values()])
+  return {c: (res, needle) for (c, (_, needle)), res in zip(cases.items(), results)}, before
+
+
+@pytest.mark.parametrize("case", VERIFY_BAD)
+def test_verify_bad_input_exits_2_with_one_line(ck, verify_bad, case):
+  results, before = verify_bad
+  proc, needle = results[case]
   line = _one_error_line(proc, "verify_migration.py")
   assert needle in line
   assert proc.stdout == ""
   assert hash_file_tree(ck["mig"]) == before
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "missing source",
-        "not a checkpoint",
-        "malformed JSON",
-        "rule matches nothing",
-        "leaf matched twice",
-        "dest exists",
-        "dest inside source",
-        "missing flag",
-    ],
-)
-def test_migrate_bad_input_exits_2_with_one_line_and_writes_nothing(ck, tmp_path, case):
-  src, spec, dest = ck["src"], ck["spec"], str(tmp_path / "out")
+MIGRATE_BAD = [
+    "missing source",
+    "not a checkpoint",
+    "malformed JSON",
+    "rule matches nothing",
+    "leaf matched twice",
+    "dest exists",
+    "dest inside source",
+    "missing flag",
+]
+
+
+def _migrate_bad_case(ck, d, case):
+  """(argv, needle, dest) of one bad migrate call; its files go in the fresh directory ``d``."""
+  src, spec, dest = ck["src"], ck["spec"], str(d / "out")
   needle = ""
   if case == "missing source":
-    src, needle = str(tmp_path / "nope"), "source checkpoint does not exist"
+    src, needle = str(d / "nope"), "source checkpoint does not exist"
   elif case == "not a checkpoint":
-    (tmp_path / "junk").mkdir()
-    src, needle = str(tmp_path / "junk"), "is not an Orbax checkpoint"
+    (d / "junk").mkdir()
+    src, needle = str(d / "junk"), "is not an Orbax checkpoint"
   elif case == "malformed JSON":
-    (tmp_path / "s.json").write_text("{'rules': []}")
-    spec, needle = str(tmp_path / "s.json"), "is not valid JSON"
+    (d / "s.json").write_text("{'rules': []}")
+    spec, needle = str(d / "s.json"), "is not valid JSON"
   elif case == "rule matches nothing":
-    spec = H.write_spec(tmp_path / "s.json", {"rules": H.GENERATED_SPEC["rules"] + [{"match": "^ghost$", "to": "g"}]})
+    spec = H.write_spec(d / "s.json", {"rules": H.GENERATED_SPEC["rules"] + [{"match": "^ghost$", "to": "g"}]})
     needle = "matches no source leaf"
   elif case == "leaf matched twice":
-    spec = H.write_spec(tmp_path / "s.json", {"rules": H.GENERATED_SPEC["rules"] + [{"match": "^name$", "to": "n"}]})
+    spec = H.write_spec(d / "s.json", {"rules": H.GENERATED_SPEC["rules"] + [{"match": "^name$", "to": "n"}]})
     needle = "source leaf 'name' matches 2 rules"
   elif case == "dest exists":
     shutil.copytree(ck["mig"], dest)
     needle = "destination already exists"
   elif case == "dest inside source":
     dest, needle = os.path.join(ck["src"], "migrated"), "lies inside the source checkpoint"
-  before_src = hash_file_tree(ck["src"])
-  before_dest = hash_file_tree(dest) if os.path.exists(dest) else None
   args = [f"--source={src}", f"--spec={spec}", "--noprogress"] + ([] if case == "missing flag" else [f"--dest={dest}"])
-  proc = H.run_tool("migrate_checkpoint", *args)
+  return args, needle, dest
+
+
+@pytest.fixture(scope="module")
+def migrate_bad(ck, tmp_path_factory):
+  """Every bad migrate call, through the real tool, in one process; each case's files and hashes before it."""
+  before_src = hash_file_tree(ck["src"])
+  cases = {}
+  for c in MIGRATE_BAD:
+    d = tmp_path_factory.mktemp("migrate_bad")
+    args, needle, dest = _migrate_bad_case(ck, d, c)
+    cases[c] = (args, needle, d, dest, hash_file_tree(dest) if os.path.exists(dest) else None)
+  results = run_many("migrate_checkpoint", [v[0] for v in cases.values()])
+  return {c: (res, *v[1:]) for (c, v), res in zip(cases.items(), results)}, before_src
+
+
+@pytest.mark.parametrize("case", MIGRATE_BAD)
+def test_migrate_bad_input_exits_2_with_one_line_and_writes_nothing(ck, migrate_bad, case):
+  results, before_src = migrate_bad
+  proc, needle, d, dest, before_dest = results[case]
   line = _one_error_line(proc, "migrate_checkpoint.py")
   assert needle in line
   assert hash_file_tree(ck["src"]) == before_src
@@ -195,7 +225,8 @@ def test_migrate_bad_input_exits_2_with_one_line_and_writes_nothing(ck, tmp_path
     assert not os.path.exists(dest)
   else:
     assert hash_file_tree(dest) == before_dest
-  assert not [p for p in os.listdir(tmp_path) if ".migrating-" in p]
+  assert not [p for p in os.listdir(d) if ".migrating-" in p]
+  assert not [p for p in os.listdir(os.path.dirname(ck["src"])) if ".migrating-" in p]
 
 
 def test_migrate_cli_progress_then_verify(ck, tmp_path):
