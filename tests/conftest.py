@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# Every test process and the tools' subprocesses (dozens of short-lived ones, compiling the same small models)
+# share a persistent XLA compilation cache; XLA's compilation is deterministic, so a cached executable is the one
+# a fresh compilation gives. The GPU suite's test opts out (its determinism check compiles twice on purpose).
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"parity_jax_tests_xla_cache_{os.getuid()}")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from tests.helpers.seed import ENV, TEST_SEED
 

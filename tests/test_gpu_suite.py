@@ -34,7 +34,12 @@ runpy.run_module("bench.gpu_suite", run_name="__main__", alter_sys=True)
 
 
 def _run(out, blocked, *args):
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  # as on the GPU machine: no forced devices, and no compilation cache (its determinism check compiles twice)
+  env = {
+      k: v
+      for k, v in os.environ.items()
+      if k not in ("XLA_FLAGS", "JAX_PLATFORMS") and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))
+  }
   env.update(PYTHONPATH=".", JAX_PLATFORMS="cpu")
   return subprocess.run(
       [sys.executable, "-c", RUNNER, ",".join(blocked), f"--out={out}", *args],
