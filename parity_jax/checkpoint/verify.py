@@ -569,8 +569,7 @@ def _values(
   """Phase 2, one pair at a time in reused buffers; fills each result's status. Returns the bytes read."""
   total = sum(2 * src_ckpt.leaves[p.source].nbytes for p, _ in to_compare)
   buffers = stream.Buffers(max(4096, int(slab_mb * _MIB)))
-  pairs = [(src_ckpt.leaves[p.source], mig_ckpt.leaves[p.dest]) for p, _ in to_compare]
-  small = stream.SmallPairs(src_ckpt, mig_ckpt, pairs, leaf_bytes=min(buffers.nbytes, stream.SMALL_LEAF_BYTES))
+  small = _small_pairs([p for p, _ in to_compare], src_ckpt, mig_ckpt, buffers)
   with progress_bar(total, "verify", enabled=show_progress) as bar, contextlib.closing(small):
     prog = _Progress(bar)
     for i, (p, res) in enumerate(to_compare):
@@ -590,6 +589,14 @@ def _values(
       )
     bar.set_postfix_str(f"{len(to_compare)}/{len(to_compare)} leaves")
   return prog.bytes
+
+
+def _small_pairs(
+    plans: list[LeafPlan], src_ckpt: Checkpoint, mig_ckpt: Checkpoint, buffers: stream.Buffers
+) -> stream.SmallPairs:
+  """The small pairs among ``plans``, read whole in batches (:class:`.stream.SmallPairs`)."""
+  pairs = [(src_ckpt.leaves[p.source], mig_ckpt.leaves[p.dest]) for p in plans]
+  return stream.SmallPairs(src_ckpt, mig_ckpt, pairs, leaf_bytes=min(buffers.nbytes, stream.SMALL_LEAF_BYTES))
 
 
 def _compare_one(
@@ -664,13 +671,11 @@ def _values_distributed(
     small: list[stream.SmallPairs] = []
 
     def prepare_whole(indices: list[int]) -> None:  # this process's whole pairs: the small ones in batches
-      pairs = [(src_ckpt.leaves[to_compare[i][0].source], mig_ckpt.leaves[to_compare[i][0].dest]) for i in indices]
-      small.append(
-          stream.SmallPairs(src_ckpt, mig_ckpt, pairs, leaf_bytes=min(buffers.nbytes, stream.SMALL_LEAF_BYTES))
-      )
+      small.append(_small_pairs([to_compare[i][0] for i in indices], src_ckpt, mig_ckpt, buffers))
 
     def compare_whole(p: LeafPlan, res: LeafResult, on_bytes: Callable[[int], None]) -> None:
-      batch = small[0] if small and (p.source, p.dest) in small[0] else None  # process 0 redoes others unbatched
+      # a pair outside the batches (or one process 0 compares again) gets None from SmallPairs.take: streamed
+      batch = small[0] if small else None
       _compare_one(
           src_ckpt,
           mig_ckpt,
