@@ -88,7 +88,7 @@ def _child(task: str, args: dict) -> dict:
   import orbax.checkpoint as ocp  # noqa: F401
   from orbax.checkpoint import v1 as ocp_v1  # noqa: F401
 
-  from parity_jax import compare  # noqa: F401
+  from parity_jax import arraydiff  # noqa: F401
   from parity_jax.checkpoint import migrate, verify_migration  # noqa: F401
   from parity_jax.checkpoint.tstore import quiet_orbax
 

@@ -16,7 +16,7 @@ Each measurement runs in a fresh subprocess; peak RSS is that child's
 measured in the same run and interleaved with the verifier (``--reps`` times,
 fastest time and largest peak reported), is the naive way: restore both full
 trees with ``PyTreeCheckpointer().restore`` (as numpy arrays, and as jax
-arrays) and compare every pair with :func:`parity_jax.compare.bit_equal`.
+arrays) and compare every pair with :func:`parity_jax.arraydiff.bit_equal`.
 Target: the verifier's leaves/s >= 2x the naive restore's on both trees.
 Files are read from a warm page cache (cat'ed first). The generated
 checkpoints under /tmp are removed at the end unless ``--keep``.
@@ -69,7 +69,7 @@ def _child(task: str, args: dict) -> dict:
 
   import jax  # noqa: F401
 
-  from parity_jax import compare  # noqa: F401
+  from parity_jax import arraydiff  # noqa: F401
   from parity_jax.checkpoint import migrate, verify_migration
   from parity_jax.checkpoint.tstore import quiet_orbax
 

@@ -69,7 +69,7 @@ def naive_restore_compare(source: str, migrated: str, spec: str, *, numpy: bool)
   import numpy as np
   import orbax.checkpoint as ocp
 
-  from parity_jax import compare
+  from parity_jax import arraydiff
   from parity_jax.checkpoint import RemapSpec, open_checkpoint
   from parity_jax.checkpoint.keypath import flatten
   from parity_jax.checkpoint.tstore import quiet_orbax
@@ -87,6 +87,6 @@ def naive_restore_compare(source: str, migrated: str, spec: str, *, numpy: bool)
   mig = flatten(restore(migrated))
   plan = RemapSpec.from_json(spec).bind({p: _ShapeOnly(np.shape(v)) for p, v in src.items()})
   ok = all(
-      compare.bit_equal(p.transform.apply(np.asarray(src[p.source])), np.asarray(mig[p.dest])) for p in plan.leaves
+      arraydiff.bit_equal(p.transform.apply(np.asarray(src[p.source])), np.asarray(mig[p.dest])) for p in plan.leaves
   )
   return bool(ok) and len(mig) == len(plan.leaves), len(plan.leaves)

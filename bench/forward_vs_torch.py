@@ -139,7 +139,7 @@ def main(argv):
   import numpy as np
 
   from parity_jax import qwen2
-  from parity_jax.compare import diff_stats
+  from parity_jax.arraydiff import diff_stats
   from parity_jax.qwen2 import model as qmodel
 
   load_start = os.getloadavg()

@@ -9,7 +9,7 @@ Subpackages are imported lazily so that ``import parity_jax`` stays cheap
 * :mod:`parity_jax.bundles`    -- stage bundles and their comparison: tolerance, verdict, report, plot
 * :mod:`parity_jax.oracle`     -- the independent oracle (HF transformers + torch): goldens
 * :mod:`parity_jax.cli`        -- the command-line tools (console scripts ``parity-*``)
-* foundations: :mod:`~parity_jax.compare` (bit-exact equality, diff statistics),
+* foundations: :mod:`~parity_jax.arraydiff` (bit-exact equality, diff statistics),
   :mod:`~parity_jax.dtypes`, :mod:`~parity_jax.files`, :mod:`~parity_jax.jsonio`,
   :mod:`~parity_jax.report`, :mod:`~parity_jax.progress`, :mod:`~parity_jax.provenance`,
   :mod:`~parity_jax.errors`

@@ -8,7 +8,7 @@ import json
 import numpy as np
 
 from tests.helpers import ckpt as H
-from parity_jax import compare
+from parity_jax import arraydiff
 from parity_jax.checkpoint import RemapSpec, open_checkpoint, restore_leaves, verify_migration
 from parity_jax.checkpoint.example import example_source_tree, example_spec_dict, leaf_sha256
 from parity_jax.checkpoint.keypath import flatten
@@ -36,7 +36,7 @@ def test_shipped_source_is_the_documented_tree_and_spec():
   assert ck.layout == "v0" and sorted(ck.leaves) == sorted(tree)
   vals = restore_leaves(ck, list(ck.leaves))
   for p, v in tree.items():
-    assert compare.bit_equal(vals[p], np.asarray(v)), p
+    assert arraydiff.bit_equal(vals[p], np.asarray(v)), p
     assert m["source_leaves"][p]["sha256"] == leaf_sha256(v)
   assert RemapSpec.from_json(H.EXAMPLE / "spec.json").to_dict() == RemapSpec.from_dict(example_spec_dict()).to_dict()
   # V and U differ in shape (swaps cannot hide), gate and up share shapes (only values tell them apart)

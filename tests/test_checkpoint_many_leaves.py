@@ -1,7 +1,7 @@
 """Many small leaves read in batches, and a two-piece leaf compared from the buffers its hash thread filled.
 
 Expected values are the numpy arrays written here; hashes are ``hashlib`` of
-their bytes and difference statistics :func:`parity_jax.compare.diff_stats`
+their bytes and difference statistics :func:`parity_jax.arraydiff.diff_stats`
 of the whole arrays, never the verifier's own output.
 """
 
@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 
-from parity_jax import compare
+from parity_jax import arraydiff
 from parity_jax.checkpoint import RemapSpec, migrate, stream, verify_migration
 from tests.helpers import ckpt as H
 
@@ -98,7 +98,7 @@ def test_a_fault_in_one_small_leaf_fails_exactly_that_leaf_with_whole_array_stat
   r = rep.leaf(leaf)
   _, l, k = leaf.split("/")
   g, b = good["model"][l][k], bad["model"][l][k]
-  assert r.diff.to_dict() == compare.diff_stats(g, b, top_k=10).to_dict()
+  assert r.diff.to_dict() == arraydiff.diff_stats(g, b, top_k=10).to_dict()
   assert (
       r.source_sha256 == hashlib.sha256(g.tobytes()).hexdigest() and r.sha256 == hashlib.sha256(b.tobytes()).hexdigest()
   )
@@ -166,7 +166,7 @@ def test_two_piece_leaf_fault_in_either_piece_is_caught_with_exact_stats(two_pie
   assert [r.migrated_path for r in rep.failures] == ["w"], rep.text()
   r = rep.leaf("w")
   assert r.status == "VALUE_MISMATCH" and r.diff.n_diff == 1 and list(r.diff.top_k[0].index) == list(where)
-  got, want = r.diff.to_dict(), compare.diff_stats(good, bad, top_k=10).to_dict()
+  got, want = r.diff.to_dict(), arraydiff.diff_stats(good, bad, top_k=10).to_dict()
   for k in ("cosine", "rel_l2", "rms_diff"):  # float64 sums over pieces: the order may change the last bits
     assert got.pop(k) == pytest.approx(want.pop(k), rel=1e-12, abs=1e-15), k
   assert got == want

@@ -2,7 +2,7 @@
 every read plan and hashing mode (pipelined, background, inline, spill, read-ahead) on leaves of many pieces.
 
 Expected hashes are ``hashlib.sha256(array.tobytes())`` of numpy arrays built here, and expected statistics are
-``compare.diff_stats`` on whole arrays, never values produced by the code under test.
+``arraydiff.diff_stats`` on whole arrays, never values produced by the code under test.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import itertools
 import numpy as np
 import pytest
 
-from parity_jax import compare
+from parity_jax import arraydiff
 from parity_jax.checkpoint import RemapSpec, geometry, migrate, stream, verify_migration
 from parity_jax.checkpoint.layout import LeafMeta
 from parity_jax.errors import UsageError
@@ -215,7 +215,7 @@ def test_mode_detects_fault_with_exact_hashes_and_stats(mode_pair, fault, monkey
   name, tmp, tree, src, good, mig_kw, ver_kw = mode_pair
   bad = {"w": good["w"].copy(), "s": good["s"]}
   FAULTS[fault](bad["w"])
-  assert not compare.bit_equal(bad["w"], good["w"])
+  assert not arraydiff.bit_equal(bad["w"], good["w"])
   mig = _migrated(tmp, f"bad_{abs(hash(fault))}", bad, **mig_kw)
   rep = _verify(src, mig, ver_kw, tmp, monkeypatch)
   assert not rep.passed and [r.migrated_path for r in rep.failures] == ["w"]
@@ -224,7 +224,7 @@ def test_mode_detects_fault_with_exact_hashes_and_stats(mode_pair, fault, monkey
   assert EXPECTED_MODE[name] in w.read_mode, w.read_mode
   assert w.source_sha256 == hashlib.sha256(good["w"].tobytes()).hexdigest()
   assert w.sha256 == hashlib.sha256(bad["w"].tobytes()).hexdigest()
-  want = compare.diff_stats(good["w"], bad["w"], top_k=10).to_dict()
+  want = arraydiff.diff_stats(good["w"], bad["w"], top_k=10).to_dict()
   got = w.diff.to_dict()
   for k in ("cosine", "rel_l2", "rms_diff"):  # float64 sums over pieces: the order may change the last bits
     assert got.pop(k) == pytest.approx(want.pop(k), rel=1e-12, abs=1e-15), k

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import ckpt as H
-from parity_jax import compare
+from parity_jax import arraydiff
 from parity_jax.checkpoint import (LeafReader, RemapSpec, migrate, open_checkpoint, restore_leaves, verify_migration)
 from parity_jax.checkpoint import stream
 from parity_jax.checkpoint.example import leaf_sha256
@@ -57,10 +57,10 @@ def _assert_tree_bit_equal(got: dict, want: dict):
     if isinstance(w, str):
       assert got[p] == w, p
     else:
-      assert compare.bit_equal(got[p], np.asarray(w)), p
+      assert arraydiff.bit_equal(got[p], np.asarray(w)), p
 
 
-def _assert_same_stats(got: compare.DiffStats, want: compare.DiffStats):
+def _assert_same_stats(got: arraydiff.DiffStats, want: arraydiff.DiffStats):
   """Streamed statistics equal whole-array ones; the float64 cosine may differ in the last bits (sum order)."""
   g, w = got.to_dict(), want.to_dict()
   assert g.pop("cosine") == pytest.approx(w.pop("cosine"), rel=1e-12, abs=1e-15)
@@ -109,7 +109,7 @@ def test_migrator_output_equals_the_hand_written_migration(gen):
   from orbax.checkpoint import v1 as ocp_v1
 
   tree = ocp_v1.load(gen["migrated"])
-  assert compare.bit_equal(tree["params"]["embedding"], gen["expected"]["params"]["embedding"])
+  assert arraydiff.bit_equal(tree["params"]["embedding"], gen["expected"]["params"]["embedding"])
 
 
 @pytest.mark.parametrize("layout", ["v0", "v1", "step"])
@@ -140,7 +140,7 @@ def test_leaf_reader_matches_orbax_restore_for_every_leaf(gen):
     for p, meta in ck.leaves.items():
       if meta.streamable:
         with LeafReader(ck, meta) as r:
-          assert compare.bit_equal(r.read(), restored[p]), (path, p)
+          assert arraydiff.bit_equal(r.read(), restored[p]), (path, p)
 
 
 def _big_pair(
@@ -248,7 +248,7 @@ def test_value_diff_stats_streamed_equal_whole_array_stats(tmp_path):
   rep = verify_migration(tmp_path / "src", tmp_path / "bad", spec, slab_mb=2 / 1024)
   r = rep.leaf("w")
   assert r.status == "VALUE_MISMATCH" and rep.n_failed == 1
-  _assert_same_stats(r.diff, compare.diff_stats(tree["w"][0], bad, top_k=10))
+  _assert_same_stats(r.diff, arraydiff.diff_stats(tree["w"][0], bad, top_k=10))
   assert r.sha256 == leaf_sha256(bad) and r.source_sha256 == leaf_sha256(tree["w"][0])
 
 
@@ -356,7 +356,7 @@ def test_fault_fails_and_names_the_offending_leaf(gen, tmp_path, fault):
     if r.status == "VALUE_MISMATCH":
       expected_value = flatten(gen["expected"])[r.migrated_path]
       bad_value = flatten(tree)[r.migrated_path]
-      _assert_same_stats(r.diff, compare.diff_stats(np.asarray(expected_value), np.asarray(bad_value)))
+      _assert_same_stats(r.diff, arraydiff.diff_stats(np.asarray(expected_value), np.asarray(bad_value)))
       assert r.diff.n_diff >= 1 and r.sha256 == leaf_sha256(bad_value)
 
 

@@ -3,10 +3,10 @@
 A *stage bundle* is an ordered mapping stage name -> array in one safetensors
 file, with provenance (:mod:`.format`). Two bundles are compared stage by stage
 in execution order (:mod:`.compare`): each stage's statistics (:mod:`.diff`,
-:mod:`parity_jax.compare`; logits get :mod:`.logits`) against a tolerance
+:mod:`parity_jax.arraydiff`; logits get :mod:`.logits`) against a tolerance
 profile (:mod:`.tolerance`), then the verdict names the first divergent stage,
 a jump or accumulated drift (:mod:`.verdict`, over the Qwen stage graph of
-:mod:`.qwen_graph`). The result is a :class:`BundleReport` (:mod:`.report`),
+:mod:`.qwen_graph`). The result is a :class:`BundleReport` (:mod:`.bundle_report`),
 rendered as text/HTML (:mod:`.render`) or a PNG (:mod:`.plot`).
 
 ::
@@ -19,7 +19,7 @@ from parity_jax.bundles.compare import compare_bundles
 from parity_jax.bundles.diff import Breach
 from parity_jax.bundles.format import FORMAT, BundleReader, BundleWriter, StageBundle, load_bundle, save_bundle
 from parity_jax.bundles.logits import LogitsStats, logits_stats
-from parity_jax.bundles.report import REPORT_SCHEMA, BundleReport, SourceInfo, StageRow, load_report
+from parity_jax.bundles.bundle_report import REPORT_SCHEMA, BundleReport, SourceInfo, StageRow, load_report
 from parity_jax.bundles.tolerance import (
     BUILTIN_PROFILES,
     PROFILE_SCHEMA,

@@ -9,7 +9,7 @@ objects or plain dicts of arrays) and returns a
 * one :class:`~parity_jax.bundles.StageRow` per common stage, in the model's
   execution order (the bundle's ``stage_order`` metadata, else inferred for
   Qwen stage names; never alphabetical), with
-  :func:`parity_jax.compare.diff_stats` statistics, the tolerance rule that
+  :func:`parity_jax.arraydiff.diff_stats` statistics, the tolerance rule that
   applied, the breaches, and the rel-L2 growth across the stage;
 * for logits, :class:`~parity_jax.bundles.LogitsStats` (per-token KL, argmax
   agreement, top-k overlap);
@@ -38,10 +38,10 @@ from parity_jax.bundles.diff import Breach, check_rule, common_dtype, is_logits,
 from parity_jax.bundles.format import BundleReader, StageBundle, load_bundle
 from parity_jax.bundles.logits import LogitsStats, logits_stats
 from parity_jax.bundles.qwen_graph import is_qwen_stage_name, parse_stage, qwen_stage_sort_key
-from parity_jax.bundles.report import BundleReport, SourceInfo, StageRow
+from parity_jax.bundles.bundle_report import BundleReport, SourceInfo, StageRow
 from parity_jax.bundles.tolerance import Profile, ToleranceRule, resolve_profile
 from parity_jax.bundles.verdict import StageError, analyse
-from parity_jax.compare import DiffStats
+from parity_jax.arraydiff import DiffStats
 from parity_jax.dtypes import is_float_dtype
 from parity_jax.errors import UsageError, first_line
 from parity_jax.progress import progress

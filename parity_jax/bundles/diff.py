@@ -12,7 +12,7 @@ from parity_jax import jsonio
 from parity_jax.bundles.logits import LogitsStats
 from parity_jax.bundles.qwen_graph import parse_stage
 from parity_jax.bundles.tolerance import Profile, ToleranceRule
-from parity_jax.compare import DiffAccumulator, DiffStats, check_comparable, diff_stats, ulp_distance
+from parity_jax.arraydiff import DiffAccumulator, DiffStats, check_comparable, diff_stats, ulp_distance
 from parity_jax.dtypes import is_float_dtype
 from parity_jax.errors import UsageError
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from parity_jax import jsonio
-from parity_jax.compare import as_numpy, check_comparable
+from parity_jax.arraydiff import as_numpy, check_comparable
 
 __all__ = ["LogitsStats", "log_softmax64", "logits_stats"]
 

@@ -31,7 +31,7 @@ from parity_jax.errors import UsageError
 from parity_jax.files import atomic_output
 
 if TYPE_CHECKING:
-  from parity_jax.bundles.report import BundleReport, StageRow
+  from parity_jax.bundles.bundle_report import BundleReport, StageRow
 
 __all__ = ["plot_report", "require_matplotlib"]
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from parity_jax.bundles.verdict import fmt_growth
 
 if TYPE_CHECKING:
-  from parity_jax.bundles.report import BundleReport, StageRow
+  from parity_jax.bundles.bundle_report import BundleReport, StageRow
 
 __all__ = ["fmt_cosine", "render_html", "render_text"]
 

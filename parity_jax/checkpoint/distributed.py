@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from parity_jax import compare
+from parity_jax import arraydiff
 from parity_jax.checkpoint import geometry, stream
 from parity_jax.checkpoint.layout import Checkpoint, LeafMeta
 from parity_jax.checkpoint.reader import LeafReadError, LeafReader
@@ -235,7 +235,7 @@ def _result_dict(res) -> dict[str, Any]:
 def _apply(res, d: dict[str, Any]) -> None:
   res.status, res.reason = d["status"], d["reason"]
   res.sha256, res.source_sha256, res.read_mode = d["sha256"], d["source_sha256"], d["read_mode"]
-  res.diff = None if d["diff"] is None else compare.DiffStats.from_dict(d["diff"])
+  res.diff = None if d["diff"] is None else arraydiff.DiffStats.from_dict(d["diff"])
 
 
 def run_values(

@@ -61,7 +61,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from parity_jax import compare
+from parity_jax import arraydiff
 from parity_jax.checkpoint import geometry
 from parity_jax.checkpoint.layout import Checkpoint, LeafMeta
 from parity_jax.checkpoint.reader import LeafReader
@@ -695,7 +695,7 @@ class PairOutcome:
   equal: bool
   source_sha256: str
   sha256: str  # the migrated leaf's
-  diff: compare.DiffStats | None = None
+  diff: arraydiff.DiffStats | None = None
   diff_error: str | None = None
 
 
@@ -922,11 +922,11 @@ class PairStreamer:
   def _second_pass(self, spill_file, base: int, sides: int, top_k: int) -> PairOutcome:
     """Both hashes and the difference statistics, piece by piece, in the migrated leaf's coordinates."""
     h_src, h_mig = hashlib.sha256(), hashlib.sha256()
-    acc: compare.DiffAccumulator | None = None
+    acc: arraydiff.DiffAccumulator | None = None
     err = None
     try:
-      acc = compare.DiffAccumulator(self.mig.shape, self.dtype, top_k=top_k)
-    except compare.ComparisonError as e:
+      acc = arraydiff.DiffAccumulator(self.mig.shape, self.dtype, top_k=top_k)
+    except arraydiff.ComparisonError as e:
       err = str(e)
     for _, a, b, p in self._pairs(spill_file):
       h_src.update(_bytes(a))
@@ -934,7 +934,7 @@ class PairStreamer:
       if acc is not None:
         try:
           acc.update(a.reshape(b.shape), b, origin=tuple(s.start for s in p.mig_box))
-        except compare.ComparisonError as e:
+        except arraydiff.ComparisonError as e:
           acc, err = None, str(e)
       self._count(base + sides * self._through(p))
     diff = acc.result() if acc is not None else None

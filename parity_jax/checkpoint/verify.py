@@ -11,7 +11,7 @@
    pieces of the common refinement of their shapes (:mod:`.geometry`): a
    piece is a box in the source leaf AND in the migrated leaf, so a squeeze or
    reshape is applied by index arithmetic, never by copying. Each piece pair
-   is compared byte for byte (:func:`parity_jax.compare.bit_equal` semantics:
+   is compared byte for byte (:func:`parity_jax.arraydiff.bit_equal` semantics:
    NaN payloads and -0.0 count). How each side is read (memory-mapped boxes of
    uncompressed chunks, whole chunk rows per piece, or one cached chunk row at
    a time), how sha256 is computed (one hash serves both sides of a
@@ -20,7 +20,7 @@
    :mod:`.stream` from a memory model: about one storage chunk row per side
    plus a few piece buffers, never a whole tree and never both copies of a big
    leaf. A pair that differs gets a second pass that hashes both sides and
-   accumulates :class:`parity_jax.compare.DiffAccumulator` statistics piece by
+   accumulates :class:`parity_jax.arraydiff.DiffAccumulator` statistics piece by
    piece. Reported hashes always equal ``sha256(leaf.tobytes())``.
 
 Both checkpoints are opened read-only; nothing is ever written into them.
@@ -37,7 +37,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from parity_jax import compare
+from parity_jax import arraydiff
 from parity_jax.checkpoint import geometry, stream
 from parity_jax.checkpoint.reader import LeafReadError, read_string_leaf
 from parity_jax.checkpoint.layout import Checkpoint, LeafMeta, open_checkpoint
@@ -80,7 +80,7 @@ class LeafResult:
   transform: str | None = None
   sha256: str | None = None  # sha256 of the migrated leaf's C-order bytes
   source_sha256: str | None = None  # sha256 of the source leaf's C-order bytes
-  diff: compare.DiffStats | None = None
+  diff: arraydiff.DiffStats | None = None
   read_mode: str | None = None  # how the values were read (for the curious and for bench)
 
   @property

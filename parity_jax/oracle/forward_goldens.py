@@ -400,7 +400,7 @@ def _weights(root: str, name: str) -> dict[str, np.ndarray]:
 
 
 def _compare_weights(name: str, committed: str, fresh: str, exact: bool) -> tuple[list[str], int]:
-  from parity_jax import compare
+  from parity_jax import arraydiff
 
   a, b = _weights(committed, name), _weights(fresh, name)
   if sorted(a) != sorted(b):
@@ -411,22 +411,22 @@ def _compare_weights(name: str, committed: str, fresh: str, exact: bool) -> tupl
     if x.shape != y.shape or x.dtype != y.dtype:
       problems.append(f"models/{name}: {k} is {y.dtype}{list(y.shape)}, committed {x.dtype}{list(x.shape)}")
     elif exact:
-      if not compare.bit_equal(x, y):
+      if not arraydiff.bit_equal(x, y):
         problems.append(f"models/{name}: {k} not bit-identical")
     elif x.dtype == BF16:
-      ulps = compare.ulp_distance(x, y)
+      ulps = arraydiff.ulp_distance(x, y)
       flips += int(np.count_nonzero(ulps))
       if ulps.max(initial=0) > 1:
         problems.append(f"models/{name}: bf16 weight {k} moved {int(ulps.max())} ULPs (a rounding flip moves 1)")
     else:
-      st = compare.diff_stats(x, y, name=k)
+      st = arraydiff.diff_stats(x, y, name=k)
       if not st.rel_l2 <= WEIGHT_REL_L2:
         problems.append(f"models/{name}: {k} rel-L2 {st.rel_l2:.3g} > {WEIGHT_REL_L2:g}")
   return problems, flips
 
 
 def _compare_stage_files(goldens: dict[str, Any], committed: str, fresh: str) -> list[str]:
-  from parity_jax import compare
+  from parity_jax import arraydiff
 
   problems = []
   for fname in goldens:
@@ -441,7 +441,7 @@ def _compare_stage_files(goldens: dict[str, Any], committed: str, fresh: str) ->
       if strip(a.provenance) != strip(b.provenance):
         problems.append(f"forward/{fname}: provenance differs beyond environment fields")
       problems += [
-          f"forward/{fname}: {k} not bit-identical" for k in a.names if not compare.bit_equal(a.get(k), b.get(k))
+          f"forward/{fname}: {k} not bit-identical" for k in a.names if not arraydiff.bit_equal(a.get(k), b.get(k))
       ]
   return problems
 

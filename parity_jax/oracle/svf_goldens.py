@@ -363,7 +363,7 @@ def compare_regenerated(committed_dir: str | os.PathLike, fresh_dir: str | os.Pa
 
   Returns ``{"mode": "bytes"|"invariants", "problems": [...], ...}``; no problems means reproduced.
   """
-  from parity_jax import compare
+  from parity_jax import arraydiff
   from parity_jax.bundles import builtin_profile
 
   committed, fresh = os.fspath(committed_dir), os.fspath(fresh_dir)
@@ -389,7 +389,7 @@ def compare_regenerated(committed_dir: str | os.PathLike, fresh_dir: str | os.Pa
         problems.append(f"{name}: provenance differs beyond environment fields")
       tensors = {k: (want.get(k), got.get(k)) for k in want.names}
     if same_backend:
-      problems += [f"{name}: {k} not bit-identical" for k, (a, b) in tensors.items() if not compare.bit_equal(a, b)]
+      problems += [f"{name}: {k} not bit-identical" for k, (a, b) in tensors.items() if not arraydiff.bit_equal(a, b)]
       continue
     if name == FILES["components"]:
       problems += _compare_components(name, tensors, max_rel)
@@ -406,7 +406,7 @@ def compare_regenerated(committed_dir: str | os.PathLike, fresh_dir: str | os.Pa
         n_flips += flips
         problems += [f"{name}: {key}: {w}" for w in why]
       else:
-        st = compare.diff_stats(a, b, name=key)
+        st = arraydiff.diff_stats(a, b, name=key)
         if not st.rel_l2 <= max_rel:
           problems.append(f"{name}: {key} rel-L2 {st.rel_l2:.3g} > {max_rel:g}")
   return {
@@ -435,17 +435,17 @@ def _json_equal_less_env(a: Any, b: Any) -> bool:
 
 def _compare_components(name: str, tensors: dict[str, tuple[np.ndarray, np.ndarray]], max_rel: float) -> list[str]:
   """S and the product U diag(S) V^T within tolerance; U and V themselves carry the gauge."""
-  from parity_jax import compare
+  from parity_jax import arraydiff
 
   problems = []
   for key in (k for k in tensors if k.endswith(".S")):
     base = key[:-2]
     (sa, sb), (ua, ub), (va, vb) = tensors[key], tensors[base + ".U"], tensors[base + ".V"]
-    st = compare.diff_stats(sa, sb, name=key)
+    st = arraydiff.diff_stats(sa, sb, name=key)
     if not st.rel_l2 <= max_rel:
       problems.append(f"{name}: {key} rel-L2 {st.rel_l2:.3g} > {max_rel:g}")
     prod = lambda u, s, v: (u.astype(np.float64) * s.astype(np.float64)) @ v.astype(np.float64).T  # noqa: E731
-    st = compare.diff_stats(prod(ua, sa, va), prod(ub, sb, vb), name=base)
+    st = arraydiff.diff_stats(prod(ua, sa, va), prod(ub, sb, vb), name=base)
     if not st.rel_l2 <= max_rel:
       problems.append(f"{name}: U diag(S) V^T of {base} rel-L2 {st.rel_l2:.3g} > {max_rel:g}")
   return problems

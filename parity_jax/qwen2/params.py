@@ -49,7 +49,7 @@ import ml_dtypes
 import numpy as np
 import safetensors
 
-from parity_jax.compare import bit_equal
+from parity_jax.arraydiff import bit_equal
 from parity_jax.dtypes import SAFETENSORS_DTYPES
 from parity_jax.errors import UsageError
 from parity_jax.qwen2.config import QwenConfig

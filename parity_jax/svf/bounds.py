@@ -68,7 +68,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from parity_jax.compare import ulp_distance
+from parity_jax.arraydiff import ulp_distance
 from parity_jax.dtypes import BF16
 
 __all__ = [

@@ -13,7 +13,7 @@
 Every tensor is rebuilt in row chunks of ``U`` sized from ``chunk_mb`` (a
 multiple of ``row_block``; ``chunk_mb=0`` rebuilds it whole). Each chunk's
 stages are compared with the golden rows as they are read
-(:class:`parity_jax.compare.DiffAccumulator`), hashed incrementally, checked
+(:class:`parity_jax.arraydiff.DiffAccumulator`), hashed incrementally, checked
 against their tolerance, and written to our stage bundle if asked, so a
 151936 x 1024 embedding never needs two full float32 copies in memory. The
 golden's ``source_f32`` is our input ``W`` (like the Python process's
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from parity_jax import bundles, distributed
-from parity_jax.compare import DiffAccumulator
+from parity_jax.arraydiff import DiffAccumulator
 from parity_jax.dtypes import BF16 as _BF16, bf16_bits
 from parity_jax.errors import UsageError
 from parity_jax.files import check_output_dir
@@ -212,7 +212,7 @@ class _StageCheck:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Job:
+class _TensorWork:
   name: str
   m: int
   n: int
@@ -244,7 +244,7 @@ def _stage_dtype(stage: str) -> np.dtype:
   return _BF16 if stage == "final_bf16" else _F32
 
 
-def _check_golden(job: _Job, reader: bundles.BundleReader) -> None:
+def _check_golden(job: _TensorWork, reader: bundles.BundleReader) -> None:
   """Every stage present with the expected shape and dtype: else a setup error."""
   for stage in core.STAGES:
     key = job.key(stage)
@@ -259,7 +259,7 @@ def _check_golden(job: _Job, reader: bundles.BundleReader) -> None:
 
 def _select(
     store: io.ComponentStore, golden: io.GoldenRun, all_selected: bool, selected_filter: str | None
-) -> list[_Job]:
+) -> list[_TensorWork]:
   if all_selected:
     names = list(store.names)
     orient = {n: "identity" for n in names}  # all-selected stages are source-oriented
@@ -282,7 +282,7 @@ def _select(
   jobs = []
   for name in names:
     m, n, k = store.dims(name)
-    jobs.append(_Job(name, m, n, k, orient[name], key_fn(name)))
+    jobs.append(_TensorWork(name, m, n, k, orient[name], key_fn(name)))
   return jobs
 
 
@@ -292,7 +292,7 @@ def _to_np(x: Any, dtype: np.dtype) -> np.ndarray:
 
 
 def _replay_tensor(
-    job: _Job,
+    job: _TensorWork,
     store: io.ComponentStore,
     greader: bundles.BundleReader,
     writer: bundles.BundleWriter | None,
@@ -328,7 +328,7 @@ class _TensorReplay:
 
   def __init__(
       self,
-      job: _Job,
+      job: _TensorWork,
       store: io.ComponentStore,
       greader: bundles.BundleReader,
       writer: bundles.BundleWriter | None,
@@ -715,7 +715,7 @@ class _Locked:
     return call
 
 
-def _placement(jobs: list[_Job], devices: int) -> tuple[dict[str, Any], list[tuple[Any, list[int]]]]:
+def _placement(jobs: list[_TensorWork], devices: int) -> tuple[dict[str, Any], list[tuple[Any, list[int]]]]:
   """Which device rebuilds which tensor: LPT over the first ``devices`` global devices (0: all) by FLOPs.
 
   Returns the placement recorded in the report and this process's ``(device,

@@ -30,7 +30,7 @@ from parity_jax.oracle import forward_goldens, svf_goldens  # noqa: E402
 from parity_jax.provenance import torch_backend  # noqa: E402
 
 pytestmark = pytest.mark.oracle
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 GOLDENS = ROOT / "goldens"
 OTHER_BACKEND = {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
 

@@ -11,7 +11,7 @@ import safetensors
 import safetensors.numpy
 
 from parity_jax import qwen2
-from parity_jax.compare import bit_equal
+from parity_jax.arraydiff import bit_equal
 from parity_jax.errors import UsageError
 from tests.helpers.qwen import MODELS, config_dict, random_tensors, write_checkpoint
 

@@ -20,7 +20,7 @@ from parity_jax.errors import UsageError
 from parity_jax.qwen2.parity import forward_parity, golden_inputs
 from tests.helpers.tools import run_many
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 GOLDENS = ROOT / "goldens"
 MODELS = ["qwen2_gqa_bias", "qwen2_tied", "qwen3"]
 

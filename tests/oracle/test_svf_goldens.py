@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from parity_jax import bundles as stages, compare  # noqa: E402
+from parity_jax import bundles as stages, arraydiff  # noqa: E402
 from parity_jax.errors import UsageError  # noqa: E402
 from parity_jax.oracle import svf_goldens, to_numpy  # noqa: E402
 from tests.helpers.seed import TEST_SEED  # noqa: E402
@@ -25,7 +25,7 @@ from parity_jax.svf.bounds import FormulaConstants, MismatchAccounting  # noqa: 
 from parity_jax.oracle.svd_weights import convert_svd_weights as convert  # noqa: E402
 
 pytestmark = pytest.mark.oracle
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SEED = TEST_SEED  # fixed, printed in the session header and on failure; PARITY_JAX_TEST_SEED overrides
 
 
@@ -70,7 +70,7 @@ def test_torch_cpu_sum_replays_torch_sum_bit_for_bit():
     if rng.random() < 0.5:
       x = np.abs(x)  # singular values are non-negative
     want = torch.from_numpy(x).sum().numpy()
-    assert compare.bit_equal(np.asarray(torch_cpu_sum(x)), want), (SEED, n)
+    assert arraydiff.bit_equal(np.asarray(torch_cpu_sum(x)), want), (SEED, n)
 
 
 def _torch_svf(m, n, gen, orientation):
@@ -92,7 +92,7 @@ def test_fresh_shapes_against_the_live_torch_formula():
     target = (m, n) if orientation == "identity" else (n, m)
     got = {k: np.asarray(x) for k, x in reconstruct(un, sn, vn, on, capture=True, target_shape=target).items()}
     for exact in ("offsets_f32", "scaled_s", "normalization", "u_scaled"):
-      assert compare.bit_equal(got[exact], to_numpy(want[exact])), (SEED, m, n, exact)
+      assert arraydiff.bit_equal(got[exact], to_numpy(want[exact])), (SEED, m, n, exact)
     acc = MismatchAccounting(FormulaConstants.from_components(sn, on))
     g_final = to_numpy(want["final_bf16"]).view(np.uint16)
     ours = got["final_bf16"].view(np.uint16)
@@ -157,7 +157,7 @@ def test_convert_svd_weights_roundtrip_and_bad_files(tmp_path):
   assert p.stdout.strip() == str(path)
   b = stages.load_bundle(path)
   for k, t in data.items():
-    assert compare.bit_equal(b[k], t.contiguous().numpy()), k
+    assert arraydiff.bit_equal(b[k], t.contiguous().numpy()), k
   assert b.provenance["source_sha256"] == hashlib.sha256(pt.read_bytes()).hexdigest()
   # refuses to overwrite; bad files are one-line errors
   with pytest.raises(UsageError, match="refusing to overwrite"):

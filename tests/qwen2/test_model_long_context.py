@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from parity_jax import qwen2  # noqa: E402
-from parity_jax.compare import diff_stats, ulp_distance  # noqa: E402
+from parity_jax.arraydiff import diff_stats, ulp_distance  # noqa: E402
 from parity_jax.oracle import forward_goldens  # noqa: E402
 from parity_jax.oracle.hf_forward import hf_stages  # noqa: E402
 from parity_jax.qwen2.model import dynamic_inv_freq, rope_cos_sin, rope_inv_freq_scaled  # noqa: E402

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 from parity_jax import qwen2
-from parity_jax.compare import bit_equal, diff_stats
+from parity_jax.arraydiff import bit_equal, diff_stats
 from parity_jax.errors import UsageError
 from parity_jax.bundles.qwen_graph import qwen_stage_names
 from parity_jax.bundles import load_bundle

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from parity_jax import compare
+from parity_jax import arraydiff
 from parity_jax.errors import ComparisonError, UsageError
 
 
@@ -15,34 +15,34 @@ def test_bit_equal_sees_what_array_equal_hides():
   neg_zero = a.copy()
   neg_zero[0] = -0.0
   assert np.array_equal(a, neg_zero, equal_nan=True)  # numpy calls these equal...
-  assert not compare.bit_equal(a, neg_zero)  # ...we do not.
+  assert not arraydiff.bit_equal(a, neg_zero)  # ...we do not.
 
   payload = a.copy()
   payload.view(np.uint32)[2] = 0x7FC00001  # another quiet NaN
   assert np.isnan(payload[2])
   assert np.array_equal(a, payload, equal_nan=True)
-  assert not compare.bit_equal(a, payload)
-  assert compare.bit_equal(a, a.copy())
+  assert not arraydiff.bit_equal(a, payload)
+  assert arraydiff.bit_equal(a, a.copy())
 
 
 def test_bit_equal_checks_dtype_shape_and_byte_order():
   a = np.arange(6, dtype=np.float32)
-  assert not compare.bit_equal(a, a.reshape(2, 3))
-  assert not compare.bit_equal(a, a.astype(np.float64))
-  assert not compare.bit_equal(a, a.astype(">f4"))
-  assert not compare.bit_equal(a.view(np.int32), a)  # same bytes, other dtype
-  assert compare.bit_equal(np.asarray(3, np.int32), np.asarray(3, np.int32))
-  assert compare.bit_equal(np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32))
+  assert not arraydiff.bit_equal(a, a.reshape(2, 3))
+  assert not arraydiff.bit_equal(a, a.astype(np.float64))
+  assert not arraydiff.bit_equal(a, a.astype(">f4"))
+  assert not arraydiff.bit_equal(a.view(np.int32), a)  # same bytes, other dtype
+  assert arraydiff.bit_equal(np.asarray(3, np.int32), np.asarray(3, np.int32))
+  assert arraydiff.bit_equal(np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32))
   # non-contiguous views compare by value layout, not memory layout
   m = np.arange(12, dtype=np.float32).reshape(3, 4)
-  assert compare.bit_equal(m.T, np.ascontiguousarray(m.T))
+  assert arraydiff.bit_equal(m.T, np.ascontiguousarray(m.T))
 
 
 def test_check_comparable_is_one_line_usage_error():
   with pytest.raises(ComparisonError, match=r"^q_proj: shape mismatch \(2, 3\) vs \(3, 2\)$"):
-    compare.check_comparable(np.zeros((2, 3)), np.zeros((3, 2)), "q_proj")
+    arraydiff.check_comparable(np.zeros((2, 3)), np.zeros((3, 2)), "q_proj")
   with pytest.raises(UsageError, match="dtype mismatch float32 vs float64"):
-    compare.diff_stats(np.zeros(3, np.float32), np.zeros(3, np.float64))
+    arraydiff.diff_stats(np.zeros(3, np.float32), np.zeros(3, np.float64))
 
 
 def test_diff_stats_against_independent_formulas():
@@ -52,7 +52,7 @@ def test_diff_stats_against_independent_formulas():
   b[3, 5] += 0.5
   b[6, 1] -= 0.25
   b[0, 0] = -b[0, 0]
-  s = compare.diff_stats(a, b, top_k=2)
+  s = arraydiff.diff_stats(a, b, top_k=2)
   fa, fb = a.astype(np.float64), b.astype(np.float64)
   d = np.abs(fa - fb)
   assert s.n_diff == 3
@@ -67,29 +67,29 @@ def test_diff_stats_against_independent_formulas():
   assert s.top_k[0].a == pytest.approx(float(a[s.top_k[0].index]))
   assert s.top_k[0].b == pytest.approx(float(b[s.top_k[0].index]))
   assert not s.bit_equal
-  assert compare.diff_stats(a, a).bit_equal
+  assert arraydiff.diff_stats(a, a).bit_equal
 
 
 def test_ulp_distance_matches_nextafter():
   x = np.array([1.0, -1.0, 0.0, 3.5e-45, np.inf], np.float32)
   up = np.nextafter(x, np.float32(np.inf))
   up2 = np.nextafter(up, np.float32(np.inf))
-  np.testing.assert_array_equal(compare.ulp_distance(x, up), [1, 1, 1, 1, 0])
-  np.testing.assert_array_equal(compare.ulp_distance(x[:4], up2[:4]), [2, 2, 2, 2])
+  np.testing.assert_array_equal(arraydiff.ulp_distance(x, up), [1, 1, 1, 1, 0])
+  np.testing.assert_array_equal(arraydiff.ulp_distance(x[:4], up2[:4]), [2, 2, 2, 2])
   # across zero: smallest negative subnormal to smallest positive subnormal is 2 ULP
   tiny = np.array([np.float32(1.4e-45)])
-  assert int(compare.ulp_distance(-tiny, tiny)[0]) == 2
-  assert int(compare.ulp_distance(np.float32([-0.0]), np.float32([0.0]))[0]) == 0
+  assert int(arraydiff.ulp_distance(-tiny, tiny)[0]) == 2
+  assert int(arraydiff.ulp_distance(np.float32([-0.0]), np.float32([0.0]))[0]) == 0
 
 
 def test_ulp_bfloat16_and_float64():
   one = np.array([1.0], ml_dtypes.bfloat16)
   nxt = np.array([1.0 + 2**-7], ml_dtypes.bfloat16)  # bf16 has 7 explicit mantissa bits
-  assert int(compare.ulp_distance(one, nxt)[0]) == 1
+  assert int(arraydiff.ulp_distance(one, nxt)[0]) == 1
   big = np.array([-np.finfo(np.float64).max], np.float64)
   # exact over the whole float64 range, no int64 overflow
-  assert int(compare.ulp_distance(big, -big)[0]) == 2 * 0x7FEFFFFFFFFFFFFF
-  s = compare.diff_stats(one, nxt)
+  assert int(arraydiff.ulp_distance(big, -big)[0]) == 2 * 0x7FEFFFFFFFFFFFFF
+  s = arraydiff.diff_stats(one, nxt)
   assert s.max_ulp == 1 and s.max_abs_diff == 2**-7
 
 
@@ -99,7 +99,7 @@ def test_nan_and_signed_zero_are_counted_and_shown():
   b[0] = -0.0
   b.view(np.uint32)[1] = 0xFFC00000  # negative quiet NaN
   b[3] = np.nan
-  s = compare.diff_stats(a, b, top_k=5)
+  s = arraydiff.diff_stats(a, b, top_k=5)
   assert s.n_diff == 3
   assert s.n_nan_mismatch == 1
   assert s.max_abs_diff == math.inf and s.max_abs_index == (3,)
@@ -115,11 +115,11 @@ def test_integer_and_bool_leaves():
   a = np.array([[1, 2], [3, 4]], np.int64)
   b = a.copy()
   b[1, 0] = 10
-  s = compare.diff_stats(a, b)
+  s = arraydiff.diff_stats(a, b)
   assert (s.n_diff, s.max_abs_diff, s.max_abs_index, s.max_ulp) == (1, 7.0, (1, 0), None)
-  t = compare.diff_stats(np.array([True, False]), np.array([True, True]))
+  t = arraydiff.diff_stats(np.array([True, False]), np.array([True, True]))
   assert t.n_diff == 1 and t.max_abs_index == (1,)
-  assert compare.diff_stats(np.asarray(5, np.int32), np.asarray(6, np.int32)).max_abs_index == ()
+  assert arraydiff.diff_stats(np.asarray(5, np.int32), np.asarray(6, np.int32)).max_abs_index == ()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.int32])
@@ -130,8 +130,8 @@ def test_chunked_accumulation_equals_whole(dtype):
   flat = b.reshape(-1)
   for i in rng.choice(a.size, 12, replace=False):
     flat[i] = flat[i] + np.asarray(rng.integers(1, 50), dtype)
-  whole = compare.diff_stats(a, b, top_k=4)
-  acc = compare.DiffAccumulator(a.shape, a.dtype, top_k=4)
+  whole = arraydiff.diff_stats(a, b, top_k=4)
+  acc = arraydiff.DiffAccumulator(a.shape, a.dtype, top_k=4)
   # uneven box chunks in a scrambled order
   boxes = [(r, c) for r in range(0, 9, 4) for c in range(0, 4, 3)]
   for r, c in reversed(boxes):
@@ -147,7 +147,7 @@ def test_chunked_accumulation_equals_whole(dtype):
 
 
 def test_accumulator_refuses_incomplete_or_outside_chunks():
-  acc = compare.DiffAccumulator((4, 4), np.float32)
+  acc = arraydiff.DiffAccumulator((4, 4), np.float32)
   acc.update(np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32))
   with pytest.raises(ComparisonError, match="accumulated 8 elements, expected 16"):
     acc.result()
@@ -160,8 +160,8 @@ def test_top_k_ties_do_not_depend_on_chunking():
   b = np.ones_like(a)  # every element differs by exactly 1: all tied...
   b.reshape(-1)[::7] = 0.5  # ...except a sprinkle of smaller differences
   expected = [(0, 1), (0, 2), (0, 3)]  # lowest flat indices among the largest |diff|
-  assert [t.index for t in compare.diff_stats(a, b, top_k=3).top_k] == expected
-  acc = compare.DiffAccumulator(a.shape, a.dtype, top_k=3)
+  assert [t.index for t in arraydiff.diff_stats(a, b, top_k=3).top_k] == expected
+  acc = arraydiff.DiffAccumulator(a.shape, a.dtype, top_k=3)
   for r in (30, 20, 10, 0):  # row chunks arriving last-first
     acc.update(a[r : r + 10], b[r : r + 10], origin=(r, 0))
   assert [t.index for t in acc.result().top_k] == expected

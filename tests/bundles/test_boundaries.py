@@ -8,7 +8,7 @@ import numpy as np
 
 from parity_jax.bundles import BUILTIN_PROFILES, StageError, ToleranceRule, analyse
 from parity_jax.bundles.diff import check_rule
-from parity_jax.compare import DiffStats
+from parity_jax.arraydiff import DiffStats
 from parity_jax.svf.bounds import check_bound
 
 

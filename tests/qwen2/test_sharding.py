@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from parity_jax import qwen2
-    from parity_jax.compare import diff_stats
+    from parity_jax.arraydiff import diff_stats
     assert len(jax.devices()) == 2, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("tp",))
 

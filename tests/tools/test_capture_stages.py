@@ -12,7 +12,7 @@ import pytest
 from parity_jax import qwen2
 from parity_jax.bundles import load_bundle
 from parity_jax.bundles.qwen_graph import qwen_stage_names
-from parity_jax.compare import bit_equal
+from parity_jax.arraydiff import bit_equal
 from tests.helpers.qwen import MODELS, ROOT
 from tests.helpers.tools import run_many
 

@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from parity_jax import compare
+from parity_jax import arraydiff
 from parity_jax.errors import UsageError
 from parity_jax.svf import STAGES, chunk_rows, reconstruct, resolve_orientation, torch_cpu_sum
 from parity_jax.svf.bounds import FormulaConstants, gamma
@@ -49,9 +49,9 @@ def test_capture_has_exactly_the_python_stage_names_in_order():
   st = _np(st)
   assert st["normalization"].shape == () and st["final_bf16"].dtype == np.dtype(ml_dtypes.bfloat16)
   assert all(st[k].dtype == np.float32 for k in STAGES if k != "final_bf16")
-  assert compare.bit_equal(st["source_f32"], w)
+  assert arraydiff.bit_equal(st["source_f32"], w)
   # the fast path returns the same final bytes as the capture path
-  assert compare.bit_equal(np.asarray(reconstruct(u, s, v, o)), st["final_bf16"])
+  assert arraydiff.bit_equal(np.asarray(reconstruct(u, s, v, o)), st["final_bf16"])
 
 
 def test_final_lies_within_the_rigorous_float32_bound_of_the_float64_truth():
@@ -68,9 +68,9 @@ def test_final_lies_within_the_rigorous_float32_bound_of_the_float64_truth():
   assert np.mean(np.abs(wrong - m * n) > bound) > 0.5
   # the elementwise stages are single IEEE roundings of the float32 inputs
   ss32 = s * (np.float32(1) + o)
-  assert compare.bit_equal(st["scaled_s"], ss32)
-  assert compare.bit_equal(st["u_scaled"], u * ss32[None, :])
-  assert compare.bit_equal(st["final_bf16"], st["final_f32"].astype(ml_dtypes.bfloat16))
+  assert arraydiff.bit_equal(st["scaled_s"], ss32)
+  assert arraydiff.bit_equal(st["u_scaled"], u * ss32[None, :])
+  assert arraydiff.bit_equal(st["final_bf16"], st["final_f32"].astype(ml_dtypes.bfloat16))
 
 
 def test_torch_cpu_sum_is_a_correct_float32_sum_for_every_length():
@@ -90,7 +90,7 @@ def test_layouts_torch_v_and_vh_give_identical_bytes():
   a = _np(reconstruct(u, s, v, o, layout="torch_v", capture=True))
   b = _np(reconstruct(u, s, np.ascontiguousarray(v.T), o, layout="vh", capture=True))
   for k in a:
-    assert compare.bit_equal(a[k], b[k]), k
+    assert arraydiff.bit_equal(a[k], b[k]), k
 
 
 def test_layout_mismatch_and_bad_shapes_are_usage_errors():
@@ -112,10 +112,10 @@ def test_orientation_identity_transpose_and_nothing_else():
   ident = _np(reconstruct(u, s, v, o, capture=True, target_shape=(40, 24)))
   trans = _np(reconstruct(u, s, v, o, capture=True, target_shape=[24, 40]))
   assert trans["final_f32"].shape == (24, 40)
-  assert compare.bit_equal(trans["final_f32"], np.ascontiguousarray(ident["final_f32"].T))
-  assert compare.bit_equal(trans["final_bf16"], np.ascontiguousarray(ident["final_bf16"].T))
-  assert compare.bit_equal(trans["adapted_source_f32"], ident["adapted_source_f32"])  # always source-oriented
-  assert compare.bit_equal(np.asarray(reconstruct(u, s, v, o, target_shape=(24, 40))), trans["final_bf16"])
+  assert arraydiff.bit_equal(trans["final_f32"], np.ascontiguousarray(ident["final_f32"].T))
+  assert arraydiff.bit_equal(trans["final_bf16"], np.ascontiguousarray(ident["final_bf16"].T))
+  assert arraydiff.bit_equal(trans["adapted_source_f32"], ident["adapted_source_f32"])  # always source-oriented
+  assert arraydiff.bit_equal(np.asarray(reconstruct(u, s, v, o, target_shape=(24, 40))), trans["final_bf16"])
   for bad in [(960,), (24, 41), (20, 48), (1, 40, 24)]:
     with pytest.raises(UsageError, match="neither"):
       reconstruct(u, s, v, o, target_shape=bad)
@@ -128,7 +128,7 @@ def test_orientation_identity_transpose_and_nothing_else():
     resolve_orientation((8, 6), None, "flip")
   us, ss, vs, os_ = _components(16, 16, seed=5)
   sq = np.asarray(reconstruct(us, ss, vs, os_, orientation="transpose"))
-  assert compare.bit_equal(sq, np.ascontiguousarray(np.asarray(reconstruct(us, ss, vs, os_)).T))
+  assert arraydiff.bit_equal(sq, np.ascontiguousarray(np.asarray(reconstruct(us, ss, vs, os_)).T))
 
 
 def _chunked(u, s, v, o, cuts, **kw):
@@ -152,8 +152,8 @@ def test_chunks_at_row_block_boundaries_are_bit_identical_at_realistic_width():
   for cuts in ([0, 1024, m], [0, 2048, m]):
     ch = _chunked(u, s, v, o, cuts, row_block=1024)
     for key, val in ch.items():
-      assert compare.bit_equal(val, full[key]), (cuts, key)
-  assert compare.bit_equal(np.asarray(reconstruct(u[:1024], s, v, o, row_block=1024)), full["final_bf16"][:1024])
+      assert arraydiff.bit_equal(val, full[key]), (cuts, key)
+  assert arraydiff.bit_equal(np.asarray(reconstruct(u[:1024], s, v, o, row_block=1024)), full["final_bf16"][:1024])
 
 
 def test_small_row_blocks_with_ragged_tail_match_the_unblocked_rebuild():
@@ -161,12 +161,12 @@ def test_small_row_blocks_with_ragged_tail_match_the_unblocked_rebuild():
   whole = _np(reconstruct(u, s, v, o, capture=True, row_block=7))
   ch = _chunked(u, s, v, o, [0, 14, 49, 50], row_block=7)
   for key, val in ch.items():
-    assert compare.bit_equal(val, whole[key]), key
+    assert arraydiff.bit_equal(val, whole[key]), key
   # On XLA CPU the dot does not depend on the number of rows (>= 2), so the
   # block size is invisible there; the blocks make it so on any backend.
   if jax.default_backend() == "cpu":
     plain = _np(reconstruct(u, s, v, o, capture=True, row_block=1024))
-    assert compare.bit_equal(plain["final_bf16"], whole["final_bf16"])
+    assert arraydiff.bit_equal(plain["final_bf16"], whole["final_bf16"])
 
 
 def test_chunk_rows_are_multiples_of_the_row_block_within_budget():
@@ -184,6 +184,6 @@ def test_bfloat16_compute_variant_runs_and_rounds_inputs_first():
   u, s, v, o = _components(32, 24, seed=8)
   st = _np(reconstruct(u, s, v, o, capture=True, compute_dtype=ml_dtypes.bfloat16))
   assert st["final_f32"].dtype == np.float32
-  assert compare.bit_equal(st["final_bf16"], st["final_f32"].astype(ml_dtypes.bfloat16))
+  assert arraydiff.bit_equal(st["final_bf16"], st["final_f32"].astype(ml_dtypes.bfloat16))
   bf = lambda x: x.astype(ml_dtypes.bfloat16)  # noqa: E731
-  assert compare.bit_equal(bf(st["scaled_s"]), bf(bf(s) * (bf(np.float32(1)) + bf(o))))
+  assert arraydiff.bit_equal(bf(st["scaled_s"]), bf(bf(s) * (bf(np.float32(1)) + bf(o))))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from parity_jax import qwen2
-from parity_jax.compare import ulp_distance
+from parity_jax.arraydiff import ulp_distance
 from tests.helpers.qwen import config_dict, random_tensors, write_checkpoint
 
 BF16 = ml_dtypes.bfloat16

@@ -16,7 +16,7 @@ from parity_jax.provenance import default_provenance
 from parity_jax import bundles as stages
 from tests.helpers import stages as synth
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _run(*args, env=None):

@@ -11,12 +11,12 @@ import pytest
 import safetensors.numpy
 
 from parity_jax.provenance import default_provenance
-from parity_jax import bundles as stages, compare
+from parity_jax import bundles as stages, arraydiff
 from parity_jax.bundles import REPORT_SCHEMA, BundleReport, compare_bundles, load_report
 from parity_jax.errors import UsageError
 from tests.helpers import stages as synth
 
-DATA = pathlib.Path(__file__).parent / "data"
+DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
 
 
 def _pair(tmp_path, num_layers=2, planted="layers.1.v_proj"):
@@ -34,7 +34,7 @@ def test_every_stage_gets_the_core_diff_stats(tmp_path):
   report = compare_bundles(g, c, top_k=3)
   assert report.names == list(golden)
   for row in report.rows:
-    ref = compare.diff_stats(golden[row.name], cand[row.name], top_k=3)
+    ref = arraydiff.diff_stats(golden[row.name], cand[row.name], top_k=3)
     assert row.stats == ref, row.name
   assert report.golden.producer == "test-golden" and report.order_source == "golden_metadata"
   assert report.row("logits").logits is not None and report.row("embedding").logits is None
@@ -151,7 +151,7 @@ def test_chunked_large_stage_matches_diff_stats(monkeypatch):
   b[0, 0, 0] = np.nan
   monkeypatch.setattr(bundle_diff, "CHUNK_ELEMENTS", 4)  # forces boxes smaller than a row
   st = bundle_diff.stage_stats(a, b, 5, "x")
-  ref = compare.diff_stats(a, b, 5)
+  ref = arraydiff.diff_stats(a, b, 5)
   assert st.max_abs_index == ref.max_abs_index and st.n_diff == ref.n_diff
   assert [d.to_dict() for d in st.top_k] == [d.to_dict() for d in ref.top_k]  # (NaN != NaN as a dataclass field)
   assert st.rel_l2 == ref.rel_l2 and st.cosine == pytest.approx(ref.cosine, rel=1e-14)

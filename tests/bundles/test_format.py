@@ -8,7 +8,7 @@ import pytest
 import safetensors.numpy
 
 from parity_jax.provenance import default_provenance
-from parity_jax import bundles as stages, compare
+from parity_jax import bundles as stages, arraydiff
 from parity_jax.errors import UsageError
 
 
@@ -32,7 +32,7 @@ def test_roundtrip_keeps_order_dtypes_bytes_and_provenance(tmp_path):
   assert back.names == list(data)  # execution order, not alphabetical
   assert back.ordered
   for k in data:
-    assert compare.bit_equal(back[k], data[k]), k
+    assert arraydiff.bit_equal(back[k], data[k]), k
   assert back.provenance["seed"] == 7 and back.provenance["note"] == {"free": ["form"]}
   assert back.provenance["versions"]["numpy"] == np.__version__
   # and it is plain safetensors for everyone else
@@ -67,7 +67,7 @@ def test_lazy_reader_reads_row_ranges(tmp_path):
   stages.save_bundle(path, {"w": big, "s": np.float32([1, 2])})
   with stages.BundleReader(path) as r:
     assert r.names == ["w", "s"] and r.shape("w") == (40, 6) and r.dtype("w") == np.float32
-    assert compare.bit_equal(r.get_rows("w", 10, 13), big[10:13])
+    assert arraydiff.bit_equal(r.get_rows("w", 10, 13), big[10:13])
 
 
 def test_streaming_writer_produces_a_standard_file(tmp_path):
@@ -84,9 +84,9 @@ def test_streaming_writer_produces_a_standard_file(tmp_path):
   back = stages.load_bundle(path)
   assert back.names == list(data) and back.provenance == {"producer": "stream"}
   for k in data:
-    assert compare.bit_equal(back[k], data[k]), k
+    assert arraydiff.bit_equal(back[k], data[k]), k
   plain = safetensors.numpy.load_file(str(path))
-  assert compare.bit_equal(plain["layers.0.attn_norm"], data["layers.0.attn_norm"])
+  assert arraydiff.bit_equal(plain["layers.0.attn_norm"], data["layers.0.attn_norm"])
 
 
 def test_streaming_writer_leaves_nothing_on_failure(tmp_path):

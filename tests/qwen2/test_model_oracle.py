@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 
 from parity_jax import qwen2  # noqa: E402
-from parity_jax.compare import bit_equal, diff_stats  # noqa: E402
+from parity_jax.arraydiff import bit_equal, diff_stats  # noqa: E402
 from parity_jax.oracle import forward_goldens  # noqa: E402
 from parity_jax.oracle.hf_forward import capture_hf_stages, hf_stages, load_hf_model  # noqa: E402
 
@@ -115,7 +115,7 @@ def test_generate_style_positions_for_left_padding(fresh_dirs):
 
 def test_inv_freq_within_two_ulp_of_hf():
   """HF's inv_freq goes through SLEEF's powf; ours is the correctly rounded power (see rope_inv_freq): <= 2 ulp apart, mostly identical."""
-  from parity_jax.compare import ulp_distance
+  from parity_jax.arraydiff import ulp_distance
   from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
   total = same = 0

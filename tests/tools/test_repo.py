@@ -3,7 +3,7 @@
 import pathlib
 import re
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _readme_commands():
@@ -54,7 +54,7 @@ def test_every_submodule_is_reachable_from_the_package():
       "bundles",
       "checkpoint",
       "cli",
-      "compare",
+      "arraydiff",
       "dtypes",
       "errors",
       "files",

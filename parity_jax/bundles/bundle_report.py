@@ -12,7 +12,7 @@ from parity_jax.bundles.diff import Breach
 from parity_jax.bundles.logits import LogitsStats
 from parity_jax.bundles.tolerance import Profile, ToleranceRule, profile_from_dict
 from parity_jax.bundles.verdict import Verdict
-from parity_jax.compare import DiffStats
+from parity_jax.arraydiff import DiffStats
 from parity_jax.errors import UsageError
 from parity_jax.report import Report
 

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from parity_jax import bundles as stages, compare
+from parity_jax import bundles as stages, arraydiff
 from parity_jax.errors import UsageError
 from parity_jax.svf import STAGES, gate, ComponentStore, reconstruct, replay, safe_source_name, tensor_key
 from parity_jax.svf.bounds import FormulaConstants, MismatchAccounting
@@ -19,7 +19,7 @@ from parity_jax.svf.io import find_component_files
 
 from tests.helpers import svf as svf_testlib
 
-GOLDENS = pathlib.Path(__file__).resolve().parents[1] / "goldens" / "svf"
+GOLDENS = pathlib.Path(__file__).resolve().parents[2] / "goldens" / "svf"
 BF16 = ml_dtypes.bfloat16
 
 
@@ -233,7 +233,7 @@ def test_chunked_replay_is_bit_identical_to_unchunked_and_to_reconstruct(tmp_pat
   ours = stages.load_bundle(tmp_path / "chunked" / "svf_all_selected_stage_debug.safetensors")
   for stage in STAGES:
     if stage != "source_f32":
-      assert compare.bit_equal(
+      assert arraydiff.bit_equal(
           ours[tensor_key(name, stage)], np.asarray(full[stage]).reshape(ours[tensor_key(name, stage)].shape)
       ), stage
   assert ours.names[0] == f"tensor.{safe_source_name(name)}.source_f32"

@@ -87,7 +87,7 @@ MESH_SCRIPT = textwrap.dedent(r"""
     from jax.sharding import PartitionSpec as P
     from parity_jax import qwen2
     from parity_jax.bundles import StageBundle, compare_bundles, load_bundle
-    from parity_jax.compare import bit_equal
+    from parity_jax.arraydiff import bit_equal
     from parity_jax.errors import UsageError
     from parity_jax.qwen2.parity import golden_inputs
 
