@@ -21,6 +21,7 @@ def _error(path: str, e: OSError) -> StoreError:
       errno.EPERM: "denied",
       errno.EISDIR: "invalid",
       errno.ENOTEMPTY: "invalid",
+      errno.EEXIST: "invalid",
   }.get(e.errno, "io")
   return StoreError(f"{path}: {e.strerror or e}", kind)
 
