@@ -87,7 +87,7 @@ def test_two_processes_give_the_single_process_report_and_the_split_leaf_its_tru
   job = tmp_path / "job.json"
   # process 1 starts its share 1.5 s late: the relayed state is there when it reaches its range (hashed inline)
   (rc0, out0, err0), (rc1, out1, err1) = finish(
-      start("verify_migration", _args(ck, ck["mig"], job), env={"PARITY_JAX_DIST_STALL": "1:1.5"})
+      start("verify_migration", _args(ck, ck["mig"], job), env={"PARITY_JAX_STALL": "verify.share@1=1.5"})
   )
   assert (rc0, rc1) == (0, 0), err0 + err1
   assert out0.splitlines()[-2] == "VERDICT: PASS" and "[PASS] params  9/9 leaves bit-identical" in out0
@@ -127,7 +127,7 @@ def test_relay_resumes_from_a_state_that_arrives_late(ck, tmp_path):
   """Process 0 starts late: process 1 compares its range first, then re-reads it to hash from the relayed state."""
   job = tmp_path / "job.json"
   (rc0, _, e0), (rc1, _, e1) = finish(
-      start("verify_migration", _args(ck, ck["mig"], job), env={"PARITY_JAX_DIST_STALL": "0:2"})
+      start("verify_migration", _args(ck, ck["mig"], job), env={"PARITY_JAX_STALL": "verify.share@0=2"})
   )
   assert (rc0, rc1) == (0, 0), e0 + e1
   rep = json.loads(job.read_text())
@@ -172,7 +172,7 @@ def test_bit_flip_in_a_leaf_of_process_1_and_in_the_split_leaf(ck, tmp_path):
 def test_a_lost_process_makes_the_other_exit_2_naming_it(ck, tmp_path, how):
   job = tmp_path / "job.json"
   procs = start(
-      "verify_migration", _args(ck, ck["mig"], job) + ["--peer_timeout=2"], env={"PARITY_JAX_DIST_STALL": "1:3600"}
+      "verify_migration", _args(ck, ck["mig"], job) + ["--peer_timeout=2"], env={"PARITY_JAX_STALL": "verify.share@1"}
   )
   t0 = time.monotonic()
   if how == "sigkill":
@@ -274,7 +274,7 @@ def test_assign_splits_by_bytes_and_orders_the_relay():
 # A coordinator that dies between two calls of one exchange: the store answers one call and fails the next.
 _LOST_MID_EXCHANGE = """
 import sys
-from parity_jax.distributed import Job
+from parity_jax.runtime import Job
 
 class Client:
   def key_value_try_get(self, key):

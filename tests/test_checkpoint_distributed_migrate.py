@@ -27,7 +27,7 @@ from parity_jax.checkpoint.tstore import quiet_orbax
 from tests.helpers import ckpt as H
 from tests.helpers import jobs, multiprocess_save
 
-STALL = "PARITY_JAX_MIGRATE_STALL"  # "<process>:group:<n>" | "<process>:commit" | "0:merge" | "0:install"
+STALL = "PARITY_JAX_STALL"  # parity_jax.runtime.faults: "<point>@<process>"
 
 _SPEC = dict(
     H.GENERATED_SPEC,
@@ -143,11 +143,11 @@ def test_two_processes_write_one_checkpoint_that_loads_and_verifies_like_a_one_p
   assert all(db for db in dbs.values()) and sum(len(db) for db in dbs.values()) == len(_kv(item))
 
 
-@pytest.mark.parametrize("point", ["group:1", "commit"])
+@pytest.mark.parametrize("point", ["migrate.group.1", "migrate.commit"])
 def test_killing_process_1_mid_run_makes_process_0_exit_2_and_leaves_nothing(ck, tmp_path, point):
   """Mid-share, or with its share written but not yet reported: process 0 must not install anything."""
   dest = tmp_path / "mig"
-  procs = jobs.start("migrate_checkpoint", _margs(ck, dest) + ["--peer_timeout=2"], env={STALL: f"1:{point}"})
+  procs = jobs.start("migrate_checkpoint", _margs(ck, dest) + ["--peer_timeout=2"], env={STALL: f"{point}@1"})
   t0 = time.monotonic()
   jobs.wait_for_line(procs[1], "stalling")
   procs[1].send_signal(signal.SIGKILL)
@@ -163,7 +163,7 @@ def test_killing_process_1_mid_run_makes_process_0_exit_2_and_leaves_nothing(ck,
 def test_killing_process_0_before_the_rename_makes_process_1_exit_2_with_one_line(ck, tmp_path):
   """The coordinator dies with the checkpoint complete but not yet renamed: nothing at --dest."""
   dest = tmp_path / "mig"
-  procs = jobs.start("migrate_checkpoint", _margs(ck, dest) + ["--peer_timeout=30"], env={STALL: "0:install"})
+  procs = jobs.start("migrate_checkpoint", _margs(ck, dest) + ["--peer_timeout=30"], env={STALL: "migrate.install@0"})
   jobs.wait_for_line(procs[0], "stalling")
   t0 = time.monotonic()
   procs[0].send_signal(signal.SIGKILL)
@@ -187,7 +187,7 @@ def test_killing_process_0_of_a_verify_job_makes_process_1_exit_2_with_one_line(
       "--peer_timeout=30",
       f"--report={tmp_path / 'r.json'}",
   ]
-  procs = jobs.start("verify_migration", args, env={"PARITY_JAX_DIST_STALL": "0:3600"})
+  procs = jobs.start("verify_migration", args, env={"PARITY_JAX_STALL": "verify.share@0"})
   jobs.wait_for_line(procs[0], "stalling")
   t0 = time.monotonic()
   procs[0].send_signal(signal.SIGKILL)

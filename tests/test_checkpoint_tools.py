@@ -267,7 +267,7 @@ def test_overwrite_semantics(ck, tmp_path):
     migrate(ck["src"], ck["src"], ck["spec"], overwrite=True)
 
 
-@pytest.mark.parametrize("point", ["batch:2", "finalize", "install"])
+@pytest.mark.parametrize("point", ["migrate.group.2", "migrate.group.3", "migrate.install"])
 def test_sigkill_leaves_nothing_that_looks_like_a_checkpoint(ck, tmp_path, point):
   dest = tmp_path / "m"
   proc = subprocess.Popen(
@@ -282,7 +282,7 @@ def test_sigkill_leaves_nothing_that_looks_like_a_checkpoint(ck, tmp_path, point
           "--noprogress",
       ],
       cwd=H.REPO,
-      env=dict(os.environ, PARITY_JAX_MIGRATE_STALL=point),
+      env=dict(os.environ, PARITY_JAX_STALL=point),
       stderr=subprocess.PIPE,
       text=True,
   )

@@ -1,4 +1,4 @@
-"""The verifier's values phase as one job across processes (:mod:`parity_jax.distributed`).
+"""The verifier's values phase as one job across processes (:mod:`parity_jax.runtime`).
 
 **Split by bytes.** Every process plans every pair the same way (the same
 pieces as a single process: :func:`.stream.plan_pair`, :func:`.stream.pieces_of`)
@@ -57,7 +57,7 @@ from parity_jax.checkpoint import geometry, stream
 from parity_jax.checkpoint.layout import Checkpoint, LeafMeta
 from parity_jax.checkpoint.reader import LeafReadError, LeafReader
 from parity_jax.checkpoint.spec import LeafPlan
-from parity_jax.distributed import Job, maybe_stall
+from parity_jax.runtime import Job, stall_point
 from parity_jax.errors import UsageError
 
 __all__ = ["Sha256State", "Work", "assign", "run_values"]
@@ -260,7 +260,7 @@ def run_values(
   t0 = time.perf_counter()
   plan = _plan_job(job, to_compare, src_ckpt, mig_ckpt, buffers, readahead)
   mine = plan.work[job.process_id]
-  maybe_stall(job.process_id)
+  stall_point("verify.share", job.process_id)
   ranges = _Ranges(
       job,
       plan.metas,

@@ -56,11 +56,11 @@ from parity_jax.files import is_inside
 from parity_jax.progress import human_bytes, progress as progress_bar
 from parity_jax.provenance import default_provenance
 from parity_jax.report import Report
+from parity_jax.runtime import stall_point
 
 __all__ = ["MigrateResult", "migrate", "row_major_chunks"]
 
 _MIB = 1 << 20
-_STALL_ENV = "PARITY_JAX_MIGRATE_STALL"  # test hook: "batch:N" | "finalize" | "install"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,12 +153,6 @@ def _remove_stale_temporaries(parent: str, name: str) -> None:
           f"parity_jax: removing stale temporary {os.path.join(parent, entry)} from an interrupted run", file=sys.stderr
       )
       shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def _maybe_stall(point: str) -> None:
-  if os.environ.get(_STALL_ENV) == point:
-    print(f"parity_jax: stalling at {point}", file=sys.stderr, flush=True)
-    time.sleep(3600)
 
 
 def _check_dest(src_path: str, dest: str, overwrite: bool) -> None:
@@ -284,7 +278,7 @@ def migrate(
         compression=compression,
         show_progress=progress,
     )
-    _maybe_stall("install")
+    stall_point("migrate.install")
     _install(target, dest)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -341,10 +335,10 @@ def _custom_metadata(
 
 
 def _migrate_as_job(source, dest, spec, *, peer_timeout_s: float | None, **kw: Any) -> MigrateResult:
-  from parity_jax import distributed as dist
+  from parity_jax import runtime
   from parity_jax.checkpoint import migrate_distributed
 
-  job = dist.attach(peer_timeout_s or dist.DEFAULT_TIMEOUT_S, "migrate")
+  job = runtime.attach(peer_timeout_s or runtime.DEFAULT_TIMEOUT_S, "migrate")
   with job:
     try:
       return migrate_distributed.run(job, source, dest, spec, **kw)
@@ -399,8 +393,7 @@ def _write(
       done += len(batch)
       bar.update(sum(sizes[p.source] for p in batch))
       bar.set_postfix_str(f"{done}/{len(leaves)} leaves")
-      _maybe_stall(f"batch:{n_batches}")
-    _maybe_stall("finalize")
+      stall_point(f"migrate.group.{n_batches}")
     ocp_v1.partial.finalize(target)
   return n_batches, hooked
 

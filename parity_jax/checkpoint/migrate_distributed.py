@@ -1,4 +1,4 @@
-"""The migrator as one job across processes (:mod:`parity_jax.distributed`).
+"""The migrator as one job across processes (:mod:`parity_jax.runtime`).
 
 **What each process writes.** Every process plans every leaf the same way:
 its destination shape, dtype and storage chunk shape (orbax's own
@@ -30,7 +30,7 @@ holds every leaf's metadata and every one of its chunks, writes
 (what the single-process migrator writes, ``value_type`` ``np.ndarray`` or
 ``string``), and renames the finished directory to ``dest``: the one atomic
 step. Until then nothing is at ``dest``; a process lost before it makes the
-others exit 2 (:mod:`parity_jax.distributed`), and process 0 removes the
+others exit 2 (:mod:`parity_jax.runtime`), and process 0 removes the
 temporary directory (a temporary left by a killed process 0 is removed by the
 next run, as for one process). A process never deletes anything after it has
 reported its share, and process 0 deletes only under a lock that the rename
@@ -65,13 +65,12 @@ from parity_jax.checkpoint.migrate import (
     _remove_stale_temporaries,
     row_major_chunks,
 )
-from parity_jax.checkpoint.migrate import _maybe_stall as _stall_at
 from parity_jax.checkpoint.distributed import assign
 from parity_jax.checkpoint.layout import Checkpoint, LeafMeta
 from parity_jax.checkpoint.reader import LeafReader, read_string_leaf
 from parity_jax.checkpoint.spec import LeafPlan
 from parity_jax.checkpoint.tstore import memmap_reads, quiet_orbax
-from parity_jax.distributed import Job
+from parity_jax.runtime import Job, stall_point
 from parity_jax.errors import UsageError, first_line
 from parity_jax.progress import progress as progress_bar
 
@@ -233,10 +232,6 @@ def _read_cache_bytes(meta: LeafMeta, groups: list[tuple[int, int]]) -> int:
   return int(rows * row * meta.dtype.itemsize * 1.05) + 4 * _MIB
 
 
-def _maybe_stall(process_id: int, point: str) -> None:
-  _stall_at(f"{process_id}:{point}")
-
-
 def _peak_rss() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -325,7 +320,7 @@ def run(
         group_bytes=group_bytes,
         progress=progress,
     )
-    _maybe_stall(job.process_id, "commit")
+    stall_point("migrate.commit", job.process_id)
     if job.is_coordinator:
       reports = job.gather("committed", json.dumps(stats).encode())  # the barrier: every share committed
     else:
@@ -458,7 +453,7 @@ def _write_share(
           n_groups += 1
           bar.update((b - a) * leaf.dtype.itemsize)
           job.tick()
-          _maybe_stall(job.process_id, f"group:{n_groups}")
+          stall_point(f"migrate.group.{n_groups}", job.process_id)
         settle()
       del t
       records.append([w.pair, a_el, b_el])
@@ -502,7 +497,7 @@ def _assemble_and_install(
   """Process 0, after every share is committed: one checkpoint in ``target``, renamed to ``dest``."""
   item_dir = os.path.join(target, _STATE)
   _check_tiling(arrays, per)
-  _maybe_stall(0, "merge")
+  stall_point("migrate.merge", 0)
   t_merge = time.perf_counter()
   _merge(item_dir)
   job.tick()
@@ -547,7 +542,7 @@ def _assemble_and_install(
   open(os.path.join(target, "orbax.checkpoint"), "w").close()
   with open(os.path.join(target, "commit_success.txt"), "w") as f:
     f.write(f"Checkpoint commit was successful to {dest}")
-  _maybe_stall(0, "install")
+  stall_point("migrate.install", 0)
   with commit.lock:  # a cleanup waits for the rename, then removes only the temporary's empty shell
     _install(target, dest)
   split = [

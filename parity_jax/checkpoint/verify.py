@@ -398,14 +398,14 @@ def verify_migration(
   from ``elapsed_s``, ``provenance`` and the added ``distributed`` figures. A
   process that dies, or shows no progress for ``peer_timeout_s`` seconds,
   makes every other process print one line naming it and exit with code 2
-  (see :mod:`parity_jax.distributed`).
+  (see :mod:`parity_jax.runtime`).
   """
   args = dict(top_k=top_k, slab_mb=slab_mb, spill_dir=spill_dir, readahead=readahead, progress=progress, log=log)
   if not distributed:
     return _verify(source, migrated, spec, job=None, **args)
-  from parity_jax import distributed as dist
+  from parity_jax import runtime
 
-  job = dist.attach(peer_timeout_s or dist.DEFAULT_TIMEOUT_S, "verify")
+  job = runtime.attach(peer_timeout_s or runtime.DEFAULT_TIMEOUT_S, "verify")
   with job:
     try:
       return _verify(source, migrated, spec, job=job, **args)

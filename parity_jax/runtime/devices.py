@@ -1,4 +1,4 @@
-"""Spreading independent jobs over devices and processes: FLOP-balanced placement, one gather to every process.
+"""Spreading independent pieces of work over devices: cost-balanced placement, a thread per device.
 
 What the all-selected SVF replay uses to run every tensor on its own device:
 
@@ -10,27 +10,22 @@ What the all-selected SVF replay uses to run every tensor on its own device:
   jobs in order with that device as JAX's default device (thread-local), the
   results returned in job order. The first error stops the others between jobs
   and is raised.
-* :func:`initialize` / :func:`gather` -- under ``jax.distributed`` (several
-  processes, each with its own devices), the placement is over the global
-  device list; a process runs the jobs of its own devices and :func:`gather`
-  hands every process every process's results (pickled, through
-  ``multihost_utils.process_allgather``; on CPU over gloo).
 
-Kept free of SVF specifics so that a generic multi-process helper can absorb it.
+Under ``jax.distributed`` the placement is over the global device list: every
+process computes the same placement, runs the work of its own devices, and the
+results travel through the job (:meth:`parity_jax.runtime.job.Job.allgather`).
+Nothing here knows about SVF.
 """
 
 from __future__ import annotations
 
-import pickle
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from parity_jax.errors import UsageError
 
-__all__ = ["balance", "gather", "initialize", "run_on_devices"]
+__all__ = ["balance", "run_on_devices"]
 
 
 def balance(costs: Sequence[float], n_bins: int) -> list[list[int]]:
@@ -88,45 +83,3 @@ def run_on_devices(fn: Callable[[int, Any], Any], assignment: Sequence[tuple[Any
   if missing:  # only when a worker returned early without an error, which should not happen
     raise RuntimeError(f"jobs {missing[:5]} did not run")
   return results
-
-
-def initialize(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> bool:
-  """``jax.distributed.initialize`` from the three launch arguments (gloo collectives on CPU); False when none
-  is given (one process alone needs no coordinator). Call before anything touches a JAX backend.
-
-  The same as :func:`parity_jax.distributed.initialize`, which the tools use (with ``--distributed`` for
-  cluster detection and ``--peer_timeout``).
-  """
-  from parity_jax import distributed
-
-  opts = distributed.Options(coordinator_address, num_processes, process_id)
-  if not opts.requested:
-    return False
-  distributed.initialize(opts)
-  return True
-
-
-def gather(obj: Any) -> list[Any]:
-  """Every process's ``obj``, in process order, on every process (``[obj]`` with one process)."""
-  import jax
-
-  if jax.process_count() == 1:
-    return [obj]
-  from jax.experimental import multihost_utils
-
-  data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
-  try:
-    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
-    buf = np.zeros(int(sizes.max()), np.uint8)
-    buf[: data.size] = data
-    everything = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
-  except Exception as e:  # noqa: BLE001 -- the collective fails when a process of the job is gone
-    from parity_jax import distributed
-    from parity_jax.errors import first_line
-
-    me, others = jax.process_index(), [p for p in range(jax.process_count()) if p != jax.process_index()]
-    who = "a process of the job"
-    if len(others) == 1:
-      who = f"process {others[0]}" + (" (the coordinator)" if others[0] == 0 else "")
-    distributed.exit_lost(f"lost {who}: gathering the results failed ({first_line(e)})", me)
-  return [pickle.loads(everything[p, : int(sizes[p])].tobytes()) for p in range(len(sizes))]

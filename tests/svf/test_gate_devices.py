@@ -13,19 +13,16 @@ from __future__ import annotations
 import copy
 import json
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
 from parity_jax.errors import UsageError
 from parity_jax.files import file_sha256
-from parity_jax.svf import replay, spread
+from parity_jax.svf import replay
 from tests.helpers import jobs
 from tests.helpers import svf as svf_testlib
-from tests.helpers.devices import ROOT, device_env, run_module
+from tests.helpers.devices import device_env, run_module
 
 
 @pytest.fixture(scope="module")
@@ -83,43 +80,22 @@ def test_eight_devices_give_the_single_device_report_and_bundle(reference):
   assert file_sha256(stage_dir / "svf_all_selected_stage_debug.safetensors") == file_sha256(reference["bundle"])
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_give_the_single_device_report(reference):
   out = reference["root"] / "two_processes.json"
   args = [
-      sys.executable,
-      "-m",
-      "tools.svf_parity",
       f"--golden_dir={reference['golden']}",
       "--all_selected_tensors",
       f"--out={out}",
       "--chunk_mb=0.05",
       "--row_block=32",
       "--progress=false",
-      f"--coordinator_address=127.0.0.1:{_free_port()}",
-      "--num_processes=2",
   ]
-  env = device_env(2)  # 2 x 2 devices: each process compiles for its own devices, so fewer keep the test quick
-  procs = [
-      subprocess.Popen(
-          args + [f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-      )
-      for i in range(2)
-  ]
-  try:
-    outs = [p.communicate(timeout=240) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (so, se) in zip(procs, outs):
-    assert p.returncode == 0, so[-2000:] + se[-3000:]
-  assert "SVF parity PASS" in outs[0][0] and "SVF parity" not in outs[1][0]  # process 0 speaks for the run
+  # 2 x 2 devices: each process compiles for its own devices, so fewer keep the test quick
+  procs = jobs.start("svf_parity", args, env=device_env(2))
+  outs = jobs.finish(procs, timeout=240)
+  for rc, so, se in outs:
+    assert rc == 0, so[-2000:] + se[-3000:]
+  assert "SVF parity PASS" in outs[0][1] and "SVF parity" not in outs[1][1]  # process 0 speaks for the run
   report = json.loads(out.read_text())
   _check_placement(report["backend"]["placement"], 4, 2)
   assert _comparable(report) == _comparable(reference["report"])
@@ -128,19 +104,6 @@ def test_two_processes_give_the_single_device_report(reference):
 def test_bad_spread_arguments_are_usage_errors(reference):
   with pytest.raises(UsageError, match=r"devices must lie in \[0, 1\] \(0: all\), got 2"):
     replay(golden_dir=str(reference["golden"]), all_selected=True, devices=2)
-  with pytest.raises(
-      UsageError, match="a distributed launch needs coordinator_address, num_processes and process_id together"
-  ):
-    spread.initialize(None, 2, None)
-  with pytest.raises(UsageError, match=r"process_id must be in \[0, 2\), got 2"):
-    spread.initialize("127.0.0.1:1", 2, 2)
-  assert spread.initialize(None, None, None) is False and spread.gather({"a": 1}) == [{"a": 1}]
-
-
-def test_balance_is_longest_first_to_the_least_loaded():
-  assert spread.balance([5, 4, 3, 3, 3], 2) == [[0, 3], [1, 2, 4]]
-  assert spread.balance([1, 1, 1], 4) == [[0], [1], [2], []]
-  assert spread.balance([2, 2, 2, 2], 2) == [[0, 2], [1, 3]]  # ties go to the lower index, in job order
 
 
 def test_killing_process_0_makes_process_1_exit_2_with_one_line(reference, tmp_path):
@@ -155,7 +118,7 @@ def test_killing_process_0_makes_process_1_exit_2_with_one_line(reference, tmp_p
       "--peer_timeout=30",
   ]
   # process 0 replays its tensors, then stalls before the results are gathered; process 1 waits in the gather
-  procs = jobs.start("svf_parity", args, env=dict(device_env(2), PARITY_JAX_DIST_STALL="0:3600"))
+  procs = jobs.start("svf_parity", args, env=dict(device_env(2), PARITY_JAX_STALL="svf.gather@0"))
   jobs.wait_for_line(procs[0], "stalling")
   t0 = time.monotonic()
   procs[0].send_signal(signal.SIGKILL)

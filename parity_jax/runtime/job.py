@@ -1,22 +1,13 @@
-"""One job, many processes: the JAX multi-controller runtime (``jax.distributed``) with bounded waits.
+"""A job of many processes on the JAX runtime's key-value store, with bounded waits.
 
-The ecosystem's launch conventions, shared by every tool that can run as a job:
-
-* ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``: the
-  arguments of :func:`jax.distributed.initialize`;
-* ``--distributed``: :func:`jax.distributed.initialize` with no arguments, so
-  that JAX's own cluster detection (SLURM, Cloud TPU, GKE/Kubernetes, MPI)
-  fills them in;
-* none of these: one process, nothing changes.
-
-:func:`initialize` starts the runtime from such :class:`Options` (on CPU it
-selects the gloo collectives that multi-process CPU jobs need);
-:func:`attach` returns a :class:`Job` on the started runtime (the caller's or
-:func:`initialize`'s), whose exchanges go through the runtime's key-value store (no
-device collectives, so nothing here initialises an XLA backend):
+:class:`Job` is this process's handle on a job (:func:`~parity_jax.runtime.launch.attach`
+or :func:`~parity_jax.runtime.launch.single_process` make one). Its exchanges go through
+the runtime's key-value store (no device collectives, so nothing here initialises an XLA
+backend):
 
 * :meth:`Job.gather` (to process 0), :meth:`Job.broadcast` (from process 0),
-  :meth:`Job.barrier`, :meth:`Job.publish` / :meth:`Job.wait_for`;
+  :meth:`Job.allgather` (everyone's to everyone), :meth:`Job.barrier`,
+  :meth:`Job.publish` / :meth:`Job.wait_for`, :meth:`Job.first_disagreeing`;
 * every wait is bounded by *liveness*, not by a fixed deadline: each process
   posts a heartbeat (with a progress counter that only its main thread
   advances, through :meth:`Job.tick` or any wait) about once a second, and a
@@ -27,20 +18,16 @@ device collectives, so nothing here initialises an XLA backend):
   code 2. A process that fails on its own (bad input on one host) calls
   :meth:`Job.fail`, and the others exit 2 at once, naming it.
 
-JAX's own heartbeat (``heartbeat_timeout_seconds``, which on expiry aborts
-every process with a stack trace) is set well above ``timeout_s`` by
-:func:`initialize`, so the watchdog acts first. One case stays JAX's: when
-process 0, which hosts the coordination service, dies, the runtime aborts the
-survivors at once (SIGABRT, a C++ stack trace); nothing in the Python API
-lets a process outlive its coordinator. The tools therefore run a job's work
-in a supervised child process (:mod:`parity_jax.cli.app`, "Distributed runs"), which turns
-that abort into one line, ``error: lost process 0 (the coordinator): ...``,
-and exit 2.
+One case stays JAX's: when process 0, which hosts the coordination service,
+dies, the runtime aborts the survivors at once (SIGABRT, a C++ stack trace);
+nothing in the Python API lets a process outlive its coordinator. The tools
+therefore run a job's work in a supervised child process
+(:mod:`parity_jax.cli.app`, "Distributed runs"), which turns that abort into one
+line, ``error: lost process 0 (the coordinator): ...``, and exit 2.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import threading
@@ -50,18 +37,7 @@ from typing import Callable, NoReturn
 
 from parity_jax.errors import UsageError, first_line
 
-__all__ = [
-    "DEFAULT_TIMEOUT_S",
-    "Job",
-    "JobAborted",
-    "Options",
-    "attach",
-    "initialize",
-    "left_job",
-    "process_count",
-    "process_index",
-    "single_process",
-]
+__all__ = ["DEFAULT_TIMEOUT_S", "EXIT_LOST", "Job", "JobAborted", "exit_lost", "left_job"]
 
 DEFAULT_TIMEOUT_S = 120.0
 EXIT_LOST = 2
@@ -89,129 +65,8 @@ def exit_lost(message: str, process_id: int) -> NoReturn:
   os._exit(EXIT_LOST)
 
 
-_STALL_ENV = "PARITY_JAX_DIST_STALL"  # test hook: "<process_id>:<seconds>"
-
-
-def maybe_stall(process_id: int) -> None:
-  """Test hook: process ``process_id`` sleeps here when ``PARITY_JAX_DIST_STALL=<process_id>:<seconds>``.
-
-  Called where a job's processes do their own share (before they exchange results), so tests can kill
-  or delay one process at a known point; it says so on stderr first.
-  """
-  who, _, seconds = os.environ.get(_STALL_ENV, "").partition(":")
-  if who.strip() == str(process_id) and seconds:
-    print(f"parity_jax: process {process_id} stalling for {seconds} s", file=sys.stderr, flush=True)
-    time.sleep(float(seconds))
-
-
 class JobAborted(UsageError):
   """Another process of the job failed or was lost (raised only where the watchdog does not exit itself)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-  """How to join a job: the arguments of :func:`jax.distributed.initialize`, or ``auto`` for cluster detection."""
-
-  coordinator_address: str | None = None
-  num_processes: int | None = None
-  process_id: int | None = None
-  auto: bool = False
-  timeout_s: float = DEFAULT_TIMEOUT_S
-
-  @property
-  def requested(self) -> bool:
-    """True when any launch parameter was given (otherwise: one process)."""
-    return self.auto or any(v is not None for v in (self.coordinator_address, self.num_processes, self.process_id))
-
-  def check(self) -> None:
-    if not (self.timeout_s > 0):
-      raise UsageError(f"the peer timeout must be positive, got {self.timeout_s}")
-    if self.auto:
-      return
-    given = {
-        "coordinator_address": self.coordinator_address,
-        "num_processes": self.num_processes,
-        "process_id": self.process_id,
-    }
-    missing = [k for k, v in given.items() if v is None]
-    if missing:
-      raise UsageError(
-          f"a distributed launch needs coordinator_address, num_processes and process_id together"
-          f" (missing {', '.join(missing)}), or `distributed` alone for cluster detection"
-      )
-    if ":" not in str(self.coordinator_address):
-      raise UsageError(f"coordinator_address must be HOST:PORT, got {self.coordinator_address!r}")
-    if self.num_processes < 1:
-      raise UsageError(f"num_processes must be at least 1, got {self.num_processes}")
-    if not 0 <= self.process_id < self.num_processes:
-      raise UsageError(f"process_id must be in [0, {self.num_processes}), got {self.process_id}")
-
-
-def _use_gloo_on_cpu() -> None:
-  """Multi-process collectives on CPU need gloo; select it unless the user chose an implementation."""
-  import jax
-
-  try:
-    current = jax.config.read("jax_cpu_collectives_implementation")
-  except (AttributeError, KeyError):
-    return
-  if current in (None, "", "gloo"):
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-
-
-def initialize(opts: Options) -> None:
-  """Starts the JAX runtime for this process from ``opts`` (nothing when it is already started)."""
-  opts.check()
-  import jax
-
-  if jax.distributed.is_initialized():
-    return
-  _use_gloo_on_cpu()
-  kwargs = {}
-  if not opts.auto:
-    kwargs = dict(
-        coordinator_address=opts.coordinator_address,
-        num_processes=int(opts.num_processes),
-        process_id=int(opts.process_id),
-    )
-  try:
-    jax.distributed.initialize(
-        **kwargs,
-        initialization_timeout=int(max(30, opts.timeout_s)),
-        heartbeat_timeout_seconds=int(3 * opts.timeout_s + 30),
-    )
-  except Exception as e:  # noqa: BLE001 -- connection refused, cluster not detected, timeouts: all one line
-    raise UsageError(f"cannot join the distributed job: {first_line(e)}") from None
-
-
-def attach(timeout_s: float = DEFAULT_TIMEOUT_S, op: str = "job") -> "Job":
-  """A :class:`Job` on a runtime that :func:`jax.distributed.initialize` already started."""
-  import jax
-  from jax._src import distributed as jd  # the key-value client has no public accessor in jax 0.10
-
-  if not jax.distributed.is_initialized() or jd.global_state.client is None:
-    raise UsageError("distributed=True needs jax.distributed.initialize() to have been called in this process")
-  st = jd.global_state
-  return Job(st.client, int(st.process_id), int(st.num_processes), float(timeout_s), op)
-
-
-def process_index() -> int:
-  """This process's index in the started runtime (0 without one); initialises no XLA backend."""
-  from jax._src import distributed as jd
-
-  return int(jd.global_state.process_id) if jd.global_state.client is not None else 0
-
-
-def process_count() -> int:
-  """Processes in the started runtime (1 without one); initialises no XLA backend."""
-  from jax._src import distributed as jd
-
-  return int(jd.global_state.num_processes) if jd.global_state.client is not None else 1
-
-
-def single_process(op: str = "job") -> "Job":
-  """A :class:`Job` of one process (no runtime): every exchange is local."""
-  return Job(None, 0, 1, DEFAULT_TIMEOUT_S, op)
 
 
 _LEFT = threading.Event()  # set once this process has told a job it fails (see left_job)
@@ -354,6 +209,14 @@ class Job:
     if not self.is_coordinator:
       return None
     return [self.wait_for(f"gather/{name}/{p}") for p in range(self.num_processes)]
+
+  def allgather(self, name: str, payload: bytes) -> list[bytes]:
+    """Every process's ``payload``, in process order, on every process."""
+    import json
+
+    got = self.gather(name, payload)
+    packed = b"" if got is None else json.dumps([g.hex() for g in got]).encode()
+    return [bytes.fromhex(h) for h in json.loads(self.broadcast(f"allgather/{name}", packed))]
 
   def first_disagreeing(self, name: str, fingerprint: str) -> int | None:
     """Gathers every process's ``fingerprint`` (of its plan); on process 0 the first process whose differs
