@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from parity_jax.checkpoint import migrate
-from parity_jax.checkpoint.distributed import Sha256State, assign
+from parity_jax.checkpoint.shares import assign
+from parity_jax.checkpoint.stream import Sha256State
 from tests.helpers import ckpt as H
 from tests.helpers import multiprocess_save
 from tests.helpers.jobs import finish, free_port, start

@@ -22,8 +22,8 @@ import pytest
 
 from parity_jax.checkpoint import migrate, verify_migration
 from parity_jax.checkpoint.geometry import flat_range_boxes
-from parity_jax.checkpoint.migrate import row_major_chunks
-from parity_jax.checkpoint.tstore import quiet_orbax
+from parity_jax.checkpoint.formats.orbax_writer import row_major_chunks
+from parity_jax.checkpoint.formats.tstore import quiet_orbax
 from tests.helpers import ckpt as H
 from tests.helpers import jobs, multiprocess_save
 

@@ -16,8 +16,9 @@ import re
 import numpy as np
 import pytest
 
-from parity_jax.checkpoint import LeafReader, RemapSpec, migrate, open_checkpoint, restore_leaves, verify_migration
-from parity_jax.checkpoint.layout import resolve_item_dir
+from parity_jax.checkpoint import RemapSpec, migrate, open_checkpoint, restore_leaves, verify_migration
+from parity_jax.checkpoint.keypath import nest
+from parity_jax.checkpoint.formats.orbax_layout import resolve_item_dir
 from parity_jax.errors import UsageError
 from tests.helpers import ckpt as H
 from tests.helpers import legacy as L
@@ -70,7 +71,7 @@ def test_every_leaf_reads_bit_exact_through_both_read_paths(fx, item):
   restored = restore_leaves(ck, list(ck.leaves))
   for leaf in leaves:
     meta = ck.leaves[leaf.path]
-    with LeafReader(ck, meta) as r:
+    with ck.reader(meta) as r:
       a = r.read()
     b = restored[leaf.path]
     for got in (a, b):
@@ -83,23 +84,12 @@ def _orbax_restore(item_dir) -> dict:
   import orbax.checkpoint as ocp
 
   from parity_jax.checkpoint.keypath import flatten
-  from parity_jax.checkpoint.tstore import quiet_orbax
+  from parity_jax.checkpoint.formats.tstore import quiet_orbax
 
   with quiet_orbax():
     meta = ocp.PyTreeCheckpointer().metadata(str(item_dir)).item_metadata.tree
     ra = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
     return flatten(ocp.PyTreeCheckpointer().restore(str(item_dir), args=ocp.args.PyTreeRestore(restore_args=ra)))
-
-
-def _nest(flat: dict) -> dict:
-  root: dict = {}
-  for p, v in flat.items():
-    node = root
-    *parents, last = p.split("/")
-    for c in parents:
-      node = node.setdefault(c, {})
-    node[last] = v
-  return root
 
 
 def _flip_one_bit(a: np.ndarray, k: int) -> np.ndarray:
@@ -123,7 +113,7 @@ def test_migrate_then_verify_passes_and_a_flipped_bit_fails_naming_the_leaf(i, f
   # The migrated values, read independently of the verifier, are the old writer's saved bytes.
   ck = open_checkpoint(mig)
   for leaf in leaves:
-    with LeafReader(ck, ck.leaves[_dest(leaf.path)]) as r:
+    with ck.reader(ck.leaves[_dest(leaf.path)]) as r:
       assert L.sha256_of(r.read()) == leaf.sha256, leaf.path
   rep = verify_migration(item_dir, mig, spec)
   assert rep.passed, rep.text()
@@ -141,7 +131,7 @@ def test_migrate_then_verify_passes_and_a_flipped_bit_fails_naming_the_leaf(i, f
   values = _orbax_restore(item_dir)
   assert {p: L.sha256_of(v) for p, v in values.items()} == {l.path: l.sha256 for l in leaves}
   bad = {_dest(p): (_flip_one_bit(v, i) if p in victims else np.asarray(v)) for p, v in values.items()}
-  H.save_v0(tmp_path / "bad", _nest(bad))
+  H.save_v0(tmp_path / "bad", nest(bad))
   rep = verify_migration(item_dir, tmp_path / "bad", spec)
   assert not rep.passed
   assert {r.migrated_path: r.status for r in rep.failures} == {_dest(p): "VALUE_MISMATCH" for p in victims}
@@ -164,7 +154,7 @@ def test_zarr3_from_orbax_before_0_10_reads_missing_chunks_as_the_fill_value(rel
   ck = open_checkpoint(fx.checkpoint)
   assert not (fx.checkpoint / "params.dense.bias" / "c").exists()  # its only chunk was never written
   assert ck.facts["missing_chunks"] == "fill value" and not ck.leaves["params/dense/bias"].strict
-  with LeafReader(ck, ck.leaves["params/dense/bias"]) as r:
+  with ck.reader(ck.leaves["params/dense/bias"]) as r:
     bias = r.read()
   assert bias.shape == (4, 8) and not bias.view(np.uint32).any()  # +0.0 exactly, not merely == 0
   rep = verify_migration(fx.checkpoint, fx.checkpoint, IDENTITY)

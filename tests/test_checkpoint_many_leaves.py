@@ -108,7 +108,7 @@ def test_a_fault_in_one_small_leaf_fails_exactly_that_leaf_with_whole_array_stat
 def test_an_unreadable_small_leaf_is_named(many, tmp_path):
   import orbax.checkpoint as ocp
 
-  from parity_jax.checkpoint.tstore import quiet_orbax
+  from parity_jax.checkpoint.formats.tstore import quiet_orbax
 
   root, tree, src, mig = many
   bad = tmp_path / "bad"

@@ -16,7 +16,7 @@ import pytest
 
 from parity_jax import arraydiff
 from parity_jax.checkpoint import RemapSpec, geometry, migrate, stream, verify_migration
-from parity_jax.checkpoint.layout import LeafMeta
+from parity_jax.checkpoint import LeafMeta
 from parity_jax.errors import UsageError
 
 MIB = 2**20
@@ -159,8 +159,8 @@ SPEC = RemapSpec.from_rules([{"match": "^w$", "to": "w", "squeeze": [0]}, {"matc
 def _save_source(path, tree, chunk_kb=None, row_major=False, compressed=True):
   from orbax.checkpoint import v1 as ocp_v1
 
-  from parity_jax.checkpoint.tstore import quiet_orbax
-  from parity_jax.checkpoint.migrate import row_major_chunks
+  from parity_jax.checkpoint.formats.tstore import quiet_orbax
+  from parity_jax.checkpoint.formats.orbax_writer import row_major_chunks
 
   ctx = ocp_v1.Context()
   if chunk_kb:
@@ -193,7 +193,7 @@ def mode_pair(request, tmp_path_factory):
 def _verify(src, mig, ver_kw, tmp, monkeypatch):
   ver_kw = dict(ver_kw)
   if ver_kw.pop("spill", False):
-    monkeypatch.setattr(stream, "SPILL_ABOVE_BYTES", 0)
+    monkeypatch.setattr(stream.plan, "SPILL_ABOVE_BYTES", 0)
   return verify_migration(src, mig, SPEC, slab_mb=PIECE_MB, spill_dir=tmp, **ver_kw)
 
 
@@ -257,7 +257,7 @@ def test_spill_file_failure_is_a_one_line_usage_error(tmp_path, monkeypatch):
   tree = _source_tree()
   src = _save_source(tmp_path / "src", tree)
   mig = _migrated(tmp_path, "mig", {"w": tree["w"][0], "s": tree["s"]}, compression="zstd")
-  monkeypatch.setattr(stream, "SPILL_ABOVE_BYTES", 0)
+  monkeypatch.setattr(stream.plan, "SPILL_ABOVE_BYTES", 0)
 
   class Full:
 
@@ -270,8 +270,8 @@ def test_spill_file_failure_is_a_one_line_usage_error(tmp_path, monkeypatch):
     def __getattr__(self, name):
       return getattr(self.f, name)
 
-  real = stream.tempfile.TemporaryFile
-  monkeypatch.setattr(stream.tempfile, "TemporaryFile", lambda **kw: Full(real(**kw)))
+  real = stream.pair.tempfile.TemporaryFile
+  monkeypatch.setattr(stream.pair.tempfile, "TemporaryFile", lambda **kw: Full(real(**kw)))
   with pytest.raises(UsageError, match=r"cannot write the spill file in .*No space left on device") as e:
     verify_migration(src, mig, SPEC, slab_mb=PIECE_MB, spill_dir=tmp_path)
   assert "\n" not in str(e.value)

@@ -17,7 +17,7 @@ from tests.helpers import ckpt as H
 from parity_jax.checkpoint import migrate, verify_migration
 from tests.helpers.files import hash_file_tree
 from tests.helpers.tools import run_many
-from parity_jax.checkpoint.layout import resolve_item_dir
+from parity_jax.checkpoint.formats.orbax_layout import resolve_item_dir
 from parity_jax.errors import UsageError
 
 

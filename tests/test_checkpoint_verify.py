@@ -16,10 +16,10 @@ import pytest
 
 from tests.helpers import ckpt as H
 from parity_jax import arraydiff
-from parity_jax.checkpoint import (LeafReader, RemapSpec, migrate, open_checkpoint, restore_leaves, verify_migration)
+from parity_jax.checkpoint import RemapSpec, migrate, open_checkpoint, restore_leaves, verify_migration
 from parity_jax.checkpoint import stream
 from parity_jax.checkpoint.example import leaf_sha256
-from parity_jax.checkpoint.keypath import flatten
+from parity_jax.checkpoint.keypath import flatten, nest
 from tests.helpers.files import hash_file_tree
 from parity_jax.errors import UsageError
 
@@ -89,13 +89,7 @@ def test_shipped_example_passes_and_hashes_match_the_manifest():
   # the shipped migrated copy is also what a hand-written migration of the source says
   src_ck, src_vals = _read_all(H.EXAMPLE / "source")
   _, mig_vals = _read_all(H.EXAMPLE / "migrated")
-  src_tree = {}
-  for p, v in src_vals.items():
-    node = src_tree
-    *parents, last = p.split("/")
-    for c in parents:
-      node = node.setdefault(c, {})
-    node[last] = v
+  src_tree = nest(src_vals)
   _assert_tree_bit_equal(mig_vals, H.example_expected_migrated(src_tree))
 
 
@@ -139,7 +133,7 @@ def test_leaf_reader_matches_orbax_restore_for_every_leaf(gen):
     restored = restore_leaves(ck, list(ck.leaves))
     for p, meta in ck.leaves.items():
       if meta.streamable:
-        with LeafReader(ck, meta) as r:
+        with ck.reader(meta) as r:
           assert arraydiff.bit_equal(r.read(), restored[p]), (path, p)
 
 
@@ -161,7 +155,7 @@ def _big_pair(
   if src_chunk_mb:
     ctx.array.saving.storage_options.chunk_byte_size = int(src_chunk_mb * 2**20)
   ctx.array.saving.use_compression = src_compressed
-  from parity_jax.checkpoint.migrate import row_major_chunks
+  from parity_jax.checkpoint.formats.orbax_writer import row_major_chunks
 
   with ctx, row_major_chunks() if src_row_major else contextlib.nullcontext():
     H.save_v1(tmp_path / "src", tree)
@@ -226,7 +220,7 @@ STREAM_MODES = {
 @pytest.mark.parametrize("mode", list(STREAM_MODES))
 def test_streaming_modes_agree_with_whole_array_reference(tmp_path, mode, monkeypatch):
   if mode == "spill":
-    monkeypatch.setattr(stream, "SPILL_ABOVE_BYTES", 0)  # spill as soon as it saves memory, even for tiny leaves
+    monkeypatch.setattr(stream.plan, "SPILL_ABOVE_BYTES", 0)  # spill as soon as it saves memory, even for tiny leaves
   pair_kw, verify_kw, want = STREAM_MODES[mode]
   tree, spec = _big_pair(tmp_path, **pair_kw)
   rep = verify_migration(tmp_path / "src", tmp_path / "mig", spec, slab_mb=2 / 1024, spill_dir=tmp_path, **verify_kw)
@@ -374,13 +368,7 @@ def test_nan_payload_and_signed_zero_details(gen, tmp_path):
 
 def test_gate_up_mix_up_in_the_example_is_caught(tmp_path):
   src_ck, vals = _read_all(H.EXAMPLE / "source")
-  src_tree: dict = {}
-  for p, v in vals.items():
-    node = src_tree
-    *parents, last = p.split("/")
-    for c in parents:
-      node = node.setdefault(c, {})
-    node[last] = v
+  src_tree = nest(vals)
   mig = H.example_expected_migrated(src_tree)
   comp = mig["components"]
   comp["layers.1.mlp.gate_proj"], comp["layers.1.mlp.up_proj"] = (

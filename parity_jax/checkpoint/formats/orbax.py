@@ -1,116 +1,54 @@
-"""Finding the PyTree item of an Orbax checkpoint and reading its metadata (no array data).
+"""Orbax checkpoints: their leaves' metadata and read-only access, one leaf at a time (no array data on open).
 
-Accepted layouts, on either side of a migration (tested with checkpoints written
-by orbax-checkpoint 0.5.10, 0.6.4, 0.10.2 and the current release):
+:func:`open_orbax` finds the PyTree item (:mod:`.orbax_layout` says where
+and which storage rules apply, for every orbax release since 0.5) and reads
+the tree metadata: the leaf list from ``_METADATA``; each array's shape,
+dtype and chunk shape from its zarr metadata, opened read-only with
+tensorstore using the very spec orbax builds for its own restores
+(``tensorstore_utils.ArrayReadSpec``, with the checkpoint's missing-chunk
+rule). An :class:`OrbaxCheckpoint` keeps one tensorstore context and the
+read-only handle of every leaf opened in it, so whole reads of small leaves
+open nothing (:meth:`~OrbaxCheckpoint.read_whole_async`).
 
-* ``v0``: a PyTree item directory written by ``ocp.PyTreeCheckpointer().save``
-  or ``StandardCheckpointer`` (``_METADATA`` at the top).
-* ``v1``: a checkpoint written by ``ocp.v1.save`` or ``ocp.v1.partial.save`` +
-  ``finalize`` (one PyTree checkpointable, normally ``state/``).
-* ``step``: a ``CheckpointManager`` step directory holding exactly one item.
-  orbax >= 0.6 marks a step directory with ``_CHECKPOINT_METADATA``; orbax 0.5
-  wrote no marker at all, so an unmarked directory whose name is a step
-  (``12``, ``checkpoint_12``) and which holds only item directories is taken
-  as a step directory too.
+Two ways to read values, both touching only the leaves asked for:
 
-Anything else (missing path, a file, a directory without an item, several
-items, an unfinished orbax temporary directory, a ``CheckpointManager`` root,
-a layout of another library such as a flax msgpack checkpoint) is a
-:class:`~parity_jax.errors.UsageError` with one line that says what was found
-and what to pass instead.
-
-**How the storage is read** is decided from the checkpoint's own metadata, the
-way current orbax decides when it restores (see
-``tests/data/orbax_legacy/FINDINGS.md`` for the evidence):
-
-* OCDBT or one directory per leaf: ``_METADATA["use_ocdbt"]`` when present
-  (orbax >= 0.11.31 writes it), else OCDBT iff ``<item>/manifest.ocdbt`` exists.
-* zarr3 or zarr v2: ``_METADATA["use_zarr3"]`` (absent = zarr v2).
-* A storage chunk missing on disk (:data:`MISSING_CHUNK_RULE`): an error
-  (the leaf is UNREADABLE) when the writer stored every chunk, i.e. when
-  ``_METADATA["store_array_data_equal_to_fill_value"]`` is true (orbax >=
-  0.10.0 always writes it so), when the metadata shows a writer that new
-  (``use_ocdbt`` recorded: orbax >= 0.11.31), or for a zarr v2 leaf whose
-  ``fill_value`` is null (tensorstore then writes every chunk, zeros
-  included). Otherwise (orbax < 0.10, zarr3) the writer left out chunks equal
-  to the fill value, and a missing chunk *is* that value: it is read as the
-  fill value, exactly as orbax restores it.
+* :class:`TensorStoreLeafReader` -- one leaf opened read-only (``open=True,
+  read=True, write=False``) in a private context whose cache pool of a
+  chosen size keeps a decoded chunk row alive while several boxes are cut
+  from it. Boxes are read one at a time, so memory is bounded by the box
+  plus the storage chunks it decodes; a box of an uncompressed leaf read
+  memory-mapped costs only its own bytes (``LeafMeta.box_reads``).
+* :func:`restore_leaves` -- orbax's own restore with every other leaf
+  ``PLACEHOLDER`` (never read), as numpy (``restore_type=np.ndarray``) so that
+  int64/float64 survive with x64 disabled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from parity_jax.checkpoint import keypath
-from parity_jax.checkpoint.tstore import codec_info, quiet_orbax, read_context
+from parity_jax.checkpoint.formats.base import Checkpoint, LeafMeta, LeafReadError, LeafReader
+from parity_jax.checkpoint.formats.orbax_layout import (
+    _ARRAY_TYPES,
+    PYTREE_METADATA,
+    decide_layout,
+    resolve_item_dir,
+)
+from parity_jax.checkpoint.formats.tstore import codec_info, memmap_reads, quiet_orbax, read_context
 from parity_jax.errors import UsageError, first_line
 
-__all__ = ["Checkpoint", "LeafMeta", "MISSING_CHUNK_RULE", "SUPPORTED", "open_checkpoint", "resolve_item_dir"]
-
-PYTREE_METADATA = "_METADATA"
-CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
-OCDBT_MANIFEST = "manifest.ocdbt"
-_TMP_MARKERS = (".orbax-checkpoint-tmp", ".partial_save", ".migrating-")
-_ARRAY_TYPES = {"np.ndarray", "jax.Array"}
-_STEP_NAME = re.compile(r"(\w+_)?\d+")
-_FILL_FLAG = "store_array_data_equal_to_fill_value"
-
-SUPPORTED = (
-    "supported: Orbax PyTree checkpoints, orbax >= 0.5 (PyTree/Standard checkpoint dir, ocp.v1 checkpoint,"
-    " CheckpointManager step dir)"
-)
-
-MISSING_CHUNK_RULE = (
-    "a storage chunk missing on disk is an error when the writer stored every chunk"
-    f" (_METADATA {_FILL_FLAG}: true, orbax >= 0.10; use_ocdbt recorded, orbax >= 0.11.31; or zarr v2 with"
-    " fill_value null), else it is the fill value, as orbax < 0.10 left out chunks equal to it"
-)
+__all__ = ["OrbaxCheckpoint", "TensorStoreLeafReader", "open_orbax", "restore_leaves"]
 
 
-@dataclasses.dataclass(frozen=True)
-class LeafMeta:
-  """Metadata of one stored leaf; enough to plan, never the values."""
-
-  path: str
-  keys: tuple[str, ...]
-  kind: str  # "array" | "scalar" | "string"
-  shape: tuple[int, ...]
-  dtype: np.dtype | None  # None for strings
-  chunk_shape: tuple[int, ...] | None  # storage chunk shape; None = unknown/one chunk
-  storage_name: str  # orbax's name for the leaf in the item's key-value store
-  value_type: str
-  error: str | None = None  # set when the leaf's array metadata cannot be read (damaged files)
-  raw_chunks: bool = False  # chunks stored uncompressed: any sub-box can be read without decoding a chunk
-  strict: bool = True  # a missing storage chunk is an error (else it reads as the fill value); see MISSING_CHUNK_RULE
-  codec: str = ""  # the chunk compression ("none", "zstd", ...); "" for strings and unreadable leaves
-
-  @property
-  def nbytes(self) -> int:
-    if self.dtype is None:
-      return 0
-    return math.prod(self.shape) * self.dtype.itemsize
-
-  @property
-  def streamable(self) -> bool:
-    """Read directly from tensorstore (arrays and numeric scalars); strings go through orbax."""
-    return self.kind in ("array", "scalar") and self.error is None
-
-  @property
-  def n_chunks(self) -> int:
-    if not self.shape or self.chunk_shape is None:
-      return 1
-    return math.prod(-(-d // max(1, c)) for d, c in zip(self.shape, self.chunk_shape))
-
-
-@dataclasses.dataclass
-class Checkpoint:
+@dataclasses.dataclass(eq=False)
+class OrbaxCheckpoint(Checkpoint):
   """An opened (metadata only) Orbax checkpoint.
 
   It keeps one tensorstore context (:func:`.tstore.read_context`) and the
@@ -152,13 +90,7 @@ class Checkpoint:
         raise UsageError(f"{self.path}: cannot read checkpoint metadata: {first_line(e)}") from None
     return self._metadata_tree
 
-  def unreadable(self) -> dict[str, str]:
-    """Leaves whose array metadata could not be read, with the reason."""
-    return {p: m.error for p, m in self.leaves.items() if m.error}
-
-  @property
-  def nbytes(self) -> int:
-    return sum(m.nbytes for m in self.leaves.values())
+  format = "orbax"
 
   def describe(self) -> str:
     return f"{self.layout} checkpoint, {len(self.leaves)} leaves, {self.nbytes / 2**20:.1f} MiB"
@@ -199,6 +131,25 @@ class Checkpoint:
     return ts.open(
         self.read_spec(leaf), open=True, read=True, write=False, context=read_context(int(max(0, cache_bytes)))
     ).result()
+
+  def reader(self, leaf: LeafMeta, cache_bytes: int = 0) -> "TensorStoreLeafReader":
+    return TensorStoreLeafReader(self, leaf, cache_bytes)
+
+  def read_whole_async(self, leaf: LeafMeta):
+    return self.handle(leaf).read()
+
+  def read_string(self, leaf: LeafMeta) -> str:
+    """A string leaf, read from the item's ``_strings.json`` (where orbax's StringHandler keeps them)."""
+    path = os.path.join(self.item_dir, "_strings.json")
+    try:
+      with open(path, encoding="utf-8") as f:
+        table = json.load(f)
+      value = table[leaf.storage_name]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise LeafReadError(leaf.path, f"cannot read it from {path}: {first_line(e)}") from None
+    if not isinstance(value, str):
+      raise LeafReadError(leaf.path, f"{path} holds a {type(value).__name__}, not a string")
+    return value
 
   def storage_facts(self) -> dict[str, Any]:
     """What the reader used to read this checkpoint: the layout facts, and how each was decided.
@@ -283,208 +234,7 @@ def _read_spec(item_dir: str, name: str, use_zarr3: bool, use_ocdbt: bool, stric
   return _substitute(template, name)
 
 
-def _is_item_dir(d: str) -> bool:
-  return os.path.isfile(os.path.join(d, PYTREE_METADATA))
-
-
-def _subdirs(d: str) -> list[str]:
-  try:
-    return sorted(e.name for e in os.scandir(d) if e.is_dir())
-  except OSError:
-    return []
-
-
-def _files(d: str) -> list[str]:
-  try:
-    return sorted(e.name for e in os.scandir(d) if e.is_file())
-  except OSError:
-    return []
-
-
-def _head(path: str, n: int = 64) -> bytes:
-  try:
-    with open(path, "rb") as f:
-      return f.read(n)
-  except OSError:
-    return b""
-
-
-def _is_msgpack_map(head: bytes) -> bool:
-  return bool(head) and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF))
-
-
-def _foreign_file(path: str) -> str | None:
-  """What a file is, when it is a checkpoint format of another library (None: not recognised)."""
-  name = os.path.basename(path)
-  low = name.lower()
-  head = _head(path)
-  if _is_msgpack_map(head) and (low.startswith("checkpoint") or low.endswith(".msgpack")):
-    return "a flax msgpack checkpoint file"
-  if low.endswith(".safetensors"):
-    return "a safetensors file"
-  if low.endswith((".pt", ".pth", ".bin", ".ckpt")) and head.startswith(b"PK"):
-    return "a PyTorch checkpoint file"
-  if low.endswith(".npz"):
-    return "a NumPy .npz archive"
-  if low.endswith(".npy"):
-    return "a NumPy .npy file"
-  if head.startswith(b"\x89HDF"):
-    return "an HDF5 file (Keras / h5py)"
-  if low.endswith(".index") or low.endswith(".data-00000-of-00001"):
-    return "a TensorFlow checkpoint file"
-  if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-    return "a Python pickle file"
-  return None
-
-
-def _foreign_dir(path: str) -> str | None:
-  """What a directory without any Orbax PyTree item is, when it is recognisably something else."""
-  files = _files(path)
-  if "checkpoint" in files and _is_msgpack_map(_head(os.path.join(path, "checkpoint"))):
-    return "a pre-_METADATA Orbax/flax checkpoint (a msgpack 'checkpoint' file)"
-  flax = [f for f in files if re.fullmatch(r"checkpoint_\d+", f) and _is_msgpack_map(_head(os.path.join(path, f)))]
-  if flax:
-    return f"a directory of flax msgpack checkpoints (e.g. {flax[-1]})"
-  if "checkpoint" in files and any(f.endswith(".index") for f in files):
-    return "a TensorFlow checkpoint directory"
-  if any(f.endswith(".safetensors") or f == "model.safetensors.index.json" for f in files):
-    return "a safetensors / Hugging Face model directory"
-  if any(f in ("pytorch_model.bin", "pytorch_model.bin.index.json") for f in files):
-    return "a PyTorch / Hugging Face model directory"
-  if ".zarray" in files or "zarr.json" in files:
-    return "a bare zarr array (no Orbax PyTree metadata)"
-  if OCDBT_MANIFEST in files:
-    return f"an OCDBT database without Orbax PyTree metadata ({PYTREE_METADATA})"
-  return None
-
-
-def _legacy_step_dir(path: str, items: list[str]) -> bool:
-  """An orbax 0.5 CheckpointManager step directory: a step-number name, nothing in it but item directories."""
-  name = os.path.basename(path.rstrip("/"))
-  return bool(_STEP_NAME.fullmatch(name)) and bool(items) and not _files(path)
-
-
-def resolve_item_dir(path: str, role: str = "checkpoint") -> tuple[str, str]:
-  """(item directory, layout) for a checkpoint path, or a one-line UsageError."""
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.exists(path):
-    raise UsageError(f"{role} does not exist: {path}")
-  if not os.path.isdir(path):
-    what = _foreign_file(path)
-    if what:
-      raise UsageError(f"{role} is not an Orbax checkpoint but {what}; {SUPPORTED}: {path}")
-    raise UsageError(f"{role} is not a directory: {path}")
-  base = os.path.basename(path.rstrip("/"))
-  if any(m in base for m in _TMP_MARKERS):
-    raise UsageError(f"{role} is an unfinished temporary checkpoint directory (interrupted save?): {path}")
-  if _is_item_dir(path):
-    return path, "v0"
-  items = [s for s in _subdirs(path) if _is_item_dir(os.path.join(path, s))]
-  is_container = any(os.path.exists(os.path.join(path, f)) for f in (CHECKPOINT_METADATA, "orbax.checkpoint"))
-  if items and not is_container and not _legacy_step_dir(path, items):
-    raise UsageError(
-        f"{role} is not an Orbax checkpoint but holds one or more ({', '.join(items)});"
-        f" pass it directly, e.g. {os.path.join(path, items[0])}"
-    )
-  if len(items) == 1:
-    is_v1 = os.path.exists(os.path.join(path, "orbax.checkpoint"))
-    return os.path.join(path, items[0]), ("v1" if is_v1 else "step")
-  if len(items) > 1:
-    raise UsageError(
-        f"{role} holds {len(items)} PyTree items ({', '.join(items)}); pass one of them,"
-        f" e.g. {os.path.join(path, items[0])}"
-    )
-  steps = [s for s in _subdirs(path) if _STEP_NAME.fullmatch(s)]
-  if steps and any(_subdirs(os.path.join(path, s)) for s in steps):
-    steps.sort(key=lambda s: int(re.sub(r"\D", "", s) or 0))
-    raise UsageError(
-        f"{role} looks like a CheckpointManager directory (steps {', '.join(steps[:5])}"
-        f"{', ...' if len(steps) > 5 else ''}); pass one step directory, e.g. {os.path.join(path, steps[-1])}"
-    )
-  pending = [s for s in _subdirs(path) if any(m in s for m in _TMP_MARKERS)]
-  if pending:
-    raise UsageError(f"{role} holds only an unfinished checkpoint ({pending[0]}): {path}")
-  what = _foreign_dir(path)
-  if what:
-    raise UsageError(f"{role} is not an Orbax checkpoint but {what}; {SUPPORTED}: {path}")
-  raise UsageError(f"{role} is not an Orbax checkpoint (no {PYTREE_METADATA} in it or in one item below it): {path}")
-
-
-def _recorded_orbax_version(path: str, item_dir: str) -> str | None:
-  """The writer's orbax version where a writer recorded it (our migrator's provenance), else None."""
-  for d in {path, os.path.dirname(item_dir)}:
-    try:
-      with open(os.path.join(d, CHECKPOINT_METADATA), encoding="utf-8") as f:
-        meta = json.load(f)
-      v = meta["custom_metadata"]["parity_jax_migration"]["provenance"]["versions"]["orbax-checkpoint"]
-    except (OSError, ValueError, KeyError, TypeError):
-      continue
-    if isinstance(v, str):
-      return v
-  return None
-
-
-def _decide_layout(
-    raw: dict[str, Any], item_dir: str, path: str, layout: str
-) -> tuple[bool, bool, bool, dict[str, Any]]:
-  """(use_ocdbt, use_zarr3, strict, facts) from ``_METADATA`` and the directory, the way orbax decides."""
-  manifest = os.path.exists(os.path.join(item_dir, OCDBT_MANIFEST))
-  if "use_ocdbt" in raw:
-    use_ocdbt = bool(raw["use_ocdbt"])
-    ocdbt_by = f"_METADATA use_ocdbt: {str(use_ocdbt).lower()}"
-  else:
-    use_ocdbt = manifest
-    ocdbt_by = f"no use_ocdbt in _METADATA; {OCDBT_MANIFEST} {'present' if manifest else 'absent'}"
-  use_zarr3 = bool(raw.get("use_zarr3", False))
-  flag = raw.get(_FILL_FLAG)
-  if flag is not None:
-    strict = bool(flag)
-    why = f"_METADATA {_FILL_FLAG}: {str(strict).lower()}"
-  elif "use_ocdbt" in raw:
-    strict, why = (
-        True,
-        f"no {_FILL_FLAG}, but use_ocdbt is recorded: written by orbax >= 0.11.31, which stores every chunk",
-    )
-  else:
-    strict, why = (
-        False,
-        f"no {_FILL_FLAG} in _METADATA: written by orbax < 0.10, which left out chunks equal to the fill value",
-    )
-  if "use_ocdbt" in raw:
-    hint, evidence = ">= 0.11.31", "use_ocdbt in _METADATA"
-  elif flag is not None:
-    hint, evidence = ">= 0.10.0, < 0.11.31", f"{_FILL_FLAG} but no use_ocdbt in _METADATA"
-  else:
-    hint, evidence = "< 0.10.0", f"neither use_ocdbt nor {_FILL_FLAG} in _METADATA"
-  version = _recorded_orbax_version(path, item_dir)
-  container = {"v0": "PyTree item directory", "v1": "ocp.v1 checkpoint (orbax.checkpoint marker)"}.get(layout)
-  if container is None:
-    marked = os.path.exists(os.path.join(path, CHECKPOINT_METADATA))
-    container = "CheckpointManager step directory" + (
-        "" if marked else " without _CHECKPOINT_METADATA (orbax 0.5; recognised by its step-number name)"
-    )
-  facts = {
-      "path": path,
-      "item_dir": item_dir,
-      "layout": layout,
-      "container": container,
-      "orbax_version": version,
-      "orbax_version_hint": None if version else f"orbax {hint}",
-      "orbax_version_evidence": ("recorded by parity_jax's migrator in _CHECKPOINT_METADATA" if version else evidence),
-      "ocdbt": use_ocdbt,
-      "ocdbt_decided_by": ocdbt_by,
-      "zarr_format": 3 if use_zarr3 else 2,
-      "zarr_decided_by": f"_METADATA use_zarr3: {str(use_zarr3).lower()}"
-      if "use_zarr3" in raw
-      else "no use_zarr3 in _METADATA: zarr v2",
-      "missing_chunks": "error" if strict else "fill value",
-      "missing_chunks_decided_by": why,
-      "missing_chunk_rule": MISSING_CHUNK_RULE,
-  }
-  return use_ocdbt, use_zarr3, strict, facts
-
-
-def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkpoint:
+def open_orbax(path: str | os.PathLike, role: str = "checkpoint") -> OrbaxCheckpoint:
   """Resolves ``path`` and reads its tree metadata (shapes, dtypes, chunking); no array data.
 
   The leaf list comes from the item's ``_METADATA``; each array's shape,
@@ -505,7 +255,7 @@ def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkp
     raise UsageError(f"{role} {path}: cannot read {PYTREE_METADATA}: {first_line(e)}") from None
   if not isinstance(raw, dict) or not isinstance(raw.get("tree_metadata"), dict):
     raise UsageError(f"{role} {path}: {PYTREE_METADATA} has no tree_metadata (not a PyTree checkpoint?)")
-  use_ocdbt, use_zarr3, strict, facts = _decide_layout(raw, item_dir, path, layout)
+  use_ocdbt, use_zarr3, strict, facts = decide_layout(raw, item_dir, path, layout)
 
   entries, empty_nodes = _tree_entries(raw["tree_metadata"], f"{role} {path}")
   collisions = _storage_collisions([k for k, _ in entries])
@@ -537,7 +287,7 @@ def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkp
         f"; {len(strict_keys)} zarr v2 leaf(s) have fill_value null, so their"
         " writer stored every chunk: missing chunks there are errors"
     )
-  return Checkpoint(
+  return OrbaxCheckpoint(
       path,
       item_dir,
       layout,
@@ -590,6 +340,7 @@ def _leaf_meta(
     return LeafMeta(p, keys, kind, (), None, None, name, vt, error=first_line(t), strict=strict)
   chunk = t.chunk_layout.read_chunk.shape
   raw, codec = codecs.info(t)
+  box_reads = raw and memmap_reads()
   return LeafMeta(
       p,
       keys,
@@ -602,6 +353,7 @@ def _leaf_meta(
       raw_chunks=raw,
       strict=strict,
       codec=codec,
+      box_reads=box_reads,
   )
 
 
@@ -673,3 +425,158 @@ def _storage_collisions(keys: list[tuple[str, ...]]) -> dict[tuple[str, ...], st
           " so both read back the same array"
       )
   return out
+
+
+class TensorStoreLeafReader(LeafReader):
+  """Read-only tensorstore access to one array/scalar leaf of an Orbax checkpoint (see the module docstring)."""
+
+  def __init__(self, ckpt: OrbaxCheckpoint, leaf: LeafMeta, cache_bytes: int = 0):
+    super().__init__(leaf)
+    self.ckpt = ckpt
+    self.cache_bytes = int(max(0, cache_bytes))
+    self._ts = None
+
+  def open(self) -> "TensorStoreLeafReader":
+    """Opens the leaf read-only in a private context (chunk cache of ``cache_bytes``)."""
+    if self._ts is not None:
+      return self
+    try:
+      t = self.ckpt.open_leaf(self.leaf, self.cache_bytes)
+    except Exception as e:  # tensorstore raises ValueError/OSError subclasses with long specs
+      raise LeafReadError(self.leaf.path, first_line(e)) from None
+    if tuple(t.shape) != self.leaf.shape or np.dtype(t.dtype.numpy_dtype) != self.leaf.dtype:
+      raise LeafReadError(
+          self.leaf.path,
+          f"stored array is {tuple(t.shape)} {t.dtype.numpy_dtype}, metadata says {self.leaf.shape} {self.leaf.dtype}",
+      )
+    self._ts = t
+    return self
+
+  def close(self) -> None:
+    self._ts = None  # drops the handle and its private cache pool
+
+  def read_async(self, box: Sequence[slice]):
+    """A future for ``leaf[box]`` as a numpy array (use :meth:`result`)."""
+    if self._ts is None:
+      self.open()
+    return self._ts[tuple(box)].read() if box else self._ts.read()
+
+  def read_into_async(self, box: Sequence[slice], out: np.ndarray):
+    """A future that fills ``out`` (C-contiguous, shape of ``box``, the leaf's dtype) with ``leaf[box]``.
+
+    tensorstore copies straight into ``out`` (wrapped with ``ts.array(...,
+    copy=False)``), so a caller that reuses its buffers allocates nothing per
+    read: on this VM the page faults of fresh per-read output arrays cost as
+    much as copying the data. Wait with :meth:`wait`.
+    """
+    import tensorstore as ts
+
+    if self._ts is None:
+      self.open()
+    src = self._ts[tuple(box)].translate_to[0] if box else self._ts
+    return ts.array(out, copy=False, write=True).write(src)
+
+
+def restore_leaves(ckpt: OrbaxCheckpoint, paths: Sequence[str]) -> dict[str, Any]:
+  """Restores only ``paths`` through orbax (all other leaves PLACEHOLDER, never read).
+
+  Arrays and numeric scalars come back as numpy arrays with their stored
+  dtype (0-d for scalars); strings as ``str``.
+  """
+  import jax
+  import orbax.checkpoint as ocp
+
+  wanted = set(paths)
+  unknown = wanted - set(ckpt.leaves)
+  if unknown:
+    raise UsageError(f"no such leaf in {ckpt.path}: {sorted(unknown)[0]!r}")
+
+  def item_fn(kp, m):
+    return m if keypath.keypath_str(kp) in wanted else ocp.PLACEHOLDER
+
+  def args_fn(kp, m):
+    p = keypath.keypath_str(kp)
+    if p not in wanted:
+      return ocp.PLACEHOLDER
+    return ocp.RestoreArgs() if ckpt.leaves[p].kind == "string" else ocp.RestoreArgs(restore_type=np.ndarray)
+
+  first = sorted(wanted)[0] if len(wanted) == 1 else f"{len(wanted)} leaves incl. {sorted(wanted)[0]}"
+  try:
+    tree = ckpt.metadata_tree
+  except UsageError as e:
+    raise LeafReadError(first, str(e)) from None
+  item = jax.tree_util.tree_map_with_path(item_fn, tree)
+  restore_args = jax.tree_util.tree_map_with_path(args_fn, tree)
+  _ignore_late_callbacks()
+  try:
+    with quiet_orbax():
+      restored = ocp.PyTreeCheckpointer().restore(
+          ckpt.item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
+      )
+  except Exception as e:
+    raise LeafReadError(_culprit(ckpt, wanted, str(e)) or first, first_line(e)) from None
+  out: dict[str, Any] = {}
+  for kp, v in jax.tree_util.tree_flatten_with_path(restored)[0]:
+    p = keypath.keypath_str(kp)
+    if p not in wanted:
+      continue
+    meta = ckpt.leaves[p]
+    if meta.kind == "string":
+      out[p] = str(v)
+    else:
+      a = np.asarray(v)
+      if a.dtype != meta.dtype:  # python scalars come back widened; the stored dtype is the truth
+        a = a.astype(meta.dtype)
+      out[p] = a
+  missing = wanted - set(out)
+  if missing:
+    raise LeafReadError(sorted(missing)[0], "orbax returned no value for it")
+  return out
+
+
+def _culprit(ckpt: OrbaxCheckpoint, wanted: set[str], message: str) -> str | None:
+  """The leaf a batch restore error is about, from the storage name tensorstore quotes (``"a.b.c/c/0/0"``)."""
+  hits = [
+      p
+      for p in wanted
+      if ckpt.leaves[p].storage_name and re.search(rf'["/]{re.escape(ckpt.leaves[p].storage_name)}/', message)
+  ]
+  return max(hits, key=lambda p: len(ckpt.leaves[p].storage_name)) if hits else None
+
+
+_HOOK: Any = None
+
+
+def _ignore_late_callbacks() -> None:
+  """Silences one known orbax/asyncio afterthought of a failed restore, and nothing else.
+
+  When one leaf of a batch fails to read, orbax's restore raises at once and
+  closes its event loop while tensorstore is still finishing the batch's
+  other reads; their completion callbacks then hit the closed loop
+  (``RuntimeError: Event loop is closed`` from ``call_soon_threadsafe``) and
+  Python prints that as an "unraisable" traceback, after the tool's one-line
+  error. The failure itself is already reported; every other unraisable
+  exception still reaches the previous hook.
+  """
+  global _HOOK
+  import sys
+
+  if _HOOK is not None and sys.unraisablehook is _HOOK:
+    return
+
+  previous = sys.unraisablehook
+
+  def hook(u):
+    tb = u.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+      tb = tb.tb_next
+    if (
+        isinstance(u.exc_value, RuntimeError)
+        and str(u.exc_value) == "Event loop is closed"
+        and tb is not None
+        and tb.tb_frame.f_code.co_name == "_check_closed"
+    ):
+      return
+    previous(u)
+
+  sys.unraisablehook = _HOOK = hook
