@@ -95,7 +95,32 @@ class Mutant:
   op: str
   original: str  # the original line (stripped)
   mutated: str  # the mutated line (stripped)
-  source: str  # the whole mutated file
+  first: int  # 0-based lines [first, last] of the module are replaced by ``replacement``
+  last: int
+  replacement: str
+
+  def source(self) -> str:
+    """The whole mutated module."""
+    lines = _module_lines(self.path)
+    return "".join(lines[: self.first] + [self.replacement] + lines[self.last + 1 :])
+
+  def valid(self) -> bool:
+    """The mutated module parses, and differs from the original beyond layout."""
+    try:
+      tree = ast.parse(self.source())
+    except SyntaxError:
+      return False
+    return ast.dump(tree) != ast.dump(ast.parse("".join(_module_lines(self.path))))
+
+
+_LINES: dict[str, list[str]] = {}
+
+
+def _module_lines(path: str) -> list[str]:
+  if path not in _LINES:
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+      _LINES[path] = f.read().splitlines(keepends=True)
+  return _LINES[path]
 
 
 # ------------------------------------------------------------------------------------------------ generating mutants
@@ -152,25 +177,24 @@ class _Source:
     self.text = text
     self.lines = text.splitlines(keepends=True)
 
-  def replace_expr(self, node: ast.expr, new: str) -> str | None:
-    """The module with ``node`` (on one line) replaced by ``new``; None when the node spans lines."""
+  def replace_expr(self, node: ast.AST, new: str) -> tuple[int, int, str] | None:
+    """The edit replacing ``node`` (on one line) by ``new``; None when the node spans lines."""
     if node.lineno != node.end_lineno:
       return None
     i = node.lineno - 1
     line = self.lines[i]
     a, b = _byte_col_to_char(line, node.col_offset), _byte_col_to_char(line, node.end_col_offset)
-    return "".join(self.lines[:i] + [line[:a] + new + line[b:]] + self.lines[i + 1 :])
+    return i, i, line[:a] + new + line[b:]
 
-  def delete_stmt(self, stmt: ast.stmt) -> str | None:
-    """The module with ``stmt`` replaced by ``pass`` (line count kept); None when it shares a line with another."""
+  def delete_stmt(self, stmt: ast.stmt) -> tuple[int, int, str] | None:
+    """The edit replacing ``stmt`` by ``pass`` (line count kept); None when it shares a line with another."""
     first, last = stmt.lineno - 1, stmt.end_lineno - 1
     head, tail = self.lines[first], self.lines[last]
     a = _byte_col_to_char(head, stmt.col_offset)
     b = _byte_col_to_char(tail, stmt.end_col_offset)
     if head[:a].strip() or tail[b:].split("#")[0].strip():
       return None
-    blank = ["\n"] * (last - first)
-    return "".join(self.lines[:first] + [head[:a] + "pass\n"] + blank + self.lines[last + 1 :])
+    return first, last, head[:a] + "pass\n" + "\n" * (last - first)
 
 
 def _expr_mutants(node: ast.AST) -> list[tuple[str, ast.expr, str]]:
@@ -208,29 +232,26 @@ def _expr_mutants(node: ast.AST) -> list[tuple[str, ast.expr, str]]:
 
 
 def mutants_of(path: str) -> list[Mutant]:
-  """Every candidate one-line mutant of the module at ``path`` (relative to the repository root)."""
-  with open(os.path.join(ROOT, path), encoding="utf-8") as f:
-    text = f.read()
+  """Every candidate one-line mutant of the module at ``path`` (relative to the repository root), unchecked.
+
+  Checking that a mutant parses and changes the code costs a parse of the
+  module each: :func:`pick` checks only the ones it draws.
+  """
+  text = "".join(_module_lines(path))
   tree = ast.parse(text)
   src = _Source(text)
   quiet = _quiet_zones(tree)
-  original_dump = ast.dump(tree)
   out: list[Mutant] = []
 
-  def add(op: str, line: int, new_text: str | None) -> None:
-    if new_text is None:
+  def add(op: str, line: int, edit: tuple[int, int, str] | None) -> None:
+    if edit is None:
       return
     orig_line = src.lines[line - 1]
     if any(tag in orig_line for tag in _NO_MUTATE):
       return
-    try:
-      new_tree = ast.parse(new_text)
-    except SyntaxError:
-      return
-    if ast.dump(new_tree) == original_dump:
-      return
-    mutated_line = new_text.splitlines()[line - 1]
-    out.append(Mutant(path, line, op, orig_line.strip(), mutated_line.strip(), new_text))
+    first, last, new = edit
+    mutated_line = new.splitlines()[line - 1 - first]
+    out.append(Mutant(path, line, op, orig_line.strip(), mutated_line.strip(), first, last, new))
 
   # a unary minus on a constant is one number: "-1" mutates as a whole, never as "-(1+1)"
   negated_consts = {
@@ -259,7 +280,7 @@ def mutants_of(path: str) -> list[Mutant]:
         m = copy.deepcopy(node)
         m.op = _BINOP_SWAP[type(node.op)]()
         if node.lineno == node.end_lineno:
-          add("swap-arith", node.lineno, _replace_stmt(src, node, ast.unparse(m)))
+          add("swap-arith", node.lineno, src.replace_expr(node, ast.unparse(m)))
     elif isinstance(node, ast.IfExp):
       m = copy.deepcopy(node)
       m.test = ast.UnaryOp(op=ast.Not(), operand=m.test)
@@ -270,14 +291,6 @@ def mutants_of(path: str) -> list[Mutant]:
       for op, target, new in _expr_mutants(node):
         add(op, target.lineno, src.replace_expr(target, new))
   return out
-
-
-def _replace_stmt(src: _Source, stmt: ast.stmt, new: str) -> str:
-  i = stmt.lineno - 1
-  line = src.lines[i]
-  a = _byte_col_to_char(line, stmt.col_offset)
-  b = _byte_col_to_char(line, stmt.end_col_offset)
-  return "".join(src.lines[:i] + [line[:a] + new + line[b:]] + src.lines[i + 1 :])
 
 
 def pick(mutants: list[Mutant], n: int, seed: int) -> list[Mutant]:
@@ -292,9 +305,19 @@ def pick(mutants: list[Mutant], n: int, seed: int) -> list[Mutant]:
     by_line.setdefault((m.path, m.line), {}).setdefault(m.op, []).append(m)
   lines = sorted(by_line)
   chosen = []
-  for k in rng.sample(lines, min(n, len(lines))):
+  for k in rng.sample(lines, len(lines)):
     ops = by_line[k]
-    chosen.append(rng.choice(ops[rng.choice(sorted(ops))]))
+    while ops and len(chosen) < n:
+      op = rng.choice(sorted(ops))
+      m = rng.choice(ops[op])
+      if m.valid():
+        chosen.append(m)
+        break
+      ops[op].remove(m)
+      if not ops[op]:
+        del ops[op]
+    if len(chosen) == n:
+      break
   return sorted(chosen, key=lambda m: (m.path, m.line))
 
 
@@ -457,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         note = " (no tests)"
       else:
         with open(target, "w", encoding="utf-8") as f:
-          f.write(m.source)
+          f.write(m.source())
         try:
           ran, secs, _ = run_tests(scratch, t, args.timeout, args.python)
         finally:
@@ -466,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         status = {"failed": "killed", "passed": "survived", "timeout": "timeout"}[ran]
         note = ""
       results.append({**dataclasses.asdict(m), "status": status, "seconds": round(secs, 1), "tests": t})
-      results[-1].pop("source")
+      for k in ("first", "last", "replacement"):
+        results[-1].pop(k)
       print(f"[{i}/{len(chosen)}] {status.upper():8s} {m.path}:{m.line} [{m.op}] {m.mutated}{note}  ({secs:.0f}s)",
             flush=True)
   finally:
