@@ -214,13 +214,19 @@ def _expr_mutants(node: ast.AST) -> list[tuple[str, ast.expr, str]]:
     out.append(("drop-not", node, f"({ast.unparse(node.operand)})"))
   elif isinstance(node, ast.BinOp) and type(node.op) in _BINOP_SWAP:
     strings = (ast.JoinedStr,)
-    if not any(isinstance(s, strings) or (isinstance(s, ast.Constant) and isinstance(s.value, str))
-               for s in (node.left, node.right)):
+    if not any(
+        isinstance(s, strings) or (isinstance(s, ast.Constant) and isinstance(s.value, str))
+        for s in (node.left, node.right)
+    ):
       m = copy.deepcopy(node)
       m.op = _BINOP_SWAP[type(node.op)]()
       out.append(("swap-arith", node, ast.unparse(m)))
-  elif (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant)
-        and type(node.operand.value) is int):
+  elif (
+      isinstance(node, ast.UnaryOp)
+      and isinstance(node.op, ast.USub)
+      and isinstance(node.operand, ast.Constant)
+      and type(node.operand.value) is int
+  ):
     out += [("int+1", node, repr(1 - node.operand.value)), ("int-1", node, repr(-node.operand.value - 1))]
   elif isinstance(node, ast.Constant):
     if isinstance(node.value, bool):
@@ -254,17 +260,24 @@ def mutants_of(path: str) -> list[Mutant]:
     out.append(Mutant(path, line, op, orig_line.strip(), mutated_line.strip(), first, last, new))
 
   # a unary minus on a constant is one number: "-1" mutates as a whole, never as "-(1+1)"
-  negated_consts = {
-      id(n.operand) for n in ast.walk(tree) if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub)
-  }
+  negated_consts = {id(n.operand) for n in ast.walk(tree) if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub)}
   # module- and class-level statements define names: deleting one is a NameError at import or a changed dataclass
   top_level = {id(s) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef)) for s in n.body}
   for node in ast.walk(tree):
     if id(node) in quiet:
       continue
     if isinstance(node, ast.stmt):
-      deletable = (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr, ast.Return, ast.Raise, ast.Assert,
-                   ast.Continue, ast.Break)
+      deletable = (
+          ast.Assign,
+          ast.AugAssign,
+          ast.AnnAssign,
+          ast.Expr,
+          ast.Return,
+          ast.Raise,
+          ast.Assert,
+          ast.Continue,
+          ast.Break,
+      )
       noise = _is_docstring(node) or (isinstance(node, ast.Expr) and id(node.value) in quiet)
       if isinstance(node, deletable) and not noise and id(node) not in top_level:
         add("delete", node.lineno, src.delete_stmt(node))
@@ -377,8 +390,9 @@ def run_tests(scratch: str, tests: list[str], timeout: float, python: str) -> tu
   env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
   cmd = [python, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly", *tests]
   t0 = time.monotonic()
-  p = subprocess.Popen(cmd, cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                       start_new_session=True)
+  p = subprocess.Popen(
+      cmd, cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+  )
   try:
     out, _ = p.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
@@ -391,8 +405,12 @@ def run_tests(scratch: str, tests: list[str], timeout: float, python: str) -> tu
 
 def check_scratch_imports(scratch: str, python: str) -> None:
   """The scratch copy's parity_jax must be the one imported there (not an installed or editable one)."""
-  p = subprocess.run([python, "-c", "import parity_jax, os; print(os.path.realpath(parity_jax.__file__))"],
-                     cwd=scratch, capture_output=True, text=True)
+  p = subprocess.run(
+      [python, "-c", "import parity_jax, os; print(os.path.realpath(parity_jax.__file__))"],
+      cwd=scratch,
+      capture_output=True,
+      text=True,
+  )
   where = p.stdout.strip()
   if not where.startswith(os.path.realpath(scratch) + os.sep):
     raise SystemExit(f"error: parity_jax imports from {where or p.stderr.strip()} in the scratch copy, not from it")
@@ -406,8 +424,12 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant's test run (default 120)")
   ap.add_argument("--tests", nargs="+", default=None, help="these test files for every module instead of the map")
   ap.add_argument("--exclude", nargs="+", default=(), help="drop test files matching these globs from the map")
-  ap.add_argument("--rerun", default=None, help="a previous --json: rerun its mutants, carrying over its kills "
-                  "where the module's tests are a superset of those that killed it")
+  ap.add_argument(
+      "--rerun",
+      default=None,
+      help="a previous --json: rerun its mutants, carrying over its kills "
+      "where the module's tests are a superset of those that killed it",
+  )
   ap.add_argument("--scratch", default=None, help="empty or missing directory for the copy (default: a temp dir)")
   ap.add_argument("--keep", action="store_true", help="keep the scratch copy")
   ap.add_argument("--list", action="store_true", help="print the chosen mutants and their tests, run nothing")
@@ -491,8 +513,10 @@ def main(argv: list[str] | None = None) -> int:
       results.append({**dataclasses.asdict(m), "status": status, "seconds": round(secs, 1), "tests": t})
       for k in ("first", "last", "replacement"):
         results[-1].pop(k)
-      print(f"[{i}/{len(chosen)}] {status.upper():8s} {m.path}:{m.line} [{m.op}] {m.mutated}{note}  ({secs:.0f}s)",
-            flush=True)
+      print(
+          f"[{i}/{len(chosen)}] {status.upper():8s} {m.path}:{m.line} [{m.op}] {m.mutated}{note}  ({secs:.0f}s)",
+          flush=True,
+      )
   finally:
     if not args.keep:
       shutil.rmtree(scratch, ignore_errors=True)
@@ -506,8 +530,10 @@ def main(argv: list[str] | None = None) -> int:
   for r in results:
     if r["status"] == "survived":
       print(f"  {r['path']}:{r['line']} [{r['op']}] {r['original']}  ->  {r['mutated']}")
-  print(f"\nkilled {counts['killed']}, survived {counts['survived']}, timeout {counts['timeout']} of {len(results)}: "
-        f"kill rate {100 * rate:.0f}% ({100 * rate_t:.0f}% counting timeouts as killed; seed {seed})")
+  print(
+      f"\nkilled {counts['killed']}, survived {counts['survived']}, timeout {counts['timeout']} of {len(results)}: "
+      f"kill rate {100 * rate:.0f}% ({100 * rate_t:.0f}% counting timeouts as killed; seed {seed})"
+  )
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump({"seed": seed, "counts": counts, "kill_rate": rate, "mutants": results}, f, indent=1)

@@ -12,7 +12,7 @@ from parity_jax.report import Report
 class _Result(Report):
   """A minimal result: what a job's report defines, and nothing else."""
 
-  def __init__(self, passed: bool, text: str = "a < b & \"c\"\nverdict: PASS"):
+  def __init__(self, passed: bool, text: str = 'a < b & "c"\nverdict: PASS'):
     self._passed, self._text = passed, text
 
   @property

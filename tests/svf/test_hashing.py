@@ -103,6 +103,9 @@ def test_nan_policies_tell_nan_encodings_apart_only_under_keep():
   assert bf16_sha256(torch_vec, "torch") != bf16_sha256(torch_vec, "torch_scalar")
   # float32 NaNs (a golden stored as float32) are rounded to bfloat16 first, then canonicalised
   f32 = np.array([np.nan, -np.nan, 1.0], np.float32)
-  assert bf16_sha256(f32, "torch_scalar") == hashlib.sha256(np.array([0x7FC0, 0x7FC0, 0x3F80], "<u2").tobytes()).hexdigest()
+  assert (
+      bf16_sha256(f32, "torch_scalar")
+      == hashlib.sha256(np.array([0x7FC0, 0x7FC0, 0x3F80], "<u2").tobytes()).hexdigest()
+  )
   with pytest.raises(UsageError, match="nan_policy"):
     ArrayHasher(bf16=True, nan_policy="ieee")
