@@ -79,6 +79,14 @@ class LocalStore(Store):
     subdirs = sorted(e.name for e in entries if e.is_dir())
     return sorted(e.name for e in entries if not e.is_dir()), subdirs
 
+  def walk(self) -> list[str]:
+    out = []
+    for root, dirs, names in os.walk(self.url):
+      count_local(lists=1)
+      rel = os.path.relpath(root, self.url)
+      out += [n if rel == "." else f"{rel}/{n}".replace(os.sep, "/") for n in names]
+    return sorted(out)
+
   def size(self) -> int:
     try:
       if os.path.isdir(self.url):

@@ -327,6 +327,10 @@ class BucketStore(Store):
       return False
     return True if not self.path else bool(self._list())
 
+  def walk(self) -> list[str]:
+    self._kv()  # a missing bucket, missing credentials or a dead endpoint: one StoreError
+    return self._list()
+
   def listdir(self) -> tuple[list[str], list[str]]:
     rel = self._list()
     if not rel and self.path:
