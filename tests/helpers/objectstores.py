@@ -29,6 +29,7 @@ in front of an emulator (:meth:`Emulator.proxy`) adds latency and faults.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -36,6 +37,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -88,7 +90,11 @@ class Emulator:
         cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
       else:
         cmd = [sys.executable, "-m", "tests.helpers.gcs_emulator", "-H", "127.0.0.1", "--port", str(port)]
-      proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+      # stderr to a file, never an unread pipe: moto logs every request there, and a full pipe (64 KiB, some
+      # 400 requests) blocks the server for good
+      log = tempfile.TemporaryFile()
+      proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+      proc._log = log
       emu = cls(kind, port, proc)
       deadline = time.monotonic() + timeout
       while time.monotonic() < deadline and proc.poll() is None:
@@ -98,7 +104,8 @@ class Emulator:
             return emu
         except OSError:
           time.sleep(0.05)
-      last = proc.stderr.read().decode(errors="replace")[-2000:] if proc.poll() is not None else "timeout"
+      log.seek(0)
+      last = log.read().decode(errors="replace")[-2000:] if proc.poll() is not None else "timeout"
       emu.kill()
     raise RuntimeError(f"could not start the {kind} emulator: {last}")
 
@@ -131,8 +138,9 @@ class Emulator:
     os.kill(self.proc.pid, signal.SIGCONT)
 
   def _close(self) -> None:
-    if self.proc.stderr is not None and not self.proc.stderr.closed:
-      self.proc.stderr.close()
+    log = getattr(self.proc, "_log", None)
+    if log is not None and not log.closed:
+      log.close()
 
   def proxy(self, delay_s: float = 0.0) -> DelayProxy:
     """A started :class:`DelayProxy` in front of this server (stop it when done, or use ``with``)."""
@@ -257,12 +265,13 @@ class Emulator:
   def upload_tree(self, local_dir: str | os.PathLike, bucket: str, prefix: str = "") -> list[str]:
     """Uploads every file below ``local_dir`` to ``bucket`` under ``prefix``; returns the keys written."""
     root = pathlib.Path(local_dir)
-    keys = []
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-      key = "/".join(filter(None, [prefix.strip("/"), f.relative_to(root).as_posix()]))
-      self.put(bucket, key, f.read_bytes())
-      keys.append(key)
-    return keys
+    todo = [
+        ("/".join(filter(None, [prefix.strip("/"), f.relative_to(root).as_posix()])), f)
+        for f in sorted(p for p in root.rglob("*") if p.is_file())
+    ]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # small objects: the round trips dominate
+      list(pool.map(lambda kf: self.put(bucket, kf[0], kf[1].read_bytes()), todo))
+    return [k for k, _ in todo]
 
   def download_tree(self, bucket: str, prefix: str, local_dir: str | os.PathLike) -> list[str]:
     """Downloads every object under ``prefix/`` into ``local_dir`` (keys relative to the prefix); returns them."""

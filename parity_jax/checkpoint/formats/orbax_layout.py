@@ -225,8 +225,10 @@ def _foreign_dir(tree: Tree) -> str | None:
 
 
 def _legacy_step_dir(tree: Tree, items: list[str]) -> bool:
-  """An orbax 0.5 CheckpointManager step directory: a step-number name, nothing in it but item directories."""
-  return bool(_STEP_NAME.fullmatch(tree.store.name)) and bool(items) and not tree.files()
+  """An orbax 0.5 CheckpointManager step directory: a step-number name, nothing in it but item directories
+  (and the commit marker orbax wrote there on GCS)."""
+  files = [f for f in tree.files() if f != COMMIT_MARKER]
+  return bool(_STEP_NAME.fullmatch(tree.store.name)) and bool(items) and not files
 
 
 def _open_tree(path: str | os.PathLike | Store) -> Tree:
