@@ -8,12 +8,13 @@ are put there with the emulators' own clients, never through parity_jax. Expecte
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from parity_jax import stores
-from parity_jax.checkpoint import RemapSpec, example, open_checkpoint, verify_migration
+from parity_jax.checkpoint import RemapSpec, example, migrate, open_checkpoint, verify_migration
 from parity_jax.checkpoint.keypath import nest
 from parity_jax.errors import UsageError
 from tests.helpers import ckpt as H
@@ -165,3 +166,35 @@ def test_the_report_names_the_endpoint_and_never_a_secret(loaded, tmp_path):
 
   assert FAKE_SECRET not in text and FAKE_SECRET not in rep.text()
   assert json.loads(text)["io"][loaded.scheme]["requests"] == rep.io[loaded.scheme]["requests"]
+
+
+def test_migrate_bucket_to_bucket_local_to_bucket_and_bucket_to_local_then_verify(loaded, tmp_path):
+  src, _, spec = example.example_paths()
+  on_bucket = f"{loaded.url}/ex/source"
+  # bucket -> bucket on both stores; local -> bucket on GCS and bucket -> local on S3 (each migration costs seconds)
+  third = (src, f"{loaded.url}/out/lb") if loaded.scheme == "gs" else (on_bucket, str(tmp_path / "bl"))
+  for source, dest in ((on_bucket, f"{loaded.url}/out/bb"), third):
+    result = migrate(source, dest, spec)
+    assert result.dest == (dest if "://" in dest else os.path.abspath(dest))
+    rep = verify_migration(src, dest, spec)
+    assert rep.passed, (source, dest, rep.text())
+  keys = loaded.keys("out/bb/")
+  assert f"out/bb/{MARKER}" in keys and "out/bb/state/_METADATA" in keys
+
+
+def test_a_half_written_bucket_destination_is_refused_then_cleaned_with_overwrite(loaded):
+  src, _, spec = example.example_paths()
+  dest = f"{loaded.url}/half"
+  loaded.put("half/state/_METADATA", b"{}")  # what an interrupted attempt leaves: objects, no marker
+  loaded.put("half/_CHECKPOINT_METADATA", b"{}")
+  with pytest.raises(UsageError) as e:
+    migrate(src, dest, spec)
+  msg = str(e.value)
+  assert "\n" not in msg and "half-written" in msg and dest in msg and "--overwrite" in msg
+  assert loaded.keys("half/") == ["half/_CHECKPOINT_METADATA", "half/state/_METADATA"]  # untouched
+  migrate(src, dest, spec, overwrite=True)
+  assert verify_migration(src, dest, spec).passed
+  loaded.put("other/notes.txt", b"mine")  # never deleted: not something a checkpoint writes
+  with pytest.raises(UsageError, match="not a checkpoint"):
+    migrate(src, f"{loaded.url}/other", spec, overwrite=True)
+  assert loaded.get("other/notes.txt") == b"mine"
