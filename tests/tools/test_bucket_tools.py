@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
 from parity_jax.checkpoint import example
 from tests.helpers import ckpt as H
 from tests.helpers import legacy as L
-from tests.helpers.jobs import finish, start
+from tests.helpers.jobs import finish, start, wait_for_line
 from tests.helpers.objectstores import FAKE_SECRET, Bucket, running
-from tests.helpers.tools import one_line_error, run, run_many
+from tests.helpers.tools import ROOT, one_line_error, run, run_many
 
 MARKER = "commit_success.txt"
 
@@ -144,3 +146,47 @@ def test_two_process_verify_on_s3_equals_the_one_process_report(both, tmp_path):
   per = rep2["distributed"]["per_process"]
   assert all(p["bytes_read"] > 0 for p in per)  # each process read its own share straight from the bucket
   assert _comparable(rep1) == _comparable(rep2)
+
+
+def test_migrator_killed_mid_upload_leaves_nothing_accepted_and_is_named_next_time(both, monkeypatch):
+  """SIGKILL after the data objects are in the bucket, before the metadata and the commit marker: our tools and
+  orbax's own load refuse the result."""
+  b, env = both
+  src, _, spec = example.example_paths()
+  gs = b["gs"]
+  dest = f"{gs.url}/killed"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "tools.migrate_checkpoint", f"--source={src}", f"--dest={dest}", f"--spec={spec}"],
+      cwd=ROOT,
+      env=dict(env, PARITY_JAX_STALL="migrate.upload.index=120"),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+  try:
+    wait_for_line(proc, "stalling at migrate.upload.index")
+  finally:
+    proc.kill()
+    proc.wait(10)
+    proc.stderr.close()
+  keys = gs.keys("killed/")
+  assert any("/d/" in k for k in keys) and f"killed/{MARKER}" not in keys
+  # the verifier: one line, exit 2
+  r = run("verify_migration", f"--source={src}", f"--migrated={dest}", f"--spec={spec}", env=env)
+  one_line_error(r, "unfinished: no commit_success.txt")
+  # orbax itself
+  import orbax.checkpoint as ocp
+
+  gs.emulator.apply(monkeypatch)
+  # orbax reads gs:// through tensorstore's own gcs driver: its endpoint variable, a dummy token (an emulator)
+  monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", gs.emulator.url)
+  monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+  with pytest.raises(Exception):
+    ocp.v1.load_pytree(dest)
+  # the next migration names the leftover, then --overwrite replaces it
+  argv = [f"--source={src}", f"--dest={dest}", f"--spec={spec}", "--noprogress"]
+  again, replaced = run_many("migrate_checkpoint", [argv, [*argv, "--overwrite"]], env=env)
+  one_line_error(again, f"destination {dest} holds a half-written attempt")
+  assert replaced.returncode == 0, replaced.stderr
+  assert f"killed/{MARKER}" in gs.keys("killed/")
+  assert ocp.v1.load_pytree(dest)  # orbax accepts the committed result

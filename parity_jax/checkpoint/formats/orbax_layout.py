@@ -252,7 +252,12 @@ def locate(path: str | os.PathLike | Store, role: str = "checkpoint") -> tuple[T
   (:data:`COMMIT_MARKER`, see :func:`check_committed`).
   """
   tree = _open_tree(path)
-  item, layout = _resolve(tree, role)
+  try:
+    item, layout = _resolve(tree, role)
+  except _NoItem:
+    if tree.remote and not tree.is_file(COMMIT_MARKER):  # objects of an upload cut short before its metadata
+      check_committed(tree, "", "", role)
+    raise
   if tree.remote:
     check_committed(tree, item, layout, role)
   return tree, item, layout
@@ -322,7 +327,11 @@ def _resolve(tree: Tree, role: str) -> tuple[str, str]:
   what = _foreign_dir(tree)
   if what:
     raise UsageError(f"{role} is not an Orbax checkpoint but {what}; {SUPPORTED}: {path}")
-  raise UsageError(f"{role} is not an Orbax checkpoint (no {PYTREE_METADATA} in it or in one item below it): {path}")
+  raise _NoItem(f"{role} is not an Orbax checkpoint (no {PYTREE_METADATA} in it or in one item below it): {path}")
+
+
+class _NoItem(UsageError):
+  """A directory with no PyTree item and nothing else recognisable in it."""
 
 
 def _recorded_orbax_version(tree: Tree, item: str) -> str | None:

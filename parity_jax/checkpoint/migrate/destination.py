@@ -181,6 +181,9 @@ COMMIT_MARKER = "commit_success.txt"
 # the top-level names a migration (ours, or an orbax save) writes; a half-written attempt holds nothing else
 _ATTEMPT_NAMES = {"state", "_CHECKPOINT_METADATA", "orbax.checkpoint", COMMIT_MARKER}
 _UPLOADS_IN_FLIGHT = 32
+# Written after every data file, one by one, just before the commit marker: orbax's direct load
+# (ocp.v1.load) looks at no commit marker, but without the OCDBT manifest and the metadata it finds no checkpoint.
+_INDEX = ("state/manifest.ocdbt", "state/_METADATA", "_CHECKPOINT_METADATA", "orbax.checkpoint")
 
 
 def check_bucket_dest(src_path: str, dest, overwrite: bool, log: Callable[[str], None]) -> None:
@@ -217,9 +220,10 @@ def check_bucket_dest(src_path: str, dest, overwrite: bool, log: Callable[[str],
 
 
 def upload(local_dir: str, dest, log: Callable[[str], None]) -> int:
-  """Copies the finished checkpoint in ``local_dir`` to the bucket ``dest``: every object, many in flight, and
-  the commit marker last (once every other object is written), so that orbax and our readers see a finished
-  checkpoint or none. Interrupted or failed: what was written is deleted again before the error goes on (after a
+  """Copies the finished checkpoint in ``local_dir`` to the bucket ``dest``: the data objects, many in flight;
+  then the index and metadata (:data:`_INDEX`); the commit marker last, so that our readers (and orbax's
+  CheckpointManager) see a finished checkpoint or none, and orbax's direct load finds no checkpoint until the
+  last few small writes. Interrupted or failed: what was written is deleted again before the error goes on (after a
   SIGKILL the objects stay, without the marker: the next run names them). Returns the bytes written."""
   import concurrent.futures
 
@@ -228,9 +232,10 @@ def upload(local_dir: str, dest, log: Callable[[str], None]) -> int:
     for n in names:
       rel = os.path.relpath(os.path.join(root, n), local_dir).replace(os.sep, "/")
       files.append(rel)
-  files.sort(key=lambda r: (r == COMMIT_MARKER, r))
-  body, marker = [f for f in files if f != COMMIT_MARKER], [f for f in files if f == COMMIT_MARKER]
-  if not marker:
+  files.sort()
+  index = [f for f in _INDEX if f in files]
+  body = [f for f in files if f not in index and f != COMMIT_MARKER]
+  if COMMIT_MARKER not in files:
     raise UsageError(f"the migrated checkpoint in {local_dir} has no {COMMIT_MARKER}; nothing uploaded")
 
   def put(rel: str) -> int:
@@ -244,7 +249,9 @@ def upload(local_dir: str, dest, log: Callable[[str], None]) -> int:
     with concurrent.futures.ThreadPoolExecutor(_UPLOADS_IN_FLIGHT) as pool:
       for n in pool.map(put, body):
         total += n
-    stall_point("migrate.upload.commit", 0)  # every object written, the marker not yet (fault tests)
+    stall_point("migrate.upload.index", 0)  # the data written, no index or metadata yet (fault tests)
+    for rel in index:
+      total += put(rel)
     total += put(COMMIT_MARKER)  # last: the checkpoint exists from this write on
   except BaseException:
     try:
