@@ -137,9 +137,10 @@ def entry(main: Callable[[Sequence[str]], int | None], doc: str | None, module: 
           rc = main(argv)
     except UsageError as e:
       fail_usage(str(e))
-    except KeyboardInterrupt:
-      print("interrupted", file=sys.stderr)
-      sys.exit(130)
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM turned into an exception by the library (``signum``)
+      signum = getattr(e, "signum", signal.SIGINT)
+      print(f"{os.path.basename(sys.argv[0])}: {str(e) or 'interrupted'}", file=sys.stderr)
+      sys.exit(128 + int(signum))
     except BrokenPipeError:  # stdout closed early (``| head``): stop quietly, as shell tools do
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
       sys.exit(128 + 13)
