@@ -13,10 +13,7 @@ def _leaf(shape):
   return types.SimpleNamespace(shape=tuple(shape), kind="array")
 
 
-@pytest.mark.parametrize(
-    "shape, reshape",
-    [((0, 4), [0, -1]), ((2, 0, 3), [-1, 0]), ((0,), [0, 0, -1])],
-)
+@pytest.mark.parametrize("shape, reshape", [((0, 4), [0, -1]), ((2, 0, 3), [-1, 0]), ((0,), [0, 0, -1])])
 def test_a_minus_one_beside_a_zero_is_refused_with_one_line(shape, reshape):
   """0 elements fit any size in place of the -1: there is no one answer (and no division by zero)."""
   spec = RemapSpec.from_dict({"rules": [{"match": "^a$", "to": "b", "reshape": reshape}]})
