@@ -16,7 +16,6 @@ from tests.checkpoint.stream import test_stream as S
 from tests.helpers import ckpt as H
 from tests.helpers.threadjob import run_threads
 from parity_jax.checkpoint import RemapSpec, stream, verify_migration
-from parity_jax.checkpoint.shares import assign
 
 
 def _job_reports(src, mig, spec, n, **kw):
@@ -95,19 +94,6 @@ def test_share_boundaries(sizes, n, split, tmp_path):
       assert rep.leaf(name).sha256 == hashlib.sha256(a.tobytes()).hexdigest()
     # the shares add up to one read of each side
     assert sum(p["bytes_read"] for p in rep.distributed["per_process"]) == 2 * sum(a.nbytes for a in tree.values())
-
-
-def test_assign_cuts_on_share_boundaries():
-  # a leaf ending exactly on a share boundary stays whole
-  work = assign([100, 100], [[50, 100], [50, 100]], 2)
-  assert [[(w.pair, w.rank) for w in ws] for ws in work] == [[(0, None)], [(1, None)]]
-  # a leaf between half a share and a share that crosses a boundary is split at the nearest piece boundary
-  work = assign([100, 120, 80], [[100], [30, 60, 90, 120], [80]], 2)  # share 150: x1 spans 100..220
-  assert [[(w.pair, w.lo, w.hi, w.rank) for w in ws] for ws in work] == [
-      [(0, 0, 1, None), (1, 0, 2, 0)],
-      [(2, 0, 1, None), (1, 2, 4, 1)],
-  ]
-  assert [sum(w.nbytes for w in ws) for ws in work] == [160, 140]
 
 
 def test_one_process_reads_each_small_leaf_once_per_side(tmp_path):
