@@ -332,8 +332,10 @@ class DecodeParity(Report):
   """
 
   rows: list[StepRow]
-  golden_tokens: np.ndarray
-  candidate_tokens: np.ndarray
+  tokens: np.ndarray  # the prompt
+  attention_mask: np.ndarray | None
+  golden_tokens: np.ndarray  # prompt + HF's tokens
+  candidate_tokens: np.ndarray  # prompt + ours
   profile: Any
   teacher_forced: bool
   first_divergent_step: int | None
@@ -477,4 +479,5 @@ def decode_parity(
         model, tokens, first + 1, mask, capture_step=first, force_tokens=g_tokens[:, t : t + first + 1]
     )
     step_report = compare_bundles(dict(g_stages), dict(c_stages), profile=profile, top_k=top_k, progress=progress)
-  return DecodeParity(rows, g_tokens, c_tokens, profile, forced, first, step_report)
+  mask = None if mask is None else np.asarray(mask)
+  return DecodeParity(rows, tokens, mask, g_tokens, c_tokens, profile, forced, first, step_report)
