@@ -68,11 +68,12 @@ def _generate(dest: str, scale: float) -> None:
   import numpy as np
   from orbax.checkpoint import v1 as ocp_v1
 
-  from parity_jax.checkpoint.migrate import row_major_chunks
-  from parity_jax.checkpoint.tstore import quiet_orbax
+  from parity_jax.checkpoint.formats.orbax_writer import row_major_chunks
+  from parity_jax.checkpoint.formats.tstore import quiet_orbax
+  from parity_jax.checkpoint.keypath import nest
 
   rng = np.random.default_rng(0)
-  tree: dict = {}
+  flat: dict = {}
   for path, (shape, dtype) in _shapes(scale).items():
     if dtype == "int64":
       v = np.array(7, np.int64)
@@ -80,11 +81,8 @@ def _generate(dest: str, scale: float) -> None:
       v = rng.standard_normal(shape, dtype=np.float32)
       if dtype == "bfloat16":
         v = v.astype(ml_dtypes.bfloat16)
-    node = tree
-    *parents, last = path.split("/")
-    for c in parents:
-      node = node.setdefault(c, {})
-    node[last] = v
+    flat[path] = v
+  tree = nest(flat)
   ctx = ocp_v1.Context()
   ctx.memory.deepcopy_host_arrays = False
   ctx.array.saving.storage_options.chunk_byte_size = 64 * MIB

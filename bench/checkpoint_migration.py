@@ -90,7 +90,8 @@ def _child(task: str, args: dict) -> dict:
 
   from parity_jax import arraydiff  # noqa: F401
   from parity_jax.checkpoint import migrate, verify_migration  # noqa: F401
-  from parity_jax.checkpoint.tstore import quiet_orbax
+  from parity_jax.checkpoint.formats.tstore import quiet_orbax
+  from parity_jax.checkpoint.keypath import nest
 
   import jax  # noqa: F401
 
@@ -102,7 +103,7 @@ def _child(task: str, args: dict) -> dict:
     import numpy as np
 
     rng = np.random.default_rng(0)
-    tree: dict = {}
+    flat: dict = {}
     for path, (shape, dtype) in _shapes(args["scale"]).items():
       if dtype == "int64":
         value = np.array(123456789012, np.int64)
@@ -110,14 +111,11 @@ def _child(task: str, args: dict) -> dict:
         value = rng.standard_normal(shape, dtype=np.float32)
         if dtype == "bfloat16":
           value = value.astype(ml_dtypes.bfloat16)
-      node = tree
-      *parents, last = path.split("/")
-      for c in parents:
-        node = node.setdefault(c, {})
-      node[last] = value
+      flat[path] = value
+    tree = nest(flat)
     import contextlib
 
-    from parity_jax.checkpoint.migrate import row_major_chunks
+    from parity_jax.checkpoint.formats.orbax_writer import row_major_chunks
 
     ctx = ocp_v1.Context()
     ctx.memory.deepcopy_host_arrays = False
@@ -143,11 +141,11 @@ def _child(task: str, args: dict) -> dict:
   elif task == "decode_floor":
     # tensorstore alone decoding the leaf into its cache (no copy out): the least any reader of a
     # single-chunk zstd leaf holds at once (compressed + decoded chunk).
-    from parity_jax.checkpoint import LeafReader, open_checkpoint
+    from parity_jax.checkpoint import open_checkpoint
 
     ck = open_checkpoint(args["source"])
     meta = ck.leaves[args["leaf"]]
-    with LeafReader(ck, meta, cache_bytes=int(meta.nbytes * 1.1)) as r:
+    with ck.reader(meta, cache_bytes=int(meta.nbytes * 1.1)) as r:
       baseline = children.rss()
       t0 = time.perf_counter()
       r.read(tuple(slice(0, 1) for _ in meta.shape))

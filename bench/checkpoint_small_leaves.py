@@ -71,7 +71,8 @@ def _child(task: str, args: dict) -> dict:
 
   from parity_jax import arraydiff  # noqa: F401
   from parity_jax.checkpoint import migrate, verify_migration
-  from parity_jax.checkpoint.tstore import quiet_orbax
+  from parity_jax.checkpoint.formats.tstore import quiet_orbax
+  from parity_jax.checkpoint.keypath import nest
 
   baseline = children.rss()
   t0 = time.perf_counter()
@@ -79,13 +80,7 @@ def _child(task: str, args: dict) -> dict:
   if task == "generate":
     rng = np.random.default_rng(0)
     shape = tuple(args["shape"])
-    tree: dict = {}
-    for p in _tree_paths(args["n"]):
-      node = tree
-      *parents, last = p.split("/")
-      for c in parents:
-        node = node.setdefault(c, {})
-      node[last] = rng.standard_normal(shape, dtype=np.float32)
+    tree = nest((p, rng.standard_normal(shape, dtype=np.float32)) for p in _tree_paths(args["n"]))
     tree["step"] = np.array(1234, np.int64)
     ctx = ocp_v1.Context()
     ctx.memory.deepcopy_host_arrays = False

@@ -72,7 +72,7 @@ def naive_restore_compare(source: str, migrated: str, spec: str, *, numpy: bool)
   from parity_jax import arraydiff
   from parity_jax.checkpoint import RemapSpec, open_checkpoint
   from parity_jax.checkpoint.keypath import flatten
-  from parity_jax.checkpoint.tstore import quiet_orbax
+  from parity_jax.checkpoint.formats.tstore import quiet_orbax
 
   def restore(path):
     item = open_checkpoint(path).item_dir

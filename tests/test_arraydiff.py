@@ -165,3 +165,41 @@ def test_top_k_ties_do_not_depend_on_chunking():
   for r in (30, 20, 10, 0):  # row chunks arriving last-first
     acc.update(a[r : r + 10], b[r : r + 10], origin=(r, 0))
   assert [t.index for t in acc.result().top_k] == expected
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Gaps a mutation audit found (tests/mutation_audit.py): inputs that are not numpy arrays, all-zero arrays, no top-K,
+# the JSON of the top divergences and the one-line summary.
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_check_comparable_takes_lists_and_names_the_leaf():
+  arraydiff.check_comparable([1.0, 2.0], [3.0, 4.0])  # same shape and dtype: nothing to say
+  with pytest.raises(ComparisonError, match=r"^w: .*\(2,\).*\(3,\)"):
+    arraydiff.check_comparable([1.0, 2.0], [1.0, 2.0, 3.0], "w")
+
+
+def test_cosine_of_zero_arrays():
+  z = np.zeros(4, np.float32)
+  assert arraydiff.diff_stats(z, z.copy()).cosine == 1.0  # both zero: the same direction, by convention
+  assert arraydiff.diff_stats(z, np.ones(4, np.float32)).cosine == 0.0
+  assert arraydiff.diff_stats(np.ones(4, np.float32), z).cosine == 0.0
+
+
+def test_top_k_zero_keeps_no_divergence():
+  a = np.arange(6, dtype=np.float32)
+  s = arraydiff.diff_stats(a, a + 1, top_k=0)
+  assert s.top_k == () and s.n_diff == 6 and s.max_abs_index == (0,)
+
+
+def test_top_divergences_in_json_and_the_summary_line():
+  a = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+  b = a.copy()
+  b[2] = 3.5
+  s = arraydiff.diff_stats(a, b, top_k=3)
+  (top,) = s.to_dict()["top_k"]
+  assert top == {"index": [2], "a": 3.0, "b": 3.5, "abs_diff": 0.5, "a_bits": "0x40400000", "b_bits": "0x40600000"}
+  assert arraydiff.DiffStats.from_dict(s.to_dict()) == s
+  line = s.summary()
+  assert "\n" not in line and line.startswith("1/4 differ (0.25); max|diff|=0.5 at [2];") and "max_ulp=" in line
+  assert arraydiff.diff_stats(a, a.copy()).summary() == "bit-identical"

@@ -161,7 +161,7 @@ def _write_into(out: pathlib.Path, seed: int) -> list[pathlib.Path]:
 
   from parity_jax.checkpoint import keypath
   from parity_jax.checkpoint.migrate import migrate
-  from parity_jax.checkpoint.tstore import quiet_orbax
+  from parity_jax.checkpoint.formats.tstore import quiet_orbax
   from parity_jax.files import file_sha256
   from parity_jax.provenance import default_provenance
 

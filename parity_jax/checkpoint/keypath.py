@@ -9,9 +9,9 @@ restored tree or a nested dict built by hand.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = ["SEP", "flatten", "join", "key_name", "keypath_str", "split", "str_keypath"]
+__all__ = ["SEP", "flatten", "join", "key_name", "keypath_str", "nest", "split", "str_keypath"]
 
 SEP = "/"
 
@@ -64,3 +64,15 @@ def flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
       out.update(flatten(v, prefix + (str(i),)))
     return out
   return {join(prefix): tree}
+
+
+def nest(flat: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> dict[str, Any]:
+  """{leaf path: leaf} (or (path, leaf) pairs) -> nested dicts; the inverse of :func:`flatten` for dict trees."""
+  root: dict[str, Any] = {}
+  for path, value in flat.items() if isinstance(flat, Mapping) else flat:
+    *parents, last = split(path)
+    node = root
+    for c in parents:
+      node = node.setdefault(c, {})
+    node[last] = value
+  return root

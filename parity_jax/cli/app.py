@@ -61,7 +61,7 @@ def fail_usage(message: object) -> NoReturn:
 
 
 def _left_job() -> bool:
-  mod = sys.modules.get("parity_jax.distributed")
+  mod = sys.modules.get("parity_jax.runtime.job")
   return bool(mod is not None and mod.left_job())
 
 
@@ -148,7 +148,7 @@ def _supervise_job(module: str) -> int | None:
     return None
   if not all(name in flags.FLAGS for name in _DIST_FLAGS):
     return None  # not a tool with distributed_flags (a tool may define launch flags of its own)
-  from parity_jax.distributed import Options
+  from parity_jax.runtime import Options
 
   f = flags.FLAGS
   opts = Options(
@@ -204,10 +204,10 @@ def distributed_flags(module: str) -> Callable[[], Any]:
   arguments of ``jax.distributed.initialize``), ``--distributed`` (initialize
   with no arguments: JAX's cluster detection) and ``--peer_timeout``. Defined
   once, shown in the tool's ``--help``. Returns a function that reads them
-  as :class:`parity_jax.distributed.Options` (``requested`` False when none
+  as :class:`parity_jax.runtime.Options` (``requested`` False when none
   is given: one process).
   """
-  from parity_jax.distributed import DEFAULT_TIMEOUT_S, Options
+  from parity_jax.runtime import DEFAULT_TIMEOUT_S, Options
 
   if "coordinator_address" not in flags.FLAGS:
     flags.DEFINE_string(

@@ -85,9 +85,9 @@ def main(argv):
     if out:
       check_output_path(out, [_SOURCE.value, _DEST.value, _SPEC.value], name, overwrite=_OVERWRITE.value)
   if dist.requested:
-    from parity_jax import distributed
+    from parity_jax import runtime
 
-    distributed.initialize(dist)
+    runtime.initialize(dist)
   try:
     result = migrate(
         _SOURCE.value,
@@ -104,15 +104,15 @@ def main(argv):
   except SpecError as e:
     lead = True
     if dist.requested:
-      from parity_jax import distributed
+      from parity_jax import runtime
 
-      lead = distributed.process_index() == 0
+      lead = runtime.process_index() == 0
     written = [e.write_json(_SPEC_ERRORS.value)] if _SPEC_ERRORS.value and lead else []
     raise UsageError(e.line(written, hint="--spec_errors=FILE writes them all as JSON")) from None
   if result.distributed is not None:
-    from parity_jax import distributed
+    from parity_jax import runtime
 
-    me = distributed.process_index()
+    me = runtime.process_index()
     if me != 0:
       mine = next(p for p in result.distributed["per_process"] if p["process"] == me)
       print(

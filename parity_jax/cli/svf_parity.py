@@ -90,9 +90,9 @@ def main(argv):
 
   dist = _DIST()
   if dist.requested:
-    from parity_jax import distributed
+    from parity_jax import runtime
 
-    distributed.initialize(dist)
+    runtime.initialize(dist)
   if (_REPORT.value is None) == (_GOLDEN.value is None):
     raise UsageError("give exactly one of --python_report and --golden_dir")
   if _OUT.value:
@@ -108,6 +108,7 @@ def main(argv):
       python_report=_REPORT.value,
       golden_dir=_GOLDEN.value,
       stage_dir=_STAGE_DIR.value,
+      peer_timeout_s=dist.timeout_s,
       all_selected=_ALL.value,
       selected_source_filter=_FILTER.value,
       layout=_LAYOUT.value,

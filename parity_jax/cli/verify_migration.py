@@ -80,10 +80,10 @@ def main(argv):
     source, migrated, spec = given
   dist = _DIST()
   if dist.requested:
-    from parity_jax import distributed
+    from parity_jax import runtime
 
-    distributed.initialize(dist)
-    lead = distributed.process_index() == 0
+    runtime.initialize(dist)
+    lead = runtime.process_index() == 0
   else:
     lead = True
   if lead:

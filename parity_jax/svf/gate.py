@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import threading
 from typing import Any, Callable, Sequence
 
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parity_jax import bundles, distributed
+from parity_jax import bundles, runtime
 from parity_jax.arraydiff import DiffAccumulator
 from parity_jax.dtypes import BF16 as _BF16, bf16_bits
 from parity_jax.errors import UsageError
@@ -47,7 +48,7 @@ from parity_jax.files import check_output_dir
 from parity_jax.progress import Progress, progress as progress_bar
 from parity_jax.provenance import default_provenance, package_versions
 from parity_jax.report import Report
-from parity_jax.svf import core, io, spread
+from parity_jax.svf import core, io
 from parity_jax.svf.bounds import (
     EXPLAIN_RULES,
     FormulaConstants,
@@ -607,6 +608,7 @@ def replay(
     progress: bool = False,
     overwrite: bool = False,
     devices: int = 0,
+    peer_timeout_s: float | None = None,
 ) -> ReplayResult:
   """Replays the golden run in JAX and compares every stage. See the module docstring.
 
@@ -614,7 +616,9 @@ def replay(
   (0: all of them; :func:`_placement`), balanced by FLOPs, each tensor
   rebuilt and compared on its own device, in a thread per device; under
   ``jax.distributed`` over every process's devices, the results gathered to
-  every process. The report is the single-device one: same per-stage hashes,
+  every process through the job runtime (:meth:`parity_jax.runtime.Job.allgather`;
+  a process lost for ``peer_timeout_s`` seconds makes the others exit 2 with one
+  line). The report is the single-device one: same per-stage hashes,
   same explained-mismatch accounting, same tensor order; only
   ``backend.placement`` says where each tensor ran. ``chunk_mb`` is per
   device (up to ``devices`` chunks are in memory at once).
@@ -670,9 +674,8 @@ def replay(
           )
 
         done: dict[int, dict[str, Any]] = {}
-        mine = spread.run_on_devices(one, assignment)
-        distributed.maybe_stall(jax.process_index())
-        for part in spread.gather(mine):
+        mine = runtime.run_on_devices(one, assignment)
+        for part in _everyones(mine, peer_timeout_s):
           done.update(part)
         results = [done[i] for i in range(len(jobs))]
       _check_report_hashes(golden, results, all_selected)
@@ -695,6 +698,16 @@ def replay(
   }
   files = {"bundle": bundle_path, "components": comp_path, "offsets": off_path, "ours": out_bundle}
   return ReplayResult(_report(results, golden, settings, files, all_selected, placement))
+
+
+def _everyones(mine: dict[int, dict[str, Any]], peer_timeout_s: float | None) -> list[dict[int, dict[str, Any]]]:
+  """Every process's results on every process (``[mine]`` in one process), through the job runtime."""
+  if jax.process_count() == 1:
+    return [mine]
+  with runtime.attach(peer_timeout_s or runtime.DEFAULT_TIMEOUT_S, "svf") as job:
+    runtime.stall_point("svf.gather", job.process_id)
+    parts = job.allgather("results", pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL))
+  return [pickle.loads(p) for p in parts]
 
 
 class _Locked:
@@ -723,7 +736,7 @@ def _placement(jobs: list[_TensorWork], devices: int) -> tuple[dict[str, Any], l
   """
   pool = jax.devices()[:devices] if devices else jax.devices()
   costs = [2.0 * job.m * job.n * job.k for job in jobs]
-  bins = spread.balance(costs, len(pool))
+  bins = runtime.balance(costs, len(pool))
   me = jax.process_index()
   assignment = [(d, bins[b]) for b, d in enumerate(pool) if d.process_index == me]
   placement = {

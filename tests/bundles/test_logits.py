@@ -82,3 +82,63 @@ def test_topk_larger_than_vocab_and_float16():
   a = np.array([[3.0, 1.0, 2.0]], np.float16)
   st = logits_stats(a, a[:, ::-1].copy(), topk=10)
   assert st.topk == 3 and st.topk_overlap_mean == 1.0 and st.argmax_agree == 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# +inf logits and NaN in the KL mean (issue 16 section 3): an undefined distribution is never a harmless 0.
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["golden", "candidate"])
+def test_a_plus_inf_logit_makes_that_tokens_kl_undefined(side):
+  a = np.array([[0.0, 1.0, 2.0], [0.5, 0.0, -1.0], [1.0, 2.0, 3.0]])
+  b = a + np.array([[0.0, 0.1, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.2]])
+  broken = (a if side == "golden" else b).copy()
+  broken[1, 0] = np.inf
+  a2, b2 = (broken, b) if side == "golden" else (a, broken)
+  st = logits_stats(a2, b2)
+  assert st.kl_max == math.inf and st.kl_argmax_index == (1,)  # the undefined token is the worst one
+  assert math.isnan(st.kl_mean)
+  # the other tokens' KL is unchanged: only token 1 is undefined
+  others = _kl_naive(a[[0, 2]], b[[0, 2]])
+  assert logits_stats(a2[[0, 2]], b2[[0, 2]]).kl_max == pytest.approx(others.max(), rel=1e-12)
+
+
+def test_minus_inf_is_a_mask_and_plus_inf_is_not():
+  a = np.array([[0.0, 1.0, -np.inf]])
+  assert math.isfinite(logits_stats(a, a.copy()).kl_mean)
+  assert math.isnan(logits_stats(np.array([[0.0, 1.0, np.inf]]), np.array([[0.0, 1.0, np.inf]])).kl_mean)
+  # +inf in the candidate where the golden is masked (or its probability underflows to 0): the candidate's
+  # distribution is undefined, so KL is NaN, not the +inf that the other entries' terms would add up to
+  for golden_row in ([0.0, 1.0, -np.inf], [0.0, 1.0, -1e4]):
+    st = logits_stats(np.array([golden_row]), np.array([[0.0, 1.0, np.inf]]))
+    assert math.isnan(st.kl_mean) and st.kl_max == math.inf
+
+
+def test_nan_in_one_token_makes_the_kl_mean_nan_and_it_survives_json():
+  from parity_jax.bundles.logits import LogitsStats
+
+  a = np.random.default_rng(3).standard_normal((4, 9))
+  b = a.copy()
+  b[2, 5] = np.nan
+  st = logits_stats(a, b)
+  assert math.isnan(st.kl_mean) and st.kl_max == math.inf and st.kl_argmax_index == (2,)
+  d = st.to_dict()
+  assert d["kl_mean"] == "nan" and d["kl_max"] == "inf"
+  back = LogitsStats.from_dict(d)
+  assert math.isnan(back.kl_mean) and back.kl_max == math.inf
+
+
+def test_a_nan_kl_mean_breaches_the_kl_mean_rule():
+  from parity_jax.arraydiff import diff_stats
+  from parity_jax.bundles import ToleranceRule
+  from parity_jax.bundles.diff import check_rule
+  from parity_jax.bundles.logits import LogitsStats
+
+  a = np.zeros((2, 3), np.float32)
+  st = diff_stats(a, a.copy())
+  rule = ToleranceRule(stages=".*", max_mean_kl=0.01)
+  lg = LogitsStats(2, 3, 0.0, math.nan, (0,), 2, 3, 1.0, 1.0, None)  # only the mean is NaN
+  assert [(b.metric, math.isnan(b.value), b.limit) for b in check_rule(rule, st, lg)] == [("kl_mean", True, 0.01)]
+  ok = LogitsStats(2, 3, 0.0, 0.01, (0,), 2, 3, 1.0, 1.0, None)  # exactly at the limit: inclusive
+  assert check_rule(rule, st, ok) == ()

@@ -188,3 +188,48 @@ def test_qwen_data_flow_inputs():
   assert bisect.qwen_stage_inputs("logits", names) == ("final_norm",)
   assert bisect.qwen_stage_inputs("custom_thing", names) is None
   assert math.isinf(bisect.analyse(["x", "y"], _errs({"x": (0, False), "y": (1.0, True)}), 10, 0.0)[0]["y"].growth)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A stage with several inputs (issue 16 section 3): the reference is the worst input, and a stage is only "clean
+# input" when every input is bit-identical.
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_stage_with_one_clean_and_one_drifting_input_is_drift_not_jump():
+  # a is bit-identical; b took an error (its only input is clean: the error entered at b); c reads both and grows
+  # b's error by 2, below the jump factor 10. Hand-computed: ref(c) = b, growth(c) = 2e-4 / 1e-4 = 2.
+  order = ["a", "b", "c"]
+  inputs = {"a": (), "b": ("a",), "c": ("a", "b")}
+  errors = {
+      "a": bisect.StageError(rel_l2=0.0, bit_equal=True, breached=False),
+      "b": bisect.StageError(rel_l2=1e-4, bit_equal=False, breached=False),
+      "c": bisect.StageError(rel_l2=2e-4, bit_equal=False, breached=True),
+  }
+  growth, v = bisect.analyse(order, errors, jump_factor=10.0, noise_floor=1e-7, inputs=inputs)
+  assert growth["c"] == bisect.StageGrowth(ref_stage="b", growth=2e-4 / 1e-4, jump=False)
+  assert growth["b"] == bisect.StageGrowth(ref_stage="a", growth=1e-4 / 1e-7, jump=True)
+  assert growth["a"].jump is False
+  assert (v.status, v.first_breach, v.first_divergent, v.path) == ("drift", "c", "b", ("c", "b"))
+  assert (v.ref_stage, v.max_growth_stage) == ("b", "b")
+  # the inputs in the other order: the worst input is still the reference
+  growth, v = bisect.analyse(order, errors, 10.0, 1e-7, inputs={**inputs, "c": ("b", "a")})
+  assert growth["c"].ref_stage == "b" and not growth["c"].jump and v.first_divergent == "b"
+  # ...and when every input of c is clean, c's own error is a jump wherever its growth
+  clean = {**errors, "b": bisect.StageError(rel_l2=0.0, bit_equal=True, breached=False)}
+  growth, v = bisect.analyse(order, clean, 10.0, 1e-7, inputs=inputs)
+  assert growth["c"].jump and (v.status, v.first_divergent) == ("jump", "c")
+
+
+def test_qwen_residual_with_a_clean_and_a_drifting_input():
+  # layers.0.output reads layers.0.ffn_out and layers.0.post_attn_residual (tests/bundles/test_qwen_graph.py)
+  order = ["layers.0.post_attn_residual", "layers.0.ffn_out", "layers.0.output"]
+  errors = {
+      "layers.0.post_attn_residual": bisect.StageError(rel_l2=0.0, bit_equal=True, breached=False),
+      "layers.0.ffn_out": bisect.StageError(rel_l2=3e-6, bit_equal=False, breached=False),
+      "layers.0.output": bisect.StageError(rel_l2=6e-6, bit_equal=False, breached=True),
+  }
+  growth, v = bisect.analyse(order, errors, jump_factor=10.0, noise_floor=1e-7)
+  g = growth["layers.0.output"]
+  assert g.ref_stage == "layers.0.ffn_out" and g.growth == pytest.approx(2.0, rel=1e-12) and not g.jump
+  assert v.status == "drift" and v.first_divergent == "layers.0.ffn_out"

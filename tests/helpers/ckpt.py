@@ -123,7 +123,7 @@ def deepcopy(tree):
 def save_v0(path, tree) -> str:
   import orbax.checkpoint as ocp
 
-  from parity_jax.checkpoint.tstore import quiet_orbax
+  from parity_jax.checkpoint.formats.tstore import quiet_orbax
 
   with quiet_orbax():
     ocp.PyTreeCheckpointer().save(os.path.abspath(path), tree)
@@ -133,7 +133,7 @@ def save_v0(path, tree) -> str:
 def save_v1(path, tree) -> str:
   from orbax.checkpoint import v1 as ocp_v1
 
-  from parity_jax.checkpoint.tstore import quiet_orbax
+  from parity_jax.checkpoint.formats.tstore import quiet_orbax
 
   with quiet_orbax():
     ocp_v1.save(os.path.abspath(path), tree)
@@ -144,7 +144,7 @@ def save_manager_step(root, step: int, tree) -> str:
   """A CheckpointManager directory; returns the step directory (one item, 'default')."""
   import orbax.checkpoint as ocp
 
-  from parity_jax.checkpoint.tstore import quiet_orbax
+  from parity_jax.checkpoint.formats.tstore import quiet_orbax
 
   with quiet_orbax():
     with ocp.CheckpointManager(os.path.abspath(root)) as mngr:

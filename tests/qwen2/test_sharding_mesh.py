@@ -378,9 +378,9 @@ def test_read_box_reads_any_box_bit_exact(tmp_path):
 
 TWO_PROCESS_SCRIPT = textwrap.dedent(r"""
     import json, sys
-    from parity_jax.svf import spread
+    from parity_jax import runtime
     path, port, pid, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    spread.initialize(f"127.0.0.1:{port}", 2, pid)
+    runtime.initialize(runtime.Options(f"127.0.0.1:{port}", 2, pid))
     import jax, numpy as np
     from parity_jax import qwen2
     from parity_jax.bundles import StageBundle, compare_bundles, load_bundle

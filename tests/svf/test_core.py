@@ -187,3 +187,29 @@ def test_bfloat16_compute_variant_runs_and_rounds_inputs_first():
   assert arraydiff.bit_equal(st["final_bf16"], st["final_f32"].astype(ml_dtypes.bfloat16))
   bf = lambda x: x.astype(ml_dtypes.bfloat16)  # noqa: E731
   assert arraydiff.bit_equal(bf(st["scaled_s"]), bf(bf(s) * (bf(np.float32(1)) + bf(o))))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The bfloat16-compute variant sums in float32 (issue 16 section 3)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_bfloat16_variant_sums_in_float32_and_rounds_the_sums_to_bfloat16():
+  # bfloat16 values in [0.05, 3] have 8 significant bits: 24 of them sum exactly in float32 (and float64) in any
+  # order, so the float32 sums are known exactly here, while a bfloat16 accumulator rounds at nearly every step.
+  u, s, v, o = _components(32, 24, seed=9)  # the shapes of the test above: one compilation
+  bf = lambda x: np.asarray(x).astype(ml_dtypes.bfloat16)  # noqa: E731
+  s_b, o_b = bf(s), bf(o)
+  scaled_b = bf(s_b.astype(np.float32) * (np.float32(1) + o_b.astype(np.float32)).astype(ml_dtypes.bfloat16))
+  sum_s = s_b.astype(np.float64).sum()
+  sum_scaled = scaled_b.astype(np.float64).sum()
+  assert np.float32(sum_s) == sum_s and np.float32(sum_scaled) == sum_scaled  # exact in float32
+  want = bf(np.float32(bf(sum_s).astype(np.float32)) / np.float32(bf(sum_scaled).astype(np.float32)))
+  st = _np(reconstruct(u, s, v, o, capture=True, compute_dtype=ml_dtypes.bfloat16))
+  assert st["scaled_s"].astype(ml_dtypes.bfloat16).tobytes() == scaled_b.tobytes()
+  assert st["normalization"].dtype == np.float32 and st["normalization"].shape == ()
+  assert bf(st["normalization"]).tobytes() == want.tobytes()
+  assert st["normalization"] == want.astype(np.float32)  # widened exactly: the stage holds the bfloat16 value
+  # the same sums through torch_cpu_sum: a bfloat16 vector is summed in float32 and the result cast back
+  got = np.asarray(torch_cpu_sum(s_b))
+  assert got.dtype == ml_dtypes.bfloat16 and got.tobytes() == bf(sum_s).tobytes()

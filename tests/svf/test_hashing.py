@@ -68,3 +68,44 @@ def test_safe_source_name():
   assert safe_source_name("lm_head.weight") == "lm_head_weight"
   assert safe_source_name("a-b/c:d é") == "a_b_c_d__"
   assert safe_source_name("Already_Safe_09") == "Already_Safe_09"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# NaN in the goldens under each nan_policy (issue 16 section 3)
+# ------------------------------------------------------------------------------------------------------------------
+
+# golden bfloat16 rows holding NaNs in every encoding: torch vectorised (0xFFFF), torch scalar and ml_dtypes (0x7FC0),
+# negative quiet (0xFFC0), signalling with a payload (0x7F81, 0xFF81), beside +-inf, the largest finite value, -0.0
+_GOLDEN_BITS = np.array(
+    [[0xFFFF, 0x7FC0, 0x3F80, 0x7F80], [0xFFC0, 0x7F81, 0xFF80, 0x8000], [0xFF81, 0x7F7F, 0x0001, 0xFFFF]], np.uint16
+)
+_IS_NAN = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [1, 0, 0, 1]], bool)
+
+
+@pytest.mark.parametrize("policy,nan_bits", [("keep", None), ("torch", 0xFFFF), ("torch_scalar", 0x7FC0)])
+def test_golden_nans_hash_under_each_policy(policy, nan_bits):
+  want_bits = _GOLDEN_BITS if nan_bits is None else np.where(_IS_NAN, np.uint16(nan_bits), _GOLDEN_BITS)
+  want = hashlib.sha256(want_bits.astype("<u2").tobytes()).hexdigest()
+  golden = _GOLDEN_BITS.view(BF16)
+  assert bf16_sha256(golden, nan_policy=policy) == want
+  streamed = ArrayHasher(bf16=True, nan_policy=policy)
+  for r in range(3):  # row by row, as the gate feeds chunks
+    streamed.update(golden[r : r + 1])
+  assert streamed.hexdigest() == want
+
+
+def test_nan_policies_tell_nan_encodings_apart_only_under_keep():
+  torch_vec = np.array([0xFFFF, 0x3F80], np.uint16).view(BF16)
+  torch_scalar = np.array([0x7FC0, 0x3F80], np.uint16).view(BF16)
+  assert bf16_sha256(torch_vec, "keep") != bf16_sha256(torch_scalar, "keep")
+  for policy in ("torch", "torch_scalar"):
+    assert bf16_sha256(torch_vec, policy) == bf16_sha256(torch_scalar, policy)
+  assert bf16_sha256(torch_vec, "torch") != bf16_sha256(torch_vec, "torch_scalar")
+  # float32 NaNs (a golden stored as float32) are rounded to bfloat16 first, then canonicalised
+  f32 = np.array([np.nan, -np.nan, 1.0], np.float32)
+  assert (
+      bf16_sha256(f32, "torch_scalar")
+      == hashlib.sha256(np.array([0x7FC0, 0x7FC0, 0x3F80], "<u2").tobytes()).hexdigest()
+  )
+  with pytest.raises(UsageError, match="nan_policy"):
+    ArrayHasher(bf16=True, nan_policy="ieee")

@@ -1,0 +1,271 @@
+"""Where an Orbax checkpoint keeps its PyTree item, and how its storage must be read (files and metadata only).
+
+Accepted layouts, on either side of a migration (tested with checkpoints written
+by orbax-checkpoint 0.5.10, 0.6.4, 0.10.2 and the current release):
+
+* ``v0``: a PyTree item directory written by ``ocp.PyTreeCheckpointer().save``
+  or ``StandardCheckpointer`` (``_METADATA`` at the top).
+* ``v1``: a checkpoint written by ``ocp.v1.save`` or ``ocp.v1.partial.save`` +
+  ``finalize`` (one PyTree checkpointable, normally ``state/``).
+* ``step``: a ``CheckpointManager`` step directory holding exactly one item.
+  orbax >= 0.6 marks a step directory with ``_CHECKPOINT_METADATA``; orbax 0.5
+  wrote no marker at all, so an unmarked directory whose name is a step
+  (``12``, ``checkpoint_12``) and which holds only item directories is taken
+  as a step directory too.
+
+Anything else (missing path, a file, a directory without an item, several
+items, an unfinished orbax temporary directory, a ``CheckpointManager`` root,
+a layout of another library such as a flax msgpack checkpoint) is a
+:class:`~parity_jax.errors.UsageError` with one line that says what was found
+and what to pass instead.
+
+**How the storage is read** is decided from the checkpoint's own metadata, the
+way current orbax decides when it restores (see
+``tests/data/orbax_legacy/FINDINGS.md`` for the evidence):
+
+* OCDBT or one directory per leaf: ``_METADATA["use_ocdbt"]`` when present
+  (orbax >= 0.11.31 writes it), else OCDBT iff ``<item>/manifest.ocdbt`` exists.
+* zarr3 or zarr v2: ``_METADATA["use_zarr3"]`` (absent = zarr v2).
+* A storage chunk missing on disk (:data:`MISSING_CHUNK_RULE`): an error
+  (the leaf is UNREADABLE) when the writer stored every chunk, i.e. when
+  ``_METADATA["store_array_data_equal_to_fill_value"]`` is true (orbax >=
+  0.10.0 always writes it so), when the metadata shows a writer that new
+  (``use_ocdbt`` recorded: orbax >= 0.11.31), or for a zarr v2 leaf whose
+  ``fill_value`` is null (tensorstore then writes every chunk, zeros
+  included). Otherwise (orbax < 0.10, zarr3) the writer left out chunks equal
+  to the fill value, and a missing chunk *is* that value: it is read as the
+  fill value, exactly as orbax restores it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from parity_jax.errors import UsageError
+
+__all__ = ["MISSING_CHUNK_RULE", "SUPPORTED", "decide_layout", "resolve_item_dir"]
+
+PYTREE_METADATA = "_METADATA"
+CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
+OCDBT_MANIFEST = "manifest.ocdbt"
+_TMP_MARKERS = (".orbax-checkpoint-tmp", ".partial_save", ".migrating-")
+_ARRAY_TYPES = {"np.ndarray", "jax.Array"}
+_STEP_NAME = re.compile(r"(\w+_)?\d+")
+_FILL_FLAG = "store_array_data_equal_to_fill_value"
+
+SUPPORTED = (
+    "supported: Orbax PyTree checkpoints, orbax >= 0.5 (PyTree/Standard checkpoint dir, ocp.v1 checkpoint,"
+    " CheckpointManager step dir)"
+)
+
+MISSING_CHUNK_RULE = (
+    "a storage chunk missing on disk is an error when the writer stored every chunk"
+    f" (_METADATA {_FILL_FLAG}: true, orbax >= 0.10; use_ocdbt recorded, orbax >= 0.11.31; or zarr v2 with"
+    " fill_value null), else it is the fill value, as orbax < 0.10 left out chunks equal to it"
+)
+
+
+def _is_item_dir(d: str) -> bool:
+  return os.path.isfile(os.path.join(d, PYTREE_METADATA))
+
+
+def _subdirs(d: str) -> list[str]:
+  try:
+    return sorted(e.name for e in os.scandir(d) if e.is_dir())
+  except OSError:
+    return []
+
+
+def _files(d: str) -> list[str]:
+  try:
+    return sorted(e.name for e in os.scandir(d) if e.is_file())
+  except OSError:
+    return []
+
+
+def _head(path: str, n: int = 64) -> bytes:
+  try:
+    with open(path, "rb") as f:
+      return f.read(n)
+  except OSError:
+    return b""
+
+
+def _is_msgpack_map(head: bytes) -> bool:
+  return bool(head) and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF))
+
+
+def _foreign_file(path: str) -> str | None:
+  """What a file is, when it is a checkpoint format of another library (None: not recognised)."""
+  name = os.path.basename(path)
+  low = name.lower()
+  head = _head(path)
+  if _is_msgpack_map(head) and (low.startswith("checkpoint") or low.endswith(".msgpack")):
+    return "a flax msgpack checkpoint file"
+  if low.endswith(".safetensors"):
+    return "a safetensors file"
+  if low.endswith((".pt", ".pth", ".bin", ".ckpt")) and head.startswith(b"PK"):
+    return "a PyTorch checkpoint file"
+  if low.endswith(".npz"):
+    return "a NumPy .npz archive"
+  if low.endswith(".npy"):
+    return "a NumPy .npy file"
+  if head.startswith(b"\x89HDF"):
+    return "an HDF5 file (Keras / h5py)"
+  if low.endswith(".index") or low.endswith(".data-00000-of-00001"):
+    return "a TensorFlow checkpoint file"
+  if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+    return "a Python pickle file"
+  return None
+
+
+def _foreign_dir(path: str) -> str | None:
+  """What a directory without any Orbax PyTree item is, when it is recognisably something else."""
+  files = _files(path)
+  if "checkpoint" in files and _is_msgpack_map(_head(os.path.join(path, "checkpoint"))):
+    return "a pre-_METADATA Orbax/flax checkpoint (a msgpack 'checkpoint' file)"
+  flax = [f for f in files if re.fullmatch(r"checkpoint_\d+", f) and _is_msgpack_map(_head(os.path.join(path, f)))]
+  if flax:
+    return f"a directory of flax msgpack checkpoints (e.g. {flax[-1]})"
+  if "checkpoint" in files and any(f.endswith(".index") for f in files):
+    return "a TensorFlow checkpoint directory"
+  if any(f.endswith(".safetensors") or f == "model.safetensors.index.json" for f in files):
+    return "a safetensors / Hugging Face model directory"
+  if any(f in ("pytorch_model.bin", "pytorch_model.bin.index.json") for f in files):
+    return "a PyTorch / Hugging Face model directory"
+  if ".zarray" in files or "zarr.json" in files:
+    return "a bare zarr array (no Orbax PyTree metadata)"
+  if OCDBT_MANIFEST in files:
+    return f"an OCDBT database without Orbax PyTree metadata ({PYTREE_METADATA})"
+  return None
+
+
+def _legacy_step_dir(path: str, items: list[str]) -> bool:
+  """An orbax 0.5 CheckpointManager step directory: a step-number name, nothing in it but item directories."""
+  name = os.path.basename(path.rstrip("/"))
+  return bool(_STEP_NAME.fullmatch(name)) and bool(items) and not _files(path)
+
+
+def resolve_item_dir(path: str, role: str = "checkpoint") -> tuple[str, str]:
+  """(item directory, layout) for a checkpoint path, or a one-line UsageError."""
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.exists(path):
+    raise UsageError(f"{role} does not exist: {path}")
+  if not os.path.isdir(path):
+    what = _foreign_file(path)
+    if what:
+      raise UsageError(f"{role} is not an Orbax checkpoint but {what}; {SUPPORTED}: {path}")
+    raise UsageError(f"{role} is not a directory: {path}")
+  base = os.path.basename(path.rstrip("/"))
+  if any(m in base for m in _TMP_MARKERS):
+    raise UsageError(f"{role} is an unfinished temporary checkpoint directory (interrupted save?): {path}")
+  if _is_item_dir(path):
+    return path, "v0"
+  items = [s for s in _subdirs(path) if _is_item_dir(os.path.join(path, s))]
+  is_container = any(os.path.exists(os.path.join(path, f)) for f in (CHECKPOINT_METADATA, "orbax.checkpoint"))
+  if items and not is_container and not _legacy_step_dir(path, items):
+    raise UsageError(
+        f"{role} is not an Orbax checkpoint but holds one or more ({', '.join(items)});"
+        f" pass it directly, e.g. {os.path.join(path, items[0])}"
+    )
+  if len(items) == 1:
+    is_v1 = os.path.exists(os.path.join(path, "orbax.checkpoint"))
+    return os.path.join(path, items[0]), ("v1" if is_v1 else "step")
+  if len(items) > 1:
+    raise UsageError(
+        f"{role} holds {len(items)} PyTree items ({', '.join(items)}); pass one of them,"
+        f" e.g. {os.path.join(path, items[0])}"
+    )
+  steps = [s for s in _subdirs(path) if _STEP_NAME.fullmatch(s)]
+  if steps and any(_subdirs(os.path.join(path, s)) for s in steps):
+    steps.sort(key=lambda s: int(re.sub(r"\D", "", s) or 0))
+    raise UsageError(
+        f"{role} looks like a CheckpointManager directory (steps {', '.join(steps[:5])}"
+        f"{', ...' if len(steps) > 5 else ''}); pass one step directory, e.g. {os.path.join(path, steps[-1])}"
+    )
+  pending = [s for s in _subdirs(path) if any(m in s for m in _TMP_MARKERS)]
+  if pending:
+    raise UsageError(f"{role} holds only an unfinished checkpoint ({pending[0]}): {path}")
+  what = _foreign_dir(path)
+  if what:
+    raise UsageError(f"{role} is not an Orbax checkpoint but {what}; {SUPPORTED}: {path}")
+  raise UsageError(f"{role} is not an Orbax checkpoint (no {PYTREE_METADATA} in it or in one item below it): {path}")
+
+
+def _recorded_orbax_version(path: str, item_dir: str) -> str | None:
+  """The writer's orbax version where a writer recorded it (our migrator's provenance), else None."""
+  for d in {path, os.path.dirname(item_dir)}:
+    try:
+      with open(os.path.join(d, CHECKPOINT_METADATA), encoding="utf-8") as f:
+        meta = json.load(f)
+      v = meta["custom_metadata"]["parity_jax_migration"]["provenance"]["versions"]["orbax-checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+      continue
+    if isinstance(v, str):
+      return v
+  return None
+
+
+def decide_layout(
+    raw: dict[str, Any], item_dir: str, path: str, layout: str
+) -> tuple[bool, bool, bool, dict[str, Any]]:
+  """(use_ocdbt, use_zarr3, strict, facts) from ``_METADATA`` and the directory, the way orbax decides."""
+  manifest = os.path.exists(os.path.join(item_dir, OCDBT_MANIFEST))
+  if "use_ocdbt" in raw:
+    use_ocdbt = bool(raw["use_ocdbt"])
+    ocdbt_by = f"_METADATA use_ocdbt: {str(use_ocdbt).lower()}"
+  else:
+    use_ocdbt = manifest
+    ocdbt_by = f"no use_ocdbt in _METADATA; {OCDBT_MANIFEST} {'present' if manifest else 'absent'}"
+  use_zarr3 = bool(raw.get("use_zarr3", False))
+  flag = raw.get(_FILL_FLAG)
+  if flag is not None:
+    strict = bool(flag)
+    why = f"_METADATA {_FILL_FLAG}: {str(strict).lower()}"
+  elif "use_ocdbt" in raw:
+    strict, why = (
+        True,
+        f"no {_FILL_FLAG}, but use_ocdbt is recorded: written by orbax >= 0.11.31, which stores every chunk",
+    )
+  else:
+    strict, why = (
+        False,
+        f"no {_FILL_FLAG} in _METADATA: written by orbax < 0.10, which left out chunks equal to the fill value",
+    )
+  if "use_ocdbt" in raw:
+    hint, evidence = ">= 0.11.31", "use_ocdbt in _METADATA"
+  elif flag is not None:
+    hint, evidence = ">= 0.10.0, < 0.11.31", f"{_FILL_FLAG} but no use_ocdbt in _METADATA"
+  else:
+    hint, evidence = "< 0.10.0", f"neither use_ocdbt nor {_FILL_FLAG} in _METADATA"
+  version = _recorded_orbax_version(path, item_dir)
+  container = {"v0": "PyTree item directory", "v1": "ocp.v1 checkpoint (orbax.checkpoint marker)"}.get(layout)
+  if container is None:
+    marked = os.path.exists(os.path.join(path, CHECKPOINT_METADATA))
+    container = "CheckpointManager step directory" + (
+        "" if marked else " without _CHECKPOINT_METADATA (orbax 0.5; recognised by its step-number name)"
+    )
+  facts = {
+      "path": path,
+      "item_dir": item_dir,
+      "layout": layout,
+      "container": container,
+      "orbax_version": version,
+      "orbax_version_hint": None if version else f"orbax {hint}",
+      "orbax_version_evidence": ("recorded by parity_jax's migrator in _CHECKPOINT_METADATA" if version else evidence),
+      "ocdbt": use_ocdbt,
+      "ocdbt_decided_by": ocdbt_by,
+      "zarr_format": 3 if use_zarr3 else 2,
+      "zarr_decided_by": f"_METADATA use_zarr3: {str(use_zarr3).lower()}"
+      if "use_zarr3" in raw
+      else "no use_zarr3 in _METADATA: zarr v2",
+      "missing_chunks": "error" if strict else "fill value",
+      "missing_chunks_decided_by": why,
+      "missing_chunk_rule": MISSING_CHUNK_RULE,
+  }
+  return use_ocdbt, use_zarr3, strict, facts
+
+

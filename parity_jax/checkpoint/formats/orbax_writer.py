@@ -1,0 +1,195 @@
+"""Writing an Orbax checkpoint: the array specs orbax itself writes, per-process OCDBT databases, their merge,
+and the metadata and markers that make the result an orbax checkpoint.
+
+The migrator writes every array with tensorstore under the spec orbax's own
+``ArrayWriteSpec`` builds (zarr3 in OCDBT, orbax's codecs), with the chunk
+shape the migrator chose (:func:`write_spec`): each process of a job into its
+own database ``<item>/ocdbt.process_<i>/``, the layout of a multi-host orbax
+save; :func:`merge` joins them into the item's manifest with orbax's own
+``merge_ocdbt_per_process_files``, :func:`check_merged` proves every chunk of
+every array is indexed, and :func:`write_metadata` writes ``_strings.json``,
+``_METADATA``, ``_CHECKPOINT_METADATA`` and the v1 markers (``orbax.checkpoint``,
+``commit_success.txt``), as ``ocp.v1.save`` leaves them, so orbax restores the
+result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+import warnings
+from typing import Any, Iterator
+
+import numpy as np
+
+from parity_jax.checkpoint import geometry
+from parity_jax.checkpoint.formats.tstore import quiet_orbax
+from parity_jax.errors import UsageError, first_line
+
+__all__ = ["ITEM", "check_merged", "merge", "row_major_chunks", "write_metadata", "write_spec"]
+
+ITEM = "state"  # the item (checkpointable) name the migrator writes, as ocp.v1.save names it
+
+
+@contextlib.contextmanager
+def row_major_chunks() -> Iterator[bool]:
+  """While active, orbax writes chunked arrays in row-major chunks (see module doc).
+
+  Yields True when the hook is installed, False when this orbax has no such
+  hook (then orbax's own chunk shapes are used; everything still works).
+  """
+  try:
+    from orbax.checkpoint._src.arrays import subchunking
+
+    original = subchunking.choose_chunk_shape
+  except (ImportError, AttributeError):
+    warnings.warn("orbax has no chunk-shape hook; using orbax's chunk shapes", RuntimeWarning)
+    yield False
+    return
+
+  def choose(global_shape, write_shape, dtype, target_byte_size, *, shard_axes=()):
+    if target_byte_size is None or shard_axes or tuple(global_shape) != tuple(write_shape):
+      return original(global_shape, write_shape, dtype, target_byte_size, shard_axes=shard_axes)
+    return geometry.row_major_chunk_shape(tuple(write_shape), np.dtype(dtype).itemsize, target_byte_size)
+
+  subchunking.choose_chunk_shape = choose
+  try:
+    yield True
+  finally:
+    subchunking.choose_chunk_shape = original
+
+
+def write_spec(
+    leaf_name: str, shape, dtype, item_dir: str, process_id: int | None, *, chunk_bytes: int, compression: str
+):
+  from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+
+  return tsu.ArrayWriteSpec(
+      item_dir,
+      leaf_name,
+      global_shape=tuple(shape),
+      write_shape=tuple(shape),
+      dtype=dtype,
+      chunk_byte_size=chunk_bytes,
+      use_compression=compression == "zstd",
+      use_zarr3=True,
+      use_ocdbt=True,
+      process_id=process_id,
+  )
+
+
+def merge(item_dir: str) -> None:
+  from etils import epath
+  from orbax.checkpoint._src.serialization import ocdbt_utils
+  from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+
+  with quiet_orbax():
+    try:
+      asyncio.run(
+          ocdbt_utils.merge_ocdbt_per_process_files(
+              epath.Path(item_dir), ts_context=tsu.get_ts_context(use_ocdbt=True), use_zarr3=True
+          )
+      )
+    except Exception as e:  # noqa: BLE001
+      raise UsageError(f"cannot merge the per-process databases under {item_dir}: {first_line(e)}") from None
+
+
+def check_merged(item_dir: str, arrays) -> None:
+  """The merged index holds every array's metadata and every one of its chunks (keys only, no data read).
+
+  ``arrays``: objects with ``name`` (the storage name), ``n_chunks`` and ``dest`` (the leaf path, for messages).
+  """
+  import tensorstore as ts
+  from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+
+  try:
+    kv = ts.KvStore.open(
+        tsu.build_kvstore_tspec(item_dir, use_ocdbt=True), context=tsu.get_ts_context(use_ocdbt=True)
+    ).result()
+    keys = [k.decode() for k in kv.list().result()]
+  except Exception as e:  # noqa: BLE001
+    raise UsageError(f"cannot list the merged checkpoint under {item_dir}: {first_line(e)}") from None
+  meta, chunks = set(), {}
+  for k in keys:
+    name, _, rest = k.partition("/")
+    if rest == "zarr.json":
+      meta.add(name)
+    elif rest == "c" or rest.startswith("c/"):
+      chunks[name] = chunks.get(name, 0) + 1
+  for leaf in arrays:
+    if leaf.name not in meta or chunks.get(leaf.name, 0) != leaf.n_chunks:
+      raise UsageError(
+          f"the merged checkpoint lacks part of leaf {leaf.dest!r}"
+          f" ({chunks.get(leaf.name, 0)} of {leaf.n_chunks} chunks"
+          f"{'' if leaf.name in meta else ', no zarr.json'}); nothing installed"
+      )
+
+
+def _item_handler() -> str:
+  """The handler name the single-process migrator's checkpoints record for their item (orbax's v1 partial save)."""
+  try:
+    from orbax.checkpoint.experimental.v1._src.handlers import stateful_checkpointable_handler as h
+
+    cls = h.StatefulCheckpointableHandler
+    return f"{cls.__module__}.{cls.__qualname__}"
+  except (ImportError, AttributeError):
+    return (
+        "orbax.checkpoint.experimental.v1._src.handlers.stateful_checkpointable_handler."
+        "StatefulCheckpointableHandler"
+    )
+
+
+def write_metadata(
+    target: str,
+    dest: str,
+    arrays: list[tuple[str, ...]],
+    strings: dict[tuple[str, ...], str],
+    custom: dict[str, Any],
+    init_ns: int,
+) -> None:
+  """Everything but the array data, in a finished checkpoint directory ``target`` (to be installed at ``dest``).
+
+  ``arrays``: the keys of every array leaf; ``strings``: keys -> value of every string leaf.
+  """
+  item_dir = os.path.join(target, ITEM)
+  if strings:
+    table = {".".join(keys): value for keys, value in strings.items()}
+    with open(os.path.join(item_dir, "_strings.json"), "w", encoding="utf-8") as f:
+      json.dump(table, f, separators=(",", ":"), ensure_ascii=False)
+  entries = [(keys, "np.ndarray") for keys in arrays] + [(keys, "string") for keys in strings]
+  tree = {
+      str(keys): {
+          "key_metadata": [{"key": k, "key_type": 2} for k in keys],
+          "value_metadata": {"value_type": vt, "skip_deserialize": False},
+      }
+      for keys, vt in sorted(entries)
+  }
+  with open(os.path.join(item_dir, "_METADATA"), "w", encoding="utf-8") as f:
+    json.dump(
+        {
+            "tree_metadata": tree,
+            "use_ocdbt": True,
+            "use_zarr3": True,
+            "store_array_data_equal_to_fill_value": True,
+            "custom_metadata": None,
+        },
+        f,
+    )
+  with open(os.path.join(target, "_CHECKPOINT_METADATA"), "w", encoding="utf-8") as f:
+    json.dump(
+        {
+            "item_handlers": {ITEM: _item_handler()},
+            "metrics": {},
+            "performance_metrics": {},
+            "init_timestamp_nsecs": init_ns,
+            "commit_timestamp_nsecs": time.time_ns(),
+            "custom_metadata": custom,
+        },
+        f,
+    )
+  open(os.path.join(target, "orbax.checkpoint"), "w").close()
+  with open(os.path.join(target, "commit_success.txt"), "w") as f:
+    f.write(f"Checkpoint commit was successful to {dest}")
