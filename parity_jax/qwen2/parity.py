@@ -208,7 +208,11 @@ def _routing_replay(
     forced[layer] = (g.astype(np.int32), where)
     if natural is None:
       natural = compare(stages)
-    stages = model_stages(model, tokens, mask, forced_experts=forced)
+    # Every MoE layer in the forced dict (unforced ones with no token marked), so that every replay has the same
+    # pytree structure and compiles once.
+    b, t = g.shape[:2]
+    nothing = (np.zeros((b, t, cfg.num_experts_per_tok), np.int32), np.zeros((b, t), bool))
+    stages = model_stages(model, tokens, mask, forced_experts={k: forced.get(k, nothing) for k in cfg.moe_layers})
     runs += 1
   counts = {k: int(w.sum()) for k, (_, w) in forced.items()}
   return stages, RoutingReport(cfg.moe_layers, flips, runs, counts, natural)
