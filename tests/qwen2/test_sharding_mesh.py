@@ -460,3 +460,99 @@ def test_two_processes_each_read_only_their_own_shards(tmp_path):
     assert p.returncode == 0 and "OK" in so, so[-2000:] + se[-3000:]
   assert "OK 0 [(0, 24), (24, 48)]" in outs[0][0] and "OK 1 [(48, 72), (72, 96)]" in outs[1][0]
   assert load_bundle(out).provenance["mesh"] == {"dp": 1, "tp": 4}
+
+
+USER_MESH_SCRIPT = textwrap.dedent(r"""
+    import json, re, sys
+    import jax, numpy as np
+    from jax.sharding import AxisType, Mesh, PartitionSpec as P
+    from parity_jax import qwen2
+    from parity_jax.bundles import StageBundle, compare_bundles
+    from parity_jax.qwen2.sources import load_model
+
+    assert jax.device_count() == 8
+    path, golden = sys.argv[1], sys.argv[2]
+    from parity_jax.qwen2.parity import golden_inputs
+    tokens, mask, _ = golden_inputs(golden)
+
+    def stages(model):
+      _, st = qwen2.forward(model, tokens, attention_mask=mask, capture=True)
+      return StageBundle({k: np.asarray(v) for k, v in st.items()})
+
+    def check(ref, cand, what):
+      rep = compare_bundles(ref, cand, "f32")
+      assert rep.passed, what + "\n" + rep.text(failing_only=True)
+
+    ref = stages(qwen2.load(path))
+    check(golden, ref, "unsharded vs HF")
+    devs = np.array(jax.devices()).reshape(2, 4)
+    dp_tp = ("dp", "tp")
+    rules_dm = [("batch", "data"), ("heads", "model"), ("kv_heads", "model"), ("intermediate", "model"),
+                ("vocab", "model"), ("experts", "model")]
+    meshes = {
+        "jax.make_mesh (Explicit)": (jax.make_mesh((2, 4), dp_tp), None, "tp"),
+        "jax.make_mesh (Auto)": (jax.make_mesh((2, 4), dp_tp, axis_types=(AxisType.Auto,) * 2), None, "tp"),
+        "hand-built Mesh": (Mesh(devs, dp_tp), None, "tp"),
+        "data/model + rules": (jax.make_mesh((2, 4), ("data", "model")), rules_dm, "model"),
+        "expert axis ep": (jax.make_mesh((2, 4), ("dp", "ep")), None, "ep"),
+    }
+    assert all(t == AxisType.Explicit for t in meshes["jax.make_mesh (Explicit)"][0].axis_types)
+    for what, (mesh, rules, expert_axis) in meshes.items():
+      model, report = load_model(path, mesh=mesh, axis_rules=rules)
+      moe = model.params.layers[0].moe
+      assert moe.w_gate.sharding.spec[0] == expert_axis, (what, moe.w_gate.sharding)  # experts spread over devices
+      assert moe.w_gate.addressable_shards[0].data.shape[0] == 8 // 4
+      if expert_axis != "ep":  # 2 kv heads on 4: replicated, said in one line
+        assert model.params.layers[0].attn.wk.sharding.is_fully_replicated, what
+        assert any(re.fullmatch(r"layers\.\*\.attn\.wk: axis 0 \(kv_heads, size 2\) does not divide over "
+                                + expert_axis + r"=4; replicated", n) for n in report.sharding_notes), report.sharding_notes
+      st = stages(model)
+      check(ref, st, what + " vs unsharded")
+      check(golden, st, what + " vs HF")
+    # an axis rule overrides a default: experts=none keeps them whole
+    model, _ = load_model(path, mesh=meshes["hand-built Mesh"][0], axis_rules=[("experts", ())])
+    spec = model.params.layers[0].moe.w_gate.sharding.spec
+    assert spec[0] is None and spec[1] == "tp", spec  # experts whole; moe_intermediate takes the freed axis
+    print("OK")
+""")
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory):
+  """A tiny Qwen2-MoE checkpoint (8 experts, 2 kv heads) and its HF golden on a left-padded batch."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from parity_jax.oracle.hf_forward import hf_stages
+  from tests.helpers.moe import save, tiny_moe
+
+  root = tmp_path_factory.mktemp("moe_mesh")
+  path = save(tiny_moe("qwen2_moe", seed=814, num_hidden_layers=2), root / "moe")
+  golden = root / "moe.hf.safetensors"
+  prov = {
+      "producer": "HF transformers",
+      "inputs": {"tokens": TOKENS[:, :6].tolist(), "attention_mask": MASK[:, :6].tolist()},
+  }
+  bundles.StageBundle(hf_stages(path, TOKENS[:, :6], MASK[:, :6]), prov).save(golden)
+  return path, golden
+
+
+@pytest.mark.oracle
+def test_meshes_as_users_make_them_moe(moe_checkpoint):
+  """jax.make_mesh Explicit and Auto, a hand-built Mesh, other axis names with rules, an expert axis: all within f32."""
+  path, golden = moe_checkpoint
+  p = run_python(USER_MESH_SCRIPT, [str(path), str(golden)])
+  assert p.returncode == 0 and p.stdout.strip().endswith("OK"), p.stdout[-2000:] + p.stderr[-4000:]
+
+
+@pytest.mark.oracle
+def test_tools_print_the_placement_and_take_shard_rules(moe_checkpoint):
+  path, golden = moe_checkpoint
+  base = [f"--model_dir={path}", f"--golden={golden}"]
+  p = run_module(
+      "tools.forward_parity",
+      base + ["--mesh=data:2,model:4", "--shard_rules=batch=data,heads=model,kv_heads=model,vocab=model,experts=model"],
+  )
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  lines = [ln for ln in p.stdout.splitlines() if ln.startswith("sharding: ")]
+  assert "sharding: layers.*.attn.wk: axis 0 (kv_heads, size 2) does not divide over model=4; replicated" in lines
+  assert "PASS" in p.stdout
