@@ -425,19 +425,17 @@ TWO_PROCESS_SCRIPT = textwrap.dedent(r"""
 
 def test_two_processes_each_read_only_their_own_shards(tmp_path):
   """Under jax.distributed (2 processes x 2 devices, tp=4 across both): each process reads only its shards."""
-  import socket
   import subprocess
   import sys
 
+  from tests.helpers import jobs
   from tests.helpers.devices import ROOT, device_env
 
   cfg = config_dict(
       "qwen2", vocab_size=96, hidden_size=64, intermediate_size=64, num_attention_heads=8, num_key_value_heads=4
   )
   path = write_checkpoint(tmp_path / "model", cfg, random_tensors(cfg, seed=813))
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = jobs.free_port()
   out = tmp_path / "stages.safetensors"
   procs = [
       subprocess.Popen(
@@ -450,14 +448,10 @@ def test_two_processes_each_read_only_their_own_shards(tmp_path):
       )
       for i in range(2)
   ]
-  try:
-    outs = [p.communicate(timeout=240) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (so, se) in zip(procs, outs):
-    assert p.returncode == 0 and "OK" in so, so[-2000:] + se[-3000:]
+  results = jobs.finish(procs, timeout=240)  # kills both if one overruns
+  outs = [(so, se) for _, so, se in results]
+  for rc, so, se in results:
+    assert rc == 0 and "OK" in so, so[-2000:] + se[-3000:]
   assert "OK 0 [(0, 24), (24, 48)]" in outs[0][0] and "OK 1 [(48, 72), (72, 96)]" in outs[1][0]
   assert load_bundle(out).provenance["mesh"] == {"dp": 1, "tp": 4}
 
