@@ -107,7 +107,9 @@ def _check_flags() -> None:
   sources = [f"--{f.name}" for f in (_GOLDEN, _ORACLE, _REFERENCE_DIR) if f.value]
   if not sources:
     raise UsageError("give --golden=FILE, --oracle (HF on --model_dir) or --reference_dir=ORIGINAL")
-  if len(sources) > 1:
+  if len(sources) == 2:
+    raise UsageError(f"give {sources[0]} or {sources[1]}, not both (each is a golden source)")
+  if len(sources) > 2:
     raise UsageError(f"give one of {' / '.join(sources)}, not several (each is a golden source)")
   if _PROFILE.value and _PROFILE_JSON.value:
     raise UsageError("give --profile or --profile_json, not both")

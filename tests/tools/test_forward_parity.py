@@ -137,7 +137,7 @@ BAD = [
     (["--model_dir=goldens/models/qwen3", "--tokens=0,0,0", "--attention_mask=0,0,0", "--oracle"], "all padding"),
     (
         ["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors", "--oracle"],
-        "give one of --golden / --oracle, not several",
+        "give --golden or --oracle, not both",
     ),
     (["--model_dir=goldens/models/qwen3", "--reference_dir=/nonexistent"], "no such reference directory"),
     (
