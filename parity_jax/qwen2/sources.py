@@ -25,7 +25,7 @@ from parity_jax.qwen2.config import QwenConfig, load_config
 from parity_jax.qwen2.model import Model
 from parity_jax.qwen2.params import LoadReport, load_params
 
-__all__ = ["HF_SOURCE", "ModelSource", "load_model", "model_source", "register_source", "sources"]
+__all__ = ["HF_SOURCE", "ModelSource", "load_model", "model_source", "register_source", "sources", "unregister_source"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +62,12 @@ def sources() -> tuple[ModelSource, ...]:
 def register_source(source: ModelSource) -> None:
   """Tries ``source`` before the ones registered so far (a later, more specific format first)."""
   _SOURCES.insert(0, source)
+
+
+def unregister_source(source: ModelSource) -> None:
+  """Removes a source :func:`register_source` added (the HF source stays)."""
+  if source is not HF_SOURCE and source in _SOURCES:
+    _SOURCES.remove(source)
 
 
 def model_source(model_dir: str | os.PathLike) -> ModelSource:
