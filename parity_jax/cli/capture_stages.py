@@ -4,7 +4,7 @@
   parity-capture-stages --model_dir=DIR --tokens="0,0,5,6;7,8,9,10" \\
       --attention_mask="0,0,1,1;1,1,1,1" --dtype=bfloat16 --out=b.safetensors
   parity-capture-stages --model_dir=DIR --tokens="1,2;3,4" --mesh=dp:2,tp:4 --out=b.safetensors
-  parity-capture-stages --model_dir=DIR --tokens="1,2;3,4" --mesh=data:2,model:4 \
+  parity-capture-stages --model_dir=DIR --tokens="1,2;3,4" --mesh=data:2,model:4 \\
       --shard_rules=batch=data,heads=model,kv_heads=model,intermediate=model,vocab=model --out=b.safetensors
 
 (``python -m tools.capture_stages`` from the repository root is the same tool.)
