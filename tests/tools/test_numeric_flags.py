@@ -24,7 +24,7 @@ RANGES = {
     "capture_stages": {},
     "compare_stages": {"top_k": (["-1"], ["0"])},
     "convert_svd_weights": {},
-    "forward_parity": {"top_k": (["-1"], ["0"])},
+    "forward_parity": {"top_k": (["-1"], ["0"]), "decode_steps": (["0", "-1"], ["1"])},
     "make_example_checkpoint": {"seed": (["-1"], ["0"])},
     "migrate_checkpoint": {
         "chunk_mb": (["0", "-1", "0.0009", "nan", "inf", "-inf"], ["0.001", "1e6"]),
