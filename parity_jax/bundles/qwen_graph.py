@@ -6,6 +6,15 @@ orders stages by execution, not alphabetically, when a bundle carries no
 ``stage_order`` metadata) and the verdict (which measures a stage's error
 growth over its real inputs: ``v_proj`` reads ``attn_norm``, ``output`` reads
 ``ffn_out`` and ``post_attn_residual``).
+
+A layer of a mixture-of-experts model (Qwen2-MoE, Qwen3-MoE) has a sparse
+block in place of the dense MLP: ``router_logits`` (``[B, T, experts]``),
+``routing_weights`` (``[B, T, top_k]``: softmax, top-k and, with
+``norm_topk_prob``, renormalised), ``selected_experts`` (``[B, T, top_k]``
+int32, in the order of the weights), ``routed_out`` (the weighted sum of the
+selected experts), on Qwen2-MoE ``shared_out`` (the shared expert's output)
+and ``shared_gate`` (the logit of its sigmoid gate, ``[B, T, 1]``), then
+``ffn_out`` (the block's output) as on a dense layer.
 """
 
 from __future__ import annotations
@@ -14,8 +23,11 @@ import re
 from typing import Any, Sequence
 
 __all__ = [
+    "DENSE_MLP_STAGES",
     "LAYER_STAGES",
+    "MOE_STAGES",
     "QK_NORM_STAGES",
+    "SHARED_EXPERT_STAGES",
     "is_qwen_stage_name",
     "parse_stage",
     "qwen_stage_inputs",
@@ -23,7 +35,8 @@ __all__ = [
     "qwen_stage_sort_key",
 ]
 
-# Per-layer stages, in execution order. ``q_norm``/``k_norm`` exist for Qwen3 only.
+# Per-layer stages, in execution order. ``q_norm``/``k_norm`` exist for Qwen3 only; a layer has either the dense
+# MLP's stages or the sparse MoE block's (the shared expert's on Qwen2-MoE only).
 LAYER_STAGES: tuple[str, ...] = (
     "attn_norm",
     "q_proj",
@@ -41,10 +54,21 @@ LAYER_STAGES: tuple[str, ...] = (
     "ffn_up",
     "ffn_silu",
     "ffn_swiglu",
+    "router_logits",
+    "routing_weights",
+    "selected_experts",
+    "routed_out",
+    "shared_out",
+    "shared_gate",
     "ffn_out",
     "output",
 )
 QK_NORM_STAGES = frozenset({"q_norm", "k_norm"})
+DENSE_MLP_STAGES = frozenset({"ffn_gate", "ffn_up", "ffn_silu", "ffn_swiglu"})
+MOE_STAGES = frozenset(
+    {"router_logits", "routing_weights", "selected_experts", "routed_out", "shared_out", "shared_gate"}
+)
+SHARED_EXPERT_STAGES = frozenset({"shared_out", "shared_gate"})
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
@@ -68,7 +92,14 @@ _LAYER_INPUTS: dict[str, tuple[Any, ...]] = {
     "ffn_up": ("ffn_norm",),
     "ffn_silu": ("ffn_gate",),
     "ffn_swiglu": ("ffn_silu", "ffn_up"),
-    "ffn_out": ("ffn_swiglu",),
+    "router_logits": ("ffn_norm",),
+    "routing_weights": ("router_logits",),
+    "selected_experts": ("router_logits",),
+    "routed_out": ("ffn_norm", "routing_weights", "selected_experts"),
+    "shared_out": ("ffn_norm",),
+    "shared_gate": ("ffn_norm",),
+    # a dense layer's ffn_out reads ffn_swiglu; a sparse block's reads the routed and the shared expert's outputs
+    "ffn_out": ("ffn_swiglu", "routed_out", "shared_out", "shared_gate"),
     "output": ("ffn_out", "post_attn_residual"),
 }
 assert set(_LAYER_INPUTS) == set(LAYER_STAGES)
@@ -108,12 +139,28 @@ def _last_layer_output(compared: set[str]) -> tuple[str, ...]:
   return (f"layers.{max(layers)}.output",) if layers else ()
 
 
-def qwen_stage_names(num_layers: int, qk_norm: bool) -> list[str]:
-  """All stage names of a forward pass, in execution order."""
-  per_layer = [s for s in LAYER_STAGES if qk_norm or s not in QK_NORM_STAGES]
+def qwen_stage_names(
+    num_layers: int, qk_norm: bool, moe_layers: Sequence[int] = (), shared_expert: bool = False
+) -> list[str]:
+  """All stage names of a forward pass, in execution order.
+
+  ``moe_layers`` are the layers with a sparse MoE block (the others have the
+  dense MLP); ``shared_expert``: those blocks have Qwen2-MoE's gated shared expert.
+  """
+  moe_layers = set(moe_layers)
+
+  def keep(stage: str, moe: bool) -> bool:
+    if stage in QK_NORM_STAGES and not qk_norm:
+      return False
+    if stage in DENSE_MLP_STAGES:
+      return not moe
+    if stage in SHARED_EXPERT_STAGES:
+      return moe and shared_expert
+    return moe or stage not in MOE_STAGES
+
   names = ["embedding"]
   for i in range(num_layers):
-    names += [f"layers.{i}.{s}" for s in per_layer]
+    names += [f"layers.{i}.{s}" for s in LAYER_STAGES if keep(s, i in moe_layers)]
   return names + ["final_norm", "logits"]
 
 

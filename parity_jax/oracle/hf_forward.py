@@ -1,10 +1,13 @@
 """The oracle forward pass: HF transformers (PyTorch, CPU) with every stage captured.
 
 ``hf_stages(model_dir, tokens, attention_mask=None)`` runs the Hugging Face
-Qwen2/Qwen3 model in float32 with ``attn_implementation="eager"`` and returns
-the stages named by :mod:`parity_jax.bundles.qwen_graph`, in the same layouts the JAX
-model emits. Nothing here uses parity_jax's own model: the tensors come from
-transformers' modules, read with hooks:
+Qwen2/Qwen3 (dense or MoE) model in float32 with ``attn_implementation="eager"``
+(and, for MoE, ``experts_implementation="eager"``: the plain loop over the
+hit experts) and returns the stages named by :mod:`parity_jax.bundles.qwen_graph`,
+in the same layouts the JAX model emits. ``hf_generate`` runs HF's greedy
+``generate`` and can capture every stage of one of its steps. Nothing here
+uses parity_jax's own model: the tensors come from transformers' modules,
+read with hooks:
 
 * forward hooks on modules: ``embed_tokens`` (embedding), ``input_layernorm``
   (attn_norm), ``q/k/v_proj``, ``q_norm``/``k_norm`` (Qwen3, already
@@ -18,7 +21,15 @@ transformers' modules, read with hooks:
 * ``q_rope``/``k_rope`` are the query/key that transformers hands to its
   attention function after RoPE: the module-level ``eager_attention_forward``
   of the model's modeling module is wrapped for the duration of the call and
-  records them (transposed from ``[B, heads, T, hd]`` to ``[B, T, heads, hd]``).
+  records them (transposed from ``[B, heads, T, hd]`` to ``[B, T, heads, hd]``;
+  with a KV cache the key holds the cached keys too, and ``k_rope`` is its
+  last ``T``: the step's new keys);
+* a sparse MoE block (``mlp`` with ``gate`` and ``experts``): the router's
+  output tuple (``router_logits``, ``routing_weights``, ``selected_experts``
+  as int32), the experts module's output (``routed_out``), the shared
+  expert's output (``shared_out``) and its gate linear's (``shared_gate``),
+  the block's output (``ffn_out``); HF flattens tokens to ``[B*T, ...]``
+  there, reshaped back to ``[B, T, ...]``.
 
 Every stage must be recorded exactly once, or the capture fails loudly.
 torch and transformers are imported lazily.
@@ -36,10 +47,13 @@ import ml_dtypes
 import numpy as np
 
 from parity_jax.errors import UsageError
-from parity_jax.oracle import require_oracle, to_numpy
+from parity_jax.oracle import quiet_transformers, require_oracle, to_numpy
 from parity_jax.bundles.qwen_graph import qwen_stage_names
 
-__all__ = ["hf_stages", "capture_hf_stages", "load_hf_model"]
+__all__ = ["hf_stages", "capture_hf_stages", "hf_generate", "load_hf_model"]
+
+MODEL_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
 
 
 def _torch_dtype(dtype: str):
@@ -60,37 +74,51 @@ def load_hf_model(model_dir: str | os.PathLike, dtype: str = "float32"):
   if not os.path.isdir(model_dir):
     raise UsageError(f"no such model directory: {model_dir}")
   kwargs = {"attn_implementation": "eager"}
+  config = transformers.AutoConfig.from_pretrained(model_dir)
+  if getattr(config, "model_type", None) in MOE_MODEL_TYPES:
+    kwargs["experts_implementation"] = "eager"
   major = int(transformers.__version__.split(".")[0])
   kwargs["dtype" if major >= 5 else "torch_dtype"] = _torch_dtype(dtype)
-  logging = transformers.utils.logging
-  bars = logging.is_progress_bar_enabled()
-  logging.disable_progress_bar()  # keep tool and test output to the point
-  try:
+  with quiet_transformers():  # keep tool and test output to the point
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-  finally:
-    if bars:
-      logging.enable_progress_bar()
   return model.eval()
 
 
 def _stage_numpy(t) -> np.ndarray:
-  """A captured stage as numpy: float32, float64 and bfloat16 only, bit-exact."""
+  """A captured stage as numpy: float32, float64 and bfloat16 bit-exact; integer stages (expert ids) as int32."""
   a = to_numpy(t)
+  if np.issubdtype(a.dtype, np.integer):
+    return a.astype(np.int32)
   if a.dtype not in (np.float32, np.float64, ml_dtypes.bfloat16):
     raise UsageError(f"unexpected stage dtype {t.dtype}")
   return a
 
 
 class _Recorder:
-  """Collects stage tensors by canonical name; a name recorded twice is an error."""
+  """Collects stage tensors by canonical name; a name recorded twice is an error.
+
+  ``active`` switches recording on and off (``hf_generate`` records one step
+  of many); ``shape`` is the current call's ``(B, T)``, for the MoE stages
+  HF computes on flattened tokens.
+  """
 
   def __init__(self) -> None:
     self.stages: dict[str, np.ndarray] = {}
+    self.active = True
+    self.shape: tuple[int, int] | None = None
 
-  def put(self, name: str, tensor) -> None:
+  def put(self, name: str, tensor, flat: bool = False) -> None:
+    if not self.active:
+      return
     if name in self.stages:
       raise RuntimeError(f"oracle capture: stage {name} recorded twice")
+    if flat:
+      tensor = tensor.reshape(*self.shape, *tensor.shape[1:])
     self.stages[name] = _stage_numpy(tensor)
+
+
+def _is_sparse(mlp) -> bool:
+  return hasattr(mlp, "experts") and hasattr(mlp, "gate")
 
 
 def _first(x):
@@ -114,7 +142,27 @@ def _hooks(model, rec: _Recorder, qk_norm: bool) -> Iterator[None]:
 
     return hook
 
+  def flat_hook(name):
+    def hook(module, args, output):
+      rec.put(name, _first(output), flat=True)
+
+    return hook
+
+  def router_hook(prefix):
+    def hook(module, args, output):
+      logits, weights, experts = output
+      rec.put(prefix + "router_logits", logits, flat=True)
+      rec.put(prefix + "routing_weights", weights, flat=True)
+      rec.put(prefix + "selected_experts", experts, flat=True)
+
+    return hook
+
+  def shape_hook(module, args, kwargs):
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    rec.shape = tuple(ids.shape)
+
   base = model.model
+  handles.append(base.register_forward_pre_hook(shape_hook, with_kwargs=True))
   handles.append(base.embed_tokens.register_forward_hook(out_hook("embedding")))
   handles.append(base.norm.register_forward_hook(out_hook("final_norm")))
   for i, layer in enumerate(base.layers):
@@ -129,13 +177,27 @@ def _hooks(model, rec: _Recorder, qk_norm: bool) -> Iterator[None]:
         attn.o_proj.register_forward_hook(out_hook(p + "attn_out")),
         layer.post_attention_layernorm.register_forward_pre_hook(in_hook(p + "post_attn_residual")),
         layer.post_attention_layernorm.register_forward_hook(out_hook(p + "ffn_norm")),
-        mlp.gate_proj.register_forward_hook(out_hook(p + "ffn_gate")),
-        mlp.up_proj.register_forward_hook(out_hook(p + "ffn_up")),
-        mlp.act_fn.register_forward_hook(out_hook(p + "ffn_silu")),
-        mlp.down_proj.register_forward_pre_hook(in_hook(p + "ffn_swiglu")),
-        mlp.down_proj.register_forward_hook(out_hook(p + "ffn_out")),
         layer.register_forward_hook(out_hook(p + "output")),
     ]
+    if _is_sparse(mlp):
+      handles += [
+          mlp.gate.register_forward_hook(router_hook(p)),
+          mlp.experts.register_forward_hook(flat_hook(p + "routed_out")),
+          mlp.register_forward_hook(out_hook(p + "ffn_out")),
+      ]
+      if getattr(mlp, "shared_expert", None) is not None:
+        handles += [
+            mlp.shared_expert.register_forward_hook(flat_hook(p + "shared_out")),
+            mlp.shared_expert_gate.register_forward_hook(flat_hook(p + "shared_gate")),
+        ]
+    else:
+      handles += [
+          mlp.gate_proj.register_forward_hook(out_hook(p + "ffn_gate")),
+          mlp.up_proj.register_forward_hook(out_hook(p + "ffn_up")),
+          mlp.act_fn.register_forward_hook(out_hook(p + "ffn_silu")),
+          mlp.down_proj.register_forward_pre_hook(in_hook(p + "ffn_swiglu")),
+          mlp.down_proj.register_forward_hook(out_hook(p + "ffn_out")),
+      ]
     if qk_norm:
       handles += [
           attn.q_norm.register_forward_hook(out_hook(p + "q_norm")),
@@ -150,7 +212,7 @@ def _hooks(model, rec: _Recorder, qk_norm: bool) -> Iterator[None]:
   def eager_with_capture(module, query, key, value, attention_mask, *args, **kwargs):
     p = f"layers.{module.layer_idx}."
     rec.put(p + "q_rope", query.transpose(1, 2))
-    rec.put(p + "k_rope", key.transpose(1, 2))
+    rec.put(p + "k_rope", key[:, :, -query.shape[2] :].transpose(1, 2))  # the step's new keys (after the cache)
     return original(module, query, key, value, attention_mask, *args, **kwargs)
 
   modeling.eager_attention_forward = eager_with_capture
@@ -173,8 +235,8 @@ def capture_hf_stages(
   if impl != "eager":
     raise UsageError(f"the oracle needs attn_implementation='eager', the model uses {impl!r}")
   model_type = getattr(model.config, "model_type", None)
-  if model_type not in ("qwen2", "qwen3"):
-    raise UsageError(f"oracle capture supports qwen2/qwen3, got model_type={model_type!r}")
+  if model_type not in MODEL_TYPES:
+    raise UsageError(f"oracle capture supports {', '.join(MODEL_TYPES)}, got model_type={model_type!r}")
   tokens = np.asarray(tokens)
   if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
     raise UsageError(f"tokens must be an int array [batch, seq], got {tokens.dtype} {list(tokens.shape)}")
@@ -192,12 +254,25 @@ def capture_hf_stages(
       # Without a 2-D mask, transformers treats restarting position_ids as packed sequences and
       # masks across them; parity_jax's positions only feed RoPE, so pin the plain causal mask.
       kwargs["attention_mask"] = torch.ones_like(ids)
-  qk_norm = model_type == "qwen3"
+  qk_norm = model_type in ("qwen3", "qwen3_moe")
   rec = _Recorder()
   with torch.inference_mode(), _hooks(model, rec, qk_norm):
     out = model(input_ids=ids, use_cache=False, **kwargs)
   rec.put("logits", out.logits)
-  names = qwen_stage_names(model.config.num_hidden_layers, qk_norm)
+  return _ordered(model, rec)
+
+
+def _stage_names_of(model) -> list[str]:
+  """The stage names of an HF model, from its own modules (which layers are sparse, whether a shared expert)."""
+  layers = model.model.layers
+  moe = [i for i, layer in enumerate(layers) if _is_sparse(layer.mlp)]
+  shared = any(getattr(layers[i].mlp, "shared_expert", None) is not None for i in moe)
+  qk_norm = hasattr(layers[0].self_attn, "q_norm")
+  return qwen_stage_names(len(layers), qk_norm, moe, shared)
+
+
+def _ordered(model, rec: _Recorder) -> collections.OrderedDict:
+  names = _stage_names_of(model)
   missing = [n for n in names if n not in rec.stages]
   extra = [n for n in rec.stages if n not in names]
   if missing or extra:
@@ -224,3 +299,71 @@ def hf_stages(
   if dtype != torch.float32:
     raise UsageError(f"hf_stages runs the oracle in float32; the model is {dtype} (use capture_hf_stages)")
   return capture_hf_stages(model, tokens, attention_mask, position_ids)
+
+
+def hf_generate(
+    model_dir: Any, tokens: Any, max_new_tokens: int, attention_mask: Any = None, capture_step: int | None = None
+):
+  """HF's greedy ``generate`` (float32, eager, CPU): ``(sequences [B, T + N], logits [N, B, V])``.
+
+  ``generate(do_sample=False, output_logits=True, return_dict_in_generate=True)``
+  with no end-of-sequence stop (the model's ``eos_token_id`` is set aside for
+  the call), so every row gets ``max_new_tokens`` tokens. ``logits`` are the
+  raw logits of each step. With ``capture_step=k`` it also returns the
+  stages of the k-th forward call of the generation (0: the prefill), as
+  :func:`capture_hf_stages` names them (the logits of the last position only,
+  as ``generate`` computes them).
+  """
+  require_oracle()
+  import torch
+  import transformers
+
+  model = load_hf_model(model_dir, "float32") if isinstance(model_dir, (str, os.PathLike)) else model_dir
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+    raise UsageError(f"tokens must be an int array [batch, seq], got {tokens.dtype} {list(tokens.shape)}")
+  ids = torch.from_numpy(tokens.astype(np.int64))
+  kwargs = {}
+  if attention_mask is not None:
+    kwargs["attention_mask"] = torch.from_numpy(np.asarray(attention_mask).astype(np.int64))
+  gc = transformers.GenerationConfig(
+      do_sample=False,
+      max_new_tokens=int(max_new_tokens),
+      min_new_tokens=0,
+      output_logits=True,
+      return_dict_in_generate=True,
+      pad_token_id=0,
+      eos_token_id=None,
+  )
+  saved = model.generation_config
+  model.generation_config = transformers.GenerationConfig(pad_token_id=0)  # no eos stop from the model's own config
+  rec = _Recorder()
+  rec.active = False
+  calls = [0]
+
+  def count(module, args, kwargs_):
+    rec.active = capture_step is not None and calls[0] == capture_step
+    calls[0] += 1
+
+  handle = model.register_forward_pre_hook(count, with_kwargs=True)
+  try:
+    qk_norm = hasattr(model.model.layers[0].self_attn, "q_norm")
+    with torch.inference_mode(), _hooks(model, rec, qk_norm):
+      if capture_step is None:
+        out = model.generate(ids, generation_config=gc, **kwargs)
+      else:
+        logits_hook = model.register_forward_hook(lambda m, a, o: rec.put("logits", o.logits))
+        try:
+          out = model.generate(ids, generation_config=gc, **kwargs)
+        finally:
+          logits_hook.remove()
+  finally:
+    handle.remove()
+    model.generation_config = saved
+  sequences = out.sequences.numpy()
+  if sequences.shape[1] != tokens.shape[1] + max_new_tokens:
+    raise RuntimeError(f"HF generate returned {sequences.shape[1] - tokens.shape[1]} new tokens, not {max_new_tokens}")
+  logits = np.stack([to_numpy(step) for step in out.logits])
+  if capture_step is None:
+    return sequences, logits
+  return sequences, logits, _ordered(model, rec)

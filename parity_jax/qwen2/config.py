@@ -1,4 +1,4 @@
-"""Qwen2 / Qwen3 model configuration parsed from a Hugging Face ``config.json``.
+"""Qwen2 / Qwen3 (dense and mixture-of-experts) model configuration parsed from a Hugging Face ``config.json``.
 
 Two on-disk styles exist and both load:
 
@@ -30,6 +30,24 @@ Long-context variants (all as transformers 5.23 applies them):
   ``use_sliding_window`` is true; the layers it applies to are ``layer_types``'
   ``"sliding_attention"`` entries, or, without ``layer_types``, every layer
   ``i >= max_window_layers`` (``Qwen2Config.__post_init__``).
+
+Mixtures of experts (``qwen2_moe``: Qwen1.5-MoE, Qwen2-57B-A14B; ``qwen3_moe``:
+Qwen3-30B-A3B, Qwen3-235B-A22B), as transformers 5.23 builds them:
+
+* a layer ``i`` has the sparse block when ``num_experts > 0``, ``i`` is not in
+  ``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0``; the others
+  keep the dense MLP of ``intermediate_size``;
+* the block routes each token to ``num_experts_per_tok`` of ``num_experts``
+  experts (SwiGLU MLPs of ``moe_intermediate_size``), weighted by the top-k of
+  the router's softmax, renormalised when ``norm_topk_prob``; Qwen2-MoE adds a
+  shared expert (``shared_expert_intermediate_size``) behind a sigmoid gate;
+* Qwen2-MoE's q/k/v biases follow ``qkv_bias`` (default true), its default
+  sliding layers are the even ``i < max_window_layers``
+  (``Qwen2MoeConfig.__post_init__``), and it writes ``sliding_window: 0`` when
+  the window is off; Qwen3-MoE has q/k norms, ``attention_bias``, its expert
+  count under ``num_experts`` (4.x) or ``num_local_experts`` (5.x), ``head_dim``
+  defaulting to ``hidden_size / num_attention_heads``, and a window (when on)
+  on every layer.
 """
 
 from __future__ import annotations
@@ -48,13 +66,15 @@ __all__ = [
     "load_config",
     "parse_config",
     "SUPPORTED_MODEL_TYPES",
+    "MOE_MODEL_TYPES",
     "HANDLED",
     "IGNORED",
     "CONDITIONAL",
     "ROPE_TYPES",
 ]
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 # transformers' configuration_utils._LEGACY_LAYER_TYPE_REMAP, restricted to what maps onto _LAYER_TYPES.
 _LEGACY_LAYER_TYPES = {"attention": "full_attention"}
@@ -64,6 +84,13 @@ ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 _HF_DEFAULT_MAX_POSITION_EMBEDDINGS = 32768
 _HF_DEFAULT_SLIDING_WINDOW = 4096
 _HF_DEFAULT_MAX_WINDOW_LAYERS = 28
+# Class defaults of Qwen2MoeConfig / Qwen3MoeConfig for the MoE keys.
+_HF_MOE_DEFAULTS = {
+    "qwen2_moe": dict(
+        num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408, shared_expert_intermediate_size=5632
+    ),
+    "qwen3_moe": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
+}
 
 # --- The allowlist ---------------------------------------------------------------------------------------------
 # Attributes parsed into QwenConfig (or read to decide it). Per model type: Qwen2 has no attention_bias
@@ -95,7 +122,24 @@ _HANDLED_COMMON = frozenset(
         "torch_dtype",
     }
 )
-HANDLED: Mapping[str, frozenset] = {"qwen2": _HANDLED_COMMON, "qwen3": _HANDLED_COMMON | {"attention_bias"}}
+_HANDLED_MOE = frozenset(
+    {
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "norm_topk_prob",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+    }
+)
+HANDLED: Mapping[str, frozenset] = {
+    "qwen2": _HANDLED_COMMON,
+    "qwen3": _HANDLED_COMMON | {"attention_bias"},
+    "qwen2_moe": _HANDLED_COMMON | _HANDLED_MOE | {"qkv_bias", "shared_expert_intermediate_size"},
+    # Qwen3-MoE has no layer_types (its window, when on, covers every layer); max_window_layers is read and unused,
+    # as transformers leaves it; 5.x writes the expert count as num_local_experts.
+    "qwen3_moe": (_HANDLED_COMMON - {"layer_types"}) | _HANDLED_MOE | {"attention_bias", "num_local_experts"},
+}
 
 _GENERATION = "a generation setting (transformers pops it from the model config on load); not part of the forward pass"
 _OUTPUTS = "selects which outputs HF returns, not their values"
@@ -136,7 +180,9 @@ IGNORED: Mapping[str, str] = {
     "attn_implementation": "selects HF's attention kernel; the math is eager attention's",
     "_attn_implementation_autoset": "HF bookkeeping for the attention kernel",
     "_attn_implementation_internal": "HF bookkeeping (transformers skips it on load)",
-    "experts_implementation": "selects HF's MoE kernel; Qwen2/Qwen3 dense models have no experts",
+    "experts_implementation": "selects HF's MoE kernel (eager loop, grouped_mm, ...); each computes the same experts",
+    "output_router_logits": "returns the router logits (for the auxiliary loss); not their values",
+    "router_aux_loss_coef": "weight of the load-balancing loss in training; not part of the forward pass",
     "_experts_implementation_internal": "HF bookkeeping (transformers skips it on load)",
     # transformers.GenerationConfig._get_default_generation_params() in 5.23 (use_cache is above)
     **{
@@ -260,6 +306,22 @@ class QwenConfig:
   sliding_layers: tuple[int, ...] = ()
   stored_dtype: str | None = None  # torch_dtype / dtype as written in config.json (informational)
   source: str = "<dict>"
+  # Mixture of experts (qwen2_moe / qwen3_moe): the layers with a sparse block, and its shape.
+  moe_layers: tuple[int, ...] = ()
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  norm_topk_prob: bool = False
+  shared_expert_intermediate_size: int = 0  # Qwen2-MoE's gated shared expert; 0: none
+
+  @property
+  def is_moe(self) -> bool:
+    """True when some layer has a sparse MoE block."""
+    return bool(self.moe_layers)
+
+  @property
+  def shared_expert(self) -> bool:
+    return self.shared_expert_intermediate_size > 0
 
   @property
   def num_groups(self) -> int:
@@ -452,29 +514,38 @@ def _yarn(
   )
 
 
-def _sliding(cfg: Mapping[str, Any], num_layers: int, source: str) -> tuple[int | None, tuple[int, ...]]:
-  """The sliding window and the layers it applies to, as transformers 5.23's ``Qwen2Config`` / ``Qwen3Config`` decide.
+def _sliding(
+    cfg: Mapping[str, Any], num_layers: int, source: str, model_type: str = "qwen2"
+) -> tuple[int | None, tuple[int, ...]]:
+  """The sliding window and the layers it applies to, as transformers 5.23's config classes decide.
 
   ``__post_init__``: ``sliding_window`` (class default 4096 when absent) is
   dropped unless ``use_sliding_window``; without ``layer_types``, layer ``i``
   is ``"sliding_attention"`` when the window is set and
-  ``i >= max_window_layers`` (default 28). Legacy layer type ``"attention"``
-  means ``"full_attention"``. A sliding layer without a window makes
-  transformers fail (``create_sliding_window_causal_mask``), so it is refused.
+  ``i >= max_window_layers`` (default 28; Qwen2-MoE: ``i`` even and
+  ``i < max_window_layers``). Qwen3-MoE has no layer types: the window covers
+  every layer. Legacy layer type ``"attention"`` means ``"full_attention"``. A
+  sliding layer without a window makes transformers fail
+  (``create_sliding_window_causal_mask``), so it is refused. Qwen2-MoE writes
+  ``sliding_window: 0`` when the window is off, which is accepted then.
   """
   use = _bool(cfg, "use_sliding_window", source, False)
   window = cfg.get("sliding_window", _HF_DEFAULT_SLIDING_WINDOW)
-  if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+  off_zero = model_type == "qwen2_moe" and not use and window == 0 and not isinstance(window, bool)
+  if not off_zero and window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
     _fail(source, f"sliding_window must be a positive integer or null, got {window!r}")
   if not use:
     window = None
   max_window_layers = _int(cfg, "max_window_layers", source, default=_HF_DEFAULT_MAX_WINDOW_LAYERS, minimum=0)
+  if model_type == "qwen3_moe":
+    return window, tuple(range(num_layers)) if window is not None else ()
   layer_types = cfg.get("layer_types")
   if layer_types is None:
-    layer_types = [
-        "sliding_attention" if window is not None and i >= max_window_layers else "full_attention"
-        for i in range(num_layers)
-    ]
+    if model_type == "qwen2_moe":
+      sliding = lambda i: window is not None and (i + 1) % 2 == 1 and i < max_window_layers  # noqa: E731
+    else:
+      sliding = lambda i: window is not None and i >= max_window_layers  # noqa: E731
+    layer_types = ["sliding_attention" if sliding(i) else "full_attention" for i in range(num_layers)]
   else:
     if not isinstance(layer_types, list) or len(layer_types) != num_layers:
       _fail(source, f"layer_types must list {num_layers} entries, got {layer_types!r}")
@@ -492,11 +563,51 @@ def _sliding(cfg: Mapping[str, Any], num_layers: int, source: str) -> tuple[int 
   return window, layers
 
 
+def _moe(cfg: Mapping[str, Any], model_type: str, num_layers: int, source: str) -> dict[str, Any]:
+  """The sparse blocks of a ``qwen2_moe`` / ``qwen3_moe`` config, as transformers 5.23's decoder layers decide them."""
+  if model_type not in MOE_MODEL_TYPES:
+    return {}
+  defaults = _HF_MOE_DEFAULTS[model_type]
+  experts = cfg.get("num_experts")
+  if model_type == "qwen3_moe" and "num_local_experts" in cfg:
+    if experts is not None and experts != cfg["num_local_experts"]:
+      _fail(source, f"num_experts={experts!r} contradicts num_local_experts={cfg['num_local_experts']!r}")
+    experts = cfg["num_local_experts"]
+  key = "num_experts" if "num_experts" in cfg or "num_local_experts" not in cfg else "num_local_experts"
+  experts = _int({key: experts}, key, source, default=defaults["num_experts"], minimum=0)
+  step = _int(cfg, "decoder_sparse_step", source, default=1)
+  only = cfg.get("mlp_only_layers")
+  only = [] if only is None else only
+  if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in only):
+    _fail(source, f"mlp_only_layers must be a list of layer indices, got {only!r}")
+  outside = sorted(i for i in only if not 0 <= i < num_layers)
+  if outside:
+    _fail(source, f"mlp_only_layers {outside} lie outside the {num_layers} layers; refusing to guess")
+  moe_layers = tuple(i for i in range(num_layers) if i not in only and experts > 0 and (i + 1) % step == 0)
+  out: dict[str, Any] = {"moe_layers": moe_layers}
+  if not moe_layers:
+    return out
+  top_k = _int(cfg, "num_experts_per_tok", source, default=defaults["num_experts_per_tok"])
+  if top_k > experts:
+    _fail(source, f"num_experts_per_tok={top_k} exceeds num_experts={experts}")
+  out.update(
+      num_experts=experts,
+      num_experts_per_tok=top_k,
+      moe_intermediate_size=_int(cfg, "moe_intermediate_size", source, default=defaults["moe_intermediate_size"]),
+      norm_topk_prob=_bool(cfg, "norm_topk_prob", source, False),
+  )
+  if model_type == "qwen2_moe":
+    out["shared_expert_intermediate_size"] = _int(
+        cfg, "shared_expert_intermediate_size", source, default=defaults["shared_expert_intermediate_size"]
+    )
+  return out
+
+
 def _head_dim(cfg: Mapping[str, Any], model_type: str, hidden: int, num_heads: int, source: str) -> int:
   head_dim = cfg.get("head_dim")
   if head_dim is None:
     if model_type == "qwen3":
-      head_dim = 128  # Qwen3Config's class default, used by transformers when config.json omits it
+      head_dim = 128  # Qwen3Config's class default (Qwen3MoeConfig has none: hidden_size // heads, as below)
     else:
       if hidden % num_heads:
         _fail(
@@ -530,9 +641,11 @@ def parse_config(cfg: Mapping[str, Any], source: str = "config.json") -> QwenCon
   if num_heads % num_kv_heads:
     _fail(source, f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
   head_dim = _head_dim(cfg, model_type, hidden, num_heads, source)
-  if model_type == "qwen3":
+  if model_type in ("qwen3", "qwen3_moe"):
     bias = _bool(cfg, "attention_bias", source, False)
     qkv_bias, o_bias, qk_norm = bias, bias, True
+  elif model_type == "qwen2_moe":
+    qkv_bias, o_bias, qk_norm = _bool(cfg, "qkv_bias", source, True), False, False
   else:
     # transformers' Qwen2Attention hard-wires bias=True on q/k/v and none on o_proj.
     qkv_bias, o_bias, qk_norm = True, False, False
@@ -542,7 +655,8 @@ def parse_config(cfg: Mapping[str, Any], source: str = "config.json") -> QwenCon
   if mpe is not None:
     mpe = _int(cfg, "max_position_embeddings", source)
   theta, scaling = _rope(cfg, head_dim, source)
-  window, sliding_layers = _sliding(cfg, num_layers, source)
+  window, sliding_layers = _sliding(cfg, num_layers, source, model_type)
+  moe = _moe(cfg, model_type, num_layers, source)
   stored_dtype = cfg.get("dtype") or cfg.get("torch_dtype")
   if stored_dtype is not None and not isinstance(stored_dtype, str):
     _fail(source, f"dtype must be a string, got {stored_dtype!r}")
@@ -567,6 +681,7 @@ def parse_config(cfg: Mapping[str, Any], source: str = "config.json") -> QwenCon
       sliding_layers=sliding_layers,
       stored_dtype=stored_dtype,
       source=source,
+      **moe,
   )
 
 

@@ -40,6 +40,7 @@ n query heads, k kv heads, g query heads per kv head, h head_dim, i intermediate
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 from typing import Any
@@ -49,16 +50,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from parity_jax.errors import UsageError
+from parity_jax.qwen2 import moe
 from parity_jax.qwen2.config import QwenConfig, RopeScaling
 from parity_jax.qwen2.params import Attention, Layer, Mlp, Params
-from parity_jax.qwen2.sharding import mesh_of, place_inputs
+from parity_jax.qwen2.sharding import compute_mesh, mesh_of, place_batch, place_inputs, rewrap
 from parity_jax.bundles.qwen_graph import qwen_stage_names
 
 __all__ = [
     "ATTENTION_IMPLS",
     "Model",
+    "cached_step",
+    "check_forced_experts",
     "check_inputs",
     "forward",
+    "key_mask_bias",
+    "on_mesh",
+    "stage_names",
     "rms_norm",
     "rope_inv_freq",
     "rope_inv_freq_scaled",
@@ -73,17 +80,22 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """A config (static pytree metadata) plus its :class:`Params` (the leaves)."""
+  """A config (static pytree metadata) plus its :class:`Params` (the leaves).
+
+  ``axis_rules``: the logical-axis rules the weights were placed on a mesh
+  with (None: the defaults); the forward places the inputs' batch by them.
+  """
 
   config: QwenConfig
   params: Params
+  axis_rules: tuple | None = None
 
   @property
   def dtype(self) -> jnp.dtype:
     return jnp.dtype(self.params.embed.dtype)
 
 
-jax.tree_util.register_dataclass(Model, data_fields=["params"], meta_fields=["config"])
+jax.tree_util.register_dataclass(Model, data_fields=["params"], meta_fields=["config", "axis_rules"])
 
 
 def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
@@ -267,14 +279,32 @@ def attention_mask_bias(
   ``w - 1`` keys before it). Indices are sequence indices, not positions, as in
   transformers' mask functions.
   """
-  t_idx, s_idx = jnp.arange(seq)[:, None], jnp.arange(seq)[None, :]
+  return key_mask_bias(jnp.arange(seq), attention_mask, batch, seq, dtype, sliding_window)
+
+
+def key_mask_bias(
+    query_index: jax.Array,
+    key_mask: jax.Array | None,
+    batch: int,
+    keys: int,
+    dtype: Any,
+    sliding_window: int | None = None,
+) -> jax.Array:
+  """:func:`attention_mask_bias` for queries at sequence indices ``query_index [T]`` over ``keys`` key slots.
+
+  Key ``s`` is visible to query ``t`` when ``s <= t``, ``key_mask[b, s]`` is
+  set (None: no padding) and, with a window ``w``, ``s > t - w``. A decode
+  step's queries sit at the end of a preallocated cache whose unwritten slots
+  lie beyond every query, so causality masks them.
+  """
+  t_idx, s_idx = query_index[:, None], jnp.arange(keys)[None, :]
   allowed = s_idx <= t_idx  # [t, s]
   if sliding_window is not None:
     allowed = allowed & (s_idx > t_idx - sliding_window)
   allowed = allowed[None]
-  if attention_mask is not None:
-    allowed = allowed & (attention_mask[:, None, :] != 0)
-  allowed = jnp.broadcast_to(allowed, (batch, seq, seq))
+  if key_mask is not None:
+    allowed = allowed & (key_mask[:, None, :] != 0)
+  allowed = jnp.broadcast_to(allowed, (batch, query_index.shape[0], keys))
   return jnp.where(allowed, jnp.zeros((), dtype), jnp.finfo(dtype).min)
 
 
@@ -314,8 +344,15 @@ def _attention(
     prefix: str,
     attention: str = "eager",
     causal_only: bool = False,
-) -> jax.Array:
-  """Self-attention of one layer: ``x[B, T, D]`` (already normed) -> o_proj output ``[B, T, D]``."""
+    cache: tuple[jax.Array, jax.Array] | None = None,
+    index: jax.Array | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+  """Self-attention of one layer: ``x[B, T, D]`` (already normed) -> (o_proj output ``[B, T, D]``, cache).
+
+  With a ``cache = (k [B, S, K, hd], v [B, S, K, hd])`` the new keys and values
+  are written at sequence index ``index`` and the queries attend over all
+  ``S`` slots (``bias`` is ``[B, T, S]``); the updated cache is returned.
+  """
   b, t, _ = x.shape
   q = _heads_proj(x, p.wq)  # btd,nhd->btnh
   k = _heads_proj(x, p.wk)  # btd,khd->btkh
@@ -330,13 +367,18 @@ def _attention(
     k = tap(prefix + "k_norm", rms_norm(k, p.k_norm, cfg.rms_norm_eps))
   q = tap(prefix + "q_rope", apply_rope(q, cos, sin))
   k = tap(prefix + "k_rope", apply_rope(k, cos, sin))
+  if cache is not None:
+    zero = jnp.zeros((), jnp.int32)
+    k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (zero, index, zero, zero))
+    v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (zero, index, zero, zero))
+    cache = (k, v)
   if attention != "eager":
     ctx = _fused_attention(q, k, v, bias, cfg, attention, causal_only)
     ctx = tap(prefix + "attention", ctx, (b, t, -1))
     out = _einsum("btf,df->btd", ctx.reshape(b, t, -1), p.wo.reshape(p.wo.shape[0], -1))
     if p.bo is not None:
       out = out + p.bo
-    return tap(prefix + "attn_out", out)
+    return tap(prefix + "attn_out", out), cache
   qg = q.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
   scores = _einsum("btkgh,bskh->bkgts", qg, k)
   # HF multiplies by the Python float hd**-0.5; torch does that in float32 ("opmath") and rounds
@@ -350,7 +392,7 @@ def _attention(
   out = _einsum("btf,df->btd", ctx.reshape(b, t, -1), p.wo.reshape(p.wo.shape[0], -1))
   if p.bo is not None:
     out = out + p.bo
-  return tap(prefix + "attn_out", out)
+  return tap(prefix + "attn_out", out), cache
 
 
 #: ``forward(attention=...)``: ``eager`` is HF's eager attention operation by operation (the parity path);
@@ -388,13 +430,76 @@ def _layer(
     prefix: str,
     attention: str = "eager",
     causal_only: bool = False,
-) -> jax.Array:
-  """One pre-norm decoder layer."""
+    cache: tuple[jax.Array, jax.Array] | None = None,
+    index: jax.Array | None = None,
+    forced: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+  """One pre-norm decoder layer (dense MLP or sparse MoE block); returns the output and the layer's cache."""
   h = tap(prefix + "attn_norm", rms_norm(x, p.attn_norm, cfg.rms_norm_eps))
-  attn = _attention(p.attn, h, cos, sin, bias, cfg, tap, prefix, attention, causal_only)
+  attn, cache = _attention(p.attn, h, cos, sin, bias, cfg, tap, prefix, attention, causal_only, cache, index)
   x = tap(prefix + "post_attn_residual", x + attn)
   h = tap(prefix + "ffn_norm", rms_norm(x, p.ffn_norm, cfg.rms_norm_eps))
-  return tap(prefix + "output", x + _mlp(p.mlp, h, tap, prefix))
+  if p.moe is not None:
+    ffn = moe.moe_block(p.moe, h, cfg.num_experts_per_tok, cfg.norm_topk_prob, tap, prefix, forced)
+  else:
+    ffn = _mlp(p.mlp, h, tap, prefix)
+  return tap(prefix + "output", x + ffn), cache
+
+
+def stage_names(cfg: QwenConfig) -> list[str]:
+  """Every stage name of this config's forward, in execution order (:func:`parity_jax.bundles.qwen_graph.qwen_stage_names`)."""
+  return qwen_stage_names(cfg.num_layers, cfg.qk_norm, cfg.moe_layers, cfg.shared_expert)
+
+
+def _decoder(
+    model: Model,
+    tokens: jax.Array,
+    positions: jax.Array,
+    biases: tuple[jax.Array, jax.Array | None],
+    tap: _Stages,
+    attention: str = "eager",
+    causal_only: bool = False,
+    cache: Any = None,
+    index: jax.Array | None = None,
+    forced: Any = None,
+    last_only: bool = False,
+) -> tuple[jax.Array, Any]:
+  """Embedding, every layer, final norm and logits (of the last position only when ``last_only``)."""
+  cfg, p = model.config, model.params
+  dtype = p.embed.dtype
+  b, t = tokens.shape
+  # Out-of-range ids give NaN rows (never a silently clamped row); forward() rejects them on the host first.
+  x = tap("embedding", jnp.take(p.embed, tokens, axis=0, mode="fill", fill_value=jnp.nan))
+  cos, sin = rope_cos_sin(jnp.broadcast_to(positions, (b, t)), cfg.head_dim, cfg.rope_theta, dtype, cfg.rope_scaling)
+  full_bias, sliding_bias = biases
+  new_cache = []
+  for i, layer in enumerate(p.layers):
+    sliding = i in cfg.sliding_layers
+    layer_forced = None
+    if forced is not None and i in cfg.moe_layers:
+      layer_forced = forced[cfg.moe_layers.index(i)]
+    x, kv = _layer(
+        layer,
+        x,
+        cos,
+        sin,
+        sliding_bias if sliding else full_bias,
+        cfg,
+        tap,
+        f"layers.{i}.",
+        attention,
+        causal_only and not sliding,
+        None if cache is None else cache[i],
+        index,
+        layer_forced,
+    )
+    new_cache.append(kv)
+  x = tap("final_norm", rms_norm(x, p.final_norm, cfg.rms_norm_eps))
+  head = p.embed if p.lm_head is None else p.lm_head
+  logits = tap("logits", _einsum("btd,vd->btv", x[:, -1:] if last_only else x, head))
+  if tap.capture and tap.names != stage_names(cfg):
+    raise AssertionError(f"stage order drifted from parity_jax.bundles.qwen_graph: {tap.names[:6]}...")
+  return logits, (tuple(new_cache) if cache is not None else None)
 
 
 @jax.jit(static_argnames=("capture", "attention"))
@@ -405,30 +510,53 @@ def _forward(
     positions: jax.Array,
     capture: bool,
     attention: str = "eager",
+    forced: Any = None,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
   """The jitted forward: logits ``[B, T, V]`` and, when ``capture``, every stage in execution order."""
-  cfg, p = model.config, model.params
-  dtype = p.embed.dtype
+  cfg = model.config
+  dtype = model.params.embed.dtype
   b, t = tokens.shape
   tap = _Stages(capture)
-  # Out-of-range ids give NaN rows (never a silently clamped row); forward() rejects them on the host first.
-  x = tap("embedding", jnp.take(p.embed, tokens, axis=0, mode="fill", fill_value=jnp.nan))
-  cos, sin = rope_cos_sin(jnp.broadcast_to(positions, (b, t)), cfg.head_dim, cfg.rope_theta, dtype, cfg.rope_scaling)
   bias = attention_mask_bias(attention_mask, b, t, dtype)
   sliding_bias = None
   if cfg.sliding_layers:
     sliding_bias = attention_mask_bias(attention_mask, b, t, dtype, cfg.sliding_window)
-  for i, layer in enumerate(p.layers):
-    sliding = i in cfg.sliding_layers
-    layer_bias = sliding_bias if sliding else bias
-    causal_only = attention_mask is None and not sliding
-    x = _layer(layer, x, cos, sin, layer_bias, cfg, tap, f"layers.{i}.", attention, causal_only)
-  x = tap("final_norm", rms_norm(x, p.final_norm, cfg.rms_norm_eps))
-  head = p.embed if p.lm_head is None else p.lm_head
-  logits = tap("logits", _einsum("btd,vd->btv", x, head))
-  if capture and tap.names != qwen_stage_names(cfg.num_layers, cfg.qk_norm):
-    raise AssertionError(f"stage order drifted from parity_jax.bundles.qwen_graph: {tap.names[:6]}...")
+  causal_only = attention_mask is None
+  logits, _ = _decoder(model, tokens, positions, (bias, sliding_bias), tap, attention, causal_only, forced=forced)
   return logits, tuple(tap.values)
+
+
+@jax.jit(static_argnames=("capture",), donate_argnames=("cache",))
+def cached_step(
+    model: Model,
+    tokens: jax.Array,
+    positions: jax.Array,
+    key_mask: jax.Array,
+    cache: Any,
+    index: jax.Array,
+    capture: bool = False,
+) -> tuple[jax.Array, Any, tuple[jax.Array, ...]]:
+  """One prefill or decode step over a preallocated KV cache (jitted once per shape; ``index`` is traced).
+
+  ``tokens``/``positions`` ``[B, T]`` are written at sequence indices
+  ``index .. index + T - 1`` of ``cache`` (per layer ``(k, v)`` of
+  ``[B, S, K, hd]``, donated); ``key_mask [B, S]`` marks the real keys (0 for
+  left padding). Returns the last position's logits ``[B, 1, V]``, the
+  updated cache and, with ``capture``, every stage (logits: the last position,
+  as transformers' ``generate`` computes them with ``logits_to_keep=1``).
+  """
+  cfg = model.config
+  dtype = model.params.embed.dtype
+  b, t = tokens.shape
+  keys = key_mask.shape[1]
+  query = index + jnp.arange(t, dtype=jnp.int32)
+  bias = key_mask_bias(query, key_mask, b, keys, dtype)
+  sliding_bias = key_mask_bias(query, key_mask, b, keys, dtype, cfg.sliding_window) if cfg.sliding_layers else None
+  tap = _Stages(capture)
+  logits, cache = _decoder(
+      model, tokens, positions, (bias, sliding_bias), tap, cache=cache, index=index, last_only=True
+  )
+  return logits, cache, tuple(tap.values)
 
 
 def _is_concrete(x: Any) -> bool:
@@ -480,6 +608,35 @@ def check_inputs(
   return tokens, attention_mask, positions
 
 
+def check_forced_experts(cfg: QwenConfig, forced: Any, batch: int, seq: int) -> tuple | None:
+  """``{layer: (experts [B, T, k], where [B, T])}`` -> one entry per MoE layer (None where not forced), checked."""
+  if forced is None:
+    return None
+  if not isinstance(forced, dict):
+    raise UsageError("forced_experts must be a dict {layer: (experts [B, T, k], where [B, T])}")
+  bad = sorted(set(forced) - set(cfg.moe_layers))
+  if bad:
+    raise UsageError(
+        f"forced_experts names layers {bad} that have no sparse MoE block (those are {list(cfg.moe_layers)})"
+    )
+  out = []
+  for layer in cfg.moe_layers:
+    if layer not in forced:
+      out.append(None)
+      continue
+    experts, where = (np.asarray(a) for a in forced[layer])
+    k = cfg.num_experts_per_tok
+    if experts.shape != (batch, seq, k) or where.shape != (batch, seq):
+      raise UsageError(
+          f"forced_experts[{layer}]: expected experts {[batch, seq, k]} and where {[batch, seq]}, "
+          f"got {list(experts.shape)} and {list(where.shape)}"
+      )
+    if experts.size and (experts.min() < 0 or experts.max() >= cfg.num_experts):
+      raise UsageError(f"forced_experts[{layer}]: expert ids must lie in [0, {cfg.num_experts})")
+    out.append((experts.astype(np.int32), where.astype(bool)))
+  return tuple(out)
+
+
 def forward(
     model: Model,
     tokens: Any,
@@ -488,12 +645,14 @@ def forward(
     positions: Any = None,
     capture: bool = False,
     attention: str = "eager",
+    forced_experts: Any = None,
 ):
   """Runs the model on ``tokens[B, T]``.
 
   Returns ``logits[B, T, V]`` in the model's dtype, or ``(logits, stages)``
   with ``capture=True``, where ``stages`` is an ordered dict stage name ->
-  array in the names and layouts of :func:`parity_jax.bundles.qwen_graph.qwen_stage_names`.
+  array in the names and layouts of :func:`stage_names` (the dense or MoE
+  layers' stages of :mod:`parity_jax.bundles.qwen_graph`).
 
   ``attention_mask[B, T]`` (1 = real token, 0 = padding) masks padded keys,
   like HF's 2-D mask. ``positions`` (``[T]``, ``[1, T]`` or ``[B, T]``) only
@@ -503,11 +662,16 @@ def forward(
   sliding layers, counts sequence indices, as HF's mask does. Capture happens inside
   the jitted computation (``capture`` is static): no host callbacks.
 
-  A model loaded onto a mesh (``load(path, mesh=mesh)``) runs unchanged: the
-  inputs are placed with their batch over the mesh's ``dp`` axis
-  (:func:`parity_jax.qwen2.sharding.place_inputs`) and XLA partitions the
-  computation from the weights' shardings. The logits and stages are then
-  global arrays on the mesh.
+  ``forced_experts`` (MoE models) ``{layer: (experts [B, T, k], where [B, T])}``
+  replays a run with those expert choices at the tokens ``where`` marks
+  (:func:`parity_jax.qwen2.moe.moe_block`).
+
+  A model loaded onto a mesh (``load(path, mesh=mesh)``, any mesh: Explicit or
+  Auto axes) runs unchanged: the inputs are placed with their batch over the
+  ``batch`` rule's mesh axes (:func:`parity_jax.qwen2.sharding.place_inputs`)
+  and XLA partitions the computation from the weights' shardings, with every
+  mesh axis treated as Auto (:func:`parity_jax.qwen2.sharding.compute_mesh`).
+  The logits and stages are then global arrays on the model's mesh.
 
   ``attention`` (:data:`ATTENTION_IMPLS`): ``eager`` (default) is HF's eager
   attention, the parity path; ``xla``, ``cudnn`` or ``auto`` use
@@ -519,12 +683,41 @@ def forward(
   if attention not in ATTENTION_IMPLS:
     raise UsageError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {attention!r}")
   tokens, attention_mask, positions = check_inputs(model.config, tokens, attention_mask, positions)
-  mesh = mesh_of(model.params)
-  if mesh is not None:  # a sharded model: the batch goes over dp, the weights' sharding does the rest
-    tokens, attention_mask, positions = place_inputs(mesh, tokens, attention_mask, positions)
-  logits, stages = _forward(model, tokens, attention_mask, positions, bool(capture), attention)
+  forced = check_forced_experts(model.config, forced_experts, *tokens.shape)
+  with on_mesh(model) as (run_model, place, back):
+    tokens, attention_mask, positions = place(tokens, attention_mask, positions)
+    if forced is not None:
+      forced = jax.tree_util.tree_map(lambda a: place(a)[0], forced)
+    logits, stages = _forward(run_model, tokens, attention_mask, positions, bool(capture), attention, forced)
+    logits, stages = back(logits), tuple(back(s) for s in stages)
   if not capture:
     return logits
-  names = qwen_stage_names(model.config.num_layers, model.config.qk_norm)
+  names = stage_names(model.config)
   assert len(names) == len(stages), (len(names), len(stages))
   return logits, collections.OrderedDict(zip(names, stages))
+
+
+@contextlib.contextmanager
+def on_mesh(model: Model):
+  """Where a model runs: ``(model to compute with, place(*inputs), back(output))``.
+
+  Unsharded: the model itself, inputs as given, outputs as computed. On a
+  mesh: the weights viewed on the mesh's all-Auto twin (no copy), the inputs
+  placed there with their batch over the ``batch`` rule, the computation
+  inside ``jax.set_mesh`` of that twin (so a caller's Explicit mesh context
+  does not apply), and outputs viewed back on the model's own mesh.
+  """
+  mesh = mesh_of(model.params)
+  if mesh is None:
+    yield model, (lambda *xs: xs), (lambda x: x)
+    return
+  cmesh = compute_mesh(mesh)
+  run_model = model if cmesh is mesh else jax.tree_util.tree_map(lambda x: rewrap(x, cmesh), model)
+
+  def place(*xs):
+    if len(xs) == 3:
+      return place_inputs(cmesh, *xs, axis_rules=model.axis_rules)
+    return tuple(place_batch(cmesh, x, axis_rules=model.axis_rules) for x in xs)
+
+  with jax.set_mesh(cmesh):
+    yield run_model, place, (lambda x: rewrap(x, mesh))

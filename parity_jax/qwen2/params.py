@@ -1,4 +1,4 @@
-"""Qwen2 / Qwen3 weights: dataclass pytrees and the HF safetensors loader.
+"""Qwen2 / Qwen3 (dense and MoE) weights: dataclass pytrees and the HF safetensors loader.
 
 The pytree keeps HF's ``[out, in]`` weight layout, only split into named axes
 (``wq[H, hd, D]``, ``wo[D, H, hd]``), so loading is a reshape and never a
@@ -24,6 +24,18 @@ field                  shape             HF tensor
 ``final_norm``         ``[D]``           ``model.norm.weight``
 ``lm_head``            ``[V, D]``        ``lm_head.weight`` (None when tied)
 =====================  ================  ===============================
+
+A layer with a sparse MoE block (``QwenConfig.moe_layers``) has ``mlp=None``
+and a :class:`Moe` instead, its experts stacked along a leading axis ``E``
+(``I_e`` = ``moe_intermediate_size``, ``I_s`` = ``shared_expert_intermediate_size``):
+
+=========================  ================  ==================================================
+``layers[i].moe.router``   ``[E, D]``        ``...mlp.gate.weight``
+``...moe.w_gate/w_up``     ``[E, I_e, D]``   ``...mlp.experts.{e}.{gate,up}_proj.weight`` (E tensors)
+``...moe.w_down``          ``[E, D, I_e]``   ``...mlp.experts.{e}.down_proj.weight``
+``...moe.shared``          :class:`Mlp`       ``...mlp.shared_expert.*`` (Qwen2-MoE, ``[I_s, D]``...)
+``...moe.shared_gate``     ``[1, D]``        ``...mlp.shared_expert_gate.weight`` (Qwen2-MoE)
+=========================  ================  ==================================================
 
 Absent optional parts (biases, q/k norms, a tied ``lm_head``) are ``None``, so
 the tree structure itself says which variant a model is. The loader reads
@@ -57,6 +69,7 @@ from parity_jax.qwen2.config import QwenConfig
 __all__ = [
     "Attention",
     "Mlp",
+    "Moe",
     "Layer",
     "Params",
     "LoadReport",
@@ -100,11 +113,24 @@ class Mlp:
 
 
 @_pytree
+class Moe:
+  """A sparse MoE block: the router, the experts stacked on axis 0, and Qwen2-MoE's gated shared expert."""
+
+  router: Array  # [E, D]
+  w_gate: Array  # [E, I, D]
+  w_up: Array  # [E, I, D]
+  w_down: Array  # [E, D, I]
+  shared: Mlp | None = None  # Qwen2-MoE
+  shared_gate: Array | None = None  # [1, D], Qwen2-MoE
+
+
+@_pytree
 class Layer:
   attn_norm: Array  # [D]
   attn: Attention
   ffn_norm: Array  # [D]
-  mlp: Mlp
+  mlp: Mlp | None  # None on a layer with a sparse MoE block
+  moe: Moe | None = None
 
 
 @_pytree
@@ -117,24 +143,64 @@ class Params:
 
 @dataclasses.dataclass(frozen=True)
 class _Key:
-  """One row of the key table: HF name pattern -> pytree field, with both shapes."""
+  """One row of the key table: HF name pattern -> pytree field, with both shapes.
 
-  pattern: str  # regex over the HF name; group 1 is the layer index for per-layer keys
-  field: str  # dotted path in Params; "{i}" is the layer index
+  ``pattern`` is a regex over the HF name (group 1: the layer index of a
+  per-layer key; group 2: the expert index of a per-expert key); ``field`` the
+  dotted path in Params (``{i}``: the layer index). A per-expert row's tensors
+  (one per expert, ``hf_shape`` each) stack along axis 0 into one field of
+  ``shape``. ``layers`` lists the layers that have the key.
+  """
+
+  pattern: str
+  field: str
   hf_shape: Callable[[QwenConfig], tuple[int, ...]]
   shape: Callable[[QwenConfig], tuple[int, ...]]
   needed: Callable[[QwenConfig], bool] = lambda c: True
+  layers: Callable[[QwenConfig], Any] = lambda c: range(c.num_layers)
+  per_expert: bool = False
 
   @property
   def per_layer(self) -> bool:
     return "{i}" in self.field
 
+  def names(self, cfg: QwenConfig) -> list[tuple[str, str, int | None]]:
+    """``(HF name, field path, expert index)`` of every tensor of this row that ``cfg`` needs."""
+    if not self.needed(cfg):
+      return []
+    template = self.pattern.replace(r"(\d+)", "{}", 2).replace("\\", "")
+    if not self.per_layer:
+      return [(template, self.field, None)]
+    out = []
+    for i in self.layers(cfg):
+      field = self.field.format(i=i)
+      if self.per_expert:
+        out += [(template.format(i, e), field, e) for e in range(cfg.num_experts)]
+      else:
+        out.append((template.format(i), field, None))
+    return out
 
-def _row(pattern, field, hf_shape, shape=None, needed=lambda c: True) -> _Key:
-  return _Key(pattern, field, hf_shape, shape or hf_shape, needed)
+
+def _row(pattern, field, hf_shape, shape=None, needed=lambda c: True, layers=None, per_expert=False) -> _Key:
+  return _Key(
+      pattern, field, hf_shape, shape or hf_shape, needed, layers or (lambda c: range(c.num_layers)), per_expert
+  )
+
+
+def _dense_layers(c: QwenConfig) -> list[int]:
+  return [i for i in range(c.num_layers) if i not in c.moe_layers]
+
+
+def _moe_layers(c: QwenConfig) -> tuple[int, ...]:
+  return c.moe_layers
+
+
+def _shared(c: QwenConfig) -> bool:
+  return c.shared_expert
 
 
 _L = r"model\.layers\.(\d+)\."
+_E = _L + r"mlp\.experts\.(\d+)\."
 # The declarative table: every HF tensor this model reads, where it goes, and its shapes.
 KEY_TABLE: tuple[_Key, ...] = (
     _row(r"model\.embed_tokens\.weight", "embed", lambda c: (c.vocab_size, c.hidden_size)),
@@ -192,29 +258,109 @@ KEY_TABLE: tuple[_Key, ...] = (
         _L + r"self_attn\.k_norm\.weight", "layers.{i}.attn.k_norm", lambda c: (c.head_dim,), needed=lambda c: c.qk_norm
     ),
     _row(_L + r"post_attention_layernorm\.weight", "layers.{i}.ffn_norm", lambda c: (c.hidden_size,)),
-    _row(_L + r"mlp\.gate_proj\.weight", "layers.{i}.mlp.w_gate", lambda c: (c.intermediate_size, c.hidden_size)),
-    _row(_L + r"mlp\.up_proj\.weight", "layers.{i}.mlp.w_up", lambda c: (c.intermediate_size, c.hidden_size)),
-    _row(_L + r"mlp\.down_proj\.weight", "layers.{i}.mlp.w_down", lambda c: (c.hidden_size, c.intermediate_size)),
+    _row(
+        _L + r"mlp\.gate_proj\.weight",
+        "layers.{i}.mlp.w_gate",
+        lambda c: (c.intermediate_size, c.hidden_size),
+        layers=_dense_layers,
+    ),
+    _row(
+        _L + r"mlp\.up_proj\.weight",
+        "layers.{i}.mlp.w_up",
+        lambda c: (c.intermediate_size, c.hidden_size),
+        layers=_dense_layers,
+    ),
+    _row(
+        _L + r"mlp\.down_proj\.weight",
+        "layers.{i}.mlp.w_down",
+        lambda c: (c.hidden_size, c.intermediate_size),
+        layers=_dense_layers,
+    ),
+    _row(
+        _L + r"mlp\.gate\.weight", "layers.{i}.moe.router", lambda c: (c.num_experts, c.hidden_size), layers=_moe_layers
+    ),
+    _row(
+        _E + r"gate_proj\.weight",
+        "layers.{i}.moe.w_gate",
+        lambda c: (c.moe_intermediate_size, c.hidden_size),
+        lambda c: (c.num_experts, c.moe_intermediate_size, c.hidden_size),
+        layers=_moe_layers,
+        per_expert=True,
+    ),
+    _row(
+        _E + r"up_proj\.weight",
+        "layers.{i}.moe.w_up",
+        lambda c: (c.moe_intermediate_size, c.hidden_size),
+        lambda c: (c.num_experts, c.moe_intermediate_size, c.hidden_size),
+        layers=_moe_layers,
+        per_expert=True,
+    ),
+    _row(
+        _E + r"down_proj\.weight",
+        "layers.{i}.moe.w_down",
+        lambda c: (c.hidden_size, c.moe_intermediate_size),
+        lambda c: (c.num_experts, c.hidden_size, c.moe_intermediate_size),
+        layers=_moe_layers,
+        per_expert=True,
+    ),
+    _row(
+        _L + r"mlp\.shared_expert\.gate_proj\.weight",
+        "layers.{i}.moe.shared.w_gate",
+        lambda c: (c.shared_expert_intermediate_size, c.hidden_size),
+        needed=_shared,
+        layers=_moe_layers,
+    ),
+    _row(
+        _L + r"mlp\.shared_expert\.up_proj\.weight",
+        "layers.{i}.moe.shared.w_up",
+        lambda c: (c.shared_expert_intermediate_size, c.hidden_size),
+        needed=_shared,
+        layers=_moe_layers,
+    ),
+    _row(
+        _L + r"mlp\.shared_expert\.down_proj\.weight",
+        "layers.{i}.moe.shared.w_down",
+        lambda c: (c.hidden_size, c.shared_expert_intermediate_size),
+        needed=_shared,
+        layers=_moe_layers,
+    ),
+    _row(
+        _L + r"mlp\.shared_expert_gate\.weight",
+        "layers.{i}.moe.shared_gate",
+        lambda c: (1, c.hidden_size),
+        needed=_shared,
+        layers=_moe_layers,
+    ),
     _row(r"model\.norm\.weight", "final_norm", lambda c: (c.hidden_size,)),
     _row(r"lm_head\.weight", "lm_head", lambda c: (c.vocab_size, c.hidden_size)),
 )
-_COMPILED = tuple((re.compile(k.pattern + r"\Z"), k) for k in KEY_TABLE)
 
 
-def _expected_names(cfg: QwenConfig) -> dict[str, _Key]:
-  """HF name -> table row for every tensor the config requires (lm_head only when untied)."""
-  out: dict[str, _Key] = {}
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+  """One HF tensor the config needs: its table row, the field it fills, and its expert slot in a stacked field."""
+
+  key: _Key
+  field: str
+  expert: int | None
+
+
+def _expected_names(cfg: QwenConfig) -> dict[str, _Tensor]:
+  """HF name -> where it goes, for every tensor the config requires (lm_head only when untied)."""
+  out: dict[str, _Tensor] = {}
   for key in KEY_TABLE:
-    if not key.needed(cfg):
-      continue
     if key.field == "lm_head" and cfg.tie_word_embeddings:
       continue
-    if key.per_layer:
-      template = key.pattern.replace(r"(\d+)", "{i}").replace("\\", "")
-      for i in range(cfg.num_layers):
-        out[template.format(i=i)] = key
-    else:
-      out[key.pattern.replace("\\", "")] = key
+    for name, field, expert in key.names(cfg):
+      out[name] = _Tensor(key, field, expert)
+  return out
+
+
+def _fields(expected: Mapping[str, _Tensor]) -> dict[str, tuple[_Key, list[str]]]:
+  """Field path -> (row, its HF tensor names; one per expert, in expert order, for a stacked field)."""
+  out: dict[str, tuple[_Key, list[str]]] = {}
+  for name, t in expected.items():
+    out.setdefault(t.field, (t.key, []))[1].append(name)
   return out
 
 
@@ -226,6 +372,7 @@ class LoadReport:
   stored_dtypes: tuple[str, ...]
   unknown_keys: tuple[str, ...]
   tied_lm_head_in_file: bool  # config ties embeddings and the file still carries a (bit-equal) lm_head.weight
+  sharding_notes: tuple[str, ...] = ()  # one line per placement the mesh forced (e.g. heads replicated)
 
 
 def _checkpoint_files(path: str) -> tuple[list[str], dict[str, str] | None]:
@@ -273,7 +420,7 @@ class _Plan:
   """What a checkpoint holds, checked against the config before any tensor is read."""
 
   files: list[str]
-  expected: dict[str, _Key]  # HF name -> table row, every tensor the config needs
+  expected: dict[str, _Tensor]  # HF name -> table row and field, every tensor the config needs
   file_of: dict[str, str]  # HF name -> file, for every expected tensor
   stored: dict[str, np.dtype]  # HF name -> stored dtype
   unknown: list[str]
@@ -309,7 +456,7 @@ def _plan(path: str, cfg: QwenConfig, strict: bool) -> _Plan:
       if name not in expected:
         unknown.append(name)
         continue
-      key = expected[name]
+      key = expected[name].key
       hf_shape = tuple(key.hf_shape(cfg))
       sl = handle.get_slice(name)
       got = tuple(sl.get_shape())
@@ -345,12 +492,6 @@ _READABLE = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bflo
 _TIED_MSG = "config ties word embeddings but lm_head.weight differs from model.embed_tokens.weight"
 
 
-def _field_of(name: str, key: _Key) -> str:
-  if key.per_layer:
-    return key.field.format(i=int(re.match(r"model\.layers\.(\d+)\.", name).group(1)))
-  return key.field
-
-
 def load_params(
     path: str | os.PathLike,
     cfg: QwenConfig,
@@ -360,6 +501,7 @@ def load_params(
     *,
     mesh: Any = None,
     rules: Any = None,
+    axis_rules: Any = None,
 ) -> tuple[Params, LoadReport]:
   """Loads an HF Qwen2/Qwen3 checkpoint directory into :class:`Params`.
 
@@ -387,42 +529,54 @@ def load_params(
   if mesh is not None and put is not jax.device_put:
     raise UsageError("give put or mesh, not both")
   plan = _plan(path, cfg, strict)
+  notes: tuple[str, ...] = ()
   if mesh is not None:
-    params = _load_sharded(path, plan, cfg, np_dtype, mesh, rules)
+    params, notes = _load_sharded(path, plan, cfg, np_dtype, mesh, rules, axis_rules)
   else:
-    values: dict[str, np.ndarray] = {}
+    fields = _fields(plan.expected)
+    values: dict[str, np.ndarray] = {
+        field: np.empty(key.shape(cfg), np_dtype) for field, (key, names) in fields.items() if key.per_expert
+    }
     for file in plan.files:
       names = [n for n in plan.expected if plan.file_of[n] == file]
       if not names:
         continue
       with safetensors.safe_open(file, framework="numpy") as handle:
         for name in names:
-          values[name] = _convert(handle.get_tensor(name), np_dtype, name).reshape(plan.expected[name].shape(cfg))
+          t = plan.expected[name]
+          a = _convert(handle.get_tensor(name), np_dtype, name)
+          if t.expert is None:
+            values[t.field] = a.reshape(t.key.shape(cfg))
+          else:
+            values[t.field][t.expert] = a
     if plan.lm_head_in_file is not None:
       file, name = plan.lm_head_in_file
       with safetensors.safe_open(file, framework="numpy") as h:
         lm = h.get_tensor(name)
-      emb = values["model.embed_tokens.weight"]
+      emb = values["embed"]
       if tuple(lm.shape) != (cfg.vocab_size, cfg.hidden_size) or not bit_equal(_convert(lm, np_dtype, name), emb):
         raise UsageError(f"{path}: {_TIED_MSG}")
-    params = _assemble(cfg, values, plan.expected)
+    params = _assemble(cfg, values)
     params = put(params) if put is not None else params
   report = LoadReport(
       tuple(plan.files),
       tuple(sorted({str(d) for d in plan.stored.values()})),
       tuple(plan.unknown),
       plan.lm_head_in_file is not None,
+      notes,
   )
   return params, report
 
 
-def _load_sharded(path: str, plan: _Plan, cfg: QwenConfig, np_dtype: np.dtype, mesh: Any, rules: Any) -> Params:
-  """Every weight read shard by shard onto ``mesh`` (see :func:`load_params`)."""
+def _load_sharded(
+    path: str, plan: _Plan, cfg: QwenConfig, np_dtype: np.dtype, mesh: Any, rules: Any, axis_rules: Any
+) -> tuple[Params, tuple[str, ...]]:
+  """Every weight read shard by shard onto ``mesh`` (see :func:`load_params`); also the placement notes."""
   from parity_jax.qwen2 import sharding as sh
 
-  shardings = {
-      name: sh.field_sharding(_field_of(name, key), key.shape(cfg), mesh, rules) for name, key in plan.expected.items()
-  }
+  fields = _fields(plan.expected)
+  planner = sh.Placement(mesh, rules, axis_rules)
+  shardings = {field: planner.sharding(field, key.shape(cfg)) for field, (key, _) in fields.items()}
   headers = {file: sh.SafetensorsFile(file) for file in plan.files}
   if plan.lm_head_in_file is not None:
     # Compared over this process's own embedding shards, piece by piece: never a whole tensor in memory.
@@ -432,35 +586,42 @@ def _load_sharded(path: str, plan: _Plan, cfg: QwenConfig, np_dtype: np.dtype, m
     shape = (cfg.vocab_size, cfg.hidden_size)
     if lm_file.entries[name][1] != shape or lm_file.entries[name][0] not in _READABLE:
       raise UsageError(f"{path}: {_TIED_MSG}")
-    for box in sh.shard_boxes(shape, shardings[emb_name]):
+    for box in sh.shard_boxes(shape, shardings["embed"]):
       for piece in sh.row_pieces(box, shape, np_dtype.itemsize, sh.READ_BUFFER_BYTES):
         if not bit_equal(lm_file.read_box(name, piece, np_dtype), emb_file.read_box(emb_name, piece, np_dtype)):
           raise UsageError(f"{path}: {_TIED_MSG}")
   values = {}
-  for name, key in plan.expected.items():
+  for field, (key, names) in fields.items():
     shape = tuple(key.shape(cfg))
-    f = headers[plan.file_of[name]]
-    read = lambda index, f=f, name=name, shape=shape: f.read_box(name, index, np_dtype, view_shape=shape)  # noqa: E731
-    values[name] = sh.place_sharded(read, shape, shardings[name])
-  return _assemble(cfg, values, plan.expected)
+    if key.per_expert:  # a box over the stacked experts: each expert's box read from its own tensor
+      files = [headers[plan.file_of[n]] for n in names]
+
+      def read(index, files=files, names=names, shape=shape):
+        e0, e1 = sh.box_of(index, shape)[0]
+        out = sh.aligned_empty([e1 - e0] + [hi - lo for lo, hi in sh.box_of(index, shape)[1:]], np_dtype)
+        for k, e in enumerate(range(e0, e1)):
+          out[k] = files[e].read_box(names[e], tuple(index)[1:], np_dtype)
+        return out
+
+    else:
+      f, name = headers[plan.file_of[names[0]]], names[0]
+      read = lambda index, f=f, name=name, shape=shape: f.read_box(name, index, np_dtype, view_shape=shape)  # noqa: E731
+    values[field] = sh.place_sharded(read, shape, shardings[field])
+  return _assemble(cfg, values), planner.notes()
 
 
 def _natural(name: str) -> list:
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _assemble(cfg: QwenConfig, values: Mapping[str, np.ndarray], expected: Mapping[str, _Key]) -> Params:
-  """Builds the pytree from HF name -> array, following the key table's field paths."""
-  fields: dict[str, np.ndarray] = {}
-  for name, key in expected.items():
-    if key.per_layer:
-      i = int(re.match(r"model\.layers\.(\d+)\.", name).group(1))
-      fields[key.field.format(i=i)] = values[name]
-    else:
-      fields[key.field] = values[name]
+def _assemble(cfg: QwenConfig, fields: Mapping[str, Any]) -> Params:
+  """Builds the pytree from field path -> array (the key table's field paths)."""
+  get = fields.get
 
-  def get(path: str) -> np.ndarray | None:
-    return fields.get(path)
+  def mlp(p: str) -> Mlp | None:
+    if get(p + "w_gate") is None:
+      return None
+    return Mlp(w_gate=get(p + "w_gate"), w_up=get(p + "w_up"), w_down=get(p + "w_down"))
 
   layers = []
   for i in range(cfg.num_layers):
@@ -477,8 +638,19 @@ def _assemble(cfg: QwenConfig, values: Mapping[str, np.ndarray], expected: Mappi
         q_norm=get(p + "attn.q_norm"),
         k_norm=get(p + "attn.k_norm"),
     )
-    mlp = Mlp(w_gate=get(p + "mlp.w_gate"), w_up=get(p + "mlp.w_up"), w_down=get(p + "mlp.w_down"))
-    layers.append(Layer(attn_norm=get(p + "attn_norm"), attn=attn, ffn_norm=get(p + "ffn_norm"), mlp=mlp))
+    moe = None
+    if i in cfg.moe_layers:
+      moe = Moe(
+          router=get(p + "moe.router"),
+          w_gate=get(p + "moe.w_gate"),
+          w_up=get(p + "moe.w_up"),
+          w_down=get(p + "moe.w_down"),
+          shared=mlp(p + "moe.shared."),
+          shared_gate=get(p + "moe.shared_gate"),
+      )
+    layers.append(
+        Layer(attn_norm=get(p + "attn_norm"), attn=attn, ffn_norm=get(p + "ffn_norm"), mlp=mlp(p + "mlp."), moe=moe)
+    )
   return Params(embed=get("embed"), layers=tuple(layers), final_norm=get("final_norm"), lm_head=get("lm_head"))
 
 
@@ -498,16 +670,20 @@ def init_params(
   """
   rng = np.random.default_rng(seed)
   np_dtype = np.dtype(dtype)
-  values = {}
-  for name, row in _expected_names(cfg).items():
-    shape = row.shape(cfg)
-    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-      values[name] = np.ones(shape, np_dtype)
+  values: dict[str, np.ndarray] = {}
+  for name, t in _expected_names(cfg).items():  # one draw per HF tensor, experts stacked as they come
+    shape = t.key.hf_shape(cfg) if t.expert is not None else t.key.shape(cfg)
+    if name.endswith("norm.weight"):
+      a = np.ones(shape, np_dtype)
     else:
       a = rng.standard_normal(shape, dtype=np.float32)
       a *= np.float32(scale)
-      values[name] = a.astype(np_dtype, copy=False)
-  params = _assemble(cfg, values, _expected_names(cfg))
+      a = a.astype(np_dtype, copy=False)
+    if t.expert is None:
+      values[t.field] = a
+    else:
+      values.setdefault(t.field, np.empty(t.key.shape(cfg), np_dtype))[t.expert] = a
+  params = _assemble(cfg, values)
   return put(params) if put is not None else params
 
 
@@ -519,6 +695,7 @@ def random_params(
     *,
     mesh: Any = None,
     rules: Any = None,
+    axis_rules: Any = None,
 ) -> Params:
   """Random parameters generated on the device(s): nothing passes through the host.
 
@@ -535,18 +712,16 @@ def random_params(
   from parity_jax.qwen2 import sharding as sh
 
   np_dtype = np.dtype(dtype)
-  expected = _expected_names(cfg)
+  fields = _fields(_expected_names(cfg))
   leaves = tuple(
-      (tuple(int(d) for d in row.shape(cfg)), name.endswith("norm.weight")) for name, row in expected.items()
+      (tuple(int(d) for d in key.shape(cfg)), names[0].endswith("norm.weight")) for key, names in fields.values()
   )
   shardings = None
   if mesh is not None:
-    shardings = tuple(
-        sh.field_sharding(_field_of(name, row), shape, mesh, rules)
-        for (name, row), (shape, _) in zip(expected.items(), leaves)
-    )
+    planner = sh.Placement(mesh, rules, axis_rules)
+    shardings = tuple(planner.sharding(field, shape) for field, (shape, _) in zip(fields, leaves))
   values = _random_tree(leaves, np_dtype, int(seed), float(scale), shardings)()
-  return _assemble(cfg, dict(zip(expected, values)), expected)
+  return _assemble(cfg, dict(zip(fields, values)))
 
 
 def _hash_uniform(shape: tuple[int, ...], dtype: Any, seed: int, leaf: int, scale: float) -> jax.Array:
@@ -602,11 +777,7 @@ def to_hf_tensors(params: Params, cfg: QwenConfig) -> dict[str, np.ndarray]:
   round-trips bit for bit.
   """
   out: dict[str, np.ndarray] = {}
-  for name, key in _expected_names(cfg).items():
-    if key.per_layer:
-      i = int(re.match(r"model\.layers\.(\d+)\.", name).group(1))
-      value = _get_field(params, key.field.format(i=i))
-    else:
-      value = _get_field(params, key.field)
-    out[name] = np.asarray(value).reshape(key.hf_shape(cfg))
+  for name, t in _expected_names(cfg).items():
+    value = np.asarray(_get_field(params, t.field))
+    out[name] = (value if t.expert is None else value[t.expert]).reshape(t.key.hf_shape(cfg))
   return out

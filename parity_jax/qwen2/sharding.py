@@ -1,49 +1,60 @@
-"""Qwen weights on a device mesh: sharding rules, by-slice safetensors reads, mesh specs, batch placement.
+"""Qwen weights on a device mesh: logical-axis rules, by-slice safetensors reads, meshes, batch placement.
 
 ``parity_jax.qwen2.load(path, mesh=mesh)`` places every weight directly onto
-the mesh as a sharded ``jax.Array``. Each weight's :class:`PartitionSpec`
-comes from a rule table: ``(regex, spec)`` rows matched (``re.fullmatch``)
-against the weight's field path in :class:`~parity_jax.qwen2.params.Params`
-(``embed``, ``layers.3.attn.wq``, ``layers.3.mlp.w_down``, ...), first match
-wins; the spec is over the pytree's axes (``wq[heads, head_dim, hidden]``).
-Caller rules are consulted before :data:`DEFAULT_RULES`:
+the mesh as a sharded ``jax.Array``. Any mesh a user makes works:
+``jax.make_mesh`` (Explicit axes by default in current JAX, or
+``axis_types=Auto``), a hand-built :class:`jax.sharding.Mesh`, or
+:func:`make_mesh` here; the weights live on that mesh, and the forward runs
+with every axis treated as Auto (:func:`compute_mesh`: same devices, same
+names) so that XLA partitions it from the weights' shardings.
 
-=================================  =====================  ===========================
-field                              default spec           split axis
-=================================  =====================  ===========================
-``embed``, ``lm_head``             ``P("tp", None)``      vocab
-``attn.wq``, ``attn.wk/wv``        ``P("tp", None, None)``  query heads, kv heads
-``attn.bq``, ``attn.bk/bv``        ``P("tp", None)``      query heads, kv heads
-``attn.wo``                        ``P(None, "tp", None)``  query heads
-``mlp.w_gate``, ``mlp.w_up``       ``P("tp", None)``      intermediate
-``mlp.w_down``                     ``P(None, "tp")``      intermediate
-norms, ``attn.bo``, q/k norms      ``P()``                replicated
-=================================  =====================  ===========================
+Which axis of which weight is split over which mesh axis comes from two
+tables, as in MaxText / flax's ``logical_axis_rules``:
 
-and the inputs' batch axis over ``dp`` (:func:`place_inputs`). With these
-rules the forward is Megatron-style tensor parallel: every attention head and
-MLP column lives on one ``tp`` shard, and ``o_proj`` / ``down_proj`` /
-the embedding gather end in a sum over ``tp``. A weight whose split axis does
-not divide over its mesh axis is a one-line :class:`UsageError` naming the
-weight and the axis (e.g. 2 kv heads on ``tp=4``: override the rule, e.g.
-``(r"layers\\.\\d+\\.attn\\.(wk|wv|bk|bv)", P())`` replicates them).
+* :data:`FIELD_AXES` names the *logical* axes of every weight, by its field
+  path in :class:`~parity_jax.qwen2.params.Params` (``wq`` is
+  ``(heads, head_dim, hidden)``, a MoE block's ``w_gate`` is
+  ``(experts, moe_intermediate, hidden)``, ...);
+* the *axis rules* map logical axes to mesh axes: ``(logical, mesh_axes)``
+  rows, tried in order, the first whose mesh axes the mesh has and the weight
+  does not use yet wins (flax's ``logical_to_mesh_axes``). Caller rules
+  (``axis_rules=``, ``--shard_rules``) come first, and a logical axis a caller
+  names loses its default rows. :data:`DEFAULT_AXIS_RULES`: ``batch`` over
+  ``dp``; ``vocab``, ``heads``, ``kv_heads``, ``intermediate`` over ``tp``;
+  ``experts`` over ``ep`` (when the mesh has it) else ``tp``;
+  ``moe_intermediate`` over ``tp`` (when the experts do not use it). A mesh
+  with other axis names needs caller rules (e.g. ``batch=data,heads=model``).
+
+With the defaults the forward is Megatron-style tensor parallel (every head
+and MLP column on one ``tp`` shard; ``o_proj`` / ``down_proj`` / the
+embedding gather end in a sum over ``tp``) and expert parallel over ``ep``
+or ``tp``. A weight axis that does not divide over the mesh axes its rule
+gives (2 kv heads on ``tp=4``) falls back to the next rule for it, else stays
+whole (replicated over that mesh axis); a later axis of the same weight may
+then use the freed mesh axis. Each fallback is one line in
+:meth:`Placement.notes` (``layers.*.attn.wk: kv_heads (2) does not divide
+over tp=4; replicated``), which the tools print. ``rules=[(regex, spec)]``
+pins a field's :class:`PartitionSpec` outright (first ``re.fullmatch`` wins);
+a pinned split that does not divide is a one-line :class:`UsageError`.
 
 Reading (:class:`SafetensorsFile`): each device's shard is a box (one slice
-per axis) of the stored tensor. The safetensors header gives every tensor's
-byte range; a box of a C-contiguous tensor is a set of evenly strided byte
-runs, read with ``readinto`` straight into a 64-byte aligned numpy array of
-the shard's shape (or, for short runs and dtype conversions, through a buffer
-of at most :data:`READ_BUFFER_BYTES`). No file is memory-mapped, so the pages
-read never stay in the process's RSS, and no host ever holds more than one
-shard plus that buffer of a tensor. On CPU an aligned array becomes the
-device buffer without a copy. Each distinct shard is read once per process
-and put on every local device that holds it (replication over ``dp``); under
-``jax.distributed`` a process only reads the shards of its own devices
-(``addressable_devices_indices_map``).
+per axis) of the stored tensor (for experts stacked from one tensor per
+expert: a box of each expert's tensor). The safetensors header gives every
+tensor's byte range; a box of a C-contiguous tensor is a set of evenly
+strided byte runs, read with ``readinto`` straight into a 64-byte aligned
+numpy array of the shard's shape (or, for short runs and dtype conversions,
+through a buffer of at most :data:`READ_BUFFER_BYTES`). No file is
+memory-mapped, so the pages read never stay in the process's RSS, and no host
+ever holds more than one shard plus that buffer of a tensor. On CPU an
+aligned array becomes the device buffer without a copy. Each distinct shard
+is read once per process and put on every local device that holds it
+(replication over ``dp``); under ``jax.distributed`` a process only reads the
+shards of its own devices (``addressable_devices_indices_map``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -53,70 +64,83 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from parity_jax.dtypes import SAFETENSORS_DTYPES
 from parity_jax.errors import UsageError
 
 __all__ = [
-    "DEFAULT_RULES",
-    "LEAF_AXES",
+    "DEFAULT_AXIS_RULES",
+    "FIELD_AXES",
+    "LOGICAL_AXES",
     "MESH_AXES",
     "READ_BUFFER_BYTES",
+    "AxisRules",
+    "Placement",
     "Rules",
     "SafetensorsFile",
     "aligned_empty",
     "batch_sharding",
+    "box_of",
+    "compute_mesh",
+    "field_axes",
     "field_sharding",
     "make_mesh",
     "mesh_of",
+    "normalize_axis_rules",
     "param_shardings",
+    "parse_axis_rules",
     "parse_mesh_spec",
+    "place_batch",
     "place_inputs",
     "place_sharded",
+    "rewrap",
     "shard_params",
     "spec_for",
     "to_host",
 ]
 
 DP, TP = "dp", "tp"
-#: The mesh axes the default rules and the ``--mesh`` flag speak of, in mesh order.
+#: The mesh axes of :func:`make_mesh` when a spec names only these (in mesh order); other names are kept as given.
 MESH_AXES = (DP, TP)
 
 Rules = Sequence[tuple[str, Any]]
+AxisRules = Sequence[tuple[str, Any]]
 
-#: The default rule table (see the module docstring); the last row replicates everything else.
-DEFAULT_RULES: tuple[tuple[str, P], ...] = (
-    (r"embed|lm_head", P(TP, None)),
-    (r"layers\.\d+\.attn\.w[qkv]", P(TP, None, None)),
-    (r"layers\.\d+\.attn\.b[qkv]", P(TP, None)),
-    (r"layers\.\d+\.attn\.wo", P(None, TP, None)),
-    (r"layers\.\d+\.mlp\.w_(gate|up)", P(TP, None)),
-    (r"layers\.\d+\.mlp\.w_down", P(None, TP)),
-    (r".*", P()),
+#: Logical axis -> mesh axes, tried in order (see the module docstring). A value is a mesh axis name, a tuple of
+#: names (split over their product) or None (never split).
+DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", DP),
+    ("vocab", TP),
+    ("heads", TP),
+    ("kv_heads", TP),
+    ("intermediate", TP),
+    ("experts", "ep"),
+    ("experts", TP),
+    ("moe_intermediate", TP),
 )
 
-#: The named axes of every leaf of Params (by its last field name), for error messages.
-LEAF_AXES: dict[str, tuple[str, ...]] = {
-    "embed": ("vocab", "hidden"),
-    "lm_head": ("vocab", "hidden"),
-    "attn_norm": ("hidden",),
-    "ffn_norm": ("hidden",),
-    "final_norm": ("hidden",),
-    "wq": ("heads", "head_dim", "hidden"),
-    "wk": ("kv_heads", "head_dim", "hidden"),
-    "wv": ("kv_heads", "head_dim", "hidden"),
-    "wo": ("hidden", "heads", "head_dim"),
-    "bq": ("heads", "head_dim"),
-    "bk": ("kv_heads", "head_dim"),
-    "bv": ("kv_heads", "head_dim"),
-    "bo": ("hidden",),
-    "q_norm": ("head_dim",),
-    "k_norm": ("head_dim",),
-    "w_gate": ("intermediate", "hidden"),
-    "w_up": ("intermediate", "hidden"),
-    "w_down": ("hidden", "intermediate"),
-}
+#: Field path regex (``re.fullmatch``) -> the logical axes of that weight, dimension by dimension.
+FIELD_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"embed|lm_head", ("vocab", "hidden")),
+    (r"final_norm|layers\.\d+\.(attn_norm|ffn_norm)", ("hidden",)),
+    (r"layers\.\d+\.attn\.wq", ("heads", "head_dim", "hidden")),
+    (r"layers\.\d+\.attn\.w[kv]", ("kv_heads", "head_dim", "hidden")),
+    (r"layers\.\d+\.attn\.wo", ("hidden", "heads", "head_dim")),
+    (r"layers\.\d+\.attn\.bq", ("heads", "head_dim")),
+    (r"layers\.\d+\.attn\.b[kv]", ("kv_heads", "head_dim")),
+    (r"layers\.\d+\.attn\.bo", ("hidden",)),
+    (r"layers\.\d+\.attn\.[qk]_norm", ("head_dim",)),
+    (r"layers\.\d+\.(mlp|moe\.shared)\.w_(gate|up)", ("intermediate", "hidden")),
+    (r"layers\.\d+\.(mlp|moe\.shared)\.w_down", ("hidden", "intermediate")),
+    (r"layers\.\d+\.moe\.router", ("router_experts", "hidden")),  # small: kept whole, softmax needs every expert
+    (r"layers\.\d+\.moe\.w_(gate|up)", ("experts", "moe_intermediate", "hidden")),
+    (r"layers\.\d+\.moe\.w_down", ("experts", "hidden", "moe_intermediate")),
+    (r"layers\.\d+\.moe\.shared_gate", ("gate", "hidden")),
+)
+
+#: Every logical axis name: the weights' (:data:`FIELD_AXES`) and the inputs' batch.
+LOGICAL_AXES: tuple[str, ...] = tuple(dict.fromkeys(["batch"] + [a for _, axes in FIELD_AXES for a in axes]))
 
 #: Largest read buffer (bytes) for short strided runs and dtype conversions.
 READ_BUFFER_BYTES = 4 << 20
@@ -136,16 +160,24 @@ def _as_spec(spec: Any, where: str) -> P:
   raise UsageError(f"sharding rule {where!r}: spec must be a PartitionSpec or a tuple, got {type(spec).__name__}")
 
 
-def spec_for(field: str, rules: Rules | None = None) -> tuple[P, str]:
-  """``(spec, pattern)`` of the first rule (caller rules, then :data:`DEFAULT_RULES`) matching ``field``."""
-  for pattern, spec in tuple(rules or ()) + DEFAULT_RULES:
+def spec_for(field: str, rules: Rules | None = None) -> tuple[P, str] | None:
+  """``(spec, pattern)`` of the first caller rule matching ``field``, or None."""
+  for pattern, spec in tuple(rules or ()):
     try:
       hit = re.fullmatch(pattern, field)
     except re.error as e:
       raise UsageError(f"sharding rule {pattern!r} is not a valid regex: {e}") from None
     if hit:
       return _as_spec(spec, pattern), pattern
-  raise AssertionError("DEFAULT_RULES ends with a catch-all")
+  return None
+
+
+def field_axes(field: str, rank: int) -> tuple[str | None, ...]:
+  """The logical axes of a weight (:data:`FIELD_AXES`); unknown fields: no logical names (kept whole)."""
+  for pattern, axes in FIELD_AXES:
+    if re.fullmatch(pattern, field) and len(axes) == rank:
+      return axes
+  return (None,) * rank
 
 
 def _axis_names(entry: Any) -> tuple[str, ...]:
@@ -154,33 +186,167 @@ def _axis_names(entry: Any) -> tuple[str, ...]:
   return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
-def field_sharding(field: str, shape: Sequence[int], mesh: Mesh, rules: Rules | None = None) -> NamedSharding:
-  """The :class:`NamedSharding` of one weight, checked: known mesh axes, rank, and every split axis divides."""
-  spec, pattern = spec_for(field, rules)
-  shape = tuple(int(d) for d in shape)
-  if len(spec) > len(shape):
-    raise UsageError(
-        f"{field}: sharding rule {pattern!r} gives spec {spec} for a rank-{len(shape)} weight {list(shape)}"
-    )
-  leaf = field.rsplit(".", 1)[-1]
-  names = LEAF_AXES.get(leaf, tuple(f"axis{i}" for i in range(len(shape))))
-  for dim, entry in enumerate(spec):
-    axes = _axis_names(entry)
-    for a in axes:
-      if a not in mesh.shape:
-        raise UsageError(
-            f"{field}: sharding rule {pattern!r} names mesh axis {a!r}, which the mesh "
-            f"({', '.join(f'{k}={v}' for k, v in mesh.shape.items())}) lacks"
-        )
-    parts = math.prod(mesh.shape[a] for a in axes)
-    if parts > 1 and shape[dim] % parts:
-      what = names[dim] if dim < len(names) else f"axis{dim}"
-      over = "x".join(f"{a}={mesh.shape[a]}" for a in axes)
+def _merge_axis_rules(axis_rules: AxisRules | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """Caller rules first; a logical axis the caller names drops its default rows. Checked: known names, str axes."""
+  caller = []
+  for row in tuple(axis_rules or ()):
+    if not (isinstance(row, (tuple, list)) and len(row) == 2 and isinstance(row[0], str)):
+      raise UsageError(f"axis rule {row!r} is not (logical axis, mesh axes)")
+    logical, axes = row
+    if logical not in LOGICAL_AXES:
+      raise UsageError(f"axis rule {logical!r}: unknown logical axis (the axes are {', '.join(LOGICAL_AXES)})")
+    names = _axis_names(axes)
+    if not all(isinstance(a, str) and a for a in names):
+      raise UsageError(f"axis rule {logical!r}: mesh axes must be names, got {axes!r}")
+    caller.append((logical, names))
+  named = {logical for logical, _ in caller}
+  return tuple(caller) + tuple((lg, _axis_names(a)) for lg, a in DEFAULT_AXIS_RULES if lg not in named)
+
+
+def normalize_axis_rules(axis_rules: AxisRules | None) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
+  """Caller axis rules as a hashable, checked tuple (None when there are none)."""
+  if not axis_rules:
+    return None
+  merged = _merge_axis_rules(axis_rules)
+  return merged[: len(tuple(axis_rules))]
+
+
+def _fmt_axes(axes: Sequence[str], mesh: Mesh) -> str:
+  return "x".join(f"{a}={mesh.shape[a]}" for a in axes)
+
+
+class Placement:
+  """Shardings of the weights on one mesh, from caller field rules, axis rules and :data:`FIELD_AXES`.
+
+  ``sharding(field, shape)`` is the weight's :class:`NamedSharding`;
+  ``notes()`` the fallbacks it chose (one line per kind of weight).
+  """
+
+  def __init__(self, mesh: Mesh, rules: Rules | None = None, axis_rules: AxisRules | None = None):
+    self.mesh = mesh
+    self.rules = tuple(rules or ())
+    self.axis_rules = _merge_axis_rules(axis_rules)
+    self._notes: dict[str, str] = {}
+    used = {a for _, axes in self.axis_rules for a in axes} | {
+        a for _, spec in self.rules for entry in _as_spec(spec, "?") for a in _axis_names(entry)
+    }
+    wide = [a for a, n in mesh.shape.items() if n > 1]
+    if wide and not used & set(wide):
       raise UsageError(
-          f"{field}: axis {dim} ({what}, size {shape[dim]}) does not divide over mesh axis {over}; "
-          f"override its sharding rule (e.g. replicate it with P())"
+          f"no sharding rule uses the mesh axes {', '.join(f'{a}={mesh.shape[a]}' for a in wide)} (the default "
+          "rules speak of dp, tp and ep); give axis rules, e.g. --shard_rules=batch=data,heads=model,kv_heads=model,"
+          "intermediate=model,vocab=model"
       )
-  return NamedSharding(mesh, spec)
+    for a in wide:
+      if a not in used:
+        self._notes[f"mesh:{a}"] = f"mesh axis {a}={mesh.shape[a]}: no rule uses it; everything is replicated over it"
+
+  def spec(self, field: str, shape: Sequence[int]) -> P:
+    """The :class:`PartitionSpec` of one weight (fallbacks recorded in :meth:`notes`)."""
+    shape = tuple(int(d) for d in shape)
+    pinned = spec_for(field, self.rules)
+    if pinned is not None:
+      spec, pattern = pinned
+      self._check_pinned(field, shape, spec, pattern)
+      return spec
+    logical = field_axes(field, len(shape))
+    used: set[str] = set()
+    entries: list[Any] = []
+    for dim, name in enumerate(logical):
+      choice = None
+      refused = []
+      for lg, axes in self.axis_rules:
+        if lg != name or not axes or not all(a in self.mesh.shape for a in axes) or used & set(axes):
+          continue
+        parts = math.prod(self.mesh.shape[a] for a in axes)
+        if shape[dim] % parts:
+          refused.append(axes)
+          continue
+        choice = axes
+        break
+      if refused:
+        key = re.sub(r"^layers\.\d+\.", "layers.*.", field)
+        where = f" ({name}, size {shape[dim]})"
+        what = f"sharded over {_fmt_axes(choice, self.mesh)} instead" if choice else "replicated"
+        self._notes.setdefault(
+            key, f"{key}: axis {dim}{where} does not divide over {_fmt_axes(refused[0], self.mesh)}; {what}"
+        )
+      if choice:
+        used |= set(choice)
+        entries.append(choice[0] if len(choice) == 1 else choice)
+      else:
+        entries.append(None)
+    return P(*entries)
+
+  def sharding(self, field: str, shape: Sequence[int]) -> NamedSharding:
+    return NamedSharding(self.mesh, self.spec(field, shape))
+
+  def _check_pinned(self, field: str, shape: tuple[int, ...], spec: P, pattern: str) -> None:
+    if len(spec) > len(shape):
+      raise UsageError(
+          f"{field}: sharding rule {pattern!r} gives spec {spec} for a rank-{len(shape)} weight {list(shape)}"
+      )
+    logical = field_axes(field, len(shape))
+    for dim, entry in enumerate(spec):
+      axes = _axis_names(entry)
+      for a in axes:
+        if a not in self.mesh.shape:
+          raise UsageError(
+              f"{field}: sharding rule {pattern!r} names mesh axis {a!r}, which the mesh "
+              f"({', '.join(f'{k}={v}' for k, v in self.mesh.shape.items())}) lacks"
+          )
+      parts = math.prod(self.mesh.shape[a] for a in axes)
+      if parts > 1 and shape[dim] % parts:
+        what = logical[dim] or f"axis{dim}"
+        raise UsageError(
+            f"{field}: axis {dim} ({what}, size {shape[dim]}) does not divide over mesh axis "
+            f"{_fmt_axes(axes, self.mesh)}; change its sharding rule (e.g. replicate it with P())"
+        )
+
+  def notes(self) -> tuple[str, ...]:
+    """One line per fallback (per kind of weight, ``layers.*``), in the order they were met."""
+    return tuple(self._notes.values())
+
+  def batch_axes(self) -> tuple[str, ...]:
+    """The mesh axes the inputs' batch is split over (the ``batch`` rule), or ()."""
+    for lg, axes in self.axis_rules:
+      if lg == "batch" and axes and all(a in self.mesh.shape for a in axes):
+        return axes
+    return ()
+
+
+def field_sharding(
+    field: str, shape: Sequence[int], mesh: Mesh, rules: Rules | None = None, axis_rules: AxisRules | None = None
+) -> NamedSharding:
+  """The :class:`NamedSharding` of one weight (a one-weight :class:`Placement`)."""
+  return Placement(mesh, rules, axis_rules).sharding(field, shape)
+
+
+def parse_axis_rules(text: str, flag: str = "shard_rules") -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """``"batch=data,heads=model,kv_heads=none,experts=ep+tp"`` -> axis rules (``none`` or empty: never split).
+
+  ``+`` joins mesh axes a logical axis is split over together. Bad input is a one-line :class:`UsageError`.
+  """
+  body = (text or "").strip()
+  if not body:
+    raise UsageError(f"--{flag} is empty; expected e.g. heads=model,kv_heads=none")
+  out = []
+  seen = set()
+  for part in body.split(","):
+    m = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*=\s*([A-Za-z_][\w+]*)?\s*", part)
+    if not m:
+      raise UsageError(f"--{flag}: {part.strip()!r} is not logical_axis=mesh_axis (e.g. heads=model, kv_heads=none)")
+    logical, value = m.group(1), m.group(2) or "none"
+    if logical not in LOGICAL_AXES:
+      raise UsageError(f"--{flag}: unknown logical axis {logical!r} (the axes are {', '.join(LOGICAL_AXES)})")
+    if logical in seen:
+      raise UsageError(f"--{flag}: logical axis {logical!r} given twice")
+    seen.add(logical)
+    axes = () if value.lower() == "none" else tuple(value.split("+"))
+    if any(not re.fullmatch(r"[A-Za-z_]\w*", a) for a in axes):
+      raise UsageError(f"--{flag}: {part.strip()!r}: mesh axes are names joined by '+'")
+    out.append((logical, axes))
+  return tuple(out)
 
 
 def _leaf_fields(params: Any) -> list[tuple[str, Any]]:
@@ -199,18 +365,16 @@ def _leaf_fields(params: Any) -> list[tuple[str, Any]]:
   return out
 
 
-def param_shardings(params: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+def param_shardings(params: Any, mesh: Mesh, rules: Rules | None = None, axis_rules: AxisRules | None = None) -> Any:
   """A pytree of :class:`NamedSharding` matching ``params`` (arrays or ``ShapeDtypeStruct`` leaves)."""
-  fields = _leaf_fields(params)
-  shardings = [
-      field_sharding(f, np.shape(leaf) if not hasattr(leaf, "shape") else leaf.shape, mesh, rules) for f, leaf in fields
-  ]
+  placement = Placement(mesh, rules, axis_rules)
+  shardings = [placement.sharding(f, np.shape(leaf)) for f, leaf in _leaf_fields(params)]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), shardings)
 
 
-def shard_params(params: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
-  """``params`` (host or device arrays) placed on ``mesh`` with the rule table (``init_params(put=...)``)."""
-  return jax.device_put(params, param_shardings(params, mesh, rules))
+def shard_params(params: Any, mesh: Mesh, rules: Rules | None = None, axis_rules: AxisRules | None = None) -> Any:
+  """``params`` (host or device arrays) placed on ``mesh`` with the rule tables (``init_params(put=...)``)."""
+  return jax.device_put(params, param_shardings(params, mesh, rules, axis_rules))
 
 
 def mesh_of(params: Any) -> Mesh | None:
@@ -227,13 +391,37 @@ def mesh_of(params: Any) -> Mesh | None:
   return None
 
 
+@functools.lru_cache(maxsize=None)
+def compute_mesh(mesh: Mesh) -> Mesh:
+  """``mesh`` with every axis Auto (same devices, names and order): where the forward runs.
+
+  ``jax.make_mesh`` gives Explicit axes, under which every op needs its output
+  sharding spelled out; with Auto axes XLA propagates shardings from the
+  weights' placement, which is all a pure forward needs. Arrays move between
+  the two meshes without a copy (:func:`rewrap`).
+  """
+  types = getattr(mesh, "axis_types", None)
+  if types is None or all(t == AxisType.Auto for t in types):
+    return mesh
+  return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def rewrap(x: Any, mesh: Mesh) -> Any:
+  """A global array viewed on an equivalent ``mesh`` (same devices, axis names and sizes): no data moves."""
+  if not isinstance(x, jax.Array) or not isinstance(x.sharding, NamedSharding) or x.sharding.mesh == mesh:
+    return x
+  return jax.make_array_from_single_device_arrays(
+      x.shape, NamedSharding(mesh, x.sharding.spec), [s.data for s in x.addressable_shards]
+  )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Meshes
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def parse_mesh_spec(text: str, flag: str = "mesh") -> dict[str, int]:
-  """``"dp:2,tp:4"`` -> ``{"dp": 2, "tp": 4}`` (``=`` works as well as ``:``); axes dp and tp, sizes >= 1."""
+  """``"dp:2,tp:4"`` -> ``{"dp": 2, "tp": 4}`` (``=`` works as well as ``:``); any axis names, sizes >= 1."""
   out: dict[str, int] = {}
   body = (text or "").strip()
   if not body:
@@ -243,8 +431,6 @@ def parse_mesh_spec(text: str, flag: str = "mesh") -> dict[str, int]:
     if not m:
       raise UsageError(f"--{flag}: {part.strip()!r} is not axis:size (expected e.g. dp:2,tp:4)")
     name, size = m.group(1), int(m.group(2))
-    if name not in MESH_AXES:
-      raise UsageError(f"--{flag}: unknown mesh axis {name!r}; the axes are {', '.join(MESH_AXES)}")
     if name in out:
       raise UsageError(f"--{flag}: axis {name!r} given twice")
     if size < 1:
@@ -254,27 +440,28 @@ def parse_mesh_spec(text: str, flag: str = "mesh") -> dict[str, int]:
 
 
 def make_mesh(spec: str | Mapping[str, int], devices: Sequence[Any] | None = None, flag: str = "mesh") -> Mesh:
-  """A ``(dp, tp)`` mesh over the first ``dp * tp`` devices (absent axes have size 1).
+  """A mesh over the first ``prod(sizes)`` devices, every axis Auto.
 
-  ``spec`` is ``"dp:2,tp:4"`` or a mapping. Asking for more devices than JAX
-  sees is a one-line error that says how to get forced host devices on CPU.
+  ``spec`` is ``"dp:2,tp:4"`` or a mapping. A spec naming only ``dp``/``tp``
+  gives the ``(dp, tp)`` mesh (an absent one with size 1); other names (e.g.
+  ``data:2,model:4`` or ``dp:2,ep:4``) are kept in the order given and need
+  axis rules where the defaults do not speak of them. Asking for more devices
+  than JAX sees is a one-line error that says how to get forced host devices on CPU.
   """
   sizes = parse_mesh_spec(spec, flag) if isinstance(spec, str) else dict(spec)
-  for name in sizes:
-    if name not in MESH_AXES:
-      raise UsageError(f"--{flag}: unknown mesh axis {name!r}; the axes are {', '.join(MESH_AXES)}")
-  shape = tuple(int(sizes.get(a, 1)) for a in MESH_AXES)
+  names = MESH_AXES if set(sizes) <= set(MESH_AXES) else tuple(sizes)
+  shape = tuple(int(sizes.get(a, 1)) for a in names)
   devices = list(jax.devices() if devices is None else devices)
   need = math.prod(shape)
   if need > len(devices):
-    text = ",".join(f"{a}:{s}" for a, s in zip(MESH_AXES, shape))
+    text = ",".join(f"{a}:{s}" for a, s in zip(names, shape))
     hint = (
         f" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={need} before JAX starts gives {need})"
         if devices and devices[0].platform == "cpu"
         else ""
     )
     raise UsageError(f"--{flag}={text} needs {need} devices; JAX sees {len(devices)}{hint}")
-  return Mesh(np.array(devices[:need], dtype=object).reshape(shape), MESH_AXES)
+  return Mesh(np.array(devices[:need], dtype=object).reshape(shape), names, axis_types=(AxisType.Auto,) * len(names))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,14 +469,21 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence[Any] | None = Non
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def batch_sharding(mesh: Mesh, ndim: int, batch: int | None, what: str = "tokens") -> NamedSharding:
-  """Batch (axis 0) over ``dp`` when the mesh has it, the rest replicated; ``batch=None``: replicated."""
-  dp = mesh.shape.get(DP, 1)
-  if batch is None or dp == 1:
+def batch_sharding(
+    mesh: Mesh, ndim: int, batch: int | None, what: str = "tokens", axis_rules: AxisRules | None = None
+) -> NamedSharding:
+  """Batch (axis 0) over the ``batch`` rule's mesh axes (default ``dp``), the rest replicated; None: replicated."""
+  axes = ()
+  for lg, names in _merge_axis_rules(axis_rules):
+    if lg == "batch" and names and all(a in mesh.shape for a in names):
+      axes = names
+      break
+  parts = math.prod(mesh.shape[a] for a in axes)
+  if batch is None or parts == 1:
     return NamedSharding(mesh, P())
-  if batch % dp:
-    raise UsageError(f"{what}: batch {batch} does not divide over mesh axis {DP}={dp}")
-  return NamedSharding(mesh, P(DP, *([None] * (ndim - 1))))
+  if batch % parts:
+    raise UsageError(f"{what}: batch {batch} does not divide over mesh axis {_fmt_axes(axes, mesh)}")
+  return NamedSharding(mesh, P(axes[0] if len(axes) == 1 else axes, *([None] * (ndim - 1))))
 
 
 def _put_global(x: Any, sharding: NamedSharding) -> jax.Array:
@@ -301,17 +495,27 @@ def _put_global(x: Any, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
-def place_inputs(mesh: Mesh, tokens: Any, attention_mask: Any, positions: Any) -> tuple[Any, Any, Any]:
-  """The forward's inputs as global arrays on ``mesh``: batch over ``dp``, ``[1, T]`` positions replicated.
+def place_batch(mesh: Mesh, x: Any, what: str = "input", axis_rules: AxisRules | None = None) -> jax.Array:
+  """One batch-major input (``[B, ...]``) as a global array on ``mesh``, its batch over the batch rule's axes."""
+  ndim = len(np.shape(x))
+  return _put_global(x, batch_sharding(mesh, ndim, int(np.shape(x)[0]), what, axis_rules))
+
+
+def place_inputs(
+    mesh: Mesh, tokens: Any, attention_mask: Any, positions: Any, axis_rules: AxisRules | None = None
+) -> tuple[Any, Any, Any]:
+  """The forward's inputs as global arrays on ``mesh``: batch over the batch rule's axes, ``[1, T]`` positions replicated.
 
   Works under ``jax.distributed`` when every process passes the same host values.
   """
   b = int(tokens.shape[0])
-  tokens = _put_global(tokens, batch_sharding(mesh, 2, b, "tokens"))
+  tokens = _put_global(tokens, batch_sharding(mesh, 2, b, "tokens", axis_rules))
   if attention_mask is not None:
-    attention_mask = _put_global(attention_mask, batch_sharding(mesh, 2, b, "attention_mask"))
+    attention_mask = _put_global(attention_mask, batch_sharding(mesh, 2, b, "attention_mask", axis_rules))
   pb = int(positions.shape[0])
-  positions = _put_global(positions, batch_sharding(mesh, 2, pb if pb == b and pb > 1 else None, "positions"))
+  positions = _put_global(
+      positions, batch_sharding(mesh, 2, pb if pb == b and pb > 1 else None, "positions", axis_rules)
+  )
   return tokens, attention_mask, positions
 
 
@@ -337,6 +541,11 @@ def aligned_empty(shape: Sequence[int], dtype: Any, align: int = _ALIGN) -> np.n
   raw = np.empty(nbytes + align, np.uint8)
   off = (-raw.ctypes.data) % align
   return raw[off : off + nbytes].view(dtype).reshape(shape)
+
+
+def box_of(index: Sequence[slice], shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
+  """``(start, stop)`` per axis of a shard index (slices, possibly fewer than axes)."""
+  return _box(index, shape)
 
 
 def _box(index: Sequence[slice], shape: Sequence[int]) -> tuple[tuple[int, int], ...]:

@@ -14,6 +14,7 @@ Needs torch + transformers (the [oracle] extra); skipped when either is missing.
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import json
 import pathlib
@@ -378,6 +379,34 @@ def test_scaled_inv_freq_and_attention_factor_match_hf(k):
       total += ours.size
       same += int((ours.view(np.uint32) == hf_inv.view(np.uint32)).sum())
   assert same >= 0.9 * total, (ROPE_GRID[k], same, total)
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_yarn_high_correction_bound_clipped_to_dim_minus_one(truncate):
+  """A YaRN range whose high bound exceeds head_dim - 1 (small theta, long original context): HF clips it there.
+
+  Precondition computed here from YaRN's formula: the unclipped bound lies above dim - 1 while the low bound lies
+  inside the ramp, so the clip changes the ramp's slope (a port that skips or moves it differs in inv_freq).
+  """
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+  head_dim, theta, omp = 16, 50.0, 11000
+  params = {
+      "rope_type": "yarn",
+      "factor": 4.0,
+      "original_max_position_embeddings": omp,
+      "beta_fast": 64,
+      "beta_slow": 1,
+      "truncate": truncate,
+      "rope_theta": theta,
+  }
+  high = head_dim * math.log(omp / (1 * 2 * math.pi)) / (2 * math.log(theta))
+  low = head_dim * math.log(omp / (64 * 2 * math.pi)) / (2 * math.log(theta))
+  assert high > head_dim - 1 and 0 < low < head_dim // 2 - 1, (low, high)
+  hf_inv, _ = ROPE_INIT_FUNCTIONS["yarn"](_hf_config(head_dim, params, 4 * omp))
+  cfg = _ours(head_dim, params, 4 * omp)
+  ours, _ = rope_inv_freq_scaled(head_dim, cfg.rope_theta, cfg.rope_scaling)
+  assert int(ulp_distance(hf_inv.numpy(), ours).max()) <= 2
 
 
 def test_dynamic_inv_freq_matches_hf_runtime_recompute():

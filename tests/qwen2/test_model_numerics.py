@@ -102,3 +102,36 @@ def test_rms_norm_eps_from_the_config_reaches_the_forward(tmp_path):
     ref = w * (x / np.sqrt(var + e))
     rel = np.linalg.norm(np.asarray(st["layers.0.attn_norm"]) - ref) / np.linalg.norm(ref)
     assert (rel < 1e-6) == close, (e, rel)
+
+
+def test_rms_norm_eps_is_used_at_every_norm_site(tmp_path):
+  """ffn (post-attention) norm, final norm and Qwen3's q/k norms use the config's eps too, not only attn_norm.
+
+  Each norm is recomputed in float64 from the stage it reads, with the config's eps (must agree) and with 1e-6
+  (must not: eps is large enough to move every normed value).
+  """
+  eps = 0.0371
+  cfg = config_dict("qwen3", rms_norm_eps=eps)
+  tensors = random_tensors(cfg, seed=12)
+  path = write_checkpoint(tmp_path / "m", cfg, tensors)
+  _, st = qwen2.forward(qwen2.load(path), np.array([[3, 1, 4, 1, 5, 9, 2]]), capture=True)
+  st = {k: np.asarray(v, np.float64) for k, v in st.items()}
+  w = {k: v.astype(np.float64) for k, v in tensors.items()}
+  hd = cfg["head_dim"]
+
+  def norm(x, weight, e):
+    return weight * (x / np.sqrt((x * x).mean(-1, keepdims=True) + e))
+
+  sites = {"final_norm": (st["layers.1.output"], w["model.norm.weight"])}
+  for i in range(2):
+    p = f"model.layers.{i}."
+    sites[f"layers.{i}.ffn_norm"] = (st[f"layers.{i}.post_attn_residual"], w[p + "post_attention_layernorm.weight"])
+    for qk in ("q", "k"):
+      x = st[f"layers.{i}.{qk}_proj"]
+      sites[f"layers.{i}.{qk}_norm"] = (x.reshape(x.shape[:2] + (-1, hd)), w[p + f"self_attn.{qk}_norm.weight"])
+  for name, (x, weight) in sites.items():
+    got = st[name].reshape(x.shape)
+    for e, close in ((eps, True), (1e-6, False)):
+      ref = norm(x, weight, e)
+      rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+      assert (rel < 1e-5) == close, (name, e, rel)

@@ -91,6 +91,24 @@ BAD = {
         "would overwrite or lie inside an input",
     ),
     "stray_arg": (["--model_dir={model}", "--tokens=1", "extra"], "unexpected positional"),
+    "shard_rules_without_mesh": (
+        ["--model_dir={model}", "--tokens=1", "--out={tmp}/b.safetensors", "--shard_rules=heads=tp"],
+        "--shard_rules needs --mesh",
+    ),
+    "shard_rules_malformed": (
+        ["--model_dir={model}", "--tokens=1", "--out={tmp}/b.safetensors", "--mesh=tp:1", "--shard_rules=heads"],
+        "is not logical_axis=mesh_axis",
+    ),
+    "shard_rules_twice": (
+        [
+            "--model_dir={model}",
+            "--tokens=1",
+            "--out={tmp}/b.safetensors",
+            "--mesh=tp:1",
+            "--shard_rules=batch=dp,batch=x",
+        ],
+        "logical axis 'batch' given twice",
+    ),
 }
 
 

@@ -88,15 +88,19 @@ def test_zeroed_v_proj_bias_is_named_first_divergent(broken_model):
 
 def test_tool_passes_and_writes_candidate_and_plot(tmp_path):
   model = GOLDENS / "models" / "qwen3"
-  out, png = tmp_path / "ours.safetensors", tmp_path / "p.png"
+  out, png, page = tmp_path / "ours.safetensors", tmp_path / "p.png", tmp_path / "report.html"
   r = _tool(
       f"--model_dir={model}",
       f"--golden={GOLDENS / 'forward' / 'qwen3.padded.safetensors'}",
       f"--save_candidate={out}",
       f"--plot={png}",
+      f"--html={page}",
   )
   assert r.returncode == 0, r.stdout + r.stderr
   assert "PASS" in r.stdout
+  assert f"wrote {page}" in r.stdout or str(page) in r.stdout.splitlines()[-1], r.stdout
+  text = page.read_text()
+  assert text.lstrip().lower().startswith("<!doctype html") and "layers.0.q_norm" in text and "</html>" in text
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "layers.0.q_norm" in safetensors.numpy.load_file(str(out))
 
@@ -120,6 +124,53 @@ BAD = [
         "would overwrite or lie inside an input",
     ),
     (["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors", "--dtype=float8"], "dtype"),
+    # an all-padding row: nothing a model computes for use would be compared
+    (
+        [
+            "--model_dir=goldens/models/qwen3",
+            "--golden=goldens/forward/qwen3.safetensors",
+            "--tokens=0,0,0;1,2,3",
+            "--attention_mask=0,0,0;1,1,1",
+        ],
+        "attention_mask row 0 is all padding",
+    ),
+    (["--model_dir=goldens/models/qwen3", "--tokens=0,0,0", "--attention_mask=0,0,0", "--oracle"], "all padding"),
+    (
+        ["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors", "--oracle"],
+        "give --golden or --oracle, not both",
+    ),
+    (["--model_dir=goldens/models/qwen3", "--reference_dir=/nonexistent"], "no such reference directory"),
+    (
+        ["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors", "--decode_steps=2"],
+        "--decode_steps needs the live oracle",
+    ),
+    (["--model_dir=goldens/models/qwen3", "--oracle", "--decode_steps=0"], "decode_steps"),
+    (["--model_dir=goldens/models/qwen3", "--oracle", "--decode_steps=2", "--plot=x.png"], "not with --decode_steps"),
+    (
+        ["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors", "--shard_rules=heads=tp"],
+        "--shard_rules needs --mesh",
+    ),
+    (
+        [
+            "--model_dir=goldens/models/qwen3",
+            "--golden=goldens/forward/qwen3.safetensors",
+            "--mesh=tp:1",
+            "--shard_rules=bogus=tp",
+        ],
+        "unknown logical axis 'bogus'",
+    ),
+    (
+        [
+            "--model_dir=goldens/models/qwen3",
+            "--golden=goldens/forward/qwen3.safetensors",
+            "--html=goldens/models/qwen3/report.html",
+        ],
+        "would overwrite or lie inside an input",
+    ),
+    (
+        ["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors", "--html=report.txt"],
+        r"\.html",
+    ),
 ]
 
 
@@ -127,8 +178,11 @@ BAD = [
 def bad_runs():
   """Every BAD case through the tool in one process (tests.helpers.tools.run_many), from the repository root."""
   before = {p: p.read_bytes() for p in (GOLDENS / "forward").glob("qwen3*.safetensors")}
+  listing = sorted(p.name for p in (GOLDENS / "models" / "qwen3").iterdir())
   results = run_many("forward_parity", [args for args, _ in BAD])
   assert {p: p.read_bytes() for p in before} == before
+  assert sorted(p.name for p in (GOLDENS / "models" / "qwen3").iterdir()) == listing
+  assert not (ROOT / "report.txt").exists() and not (ROOT / "x.png").exists()
   return results
 
 
@@ -169,3 +223,135 @@ def test_live_oracle_on_a_fresh_model(tmp_path, test_seed):
   # the saved oracle bundle is a golden in its own right: the file path gives the same verdict
   again = forward_parity(tmp_path / "m", saved)
   assert again.passed
+
+
+def test_help_is_fast_it_imports_no_jax():
+  """--help needs only absl: importing the tool's module loads neither jax nor numpy (nor torch)."""
+  code = (
+      "import sys, parity_jax.cli.forward_parity as m; "
+      "bad = [k for k in ('jax', 'numpy', 'torch', 'ml_dtypes') if k in sys.modules]; "
+      "assert not bad, bad; print(','.join(m.PROFILE_NAMES))"
+  )
+  p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert p.returncode == 0, p.stderr
+  from parity_jax.bundles import BUILTIN_PROFILES
+
+  assert p.stdout.strip().split(",") == list(BUILTIN_PROFILES)  # the --profile choices spelled out stay true
+  h = _tool("--help")
+  assert h.returncode == 0 and "--decode_steps" in h.stdout and "--reference_dir" in h.stdout and "--html" in h.stdout
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# --reference_dir (is my converted checkpoint the same model?) and --decode_steps, on tiny HF models built here
+
+
+MOE_TOKENS = np.random.default_rng(3).integers(0, 128, (2, 12))
+
+
+def _rows(a) -> str:
+  return ";".join(",".join(str(int(t)) for t in row) for row in np.asarray(a))
+
+
+def _copy_with(src: pathlib.Path, dst: pathlib.Path, edit) -> pathlib.Path:
+  """A "converted" copy of an HF checkpoint directory with ``edit(tensors)`` applied to its weights."""
+  shutil.copytree(src, dst)
+  (weights,) = dst.glob("*.safetensors")
+  tensors = safetensors.numpy.load_file(str(weights))
+  edit(tensors)
+  safetensors.numpy.save_file(tensors, str(weights), metadata={"format": "pt"})
+  return dst
+
+
+@pytest.fixture(scope="module")
+def moe_pair(tmp_path_factory):
+  """An original Qwen2-MoE checkpoint, a faithful copy, and a copy whose layer-1 expert 3 down_proj is scaled."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from tests.helpers.moe import save, tiny_moe
+
+  root = tmp_path_factory.mktemp("converted")
+  original = save(tiny_moe("qwen2_moe", seed=8101, num_hidden_layers=2), root / "original")
+
+  def scale(t):
+    t["model.layers.1.mlp.experts.3.down_proj.weight"] *= np.float32(1.01)
+
+  return original, _copy_with(original, root / "faithful", lambda t: None), _copy_with(original, root / "bad", scale)
+
+
+@pytest.mark.oracle
+def test_reference_dir_catches_a_corrupted_converted_checkpoint_in_one_command(moe_pair, pair_runs):
+  original, faithful, bad = moe_pair
+  ok = forward_parity(faithful, reference_dir=original, tokens=MOE_TOKENS)
+  assert ok.passed and ok.routing is not None and not ok.routing.flips, ok.text(failing_only=True)
+  # --oracle on the corrupted copy loads the same corrupted weights into HF: it passes by design
+  assert forward_parity(bad, oracle=True, tokens=MOE_TOKENS).passed
+  r, page = pair_runs["reference_dir"]
+  assert r.returncode == 1, r.stdout + r.stderr
+  assert f"vs HF on the reference {original}" in r.stdout
+  assert "first divergent stage layers.1.routed_out" in r.stdout, r.stdout
+  assert "layers.1.routed_out" in page.read_text()
+
+
+@pytest.fixture(scope="module")
+def dense_pair(tmp_path_factory):
+  """A dense Qwen3 original, and a copy whose embedding row of the token HF generates first (row 0) is off.
+
+  The prompt never holds that token, so the prefill (step 0) matches and step 1, which feeds it, is the first
+  divergent step, at its embedding.
+  """
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from parity_jax.oracle.hf_forward import hf_generate
+  from tests.helpers import hf as hf_capture
+
+  root = tmp_path_factory.mktemp("decode")
+  model = hf_capture.tiny_qwen("qwen3", num_layers=2, init=0.08, seed=8102, hidden=32, vocab=128)
+  model.save_pretrained(root / "original")
+  tokens = np.array([[0, 0, 6, 17, 99, 4], [9, 120, 33, 2, 76, 54]])
+  mask = np.array([[0, 0, 1, 1, 1, 1], [1] * 6])
+  seq, _ = hf_generate(model, tokens, 1, mask)
+  first = int(seq[0, -1])
+  assert first not in tokens[:, 2:] and first not in tokens[1]
+
+  def shift(t):
+    t["model.embed_tokens.weight"][first] += np.float32(0.05)
+
+  return root / "original", _copy_with(root / "original", root / "bad", shift), tokens, mask
+
+
+@pytest.fixture(scope="module")
+def pair_runs(moe_pair, dense_pair, tmp_path_factory):
+  """The tool on both corrupted copies, in one child process (tests.helpers.tools.run_many)."""
+  original, _, bad = moe_pair
+  d_original, d_bad, tokens, mask = dense_pair
+  page = tmp_path_factory.mktemp("html") / "bad.html"
+  runs = run_many(
+      "forward_parity",
+      [
+          [f"--model_dir={bad}", f"--reference_dir={original}", f"--tokens={_rows(MOE_TOKENS)}", f"--html={page}"],
+          [
+              f"--model_dir={d_bad}",
+              f"--reference_dir={d_original}",
+              f"--tokens={_rows(tokens)}",
+              f"--attention_mask={_rows(mask)}",
+              "--decode_steps=4",
+              "--format=json",
+          ],
+      ],
+  )
+  return {"reference_dir": (runs[0], page), "decode_steps": runs[1]}
+
+
+@pytest.mark.oracle
+def test_decode_steps_names_the_first_divergent_step_then_stage(dense_pair, pair_runs):
+  original, bad, tokens, mask = dense_pair
+  r = pair_runs["decode_steps"]
+  assert r.returncode == 1, r.stdout + r.stderr
+  d = json.loads(r.stdout)
+  assert d["first_divergent_step"] == 1 and d["first_divergent_stage"] == "embedding", d
+  assert d["rows"][0]["passed"] and not d["rows"][1]["passed"]
+  from parity_jax.qwen2 import decode_parity
+
+  same = decode_parity(original, steps=4, tokens=tokens, attention_mask=mask)
+  assert same.passed and same.first_divergent_step is None, same.text()
+  assert "PASS: 4 steps" in same.text()
