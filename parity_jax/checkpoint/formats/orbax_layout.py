@@ -351,8 +351,21 @@ def _recorded_orbax_version(tree: Tree, item: str) -> str | None:
   return None
 
 
-def decide_layout(raw: dict[str, Any], tree: Tree, item: str, layout: str) -> tuple[bool, bool, bool, dict[str, Any]]:
-  """(use_ocdbt, use_zarr3, strict, facts) from ``_METADATA`` and the directory, the way orbax decides."""
+def decide_layout(
+    raw: dict[str, Any], tree: Tree | str | os.PathLike, item: str | os.PathLike, layout: str
+) -> tuple[bool, bool, bool, dict[str, Any]]:
+  """(use_ocdbt, use_zarr3, strict, facts) from ``_METADATA`` and the directory, the way orbax decides.
+
+  ``tree``/``item``: the checkpoint's :class:`Tree` and the item directory relative to it; or, as before
+  the stores, the item directory and the checkpoint path (local paths or URLs).
+  """
+  if not isinstance(tree, Tree):
+    item_dir, path = tree, item
+    tree = _open_tree(path)
+    item_store = _open_tree(item_dir).store
+    if item_store != tree.store and not item_store.is_inside(tree.store):
+      raise UsageError(f"item directory {item_dir} is not inside {path}")
+    item = item_store.url[len(tree.store.url) :].strip("/")
   path, item_dir = tree.url, tree.join(item)
   manifest = tree.is_file(_rel(item, OCDBT_MANIFEST))
   if "use_ocdbt" in raw:
