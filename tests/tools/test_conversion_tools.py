@@ -1,0 +1,98 @@
+"""The checkpoint tools with Hugging Face safetensors sides: exit codes, named failures, one-line errors.
+
+The HF side is a tunix fixture written by transformers (tests/data/conversions/tunix); the migrated HF
+sides are written by the hand-written safetensors writer (tests.helpers.safetensors_files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from parity_jax.checkpoint import open_checkpoint
+from tests.helpers import safetensors_files as W
+from tests.helpers.tools import one_line_error, run_many
+
+HF = os.path.join(os.path.dirname(__file__), "..", "data", "conversions", "tunix", "qwen3_moe_f32_sharded", "hf")
+SPEC = {
+    "rules": [
+        {"match": r"model\.layers\.(\d+)\.(.*)", "to": r"layers.\1.\2"},
+        {"match": r"(?!model\.layers\.)(?:model\.)?(.*)", "to": r"\1"},
+    ]
+}
+SPEC_ORBAX = {
+    "rules": [
+        {"match": r"model\.layers\.(\d+)\.(.*)", "to": r"layers/\1/\2"},
+        {"match": r"(?!model\.layers\.)(?:model\.)?(.*)", "to": r"\1"},
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+def sides(tmp_path_factory):
+  root = tmp_path_factory.mktemp("conv_tools")
+  src = open_checkpoint(HF)
+  renamed = {}
+  for name, m in src.leaves.items():
+    a = src.read_whole(m)
+    new = name.replace("model.layers.", "layers.", 1) if name.startswith("model.layers.") else name
+    renamed[new.removeprefix("model.")] = a
+  good = root / "good"
+  good.mkdir()
+  W.write_file(good / "model.safetensors", renamed)
+  swapped = dict(renamed)
+  e0, e1 = "layers.1.mlp.experts.0.up_proj.weight", "layers.1.mlp.experts.1.up_proj.weight"
+  if e0 in swapped:
+    swapped[e0], swapped[e1] = swapped[e1], swapped[e0]
+  else:  # fused experts: swap the first two along the expert axis
+    key = next(k for k in swapped if k.startswith("layers.1.mlp.experts.") and swapped[k].ndim == 3)
+    e0 = e1 = key
+    swapped[key] = swapped[key][[1, 0] + list(range(2, swapped[key].shape[0]))]
+  bad = root / "swapped"
+  bad.mkdir()
+  W.write_file(bad / "model.safetensors", swapped)
+  odd = root / "odd"
+  odd.mkdir()
+  W.write_file(odd / "weights.safetensors", renamed)
+  garbage = root / "garbage"
+  garbage.mkdir()
+  (garbage / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+  (root / "nothing").mkdir()
+  spec = root / "spec.json"
+  spec.write_text(json.dumps(SPEC))
+  spec_orbax = root / "spec_orbax.json"
+  spec_orbax.write_text(json.dumps(SPEC_ORBAX))
+  return dict(
+      root=root, good=good, bad=bad, odd=odd, garbage=garbage, spec=spec, spec_orbax=spec_orbax, swapped=(e0, e1)
+  )
+
+
+def test_verify_and_migrate_tools_with_hf_sides(sides):
+  root, spec = sides["root"], sides["spec"]
+  out = root / "orbax"
+  (m,) = run_many("migrate_checkpoint", [[f"--source={HF}", f"--dest={out}", f"--spec={sides['spec_orbax']}"]])
+  assert m.returncode == 0, m.stderr
+  v = run_many(
+      "verify_migration",
+      [
+          [f"--source={HF}", f"--migrated={sides['good']}", f"--spec={spec}"],
+          [f"--source={HF}", f"--migrated={sides['bad']}", f"--spec={spec}", f"--report={root / 'bad.json'}"],
+          [f"--source={HF}", f"--migrated={out}", f"--spec={sides['spec_orbax']}"],
+          [f"--source={HF}", f"--migrated={sides['odd']}", f"--spec={spec}"],
+          [f"--source={HF}", f"--migrated={sides['garbage']}", f"--spec={spec}"],
+          [f"--source={root / 'nothing'}", f"--migrated={sides['good']}", f"--spec={spec}"],
+      ],
+  )
+  assert v[0].returncode == 0 and v[0].stdout.splitlines()[-1] == "VERDICT: PASS", v[0].stdout + v[0].stderr
+  assert v[1].returncode == 1, v[1].stdout + v[1].stderr
+  report = json.loads((root / "bad.json").read_text())
+  failed = sorted(r["migrated_path"] for r in report["leaves"] if r["status"] != "PASS")
+  assert failed == sorted(set(sides["swapped"])), failed
+  assert all(f in v[1].stdout for f in failed)
+  assert v[2].returncode == 0, v[2].stdout + v[2].stderr
+  one_line_error(v[3], "neither model.safetensors nor model.safetensors.index.json")
+  one_line_error(v[4], "header is not valid JSON")
+  one_line_error(v[5], "HF safetensors dirs")
+  assert not os.path.exists(root / "good" / "bad.json")
