@@ -18,8 +18,16 @@ A spec is JSON::
   C order, and every axis of either shape is a run of adjacent axes of a
   common refinement (splits and merges of adjacent axes, size-1 axes added or
   dropped). ``(4, 6) -> (6, 4)`` keeps the bytes but silently reinterprets the
-  axes; it is refused. Transposes and dtype casts are never allowed: they do
-  not preserve values byte for byte.
+  axes; it is refused.
+* Element rules (:mod:`parity_jax.checkpoint.transforms`): ``transpose``
+  (a permutation), ``ops`` (transposes and reshapes in order), ``stack``
+  (many source leaves into one target leaf along declared axes, nested
+  levels allowed) and ``cast`` (a float dtype, checked against
+  round-to-nearest-even). Every element keeps its bytes (or its correctly
+  rounded value); only its position moves. The verifier checks them element
+  by element; the migrator does not perform them yet.
+* ``"drop": true`` declares matched source leaves dropped (a tied
+  ``lm_head``): used by no target, and not an error.
 * ``group_depth`` (default 1): the verdict table groups leaves by the first
   ``group_depth`` components of the migrated path.
 
@@ -47,7 +55,7 @@ from parity_jax.errors import UsageError
 
 __all__ = ["LeafPlan", "MigrationPlan", "RemapRule", "RemapSpec", "SpecError", "Transform"]
 
-_RULE_KEYS = {"match", "to", "squeeze", "reshape", "comment"}
+_RULE_KEYS = {"match", "to", "squeeze", "reshape", "comment", "transpose", "ops", "stack", "cast", "drop"}
 _TOP_KEYS = {"rules", "group_depth", "comment", "description"}
 _MAX_LISTED = 25  # problems spelled out in the one-line message; all are in .problems
 SPEC_ERRORS_FORMAT = "parity_jax.spec_errors/1"
@@ -139,6 +147,15 @@ class RemapRule:
   squeeze: tuple[int, ...] | None = None
   reshape: tuple[int, ...] | None = None
   pattern: re.Pattern = dataclasses.field(compare=False, repr=False, default=None)
+  ops: tuple = ()  # transforms.Op chain of an element rule
+  stack: tuple[tuple[int, str], ...] = ()  # (target axis, index template) per stack level
+  cast: str | None = None
+  drop: bool = False
+
+  @property
+  def elementwise(self) -> bool:
+    """Transposes, stacks or casts: checked element by element (:mod:`parity_jax.checkpoint.transforms`)."""
+    return bool(self.ops or self.stack or self.cast)
 
   def label(self) -> str:
     return f"rule #{self.index} ({self.match!r})"
@@ -149,6 +166,14 @@ class RemapRule:
       d["squeeze"] = list(self.squeeze)
     if self.reshape is not None:
       d["reshape"] = list(self.reshape)
+    if self.ops:
+      d["ops"] = [o.to_dict() for o in self.ops]
+    if self.stack:
+      d["stack"] = [{"axis": a, "index": t} for a, t in self.stack]
+    if self.cast:
+      d["cast"] = self.cast
+    if self.drop:
+      d["drop"] = True
     return d
 
   def transform_for(self, shape: tuple[int, ...]) -> Transform | str:
@@ -198,11 +223,18 @@ class MigrationPlan:
 
   spec: "RemapSpec"
   leaves: tuple[LeafPlan, ...]
+  elements: tuple = ()  # transforms.ElementPlan per target leaf of an element rule
+  dropped: tuple[str, ...] = ()  # source leaves declared dropped
+
+  @property
+  def element_sources(self) -> dict[str, str]:
+    """Source path -> target path of every member of an element rule."""
+    return {s: e.dest for e in self.elements for s in e.members.values()}
 
   @property
   def inverse(self) -> dict[str, str]:
-    """Destination path -> source path."""
-    return {p.dest: p.source for p in self.leaves}
+    """Destination path -> source path (the first member of a stack)."""
+    return {**{p.dest: p.source for p in self.leaves}, **{e.dest: e.sources[0] for e in self.elements}}
 
   @property
   def forward(self) -> dict[str, str]:
@@ -323,6 +355,25 @@ class RemapSpec:
           problems.append(f"{where}: 'reshape' {reshape} may hold sizes >= 0 and at most one -1")
       if squeeze is not None and reshape is not None:
         problems.append(f"{where}: give 'squeeze' or 'reshape', not both (a reshape can drop size-1 axes itself)")
+      ops, stack, cast, drop = (), (), None, False
+      if any(k in r for k in ("transpose", "ops", "stack", "cast")):
+        from parity_jax.checkpoint import transforms
+
+        ops, stack, cast, more = transforms.parse_element_keys(r, where)
+        problems.extend(more)
+        if squeeze is not None or reshape is not None:
+          problems.append(f"{where}: with transpose/ops/stack/cast, put a reshape in 'ops' (no 'squeeze'/'reshape')")
+        if pattern is not None:
+          for _, t in stack:
+            err = _check_template(pattern, t)
+            if err:
+              problems.append(f"{where}: stack index {t!r} is not a valid template for {match!r}: {err}")
+      if "drop" in r:
+        drop = r["drop"]
+        if drop is not True:
+          problems.append(f"{where}: 'drop' must be true")
+        elif len(set(r) - {"match", "to", "drop", "comment"}):
+          problems.append(f"{where}: a dropped leaf takes no transform")
       rules.append(
           RemapRule(
               index=i,
@@ -331,6 +382,10 @@ class RemapSpec:
               squeeze=tuple(squeeze) if squeeze is not None else None,
               reshape=tuple(reshape) if reshape is not None else None,
               pattern=pattern,
+              ops=ops,
+              stack=stack,
+              cast=cast,
+              drop=drop is True,
           )
       )
     if problems:
@@ -385,6 +440,8 @@ class RemapSpec:
     plans: list[LeafPlan] = []
     hits = {r.index: 0 for r in self.rules}
     dest_of: dict[str, str] = {}
+    element_items: list[tuple] = []
+    dropped: list[str] = []
     for path, meta in leaves.items():
       rules = self.matching_rules(path)
       for r in rules:
@@ -396,10 +453,16 @@ class RemapSpec:
         problems.append(f"source leaf {path!r} matches {len(rules)} rules: " + ", ".join(f"#{r.index}" for r in rules))
         continue
       rule = rules[0]
+      if rule.drop:
+        dropped.append(path)
+        continue
       dest = rule.pattern.fullmatch(path).expand(rule.to)
       comps = keypath.split(dest)
       if not dest or any(c == "" for c in comps):
         problems.append(f"{rule.label()} maps {path!r} to {dest!r}, which has an empty path component")
+        continue
+      if rule.elementwise:
+        element_items.append((path, rule, dest, rule.pattern.fullmatch(path), meta))
         continue
       shape = tuple(getattr(meta, "shape", ()) or ())
       kind = getattr(meta, "kind", "array")
@@ -415,13 +478,22 @@ class RemapSpec:
         continue
       dest_of[dest] = path
       plans.append(LeafPlan(path, dest, rule, t, self.group_of(dest)))
+    elements = []
+    if element_items:
+      from parity_jax.checkpoint import transforms
+
+      elements, more = transforms.bind_elements(element_items, self.group_of)
+      problems.extend(more)
+      for e in elements:
+        if e.dest in dest_of:
+          problems.append(f"source leaves {dest_of[e.dest]!r} and {e.sources[0]!r} both map to {e.dest!r}")
     for r in self.rules:
       if hits[r.index] == 0:
         problems.append(f"{r.label()} matches no source leaf")
-    problems.extend(_destination_conflicts(list(dest_of)))
+    problems.extend(_destination_conflicts(list(dest_of) + [e.dest for e in elements]))
     if problems:
       raise SpecError(f"spec {self.source} does not fit the {what}", problems)
-    return MigrationPlan(self, tuple(plans))
+    return MigrationPlan(self, tuple(plans), tuple(elements), tuple(dropped))
 
   def __repr__(self) -> str:
     return f"RemapSpec({len(self.rules)} rules, group_depth={self.group_depth}, source={self.source!r})"
