@@ -20,6 +20,7 @@ import pytest
 from parity_jax.checkpoint import RemapSpec, SpecError, open_checkpoint, restore_leaves, verify_migration
 from parity_jax.errors import UsageError
 from tests.helpers import maxtext_layout as MT
+from tests.helpers.conversion_specs import maxtext_rules, tunix_rules
 from tests.helpers import safetensors_files as W
 
 TUNIX = os.path.join(os.path.dirname(__file__), "..", "data", "conversions", "tunix")
@@ -28,58 +29,6 @@ TUNIX = os.path.join(os.path.dirname(__file__), "..", "data", "conversions", "tu
 def _expected(fixture):
   with open(os.path.join(TUNIX, fixture, "expected.json")) as f:
     return json.load(f)
-
-
-def tunix_rules(key_map: dict, cast: str | None = None) -> list[dict]:
-  """One rule per HF tensor, straight from tunix's own key map (permute, reshape, stack axis and index)."""
-  rules = []
-  for hf, t in key_map.items():
-    r = {"match": re.escape(hf), "to": t.get("stacked_into", t["tunix_key"]).replace(".", "/")}
-    ops = ([{"transpose": t["permute"]}] if t.get("permute") else []) + (
-        [{"reshape": t["reshape"]}] if t.get("reshape") else []
-    )
-    if ops:
-      r["ops"] = ops
-    if "stack_axis" in t:
-      r["stack"] = [{"axis": t["stack_axis"], "index": str(t["stack_index"])}]
-    if cast:
-      r["cast"] = cast
-    rules.append(r)
-  return rules
-
-
-def maxtext_rules(hf_config: dict, prefix: str = "") -> list[dict]:
-  """One rule per HF tensor from MaxText's mapping (the helper's transcription): hooks as ops, stacks by position."""
-  dims = MT.QwenDims.from_hf_config(hf_config)
-  shapes = MT.maxtext_shapes(dims, True)
-  hf_shapes = MT.hf_shapes(dims)
-  rules = []
-  for mt, src in MT.param_mapping(dims, True).items():
-    to = prefix + mt.replace("-", "/")
-    target = shapes[mt]
-    if isinstance(src, str):
-      members, axes, one = [(src, ())], [], target
-    elif not isinstance(src[0], list):
-      members, axes = [(k, (i,)) for i, k in enumerate(src)], [MT.PARAM_SCAN_AXIS]
-      one = target[:1] + target[2:]
-    else:
-      members, axes, one = [(k, (e, l)) for e, inner in enumerate(src) for l, k in enumerate(inner)], [0, 1], target[2:]
-    for hf, index in members:
-      hs = hf_shapes[hf]
-      ops = []
-      if len(hs) == 2 and ("kernel" in mt or "wi_" in mt or "wo" in mt):
-        ops.append({"transpose": [1, 0]})
-        if tuple(hs[::-1]) != tuple(one):
-          ops.append({"reshape": list(one)})
-      elif tuple(hs) != tuple(one):
-        ops.append({"reshape": list(one)})
-      r = {"match": re.escape(hf), "to": to}
-      if ops:
-        r["ops"] = ops
-      if axes:
-        r["stack"] = [{"axis": a, "index": str(i)} for a, i in zip(axes, index)]
-      rules.append(r)
-  return rules
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +239,14 @@ def test_migrator_refuses_element_rules_in_one_line(tmp_path):
   with pytest.raises(UsageError, match="does not perform transpose/ops/stack/cast rules yet"):
     migrate(os.path.join(TUNIX, fx, "hf"), tmp_path / "out", spec)
   assert not (tmp_path / "out").exists()
+
+
+def test_transposed_leaves_stream_in_small_slabs_reading_each_byte_about_once():
+  """1 KiB slabs: every target slab reads only its members' bounding boxes (about its own bytes), never a leaf."""
+  fx = "qwen3_moe_f32_sharded"
+  spec = RemapSpec.from_rules(tunix_rules(_expected(fx)["tunix_key_map"]))
+  hf = os.path.join(TUNIX, fx, "hf")
+  rep = verify_migration(hf, os.path.join(TUNIX, fx, "tunix_default"), spec, slab_mb=1 / 1024)
+  assert rep.passed, rep.text()
+  total = open_checkpoint(hf).nbytes
+  assert 2 * total <= rep.bytes_read <= 2.5 * total, (rep.bytes_read, total)

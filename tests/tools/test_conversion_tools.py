@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
-from parity_jax.checkpoint import open_checkpoint
+from parity_jax.checkpoint import open_checkpoint, restore_leaves
 from tests.helpers import safetensors_files as W
+from tests.helpers.conversion_specs import tunix_rules
 from tests.helpers.tools import one_line_error, run_many
 
 HF = os.path.join(os.path.dirname(__file__), "..", "data", "conversions", "tunix", "qwen3_moe_f32_sharded", "hf")
@@ -64,8 +66,35 @@ def sides(tmp_path_factory):
   spec.write_text(json.dumps(SPEC))
   spec_orbax = root / "spec_orbax.json"
   spec_orbax.write_text(json.dumps(SPEC_ORBAX))
+  # hf -> tunix (tunix's own key map) against tunix's own conversion with one expert pair swapped
+  with open(os.path.join(HF, "..", "expected.json")) as f:
+    rules = tunix_rules(json.load(f)["tunix_key_map"])
+  tunix = root / "tunix_spec.json"
+  tunix.write_text(json.dumps({"rules": rules}))
+  ck = open_checkpoint(os.path.join(HF, "..", "tunix_default"))
+  tree = dict(restore_leaves(ck, sorted(ck.leaves)))
+  tree["layers/0/mlp/down_proj"] = tree["layers/0/mlp/down_proj"][[0, 1, 3, 2]]
+  (root / "tunix_bad").mkdir()
+  W.write_file(root / "tunix_bad" / "model.safetensors", tree)
+  for r in rules:  # two spec mistakes: a permutation of the wrong length and a stack with a missing member
+    if r["match"] == re.escape("model.layers.0.self_attn.o_proj.weight"):
+      r["ops"] = [{"transpose": [0]}] + r["ops"][1:]
+  rules = [r for r in rules if r["match"] != re.escape("model.layers.1.mlp.experts.1.up_proj.weight")]
+  rules.append({"match": re.escape("model.layers.1.mlp.experts.1.up_proj.weight"), "to": "x", "drop": True})
+  broken = root / "tunix_broken_spec.json"
+  broken.write_text(json.dumps({"rules": rules}))
   return dict(
-      root=root, good=good, bad=bad, odd=odd, garbage=garbage, spec=spec, spec_orbax=spec_orbax, swapped=(e0, e1)
+      root=root,
+      good=good,
+      bad=bad,
+      odd=odd,
+      garbage=garbage,
+      spec=spec,
+      spec_orbax=spec_orbax,
+      swapped=(e0, e1),
+      tunix=tunix,
+      tunix_bad=root / "tunix_bad",
+      broken=broken,
   )
 
 
@@ -83,6 +112,14 @@ def test_verify_and_migrate_tools_with_hf_sides(sides):
           [f"--source={HF}", f"--migrated={sides['odd']}", f"--spec={spec}"],
           [f"--source={HF}", f"--migrated={sides['garbage']}", f"--spec={spec}"],
           [f"--source={root / 'nothing'}", f"--migrated={sides['good']}", f"--spec={spec}"],
+          [f"--source={HF}", f"--migrated={os.path.join(HF, '..', 'tunix_default')}", f"--spec={sides['tunix']}"],
+          [f"--source={HF}", f"--migrated={sides['tunix_bad']}", f"--spec={sides['tunix']}"],
+          [
+              f"--source={HF}",
+              f"--migrated={sides['tunix_bad']}",
+              f"--spec={sides['broken']}",
+              f"--spec_errors={root / 'e.json'}",
+          ],
       ],
   )
   assert v[0].returncode == 0 and v[0].stdout.splitlines()[-1] == "VERDICT: PASS", v[0].stdout + v[0].stderr
@@ -96,3 +133,11 @@ def test_verify_and_migrate_tools_with_hf_sides(sides):
   one_line_error(v[4], "header is not valid JSON")
   one_line_error(v[5], "HF safetensors dirs")
   assert not os.path.exists(root / "good" / "bad.json")
+  assert v[6].returncode == 0 and v[6].stdout.splitlines()[-1] == "VERDICT: PASS", v[6].stdout + v[6].stderr
+  assert v[7].returncode == 1 and "layers/0/mlp/down_proj" in v[7].stdout, v[7].stdout + v[7].stderr
+  assert "model.layers.0.mlp.experts.2.down_proj.weight" in v[7].stdout  # the source of the first difference
+  line = one_line_error(v[8], "2 problems")
+  problems = json.loads((root / "e.json").read_text())["problems"]
+  assert len(problems) == 2 and "is not a permutation" in problems[0] + problems[1], problems
+  assert any("missing member(s) at [1]" in p and "layers/1/mlp/up_proj" in p for p in problems), problems
+  assert "e.json" in line
