@@ -55,7 +55,7 @@ from parity_jax.errors import UsageError
 
 __all__ = ["LeafPlan", "MigrationPlan", "RemapRule", "RemapSpec", "SpecError", "Transform"]
 
-_RULE_KEYS = {"match", "to", "squeeze", "reshape", "comment", "transpose", "ops", "stack", "cast", "drop"}
+_RULE_KEYS = {"match", "to", "squeeze", "reshape", "comment", "transpose", "ops", "stack", "cast", "drop", "fill"}
 _TOP_KEYS = {"rules", "group_depth", "comment", "description"}
 _MAX_LISTED = 25  # problems spelled out in the one-line message; all are in .problems
 SPEC_ERRORS_FORMAT = "parity_jax.spec_errors/1"
@@ -151,6 +151,7 @@ class RemapRule:
   stack: tuple[tuple[int, str], ...] = ()  # (target axis, index template) per stack level
   cast: str | None = None
   drop: bool = False
+  fill: float = 0.0  # what a pad op adds (a number, in the target dtype)
 
   @property
   def elementwise(self) -> bool:
@@ -174,6 +175,8 @@ class RemapRule:
       d["cast"] = self.cast
     if self.drop:
       d["drop"] = True
+    if any(o.kind == "pad" for o in self.ops):
+      d["fill"] = self.fill
     return d
 
   def transform_for(self, shape: tuple[int, ...]) -> Transform | str:
@@ -355,7 +358,14 @@ class RemapSpec:
           problems.append(f"{where}: 'reshape' {reshape} may hold sizes >= 0 and at most one -1")
       if squeeze is not None and reshape is not None:
         problems.append(f"{where}: give 'squeeze' or 'reshape', not both (a reshape can drop size-1 axes itself)")
-      ops, stack, cast, drop = (), (), None, False
+      ops, stack, cast, drop, fill = (), (), None, False, 0.0
+      if "fill" in r:
+        fill = r["fill"]
+        if isinstance(fill, bool) or not isinstance(fill, (int, float)):
+          problems.append(f"{where}: 'fill' must be a number, got {fill!r}")
+          fill = 0.0
+        elif "ops" not in r:
+          problems.append(f"{where}: 'fill' is what a pad op adds; this rule has no 'ops'")
       if any(k in r for k in ("transpose", "ops", "stack", "cast")):
         from parity_jax.checkpoint import transforms
 
@@ -386,6 +396,7 @@ class RemapSpec:
               stack=stack,
               cast=cast,
               drop=drop is True,
+              fill=float(fill),
           )
       )
     if problems:

@@ -62,16 +62,33 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 @dataclasses.dataclass(frozen=True)
 class Op:
-  """One step of a chain: ``transpose`` (``arg`` = perm) or ``reshape`` (``arg`` = target shape, -1 allowed)."""
+  """One step of a chain: ``transpose`` (``arg`` = perm), ``reshape`` (target shape, -1 allowed), ``pad``
+  (``[before, after]`` per axis, flattened: elements of the rule's ``fill`` added) or ``slice`` (``[start, stop]``
+  per axis, flattened: the elements outside are declared dropped)."""
 
   kind: str
   arg: tuple[int, ...]
 
+  def pairs(self) -> list[tuple[int, int]]:
+    return list(zip(self.arg[0::2], self.arg[1::2]))
+
   def to_dict(self) -> dict[str, Any]:
+    if self.kind in ("pad", "slice"):
+      return {self.kind: [list(p) for p in self.pairs()]}
     return {self.kind: list(self.arg)}
 
   def out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...] | str:
     """The shape after this op, or a one-line reason it does not fit ``shape``."""
+    if self.kind in ("pad", "slice"):
+      pairs = self.pairs()
+      if len(pairs) != len(shape):
+        return f"{self.kind} {[list(p) for p in pairs]} has {len(pairs)} axes, the shape {list(shape)} has {len(shape)}"
+      if self.kind == "pad":
+        return tuple(d + a + b for d, (a, b) in zip(shape, pairs))
+      bad = [i for i, (d, (a, b)) in enumerate(zip(shape, pairs)) if not 0 <= a <= b <= d]
+      if bad:
+        return f"slice {[list(p) for p in pairs]}: axis {bad[0]} range is not within 0..{shape[bad[0]]}"
+      return tuple(b - a for a, b in pairs)
     if self.kind == "transpose":
       if sorted(self.arg) != list(range(len(shape))):
         return f"transpose {list(self.arg)} is not a permutation of the {len(shape)} axes of {list(shape)}"
@@ -107,11 +124,19 @@ def parse_element_keys(
     problems.append(f"{where}: 'ops' must be a list of {{'transpose': [...]}} / {{'reshape': [...]}}")
     raw_ops = []
   for i, o in enumerate(raw_ops):
-    if not isinstance(o, dict) or len(o) != 1 or next(iter(o)) not in ("transpose", "reshape"):
-      problems.append(f"{where}: ops[{i}] must be {{'transpose': [perm]}} or {{'reshape': [shape]}}, got {o!r}")
+    if not isinstance(o, dict) or len(o) != 1 or next(iter(o)) not in ("transpose", "reshape", "pad", "slice"):
+      problems.append(
+          f"{where}: ops[{i}] must be {{'transpose': [perm]}}, {{'reshape': [shape]}}, {{'pad': [[before, after],"
+          f" ...]}} or {{'slice': [[start, stop], ...]}}, got {o!r}"
+      )
       continue
     kind, arg = next(iter(o.items()))
-    if not int_list(arg):
+    if kind in ("pad", "slice"):
+      if not isinstance(arg, list) or not all(int_list(p) and len(p) == 2 and min(p) >= 0 for p in arg):
+        problems.append(f"{where}: ops[{i}] {kind} must be a list of [a, b] pairs of integers >= 0, got {arg!r}")
+      else:
+        ops.append(Op(kind, tuple(x for p in arg for x in p)))
+    elif not int_list(arg):
       problems.append(f"{where}: ops[{i}] {kind} must be a list of integers, got {arg!r}")
     elif kind == "reshape" and (any(d < -1 for d in arg) or arg.count(-1) > 1):
       problems.append(f"{where}: ops[{i}] reshape {arg} may hold sizes >= 0 and at most one -1")
@@ -188,6 +213,12 @@ class ElementPlan:
   src_dtype: np.dtype
   dst_dtype: np.dtype
   dst_shape: tuple[int, ...]
+  fill: float = 0.0  # what padding holds, in the target dtype
+
+  @property
+  def fill_bytes(self) -> np.ndarray:
+    """The fill value in the target dtype (``-0.0`` differs from ``0.0``)."""
+    return np.asarray(self.fill).astype(self.dst_dtype)
 
   @property
   def sources(self) -> list[str]:
@@ -204,11 +235,12 @@ class ElementPlan:
   def member_axes(self) -> list[int]:
     return [a for a in range(len(self.dst_shape)) if a not in self.stack_axes]
 
-  def source_indices(self, idx: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """For target multi-indices ``idx`` (arrays, one per axis): (member number, source multi-indices).
+  def source_indices(self, idx: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """For target multi-indices ``idx`` (arrays, one per axis): (member number, source multi-indices, valid).
 
     The member number indexes :meth:`member_keys`; source indices are in the
-    member's stored shape.
+    member's stored shape; ``valid`` is False where the element is padding
+    (it must hold ``fill``; its source index is meaningless).
     """
     keys = self.member_keys()
     if self.stack_axes:
@@ -217,8 +249,18 @@ class ElementPlan:
     else:
       member = np.zeros(np.shape(idx[0]) if idx else (), np.int64)
     cur = [idx[a] for a in self.member_axes()]
+    valid = np.ones(np.shape(member), bool)
     for op, shape_in in zip(reversed(self.ops), reversed(self.shapes[:-1])):
-      if op.kind == "transpose":
+      if op.kind == "pad":
+        back = []
+        for c, (a, _), d in zip(cur, op.pairs(), shape_in):
+          c = c - a
+          valid &= (c >= 0) & (c < d)
+          back.append(np.clip(c, 0, max(d - 1, 0)))
+        cur = back
+      elif op.kind == "slice":
+        cur = [c + a for c, (a, _) in zip(cur, op.pairs())]
+      elif op.kind == "transpose":
         back = [None] * len(cur)
         for j, p in enumerate(op.arg):
           back[p] = cur[j]
@@ -227,14 +269,14 @@ class ElementPlan:
         shape_out = op.out_shape(shape_in)
         flat = np.ravel_multi_index(cur, shape_out) if cur else np.zeros_like(member)
         cur = list(np.unravel_index(flat, shape_in)) if shape_in else []
-    return member, cur
+    return member, cur, valid
 
   def member_keys(self) -> list[tuple[int, ...]]:
     return sorted(self.members)
 
   def source_of(self, index: Sequence[int]) -> tuple[str, tuple[int, ...]]:
     """The source leaf and index of target element ``index``."""
-    member, src = self.source_indices([np.asarray([i]) for i in index])
+    member, src, _ = self.source_indices([np.asarray([i]) for i in index])
     return self.members[self.member_keys()[int(member[0])]], tuple(int(s[0]) for s in src)
 
 
@@ -264,7 +306,7 @@ def bind_elements(
     if dest in bad_dests:
       continue
     rules = {r.index: r for _, r, _, _ in members}
-    shapes_of = {(r.ops, tuple(a for a, _ in r.stack), r.cast) for r in rules.values()}
+    shapes_of = {(r.ops, tuple(a for a, _ in r.stack), r.cast, r.fill) for r in rules.values()}
     if len(shapes_of) > 1:
       problems.append(
           f"rules {', '.join(f'#{i}' for i in sorted(rules))} map to {dest!r} with different transforms"
@@ -357,6 +399,7 @@ def bind_elements(
               src_dtype,
               dst_dtype,
               tuple(dst_shape),
+              rule.fill,
           )
       )
   return plans, problems

@@ -250,3 +250,59 @@ def test_transposed_leaves_stream_in_small_slabs_reading_each_byte_about_once():
   assert rep.passed, rep.text()
   total = open_checkpoint(hf).nbytes
   assert 2 * total <= rep.bytes_read <= 2.5 * total, (rep.bytes_read, total)
+
+
+def test_maxtext_vocab_padding_and_the_way_back(hf_trees, tmp_path):
+  """HF -> MaxText with the vocabulary padded to 160 rows of +0.0 (MaxText's pad_embedding_layer), and back."""
+  fx = "qwen3_dense_bf16_tied_sharded"  # tied: MaxText pads only the embedding (an untied lm_head cannot be)
+  hf_dir = os.path.join(TUNIX, fx, "hf")
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    cfg = json.load(f)
+  flat = {
+      k.replace("-", "/"): v
+      for k, v in MT.flatten(
+          MT.hf_to_maxtext(hf_trees[fx], cfg, scan_layers=True, vocab_size=160, strict=False)
+      ).items()
+  }
+  emb = "params/token_embedder/embedding"
+  assert flat[emb].shape == (160, 64)
+  rules = maxtext_rules(cfg)
+  for r in rules:
+    if r["to"] == emb:
+      r["ops"], r["fill"] = [{"pad": [[0, 32], [0, 0]]}], 0.0
+  spec = RemapSpec.from_rules(rules)
+  assert verify_migration(hf_dir, _write(tmp_path / "padded", flat), spec).passed
+  bad = dict(flat)
+  bad[emb] = flat[emb].copy()
+  bad[emb][150, 3] = -0.0  # padding rows that are not the fill (+0.0): -0.0 has other bits
+  rep = verify_migration(hf_dir, _write(tmp_path / "badpad", bad), spec)
+  (f,) = _failed(rep).values()
+  assert f.migrated_path == emb and f"{emb}[150, 3]" in f.reason and "the fill 0.0 (padding)" in f.reason
+  assert "1 of 10240 elements differ" in f.reason
+  # a -0.0 fill declared: every padded element now differs but the one
+  rules[[r["to"] for r in rules].index(emb)]["fill"] = -0.0
+  rep = verify_migration(hf_dir, _write(tmp_path / "badpad2", bad), RemapSpec.from_rules(rules))
+  assert f"{32 * 64 - 1} of 10240 elements differ" in _failed(rep)[emb].reason
+
+  # the way back: slice the padded vocabulary off (the dropped rows are declared by the slice)
+  back = [
+      {"match": re.escape(emb), "to": "model.embed_tokens.weight", "ops": [{"slice": [[0, 128], [0, 64]]}]},
+      {"match": "(?!" + re.escape(emb) + ").*", "to": "unused", "drop": True},
+  ]
+  rep = verify_migration(
+      tmp_path / "padded",
+      _write(tmp_path / "hf_back", {"model.embed_tokens.weight": hf_trees[fx]["model.embed_tokens.weight"]}),
+      RemapSpec.from_rules(back),
+  )
+  assert rep.passed, rep.text()
+  back[0]["ops"] = [{"slice": [[100, 128], [8, 64]]}]  # a window with offsets on both axes
+  window = hf_trees[fx]["model.embed_tokens.weight"][100:, 8:]
+  rep = verify_migration(
+      tmp_path / "padded",
+      _write(tmp_path / "window", {"model.embed_tokens.weight": window}),
+      RemapSpec.from_rules(back),
+  )
+  assert rep.passed, rep.text()
+  with pytest.raises(SpecError, match="slice .* axis 0 range is not within 0..160"):
+    back[0]["ops"] = [{"slice": [[0, 170], [0, 64]]}]
+    RemapSpec.from_rules(back).bind(open_checkpoint(tmp_path / "padded").leaves)

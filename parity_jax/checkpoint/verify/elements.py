@@ -87,13 +87,16 @@ def compare_element_leaf(e: ElementPlan, res: LeafResult, src: Checkpoint, mig: 
     while stack:
       lo, hi = stack.pop()
       idx = np.unravel_index(np.arange(lo, hi, dtype=np.int64), e.dst_shape) if e.dst_shape else ()
-      member, sidx = e.source_indices(list(idx)) if e.dst_shape else (np.zeros(1, np.int64), [])
+      if e.dst_shape:
+        member, sidx, valid = e.source_indices(list(idx))
+      else:
+        member, sidx, valid = np.zeros(1, np.int64), [], np.ones(1, bool)
       member = np.broadcast_to(member, (hi - lo,))
       # the bounding box of each member's elements; cut the slab when a box would be too big
       boxes = {}
       total = 0
-      for k in np.unique(member):
-        sel = member == k
+      for k in np.unique(member[valid]):
+        sel = (member == k) & valid
         b = tuple((int(s[sel].min()), int(s[sel].max()) + 1) for s in sidx)
         boxes[int(k)] = (sel, b)
         total += math.prod(h - l for l, h in b)
@@ -102,6 +105,7 @@ def compare_element_leaf(e: ElementPlan, res: LeafResult, src: Checkpoint, mig: 
         stack += [(mid, hi), (lo, mid)]
         continue
       expected = np.empty(hi - lo, e.src_dtype)
+      pad = ~valid
       for k, (sel, b) in boxes.items():
         path = e.members[keys[k]]
         meta = src.leaves[path]
@@ -119,6 +123,9 @@ def compare_element_leaf(e: ElementPlan, res: LeafResult, src: Checkpoint, mig: 
       if e.dst_dtype != e.src_dtype:
         with np.errstate(invalid="ignore", over="ignore"):  # overflow to inf and NaN are the rule's business
           expected = expected_cast(expected, e.dst_dtype)
+      if pad.any():  # padding holds exactly the fill, in the target dtype
+        expected[pad] = e.fill_bytes
+      if e.dst_dtype != e.src_dtype:
         eq = same_cast(expected, got)
       else:
         eq = expected.view(np.uint8).reshape(hi - lo, -1) == got.view(np.uint8).reshape(hi - lo, -1)
@@ -132,6 +139,8 @@ def compare_element_leaf(e: ElementPlan, res: LeafResult, src: Checkpoint, mig: 
           j = int(bad[0])
           t_index = tuple(int(i[j]) for i in idx)
           s_path, s_index = e.members[keys[int(member[j])]], tuple(int(s[j]) for s in sidx)
+          if not valid[j]:
+            s_path, s_index = "padding", None
           first = (t_index, s_path, s_index, expected[j], got[j])
   except LeafReadError as err:
     res.status, res.reason = UNREADABLE, str(err)
@@ -151,7 +160,11 @@ def compare_element_leaf(e: ElementPlan, res: LeafResult, src: Checkpoint, mig: 
       f"{n_bad} of {n} elements differ; first: {e.dest}{list(t_index)} = {have!r}"
       f" (0x{int(np.asarray(have).view(u)):0{2 * e.dst_dtype.itemsize}x}), expected {want!r}"
       f" (0x{int(np.asarray(want).view(u)):0{2 * e.dst_dtype.itemsize}x})"
-      f"{' = ' + e.dst_dtype.name + '(' if e.dst_dtype != e.src_dtype else ' from '}{s_path}{list(s_index)}"
-      f"{')' if e.dst_dtype != e.src_dtype else ''}"
+      + (
+          f" = the fill {e.fill!r} (padding)"
+          if s_index is None
+          else f"{' = ' + e.dst_dtype.name + '(' if e.dst_dtype != e.src_dtype else ' from '}{s_path}{list(s_index)}"
+          f"{')' if e.dst_dtype != e.src_dtype else ''}"
+      )
   )
   return nbytes
