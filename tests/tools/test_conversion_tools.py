@@ -141,3 +141,38 @@ def test_verify_and_migrate_tools_with_hf_sides(sides):
   assert len(problems) == 2 and "is not a permutation" in problems[0] + problems[1], problems
   assert any("missing member(s) at [1]" in p and "layers/1/mlp/up_proj" in p for p in problems), problems
   assert "e.json" in line
+
+
+def test_preset_flags_on_both_tools(tmp_path):
+  tunix = os.path.join(HF, "..", "tunix_default")
+  v = run_many(
+      "verify_migration",
+      [
+          ["--list_presets"],
+          [f"--source={HF}", f"--migrated={tunix}", "--preset=hf-to-tunix"],
+          [f"--source={HF}", "--preset=hf-to-tunix", f"--print_spec={tmp_path / 'tunix.json'}"],
+          [f"--source={HF}", f"--migrated={tunix}", f"--spec={tmp_path / 'tunix.json'}"],
+          [f"--source={HF}", f"--migrated={tunix}", "--preset=hf-to-tunix", f"--spec={tmp_path / 'tunix.json'}"],
+          [f"--source={HF}", f"--migrated={tunix}", "--preset=hf-to-flax"],
+          [f"--source={HF}", "--preset=hf-to-tunix", f"--print_spec={os.path.join(HF, 'spec.json')}"],
+      ],
+  )
+  assert v[0].returncode == 0 and [line.split()[0] for line in v[0].stdout.splitlines()] == [
+      "hf-to-maxtext",
+      "hf-to-maxtext-scanned",
+      "hf-to-tunix",
+  ]
+  assert v[1].returncode == 0 and v[1].stdout.splitlines()[-1] == "VERDICT: PASS", v[1].stdout + v[1].stderr
+  assert v[2].returncode == 0 and "rules" in json.loads((tmp_path / "tunix.json").read_text())
+  assert v[3].returncode == 0, v[3].stdout + v[3].stderr  # the printed spec, used as --spec, verifies the same
+  one_line_error(v[4], "give --spec or --preset, not both")
+  one_line_error(v[5], "unknown preset 'hf-to-flax'")
+  one_line_error(v[6], "--print_spec")
+  assert not os.path.exists(os.path.join(HF, "spec.json"))
+  m = run_many(
+      "migrate_checkpoint",
+      [["--list_presets"], [f"--source={HF}", f"--dest={tmp_path / 'out'}", "--preset=hf-to-tunix"]],
+  )
+  assert m[0].returncode == 0 and "hf-to-tunix" in m[0].stdout
+  one_line_error(m[1], "does not perform transpose/ops/stack/cast rules yet")
+  assert not os.path.exists(tmp_path / "out")
