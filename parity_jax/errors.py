@@ -3,14 +3,21 @@
 Every tool maps :class:`UsageError` (and its subclasses) to a one-line message
 on stderr and exit code 2: bad input is the caller's to fix, so it never gets
 a traceback. The library raises them with messages that speak of arguments
-(``tokens``, ``out``); the tools add their flag names.
+(``tokens``, ``out``) through :func:`arg`; inside a tool, whose flags carry the
+same names, the same message names the flag (``--tokens``, ``--out``): each
+reader sees the name they typed (:func:`named_as_flags`, entered by every tool).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
+from typing import Iterable, Iterator
 
-__all__ = ["ComparisonError", "UsageError", "first_line"]
+__all__ = ["ComparisonError", "UsageError", "arg", "first_line", "named_as_flags"]
+
+_FLAGS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("parity_jax_tool_flags", default=frozenset())
 
 _MAX_LINE = 300
 # tensorstore appends the whole JSON spec in brackets: noise in a one-line error
@@ -32,3 +39,18 @@ def first_line(e: BaseException | str) -> str:
   msg = lines[0].strip() if lines else (type(e).__name__ if isinstance(e, BaseException) else "")
   msg = _TS_SPEC.sub("", msg)
   return msg if len(msg) <= _MAX_LINE else msg[:_MAX_LINE] + "..."
+
+
+def arg(name: str) -> str:
+  """How a message names the argument ``name``: ``--name`` inside a tool with a flag of that name, else ``name``."""
+  return f"--{name}" if name in _FLAGS.get() else name
+
+
+@contextlib.contextmanager
+def named_as_flags(flag_names: Iterable[str]) -> Iterator[None]:
+  """Within this block (a tool's run), :func:`arg` names the arguments that are also flags as those flags."""
+  token = _FLAGS.set(frozenset(flag_names))
+  try:
+    yield
+  finally:
+    _FLAGS.reset(token)

@@ -11,7 +11,11 @@ The rules, the same for every tool and library call that writes:
   next to its destination and renamed into place (:func:`atomic_output`).
 
 Every refusal is a one-line :class:`~parity_jax.errors.UsageError` naming the
-argument (``what``), which the tools turn into exit code 2.
+argument (``what``), which the tools turn into exit code 2. ``what`` is the
+name the caller knows: a tool passes its flag (``"--out"``) and is told to pass
+``--overwrite``; a library function passes its parameter (``"out"``), which
+reads ``out`` and ``overwrite=True`` to a library caller and ``--out`` and
+``--overwrite`` to the user of a tool with those flags (:func:`parity_jax.errors.arg`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import hashlib
 import os
 from typing import IO, Iterable, Iterator
 
-from parity_jax.errors import UsageError
+from parity_jax.errors import UsageError, arg
 
 __all__ = ["atomic_output", "check_output_dir", "check_output_path", "file_sha256", "is_inside", "write_text_atomic"]
 
@@ -32,6 +36,11 @@ def is_inside(child: PathLike, parent: PathLike) -> bool:
   """True when ``child`` is ``parent`` or lies below it (symlinks resolved)."""
   child, parent = os.path.realpath(child), os.path.realpath(parent)
   return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def _overwrite_hint(what: str) -> str:
+  """How the caller that named its output ``what`` asks for a replacement: the tool's flag or the argument."""
+  return "pass --overwrite" if what.startswith("--") else "pass overwrite=True"
 
 
 def _check_not_input(path: str, inputs: Iterable[PathLike | None], what: str) -> None:
@@ -54,19 +63,19 @@ def check_output_path(
   Refused: the wrong ``suffix``, a path on or inside an input, a directory, a
   missing parent directory, an existing file unless ``overwrite``.
   """
-  path = os.fspath(path)
+  path, what = os.fspath(path), arg(what)
   if not path:
     raise UsageError(f"{what} is empty")
   _check_not_input(path, inputs, what)
   if suffix is not None and not path.endswith(suffix):
     raise UsageError(f"{what} must name a {suffix} file, got {path!r}")
   if os.path.isdir(path):
-    raise UsageError(f"{what} is a directory: {path}")
+    raise UsageError(f"{what}={path} is a directory")
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent):
     raise UsageError(f"{what}: directory {parent} does not exist")
   if os.path.lexists(path) and not overwrite:
-    raise UsageError(f"{what}={path} exists; refusing to overwrite it (pass overwrite / --overwrite)")
+    raise UsageError(f"{what}={path} exists; refusing to overwrite it ({_overwrite_hint(what)})")
   return path
 
 
@@ -85,7 +94,7 @@ def check_output_dir(
   ``overwrite``. A missing directory is fine (its parent is created on write);
   an existing empty directory is fine.
   """
-  path = os.fspath(path)
+  path, what = os.fspath(path), arg(what)
   if not path:
     raise UsageError(f"{what} is empty")
   _check_not_input(path, inputs, what)
@@ -95,9 +104,7 @@ def check_output_dir(
     names = list(will_write)
     clash = [n for n in names if os.path.lexists(os.path.join(path, n))] if names else sorted(os.listdir(path))[:1]
     if clash:
-      raise UsageError(
-          f"{what}={path} already holds {clash[0]}; refusing to overwrite it (pass overwrite / --overwrite)"
-      )
+      raise UsageError(f"{what}={path} already holds {clash[0]}; refusing to overwrite it ({_overwrite_hint(what)})")
   return path
 
 

@@ -8,6 +8,12 @@ and ``close()`` (also a context manager), whatever happens to it:
 * stderr is a file or a pipe (CI logs, batch jobs): one plain line every
   :data:`LOG_INTERVAL_S` seconds (``verify: 41% 1.3 GiB/3.2 GiB 212 MiB/s ETA 9s 12/40 leaves``)
   and a last one on close, never carriage returns.
+
+Bytes are counted in 1024s and shown so (KiB, MiB/s, :func:`human_bytes`) on
+both. The count never passes the total (an update beyond it is clamped), and
+leaving the ``with`` block normally completes it: the last line of a finished
+job reads 100%, never 102% or ``98% ... ETA 0s``. Leaving it by an exception
+keeps the count where the work stopped.
 """
 
 from __future__ import annotations
@@ -33,11 +39,21 @@ class Progress:
   def close(self) -> None:
     pass
 
+  def _complete(self) -> None:
+    """Counts the rest of the total as done (the work finished)."""
+
   def __enter__(self) -> "Progress":
     return self
 
-  def __exit__(self, *exc: Any) -> None:
+  def __exit__(self, exc_type: Any, *exc: Any) -> None:
+    if exc_type is None:
+      self._complete()
     self.close()
+
+
+def _clamped(done: float, n: float, total: float) -> float:
+  """How much of an update of ``n`` fits below ``total`` (all of it when there is no total)."""
+  return max(0, min(n, total - done)) if total else n
 
 
 class _Bar(Progress):
@@ -46,26 +62,45 @@ class _Bar(Progress):
   def __init__(self, total: int, desc: str, unit: str):
     from tqdm.auto import tqdm
 
-    scale = unit == "B"
-    self._bar = tqdm(
-        total=total,
-        desc=desc,
-        unit=unit,
-        unit_scale=scale,
-        unit_divisor=1024 if scale else 1000,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        mininterval=0.5,
-    )
+    self.total = total
+    cls = _byte_tqdm(tqdm) if unit == "B" else tqdm
+    self._bar = cls(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
   def update(self, n: int = 1) -> None:
-    self._bar.update(n)
+    n = _clamped(self._bar.n, n, self.total)
+    if n:
+      self._bar.update(n)
 
   def set_postfix_str(self, s: str) -> None:
     self._bar.set_postfix_str(s, refresh=False)
 
+  def _complete(self) -> None:
+    self.update(self.total - self._bar.n)
+
   def close(self) -> None:
     self._bar.close()
+
+
+def _byte_tqdm(tqdm: type) -> type:
+  """``tqdm`` showing amounts and rate in 1024-based units (:func:`human_bytes`).
+
+  tqdm's own ``unit_scale`` divides the amounts by ``unit_divisor`` but the
+  rate always by 1000, and names both without the ``i``: ``5.00M/10.0M
+  [..., 3.1MB/s]``. Here they read ``5.0 MiB/10.0 MiB [..., 3.0 MiB/s]``.
+  """
+
+  class ByteTqdm(tqdm):
+
+    @staticmethod
+    def format_meter(n, total, elapsed, rate=None, **kwargs):
+      if rate is None and elapsed:
+        rate = n / elapsed
+      amounts = f"{human_bytes(n)}/{human_bytes(total) if total else '?'}"
+      speed = f"{human_bytes(rate)}/s" if rate else "?/s"
+      kwargs["bar_format"] = "{l_bar}{bar}| " + amounts + " [{elapsed}<{remaining}, " + speed + "{postfix}]"
+      return tqdm.format_meter(n, total, elapsed, rate=rate, **kwargs)
+
+  return ByteTqdm
 
 
 def human_bytes(n: float) -> str:
@@ -92,7 +127,7 @@ class _Lines(Progress):
     self._closed = False
 
   def update(self, n: int = 1) -> None:
-    self.done += n
+    self.done += _clamped(self.done, n, self.total)
     now = time.monotonic()
     if now - self._last >= self.interval:
       self._last = now
@@ -114,6 +149,9 @@ class _Lines(Progress):
     if self.postfix:
       parts.append(self.postfix)
     print(" ".join(parts), file=sys.stderr, flush=True)
+
+  def _complete(self) -> None:
+    self.done = max(self.done, self.total)
 
   def close(self) -> None:
     if not self._closed:

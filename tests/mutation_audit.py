@@ -346,23 +346,30 @@ def tests_for(path: str, exclude: tuple[str, ...] = ()) -> tuple[list[str], str]
 
 def _mapped_tests(path: str) -> tuple[list[str], str]:
   parts = path[: -len(".py")].split("/")
-  if parts[0] != "parity_jax" or len(parts) not in (2, 3):
+  if parts[0] != "parity_jax" or len(parts) < 2:
     return [], "not a parity_jax module"
-  sub, mod = (parts[1], parts[2]) if len(parts) == 3 else ("", parts[1])
-  test_dir = os.path.join("tests", sub) if sub else "tests"
+  subs, mod = parts[1:-1], parts[-1]
+  if mod == "__init__" and subs:  # a package's __init__: the tests of the package's own name, one level up
+    subs, mod = subs[:-1], subs[-1]
+  test_dir = os.path.join("tests", *subs)
   found = sorted({*_glob(f"{test_dir}/test_{mod}.py"), *_glob(f"{test_dir}/test_{mod}_*.py")})
+  if not found and os.path.isdir(os.path.join(ROOT, test_dir, mod)):  # a package: its mirrored test directory
+    found = _glob(f"{test_dir}/{mod}/**/test_*.py")
   how = "mirrored"
-  if sub == "cli":
+  if subs and subs[0] == "cli":
     found = sorted({*found, *_glob("tests/tools/test_*.py")})
     how = "tests/tools"
-  elif not found and sub:
-    found = _glob(f"{test_dir}/test_*.py")
+  elif not found and subs:
+    while subs and not found:  # the nearest mirrored test directory above the module
+      test_dir = os.path.join("tests", *subs)
+      found = _glob(f"{test_dir}/**/test_*.py")
+      subs = subs[:-1]
     how = f"no mirrored test file: all of {test_dir}/"
   return found, how if found else "no tests"
 
 
 def _glob(pattern: str) -> list[str]:
-  return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+  return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -15,48 +15,52 @@ rendered as text/HTML (:mod:`.render`) or a PNG (:mod:`.plot`).
   report.first_divergent, report.passed, report.text(), report.write_json("r.json"), report.plot("r.png")
 """
 
-from parity_jax.bundles.compare import compare_bundles
-from parity_jax.bundles.diff import Breach
-from parity_jax.bundles.format import FORMAT, BundleReader, BundleWriter, StageBundle, load_bundle, save_bundle
-from parity_jax.bundles.logits import LogitsStats, logits_stats
-from parity_jax.bundles.bundle_report import REPORT_SCHEMA, BundleReport, SourceInfo, StageRow, load_report
-from parity_jax.bundles.tolerance import (
-    BUILTIN_PROFILES,
-    PROFILE_SCHEMA,
-    Profile,
-    ToleranceRule,
-    builtin_profile,
-    load_profile_json,
-    profile_from_dict,
-    resolve_profile,
-)
-from parity_jax.bundles.verdict import StageError, Verdict, analyse
+from __future__ import annotations
 
-__all__ = [
-    "BUILTIN_PROFILES",
-    "FORMAT",
-    "PROFILE_SCHEMA",
-    "REPORT_SCHEMA",
-    "Breach",
-    "BundleReader",
-    "BundleReport",
-    "BundleWriter",
-    "LogitsStats",
-    "Profile",
-    "SourceInfo",
-    "StageBundle",
-    "StageError",
-    "StageRow",
-    "ToleranceRule",
-    "Verdict",
-    "analyse",
-    "builtin_profile",
-    "compare_bundles",
-    "load_bundle",
-    "load_profile_json",
-    "load_report",
-    "logits_stats",
-    "profile_from_dict",
-    "resolve_profile",
-    "save_bundle",
-]
+import importlib
+
+# Imported on first use (PEP 562), so that ``from parity_jax.bundles import BUILTIN_PROFILES`` -- a tool's flag
+# definitions -- reads the tolerance table without importing numpy, ml_dtypes or the comparison code.
+_HOME = {
+    "compare_bundles": "compare",
+    "Breach": "diff",
+    "FORMAT": "format",
+    "BundleReader": "format",
+    "BundleWriter": "format",
+    "StageBundle": "format",
+    "load_bundle": "format",
+    "save_bundle": "format",
+    "LogitsStats": "logits",
+    "logits_stats": "logits",
+    "REPORT_SCHEMA": "bundle_report",
+    "BundleReport": "bundle_report",
+    "SourceInfo": "bundle_report",
+    "StageRow": "bundle_report",
+    "load_report": "bundle_report",
+    "BUILTIN_PROFILES": "tolerance",
+    "PROFILE_SCHEMA": "tolerance",
+    "Profile": "tolerance",
+    "ToleranceRule": "tolerance",
+    "builtin_profile": "tolerance",
+    "load_profile_json": "tolerance",
+    "profile_from_dict": "tolerance",
+    "resolve_profile": "tolerance",
+    "StageError": "verdict",
+    "Verdict": "verdict",
+    "analyse": "verdict",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+  home = _HOME.get(name)
+  if home is None:
+    raise AttributeError(f"module 'parity_jax.bundles' has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"parity_jax.bundles.{home}"), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))

@@ -82,10 +82,10 @@ class _Source:
             self._reader.provenance,
         )
     elif isinstance(obj, StageBundle):
-      self.label = f"<StageBundle {obj.provenance.get('producer', '?')}>"
+      self.label = "in-memory StageBundle"  # its producer, from the provenance, is shown beside it
       self._arrays, self.names, self.ordered, self.provenance = obj, obj.names, obj.ordered, obj.provenance
     elif isinstance(obj, Mapping):
-      self.label = f"<{type(obj).__name__}>"
+      self.label = "in-memory dict"
       for k in obj:
         if not isinstance(k, str) or not k:
           raise UsageError(f"{side}: stage names must be non-empty strings, got {k!r}")

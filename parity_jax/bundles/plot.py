@@ -12,7 +12,7 @@ Three panels sharing one colour scale (log10 rel-L2):
 
 Bit-identical stages are white ("="); stages over tolerance carry an "x"; the
 first divergent stage is framed in red and named in the title together with
-the verdict. matplotlib is imported here only (``pip install -e '.[plot]'``);
+the verdict. matplotlib is imported here only (the ``[plot]`` extra);
 without it :func:`plot_report` raises a one-line UsageError.
 """
 
@@ -42,7 +42,9 @@ def require_matplotlib() -> None:
     import matplotlib  # noqa: F401
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
   except ImportError as e:
-    raise UsageError(f"plotting needs matplotlib (pip install -e '.[plot]'): {e}") from None
+    raise UsageError(
+        f"plotting needs matplotlib: pip install 'parity_jax[plot]' or pip install matplotlib ({e})"
+    ) from None
 
 
 def _log10(x: float) -> float:

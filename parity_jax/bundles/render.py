@@ -84,10 +84,15 @@ def _mark(report: "BundleReport", r: "StageRow") -> str:
   return m
 
 
-def _source_line(label: str, info) -> str:
+def _describe_side(info) -> str:
+  """One side for people: where it came from, its producer (when its provenance names one), stages and order."""
   prod = f"producer={info.producer}, " if info.producer else ""
   order = "stage_order metadata" if info.ordered else "no stage_order"
-  return f"{label}: {info.source} ({prod}{info.n_stages} stages, {order})"
+  return f"{info.source} ({prod}{info.n_stages} stages, {order})"
+
+
+def _source_line(label: str, info) -> str:
+  return f"{label}: {_describe_side(info)}"
 
 
 _ORDER_TEXT = {
@@ -182,7 +187,8 @@ def render_html(report: "BundleReport") -> str:
   out = [
       "<div class='parity-jax-report'>",
       f"<div style='font-weight:bold;color:{colour};margin:4px 0'>{esc(report.verdict_line())}</div>",
-      f"<div style='font-size:smaller'>golden: {esc(report.golden.source)} &middot; candidate: {esc(report.candidate.source)}"
+      f"<div style='font-size:smaller'>golden: {esc(_describe_side(report.golden))}"
+      f" &middot; candidate: {esc(_describe_side(report.candidate))}"
       f" &middot; profile {esc(report.profile.name)} (jump factor {report.profile.jump_factor:g})</div>",
       "<table style='border-collapse:collapse;font-family:monospace;font-size:12px'>",
       "<thead><tr>"

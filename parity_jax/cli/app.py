@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import re
 import signal
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterable, NoReturn, Sequence
 from absl import app, flags
 from absl import logging as absl_logging
 
-from parity_jax.errors import UsageError, first_line
+from parity_jax.errors import UsageError, first_line, named_as_flags
 
 __all__ = [
     "EXIT_FAIL",
@@ -92,6 +93,18 @@ def _print_help(doc: str | None, module: str) -> NoReturn:
   sys.exit(EXIT_OK)
 
 
+def _check_numbers() -> None:
+  """Refuses a float flag that is not a finite number: absl's bounds let NaN through (every comparison is False).
+
+  The range of every numeric flag is its definition's ``lower_bound`` / ``upper_bound``, which absl checks
+  while parsing; a value outside it is a flag error like any other (one line, exit 2).
+  """
+  for name in flags.FLAGS:
+    flag = flags.FLAGS[name]
+    if isinstance(flag.parser, flags.FloatParser) and flag.value is not None and not math.isfinite(flag.value):
+      raise flags.IllegalFlagValueError(f"flag --{flag.name}={flag.value}: not a finite number")
+
+
 def _quiet_startup() -> None:
   """No absl/JAX start-up chatter (backend probing, orbax INFO lines) unless --verbosity asks for it."""
   if not flags.FLAGS["verbosity"].present:
@@ -108,6 +121,7 @@ def entry(main: Callable[[Sequence[str]], int | None], doc: str | None, module: 
       _print_help(doc, module)
     try:
       rest = flags.FLAGS(argv)
+      _check_numbers()
     except flags.Error as e:
       fail_usage(str(e))
     if len(rest) > 1:
@@ -119,12 +133,14 @@ def entry(main: Callable[[Sequence[str]], int | None], doc: str | None, module: 
     try:
       rc = _supervise_job(module)
       if rc is None:
-        rc = main(argv)
+        with named_as_flags(flags.FLAGS):  # the library's messages name this tool's flags as flags
+          rc = main(argv)
     except UsageError as e:
       fail_usage(str(e))
-    except KeyboardInterrupt:
-      print("interrupted", file=sys.stderr)
-      sys.exit(130)
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM turned into an exception by the library (``signum``)
+      signum = getattr(e, "signum", signal.SIGINT)
+      print(f"{os.path.basename(sys.argv[0])}: {str(e) or 'interrupted'}", file=sys.stderr)
+      sys.exit(128 + int(signum))
     except BrokenPipeError:  # stdout closed early (``| head``): stop quietly, as shell tools do
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
       sys.exit(128 + 13)
@@ -148,16 +164,8 @@ def _supervise_job(module: str) -> int | None:
     return None
   if not all(name in flags.FLAGS for name in _DIST_FLAGS):
     return None  # not a tool with distributed_flags (a tool may define launch flags of its own)
-  from parity_jax.runtime import Options
-
   f = flags.FLAGS
-  opts = Options(
-      coordinator_address=f.coordinator_address,
-      num_processes=f.num_processes,
-      process_id=f.process_id,
-      auto=bool(f.distributed),
-      timeout_s=float(f.peer_timeout),
-  )
+  opts = _launch_options()
   if not opts.requested:
     return None
   opts.check()  # a bad launch is one line here, before any child starts
@@ -207,7 +215,7 @@ def distributed_flags(module: str) -> Callable[[], Any]:
   as :class:`parity_jax.runtime.Options` (``requested`` False when none
   is given: one process).
   """
-  from parity_jax.runtime import DEFAULT_TIMEOUT_S, Options
+  from parity_jax.runtime import DEFAULT_TIMEOUT_S
 
   if "coordinator_address" not in flags.FLAGS:
     flags.DEFINE_string(
@@ -232,21 +240,25 @@ def distributed_flags(module: str) -> Callable[[], Any]:
         "In a job: seconds without a heartbeat or without progress "
         "after which a process counts as lost; the others then exit 2 naming it.",
         lower_bound=0.1,
+        upper_bound=86400.0,
     )
   for name in _DIST_FLAGS:
     flags.FLAGS.register_key_flag_for_module(module, flags.FLAGS[name])
+  return _launch_options
 
-  def read() -> Options:
-    f = flags.FLAGS
-    return Options(
-        coordinator_address=f.coordinator_address,
-        num_processes=f.num_processes,
-        process_id=f.process_id,
-        auto=bool(f.distributed),
-        timeout_s=float(f.peer_timeout),
-    )
 
-  return read
+def _launch_options() -> Any:
+  """The launch flags as :class:`parity_jax.runtime.Options` (read by the supervisor and by the tool)."""
+  from parity_jax.runtime import Options
+
+  f = flags.FLAGS
+  return Options(
+      coordinator_address=f.coordinator_address,
+      num_processes=f.num_processes,
+      process_id=f.process_id,
+      auto=bool(f.distributed),
+      timeout_s=float(f.peer_timeout),
+  )
 
 
 # ---------------------------------------------------------------------------------------------

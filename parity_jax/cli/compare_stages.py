@@ -2,7 +2,7 @@
 
   parity-compare-stages --golden=A.safetensors --candidate=B.safetensors \\
       [--profile=f32|bf16|exact | --profile_json=FILE] [--top_k=5] [--format=text|json] \\
-      [--plot=out.png] [--stages=REGEX] [--allow_missing] [--failing_only]
+      [--plot=out.png] [--html=report.html] [--stages=REGEX] [--allow_missing] [--failing_only]
 
 (``python -m tools.compare_stages`` from the repository root is the same tool.)
 Inputs are stage bundles (parity_jax/bundles/format.py), plain safetensors or
@@ -14,6 +14,8 @@ names the first divergent stage and whether it is a jump or accumulated drift
 """
 
 from __future__ import annotations
+
+import os
 
 from absl import flags
 
@@ -35,7 +37,8 @@ _PLOT = flags.DEFINE_string(
     None,
     "Write a PNG: layer x stage heatmap of log10 rel-L2 and the error along the stage order (needs matplotlib).",
 )
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --plot.")
+_HTML = flags.DEFINE_string("html", None, "Also write the report as a standalone HTML page (the notebook view).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --plot or --html.")
 _STAGES = flags.DEFINE_string(
     "stages", None, "Only compare stages whose name matches this regular expression (re.search)."
 )
@@ -64,13 +67,16 @@ def main(argv):
     profile = load_profile_json(_PROFILE_JSON.value)
   else:
     profile = BUILTIN_PROFILES[_PROFILE.value]
+  inputs = [_GOLDEN.value, _CANDIDATE.value, _PROFILE_JSON.value]
   if _PLOT.value:
     from parity_jax.bundles.plot import require_matplotlib
 
     require_matplotlib()
-    check_output_path(
-        _PLOT.value, [_GOLDEN.value, _CANDIDATE.value], "--plot", suffix=".png", overwrite=_OVERWRITE.value
-    )
+    check_output_path(_PLOT.value, inputs, "--plot", suffix=".png", overwrite=_OVERWRITE.value)
+  if _HTML.value:
+    check_output_path(_HTML.value, inputs, "--html", overwrite=_OVERWRITE.value)
+    if _PLOT.value and os.path.realpath(_PLOT.value) == os.path.realpath(_HTML.value):
+      raise UsageError("--plot and --html name the same file")
   try:
     report = compare_bundles(
         _GOLDEN.value,
@@ -85,11 +91,15 @@ def main(argv):
     raise e.hint("--allow_missing") from None
   if _PLOT.value:
     report.plot(_PLOT.value)
+  if _HTML.value:
+    report.write_html(
+        _HTML.value, title=f"compare-stages: {os.path.basename(_GOLDEN.value)} vs {os.path.basename(_CANDIDATE.value)}"
+    )
   if _FORMAT.value == "json":
     print(report.to_json())
   else:
     print(report.text(failing_only=_FAILING_ONLY.value))
-  app.print_written([("plot", _PLOT.value)], json_mode=_FORMAT.value == "json")
+  app.print_written([("plot", _PLOT.value), ("html", _HTML.value)], json_mode=_FORMAT.value == "json")
   return report.exit_code
 
 

@@ -43,6 +43,7 @@ _BATCH_MB = flags.DEFINE_float(
     "batch_mb",
     None,
     "Small leaves are restored/saved together up to this many MiB (default: min(chunk_mb, largest leaf), >= 8).",
+    lower_bound=1e-6,
 )
 _COMPRESSION = flags.DEFINE_enum(
     "compression",

@@ -34,7 +34,7 @@ _WRITES = {"forward": ("models", "forward"), "svf": ("svf",)}
 def main(argv):
   del argv
   from parity_jax.files import check_output_dir
-  from parity_jax.oracle import require_oracle
+  from parity_jax.oracle import quiet_transformers, require_oracle
 
   app.require(_OUT)
   areas = list(_AREAS) if _WHAT.value == "all" else [_WHAT.value]
@@ -44,7 +44,9 @@ def main(argv):
   require_oracle()
   for area in areas:
     module = importlib.import_module(_AREAS[area])
-    for path in module.regenerate(_OUT.value):
+    with quiet_transformers():  # our output is the paths written, not transformers' "Writing model shards" bars
+      written = module.regenerate(_OUT.value)
+    for path in written:
       print(path)
   return 0
 

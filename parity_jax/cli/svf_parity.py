@@ -52,7 +52,7 @@ _LAYOUT = flags.DEFINE_enum(
     "How V is stored: torch_v (torch.svd's V, [n, k]) or vh ([k, n]). Default: the report's.",
 )
 _CHUNK_MB = flags.DEFINE_float(
-    "chunk_mb", 512.0, "Memory budget (MiB) per row chunk of U; 0 rebuilds every tensor whole."
+    "chunk_mb", 512.0, "Memory budget (MiB) per row chunk of U; 0 rebuilds every tensor whole.", lower_bound=0
 )
 _MODE = flags.DEFINE_enum("mode", "stage_tolerances", ["stage_tolerances", "bytes"], "Verdict mode.")
 _ROW_BLOCK = flags.DEFINE_integer(

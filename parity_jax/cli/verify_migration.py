@@ -36,7 +36,13 @@ _SPEC_ERRORS = flags.DEFINE_string(
     None,
     "If the spec is malformed or does not fit the checkpoints, write every problem here as JSON (the error line shows the first few); --report gets them too.",
 )
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --report / --spec_errors.")
+_HTML = flags.DEFINE_string(
+    "html",
+    None,
+    "Also write the report as a standalone HTML page: groups, and per failing leaf its status, dtype, shape, both "
+    "sha256 and the reason (never inside either checkpoint).",
+)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --report / --html / --spec_errors.")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "Divergences listed per differing leaf.", lower_bound=0)
 _SLAB_MB = flags.DEFINE_float(
     "slab_mb",
@@ -64,7 +70,10 @@ _PRESETS = app.preset_flags(__name__)  # --preset, --list_presets, --print_spec 
 
 def main(argv):
   del argv
+  import sys
+
   from parity_jax.checkpoint import SpecError, example, verify_migration
+  from parity_jax.checkpoint.migrate import leftovers
   from parity_jax.errors import UsageError
   from parity_jax.files import check_output_path
 
@@ -92,10 +101,12 @@ def main(argv):
   else:
     lead = True
   if lead:
-    for out, name in ((_REPORT.value, "--report"), (_SPEC_ERRORS.value, "--spec_errors")):
+    for out, name in ((_REPORT.value, "--report"), (_HTML.value, "--html"), (_SPEC_ERRORS.value, "--spec_errors")):
       if out:
         check_output_path(out, [source, migrated, _SPEC.value], name, overwrite=_OVERWRITE.value)
 
+  # the temporaries of killed migrations to the migrated path: named, with how to remove them
+  notes = [left.describe() for left in leftovers(migrated) if not left.alive] if lead else []
   try:
     report = verify_migration(
         source,
@@ -109,7 +120,11 @@ def main(argv):
         distributed=dist.requested,
         peer_timeout_s=dist.timeout_s,
     )
-  except SpecError as e:
+  except UsageError as e:
+    if notes and not isinstance(e, SpecError):  # e.g. the migrated checkpoint is missing: a killed migration?
+      raise UsageError(f"{e}; note: {notes[0]}") from None
+    if not isinstance(e, SpecError):
+      raise
     written = [e.write_json(out) for out in (_SPEC_ERRORS.value, _REPORT.value) if out] if lead else []
     raise UsageError(e.line(written, hint="--spec_errors=FILE writes them all as JSON")) from None
   if not lead:
@@ -125,6 +140,10 @@ def main(argv):
   print(report.text())
   if _REPORT.value:
     print(f"report:   {report.write_json(_REPORT.value)}")
+  if _HTML.value:
+    print(f"html:     {report.write_html(_HTML.value, title='parity_jax verify-migration')}")
+  for note in notes:
+    print(f"note: {note}", file=sys.stderr)
   return report.exit_code
 
 

@@ -14,13 +14,14 @@ the modules import torch lazily so that ``import parity_jax`` never needs it.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import numpy as np
 
 from parity_jax.errors import UsageError
 
-__all__ = ["require_oracle", "to_numpy"]
+__all__ = ["quiet_transformers", "require_oracle", "to_numpy"]
 
 
 def require_oracle() -> None:
@@ -29,7 +30,21 @@ def require_oracle() -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
   except ImportError as e:
-    raise UsageError(f"this needs the [oracle] extra (pip install -e '.[oracle]'): {e}") from None
+    raise UsageError(f"this needs the [oracle] extra (pip install 'parity_jax[oracle]'): {e}") from None
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+  """transformers' own progress bars (loading weights, writing shards) off within the block, as they were after."""
+  from transformers.utils import logging
+
+  was_on = logging.is_progress_bar_enabled()
+  logging.disable_progress_bar()
+  try:
+    yield
+  finally:
+    if was_on:
+      logging.enable_progress_bar()
 
 
 def to_numpy(t: Any) -> np.ndarray:

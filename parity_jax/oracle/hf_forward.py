@@ -36,7 +36,7 @@ import ml_dtypes
 import numpy as np
 
 from parity_jax.errors import UsageError
-from parity_jax.oracle import require_oracle, to_numpy
+from parity_jax.oracle import quiet_transformers, require_oracle, to_numpy
 from parity_jax.bundles.qwen_graph import qwen_stage_names
 
 __all__ = ["hf_stages", "capture_hf_stages", "load_hf_model"]
@@ -62,14 +62,8 @@ def load_hf_model(model_dir: str | os.PathLike, dtype: str = "float32"):
   kwargs = {"attn_implementation": "eager"}
   major = int(transformers.__version__.split(".")[0])
   kwargs["dtype" if major >= 5 else "torch_dtype"] = _torch_dtype(dtype)
-  logging = transformers.utils.logging
-  bars = logging.is_progress_bar_enabled()
-  logging.disable_progress_bar()  # keep tool and test output to the point
-  try:
+  with quiet_transformers():  # keep tool and test output to the point
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-  finally:
-    if bars:
-      logging.enable_progress_bar()
   return model.eval()
 
 

@@ -43,7 +43,7 @@ import numpy as np
 from parity_jax import bundles, runtime
 from parity_jax.arraydiff import DiffAccumulator
 from parity_jax.dtypes import BF16 as _BF16, bf16_bits
-from parity_jax.errors import UsageError
+from parity_jax.errors import UsageError, arg
 from parity_jax.files import check_output_dir
 from parity_jax.progress import Progress, progress as progress_bar
 from parity_jax.provenance import default_provenance, package_versions
@@ -279,7 +279,7 @@ def _select(
   if selected_filter:
     names = [n for n in names if selected_filter in n or selected_filter in safe_source_name(n)]
     if not names:
-      raise UsageError(f"--selected_source_filter={selected_filter!r} selects no tensor")
+      raise UsageError(f"{arg('selected_source_filter')}={selected_filter!r} selects no tensor")
   jobs = []
   for name in names:
     m, n, k = store.dims(name)

@@ -26,7 +26,7 @@ import numpy as np
 import safetensors
 
 from parity_jax import bundles
-from parity_jax.errors import UsageError
+from parity_jax.errors import UsageError, arg
 from parity_jax.svf.core import LAYOUTS, validate_components
 from parity_jax.svf.hashing import safe_source_name
 
@@ -198,7 +198,7 @@ def write_components(
     targets.append((os.path.join(directory, prefix + OFFSETS_SUFFIX), dict(offsets)))
   for path, _ in targets:
     if os.path.exists(path) and not overwrite:
-      raise UsageError(f"{path} exists; refusing to overwrite it (pass overwrite / --overwrite)")
+      raise UsageError(f"{path} exists; refusing to overwrite it (pass overwrite=True)")
   for path, data in targets:
     bundles.save_bundle(path, data, provenance)
     out.append(path)
@@ -243,7 +243,7 @@ def _resolve(base: str, path: str | None) -> str | None:
 def load_golden(python_report: str | None = None, golden_dir: str | None = None) -> GoldenRun:
   """Reads the golden report (``--python_report`` or ``--golden_dir/svf_report.json``)."""
   if bool(python_report) == bool(golden_dir):
-    raise UsageError("give exactly one of --python_report and --golden_dir")
+    raise UsageError(f"give exactly one of {arg('python_report')} and {arg('golden_dir')}")
   path = python_report or os.path.join(golden_dir, REPORT_NAME)
   if golden_dir and not os.path.isdir(golden_dir):
     raise UsageError(f"no such directory: {golden_dir}")

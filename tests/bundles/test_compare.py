@@ -115,7 +115,7 @@ def test_shape_and_dtype_mismatch_fail_fast_naming_the_stage(edit, message):
 
 def test_bad_inputs(tmp_path):
   golden = synth.golden_stages(num_layers=1)
-  with pytest.raises(UsageError, match="golden bundle <dict> has no stages"):
+  with pytest.raises(UsageError, match="golden bundle in-memory dict has no stages"):
     compare_bundles({}, golden)
   safetensors.numpy.save_file({}, str(tmp_path / "empty.safetensors"))
   with pytest.raises(UsageError, match="candidate bundle .*empty.safetensors has no stages"):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 
 import numpy as np
@@ -67,13 +70,14 @@ def test_verify_cli_pass_and_fail_exit_codes_and_report(ck, tmp_path):
   assert proc.returncode == 0 and proc.stdout.splitlines()[-2] == "VERDICT: PASS", proc.stdout + proc.stderr
   assert json.loads(report.read_text())["verdict"] == "PASS"
 
-  report = tmp_path / "bad.json"
+  report, page = tmp_path / "bad.json", tmp_path / "bad.html"
   proc = H.run_tool(
       "verify_migration",
       f"--source={ck['src']}",
       f"--migrated={ck['bad']}",
       f"--spec={ck['spec']}",
       f"--report={report}",
+      f"--html={page}",
       "--noprogress",
       "--readahead=2",
       "--slab_mb=0.01",
@@ -87,6 +91,16 @@ def test_verify_cli_pass_and_fail_exit_codes_and_report(ck, tmp_path):
   (entry,) = [e for e in rep["leaves"] if e["status"] != "PASS"]
   assert entry["migrated_path"] == "params/block_0/kernel" and entry["diff"]["n_diff"] == 1
   assert entry["diff"]["top_k"][0]["index"] == [1, 2]
+  # the HTML page: per failing leaf its dtype, shape, both sha256 (hashlib of the arrays written here) and reason
+  assert f"html:     {page}" in out
+  html_text = page.read_text()
+  bad = H.deepcopy(ck["expected"])["params"]["block_0"]["kernel"]
+  bad.view(np.uint32)[1, 2] ^= 1
+  good = ck["expected"]["params"]["block_0"]["kernel"]
+  for want in (hashlib.sha256(bad.tobytes()).hexdigest(), hashlib.sha256(good.tobytes()).hexdigest()):
+    assert want in html_text
+  assert f"<code>{bad.dtype}</code>" in html_text and str(list(bad.shape)) in html_text
+  assert "1/240 differ" in html_text and "VERDICT: FAIL — 1 of 14 leaves differ" in html_text
 
 
 VERIFY_BAD = [
@@ -326,4 +340,86 @@ def test_corrupted_migrated_checkpoint_via_cli_is_a_clean_fail(ck, tmp_path):
   )
   assert proc.returncode == 1, proc.stdout + proc.stderr
   assert "Traceback" not in proc.stderr and "UNREADABLE" in proc.stdout
-  assert proc.stdout.splitlines()[-1].startswith("VERDICT: FAIL — 13 of 14 leaves differ")
+  # nothing is known of an unreadable leaf's values: the verdict says so, never "differ"
+  assert proc.stdout.splitlines()[-1] == "VERDICT: FAIL — 13 of 14 leaves fail: 13 unreadable"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_migration_removes_its_temporary_and_says_so_in_one_line(ck, tmp_path, sig):
+  dest = tmp_path / "m"
+  proc = subprocess.Popen(
+      [
+          sys.executable,
+          "-m",
+          "tools.migrate_checkpoint",
+          f"--source={ck['src']}",
+          f"--dest={dest}",
+          f"--spec={ck['spec']}",
+          "--batch_mb=0.0005",
+          "--noprogress",
+      ],
+      cwd=H.REPO,
+      env=dict(os.environ, PARITY_JAX_STALL="migrate.group.2=60"),
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+  watchdog = threading.Timer(90, proc.kill)
+  watchdog.start()
+  try:
+    for line in proc.stderr:
+      if "stalling at" in line:
+        break
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.migrating-")]  # mid-write, as intended
+    proc.send_signal(sig)
+    rest = proc.stderr.read()
+    proc.wait()
+  finally:
+    watchdog.cancel()
+  assert proc.returncode == 128 + sig, (proc.returncode, rest)
+  lines = [ln for ln in rest.splitlines() if ln.strip()]
+  assert len(lines) == 1 and f"interrupted ({signal.Signals(sig).name})" in lines[0], rest
+  assert "Traceback" not in rest
+  assert list(tmp_path.iterdir()) == []  # neither the destination nor the hidden temporary
+
+
+def test_after_a_sigkill_the_verifier_names_the_leftover_and_how_to_remove_it(ck):
+  tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="lo"))  # short paths: the error line holds two of them
+  dest = tmp_path / "m"
+  proc = subprocess.Popen(
+      [
+          sys.executable,
+          "-m",
+          "tools.migrate_checkpoint",
+          f"--source={ck['src']}",
+          f"--dest={dest}",
+          f"--spec={ck['spec']}",
+          "--batch_mb=0.0005",
+          "--noprogress",
+      ],
+      cwd=H.REPO,
+      env=dict(os.environ, PARITY_JAX_STALL="migrate.group.2=60"),
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+  for line in proc.stderr:
+    if "stalling at" in line:
+      break
+  proc.kill()
+  proc.wait()
+  (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".m.migrating-")]
+  # the destination is missing: the error line says why, and what to remove
+  proc = H.run_tool(
+      "verify_migration", f"--source={ck['src']}", f"--migrated={dest}", f"--spec={ck['spec']}", "--noprogress"
+  )
+  line = _one_error_line(proc, "verify_migration.py")
+  assert f"{left} (" in line and f"rm -rf {left}" in line and "interrupted migration" in line
+  # a finished checkpoint at the destination, the leftover still beside it: the verdict, then a note
+  shutil.copytree(ck["mig"], dest)
+  proc = H.run_tool(
+      "verify_migration", f"--source={ck['src']}", f"--migrated={dest}", f"--spec={ck['spec']}", "--noprogress"
+  )
+  assert proc.returncode == 0 and "VERDICT: PASS" in proc.stdout, proc.stdout + proc.stderr
+  notes = H.stderr_lines(proc)
+  assert len(notes) == 1 and notes[0].startswith(f"note: {left} (") and f"rm -rf {left}" in notes[0]
+  assert left.is_dir()  # named, never removed by the verifier
+  shutil.rmtree(tmp_path)

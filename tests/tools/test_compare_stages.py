@@ -218,3 +218,45 @@ def test_inputs_are_not_modified(bundles):
   before = {p.name: p.read_bytes() for p in d.iterdir()}
   _run(f"--golden={d}/golden.safetensors", f"--candidate={d}/bad.safetensors", "--format=json")
   assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+def test_html_report_follows_the_output_rules(bundles, tmp_path):
+  """--html writes the notebook view as a page, after the same checks as every output, and prints its path."""
+  from tests.helpers.tools import one_line_error, run_many
+
+  d, _ = bundles
+  g, c = f"--golden={d}/golden.safetensors", f"--candidate={d}/bad.safetensors"
+  page, old = tmp_path / "report.html", tmp_path / "old.html"
+  old.write_text("old")
+  before = {p.name: p.read_bytes() for p in d.iterdir()}
+  first, again, replaced, on_input, same, no_dir, as_json = run_many(
+      "compare_stages",
+      [
+          [g, c, f"--html={page}", "--noprogress"],
+          [g, c, f"--html={page}"],
+          [g, f"--candidate={d}/ok.safetensors", f"--html={old}", "--overwrite", "--noprogress"],
+          [g, c, f"--html={d}/golden.safetensors", "--overwrite"],
+          [g, c, f"--html={tmp_path / 'x.png'}", f"--plot={tmp_path / 'x.png'}"],
+          [g, c, f"--html={tmp_path / 'no' / 'r.html'}"],
+          [g, c, f"--html={tmp_path / 'j.html'}", "--format=json", "--noprogress"],
+      ],
+  )
+  assert first.returncode == 1 and first.stderr == "", first
+  verdict = first.stdout.splitlines()[-2]
+  assert "layers.2.k_proj" in verdict, first.stdout
+  assert first.stdout.splitlines()[-1] == f"html: {page}"
+  html = page.read_text(encoding="utf-8")
+  assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+  assert verdict.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") in html
+  assert f"golden: {d}/golden.safetensors (producer=test-golden," in html
+  one_line_error(again, "--html=")
+  assert "exists; refusing to overwrite it (pass --overwrite)" in again.stderr
+  assert page.read_text(encoding="utf-8") == html  # the refusal left it alone
+  assert replaced.returncode == 0 and replaced.stdout.splitlines()[-1] == f"html: {old}", replaced
+  assert replaced.stdout.splitlines()[-2] in old.read_text(encoding="utf-8")  # the passing verdict
+  one_line_error(on_input, "would overwrite or lie inside an input")
+  one_line_error(same, "--plot and --html name the same file")
+  one_line_error(no_dir, "does not exist")
+  assert as_json.returncode == 1 and json.loads(as_json.stdout)["verdict"]["status"] == "jump"
+  assert as_json.stderr.strip() == f"html: {tmp_path / 'j.html'}"
+  assert not (tmp_path / "x.png").exists() and {p.name: p.read_bytes() for p in d.iterdir()} == before

@@ -103,7 +103,8 @@ def test_one_overwrite_rule(tiny_model, tmp_path):
   out.write_bytes(b"old")
   args = [f"--model_dir={tiny_model}", "--tokens=1,2,3", f"--out={out}"]
   first, second = run_many("capture_stages", [args, args + ["--overwrite"]])
-  one_line_error(first, "exists; refusing to overwrite it")
+  # the check is the library's (its argument ``out``); the tool's user reads the flags they typed
+  one_line_error(first, f"--out={out} exists; refusing to overwrite it (pass --overwrite)")
   assert second.returncode == 0 and f"wrote {out}" in second.stdout and not second.stderr, second
   assert out.read_bytes()[:3] != b"old"
 
@@ -167,3 +168,25 @@ def test_the_tools_module_names_match_the_console_scripts():
       p.stem for p in (ROOT / "parity_jax" / "cli").glob("*.py") if p.stem not in ("__init__", "app")
   ) == sorted(TOOLS)
   assert pathlib.Path(ROOT / "tools" / "__init__.py").is_file()
+
+
+def test_a_tool_imports_nothing_heavy_before_its_flags_are_parsed():
+  """--help and a bad flag cost an interpreter and absl, never jax, numpy or torch (forward_parity: its own test)."""
+  heavy = ("jax", "jaxlib", "numpy", "ml_dtypes", "orbax", "tensorstore", "torch", "transformers", "matplotlib")
+  check = (
+      "import importlib, sys; importlib.import_module(sys.argv[1]); print(sorted(m for m in {} if m in sys.modules))"
+  )
+  procs = {
+      tool: subprocess.Popen(
+          [sys.executable, "-c", check.format(heavy), f"parity_jax.cli.{tool}"],
+          cwd=ROOT,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for tool in TOOLS
+      if tool != "forward_parity"
+  }
+  imported = {tool: p.communicate(timeout=120) for tool, p in procs.items()}
+  assert all(p.returncode == 0 for p in procs.values()), imported
+  assert {tool: out.strip() for tool, (out, _) in imported.items()} == {tool: "[]" for tool in procs}

@@ -66,7 +66,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
       ([f"--golden_dir={GOLDENS}", f"--python_report={GOLDENS / 'svf_report.json'}"], "exactly one of"),
       (
           [f"--golden_dir={GOLDENS}", "--all_selected_tensors", "--selected_source_filter=layers.9."],
-          "selects no tensor",
+          "error: --selected_source_filter='layers.9.' selects no tensor",  # the library's message, in flags
       ),
       ([f"--golden_dir={GOLDENS}", "--layout=vh"], "component shapes disagree"),
       ([f"--golden_dir={GOLDENS}", f"--components_dir={tmp_path}"], "no components file"),

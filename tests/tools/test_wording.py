@@ -98,3 +98,14 @@ def test_a_failing_verify_report_in_html_lists_the_first_20_and_counts_the_rest(
   # and nothing is cut when there are 20 or fewer
   html20 = _failing_report(20)._repr_html_()
   assert len(re.findall(r"<code>q/w\d\d</code>", html20)) == 20 and "more" not in html20
+
+
+def test_a_library_message_names_the_argument_a_tool_names_the_flag():
+  """The library speaks of its arguments; inside a tool the same message names the flags (see test_svf_parity)."""
+  import pytest
+
+  from parity_jax.errors import UsageError
+  from parity_jax.svf import load_golden
+
+  with pytest.raises(UsageError, match=r"^give exactly one of python_report and golden_dir$"):
+    load_golden("r.json", "d")

@@ -39,6 +39,7 @@ also holds, so a cleanup cannot race the rename into ``dest``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -47,7 +48,7 @@ import shutil
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -288,7 +289,7 @@ def _write_share(
           raise UsageError(f"cannot write leaf {leaf.plan.dest!r} under {item_dir}: {first_line(e)}") from None
         pending.clear()
 
-      with src.reader(leaf.src, read_cache_bytes(leaf.src, cuts)) as reader:
+      with src.reader(leaf.src, read_cache_bytes(leaf.src, cuts)) as reader, _drained(pending):
         for a, b in cuts:
           buf = np.empty(b - a, leaf.dtype)
           futs = [
@@ -324,6 +325,21 @@ def _write_share(
       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
   }
   return stats, table
+
+
+@contextlib.contextmanager
+def _drained(pending: list[Any]) -> Iterator[None]:
+  """On the way out by an exception (a signal included), waits for the writes still in flight, so that a clean-up
+  that follows removes every file: tensorstore would otherwise create some after the removal."""
+  try:
+    yield
+  except BaseException:
+    for f in pending:
+      try:
+        f.result()
+      except Exception:  # noqa: BLE001 -- the first exception is the one that counts
+        pass
+    raise
 
 
 def _count(box) -> int:

@@ -92,6 +92,7 @@ def verify_migration(
     log: Callable[[str], None] | None = None,
     distributed: bool = False,
     peer_timeout_s: float | None = None,
+    job: runtime.Job | None = None,
 ) -> VerifyReport:
   """Proves (or refutes) that ``migrated`` is ``source`` remapped by ``spec``, bit for bit.
 
@@ -116,11 +117,17 @@ def verify_migration(
   process that dies, or shows no progress for ``peer_timeout_s`` seconds,
   makes every other process print one line naming it and exit with code 2
   (see :mod:`parity_jax.runtime`).
+
+  ``job`` runs it as that :class:`parity_jax.runtime.Job` instead (a job over
+  another key-value store than the JAX runtime's; not with ``distributed``).
   """
   args = dict(top_k=top_k, slab_mb=slab_mb, spill_dir=spill_dir, readahead=readahead, progress=progress, log=log)
-  if not distributed:
+  if job is not None and distributed:
+    raise UsageError("pass distributed=True or a job, not both")
+  if job is None and not distributed:
     return _verify(source, migrated, spec, job=runtime.single_process("verify"), **args)
-  job = runtime.attach(peer_timeout_s or runtime.DEFAULT_TIMEOUT_S, "verify")
+  if job is None:
+    job = runtime.attach(peer_timeout_s or runtime.DEFAULT_TIMEOUT_S, "verify")
   with job:
     try:
       return _verify(source, migrated, spec, job=job, **args)

@@ -26,6 +26,18 @@ UNREADABLE = "UNREADABLE"
 STATUSES = (PASS, VALUE_MISMATCH, SHAPE_MISMATCH, DTYPE_MISMATCH, KIND_MISMATCH, MISSING, EXTRA, UNREADABLE)
 
 _MIB = 1 << 20
+# how the verdict line counts a failing leaf: its values (or shape, dtype, kind) differ, it could not be read
+# (so nothing is known about it), or it has no counterpart
+_FAILURE_KIND = {
+    VALUE_MISMATCH: "differ",
+    SHAPE_MISMATCH: "differ",
+    DTYPE_MISMATCH: "differ",
+    KIND_MISMATCH: "differ",
+    UNREADABLE: "unreadable",
+    MISSING: "missing",
+    EXTRA: "extra",
+}
+_KIND_ORDER = ["differ", "unreadable", "missing", "extra"]
 _SHOWN_FAILURES = 20  # failing leaves spelled out per group (text) and in the HTML view; the JSON has all
 
 
@@ -145,7 +157,14 @@ class VerifyReport(Report):
       return "VERDICT: PASS"
     if not self.leaves:
       return "VERDICT: FAIL — no leaves to compare"
-    return f"VERDICT: FAIL — {self.n_failed} of {len(self.leaves)} leaves differ"
+    kinds: dict[str, int] = {}
+    for r in self.failures:
+      kind = _FAILURE_KIND.get(r.status, r.status.lower())
+      kinds[kind] = kinds.get(kind, 0) + 1
+    if set(kinds) == {"differ"}:
+      return f"VERDICT: FAIL — {self.n_failed} of {len(self.leaves)} leaves differ"
+    parts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: _KIND_ORDER.index(kv[0])))
+    return f"VERDICT: FAIL — {self.n_failed} of {len(self.leaves)} leaves fail: {parts}"
 
   def table_lines(self, max_failures_per_group: int = _SHOWN_FAILURES) -> list[str]:
     groups = self.groups
@@ -217,17 +236,27 @@ class VerifyReport(Report):
           f"<td><code>{e(g.name)}</code></td><td style='white-space:nowrap'>{g.n_pass}/{g.n_leaves} leaves bit-identical</td></tr>"
       )
     fails = []
+
+    def shape(r: LeafResult) -> str:
+      to = "" if r.shape is None else str(list(r.shape))
+      frm = "" if r.source_shape is None or r.source_shape == r.shape else str(list(r.source_shape)) + " &rarr; "
+      return frm + e(to)
+
     for r in self.failures[:_SHOWN_FAILURES]:
       fails.append(
           f"<tr><td style='white-space:nowrap'>{e(r.status)}</td><td><code>{e(r.migrated_path or '')}</code></td>"
-          f"<td><code>{e(r.source_path or '')}</code></td><td>{e(r.reason)}</td></tr>"
+          f"<td><code>{e(r.source_path or '')}</code></td><td><code>{e(r.dtype or '')}</code></td>"
+          f"<td style='white-space:nowrap'>{shape(r)}</td>"
+          f"<td><code style='font-size:smaller'>{e(r.sha256 or '')}</code></td>"
+          f"<td><code style='font-size:smaller'>{e(r.source_sha256 or '')}</code></td>"
+          f"<td style='white-space:normal;max-width:40em'>{e(r.reason)}</td></tr>"
       )
     fail_table = ""
     if fails:
       more = self.n_failed - len(fails)
       fail_table = (
           f"<details open><summary>Failing leaves ({self.n_failed})</summary><table><tr><th>status</th><th>migrated</th>"
-          "<th>source</th><th>reason</th></tr>"
+          "<th>source</th><th>dtype</th><th>shape</th><th>sha256 (migrated)</th><th>sha256 (source)</th><th>reason</th></tr>"
           + "".join(fails)
           + "</table>"
           + (f"<p>... and {more} more (the JSON report lists every leaf)</p>" if more > 0 else "")
@@ -242,5 +271,3 @@ class VerifyReport(Report):
 
   def __repr__(self) -> str:
     return f"VerifyReport({self.verdict_line()!r}, {len(self.leaves)} leaves)"
-
-

@@ -189,6 +189,8 @@ def test_migrator_refuses_a_source_with_a_missing_chunk_where_every_chunk_was_st
   with pytest.raises(UsageError, match=re.escape("params/dense/bias")):
     migrate(damaged, tmp_path / "out", IDENTITY)
   assert not (tmp_path / "out").exists()
+  # nor the hidden temporary the migration wrote into before the read failed
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]
 
 
 def test_migrate_tool_on_a_damaged_source_prints_one_line_only(tmp_path):

@@ -104,6 +104,9 @@ def test_two_processes_give_the_single_process_report_and_the_split_leaf_its_tru
   assert all(0.3 < p["share_bytes"] / total < 0.7 for p in d["per_process"])
   (split,) = d["split_leaves"]
   assert split["path"] == "params/big_t" and split["processes"] == [0, 1] and split["hash"] == ["inline", "inline"]
+  # the relayed digest was accepted as it came: process 0 compared nothing again (a broken hand-off would make it
+  # compare the leaf again, whole, and still report PASS)
+  assert d["redone_whole_by_process_0"] == []
   leaf = next(e for e in rep["leaves"] if e["migrated_path"] == "params/big_t")
   want = hashlib.sha256(ck["src_tree"]["params"]["big"].tobytes()).hexdigest()
   assert leaf["sha256"] == leaf["source_sha256"] == want

@@ -7,6 +7,8 @@ verifier has never seen produced by our own migrator.
 
 from __future__ import annotations
 
+import collections
+
 import contextlib
 import json
 import re
@@ -330,6 +332,16 @@ FAULTS = {
 }
 
 
+def _expected_verdict(want: dict[str, str], n: int) -> str:
+  """The verdict line for failures with these statuses: "leaves differ" only when every one differs in content."""
+  kind = {"MISSING": "missing", "EXTRA": "extra", "UNREADABLE": "unreadable"}
+  counts = collections.Counter(kind.get(s, "differ") for s in want.values())
+  if set(counts) == {"differ"}:
+    return f"VERDICT: FAIL — {len(want)} of {n} leaves differ"
+  parts = ", ".join(f"{counts[k]} {k}" for k in ("differ", "unreadable", "missing", "extra") if counts[k])
+  return f"VERDICT: FAIL — {len(want)} of {n} leaves fail: {parts}"
+
+
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_fault_fails_and_names_the_offending_leaf(gen, tmp_path, fault):
   inject, want = FAULTS[fault]
@@ -342,7 +354,7 @@ def test_fault_fails_and_names_the_offending_leaf(gen, tmp_path, fault):
   assert not rep.passed
   got = {(r.migrated_path or r.source_path): r.status for r in rep.failures}
   assert got == want, rep.text()
-  assert rep.verdict_line() == f"VERDICT: FAIL — {len(want)} of {len(rep.leaves)} leaves differ"
+  assert rep.verdict_line() == _expected_verdict(want, len(rep.leaves))
   text = rep.text()
   for path in want:
     assert path in text

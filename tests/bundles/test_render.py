@@ -1,0 +1,35 @@
+"""The header of a bundle report names each side so that a person can tell them apart, in text and in HTML."""
+
+from __future__ import annotations
+
+import collections
+import html
+import re
+
+import numpy as np
+
+from parity_jax.bundles import StageBundle, compare_bundles
+
+
+def _report():
+  rng = np.random.default_rng(0)
+  golden = collections.OrderedDict((f"s{i}", rng.standard_normal(8).astype(np.float32)) for i in range(3))
+  candidate = StageBundle(golden, provenance={"producer": "my-port 1.2"})
+  return compare_bundles(golden, candidate, profile="f32")
+
+
+def test_in_memory_sides_are_described_in_the_text_header():
+  text = _report().text()
+  g, c = text.splitlines()[:2]
+  assert g == "golden   : in-memory dict (3 stages, no stage_order)", g
+  assert c == "candidate: in-memory StageBundle (producer=my-port 1.2, 3 stages, stage_order metadata)", c
+
+
+def test_in_memory_sides_are_described_in_the_html_header():
+  page = _report()._repr_html_()
+  header = html.unescape(re.search(r"<div style='font-size:smaller'>(golden: .*?)</div>", page).group(1))
+  assert "OrderedDict" not in header and "<" not in header, header
+  assert header.startswith(
+      "golden: in-memory dict (3 stages, no stage_order) · candidate: in-memory StageBundle"
+  ), header
+  assert "(producer=my-port 1.2, 3 stages, stage_order metadata)" in header, header

@@ -1,0 +1,68 @@
+"""parity_jax.checkpoint.formats.orbax_layout (and the _METADATA reading of formats.orbax): the rules by which a
+directory is recognised and its storage decided, each checked on a _METADATA or a directory written here.
+
+The rules are orbax's own (see the module docstring and tests/data/orbax_legacy/FINDINGS.md); the expected answers
+below are those rules applied by hand to the dicts and directories of each test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.helpers import ckpt as H
+from parity_jax.checkpoint import open_checkpoint
+from parity_jax.checkpoint.formats.orbax_layout import decide_layout, resolve_item_dir
+from parity_jax.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def item(tmp_path_factory):
+  """A v0 PyTree item directory written by the current orbax."""
+  root = tmp_path_factory.mktemp("layout")
+  return H.save_v0(root / "item", {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.int32(7)})
+
+
+def test_an_absent_use_zarr3_means_zarr_v2(item):
+  use_ocdbt, use_zarr3, _, facts = decide_layout({"use_ocdbt": True}, item, item, "v0")
+  assert use_ocdbt is True and use_zarr3 is False
+  assert facts["zarr_format"] == 2 and "no use_zarr3" in facts["zarr_decided_by"]
+  _, use_zarr3, _, facts = decide_layout({"use_ocdbt": True, "use_zarr3": True}, item, item, "v0")
+  assert use_zarr3 is True and facts["zarr_format"] == 3
+
+
+def test_recorded_use_ocdbt_without_the_fill_value_flag_means_every_chunk_was_stored(item):
+  """orbax >= 0.11.31 records use_ocdbt and stores every chunk; before 0.10 neither was recorded."""
+  _, _, strict, facts = decide_layout({"use_ocdbt": True, "use_zarr3": True}, item, item, "v0")
+  assert strict is True and "use_ocdbt is recorded" in facts["missing_chunks_decided_by"]
+  _, _, strict, _ = decide_layout({"use_zarr3": True}, item, item, "v0")
+  assert strict is False  # orbax < 0.10 left out chunks equal to the fill value
+  _, _, strict, _ = decide_layout({"use_zarr3": True, "store_array_data_equal_to_fill_value": False}, item, item, "v0")
+  assert strict is False  # the flag, where recorded, decides
+
+
+def test_a_step_named_directory_holding_files_besides_its_item_is_not_an_orbax_0_5_step(item, tmp_path):
+  step = tmp_path / "100"
+  step.mkdir()
+  os.symlink(item, step / "default")
+  assert resolve_item_dir(step) == (str(step / "default"), "step")  # items only: orbax 0.5's unmarked step
+  (step / "notes.txt").write_text("a file beside the item")
+  with pytest.raises(UsageError, match="holds one or more"):
+    resolve_item_dir(step)
+
+
+def test_an_empty_key_in_metadata_is_one_line(item, tmp_path):
+  import shutil
+
+  bad = tmp_path / "bad"
+  shutil.copytree(item, bad)
+  meta = json.loads((bad / "_METADATA").read_text())
+  entry = next(iter(meta["tree_metadata"].values()))
+  entry["key_metadata"][0]["key"] = ""
+  (bad / "_METADATA").write_text(json.dumps(meta))
+  with pytest.raises(UsageError, match=r"key '' in .* is empty or contains '/'") as e:
+    open_checkpoint(bad)
+  assert "\n" not in str(e.value)

@@ -1,0 +1,74 @@
+"""parity_jax.checkpoint.migrate.destination: what the migrator refuses to replace, and what it leaves behind.
+
+Every tree here is written by the test with tests/helpers/ckpt.py (orbax directly); nothing expected comes from
+the migrator itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.helpers import ckpt as H
+from parity_jax.checkpoint import migrate, verify_migration
+from parity_jax.checkpoint.migrate import leftovers
+from parity_jax.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def ck(tmp_path_factory):
+  root = tmp_path_factory.mktemp("dest")
+  src = H.generated_source()
+  return {
+      "src": H.save_v0(root / "src", src),
+      "spec": H.write_spec(root / "spec.json", H.GENERATED_SPEC),
+      "other": H.save_v0(root / "other", src),  # a valid checkpoint a link may point at
+  }
+
+
+def _listing(path) -> list[str]:
+  return sorted(os.listdir(path))
+
+
+def test_a_symlinked_destination_is_never_replaced_nor_written_through(ck, tmp_path):
+  link = tmp_path / "m"
+  os.symlink(ck["other"], link)
+  before = _listing(ck["other"])
+  with pytest.raises(UsageError, match="destination already exists"):
+    migrate(ck["src"], link, ck["spec"])
+  # even with overwrite: a link is not a directory the migrator made, and what it points at is someone's data
+  with pytest.raises(UsageError, match="is not a directory"):
+    migrate(ck["src"], link, ck["spec"], overwrite=True)
+  assert os.path.islink(link) and os.readlink(link) == ck["other"]
+  assert _listing(ck["other"]) == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary left beside it
+  # a dangling link is refused the same way
+  dangling = tmp_path / "d"
+  os.symlink(tmp_path / "nowhere", dangling)
+  with pytest.raises(UsageError):
+    migrate(ck["src"], dangling, ck["spec"], overwrite=True)
+  assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_refused_source_leaves_no_temporary(ck, tmp_path):
+  (tmp_path / "junk").mkdir()
+  (tmp_path / "junk" / "notes.txt").write_text("not a checkpoint")
+  with pytest.raises(UsageError):
+    migrate(tmp_path / "junk", tmp_path / "m", ck["spec"])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["junk"]
+  assert leftovers(tmp_path / "m") == []
+
+
+def test_a_stale_temporary_is_named_then_removed_by_the_next_migration(ck, tmp_path, capfd):
+  dead = tmp_path / ".m.migrating-999999999-0a1b2c3d"  # a pid no process has
+  (dead / "checkpoint").mkdir(parents=True)
+  (dead / "checkpoint" / "x").write_bytes(b"\0" * 2048)
+  (left,) = leftovers(tmp_path / "m")
+  assert left.path == str(dead) and left.pid == 999999999 and not left.alive
+  assert f"rm -rf {dead}" in left.describe()
+  migrate(ck["src"], tmp_path / "m", ck["spec"])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+  err = capfd.readouterr().err
+  assert f"removing {dead}" in err and "process 999999999 is gone" in err, err
+  assert verify_migration(ck["src"], tmp_path / "m", ck["spec"]).passed

@@ -1,0 +1,106 @@
+"""parity_jax.checkpoint.verify.values: the job schedule, with 2 and 3 "processes" as threads of this process
+(tests/helpers/threadjob.py), through every read plan of the stream tests, a split leaf that spills included.
+
+Expected values: hashlib of the arrays written here, and the one-process report of the same pair (which the
+stream tests check against numpy); the job must give the same verdicts, hashes and statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from tests.checkpoint.stream import test_stream as S
+from tests.helpers import ckpt as H
+from tests.helpers.threadjob import run_threads
+from parity_jax.checkpoint import RemapSpec, stream, verify_migration
+
+
+def _job_reports(src, mig, spec, n, **kw):
+  return run_threads(lambda job: verify_migration(src, mig, spec, job=job, **kw), n, "verify")
+
+
+def _same_results(a, b):
+  keep = ("status", "sha256", "source_sha256", "shape", "dtype", "reason")
+  strip = lambda rep: [({k: r.to_dict()[k] for k in keep}, r.diff and r.diff.to_dict()) for r in rep.leaves]  # noqa: E731
+  assert strip(a) == strip(b)
+
+
+@pytest.mark.parametrize("mode", list(S.MODES))
+def test_a_leaf_split_between_two_processes_in_every_read_plan(mode, tmp_path, monkeypatch):
+  src_kw, mig_kw, ver_kw = S.MODES[mode]
+  tree = S._source_tree()
+  src = S._save_source(tmp_path / "src", tree, **src_kw)
+  good = {"w": tree["w"][0], "s": tree["s"]}
+  mig = S._migrated(tmp_path, "good", good, **mig_kw)
+  bad_tree = {"w": good["w"].copy(), "s": good["s"]}
+  S._flip(bad_tree["w"], (50, 17), 1 << 9)  # in the second process's range
+  bad = S._migrated(tmp_path, "bad", bad_tree, **mig_kw)
+  ver_kw = dict(ver_kw)
+  if ver_kw.pop("spill", False):
+    monkeypatch.setattr(stream.plan, "SPILL_ABOVE_BYTES", 0)
+  kw = dict(slab_mb=S.PIECE_MB, spill_dir=tmp_path, **ver_kw)
+
+  reps = _job_reports(src, mig, S.SPEC, 2, **kw)
+  for rep in reps:  # every process returns the same report
+    assert rep.passed, rep.text()
+    (split,) = rep.distributed["split_leaves"]
+    assert split["path"] == "w" and split["processes"] == [0, 1]
+    assert rep.distributed["redone_whole_by_process_0"] == []
+    w = rep.leaf("w")
+    assert w.sha256 == w.source_sha256 == hashlib.sha256(good["w"].tobytes()).hexdigest()
+    assert w.read_mode.startswith("spill: " if mode == "spill" else "stream: ")
+  assert not list(tmp_path.glob("parity_jax_verify_spill_*"))
+
+  one = verify_migration(src, bad, S.SPEC, **kw)
+  reps = _job_reports(src, bad, S.SPEC, 2, **kw)
+  for rep in reps:
+    assert not rep.passed and rep.distributed["redone_whole_by_process_0"] == ["w"]
+    _same_results(rep, one)
+  assert one.leaf("w").diff.n_diff == 1
+  assert one.leaf("w").sha256 == hashlib.sha256(bad_tree["w"].tobytes()).hexdigest()
+
+
+def _tree(sizes):
+  rng = np.random.default_rng(5)
+  return {f"x{i}": rng.standard_normal(n).astype(np.float32) for i, n in enumerate(sizes)}
+
+
+IDENTITY = RemapSpec.from_rules([{"match": "(.*)", "to": r"\1"}])
+
+
+@pytest.mark.parametrize(
+    "sizes, n, split",
+    [
+        # x0 ends exactly on the share boundary (16 KiB of 32 KiB, 2 processes): nothing is split
+        ([4096, 4096], 2, []),
+        # x1 (12 KiB) crosses the boundary at 15 KiB and is between half a share (7.5 KiB) and a share: split
+        ([2560, 3072, 2048], 2, ["x1"]),
+        # three processes, x1 crossing two boundaries
+        ([1024, 6144, 1024], 3, ["x1"]),
+    ],
+)
+def test_share_boundaries(sizes, n, split, tmp_path):
+  tree = _tree(sizes)
+  src = H.save_v0(tmp_path / "src", tree)
+  mig = H.save_v1(tmp_path / "mig", tree)
+  reps = _job_reports(src, mig, IDENTITY, n, slab_mb=1 / 1024)
+  for rep in reps:
+    assert rep.passed, rep.text()
+    assert [s["path"] for s in rep.distributed["split_leaves"]] == split
+    for name, a in tree.items():
+      assert rep.leaf(name).sha256 == hashlib.sha256(a.tobytes()).hexdigest()
+    # the shares add up to one read of each side
+    assert sum(p["bytes_read"] for p in rep.distributed["per_process"]) == 2 * sum(a.nbytes for a in tree.values())
+
+
+def test_one_process_reads_each_small_leaf_once_per_side(tmp_path):
+  tree = _tree([3, 5, 7, 11, 13])
+  tree["i"] = np.arange(9, dtype=np.int16)
+  src = H.save_v0(tmp_path / "src", tree)
+  mig = H.save_v1(tmp_path / "mig", tree)
+  rep = verify_migration(src, mig, IDENTITY)
+  assert rep.passed
+  assert rep.bytes_read == 2 * sum(a.nbytes for a in tree.values())
