@@ -55,7 +55,7 @@ from parity_jax.errors import UsageError
 
 __all__ = ["LeafPlan", "MigrationPlan", "RemapRule", "RemapSpec", "SpecError", "Transform"]
 
-_RULE_KEYS = {"match", "to", "squeeze", "reshape", "comment", "transpose", "ops", "stack", "cast", "drop", "fill"}
+_RULE_KEYS = {"match", "to", "squeeze", "reshape", "comment", "transpose", "ops", "stack", "cast", "drop", "fill", "unstack"}
 _TOP_KEYS = {"rules", "group_depth", "comment", "description"}
 _MAX_LISTED = 25  # problems spelled out in the one-line message; all are in .problems
 SPEC_ERRORS_FORMAT = "parity_jax.spec_errors/1"
@@ -152,11 +152,30 @@ class RemapRule:
   cast: str | None = None
   drop: bool = False
   fill: float = 0.0  # what a pad op adds (a number, in the target dtype)
+  unstack: tuple[tuple[int, str], ...] = ()  # (source axis, placeholder name in 'to') per level
+
+  def unstacked(self, shape: tuple[int, ...], dest: str) -> list[tuple[str, tuple]] | str:
+    """(dest, leading ops) of every piece of an unstacked source leaf of ``shape``, or why it does not fit."""
+    from parity_jax.checkpoint.transforms import Op
+
+    axes = [a for a, _ in self.unstack]
+    if any(a >= len(shape) for a in axes):
+      return f"unstack axis {max(axes)} is out of range for shape {list(shape)}"
+    kept = tuple(d for i, d in enumerate(shape) if i not in axes)
+    out = []
+    for idx in np.ndindex(*[shape[a] for a in axes]):
+      pairs = [[0, d] for d in shape]
+      name = dest
+      for (a, ph), i in zip(self.unstack, idx):
+        pairs[a] = [i, i + 1]
+        name = name.replace("{" + ph + "}", str(i))
+      out.append((name, (Op("slice", tuple(x for p in pairs for x in p)), Op("reshape", kept))))
+    return out
 
   @property
   def elementwise(self) -> bool:
     """Transposes, stacks or casts: checked element by element (:mod:`parity_jax.checkpoint.transforms`)."""
-    return bool(self.ops or self.stack or self.cast)
+    return bool(self.ops or self.stack or self.cast or self.unstack)
 
   def label(self) -> str:
     return f"rule #{self.index} ({self.match!r})"
@@ -177,6 +196,8 @@ class RemapRule:
       d["drop"] = True
     if any(o.kind == "pad" for o in self.ops):
       d["fill"] = self.fill
+    if self.unstack:
+      d["unstack"] = [{"axis": a, "name": n} for a, n in self.unstack]
     return d
 
   def transform_for(self, shape: tuple[int, ...]) -> Transform | str:
@@ -366,7 +387,21 @@ class RemapSpec:
           fill = 0.0
         elif "ops" not in r:
           problems.append(f"{where}: 'fill' is what a pad op adds; this rule has no 'ops'")
-      if any(k in r for k in ("transpose", "ops", "stack", "cast")):
+      unstack = []
+      if "unstack" in r:
+        raw = r["unstack"] if isinstance(r["unstack"], list) else [r["unstack"]]
+        for i, u in enumerate(raw):
+          ok = isinstance(u, dict) and set(u) == {"axis", "name"} and isinstance(u.get("name"), str)
+          ok = ok and isinstance(u["axis"], int) and not isinstance(u["axis"], bool) and u["axis"] >= 0
+          if not ok:
+            problems.append(f"{where}: unstack[{i}] must be {{'axis': int >= 0, 'name': str}}, got {u!r}")
+          elif isinstance(to, str) and "{" + u["name"] + "}" not in to:
+            problems.append(f"{where}: unstack name {u['name']!r} does not appear as {{{u['name']}}} in 'to'")
+          else:
+            unstack.append((u["axis"], u["name"]))
+        if len({a for a, _ in unstack}) != len(unstack):
+          problems.append(f"{where}: two unstack levels use the same axis")
+      if any(k in r for k in ("transpose", "ops", "stack", "cast", "unstack")):
         from parity_jax.checkpoint import transforms
 
         ops, stack, cast, more = transforms.parse_element_keys(r, where)
@@ -397,6 +432,7 @@ class RemapSpec:
               cast=cast,
               drop=drop is True,
               fill=float(fill),
+              unstack=tuple(unstack),
           )
       )
     if problems:
@@ -473,7 +509,15 @@ class RemapSpec:
         problems.append(f"{rule.label()} maps {path!r} to {dest!r}, which has an empty path component")
         continue
       if rule.elementwise:
-        element_items.append((path, rule, dest, rule.pattern.fullmatch(path), meta))
+        m = rule.pattern.fullmatch(path)
+        if not rule.unstack:
+          element_items.append((path, rule, dest, m, meta))
+          continue
+        pieces = rule.unstacked(tuple(getattr(meta, "shape", ()) or ()), dest)
+        if isinstance(pieces, str):
+          problems.append(f"{rule.label()} does not fit source leaf {path!r}: {pieces}")
+        else:
+          element_items.extend((path, rule, d, m, meta, lead) for d, lead in pieces)
         continue
       shape = tuple(getattr(meta, "shape", ()) or ())
       kind = getattr(meta, "kind", "array")

@@ -285,16 +285,19 @@ def bind_elements(
 ) -> tuple[list[ElementPlan], list[str]]:
   """Plans of the target leaves of element rules, and every problem found.
 
-  ``items``: (source path, rule, dest, match object, source meta) per source
-  leaf matched by an element rule.
+  ``items``: (source path, rule, dest, match object, source meta[, ops before
+  the rule's own]) per source leaf matched by an element rule; an unstacked
+  leaf gives one item per piece, its slice and axis drop as the leading ops.
   """
   problems: list[str] = []
-  by_dest: dict[str, list[tuple[str, Any, Any, Any]]] = {}
+  by_dest: dict[str, list[tuple[str, Any, Any, Any, tuple]]] = {}
   bad_dests = set()
-  for path, rule, dest, m, meta in items:
-    by_dest.setdefault(dest, []).append((path, rule, m, meta))
+  for it in items:
+    path, rule, dest, m, meta = it[:5]
+    chain = tuple(it[5]) + tuple(rule.ops) if len(it) > 5 else tuple(rule.ops)
+    by_dest.setdefault(dest, []).append((path, rule, m, meta, chain))
     shape = tuple(getattr(meta, "shape", ()) or ())
-    for op in rule.ops:  # each member's chain against its own shape first: one problem per wrong rule
+    for op in chain:  # each member's chain against its own shape first: one problem per wrong rule
       out = op.out_shape(shape)
       if isinstance(out, str):
         problems.append(f"{rule.label()} does not fit source leaf {path!r} of shape {list(meta.shape)}: {out}")
@@ -305,18 +308,18 @@ def bind_elements(
   for dest, members in by_dest.items():
     if dest in bad_dests:
       continue
-    rules = {r.index: r for _, r, _, _ in members}
-    shapes_of = {(r.ops, tuple(a for a, _ in r.stack), r.cast, r.fill) for r in rules.values()}
+    rules = {r.index: r for _, r, _, _, _ in members}
+    shapes_of = {(c, tuple(a for a, _ in r.stack), r.cast, r.fill) for _, r, _, _, c in members}
     if len(shapes_of) > 1:
       problems.append(
           f"rules {', '.join(f'#{i}' for i in sorted(rules))} map to {dest!r} with different transforms"
           " (ops, stack axes or cast)"
       )
       continue
-    rule = members[0][1]
+    rule, chain = members[0][1], members[0][4]
     keys: dict[tuple[int, ...], str] = {}
     bad = False
-    for path, r, m, meta in members:
+    for path, r, m, meta, _ in members:
       try:
         key = tuple(int(m.expand(t)) for _, t in r.stack)
       except (ValueError, re.error, IndexError) as e:
@@ -334,7 +337,7 @@ def bind_elements(
     if not rule.stack and len(keys) > 1:
       problems.append(f"source leaves {', '.join(repr(p) for p in keys.values())} all map to {dest!r}")
       continue
-    metas = {p: meta for p, _, _, meta in members}
+    metas = {p: meta for p, _, _, meta, _ in members}
     shapes_set = {tuple(metas[p].shape) for p in keys.values()}
     dtypes_set = {metas[p].dtype for p in keys.values()}
     if any(getattr(metas[p], "kind", "array") == "string" for p in keys.values()):
@@ -363,7 +366,7 @@ def bind_elements(
       sizes = []
     src_shape = shapes_set.pop()
     shapes = [src_shape]
-    for op in rule.ops:
+    for op in chain:
       out = op.out_shape(shapes[-1])
       if isinstance(out, str):
         problems.append(f"{rule.label()} does not fit source leaf {next(iter(keys.values()))!r}: {out}")
@@ -393,7 +396,7 @@ def bind_elements(
               rule,
               dict(keys),
               axes,
-              tuple(rule.ops),
+              chain,
               src_shape,
               tuple(shapes),
               src_dtype,

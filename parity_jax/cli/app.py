@@ -482,9 +482,13 @@ class SpecFlags:
     """What stands for the spec in a tool's 'given together' checks: the --spec path, or the preset's name."""
     return spec_path if spec_path is not None else self.preset
 
-  def resolve(self, spec_path: str | None, source: str | None):
-    """The spec to run: the --spec path as given, or the preset's RemapSpec; one-line UsageError for misuse."""
+  def resolve(self, spec_path: str | None, source: str | None, hf_side: str | None = None):
+    """The spec to run: the --spec path as given, or the preset's RemapSpec; one-line UsageError for misuse.
+
+    A ``*-to-hf`` preset reads config.json from --hf_config, else from ``hf_side`` (the HF side's directory).
+    """
     cast = flags.FLAGS["preset_cast"].value
+    hf_config = flags.FLAGS["hf_config"].value
     if self.preset is None:
       if cast:
         raise UsageError("--preset_cast applies to --preset only")
@@ -495,7 +499,9 @@ class SpecFlags:
       raise UsageError("--preset is filled from --source's config.json: give --source")
     from parity_jax.checkpoint.presets import preset_spec
 
-    return preset_spec(self.preset, source, cast=cast)
+    if hf_config is None and self.preset.endswith("-to-hf"):
+      hf_config = hf_side
+    return preset_spec(self.preset, source, hf_config=hf_config, cast=cast)
 
   def handle_early(self, spec_path: str | None, source: str | None, overwrite: bool) -> int | None:
     """Does --list_presets / --print_spec (returns the exit code), else None (the tool runs)."""
@@ -521,7 +527,7 @@ class SpecFlags:
     return 0
 
 
-_PRESET_FLAGS = ("preset", "preset_cast", "list_presets", "print_spec")
+_PRESET_FLAGS = ("preset", "preset_cast", "hf_config", "list_presets", "print_spec")
 
 
 def preset_flags(module: str) -> SpecFlags:
@@ -532,6 +538,11 @@ def preset_flags(module: str) -> SpecFlags:
         "preset", None, "A ready spec filled from --source's config.json (see --list_presets); not with --spec."
     )
     flags.DEFINE_string("preset_cast", None, "With --preset: cast every leaf to this float dtype (float32, bfloat16).")
+    flags.DEFINE_string(
+        "hf_config",
+        None,
+        "The HF config.json (or a directory holding it) a preset is filled from; default: the HF side's own.",
+    )
     flags.DEFINE_bool("list_presets", False, "List the presets and exit.")
     flags.DEFINE_string(
         "print_spec", None, "Write the expanded JSON spec (of --preset or --spec) to this file and exit."

@@ -91,7 +91,7 @@ def main(argv):
     )
   else:
     source, migrated = given[:2]
-    spec = _PRESETS.resolve(_SPEC.value, source)
+    spec = _PRESETS.resolve(_SPEC.value, source, migrated)
   dist = _DIST()
   if dist.requested:
     from parity_jax import runtime

@@ -39,7 +39,7 @@ def test_hf_to_tunix_passes_tunix_own_conversions(fixture, conversion, cast):
 
 @pytest.mark.parametrize("fixture", ["qwen3_dense_f32", "qwen3_moe_f32_sharded", "qwen2_dense_f32_tied"])
 @pytest.mark.parametrize("scanned", [True, False])
-def test_hf_to_maxtext_passes_maxtext_layouts(fixture, scanned, tmp_path):
+def test_hf_to_maxtext_and_back_pass_maxtext_layouts(fixture, scanned, tmp_path):
   hf = os.path.join(TUNIX, fixture, "hf")
   ck = open_checkpoint(hf)
   tensors = {n: ck.read_whole(m) for n, m in ck.leaves.items()}
@@ -53,6 +53,10 @@ def test_hf_to_maxtext_passes_maxtext_layouts(fixture, scanned, tmp_path):
   rep = verify_migration(hf, tmp_path, preset_spec(name, hf, maxtext_vocab_size=vocab))
   assert rep.passed, rep.text()
   assert len(rep.leaves) == len(flat)
+  back = "maxtext-scanned-to-hf" if scanned else "maxtext-to-hf"
+  rep = verify_migration(tmp_path, hf, preset_spec(back, tmp_path, hf_config=hf, maxtext_vocab_size=vocab))
+  assert rep.passed, rep.text()
+  assert len(rep.leaves) == len(tensors)
   if scanned:  # a fault a real conversion has: layers swapped in the stack
     k = "params/params/decoder/layers/mlp/wi_1/kernel" if "mlp/wi_1/kernel" in str(list(flat)) else None
     k = k or "params/params/decoder/layers/moe_block/wi_1"
@@ -64,7 +68,14 @@ def test_hf_to_maxtext_passes_maxtext_layouts(fixture, scanned, tmp_path):
 
 
 def test_presets_listed_expanded_and_refused_in_one_line(tmp_path):
-  assert [n for n, _ in list_presets()] == ["hf-to-maxtext", "hf-to-maxtext-scanned", "hf-to-tunix"]
+  assert [n for n, _ in list_presets()] == [
+      "hf-to-maxtext",
+      "hf-to-maxtext-scanned",
+      "hf-to-tunix",
+      "maxtext-scanned-to-hf",
+      "maxtext-to-hf",
+      "tunix-to-hf",
+  ]
   hf = os.path.join(TUNIX, "qwen3_moe_f32_sharded", "hf")
   spec = preset_spec("hf-to-tunix", hf)
   again = RemapSpec.from_dict(json.loads(spec.to_json()))  # the expanded JSON a user adapts
@@ -79,3 +90,35 @@ def test_presets_listed_expanded_and_refused_in_one_line(tmp_path):
     preset_rules("hf-to-tunix", {**cfg, "model_type": "qwen2_moe"})
   with pytest.raises(UsageError, match="cannot read it"):
     preset_spec("hf-to-tunix", tmp_path)
+  with pytest.raises(UsageError, match="give hf_config"):
+    preset_spec("tunix-to-hf", hf)
+
+
+@pytest.mark.parametrize(
+    "fixture,conversion,cast",
+    [
+        ("qwen3_dense_f32", "default", None),
+        ("qwen3_moe_f32_sharded", "default", None),
+        ("qwen2_dense_f32_tied", "default", None),
+        ("qwen3_dense_bf16_tied_sharded", "default", None),
+        ("qwen3_dense_bf16_tied_sharded", "f32", "bfloat16"),  # back to bf16: a narrowing cast, exact here
+    ],
+)
+def test_tunix_to_hf_passes_and_a_swapped_expert_fails(fixture, conversion, cast, tmp_path):
+  hf = os.path.join(TUNIX, fixture, "hf")
+  tunix = os.path.join(TUNIX, fixture, f"tunix_{conversion}")
+  spec = preset_spec("tunix-to-hf", tunix, hf_config=hf, cast=cast)
+  rep = verify_migration(tunix, hf, spec)
+  assert rep.passed, rep.text()
+  assert len(rep.leaves) == len(open_checkpoint(hf).leaves)
+  if fixture == "qwen3_moe_f32_sharded":
+    ck = open_checkpoint(hf)
+    t = {n: ck.read_whole(m) for n, m in ck.leaves.items()}
+    a, b = "model.layers.1.mlp.experts.2.down_proj.weight", "model.layers.1.mlp.experts.3.down_proj.weight"
+    t[a], t[b] = t[b], t[a]
+    W.write_file(tmp_path / "model.safetensors", t)
+    rep = verify_migration(tunix, tmp_path, spec)
+    failed = {r.migrated_path: r.reason for r in rep.leaves if r.status != "PASS"}
+    assert sorted(failed) == [a, b]
+    # HF down_proj [64, 32] element [0, 0] of expert 2 comes from tunix layers/1/mlp/down_proj[2, 0, 0]
+    assert "layers/1/mlp/down_proj[2, 0, 0]" in failed[a]

@@ -306,3 +306,26 @@ def test_maxtext_vocab_padding_and_the_way_back(hf_trees, tmp_path):
   with pytest.raises(SpecError, match="slice .* axis 0 range is not within 0..160"):
     back[0]["ops"] = [{"slice": [[0, 170], [0, 64]]}]
     RemapSpec.from_rules(back).bind(open_checkpoint(tmp_path / "padded").leaves)
+
+
+def test_unstack_rules_are_checked():
+  with pytest.raises(SpecError) as e:
+    RemapSpec.from_rules(
+        [
+            {"match": "a", "to": "b.{i}", "unstack": [{"axis": 0, "name": "j"}]},
+            {"match": "c", "to": "d.{i}", "unstack": [{"axis": -1, "name": "i"}]},
+        ]
+    )
+  assert len(e.value.problems) == 2
+  assert "unstack name 'j' does not appear as {j} in 'to'" in e.value.problems[0]
+  spec = RemapSpec.from_rules(
+      [{"match": "a", "to": "b.{i}.{k}", "unstack": [{"axis": 2, "name": "i"}, {"axis": 0, "name": "k"}]}]
+  )
+  meta = type("M", (), {"shape": (2, 3, 4), "kind": "array", "dtype": np.dtype(np.float32)})()
+  plan = spec.bind({"a": meta})
+  assert sorted(e.dest for e in plan.elements) == sorted(f"b.{i}.{k}" for i in range(4) for k in range(2))
+  e12 = next(e for e in plan.elements if e.dest == "b.1.0")
+  assert e12.dst_shape == (3,)
+  assert e12.source_of((2,)) == ("a", (0, 2, 1))  # piece k=0 of axis 0, i=1 of axis 2
+  with pytest.raises(SpecError, match="unstack axis 2 is out of range"):
+    spec.bind({"a": type("M", (), {"shape": (2, 3), "kind": "array", "dtype": np.dtype(np.float32)})()})

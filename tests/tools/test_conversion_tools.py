@@ -155,12 +155,17 @@ def test_preset_flags_on_both_tools(tmp_path):
           [f"--source={HF}", f"--migrated={tunix}", "--preset=hf-to-tunix", f"--spec={tmp_path / 'tunix.json'}"],
           [f"--source={HF}", f"--migrated={tunix}", "--preset=hf-to-flax"],
           [f"--source={HF}", "--preset=hf-to-tunix", f"--print_spec={os.path.join(HF, 'spec.json')}"],
+          [f"--source={tunix}", f"--migrated={HF}", "--preset=tunix-to-hf"],  # config.json: the HF side's
+          [f"--source={tunix}", "--preset=tunix-to-hf", f"--print_spec={tmp_path / 'back.json'}"],
       ],
   )
   assert v[0].returncode == 0 and [line.split()[0] for line in v[0].stdout.splitlines()] == [
       "hf-to-maxtext",
       "hf-to-maxtext-scanned",
       "hf-to-tunix",
+      "maxtext-scanned-to-hf",
+      "maxtext-to-hf",
+      "tunix-to-hf",
   ]
   assert v[1].returncode == 0 and v[1].stdout.splitlines()[-1] == "VERDICT: PASS", v[1].stdout + v[1].stderr
   assert v[2].returncode == 0 and "rules" in json.loads((tmp_path / "tunix.json").read_text())
@@ -169,6 +174,8 @@ def test_preset_flags_on_both_tools(tmp_path):
   one_line_error(v[5], "unknown preset 'hf-to-flax'")
   one_line_error(v[6], "--print_spec")
   assert not os.path.exists(os.path.join(HF, "spec.json"))
+  assert v[7].returncode == 0 and v[7].stdout.splitlines()[-1] == "VERDICT: PASS", v[7].stdout + v[7].stderr
+  one_line_error(v[8], "give hf_config (--hf_config)")
   m = run_many(
       "migrate_checkpoint",
       [["--list_presets"], [f"--source={HF}", f"--dest={tmp_path / 'out'}", "--preset=hf-to-tunix"]],
