@@ -11,19 +11,19 @@ element; ``RemapSpec.to_json`` gives the expanded spec for a user to adapt.
   ``models/qwen*/params.py`` key map: kernels transposed, attention kernels
   then reshaped to ``[embed, heads, head_dim]`` / ``[heads, head_dim, embed]``,
   MoE experts transposed and stacked on axis 0, the router transposed).
-  qwen2, qwen3, qwen3_moe.
 * ``hf-to-maxtext`` / ``hf-to-maxtext-scanned`` -- the params of the
   checkpoint MaxText's ``to_maxtext`` writes (``params/params/...``;
   ``param_mapping.py``'s Qwen names and hooks at e591f30c: kernels
   transposed then reshaped, q/k/v biases reshaped to ``[heads, head_dim]``;
-  scanned layers stacked on axis 1, MoE experts on axis 0). qwen2, qwen3,
-  qwen3_moe. MaxText's vocabulary padding applies only when its
-  ``vocab_size`` exceeds HF's; give it as ``maxtext_vocab_size``.
+  scanned layers stacked on axis 1, MoE experts on axis 0). MaxText's
+  vocabulary padding applies only when its ``vocab_size`` exceeds HF's;
+  give it as ``maxtext_vocab_size``.
+* ``tunix-to-hf``, ``maxtext-to-hf``, ``maxtext-scanned-to-hf`` -- the
+  reverses, built from the same table (reshape back, transpose, ``unstack``;
+  the padded vocabulary sliced off); the config.json is the HF side's.
 
-Not provided yet: the reverse presets (``tunix-to-hf``, ``maxtext-to-hf``,
-...) need one source leaf split into many targets (``unstack``), and
-``qwen2_moe`` (shared expert and its gate) has no tunix or MaxText mapping
-to check against here.
+Families: qwen2, qwen3, qwen3_moe. ``qwen2_moe`` (shared expert and its gate)
+has no tunix or MaxText mapping to check against here and is refused.
 """
 
 from __future__ import annotations
