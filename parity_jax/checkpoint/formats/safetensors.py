@@ -16,8 +16,9 @@ tensor's bytes -- or that the index places in a file that does not hold it,
 keeps ``LeafMeta.error`` set: the verifier reports it UNREADABLE by name
 (as a source leaf, the tools refuse it in one line).
 
-Values are read through :mod:`parity_jax.stores` (``read_range``), so the
-same code reads local disk and buckets. A box of a leaf costs just its own
+Values are read through :mod:`parity_jax.stores` (``read_range``) from a
+bucket, and with ``pread`` on one descriptor per open reader from a local
+file (a request per run costs a system call, not an open). A box of a leaf costs just its own
 bytes (``LeafMeta.box_reads``): a C-contiguous box is one byte range; other
 boxes are read as runs of rows, a bounded span of rows per request, and
 picked out with a strided view. No leaf is read whole unless the whole leaf
@@ -101,7 +102,11 @@ class SafetensorsCheckpoint(Checkpoint):
     return SafetensorsLeafReader(self, leaf)
 
   def read_whole_async(self, leaf: LeafMeta):
-    return self.reader(leaf).read_async(())
+    def whole() -> np.ndarray:
+      with self.reader(leaf) as r:
+        return r._fill((), np.empty(leaf.shape, leaf.dtype))
+
+    return _pool().submit(whole)
 
   def describe(self) -> str:
     return (
@@ -124,14 +129,29 @@ class SafetensorsLeafReader(LeafReader):
     super().__init__(leaf)
     self.ckpt = ckpt
 
+  _src: "_Bytes | None" = None
+
   def open(self) -> "SafetensorsLeafReader":
+    """Opens the file (a local file: one descriptor, read with pread; a bucket object: byte-range requests)."""
+    if self._src is None:
+      store, _ = self.ckpt.where[self.leaf.path]
+      try:
+        self._src = _Bytes(store)
+      except StoreError as e:
+        raise LeafReadError(self.leaf.path, first_line(e)) from None
     return self
 
+  def close(self) -> None:
+    if self._src is not None:
+      self._src.close()
+      self._src = None
+
   def _fill(self, box: Sequence[slice], out: np.ndarray) -> np.ndarray:
-    store, begin = self.ckpt.where[self.leaf.path]
+    _, begin = self.ckpt.where[self.leaf.path]
+    self.open()
     try:
-      read_box_into(store, begin, self.leaf.shape, self.leaf.dtype, box, out)
-    except (StoreError, ValueError) as e:
+      read_box_into(self._src, begin, self.leaf.shape, self.leaf.dtype, box, out)
+    except (StoreError, ValueError, OSError) as e:
       raise LeafReadError(self.leaf.path, first_line(e)) from None
     return out
 
@@ -175,19 +195,57 @@ def _box_shape(box: Sequence[slice], shape: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(hi - lo for lo, hi in _bounds(box, shape))
 
 
-def _read_span(store: Store, offset: int, dest: np.ndarray) -> None:
+def _pread(fd: int, offset: int, dest: np.ndarray) -> int:
+  """One ``pread`` of a local file into the uint8 array ``dest``; the bytes read."""
+  return os.preadv(fd, [memoryview(dest)], offset)
+
+
+class _Bytes:
+  """Where a leaf's bytes come from: a local file held open (pread, no copy), or a store's byte ranges."""
+
+  def __init__(self, store: Store):
+    self.store = store
+    self.fd = None
+    if store.local_path is not None:
+      try:
+        self.fd = os.open(store.local_path, os.O_RDONLY)
+      except OSError as e:
+        raise StoreError(f"{store}: {e.strerror or e}", "not_found" if e.errno == 2 else "io") from None
+
+  def close(self) -> None:
+    if self.fd is not None:
+      os.close(self.fd)
+      self.fd = None
+
+  def __del__(self):
+    self.close()
+
+  def read_into(self, offset: int, dest: np.ndarray) -> None:
+    n = dest.size
+    if self.fd is None:
+      data = self.store.read_range(offset, offset + n)
+      if len(data) != n:
+        raise StoreError(f"{self.store}: bytes [{offset}, {offset + n}) lie past its end", "out_of_range")
+      dest[:] = np.frombuffer(data, np.uint8)
+      return
+    done = 0
+    while done < n:
+      got = _pread(self.fd, offset + done, dest[done:])
+      if got <= 0:
+        raise StoreError(f"{self.store}: bytes [{offset + done}, {offset + n}) lie past its end", "out_of_range")
+      done += got
+
+
+def _read_span(src: _Bytes, offset: int, dest: np.ndarray) -> None:
   """Fills the uint8 array ``dest`` with the bytes at ``offset``, at most READ_PIECE_BYTES per request."""
   n = dest.size
   for a in range(0, n, READ_PIECE_BYTES):
     b = min(n, a + READ_PIECE_BYTES)
-    data = store.read_range(offset + a, offset + b)
-    if len(data) != b - a:
-      raise StoreError(f"{store}: bytes [{offset + a}, {offset + b}) lie past its end", "out_of_range")
-    dest[a:b] = np.frombuffer(data, np.uint8)
+    src.read_into(offset + a, dest[a:b])
 
 
 def read_box_into(
-    store: Store, begin: int, shape: tuple[int, ...], dtype: np.dtype, box: Sequence[slice], out: np.ndarray
+    store: "_Bytes", begin: int, shape: tuple[int, ...], dtype: np.dtype, box: Sequence[slice], out: np.ndarray
 ) -> None:
   """Fills ``out`` (C-contiguous, the box's shape, ``dtype``) with ``box`` of the C-order array stored at ``begin``.
 

@@ -166,9 +166,7 @@ def _verify(source, migrated, spec, *, top_k, slab_mb, spill_dir, readahead, pro
   )
   bytes_read, job_figures = values.compare_values(job, to_compare, src_ckpt, mig_ckpt, settings, progress=progress)
   for e, res in element_pairs:  # every process checks every element target (the same result everywhere)
-    bytes_read += elements.compare_element_leaf(
-        e, res, src_ckpt, mig_ckpt, max(1, int(slab_mb * _MIB) // max(e.src_dtype.itemsize, e.dst_dtype.itemsize))
-    )
+    bytes_read += elements.compare_element_leaf(e, res, src_ckpt, mig_ckpt, elements.slab_elems(slab_mb * _MIB, e))
   return VerifyReport(
       source=src_ckpt.path,
       migrated=mig_ckpt.path,

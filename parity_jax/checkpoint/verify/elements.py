@@ -34,7 +34,16 @@ from parity_jax.checkpoint.verify.report import (
     LeafResult,
 )
 
-__all__ = ["compare_element_leaf", "element_result"]
+__all__ = ["compare_element_leaf", "element_result", "slab_elems"]
+
+# Index arithmetic holds about ten int64 arrays of a slab's length (target and source indices, member,
+# masks): slabs of element rules are capped so that these stay near 20 MiB whatever --slab_mb says.
+MAX_INDEX_SLAB = 1 << 18
+
+
+def slab_elems(slab_bytes: float, e: ElementPlan) -> int:
+  """Elements per slab of an element target: ``slab_bytes`` of values, at most :data:`MAX_INDEX_SLAB`."""
+  return max(1, min(MAX_INDEX_SLAB, int(slab_bytes) // max(e.src_dtype.itemsize, e.dst_dtype.itemsize)))
 
 
 def element_result(e: ElementPlan, mig: LeafMeta | None) -> LeafResult:
