@@ -36,6 +36,25 @@ from parity_jax.checkpoint.verify.report import (
 
 __all__ = ["compare_element_leaf", "element_result", "slab_elems"]
 
+READ_AHEAD_BYTES = 8 << 20  # a member's box is read widened to about this, ahead along the axis slabs advance on
+
+
+def _inside(b, outer) -> bool:
+  return all(lo >= olo and hi <= ohi for (lo, hi), (olo, ohi) in zip(b, outer))
+
+
+def _widen(b, shape, elems: int):
+  """``b`` extended forward along its last partial axis to about ``elems`` elements (later slabs need it next)."""
+  b = list(b)
+  for a in range(len(b) - 1, -1, -1):
+    lo, hi = b[a]
+    if (lo, hi) != (0, shape[a]):
+      other = math.prod(h - l for i, (l, h) in enumerate(b) if i != a)
+      b[a] = (lo, min(shape[a], max(hi, lo + elems // max(1, other))))
+      break
+  return tuple(b)
+
+
 # Index arithmetic holds about ten int64 arrays of a slab's length (target and source indices, member,
 # masks): slabs of element rules are capped so that these stay near 20 MiB whatever --slab_mb says.
 MAX_INDEX_SLAB = 1 << 18
@@ -89,6 +108,7 @@ def compare_element_leaf(e: ElementPlan, res: LeafResult, src: Checkpoint, mig: 
   mig_meta = mig.leaves[e.dest]
   h_mig, h_exp = hashlib.sha256(), hashlib.sha256()
   first, n_bad, nbytes = None, 0, 0
+  cache: dict = {}
   try:
     mig_reader = mig.reader(mig_meta).open()
     stack = [(lo, min(n, lo + slab_elems)) for lo in range(0, n, max(1, slab_elems))]
@@ -115,15 +135,23 @@ def compare_element_leaf(e: ElementPlan, res: LeafResult, src: Checkpoint, mig: 
         continue
       expected = np.empty(hi - lo, e.src_dtype)
       pad = ~valid
+      kept = {}
       for k, (sel, b) in boxes.items():
         path = e.members[keys[k]]
         meta = src.leaves[path]
         if path not in readers:
           readers[path] = src.reader(meta).open()
-        block = readers[path].read(tuple(slice(l, h) for l, h in b)) if b else readers[path].read(())
-        nbytes += block.nbytes
-        local = tuple(s[sel] - l for s, (l, _) in zip(sidx, b))
+        got_box = cache.get(path)
+        if got_box is None or not _inside(b, got_box[0]):
+          wide = _widen(b, meta.shape, max(slab_elems, READ_AHEAD_BYTES // meta.dtype.itemsize))
+          block = readers[path].read(tuple(slice(l, h) for l, h in wide)) if wide else readers[path].read(())
+          nbytes += block.nbytes
+          got_box = (wide, block)
+        kept[path] = got_box
+        wide, block = got_box
+        local = tuple(s[sel] - l for s, (l, _) in zip(sidx, wide))
         expected[sel] = block[local] if local else block.reshape(-1)[: int(sel.sum())]
+      cache = kept  # only the members this slab used stay cached: memory near one block per member of a slab
       got = np.empty(hi - lo, e.dst_dtype)
       for box, off in geometry.flat_range_boxes(e.dst_shape, lo, hi):
         part = mig_reader.read(box)
