@@ -164,7 +164,23 @@ def child(task: str, args: dict) -> None:
     rep = verify_migration(args["source"], args["migrated"], spec, slab_mb=8.0)
     out = {"seconds": time.perf_counter() - t0, "passed": rep.passed, "bytes_read": rep.bytes_read}
   else:  # the anchor: load both whole, map MaxText back to HF (the inverse hooks), np.allclose per tensor
-    from safetensors.numpy import load_file
+    import struct
+
+    from parity_jax.dtypes import SAFETENSORS_DTYPES
+
+    def load_file(
+        path,
+    ):  # the whole file into memory, every tensor a view of it (safetensors' numpy loader has no bf16)
+      with open(path, "rb") as f:
+        data = f.read()
+      (n,) = struct.unpack("<Q", data[:8])
+      header = json.loads(data[8 : 8 + n])
+      buf = np.frombuffer(data, np.uint8, offset=8 + n)
+      return {
+          k: buf[v["data_offsets"][0] : v["data_offsets"][1]].view(SAFETENSORS_DTYPES[v["dtype"]]).reshape(v["shape"])
+          for k, v in header.items()
+          if k != "__metadata__"
+      }
 
     base = children.rss()
     t0 = time.perf_counter()
