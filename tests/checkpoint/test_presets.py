@@ -14,20 +14,12 @@ from parity_jax.checkpoint.presets import list_presets, preset_rules, preset_spe
 from parity_jax.errors import UsageError
 from tests.helpers import maxtext_layout as MT
 from tests.helpers import safetensors_files as W
+from tests.helpers.conversion_specs import TUNIX_CONVERSIONS
 
 TUNIX = os.path.join(os.path.dirname(__file__), "..", "data", "conversions", "tunix")
 
 
-@pytest.mark.parametrize(
-    "fixture,conversion,cast",
-    [
-        ("qwen3_dense_f32", "default", None),
-        ("qwen3_moe_f32_sharded", "default", None),
-        ("qwen2_dense_f32_tied", "default", None),
-        ("qwen3_dense_bf16_tied_sharded", "default", None),
-        ("qwen3_dense_bf16_tied_sharded", "f32", "float32"),
-    ],
-)
+@pytest.mark.parametrize("fixture,conversion,cast", TUNIX_CONVERSIONS)
 def test_hf_to_tunix_passes_tunix_own_conversions(fixture, conversion, cast):
   hf = os.path.join(TUNIX, fixture, "hf")
   rep = verify_migration(
@@ -96,13 +88,7 @@ def test_presets_listed_expanded_and_refused_in_one_line(tmp_path):
 
 @pytest.mark.parametrize(
     "fixture,conversion,cast",
-    [
-        ("qwen3_dense_f32", "default", None),
-        ("qwen3_moe_f32_sharded", "default", None),
-        ("qwen2_dense_f32_tied", "default", None),
-        ("qwen3_dense_bf16_tied_sharded", "default", None),
-        ("qwen3_dense_bf16_tied_sharded", "f32", "bfloat16"),  # back to bf16: a narrowing cast, exact here
-    ],
+    [(f, c, "bfloat16" if cast else None) for f, c, cast in TUNIX_CONVERSIONS],  # the way back narrows f32 -> bf16
 )
 def test_tunix_to_hf_passes_and_a_swapped_expert_fails(fixture, conversion, cast, tmp_path):
   hf = os.path.join(TUNIX, fixture, "hf")

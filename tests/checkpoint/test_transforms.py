@@ -20,7 +20,7 @@ import pytest
 from parity_jax.checkpoint import RemapSpec, SpecError, open_checkpoint, restore_leaves, verify_migration
 from parity_jax.errors import UsageError
 from tests.helpers import maxtext_layout as MT
-from tests.helpers.conversion_specs import maxtext_rules, tunix_rules
+from tests.helpers.conversion_specs import TUNIX_CONVERSIONS, maxtext_rules, tunix_rules
 from tests.helpers import safetensors_files as W
 
 TUNIX = os.path.join(os.path.dirname(__file__), "..", "data", "conversions", "tunix")
@@ -55,16 +55,7 @@ def _failed(rep) -> dict:
   return {r.migrated_path: r for r in rep.leaves if r.status != "PASS"}
 
 
-@pytest.mark.parametrize(
-    "fixture,conversion,cast",
-    [
-        ("qwen3_dense_f32", "default", None),
-        ("qwen3_moe_f32_sharded", "default", None),
-        ("qwen2_dense_f32_tied", "default", None),
-        ("qwen3_dense_bf16_tied_sharded", "default", None),
-        ("qwen3_dense_bf16_tied_sharded", "f32", "float32"),  # tunix's dtype=float32: an exact widening cast
-    ],
-)
+@pytest.mark.parametrize("fixture,conversion,cast", TUNIX_CONVERSIONS)
 def test_tunix_conversions_pass(fixture, conversion, cast):
   spec = RemapSpec.from_rules(tunix_rules(_expected(fixture)["tunix_key_map"], cast))
   rep = verify_migration(os.path.join(TUNIX, fixture, "hf"), os.path.join(TUNIX, fixture, f"tunix_{conversion}"), spec)

@@ -8,9 +8,20 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 from tests.helpers import maxtext_layout as MT
+
+TUNIX_DIR = os.path.join(os.path.dirname(__file__), "..", "data", "conversions", "tunix")
+# (fixture, tunix conversion, the cast between the HF dtype and the conversion's): every committed conversion
+TUNIX_CONVERSIONS = [
+    ("qwen3_dense_f32", "default", None),
+    ("qwen3_moe_f32_sharded", "default", None),
+    ("qwen2_dense_f32_tied", "default", None),
+    ("qwen3_dense_bf16_tied_sharded", "default", None),
+    ("qwen3_dense_bf16_tied_sharded", "f32", "float32"),  # tunix's dtype=float32: an exact widening cast
+]
 
 
 def tunix_rules(key_map: dict, cast: str | None = None) -> list[dict]:
