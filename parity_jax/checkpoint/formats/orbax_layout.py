@@ -57,8 +57,8 @@ _STEP_NAME = re.compile(r"(\w+_)?\d+")
 _FILL_FLAG = "store_array_data_equal_to_fill_value"
 
 SUPPORTED = (
-    "supported: Orbax PyTree checkpoints, orbax >= 0.5 (PyTree/Standard checkpoint dir, ocp.v1 checkpoint,"
-    " CheckpointManager step dir)"
+    "supported: Orbax PyTree checkpoints, orbax >= 0.5 (PyTree/Standard dir, ocp.v1, CheckpointManager step dir),"
+    " HF safetensors dirs"
 )
 
 MISSING_CHUNK_RULE = (
@@ -192,7 +192,9 @@ def resolve_item_dir(path: str, role: str = "checkpoint") -> tuple[str, str]:
   what = _foreign_dir(path)
   if what:
     raise UsageError(f"{role} is not an Orbax checkpoint but {what}; {SUPPORTED}: {path}")
-  raise UsageError(f"{role} is not an Orbax checkpoint (no {PYTREE_METADATA} in it or in one item below it): {path}")
+  raise UsageError(
+      f"{role} is not an Orbax checkpoint (no {PYTREE_METADATA} in it or in one item below it); {SUPPORTED}: {path}"
+  )
 
 
 def _recorded_orbax_version(path: str, item_dir: str) -> str | None:
@@ -267,5 +269,3 @@ def decide_layout(
       "missing_chunk_rule": MISSING_CHUNK_RULE,
   }
   return use_ocdbt, use_zarr3, strict, facts
-
-
