@@ -18,8 +18,16 @@ A spec is JSON::
   C order, and every axis of either shape is a run of adjacent axes of a
   common refinement (splits and merges of adjacent axes, size-1 axes added or
   dropped). ``(4, 6) -> (6, 4)`` keeps the bytes but silently reinterprets the
-  axes; it is refused. Transposes and dtype casts are never allowed: they do
-  not preserve values byte for byte.
+  axes; it is refused.
+* Element rules (:mod:`parity_jax.checkpoint.transforms`): ``transpose``
+  (a permutation), ``ops`` (transposes and reshapes in order), ``stack``
+  (many source leaves into one target leaf along declared axes, nested
+  levels allowed) and ``cast`` (a float dtype, checked against
+  round-to-nearest-even). Every element keeps its bytes (or its correctly
+  rounded value); only its position moves. The verifier checks them element
+  by element; the migrator does not perform them yet.
+* ``"drop": true`` declares matched source leaves dropped (a tied
+  ``lm_head``): used by no target, and not an error.
 * ``group_depth`` (default 1): the verdict table groups leaves by the first
   ``group_depth`` components of the migrated path.
 
@@ -47,7 +55,7 @@ from parity_jax.errors import UsageError
 
 __all__ = ["LeafPlan", "MigrationPlan", "RemapRule", "RemapSpec", "SpecError", "Transform"]
 
-_RULE_KEYS = {"match", "to", "squeeze", "reshape", "comment"}
+_RULE_KEYS = {"match", "to", "squeeze", "reshape", "comment", "transpose", "ops", "stack", "cast", "drop", "fill", "unstack"}
 _TOP_KEYS = {"rules", "group_depth", "comment", "description"}
 _MAX_LISTED = 25  # problems spelled out in the one-line message; all are in .problems
 SPEC_ERRORS_FORMAT = "parity_jax.spec_errors/1"
@@ -139,6 +147,35 @@ class RemapRule:
   squeeze: tuple[int, ...] | None = None
   reshape: tuple[int, ...] | None = None
   pattern: re.Pattern = dataclasses.field(compare=False, repr=False, default=None)
+  ops: tuple = ()  # transforms.Op chain of an element rule
+  stack: tuple[tuple[int, str], ...] = ()  # (target axis, index template) per stack level
+  cast: str | None = None
+  drop: bool = False
+  fill: float = 0.0  # what a pad op adds (a number, in the target dtype)
+  unstack: tuple[tuple[int, str], ...] = ()  # (source axis, placeholder name in 'to') per level
+
+  def unstacked(self, shape: tuple[int, ...], dest: str) -> list[tuple[str, tuple]] | str:
+    """(dest, leading ops) of every piece of an unstacked source leaf of ``shape``, or why it does not fit."""
+    from parity_jax.checkpoint.transforms import Op
+
+    axes = [a for a, _ in self.unstack]
+    if any(a >= len(shape) for a in axes):
+      return f"unstack axis {max(axes)} is out of range for shape {list(shape)}"
+    kept = tuple(d for i, d in enumerate(shape) if i not in axes)
+    out = []
+    for idx in np.ndindex(*[shape[a] for a in axes]):
+      pairs = [[0, d] for d in shape]
+      name = dest
+      for (a, ph), i in zip(self.unstack, idx):
+        pairs[a] = [i, i + 1]
+        name = name.replace("{" + ph + "}", str(i))
+      out.append((name, (Op("slice", tuple(x for p in pairs for x in p)), Op("reshape", kept))))
+    return out
+
+  @property
+  def elementwise(self) -> bool:
+    """Transposes, stacks or casts: checked element by element (:mod:`parity_jax.checkpoint.transforms`)."""
+    return bool(self.ops or self.stack or self.cast or self.unstack)
 
   def label(self) -> str:
     return f"rule #{self.index} ({self.match!r})"
@@ -149,6 +186,18 @@ class RemapRule:
       d["squeeze"] = list(self.squeeze)
     if self.reshape is not None:
       d["reshape"] = list(self.reshape)
+    if self.ops:
+      d["ops"] = [o.to_dict() for o in self.ops]
+    if self.stack:
+      d["stack"] = [{"axis": a, "index": t} for a, t in self.stack]
+    if self.cast:
+      d["cast"] = self.cast
+    if self.drop:
+      d["drop"] = True
+    if any(o.kind == "pad" for o in self.ops):
+      d["fill"] = self.fill
+    if self.unstack:
+      d["unstack"] = [{"axis": a, "name": n} for a, n in self.unstack]
     return d
 
   def transform_for(self, shape: tuple[int, ...]) -> Transform | str:
@@ -198,11 +247,18 @@ class MigrationPlan:
 
   spec: "RemapSpec"
   leaves: tuple[LeafPlan, ...]
+  elements: tuple = ()  # transforms.ElementPlan per target leaf of an element rule
+  dropped: tuple[str, ...] = ()  # source leaves declared dropped
+
+  @property
+  def element_sources(self) -> dict[str, str]:
+    """Source path -> target path of every member of an element rule."""
+    return {s: e.dest for e in self.elements for s in e.members.values()}
 
   @property
   def inverse(self) -> dict[str, str]:
-    """Destination path -> source path."""
-    return {p.dest: p.source for p in self.leaves}
+    """Destination path -> source path (the first member of a stack)."""
+    return {**{p.dest: p.source for p in self.leaves}, **{e.dest: e.sources[0] for e in self.elements}}
 
   @property
   def forward(self) -> dict[str, str]:
@@ -323,6 +379,46 @@ class RemapSpec:
           problems.append(f"{where}: 'reshape' {reshape} may hold sizes >= 0 and at most one -1")
       if squeeze is not None and reshape is not None:
         problems.append(f"{where}: give 'squeeze' or 'reshape', not both (a reshape can drop size-1 axes itself)")
+      ops, stack, cast, drop, fill = (), (), None, False, 0.0
+      if "fill" in r:
+        fill = r["fill"]
+        if isinstance(fill, bool) or not isinstance(fill, (int, float)):
+          problems.append(f"{where}: 'fill' must be a number, got {fill!r}")
+          fill = 0.0
+        elif "ops" not in r:
+          problems.append(f"{where}: 'fill' is what a pad op adds; this rule has no 'ops'")
+      unstack = []
+      if "unstack" in r:
+        raw = r["unstack"] if isinstance(r["unstack"], list) else [r["unstack"]]
+        for i, u in enumerate(raw):
+          ok = isinstance(u, dict) and set(u) == {"axis", "name"} and isinstance(u.get("name"), str)
+          ok = ok and isinstance(u["axis"], int) and not isinstance(u["axis"], bool) and u["axis"] >= 0
+          if not ok:
+            problems.append(f"{where}: unstack[{i}] must be {{'axis': int >= 0, 'name': str}}, got {u!r}")
+          elif isinstance(to, str) and "{" + u["name"] + "}" not in to:
+            problems.append(f"{where}: unstack name {u['name']!r} does not appear as {{{u['name']}}} in 'to'")
+          else:
+            unstack.append((u["axis"], u["name"]))
+        if len({a for a, _ in unstack}) != len(unstack):
+          problems.append(f"{where}: two unstack levels use the same axis")
+      if any(k in r for k in ("transpose", "ops", "stack", "cast", "unstack")):
+        from parity_jax.checkpoint import transforms
+
+        ops, stack, cast, more = transforms.parse_element_keys(r, where)
+        problems.extend(more)
+        if squeeze is not None or reshape is not None:
+          problems.append(f"{where}: with transpose/ops/stack/cast, put a reshape in 'ops' (no 'squeeze'/'reshape')")
+        if pattern is not None:
+          for _, t in stack:
+            err = _check_template(pattern, t)
+            if err:
+              problems.append(f"{where}: stack index {t!r} is not a valid template for {match!r}: {err}")
+      if "drop" in r:
+        drop = r["drop"]
+        if drop is not True:
+          problems.append(f"{where}: 'drop' must be true")
+        elif len(set(r) - {"match", "to", "drop", "comment"}):
+          problems.append(f"{where}: a dropped leaf takes no transform")
       rules.append(
           RemapRule(
               index=i,
@@ -331,6 +427,12 @@ class RemapSpec:
               squeeze=tuple(squeeze) if squeeze is not None else None,
               reshape=tuple(reshape) if reshape is not None else None,
               pattern=pattern,
+              ops=ops,
+              stack=stack,
+              cast=cast,
+              drop=drop is True,
+              fill=float(fill),
+              unstack=tuple(unstack),
           )
       )
     if problems:
@@ -385,6 +487,8 @@ class RemapSpec:
     plans: list[LeafPlan] = []
     hits = {r.index: 0 for r in self.rules}
     dest_of: dict[str, str] = {}
+    element_items: list[tuple] = []
+    dropped: list[str] = []
     for path, meta in leaves.items():
       rules = self.matching_rules(path)
       for r in rules:
@@ -396,10 +500,24 @@ class RemapSpec:
         problems.append(f"source leaf {path!r} matches {len(rules)} rules: " + ", ".join(f"#{r.index}" for r in rules))
         continue
       rule = rules[0]
+      if rule.drop:
+        dropped.append(path)
+        continue
       dest = rule.pattern.fullmatch(path).expand(rule.to)
       comps = keypath.split(dest)
       if not dest or any(c == "" for c in comps):
         problems.append(f"{rule.label()} maps {path!r} to {dest!r}, which has an empty path component")
+        continue
+      if rule.elementwise:
+        m = rule.pattern.fullmatch(path)
+        if not rule.unstack:
+          element_items.append((path, rule, dest, m, meta))
+          continue
+        pieces = rule.unstacked(tuple(getattr(meta, "shape", ()) or ()), dest)
+        if isinstance(pieces, str):
+          problems.append(f"{rule.label()} does not fit source leaf {path!r}: {pieces}")
+        else:
+          element_items.extend((path, rule, d, m, meta, lead) for d, lead in pieces)
         continue
       shape = tuple(getattr(meta, "shape", ()) or ())
       kind = getattr(meta, "kind", "array")
@@ -415,13 +533,22 @@ class RemapSpec:
         continue
       dest_of[dest] = path
       plans.append(LeafPlan(path, dest, rule, t, self.group_of(dest)))
+    elements = []
+    if element_items:
+      from parity_jax.checkpoint import transforms
+
+      elements, more = transforms.bind_elements(element_items, self.group_of)
+      problems.extend(more)
+      for e in elements:
+        if e.dest in dest_of:
+          problems.append(f"source leaves {dest_of[e.dest]!r} and {e.sources[0]!r} both map to {e.dest!r}")
     for r in self.rules:
       if hits[r.index] == 0:
         problems.append(f"{r.label()} matches no source leaf")
-    problems.extend(_destination_conflicts(list(dest_of)))
+    problems.extend(_destination_conflicts(list(dest_of) + [e.dest for e in elements]))
     if problems:
       raise SpecError(f"spec {self.source} does not fit the {what}", problems)
-    return MigrationPlan(self, tuple(plans))
+    return MigrationPlan(self, tuple(plans), tuple(elements), tuple(dropped))
 
   def __repr__(self) -> str:
     return f"RemapSpec({len(self.rules)} rules, group_depth={self.group_depth}, source={self.source!r})"

@@ -466,3 +466,87 @@ def _supervise(module: str, process_id: int | None, verbose: bool) -> int:
   sys.stdout.flush()
   print(f"{_prog()}: error: {_describe_death(sig, process_id, runtime)}", file=sys.stderr, flush=True)
   return 2
+
+
+# ---- presets of the checkpoint tools (issue 17): --preset, --preset_cast, --list_presets, --print_spec ----------
+
+
+class SpecFlags:
+  """The preset flags' values for one tool run (see :func:`preset_flags`)."""
+
+  @property
+  def preset(self) -> str | None:
+    return flags.FLAGS["preset"].value
+
+  def spec_given(self, spec_path: str | None) -> str | None:
+    """What stands for the spec in a tool's 'given together' checks: the --spec path, or the preset's name."""
+    return spec_path if spec_path is not None else self.preset
+
+  def resolve(self, spec_path: str | None, source: str | None, hf_side: str | None = None):
+    """The spec to run: the --spec path as given, or the preset's RemapSpec; one-line UsageError for misuse.
+
+    A ``*-to-hf`` preset reads config.json from --hf_config, else from ``hf_side`` (the HF side's directory).
+    """
+    cast = flags.FLAGS["preset_cast"].value
+    hf_config = flags.FLAGS["hf_config"].value
+    if self.preset is None:
+      if cast:
+        raise UsageError("--preset_cast applies to --preset only")
+      return spec_path
+    if spec_path is not None:
+      raise UsageError("give --spec or --preset, not both")
+    if not source:
+      raise UsageError("--preset is filled from --source's config.json: give --source")
+    from parity_jax.checkpoint.presets import preset_spec
+
+    if hf_config is None and self.preset.endswith("-to-hf"):
+      hf_config = hf_side
+    return preset_spec(self.preset, source, hf_config=hf_config, cast=cast)
+
+  def handle_early(self, spec_path: str | None, source: str | None, overwrite: bool) -> int | None:
+    """Does --list_presets / --print_spec (returns the exit code), else None (the tool runs)."""
+    if flags.FLAGS["list_presets"].value:
+      from parity_jax.checkpoint.presets import list_presets
+
+      for name, what in list_presets():
+        print(f"{name:24s} {what}")
+      return 0
+    out = flags.FLAGS["print_spec"].value
+    if out is None:
+      return None
+    from parity_jax.checkpoint.spec import RemapSpec
+    from parity_jax.files import check_output_path, write_text_atomic
+
+    spec = self.resolve(spec_path, source)
+    if spec is None:
+      raise UsageError("--print_spec needs --preset (with --source) or --spec")
+    out = check_output_path(out, [p for p in (source, spec_path) if p], "--print_spec", overwrite=overwrite)
+    spec = spec if isinstance(spec, RemapSpec) else RemapSpec.from_json(spec)
+    write_text_atomic(out, spec.to_json() + "\n")
+    print(f"spec: {out} ({len(spec.rules)} rules)")
+    return 0
+
+
+_PRESET_FLAGS = ("preset", "preset_cast", "hf_config", "list_presets", "print_spec")
+
+
+def preset_flags(module: str) -> SpecFlags:
+  """``--preset`` (a ready spec filled from --source's config.json; not with --spec), ``--preset_cast``,
+  ``--list_presets`` and ``--print_spec=FILE`` (the expanded JSON spec, then exit), for the tool ``module``."""
+  if "preset" not in flags.FLAGS:
+    flags.DEFINE_string(
+        "preset", None, "A ready spec filled from --source's config.json (see --list_presets); not with --spec."
+    )
+    flags.DEFINE_string("preset_cast", None, "With --preset: cast every leaf to this float dtype (float32, bfloat16).")
+    flags.DEFINE_string(
+        "hf_config",
+        None,
+        "The HF config.json (or a directory holding it) a preset is filled from; default: the HF side's own.",
+    )
+    flags.DEFINE_bool("list_presets", False, "List the presets and exit.")
+    flags.DEFINE_string(
+        "print_spec", None, "Write the expanded JSON spec (of --preset or --spec) to this file and exit."
+    )
+  for name in _PRESET_FLAGS:
+    flags.FLAGS.register_key_flag_for_module(module, flags.FLAGS[name])
+  return SpecFlags()

@@ -70,6 +70,7 @@ _PROGRESS = flags.DEFINE_boolean(
     "progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise)."
 )
 _DIST = app.distributed_flags(__name__)
+_PRESETS = app.preset_flags(__name__)  # --preset, --list_presets, --print_spec (issue 17)
 
 
 def main(argv):
@@ -79,7 +80,11 @@ def main(argv):
   from parity_jax.files import check_output_path
   from parity_jax.progress import human_bytes
 
-  app.require(_SOURCE, _DEST, _SPEC)
+  early = _PRESETS.handle_early(_SPEC.value, _SOURCE.value, _OVERWRITE.value)
+  if early is not None:
+    return early
+  app.require(_SOURCE, _DEST, *([] if _PRESETS.preset else [_SPEC]))  # --spec, or --preset
+  spec = _PRESETS.resolve(_SPEC.value, _SOURCE.value)
   dist = _DIST()
   # every process checks the outputs before joining: a refusal is then the same one line everywhere
   for out, name in ((_REPORT.value, "--report"), (_SPEC_ERRORS.value, "--spec_errors")):
@@ -93,7 +98,7 @@ def main(argv):
     result = migrate(
         _SOURCE.value,
         _DEST.value,
-        _SPEC.value,
+        spec,
         chunk_mb=_CHUNK_MB.value,
         overwrite=_OVERWRITE.value,
         progress=_PROGRESS.value,

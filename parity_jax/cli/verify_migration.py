@@ -80,6 +80,7 @@ _STORAGE_BACKOFF = flags.DEFINE_float(
     lower_bound=0.0,
 )
 _DIST = app.distributed_flags(__name__)
+_PRESETS = app.preset_flags(__name__)  # --preset, --list_presets, --print_spec (issue 17)
 
 
 def main(argv):
@@ -98,7 +99,10 @@ def main(argv):
     if out and is_remote(out):
       raise UsageError(f"{name}={out}: must be a local file (bucket URLs are taken for checkpoints only)")
 
-  given = [_SOURCE.value, _MIGRATED.value, _SPEC.value]
+  early = _PRESETS.handle_early(_SPEC.value, _SOURCE.value, _OVERWRITE.value)
+  if early is not None:
+    return early
+  given = [_SOURCE.value, _MIGRATED.value, _PRESETS.spec_given(_SPEC.value)]
   if all(v is None for v in given):
     source, migrated, spec = example.example_paths()
     print(f"verifying the shipped example in {example.example_dir()}")
@@ -108,7 +112,8 @@ def main(argv):
         f"missing {', '.join(missing)}: give --source, --migrated and --spec together (or none for the shipped example)"
     )
   else:
-    source, migrated, spec = given
+    source, migrated = given[:2]
+    spec = _PRESETS.resolve(_SPEC.value, source, migrated)
   dist = _DIST()
   if dist.requested:
     from parity_jax import runtime
@@ -120,7 +125,7 @@ def main(argv):
   if lead:
     for out, name in ((_REPORT.value, "--report"), (_HTML.value, "--html"), (_SPEC_ERRORS.value, "--spec_errors")):
       if out:
-        check_output_path(out, [source, migrated, spec], name, overwrite=_OVERWRITE.value)
+        check_output_path(out, [source, migrated, _SPEC.value], name, overwrite=_OVERWRITE.value)
 
   # the temporaries of killed migrations to the migrated path: named, with how to remove them
   notes = [left.describe() for left in leftovers(migrated) if not left.alive] if lead else []

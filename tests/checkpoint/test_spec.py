@@ -79,7 +79,7 @@ def test_bind_builds_plan_transforms_and_inverse():
         ('{"rules": [{"match": "^a$", "to": "a", "reshape": [-1, -1]}]}', "at most one -1"),
         ('{"rules": [{"match": "^a$", "to": "a", "reshape": "3"}]}', "'reshape' must be a list of integers"),
         ('{"rules": [{"match": "^a$", "to": "a", "squeeze": [0], "reshape": [3]}]}', "not both"),
-        ('{"rules": [{"match": "^a$", "to": "a", "transpose": [1, 0]}]}', "unknown key"),
+        ('{"rules": [{"match": "^a$", "to": "a", "flip": [1, 0]}]}', "unknown key"),
         ('{"rules": [{"match": "^a$", "to": "a"}], "group_depth": 0}', "group_depth"),
         ('{"rules": [{"match": "^a$", "to": "a"}], "extra": 1}', "unknown top-level key"),
     ],

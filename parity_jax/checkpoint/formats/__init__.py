@@ -7,6 +7,9 @@ provides a :class:`~.base.Checkpoint` subclass with its
 role) -> Checkpoint`` pair registered in :data:`FORMATS` below; the stream,
 the verifier and the migrator see only the base classes. The formats:
 
+* ``safetensors`` (:mod:`.safetensors`) -- a Hugging Face directory with
+  ``model.safetensors`` or shards listed in ``model.safetensors.index.json``;
+  leaves read by byte range from the header offsets.
 * ``orbax`` (:mod:`.orbax`, :mod:`.orbax_layout`, :mod:`.tstore`) -- every
   PyTree layout orbax has written since 0.5.
 
@@ -30,6 +33,12 @@ class Format(NamedTuple):
   open: Callable[[str, str], Checkpoint]  # (path, role) -> the opened checkpoint; one-line UsageError otherwise
 
 
+def _safetensors() -> Format:
+  from parity_jax.checkpoint.formats import safetensors
+
+  return Format("safetensors", safetensors.detect, safetensors.open_safetensors)
+
+
 def _orbax() -> Format:
   from parity_jax.checkpoint.formats import orbax
 
@@ -38,7 +47,7 @@ def _orbax() -> Format:
 
 # In detection order; the last one (orbax) also explains, in one line, what a path that no format
 # recognises is instead.
-FORMATS: tuple[Callable[[], Format], ...] = (_orbax,)
+FORMATS: tuple[Callable[[], Format], ...] = (_safetensors, _orbax)
 
 
 def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkpoint:

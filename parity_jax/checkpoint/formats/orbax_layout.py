@@ -58,8 +58,8 @@ _STEP_NAME = re.compile(r"(\w+_)?\d+")
 _FILL_FLAG = "store_array_data_equal_to_fill_value"
 
 SUPPORTED = (
-    "supported: Orbax PyTree checkpoints, orbax >= 0.5 (PyTree/Standard checkpoint dir, ocp.v1 checkpoint,"
-    " CheckpointManager step dir)"
+    "supported: Orbax PyTree checkpoints, orbax >= 0.5 (PyTree/Standard dir, ocp.v1, CheckpointManager step dir),"
+    " HF safetensors dirs"
 )
 
 MISSING_CHUNK_RULE = (
@@ -327,7 +327,9 @@ def _resolve(tree: Tree, role: str) -> tuple[str, str]:
   what = _foreign_dir(tree)
   if what:
     raise UsageError(f"{role} is not an Orbax checkpoint but {what}; {SUPPORTED}: {path}")
-  raise _NoItem(f"{role} is not an Orbax checkpoint (no {PYTREE_METADATA} in it or in one item below it): {path}")
+  raise _NoItem(
+      f"{role} is not an Orbax checkpoint (no {PYTREE_METADATA} in it or in one item below it); {SUPPORTED}: {path}"
+  )
 
 
 class _NoItem(UsageError):

@@ -100,6 +100,11 @@ def migrate(
         p0 = next(iter(bad))
         raise UsageError(f"source checkpoint {src.path}: cannot read leaf {p0!r}: {bad[p0]}")
       plan = spec.bind(src.leaves, what="source checkpoint")
+      if plan.elements:
+        raise UsageError(
+            f"the migrator does not perform transpose/ops/stack/cast rules yet ({len(plan.elements)} target leaves,"
+            f" e.g. {plan.elements[0].dest!r}); parity-verify-migration checks such conversions"
+        )
       if stores.is_remote(dest):  # a bucket: staged on local disk, then uploaded with the commit marker last
         return _to_bucket(job, src, spec, plan, dest, chunk_mb, overwrite, progress, batch_mb, compression)
       with interruptible():

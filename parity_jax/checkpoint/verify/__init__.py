@@ -39,7 +39,7 @@ from parity_jax import runtime, stores
 from parity_jax.checkpoint import stream
 from parity_jax.checkpoint.formats import Checkpoint, open_checkpoint
 from parity_jax.checkpoint.spec import RemapSpec
-from parity_jax.checkpoint.verify import values
+from parity_jax.checkpoint.verify import elements, values
 from parity_jax.checkpoint.verify.report import (
     DTYPE_MISMATCH,
     EXTRA,
@@ -55,7 +55,7 @@ from parity_jax.checkpoint.verify.report import (
     LeafResult,
     VerifyReport,
 )
-from parity_jax.checkpoint.verify.structure import check_structure
+from parity_jax.checkpoint.verify.structure import PENDING, check_structure
 from parity_jax.errors import UsageError
 from parity_jax.files import is_inside
 
@@ -151,6 +151,12 @@ def _verify(source, migrated, spec, *, top_k, slab_mb, spill_dir, readahead, pro
     )
   plan = spec.bind(src_ckpt.leaves, what="source checkpoint")
   results, to_compare = check_structure(plan, spec, src_ckpt, mig_ckpt)
+  element_pairs = []
+  for e in plan.elements:
+    res = elements.element_result(e, mig_ckpt.leaves.get(e.dest))
+    results.append(res)
+    if res.status == PENDING:
+      element_pairs.append((e, res))
   settings = values.Settings(
       top_k=top_k,
       buffers=stream.Buffers(max(4096, int(slab_mb * _MIB))),
@@ -159,6 +165,8 @@ def _verify(source, migrated, spec, *, top_k, slab_mb, spill_dir, readahead, pro
       log=log,
   )
   bytes_read, job_figures = values.compare_values(job, to_compare, src_ckpt, mig_ckpt, settings, progress=progress)
+  for e, res in element_pairs:  # every process checks every element target (the same result everywhere)
+    bytes_read += elements.compare_element_leaf(e, res, src_ckpt, mig_ckpt, elements.slab_elems(slab_mb * _MIB, e))
   return VerifyReport(
       source=src_ckpt.path,
       migrated=mig_ckpt.path,

@@ -261,9 +261,7 @@ def _flax_msgpack(path):
   return path
 
 
-@pytest.mark.parametrize(
-    "case", ["flax msgpack file", "flax checkpoints dir", "pre-_METADATA orbax", "safetensors dir"]
-)
+@pytest.mark.parametrize("case", ["flax msgpack file", "flax checkpoints dir", "pre-_METADATA orbax", "pytorch dir"])
 def test_layouts_of_other_libraries_get_one_line_naming_them_and_what_is_supported(tmp_path, case):
   d = tmp_path / "ck"
   d.mkdir()
@@ -275,9 +273,9 @@ def test_layouts_of_other_libraries_get_one_line_naming_them_and_what_is_support
   elif case == "pre-_METADATA orbax":
     _flax_msgpack(d / "checkpoint")
     target, want = d, "a pre-_METADATA Orbax/flax checkpoint"
-  else:
-    (d / "model.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0{}      ")
-    target, want = d, "a safetensors / Hugging Face model directory"
+  else:  # a safetensors directory is a checkpoint format of its own (tests/checkpoint/formats/test_safetensors.py)
+    (d / "pytorch_model.bin").write_bytes(b"PK\x03\x04")
+    target, want = d, "a PyTorch / Hugging Face model directory"
   for tool_call in (
       lambda: verify_migration(target, target, IDENTITY),
       lambda: migrate(target, tmp_path / "o", IDENTITY),

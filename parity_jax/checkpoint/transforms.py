@@ -1,0 +1,408 @@
+"""Element-level transforms of the remap spec: transpose/reshape chains, stacks of leaves, dtype casts.
+
+A spec rule with any of ``transpose``, ``ops``, ``stack`` or ``cast``
+describes where every element of a target leaf comes from:
+
+* ``ops``: an ordered list of ``{"transpose": [perm]}`` and ``{"reshape":
+  [shape]}`` applied to the source leaf (``"transpose": perm`` alone is
+  ``ops = [{"transpose": perm}]``). A transpose moves elements without
+  changing their bytes: target ``[i_0..i_n]`` is source
+  ``[i_{perm^-1(0)}..]``, numpy's ``np.transpose(x, perm)``. A reshape must be
+  value-preserving in the sense of :func:`parity_jax.checkpoint.geometry.refinement`
+  (splits and merges of adjacent axes), checked on the shape it applies to.
+* ``stack``: a list of ``{"axis": a, "index": template}``. Every source leaf
+  the rule maps to the same ``to`` is one member; ``template`` (a
+  :mod:`re` replacement, e.g. ``\\g<layer>``) gives its integer position along
+  target axis ``a``. Several levels nest (MaxText's scanned MoE:
+  ``[experts, layers, ...]`` is two levels, axes 0 and 1); the axes are
+  positions in the target, inserted in increasing order. The members must
+  form a complete grid ``0..N_k-1`` per level, with equal shapes and dtypes.
+* ``cast``: the target dtype (see :func:`cast_rule`).
+
+:meth:`ElementPlan.source_of` maps a target index to the source leaf and index
+its element comes from; the verifier evaluates a target leaf one C-order slab
+at a time, reading for each member only the bounding box of the elements the
+slab needs (``parity_jax.checkpoint.verify.elements``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from parity_jax.checkpoint import geometry
+
+__all__ = [
+    "CAST_DTYPES",
+    "ElementPlan",
+    "Op",
+    "bind_elements",
+    "cast_rule",
+    "expected_cast",
+    "parse_element_keys",
+    "same_cast",
+]
+
+ELEMENT_KEYS = ("transpose", "ops", "stack", "cast")
+CAST_DTYPES: dict[str, np.dtype] = {
+    "float64": np.dtype(np.float64),
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+}
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  """One step of a chain: ``transpose`` (``arg`` = perm), ``reshape`` (target shape, -1 allowed), ``pad``
+  (``[before, after]`` per axis, flattened: elements of the rule's ``fill`` added) or ``slice`` (``[start, stop]``
+  per axis, flattened: the elements outside are declared dropped)."""
+
+  kind: str
+  arg: tuple[int, ...]
+
+  def pairs(self) -> list[tuple[int, int]]:
+    return list(zip(self.arg[0::2], self.arg[1::2]))
+
+  def to_dict(self) -> dict[str, Any]:
+    if self.kind in ("pad", "slice"):
+      return {self.kind: [list(p) for p in self.pairs()]}
+    return {self.kind: list(self.arg)}
+
+  def out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...] | str:
+    """The shape after this op, or a one-line reason it does not fit ``shape``."""
+    if self.kind in ("pad", "slice"):
+      pairs = self.pairs()
+      if len(pairs) != len(shape):
+        return f"{self.kind} {[list(p) for p in pairs]} has {len(pairs)} axes, the shape {list(shape)} has {len(shape)}"
+      if self.kind == "pad":
+        return tuple(d + a + b for d, (a, b) in zip(shape, pairs))
+      bad = [i for i, (d, (a, b)) in enumerate(zip(shape, pairs)) if not 0 <= a <= b <= d]
+      if bad:
+        return f"slice {[list(p) for p in pairs]}: axis {bad[0]} range is not within 0..{shape[bad[0]]}"
+      return tuple(b - a for a, b in pairs)
+    if self.kind == "transpose":
+      if sorted(self.arg) != list(range(len(shape))):
+        return f"transpose {list(self.arg)} is not a permutation of the {len(shape)} axes of {list(shape)}"
+      return tuple(shape[p] for p in self.arg)
+    n = math.prod(shape)
+    target = list(self.arg)
+    if -1 in target:
+      rest = math.prod(d for d in target if d != -1)
+      if rest == 0 or n % rest:
+        return f"reshape {list(self.arg)}: cannot infer -1 for {n} elements"
+      target[target.index(-1)] = n // rest
+    if math.prod(target) != n:
+      return f"reshape {list(self.arg)}: {n} elements of {list(shape)} cannot become {target}"
+    if geometry.refinement(shape, tuple(target)) is None:
+      return f"reshape {list(shape)} -> {target} is not value-preserving (only splits or merges of adjacent axes)"
+    return tuple(target)
+
+
+def parse_element_keys(
+    r: Mapping[str, Any], where: str
+) -> tuple[tuple[Op, ...], tuple[tuple[int, str], ...], str | None, list[str]]:
+  """(ops, stack levels, cast dtype name, problems) of one rule's element keys; checks the JSON only."""
+  problems: list[str] = []
+  ops: list[Op] = []
+
+  def int_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
+  if "transpose" in r and "ops" in r:
+    problems.append(f"{where}: give 'transpose' or 'ops', not both (put the transpose in 'ops')")
+  raw_ops = [{"transpose": r["transpose"]}] if "transpose" in r else r.get("ops", [])
+  if not isinstance(raw_ops, list):
+    problems.append(f"{where}: 'ops' must be a list of {{'transpose': [...]}} / {{'reshape': [...]}}")
+    raw_ops = []
+  for i, o in enumerate(raw_ops):
+    if not isinstance(o, dict) or len(o) != 1 or next(iter(o)) not in ("transpose", "reshape", "pad", "slice"):
+      problems.append(
+          f"{where}: ops[{i}] must be {{'transpose': [perm]}}, {{'reshape': [shape]}}, {{'pad': [[before, after],"
+          f" ...]}} or {{'slice': [[start, stop], ...]}}, got {o!r}"
+      )
+      continue
+    kind, arg = next(iter(o.items()))
+    if kind in ("pad", "slice"):
+      if not isinstance(arg, list) or not all(int_list(p) and len(p) == 2 and min(p) >= 0 for p in arg):
+        problems.append(f"{where}: ops[{i}] {kind} must be a list of [a, b] pairs of integers >= 0, got {arg!r}")
+      else:
+        ops.append(Op(kind, tuple(x for p in arg for x in p)))
+    elif not int_list(arg):
+      problems.append(f"{where}: ops[{i}] {kind} must be a list of integers, got {arg!r}")
+    elif kind == "reshape" and (any(d < -1 for d in arg) or arg.count(-1) > 1):
+      problems.append(f"{where}: ops[{i}] reshape {arg} may hold sizes >= 0 and at most one -1")
+    elif kind == "transpose" and sorted(arg) != list(range(len(arg))):
+      problems.append(f"{where}: ops[{i}] transpose {arg} is not a permutation of 0..{len(arg) - 1}")
+    else:
+      ops.append(Op(kind, tuple(arg)))
+  stack: list[tuple[int, str]] = []
+  raw_stack = r.get("stack", [])
+  if isinstance(raw_stack, dict):
+    raw_stack = [raw_stack]
+  if not isinstance(raw_stack, list):
+    problems.append(f"{where}: 'stack' must be a list of {{'axis': int, 'index': template}}")
+    raw_stack = []
+  for i, s in enumerate(raw_stack):
+    if (
+        not isinstance(s, dict)
+        or set(s) - {"axis", "index"}
+        or not isinstance(s.get("axis"), int)
+        or isinstance(s.get("axis"), bool)
+        or s["axis"] < 0
+        or not isinstance(s.get("index"), str)
+    ):
+      problems.append(f"{where}: stack[{i}] must be {{'axis': int >= 0, 'index': template}}, got {s!r}")
+      continue
+    stack.append((s["axis"], s["index"]))
+  if len({a for a, _ in stack}) != len(stack):
+    problems.append(f"{where}: two stack levels use the same axis")
+  cast = r.get("cast")
+  if cast is not None and cast not in CAST_DTYPES:
+    problems.append(f"{where}: 'cast' {cast!r} is not one of {', '.join(CAST_DTYPES)}")
+    cast = None
+  return tuple(ops), tuple(sorted(stack)), cast, problems
+
+
+def cast_rule(src: np.dtype, dst: np.dtype) -> str | None:
+  """None when casting ``src`` to ``dst`` is checked; else why not (only float <-> float casts are)."""
+  names = {v: k for k, v in CAST_DTYPES.items()}
+  if src not in names or dst not in names:
+    return f"cast {src} -> {dst}: only casts between {', '.join(CAST_DTYPES)} are checked"
+  return None
+
+
+def expected_cast(x: np.ndarray, dst: np.dtype) -> np.ndarray:
+  """``x`` cast to ``dst`` by round-to-nearest-even (numpy / ml_dtypes ``astype``): the value a cast must give."""
+  return x.astype(dst)
+
+
+def same_cast(expected: np.ndarray, got: np.ndarray) -> np.ndarray:
+  """Per element: ``got`` equals ``expected`` bit for bit, or both are NaN of the same sign (payloads free)."""
+  u = _UINT[expected.dtype.itemsize]
+  e, g = expected.view(u), got.view(u)
+  eq = e == g
+  if not eq.all():
+    with np.errstate(invalid="ignore"):
+      en, gn = np.isnan(expected.astype(np.float32)), np.isnan(got.astype(np.float32))
+    sign = u(1) << u(8 * expected.dtype.itemsize - 1)
+    eq |= en & gn & ((e & sign) == (g & sign))
+  return eq
+
+
+@dataclasses.dataclass(frozen=True)
+class ElementPlan:
+  """One target leaf of an element rule: its members (stack index -> source path), ops, cast and shapes."""
+
+  dest: str
+  group: str
+  rule: Any  # the RemapRule
+  members: Mapping[tuple[int, ...], str]
+  stack_axes: tuple[int, ...]  # target axes of the stack levels, increasing
+  ops: tuple[Op, ...]
+  src_shape: tuple[int, ...]  # every member's shape
+  shapes: tuple[tuple[int, ...], ...]  # the shape before each op, then the member's shape after all ops
+  src_dtype: np.dtype
+  dst_dtype: np.dtype
+  dst_shape: tuple[int, ...]
+  fill: float = 0.0  # what padding holds, in the target dtype
+
+  @property
+  def fill_bytes(self) -> np.ndarray:
+    """The fill value in the target dtype (``-0.0`` differs from ``0.0``)."""
+    return np.asarray(self.fill).astype(self.dst_dtype)
+
+  @property
+  def sources(self) -> list[str]:
+    return [self.members[k] for k in sorted(self.members)]
+
+  def describe(self) -> str:
+    parts = [f"{o.kind}{list(o.arg)}" for o in self.ops]
+    if self.stack_axes:
+      parts.append(f"stack{len(self.members)} on axes {list(self.stack_axes)}")
+    if self.dst_dtype != self.src_dtype:
+      parts.append(f"cast {self.src_dtype}->{self.dst_dtype}")
+    return " then ".join(parts) or "identity"
+
+  def member_axes(self) -> list[int]:
+    return [a for a in range(len(self.dst_shape)) if a not in self.stack_axes]
+
+  def source_indices(self, idx: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """For target multi-indices ``idx`` (arrays, one per axis): (member number, source multi-indices, valid).
+
+    The member number indexes :meth:`member_keys`; source indices are in the
+    member's stored shape; ``valid`` is False where the element is padding
+    (it must hold ``fill``; its source index is meaningless).
+    """
+    keys = self.member_keys()
+    if self.stack_axes:
+      grid = tuple(max(k[i] for k in keys) + 1 for i in range(len(self.stack_axes)))
+      member = np.ravel_multi_index([idx[a] for a in self.stack_axes], grid)
+    else:
+      member = np.zeros(np.shape(idx[0]) if idx else (), np.int64)
+    cur = [idx[a] for a in self.member_axes()]
+    valid = np.ones(np.shape(member), bool)
+    for op, shape_in in zip(reversed(self.ops), reversed(self.shapes[:-1])):
+      if op.kind == "pad":
+        back = []
+        for c, (a, _), d in zip(cur, op.pairs(), shape_in):
+          c = c - a
+          valid &= (c >= 0) & (c < d)
+          back.append(np.clip(c, 0, max(d - 1, 0)))
+        cur = back
+      elif op.kind == "slice":
+        cur = [c + a for c, (a, _) in zip(cur, op.pairs())]
+      elif op.kind == "transpose":
+        back = [None] * len(cur)
+        for j, p in enumerate(op.arg):
+          back[p] = cur[j]
+        cur = back
+      else:
+        shape_out = op.out_shape(shape_in)
+        flat = np.ravel_multi_index(cur, shape_out) if cur else np.zeros_like(member)
+        cur = list(np.unravel_index(flat, shape_in)) if shape_in else []
+    return member, cur, valid
+
+  def member_keys(self) -> list[tuple[int, ...]]:
+    return sorted(self.members)
+
+  def source_of(self, index: Sequence[int]) -> tuple[str, tuple[int, ...]]:
+    """The source leaf and index of target element ``index``."""
+    member, src, _ = self.source_indices([np.asarray([i]) for i in index])
+    return self.members[self.member_keys()[int(member[0])]], tuple(int(s[0]) for s in src)
+
+
+def bind_elements(
+    items: Sequence[tuple[str, Any, str, Any, Mapping[str, Any] | None]], group_of
+) -> tuple[list[ElementPlan], list[str]]:
+  """Plans of the target leaves of element rules, and every problem found.
+
+  ``items``: (source path, rule, dest, match object, source meta[, ops before
+  the rule's own]) per source leaf matched by an element rule; an unstacked
+  leaf gives one item per piece, its slice and axis drop as the leading ops.
+  """
+  problems: list[str] = []
+  by_dest: dict[str, list[tuple[str, Any, Any, Any, tuple]]] = {}
+  bad_dests = set()
+  for it in items:
+    path, rule, dest, m, meta = it[:5]
+    chain = tuple(it[5]) + tuple(rule.ops) if len(it) > 5 else tuple(rule.ops)
+    by_dest.setdefault(dest, []).append((path, rule, m, meta, chain))
+    shape = tuple(getattr(meta, "shape", ()) or ())
+    for op in chain:  # each member's chain against its own shape first: one problem per wrong rule
+      out = op.out_shape(shape)
+      if isinstance(out, str):
+        problems.append(f"{rule.label()} does not fit source leaf {path!r} of shape {list(meta.shape)}: {out}")
+        bad_dests.add(dest)
+        break
+      shape = out
+  plans = []
+  for dest, members in by_dest.items():
+    if dest in bad_dests:
+      continue
+    rules = {r.index: r for _, r, _, _, _ in members}
+    shapes_of = {(c, tuple(a for a, _ in r.stack), r.cast, r.fill) for _, r, _, _, c in members}
+    if len(shapes_of) > 1:
+      problems.append(
+          f"rules {', '.join(f'#{i}' for i in sorted(rules))} map to {dest!r} with different transforms"
+          " (ops, stack axes or cast)"
+      )
+      continue
+    rule, chain = members[0][1], members[0][4]
+    keys: dict[tuple[int, ...], str] = {}
+    bad = False
+    for path, r, m, meta, _ in members:
+      try:
+        key = tuple(int(m.expand(t)) for _, t in r.stack)
+      except (ValueError, re.error, IndexError) as e:
+        problems.append(f"{r.label()}: stack index of {path!r} is not an integer ({e})")
+        bad = True
+        continue
+      if key in keys:
+        problems.append(
+            f"overlapping stacks: source leaves {keys[key]!r} and {path!r} both go to {dest!r} at {list(key)}"
+        )
+        bad = True
+      keys[key] = path
+    if bad:
+      continue
+    if not rule.stack and len(keys) > 1:
+      problems.append(f"source leaves {', '.join(repr(p) for p in keys.values())} all map to {dest!r}")
+      continue
+    metas = {p: meta for p, _, _, meta, _ in members}
+    shapes_set = {tuple(metas[p].shape) for p in keys.values()}
+    dtypes_set = {metas[p].dtype for p in keys.values()}
+    if any(getattr(metas[p], "kind", "array") == "string" for p in keys.values()):
+      problems.append(f"{rule.label()}: string leaves cannot be transposed, stacked or cast ({dest!r})")
+      continue
+    if len(shapes_set) > 1 or len(dtypes_set) > 1:
+      problems.append(
+          f"{rule.label()}: the members of {dest!r} differ in shape or dtype"
+          f" ({sorted(str(list(s)) for s in shapes_set)}, {sorted(str(d) for d in dtypes_set)})"
+      )
+      continue
+    if rule.stack:
+      sizes = [max(k[i] for k in keys) + 1 for i in range(len(rule.stack))]
+      if any(min(k[i] for k in keys) < 0 for i in range(len(rule.stack))):
+        problems.append(f"{rule.label()}: negative stack index for {dest!r}")
+        continue
+      missing = [k for k in np.ndindex(*sizes) if k not in keys]
+      if missing:
+        shown = ", ".join(str(list(k)) for k in missing[:5])
+        problems.append(
+            f"{rule.label()}: stack {dest!r} is missing member(s) at {shown}"
+            f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''} of a {sizes} grid"
+        )
+        continue
+    else:
+      sizes = []
+    src_shape = shapes_set.pop()
+    shapes = [src_shape]
+    for op in chain:
+      out = op.out_shape(shapes[-1])
+      if isinstance(out, str):
+        problems.append(f"{rule.label()} does not fit source leaf {next(iter(keys.values()))!r}: {out}")
+        break
+      shapes.append(out)
+    else:
+      member_shape = shapes[-1]
+      axes = tuple(a for a, _ in rule.stack)
+      rank = len(member_shape) + len(axes)
+      if any(a >= rank for a in axes):
+        problems.append(f"{rule.label()}: stack axis {max(axes)} is out of range for a target of rank {rank}")
+        continue
+      dst_shape, it, sz = [], iter(member_shape), dict(zip(axes, sizes))
+      for a in range(rank):
+        dst_shape.append(sz[a] if a in sz else next(it))
+      src_dtype = dtypes_set.pop()
+      dst_dtype = CAST_DTYPES[rule.cast] if rule.cast else src_dtype
+      if dst_dtype != src_dtype:
+        why = cast_rule(src_dtype, dst_dtype)
+        if why:
+          problems.append(f"{rule.label()}: {dest!r}: {why}")
+          continue
+      plans.append(
+          ElementPlan(
+              dest,
+              group_of(dest),
+              rule,
+              dict(keys),
+              axes,
+              chain,
+              src_shape,
+              tuple(shapes),
+              src_dtype,
+              dst_dtype,
+              tuple(dst_shape),
+              rule.fill,
+          )
+      )
+  return plans, problems

@@ -1,0 +1,322 @@
+"""Element rules (transpose/reshape chains, stacks, casts) verified against conversions others wrote.
+
+Ground truth, none of it from parity_jax: the tunix fixtures (tests/data/conversions/tunix: HF checkpoints and
+google-tunix's own conversion saved with orbax, plus tunix's own key map in expected.json, from which the specs
+below are built), and MaxText's layout built by tests/helpers/maxtext_layout.py (a numpy transcription of
+MaxText's param_mapping: MaxText needs Python >= 3.12, which this machine does not have). Faulty conversions are
+those trees with one fault put in by hand, written as safetensors sides by tests/helpers/safetensors_files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from parity_jax.checkpoint import RemapSpec, SpecError, open_checkpoint, restore_leaves, verify_migration
+from parity_jax.errors import UsageError
+from tests.helpers import maxtext_layout as MT
+from tests.helpers.conversion_specs import TUNIX_CONVERSIONS, maxtext_rules, tunix_rules
+from tests.helpers import safetensors_files as W
+
+TUNIX = os.path.join(os.path.dirname(__file__), "..", "data", "conversions", "tunix")
+
+
+def _expected(fixture):
+  with open(os.path.join(TUNIX, fixture, "expected.json")) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def hf_trees():
+  out = {}
+  for fx in ("qwen3_dense_f32", "qwen3_moe_f32_sharded", "qwen3_dense_bf16_tied_sharded"):
+    ck = open_checkpoint(os.path.join(TUNIX, fx, "hf"))
+    out[fx] = {n: ck.read_whole(m) for n, m in ck.leaves.items()}
+  return out
+
+
+def _write(directory, flat: dict) -> str:
+  os.makedirs(directory, exist_ok=True)
+  W.write_file(os.path.join(directory, "model.safetensors"), flat)
+  return str(directory)
+
+
+def _tunix_tree(fixture, conversion="default") -> dict:
+  ck = open_checkpoint(os.path.join(TUNIX, fixture, f"tunix_{conversion}"))
+  return {p: np.asarray(a) for p, a in restore_leaves(ck, sorted(ck.leaves)).items()}
+
+
+def _failed(rep) -> dict:
+  return {r.migrated_path: r for r in rep.leaves if r.status != "PASS"}
+
+
+@pytest.mark.parametrize("fixture,conversion,cast", TUNIX_CONVERSIONS)
+def test_tunix_conversions_pass(fixture, conversion, cast):
+  spec = RemapSpec.from_rules(tunix_rules(_expected(fixture)["tunix_key_map"], cast))
+  rep = verify_migration(os.path.join(TUNIX, fixture, "hf"), os.path.join(TUNIX, fixture, f"tunix_{conversion}"), spec)
+  assert rep.passed, rep.text()
+  assert all(r.status == "PASS" for r in rep.leaves) and len(rep.leaves) == len(spec.rules) - sum(
+      1 for r in spec.rules if r.stack and r.stack[0][1] != "0"
+  )
+
+
+def test_tunix_faults_fail_naming_target_and_source(hf_trees, tmp_path):
+  fx = "qwen3_moe_f32_sharded"
+  hf = os.path.join(TUNIX, fx, "hf")
+  spec = RemapSpec.from_rules(tunix_rules(_expected(fx)["tunix_key_map"]))
+  good = _tunix_tree(fx)
+  h = hf_trees[fx]
+
+  # two experts swapped
+  t = dict(good)
+  t["layers/1/mlp/up_proj"] = good["layers/1/mlp/up_proj"][[1, 0, 2, 3]]
+  # a transpose missing on a square matrix (o_proj is [64, 64] in HF)
+  t["layers/0/attn/o_proj/w"] = h["model.layers.0.self_attn.o_proj.weight"].reshape(4, 16, 64)
+  # heads and head_dim swapped in the reshape of q_proj
+  t["layers/1/attn/q_proj/w"] = h["model.layers.1.self_attn.q_proj.weight"].T.reshape(64, 16, 4).transpose(0, 2, 1)
+  # a leaf converted but left out
+  del t["layers/0/mlp/router/kernel"]
+  rep = verify_migration(hf, _write(tmp_path / "faults", t), spec)
+  failed = _failed(rep)
+  assert sorted(failed) == sorted(
+      ["layers/1/mlp/up_proj", "layers/0/attn/o_proj/w", "layers/1/attn/q_proj/w", "layers/0/mlp/router/kernel"]
+  ), rep.text()
+  assert failed["layers/0/mlp/router/kernel"].status == "MISSING"
+  up = failed["layers/1/mlp/up_proj"]
+  assert up.status == "VALUE_MISMATCH"
+  # the first differing element is [0, 0, 0] (expert 0 now holds expert 1); it comes from expert 0's [0, 0]
+  assert (
+      "layers/1/mlp/up_proj[0, 0, 0]" in up.reason and "model.layers.1.mlp.experts.0.up_proj.weight[0, 0]" in up.reason
+  )
+  assert f"{4 * 64 * 32 - int(np.sum(good['layers/1/mlp/up_proj'] == t['layers/1/mlp/up_proj']))} of" in up.reason
+  o = failed["layers/0/attn/o_proj/w"]
+  # target o_proj[0, 0, 1] (head 0, dim 0, embed 1) is HF o_proj[1, 0] after the transpose
+  assert "model.layers.0.self_attn.o_proj.weight[1, 0]" in o.reason and "o_proj/w[0, 0, 1]" in o.reason
+  assert not rep.passed
+
+
+def test_bf16_one_ulp_and_truncating_cast(hf_trees, tmp_path):
+  # one bf16 value 1 ULP off in tunix's own bf16 conversion
+  fx = "qwen3_dense_bf16_tied_sharded"
+  spec = RemapSpec.from_rules(tunix_rules(_expected(fx)["tunix_key_map"]))
+  t = _tunix_tree(fx)
+  victim = "layers/1/mlp/gate_proj/kernel"
+  t[victim] = t[victim].copy()
+  t[victim].view(np.uint16)[7, 3] += 1
+  rep = verify_migration(os.path.join(TUNIX, fx, "hf"), _write(tmp_path / "ulp", t), spec)
+  assert list(_failed(rep)) == [victim]
+  # gate_proj kernel [7, 3] is HF gate_proj.weight [3, 7]
+  assert "1 of 8192 elements differ" in _failed(rep)[victim].reason
+  assert "model.layers.1.mlp.gate_proj.weight[3, 7]" in _failed(rep)[victim].reason
+
+  # f32 -> bf16: round to nearest even (written out by hand on the bits) PASSes, truncation FAILs
+  fx = "qwen3_dense_f32"
+  h = hf_trees[fx]
+  spec = RemapSpec.from_rules([{"match": "(.*)", "to": r"\1", "cast": "bfloat16"}])
+
+  def rne(x):
+    b = x.view(np.uint32).astype(np.uint64)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16).view(ml_dtypes.bfloat16)
+
+  def trunc(x):
+    return (x.view(np.uint32) >> 16).astype(np.uint16).view(ml_dtypes.bfloat16)
+
+  rounded = {n: rne(a) for n, a in h.items()}
+  rep = verify_migration(os.path.join(TUNIX, fx, "hf"), _write(tmp_path / "rne", rounded), spec)
+  assert rep.passed, rep.text()
+  truncated = dict(rounded)
+  truncated["model.norm.weight"] = trunc(h["model.norm.weight"])
+  rep = verify_migration(os.path.join(TUNIX, fx, "hf"), _write(tmp_path / "trunc", truncated), spec)
+  n_diff = int(np.sum(rne(h["model.norm.weight"]).view(np.uint16) != truncated["model.norm.weight"].view(np.uint16)))
+  assert n_diff > 0 and list(_failed(rep)) == ["model.norm.weight"]
+  assert f"{n_diff} of 64 elements differ" in _failed(rep)["model.norm.weight"].reason
+
+
+def test_cast_rules_for_nan_inf_zero_and_overflow(tmp_path):
+  """Widening exact; narrowing = RNE; NaN must stay NaN of its sign (payload free); overflow -> inf as RNE gives."""
+  src = np.array([1.0, -0.0, np.inf, -np.inf, np.nan, 3.0e38, 1 + 2**-9, -(1 + 3 * 2**-9)], np.float32)
+  src[4] = np.frombuffer(np.uint32(0x7FA00001).tobytes(), np.float32)[0]  # a signalling NaN with a payload
+  _write(tmp_path / "src", {"x": src})
+  spec = RemapSpec.from_rules([{"match": "x", "to": "x", "cast": "bfloat16"}])
+  # by hand: 1.0, -0.0, inf, -inf, a NaN, 3e38 (finite in bf16, max 3.39e38), 1 (a tie below half an ULP
+  # rounds down), -(1 + 2^-7) (0.75 ULP rounds up)
+  want = np.array([0x3F80, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0, 0x3F80, 0xBF81], np.uint16)
+  want[5] = (np.float32(3.0e38).view(np.uint32) + 0x7FFF + ((np.float32(3.0e38).view(np.uint32) >> 16) & 1)) >> 16
+  ok = _write(tmp_path / "ok", {"x": want.view(ml_dtypes.bfloat16)})
+  assert verify_migration(tmp_path / "src", ok, spec).passed
+  other_nan = want.copy()
+  other_nan[4] = 0x7FFF  # torch's NaN: same sign, other payload
+  assert verify_migration(
+      tmp_path / "src", _write(tmp_path / "nan", {"x": other_nan.view(ml_dtypes.bfloat16)}), spec
+  ).passed
+  for i, bits in ((4, 0xFFC0), (1, 0x0000), (2, 0x7F7F), (7, 0xBF80)):  # NaN sign, -0.0, saturated inf, 1 ULP
+    bad = want.copy()
+    bad[i] = bits
+    rep = verify_migration(tmp_path / "src", _write(tmp_path / f"bad{i}", {"x": bad.view(ml_dtypes.bfloat16)}), spec)
+    assert not rep.passed and f"x[{i}]" in rep.leaves[0].reason, (i, rep.leaves[0].reason)
+
+
+@pytest.fixture(scope="module")
+def maxtext(hf_trees, tmp_path_factory):
+  """MaxText scanned trees (dense and MoE) from the helper, as safetensors sides, with their specs."""
+  root = tmp_path_factory.mktemp("maxtext")
+  out = {}
+  for fx in ("qwen3_dense_f32", "qwen3_moe_f32_sharded"):
+    with open(os.path.join(TUNIX, fx, "hf", "config.json")) as f:
+      cfg = json.load(f)
+    tree = MT.hf_to_maxtext(hf_trees[fx], cfg, scan_layers=True)
+    flat = {k.replace("-", "/"): v for k, v in MT.flatten(tree).items()}
+    out[fx] = dict(
+        cfg=cfg, flat=flat, spec=RemapSpec.from_rules(maxtext_rules(cfg, "")), hf=os.path.join(TUNIX, fx, "hf")
+    )
+    out[fx]["dir"] = _write(root / fx, flat)
+  return out
+
+
+def test_maxtext_scanned_layouts_pass(maxtext):
+  for fx, d in maxtext.items():
+    rep = verify_migration(d["hf"], d["dir"], d["spec"])
+    assert rep.passed, (fx, rep.text())
+
+
+def test_maxtext_stack_faults(maxtext, tmp_path):
+  d = maxtext["qwen3_moe_f32_sharded"]
+  flat = d["flat"]
+  t = dict(flat)
+  q = "params/decoder/layers/self_attention/query/kernel"  # [embed, layers, heads, head_dim]
+  t[q] = flat[q][:, [1, 0]]  # two layers swapped in a stack
+  k = "params/decoder/layers/self_attention/key/kernel"
+  t[k] = flat[k][:, [1, 1]]  # an off-by-one layer index: position 0 holds layer 1
+  wi = "params/decoder/layers/moe_block/wi_0"  # [experts, layers, embed, moe_mlp]
+  t[wi] = flat[wi][[0, 2, 1, 3]]  # two experts swapped in the nested stack
+  rep = verify_migration(d["hf"], _write(tmp_path / "mt", t), d["spec"])
+  failed = _failed(rep)
+  assert sorted(failed) == sorted([q, k, wi]), rep.text()
+  assert "model.layers.0.self_attn.q_proj.weight[0, 0]" in failed[q].reason and f"{q}[0, 0, 0, 0]" in failed[q].reason
+  assert "model.layers.0.self_attn.k_proj.weight[0, 0]" in failed[k].reason
+  # expert 1's slot holds expert 2: target [1, 0, 0, 0] comes from layer 0 expert 1's gate_proj [0, 0]
+  assert f"{wi}[1, 0, 0, 0]" in failed[wi].reason
+  assert "model.layers.0.mlp.experts.1.gate_proj.weight[0, 0]" in failed[wi].reason
+
+
+def test_spec_mistakes_are_listed_together(maxtext):
+  d = maxtext["qwen3_moe_f32_sharded"]
+  rules = [r for r in maxtext_rules(d["cfg"]) if r["match"] != re.escape("model.layers.1.mlp.experts.2.up_proj.weight")]
+  rules.append({"match": re.escape("model.layers.1.mlp.experts.2.up_proj.weight"), "to": "dropped", "drop": True})
+  for r in rules:
+    if r["match"] == re.escape("model.layers.0.self_attn.o_proj.weight"):
+      r["ops"] = [{"transpose": [1, 0, 2]}, {"reshape": [4, 16, 64]}]  # a permutation of the wrong length
+    if r["match"] == re.escape("model.layers.1.self_attn.k_norm.weight"):
+      r["stack"] = [{"axis": 1, "index": "0"}]  # the same place as layer 0's: overlapping stacks
+  with pytest.raises(SpecError) as e:
+    RemapSpec.from_rules(rules).bind(open_checkpoint(d["hf"]).leaves)
+  problems = e.value.problems
+  assert len(problems) == 3, problems
+  assert any("transpose [1, 0, 2] is not a permutation of the 2 axes" in p for p in problems)
+  assert any("is missing member(s) at [2, 1]" in p and "wi_1" in p for p in problems)
+  assert any("overlapping stacks" in p and "k_norm" in p for p in problems)
+
+
+def test_migrator_refuses_element_rules_in_one_line(tmp_path):
+  from parity_jax.checkpoint import migrate
+
+  fx = "qwen3_dense_f32"
+  spec = RemapSpec.from_rules(tunix_rules(_expected(fx)["tunix_key_map"]))
+  with pytest.raises(UsageError, match="does not perform transpose/ops/stack/cast rules yet"):
+    migrate(os.path.join(TUNIX, fx, "hf"), tmp_path / "out", spec)
+  assert not (tmp_path / "out").exists()
+
+
+def test_transposed_leaves_stream_in_small_slabs_reading_each_byte_about_once():
+  """1 KiB slabs: every target slab reads only its members' bounding boxes (about its own bytes), never a leaf."""
+  fx = "qwen3_moe_f32_sharded"
+  spec = RemapSpec.from_rules(tunix_rules(_expected(fx)["tunix_key_map"]))
+  hf = os.path.join(TUNIX, fx, "hf")
+  rep = verify_migration(hf, os.path.join(TUNIX, fx, "tunix_default"), spec, slab_mb=1 / 1024)
+  assert rep.passed, rep.text()
+  total = open_checkpoint(hf).nbytes
+  assert 2 * total <= rep.bytes_read <= 2.5 * total, (rep.bytes_read, total)
+
+
+def test_maxtext_vocab_padding_and_the_way_back(hf_trees, tmp_path):
+  """HF -> MaxText with the vocabulary padded to 160 rows of +0.0 (MaxText's pad_embedding_layer), and back."""
+  fx = "qwen3_dense_bf16_tied_sharded"  # tied: MaxText pads only the embedding (an untied lm_head cannot be)
+  hf_dir = os.path.join(TUNIX, fx, "hf")
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    cfg = json.load(f)
+  flat = {
+      k.replace("-", "/"): v
+      for k, v in MT.flatten(
+          MT.hf_to_maxtext(hf_trees[fx], cfg, scan_layers=True, vocab_size=160, strict=False)
+      ).items()
+  }
+  emb = "params/token_embedder/embedding"
+  assert flat[emb].shape == (160, 64)
+  rules = maxtext_rules(cfg)
+  for r in rules:
+    if r["to"] == emb:
+      r["ops"], r["fill"] = [{"pad": [[0, 32], [0, 0]]}], 0.0
+  spec = RemapSpec.from_rules(rules)
+  assert verify_migration(hf_dir, _write(tmp_path / "padded", flat), spec).passed
+  bad = dict(flat)
+  bad[emb] = flat[emb].copy()
+  bad[emb][150, 3] = -0.0  # padding rows that are not the fill (+0.0): -0.0 has other bits
+  rep = verify_migration(hf_dir, _write(tmp_path / "badpad", bad), spec)
+  (f,) = _failed(rep).values()
+  assert f.migrated_path == emb and f"{emb}[150, 3]" in f.reason and "the fill 0.0 (padding)" in f.reason
+  assert "1 of 10240 elements differ" in f.reason
+  # a -0.0 fill declared: every padded element now differs but the one
+  rules[[r["to"] for r in rules].index(emb)]["fill"] = -0.0
+  rep = verify_migration(hf_dir, _write(tmp_path / "badpad2", bad), RemapSpec.from_rules(rules))
+  assert f"{32 * 64 - 1} of 10240 elements differ" in _failed(rep)[emb].reason
+
+  # the way back: slice the padded vocabulary off (the dropped rows are declared by the slice)
+  back = [
+      {"match": re.escape(emb), "to": "model.embed_tokens.weight", "ops": [{"slice": [[0, 128], [0, 64]]}]},
+      {"match": "(?!" + re.escape(emb) + ").*", "to": "unused", "drop": True},
+  ]
+  rep = verify_migration(
+      tmp_path / "padded",
+      _write(tmp_path / "hf_back", {"model.embed_tokens.weight": hf_trees[fx]["model.embed_tokens.weight"]}),
+      RemapSpec.from_rules(back),
+  )
+  assert rep.passed, rep.text()
+  back[0]["ops"] = [{"slice": [[100, 128], [8, 64]]}]  # a window with offsets on both axes
+  window = hf_trees[fx]["model.embed_tokens.weight"][100:, 8:]
+  rep = verify_migration(
+      tmp_path / "padded",
+      _write(tmp_path / "window", {"model.embed_tokens.weight": window}),
+      RemapSpec.from_rules(back),
+  )
+  assert rep.passed, rep.text()
+  with pytest.raises(SpecError, match="slice .* axis 0 range is not within 0..160"):
+    back[0]["ops"] = [{"slice": [[0, 170], [0, 64]]}]
+    RemapSpec.from_rules(back).bind(open_checkpoint(tmp_path / "padded").leaves)
+
+
+def test_unstack_rules_are_checked():
+  with pytest.raises(SpecError) as e:
+    RemapSpec.from_rules(
+        [
+            {"match": "a", "to": "b.{i}", "unstack": [{"axis": 0, "name": "j"}]},
+            {"match": "c", "to": "d.{i}", "unstack": [{"axis": -1, "name": "i"}]},
+        ]
+    )
+  assert len(e.value.problems) == 2
+  assert "unstack name 'j' does not appear as {j} in 'to'" in e.value.problems[0]
+  spec = RemapSpec.from_rules(
+      [{"match": "a", "to": "b.{i}.{k}", "unstack": [{"axis": 2, "name": "i"}, {"axis": 0, "name": "k"}]}]
+  )
+  meta = type("M", (), {"shape": (2, 3, 4), "kind": "array", "dtype": np.dtype(np.float32)})()
+  plan = spec.bind({"a": meta})
+  assert sorted(e.dest for e in plan.elements) == sorted(f"b.{i}.{k}" for i in range(4) for k in range(2))
+  e12 = next(e for e in plan.elements if e.dest == "b.1.0")
+  assert e12.dst_shape == (3,)
+  assert e12.source_of((2,)) == ("a", (0, 2, 1))  # piece k=0 of axis 0, i=1 of axis 2
+  with pytest.raises(SpecError, match="unstack axis 2 is out of range"):
+    spec.bind({"a": type("M", (), {"shape": (2, 3), "kind": "array", "dtype": np.dtype(np.float32)})()})
