@@ -69,17 +69,14 @@ def check_comparable(a: Any, b: Any, name: str | None = None) -> None:
     raise ComparisonError(f"{where}dtype mismatch {a.dtype} vs {b.dtype}")
   if a.dtype.kind in "cOUSV" and not is_float_dtype(a.dtype):
     raise ComparisonError(f"{where}unsupported dtype {a.dtype} for element-wise statistics")
+  if a.dtype.itemsize not in _UINT_OF_WIDTH:  # e.g. x87 long double: no integer view for bits and ULPs
+    raise ComparisonError(f"{where}unsupported dtype {a.dtype} ({a.dtype.itemsize} bytes) for element-wise statistics")
 
 
 def _bitwise_differs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """Element-wise mask of bitwise differences (same dtype and shape assumed)."""
-  if a.dtype.itemsize in _UINT_OF_WIDTH:
-    u = _UINT_OF_WIDTH[a.dtype.itemsize]
-    return c_contiguous(a).view(u) != c_contiguous(b).view(u)
-  # bool and odd widths: compare bytes per element.
-  ab = c_contiguous(a).view(np.uint8).reshape(a.shape + (a.dtype.itemsize,))
-  bb = c_contiguous(b).view(np.uint8).reshape(b.shape + (b.dtype.itemsize,))
-  return np.any(ab != bb, axis=-1)
+  u = _UINT_OF_WIDTH[a.dtype.itemsize]  # every width diff_stats accepts (bool included: 1 byte)
+  return c_contiguous(a).view(u) != c_contiguous(b).view(u)
 
 
 def _ordered_ints(a: np.ndarray) -> np.ndarray:

@@ -203,3 +203,13 @@ def test_top_divergences_in_json_and_the_summary_line():
   line = s.summary()
   assert "\n" not in line and line.startswith("1/4 differ (0.25); max|diff|=0.5 at [2];") and "max_ulp=" in line
   assert arraydiff.diff_stats(a, a.copy()).summary() == "bit-identical"
+
+
+def test_a_width_without_an_integer_view_is_refused_in_one_line():
+  """x87 long double (12 or 16 bytes where it exists; float64 elsewhere) has no integer view for bits and ULPs."""
+  a = np.zeros(3, dtype=np.longdouble)
+  if a.dtype.itemsize == 8:
+    pytest.skip("long double is binary64 on this platform")
+  with pytest.raises(ComparisonError, match=r"x: unsupported dtype .* for element-wise statistics") as e:
+    arraydiff.diff_stats(a, a.copy(), name="x")
+  assert "\n" not in str(e.value)

@@ -280,3 +280,10 @@ def test_widening_is_exact_and_only_under_widen_profiles():
     compare_bundles(g, c, profile="exact")
   h = {"x": np.array([1.0, 2.0, 3.0], np.float16)}
   assert compare_bundles(h, c, profile="bf16").row("x").stats.dtype == "float32"  # both widen to f32
+
+
+@pytest.mark.parametrize("top_k", [-1, 2.0, True, "3"])
+def test_top_k_must_be_a_non_negative_integer(tmp_path, top_k):
+  _, _, g, c = _pair(tmp_path)
+  with pytest.raises(UsageError, match="top_k must be a non-negative integer"):
+    compare_bundles(g, c, top_k=top_k)
