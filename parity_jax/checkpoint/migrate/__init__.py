@@ -31,6 +31,7 @@ import sys
 
 from parity_jax import runtime
 from parity_jax.checkpoint.formats import open_checkpoint
+from parity_jax.checkpoint.formats.safetensors import SafetensorsCheckpoint
 from parity_jax.checkpoint.migrate.destination import Interrupted, interruptible, leftovers
 from parity_jax.checkpoint.migrate.result import MigrateResult
 from parity_jax.checkpoint.migrate.schedule import AgreedError, run
@@ -41,6 +42,7 @@ __all__ = ["Interrupted", "MigrateResult", "leftovers", "migrate"]
 
 _MIB = 1 << 20
 COMPRESSIONS = ("none", "zstd")
+LAYOUTS = ("auto", "standard", "v1")
 
 
 def _positive(name: str, value) -> None:
@@ -60,6 +62,7 @@ def migrate(
     compression: str = "none",
     distributed: bool = False,
     peer_timeout_s: float | None = None,
+    layout: str = "auto",
 ) -> MigrateResult:
   """Writes ``source`` remapped by ``spec`` to ``dest`` as a v1 checkpoint; atomic.
 
@@ -83,7 +86,20 @@ def migrate(
   dies, or shows no progress for ``peer_timeout_s`` seconds, makes every
   other process print one line naming it and exit with code 2; nothing
   appears at ``dest``.
+
+  Element rules (transpose/reshape/pad/slice ops, stacks, casts: presets such
+  as ``hf-to-tunix``) are performed with the verifier's own evaluation
+  (:class:`parity_jax.checkpoint.verify.elements.TargetValues`), one
+  destination chunk at a time; a stacked target gets one chunk per stack
+  member (at most ``chunk_mb``). ``layout``: ``"v1"`` (the item in
+  ``state/``, what ``ocp.v1.save`` writes; also a ``CheckpointManager`` step
+  with item ``state``), ``"standard"`` (the item at the top, what
+  ``ocp.StandardCheckpointer().save`` writes, so
+  ``ocp.StandardCheckpointer().restore(dest, abstract_tree)`` restores it),
+  or ``"auto"`` (default): ``standard`` from a safetensors source, else ``v1``.
   """
+  if layout not in LAYOUTS:
+    raise UsageError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
   if compression not in COMPRESSIONS:
     raise UsageError(f"compression must be 'none' or 'zstd', got {compression!r}")
   _positive("chunk_mb", chunk_mb)
@@ -100,11 +116,8 @@ def migrate(
         p0 = next(iter(bad))
         raise UsageError(f"source checkpoint {src.path}: cannot read leaf {p0!r}: {bad[p0]}")
       plan = spec.bind(src.leaves, what="source checkpoint")
-      if plan.elements:
-        raise UsageError(
-            f"the migrator does not perform transpose/ops/stack/cast rules yet ({len(plan.elements)} target leaves,"
-            f" e.g. {plan.elements[0].dest!r}); parity-verify-migration checks such conversions"
-        )
+      if layout == "auto":
+        layout = "standard" if isinstance(src, SafetensorsCheckpoint) else "v1"
       with interruptible():
         return run(
             job,
@@ -117,6 +130,7 @@ def migrate(
             progress=progress,
             batch_bytes=None if batch_mb is None else max(1, int(batch_mb * _MIB)),
             compression=compression,
+            layout=layout,
             log=lambda line: print(f"parity_jax: {line}", file=sys.stderr),
         )
     except AgreedError:

@@ -137,14 +137,18 @@ class TargetValues:
     self.readers.clear()
     self.cache = {}
 
-  def slabs(self, lo: int, hi: int) -> Iterator[Slab]:
-    """The slabs tiling elements ``[lo, hi)`` in order, each at most ``slab_elems`` elements."""
+  def slabs(self, lo: int, hi: int, box=None) -> Iterator[Slab]:
+    """The slabs tiling elements ``[lo, hi)`` in C order, each at most ``slab_elems`` elements: of the whole
+    leaf, or of ``box`` (``((start, stop), ...)`` per axis; ``lo``/``hi`` then count within the box)."""
     e, slab_elems = self.e, self.slab_elems
+    shape = e.dst_shape if box is None else tuple(b - a for a, b in box)
     stack = [(a, min(hi, a + slab_elems)) for a in range(lo, hi, slab_elems)]
     stack.reverse()
     while stack:
       lo, hi = stack.pop()
-      idx = np.unravel_index(np.arange(lo, hi, dtype=np.int64), e.dst_shape) if e.dst_shape else ()
+      idx = np.unravel_index(np.arange(lo, hi, dtype=np.int64), shape) if e.dst_shape else ()
+      if box is not None and e.dst_shape:
+        idx = tuple(i + a for i, (a, _) in zip(idx, box))
       if e.dst_shape:
         member, sidx, valid = e.source_indices(list(idx))
       else:
