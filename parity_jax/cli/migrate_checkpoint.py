@@ -1,6 +1,7 @@
 """Migrates an Orbax checkpoint under a remap spec, streaming one leaf at a time, atomically.
 
   parity-migrate-checkpoint --source=DIR --dest=DIR --spec=FILE [--chunk_mb=64] [--overwrite] [--report=out.json]
+  parity-migrate-checkpoint --source=HF_DIR --dest=DIR --preset=hf-to-tunix [--preset_cast=float32] [--layout=v1]
 
 (``python -m tools.migrate_checkpoint`` from the repository root is the same tool.)
 Reads source metadata, validates the spec against it (every problem reported
@@ -9,7 +10,9 @@ small leaves) at a time, applies its squeeze/reshape and appends it with
 ``ocp.v1.partial.save``; ``finalize`` makes one v1 checkpoint. The result
 appears at --dest only when complete. An existing --dest is replaced only with
 --overwrite and only when it is an Orbax checkpoint or an empty directory.
-Progress (leaves, bytes, rate, ETA) goes to stderr. Exit 0 on success, 2 on
+Conversions (--preset, or spec rules with transpose/ops/stack/cast) are performed with the verifier's own
+evaluation, one destination chunk at a time; from HF safetensors the result is, by default, in the layout
+``ocp.StandardCheckpointer().save`` writes (--layout). Progress (leaves, bytes, rate, ETA) goes to stderr. Exit 0 on success, 2 on
 bad input (one ``error:`` line, nothing written). Check the result with
 ``parity-verify-migration``.
 
@@ -50,6 +53,14 @@ _COMPRESSION = flags.DEFINE_enum(
     "none",
     ["none", "zstd"],
     "Chunk codec. 'none' writes straight from memory (peak ~1x the largest leaf); 'zstd' (orbax's default) saves a few % of disk on float weights but OCDBT buffers every compressed chunk of a leaf (~1 more leaf of memory) and every read must decode.",
+)
+_LAYOUT = flags.DEFINE_enum(
+    "layout",
+    "auto",
+    ["auto", "standard", "v1"],
+    "Destination layout. 'standard': what ocp.StandardCheckpointer().save writes (the item at --dest; restore with"
+    " ocp.StandardCheckpointer().restore(DEST, abstract_tree)); 'v1': the item in DEST/state/ (ocp.v1.save; a"
+    " CheckpointManager step with item 'state'); 'auto': standard from HF safetensors, else v1.",
 )
 _SPEC_ERRORS = flags.DEFINE_string(
     "spec_errors",
@@ -106,6 +117,7 @@ def main(argv):
         compression=_COMPRESSION.value,
         distributed=dist.requested,
         peer_timeout_s=dist.timeout_s,
+        layout=_LAYOUT.value,
     )
   except SpecError as e:
     lead = True

@@ -176,10 +176,34 @@ def test_preset_flags_on_both_tools(tmp_path):
   assert not os.path.exists(os.path.join(HF, "spec.json"))
   assert v[7].returncode == 0 and v[7].stdout.splitlines()[-1] == "VERDICT: PASS", v[7].stdout + v[7].stderr
   one_line_error(v[8], "give hf_config (--hf_config)")
+  m = run_many("migrate_checkpoint", [["--list_presets"]])
+  assert m[0].returncode == 0 and "hf-to-tunix" in m[0].stdout
+
+
+def test_migrate_tool_performs_presets_and_the_result_verifies(tmp_path):
+  """HF -> tunix with --preset: tunix's own conversion bit for bit (its committed checkpoint), both layouts."""
+  std, v1 = tmp_path / "std", tmp_path / "v1"
   m = run_many(
       "migrate_checkpoint",
-      [["--list_presets"], [f"--source={HF}", f"--dest={tmp_path / 'out'}", "--preset=hf-to-tunix"]],
+      [
+          [f"--source={HF}", f"--dest={std}", "--preset=hf-to-tunix", "--chunk_mb=0.01"],
+          [f"--source={HF}", f"--dest={v1}", "--preset=hf-to-tunix", "--layout=v1"],
+          [f"--source={HF}", f"--dest={tmp_path / 'bad'}", "--preset=hf-to-tunix", "--layout=flat"],
+      ],
   )
-  assert m[0].returncode == 0 and "hf-to-tunix" in m[0].stdout
-  one_line_error(m[1], "does not perform transpose/ops/stack/cast rules yet")
-  assert not os.path.exists(tmp_path / "out")
+  assert m[0].returncode == 0 and m[1].returncode == 0, m[0].stderr + m[1].stderr
+  assert "migrated 27 leaves" in m[0].stdout, m[0].stdout
+  one_line_error(m[2], "--layout")
+  assert not os.path.exists(tmp_path / "bad")
+  assert os.path.isfile(std / "_METADATA") and os.path.isfile(v1 / "state" / "_METADATA")
+  tunix = open_checkpoint(os.path.join(HF, "..", "tunix_default"))
+  want = dict(restore_leaves(tunix, sorted(tunix.leaves)))
+  for out in (std, v1):
+    ck = open_checkpoint(out)
+    got = dict(restore_leaves(ck, sorted(ck.leaves)))
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+      assert got[k].dtype == v.dtype and got[k].shape == v.shape and got[k].tobytes() == v.tobytes(), k
+  v = run_many("verify_migration", [[f"--source={HF}", f"--migrated={d}", "--preset=hf-to-tunix"] for d in (std, v1)])
+  for r in v:
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "VERDICT: PASS", r.stdout + r.stderr

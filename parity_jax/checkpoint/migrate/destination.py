@@ -87,7 +87,9 @@ class Leftover:
 
   def describe(self) -> str:
     size = _tree_bytes(self.path) / _MIB
-    return f"{self.path} ({size:.1f} MiB) is left over from an interrupted migration; remove it with: rm -rf {self.path}"
+    return (
+        f"{self.path} ({size:.1f} MiB) is left over from an interrupted migration; remove it with: rm -rf {self.path}"
+    )
 
 
 def leftovers(dest: str | os.PathLike) -> list[Leftover]:

@@ -201,5 +201,3 @@ def read_cache_bytes(meta: LeafMeta, groups: list[tuple[int, int]]) -> int:
   longest = max(b - a for a, b in groups)
   rows = min(math.ceil(longest / row) + 1, math.ceil(n / row))
   return int(rows * row * meta.dtype.itemsize * 1.05) + 4 * _MIB
-
-

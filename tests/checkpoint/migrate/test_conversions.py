@@ -1,0 +1,97 @@
+"""The migrator performing conversions (element rules: transposes, reshapes, pads, stacks, casts) from HF sides.
+
+Expected values are others': tunix's own conversions of the committed fixtures (tests/data/conversions/tunix,
+their leaves' sha256 recorded by tunix's venv in expected.json) and MaxText's layout as transcribed in
+tests/helpers/maxtext_layout.py (plain numpy). The migrated checkpoints are read back with orbax itself
+(``ocp.StandardCheckpointer().restore`` with an abstract tree built from those expectations).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from parity_jax.checkpoint import migrate, open_checkpoint, verify_migration
+from parity_jax.checkpoint.presets import preset_spec
+from tests.helpers import maxtext_layout as MT
+from tests.helpers.conversion_specs import TUNIX_CONVERSIONS, TUNIX_DIR
+
+CHUNK_MB = 0.004  # 4 KiB: most leaves of these tiny models span several chunks
+
+
+def _expected(fixture: str) -> dict:
+  with open(os.path.join(TUNIX_DIR, fixture, "expected.json")) as f:
+    return json.load(f)
+
+
+def _nest(flat: dict[tuple[str, ...], object]) -> dict:
+  tree: dict = {}
+  for keys, v in flat.items():
+    node = tree
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = v
+  return tree
+
+
+def _restore(path, abstract: dict) -> dict[tuple[str, ...], np.ndarray]:
+  """``ocp.StandardCheckpointer().restore(path, abstract)``, flattened to keys -> numpy array."""
+  got = ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
+  return {tuple(str(k.key) for k in p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+
+
+@pytest.mark.parametrize("fixture,conversion,cast", TUNIX_CONVERSIONS)
+def test_hf_to_tunix_equals_tunix_own_conversion_and_restores(fixture, conversion, cast, tmp_path):
+  hf = os.path.join(TUNIX_DIR, fixture, "hf")
+  exp = _expected(fixture)
+  leaves = exp["conversions"][conversion]["leaves"]
+  spec = preset_spec("hf-to-tunix", hf, cast=cast)
+  dest = tmp_path / "tunix"
+  res = migrate(hf, dest, spec, chunk_mb=CHUNK_MB)
+  assert res.n_leaves == len(leaves)
+  # orbax restores it as tunix's own StandardCheckpointer save, with tunix's abstract tree
+  abstract = _nest({tuple(l["keys"]): jax.ShapeDtypeStruct(tuple(l["shape"]), np.dtype(l["dtype"])) for l in leaves})
+  got = _restore(dest, abstract)
+  assert sorted(got) == sorted(tuple(l["keys"]) for l in leaves)
+  for l in leaves:
+    a = got[tuple(l["keys"])]
+    assert (str(a.dtype), list(a.shape)) == (l["dtype"], l["shape"]), l["keys"]
+    assert hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() == l["sha256"], l["keys"]
+  # a stacked leaf (tunix's experts) is chunked one member at a time
+  ck = open_checkpoint(dest)
+  for t in exp["tunix_key_map"].values():
+    if "stack_axis" in t:
+      meta = ck.leaves[t["stacked_into"].replace(".", "/")]
+      assert meta.chunk_shape[t["stack_axis"]] == 1, (meta.path, meta.chunk_shape)
+  assert verify_migration(hf, dest, spec).passed
+
+
+@pytest.mark.parametrize("fixture", ["qwen3_moe_f32_sharded", "qwen2_dense_f32_tied"])
+def test_hf_to_maxtext_scanned_equals_maxtext_layout(fixture, tmp_path):
+  hf = os.path.join(TUNIX_DIR, fixture, "hf")
+  ck = open_checkpoint(hf)
+  tensors = {n: ck.read_whole(m) for n, m in ck.leaves.items()}
+  cfg = _expected(fixture)["hf_config"]
+  vocab = 160 if cfg.get("tie_word_embeddings") else None  # MaxText pads only a tied model's vocabulary: a pad op
+  tree = MT.hf_to_maxtext(tensors, cfg, scan_layers=True, vocab_size=vocab)
+  want = {("params",) + tuple(k.split("-")): v for k, v in MT.flatten(tree).items()}  # TrainState.params
+  spec = preset_spec("hf-to-maxtext-scanned", hf, maxtext_vocab_size=vocab)
+  dest = tmp_path / "maxtext"
+  migrate(hf, dest, spec, chunk_mb=CHUNK_MB)
+  got = _restore(dest, _nest({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in want.items()}))
+  assert sorted(got) == sorted(want)
+  for k, v in want.items():
+    assert got[k].dtype == v.dtype and got[k].shape == v.shape and got[k].tobytes() == v.tobytes(), k
+  meta = open_checkpoint(dest).leaves
+  for mt, src in MT.param_mapping(MT.QwenDims.from_hf_config(cfg), True).items():  # stacked leaves: per member
+    if not isinstance(src, str):
+      axes = (0, 1) if isinstance(src[0], list) else (MT.PARAM_SCAN_AXIS,)
+      chunk = meta["params/" + mt.replace("-", "/")].chunk_shape
+      assert all(chunk[a] == 1 for a in axes), (mt, chunk)
+  assert verify_migration(hf, dest, spec).passed
