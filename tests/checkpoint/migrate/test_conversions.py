@@ -19,6 +19,7 @@ import pytest
 
 from parity_jax.checkpoint import migrate, open_checkpoint, verify_migration
 from parity_jax.checkpoint.presets import preset_spec
+from tests.helpers import jobs
 from tests.helpers import maxtext_layout as MT
 from tests.helpers.conversion_specs import TUNIX_CONVERSIONS, TUNIX_DIR
 
@@ -95,3 +96,22 @@ def test_hf_to_maxtext_scanned_equals_maxtext_layout(fixture, tmp_path):
       chunk = meta["params/" + mt.replace("-", "/")].chunk_shape
       assert all(chunk[a] == 1 for a in axes), (mt, chunk)
   assert verify_migration(hf, dest, spec).passed
+
+
+def test_hf_to_tunix_by_a_two_process_job_equals_tunix_own_conversion(tmp_path):
+  """Element targets shared between the processes of one job (each computes and writes its own)."""
+  fixture = "qwen3_moe_f32_sharded"
+  hf = os.path.join(TUNIX_DIR, fixture, "hf")
+  leaves = _expected(fixture)["conversions"]["default"]["leaves"]
+  dest, report = tmp_path / "tunix", tmp_path / "r.json"
+  args = [f"--source={hf}", f"--dest={dest}", "--preset=hf-to-tunix", f"--chunk_mb={CHUNK_MB}", "--noprogress"]
+  (rc0, _, e0), (rc1, _, e1) = jobs.finish(jobs.start("migrate_checkpoint", args + [f"--report={report}"]))
+  assert (rc0, rc1) == (0, 0), e0 + e1
+  job = json.loads(report.read_text())["distributed"]
+  total = sum(int(np.prod(l["shape"])) * np.dtype(l["dtype"]).itemsize for l in leaves)
+  assert all(p["bytes_written"] > 0 for p in job["per_process"])
+  assert sum(p["bytes_written"] for p in job["per_process"]) == total  # each byte written once
+  abstract = _nest({tuple(l["keys"]): jax.ShapeDtypeStruct(tuple(l["shape"]), np.dtype(l["dtype"])) for l in leaves})
+  got = _restore(dest, abstract)
+  for l in leaves:
+    assert hashlib.sha256(np.ascontiguousarray(got[tuple(l["keys"])]).tobytes()).hexdigest() == l["sha256"], l["keys"]
