@@ -64,6 +64,12 @@ def test_hf_to_tunix_equals_tunix_own_conversion_and_restores(fixture, conversio
     a = got[tuple(l["keys"])]
     assert (str(a.dtype), list(a.shape)) == (l["dtype"], l["shape"]), l["keys"]
     assert hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() == l["sha256"], l["keys"]
+  # recorded as tunix's own StandardCheckpointer save records it
+  meta = {}
+  for d in (dest, os.path.join(TUNIX_DIR, fixture, f"tunix_{conversion}")):
+    with open(os.path.join(d, "_CHECKPOINT_METADATA")) as f:
+      meta[d] = json.load(f)["item_handlers"]
+  assert len(set(map(str, meta.values()))) == 1, meta
   # a stacked leaf (tunix's experts) is chunked one member at a time
   ck = open_checkpoint(dest)
   for t in exp["tunix_key_map"].values():
