@@ -35,6 +35,8 @@ from parity_jax.checkpoint.formats.safetensors import SafetensorsCheckpoint
 from parity_jax.checkpoint.migrate.destination import Interrupted, interruptible, leftovers
 from parity_jax.checkpoint.migrate.result import MigrateResult
 from parity_jax.checkpoint.migrate.schedule import AgreedError, run
+from parity_jax.checkpoint.migrate.to_safetensors import migrate_to_safetensors
+from parity_jax.checkpoint.presets import read_hf_config
 from parity_jax.checkpoint.spec import RemapSpec
 from parity_jax.errors import UsageError
 
@@ -43,6 +45,7 @@ __all__ = ["Interrupted", "MigrateResult", "leftovers", "migrate"]
 _MIB = 1 << 20
 COMPRESSIONS = ("none", "zstd")
 LAYOUTS = ("auto", "standard", "v1")
+DEST_FORMATS = ("orbax", "safetensors")
 
 
 def _positive(name: str, value) -> None:
@@ -63,6 +66,9 @@ def migrate(
     distributed: bool = False,
     peer_timeout_s: float | None = None,
     layout: str = "auto",
+    dest_format: str = "orbax",
+    max_shard_mb: float = 5000.0,
+    hf_config: str | os.PathLike | None = None,
 ) -> MigrateResult:
   """Writes ``source`` remapped by ``spec`` to ``dest`` as a v1 checkpoint; atomic.
 
@@ -97,7 +103,19 @@ def migrate(
   ``ocp.StandardCheckpointer().save`` writes, so
   ``ocp.StandardCheckpointer().restore(dest, abstract_tree)`` restores it),
   or ``"auto"`` (default): ``standard`` from a safetensors source, else ``v1``.
+
+  ``dest_format="safetensors"`` writes a Hugging Face directory instead
+  (:mod:`.to_safetensors`; one process): shards of at most ``max_shard_mb``
+  (``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` and
+  ``model.safetensors.index.json``) and ``config.json`` copied from
+  ``hf_config`` (a config.json or an HF directory holding one), so that
+  ``transformers`` loads it.
   """
+  if dest_format not in DEST_FORMATS:
+    raise UsageError(f"dest_format must be one of {', '.join(DEST_FORMATS)}, got {dest_format!r}")
+  if dest_format == "safetensors" and distributed:
+    raise UsageError("a safetensors destination is written by one process: run without a job")
+  _positive("max_shard_mb", max_shard_mb)
   if layout not in LAYOUTS:
     raise UsageError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
   if compression not in COMPRESSIONS:
@@ -116,6 +134,20 @@ def migrate(
         p0 = next(iter(bad))
         raise UsageError(f"source checkpoint {src.path}: cannot read leaf {p0!r}: {bad[p0]}")
       plan = spec.bind(src.leaves, what="source checkpoint")
+      if dest_format == "safetensors":
+        cfg = None if hf_config is None else read_hf_config(hf_config)
+        with interruptible():
+          return migrate_to_safetensors(
+              src,
+              plan,
+              os.path.abspath(os.fspath(dest)).rstrip(os.sep),
+              max_shard_bytes=max(1, int(max_shard_mb * _MIB)),
+              hf_config=cfg,
+              overwrite=overwrite,
+              progress=progress,
+              slab_bytes=int((batch_mb or 8) * _MIB),
+              log=lambda line: print(f"parity_jax: {line}", file=sys.stderr),
+          )
       if layout == "auto":
         layout = "standard" if isinstance(src, SafetensorsCheckpoint) else "v1"
       with interruptible():
