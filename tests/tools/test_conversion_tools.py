@@ -207,3 +207,44 @@ def test_migrate_tool_performs_presets_and_the_result_verifies(tmp_path):
   v = run_many("verify_migration", [[f"--source={HF}", f"--migrated={d}", "--preset=hf-to-tunix"] for d in (std, v1)])
   for r in v:
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == "VERDICT: PASS", r.stdout + r.stderr
+
+
+def test_migrate_tool_writes_hf_safetensors_from_tunix(tmp_path):
+  """tunix -> HF with --preset=tunix-to-hf: the original HF tensors bit for bit, in shards, with config.json."""
+  tunix = os.path.join(HF, "..", "tunix_default")
+  out = tmp_path / "hf"
+  (tmp_path / "taken").mkdir()
+  (tmp_path / "taken" / "keep.txt").write_text("mine")
+  args = ["--preset=tunix-to-hf", f"--hf_config={os.path.join(HF, 'config.json')}"]
+  m = run_many(
+      "migrate_checkpoint",
+      [
+          [f"--source={tunix}", f"--dest={out}", "--max_shard_mb=0.1", *args],
+          [f"--source={tunix}", f"--dest={tmp_path / 'taken'}", *args],
+          [f"--source={tunix}", f"--dest={tmp_path / 'taken'}", "--overwrite", *args],
+          [
+              f"--source={tunix}",
+              f"--dest={tmp_path / 'noconf'}",
+              "--preset=tunix-to-hf",
+              f"--hf_config={HF}",
+              "--max_shard_mb=0",
+          ],
+      ],
+  )
+  assert m[0].returncode == 0, m[0].stderr
+  one_line_error(m[1], "destination already exists")
+  one_line_error(m[2], "is not an Orbax checkpoint")
+  assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+  one_line_error(m[3], "max_shard_mb")
+  assert not os.path.exists(tmp_path / "noconf")
+  files = sorted(os.listdir(out))
+  assert "config.json" in files and "model.safetensors.index.json" in files and len(files) > 4, files
+  with open(os.path.join(HF, "config.json")) as f, open(out / "config.json") as g:
+    assert json.load(f) == json.load(g)
+  a, b = open_checkpoint(out), open_checkpoint(HF)
+  assert sorted(a.leaves) == sorted(b.leaves)
+  for k in b.leaves:
+    x, y = a.read_whole(a.leaves[k]), b.read_whole(b.leaves[k])
+    assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
+  (v,) = run_many("verify_migration", [[f"--source={tunix}", f"--migrated={out}", "--preset=tunix-to-hf"]])
+  assert v.returncode == 0 and v.stdout.splitlines()[-1] == "VERDICT: PASS", v.stdout + v.stderr

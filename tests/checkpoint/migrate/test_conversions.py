@@ -19,6 +19,7 @@ import pytest
 
 from parity_jax.checkpoint import migrate, open_checkpoint, verify_migration
 from parity_jax.checkpoint.presets import preset_spec
+from parity_jax.errors import UsageError
 from tests.helpers import jobs
 from tests.helpers import maxtext_layout as MT
 from tests.helpers.conversion_specs import TUNIX_CONVERSIONS, TUNIX_DIR
@@ -121,3 +122,55 @@ def test_hf_to_tunix_by_a_two_process_job_equals_tunix_own_conversion(tmp_path):
   got = _restore(dest, abstract)
   for l in leaves:
     assert hashlib.sha256(np.ascontiguousarray(got[tuple(l["keys"])]).tobytes()).hexdigest() == l["sha256"], l["keys"]
+
+
+def test_hf_to_tunix_and_back_to_sharded_safetensors_loads_in_transformers_with_the_same_logits(tmp_path):
+  """A tiny random HF Qwen2 (q/k/v biases) -> tunix (orbax) -> HF safetensors in shards: transformers loads the
+  result, and its logits equal the original model's bit for bit (same process, same kernels)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from tests.helpers.hf import tiny_qwen
+
+  model = tiny_qwen("qwen2", num_layers=2, init=0.2, seed=3)
+  hf = tmp_path / "hf"
+  model.save_pretrained(hf)
+  tokens = torch.tensor(np.random.default_rng(0).integers(0, 256, (2, 9)))
+  with torch.no_grad():
+    want = model(tokens).logits.numpy()
+  to_tunix = preset_spec("hf-to-tunix", hf)
+  migrate(hf, tmp_path / "tunix", to_tunix)
+  back = preset_spec("tunix-to-hf", tmp_path / "tunix", hf_config=hf)
+  out = tmp_path / "back"
+  migrate(tmp_path / "tunix", out, back, dest_format="safetensors", max_shard_mb=0.05, hf_config=hf / "config.json")
+  with open(out / "model.safetensors.index.json") as f:
+    index = json.load(f)
+  shards = sorted(n for n in os.listdir(out) if n.endswith(".safetensors"))
+  assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+  per = {n: [k for k, v in index["weight_map"].items() if v == n] for n in shards}
+  assert all(os.path.getsize(out / n) <= 0.05 * 2**20 + 4096 or len(per[n]) == 1 for n in shards), per  # + header
+  sd = {k: v.numpy() for k, v in model.state_dict().items()}
+  assert sorted(index["weight_map"]) == sorted(sd)
+  assert index["metadata"]["total_size"] == sum(v.nbytes for v in sd.values())
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+  for k, v in loaded.state_dict().items():
+    assert v.numpy().tobytes() == sd[k].tobytes(), k
+  with torch.no_grad():
+    got = loaded(tokens).logits.numpy()
+  assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+  assert verify_migration(tmp_path / "tunix", out, back).passed
+
+
+def test_a_failed_safetensors_migration_leaves_nothing(tmp_path, monkeypatch):
+  """Atomic: a write that fails half way leaves neither the destination nor a temporary beside it."""
+  from parity_jax.checkpoint.migrate import to_safetensors
+
+  def half(directory, tensors, max_shard_bytes, progress):
+    (open(os.path.join(directory, "model-00001-of-00002.safetensors"), "wb")).write(b"partial")
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(to_safetensors, "write_safetensors_dir", half)
+  src = os.path.join(TUNIX_DIR, "qwen3_dense_f32", "tunix_default")
+  spec = preset_spec("tunix-to-hf", src, hf_config=os.path.join(TUNIX_DIR, "qwen3_dense_f32", "hf"))
+  with pytest.raises(UsageError, match="No space left on device"):
+    migrate(src, tmp_path / "hf", spec, dest_format="safetensors")
+  assert os.listdir(tmp_path) == []
