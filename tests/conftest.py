@@ -18,6 +18,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from tests.helpers.seed import ENV, TEST_SEED
 
+# the object-store emulators' fixtures (s3_emulator, gcs_emulator, bucket, ...) for every test module
+pytest_plugins = ("tests.helpers.objectstores",)
+
 
 def pytest_report_header(config):
   return f"parity_jax test seed: {TEST_SEED} (override with {ENV}=N or {ENV}=random)"

@@ -79,5 +79,3 @@ def assign(pair_bytes: list[int], piece_ends: list[list[int]], num_processes: in
 
 # ---------------------------------------------------------------------------------------------
 # The values phase
-
-

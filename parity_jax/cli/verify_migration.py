@@ -2,13 +2,15 @@
 
   parity-verify-migration                                 # the shipped example (package data)
   parity-verify-migration --source=DIR --migrated=DIR --spec=FILE [--report=out.json]
+  parity-verify-migration --source=gs://bucket/ckpt --migrated=s3://bucket/ckpt --spec=FILE   # buckets
 
 (``python -m tools.verify_migration`` from the repository root is the same tool.)
 Prints one line per group (``[PASS] components   12/12 leaves bit-identical``),
 the failing leaves by name with their difference statistics, and a final
 ``VERDICT: PASS`` or ``VERDICT: FAIL — N of M leaves differ``. Exit code 0 for
 PASS, 1 for FAIL, 2 for bad input (one ``error:`` line, nothing written).
-Both checkpoints are opened read-only. Progress (bytes, rate, ETA) goes to stderr.
+Both checkpoints are opened read-only; either may be a local directory, a gs:// or an s3:// URL
+(endpoints and credentials as google-cloud-storage and boto3 find them, see BUILD.md). Progress (bytes, rate, ETA) goes to stderr.
 
 As one job of N processes on the JAX runtime (each reads only its share of the bytes;
 process 0 prints the table and writes the report; every process exits with the same code):
@@ -64,6 +66,19 @@ _READAHEAD = flags.DEFINE_integer(
 _PROGRESS = flags.DEFINE_boolean(
     "progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise)."
 )
+_STORAGE_RETRIES = flags.DEFINE_integer(
+    "storage_retries",
+    5,
+    "gs:// and s3:// only: attempts per request on throttling, 5xx and dropped connections (with exponential"
+    " backoff) before the request fails; a leaf whose reads fail is UNREADABLE.",
+    lower_bound=1,
+)
+_STORAGE_BACKOFF = flags.DEFINE_float(
+    "storage_backoff_s",
+    1.0,
+    "gs:// and s3:// only: the first retry's delay in seconds (doubling up to 8x, or this value if larger).",
+    lower_bound=0.0,
+)
 _DIST = app.distributed_flags(__name__)
 _PRESETS = app.preset_flags(__name__)  # --preset, --list_presets, --print_spec (issue 17)
 
@@ -76,6 +91,13 @@ def main(argv):
   from parity_jax.checkpoint.migrate import leftovers
   from parity_jax.errors import UsageError
   from parity_jax.files import check_output_path
+  from parity_jax.stores import is_remote, set_limits
+
+  backoff = _STORAGE_BACKOFF.value
+  set_limits(max_retries=_STORAGE_RETRIES.value, initial_delay_s=backoff, max_delay_s=max(8 * backoff, 0.001))
+  for out, name in ((_REPORT.value, "--report"), (_SPEC_ERRORS.value, "--spec_errors"), (_SPEC.value, "--spec")):
+    if out and is_remote(out):
+      raise UsageError(f"{name}={out}: must be a local file (bucket URLs are taken for checkpoints only)")
 
   early = _PRESETS.handle_early(_SPEC.value, _SOURCE.value, _OVERWRITE.value)
   if early is not None:

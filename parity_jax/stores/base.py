@@ -182,6 +182,14 @@ class Store:
     """(files, subdirectories) immediately below, each sorted; :class:`StoreError` if there is no such directory."""
     raise NotImplementedError
 
+  def walk(self) -> list[str]:
+    """Every object (file) below this directory, as sorted ``/``-separated relative keys (one listing on a bucket).
+
+    A missing directory (or bucket prefix with nothing below it) gives ``[]``;
+    a missing bucket or an unreachable store is a :class:`StoreError`.
+    """
+    raise NotImplementedError
+
   def size(self) -> int:
     raise NotImplementedError
 

@@ -21,6 +21,7 @@ def _error(path: str, e: OSError) -> StoreError:
       errno.EPERM: "denied",
       errno.EISDIR: "invalid",
       errno.ENOTEMPTY: "invalid",
+      errno.EEXIST: "invalid",
   }.get(e.errno, "io")
   return StoreError(f"{path}: {e.strerror or e}", kind)
 
@@ -77,6 +78,14 @@ class LocalStore(Store):
     count_local(lists=1)
     subdirs = sorted(e.name for e in entries if e.is_dir())
     return sorted(e.name for e in entries if not e.is_dir()), subdirs
+
+  def walk(self) -> list[str]:
+    out = []
+    for root, dirs, names in os.walk(self.url):
+      count_local(lists=1)
+      rel = os.path.relpath(root, self.url)
+      out += [n if rel == "." else f"{rel}/{n}".replace(os.sep, "/") for n in names]
+    return sorted(out)
 
   def size(self) -> int:
     try:

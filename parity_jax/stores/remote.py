@@ -118,9 +118,13 @@ def _check_bucket(endpoint: Endpoint, bucket: str, kv, lim) -> None:
   name, url = f"{endpoint.scheme}://{bucket}", endpoint.about.get("endpoint", "?")
   try:
     fut.result(timeout=lim.timeout())
+    if bucket_exists(endpoint, bucket, lim) is False:
+      raise StoreError(f"{name}: no such bucket (at {url})", "not_found")
   except TimeoutError:
     fut.cancel()
     raise StoreError(f"{name}: no answer from {url} within {time.monotonic() - t0:.1f} s", "timeout") from None
+  except StoreError:
+    raise
   except Exception as e:  # noqa: BLE001
     reason, kind = _reason(str(e), url, time.monotonic() - t0)
     if kind == "not_found":
@@ -302,17 +306,30 @@ class BucketStore(Store):
     return sorted(k[len(p) :] for k in names if k.startswith(p) and len(k) > len(p))
 
   # ---- objects
+  def _bucket_ok(self) -> bool:
+    """False when the bucket does not exist; other failures (denied, unreachable) raise."""
+    try:
+      self._kv()
+    except StoreError as e:
+      if e.kind == "not_found":
+        return False
+      raise
+    return True
+
   def is_file(self) -> bool:
-    if not self.path:
+    if not self.path or not self._bucket_ok():
       return False
     r = self._wait(self._kv().read(self.path, byte_range=slice(0, 0)), "read")
     return r.state == "value"
 
   def is_dir(self) -> bool:
-    if not self.path:
-      self._kv()  # reachable (or a StoreError says why not)
-      return bucket_exists(self._endpoint, self.bucket, self._limits) is not False
-    return bool(self._list())
+    if not self._bucket_ok():
+      return False
+    return True if not self.path else bool(self._list())
+
+  def walk(self) -> list[str]:
+    self._kv()  # a missing bucket, missing credentials or a dead endpoint: one StoreError
+    return self._list()
 
   def listdir(self) -> tuple[list[str], list[str]]:
     rel = self._list()

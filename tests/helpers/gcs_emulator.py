@@ -27,6 +27,10 @@ and what real GCS does (docs/object_stores.md has the measured symptoms):
    of a key range): the emulator ignores both and returns every object of the
    bucket. Patched: items outside [S, E) are dropped.
 
+6. Not a request but a cost: every change re-serialises the metadata of every
+   object to an in-memory file that ``--in-memory`` never reads back (seconds
+   per request once a few thousand objects exist). Skipped.
+
 Uploads with ``ifGenerationMatch`` (OCDBT's conditional manifest writes) are
 honoured too (412 on a mismatch), as real GCS does.
 """
@@ -121,12 +125,25 @@ def patch() -> None:
   objects.download = fixed_download
   objects.ls = fixed_ls
 
+  # 6 (speed, not behaviour): after every change the emulator serialises the metadata of EVERY object of every
+  # bucket to an in-memory ".meta" file it never reads back in --in-memory mode: O(objects) per request, so a
+  # few hundred uploads took ~30 s. Skipped (the in-memory dicts stay the truth).
+  from gcp_storage_emulator import storage as storage_mod
+
+  storage_mod.Storage._write_config_to_file = lambda self: None
+
   # (after the handlers: the server module builds its route table from them when imported)
   # Python's http.server sends the headers and the body in two writes; with Nagle's algorithm on, each
   # response then waits for the client's delayed ACK (~40 ms a request). Real servers don't.
   from gcp_storage_emulator import server
 
   server.RequestHandler.disable_nagle_algorithm = True
+  # The emulator serves one request at a time from http.server.HTTPServer, whose listen backlog is 5: with more
+  # clients connecting at once (tensorstore keeps up to 32 requests in flight) the kernel drops the extra
+  # connection attempts and each client waits 1 s for its SYN retry. Real GCS accepts them: a deep backlog.
+  import http.server
+
+  http.server.HTTPServer.request_queue_size = 256
 
 
 def main(argv: list[str]) -> None:

@@ -42,6 +42,8 @@ RANGES = {
         "top_k": (["-1"], ["0"]),
         "slab_mb": (["0", "0.003", "-1", "nan", "inf"], ["0.004", "1e6"]),
         "readahead": (["-1"], ["0", "3"]),
+        "storage_retries": (["0", "-1"], ["1"]),  # attempts per request: at least the one
+        "storage_backoff_s": (["-1", "-0.5", "nan", "inf"], ["0", "2.5"]),
         **_JOB,
     },
 }

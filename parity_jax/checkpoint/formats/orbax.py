@@ -35,14 +35,10 @@ import numpy as np
 
 from parity_jax.checkpoint import keypath
 from parity_jax.checkpoint.formats.base import Checkpoint, LeafMeta, LeafReadError, LeafReader
-from parity_jax.checkpoint.formats.orbax_layout import (
-    _ARRAY_TYPES,
-    PYTREE_METADATA,
-    decide_layout,
-    resolve_item_dir,
-)
+from parity_jax.checkpoint.formats.orbax_layout import _ARRAY_TYPES, PYTREE_METADATA, decide_layout, locate
 from parity_jax.checkpoint.formats.tstore import codec_info, memmap_reads, quiet_orbax, read_context
 from parity_jax.errors import UsageError, first_line
+from parity_jax.stores import Store, is_remote, open_store
 
 __all__ = ["OrbaxCheckpoint", "TensorStoreLeafReader", "open_orbax", "restore_leaves"]
 
@@ -58,8 +54,8 @@ class OrbaxCheckpoint(Checkpoint):
   handles are dropped when the checkpoint is pickled and reopened on first use.
   """
 
-  path: str  # as given, made absolute
-  item_dir: str
+  path: str  # as given, made absolute (or a bucket URL)
+  item_dir: str  # a local path or a bucket URL
   layout: str  # "v0" | "v1" | "step"
   use_ocdbt: bool
   use_zarr3: bool
@@ -75,6 +71,11 @@ class OrbaxCheckpoint(Checkpoint):
     state = dict(self.__dict__)
     state["_context"], state["_handles"] = None, {}
     return state
+
+  @property
+  def store(self) -> Store:
+    """Where the item's bytes live (local disk or a bucket): its kvstore spec, context resources and reads."""
+    return open_store(self.item_dir)
 
   @property
   def metadata_tree(self) -> Any:
@@ -101,7 +102,7 @@ class OrbaxCheckpoint(Checkpoint):
   def context(self):
     """The checkpoint's shared tensorstore context (no chunk cache, OCDBT node cache, memory-mapped reads)."""
     if self._context is None:
-      self._context = read_context(0)
+      self._context = read_context(0, self.store.context_spec())
     return self._context
 
   def read_spec(self, leaf: LeafMeta) -> dict[str, Any]:
@@ -129,7 +130,11 @@ class OrbaxCheckpoint(Checkpoint):
     import tensorstore as ts
 
     return ts.open(
-        self.read_spec(leaf), open=True, read=True, write=False, context=read_context(int(max(0, cache_bytes)))
+        self.read_spec(leaf),
+        open=True,
+        read=True,
+        write=False,
+        context=read_context(int(max(0, cache_bytes)), self.store.context_spec()),
     ).result()
 
   def reader(self, leaf: LeafMeta, cache_bytes: int = 0) -> "TensorStoreLeafReader":
@@ -140,12 +145,12 @@ class OrbaxCheckpoint(Checkpoint):
 
   def read_string(self, leaf: LeafMeta) -> str:
     """A string leaf, read from the item's ``_strings.json`` (where orbax's StringHandler keeps them)."""
-    path = os.path.join(self.item_dir, "_strings.json")
+    strings = self.store.child("_strings.json")
+    path = strings.url
     try:
-      with open(path, encoding="utf-8") as f:
-        table = json.load(f)
+      table = json.loads(strings.read_bytes())
       value = table[leaf.storage_name]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (UsageError, ValueError, KeyError, TypeError) as e:
       raise LeafReadError(leaf.path, f"cannot read it from {path}: {first_line(e)}") from None
     if not isinstance(value, str):
       raise LeafReadError(leaf.path, f"{path} holds a {type(value).__name__}, not a string")
@@ -194,7 +199,38 @@ class OrbaxCheckpoint(Checkpoint):
 def _orbax_read_spec(item_dir: str, name: str, use_zarr3: bool, use_ocdbt: bool, strict: bool) -> dict[str, Any]:
   from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
 
-  return tsu.ArrayReadSpec(item_dir, name, use_zarr3, use_ocdbt=use_ocdbt, raise_array_data_missing_error=strict).json
+  if not is_remote(item_dir):
+    return tsu.ArrayReadSpec(item_dir, name, use_zarr3, use_ocdbt=use_ocdbt, raise_array_data_missing_error=strict).json
+  spec = tsu.ArrayReadSpec(_STANDIN, name, use_zarr3, use_ocdbt=use_ocdbt, raise_array_data_missing_error=strict).json
+  return _on_bucket(spec, open_store(item_dir))
+
+
+# A bucket item: orbax builds its spec for a local stand-in directory (its ArrayReadSpec knows only gs:// natively,
+# and without our endpoint, credentials or retries); every "file" kvstore under the stand-in then becomes the
+# bucket's own kvstore spec at the same relative path.
+_STANDIN = "/\ue000parity_jax_bucket_item"
+# What orbax itself adds to an OCDBT kvstore on gs:// (tensorstore_utils): nearby reads of one data file are
+# merged into one request, as a remote store wants.
+_REMOTE_OCDBT = {
+    "experimental_read_coalescing_threshold_bytes": 1000000,
+    "experimental_read_coalescing_merged_bytes": 500000000000,
+    "experimental_read_coalescing_interval": "1ms",
+}
+
+
+def _on_bucket(obj: Any, store: Store) -> Any:
+  if isinstance(obj, list):
+    return [_on_bucket(v, store) for v in obj]
+  if not isinstance(obj, dict):
+    return obj
+  if obj.get("driver") == "file" and str(obj.get("path", "")).startswith(_STANDIN):
+    rel = obj["path"][len(_STANDIN) :].strip("/")
+    target = store.child(rel) if rel else store
+    return target.kvstore_spec(as_dir=obj["path"].endswith("/"))
+  out = {k: _on_bucket(v, store) for k, v in obj.items()}
+  if out.get("driver") == "ocdbt":
+    out = {**_REMOTE_OCDBT, **out}
+  return out
 
 
 _SENTINEL = "\ue000parity_jax_leaf\ue000"
@@ -246,21 +282,23 @@ def open_orbax(path: str | os.PathLike, role: str = "checkpoint") -> OrbaxCheckp
   under the same name (keys ``('a.b', 'c')`` and ``('a', 'b.c')`` both become
   ``a.b.c``), whose values cannot be told apart.
   """
-  path = os.path.abspath(os.fspath(path))
-  item_dir, layout = resolve_item_dir(path, role)
+  tree, item, layout = locate(path, role)
+  path, item_dir = tree.url, tree.join(item)
   try:
-    with open(os.path.join(item_dir, PYTREE_METADATA), encoding="utf-8") as f:
-      raw = json.load(f)
-  except (OSError, ValueError) as e:
+    raw = json.loads(tree.read_bytes("/".join(filter(None, [item, PYTREE_METADATA]))))
+  except (UsageError, ValueError) as e:
     raise UsageError(f"{role} {path}: cannot read {PYTREE_METADATA}: {first_line(e)}") from None
   if not isinstance(raw, dict) or not isinstance(raw.get("tree_metadata"), dict):
     raise UsageError(f"{role} {path}: {PYTREE_METADATA} has no tree_metadata (not a PyTree checkpoint?)")
-  use_ocdbt, use_zarr3, strict, facts = decide_layout(raw, item_dir, path, layout)
+  use_ocdbt, use_zarr3, strict, facts = decide_layout(raw, tree, item, layout)
+  if tree.remote:
+    facts["store"] = tree.store.describe()
 
   entries, empty_nodes = _tree_entries(raw["tree_metadata"], f"{role} {path}")
   collisions = _storage_collisions([k for k, _ in entries])
 
-  context = read_context(0)
+  context = read_context(0, tree.at(item).context_spec())
+  remote = tree.remote
   names = [keys for keys, vt in entries if vt != "string" and keys not in collisions]
   opened = _open_all(item_dir, names, use_zarr3, use_ocdbt, strict, context)
   strict_keys = set()
@@ -276,7 +314,7 @@ def open_orbax(path: str | os.PathLike, role: str = "checkpoint") -> OrbaxCheckp
   for keys, vt in entries:
     p = keypath.join(keys)
     t = None if keys in collisions or vt == "string" else opened[keys]
-    leaves[p] = _leaf_meta(keys, vt, t, collisions.get(keys), strict or keys in strict_keys, codecs)
+    leaves[p] = _leaf_meta(keys, vt, t, collisions.get(keys), strict or keys in strict_keys, codecs, remote)
     if leaves[p].error is None and t is not None:
       handles[p] = t
   if strict_keys:
@@ -327,7 +365,7 @@ def _tree_entries(tree_metadata: dict, where: str) -> tuple[list[tuple[tuple[str
 
 
 def _leaf_meta(
-    keys: tuple[str, ...], vt: str, t: Any, collision: str | None, strict: bool, codecs: "_CodecCache"
+    keys: tuple[str, ...], vt: str, t: Any, collision: str | None, strict: bool, codecs: "_CodecCache", remote: bool
 ) -> LeafMeta:
   """One leaf's metadata from its opened tensorstore ``t`` (an exception: the leaf keeps the error)."""
   p, name = keypath.join(keys), ".".join(keys)
@@ -340,7 +378,7 @@ def _leaf_meta(
     return LeafMeta(p, keys, kind, (), None, None, name, vt, error=first_line(t), strict=strict)
   chunk = t.chunk_layout.read_chunk.shape
   raw, codec = codecs.info(t)
-  box_reads = raw and memmap_reads()
+  box_reads = raw and memmap_reads() and not remote  # a bucket has no memory map: every box is a request
   return LeafMeta(
       p,
       keys,

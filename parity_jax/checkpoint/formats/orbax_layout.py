@@ -45,8 +45,9 @@ import re
 from typing import Any
 
 from parity_jax.errors import UsageError
+from parity_jax.stores import Store, StoreError, is_remote, open_store
 
-__all__ = ["MISSING_CHUNK_RULE", "SUPPORTED", "decide_layout", "resolve_item_dir"]
+__all__ = ["COMMIT_MARKER", "MISSING_CHUNK_RULE", "SUPPORTED", "Tree", "decide_layout", "locate", "resolve_item_dir"]
 
 PYTREE_METADATA = "_METADATA"
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
@@ -68,41 +69,121 @@ MISSING_CHUNK_RULE = (
 )
 
 
-def _is_item_dir(d: str) -> bool:
-  return os.path.isfile(os.path.join(d, PYTREE_METADATA))
+COMMIT_MARKER = "commit_success.txt"  # orbax's CommitFileTemporaryPath: written last, marks a finished checkpoint
 
 
-def _subdirs(d: str) -> list[str]:
-  try:
-    return sorted(e.name for e in os.scandir(d) if e.is_dir())
-  except OSError:
-    return []
+class Tree:
+  """The names under a checkpoint path, read through its :class:`~parity_jax.stores.Store`.
+
+  Local disk: plain directory scans, one directory at a time, as asked. A
+  bucket: one listing of every object below the path (a bucket has no
+  directories to scan), answered from memory after that. ``rel`` arguments are
+  ``/``-separated paths relative to the root ("" is the root itself).
+  """
+
+  def __init__(self, store: Store):
+    self.store = store
+    self.remote = is_remote(store)
+    self._keys: list[str] | None = None
+    self._is_object: bool | None = None
+
+  @property
+  def url(self) -> str:
+    return self.store.url
+
+  def join(self, *rel: str) -> str:
+    """The URL (bucket) or absolute path (local) of ``rel`` below the root."""
+    parts = [r for r in rel if r]
+    return self.store.child(*parts).url if parts else self.store.url
+
+  def at(self, rel: str) -> Store:
+    return self.store.child(rel) if rel else self.store
+
+  def _all(self) -> list[str]:
+    if self._keys is None:
+      self._keys = self.store.walk()
+    return self._keys
+
+  def _below(self, rel: str) -> list[str]:
+    p = rel.rstrip("/") + "/" if rel else ""
+    return [k[len(p) :] for k in self._all() if k.startswith(p)]
+
+  def exists(self, rel: str = "") -> bool:
+    if not self.remote:
+      return os.path.exists(self.join(rel))
+    return self.is_file(rel) or self.is_dir(rel)
+
+  def is_dir(self, rel: str = "") -> bool:
+    if not self.remote:
+      return os.path.isdir(self.join(rel))
+    return bool(self._below(rel))
+
+  def is_file(self, rel: str = "") -> bool:
+    if not self.remote:
+      return os.path.isfile(self.join(rel))
+    if not rel:
+      if self._is_object is None:
+        self._is_object = self.store.is_file()
+      return self._is_object
+    return rel in self._all()
+
+  def files(self, rel: str = "") -> list[str]:
+    if not self.remote:
+      try:
+        return sorted(e.name for e in os.scandir(self.join(rel)) if e.is_file())
+      except OSError:
+        return []
+    return sorted(k for k in self._below(rel) if "/" not in k)
+
+  def subdirs(self, rel: str = "") -> list[str]:
+    if not self.remote:
+      try:
+        return sorted(e.name for e in os.scandir(self.join(rel)) if e.is_dir())
+      except OSError:
+        return []
+    return sorted({k.split("/", 1)[0] for k in self._below(rel) if "/" in k})
+
+  def head(self, rel: str = "", n: int = 64) -> bytes:
+    """The first ``n`` bytes of a file (fewer when it is shorter; b"" when it cannot be read)."""
+    if not self.remote:
+      try:
+        with open(self.join(rel), "rb") as f:
+          return f.read(n)
+      except OSError:
+        return b""
+    obj = self.at(rel)
+    try:
+      return obj.read_range(0, n)
+    except StoreError as e:
+      if e.kind != "out_of_range":
+        return b""
+    try:
+      return obj.read_bytes()[:n]
+    except StoreError:
+      return b""
+
+  def read_bytes(self, rel: str) -> bytes:
+    """A whole file; a one-line StoreError (a UsageError) when it cannot be read."""
+    return self.at(rel).read_bytes()
 
 
-def _files(d: str) -> list[str]:
-  try:
-    return sorted(e.name for e in os.scandir(d) if e.is_file())
-  except OSError:
-    return []
+def _rel(*parts: str) -> str:
+  return "/".join(p for p in parts if p)
 
 
-def _head(path: str, n: int = 64) -> bytes:
-  try:
-    with open(path, "rb") as f:
-      return f.read(n)
-  except OSError:
-    return b""
+def _is_item_dir(tree: Tree, d: str) -> bool:
+  return tree.is_file(_rel(d, PYTREE_METADATA))
 
 
 def _is_msgpack_map(head: bytes) -> bool:
   return bool(head) and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF))
 
 
-def _foreign_file(path: str) -> str | None:
-  """What a file is, when it is a checkpoint format of another library (None: not recognised)."""
-  name = os.path.basename(path)
+def _foreign_file(tree: Tree) -> str | None:
+  """What the root file is, when it is a checkpoint format of another library (None: not recognised)."""
+  name = tree.store.name
   low = name.lower()
-  head = _head(path)
+  head = tree.head()
   if _is_msgpack_map(head) and (low.startswith("checkpoint") or low.endswith(".msgpack")):
     return "a flax msgpack checkpoint file"
   if low.endswith(".safetensors"):
@@ -122,12 +203,12 @@ def _foreign_file(path: str) -> str | None:
   return None
 
 
-def _foreign_dir(path: str) -> str | None:
+def _foreign_dir(tree: Tree) -> str | None:
   """What a directory without any Orbax PyTree item is, when it is recognisably something else."""
-  files = _files(path)
-  if "checkpoint" in files and _is_msgpack_map(_head(os.path.join(path, "checkpoint"))):
+  files = tree.files()
+  if "checkpoint" in files and _is_msgpack_map(tree.head("checkpoint")):
     return "a pre-_METADATA Orbax/flax checkpoint (a msgpack 'checkpoint' file)"
-  flax = [f for f in files if re.fullmatch(r"checkpoint_\d+", f) and _is_msgpack_map(_head(os.path.join(path, f)))]
+  flax = [f for f in files if re.fullmatch(r"checkpoint_\d+", f) and _is_msgpack_map(tree.head(f))]
   if flax:
     return f"a directory of flax msgpack checkpoints (e.g. {flax[-1]})"
   if "checkpoint" in files and any(f.endswith(".index") for f in files):
@@ -143,68 +224,129 @@ def _foreign_dir(path: str) -> str | None:
   return None
 
 
-def _legacy_step_dir(path: str, items: list[str]) -> bool:
-  """An orbax 0.5 CheckpointManager step directory: a step-number name, nothing in it but item directories."""
-  name = os.path.basename(path.rstrip("/"))
-  return bool(_STEP_NAME.fullmatch(name)) and bool(items) and not _files(path)
+def _legacy_step_dir(tree: Tree, items: list[str]) -> bool:
+  """An orbax 0.5 CheckpointManager step directory: a step-number name, nothing in it but item directories
+  (and the commit marker orbax wrote there on GCS)."""
+  files = [f for f in tree.files() if f != COMMIT_MARKER]
+  return bool(_STEP_NAME.fullmatch(tree.store.name)) and bool(items) and not files
 
 
-def resolve_item_dir(path: str, role: str = "checkpoint") -> tuple[str, str]:
-  """(item directory, layout) for a checkpoint path, or a one-line UsageError."""
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.exists(path):
+def _open_tree(path: str | os.PathLike | Store) -> Tree:
+  if isinstance(path, Store):
+    return Tree(path)
+  if is_remote(path):
+    return Tree(open_store(path))
+  return Tree(open_store(os.path.abspath(os.fspath(path))))
+
+
+def resolve_item_dir(path: str | os.PathLike | Store, role: str = "checkpoint") -> tuple[str, str]:
+  """(item directory, layout) for a checkpoint path or bucket URL, or a one-line UsageError."""
+  tree, item, layout = locate(path, role)
+  return tree.join(item), layout
+
+
+def locate(path: str | os.PathLike | Store, role: str = "checkpoint") -> tuple[Tree, str, str]:
+  """(the checkpoint's :class:`Tree`, its item directory relative to the root, layout), or a one-line UsageError.
+
+  On a bucket the checkpoint must also hold orbax's commit marker
+  (:data:`COMMIT_MARKER`, see :func:`check_committed`).
+  """
+  tree = _open_tree(path)
+  try:
+    item, layout = _resolve(tree, role)
+  except _NoItem:
+    if tree.remote and not tree.is_file(COMMIT_MARKER):  # objects of an upload cut short before its metadata
+      check_committed(tree, "", "", role)
+    raise
+  if tree.remote:
+    check_committed(tree, item, layout, role)
+  return tree, item, layout
+
+
+def check_committed(tree: Tree, item: str, layout: str, role: str) -> None:
+  """A bucket checkpoint without ``commit_success.txt`` is unfinished: a one-line UsageError.
+
+  A bucket has no atomic rename, so orbax (``CommitFileTemporaryPath``, its
+  default on ``gs://``) writes the checkpoint in place and the commit marker
+  last, in the checkpoint directory (the step directory of a
+  ``CheckpointManager``); our migrator does the same on ``gs://`` and
+  ``s3://``. The marker is looked for in the path given and, for a PyTree item
+  directory given directly, in the directory that holds it.
+  """
+  if tree.is_file(COMMIT_MARKER):
+    return
+  if layout == "v0" and not item:
+    parent = tree.store.parent()
+    if parent != tree.store and parent.child(COMMIT_MARKER).is_file():
+      return
+  raise UsageError(
+      f"{role} is unfinished: no {COMMIT_MARKER} (orbax's commit marker, written last on a bucket) in {tree.url}"
+      " -- an interrupted or still running save or migration"
+  )
+
+
+def _resolve(tree: Tree, role: str) -> tuple[str, str]:
+  path = tree.url
+  if not tree.exists():
     raise UsageError(f"{role} does not exist: {path}")
-  if not os.path.isdir(path):
-    what = _foreign_file(path)
+  if not tree.is_dir():
+    what = _foreign_file(tree)
     if what:
       raise UsageError(f"{role} is not an Orbax checkpoint but {what}; {SUPPORTED}: {path}")
     raise UsageError(f"{role} is not a directory: {path}")
-  base = os.path.basename(path.rstrip("/"))
+  base = tree.store.name
   if any(m in base for m in _TMP_MARKERS):
     raise UsageError(f"{role} is an unfinished temporary checkpoint directory (interrupted save?): {path}")
-  if _is_item_dir(path):
-    return path, "v0"
-  items = [s for s in _subdirs(path) if _is_item_dir(os.path.join(path, s))]
-  is_container = any(os.path.exists(os.path.join(path, f)) for f in (CHECKPOINT_METADATA, "orbax.checkpoint"))
-  if items and not is_container and not _legacy_step_dir(path, items):
+  if _is_item_dir(tree, ""):
+    return "", "v0"
+  subdirs = tree.subdirs()
+  items = [s for s in subdirs if _is_item_dir(tree, s)]
+  is_container = any(tree.exists(f) for f in (CHECKPOINT_METADATA, "orbax.checkpoint"))
+  if items and not is_container and not _legacy_step_dir(tree, items):
     raise UsageError(
         f"{role} is not an Orbax checkpoint but holds one or more ({', '.join(items)});"
-        f" pass it directly, e.g. {os.path.join(path, items[0])}"
+        f" pass it directly, e.g. {tree.join(items[0])}"
     )
   if len(items) == 1:
-    is_v1 = os.path.exists(os.path.join(path, "orbax.checkpoint"))
-    return os.path.join(path, items[0]), ("v1" if is_v1 else "step")
+    is_v1 = tree.exists("orbax.checkpoint")
+    return items[0], ("v1" if is_v1 else "step")
   if len(items) > 1:
     raise UsageError(
-        f"{role} holds {len(items)} PyTree items ({', '.join(items)}); pass one of them,"
-        f" e.g. {os.path.join(path, items[0])}"
+        f"{role} holds {len(items)} PyTree items ({', '.join(items)}); pass one of them, e.g. {tree.join(items[0])}"
     )
-  steps = [s for s in _subdirs(path) if _STEP_NAME.fullmatch(s)]
-  if steps and any(_subdirs(os.path.join(path, s)) for s in steps):
+  steps = [s for s in subdirs if _STEP_NAME.fullmatch(s)]
+  if steps and any(tree.subdirs(s) for s in steps):
     steps.sort(key=lambda s: int(re.sub(r"\D", "", s) or 0))
     raise UsageError(
         f"{role} looks like a CheckpointManager directory (steps {', '.join(steps[:5])}"
-        f"{', ...' if len(steps) > 5 else ''}); pass one step directory, e.g. {os.path.join(path, steps[-1])}"
+        f"{', ...' if len(steps) > 5 else ''}); pass one step directory, e.g. {tree.join(steps[-1])}"
     )
-  pending = [s for s in _subdirs(path) if any(m in s for m in _TMP_MARKERS)]
+  pending = [s for s in subdirs if any(m in s for m in _TMP_MARKERS)]
   if pending:
     raise UsageError(f"{role} holds only an unfinished checkpoint ({pending[0]}): {path}")
-  what = _foreign_dir(path)
+  what = _foreign_dir(tree)
   if what:
     raise UsageError(f"{role} is not an Orbax checkpoint but {what}; {SUPPORTED}: {path}")
-  raise UsageError(
+  raise _NoItem(
       f"{role} is not an Orbax checkpoint (no {PYTREE_METADATA} in it or in one item below it); {SUPPORTED}: {path}"
   )
 
 
-def _recorded_orbax_version(path: str, item_dir: str) -> str | None:
+class _NoItem(UsageError):
+  """A directory with no PyTree item and nothing else recognisable in it."""
+
+
+def _recorded_orbax_version(tree: Tree, item: str) -> str | None:
   """The writer's orbax version where a writer recorded it (our migrator's provenance), else None."""
-  for d in {path, os.path.dirname(item_dir)}:
+  parent = item.rsplit("/", 1)[0] if "/" in item else ""
+  for d in dict.fromkeys(["", parent]):
+    rel = _rel(d, CHECKPOINT_METADATA)
+    if not tree.is_file(rel):
+      continue
     try:
-      with open(os.path.join(d, CHECKPOINT_METADATA), encoding="utf-8") as f:
-        meta = json.load(f)
+      meta = json.loads(tree.read_bytes(rel))
       v = meta["custom_metadata"]["parity_jax_migration"]["provenance"]["versions"]["orbax-checkpoint"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (UsageError, ValueError, KeyError, TypeError):
       continue
     if isinstance(v, str):
       return v
@@ -212,10 +354,22 @@ def _recorded_orbax_version(path: str, item_dir: str) -> str | None:
 
 
 def decide_layout(
-    raw: dict[str, Any], item_dir: str, path: str, layout: str
+    raw: dict[str, Any], tree: Tree | str | os.PathLike, item: str | os.PathLike, layout: str
 ) -> tuple[bool, bool, bool, dict[str, Any]]:
-  """(use_ocdbt, use_zarr3, strict, facts) from ``_METADATA`` and the directory, the way orbax decides."""
-  manifest = os.path.exists(os.path.join(item_dir, OCDBT_MANIFEST))
+  """(use_ocdbt, use_zarr3, strict, facts) from ``_METADATA`` and the directory, the way orbax decides.
+
+  ``tree``/``item``: the checkpoint's :class:`Tree` and the item directory relative to it; or, as before
+  the stores, the item directory and the checkpoint path (local paths or URLs).
+  """
+  if not isinstance(tree, Tree):
+    item_dir, path = tree, item
+    tree = _open_tree(path)
+    item_store = _open_tree(item_dir).store
+    if item_store != tree.store and not item_store.is_inside(tree.store):
+      raise UsageError(f"item directory {item_dir} is not inside {path}")
+    item = item_store.url[len(tree.store.url) :].strip("/")
+  path, item_dir = tree.url, tree.join(item)
+  manifest = tree.is_file(_rel(item, OCDBT_MANIFEST))
   if "use_ocdbt" in raw:
     use_ocdbt = bool(raw["use_ocdbt"])
     ocdbt_by = f"_METADATA use_ocdbt: {str(use_ocdbt).lower()}"
@@ -243,10 +397,10 @@ def decide_layout(
     hint, evidence = ">= 0.10.0, < 0.11.31", f"{_FILL_FLAG} but no use_ocdbt in _METADATA"
   else:
     hint, evidence = "< 0.10.0", f"neither use_ocdbt nor {_FILL_FLAG} in _METADATA"
-  version = _recorded_orbax_version(path, item_dir)
+  version = _recorded_orbax_version(tree, item)
   container = {"v0": "PyTree item directory", "v1": "ocp.v1 checkpoint (orbax.checkpoint marker)"}.get(layout)
   if container is None:
-    marked = os.path.exists(os.path.join(path, CHECKPOINT_METADATA))
+    marked = tree.exists(CHECKPOINT_METADATA)
     container = "CheckpointManager step directory" + (
         "" if marked else " without _CHECKPOINT_METADATA (orbax 0.5; recognised by its step-number name)"
     )

@@ -33,8 +33,11 @@ def memmap_reads() -> bool:
   return _MEMMAP
 
 
-def read_context(cache_bytes: int = 0):
+def read_context(cache_bytes: int = 0, resources: dict | None = None):
   """A private tensorstore context for reading: chunk cache of ``cache_bytes``, memory-mapped file reads.
+
+  ``resources`` adds a store's own context resources (a bucket's retries,
+  request concurrency and credentials: ``Store.context_spec()``).
 
   Memory-mapped reads (tensorstore's ``file_io_mode: memmap``) skip a copy of
   every value read from a data file: the same peak memory, about 1.5-2x the
@@ -45,6 +48,7 @@ def read_context(cache_bytes: int = 0):
   base = {
       "cache_pool": {"total_bytes_limit": int(cache_bytes)},
       "cache_pool#ocdbt": {"total_bytes_limit": _OCDBT_NODE_CACHE},
+      **(resources or {}),
   }
   if memmap_reads():
     return ts.Context({**base, "file_io_mode": {"mode": "memmap"}})

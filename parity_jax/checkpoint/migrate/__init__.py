@@ -29,7 +29,7 @@ import math
 import os
 import sys
 
-from parity_jax import runtime
+from parity_jax import runtime, stores
 from parity_jax.checkpoint.formats import open_checkpoint
 from parity_jax.checkpoint.formats.safetensors import SafetensorsCheckpoint
 from parity_jax.checkpoint.migrate.destination import Interrupted, interruptible, leftovers
@@ -134,7 +134,10 @@ def migrate(
         p0 = next(iter(bad))
         raise UsageError(f"source checkpoint {src.path}: cannot read leaf {p0!r}: {bad[p0]}")
       plan = spec.bind(src.leaves, what="source checkpoint")
+      remote = stores.is_remote(dest)
       if dest_format == "safetensors":
+        if remote:
+          raise UsageError("a safetensors --dest must be a local directory for now (not a bucket)")
         cfg = None if hf_config is None else read_hf_config(hf_config)
         with interruptible():
           return migrate_to_safetensors(
@@ -148,8 +151,12 @@ def migrate(
               slab_bytes=int((batch_mb or 8) * _MIB),
               log=lambda line: print(f"parity_jax: {line}", file=sys.stderr),
           )
+      if remote and layout == "standard":
+        raise UsageError("a bucket --dest is written in the v1 layout for now (--layout=v1 or auto)")
       if layout == "auto":
-        layout = "standard" if isinstance(src, SafetensorsCheckpoint) else "v1"
+        layout = "standard" if isinstance(src, SafetensorsCheckpoint) and not remote else "v1"
+      if remote:  # a bucket: staged on local disk, then uploaded with the commit marker last
+        return _to_bucket(job, src, spec, plan, dest, chunk_mb, overwrite, progress, batch_mb, compression)
       with interruptible():
         return run(
             job,
@@ -170,3 +177,41 @@ def migrate(
     except UsageError as e:
       job.fail(str(e))
       raise
+
+
+def _to_bucket(job, src, spec, plan, dest, chunk_mb, overwrite, progress, batch_mb, compression) -> MigrateResult:
+  """Migrates into a local staging directory (``TMPDIR``), then uploads the result to the bucket ``dest``
+  (:func:`.destination.upload`: the commit marker last). One process only for now."""
+  import dataclasses
+  import shutil
+  import tempfile
+  import time
+
+  from parity_jax.checkpoint.migrate import destination
+
+  if job.num_processes > 1:
+    raise UsageError("a bucket --dest is written by one process for now; run the migration without a job")
+  log = lambda line: print(f"parity_jax: {line}", file=sys.stderr)  # noqa: E731
+  bucket = stores.open_store(dest)
+  destination.check_bucket_dest(src.path, bucket, overwrite, log)
+  t0 = time.perf_counter()
+  stage = tempfile.mkdtemp(prefix="parity_jax-stage-")
+  try:
+    with interruptible():
+      result = run(
+          job,
+          src,
+          spec,
+          plan,
+          os.path.join(stage, "checkpoint"),
+          chunk_bytes=max(1, int(chunk_mb * _MIB)),
+          overwrite=False,
+          progress=progress,
+          batch_bytes=None if batch_mb is None else max(1, int(batch_mb * _MIB)),
+          compression=compression,
+          log=log,
+      )
+      destination.upload(os.path.join(stage, "checkpoint"), bucket, log)
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)
+  return dataclasses.replace(result, dest=bucket.url, elapsed_s=time.perf_counter() - t0)

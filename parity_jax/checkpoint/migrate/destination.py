@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 from parity_jax.checkpoint.formats.orbax_layout import resolve_item_dir
 from parity_jax.errors import UsageError
 from parity_jax.files import is_inside
+from parity_jax.runtime import stall_point
 
 __all__ = [
     "Interrupted",
@@ -172,3 +173,90 @@ def interruptible() -> Iterator[None]:
     yield
   finally:
     signal.signal(signal.SIGTERM, old)
+
+
+# ---- a bucket destination (gs://, s3://): no rename, so the commit marker is written last --------------------
+
+COMMIT_MARKER = "commit_success.txt"
+# the top-level names a migration (ours, or an orbax save) writes; a half-written attempt holds nothing else
+_ATTEMPT_NAMES = {"state", "_CHECKPOINT_METADATA", "orbax.checkpoint", COMMIT_MARKER}
+_UPLOADS_IN_FLIGHT = 32
+# Written after every data file, one by one, just before the commit marker: orbax's direct load
+# (ocp.v1.load) looks at no commit marker, but without the OCDBT manifest and the metadata it finds no checkpoint.
+_INDEX = ("state/manifest.ocdbt", "state/_METADATA", "_CHECKPOINT_METADATA", "orbax.checkpoint")
+
+
+def check_bucket_dest(src_path: str, dest, overwrite: bool, log: Callable[[str], None]) -> None:
+  """The checks of a bucket destination before any work; with ``overwrite`` an earlier result or a half-written
+  attempt (objects but no commit marker) is deleted now, one ``log`` line. A one-line UsageError otherwise.
+
+  A half-written attempt is refused without ``overwrite``, naming it: a bucket has no rename, so an interrupted
+  migration (or orbax save) leaves its objects in place, and only the missing marker says it is unfinished.
+  Anything holding other objects than a checkpoint writes is never deleted.
+  """
+  from parity_jax import stores
+
+  if stores.is_remote(src_path) and stores.open_store(src_path) == dest:
+    raise UsageError(f"destination {dest} is the source checkpoint; migrate to a new location")
+  if stores.is_remote(src_path):
+    src = stores.open_store(src_path)
+    if dest.is_inside(src):
+      raise UsageError(f"destination {dest} lies inside the source checkpoint {src}")
+    if src.is_inside(dest):
+      raise UsageError(f"destination {dest} is or contains the source checkpoint {src}")
+  keys = dest.walk()
+  if not keys:
+    return
+  tops = {k.split("/", 1)[0] for k in keys}
+  committed = COMMIT_MARKER in keys
+  what = "a checkpoint" if committed else f"a half-written attempt ({len(keys)} objects, no {COMMIT_MARKER})"
+  if not tops <= _ATTEMPT_NAMES:
+    raise UsageError(f"destination {dest} holds objects that are not a checkpoint ({sorted(tops)[0]}); refusing")
+  if not overwrite:
+    hint = "pass --overwrite to replace it" if committed else "pass --overwrite to delete it and migrate again"
+    raise UsageError(f"destination {dest} holds {what}; {hint}")
+  log(f"deleting {what} at {dest} (--overwrite)")
+  dest.delete(recursive=True, missing_ok=True)
+
+
+def upload(local_dir: str, dest, log: Callable[[str], None]) -> int:
+  """Copies the finished checkpoint in ``local_dir`` to the bucket ``dest``: the data objects, many in flight;
+  then the index and metadata (:data:`_INDEX`); the commit marker last, so that our readers (and orbax's
+  CheckpointManager) see a finished checkpoint or none, and orbax's direct load finds no checkpoint until the
+  last few small writes. Interrupted or failed: what was written is deleted again before the error goes on (after a
+  SIGKILL the objects stay, without the marker: the next run names them). Returns the bytes written."""
+  import concurrent.futures
+
+  files = []
+  for root, _, names in os.walk(local_dir):
+    for n in names:
+      rel = os.path.relpath(os.path.join(root, n), local_dir).replace(os.sep, "/")
+      files.append(rel)
+  files.sort()
+  index = [f for f in _INDEX if f in files]
+  body = [f for f in files if f not in index and f != COMMIT_MARKER]
+  if COMMIT_MARKER not in files:
+    raise UsageError(f"the migrated checkpoint in {local_dir} has no {COMMIT_MARKER}; nothing uploaded")
+
+  def put(rel: str) -> int:
+    with open(os.path.join(local_dir, rel), "rb") as f:
+      data = f.read()
+    dest.child(rel).write_bytes(data)
+    return len(data)
+
+  total = 0
+  try:
+    with concurrent.futures.ThreadPoolExecutor(_UPLOADS_IN_FLIGHT) as pool:
+      for n in pool.map(put, body):
+        total += n
+    stall_point("migrate.upload.index", 0)  # the data written, no index or metadata yet (fault tests)
+    for rel in index:
+      total += put(rel)
+    total += put(COMMIT_MARKER)  # last: the checkpoint exists from this write on
+  except BaseException:
+    try:
+      dest.delete(recursive=True, missing_ok=True)
+    except UsageError as e:
+      log(f"could not delete the unfinished upload at {dest}: {e}")
+    raise
+  return total

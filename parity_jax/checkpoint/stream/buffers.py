@@ -69,5 +69,3 @@ def bytes_equal(a: np.ndarray, b: np.ndarray) -> bool:
     if not np.array_equal(pa, pb):
       return False
   return True
-
-

@@ -15,7 +15,16 @@ from parity_jax.checkpoint import geometry
 from parity_jax.checkpoint.formats.base import LeafMeta
 from parity_jax.progress import human_bytes
 
-__all__ = ["KEPT_PIECES", "PIPELINE_DEPTH", "PairPlan", "Piece", "SidePlan", "SPILL_ABOVE_BYTES", "pieces_of", "plan_pair"]
+__all__ = [
+    "KEPT_PIECES",
+    "PIPELINE_DEPTH",
+    "PairPlan",
+    "Piece",
+    "SidePlan",
+    "SPILL_ABOVE_BYTES",
+    "pieces_of",
+    "plan_pair",
+]
 
 _MIB = 1 << 20
 # Source pieces in flight between the comparison and the hashing thread.
@@ -208,5 +217,3 @@ def pieces_of(src: LeafMeta, mig: LeafMeta, r: tuple[int, ...], slabs: geometry.
     count = int(np.prod(geometry.box_shape(bm))) if bm else 1
     out.append(Piece(flo, flo + count, bs, bm))
   return out
-
-

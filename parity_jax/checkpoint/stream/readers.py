@@ -140,5 +140,3 @@ class SpillReader:
     except OSError as e:
       raise UsageError(f"cannot read back the verifier's spill file: {e}") from None
     return None
-
-

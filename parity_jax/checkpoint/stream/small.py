@@ -119,5 +119,3 @@ class SmallPairs:
           if f is not None and not isinstance(f, Exception):
             settle(f)
     self._reads.clear()
-
-

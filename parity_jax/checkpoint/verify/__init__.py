@@ -35,7 +35,7 @@ import tempfile
 import time
 from typing import Callable
 
-from parity_jax import runtime
+from parity_jax import runtime, stores
 from parity_jax.checkpoint import stream
 from parity_jax.checkpoint.formats import Checkpoint, open_checkpoint
 from parity_jax.checkpoint.spec import RemapSpec
@@ -137,7 +137,7 @@ def verify_migration(
 
 
 def _verify(source, migrated, spec, *, top_k, slab_mb, spill_dir, readahead, progress, log, job) -> VerifyReport:
-  t0 = time.perf_counter()
+  t0, io0 = time.perf_counter(), stores.io_stats()
   spec = spec if isinstance(spec, RemapSpec) else RemapSpec.from_json(spec)
   src_ckpt = open_checkpoint(source, "source checkpoint")
   mig_ckpt = open_checkpoint(migrated, "migrated checkpoint")
@@ -179,6 +179,7 @@ def _verify(source, migrated, spec, *, top_k, slab_mb, spill_dir, readahead, pro
       bytes_read=bytes_read,
       spec=spec.to_dict(),
       distributed=job_figures,
+      io=stores.io_stats(since=io0),
       storage={
           "source": {**src_ckpt.storage_facts(), "summary": src_ckpt.storage_summary()},
           "migrated": {**mig_ckpt.storage_facts(), "summary": mig_ckpt.storage_summary()},

@@ -120,6 +120,8 @@ class VerifyReport(Report):
   distributed: dict[str, Any] | None = None  # the job's figures when run across processes (None: one process)
   # per side: the layout facts the reader used (Checkpoint.storage_facts)
   storage: dict[str, dict[str, Any]] | None = None
+  # the storage requests and bytes of this process during the verify, per scheme (parity_jax.stores.io_stats)
+  io: dict[str, Any] | None = None
 
   @property
   def groups(self) -> dict[str, GroupResult]:
@@ -179,13 +181,31 @@ class VerifyReport(Report):
         lines.append(f"       ... and {len(bad) - max_failures_per_group} more (see --report)")
     return lines
 
+  @property
+  def bucket_io(self) -> bool:
+    """Whether this verify read from a bucket (then the report carries ``io``: this process's requests and bytes,
+    a measured figure like ``elapsed_s``)."""
+    return any(((self.io or {}).get(s) or {}).get("requests") for s in ("gs", "s3"))
+
   def storage_lines(self) -> list[str]:
-    """One line per side: how its storage was read (OCDBT, zarr version, compression, missing chunks, orbax)."""
-    return [
-        f"{side + ' storage:':<18}{self.storage[side]['summary']}"
-        for side in ("source", "migrated")
-        if self.storage and side in self.storage and "summary" in self.storage[side]
-    ]
+    """One line per side: how its storage was read (OCDBT, zarr version, compression, missing chunks, orbax);
+    for a bucket side also where it was read (the endpoint), and one line of requests and bytes per bucket scheme."""
+    lines = []
+    for side in ("source", "migrated"):
+      facts = (self.storage or {}).get(side) or {}
+      if "summary" not in facts:
+        continue
+      where = facts.get("store") or {}
+      at = f" at {where.get('endpoint')}" if where.get("endpoint") else ""
+      lines.append(f"{side + ' storage:':<18}{facts['summary']}{at}")
+    for scheme in ("gs", "s3"):
+      row = (self.io or {}).get(scheme) or {}
+      if row.get("requests"):
+        lines.append(
+            f"{scheme + ':// I/O:':<18}{row['requests']} requests ({row['reads']} reads, {row['lists']} lists,"
+            f" {row['retries']} retries), {row['bytes_read']} bytes read"
+        )
+    return lines
 
   def text(self) -> str:
     return "\n".join(self.storage_lines() + self.table_lines() + [self.verdict_line()])
@@ -214,6 +234,7 @@ class VerifyReport(Report):
         "ignored_empty_nodes": self.ignored_empty_nodes,
         "elapsed_s": round(self.elapsed_s, 3),
         "bytes_read": self.bytes_read,
+        **({"io": self.io} if self.bucket_io else {}),
         "provenance": default_provenance("parity_jax.checkpoint.verify_migration"),
         **({"distributed": self.distributed} if self.distributed is not None else {}),
     }

@@ -85,5 +85,3 @@ def _pair_result(p: LeafPlan, s: LeafMeta, m: LeafMeta | None) -> LeafResult:
     return res
   res.status = PENDING
   return res
-
-

@@ -401,9 +401,7 @@ class _Ranges:
     plan = stream.plan_pair(s_meta, m_meta, r, st.buffers.nbytes, readahead=int(st.readahead))
     pieces = stream.pieces_of(s_meta, m_meta, r, plan.slabs)[w.lo : w.hi]
     use_src = plan.src.mode == "raw" and plan.mig.mode != "raw"
-    ckpt, meta, side = (
-        (self.comparer.src, s_meta, plan.src) if use_src else (self.comparer.mig, m_meta, plan.mig)
-    )
+    ckpt, meta, side = (self.comparer.src, s_meta, plan.src) if use_src else (self.comparer.mig, m_meta, plan.mig)
     n = 0
     buf = st.buffers.b
     with ckpt.reader(meta, side.cache_bytes) as reader:

@@ -1,0 +1,192 @@
+"""The verify tool on gs:// and s3:// checkpoints, end to end: real tool processes against the two emulators.
+
+Bad requests run as one battery in one process (tests/helpers/tools.run_many); expected values are the
+shipped example's own committed report of bit-identical leaves (every leaf PASS) and hand-written messages.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from parity_jax.checkpoint import example
+from tests.helpers import ckpt as H
+from tests.helpers import legacy as L
+from tests.helpers.jobs import finish, start, wait_for_line
+from tests.helpers.objectstores import FAKE_SECRET, Bucket, running
+from tests.helpers.tools import ROOT, one_line_error, run, run_many
+
+MARKER = "commit_success.txt"
+
+
+@pytest.fixture(scope="module")
+def both():
+  """The example on both stores (``ex/source``, ``ex/migrated``; ``nomarker/source`` without its commit marker)."""
+  src, mig, _ = example.example_paths()
+  out = {}
+  for kind in ("gs", "s3"):
+    emu = running(kind)
+    b = Bucket(emu, emu.create_bucket())
+    b.upload_tree(src, "ex/source")
+    b.upload_tree(mig, "ex/migrated")
+    b.upload_tree(src, "nomarker/source")
+    emu.delete_object(b.name, f"nomarker/source/{MARKER}")
+    out[kind] = b
+  env = out["s3"].emulator.env(base=out["gs"].emulator.env())
+  return out, env
+
+
+def test_verify_across_gs_and_s3_passes_and_reports_io_and_endpoints(both, tmp_path):
+  b, env = both
+  _, _, spec = example.example_paths()
+  report = tmp_path / "r.json"
+  r = run(
+      "verify_migration",
+      f"--source={b['gs'].url}/ex/source",
+      f"--migrated={b['s3'].url}/ex/migrated",
+      f"--spec={spec}",
+      f"--report={report}",
+      "--noprogress",
+      env=env,
+  )
+  assert r.returncode == 0, r.stderr
+  assert "VERDICT: PASS" in r.stdout and "Traceback" not in r.stderr
+  for kind in ("gs", "s3"):
+    assert f"{kind}:// I/O:" in r.stdout
+    assert f"at {b[kind].emulator.url}" in r.stdout
+  rep = json.loads(report.read_text())
+  assert rep["verdict"] == "PASS" and rep["n_failed"] == 0 and rep["n_leaves"] == 94
+  stored = {
+      k: sum(len(b[k].get(key)) for key in b[k].keys(p)) for k, p in (("gs", "ex/source/"), ("s3", "ex/migrated/"))
+  }
+  for kind in ("gs", "s3"):
+    assert 0 < rep["io"][kind]["bytes_read"] <= 1.05 * stored[kind], (kind, rep["io"][kind], stored[kind])
+  text = report.read_text() + r.stdout + r.stderr
+  assert FAKE_SECRET not in text
+
+
+def test_bad_bucket_requests_are_one_line_exit_2(both, tmp_path):
+  b, env = both
+  _, _, spec = example.example_paths()
+  s3, gs = b["s3"].url, b["gs"].url
+  cases = [
+      (["--source=s3://no-such-bucket-parity/x", f"--migrated={s3}/ex/migrated"], "no such bucket"),
+      (["--source=gs://no-such-bucket-parity/x", f"--migrated={gs}/ex/migrated"], "no such bucket"),
+      ([f"--source={s3}/nomarker/source", f"--migrated={s3}/ex/migrated"], "unfinished: no commit_success.txt"),
+      ([f"--source={gs}/nomarker/source", f"--migrated={gs}/ex/migrated"], "unfinished: no commit_success.txt"),
+      ([f"--source={gs}/not/there", f"--migrated={gs}/ex/migrated"], "does not exist"),
+      ([f"--source={s3}/ex/source", f"--migrated={s3}/ex/migrated", "--report=s3://x/r.json"], "must be a local"),
+      (["--source=s3://Bad_Bucket!/x", f"--migrated={s3}/ex/migrated"], "not a valid S3 bucket name"),
+  ]
+  argvs = [[*args, f"--spec={spec}", "--noprogress"] for args, _ in cases]
+  for (args, words), res in zip(cases, run_many("verify_migration", argvs, env=env)):
+    one_line_error(res, words)
+    assert not res.stdout.count("VERDICT"), (args, res.stdout)
+
+
+def test_server_gone_mid_verify_is_exit_1_with_unreadable_leaves(both, tmp_path):
+  """Metadata reads pass; then every chunk request finds its connection dropped (the server went away)."""
+  b, env = both
+  fx = next(f for f in L.all_fixtures() if f.release == "0.10.2" and f.name == "pytree_noocdbt_zarr3")
+  url = b["s3"].upload_tree(fx.checkpoint, "legacy/ckpt")
+  b["s3"].put(f"legacy/ckpt/{MARKER}", b"done")
+  spec = H.write_spec(tmp_path / "identity.json", {"rules": [{"match": "(.*)", "to": "\\1"}]})
+  emu = b["s3"].emulator
+  with emu.proxy() as proxy:
+    proxy.fail(0, path_contains="/c/")  # zarr3 chunk keys <leaf>/c/<i>/...: the data, not the metadata
+    r = run(
+        "verify_migration",
+        f"--source={url}",
+        f"--migrated={url}",
+        f"--spec={spec}",
+        "--noprogress",
+        "--storage_retries=2",
+        "--storage_backoff_s=0.05",
+        env=emu.env(base=env, endpoint=proxy.url),
+        timeout=120,
+    )
+  assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+  assert "Traceback" not in r.stderr
+  assert "UNREADABLE" in r.stdout and "VERDICT: FAIL" in r.stdout
+  assert "params/big" in r.stdout  # a leaf with stored chunks is named
+
+
+def _comparable(rep: dict) -> dict:
+  rep = dict(rep)
+  for k in ("elapsed_s", "provenance", "distributed", "io"):  # measured per process
+    rep.pop(k, None)
+  rep["leaves"] = [
+      dict(leaf, read_mode=re.sub(r"a batch of \d+ pairs", "a batch", leaf["read_mode"] or ""))
+      for leaf in rep["leaves"]
+  ]
+  return rep
+
+
+def test_two_process_verify_on_s3_equals_the_one_process_report(both, tmp_path):
+  b, env = both
+  _, _, spec = example.example_paths()
+  args = [
+      f"--source={b['s3'].url}/ex/source",
+      f"--migrated={b['s3'].url}/ex/migrated",
+      f"--spec={spec}",
+      "--noprogress",
+  ]
+  one = run("verify_migration", *args, f"--report={tmp_path / 'one.json'}", env=env)
+  assert one.returncode == 0, one.stderr
+  procs = start("verify_migration", [*args, f"--report={tmp_path / 'two.json'}"], n=2, env=env)
+  results = finish(procs, timeout=180)
+  assert [rc for rc, _, _ in results] == [0, 0], results
+  rep1 = json.loads((tmp_path / "one.json").read_text())
+  rep2 = json.loads((tmp_path / "two.json").read_text())
+  assert rep2["distributed"]["num_processes"] == 2
+  per = rep2["distributed"]["per_process"]
+  assert all(p["bytes_read"] > 0 for p in per)  # each process read its own share straight from the bucket
+  assert _comparable(rep1) == _comparable(rep2)
+
+
+def test_migrator_killed_mid_upload_leaves_nothing_accepted_and_is_named_next_time(both, monkeypatch):
+  """SIGKILL after the data objects are in the bucket, before the metadata and the commit marker: our tools and
+  orbax's own load refuse the result."""
+  b, env = both
+  src, _, spec = example.example_paths()
+  gs = b["gs"]
+  dest = f"{gs.url}/killed"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "tools.migrate_checkpoint", f"--source={src}", f"--dest={dest}", f"--spec={spec}"],
+      cwd=ROOT,
+      env=dict(env, PARITY_JAX_STALL="migrate.upload.index=120"),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+  try:
+    wait_for_line(proc, "stalling at migrate.upload.index")
+  finally:
+    proc.kill()
+    proc.wait(10)
+    proc.stderr.close()
+  keys = gs.keys("killed/")
+  assert any("/d/" in k for k in keys) and f"killed/{MARKER}" not in keys
+  # the verifier: one line, exit 2
+  r = run("verify_migration", f"--source={src}", f"--migrated={dest}", f"--spec={spec}", env=env)
+  one_line_error(r, "unfinished: no commit_success.txt")
+  # orbax itself
+  import orbax.checkpoint as ocp
+
+  gs.emulator.apply(monkeypatch)
+  # orbax reads gs:// through tensorstore's own gcs driver: its endpoint variable, a dummy token (an emulator)
+  monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", gs.emulator.url)
+  monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+  with pytest.raises(Exception):
+    ocp.v1.load_pytree(dest)
+  # the next migration names the leftover, then --overwrite replaces it
+  argv = [f"--source={src}", f"--dest={dest}", f"--spec={spec}", "--noprogress"]
+  again, replaced = run_many("migrate_checkpoint", [argv, [*argv, "--overwrite"]], env=env)
+  one_line_error(again, f"destination {dest} holds a half-written attempt")
+  assert replaced.returncode == 0, replaced.stderr
+  assert f"killed/{MARKER}" in gs.keys("killed/")
+  assert ocp.v1.load_pytree(dest)  # orbax accepts the committed result
