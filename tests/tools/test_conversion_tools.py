@@ -220,6 +220,7 @@ def test_migrate_tool_writes_hf_safetensors_from_tunix(tmp_path):
       "migrate_checkpoint",
       [
           [f"--source={tunix}", f"--dest={out}", "--max_shard_mb=0.1", *args],
+          [f"--source={tunix}", f"--dest={tmp_path / 'one'}", *args],  # default shard size: one file, no index
           [f"--source={tunix}", f"--dest={tmp_path / 'taken'}", *args],
           [f"--source={tunix}", f"--dest={tmp_path / 'taken'}", "--overwrite", *args],
           [
@@ -231,20 +232,22 @@ def test_migrate_tool_writes_hf_safetensors_from_tunix(tmp_path):
           ],
       ],
   )
-  assert m[0].returncode == 0, m[0].stderr
-  one_line_error(m[1], "destination already exists")
-  one_line_error(m[2], "is not an Orbax checkpoint")
+  assert m[0].returncode == 0 and m[1].returncode == 0, m[0].stderr + m[1].stderr
+  one_line_error(m[2], "destination already exists")
+  one_line_error(m[3], "is not an Orbax checkpoint")
   assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
-  one_line_error(m[3], "max_shard_mb")
+  one_line_error(m[4], "max_shard_mb")
+  assert sorted(os.listdir(tmp_path / "one")) == ["config.json", "model.safetensors"]
   assert not os.path.exists(tmp_path / "noconf")
   files = sorted(os.listdir(out))
   assert "config.json" in files and "model.safetensors.index.json" in files and len(files) > 4, files
   with open(os.path.join(HF, "config.json")) as f, open(out / "config.json") as g:
     assert json.load(f) == json.load(g)
-  a, b = open_checkpoint(out), open_checkpoint(HF)
-  assert sorted(a.leaves) == sorted(b.leaves)
-  for k in b.leaves:
-    x, y = a.read_whole(a.leaves[k]), b.read_whole(b.leaves[k])
-    assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
+  b = open_checkpoint(HF)
+  for a in (open_checkpoint(out), open_checkpoint(tmp_path / "one")):
+    assert sorted(a.leaves) == sorted(b.leaves)
+    for k in b.leaves:
+      x, y = a.read_whole(a.leaves[k]), b.read_whole(b.leaves[k])
+      assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
   (v,) = run_many("verify_migration", [[f"--source={tunix}", f"--migrated={out}", "--preset=tunix-to-hf"]])
   assert v.returncode == 0 and v.stdout.splitlines()[-1] == "VERDICT: PASS", v.stdout + v.stderr
