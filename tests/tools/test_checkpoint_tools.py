@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -281,9 +282,10 @@ def test_overwrite_semantics(ck, tmp_path):
     migrate(ck["src"], ck["src"], ck["spec"], overwrite=True)
 
 
-@pytest.mark.parametrize("point", ["migrate.group.2", "migrate.group.3", "migrate.install"])
-def test_sigkill_leaves_nothing_that_looks_like_a_checkpoint(ck, tmp_path, point):
-  dest = tmp_path / "m"
+@contextlib.contextmanager
+def _stalled_migration(ck, dest, point):
+  """The migrate tool, started with ``PARITY_JAX_STALL=point`` and yielded once it stalls there (killed after
+  90 s whatever happens)."""
   proc = subprocess.Popen(
       [
           sys.executable,
@@ -306,10 +308,20 @@ def test_sigkill_leaves_nothing_that_looks_like_a_checkpoint(ck, tmp_path, point
     for line in proc.stderr:
       if "stalling at" in line:
         break
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    yield proc
   finally:
     watchdog.cancel()
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+@pytest.mark.parametrize("point", ["migrate.group.2", "migrate.group.3", "migrate.install"])
+def test_sigkill_leaves_nothing_that_looks_like_a_checkpoint(ck, tmp_path, point):
+  dest = tmp_path / "m"
+  with _stalled_migration(ck, dest, point) as proc:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
   assert proc.returncode == -signal.SIGKILL
   assert not dest.exists()
   with pytest.raises(UsageError):
@@ -347,34 +359,11 @@ def test_corrupted_migrated_checkpoint_via_cli_is_a_clean_fail(ck, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_migration_removes_its_temporary_and_says_so_in_one_line(ck, tmp_path, sig):
   dest = tmp_path / "m"
-  proc = subprocess.Popen(
-      [
-          sys.executable,
-          "-m",
-          "tools.migrate_checkpoint",
-          f"--source={ck['src']}",
-          f"--dest={dest}",
-          f"--spec={ck['spec']}",
-          "--batch_mb=0.0005",
-          "--noprogress",
-      ],
-      cwd=H.REPO,
-      env=dict(os.environ, PARITY_JAX_STALL="migrate.group.2=60"),
-      stderr=subprocess.PIPE,
-      text=True,
-  )
-  watchdog = threading.Timer(90, proc.kill)
-  watchdog.start()
-  try:
-    for line in proc.stderr:
-      if "stalling at" in line:
-        break
+  with _stalled_migration(ck, dest, "migrate.group.2=60") as proc:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.migrating-")]  # mid-write, as intended
     proc.send_signal(sig)
     rest = proc.stderr.read()
     proc.wait()
-  finally:
-    watchdog.cancel()
   assert proc.returncode == 128 + sig, (proc.returncode, rest)
   lines = [ln for ln in rest.splitlines() if ln.strip()]
   assert len(lines) == 1 and f"interrupted ({signal.Signals(sig).name})" in lines[0], rest
@@ -385,27 +374,9 @@ def test_an_interrupted_migration_removes_its_temporary_and_says_so_in_one_line(
 def test_after_a_sigkill_the_verifier_names_the_leftover_and_how_to_remove_it(ck):
   tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="lo"))  # short paths: the error line holds two of them
   dest = tmp_path / "m"
-  proc = subprocess.Popen(
-      [
-          sys.executable,
-          "-m",
-          "tools.migrate_checkpoint",
-          f"--source={ck['src']}",
-          f"--dest={dest}",
-          f"--spec={ck['spec']}",
-          "--batch_mb=0.0005",
-          "--noprogress",
-      ],
-      cwd=H.REPO,
-      env=dict(os.environ, PARITY_JAX_STALL="migrate.group.2=60"),
-      stderr=subprocess.PIPE,
-      text=True,
-  )
-  for line in proc.stderr:
-    if "stalling at" in line:
-      break
-  proc.kill()
-  proc.wait()
+  with _stalled_migration(ck, dest, "migrate.group.2=60") as proc:
+    proc.kill()
+    proc.wait()
   (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".m.migrating-")]
   # the destination is missing: the error line says why, and what to remove
   proc = H.run_tool(
