@@ -25,7 +25,7 @@ A spec is JSON::
   levels allowed) and ``cast`` (a float dtype, checked against
   round-to-nearest-even). Every element keeps its bytes (or its correctly
   rounded value); only its position moves. The verifier checks them element
-  by element; the migrator does not perform them yet.
+  by element; the migrator performs them with the same evaluation.
 * ``"drop": true`` declares matched source leaves dropped (a tied
   ``lm_head``): used by no target, and not an error.
 * ``group_depth`` (default 1): the verdict table groups leaves by the first

@@ -1,6 +1,8 @@
 """Migrates an Orbax checkpoint under a remap spec, streaming one leaf at a time, atomically.
 
   parity-migrate-checkpoint --source=DIR --dest=DIR --spec=FILE [--chunk_mb=64] [--overwrite] [--report=out.json]
+  parity-migrate-checkpoint --source=HF_DIR --dest=DIR --preset=hf-to-tunix [--preset_cast=float32] [--layout=v1]
+  parity-migrate-checkpoint --source=TUNIX_DIR --dest=HF_OUT --preset=tunix-to-hf --hf_config=HF_DIR/config.json [--max_shard_mb=5000]
 
 (``python -m tools.migrate_checkpoint`` from the repository root is the same tool.)
 Reads source metadata, validates the spec against it (every problem reported
@@ -9,7 +11,9 @@ small leaves) at a time, applies its squeeze/reshape and appends it with
 ``ocp.v1.partial.save``; ``finalize`` makes one v1 checkpoint. The result
 appears at --dest only when complete. An existing --dest is replaced only with
 --overwrite and only when it is an Orbax checkpoint or an empty directory.
-Progress (leaves, bytes, rate, ETA) goes to stderr. Exit 0 on success, 2 on
+Conversions (--preset, or spec rules with transpose/ops/stack/cast) are performed with the verifier's own
+evaluation, one destination chunk at a time; from HF safetensors the result is, by default, in the layout
+``ocp.StandardCheckpointer().save`` writes (--layout). Progress (leaves, bytes, rate, ETA) goes to stderr. Exit 0 on success, 2 on
 bad input (one ``error:`` line, nothing written). Check the result with
 ``parity-verify-migration``.
 
@@ -51,6 +55,24 @@ _COMPRESSION = flags.DEFINE_enum(
     ["none", "zstd"],
     "Chunk codec. 'none' writes straight from memory (peak ~1x the largest leaf); 'zstd' (orbax's default) saves a few % of disk on float weights but OCDBT buffers every compressed chunk of a leaf (~1 more leaf of memory) and every read must decode.",
 )
+_LAYOUT = flags.DEFINE_enum(
+    "layout",
+    "auto",
+    ["auto", "standard", "v1"],
+    "Destination layout. 'standard': what ocp.StandardCheckpointer().save writes (the item at --dest; restore with"
+    " ocp.StandardCheckpointer().restore(DEST, abstract_tree)); 'v1': the item in DEST/state/ (ocp.v1.save; a"
+    " CheckpointManager step with item 'state'); 'auto': standard from HF safetensors, else v1.",
+)
+_DEST_FORMAT = flags.DEFINE_enum(
+    "dest_format",
+    "auto",
+    ["auto", "orbax", "safetensors"],
+    "What --dest is: an Orbax checkpoint, or a Hugging Face safetensors directory (shards of --max_shard_mb,"
+    " model.safetensors.index.json, config.json from --hf_config). 'auto': safetensors for a '*-to-hf' --preset.",
+)
+_MAX_SHARD_MB = flags.DEFINE_float(
+    "max_shard_mb", 5000.0, "With a safetensors --dest: the most MiB per shard file.", lower_bound=1e-6
+)
 _SPEC_ERRORS = flags.DEFINE_string(
     "spec_errors",
     None,
@@ -86,6 +108,9 @@ def main(argv):
   app.require(_SOURCE, _DEST, *([] if _PRESETS.preset else [_SPEC]))  # --spec, or --preset
   spec = _PRESETS.resolve(_SPEC.value, _SOURCE.value)
   dist = _DIST()
+  fmt = _DEST_FORMAT.value
+  if fmt == "auto":
+    fmt = "safetensors" if (_PRESETS.preset or "").endswith("-to-hf") else "orbax"
   # every process checks the outputs before joining: a refusal is then the same one line everywhere
   for out, name in ((_REPORT.value, "--report"), (_SPEC_ERRORS.value, "--spec_errors")):
     if out:
@@ -106,6 +131,10 @@ def main(argv):
         compression=_COMPRESSION.value,
         distributed=dist.requested,
         peer_timeout_s=dist.timeout_s,
+        layout=_LAYOUT.value,
+        dest_format=fmt,
+        max_shard_mb=_MAX_SHARD_MB.value,
+        hf_config=flags.FLAGS["hf_config"].value if fmt == "safetensors" else None,
     )
   except SpecError as e:
     lead = True
@@ -133,6 +162,10 @@ def main(argv):
         f"note: {len(result.dropped_empty_nodes)} empty node(s) in the source hold no data and were not carried"
         f" over: {shown}",
         file=sys.stderr,
+    )
+  if fmt == "safetensors" and flags.FLAGS["hf_config"].value is None:
+    print(
+        "note: no --hf_config: no config.json was written (transformers needs one to load the model)", file=sys.stderr
     )
   print(result.text())
   if _REPORT.value:

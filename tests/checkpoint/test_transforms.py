@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from parity_jax.checkpoint import RemapSpec, SpecError, open_checkpoint, restore_leaves, verify_migration
-from parity_jax.errors import UsageError
 from tests.helpers import maxtext_layout as MT
 from tests.helpers.conversion_specs import TUNIX_CONVERSIONS, maxtext_rules, tunix_rules
 from tests.helpers import safetensors_files as W
@@ -220,16 +219,6 @@ def test_spec_mistakes_are_listed_together(maxtext):
   assert any("transpose [1, 0, 2] is not a permutation of the 2 axes" in p for p in problems)
   assert any("is missing member(s) at [2, 1]" in p and "wi_1" in p for p in problems)
   assert any("overlapping stacks" in p and "k_norm" in p for p in problems)
-
-
-def test_migrator_refuses_element_rules_in_one_line(tmp_path):
-  from parity_jax.checkpoint import migrate
-
-  fx = "qwen3_dense_f32"
-  spec = RemapSpec.from_rules(tunix_rules(_expected(fx)["tunix_key_map"]))
-  with pytest.raises(UsageError, match="does not perform transpose/ops/stack/cast rules yet"):
-    migrate(os.path.join(TUNIX, fx, "hf"), tmp_path / "out", spec)
-  assert not (tmp_path / "out").exists()
 
 
 def test_transposed_leaves_stream_in_small_slabs_reading_each_byte_about_once():

@@ -176,10 +176,78 @@ def test_preset_flags_on_both_tools(tmp_path):
   assert not os.path.exists(os.path.join(HF, "spec.json"))
   assert v[7].returncode == 0 and v[7].stdout.splitlines()[-1] == "VERDICT: PASS", v[7].stdout + v[7].stderr
   one_line_error(v[8], "give hf_config (--hf_config)")
+  m = run_many("migrate_checkpoint", [["--list_presets"]])
+  assert m[0].returncode == 0 and "hf-to-tunix" in m[0].stdout
+
+
+def test_migrate_tool_performs_presets_and_the_result_verifies(tmp_path):
+  """HF -> tunix with --preset: tunix's own conversion bit for bit (its committed checkpoint), both layouts."""
+  std, v1 = tmp_path / "std", tmp_path / "v1"
   m = run_many(
       "migrate_checkpoint",
-      [["--list_presets"], [f"--source={HF}", f"--dest={tmp_path / 'out'}", "--preset=hf-to-tunix"]],
+      [
+          [f"--source={HF}", f"--dest={std}", "--preset=hf-to-tunix", "--chunk_mb=0.01"],
+          [f"--source={HF}", f"--dest={v1}", "--preset=hf-to-tunix", "--layout=v1"],
+          [f"--source={HF}", f"--dest={tmp_path / 'bad'}", "--preset=hf-to-tunix", "--layout=flat"],
+      ],
   )
-  assert m[0].returncode == 0 and "hf-to-tunix" in m[0].stdout
-  one_line_error(m[1], "does not perform transpose/ops/stack/cast rules yet")
-  assert not os.path.exists(tmp_path / "out")
+  assert m[0].returncode == 0 and m[1].returncode == 0, m[0].stderr + m[1].stderr
+  assert "migrated 27 leaves" in m[0].stdout, m[0].stdout
+  one_line_error(m[2], "--layout")
+  assert not os.path.exists(tmp_path / "bad")
+  assert os.path.isfile(std / "_METADATA") and os.path.isfile(v1 / "state" / "_METADATA")
+  tunix = open_checkpoint(os.path.join(HF, "..", "tunix_default"))
+  want = dict(restore_leaves(tunix, sorted(tunix.leaves)))
+  for out in (std, v1):
+    ck = open_checkpoint(out)
+    got = dict(restore_leaves(ck, sorted(ck.leaves)))
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+      assert got[k].dtype == v.dtype and got[k].shape == v.shape and got[k].tobytes() == v.tobytes(), k
+  v = run_many("verify_migration", [[f"--source={HF}", f"--migrated={d}", "--preset=hf-to-tunix"] for d in (std, v1)])
+  for r in v:
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "VERDICT: PASS", r.stdout + r.stderr
+
+
+def test_migrate_tool_writes_hf_safetensors_from_tunix(tmp_path):
+  """tunix -> HF with --preset=tunix-to-hf: the original HF tensors bit for bit, in shards, with config.json."""
+  tunix = os.path.join(HF, "..", "tunix_default")
+  out = tmp_path / "hf"
+  (tmp_path / "taken").mkdir()
+  (tmp_path / "taken" / "keep.txt").write_text("mine")
+  args = ["--preset=tunix-to-hf", f"--hf_config={os.path.join(HF, 'config.json')}"]
+  m = run_many(
+      "migrate_checkpoint",
+      [
+          [f"--source={tunix}", f"--dest={out}", "--max_shard_mb=0.1", *args],
+          [f"--source={tunix}", f"--dest={tmp_path / 'one'}", *args],  # default shard size: one file, no index
+          [f"--source={tunix}", f"--dest={tmp_path / 'taken'}", *args],
+          [f"--source={tunix}", f"--dest={tmp_path / 'taken'}", "--overwrite", *args],
+          [
+              f"--source={tunix}",
+              f"--dest={tmp_path / 'noconf'}",
+              "--preset=tunix-to-hf",
+              f"--hf_config={HF}",
+              "--max_shard_mb=0",
+          ],
+      ],
+  )
+  assert m[0].returncode == 0 and m[1].returncode == 0, m[0].stderr + m[1].stderr
+  one_line_error(m[2], "destination already exists")
+  one_line_error(m[3], "is not an Orbax checkpoint")
+  assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+  one_line_error(m[4], "max_shard_mb")
+  assert sorted(os.listdir(tmp_path / "one")) == ["config.json", "model.safetensors"]
+  assert not os.path.exists(tmp_path / "noconf")
+  files = sorted(os.listdir(out))
+  assert "config.json" in files and "model.safetensors.index.json" in files and len(files) > 4, files
+  with open(os.path.join(HF, "config.json")) as f, open(out / "config.json") as g:
+    assert json.load(f) == json.load(g)
+  b = open_checkpoint(HF)
+  for a in (open_checkpoint(out), open_checkpoint(tmp_path / "one")):
+    assert sorted(a.leaves) == sorted(b.leaves)
+    for k in b.leaves:
+      x, y = a.read_whole(a.leaves[k]), b.read_whole(b.leaves[k])
+      assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
+  (v,) = run_many("verify_migration", [[f"--source={tunix}", f"--migrated={out}", "--preset=tunix-to-hf"]])
+  assert v.returncode == 0 and v.stdout.splitlines()[-1] == "VERDICT: PASS", v.stdout + v.stderr

@@ -29,7 +29,7 @@ from parity_jax.checkpoint import geometry
 from parity_jax.checkpoint.formats.tstore import quiet_orbax
 from parity_jax.errors import UsageError, first_line
 
-__all__ = ["ITEM", "check_merged", "merge", "row_major_chunks", "write_metadata", "write_spec"]
+__all__ = ["ITEM", "check_merged", "item_path", "merge", "row_major_chunks", "write_metadata", "write_spec"]
 
 ITEM = "state"  # the item (checkpointable) name the migrator writes, as ocp.v1.save names it
 
@@ -63,22 +63,39 @@ def row_major_chunks() -> Iterator[bool]:
 
 
 def write_spec(
-    leaf_name: str, shape, dtype, item_dir: str, process_id: int | None, *, chunk_bytes: int, compression: str
+    leaf_name: str,
+    shape,
+    dtype,
+    item_dir: str,
+    process_id: int | None,
+    *,
+    chunk_bytes: int,
+    compression: str,
+    chunk_shape: tuple[int, ...] | None = None,
 ):
+  """Orbax's own ``ArrayWriteSpec`` for one array; ``chunk_shape`` (when given) replaces the chunk shape orbax
+  would choose (e.g. one chunk per stack member of a stacked leaf)."""
+  from orbax.checkpoint._src.arrays import subchunking
   from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
 
-  return tsu.ArrayWriteSpec(
-      item_dir,
-      leaf_name,
-      global_shape=tuple(shape),
-      write_shape=tuple(shape),
-      dtype=dtype,
-      chunk_byte_size=chunk_bytes,
-      use_compression=compression == "zstd",
-      use_zarr3=True,
-      use_ocdbt=True,
-      process_id=process_id,
-  )
+  chosen = subchunking.choose_chunk_shape
+  if chunk_shape is not None:
+    subchunking.choose_chunk_shape = lambda *a, **k: tuple(int(c) for c in chunk_shape)
+  try:
+    return tsu.ArrayWriteSpec(
+        item_dir,
+        leaf_name,
+        global_shape=tuple(shape),
+        write_shape=tuple(shape),
+        dtype=dtype,
+        chunk_byte_size=chunk_bytes,
+        use_compression=compression == "zstd",
+        use_zarr3=True,
+        use_ocdbt=True,
+        process_id=process_id,
+    )
+  finally:
+    subchunking.choose_chunk_shape = chosen
 
 
 def merge(item_dir: str) -> None:
@@ -128,6 +145,22 @@ def check_merged(item_dir: str, arrays) -> None:
       )
 
 
+def item_path(target: str, layout: str) -> str:
+  """Where the arrays of a checkpoint directory ``target`` live: ``<target>/state`` (v1) or ``target`` itself
+  (``standard``: the layout ``ocp.StandardCheckpointer().save`` writes)."""
+  return target if layout == "standard" else os.path.join(target, ITEM)
+
+
+def _standard_handler() -> str:
+  try:
+    from orbax.checkpoint._src.handlers import standard_checkpoint_handler as h
+
+    cls = h.StandardCheckpointHandler
+    return f"{cls.__module__}.{cls.__qualname__}"
+  except (ImportError, AttributeError):
+    return "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
+
+
 def _item_handler() -> str:
   """The handler name the single-process migrator's checkpoints record for their item (orbax's v1 partial save)."""
   try:
@@ -149,15 +182,18 @@ def write_metadata(
     strings: dict[tuple[str, ...], str],
     custom: dict[str, Any],
     init_ns: int,
+    layout: str = "v1",
 ) -> None:
   """Everything but the array data, in a finished checkpoint directory ``target`` (to be installed at ``dest``).
 
-  ``arrays``: the keys of every array leaf; ``strings``: keys -> value of every string leaf.
+  ``arrays``: the keys of every array leaf; ``strings``: keys -> value of every string leaf. ``layout``
+  ``"v1"``: the item in ``state/`` (``ocp.v1.save``); ``"standard"``: the item at the top, recorded as
+  ``ocp.StandardCheckpointer().save`` records it (one handler name), so that checkpointer restores it.
   """
-  item_dir = os.path.join(target, ITEM)
+  item = item_path(target, layout)
   if strings:
     table = {".".join(keys): value for keys, value in strings.items()}
-    with open(os.path.join(item_dir, "_strings.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(item, "_strings.json"), "w", encoding="utf-8") as f:
       json.dump(table, f, separators=(",", ":"), ensure_ascii=False)
   entries = [(keys, "np.ndarray") for keys in arrays] + [(keys, "string") for keys in strings]
   tree = {
@@ -167,7 +203,7 @@ def write_metadata(
       }
       for keys, vt in sorted(entries)
   }
-  with open(os.path.join(item_dir, "_METADATA"), "w", encoding="utf-8") as f:
+  with open(os.path.join(item, "_METADATA"), "w", encoding="utf-8") as f:
     json.dump(
         {
             "tree_metadata": tree,
@@ -181,7 +217,7 @@ def write_metadata(
   with open(os.path.join(target, "_CHECKPOINT_METADATA"), "w", encoding="utf-8") as f:
     json.dump(
         {
-            "item_handlers": {ITEM: _item_handler()},
+            "item_handlers": _standard_handler() if layout == "standard" else {ITEM: _item_handler()},
             "metrics": {},
             "performance_metrics": {},
             "init_timestamp_nsecs": init_ns,
@@ -190,6 +226,7 @@ def write_metadata(
         },
         f,
     )
-  open(os.path.join(target, "orbax.checkpoint"), "w").close()
+  if layout != "standard":  # the v1 marker (StandardCheckpointer writes none)
+    open(os.path.join(target, "orbax.checkpoint"), "w").close()
   with open(os.path.join(target, "commit_success.txt"), "w") as f:
     f.write(f"Checkpoint commit was successful to {dest}")

@@ -31,9 +31,12 @@ import sys
 
 from parity_jax import runtime, stores
 from parity_jax.checkpoint.formats import open_checkpoint
+from parity_jax.checkpoint.formats.safetensors import SafetensorsCheckpoint
 from parity_jax.checkpoint.migrate.destination import Interrupted, interruptible, leftovers
 from parity_jax.checkpoint.migrate.result import MigrateResult
 from parity_jax.checkpoint.migrate.schedule import AgreedError, run
+from parity_jax.checkpoint.migrate.to_safetensors import migrate_to_safetensors
+from parity_jax.checkpoint.presets import read_hf_config
 from parity_jax.checkpoint.spec import RemapSpec
 from parity_jax.errors import UsageError
 
@@ -41,6 +44,8 @@ __all__ = ["Interrupted", "MigrateResult", "leftovers", "migrate"]
 
 _MIB = 1 << 20
 COMPRESSIONS = ("none", "zstd")
+LAYOUTS = ("auto", "standard", "v1")
+DEST_FORMATS = ("orbax", "safetensors")
 
 
 def _positive(name: str, value) -> None:
@@ -60,6 +65,10 @@ def migrate(
     compression: str = "none",
     distributed: bool = False,
     peer_timeout_s: float | None = None,
+    layout: str = "auto",
+    dest_format: str = "orbax",
+    max_shard_mb: float = 5000.0,
+    hf_config: str | os.PathLike | None = None,
 ) -> MigrateResult:
   """Writes ``source`` remapped by ``spec`` to ``dest`` as a v1 checkpoint; atomic.
 
@@ -83,7 +92,32 @@ def migrate(
   dies, or shows no progress for ``peer_timeout_s`` seconds, makes every
   other process print one line naming it and exit with code 2; nothing
   appears at ``dest``.
+
+  Element rules (transpose/reshape/pad/slice ops, stacks, casts: presets such
+  as ``hf-to-tunix``) are performed with the verifier's own evaluation
+  (:class:`parity_jax.checkpoint.verify.elements.TargetValues`), one
+  destination chunk at a time; a stacked target gets one chunk per stack
+  member (at most ``chunk_mb``). ``layout``: ``"v1"`` (the item in
+  ``state/``, what ``ocp.v1.save`` writes; also a ``CheckpointManager`` step
+  with item ``state``), ``"standard"`` (the item at the top, what
+  ``ocp.StandardCheckpointer().save`` writes, so
+  ``ocp.StandardCheckpointer().restore(dest, abstract_tree)`` restores it),
+  or ``"auto"`` (default): ``standard`` from a safetensors source, else ``v1``.
+
+  ``dest_format="safetensors"`` writes a Hugging Face directory instead
+  (:mod:`.to_safetensors`; one process): shards of at most ``max_shard_mb``
+  (``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` and
+  ``model.safetensors.index.json``) and ``config.json`` copied from
+  ``hf_config`` (a config.json or an HF directory holding one), so that
+  ``transformers`` loads it.
   """
+  if dest_format not in DEST_FORMATS:
+    raise UsageError(f"dest_format must be one of {', '.join(DEST_FORMATS)}, got {dest_format!r}")
+  if dest_format == "safetensors" and distributed:
+    raise UsageError("a safetensors destination is written by one process: run without a job")
+  _positive("max_shard_mb", max_shard_mb)
+  if layout not in LAYOUTS:
+    raise UsageError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
   if compression not in COMPRESSIONS:
     raise UsageError(f"compression must be 'none' or 'zstd', got {compression!r}")
   _positive("chunk_mb", chunk_mb)
@@ -100,12 +134,28 @@ def migrate(
         p0 = next(iter(bad))
         raise UsageError(f"source checkpoint {src.path}: cannot read leaf {p0!r}: {bad[p0]}")
       plan = spec.bind(src.leaves, what="source checkpoint")
-      if plan.elements:
-        raise UsageError(
-            f"the migrator does not perform transpose/ops/stack/cast rules yet ({len(plan.elements)} target leaves,"
-            f" e.g. {plan.elements[0].dest!r}); parity-verify-migration checks such conversions"
-        )
-      if stores.is_remote(dest):  # a bucket: staged on local disk, then uploaded with the commit marker last
+      remote = stores.is_remote(dest)
+      if dest_format == "safetensors":
+        if remote:
+          raise UsageError("a safetensors --dest must be a local directory for now (not a bucket)")
+        cfg = None if hf_config is None else read_hf_config(hf_config)
+        with interruptible():
+          return migrate_to_safetensors(
+              src,
+              plan,
+              os.path.abspath(os.fspath(dest)).rstrip(os.sep),
+              max_shard_bytes=max(1, int(max_shard_mb * _MIB)),
+              hf_config=cfg,
+              overwrite=overwrite,
+              progress=progress,
+              slab_bytes=int((batch_mb or 8) * _MIB),
+              log=lambda line: print(f"parity_jax: {line}", file=sys.stderr),
+          )
+      if remote and layout == "standard":
+        raise UsageError("a bucket --dest is written in the v1 layout for now (--layout=v1 or auto)")
+      if layout == "auto":
+        layout = "standard" if isinstance(src, SafetensorsCheckpoint) and not remote else "v1"
+      if remote:  # a bucket: staged on local disk, then uploaded with the commit marker last
         return _to_bucket(job, src, spec, plan, dest, chunk_mb, overwrite, progress, batch_mb, compression)
       with interruptible():
         return run(
@@ -119,6 +169,7 @@ def migrate(
             progress=progress,
             batch_bytes=None if batch_mb is None else max(1, int(batch_mb * _MIB)),
             compression=compression,
+            layout=layout,
             log=lambda line: print(f"parity_jax: {line}", file=sys.stderr),
         )
     except AgreedError:

@@ -20,9 +20,10 @@ from parity_jax.checkpoint import geometry, keypath
 from parity_jax.checkpoint.formats.base import Checkpoint, LeafMeta
 from parity_jax.checkpoint.formats import orbax_writer
 from parity_jax.checkpoint.formats.tstore import quiet_orbax
-from parity_jax.checkpoint.spec import LeafPlan
+from parity_jax.checkpoint.spec import LeafPlan, Transform
+from parity_jax.checkpoint.transforms import ElementPlan
 
-__all__ = ["TargetArray", "chunk_ends", "groups", "plan_arrays", "read_cache_bytes"]
+__all__ = ["TargetArray", "chunk_ends", "element_chunk_shape", "groups", "plan_arrays", "read_cache_bytes"]
 
 _MIB = 1 << 20
 _MAX_PIECES = 4096  # per leaf: finer runs of chunks are merged (the split needs only a few cut points)
@@ -40,6 +41,7 @@ class TargetArray:
   chunk: tuple[int, ...]
   ends: tuple[int, ...]  # element offsets where each piece (a run of whole chunks, C order) ends
   splittable: bool
+  element: ElementPlan | None = None  # an element rule's target: its values are computed from the source
 
   @property
   def dest(self) -> str:
@@ -99,10 +101,49 @@ def _readable_in_parts(meta: LeafMeta) -> bool:
   return geometry.chunk_row_elems(meta.shape, meta.chunk_shape) < n
 
 
+def element_chunk_shape(e: ElementPlan, chunk_bytes: int) -> tuple[int, ...]:
+  """The storage chunks of an element target: row-major chunks of one stack member (at most ``chunk_bytes``),
+  1 along every stack axis, so that a stacked leaf is never one chunk and a reader of one member (a layer, an
+  expert) decodes only that member's chunks. Stack axes leading (tunix's experts, MaxText's MoE) keep every
+  chunk a C-order range; a stack axis after an unstacked one (MaxText's scanned layers on axis 1) does not."""
+  member = [d for a, d in enumerate(e.dst_shape) if a not in e.stack_axes]
+  inner = list(geometry.row_major_chunk_shape(tuple(member), e.dst_dtype.itemsize, chunk_bytes))
+  return tuple(1 if a in e.stack_axes else max(1, inner.pop(0)) for a in range(len(e.dst_shape)))
+
+
+def _element_array(e: ElementPlan, src: Checkpoint, item_dir: str, chunk_bytes: int, compression: str) -> TargetArray:
+  keys = tuple(keypath.split(e.dest))
+  chunk = element_chunk_shape(e, chunk_bytes) if e.stack_axes else None
+  spec = orbax_writer.write_spec(
+      ".".join(keys),
+      e.dst_shape,
+      e.dst_dtype,
+      item_dir,
+      None,
+      chunk_bytes=chunk_bytes,
+      compression=compression,
+      chunk_shape=chunk,
+  )
+  chunk = tuple(int(c) for c in spec.metadata.chunk_shape)
+  n = math.prod(e.dst_shape)
+  ends = chunk_ends(e.dst_shape, chunk)
+  if ends is None:
+    ends = (n,) if n else ()
+  plan = LeafPlan(e.sources[0], e.dest, e.rule, Transform("identity", e.dst_shape, e.dst_shape), e.group)
+  return TargetArray(plan, src.leaves[e.sources[0]], keys, e.dst_shape, e.dst_dtype, chunk, ends, len(ends) > 1, e)
+
+
 def plan_arrays(
-    src: Checkpoint, leaves: tuple[LeafPlan, ...], item_dir: str, *, chunk_bytes: int, compression: str
+    src: Checkpoint,
+    leaves: tuple[LeafPlan, ...],
+    item_dir: str,
+    *,
+    chunk_bytes: int,
+    compression: str,
+    elements: tuple[ElementPlan, ...] = (),
 ) -> tuple[list[TargetArray], list[LeafPlan], bool]:
-  """The arrays (with their chunking and pieces), the string leaves, and whether row-major chunks apply."""
+  """The arrays (with their chunking and pieces; element targets last), the string leaves, and whether
+  row-major chunks apply."""
   arrays, strings = [], []
   with orbax_writer.row_major_chunks() as hooked, quiet_orbax():
     for p in leaves:
@@ -130,6 +171,8 @@ def plan_arrays(
               p, s, tuple(keypath.split(p.dest)), shape, s.dtype, chunk, ends, len(ends) > 1 and _readable_in_parts(s)
           )
       )
+    for e in elements:
+      arrays.append(_element_array(e, src, item_dir, chunk_bytes, compression))
   return arrays, strings, hooked
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import resource
@@ -55,13 +56,13 @@ import numpy as np
 from parity_jax.checkpoint import geometry, keypath
 from parity_jax.checkpoint.formats import orbax_writer
 from parity_jax.checkpoint.formats.base import Checkpoint
-from parity_jax.checkpoint.formats.orbax_writer import ITEM
 from parity_jax.checkpoint.formats.tstore import quiet_orbax
 from parity_jax.checkpoint.migrate.destination import Interrupted, check_dest, install, remove_stale, temporary_path
 from parity_jax.checkpoint.migrate.plan import TargetArray, groups, plan_arrays, read_cache_bytes
 from parity_jax.checkpoint.migrate.result import MigrateResult
 from parity_jax.checkpoint.shares import assign
 from parity_jax.checkpoint.spec import LeafPlan, MigrationPlan, RemapSpec
+from parity_jax.checkpoint.verify.elements import TargetValues, slab_elems
 from parity_jax.errors import UsageError, first_line
 from parity_jax.progress import progress as progress_bar
 from parity_jax.provenance import default_provenance
@@ -109,13 +110,19 @@ def run(
     batch_bytes: int | None,
     compression: str,
     log: Callable[[str], None],
+    layout: str = "v1",
 ) -> MigrateResult:
-  """The migration as one job (one process included): this process's share; process 0 assembles and installs."""
+  """The migration as one job (one process included): this process's share; process 0 assembles and installs.
+
+  ``layout``: ``"v1"`` (the item in ``state/``) or ``"standard"`` (``ocp.StandardCheckpointer().save``'s).
+  """
   t0 = time.perf_counter()
   init_ns = time.time_ns()
   parent, name = os.path.dirname(dest), os.path.basename(dest)
-  plan_dir = os.path.join(parent, f".{name}.plan", "checkpoint", ITEM)  # never created: only shapes the specs
-  arrays, strings, hooked = plan_arrays(src, plan.leaves, plan_dir, chunk_bytes=chunk_bytes, compression=compression)
+  plan_dir = orbax_writer.item_path(os.path.join(parent, f".{name}.plan", "checkpoint"), layout)  # never created
+  arrays, strings, hooked = plan_arrays(
+      src, plan.leaves, plan_dir, chunk_bytes=chunk_bytes, compression=compression, elements=plan.elements
+  )
   largest = max((a.nbytes for a in arrays), default=0)
   group_bytes = batch_bytes if batch_bytes is not None else max(min(chunk_bytes, largest), 8 * _MIB)
   pieces = [list(a.ends) if a.splittable else [a.size] for a in arrays]
@@ -126,16 +133,16 @@ def run(
   # -- the same plan everywhere; process 0 checks the destination and makes the temporary directory --
   fingerprint = hashlib.sha256(
       json.dumps(
-          [dest, chunk_bytes, compression, group_bytes, [p.dest for p in strings]]
+          [dest, layout, chunk_bytes, compression, group_bytes, [p.dest for p in strings]]
           + [
               [a.plan.source, a.plan.dest, list(a.shape), str(a.dtype), list(a.chunk), len(a.ends), a.splittable]
               for a in arrays
           ]
       ).encode()
   ).hexdigest()
-  tmp = _agree_and_make_tmp(job, fingerprint, src, dest, overwrite, log)
+  tmp = _agree_and_make_tmp(job, fingerprint, src, dest, overwrite, log, layout)
   target = os.path.join(tmp, "checkpoint")
-  item_dir = os.path.join(target, ITEM)
+  item_dir = orbax_writer.item_path(target, layout)
   own_db = os.path.join(item_dir, f"ocdbt.process_{job.process_id}")
   commit = _Commit(job, tmp, own_db)
   job.on_abort(commit.cleanup)
@@ -187,7 +194,8 @@ def run(
           chunk_bytes=chunk_bytes,
           compression=compression,
           hooked=hooked,
-          n_leaves=len(plan.leaves),
+          n_leaves=len(plan.leaves) + len(plan.elements),
+          layout=layout,
       )
       answer = {"result": result.to_dict()}
     answer = json.loads(job.broadcast("installed", json.dumps(answer).encode()))
@@ -205,7 +213,13 @@ def run(
 
 
 def _agree_and_make_tmp(
-    job: Job, fingerprint: str, src: Checkpoint, dest: str, overwrite: bool, log: Callable[[str], None]
+    job: Job,
+    fingerprint: str,
+    src: Checkpoint,
+    dest: str,
+    overwrite: bool,
+    log: Callable[[str], None],
+    layout: str = "v1",
 ) -> str:
   """Every process planned the same; process 0 checks the destination and makes the temporary directory next
   to it. Its path on every process, or the same one line everywhere."""
@@ -221,7 +235,7 @@ def _agree_and_make_tmp(
       check_dest(src.path, dest, overwrite)
       remove_stale(dest, log)
       tmp = temporary_path(dest)
-      os.makedirs(os.path.join(tmp, "checkpoint", ITEM))
+      os.makedirs(orbax_writer.item_path(os.path.join(tmp, "checkpoint"), layout))
       answer = {"tmp": tmp}
     except UsageError as e:
       answer = {"error": str(e)}
@@ -272,6 +286,17 @@ def _write_share(
           leaf.name, leaf.shape, leaf.dtype, item_dir, job.process_id, chunk_bytes=chunk_bytes, compression=compression
       ).json
       first = not w.split or w.rank == 0
+      if leaf.element is not None:
+        spec = orbax_writer.write_spec(
+            leaf.name,
+            leaf.shape,
+            leaf.dtype,
+            item_dir,
+            job.process_id,
+            chunk_bytes=chunk_bytes,
+            compression=compression,
+            chunk_shape=leaf.chunk,
+        ).json
       try:
         if first:
           t = ts.open(spec, create=True, open=True, context=ctx).result()
@@ -289,6 +314,22 @@ def _write_share(
           raise UsageError(f"cannot write leaf {leaf.plan.dest!r} under {item_dir}: {first_line(e)}") from None
         pending.clear()
 
+      if leaf.element is not None:  # computed from the source, one destination chunk at a time
+        with TargetValues(leaf.element, src, slab_elems(group_bytes, leaf.element)) as values, _drained(pending):
+          for box in _chunk_boxes(leaf, a_el, b_el):
+            buf = element_chunk(values, box)
+            settle()  # the previous chunk's write (overlapped with this chunk's evaluation)
+            pending.append((t[box] if box else t).write(buf, can_reference_source_data_indefinitely=True))
+            written += buf.nbytes
+            n_groups += 1
+            bar.update(buf.nbytes)
+            job.tick()
+            stall_point(f"migrate.group.{n_groups}", job.process_id)
+            del buf
+          settle()
+        del t
+        records.append([w.pair, a_el, b_el])
+        continue
       with src.reader(leaf.src, read_cache_bytes(leaf.src, cuts)) as reader, _drained(pending):
         for a, b in cuts:
           buf = np.empty(b - a, leaf.dtype)
@@ -342,6 +383,25 @@ def _drained(pending: list[Any]) -> Iterator[None]:
     raise
 
 
+def _chunk_boxes(leaf: TargetArray, a: int, b: int) -> Iterator[tuple[slice, ...]]:
+  """The storage chunks of ``leaf`` whose first element lies in ``[a, b)`` (whole pieces), in C order."""
+  if not leaf.shape:
+    yield ()
+    return
+  grid = [range(0, d, max(1, c)) for d, c in zip(leaf.shape, leaf.chunk)]
+  for corner in itertools.product(*grid):
+    if a <= int(np.ravel_multi_index(corner, leaf.shape)) < b:
+      yield tuple(slice(o, min(o + c, d)) for o, c, d in zip(corner, leaf.chunk, leaf.shape))
+
+
+def element_chunk(values: TargetValues, box: tuple[slice, ...]) -> np.ndarray:
+  """One box of an element target computed from the source: the verifier's own evaluation, slab by slab."""
+  out = np.empty(_count(box), values.e.dst_dtype)
+  for s in values.slabs(0, out.size, tuple((x.start, x.stop) for x in box)):
+    out[s.lo : s.hi] = s.values
+  return out.reshape(geometry.box_shape(box))
+
+
 def _count(box) -> int:
   return int(np.prod(geometry.box_shape(box))) if box else 1
 
@@ -364,9 +424,10 @@ def _assemble_and_install(
     compression: str,
     hooked: bool,
     n_leaves: int,
+    layout: str = "v1",
 ) -> MigrateResult:
   """Process 0, after every share is committed: one checkpoint in ``target``, renamed to ``dest``."""
-  item_dir = os.path.join(target, ITEM)
+  item_dir = orbax_writer.item_path(target, layout)
   _check_tiling(arrays, per)
   stall_point("migrate.merge", 0)
   t_merge = time.perf_counter()
@@ -375,7 +436,7 @@ def _assemble_and_install(
   orbax_writer.check_merged(item_dir, arrays)
   merge_s = time.perf_counter() - t_merge
   custom = custom_metadata(src, spec, chunk_bytes, compression, num_processes=job.num_processes)
-  orbax_writer.write_metadata(target, dest, [a.keys for a in arrays], strings_table, custom, init_ns)
+  orbax_writer.write_metadata(target, dest, [a.keys for a in arrays], strings_table, custom, init_ns, layout)
   stall_point("migrate.install", 0)
   with commit.lock:  # a cleanup waits for the rename, then removes only the temporary's empty shell
     install(target, dest)

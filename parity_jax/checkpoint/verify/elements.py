@@ -16,8 +16,10 @@ C-order bytes are reported. Nothing is ever held whole.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
+from typing import Iterator
 
 import numpy as np
 
@@ -34,7 +36,7 @@ from parity_jax.checkpoint.verify.report import (
     LeafResult,
 )
 
-__all__ = ["compare_element_leaf", "element_result", "slab_elems"]
+__all__ = ["Slab", "TargetValues", "compare_element_leaf", "element_result", "slab_elems"]
 
 READ_AHEAD_BYTES = 8 << 20  # a member's box is read widened to about this, ahead along the axis slabs advance on
 
@@ -100,22 +102,53 @@ def element_result(e: ElementPlan, mig: LeafMeta | None) -> LeafResult:
   return res
 
 
-def compare_element_leaf(e: ElementPlan, res: LeafResult, src: Checkpoint, mig: Checkpoint, slab_elems: int) -> int:
-  """Fills ``res`` (status, reason, sha256s) for one element target; returns the bytes read."""
-  n = math.prod(e.dst_shape)
-  keys = e.member_keys()
-  readers = {}
-  mig_meta = mig.leaves[e.dest]
-  h_mig, h_exp = hashlib.sha256(), hashlib.sha256()
-  first, n_bad, nbytes = None, 0, 0
-  cache: dict = {}
-  try:
-    mig_reader = mig.reader(mig_meta).open()
-    stack = [(lo, min(n, lo + slab_elems)) for lo in range(0, n, max(1, slab_elems))]
+@dataclasses.dataclass
+class Slab:
+  """One evaluated C-order slab ``[lo, hi)`` of a target leaf: its values and where each came from."""
+
+  lo: int
+  hi: int
+  values: np.ndarray  # flat, in the target dtype (cast and padding applied)
+  idx: tuple  # target multi-indices, one array per axis
+  member: np.ndarray  # member number per element (indexes ``ElementPlan.member_keys()``)
+  sidx: list  # source multi-indices, one array per axis of the member
+  valid: np.ndarray  # False where the element is padding
+
+
+class TargetValues:
+  """A target leaf's values computed from the source, slab by slab: what the verifier expects and the migrator
+  writes (one evaluation for both). For each slab, each member's bounding box of the needed source indices is
+  read (widened ahead and cached while later slabs need it); a slab whose boxes would exceed four slabs is cut
+  in halves first. Use as a context manager (it closes its source readers)."""
+
+  def __init__(self, e: ElementPlan, src: Checkpoint, slab_elems: int):
+    self.e, self.src, self.slab_elems = e, src, max(1, slab_elems)
+    self.keys = e.member_keys()
+    self.readers: dict = {}
+    self.cache: dict = {}
+    self.nbytes = 0  # source bytes read so far
+
+  def __enter__(self) -> "TargetValues":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for r in self.readers.values():
+      r.close()
+    self.readers.clear()
+    self.cache = {}
+
+  def slabs(self, lo: int, hi: int, box=None) -> Iterator[Slab]:
+    """The slabs tiling elements ``[lo, hi)`` in C order, each at most ``slab_elems`` elements: of the whole
+    leaf, or of ``box`` (``((start, stop), ...)`` per axis; ``lo``/``hi`` then count within the box)."""
+    e, slab_elems = self.e, self.slab_elems
+    shape = e.dst_shape if box is None else tuple(b - a for a, b in box)
+    stack = [(a, min(hi, a + slab_elems)) for a in range(lo, hi, slab_elems)]
     stack.reverse()
     while stack:
       lo, hi = stack.pop()
-      idx = np.unravel_index(np.arange(lo, hi, dtype=np.int64), e.dst_shape) if e.dst_shape else ()
+      idx = np.unravel_index(np.arange(lo, hi, dtype=np.int64), shape) if e.dst_shape else ()
+      if box is not None and e.dst_shape:
+        idx = tuple(i + a for i, (a, _) in zip(idx, box))
       if e.dst_shape:
         member, sidx, valid = e.source_indices(list(idx))
       else:
@@ -133,58 +166,72 @@ def compare_element_leaf(e: ElementPlan, res: LeafResult, src: Checkpoint, mig: 
         mid = (lo + hi) // 2
         stack += [(mid, hi), (lo, mid)]
         continue
-      expected = np.empty(hi - lo, e.src_dtype)
-      pad = ~valid
+      values = np.empty(hi - lo, e.src_dtype)
       kept = {}
       for k, (sel, b) in boxes.items():
-        path = e.members[keys[k]]
-        meta = src.leaves[path]
-        if path not in readers:
-          readers[path] = src.reader(meta).open()
-        got_box = cache.get(path)
+        path = e.members[self.keys[k]]
+        meta = self.src.leaves[path]
+        if path not in self.readers:
+          self.readers[path] = self.src.reader(meta).open()
+        got_box = self.cache.get(path)
         if got_box is None or not _inside(b, got_box[0]):
           wide = _widen(b, meta.shape, max(slab_elems, READ_AHEAD_BYTES // meta.dtype.itemsize))
-          block = readers[path].read(tuple(slice(l, h) for l, h in wide)) if wide else readers[path].read(())
-          nbytes += block.nbytes
+          block = self.readers[path].read(tuple(slice(l, h) for l, h in wide)) if wide else self.readers[path].read(())
+          self.nbytes += block.nbytes
           got_box = (wide, block)
         kept[path] = got_box
         wide, block = got_box
         local = tuple(s[sel] - l for s, (l, _) in zip(sidx, wide))
-        expected[sel] = block[local] if local else block.reshape(-1)[: int(sel.sum())]
-      cache = kept  # only the members this slab used stay cached: memory near one block per member of a slab
-      got = np.empty(hi - lo, e.dst_dtype)
-      for box, off in geometry.flat_range_boxes(e.dst_shape, lo, hi):
-        part = mig_reader.read(box)
-        got[off : off + part.size] = part.reshape(-1)
-      nbytes += got.nbytes
+        values[sel] = block[local] if local else block.reshape(-1)[: int(sel.sum())]
+      self.cache = kept  # only the members this slab used stay cached: memory near one block per member
       if e.dst_dtype != e.src_dtype:
         with np.errstate(invalid="ignore", over="ignore"):  # overflow to inf and NaN are the rule's business
-          expected = expected_cast(expected, e.dst_dtype)
+          values = expected_cast(values, e.dst_dtype)
+      pad = ~valid
       if pad.any():  # padding holds exactly the fill, in the target dtype
-        expected[pad] = e.fill_bytes
-      if e.dst_dtype != e.src_dtype:
-        eq = same_cast(expected, got)
-      else:
-        eq = expected.view(np.uint8).reshape(hi - lo, -1) == got.view(np.uint8).reshape(hi - lo, -1)
-        eq = eq.all(axis=1)
-      h_mig.update(got.tobytes())
-      h_exp.update(expected.tobytes())
-      bad = np.flatnonzero(~eq)
-      if bad.size:
-        n_bad += int(bad.size)
-        if first is None:
-          j = int(bad[0])
-          t_index = tuple(int(i[j]) for i in idx)
-          s_path, s_index = e.members[keys[int(member[j])]], tuple(int(s[j]) for s in sidx)
-          if not valid[j]:
-            s_path, s_index = "padding", None
-          first = (t_index, s_path, s_index, expected[j], got[j])
+        values[pad] = e.fill_bytes
+      yield Slab(lo, hi, values, idx, member, sidx, valid)
+
+
+def compare_element_leaf(e: ElementPlan, res: LeafResult, src: Checkpoint, mig: Checkpoint, slab_elems: int) -> int:
+  """Fills ``res`` (status, reason, sha256s) for one element target; returns the bytes read."""
+  n = math.prod(e.dst_shape)
+  keys = e.member_keys()
+  mig_meta = mig.leaves[e.dest]
+  h_mig, h_exp = hashlib.sha256(), hashlib.sha256()
+  first, n_bad, nbytes = None, 0, 0
+  values = TargetValues(e, src, slab_elems)
+  try:
+    mig_reader = mig.reader(mig_meta).open()
+    with values:
+      for s in values.slabs(0, n):
+        lo, hi, expected, idx, member, sidx, valid = s.lo, s.hi, s.values, s.idx, s.member, s.sidx, s.valid
+        got = np.empty(hi - lo, e.dst_dtype)
+        for box, off in geometry.flat_range_boxes(e.dst_shape, lo, hi):
+          part = mig_reader.read(box)
+          got[off : off + part.size] = part.reshape(-1)
+        nbytes += got.nbytes
+        if e.dst_dtype != e.src_dtype:
+          eq = same_cast(expected, got)
+        else:
+          eq = expected.view(np.uint8).reshape(hi - lo, -1) == got.view(np.uint8).reshape(hi - lo, -1)
+          eq = eq.all(axis=1)
+        h_mig.update(got.tobytes())
+        h_exp.update(expected.tobytes())
+        bad = np.flatnonzero(~eq)
+        if bad.size:
+          n_bad += int(bad.size)
+          if first is None:
+            j = int(bad[0])
+            t_index = tuple(int(i[j]) for i in idx)
+            s_path, s_index = e.members[keys[int(member[j])]], tuple(int(x[j]) for x in sidx)
+            if not valid[j]:
+              s_path, s_index = "padding", None
+            first = (t_index, s_path, s_index, expected[j], got[j])
   except LeafReadError as err:
     res.status, res.reason = UNREADABLE, str(err)
-    return nbytes
-  finally:
-    for r in readers.values():
-      r.close()
+    return nbytes + values.nbytes
+  nbytes += values.nbytes
   res.sha256 = h_mig.hexdigest()
   res.source_sha256 = h_exp.hexdigest()
   if first is None:
