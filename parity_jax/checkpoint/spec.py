@@ -55,7 +55,20 @@ from parity_jax.errors import UsageError
 
 __all__ = ["LeafPlan", "MigrationPlan", "RemapRule", "RemapSpec", "SpecError", "Transform"]
 
-_RULE_KEYS = {"match", "to", "squeeze", "reshape", "comment", "transpose", "ops", "stack", "cast", "drop", "fill", "unstack"}
+_RULE_KEYS = {
+    "match",
+    "to",
+    "squeeze",
+    "reshape",
+    "comment",
+    "transpose",
+    "ops",
+    "stack",
+    "cast",
+    "drop",
+    "fill",
+    "unstack",
+}
 _TOP_KEYS = {"rules", "group_depth", "comment", "description"}
 _MAX_LISTED = 25  # problems spelled out in the one-line message; all are in .problems
 SPEC_ERRORS_FORMAT = "parity_jax.spec_errors/1"
@@ -127,14 +140,6 @@ class Transform:
     if self.kind == "reshape":
       return f"reshape{list(self.dst_shape)}"
     return "identity"
-
-  def to_dict(self) -> dict[str, Any]:
-    d: dict[str, Any] = {"kind": self.kind}
-    if self.kind == "squeeze":
-      d["axes"] = list(self.axes)
-    if self.kind == "reshape":
-      d["shape"] = list(self.dst_shape)
-    return d
 
 
 @dataclasses.dataclass(frozen=True)

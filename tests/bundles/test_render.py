@@ -33,3 +33,17 @@ def test_in_memory_sides_are_described_in_the_html_header():
       "golden: in-memory dict (3 stages, no stage_order) · candidate: in-memory StageBundle"
   ), header
   assert "(producer=my-port 1.2, 3 stages, stage_order metadata)" in header, header
+
+
+def test_html_marks_only_what_happened():
+  """A passing report marks no row; a stage only in the candidate is listed as such (in HTML as in text)."""
+  rng = np.random.default_rng(1)
+  golden = collections.OrderedDict((f"s{i}", rng.standard_normal(8).astype(np.float32)) for i in range(3))
+  page = compare_bundles(golden, dict(golden), profile="f32")._repr_html_()
+  assert "first over tolerance" not in page and "first divergent" not in page and "only in" not in page
+  extra = dict(golden, extra=np.zeros(2, np.float32))
+  rep = compare_bundles(golden, extra, profile="f32", allow_missing=True)
+  assert "only in candidate: extra" in rep._repr_html_() and "only in golden" not in rep._repr_html_()
+  bad = dict(golden, s1=golden["s1"] + 1.0)
+  page = compare_bundles(golden, bad, profile="f32")._repr_html_()
+  assert page.count("&larr; first divergent") == 1 and "first over tolerance" not in page  # the one row, marked once

@@ -250,3 +250,19 @@ def test_slab_boundaries_alignment():
   assert plan.boundaries_are_multiples_of(64) and plan.boundaries_are_multiples_of(32)
   assert not plan.boundaries_are_multiples_of(128)
   assert geometry.SlabPlan.for_target((64, 16), 10**6).boundaries_are_multiples_of(64 * 16)
+
+
+def test_which_rules_are_checked_element_by_element():
+  """Renames, squeezes and reshapes keep every byte in order (compared as streams); transposes, stacks, unstacks
+  and casts move or change elements (compared element by element)."""
+  spec = RemapSpec.from_dict(
+      {
+          "rules": [
+              {"match": "^a$", "to": "a"},
+              {"match": "^b$", "to": "b", "reshape": [-1]},
+              {"match": "^c$", "to": "c", "transpose": [1, 0]},
+              {"match": "^d$", "to": "d", "cast": "bfloat16"},
+          ]
+      }
+  )
+  assert [r.elementwise for r in spec.rules] == [False, False, True, True]
