@@ -213,3 +213,13 @@ def test_a_width_without_an_integer_view_is_refused_in_one_line():
   with pytest.raises(ComparisonError, match=r"x: unsupported dtype .* for element-wise statistics") as e:
     arraydiff.diff_stats(a, a.copy(), name="x")
   assert "\n" not in str(e.value)
+
+
+def test_ulp_distance_refuses_mismatched_arrays_in_one_line():
+  a = np.zeros(3, np.float32)
+  with pytest.raises(ComparisonError, match="shape mismatch"):
+    arraydiff.ulp_distance(a, np.zeros(4, np.float32))
+  with pytest.raises(ComparisonError, match="dtype mismatch"):
+    arraydiff.ulp_distance(a, np.zeros(3, np.float64))
+  with pytest.raises(ComparisonError, match="floating dtypes"):
+    arraydiff.ulp_distance(np.zeros(3, np.int32), np.zeros(3, np.int32))

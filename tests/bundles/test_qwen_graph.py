@@ -14,3 +14,15 @@ def test_sort_key_recovers_order_from_alphabetical():
   names = stage_names.qwen_stage_names(12, qk_norm=True)
   assert sorted(names, key=stage_names.qwen_stage_sort_key) == names
   assert sorted(names) != names  # alphabetical would put layers.10 before layers.2
+
+
+def test_stage_inputs_outside_the_layers():
+  """The data-flow inputs of the stages before and after the layers, written out from the Qwen graph."""
+  from parity_jax.bundles.qwen_graph import qwen_stage_inputs
+
+  names = ["embedding", "layers.0.output", "layers.1.output", "final_norm", "logits"]
+  assert qwen_stage_inputs("embedding", names) == ()  # the first stage: nothing upstream
+  assert qwen_stage_inputs("final_norm", names) == ("layers.1.output",)
+  assert qwen_stage_inputs("logits", names) == ("final_norm",)
+  assert qwen_stage_inputs("logits", names[:3]) == ("layers.1.output",)  # no final_norm compared
+  assert qwen_stage_inputs("rotary_cache", names) is None  # not a Qwen stage
