@@ -266,3 +266,20 @@ def test_which_rules_are_checked_element_by_element():
       }
   )
   assert [r.elementwise for r in spec.rules] == [False, False, True, True]
+
+
+def test_a_spec_written_out_reads_back_the_same():
+  """--print_spec writes RemapSpec.to_dict(): every kind of rule survives the round trip unchanged."""
+  rules = [
+      {"match": "^a$", "to": "a"},
+      {"match": "^b$", "to": "b", "squeeze": [0]},
+      {"match": "^c$", "to": "c", "reshape": [2, -1]},
+      {"match": "^d$", "to": "d", "transpose": [1, 0]},
+      {"match": "^e$", "to": "e", "cast": "bfloat16"},
+  ]
+  spec = RemapSpec.from_dict({"rules": rules})
+  again = RemapSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+  assert again.to_dict() == spec.to_dict()
+  d = {r["match"]: r for r in spec.to_dict()["rules"]}
+  assert d["^b$"]["squeeze"] == [0] and d["^c$"]["reshape"] == [2, -1] and d["^e$"]["cast"] == "bfloat16"
+  assert "transpose" in json.dumps(d["^d$"])
