@@ -104,3 +104,15 @@ def test_one_process_reads_each_small_leaf_once_per_side(tmp_path):
   rep = verify_migration(src, mig, IDENTITY)
   assert rep.passed
   assert rep.bytes_read == 2 * sum(a.nbytes for a in tree.values())
+
+
+def test_a_string_leaf_that_differs_fails_with_both_hashes(tmp_path):
+  tree = {"name": "qwen3-0.6b", "x": np.arange(4, dtype=np.float32)}
+  src = H.save_v0(tmp_path / "src", tree)
+  mig = H.save_v1(tmp_path / "mig", dict(tree, name="qwen3-0.6B"))
+  rep = verify_migration(src, mig, IDENTITY)
+  r = rep.leaf("name")
+  assert (r.status, r.reason) == ("VALUE_MISMATCH", "strings differ (10 vs 10 characters)")
+  assert r.source_sha256 == hashlib.sha256(b"qwen3-0.6b").hexdigest()
+  assert r.sha256 == hashlib.sha256(b"qwen3-0.6B").hexdigest()
+  assert [f.migrated_path for f in rep.failures] == ["name"]
