@@ -77,3 +77,13 @@ def test_a_terminal_bar_ends_at_the_total():
     sys.stderr = real
   last = _lines(tty.getvalue())[-1]
   assert re.search(r"100%.*4\.0 MiB/4\.0 MiB", last), last
+
+
+def test_human_bytes_in_1024s_up_to_tebibytes():
+  from parity_jax.progress import human_bytes
+
+  assert human_bytes(512) == "512 B"
+  assert human_bytes(1536) == "1.5 KiB"
+  assert human_bytes(3 * 2**30) == "3.0 GiB"
+  assert human_bytes(5 * 2**40) == "5.0 TiB"
+  assert human_bytes(2**50) == "1024.0 TiB"  # nothing bigger is named

@@ -47,3 +47,12 @@ def test_html_marks_only_what_happened():
   bad = dict(golden, s1=golden["s1"] + 1.0)
   page = compare_bundles(golden, bad, profile="f32")._repr_html_()
   assert page.count("&larr; first divergent") == 1 and "first over tolerance" not in page  # the one row, marked once
+
+
+def test_html_elements_are_closed():
+  rng = np.random.default_rng(2)
+  golden = collections.OrderedDict((f"s{i}", rng.standard_normal(8).astype(np.float32)) for i in range(3))
+  for candidate in (dict(golden), dict(golden, extra=np.zeros(2, np.float32))):
+    page = compare_bundles(golden, candidate, profile="f32", allow_missing=True)._repr_html_()
+    for tag in ("div", "table", "tr", "td"):
+      assert page.count(f"<{tag}") == page.count(f"</{tag}>"), tag

@@ -66,3 +66,11 @@ def test_an_empty_key_in_metadata_is_one_line(item, tmp_path):
   with pytest.raises(UsageError, match=r"key '' in .* is empty or contains '/'") as e:
     open_checkpoint(bad)
   assert "\n" not in str(e.value)
+
+
+def test_a_flax_msgpack_file_is_named_as_such(tmp_path):
+  """A msgpack map (0x8N) in a file named checkpoint*: flax's own format, refused by name in one line."""
+  f = tmp_path / "checkpoint_100"
+  f.write_bytes(bytes([0x81, 0xA1, 0x61, 0x01]))  # {"a": 1}
+  with pytest.raises(UsageError, match="not an Orbax checkpoint but a flax msgpack checkpoint file"):
+    resolve_item_dir(f)
