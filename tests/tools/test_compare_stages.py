@@ -161,56 +161,55 @@ def test_profile_json(bundles, tmp_path):
 
 
 def test_bad_inputs_exit_2(bundles, tmp_path):
+  """Every case below in one tool process (tests/helpers/tool_batch.py), each a fresh run of the tool."""
+  from tests.helpers.tools import run_many
+
   d, golden = bundles
   g = f"--golden={d}/golden.safetensors"
-  # shape mismatch
   shp = dict(golden)
   shp["layers.1.attention"] = np.zeros((1, 4, 8), np.float32)
   stages.save_bundle(tmp_path / "shape.safetensors", shp)
-  _assert_usage_error(
-      *_run(g, f"--candidate={tmp_path}/shape.safetensors"), "stage 'layers.1.attention': shape mismatch"
-  )
-  # dtype mismatch (bf16 candidate under the strict f32 profile)
   bf = {k: v.astype(ml_dtypes.bfloat16) for k, v in golden.items()}
   stages.save_bundle(tmp_path / "bf16.safetensors", bf)
-  _assert_usage_error(
-      *_run(g, f"--candidate={tmp_path}/bf16.safetensors"),
-      "stage 'embedding': dtype mismatch",
-      "golden float32 vs candidate bfloat16",
-  )
-  rc, out, err = _run(g, f"--candidate={tmp_path}/bf16.safetensors", "--profile=bf16")
-  assert rc == 0, err  # the bf16 profile widens bf16 to float32 exactly
-  # missing stages
   miss = {k: v for k, v in golden.items() if k != "layers.0.ffn_silu"}
   stages.save_bundle(tmp_path / "miss.safetensors", miss)
-  _assert_usage_error(
-      *_run(g, f"--candidate={tmp_path}/miss.safetensors"), "only in golden: layers.0.ffn_silu", "--allow_missing"
-  )
-  rc, out, err = _run(g, f"--candidate={tmp_path}/miss.safetensors", "--allow_missing")
-  assert rc == 0 and "only in golden (1): layers.0.ffn_silu" in out
-  # empty bundle, unreadable file, missing file, directory, no common stages
   safetensors.numpy.save_file({}, str(tmp_path / "empty.safetensors"))
-  _assert_usage_error(*_run(g, f"--candidate={tmp_path}/empty.safetensors"), "has no stages")
   (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
-  _assert_usage_error(*_run(g, f"--candidate={tmp_path}/garbage.safetensors"), "cannot read", "garbage.safetensors")
   whole = (d / "ok.safetensors").read_bytes()
   (tmp_path / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
-  _assert_usage_error(*_run(g, f"--candidate={tmp_path}/truncated.safetensors"), "cannot read", "truncated.safetensors")
   (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 not a zip")
-  _assert_usage_error(
-      *_run(f"--golden={tmp_path}/garbage.npz", f"--candidate={d}/ok.safetensors"), "cannot read", ".npz"
-  )
-  _assert_usage_error(*_run(g, f"--candidate={tmp_path}/nope.safetensors"), "no such file")
-  _assert_usage_error(*_run(g, f"--candidate={tmp_path}"), "directory")
   stages.save_bundle(tmp_path / "other.safetensors", {"something_else": np.ones(3, np.float32)})
-  _assert_usage_error(*_run(g, f"--candidate={tmp_path}/other.safetensors", "--allow_missing"), "no common stages")
-  # flags
-  _assert_usage_error(*_run(g), "candidate")
-  _assert_usage_error(*_run(g, f"--candidate={d}/ok.safetensors", "--stages=("), "not a valid regular expression")
-  _assert_usage_error(
-      *_run(g, f"--candidate={d}/ok.safetensors", f"--plot={d}/golden.safetensors"),
-      "would overwrite or lie inside an input",
-  )
+  # (arguments, None for exit 0 or the words of the one error line)
+  cases = [
+      ([g, f"--candidate={tmp_path}/shape.safetensors"], ["stage 'layers.1.attention': shape mismatch"]),
+      (  # dtype mismatch (bf16 candidate under the strict f32 profile)
+          [g, f"--candidate={tmp_path}/bf16.safetensors"],
+          ["stage 'embedding': dtype mismatch", "golden float32 vs candidate bfloat16"],
+      ),
+      ([g, f"--candidate={tmp_path}/bf16.safetensors", "--profile=bf16"], None),  # bf16 widens exactly
+      ([g, f"--candidate={tmp_path}/miss.safetensors"], ["only in golden: layers.0.ffn_silu", "--allow_missing"]),
+      ([g, f"--candidate={tmp_path}/miss.safetensors", "--allow_missing"], None),
+      ([g, f"--candidate={tmp_path}/empty.safetensors"], ["has no stages"]),
+      ([g, f"--candidate={tmp_path}/garbage.safetensors"], ["cannot read", "garbage.safetensors"]),
+      ([g, f"--candidate={tmp_path}/truncated.safetensors"], ["cannot read", "truncated.safetensors"]),
+      ([f"--golden={tmp_path}/garbage.npz", f"--candidate={d}/ok.safetensors"], ["cannot read", ".npz"]),
+      ([g, f"--candidate={tmp_path}/nope.safetensors"], ["no such file"]),
+      ([g, f"--candidate={tmp_path}"], ["directory"]),
+      ([g, f"--candidate={tmp_path}/other.safetensors", "--allow_missing"], ["no common stages"]),
+      ([g], ["candidate"]),
+      ([g, f"--candidate={d}/ok.safetensors", "--stages=("], ["not a valid regular expression"]),
+      (
+          [g, f"--candidate={d}/ok.safetensors", f"--plot={d}/golden.safetensors"],
+          ["would overwrite or lie inside an input"],
+      ),
+  ]
+  results = run_many("compare_stages", [argv for argv, _ in cases])
+  for (argv, words), r in zip(cases, results):
+    if words is None:
+      assert r.returncode == 0, (argv, r.stderr)
+    else:
+      _assert_usage_error(r.returncode, r.stdout, r.stderr, *words)
+  assert "only in golden (1): layers.0.ffn_silu" in results[4].stdout
 
 
 def test_inputs_are_not_modified(bundles):
