@@ -53,6 +53,11 @@ def _positive(name: str, value) -> None:
     raise UsageError(f"{name} must be a positive number, got {value!r}")
 
 
+def _log(line: str) -> None:
+  """The migrator's notes (stale temporaries removed, uploads), one line each on stderr."""
+  print(f"parity_jax: {line}", file=sys.stderr)
+
+
 def migrate(
     source: str | os.PathLike,
     dest: str | os.PathLike,
@@ -135,6 +140,7 @@ def migrate(
         raise UsageError(f"source checkpoint {src.path}: cannot read leaf {p0!r}: {bad[p0]}")
       plan = spec.bind(src.leaves, what="source checkpoint")
       remote = stores.is_remote(dest)
+      local_dest = None if remote else os.path.abspath(os.fspath(dest)).rstrip(os.sep)
       if dest_format == "safetensors":
         if remote:
           raise UsageError("a safetensors --dest must be a local directory for now (not a bucket)")
@@ -143,13 +149,13 @@ def migrate(
           return migrate_to_safetensors(
               src,
               plan,
-              os.path.abspath(os.fspath(dest)).rstrip(os.sep),
+              local_dest,
               max_shard_bytes=max(1, int(max_shard_mb * _MIB)),
               hf_config=cfg,
               overwrite=overwrite,
               progress=progress,
               slab_bytes=int((batch_mb or 8) * _MIB),
-              log=lambda line: print(f"parity_jax: {line}", file=sys.stderr),
+              log=_log,
           )
       if remote and layout == "standard":
         raise UsageError("a bucket --dest is written in the v1 layout for now (--layout=v1 or auto)")
@@ -163,14 +169,14 @@ def migrate(
             src,
             spec,
             plan,
-            os.path.abspath(os.fspath(dest)).rstrip(os.sep),
+            local_dest,
             chunk_bytes=max(1, int(chunk_mb * _MIB)),
             overwrite=overwrite,
             progress=progress,
             batch_bytes=None if batch_mb is None else max(1, int(batch_mb * _MIB)),
             compression=compression,
             layout=layout,
-            log=lambda line: print(f"parity_jax: {line}", file=sys.stderr),
+            log=_log,
         )
     except AgreedError:
       raise  # every process raises the same error
@@ -191,9 +197,8 @@ def _to_bucket(job, src, spec, plan, dest, chunk_mb, overwrite, progress, batch_
 
   if job.num_processes > 1:
     raise UsageError("a bucket --dest is written by one process for now; run the migration without a job")
-  log = lambda line: print(f"parity_jax: {line}", file=sys.stderr)  # noqa: E731
   bucket = stores.open_store(dest)
-  destination.check_bucket_dest(src.path, bucket, overwrite, log)
+  destination.check_bucket_dest(src.path, bucket, overwrite, _log)
   t0 = time.perf_counter()
   stage = tempfile.mkdtemp(prefix="parity_jax-stage-")
   try:
@@ -209,9 +214,9 @@ def _to_bucket(job, src, spec, plan, dest, chunk_mb, overwrite, progress, batch_
           progress=progress,
           batch_bytes=None if batch_mb is None else max(1, int(batch_mb * _MIB)),
           compression=compression,
-          log=log,
+          log=_log,
       )
-      destination.upload(os.path.join(stage, "checkpoint"), bucket, log)
+      destination.upload(os.path.join(stage, "checkpoint"), bucket, _log)
   finally:
     shutil.rmtree(stage, ignore_errors=True)
   return dataclasses.replace(result, dest=bucket.url, elapsed_s=time.perf_counter() - t0)
