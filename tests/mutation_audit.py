@@ -336,10 +336,21 @@ def pick(mutants: list[Mutant], n: int, seed: int) -> list[Mutant]:
 
 # ------------------------------------------------------------------------------------------------ tests of a module
 
+# module -> test files, beyond its mirrored ones, that exercise that module's own code (not only through a tool)
+ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
+    "parity_jax/__init__.py": ("tests/test_package.py",),  # the package's lazy attribute access
+    "parity_jax/checkpoint/spec.py": ("tests/checkpoint/test_transforms.py",),  # RemapSpec's rules, applied
+    "parity_jax/checkpoint/transforms.py": ("tests/checkpoint/test_spec.py",),  # bind() builds the transform plan
+    "parity_jax/stores/base.py": ("tests/stores/test_local.py",),  # Store's shared methods, through LocalStore
+}
+
 
 def tests_for(path: str, exclude: tuple[str, ...] = ()) -> tuple[list[str], str]:
   """The test files covering ``path`` by the mirrored layout (less ``exclude``), and how they were found."""
   found, how = _mapped_tests(path)
+  also = [t for t in ALSO_TESTED_BY.get(path, ()) if os.path.isfile(os.path.join(ROOT, t))]
+  if also:
+    found, how = sorted({*found, *also}), f"{how} + {' '.join(also)}" if found else "ALSO_TESTED_BY"
   found = [t for t in found if not any(fnmatch.fnmatch(t, pat) for pat in exclude)]
   return found, how if found else "no tests"
 

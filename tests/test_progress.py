@@ -87,3 +87,17 @@ def test_human_bytes_in_1024s_up_to_tebibytes():
   assert human_bytes(3 * 2**30) == "3.0 GiB"
   assert human_bytes(5 * 2**40) == "5.0 TiB"
   assert human_bytes(2**50) == "1024.0 TiB"  # nothing bigger is named
+
+
+def test_a_terminal_bar_counted_past_its_total_never_shows_more_than_the_total(monkeypatch):
+  # interrupted, the bar is not completed: what it shows at close is what was counted, held at the total
+  tty = _Terminal()
+  monkeypatch.setattr("sys.stderr", tty)
+  with pytest.raises(KeyboardInterrupt):
+    with progress(5 * MIB, "verify") as bar:
+      bar.update(3 * MIB)
+      bar.update(3 * MIB)  # 6 MiB counted: a caller's double count
+      raise KeyboardInterrupt
+  last = _lines(tty.getvalue())[-1]
+  assert re.search(r"100%.*5\.0 MiB/5\.0 MiB", last), last
+  assert "6.0 MiB" not in tty.getvalue() and "120%" not in tty.getvalue(), tty.getvalue()

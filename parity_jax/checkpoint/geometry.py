@@ -162,17 +162,14 @@ def row_major_chunk_shape(shape: Shape, itemsize: int, target_bytes: int | None)
   if target_bytes is None or not shape:
     return shape
   target = max(1, int(target_bytes) // max(1, int(itemsize)))
-  if _prod(shape) <= target:
-    return shape
-  for p in range(len(shape)):
-    trailing = _prod(shape[p + 1 :])
-    if trailing <= target:
-      r = max(1, min(shape[p], target // trailing))
-      div = _largest_divisor_at_most(shape[p], r)
-      if 2 * div >= r:
-        r = div
-      return (1,) * p + (r,) + shape[p + 1 :]
-  return (1,) * len(shape)  # unreachable: trailing of the last axis is 1
+  # the first axis whose trailing block fits; the last always does (its trailing block is 1 element). A leaf that
+  # fits whole stops at axis 0 with r = shape[0]: one chunk.
+  p = next(p for p in range(len(shape)) if _prod(shape[p + 1 :]) <= target)
+  r = max(1, min(shape[p], target // _prod(shape[p + 1 :])))
+  div = _largest_divisor_at_most(shape[p], r)
+  if 2 * div >= r:
+    r = div
+  return (1,) * p + (r,) + shape[p + 1 :]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -271,6 +271,8 @@ class MismatchAccounting:
   def __init__(self, fc: FormulaConstants, rule: str = "bound", keep: int = 8, batch_elems: int = 1 << 23):
     if rule not in EXPLAIN_RULES:
       raise ValueError(f"unknown rule {rule!r}")
+    if isinstance(batch_elems, bool) or not isinstance(batch_elems, int) or batch_elems < 1:
+      raise ValueError(f"batch_elems must be a positive int, got {batch_elems!r}")
     self.fc = fc
     self.rule = rule
     self.keep = keep

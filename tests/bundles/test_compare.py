@@ -287,3 +287,15 @@ def test_top_k_must_be_a_non_negative_integer(tmp_path, top_k):
   _, _, g, c = _pair(tmp_path)
   with pytest.raises(UsageError, match="top_k must be a non-negative integer"):
     compare_bundles(g, c, top_k=top_k)
+
+
+def test_ulps_are_counted_in_the_narrower_float_dtype():
+  from parity_jax.bundles.diff import ulp_dtype
+
+  bf16, f32, f16 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32), np.dtype(np.float16)
+  # mantissa bits: bf16 7 < f16 10 < f32 23; the fewer, the coarser the ULP the comparison is judged in
+  assert ulp_dtype(f32, bf16) == bf16 and ulp_dtype(bf16, f32) == bf16
+  assert ulp_dtype(f16, bf16) == bf16 and ulp_dtype(f32, f16) == f16
+  assert ulp_dtype(f32, f32) == f32 and ulp_dtype(bf16, bf16) == bf16
+  assert ulp_dtype(np.dtype(np.int32), f32) == np.int32  # not two floats: the golden's own dtype
+  assert ulp_dtype(f32, np.dtype(np.int8)) == f32

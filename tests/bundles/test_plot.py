@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+
+import numpy as np
 import sys
 
 import pytest
@@ -23,3 +25,77 @@ def test_the_missing_matplotlib_hint_names_the_plot_extra_and_no_editable_instal
   assert "pip install 'parity_jax[plot]'" in line and "pip install matplotlib" in line, line
   plot_extra = re.search(r"^plot = \[(.*)\]", (ROOT / "pyproject.toml").read_text(), re.M)
   assert plot_extra and re.fullmatch(r'"matplotlib>=[0-9.]+"', plot_extra.group(1)), plot_extra
+
+
+@pytest.fixture(scope="module")
+def jump_figure():
+  """One layer; the first stages bit-identical, then tiny noise, then a 1e-3 jump at layers.0.v_proj onwards."""
+  pytest.importorskip("matplotlib")
+  from parity_jax.bundles import compare_bundles
+  from parity_jax.bundles.plot import plot_report
+  from tests.helpers import stages as synth
+
+  golden = synth.golden_stages(num_layers=1)
+  names = list(golden)
+  jump = names.index("layers.0.v_proj")
+  rel = [0.0 if i < 2 else 1e-7 if i < jump else 1e-3 for i in range(len(names))]
+  cand = synth.candidate(golden, lambda i, n: rel[i])
+  report = compare_bundles(golden, cand)
+  fig = plot_report(report)
+  measured = [synth.rel_l2(golden[n], cand[n]) for n in names]
+  return {"fig": fig, "names": names, "jump": jump, "rel": measured}
+
+
+def _to_rgba(c):
+  from matplotlib.colors import to_rgba
+
+  return tuple(np.round(to_rgba(c), 6))
+
+
+def test_the_plot_marks_identical_breaching_and_first_divergent_stages(jump_figure):
+  from matplotlib.patches import Rectangle
+
+  fig, names, jump = jump_figure["fig"], jump_figure["names"], jump_figure["jump"]
+  texts = [t for ax in fig.axes for t in ax.texts]
+  assert sum(t.get_text() == "=" for t in texts) == 2  # the two bit-identical stages
+  assert sum(t.get_text() == "x" for t in texts) == len(names) - jump  # every stage from the jump on breaches
+  frames = [p for ax in fig.axes for p in ax.patches if isinstance(p, Rectangle) and not p.get_fill()]
+  (red,) = [p for p in frames if _to_rgba(p.get_edgecolor()) == _to_rgba("red")]  # only the first divergent stage
+  heat = red.axes
+  layer_cols = [n.split(".", 2)[2] for n in names if n.startswith("layers.0.")]
+  assert red.get_xy() == (layer_cols.index("v_proj") - 0.5, -0.5)  # its heatmap cell: column v_proj, row layer 0
+  assert [t.get_text() for t in heat.get_yticklabels()] == ["layer 0"]
+  assert [t.get_text() for t in heat.get_xticklabels()] == layer_cols
+  title = fig._suptitle
+  assert title.get_text().startswith("FAIL (jump) -- first divergent: layers.0.v_proj")
+  assert _to_rgba(title.get_color()) == _to_rgba("#b00020")
+
+
+def test_the_line_panel_plots_every_stage_where_it_is(jump_figure):
+  fig, names, jump, rel = jump_figure["fig"], jump_figure["names"], jump_figure["jump"], jump_figure["rel"]
+  (ax,) = [a for a in fig.axes if a.get_title(loc="left") == "rel-L2 along the execution order"]
+  by_label = {c.get_label(): c for c in ax.collections}
+  within, over, same = by_label["within tolerance"], by_label["over tolerance"], by_label["bit-identical"]
+  xs = lambda c: [int(round(x)) for x in c.get_offsets()[:, 0]]  # noqa: E731
+  assert xs(same) == [0, 1] and xs(within) == list(range(2, jump)) and xs(over) == list(range(jump, len(names)))
+  np.testing.assert_allclose(within.get_offsets()[:, 1], rel[2:jump], rtol=1e-4)
+  np.testing.assert_allclose(over.get_offsets()[:, 1], rel[jump:], rtol=1e-4)
+  floor = same.get_offsets()[0, 1]
+  assert list(same.get_offsets()[:, 1]) == [floor, floor]  # at the bottom of the scale: a whole decade below the rest
+  assert 0 < floor <= min(rel[2:]) and float(np.log10(floor)).is_integer()
+  assert _to_rgba(within.get_facecolor()[0]) == _to_rgba("#4060a0")
+  assert _to_rgba(over.get_facecolor()[0]) == _to_rgba("#d02020")
+  # the first divergent stage: a red line at its index and a label in a white box, on the side with room
+  (ann,) = ax.texts
+  assert ann.get_text() == "first divergent: layers.0.v_proj" and _to_rgba(ann.get_color()) == _to_rgba("red")
+  assert ann.xy[0] == jump and ann.get_ha() == ("right" if jump > 0.6 * len(names) else "left")
+  assert _to_rgba(ann.get_bbox_patch().get_facecolor())[:3] == (1, 1, 1)  # white (translucent) behind the text
+  vlines = [ln for ln in ax.lines if list(ln.get_xdata()) == [jump, jump]]
+  assert len(vlines) == 1 and _to_rgba(vlines[0].get_color()) == _to_rgba("red")
+  # ticks: each stage outside the layers by name, the layer once, at the middle of its stages
+  n_layer = sum(n.startswith("layers.0.") for n in names)
+  first_layer = names.index(next(n for n in names if n.startswith("layers.0.")))
+  want = {n: float(i) for i, n in enumerate(names) if not n.startswith("layers.")}
+  want["L0"] = first_layer + (n_layer - 1) / 2
+  got = dict(zip([t.get_text() for t in ax.get_xticklabels()], ax.get_xticks()))
+  assert got == want

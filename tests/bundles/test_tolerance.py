@@ -94,3 +94,16 @@ def test_unreadable_profile_files(tmp_path):
     tolerance.load_profile_json(bad)
   with pytest.raises(UsageError, match="unknown profile 'f64'"):
     tolerance.resolve_profile("f64")
+
+
+def test_a_rule_is_bit_exact_only_when_it_says_so():
+  # a rule with a threshold and no "bit_exact" key compares within that threshold: it is not bit-exact
+  p = tolerance.profile_from_dict({"schema": _S, "rules": [{"stages": ".*", "max_rel_l2": 0.001}]})
+  (rule,) = p.rules
+  assert rule.bit_exact is False
+  assert rule.describe() == "rel_l2<=0.001"
+  assert rule.to_dict() == {"stages": ".*", "max_rel_l2": 0.001}
+  assert tolerance.ToleranceRule(stages="logits", max_kl=0.5).describe() == "kl<=0.5"
+  # asked for, it is
+  p = tolerance.profile_from_dict({"schema": _S, "rules": [{"stages": ".*", "bit_exact": True}]})
+  assert p.rules[0].bit_exact is True and p.rules[0].describe() == "bit-exact"

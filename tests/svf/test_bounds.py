@@ -88,3 +88,38 @@ def test_an_independent_correct_float32_evaluation_is_fully_explained():
   acc = MismatchAccounting(FormulaConstants.from_components(s, o))
   acc.update(other[rows].view(np.uint16), bad.view(np.uint16), u[rows], v)
   assert acc.n_unexplained > 0.6 * acc.n_mismatch > 0
+
+
+def test_cancellation_in_the_normalization_sum_gives_no_bound():
+  # S (1 + o) = [1, -(1 - 2^-24)]: the float32 sum B = 2^-24 is all cancellation. Its relative error bound,
+  # gamma(k + 1, u) * sum|S(1 + o)| / |B| = ~3u * 2 / u = ~6, is past 1: B's sign is not even known, so the
+  # normalization A / B has no relative bound at all (inf), never a finite (here negative) number.
+  below_one = float(np.nextafter(np.float32(1), np.float32(0)))
+  assert below_one == 1 - 2.0**-24
+  fc = FormulaConstants.from_components(np.array([1.0, -below_one], np.float32), np.zeros(2, np.float32))
+  assert fc.nu == float("inf")
+  # the float64 reference (u = 2^-53) sums the same two numbers with a bound of ~3 * 2^-53 * 2 / 2^-24 << 1: finite
+  assert 0 < fc.nu64 < 1e-6
+
+
+def test_batch_size_changes_no_count_and_must_be_positive():
+  rng = np.random.default_rng(5)
+  k, rows, cols = 6, 5, 7
+  u = rng.standard_normal((rows, k)).astype(np.float32)
+  v = rng.standard_normal((cols, k)).astype(np.float32)
+  s, o = np.ones(k, np.float32), np.zeros(k, np.float32)
+  # the float64 truth rounded to bf16, and a copy with every other element one bf16 ULP up: some are ties, most not
+  golden = (u.astype(np.float64) @ v.T.astype(np.float64)).astype(np.float32).astype(BF16).view(np.uint16)
+  ours = golden.copy()
+  ours.reshape(-1)[::2] += 1
+  counts = []
+  for batch in (None, 1, k, 10 * k):
+    acc = MismatchAccounting(
+        FormulaConstants.from_components(s, o), **({} if batch is None else {"batch_elems": batch})
+    )
+    acc.update(golden, ours, u, v)
+    counts.append((acc.n_mismatch, acc.n_explained, acc.n_unexplained, acc.max_explained_ratio))
+  assert counts[0][0] == (rows * cols + 1) // 2 and all(c == counts[0] for c in counts), counts
+  for bad in (0, -1, 1.5, True):
+    with pytest.raises(ValueError, match="batch_elems must be a positive int"):
+      MismatchAccounting(FormulaConstants.from_components(s, o), batch_elems=bad)

@@ -116,3 +116,22 @@ def test_a_string_leaf_that_differs_fails_with_both_hashes(tmp_path):
   assert r.source_sha256 == hashlib.sha256(b"qwen3-0.6b").hexdigest()
   assert r.sha256 == hashlib.sha256(b"qwen3-0.6B").hexdigest()
   assert [f.migrated_path for f in rep.failures] == ["name"]
+
+
+def test_the_progress_lines_count_the_leaves_as_they_are_compared(tmp_path, monkeypatch, capsys):
+  import itertools
+  import re
+  import types
+
+  tree = S._source_tree()
+  src = S._save_source(tmp_path / "src", tree)
+  mig = S._migrated(tmp_path, "good", {"w": tree["w"][0], "s": tree["s"]})
+  # stderr is not a terminal here: one plain line per LOG_INTERVAL_S; a clock that moves 10 s a call prints each update
+  clock = itertools.count(0, 10.0)
+  monkeypatch.setattr("parity_jax.progress.time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+  assert verify_migration(src, mig, S.SPEC, progress=True, slab_mb=S.PIECE_MB).passed
+  lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("verify: ")]
+  done = [int(m.group(1)) if m else None for ln in lines for m in [re.search(r" (\d+)/2 leaves$", ln)]]
+  assert None not in done and done == sorted(done), lines  # every line names the leaves done so far, never fewer
+  assert 1 in done[:-1] and done[-1] == 2, lines  # "1/2" while the second (the large, split one) is compared
+  assert lines[-1].startswith("verify: 100% "), lines
