@@ -403,10 +403,13 @@ def make_scratch(dest: str | None) -> str:
   return dest
 
 
-def run_tests(scratch: str, tests: list[str], timeout: float, python: str) -> tuple[str, float, str]:
+def run_tests(
+    scratch: str, tests: list[str], timeout: float, python: str, deselect: tuple[str, ...] = ()
+) -> tuple[str, float, str]:
   """('passed' | 'failed' | 'timeout', seconds, the last lines of output) of the tests in the scratch copy."""
   env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
   cmd = [python, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly", *tests]
+  cmd += [f"--deselect={d}" for d in deselect]
   t0 = time.monotonic()
   p = subprocess.Popen(
       cmd, cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -442,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant's test run (default 120)")
   ap.add_argument("--tests", nargs="+", default=None, help="these test files for every module instead of the map")
   ap.add_argument("--exclude", nargs="+", default=(), help="drop test files matching these globs from the map")
+  ap.add_argument(
+      "--deselect",
+      nargs="+",
+      default=(),
+      help="pytest node ids left out of every run (a test that fails without a mutant; say so when reporting)",
+  )
   ap.add_argument(
       "--rerun",
       default=None,
@@ -500,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     check_scratch_imports(scratch, args.python)
     for tset in sorted({tuple(tests[m.path][0]) for m in chosen if tests[m.path][0] and m not in carried}):
-      status, secs, out = run_tests(scratch, list(tset), max(args.timeout, 600), args.python)
+      status, secs, out = run_tests(scratch, list(tset), max(args.timeout, 600), args.python, tuple(args.deselect))
       print(f"baseline {status} in {secs:.0f}s: {' '.join(tset)}", flush=True)
       if status != "passed":
         print(out)
@@ -522,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(target, "w", encoding="utf-8") as f:
           f.write(m.source())
         try:
-          ran, secs, _ = run_tests(scratch, t, args.timeout, args.python)
+          ran, secs, _ = run_tests(scratch, t, args.timeout, args.python, tuple(args.deselect))
         finally:
           with open(target, "w", encoding="utf-8") as f:
             f.write(original)
