@@ -20,7 +20,7 @@ and ``shared_gate`` (the logit of its sigmoid gate, ``[B, T, 1]``), then
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 __all__ = [
     "DENSE_MLP_STAGES",
@@ -105,12 +105,12 @@ _LAYER_INPUTS: dict[str, tuple[Any, ...]] = {
 assert set(_LAYER_INPUTS) == set(LAYER_STAGES)
 
 
-def qwen_stage_inputs(name: str, compared: Sequence[str] | set[str]) -> tuple[str, ...] | None:
+def qwen_stage_inputs(name: str, compared: Collection[str]) -> tuple[str, ...] | None:
   """Data-flow inputs of a Qwen stage among the ``compared`` names; None if ``name`` is not a Qwen stage.
 
-  An empty tuple means: a Qwen stage, but none of its inputs is compared.
+  An empty tuple means: a Qwen stage, but none of its inputs is compared. ``compared`` is only asked for
+  membership and iterated once (a set is fastest).
   """
-  compared = set(compared)
   layer, stage = parse_stage(name)
   if layer is None:
     if name == "embedding":
@@ -134,7 +134,7 @@ def qwen_stage_inputs(name: str, compared: Sequence[str] | set[str]) -> tuple[st
   return tuple(out)
 
 
-def _last_layer_output(compared: set[str]) -> tuple[str, ...]:
+def _last_layer_output(compared: Collection[str]) -> tuple[str, ...]:
   layers = [parse_stage(n)[0] for n in compared if parse_stage(n)[1] == "output" and parse_stage(n)[0] is not None]
   return (f"layers.{max(layers)}.output",) if layers else ()
 

@@ -299,3 +299,16 @@ def test_ulps_are_counted_in_the_narrower_float_dtype():
   assert ulp_dtype(f32, f32) == f32 and ulp_dtype(bf16, bf16) == bf16
   assert ulp_dtype(np.dtype(np.int32), f32) == np.int32  # not two floats: the golden's own dtype
   assert ulp_dtype(f32, np.dtype(np.int8)) == f32
+
+
+def test_the_largest_ulp_distance_is_zero_for_equal_arrays_and_counts_steps_otherwise():
+  from parity_jax.bundles.diff import max_ulp_in
+
+  a = np.linspace(1, 2, 24, dtype=np.float32).reshape(2, 3, 4)
+  assert max_ulp_in(a, a.copy(), np.dtype(np.float32)) == 0
+  b = a.copy()
+  b[1, 2, 3] = np.nextafter(np.nextafter(b[1, 2, 3], np.float32(3)), np.float32(3))  # two float32 steps up
+  b[0, 0, 0] = np.nextafter(b[0, 0, 0], np.float32(0))  # one step down
+  assert max_ulp_in(a, b, np.dtype(np.float32)) == 2
+  # in bfloat16 the same two arrays round alike (a float32 step is far below a bf16 ULP): 0
+  assert max_ulp_in(a, b, np.dtype(ml_dtypes.bfloat16)) == 0

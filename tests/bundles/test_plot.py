@@ -99,3 +99,33 @@ def test_the_line_panel_plots_every_stage_where_it_is(jump_figure):
   want["L0"] = first_layer + (n_layer - 1) / 2
   got = dict(zip([t.get_text() for t in ax.get_xticklabels()], ax.get_xticks()))
   assert got == want
+
+
+def test_each_cell_has_the_colour_of_its_rel_l2_on_the_colour_bar(jump_figure):
+  import matplotlib as mpl
+  from matplotlib.patches import Rectangle
+
+  fig, rel = jump_figure["fig"], jump_figure["rel"]
+  (cbar,) = [a for a in fig.axes if a.get_ylabel() == "log10 rel-L2"]
+  lo, hi = sorted(cbar.get_ylim())
+  viridis = mpl.colormaps["viridis"]
+  want = sorted(
+      _to_rgba(viridis((min(max(np.log10(r), lo), hi) - lo) / (hi - lo))) for r in rel if r > 0
+  )  # one coloured cell per stage that differs, none for the bit-identical ones
+  cells = [
+      p
+      for ax in fig.axes
+      for p in ax.patches
+      if isinstance(p, Rectangle) and p.get_fill() and _to_rgba(p.get_edgecolor()) == _to_rgba("white")
+  ]
+  assert len(cells) == len(want)
+  got = sorted(_to_rgba(p.get_facecolor()) for p in cells)
+  np.testing.assert_allclose(got, want, atol=0.01)  # within a step of the 256-colour map
+
+
+def test_the_line_panel_separates_the_layer_from_the_stages_around_it(jump_figure):
+  fig, names = jump_figure["fig"], jump_figure["names"]
+  (ax,) = [a for a in fig.axes if a.get_title(loc="left") == "rel-L2 along the execution order"]
+  in_layer = [i for i, n in enumerate(names) if n.startswith("layers.0.")]
+  grey = sorted(ln.get_xdata()[0] for ln in ax.lines if _to_rgba(ln.get_color()) == _to_rgba("#cccccc"))
+  assert grey == [in_layer[0] - 0.5, in_layer[-1] + 0.5]  # between embedding and layer 0, layer 0 and final_norm

@@ -74,3 +74,32 @@ def test_a_flax_msgpack_file_is_named_as_such(tmp_path):
   f.write_bytes(bytes([0x81, 0xA1, 0x61, 0x01]))  # {"a": 1}
   with pytest.raises(UsageError, match="not an Orbax checkpoint but a flax msgpack checkpoint file"):
     resolve_item_dir(f)
+
+
+def test_foreign_files_are_named_by_their_magic_bytes_and_names(tmp_path):
+  import pickle
+
+  cases = {  # file name, content -> what the one-line refusal calls it (None: nothing named)
+      ("weights.pkl", pickle.dumps({"w": 1}, protocol=4)): "a Python pickle file",
+      ("weights.pkl2", pickle.dumps([1], protocol=2)): "a Python pickle file",
+      ("model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "): "a safetensors file",
+      ("model.pt", b"PK\x03\x04rest"): "a PyTorch checkpoint file",
+      ("model.pt.txt", b"PK\x03\x04rest"): None,  # a zip by another name
+      ("arrays.npz", b"PK\x03\x04rest"): "a NumPy .npz archive",
+      ("array.npy", b"\x93NUMPY\x01\x00"): "a NumPy .npy file",
+      ("weights.h5", b"\x89HDF\r\n\x1a\n"): "an HDF5 file (Keras / h5py)",
+      ("model.ckpt.index", b"\x00\x01"): "a TensorFlow checkpoint file",
+      ("blob", b"\x80\x10not a pickle protocol"): None,  # 0x80, then no protocol number 2..5
+      ("blob2", b"\x00\x04starts like nothing"): None,  # a protocol number without the 0x80 opcode before it
+  }
+  for (name, data), what in cases.items():
+    f = tmp_path / name
+    f.write_bytes(data)
+    with pytest.raises(UsageError) as e:
+      resolve_item_dir(f)
+    msg = str(e.value)
+    assert "\n" not in msg
+    if what is None:
+      assert " but a" not in msg and "pickle" not in msg, (name, msg)
+    else:
+      assert f"not an Orbax checkpoint but {what}" in msg, (name, msg)
