@@ -480,16 +480,24 @@ def main(argv: list[str] | None = None) -> int:
   candidates = [m for p in paths for m in mutants_of(p)]
   tests = {p: (sorted(args.tests), "--tests") if args.tests else tests_for(p, tuple(args.exclude)) for p in paths}
   carried: dict[Mutant, dict] = {}
+  gone: list[dict] = []
   if args.rerun:
     with open(args.rerun, encoding="utf-8") as f:
       before = json.load(f)
     seed = before["seed"]
     index = {(m.path, m.line, m.op, m.mutated): m for m in candidates}
+    moved: dict[tuple[str, str, str, str], list[Mutant]] = {}
+    for m in candidates:
+      moved.setdefault((m.path, m.op, m.original, m.mutated), []).append(m)
     chosen = []
     for r in before["mutants"]:
       m = index.get((r["path"], r["line"], r["op"], r["mutated"]))
-      if m is None:
-        raise SystemExit(f"error: {r['path']}:{r['line']} [{r['op']}] {r['mutated']} is no longer a mutant here")
+      if m is None:  # the same edit of the same line, moved by edits above it
+        same = moved.get((r["path"], r["op"], r["original"], r["mutated"]), [])
+        m = same[0] if len(same) == 1 else None
+      if m is None:  # the mutated code is gone (rewritten or removed): reported apart, never counted as killed
+        gone.append({**r, "status": "gone", "seconds": 0.0})
+        continue
       chosen.append(m)
       if r["status"] == "killed" and set(r["tests"]) <= set(tests[m.path][0]):
         carried[m] = r
@@ -550,7 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
       print(f"scratch copy kept: {scratch}")
 
-  counts = {s: sum(r["status"] == s for r in results) for s in ("killed", "survived", "timeout")}
+  for r in gone:
+    print(f"GONE     {r['path']}:{r['line']} [{r['op']}] {r['mutated']} (that code is no longer in the module)")
+  results += gone
+  counts = {s: sum(r["status"] == s for r in results) for s in ("killed", "survived", "timeout", "gone")}
   rate = counts["killed"] / max(len(results), 1)
   rate_t = (counts["killed"] + counts["timeout"]) / max(len(results), 1)
   print("\nsurvivors:")
@@ -558,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     if r["status"] == "survived":
       print(f"  {r['path']}:{r['line']} [{r['op']}] {r['original']}  ->  {r['mutated']}")
   print(
-      f"\nkilled {counts['killed']}, survived {counts['survived']}, timeout {counts['timeout']} of {len(results)}: "
+      f"\nkilled {counts['killed']}, survived {counts['survived']}, timeout {counts['timeout']}, "
+      f"gone {counts['gone']} of {len(results)}: "
       f"kill rate {100 * rate:.0f}% ({100 * rate_t:.0f}% counting timeouts as killed; seed {seed})"
   )
   if args.json:
