@@ -37,3 +37,19 @@ def test_first_line_is_cut_at_300_characters():
   assert first_line("x" * 300) == "x" * 300  # exactly the limit: kept whole
   assert first_line("y" * 301) == "y" * 300 + "..."
   assert first_line("z" * 1000 + "\nsecond") == "z" * 300 + "..."
+
+
+def test_arguments_are_named_as_flags_only_inside_a_tool_run():
+  from parity_jax.errors import arg, named_as_flags
+
+  assert arg("out") == "out"  # a library call: the Python argument's name
+  with named_as_flags(["out", "overwrite"]):
+    assert (arg("out"), arg("overwrite"), arg("spec")) == ("--out", "--overwrite", "spec")
+    with named_as_flags(["spec"]):  # nested: the inner tool's flags only
+      assert (arg("spec"), arg("out")) == ("--spec", "out")
+    assert arg("spec") == "spec" and arg("out") == "--out"
+  assert (arg("out"), arg("overwrite")) == ("out", "overwrite")  # left: the library's names again
+  with pytest.raises(KeyError):
+    with named_as_flags(["out"]):
+      raise KeyError("boom")
+  assert arg("out") == "out"  # also after an exception inside

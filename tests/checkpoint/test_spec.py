@@ -283,3 +283,11 @@ def test_a_spec_written_out_reads_back_the_same():
   d = {r["match"]: r for r in spec.to_dict()["rules"]}
   assert d["^b$"]["squeeze"] == [0] and d["^c$"]["reshape"] == [2, -1] and d["^e$"]["cast"] == "bfloat16"
   assert "transpose" in json.dumps(d["^d$"])
+
+
+def test_a_destination_with_an_empty_component_is_one_problem_and_binds_nothing_else():
+  # "e" -> "e/" is refused once; it is not then also taken as a child of the leaf "d" -> "e", nor as a destination
+  spec = RemapSpec.from_rules([{"match": r"^e$", "to": "e/"}, {"match": r"^d$", "to": "e"}])
+  with pytest.raises(SpecError) as e:
+    spec.bind({"e": leaf((2,)), "d": leaf((3,))})
+  assert e.value.problems == ["rule #1 ('^e$') maps 'e' to 'e/', which has an empty path component"]

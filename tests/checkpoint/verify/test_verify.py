@@ -267,6 +267,7 @@ def test_report_json_and_html(gen, tmp_path):
   assert entry["bytes"] == 1600 and entry["status"] == "PASS" and entry["transform"] == "reshape[5, 10, 8]"
   assert entry["sha256"] == leaf_sha256(gen["expected"]["params"]["embedding"]) and entry["diff"] is None
   assert "VERDICT: PASS" in rep._repr_html_()
+  assert repr(rep).startswith("VerifyReport('VERDICT: PASS") and repr(rep).endswith(", 14 leaves)"), repr(rep)
   rep.write_json(tmp_path / "r.json")
   assert json.loads((tmp_path / "r.json").read_text())["verdict"] == "PASS"
 
