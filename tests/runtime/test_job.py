@@ -73,3 +73,45 @@ def test_the_watchdog_names_why_a_process_is_lost(how, reason):
   assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
   assert len(lines) == 1 and f"error: {reason} (this is process 0; exiting 2)" in lines[0], proc.stderr
   assert time.monotonic() - t0 < 20
+
+
+_CHILD_3 = _CHILD.split("how = sys.argv[1]")[0] + textwrap.dedent("""
+    store = Store()
+    job = Job(store, 0, 3, timeout_s=0.6, op="ack-test")
+
+    def process_1():  # alive and making progress; acknowledges an abort 0.3 s after reading it
+      n = 0
+      while True:
+        n += 1
+        store.key_value_set(job.ns + "/hb/1", f"{n}:{n}", allow_overwrite=True)
+        try:
+          store.key_value_try_get(job.ns + "/abort")
+        except KeyError:
+          time.sleep(0.05)
+          continue
+        time.sleep(0.3)
+        store.key_value_set(job.ns + "/abort_seen/1", "1", allow_overwrite=True)
+        return
+
+    def cleanup():
+      try:
+        store.key_value_try_get(job.ns + "/abort_seen/1")
+        print("cleanup after process 1 read the reason", flush=True)
+      except KeyError:
+        print("cleanup before process 1 read the reason", flush=True)
+
+    job.on_abort(cleanup)
+    threading.Thread(target=process_1, daemon=True).start()
+    with job:  # process 2 never joins
+      while True:
+        job.tick()
+        time.sleep(0.05)
+    """)
+
+
+def test_process_0_ends_a_job_only_after_the_living_processes_read_why():
+  proc = subprocess.run([sys.executable, "-c", _CHILD_3], cwd=H.REPO, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+  assert "process 2 of 3 lost: never joined for 0.6 s" in proc.stderr, proc.stderr
+  # process 0 hosts the store: it keeps it up (and runs its cleanups) once process 1 has acknowledged the abort
+  assert proc.stdout.splitlines() == ["cleanup after process 1 read the reason"], proc.stdout
