@@ -253,3 +253,12 @@ def test_a_stalled_server_hits_the_deadline(bucket, monkeypatch, fast_limits):
     elapsed = time.monotonic() - t0
   _one_line(e.value, "timeout", f"{bucket.url}/f: no answer from {proxy.url} to a read within")
   assert 0.4 < elapsed < 2.0
+
+
+def test_the_kvstore_path_of_a_bucket_root_a_directory_and_an_object():
+  # no server needed: the spec is built from the URL alone
+  for scheme in ("gs", "s3"):
+    root, d = open_store(f"{scheme}://bkt"), open_store(f"{scheme}://bkt/a/b")
+    assert (root.kvstore_spec()["bucket"], root.kvstore_spec()["path"]) == ("bkt", "")  # the bucket itself, no "/"
+    assert root.kvstore_spec(as_dir=False)["path"] == ""
+    assert d.kvstore_spec()["path"] == "a/b/" and d.kvstore_spec(as_dir=False)["path"] == "a/b"
