@@ -13,6 +13,7 @@ import re
 import pytest
 
 from parity_jax.checkpoint import open_checkpoint, restore_leaves
+from tests.helpers import fused as FU
 from tests.helpers import safetensors_files as W
 from tests.helpers.conversion_specs import tunix_rules
 from tests.helpers.tools import one_line_error, run_many
@@ -145,6 +146,13 @@ def test_verify_and_migrate_tools_with_hf_sides(sides):
 
 def test_preset_flags_on_both_tools(tmp_path):
   tunix = os.path.join(HF, "..", "tunix_default")
+  t = FU.separate()  # concat rules through --spec, --print_spec, then the printed spec (tests/helpers/fused.py)
+  src, fused = FU.write(tmp_path / "src", t), FU.write(tmp_path / "fused", FU.fused(t))
+  (tmp_path / "concat.json").write_text(json.dumps({"rules": FU.CONCAT_RULES}))
+  bad_rules = json.loads(json.dumps(FU.CONCAT_RULES))
+  bad_rules[0]["concat"]["order"] = ["q", "k"]  # v is no part
+  bad_rules[1]["concat"]["axis"] = 0  # the stack's axis
+  (tmp_path / "bad.json").write_text(json.dumps({"rules": bad_rules}))
   v = run_many(
       "verify_migration",
       [
@@ -157,6 +165,14 @@ def test_preset_flags_on_both_tools(tmp_path):
           [f"--source={HF}", "--preset=hf-to-tunix", f"--print_spec={os.path.join(HF, 'spec.json')}"],
           [f"--source={tunix}", f"--migrated={HF}", "--preset=tunix-to-hf"],  # config.json: the HF side's
           [f"--source={tunix}", "--preset=tunix-to-hf", f"--print_spec={tmp_path / 'back.json'}"],
+          [f"--source={src}", f"--spec={tmp_path / 'concat.json'}", f"--print_spec={tmp_path / 'printed.json'}"],
+          [f"--source={src}", f"--migrated={fused}", f"--spec={tmp_path / 'printed.json'}"],
+          [
+              f"--source={src}",
+              f"--migrated={fused}",
+              f"--spec={tmp_path / 'bad.json'}",
+              f"--spec_errors={tmp_path / 'e.json'}",
+          ],
       ],
   )
   assert v[0].returncode == 0 and [line.split()[0] for line in v[0].stdout.splitlines()] == [
@@ -176,6 +192,16 @@ def test_preset_flags_on_both_tools(tmp_path):
   assert not os.path.exists(os.path.join(HF, "spec.json"))
   assert v[7].returncode == 0 and v[7].stdout.splitlines()[-1] == "VERDICT: PASS", v[7].stdout + v[7].stderr
   one_line_error(v[8], "give hf_config (--hf_config)")
+  assert v[9].returncode == 0 and json.loads((tmp_path / "printed.json").read_text())["rules"][0]["concat"] == {
+      "axis": 1,
+      "index": r"\2",
+      "order": ["q", "k", "v"],
+  }
+  assert v[10].returncode == 0 and v[10].stdout.splitlines()[-1] == "VERDICT: PASS", v[10].stdout + v[10].stderr
+  one_line_error(v[11], "3 problems")  # each layer's v leaf is in no part, and the concat axis is the stack's
+  problems = json.loads((tmp_path / "e.json").read_text())["problems"]
+  assert sum("'v' is not one of the concat order ['q', 'k']" in p for p in problems) == 2, problems
+  assert any("concat axis 0 of 'mlp/gate_up' is a stack axis" in p for p in problems), problems
   m = run_many("migrate_checkpoint", [["--list_presets"]])
   assert m[0].returncode == 0 and "hf-to-tunix" in m[0].stdout
 
