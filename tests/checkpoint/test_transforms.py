@@ -333,6 +333,10 @@ def test_concat_of_fused_qkv_and_gate_up_passes_and_swapped_members_fail(fused_s
   spec = RemapSpec.from_rules(FU.CONCAT_RULES)
   rep = verify_migration(s["src"], s["fused"], spec)
   assert rep.passed and len(rep.leaves) == 3, rep.text()
+  # 256-byte slabs over parts of different sizes: every byte of either side is read about once
+  small = verify_migration(s["src"], s["fused"], spec, slab_mb=256 / 2**20)
+  total = open_checkpoint(s["src"]).nbytes
+  assert small.passed and 2 * total <= small.bytes_read <= 2.5 * total, (small.bytes_read, total)
   shapes = {e.dest: e.dst_shape for e in spec.bind(open_checkpoint(s["src"]).leaves).elements}
   assert shapes == {
       **{f"layers/{i}/attn/qkv/kernel": (FU.D, FU.Q + 2 * FU.KV) for i in range(2)},
