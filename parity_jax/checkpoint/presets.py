@@ -143,10 +143,10 @@ def _entries(d: dict[str, Any], fw: dict[str, str]) -> list[tuple[str, str, str,
     out.append(("model.layers.{l}.mlp.gate.weight", fw["router"], "kernel", (), ()))
     for p in ("gate", "up", "down"):
       out.append((f"model.layers.{{l}}.mlp.experts.{{e}}.{p}_proj.weight", fw[f"expert_{p}"], "kernel", (), ()))
-  if d["family"] == "qwen2_moe":  # the shared expert (a dense MLP) and its sigmoid gate ([1, hidden] in HF)
-    for p in ("gate", "up", "down"):
-      out.append((f"model.layers.{{l}}.mlp.shared_expert.{p}_proj.weight", fw[f"shared_{p}"], "kernel", (), ()))
-    out.append(("model.layers.{l}.mlp.shared_expert_gate.weight", fw["shared_expert_gate"], "kernel", (), ()))
+    if d["family"] == "qwen2_moe":  # the shared expert (a dense MLP) and its sigmoid gate ([1, hidden] in HF)
+      for p in ("gate", "up", "down"):
+        out.append((f"model.layers.{{l}}.mlp.shared_expert.{p}_proj.weight", fw[f"shared_{p}"], "kernel", (), ()))
+      out.append(("model.layers.{l}.mlp.shared_expert_gate.weight", fw["shared_expert_gate"], "kernel", (), ()))
   else:
     for p in ("gate", "up", "down"):
       out.append((f"model.layers.{{l}}.mlp.{p}_proj.weight", fw[f"mlp_{p}"], "kernel", (), ()))
