@@ -202,41 +202,13 @@ def test_preset_flags_on_both_tools(tmp_path):
   problems = json.loads((tmp_path / "e.json").read_text())["problems"]
   assert sum("'v' is not one of the concat order ['q', 'k']" in p for p in problems) == 2, problems
   assert any("concat axis 0 of 'mlp/gate_up' is a stack axis" in p for p in problems), problems
-  m = run_many("migrate_checkpoint", [["--list_presets"]])
-  assert m[0].returncode == 0 and "hf-to-tunix" in m[0].stdout
 
 
-def test_migrate_tool_performs_presets_and_the_result_verifies(tmp_path):
-  """HF -> tunix with --preset: tunix's own conversion bit for bit (its committed checkpoint), both layouts."""
+def test_migrate_tool_performs_presets_both_ways_and_the_results_verify(tmp_path):
+  """HF -> tunix with --preset: tunix's own conversion bit for bit (its committed checkpoint), both layouts; and
+  tunix -> HF with --preset=tunix-to-hf: the original HF tensors bit for bit, in shards, with config.json. One
+  migrate_checkpoint process and one verify_migration process for all the runs."""
   std, v1 = tmp_path / "std", tmp_path / "v1"
-  m = run_many(
-      "migrate_checkpoint",
-      [
-          [f"--source={HF}", f"--dest={std}", "--preset=hf-to-tunix", "--chunk_mb=0.01"],
-          [f"--source={HF}", f"--dest={v1}", "--preset=hf-to-tunix", "--layout=v1"],
-          [f"--source={HF}", f"--dest={tmp_path / 'bad'}", "--preset=hf-to-tunix", "--layout=flat"],
-      ],
-  )
-  assert m[0].returncode == 0 and m[1].returncode == 0, m[0].stderr + m[1].stderr
-  assert "migrated 27 leaves" in m[0].stdout, m[0].stdout
-  one_line_error(m[2], "--layout")
-  assert not os.path.exists(tmp_path / "bad")
-  assert os.path.isfile(std / "_METADATA") and os.path.isfile(v1 / "state" / "_METADATA")
-  tunix = open_checkpoint(os.path.join(HF, "..", "tunix_default"))
-  want = dict(restore_leaves(tunix, sorted(tunix.leaves)))
-  for out in (std, v1):
-    ck = open_checkpoint(out)
-    got = dict(restore_leaves(ck, sorted(ck.leaves)))
-    assert sorted(got) == sorted(want)
-    for k, v in want.items():
-      assert got[k].dtype == v.dtype and got[k].shape == v.shape and got[k].tobytes() == v.tobytes(), k
-  v = run_many("verify_migration", [[f"--source={HF}", f"--migrated={d}", "--preset=hf-to-tunix"] for d in (std, v1)])
-  for r in v:
-    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "VERDICT: PASS", r.stdout + r.stderr
-
-
-def test_migrate_tool_writes_hf_safetensors_from_tunix(tmp_path):
-  """tunix -> HF with --preset=tunix-to-hf: the original HF tensors bit for bit, in shards, with config.json."""
   tunix = os.path.join(HF, "..", "tunix_default")
   out = tmp_path / "hf"
   (tmp_path / "taken").mkdir()
@@ -245,6 +217,10 @@ def test_migrate_tool_writes_hf_safetensors_from_tunix(tmp_path):
   m = run_many(
       "migrate_checkpoint",
       [
+          [f"--source={HF}", f"--dest={std}", "--preset=hf-to-tunix", "--chunk_mb=0.01"],
+          [f"--source={HF}", f"--dest={v1}", "--preset=hf-to-tunix", "--layout=v1"],
+          [f"--source={HF}", f"--dest={tmp_path / 'bad'}", "--preset=hf-to-tunix", "--layout=flat"],
+          ["--list_presets"],
           [f"--source={tunix}", f"--dest={out}", "--max_shard_mb=0.1", *args],
           [f"--source={tunix}", f"--dest={tmp_path / 'one'}", *args],  # default shard size: one file, no index
           [f"--source={tunix}", f"--dest={tmp_path / 'taken'}", *args],
@@ -258,6 +234,21 @@ def test_migrate_tool_writes_hf_safetensors_from_tunix(tmp_path):
           ],
       ],
   )
+  assert m[0].returncode == 0 and m[1].returncode == 0, m[0].stderr + m[1].stderr
+  assert "migrated 27 leaves" in m[0].stdout, m[0].stdout
+  one_line_error(m[2], "--layout")
+  assert not os.path.exists(tmp_path / "bad")
+  assert m[3].returncode == 0 and "hf-to-tunix" in m[3].stdout
+  assert os.path.isfile(std / "_METADATA") and os.path.isfile(v1 / "state" / "_METADATA")
+  tck = open_checkpoint(tunix)
+  want = dict(restore_leaves(tck, sorted(tck.leaves)))
+  for d in (std, v1):
+    ck = open_checkpoint(d)
+    got = dict(restore_leaves(ck, sorted(ck.leaves)))
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+      assert got[k].dtype == v.dtype and got[k].shape == v.shape and got[k].tobytes() == v.tobytes(), k
+  m = m[4:]
   assert m[0].returncode == 0 and m[1].returncode == 0, m[0].stderr + m[1].stderr
   one_line_error(m[2], "destination already exists")
   one_line_error(m[3], "is not an Orbax checkpoint")
@@ -275,5 +266,10 @@ def test_migrate_tool_writes_hf_safetensors_from_tunix(tmp_path):
     for k in b.leaves:
       x, y = a.read_whole(a.leaves[k]), b.read_whole(b.leaves[k])
       assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
-  (v,) = run_many("verify_migration", [[f"--source={tunix}", f"--migrated={out}", "--preset=tunix-to-hf"]])
-  assert v.returncode == 0 and v.stdout.splitlines()[-1] == "VERDICT: PASS", v.stdout + v.stderr
+  v = run_many(
+      "verify_migration",
+      [[f"--source={HF}", f"--migrated={d}", "--preset=hf-to-tunix"] for d in (std, v1)]
+      + [[f"--source={tunix}", f"--migrated={out}", "--preset=tunix-to-hf"]],
+  )
+  for r in v:
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "VERDICT: PASS", r.stdout + r.stderr
