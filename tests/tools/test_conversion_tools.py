@@ -153,6 +153,10 @@ def test_preset_flags_on_both_tools(tmp_path):
   bad_rules[0]["concat"]["order"] = ["q", "k"]  # v is no part
   bad_rules[1]["concat"]["axis"] = 0  # the stack's axis
   (tmp_path / "bad.json").write_text(json.dumps({"rules": bad_rules}))
+  q2moe = tmp_path / "q2moe"  # a Qwen2-MoE config.json: MaxText maps no such model
+  q2moe.mkdir()
+  with open(os.path.join(HF, "config.json")) as f:
+    (q2moe / "config.json").write_text(json.dumps({**json.load(f), "model_type": "qwen2_moe"}))
   v = run_many(
       "verify_migration",
       [
@@ -173,6 +177,7 @@ def test_preset_flags_on_both_tools(tmp_path):
               f"--spec={tmp_path / 'bad.json'}",
               f"--spec_errors={tmp_path / 'e.json'}",
           ],
+          [f"--source={q2moe}", "--preset=hf-to-maxtext-scanned", f"--print_spec={tmp_path / 'q2.json'}"],
       ],
   )
   assert v[0].returncode == 0 and [line.split()[0] for line in v[0].stdout.splitlines()] == [
@@ -202,6 +207,8 @@ def test_preset_flags_on_both_tools(tmp_path):
   problems = json.loads((tmp_path / "e.json").read_text())["problems"]
   assert sum("'v' is not one of the concat order ['q', 'k']" in p for p in problems) == 2, problems
   assert any("concat axis 0 of 'mlp/gate_up' is a stack axis" in p for p in problems), problems
+  one_line_error(v[12], "preset hf-to-maxtext-scanned has no qwen2_moe layout")
+  assert not os.path.exists(tmp_path / "q2.json")
 
 
 def test_migrate_tool_performs_presets_both_ways_and_the_results_verify(tmp_path):
