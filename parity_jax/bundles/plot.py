@@ -226,7 +226,7 @@ def _colorbar(canvas: _Canvas, block: str | None, scale: _Scale) -> None:
   cb.set_label("log10 rel-L2", fontsize=8)
   cb.ax.tick_params(labelsize=7)
   for t in sorted(set(scale.tols)):
-    if scale.lo <= math.log10(t) <= scale.hi:
+    if math.log10(t) >= scale.lo:  # the top is always above: _Scale.of puts hi a decade over the largest tolerance
       cb.ax.axhline(math.log10(t), color="red", lw=1.2)
 
 

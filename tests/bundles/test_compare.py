@@ -312,3 +312,9 @@ def test_the_largest_ulp_distance_is_zero_for_equal_arrays_and_counts_steps_othe
   assert max_ulp_in(a, b, np.dtype(np.float32)) == 2
   # in bfloat16 the same two arrays round alike (a float32 step is far below a bf16 ULP): 0
   assert max_ulp_in(a, b, np.dtype(ml_dtypes.bfloat16)) == 0
+
+
+def test_a_stage_filter_that_is_no_regular_expression_is_one_usage_error():
+  golden = synth.golden_stages(num_layers=1)
+  with pytest.raises(UsageError, match=r"stage filter is not a valid regular expression .*: '\(layers'"):
+    compare_bundles(golden, golden, stages="(layers")

@@ -56,3 +56,15 @@ def test_html_elements_are_closed():
     page = compare_bundles(golden, candidate, profile="f32", allow_missing=True)._repr_html_()
     for tag in ("div", "table", "tr", "td"):
       assert page.count(f"<{tag}") == page.count(f"</{tag}>"), tag
+
+
+def test_rel_l2_is_written_in_three_significant_digits_or_a_word():
+  from parity_jax.bundles.render import fmt_rel
+
+  assert [fmt_rel(x) for x in (0.0, 1.5e-3, 2.0, float("nan"), float("inf"))] == [
+      "0",
+      "1.50e-03",
+      "2.00e+00",
+      "nan",
+      "inf",
+  ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import ml_dtypes
@@ -213,3 +214,23 @@ def test_bfloat16_variant_sums_in_float32_and_rounds_the_sums_to_bfloat16():
   # the same sums through torch_cpu_sum: a bfloat16 vector is summed in float32 and the result cast back
   got = np.asarray(torch_cpu_sum(s_b))
   assert got.dtype == ml_dtypes.bfloat16 and got.tobytes() == bf(sum_s).tobytes()
+
+
+def test_component_shapes_are_checked_against_the_layout():
+  from parity_jax.errors import UsageError
+  from parity_jax.svf.core import validate_components
+
+  # W [m, n] = U [m, k] diag(S [k]) V^T: torch keeps V as [n, k], a "vh" layout as V^T [k, n]
+  assert validate_components((6, 3), (3,), (5, 3), (3,), "torch_v") == (6, 5, 3)
+  assert validate_components((6, 3), (3,), (3, 5), (3,), "vh") == (6, 5, 3)
+  bad = [
+      ((6, 3), (3,), (3, 5), (3,), "torch_v", "component shapes disagree for layout torch_v (V as [n, k])"),
+      ((6, 3), (3,), (5, 3), (3,), "vh", "component shapes disagree for layout vh (V as [k, n])"),
+      ((6, 4), (3,), (5, 3), (3,), "torch_v", "component shapes disagree"),
+      ((6, 3), (3,), (5, 3), (4,), "torch_v", "offsets shape [4] does not match S [3]"),
+      ((6, 3, 1), (3,), (5, 3), (3,), "torch_v", "expected U [m, k], S [k], V 2-D"),
+      ((6, 3), (3,), (5, 3), (3,), "uv", "unknown layout 'uv'"),
+  ]
+  for u, s, v, o, layout, message in bad:
+    with pytest.raises(UsageError, match=re.escape("w: " + message)):
+      validate_components(u, s, v, o, layout, name="w")
