@@ -84,29 +84,32 @@ def _case(rng, tmp, name):
   """A random element rule with numpy's expected target, written out: (spec, src dir, expected, origin)."""
   dtype = [np.dtype(np.float32), BF16, np.dtype(np.float16)][int(rng.integers(3))]
   cast = CASTS[dtype][int(rng.integers(len(CASTS[dtype])))]
-  n_members = int(rng.integers(1, 4))
+  grid = [(1,), (2,), (3,), (2, 2), (2, 3)][int(rng.integers(5))]  # one or two stack levels
   shape = tuple(int(d) for d in rng.integers(1, 7, size=int(rng.integers(1, 4))))
   ops = []
   while not ops:
     ops, fns, _ = _ops(rng, shape)
   fill = [0.0, -0.0, 1.5][int(rng.integers(3))]
-  members, parts, origins = {}, [], []
+  members, parts, origins, names = {}, [], [], []
   size = int(np.prod(shape))
-  for m in range(n_members):
+  for m, key in enumerate(np.ndindex(*grid)):
+    names.append("w." + ".".join(str(k) for k in key))
     x = (rng.standard_normal(shape) * 4).astype(dtype)
-    members[f"w.{m}"] = x
+    members[names[-1]] = x
     part, valid = _apply(fns, x, fill, np.ones(shape, bool))
     where, _ = _apply(fns, (m * size + np.arange(size)).reshape(shape), -1, np.ones(shape, bool))
     parts.append(part.astype(transforms.CAST_DTYPES[cast]) if cast else part)
     origins.append(np.where(valid, where, -1))
-  if n_members > 1:
-    axis = int(rng.integers(parts[0].ndim + 1))
-    expected, origin = np.stack(parts, axis), np.stack(origins, axis)
-    stack = [{"axis": axis, "index": "\\g<m>"}]
+  if len(names) > 1:  # the grid's axes moved to random increasing positions of the target
+    levels = len(grid)
+    axes = sorted(int(a) for a in rng.choice(parts[0].ndim + levels, levels, replace=False))
+    expected = np.moveaxis(np.stack(parts).reshape(grid + parts[0].shape), range(levels), axes)
+    origin = np.moveaxis(np.stack(origins).reshape(grid + parts[0].shape), range(levels), axes)
+    stack = [{"axis": a, "index": f"\\g<k{i}>"} for i, a in enumerate(axes)]
   else:
     expected, origin, stack = parts[0], origins[0], []
   expected = np.ascontiguousarray(expected)
-  rule = {"match": r"w\.(?P<m>\d+)", "to": "t", "ops": ops, "fill": fill}
+  rule = {"match": r"w" + "".join(rf"\.(?P<k{i}>\d+)" for i in range(len(grid))), "to": "t", "ops": ops, "fill": fill}
   if stack:
     rule["stack"] = stack
   if cast:
@@ -114,7 +117,7 @@ def _case(rng, tmp, name):
   src = os.path.join(tmp, f"{name}_src")
   os.makedirs(src)
   W.write_file(os.path.join(src, "model.safetensors"), members)
-  return RemapSpec.from_rules([rule]), src, expected, origin, shape
+  return RemapSpec.from_rules([rule]), src, expected, origin, shape, names
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +138,8 @@ def test_every_slab_equals_numpy_on_both_paths(cases, monkeypatch):
     return got
 
   monkeypatch.setattr(transforms.ElementPlan, "box_source", counted)
-  monkeypatch.setattr(elements, "CACHE_BYTES", 64)
-  for rng, spec, src, expected, _, _ in cases:
+  monkeypatch.setattr(elements, "CACHE_BYTES", 256)
+  for rng, spec, src, expected, _, _, _ in cases:
     ck = open_checkpoint(src)
     (e,) = spec.bind(ck.leaves).elements
     assert e.dst_shape == expected.shape
@@ -160,7 +163,7 @@ def test_every_slab_equals_numpy_on_both_paths(cases, monkeypatch):
 
 def test_one_flipped_element_is_named_with_its_source(cases, tmp_path):
   u = {2: np.uint16, 4: np.uint32}
-  for i, (rng, spec, src, expected, origin, shape) in enumerate(cases):
+  for i, (rng, spec, src, expected, origin, shape, names) in enumerate(cases):
     ok = os.path.join(tmp_path, f"ok{i}")
     W.write_file(os.path.join(os.makedirs(ok) or ok, "model.safetensors"), {"t": expected})
     rep = verify_migration(src, ok, spec, slab_mb=float(rng.choice([1e-5, 1e-4, 8.0])))
@@ -185,13 +188,13 @@ def test_one_flipped_element_is_named_with_its_source(cases, tmp_path):
     else:
       m, s = divmod(o, int(np.prod(shape)))
       s_index = [int(j) for j in np.unravel_index(s, shape)]
-      assert f"w.{m}{s_index}" in r.reason, (r.reason, m, s_index)
+      assert f" {names[m]}{s_index}" in r.reason or f"({names[m]}{s_index})" in r.reason, (r.reason, m, s_index)
     assert r.sha256 == hashlib.sha256(bad.tobytes()).hexdigest()
     assert r.source_sha256 == digest
 
 
 def test_an_op_or_plan_field_it_does_not_know_takes_the_index_path(cases):
-  _, spec, src, _, _, _ = cases[0]
+  _, spec, src, _, _, _, _ = cases[0]
   (e,) = spec.bind(open_checkpoint(src).leaves).elements
   whole = tuple((0, d) for d in e.dst_shape)
   assert e.box_source(whole) is not None
