@@ -165,6 +165,7 @@ def _verify(source, migrated, spec, *, top_k, slab_mb, spill_dir, readahead, pro
       log=log,
   )
   bytes_read, job_figures = values.compare_values(job, to_compare, src_ckpt, mig_ckpt, settings, progress=progress)
+  del settings  # its slab buffers: not held while the element targets are compared
   for e, res in element_pairs:  # every process checks every element target (the same result everywhere)
     bytes_read += elements.compare_element_leaf(e, res, src_ckpt, mig_ckpt, elements.slab_elems(slab_mb * _MIB, e))
   return VerifyReport(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import concurrent.futures
+import ctypes
 import hashlib
 import itertools
 import math
@@ -129,7 +130,7 @@ class Slab:
     return tuple(t), e.members[e.member_keys()[int(member[0])]], tuple(int(x[0]) for x in sidx)
 
 
-CACHE_BYTES = 32 << 20  # source blocks kept between slabs, all members together (read ahead along the slabs)
+CACHE_BYTES = 16 << 20  # source blocks kept between slabs, all members together (read ahead along the slabs)
 
 
 class TargetValues:
@@ -183,6 +184,7 @@ class TargetValues:
       self.readers[path] = self.src.reader(meta).open()
     got = self.cache.get(path)
     if got is None or not _inside(b, got[0]):
+      got = self.cache.pop(path, None) and None  # not held while its successor is read
       wide = _widen(b, meta.shape, max(math.prod(h - l for l, h in b), self.ahead))
       got = (wide, _read_box(self.readers[path], meta, wide))
       self.nbytes += got[1].nbytes
@@ -270,14 +272,15 @@ class TargetValues:
 
 
 def _read_box(reader, meta: LeafMeta, b) -> np.ndarray:
-  """``b`` of a source leaf. A box whose rows are short against the leaf's (a column strip of a transposed
-  kernel) is read as bands of whole rows, at most CACHE_BYTES / 4 each, and cut: a few long reads instead of one
-  short read per row."""
+  """``b`` of a source leaf. A box that is not one C-order range (a column strip of a transposed kernel) is read
+  as bands of whole rows, at most CACHE_BYTES / 4 each, and cut here: a few long reads instead of one short read
+  per row, and the band buffers allocated by this thread (a reader's own pool would allocate them in its
+  threads' malloc arenas, which keep what they once held)."""
   shape = tuple(meta.shape)
   a = len(b) - 1  # the last axis the box does not cover whole
   while a > 0 and b[a] == (0, shape[a]):
     a -= 1
-  if a <= 0 or (b[a][1] - b[a][0]) * 4 >= shape[a]:
+  if a <= 0:  # one contiguous byte range
     return reader.read(tuple(slice(l, h) for l, h in b)) if b else reader.read(())
   out = np.empty(tuple(h - l for l, h in b), meta.dtype)
   row = math.prod(shape[a:]) * meta.dtype.itemsize  # bytes of one index of axis a - 1, whole
@@ -293,6 +296,22 @@ def _read_box(reader, meta: LeafMeta, b) -> np.ndarray:
   return out
 
 
+def release_freed_memory() -> None:
+  """Hands the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere): the buffers of
+  one leaf, freed, would otherwise stay resident beside the next leaf's, and peaks add up across leaves."""
+  global _TRIM
+  if _TRIM is None:
+    try:
+      _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+      _TRIM = False
+  if _TRIM:
+    _TRIM(0)
+
+
+_TRIM = None
+
+
 def compare_element_leaf(e: ElementPlan, res: LeafResult, src: Checkpoint, mig: Checkpoint, slab_elems: int) -> int:
   """Fills ``res`` (status, reason, sha256s) for one element target; returns the bytes read.
 
@@ -302,6 +321,7 @@ def compare_element_leaf(e: ElementPlan, res: LeafResult, src: Checkpoint, mig: 
   own, copied from the common one. Hashing runs on a thread (hashlib releases the GIL), overlapped with the next
   slab's reads and evaluation. The first differing element's source is found through the index path.
   """
+  release_freed_memory()
   n = math.prod(e.dst_shape)
   mig_meta = mig.leaves[e.dest]
   u = _UINT[e.dst_dtype.itemsize]
