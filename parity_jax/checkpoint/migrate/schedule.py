@@ -71,6 +71,7 @@ from parity_jax.runtime import Job, stall_point
 __all__ = ["AgreedError", "run"]
 
 _MIB = 1 << 20
+ELEMENT_SLAB_BYTES = 8 * _MIB  # an element target is evaluated in slabs of this within a destination chunk
 
 
 class AgreedError(UsageError):
@@ -315,7 +316,9 @@ def _write_share(
         pending.clear()
 
       if leaf.element is not None:  # computed from the source, one destination chunk at a time
-        with TargetValues(leaf.element, src, slab_elems(group_bytes, leaf.element)) as values, _drained(pending):
+        # slabs of at most ELEMENT_SLAB_BYTES within each chunk: the chunk buffer plus one slab, not two chunks
+        slab = slab_elems(min(group_bytes, ELEMENT_SLAB_BYTES), leaf.element)
+        with TargetValues(leaf.element, src, slab) as values, _drained(pending):
           for box in _chunk_boxes(leaf, a_el, b_el):
             buf = element_chunk(values, box)
             settle()  # the previous chunk's write (overlapped with this chunk's evaluation)
