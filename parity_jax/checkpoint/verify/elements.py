@@ -186,8 +186,9 @@ class TargetValues:
     if got is None or not _inside(b, got[0]):
       got = self.cache.pop(path, None) and None  # not held while its successor is read
       wide = _widen(b, meta.shape, max(math.prod(h - l for l, h in b), self.ahead))
-      got = (wide, _read_box(self.readers[path], meta, wide))
-      self.nbytes += got[1].nbytes
+      block, read = _read_box(self.readers[path], meta, wide)
+      got = (wide, block)
+      self.nbytes += read
       self.cache[path] = got
     self.used.add(path)
     wide, block = got
@@ -271,29 +272,32 @@ class TargetValues:
       yield Slab(lo, hi, self._finish(values, ~valid), e, box)
 
 
-def _read_box(reader, meta: LeafMeta, b) -> np.ndarray:
+def _read_box(reader, meta: LeafMeta, b) -> tuple[np.ndarray, int]:
   """``b`` of a source leaf. A box that is not one C-order range (a column strip of a transposed kernel) is read
   as bands of whole rows, at most CACHE_BYTES / 4 each, and cut here: a few long reads instead of one short read
   per row, and the band buffers allocated by this thread (a reader's own pool would allocate them in its
-  threads' malloc arenas, which keep what they once held)."""
+  threads' malloc arenas, which keep what they once held). Returns the box's values and the bytes read."""
   shape = tuple(meta.shape)
   a = len(b) - 1  # the last axis the box does not cover whole
   while a > 0 and b[a] == (0, shape[a]):
     a -= 1
   if a <= 0:  # one contiguous byte range
-    return reader.read(tuple(slice(l, h) for l, h in b)) if b else reader.read(())
+    out = reader.read(tuple(slice(l, h) for l, h in b)) if b else reader.read(())
+    return out, out.nbytes
   out = np.empty(tuple(h - l for l, h in b), meta.dtype)
   row = math.prod(shape[a:]) * meta.dtype.itemsize  # bytes of one index of axis a - 1, whole
   outer = [range(l, h) for l, h in b[: a - 1]]
   lo, hi = b[a - 1]
   band = max(1, (CACHE_BYTES // 4) // row)
+  read = 0
   for pre in itertools.product(*outer):
     for r in range(lo, hi, band):
       r1 = min(hi, r + band)
       whole = reader.read(tuple(slice(i, i + 1) for i in pre) + (slice(r, r1),) + tuple(slice(0, d) for d in shape[a:]))
       cut = (0,) * len(pre) + (slice(None),) + tuple(slice(l, h) for l, h in b[a:])
       out[tuple(i - l for i, (l, _) in zip(pre, b)) + (slice(r - lo, r1 - lo),)] = whole[cut]
-  return out
+      read += whole.nbytes
+  return out, read
 
 
 def release_freed_memory() -> None:
