@@ -224,4 +224,20 @@ def test_an_op_or_plan_field_it_does_not_know_takes_the_index_path(cases):
   class Wider(transforms.ElementPlan):
     pieces: tuple = ()
 
-  assert Wider(**{f.name: getattr(e, f.name) for f in dataclasses.fields(e)}).box_source(whole) is None
+  same = {f.name: getattr(e, f.name) for f in dataclasses.fields(e)}
+  assert Wider(**same).box_source(whole) is not None  # a field at its default changes nothing
+  assert Wider(**same, pieces=(1,)).box_source(whole) is None
+
+
+def test_a_concat_takes_the_index_path(tmp_path):
+  q, k = np.arange(12, dtype=np.float32).reshape(4, 3), -np.arange(6, dtype=np.float32).reshape(2, 3)
+  W.write_file(os.path.join(tmp_path, "model.safetensors"), {"q": q, "k": k})
+  spec = RemapSpec.from_rules(
+      [{"match": "^(q|k)$", "to": "qk", "concat": {"axis": 0, "index": r"\1", "order": ["q", "k"]}}]
+  )
+  ck = open_checkpoint(tmp_path)
+  (e,) = spec.bind(ck.leaves).elements
+  assert e.box_source(((0, 6), (0, 3))) is None
+  with elements.TargetValues(e, ck, 4) as v:
+    got = np.concatenate([s.values for s in v.slabs(0, 18)])
+  assert got.tobytes() == np.concatenate([q, k]).tobytes()
