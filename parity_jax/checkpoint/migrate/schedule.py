@@ -72,6 +72,7 @@ __all__ = ["AgreedError", "run"]
 
 _MIB = 1 << 20
 ELEMENT_SLAB_BYTES = 8 * _MIB  # an element target is evaluated in slabs of this within a destination chunk
+ELEMENT_CACHE_BYTES = 8 * _MIB  # and reads its source ahead by this much, all members together
 
 
 class AgreedError(UsageError):
@@ -318,10 +319,10 @@ def _write_share(
       if leaf.element is not None:  # computed from the source, one destination chunk at a time
         # slabs of at most ELEMENT_SLAB_BYTES within each chunk: the chunk buffer plus one slab, not two chunks
         slab = slab_elems(min(group_bytes, ELEMENT_SLAB_BYTES), leaf.element)
-        with TargetValues(leaf.element, src, slab) as values, _drained(pending):
+        with TargetValues(leaf.element, src, slab, ELEMENT_CACHE_BYTES) as values, _drained(pending):
           for box in _chunk_boxes(leaf, a_el, b_el):
+            settle()  # the previous chunk's write first: one destination chunk in memory at a time
             buf = element_chunk(values, box)
-            settle()  # the previous chunk's write (overlapped with this chunk's evaluation)
             pending.append((t[box] if box else t).write(buf, can_reference_source_data_indefinitely=True))
             written += buf.nbytes
             n_groups += 1

@@ -143,17 +143,19 @@ class TargetValues:
   with any other box goes through the index path: :meth:`ElementPlan.source_indices` for every element, then
   a gather from each member's bounding box (a slab of at most :data:`MAX_INDEX_SLAB` elements, cut in halves
   while its boxes would exceed four slabs). Either way a member's source block is read widened ahead (about
-  :data:`CACHE_BYTES` shared by the members) and kept while the following slabs use it.
+  ``cache_bytes``, default :data:`CACHE_BYTES`, shared by the members) and kept while the following slabs use
+  it.
   """
 
-  def __init__(self, e: ElementPlan, src: Checkpoint, slab_elems: int):
+  def __init__(self, e: ElementPlan, src: Checkpoint, slab_elems: int, cache_bytes: int | None = None):
     self.e, self.src, self.slab_elems = e, src, max(1, slab_elems)
     self.keys = e.member_keys()
     self.readers: dict = {}
     self.cache: dict = {}
     self.used: set = set()
     self.nbytes = 0  # source bytes read so far
-    self.ahead = max(1, CACHE_BYTES // max(1, len(e.members)) // e.src_dtype.itemsize)
+    self.cache_bytes = CACHE_BYTES if cache_bytes is None else cache_bytes
+    self.ahead = max(1, self.cache_bytes // max(1, len(e.members)) // e.src_dtype.itemsize)
 
   def __enter__(self) -> "TargetValues":
     return self
