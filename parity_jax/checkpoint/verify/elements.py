@@ -130,7 +130,8 @@ class Slab:
     return tuple(t), e.members[e.member_keys()[int(member[0])]], tuple(int(x[0]) for x in sidx)
 
 
-CACHE_BYTES = 16 << 20  # source blocks kept between slabs, all members together (read ahead along the slabs)
+BAND_BYTES = 2 << 20  # whole rows read at a time to cut a strip from
+CACHE_BYTES = 32 << 20  # source blocks kept between slabs, all members together (read ahead along the slabs)
 
 
 class TargetValues:
@@ -276,7 +277,7 @@ class TargetValues:
 
 def _read_box(reader, meta: LeafMeta, b) -> tuple[np.ndarray, int]:
   """``b`` of a source leaf. A box that is not one C-order range (a column strip of a transposed kernel) is read
-  as bands of whole rows, at most CACHE_BYTES / 4 each, and cut here: a few long reads instead of one short read
+  as bands of whole rows, at most BAND_BYTES (and CACHE_BYTES / 4) each, and cut here: a few long reads instead of one short read
   per row, and the band buffers allocated by this thread (a reader's own pool would allocate them in its
   threads' malloc arenas, which keep what they once held). Returns the box's values and the bytes read."""
   shape = tuple(meta.shape)
@@ -290,7 +291,7 @@ def _read_box(reader, meta: LeafMeta, b) -> tuple[np.ndarray, int]:
   row = math.prod(shape[a:]) * meta.dtype.itemsize  # bytes of one index of axis a - 1, whole
   outer = [range(l, h) for l, h in b[: a - 1]]
   lo, hi = b[a - 1]
-  band = max(1, (CACHE_BYTES // 4) // row)
+  band = max(1, min(CACHE_BYTES // 4, BAND_BYTES) // row)
   read = 0
   for pre in itertools.product(*outer):
     for r in range(lo, hi, band):
