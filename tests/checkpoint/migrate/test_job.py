@@ -147,7 +147,8 @@ def test_two_processes_write_one_checkpoint_that_loads_and_verifies_like_a_one_p
 def test_killing_process_1_mid_run_makes_process_0_exit_2_and_leaves_nothing(ck, tmp_path, point):
   """Mid-share, or with its share written but not yet reported: process 0 must not install anything."""
   dest = tmp_path / "mig"
-  procs = jobs.start("migrate_checkpoint", _margs(ck, dest) + ["--peer_timeout=2"], env={STALL: f"{point}@1"})
+  # the kill must come within the peer timeout of the stall, or process 0 rightly calls process 1 hung first
+  procs = jobs.start("migrate_checkpoint", _margs(ck, dest) + ["--peer_timeout=4"], env={STALL: f"{point}@1"})
   t0 = time.monotonic()
   jobs.wait_for_line(procs[1], "stalling")
   procs[1].send_signal(signal.SIGKILL)
