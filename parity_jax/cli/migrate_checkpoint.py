@@ -91,6 +91,7 @@ _REPORT = flags.DEFINE_string(
 _PROGRESS = flags.DEFINE_boolean(
     "progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise)."
 )
+_STORAGE = app.storage_flags(__name__)  # --storage_retries, --storage_backoff_s
 _DIST = app.distributed_flags(__name__)
 _PRESETS = app.preset_flags(__name__)  # --preset, --list_presets, --print_spec (issue 17)
 
@@ -102,6 +103,7 @@ def main(argv):
   from parity_jax.files import check_output_path
   from parity_jax.progress import human_bytes
 
+  _STORAGE()
   early = _PRESETS.handle_early(_SPEC.value, _SOURCE.value, _OVERWRITE.value)
   if early is not None:
     return early

@@ -7,6 +7,7 @@ shipped example's own committed report of bit-identical leaves (every leaf PASS)
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from parity_jax.checkpoint import example
 from tests.helpers import ckpt as H
 from tests.helpers import legacy as L
-from tests.helpers.jobs import finish, start, wait_for_line
+from tests.helpers.jobs import finish, free_port, start, wait_for_line
 from tests.helpers.objectstores import FAKE_SECRET, Bucket, running
 from tests.helpers.tools import ROOT, one_line_error, run, run_many
 
@@ -86,6 +87,21 @@ def test_bad_bucket_requests_are_one_line_exit_2(both, tmp_path):
   for (args, words), res in zip(cases, run_many("verify_migration", argvs, env=env)):
     one_line_error(res, words)
     assert not res.stdout.count("VERDICT"), (args, res.stdout)
+
+
+def test_migrate_storage_flags_bound_the_attempts_per_request(tmp_path):
+  """The migrate tool's --storage_retries is the number of attempts a refused connection gets (as the verifier's)."""
+  src = "s3://parity-nowhere/ckpt"
+  spec = H.write_spec(tmp_path / "identity.json", {"rules": [{"match": "(.*)", "to": "\\1"}]})
+  env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+  argvs = [
+      [f"--source={src}", f"--dest={tmp_path / f'out{n}'}", f"--spec={spec}", f"--storage_retries={n}"]
+      + ["--storage_backoff_s=0.01"]
+      for n in (2, 3)
+  ]
+  for n, r in zip((2, 3), run_many("migrate_checkpoint", argvs, env=dict(os.environ, **env))):
+    one_line_error(r, f"(connection refused) after {n} attempts")
+  assert not list(tmp_path.glob("out*"))
 
 
 def test_server_gone_mid_verify_is_exit_1_with_unreadable_leaves(both, tmp_path):
