@@ -79,13 +79,8 @@ def main(argv):
   from parity_jax.checkpoint.migrate import leftovers
   from parity_jax.errors import UsageError
   from parity_jax.files import check_output_path
-  from parity_jax.stores import is_remote
 
   _STORAGE()
-  for out, name in ((_REPORT.value, "--report"), (_SPEC_ERRORS.value, "--spec_errors"), (_SPEC.value, "--spec")):
-    if out and is_remote(out):
-      raise UsageError(f"{name}={out}: must be a local file (bucket URLs are taken for checkpoints only)")
-
   early = _PRESETS.handle_early(_SPEC.value, _SOURCE.value, _OVERWRITE.value)
   if early is not None:
     return early

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from parity_jax.checkpoint import example
+from parity_jax.checkpoint.spec import RemapSpec
 from tests.helpers import ckpt as H
 from tests.helpers import legacy as L
 from tests.helpers.jobs import finish, free_port, start, wait_for_line
@@ -41,16 +42,19 @@ def both():
   return out, env
 
 
-def test_verify_across_gs_and_s3_passes_and_reports_io_and_endpoints(both, tmp_path):
+def test_verify_across_gs_and_s3_passes_and_reports_io_and_endpoints(both):
+  """Checkpoints, the spec, the JSON report and the HTML page all in buckets."""
   b, env = both
   _, _, spec = example.example_paths()
-  report = tmp_path / "r.json"
+  spec_bytes = open(spec, "rb").read()
+  b["s3"].put("specs/spec.json", spec_bytes)
   r = run(
       "verify_migration",
       f"--source={b['gs'].url}/ex/source",
       f"--migrated={b['s3'].url}/ex/migrated",
-      f"--spec={spec}",
-      f"--report={report}",
+      f"--spec={b['s3'].url}/specs/spec.json",
+      f"--report={b['gs'].url}/out/r.json",
+      f"--html={b['s3'].url}/out/r.html",
       "--noprogress",
       env=env,
   )
@@ -59,20 +63,25 @@ def test_verify_across_gs_and_s3_passes_and_reports_io_and_endpoints(both, tmp_p
   for kind in ("gs", "s3"):
     assert f"{kind}:// I/O:" in r.stdout
     assert f"at {b[kind].emulator.url}" in r.stdout
-  rep = json.loads(report.read_text())
+  assert f"report:   {b['gs'].url}/out/r.json" in r.stdout and f"html:     {b['s3'].url}/out/r.html" in r.stdout
+  text = b["gs"].get("out/r.json").decode()
+  rep = json.loads(text)
   assert rep["verdict"] == "PASS" and rep["n_failed"] == 0 and rep["n_leaves"] == 94
+  # the spec read from the bucket is the one used: as the same file read from local disk
+  assert rep["spec"] == {"path": f"{b['s3'].url}/specs/spec.json", **RemapSpec.from_json(spec).to_dict()}
+  page = b["s3"].get("out/r.html").decode()
+  assert page.startswith("<!DOCTYPE html>") and "PASS" in page and page.rstrip().endswith("</html>")
   stored = {
       k: sum(len(b[k].get(key)) for key in b[k].keys(p)) for k, p in (("gs", "ex/source/"), ("s3", "ex/migrated/"))
   }
   for kind in ("gs", "s3"):
     assert 0 < rep["io"][kind]["bytes_read"] <= 1.05 * stored[kind], (kind, rep["io"][kind], stored[kind])
-  text = report.read_text() + r.stdout + r.stderr
-  assert FAKE_SECRET not in text
+  assert FAKE_SECRET not in text + page + r.stdout + r.stderr
 
 
 def test_bad_bucket_requests_are_one_line_exit_2(both, tmp_path):
   b, env = both
-  _, _, spec = example.example_paths()
+  src, mig, spec = example.example_paths()
   s3, gs = b["s3"].url, b["gs"].url
   cases = [
       (["--source=s3://no-such-bucket-parity/x", f"--migrated={s3}/ex/migrated"], "no such bucket"),
@@ -80,13 +89,63 @@ def test_bad_bucket_requests_are_one_line_exit_2(both, tmp_path):
       ([f"--source={s3}/nomarker/source", f"--migrated={s3}/ex/migrated"], "unfinished: no commit_success.txt"),
       ([f"--source={gs}/nomarker/source", f"--migrated={gs}/ex/migrated"], "unfinished: no commit_success.txt"),
       ([f"--source={gs}/not/there", f"--migrated={gs}/ex/migrated"], "does not exist"),
-      ([f"--source={s3}/ex/source", f"--migrated={s3}/ex/migrated", "--report=s3://x/r.json"], "must be a local"),
+      ([f"--source={s3}/ex/source", f"--migrated={s3}/ex/migrated", f"--report={s3}/ex/migrated/r.json"], "input"),
+      ([f"--source={src}", f"--migrated={mig}", "--report=gs://no-such-bucket-parity/r.json"], "does not exist"),
+      ([f"--source={src}", f"--migrated={mig}", f"--report={s3}/ex"], "--report=" + f"{s3}/ex is a directory"),
+      ([f"--source={src}", f"--migrated={mig}", f"--html={gs}/out/old.html"], "exists; refusing to overwrite"),
+      ([f"--source={src}", f"--migrated={mig}", f"--html={gs}"], "names a bucket, not an object"),
+      (
+          [f"--source={src}", f"--migrated={mig}", f"--spec={gs}/specs/bad.json", f"--spec_errors={s3}/e.json"],
+          f"2 problems (all 2 in {s3}/e.json)",
+      ),
+      ([f"--source={src}", f"--migrated={mig}", f"--spec={gs}/specs/none.json"], "spec file does not exist"),
+      ([f"--source={src}", f"--migrated={mig}", f"--spec={gs}/ex"], "got a directory"),
       (["--source=s3://Bad_Bucket!/x", f"--migrated={s3}/ex/migrated"], "not a valid S3 bucket name"),
   ]
-  argvs = [[*args, f"--spec={spec}", "--noprogress"] for args, _ in cases]
-  for (args, words), res in zip(cases, run_many("verify_migration", argvs, env=env)):
+  b["gs"].put("out/old.html", b"old")
+  b["gs"].put("specs/bad.json", json.dumps({"rules": [], "bogus": 1}).encode())
+  argvs = [[f"--spec={spec}", *args, "--noprogress"] for args, _ in cases]
+  # last: a report whose upload fails (every PUT of it dropped by a proxy in front of the S3 emulator)
+  argvs.append([f"--source={src}", f"--migrated={mig}", f"--spec={spec}", f"--report={s3}/dropped.json"])
+  argvs[-1] += ["--noprogress", "--storage_retries=2", "--storage_backoff_s=0.01"]
+  with b["s3"].emulator.proxy() as proxy:
+    proxy.fail(0, methods=("PUT",), path_contains="dropped.json")
+    results = run_many("verify_migration", argvs, env=b["s3"].emulator.env(base=env, endpoint=proxy.url))
+  for (args, words), res in zip(cases, results):
     one_line_error(res, words)
     assert not res.stdout.count("VERDICT"), (args, res.stdout)
+  one_line_error(results[-1], f"{s3}/dropped.json: cannot reach")
+  assert b["s3"].get("dropped.json") is None  # no partial object
+  assert b["gs"].get("out/old.html") == b"old"
+  for kind in ("gs", "s3"):  # nothing written beside or inside the checkpoints
+    assert all(k.startswith(("ex/source/", "ex/migrated/")) for k in b[kind].keys("ex")), b[kind].keys("ex")
+  assert not [k for k in b["s3"].keys() if k.endswith("r.json")]
+  problems = json.loads(b["s3"].get("e.json"))  # the spec read from gs://, its problems written to s3://
+  assert len(problems["problems"]) == 2 and "bogus" in json.dumps(problems), problems
+
+
+def test_migrate_spec_and_outputs_as_bucket_urls(both, tmp_path):
+  """The migrate tool reads --spec from a bucket and writes --print_spec there; a --report in a missing bucket is
+  refused before any work."""
+  b, env = both
+  src, _, spec = example.example_paths()
+  s3, gs = b["s3"].url, b["gs"].url
+  b["s3"].put("specs/spec.json", open(spec, "rb").read())
+  printed = [f"--spec={s3}/specs/spec.json", f"--print_spec={gs}/out/printed.json"]
+  dest = tmp_path / "dest"
+  argvs = [
+      printed,
+      printed,  # again: it exists now
+      [f"--source={src}", f"--dest={dest}", f"--spec={s3}/specs/spec.json", "--report=gs://no-such-bucket-parity/r"],
+  ]
+  first, again, missing = run_many("migrate_checkpoint", argvs, env=env)
+  assert first.returncode == 0, first.stderr
+  n = len(RemapSpec.from_json(spec).rules)
+  assert first.stdout.strip() == f"spec: {gs}/out/printed.json ({n} rules)"
+  assert b["gs"].get("out/printed.json").decode() == RemapSpec.from_json(spec).to_json() + "\n"
+  one_line_error(again, f"--print_spec={gs}/out/printed.json exists; refusing to overwrite it (pass --overwrite)")
+  one_line_error(missing, "--report: bucket gs://no-such-bucket-parity does not exist")
+  assert not dest.exists()
 
 
 def test_migrate_storage_flags_bound_the_attempts_per_request(tmp_path):
