@@ -188,6 +188,48 @@ def test_server_gone_mid_verify_is_exit_1_with_unreadable_leaves(both, tmp_path)
   assert "Traceback" not in r.stderr
   assert "UNREADABLE" in r.stdout and "VERDICT: FAIL" in r.stdout
   assert "params/big" in r.stdout  # a leaf with stored chunks is named
+  assert "not tried" not in r.stdout  # the store still answers (only its chunk reads fail): not down, each tried
+
+
+def test_server_gone_mid_verify_stops_trying_the_remaining_leaves(both, tmp_path):
+  """The endpoint goes away after the metadata is read (the proxy in front of the S3 emulator stops listening):
+  one leaf uses up its retries, then the store is down for the run and every later leaf on it is UNREADABLE at
+  once, with one reason, without requests of its own."""
+  b, env = both
+  src, _, spec = example.example_paths()
+  emu = b["s3"].emulator
+  report = tmp_path / "r.json"
+  proxy = emu.proxy().start()
+  argv = [f"--source={src}", f"--migrated={b['s3'].url}/ex/migrated", f"--spec={spec}", f"--report={report}"]
+  argv += ["--noprogress", "--storage_retries=3", "--storage_backoff_s=0.05"]
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "tools.verify_migration", *argv],
+      cwd=ROOT,
+      env=dict(emu.env(base=env, endpoint=proxy.url), PARITY_JAX_STALL="verify.share=3"),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+  try:
+    wait_for_line(proc, "stalling at verify.share")  # metadata read; no leaf compared yet
+    proxy.stop()
+    out, err = proc.communicate(timeout=300)
+  finally:
+    proxy.stop()
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 1, (out, err)
+  assert "Traceback" not in err and "VERDICT: FAIL" in out
+  rep = json.loads(report.read_text())
+  reasons = [leaf["reason"] for leaf in rep["leaves"] if leaf["status"] == "UNREADABLE"]
+  gone = f"not tried: {b['s3'].url}: cannot reach {proxy.url} (connection refused); the store stopped answering"
+  skipped = [r for r in reasons if r.startswith(gone)]
+  tried = [r for r in reasons if not r.startswith(gone)]
+  assert len(set(skipped)) == 1 and len(skipped) >= 40, (len(skipped), reasons[:3])  # one reason, many leaves
+  assert 1 <= len(tried) <= 2, tried  # the leaf (or pair of a batch) whose reads used up the retries
+  assert all(r.startswith("cannot read leaf") for r in tried), tried
+  # retries: those of the tried leaf and of the small-leaf reads in flight with it, not one budget per leaf
+  assert rep["io"]["s3"]["retries"] <= 4 * 2 * (3 - 1), rep["io"]["s3"]
 
 
 def _comparable(rep: dict) -> dict:
