@@ -265,9 +265,9 @@ def test_two_process_verify_on_s3_equals_the_one_process_report(both, tmp_path):
   assert _comparable(rep1) == _comparable(rep2)
 
 
-def test_migrator_killed_mid_upload_leaves_nothing_accepted_and_is_named_next_time(both, monkeypatch):
-  """SIGKILL after the data objects are in the bucket, before the metadata and the commit marker: our tools and
-  orbax's own load refuse the result."""
+def test_migrator_killed_mid_write_leaves_nothing_accepted_and_is_named_next_time(both, monkeypatch, tmp_path):
+  """SIGKILL after the data is in the bucket (written there in place, no local staging), before the merged index,
+  the metadata and the commit marker: our tools and orbax's own load refuse the result."""
   b, env = both
   src, _, spec = example.example_paths()
   gs = b["gs"]
@@ -275,19 +275,21 @@ def test_migrator_killed_mid_upload_leaves_nothing_accepted_and_is_named_next_ti
   proc = subprocess.Popen(
       [sys.executable, "-m", "tools.migrate_checkpoint", f"--source={src}", f"--dest={dest}", f"--spec={spec}"],
       cwd=ROOT,
-      env=dict(env, PARITY_JAX_STALL="migrate.upload.index=120"),
+      env=dict(env, PARITY_JAX_STALL="migrate.merge=120", TMPDIR=str(tmp_path)),
       stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE,
       text=True,
   )
   try:
-    wait_for_line(proc, "stalling at migrate.upload.index")
+    wait_for_line(proc, "stalling at migrate.merge")
+    assert not list(tmp_path.iterdir())  # every share written, and nothing staged on local disk
   finally:
     proc.kill()
     proc.wait(10)
     proc.stderr.close()
   keys = gs.keys("killed/")
   assert any("/d/" in k for k in keys) and f"killed/{MARKER}" not in keys
+  assert "killed/state/_METADATA" not in keys and "killed/state/manifest.ocdbt" not in keys
   # the verifier: one line, exit 2
   r = run("verify_migration", f"--source={src}", f"--migrated={dest}", f"--spec={spec}", env=env)
   one_line_error(r, "unfinished: no commit_success.txt")
