@@ -22,8 +22,20 @@ element; ``RemapSpec.to_json`` gives the expanded spec for a user to adapt.
   reverses, built from the same table (reshape back, transpose, ``unstack``;
   the padded vocabulary sliced off); the config.json is the HF side's.
 
-Families: qwen2, qwen3, qwen3_moe. ``qwen2_moe`` (shared expert and its gate)
-has no tunix or MaxText mapping to check against here and is refused.
+Families: qwen2, qwen3, qwen3_moe, and qwen2_moe for tunix only:
+
+* tunix has no Qwen2-MoE model (tunix 0.1.7 and its main branch: ``models/qwen2``
+  is dense). The tunix-style qwen2_moe layout here is DERIVED, consistently
+  with tunix's qwen3 MoE map (router ``mlp/router/kernel`` transposed, experts
+  ``mlp/{gate,up,down}_proj`` transposed and stacked on axis 0) and its qwen2
+  map (q/k/v biases flat, ``attn/{q,k,v}_bias``); the shared expert is a
+  dense MLP as tunix names one (``mlp/shared_expert/{gate,up,down}_proj/kernel``,
+  transposed) and its gate a linear (``mlp/shared_expert_gate/kernel``,
+  ``[hidden, 1]``, transposed). A Qwen2-MoE config with dense layers
+  (``mlp_only_layers``, ``decoder_sparse_step`` != 1) is refused.
+* MaxText's checkpoint conversion (``param_mapping.py``) maps no Qwen2-MoE
+  model, and its Qwen mapping has no shared expert: ``hf-to-maxtext*`` and
+  ``maxtext*-to-hf`` refuse qwen2_moe in one line rather than invent a layout.
 """
 
 from __future__ import annotations
@@ -39,14 +51,18 @@ from parity_jax.errors import UsageError
 __all__ = ["PRESETS", "list_presets", "preset_rules", "preset_spec", "read_hf_config"]
 
 PRESETS = {
-    "hf-to-tunix": "HF safetensors -> tunix Qwen nnx.state pure dict (StandardCheckpointer); qwen2, qwen3, qwen3_moe",
+    "hf-to-tunix": "HF safetensors -> tunix Qwen nnx.state pure dict (StandardCheckpointer); qwen2(_moe), qwen3(_moe)",
     "hf-to-maxtext": "HF safetensors -> MaxText checkpoint params, unscanned layers; qwen2, qwen3, qwen3_moe",
     "hf-to-maxtext-scanned": "HF safetensors -> MaxText checkpoint params, scanned layers (axis 1); qwen2, qwen3, qwen3_moe",
     "tunix-to-hf": "tunix Qwen nnx.state pure dict -> HF tensors (config.json: --hf_config or the HF side's)",
     "maxtext-to-hf": "MaxText checkpoint params, unscanned -> HF tensors (config.json as for tunix-to-hf)",
     "maxtext-scanned-to-hf": "MaxText checkpoint params, scanned layers -> HF tensors (config.json as for tunix-to-hf)",
 }
-_FAMILIES = ("qwen2", "qwen3", "qwen3_moe")
+_FAMILIES = ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe")
+_NO_LAYOUT = {  # (framework, family) the anchors define no layout for: refused in one line
+    ("maxtext", "qwen2_moe"): "MaxText's checkpoint conversion (param_mapping.py) maps no Qwen2-MoE model and its"
+    " Qwen mapping has no shared expert or shared-expert gate; use hf-to-tunix or a --spec of your own"
+}
 
 
 def list_presets() -> list[tuple[str, str]]:
@@ -72,6 +88,11 @@ def _dims(cfg: dict[str, Any]) -> dict[str, Any]:
   mt = cfg.get("model_type")
   if mt not in _FAMILIES:
     raise UsageError(f"the presets cover model_type {', '.join(_FAMILIES)}; config.json says {mt!r}")
+  if mt == "qwen2_moe" and (cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step") or 1) != 1):
+    raise UsageError(
+        "the qwen2_moe presets cover all-MoE models; config.json has dense layers (mlp_only_layers"
+        f" {cfg.get('mlp_only_layers')!r}, decoder_sparse_step {cfg.get('decoder_sparse_step')!r})"
+    )
   try:
     heads, hidden = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
     return dict(
@@ -110,7 +131,7 @@ def _entries(d: dict[str, Any], fw: dict[str, str]) -> list[tuple[str, str, str,
   ]
   if not d["tied"]:
     out.append(("lm_head.weight", fw["lm_head"], "kernel", (), ()))
-  if d["family"] == "qwen2":
+  if d["family"] in ("qwen2", "qwen2_moe"):
     for p, n in (("q", H), ("k", KV), ("v", KV)):
       out.append((f"model.layers.{{l}}.self_attn.{p}_proj.bias", fw[f"{p}_bias"], fw["bias_kind"], (n, hd), (n * hd,)))
   else:
@@ -118,10 +139,14 @@ def _entries(d: dict[str, Any], fw: dict[str, str]) -> list[tuple[str, str, str,
         ("model.layers.{l}.self_attn.q_norm.weight", fw["q_norm"], "copy", (), ()),
         ("model.layers.{l}.self_attn.k_norm.weight", fw["k_norm"], "copy", (), ()),
     ]
-  if d["family"] == "qwen3_moe":
+  if d["family"] in ("qwen3_moe", "qwen2_moe"):
     out.append(("model.layers.{l}.mlp.gate.weight", fw["router"], "kernel", (), ()))
     for p in ("gate", "up", "down"):
       out.append((f"model.layers.{{l}}.mlp.experts.{{e}}.{p}_proj.weight", fw[f"expert_{p}"], "kernel", (), ()))
+    if d["family"] == "qwen2_moe":  # the shared expert (a dense MLP) and its sigmoid gate ([1, hidden] in HF)
+      for p in ("gate", "up", "down"):
+        out.append((f"model.layers.{{l}}.mlp.shared_expert.{p}_proj.weight", fw[f"shared_{p}"], "kernel", (), ()))
+      out.append(("model.layers.{l}.mlp.shared_expert_gate.weight", fw["shared_expert_gate"], "kernel", (), ()))
   else:
     for p in ("gate", "up", "down"):
       out.append((f"model.layers.{{l}}.mlp.{p}_proj.weight", fw[f"mlp_{p}"], "kernel", (), ()))
@@ -149,6 +174,8 @@ def _tunix_names() -> dict[str, str]:
   for p in ("gate", "up", "down"):
     names[f"mlp_{p}"] = f"layers/{{l}}/mlp/{p}_proj/kernel"
     names[f"expert_{p}"] = f"layers/{{l}}/mlp/{p}_proj"  # experts stacked on axis 0
+    names[f"shared_{p}"] = f"layers/{{l}}/mlp/shared_expert/{p}_proj/kernel"  # derived: tunix has no Qwen2-MoE
+  names["shared_expert_gate"] = "layers/{l}/mlp/shared_expert_gate/kernel"  # derived, as above
   return names
 
 
@@ -256,6 +283,8 @@ def preset_rules(
     raise UsageError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
   d = _dims(cfg)
   framework = "tunix" if "tunix" in name else "maxtext"
+  if (framework, d["family"]) in _NO_LAYOUT:
+    raise UsageError(f"preset {name} has no {d['family']} layout: {_NO_LAYOUT[framework, d['family']]}")
   rules = _rules(d, framework, "scanned" in name, name.endswith("-to-hf"), maxtext_vocab_size)
   if cast:
     for r in rules:

@@ -22,7 +22,8 @@ A spec is JSON::
 * Element rules (:mod:`parity_jax.checkpoint.transforms`): ``transpose``
   (a permutation), ``ops`` (transposes and reshapes in order), ``stack``
   (many source leaves into one target leaf along declared axes, nested
-  levels allowed) and ``cast`` (a float dtype, checked against
+  levels allowed), ``concat`` / ``split`` (fused projections: parts
+  along one axis, sizes may differ), ``unstack`` and ``cast`` (a float dtype, checked against
   round-to-nearest-even). Every element keeps its bytes (or its correctly
   rounded value); only its position moves. The verifier checks them element
   by element; the migrator performs them with the same evaluation.
@@ -68,6 +69,8 @@ _RULE_KEYS = {
     "drop",
     "fill",
     "unstack",
+    "concat",
+    "split",
 }
 _TOP_KEYS = {"rules", "group_depth", "comment", "description"}
 _MAX_LISTED = 25  # problems spelled out in the one-line message; all are in .problems
@@ -158,6 +161,8 @@ class RemapRule:
   drop: bool = False
   fill: float = 0.0  # what a pad op adds (a number, in the target dtype)
   unstack: tuple[tuple[int, str], ...] = ()  # (source axis, placeholder name in 'to') per level
+  concat: tuple = ()  # (target axis, index template, order names) of a concatenation
+  split: tuple = ()  # (source axis, sizes or None, sections or None, placeholder name, piece names)
 
   def unstacked(self, shape: tuple[int, ...], dest: str) -> list[tuple[str, tuple]] | str:
     """(dest, leading ops) of every piece of an unstacked source leaf of ``shape``, or why it does not fit."""
@@ -180,7 +185,7 @@ class RemapRule:
   @property
   def elementwise(self) -> bool:
     """Transposes, stacks or casts: checked element by element (:mod:`parity_jax.checkpoint.transforms`)."""
-    return bool(self.ops or self.stack or self.cast or self.unstack)
+    return bool(self.ops or self.stack or self.cast or self.unstack or self.concat or self.split)
 
   def label(self) -> str:
     return f"rule #{self.index} ({self.match!r})"
@@ -203,6 +208,16 @@ class RemapRule:
       d["fill"] = self.fill
     if self.unstack:
       d["unstack"] = [{"axis": a, "name": n} for a, n in self.unstack]
+    if self.concat:
+      d["concat"] = {
+          "axis": self.concat[0],
+          "index": self.concat[1],
+          **({"order": list(self.concat[2])} if self.concat[2] else {}),
+      }
+    if self.split:
+      axis, sizes, sections, name, names = self.split
+      d["split"] = {"axis": axis, "name": name, "names": list(names)}
+      d["split"].update({"sizes": list(sizes)} if sizes is not None else {"sections": sections})
     return d
 
   def transform_for(self, shape: tuple[int, ...]) -> Transform | str:
@@ -432,18 +447,21 @@ class RemapSpec:
             unstack.append((u["axis"], u["name"]))
         if len({a for a, _ in unstack}) != len(unstack):
           problems.append(f"{where}: two unstack levels use the same axis")
-      if any(k in r for k in ("transpose", "ops", "stack", "cast", "unstack")):
+      concat, split = (), ()
+      if any(k in r for k in ("transpose", "ops", "stack", "cast", "unstack", "concat", "split")):
         from parity_jax.checkpoint import transforms
 
         ops, stack, cast, more = transforms.parse_element_keys(r, where)
         problems.extend(more)
+        concat, split, more = transforms.parse_concat_split(r, where)
+        problems.extend(more)
         if squeeze is not None or reshape is not None:
           problems.append(f"{where}: with transpose/ops/stack/cast, put a reshape in 'ops' (no 'squeeze'/'reshape')")
         if pattern is not None:
-          for _, t in stack:
+          for _, t in stack + ((None, concat[1]),) if concat else stack:
             err = _check_template(pattern, t)
             if err:
-              problems.append(f"{where}: stack index {t!r} is not a valid template for {match!r}: {err}")
+              problems.append(f"{where}: stack or concat index {t!r} is not a valid template for {match!r}: {err}")
       if "drop" in r:
         drop = r["drop"]
         if drop is not True:
@@ -464,6 +482,8 @@ class RemapSpec:
               drop=drop is True,
               fill=float(fill),
               unstack=tuple(unstack),
+              concat=concat,
+              split=split,
           )
       )
     if problems:
@@ -541,10 +561,16 @@ class RemapSpec:
         continue
       if rule.elementwise:
         m = rule.pattern.fullmatch(path)
-        if not rule.unstack:
+        if not rule.unstack and not rule.split:
           element_items.append((path, rule, dest, m, meta))
           continue
-        pieces = rule.unstacked(tuple(getattr(meta, "shape", ()) or ()), dest)
+        shape = tuple(getattr(meta, "shape", ()) or ())
+        if rule.split:
+          from parity_jax.checkpoint import transforms
+
+          pieces = transforms.split_pieces(rule.split, shape, dest)
+        else:
+          pieces = rule.unstacked(shape, dest)
         if isinstance(pieces, str):
           problems.append(f"{rule.label()} does not fit source leaf {path!r}: {pieces}")
         else:

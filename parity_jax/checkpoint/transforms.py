@@ -1,4 +1,4 @@
-"""Element-level transforms of the remap spec: transpose/reshape chains, stacks of leaves, dtype casts.
+"""Element-level transforms of the remap spec: transpose/reshape chains, stacks, concat/split, dtype casts.
 
 A spec rule with any of ``transpose``, ``ops``, ``stack`` or ``cast``
 describes where every element of a target leaf comes from:
@@ -18,6 +18,20 @@ describes where every element of a target leaf comes from:
   positions in the target, inserted in increasing order. The members must
   form a complete grid ``0..N_k-1`` per level, with equal shapes and dtypes.
 * ``cast``: the target dtype (see :func:`cast_rule`).
+* ``concat``: ``{"axis": a, "index": template[, "order": [names]]}``. Every
+  source leaf the rule maps to the same ``to`` is one part; ``template``
+  gives its position (an integer, or one of ``order``'s names). After the
+  ops, the parts are concatenated along target axis ``a`` in that order
+  (``np.concatenate``): their sizes along ``a`` may differ, every other axis
+  must agree, every position must be filled exactly once. With ``stack``,
+  each stack position holds one complete concat (``a`` is a target axis that
+  is not a stack axis).
+* ``split``: ``{"axis": a, "sizes": [n, ...] | "sections": k, "name": p[,
+  "names": [...]]}``, the inverse: one source leaf cut along source axis
+  ``a`` into consecutive pieces (``np.split``), each a target leaf named by
+  ``to`` with ``{p}`` replaced by the piece's name (default ``0..N-1``); the
+  sizes must sum to the axis (``sections`` must divide it). The rule's ops
+  then apply to each piece.
 
 :meth:`ElementPlan.source_of` maps a target index to the source leaf and index
 its element comes from; the verifier evaluates a target leaf one C-order slab
@@ -172,6 +186,104 @@ def parse_element_keys(
   return tuple(ops), tuple(sorted(stack)), cast, problems
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_concat_split(r: Mapping[str, Any], where: str) -> tuple[tuple, tuple, list[str]]:
+  """(concat, split, problems) of one rule's ``concat`` / ``split`` keys; checks the JSON only.
+
+  ``concat``: ``(target axis, index template, order)``; ``split``: ``(source axis, sizes, sections, name,
+  names)`` with exactly one of ``sizes`` / ``sections`` set (the other None).
+  """
+  problems: list[str] = []
+  concat: tuple = ()
+  split: tuple = ()
+  if "concat" in r:
+    c = r["concat"]
+    ok = isinstance(c, dict) and not set(c) - {"axis", "index", "order"} and {"axis", "index"} <= set(c)
+    ok = ok and _is_int(c["axis"]) and c["axis"] >= 0 and isinstance(c["index"], str)
+    order = c.get("order") if isinstance(c, dict) else None
+    if order is not None and not (
+        isinstance(order, list) and order and all(isinstance(x, str) for x in order) and len(set(order)) == len(order)
+    ):
+      problems.append(f"{where}: concat 'order' must be a non-empty list of distinct strings, got {order!r}")
+      ok = False
+    if not ok:
+      if not problems:
+        problems.append(
+            f"{where}: 'concat' must be {{'axis': int >= 0, 'index': template[, 'order': [names]]}}, got {c!r}"
+        )
+    else:
+      concat = (c["axis"], c["index"], tuple(order) if order else ())
+  if "split" in r:
+    s = r["split"]
+    ok = isinstance(s, dict) and not set(s) - {"axis", "sizes", "sections", "name", "names"}
+    ok = ok and {"axis", "name"} <= set(s) and _is_int(s["axis"]) and s["axis"] >= 0 and isinstance(s["name"], str)
+    if not ok:
+      problems.append(
+          f"{where}: 'split' must be {{'axis': int >= 0, 'sizes': [int, ...] or 'sections': int, 'name': str"
+          f"[, 'names': [str, ...]]}}, got {s!r}"
+      )
+    else:
+      sizes, sections, names = s.get("sizes"), s.get("sections"), s.get("names")
+      n = None
+      if (sizes is None) == (sections is None):
+        problems.append(f"{where}: split takes 'sizes' or 'sections', exactly one")
+      elif sizes is not None and not (isinstance(sizes, list) and sizes and all(_is_int(x) and x > 0 for x in sizes)):
+        problems.append(f"{where}: split 'sizes' must be a non-empty list of integers > 0, got {sizes!r}")
+      elif sections is not None and not (_is_int(sections) and sections > 0):
+        problems.append(f"{where}: split 'sections' must be an integer > 0, got {sections!r}")
+      else:
+        n = len(sizes) if sizes is not None else sections
+      if names is not None and not (
+          isinstance(names, list) and all(isinstance(x, str) and x for x in names) and len(set(names)) == len(names)
+      ):
+        problems.append(f"{where}: split 'names' must be a list of distinct non-empty strings, got {names!r}")
+        n = None
+      elif names is not None and n is not None and len(names) != n:
+        problems.append(f"{where}: split has {n} pieces but {len(names)} names")
+        n = None
+      to = r.get("to")
+      if isinstance(to, str) and "{" + s["name"] + "}" not in to:
+        problems.append(f"{where}: split name {s['name']!r} does not appear as {{{s['name']}}} in 'to'")
+        n = None
+      if n is not None:
+        split = (
+            s["axis"],
+            tuple(sizes) if sizes is not None else None,
+            sections,
+            s["name"],
+            tuple(names) if names is not None else tuple(str(i) for i in range(n)),
+        )
+  if concat and split:
+    problems.append(f"{where}: give 'concat' (many leaves into one) or 'split' (one into many), not both")
+  if split and ("stack" in r or "unstack" in r):
+    problems.append(f"{where}: 'split' does not combine with 'stack' or 'unstack' in one rule")
+  return concat, split, problems
+
+
+def split_pieces(split: tuple, shape: tuple[int, ...], dest: str) -> list[tuple[str, tuple["Op", ...]]] | str:
+  """(dest, leading slice op) of every piece of a split source leaf of ``shape``, or why it does not fit."""
+  axis, sizes, sections, name, names = split
+  if axis >= len(shape):
+    return f"split axis {axis} is out of range for shape {list(shape)}"
+  d = shape[axis]
+  if sizes is None:
+    if d % sections:
+      return f"split into {sections} sections: axis {axis} of {list(shape)} has {d} elements, not a multiple"
+    sizes = (d // sections,) * sections
+  elif sum(sizes) != d:
+    return f"split sizes {list(sizes)} sum to {sum(sizes)}, axis {axis} of {list(shape)} has {d}"
+  out, off = [], 0
+  for size, piece in zip(sizes, names):
+    pairs = [[0, n] for n in shape]
+    pairs[axis] = [off, off + size]
+    out.append((dest.replace("{" + name + "}", piece), (Op("slice", tuple(x for p in pairs for x in p)),)))
+    off += size
+  return out
+
+
 def cast_rule(src: np.dtype, dst: np.dtype) -> str | None:
   """None when casting ``src`` to ``dst`` is checked; else why not (only float <-> float casts are)."""
   names = {v: k for k, v in CAST_DTYPES.items()}
@@ -198,6 +310,31 @@ def same_cast(expected: np.ndarray, got: np.ndarray) -> np.ndarray:
   return eq
 
 
+def _back(ops, shapes, cur: list, valid: np.ndarray, like: np.ndarray) -> list:
+  """Indices ``cur`` after the chain ``ops`` (``shapes``: the shape before each op, then after all) taken back to
+  the member's source indices; ``valid`` is cleared in place where an element is padding."""
+  for op, shape_in in zip(reversed(ops), reversed(shapes[:-1])):
+    if op.kind == "pad":
+      back = []
+      for c, (a, _), d in zip(cur, op.pairs(), shape_in):
+        c = c - a
+        valid &= (c >= 0) & (c < d)
+        back.append(np.clip(c, 0, max(d - 1, 0)))
+      cur = back
+    elif op.kind == "slice":
+      cur = [c + a for c, (a, _) in zip(cur, op.pairs())]
+    elif op.kind == "transpose":
+      back = [None] * len(cur)
+      for j, p in enumerate(op.arg):
+        back[p] = cur[j]
+      cur = back
+    else:
+      shape_out = op.out_shape(shape_in)
+      flat = np.ravel_multi_index(cur, shape_out) if cur else np.zeros_like(like)
+      cur = list(np.unravel_index(flat, shape_in)) if shape_in else []
+  return cur
+
+
 @dataclasses.dataclass(frozen=True)
 class ElementPlan:
   """One target leaf of an element rule: its members (stack index -> source path), ops, cast and shapes."""
@@ -214,6 +351,9 @@ class ElementPlan:
   dst_dtype: np.dtype
   dst_shape: tuple[int, ...]
   fill: float = 0.0  # what padding holds, in the target dtype
+  concat_axis: int | None = None  # the target axis the concatenated parts follow each other on
+  offsets: tuple[int, ...] = (0,)  # where each concat part starts along concat_axis, then the end
+  part_shapes: tuple = ()  # per concat part: its ``shapes`` (part 0's are ``shapes``)
 
   @property
   def fill_bytes(self) -> np.ndarray:
@@ -226,14 +366,25 @@ class ElementPlan:
 
   def describe(self) -> str:
     parts = [f"{o.kind}{list(o.arg)}" for o in self.ops]
+    if self.concat_axis is not None:
+      parts.append(f"concat{list(self.part_sizes)} on axis {self.concat_axis}")
     if self.stack_axes:
-      parts.append(f"stack{len(self.members)} on axes {list(self.stack_axes)}")
+      parts.append(f"stack{len(self.members) // self.n_parts} on axes {list(self.stack_axes)}")
     if self.dst_dtype != self.src_dtype:
       parts.append(f"cast {self.src_dtype}->{self.dst_dtype}")
     return " then ".join(parts) or "identity"
 
   def member_axes(self) -> list[int]:
     return [a for a in range(len(self.dst_shape)) if a not in self.stack_axes]
+
+  @property
+  def n_parts(self) -> int:
+    """Members per stack position: the concat parts (1 without concat)."""
+    return len(self.offsets) - 1 if self.concat_axis is not None else 1
+
+  @property
+  def part_sizes(self) -> list[int]:
+    return [b - a for a, b in zip(self.offsets, self.offsets[1:])]
 
   def source_indices(self, idx: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """For target multi-indices ``idx`` (arrays, one per axis): (member number, source multi-indices, valid).
@@ -243,33 +394,33 @@ class ElementPlan:
     (it must hold ``fill``; its source index is meaningless).
     """
     keys = self.member_keys()
+    n_parts = self.n_parts
     if self.stack_axes:
       grid = tuple(max(k[i] for k in keys) + 1 for i in range(len(self.stack_axes)))
-      member = np.ravel_multi_index([idx[a] for a in self.stack_axes], grid)
+      member = np.ravel_multi_index([idx[a] for a in self.stack_axes], grid) * n_parts
     else:
       member = np.zeros(np.shape(idx[0]) if idx else (), np.int64)
     cur = [idx[a] for a in self.member_axes()]
+    if n_parts == 1:
+      valid = np.ones(np.shape(member), bool)
+      return member, _back(self.ops, self.shapes, cur, valid, member), valid
+    # concat: the part an element lies in, its index within the part, then each part's own chain back
+    ca = self.member_axes().index(self.concat_axis)
+    part = np.searchsorted(np.asarray(self.offsets[1:]), idx[self.concat_axis], side="right")
+    cur[ca] = cur[ca] - np.asarray(self.offsets)[part]
+    member = member + part
     valid = np.ones(np.shape(member), bool)
-    for op, shape_in in zip(reversed(self.ops), reversed(self.shapes[:-1])):
-      if op.kind == "pad":
-        back = []
-        for c, (a, _), d in zip(cur, op.pairs(), shape_in):
-          c = c - a
-          valid &= (c >= 0) & (c < d)
-          back.append(np.clip(c, 0, max(d - 1, 0)))
-        cur = back
-      elif op.kind == "slice":
-        cur = [c + a for c, (a, _) in zip(cur, op.pairs())]
-      elif op.kind == "transpose":
-        back = [None] * len(cur)
-        for j, p in enumerate(op.arg):
-          back[p] = cur[j]
-        cur = back
-      else:
-        shape_out = op.out_shape(shape_in)
-        flat = np.ravel_multi_index(cur, shape_out) if cur else np.zeros_like(member)
-        cur = list(np.unravel_index(flat, shape_in)) if shape_in else []
-    return member, cur, valid
+    out = None
+    for p in np.unique(part):
+      sel = part == p
+      v = valid[sel]
+      back = _back(self.ops, self.part_shapes[p], [c[sel] for c in cur], v, member[sel])
+      if out is None:
+        out = [np.empty(np.shape(member), np.int64) for _ in back]
+      for o, b in zip(out, back):
+        o[sel] = b
+      valid[sel] = v
+    return member, out if out is not None else [], valid
 
   def member_keys(self) -> list[tuple[int, ...]]:
     return sorted(self.members)
@@ -309,11 +460,14 @@ def bind_elements(
     if dest in bad_dests:
       continue
     rules = {r.index: r for _, r, _, _, _ in members}
-    shapes_of = {(c, tuple(a for a, _ in r.stack), r.cast, r.fill) for _, r, _, _, c in members}
+    shapes_of = {
+        (c, tuple(a for a, _ in r.stack), r.concat[0] if r.concat else None, r.cast, r.fill)
+        for _, r, _, _, c in members
+    }
     if len(shapes_of) > 1:
       problems.append(
           f"rules {', '.join(f'#{i}' for i in sorted(rules))} map to {dest!r} with different transforms"
-          " (ops, stack axes or cast)"
+          " (ops, stack or concat axes, or cast)"
       )
       continue
     rule, chain = members[0][1], members[0][4]
@@ -326,83 +480,145 @@ def bind_elements(
         problems.append(f"{r.label()}: stack index of {path!r} is not an integer ({e})")
         bad = True
         continue
+      if r.concat:
+        pos = _concat_position(r, m)
+        if isinstance(pos, str):
+          problems.append(f"{r.label()}: concat index of {path!r} {pos}")
+          bad = True
+          continue
+        key += (pos,)
       if key in keys:
+        what = "stacks" if not r.concat else "concat members"
         problems.append(
-            f"overlapping stacks: source leaves {keys[key]!r} and {path!r} both go to {dest!r} at {list(key)}"
+            f"overlapping {what}: source leaves {keys[key]!r} and {path!r} both go to {dest!r} at {list(key)}"
         )
         bad = True
       keys[key] = path
     if bad:
       continue
-    if not rule.stack and len(keys) > 1:
+    if not rule.stack and not rule.concat and len(keys) > 1:
       problems.append(f"source leaves {', '.join(repr(p) for p in keys.values())} all map to {dest!r}")
       continue
     metas = {p: meta for p, _, _, meta, _ in members}
-    shapes_set = {tuple(metas[p].shape) for p in keys.values()}
-    dtypes_set = {metas[p].dtype for p in keys.values()}
     if any(getattr(metas[p], "kind", "array") == "string" for p in keys.values()):
       problems.append(f"{rule.label()}: string leaves cannot be transposed, stacked or cast ({dest!r})")
       continue
-    if len(shapes_set) > 1 or len(dtypes_set) > 1:
+    levels = len(rule.stack) + (1 if rule.concat else 0)
+    sizes = [max(k[i] for k in keys) + 1 for i in range(levels)]
+    if rule.concat and rule.concat[2]:
+      sizes[-1] = len(rule.concat[2])  # every name of 'order' is a member
+    if any(min(k[i] for k in keys) < 0 for i in range(levels)):
+      problems.append(f"{rule.label()}: negative stack or concat index for {dest!r}")
+      continue
+    missing = [k for k in np.ndindex(*sizes) if k not in keys]
+    if missing:
+      shown = ", ".join(str(list(k)) for k in missing[:5])
+      problems.append(
+          f"{rule.label()}: {'stack' if rule.stack else 'concat'} {dest!r} is missing member(s) at {shown}"
+          f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''} of a {sizes} grid"
+      )
+      continue
+    n_parts = sizes[-1] if rule.concat else 1
+    # the members at one concat position (every stack position) share a shape; all share a dtype
+    part_src = [
+        {tuple(metas[p].shape) for k, p in keys.items() if not rule.concat or k[-1] == q} for q in range(n_parts)
+    ]
+    dtypes_set = {metas[p].dtype for p in keys.values()}
+    if any(len(ps) > 1 for ps in part_src) or len(dtypes_set) > 1:
+      shapes_set = {sh for ps in part_src for sh in ps}
       problems.append(
           f"{rule.label()}: the members of {dest!r} differ in shape or dtype"
           f" ({sorted(str(list(s)) for s in shapes_set)}, {sorted(str(d) for d in dtypes_set)})"
       )
       continue
-    if rule.stack:
-      sizes = [max(k[i] for k in keys) + 1 for i in range(len(rule.stack))]
-      if any(min(k[i] for k in keys) < 0 for i in range(len(rule.stack))):
-        problems.append(f"{rule.label()}: negative stack index for {dest!r}")
+    part_shapes = []
+    for q in range(n_parts):
+      shapes = [next(iter(part_src[q]))]
+      for op in chain:
+        out = op.out_shape(shapes[-1])
+        if isinstance(out, str):
+          problems.append(f"{rule.label()} does not fit source leaf {next(iter(keys.values()))!r}: {out}")
+          break
+        shapes.append(out)
+      else:
+        part_shapes.append(tuple(shapes))
         continue
-      missing = [k for k in np.ndindex(*sizes) if k not in keys]
-      if missing:
-        shown = ", ".join(str(list(k)) for k in missing[:5])
+      break
+    if len(part_shapes) != n_parts:
+      continue
+    axes = tuple(a for a, _ in rule.stack)
+    member_shape = list(part_shapes[0][-1])
+    rank = len(member_shape) + len(axes)
+    if any(a >= rank for a in axes):
+      problems.append(f"{rule.label()}: stack axis {max(axes)} is out of range for a target of rank {rank}")
+      continue
+    concat_axis, offsets = None, (0,)
+    if rule.concat:
+      concat_axis = rule.concat[0]
+      if concat_axis >= rank or concat_axis in axes:
         problems.append(
-            f"{rule.label()}: stack {dest!r} is missing member(s) at {shown}"
-            f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''} of a {sizes} grid"
+            f"{rule.label()}: concat axis {concat_axis} of {dest!r} is "
+            + ("a stack axis" if concat_axis in axes else f"out of range for a target of rank {rank}")
         )
         continue
-    else:
-      sizes = []
-    src_shape = shapes_set.pop()
-    shapes = [src_shape]
-    for op in chain:
-      out = op.out_shape(shapes[-1])
-      if isinstance(out, str):
-        problems.append(f"{rule.label()} does not fit source leaf {next(iter(keys.values()))!r}: {out}")
-        break
-      shapes.append(out)
-    else:
-      member_shape = shapes[-1]
-      axes = tuple(a for a, _ in rule.stack)
-      rank = len(member_shape) + len(axes)
-      if any(a >= rank for a in axes):
-        problems.append(f"{rule.label()}: stack axis {max(axes)} is out of range for a target of rank {rank}")
+      ca = [a for a in range(rank) if a not in axes].index(concat_axis)
+      ends = [ps[-1] for ps in part_shapes]
+      other = {tuple(d for i, d in enumerate(e) if i != ca) for e in ends}
+      if len({len(e) for e in ends}) > 1 or len(other) > 1 or len({len(ps[0]) for ps in part_shapes}) > 1:
+        shown = ", ".join(f"{p}: {list(e)}" for p, e in zip(_part_paths(keys, n_parts), ends))
+        problems.append(
+            f"{rule.label()}: the parts of {dest!r} differ on an axis other than concat axis {concat_axis} ({shown})"
+        )
         continue
-      dst_shape, it, sz = [], iter(member_shape), dict(zip(axes, sizes))
-      for a in range(rank):
-        dst_shape.append(sz[a] if a in sz else next(it))
-      src_dtype = dtypes_set.pop()
-      dst_dtype = CAST_DTYPES[rule.cast] if rule.cast else src_dtype
-      if dst_dtype != src_dtype:
-        why = cast_rule(src_dtype, dst_dtype)
-        if why:
-          problems.append(f"{rule.label()}: {dest!r}: {why}")
-          continue
-      plans.append(
-          ElementPlan(
-              dest,
-              group_of(dest),
-              rule,
-              dict(keys),
-              axes,
-              chain,
-              src_shape,
-              tuple(shapes),
-              src_dtype,
-              dst_dtype,
-              tuple(dst_shape),
-              rule.fill,
-          )
-      )
+      offsets = tuple(int(x) for x in np.cumsum([0] + [e[ca] for e in ends]))
+      member_shape[ca] = offsets[-1]
+    dst_shape, it, sz = [], iter(member_shape), dict(zip(axes, sizes))
+    for a in range(rank):
+      dst_shape.append(sz[a] if a in sz else next(it))
+    src_dtype = dtypes_set.pop()
+    dst_dtype = CAST_DTYPES[rule.cast] if rule.cast else src_dtype
+    if dst_dtype != src_dtype:
+      why = cast_rule(src_dtype, dst_dtype)
+      if why:
+        problems.append(f"{rule.label()}: {dest!r}: {why}")
+        continue
+    plans.append(
+        ElementPlan(
+            dest,
+            group_of(dest),
+            rule,
+            dict(keys),
+            axes,
+            chain,
+            part_shapes[0][0],
+            part_shapes[0],
+            src_dtype,
+            dst_dtype,
+            tuple(dst_shape),
+            rule.fill,
+            concat_axis,
+            offsets,
+            tuple(part_shapes),
+        )
+    )
   return plans, problems
+
+
+def _concat_position(rule, m) -> int | str:
+  """The concat position of a member matched by ``m``: its index template, an integer or a name of 'order'."""
+  _, template, order = rule.concat
+  try:
+    v = m.expand(template)
+  except (re.error, IndexError) as e:
+    return f"cannot be expanded ({e})"
+  if order:
+    return order.index(v) if v in order else f"{v!r} is not one of the concat order {list(order)}"
+  try:
+    return int(v)
+  except ValueError:
+    return f"{v!r} is not an integer (give 'order' to name the parts)"
+
+
+def _part_paths(keys: Mapping[tuple[int, ...], str], n_parts: int) -> list[str]:
+  """One source path per concat part (the first stack position's)."""
+  return [keys[min(k for k in keys if k[-1] == q)] for q in range(n_parts)]

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from parity_jax.checkpoint import RemapSpec, open_checkpoint, verify_migration
+from parity_jax.checkpoint import RemapSpec, open_checkpoint, restore_leaves, verify_migration
 from parity_jax.checkpoint.presets import list_presets, preset_rules, preset_spec
 from parity_jax.errors import UsageError
 from tests.helpers import maxtext_layout as MT
@@ -78,8 +78,8 @@ def test_presets_listed_expanded_and_refused_in_one_line(tmp_path):
   assert q["ops"] == [{"transpose": [1, 0]}, {"reshape": [64, 4, 16]}]  # [embed, heads, head_dim] of config.json
   with pytest.raises(UsageError, match="unknown preset 'hf-to-flax'; presets: hf-to-maxtext"):
     preset_rules("hf-to-flax", cfg)
-  with pytest.raises(UsageError, match="model_type qwen2, qwen3, qwen3_moe; config.json says 'qwen2_moe'"):
-    preset_rules("hf-to-tunix", {**cfg, "model_type": "qwen2_moe"})
+  with pytest.raises(UsageError, match="model_type qwen2, qwen3, qwen3_moe, qwen2_moe; config.json says 'llama'"):
+    preset_rules("hf-to-tunix", {**cfg, "model_type": "llama"})
   with pytest.raises(UsageError, match="cannot read it"):
     preset_spec("hf-to-tunix", tmp_path)
   with pytest.raises(UsageError, match="give hf_config"):
@@ -108,3 +108,108 @@ def test_tunix_to_hf_passes_and_a_swapped_expert_fails(fixture, conversion, cast
     assert sorted(failed) == [a, b]
     # HF down_proj [64, 32] element [0, 0] of expert 2 comes from tunix layers/1/mlp/down_proj[2, 0, 0]
     assert "layers/1/mlp/down_proj[2, 0, 0]" in failed[a]
+
+
+# ---- qwen2_moe: tunix has no Qwen2-MoE model, so its layout here is DERIVED from tunix's qwen3 MoE map (router
+# and experts) and qwen2 map (flat q/k/v biases), the shared expert named as tunix names a dense MLP. The expected
+# tunix tree below is written out from that statement with numpy; the HF side is transformers' own model.
+
+
+@pytest.fixture(scope="module")
+def qwen2_moe(tmp_path_factory):
+  """A tiny HF Qwen2-MoE (shared expert as wide as an expert, so swaps are value faults) -> tunix -> HF shards."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from parity_jax.checkpoint import migrate
+  from tests.helpers.moe import save, tiny_moe
+
+  root = tmp_path_factory.mktemp("qwen2_moe")
+  model = tiny_moe("qwen2_moe", seed=17, num_hidden_layers=2, num_experts=4, shared_expert_intermediate_size=16)
+  hf = save(model, root / "hf")
+  tokens = torch.tensor(np.random.default_rng(1).integers(0, 128, (2, 7)))
+  with torch.no_grad():
+    logits = model(tokens).logits.numpy()
+  from safetensors.numpy import load_file  # the tensors as transformers saved them (one per expert)
+
+  sd = {k: v for f in sorted(hf.glob("*.safetensors")) for k, v in load_file(f).items()}
+  to_tunix = preset_spec("hf-to-tunix", hf)
+  migrate(hf, root / "tunix", to_tunix)
+  back = preset_spec("tunix-to-hf", root / "tunix", hf_config=hf)
+  migrate(
+      root / "tunix", root / "back", back, dest_format="safetensors", max_shard_mb=0.02, hf_config=hf / "config.json"
+  )
+  return dict(root=root, hf=hf, sd=sd, tokens=tokens, logits=logits, to_tunix=to_tunix, back=back)
+
+
+def _tunix_qwen2_moe(sd: dict, layers: int, experts: int) -> dict:
+  """The derived tunix layout of an HF Qwen2-MoE state dict, written out with numpy transposes and stacks."""
+  out = {"embedder/input_embedding": sd["model.embed_tokens.weight"], "final_norm/w": sd["model.norm.weight"]}
+  out["lm_head/w"] = sd["lm_head.weight"].T
+  for l in range(layers):
+    h, t = f"model.layers.{l}.", f"layers/{l}/"
+    out[t + "input_layernorm/w"] = sd[h + "input_layernorm.weight"]
+    out[t + "post_attention_layernorm/w"] = sd[h + "post_attention_layernorm.weight"]
+    for p, n in (("q", 4), ("k", 2), ("v", 2)):
+      out[t + f"attn/{p}_proj/w"] = sd[h + f"self_attn.{p}_proj.weight"].T.reshape(32, n, 8)
+      out[t + f"attn/{p}_bias"] = sd[h + f"self_attn.{p}_proj.bias"]
+    out[t + "attn/o_proj/w"] = sd[h + "self_attn.o_proj.weight"].T.reshape(4, 8, 32)
+    out[t + "mlp/router/kernel"] = sd[h + "mlp.gate.weight"].T
+    for p in ("gate", "up", "down"):
+      out[t + f"mlp/{p}_proj"] = np.stack([sd[h + f"mlp.experts.{e}.{p}_proj.weight"].T for e in range(experts)])
+      out[t + f"mlp/shared_expert/{p}_proj/kernel"] = sd[h + f"mlp.shared_expert.{p}_proj.weight"].T
+    out[t + "mlp/shared_expert_gate/kernel"] = sd[h + "mlp.shared_expert_gate.weight"].T
+  return out
+
+
+def test_qwen2_moe_to_tunix_and_back_loads_in_transformers_with_the_same_logits(qwen2_moe):
+  import transformers
+  import torch
+
+  q = qwen2_moe
+  tunix = open_checkpoint(q["root"] / "tunix")
+  got = {p: np.asarray(a) for p, a in restore_leaves(tunix, sorted(tunix.leaves)).items()}
+  want = _tunix_qwen2_moe(q["sd"], 2, 4)
+  assert sorted(got) == sorted(want)
+  for k, v in want.items():
+    assert got[k].dtype == v.dtype and got[k].shape == v.shape and got[k].tobytes() == v.tobytes(), k
+  assert verify_migration(q["hf"], q["root"] / "tunix", q["to_tunix"]).passed
+  rep = verify_migration(q["root"] / "tunix", q["root"] / "back", q["back"])
+  assert rep.passed and len(rep.leaves) == len(q["sd"]), rep.text()
+  with open(q["root"] / "back" / "model.safetensors.index.json") as f:
+    assert sorted(json.load(f)["weight_map"]) == sorted(q["sd"])
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(
+      q["root"] / "back", attn_implementation="eager", experts_implementation="eager"
+  ).eval()
+  with torch.no_grad():
+    logits = loaded(q["tokens"]).logits.numpy()
+  assert logits.dtype == q["logits"].dtype and logits.tobytes() == q["logits"].tobytes()
+
+
+def test_qwen2_moe_swapped_shared_expert_and_missing_gate_fail_naming_the_leaf(qwen2_moe, tmp_path):
+  q = qwen2_moe
+  t = _tunix_qwen2_moe(q["sd"], 2, 4)
+  shared, experts = "layers/1/mlp/shared_expert/up_proj/kernel", "layers/1/mlp/up_proj"
+  t[shared], t[experts] = t[experts][2], t[experts].copy()  # the shared expert and expert 2 swapped
+  t[experts][2] = _tunix_qwen2_moe(q["sd"], 2, 4)[shared]
+  del t["layers/0/mlp/shared_expert_gate/kernel"]
+  W.write_file(tmp_path / "model.safetensors", t)
+  rep = verify_migration(q["hf"], tmp_path, q["to_tunix"])
+  failed = {r.migrated_path: r for r in rep.leaves if r.status != "PASS"}
+  assert sorted(failed) == sorted([shared, experts, "layers/0/mlp/shared_expert_gate/kernel"]), rep.text()
+  assert failed["layers/0/mlp/shared_expert_gate/kernel"].status == "MISSING"
+  assert "model.layers.1.mlp.shared_expert.up_proj.weight[0, 0]" in failed[shared].reason
+  assert f"{experts}[2, 0, 0]" in failed[experts].reason
+  assert "model.layers.1.mlp.experts.2.up_proj.weight[0, 0]" in failed[experts].reason
+
+
+def test_qwen2_moe_has_no_maxtext_layout_and_dense_layers_are_refused(qwen2_moe):
+  with open(qwen2_moe["hf"] / "config.json") as f:
+    cfg = json.load(f)
+  for name in ("hf-to-maxtext", "hf-to-maxtext-scanned", "maxtext-to-hf", "maxtext-scanned-to-hf"):
+    with pytest.raises(UsageError, match=f"preset {name} has no qwen2_moe layout: MaxText's checkpoint conversion"):
+      preset_rules(name, cfg)
+  with pytest.raises(UsageError, match=r"all-MoE models; config.json has dense layers \(mlp_only_layers \[1\]"):
+    preset_rules("hf-to-tunix", {**cfg, "mlp_only_layers": [1]})
+  rules = preset_rules("hf-to-tunix", cfg)
+  gate = next(r for r in rules if "shared_expert_gate" in r["match"])
+  assert gate["to"] == r"layers/\g<l>/mlp/shared_expert_gate/kernel" and gate["ops"] == [{"transpose": [1, 0]}]

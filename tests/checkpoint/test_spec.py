@@ -276,6 +276,10 @@ def test_a_spec_written_out_reads_back_the_same():
       {"match": "^c$", "to": "c", "reshape": [2, -1]},
       {"match": "^d$", "to": "d", "transpose": [1, 0]},
       {"match": "^e$", "to": "e", "cast": "bfloat16"},
+      {"match": "^(q|k)$", "to": "qk", "concat": {"axis": 1, "index": r"\1", "order": ["q", "k"]}},
+      {"match": "^(f|g)$", "to": "fg", "concat": {"axis": 0, "index": r"\1"}},
+      {"match": "^h$", "to": "h{p}", "split": {"axis": 0, "sizes": [2, 1], "name": "p", "names": ["x", "y"]}},
+      {"match": "^i$", "to": "i{p}", "split": {"axis": 1, "sections": 3, "name": "p"}},
   ]
   spec = RemapSpec.from_dict({"rules": rules})
   again = RemapSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
@@ -283,3 +287,6 @@ def test_a_spec_written_out_reads_back_the_same():
   d = {r["match"]: r for r in spec.to_dict()["rules"]}
   assert d["^b$"]["squeeze"] == [0] and d["^c$"]["reshape"] == [2, -1] and d["^e$"]["cast"] == "bfloat16"
   assert "transpose" in json.dumps(d["^d$"])
+  assert d["^(q|k)$"]["concat"] == rules[5]["concat"] and d["^(f|g)$"]["concat"] == rules[6]["concat"]
+  assert d["^h$"]["split"] == rules[7]["split"]
+  assert d["^i$"]["split"] == {**rules[8]["split"], "names": ["0", "1", "2"]}

@@ -17,7 +17,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from parity_jax.checkpoint import RemapSpec, SpecError, open_checkpoint, restore_leaves, verify_migration
+from parity_jax.checkpoint import RemapSpec, SpecError, migrate, open_checkpoint, restore_leaves, verify_migration
+from tests.helpers import fused as FU
 from tests.helpers import maxtext_layout as MT
 from tests.helpers.conversion_specs import TUNIX_CONVERSIONS, maxtext_rules, tunix_rules
 from tests.helpers import safetensors_files as W
@@ -309,3 +310,137 @@ def test_unstack_rules_are_checked():
   assert e12.source_of((2,)) == ("a", (0, 2, 1))  # piece k=0 of axis 0, i=1 of axis 2
   with pytest.raises(SpecError, match="unstack axis 2 is out of range"):
     spec.bind({"a": type("M", (), {"shape": (2, 3), "kind": "array", "dtype": np.dtype(np.float32)})()})
+
+
+# ---- concat / split: fused projections (tests/helpers/fused.py; expected values from np.concatenate / np.split)
+
+
+@pytest.fixture(scope="module")
+def fused_sides(tmp_path_factory):
+  root = tmp_path_factory.mktemp("fused")
+  t = FU.separate()
+  return dict(
+      root=root,
+      t=t,
+      src=FU.write(root / "src", t),
+      fused=FU.write(root / "fused", FU.fused(t)),
+      hf_fused=FU.write(root / "hf_fused", FU.hf_fused(t)),
+  )
+
+
+def test_concat_of_fused_qkv_and_gate_up_passes_and_swapped_members_fail(fused_sides):
+  s = fused_sides
+  spec = RemapSpec.from_rules(FU.CONCAT_RULES)
+  rep = verify_migration(s["src"], s["fused"], spec)
+  assert rep.passed and len(rep.leaves) == 3, rep.text()
+  # 256-byte slabs over parts of different sizes: every byte of either side is read about once
+  small = verify_migration(s["src"], s["fused"], spec, slab_mb=256 / 2**20)
+  total = open_checkpoint(s["src"]).nbytes
+  assert small.passed and 2 * total <= small.bytes_read <= 2.5 * total, (small.bytes_read, total)
+  shapes = {e.dest: e.dst_shape for e in spec.bind(open_checkpoint(s["src"]).leaves).elements}
+  assert shapes == {
+      **{f"layers/{i}/attn/qkv/kernel": (FU.D, FU.Q + 2 * FU.KV) for i in range(2)},
+      "mlp/gate_up": (2, 12, 8),
+  }
+  t = s["t"]
+  bad = FU.fused(t)
+  qkv = "layers/1/attn/qkv/kernel"  # k and v (both 4 columns) swapped in layer 1
+  bad[qkv] = np.concatenate([t[f"model.layers.1.self_attn.{p}_proj.weight"].T for p in "qvk"], axis=1)
+  bad["mlp/gate_up"] = bad["mlp/gate_up"].copy()  # layer 0's gate and up swapped in the stacked concat
+  bad["mlp/gate_up"][0] = np.concatenate(
+      [t["model.layers.0.mlp.up_proj.weight"], t["model.layers.0.mlp.gate_proj.weight"]]
+  )
+  rep = verify_migration(s["src"], FU.write(s["root"] / "swapped", bad), spec)
+  failed = _failed(rep)
+  assert sorted(failed) == ["layers/1/attn/qkv/kernel", "mlp/gate_up"], rep.text()
+  # qkv[0, 8] is the first column of the k part: k_proj.weight[0, 0] (after the transpose)
+  r = failed[qkv].reason
+  assert f"{qkv}[0, {FU.Q}]" in r and "from model.layers.1.self_attn.k_proj.weight[0, 0]" in r, r
+  assert f"{bad[qkv].size - int(np.sum(bad[qkv] == FU.fused(t)[qkv]))} of {bad[qkv].size} elements differ" in r
+  r = failed["mlp/gate_up"].reason
+  assert "mlp/gate_up[0, 0, 0]" in r and "from model.layers.0.mlp.gate_proj.weight[0, 0]" in r, r
+
+
+def test_split_of_hf_fused_projections_passes_and_a_wrong_offset_fails(fused_sides):
+  s = fused_sides
+  spec = RemapSpec.from_rules(FU.SPLIT_RULES)
+  rep = verify_migration(s["hf_fused"], s["src"], spec)
+  assert rep.passed and len(rep.leaves) == len(s["t"]), rep.text()
+  t = dict(s["t"])
+  fused = FU.hf_fused(s["t"])["model.layers.0.self_attn.qkv_proj.weight"]
+  q = "model.layers.0.self_attn.q_proj.weight"
+  t[q] = np.split(fused, [1, 1 + FU.Q])[1]  # q read one row too late
+  rep = verify_migration(s["hf_fused"], FU.write(s["root"] / "offset", t), spec)
+  (f,) = _failed(rep).values()
+  assert f.migrated_path == q and f"{q}[0, 0]" in f.reason, rep.text()
+  assert "from model.layers.0.self_attn.qkv_proj.weight[0, 0]" in f.reason
+  # the k piece starts at row Q of the fused tensor: its element [1, 2] is qkv_proj[Q + 1, 2]
+  plan = spec.bind(open_checkpoint(s["hf_fused"]).leaves)
+  k = next(e for e in plan.elements if e.dest == "model.layers.0.self_attn.k_proj.weight")
+  assert k.source_of((1, 2)) == ("model.layers.0.self_attn.qkv_proj.weight", (FU.Q + 1, 2))
+
+
+def test_concat_and_split_spec_mistakes_are_listed_together():
+  def meta(*shape):
+    return type("M", (), {"shape": shape, "kind": "array", "dtype": np.dtype(np.float32)})()
+
+  with pytest.raises(SpecError) as e:
+    RemapSpec.from_rules(
+        [
+            {"match": "a", "to": "b.{p}", "split": {"axis": 0, "name": "p"}},  # neither sizes nor sections
+            {"match": "c", "to": "d.{p}", "split": {"axis": 0, "sizes": [1, 2], "name": "p", "names": ["x"]}},
+            {"match": "e", "to": "f", "concat": {"axis": 0}},  # no index
+            {
+                "match": "g",
+                "to": "h{q}",
+                "concat": {"axis": 0, "index": "0"},
+                "split": {"axis": 0, "sections": 2, "name": "q"},
+            },
+            {"match": "i", "to": "j", "split": {"axis": 0, "sections": 2, "name": "q"}},  # no {q} in 'to'
+        ]
+    )
+  p = e.value.problems
+  assert len(p) == 5, p
+  assert "exactly one" in p[0] and "2 pieces but 1 names" in p[1] and "'concat' must be" in p[2]
+  assert "rule #4: give 'concat' (many leaves into one) or 'split' (one into many), not both" in p[3]
+  assert "rule #5: split name 'q' does not appear as {q} in 'to'" in p[4]
+  spec = RemapSpec.from_rules(
+      [
+          {"match": r"(q|k|v)", "to": "qkv", "concat": {"axis": 0, "index": r"\1", "order": ["q", "k", "v", "o"]}},
+          {"match": r"g(\d)", "to": "gu", "ops": [{"transpose": [1, 0]}], "concat": {"axis": 1, "index": r"\1"}},
+          {"match": r"x(\d)", "to": "xx", "concat": {"axis": 0, "index": "0"}},
+          {"match": "fused", "to": "p.{i}", "split": {"axis": 1, "sizes": [4, 3], "name": "i"}},
+      ]
+  )
+  leaves = {"q": meta(8, 4), "k": meta(4, 4), "v": meta(4, 4)}  # no "o": a missing member
+  leaves |= {"g0": meta(6, 4), "g1": meta(6, 5)}  # transposed: [4, 6] and [5, 6] differ off the concat axis
+  leaves |= {"x0": meta(2), "x1": meta(2), "fused": meta(3, 8)}  # x: overlapping members; 4 + 3 != 8
+  with pytest.raises(SpecError) as e:
+    spec.bind(leaves)
+  p = e.value.problems
+  assert len(p) == 4, p
+  assert any("concat 'qkv' is missing member(s) at [3]" in x for x in p), p
+  assert any("parts of 'gu' differ on an axis other than concat axis 1" in x and "[5, 6]" in x for x in p), p
+  assert any("overlapping concat members" in x and "'x0'" in x and "'x1'" in x for x in p), p
+  assert any("split sizes [4, 3] sum to 7, axis 1 of [3, 8] has 8" in x for x in p), p
+
+
+def test_migrator_concatenates_and_splits_and_the_results_verify(fused_sides, tmp_path):
+  s = fused_sides
+  spec = RemapSpec.from_rules(FU.CONCAT_RULES)
+  migrate(s["src"], tmp_path / "fused", spec, chunk_mb=0.0001)  # chunks of a few rows: many slabs
+  ck = open_checkpoint(tmp_path / "fused")
+  got = restore_leaves(ck, sorted(ck.leaves))
+  want = FU.fused(s["t"])
+  assert sorted(got) == sorted(want)
+  for k, v in want.items():
+    g = np.asarray(got[k])
+    assert g.dtype == v.dtype and g.shape == v.shape and g.tobytes() == v.tobytes(), k
+  assert verify_migration(s["src"], tmp_path / "fused", spec).passed
+  back = RemapSpec.from_rules(FU.SPLIT_RULES)
+  migrate(s["hf_fused"], tmp_path / "split", back, dest_format="safetensors")
+  ck = open_checkpoint(tmp_path / "split")
+  for k, v in s["t"].items():
+    g = ck.read_whole(ck.leaves[k])
+    assert g.dtype == v.dtype and g.tobytes() == v.tobytes(), k
+  assert verify_migration(s["hf_fused"], tmp_path / "split", back).passed

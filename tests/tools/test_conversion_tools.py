@@ -13,6 +13,7 @@ import re
 import pytest
 
 from parity_jax.checkpoint import open_checkpoint, restore_leaves
+from tests.helpers import fused as FU
 from tests.helpers import safetensors_files as W
 from tests.helpers.conversion_specs import tunix_rules
 from tests.helpers.tools import one_line_error, run_many
@@ -145,6 +146,17 @@ def test_verify_and_migrate_tools_with_hf_sides(sides):
 
 def test_preset_flags_on_both_tools(tmp_path):
   tunix = os.path.join(HF, "..", "tunix_default")
+  t = FU.separate()  # concat rules through --spec, --print_spec, then the printed spec (tests/helpers/fused.py)
+  src, fused = FU.write(tmp_path / "src", t), FU.write(tmp_path / "fused", FU.fused(t))
+  (tmp_path / "concat.json").write_text(json.dumps({"rules": FU.CONCAT_RULES}))
+  bad_rules = json.loads(json.dumps(FU.CONCAT_RULES))
+  bad_rules[0]["concat"]["order"] = ["q", "k"]  # v is no part
+  bad_rules[1]["concat"]["axis"] = 0  # the stack's axis
+  (tmp_path / "bad.json").write_text(json.dumps({"rules": bad_rules}))
+  q2moe = tmp_path / "q2moe"  # a Qwen2-MoE config.json: MaxText maps no such model
+  q2moe.mkdir()
+  with open(os.path.join(HF, "config.json")) as f:
+    (q2moe / "config.json").write_text(json.dumps({**json.load(f), "model_type": "qwen2_moe"}))
   v = run_many(
       "verify_migration",
       [
@@ -157,6 +169,15 @@ def test_preset_flags_on_both_tools(tmp_path):
           [f"--source={HF}", "--preset=hf-to-tunix", f"--print_spec={os.path.join(HF, 'spec.json')}"],
           [f"--source={tunix}", f"--migrated={HF}", "--preset=tunix-to-hf"],  # config.json: the HF side's
           [f"--source={tunix}", "--preset=tunix-to-hf", f"--print_spec={tmp_path / 'back.json'}"],
+          [f"--source={src}", f"--spec={tmp_path / 'concat.json'}", f"--print_spec={tmp_path / 'printed.json'}"],
+          [f"--source={src}", f"--migrated={fused}", f"--spec={tmp_path / 'printed.json'}"],
+          [
+              f"--source={src}",
+              f"--migrated={fused}",
+              f"--spec={tmp_path / 'bad.json'}",
+              f"--spec_errors={tmp_path / 'e.json'}",
+          ],
+          [f"--source={q2moe}", "--preset=hf-to-maxtext-scanned", f"--print_spec={tmp_path / 'q2.json'}"],
       ],
   )
   assert v[0].returncode == 0 and [line.split()[0] for line in v[0].stdout.splitlines()] == [
@@ -176,41 +197,25 @@ def test_preset_flags_on_both_tools(tmp_path):
   assert not os.path.exists(os.path.join(HF, "spec.json"))
   assert v[7].returncode == 0 and v[7].stdout.splitlines()[-1] == "VERDICT: PASS", v[7].stdout + v[7].stderr
   one_line_error(v[8], "give hf_config (--hf_config)")
-  m = run_many("migrate_checkpoint", [["--list_presets"]])
-  assert m[0].returncode == 0 and "hf-to-tunix" in m[0].stdout
+  assert v[9].returncode == 0 and json.loads((tmp_path / "printed.json").read_text())["rules"][0]["concat"] == {
+      "axis": 1,
+      "index": r"\2",
+      "order": ["q", "k", "v"],
+  }
+  assert v[10].returncode == 0 and v[10].stdout.splitlines()[-1] == "VERDICT: PASS", v[10].stdout + v[10].stderr
+  one_line_error(v[11], "3 problems")  # each layer's v leaf is in no part, and the concat axis is the stack's
+  problems = json.loads((tmp_path / "e.json").read_text())["problems"]
+  assert sum("'v' is not one of the concat order ['q', 'k']" in p for p in problems) == 2, problems
+  assert any("concat axis 0 of 'mlp/gate_up' is a stack axis" in p for p in problems), problems
+  one_line_error(v[12], "preset hf-to-maxtext-scanned has no qwen2_moe layout")
+  assert not os.path.exists(tmp_path / "q2.json")
 
 
-def test_migrate_tool_performs_presets_and_the_result_verifies(tmp_path):
-  """HF -> tunix with --preset: tunix's own conversion bit for bit (its committed checkpoint), both layouts."""
+def test_migrate_tool_performs_presets_both_ways_and_the_results_verify(tmp_path):
+  """HF -> tunix with --preset: tunix's own conversion bit for bit (its committed checkpoint), both layouts; and
+  tunix -> HF with --preset=tunix-to-hf: the original HF tensors bit for bit, in shards, with config.json. One
+  migrate_checkpoint process and one verify_migration process for all the runs."""
   std, v1 = tmp_path / "std", tmp_path / "v1"
-  m = run_many(
-      "migrate_checkpoint",
-      [
-          [f"--source={HF}", f"--dest={std}", "--preset=hf-to-tunix", "--chunk_mb=0.01"],
-          [f"--source={HF}", f"--dest={v1}", "--preset=hf-to-tunix", "--layout=v1"],
-          [f"--source={HF}", f"--dest={tmp_path / 'bad'}", "--preset=hf-to-tunix", "--layout=flat"],
-      ],
-  )
-  assert m[0].returncode == 0 and m[1].returncode == 0, m[0].stderr + m[1].stderr
-  assert "migrated 27 leaves" in m[0].stdout, m[0].stdout
-  one_line_error(m[2], "--layout")
-  assert not os.path.exists(tmp_path / "bad")
-  assert os.path.isfile(std / "_METADATA") and os.path.isfile(v1 / "state" / "_METADATA")
-  tunix = open_checkpoint(os.path.join(HF, "..", "tunix_default"))
-  want = dict(restore_leaves(tunix, sorted(tunix.leaves)))
-  for out in (std, v1):
-    ck = open_checkpoint(out)
-    got = dict(restore_leaves(ck, sorted(ck.leaves)))
-    assert sorted(got) == sorted(want)
-    for k, v in want.items():
-      assert got[k].dtype == v.dtype and got[k].shape == v.shape and got[k].tobytes() == v.tobytes(), k
-  v = run_many("verify_migration", [[f"--source={HF}", f"--migrated={d}", "--preset=hf-to-tunix"] for d in (std, v1)])
-  for r in v:
-    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "VERDICT: PASS", r.stdout + r.stderr
-
-
-def test_migrate_tool_writes_hf_safetensors_from_tunix(tmp_path):
-  """tunix -> HF with --preset=tunix-to-hf: the original HF tensors bit for bit, in shards, with config.json."""
   tunix = os.path.join(HF, "..", "tunix_default")
   out = tmp_path / "hf"
   (tmp_path / "taken").mkdir()
@@ -219,6 +224,10 @@ def test_migrate_tool_writes_hf_safetensors_from_tunix(tmp_path):
   m = run_many(
       "migrate_checkpoint",
       [
+          [f"--source={HF}", f"--dest={std}", "--preset=hf-to-tunix", "--chunk_mb=0.01"],
+          [f"--source={HF}", f"--dest={v1}", "--preset=hf-to-tunix", "--layout=v1"],
+          [f"--source={HF}", f"--dest={tmp_path / 'bad'}", "--preset=hf-to-tunix", "--layout=flat"],
+          ["--list_presets"],
           [f"--source={tunix}", f"--dest={out}", "--max_shard_mb=0.1", *args],
           [f"--source={tunix}", f"--dest={tmp_path / 'one'}", *args],  # default shard size: one file, no index
           [f"--source={tunix}", f"--dest={tmp_path / 'taken'}", *args],
@@ -232,6 +241,21 @@ def test_migrate_tool_writes_hf_safetensors_from_tunix(tmp_path):
           ],
       ],
   )
+  assert m[0].returncode == 0 and m[1].returncode == 0, m[0].stderr + m[1].stderr
+  assert "migrated 27 leaves" in m[0].stdout, m[0].stdout
+  one_line_error(m[2], "--layout")
+  assert not os.path.exists(tmp_path / "bad")
+  assert m[3].returncode == 0 and "hf-to-tunix" in m[3].stdout
+  assert os.path.isfile(std / "_METADATA") and os.path.isfile(v1 / "state" / "_METADATA")
+  tck = open_checkpoint(tunix)
+  want = dict(restore_leaves(tck, sorted(tck.leaves)))
+  for d in (std, v1):
+    ck = open_checkpoint(d)
+    got = dict(restore_leaves(ck, sorted(ck.leaves)))
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+      assert got[k].dtype == v.dtype and got[k].shape == v.shape and got[k].tobytes() == v.tobytes(), k
+  m = m[4:]
   assert m[0].returncode == 0 and m[1].returncode == 0, m[0].stderr + m[1].stderr
   one_line_error(m[2], "destination already exists")
   one_line_error(m[3], "is not an Orbax checkpoint")
@@ -249,5 +273,10 @@ def test_migrate_tool_writes_hf_safetensors_from_tunix(tmp_path):
     for k in b.leaves:
       x, y = a.read_whole(a.leaves[k]), b.read_whole(b.leaves[k])
       assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
-  (v,) = run_many("verify_migration", [[f"--source={tunix}", f"--migrated={out}", "--preset=tunix-to-hf"]])
-  assert v.returncode == 0 and v.stdout.splitlines()[-1] == "VERDICT: PASS", v.stdout + v.stderr
+  v = run_many(
+      "verify_migration",
+      [[f"--source={HF}", f"--migrated={d}", "--preset=hf-to-tunix"] for d in (std, v1)]
+      + [[f"--source={tunix}", f"--migrated={out}", "--preset=tunix-to-hf"]],
+  )
+  for r in v:
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "VERDICT: PASS", r.stdout + r.stderr
