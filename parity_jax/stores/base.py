@@ -218,8 +218,8 @@ class Store:
     raise NotImplementedError
 
   def ping(self) -> "StoreError | None":
-    """Whether the store answers now (one request, no retries): the :class:`StoreError` of an endpoint that cannot
-    be reached (``unreachable``, ``timeout``), else None. Local disk always answers."""
+    """Whether the store answers now (one read at the smallest retry bound): the :class:`StoreError` of an endpoint
+    that cannot be reached (``unreachable``, ``timeout``), else None. Local disk always answers."""
     return None
 
   def describe(self) -> dict:

@@ -481,8 +481,9 @@ class BucketStore(Store):
       self._wait(kv.delete_range(ts.KvStore.KeyRange(self.path, self.path + "\x00")), "delete")
 
   def ping(self) -> StoreError | None:
-    """One request, not retried, to the bucket; the :class:`StoreError` if the endpoint cannot be reached now
-    (kind ``unreachable`` or ``timeout``), else None (it answered, whatever the answer)."""
+    """One zero-byte read of an absent key at tensorstore's smallest retry bound (``max_retries=1``: at most two
+    HTTP attempts, no backoff); the :class:`StoreError` if the endpoint cannot be reached now (kind
+    ``unreachable`` or ``timeout``), else None (it answered, whatever the answer)."""
     lim = dataclasses.replace(self._limits, max_retries=1, initial_delay_s=0.0, max_delay_s=0.0)
     try:
       kv = _kvstore(self._endpoint, self.bucket, lim)

@@ -159,8 +159,8 @@ class _PairComparer:
     self.down: str | None = None  # set once a side's store stopped answering: the reason of every later leaf
 
   def _check_stores(self) -> None:
-    """After a leaf that could not be read: if a bucket side no longer answers at all (one request, no retries,
-    after the leaf's reads used up their retries), it is down for the rest of this run (:attr:`down`)."""
+    """After a leaf that could not be read: if a bucket side no longer answers at all (one read at the smallest
+    retry bound, after the leaf's reads used up theirs), it is down for the rest of this run (:attr:`down`)."""
     for ck in (self.src, self.mig):
       if stores.is_remote(ck.path):
         err = stores.open_store(ck.path).ping()
