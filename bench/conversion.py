@@ -1,6 +1,6 @@
 """Benchmark: verifying an HF -> MaxText (scanned) conversion element by element vs. the anchor's method.
 
-  flock /tmp/parity_bench.lock .venv/bin/python bench/conversion.py [--scale=0.125] [--dtype=float32] [--keep]
+  flock /tmp/parity_bench.lock .venv/bin/python bench/conversion.py [--scale=0.125] [--dtype=float32] [--keep] [--root=DIR]
 
 A Qwen2.5-0.5B-shaped model (hidden 896, 14 heads of 64, 2 kv heads, intermediate 4864, tied; 24 layers and
 a 151936 vocabulary at --scale=1, both scaled by --scale) with random weights is written as an HF

@@ -1,6 +1,6 @@
 """Benchmark: performing an HF -> MaxText (scanned) conversion with the streaming migrator vs. load-all-then-save.
 
-  flock /tmp/parity_bench.lock .venv/bin/python bench/migrate_conversion.py [--scale=0.125] [--dtype=float32]
+  flock /tmp/parity_bench.lock .venv/bin/python bench/migrate_conversion.py [--scale=0.125] [--dtype=float32] [--source=DIR]
 
 The HF side is bench/conversion.py's Qwen2.5-0.5B-shaped random model (``model.safetensors``, scaled by
 --scale). Each in a fresh child process (peak RSS from ``os.wait4``'s rusage, above the child's RSS after its
@@ -12,7 +12,11 @@ imports):
   in numpy (kernels transposed and reshaped, layers stacked on axis 1), then
   ``ocp.StandardCheckpointer().save(out, tree)``.
 
-Both outputs are compared leaf by leaf (bytes) at the end. Prints a table and a JSON blob.
+Both outputs are compared leaf by leaf (bytes) at the end. Memory bound (issue 17 §6): the migrator's peak RSS
+above that of an idle child (the same imports) within 2x the largest piece it must decode or encode whole (the
+source is read by byte range: a slab; the destination is written a storage chunk at a time, chunk shapes from
+its metadata) plus 64 MiB, printed PASS or MISS. ``--source`` reuses an HF directory (bench/conversion.py
+--root's hf/). Prints a table and a JSON blob.
 """
 
 from __future__ import annotations
