@@ -69,12 +69,18 @@ def slab_elems(slab_bytes: float, e: ElementPlan) -> int:
   return max(1, int(slab_bytes) // max(e.src_dtype.itemsize, e.dst_dtype.itemsize))
 
 
+def _joined(e: ElementPlan) -> str:
+  """How a multi-member target joins its members: stacked, concatenated, or both."""
+  how = (["stacked"] if e.stack_axes else []) + (["concatenated"] if e.concat_axis is not None else [])
+  return " and ".join(how)
+
+
 def element_result(e: ElementPlan, mig: LeafMeta | None) -> LeafResult:
   """The structure verdict of one element target (``PENDING`` when only the values can tell)."""
   from parity_jax.checkpoint.verify.structure import PENDING
 
   res = LeafResult(
-      source_path=e.sources[0] if len(e.members) == 1 else f"{e.sources[0]} (+{len(e.members) - 1} stacked)",
+      source_path=e.sources[0] if len(e.members) == 1 else f"{e.sources[0]} (+{len(e.members) - 1} {_joined(e)})",
       migrated_path=e.dest,
       group=e.group,
       status=MISSING,
