@@ -15,6 +15,10 @@ reads them from the bucket through the proxy. Figures, each against a reference 
 3. bytes read / bytes stored (both trees) for a verify; target <= 1.05.
 4. the bucket verify vs "download both trees (32 objects in flight), then verify locally"; target: faster,
    and no local disk.
+
+With the big leaf, the harness's own ceiling: the same object read as 8 and 32 ranges in flight, and the
+emulator's share of one core meanwhile (1.0: one core busy serving), to tell a product limit from the
+harness's.
 """
 
 from __future__ import annotations
@@ -58,6 +62,13 @@ def _verify(src: str, mig: str, spec: str, concurrency: int | None = None):
     return time.perf_counter() - t0, rep
   finally:
     stores.set_limits(**previous.__dict__)
+
+
+def _cpu(pid: int) -> float:
+  """CPU seconds (user + system) used so far by process ``pid`` (Linux /proc)."""
+  with open(f"/proc/{pid}/stat") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -110,14 +121,31 @@ def main() -> None:
       # 2 + 3: one big leaf; throughput vs a single-stream GET of as many bytes; bytes read / stored
       s_url, m_url, spec, s_dir, m_dir = pairs["big"]
       stored = sum(len(b.get(k)) for k in b.keys("big/"))
+      proxy.reset_stats()
+      c0 = _cpu(emu.proc.pid)
       t_big, rep = _verify(s_url, m_url, spec)
+      big_cpu = _cpu(emu.proc.pid) - c0
+      big_stats = proxy.stats()
       assert rep.passed
       row = rep.io["s3"]
       keys = sorted(b.keys("big/"), key=lambda k: -len(b.get(k)))
       obj = stores.open_store(f"{b.url}/{keys[0]}")
+      proxy.reset_stats()
       t0 = time.perf_counter()
       one = obj.read_bytes()
       t_single = time.perf_counter() - t0
+      single_stats = proxy.stats()
+      # the ceiling of this harness: the same object as 8 and 32 range reads in flight at once (what "more reads
+      # in flight for one leaf" could reach here), and the emulator's CPU time during each read
+      ceiling = {}
+      for n_ranges in (8, 32):
+        step = -(-len(one) // n_ranges)
+        c0, t0 = _cpu(emu.proc.pid), time.perf_counter()
+        parts = stores.read_many([(obj, a, min(a + step, len(one))) for a in range(0, len(one), step)])
+        dt = time.perf_counter() - t0
+        assert b"".join(parts) == one
+        ceiling[f"{n_ranges}_ranges_mib_s"] = round(len(one) / dt / (1 << 20), 1)
+        ceiling[f"{n_ranges}_ranges_emulator_cpu_share"] = round((_cpu(emu.proc.pid) - c0) / dt, 2)
       out["big_leaf"] = {
           "mib": args.big_mb,
           "verify_s": round(t_big, 2),
@@ -127,6 +155,14 @@ def main() -> None:
           "bytes_read": row["bytes_read"],
           "bytes_stored": stored,
           "read_over_stored": round(row["bytes_read"] / stored, 3),
+          "requests": big_stats["requests"],
+          "mean_in_flight": round(big_stats["mean_in_flight"], 1),
+          "peak_in_flight": big_stats["peak_in_flight"],
+          "proxy_busy_s": round(big_stats["busy_s"], 2),
+          "single_stream_requests": single_stats["requests"],
+          "leaf_read_modes": sorted({leaf.read_mode for leaf in rep.leaves}),
+          "emulator_cpu_share_during_verify": round(big_cpu / t_big, 2),
+          **ceiling,
       }
 
       # 4: download both trees (32 in flight), then verify locally

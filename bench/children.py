@@ -2,18 +2,21 @@
 
 A benchmark script runs each measured task as ``python <script> --child TASK --args JSON`` and reads
 its one-line JSON result; peak memory is the child's ``ru_maxrss`` from ``os.wait4`` (the child reports
-its RSS after imports as ``baseline_rss``). The naive reference restores both full trees with orbax and
-compares every leaf pair's bytes.
+its RSS after imports as ``baseline_rss``). :func:`measure` runs a set of tasks ``reps`` times each, plus
+an ``idle`` task (the same imports, no work) whose peak RSS is the baseline of :func:`memory_bound`'s
+figure. The naive reference restores both full trees with orbax and compares every leaf pair's bytes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import platform
 import subprocess
 import sys
 import tempfile
-from typing import Any
+from typing import Any, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,6 +54,69 @@ def best(runs: list[dict]) -> dict:
   out["passed"] = all(r.get("passed", True) for r in runs)
   out["runs"] = [{k: r[k] for k in ("seconds", "peak_above_baseline")} for r in runs]
   return out
+
+
+def measure(script: str, tasks: Sequence[str], reps: int, **args: Any) -> dict[str, dict]:
+  """Each of ``tasks`` run ``reps`` times in fresh children (interleaved), the best of each (:func:`best`), and
+  ``idle``: one run of the script's ``idle`` task (its imports only), whose ``peak_rss`` is the idle baseline;
+  every task's ``peak_above_idle`` is its largest ``peak_rss`` minus that."""
+  runs: dict[str, list[dict]] = {t: [] for t in tasks}
+  for _ in range(reps):
+    for t in tasks:
+      runs[t].append(run_child(script, t, **args))
+  idle = run_child(script, "idle", **args)
+  out = {t: best(r) for t, r in runs.items()}
+  for t, r in out.items():
+    r["peak_rss"] = max(x["peak_rss"] for x in runs[t])
+    r["peak_above_idle"] = r["peak_rss"] - idle["peak_rss"]
+  out["idle"] = idle
+  return out
+
+
+def machine() -> str:
+  """The CPU model, core count and load average (others' jobs on a shared machine show there)."""
+  name = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+  except OSError:
+    pass
+  return f"{name}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start"
+
+
+def largest_chunk(path: str, slab_bytes: int, *, written: bool = False) -> tuple[int, str]:
+  """(bytes, leaf) of the largest piece of checkpoint ``path`` that must be decoded (or, ``written``, encoded)
+  whole: a leaf read by byte range (safetensors, raw memory-mapped chunks) only ever needs ``slab_bytes`` of it
+  at a time; any other leaf its storage chunk (the whole leaf when it has none). A written leaf is encoded a
+  storage chunk at a time whatever its reads cost."""
+  from parity_jax.checkpoint import open_checkpoint
+
+  best_size, best_leaf = 0, ""
+  for m in open_checkpoint(path).leaves.values():
+    if m.dtype is None or not m.shape:
+      continue
+    if m.box_reads and not written:
+      size = min(m.nbytes, slab_bytes)
+    else:
+      chunk = m.shape if m.chunk_shape is None else tuple(min(c, d) for c, d in zip(m.chunk_shape, m.shape))
+      size = math.prod(chunk) * m.dtype.itemsize
+    if size > best_size:
+      best_size, best_leaf = size, m.path
+  return best_size, best_leaf
+
+
+def memory_bound(peak_above_idle: int, chunks: Sequence[tuple[int, str]]) -> dict:
+  """Issue 17's bound: the peak above the idle child within 2x the largest chunk either side must decode whole,
+  plus 64 MiB."""
+  size, leaf = max(chunks)
+  bound = 2 * size + (64 << 20)
+  return {
+      "figure": peak_above_idle,
+      "largest_chunk": size,
+      "largest_chunk_leaf": leaf,
+      "bound": bound,
+      "met": peak_above_idle <= bound,
+  }
 
 
 class _ShapeOnly:

@@ -1,6 +1,6 @@
 """Benchmark: verifying an HF -> MaxText (scanned) conversion element by element vs. the anchor's method.
 
-  flock /tmp/parity_bench.lock .venv/bin/python bench/conversion.py [--scale=0.125] [--dtype=float32] [--keep]
+  flock /tmp/parity_bench.lock .venv/bin/python bench/conversion.py [--scale=0.125] [--dtype=float32] [--keep] [--root=DIR]
 
 A Qwen2.5-0.5B-shaped model (hidden 896, 14 heads of 64, 2 kv heads, intermediate 4864, tied; 24 layers and
 a 151936 vocabulary at --scale=1, both scaled by --scale) with random weights is written as an HF
@@ -14,8 +14,10 @@ imports):
 * the anchor's method (MaxText's ``compare_hf_ckpt.py``): both whole models loaded into memory, the MaxText
   one mapped back to HF names and shapes, then ``np.allclose(rtol=1e-2, atol=1e-2)`` per tensor.
 
-Targets (issue 17): verifier peak <= 1/4 of the anchor's, and its time no worse. Prints a table and a JSON
-blob; the files under /tmp are removed at the end unless --keep.
+Targets (issue 17): verifier peak <= 1/4 of the anchor's, and its time no worse; and the memory bound: the
+verifier's peak RSS above that of an idle child (the same imports) within 2x the largest chunk either side
+must decode whole (both sides are read by byte range: a slab) plus 64 MiB, printed PASS or MISS. Prints a
+table and a JSON blob; the files under /tmp are removed at the end unless --keep.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -35,6 +36,7 @@ sys.path.insert(0, REPO)
 from bench import children  # noqa: E402
 
 MIB = 1 << 20
+SLAB_MB = 8.0  # the verifier's slabs
 FULL = dict(hidden=896, heads=14, kv=2, hd=64, inter=4864, layers=24, vocab=151936)
 
 
@@ -151,7 +153,7 @@ def child(task: str, args: dict) -> None:
     print(json.dumps({"seconds": 0.0, "baseline_rss": 0}))
     return
 
-  if task == "verify":
+  if task in ("verify", "idle"):
     from parity_jax.checkpoint import verify_migration
     from parity_jax.checkpoint.presets import preset_spec
 
@@ -161,7 +163,10 @@ def child(task: str, args: dict) -> None:
     spec = preset_spec("hf-to-maxtext-scanned", args["source"])
     base = children.rss()
     t0 = time.perf_counter()
-    rep = verify_migration(args["source"], args["migrated"], spec, slab_mb=8.0)
+    if task == "idle":  # the same imports and spec, no work: the baseline of the memory bound
+      print(json.dumps({"seconds": 0.0, "baseline_rss": base}))
+      return
+    rep = verify_migration(args["source"], args["migrated"], spec, slab_mb=SLAB_MB)
     out = {"seconds": time.perf_counter() - t0, "passed": rep.passed, "bytes_read": rep.bytes_read}
   else:  # the anchor: load both whole, map MaxText back to HF (the inverse hooks), np.allclose per tensor
     import struct
@@ -220,6 +225,7 @@ def main() -> None:
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--reps", type=int, default=2)
   ap.add_argument("--keep", action="store_true")
+  ap.add_argument("--root", help="where the two sides are written (reused when there, and then kept)")
   ap.add_argument("--child")
   ap.add_argument("--args")
   a = ap.parse_args()
@@ -227,22 +233,26 @@ def main() -> None:
     child(a.child, json.loads(a.args))
     return
   d = dims(a.scale)
-  root = tempfile.mkdtemp(prefix="parity_conv_bench_")
+  machine = children.machine()
+  root = a.root or tempfile.mkdtemp(prefix="parity_conv_bench_")
   try:
     t0 = time.perf_counter()
-    children.run_child(__file__, "generate", root=root, dims=d, dtype=a.dtype)
+    if not os.path.exists(os.path.join(root, "maxtext", "model.safetensors")):
+      os.makedirs(root, exist_ok=True)
+      children.run_child(__file__, "generate", root=root, dims=d, dtype=a.dtype)
     src, mig = os.path.join(root, "hf"), os.path.join(root, "maxtext")
     gen_s = time.perf_counter() - t0
     size = os.path.getsize(os.path.join(src, "model.safetensors"))
     os.system(f"cat {src}/model.safetensors {mig}/model.safetensors > /dev/null")
-    runs = {"verify": [], "anchor": []}
-    for _ in range(a.reps):
-      for task in ("verify", "anchor"):
-        runs[task].append(children.run_child(__file__, task, source=src, migrated=mig, dims=d))
-    v, n = children.best(runs["verify"]), children.best(runs["anchor"])
+    got = children.measure(__file__, ("verify", "anchor"), a.reps, source=src, migrated=mig, dims=d)
+    v, n = got["verify"], got["anchor"]
+    # both sides are safetensors, read by byte range: the largest piece decoded whole is a slab
+    bound = children.memory_bound(
+        v["peak_above_idle"], [children.largest_chunk(p, int(SLAB_MB * MIB)) for p in (src, mig)]
+    )
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine,
         "scale": a.scale,
         "dtype": a.dtype,
         "dims": d,
@@ -250,19 +260,26 @@ def main() -> None:
         "generate_s": round(gen_s, 1),
         "verifier": v,
         "anchor": n,
+        "idle_peak_rss": got["idle"]["peak_rss"],
         "peak_ratio": v["peak_above_baseline"] / max(1, n["peak_above_baseline"]),
         "time_ratio": v["seconds"] / n["seconds"],
+        "memory_bound": bound,
     }
-    print(f"model: {size / MIB:.0f} MiB {a.dtype} ({d['layers']} layers, vocab {d['vocab']})")
+    print(f"model: {size / MIB:.0f} MiB {a.dtype} ({d['layers']} layers, vocab {d['vocab']}); {machine}")
     print(f"{'':10s} {'seconds':>8s} {'peak MiB':>9s} {'verdict':>8s}")
     for name, r in (("verifier", v), ("anchor", n)):
       print(f"{name:10s} {r['seconds']:8.2f} {r['peak_above_baseline'] / MIB:9.0f} {str(r['passed']):>8s}")
     print(
         f"verifier/anchor: peak {result['peak_ratio']:.3f} (target <= 0.25), time {result['time_ratio']:.2f} (target <= 1)"
     )
+    print(
+        f"memory bound: verifier peak above an idle child {bound['figure'] / MIB:.0f} MiB vs 2 x"
+        f" {bound['largest_chunk'] / MIB:.1f} MiB + 64 MiB = {bound['bound'] / MIB:.0f} MiB:"
+        f" {'PASS' if bound['met'] else 'MISS'}"
+    )
     print(json.dumps(result))
   finally:
-    if not a.keep:
+    if not a.keep and not a.root:
       shutil.rmtree(root, ignore_errors=True)
 
 

@@ -1,6 +1,6 @@
 """Benchmark: performing an HF -> MaxText (scanned) conversion with the streaming migrator vs. load-all-then-save.
 
-  flock /tmp/parity_bench.lock .venv/bin/python bench/migrate_conversion.py [--scale=0.125] [--dtype=float32]
+  flock /tmp/parity_bench.lock .venv/bin/python bench/migrate_conversion.py [--scale=0.125] [--dtype=float32] [--source=DIR]
 
 The HF side is bench/conversion.py's Qwen2.5-0.5B-shaped random model (``model.safetensors``, scaled by
 --scale). Each in a fresh child process (peak RSS from ``os.wait4``'s rusage, above the child's RSS after its
@@ -12,7 +12,11 @@ imports):
   in numpy (kernels transposed and reshaped, layers stacked on axis 1), then
   ``ocp.StandardCheckpointer().save(out, tree)``.
 
-Both outputs are compared leaf by leaf (bytes) at the end. Prints a table and a JSON blob.
+Both outputs are compared leaf by leaf (bytes) at the end. Memory bound (issue 17 §6): the migrator's peak RSS
+above that of an idle child (the same imports) within 2x the largest piece it must decode or encode whole (the
+source is read by byte range: a slab; the destination is written a storage chunk at a time, chunk shapes from
+its metadata) plus 64 MiB, printed PASS or MISS. ``--source`` reuses an HF directory (bench/conversion.py
+--root's hf/). Prints a table and a JSON blob.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -44,15 +47,19 @@ def child(task: str, args: dict) -> None:
   import orbax.checkpoint as ocp  # noqa: F401  (imported before the baseline by both)
 
   from parity_jax.checkpoint import migrate, open_checkpoint
+  from parity_jax.checkpoint.migrate.schedule import ELEMENT_SLAB_BYTES
   from parity_jax.checkpoint.presets import preset_spec
 
   src, out = args["source"], args["out"]
+  if task == "idle":  # the same imports, no work: the baseline of the memory bound
+    print(json.dumps({"seconds": 0.0, "baseline_rss": children.rss()}))
+    return
   if task == "migrate":
     spec = preset_spec("hf-to-maxtext-scanned", src)
     base = children.rss()
     t0 = time.perf_counter()
-    migrate(src, out, spec)
-    res = {"seconds": time.perf_counter() - t0}
+    migrate(src, out, spec, overwrite=True)
+    res = {"seconds": time.perf_counter() - t0, "slab_bytes": ELEMENT_SLAB_BYTES}
   elif task == "usual":
     base = children.rss()
     t0 = time.perf_counter()
@@ -91,7 +98,7 @@ def child(task: str, args: dict) -> None:
         node = node.setdefault(p, {})
       node[parts[-1]] = v
     saver = ocp.StandardCheckpointer()
-    saver.save(out, tree)
+    saver.save(out, tree, force=True)
     saver.wait_until_finished()
     saver.close()
     res = {"seconds": time.perf_counter() - t0}
@@ -111,6 +118,7 @@ def main() -> None:
   ap.add_argument("--scale", type=float, default=0.125)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--reps", type=int, default=2)
+  ap.add_argument("--source", help="an HF directory bench/conversion.py --root wrote (its hf/), instead of a new one")
   ap.add_argument("--child")
   ap.add_argument("--args")
   a = ap.parse_args()
@@ -118,24 +126,30 @@ def main() -> None:
     child(a.child, json.loads(a.args))
     return
   d = dims(a.scale)
+  machine = children.machine()
   root = tempfile.mkdtemp(prefix="parity_migconv_bench_")
   try:
-    children.run_child(__file__, "generate", root=root, dims=d, dtype=a.dtype)
+    if a.source:
+      os.symlink(os.path.abspath(a.source), os.path.join(root, "hf"))
+    else:
+      children.run_child(__file__, "generate", root=root, dims=d, dtype=a.dtype)
     src = os.path.join(root, "hf")
     size = os.path.getsize(os.path.join(src, "model.safetensors"))
     os.system(f"cat {src}/model.safetensors > /dev/null")
-    runs = {"migrate": [], "usual": []}
-    for r in range(a.reps):
-      for task in ("migrate", "usual"):
-        out = os.path.join(root, f"{task}{r}")
-        runs[task].append(children.run_child(__file__, task, source=src, out=out, dims=d))
-    same = children.run_child(
-        __file__, "compare", source=src, out=os.path.join(root, "migrate0"), other=os.path.join(root, "usual0")
-    )["same"]
-    m, u = children.best(runs["migrate"]), children.best(runs["usual"])
+    out = os.path.join(root, "out")  # each run writes it anew (the migrator's overwrite; the usual way's force)
+    got = children.measure(__file__, ("migrate", "usual"), a.reps, source=src, out=out, dims=d)
+    m, u = got["migrate"], got["usual"]
+    mine = out + "_migrated"  # out now holds the usual way's output (the last run)
+    children.run_child(__file__, "migrate", source=src, out=mine, dims=d)
+    same = children.run_child(__file__, "compare", source=src, out=mine, other=out)["same"]
+    # the source is read by byte range (a slab of the migrator's); the destination is written a chunk at a time
+    bound = children.memory_bound(
+        m["peak_above_idle"],
+        [children.largest_chunk(src, m["slab_bytes"]), children.largest_chunk(mine, 0, written=True)],
+    )
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine,
         "scale": a.scale,
         "dtype": a.dtype,
         "dims": d,
@@ -145,12 +159,18 @@ def main() -> None:
         "outputs_equal": same,
         "peak_ratio": m["peak_above_baseline"] / max(1, u["peak_above_baseline"]),
         "time_ratio": m["seconds"] / u["seconds"],
+        "memory_bound": bound,
     }
     print(f"model: {size / MIB:.0f} MiB {a.dtype} ({d['layers']} layers, vocab {d['vocab']}); outputs equal: {same}")
     print(f"{'':10s} {'seconds':>8s} {'peak MiB':>9s}")
     for name, r in (("migrator", m), ("usual", u)):
       print(f"{name:10s} {r['seconds']:8.2f} {r['peak_above_baseline'] / MIB:9.0f}")
     print(f"migrator/usual: peak {result['peak_ratio']:.3f}, time {result['time_ratio']:.2f}")
+    print(
+        f"memory bound: migrator peak above an idle child {bound['figure'] / MIB:.0f} MiB vs 2 x"
+        f" {bound['largest_chunk'] / MIB:.1f} MiB ({bound['largest_chunk_leaf']}) + 64 MiB ="
+        f" {bound['bound'] / MIB:.0f} MiB: {'PASS' if bound['met'] else 'MISS'}"
+    )
     print(json.dumps(result))
   finally:
     shutil.rmtree(root, ignore_errors=True)

@@ -9,6 +9,10 @@ The rules, the same for every tool and library call that writes:
   directory counts as free for directory outputs: it holds nothing to lose.
 * **Atomic.** A file appears at its path complete or not at all: it is written
   next to its destination and renamed into place (:func:`atomic_output`).
+* **Buckets.** An output file may be a ``gs://`` or ``s3://`` URL
+  (:func:`check_output_path`, :func:`write_text_atomic`): the same rules, and
+  one upload of the whole object, which the store makes visible complete or
+  not at all (a single-request upload; no partial object on failure).
 
 Every refusal is a one-line :class:`~parity_jax.errors.UsageError` naming the
 argument (``what``), which the tools turn into exit code 2. ``what`` is the
@@ -32,8 +36,18 @@ __all__ = ["atomic_output", "check_output_dir", "check_output_path", "file_sha25
 PathLike = str | os.PathLike
 
 
+def _remote(path: PathLike) -> bool:
+  from parity_jax.stores import is_remote
+
+  return is_remote(path)
+
+
 def is_inside(child: PathLike, parent: PathLike) -> bool:
-  """True when ``child`` is ``parent`` or lies below it (symlinks resolved)."""
+  """True when ``child`` is ``parent`` or lies below it (symlinks resolved; bucket URLs compared as such)."""
+  if _remote(child) or _remote(parent):
+    from parity_jax.stores import open_store
+
+    return _remote(child) and _remote(parent) and open_store(child).is_inside(open_store(parent))
   child, parent = os.path.realpath(child), os.path.realpath(parent)
   return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
@@ -45,7 +59,7 @@ def _overwrite_hint(what: str) -> str:
 
 def _check_not_input(path: str, inputs: Iterable[PathLike | None], what: str) -> None:
   for src in inputs:
-    if src is not None and os.path.exists(src) and is_inside(path, src):
+    if src is not None and (_remote(src) or os.path.exists(src)) and is_inside(path, src):
       raise UsageError(
           f"{what}={path} would overwrite or lie inside an input ({os.fspath(src)}); inputs are never modified"
       )
@@ -69,6 +83,8 @@ def check_output_path(
   _check_not_input(path, inputs, what)
   if suffix is not None and not path.endswith(suffix):
     raise UsageError(f"{what} must name a {suffix} file, got {path!r}")
+  if _remote(path):
+    return _check_bucket_output(path, what, overwrite)
   if os.path.isdir(path):
     raise UsageError(f"{what}={path} is a directory")
   parent = os.path.dirname(os.path.abspath(path))
@@ -77,6 +93,24 @@ def check_output_path(
   if os.path.lexists(path) and not overwrite:
     raise UsageError(f"{what}={path} exists; refusing to overwrite it ({_overwrite_hint(what)})")
   return path
+
+
+def _check_bucket_output(url: str, what: str, overwrite: bool) -> str:
+  """:func:`check_output_path` for a ``gs://`` / ``s3://`` object: an existing bucket, not a prefix holding
+  objects (a bucket's "directory"), not an existing object unless ``overwrite``."""
+  from parity_jax.stores import open_store
+
+  store = open_store(url)
+  if not store.name:
+    raise UsageError(f"{what}={url} names a bucket, not an object")
+  bucket = open_store(f"{store.scheme}://{store.bucket}")
+  if not bucket.is_dir():  # a bucket's root: False only when the bucket does not exist
+    raise UsageError(f"{what}: bucket {bucket.url} does not exist")
+  if store.is_dir():
+    raise UsageError(f"{what}={url} is a directory (objects lie below it)")
+  if store.is_file() and not overwrite:
+    raise UsageError(f"{what}={url} exists; refusing to overwrite it ({_overwrite_hint(what)})")
+  return store.url
 
 
 def check_output_dir(
@@ -130,7 +164,13 @@ def atomic_output(path: PathLike, mode: str = "w", encoding: str | None = "utf-8
 
 
 def write_text_atomic(path: PathLike, text: str) -> str:
-  """Writes ``text`` to ``path`` atomically; returns the absolute path."""
+  """Writes ``text`` to ``path`` atomically; returns the absolute path (a bucket URL: one upload; the URL)."""
+  if _remote(path):
+    from parity_jax.stores import open_store
+
+    store = open_store(path)
+    store.write_bytes(text.encode("utf-8"))
+    return store.url
   with atomic_output(path) as f:
     f.write(text)
   return os.path.abspath(path)

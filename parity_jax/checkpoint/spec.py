@@ -303,6 +303,27 @@ def _check_template(pattern: re.Pattern, to: str) -> str | None:
   return None
 
 
+def _read_remote_spec(url: str) -> str:
+  """The text of a spec stored as a ``gs://`` / ``s3://`` object (one read); the local file's messages otherwise."""
+  from parity_jax import stores
+
+  store = stores.open_store(url)
+  try:
+    data = store.read_bytes() if store.name else None
+  except stores.StoreError as e:
+    if e.kind != "not_found":
+      raise
+    data = None
+  if data is None:
+    if store.is_dir():
+      raise UsageError(f"spec must be a JSON file, got a directory: {url}")
+    raise UsageError(f"spec file does not exist: {url}")
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise UsageError(f"cannot read spec {url}: {e}") from None
+
+
 class RemapSpec:
   """A validated list of rules plus ``group_depth``. Build with :meth:`from_json` or :meth:`from_rules`."""
 
@@ -327,16 +348,21 @@ class RemapSpec:
   @classmethod
   def from_json(cls, path: str | os.PathLike) -> "RemapSpec":
     """Reads and validates a JSON spec file; every problem raises one :class:`SpecError`."""
+    from parity_jax import stores
+
     path = os.fspath(path)
-    if not os.path.exists(path):
-      raise UsageError(f"spec file does not exist: {path}")
-    if os.path.isdir(path):
-      raise UsageError(f"spec must be a JSON file, got a directory: {path}")
-    try:
-      with open(path, encoding="utf-8") as f:
-        text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-      raise UsageError(f"cannot read spec {path}: {e}") from None
+    if stores.is_remote(path):
+      text = _read_remote_spec(path)
+    else:
+      if not os.path.exists(path):
+        raise UsageError(f"spec file does not exist: {path}")
+      if os.path.isdir(path):
+        raise UsageError(f"spec must be a JSON file, got a directory: {path}")
+      try:
+        with open(path, encoding="utf-8") as f:
+          text = f.read()
+      except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read spec {path}: {e}") from None
     try:
       obj = json.loads(text)
     except json.JSONDecodeError as e:

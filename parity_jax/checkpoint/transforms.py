@@ -53,6 +53,7 @@ from parity_jax.checkpoint import geometry
 
 __all__ = [
     "CAST_DTYPES",
+    "BoxSource",
     "ElementPlan",
     "Op",
     "bind_elements",
@@ -425,10 +426,185 @@ class ElementPlan:
   def member_keys(self) -> list[tuple[int, ...]]:
     return sorted(self.members)
 
+  def box_source(self, box: Sequence[tuple[int, int]]) -> "BoxSource | None":
+    """Where the target box ``box`` (``(start, stop)`` per axis) comes from, as whole boxes: None when it does not.
+
+    Every member in the box's range of the stack axes gives the same source
+    box, and :meth:`BoxSource.apply` turns that box's values into the
+    member's part of the target box with views, ``np.transpose``, ``reshape``
+    and padding (no per-element index arrays). A transpose and a slice map any
+    box; a pad maps it to its part inside the source (possibly empty: all
+    fill); a reshape maps it only where, in each group of axes it splits or
+    merges, the box is one contiguous C-order range that is also a box of the
+    other side. Anything else (a box a reshape scatters, a concat, an op or a
+    plan field set to what this method does not know) gives None, and the caller uses
+    :meth:`source_indices`.
+    """
+    other = [f for f in dataclasses.fields(self) if f.name not in _PLAN_FIELDS]  # any added later
+    if self.concat_axis is not None or any(getattr(self, f.name) != f.default for f in other):
+      return None  # a concat (its parts differ along an axis), or a structure this method does not know
+    if any(o.kind not in _BOX_OPS for o in self.ops):
+      return None
+    box = [(int(a), int(b)) for a, b in box]
+    if len(box) != len(self.dst_shape) or any(not 0 <= a < b <= d for (a, b), d in zip(box, self.dst_shape)):
+      return None
+    cur = [box[a] for a in self.member_axes()]
+    steps: list[tuple[str, Any]] = []
+    for op, shape_in, shape_out in zip(reversed(self.ops), reversed(self.shapes[:-1]), reversed(self.shapes[1:])):
+      if op.kind == "transpose":
+        back = [None] * len(cur)
+        for j, p in enumerate(op.arg):
+          back[p] = cur[j]
+        steps.append(("transpose", op.arg))
+        cur = back
+      elif op.kind == "slice":
+        cur = [(lo + a, hi + a) for (lo, hi), (a, _) in zip(cur, op.pairs())]
+      elif op.kind == "pad":
+        inner = [(max(lo - a, 0), min(hi - a, d)) for (lo, hi), (a, _), d in zip(cur, op.pairs(), shape_in)]
+        offsets = tuple(il + a - lo for (il, _), (lo, _), (a, _) in zip(inner, cur, op.pairs()))
+        steps.append(("pad", (offsets, tuple(hi - lo for lo, hi in cur))))
+        if any(hi <= lo for lo, hi in inner):  # all padding: nothing of the source
+          cur = None
+          break
+        cur = inner
+      else:
+        back = _reshape_box(cur, shape_in, shape_out)
+        if back is None:
+          return None
+        steps.append(("reshape", tuple(hi - lo for lo, hi in cur)))
+        cur = back
+    stack = [box[a] for a in self.stack_axes]
+    return BoxSource(tuple(stack), None if cur is None else tuple(cur), tuple(reversed(steps)), self)
+
   def source_of(self, index: Sequence[int]) -> tuple[str, tuple[int, ...]]:
     """The source leaf and index of target element ``index``."""
     member, src, _ = self.source_indices([np.asarray([i]) for i in index])
     return self.members[self.member_keys()[int(member[0])]], tuple(int(s[0]) for s in src)
+
+
+_BOX_OPS = frozenset({"transpose", "reshape", "pad", "slice"})
+# The plan fields box_source understands: a plan with another field not at its default (a concat, a structure added
+# later) uses the index path.
+_PLAN_FIELDS = frozenset(
+    {
+        "dest",
+        "group",
+        "rule",
+        "members",
+        "stack_axes",
+        "concat_axis",
+        "offsets",
+        "part_shapes",
+        "ops",
+        "src_shape",
+        "shapes",
+        "src_dtype",
+        "dst_dtype",
+        "dst_shape",
+        "fill",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxSource:
+  """A target box's source (:meth:`ElementPlan.box_source`): the members in ``stack`` (a range per stack axis),
+  each read at ``box`` (None: the box is all padding), then ``steps`` applied in order."""
+
+  stack: tuple[tuple[int, int], ...]
+  box: tuple[tuple[int, int], ...] | None
+  steps: tuple[tuple[str, Any], ...]
+  plan: "ElementPlan"
+
+  def members(self) -> list[tuple[int, tuple]]:
+    """(member number, index of its part in the target box) for each member the box covers, in C order."""
+    e = self.plan
+    grid = tuple(e.dst_shape[a] for a in e.stack_axes)
+    out = []
+    for coord in np.ndindex(*(hi - lo for lo, hi in self.stack)):
+      absolute = tuple(c + lo for c, (lo, _) in zip(coord, self.stack))
+      where, it = [], iter(coord)
+      for a in range(len(e.dst_shape)):
+        where.append(next(it) if a in e.stack_axes else slice(None))
+      out.append((int(np.ravel_multi_index(absolute, grid)) if grid else 0, tuple(where)))
+    return out
+
+  def apply(self, x: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A member's part of the target box from its source box's values ``x`` (None when ``box`` is None), and
+    where it is not padding (None: nowhere padding). Padding holds zeros here; the caller writes the fill."""
+    valid = None
+    for kind, arg in self.steps:
+      if kind == "transpose":
+        x = x.transpose(arg)
+        valid = None if valid is None else valid.transpose(arg)
+      elif kind == "reshape":
+        x = x.reshape(arg)
+        valid = None if valid is None else valid.reshape(arg)
+      else:
+        offsets, shape = arg
+        y, ok = np.zeros(shape, self.plan.src_dtype), np.zeros(shape, bool)
+        if x is not None:
+          inner = tuple(slice(o, o + n) for o, n in zip(offsets, x.shape))
+          y[inner] = x
+          ok[inner] = True if valid is None else valid
+        x, valid = y, ok
+    return x, valid
+
+
+def _reshape_box(box, shape_in, shape_out):
+  """The box of ``shape_in`` whose elements a reshape to ``shape_out`` puts at ``box``, or None if not a box."""
+  if 0 in shape_in or 0 in shape_out:
+    return None
+  groups, i, j = [], 0, 0  # runs of axes with equal products: (in axes, out axes)
+  while i < len(shape_in) or j < len(shape_out):
+    i0, j0 = i, j
+    pi = shape_in[i] if i < len(shape_in) else 1
+    pj = shape_out[j] if j < len(shape_out) else 1
+    i, j = min(i + 1, len(shape_in)), min(j + 1, len(shape_out))
+    while pi != pj:
+      if pi < pj and i < len(shape_in):
+        pi, i = pi * shape_in[i], i + 1
+      elif pj < pi and j < len(shape_out):
+        pj, j = pj * shape_out[j], j + 1
+      else:
+        return None
+    groups.append((i0, i, j0, j))
+  out = []
+  for i0, i1, j0, j1 in groups:
+    dims, part = shape_out[j0:j1], box[j0:j1]
+    partial = [k for k, (lo, hi) in enumerate(part) if (lo, hi) != (0, dims[k])]
+    k = partial[-1] if partial else 0
+    if any(hi - lo != 1 for lo, hi in part[:k]):
+      return None  # not one contiguous range of the group
+    inner = math.prod(dims[k + 1 :])
+    lo = 0
+    for (a, _), d in zip(part[: k + 1], dims[: k + 1]):
+      lo = lo * d + a
+    lo *= inner
+    hi = lo + ((part[k][1] - part[k][0]) * inner if part else 1)
+    got = _range_box(shape_in[i0:i1], lo, hi)
+    if got is None:
+      return None
+    out += got
+  return out
+
+
+def _range_box(shape, lo: int, hi: int):
+  """The C-order range ``[lo, hi)`` of ``shape`` as a box, or None if it is not one."""
+  for k in range(len(shape)):
+    inner = math.prod(shape[k + 1 :])
+    if lo % inner or hi % inner:
+      continue
+    a, b = lo // inner, hi // inner
+    if a // shape[k] != (b - 1) // shape[k]:
+      continue
+    prefix = np.unravel_index(a // shape[k], shape[:k]) if k else ()
+    return (
+        [(int(p), int(p) + 1) for p in prefix]
+        + [(a % shape[k], (b - 1) % shape[k] + 1)]
+        + [(0, d) for d in shape[k + 1 :]]
+    )
+  return [] if not shape and (lo, hi) == (0, 1) else None
 
 
 def bind_elements(

@@ -40,6 +40,7 @@ __all__ = [
     "parse_int_rows",
     "print_written",
     "require",
+    "storage_flags",
 ]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -259,6 +260,40 @@ def _launch_options() -> Any:
       auto=bool(f.distributed),
       timeout_s=float(f.peer_timeout),
   )
+
+
+_STORAGE_FLAGS = ("storage_retries", "storage_backoff_s")
+
+
+def storage_flags(module: str) -> Callable[[], None]:
+  """``--storage_retries`` and ``--storage_backoff_s``, the bounds on waiting for gs:// and s3:// (see
+  :class:`parity_jax.stores.Limits`), for the tool ``module``. Returns a function that puts them in force."""
+  if "storage_retries" not in flags.FLAGS:
+    flags.DEFINE_integer(
+        "storage_retries",
+        5,
+        "gs:// and s3:// only: attempts per request on throttling, 5xx and dropped connections (with exponential"
+        " backoff) before the request fails; a leaf whose reads fail is UNREADABLE.",
+        lower_bound=1,
+    )
+    flags.DEFINE_float(
+        "storage_backoff_s",
+        1.0,
+        "gs:// and s3:// only: the first retry's delay in seconds (doubling up to 8x, or this value if larger).",
+        lower_bound=0.0,
+    )
+  for name in _STORAGE_FLAGS:
+    flags.FLAGS.register_key_flag_for_module(module, flags.FLAGS[name])
+
+  def apply() -> None:
+    from parity_jax.stores import set_limits
+
+    backoff = flags.FLAGS["storage_backoff_s"].value
+    set_limits(
+        max_retries=flags.FLAGS["storage_retries"].value, initial_delay_s=backoff, max_delay_s=max(8 * backoff, 0.001)
+    )
+
+  return apply
 
 
 # ---------------------------------------------------------------------------------------------

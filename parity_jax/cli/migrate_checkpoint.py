@@ -9,7 +9,8 @@ Reads source metadata, validates the spec against it (every problem reported
 at once, before any data is read), then restores one leaf (or a small batch of
 small leaves) at a time, applies its squeeze/reshape and appends it with
 ``ocp.v1.partial.save``; ``finalize`` makes one v1 checkpoint. The result
-appears at --dest only when complete. An existing --dest is replaced only with
+appears at --dest only when complete (a gs:// or s3:// --dest is written in place, with no local staging,
+and is a checkpoint only once its commit_success.txt, written last, is there). An existing --dest is replaced only with
 --overwrite and only when it is an Orbax checkpoint or an empty directory.
 Conversions (--preset, or spec rules with transpose/ops/stack/cast) are performed with the verifier's own
 evaluation, one destination chunk at a time; from HF safetensors the result is, by default, in the layout
@@ -91,6 +92,7 @@ _REPORT = flags.DEFINE_string(
 _PROGRESS = flags.DEFINE_boolean(
     "progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise)."
 )
+_STORAGE = app.storage_flags(__name__)  # --storage_retries, --storage_backoff_s
 _DIST = app.distributed_flags(__name__)
 _PRESETS = app.preset_flags(__name__)  # --preset, --list_presets, --print_spec (issue 17)
 
@@ -102,6 +104,7 @@ def main(argv):
   from parity_jax.files import check_output_path
   from parity_jax.progress import human_bytes
 
+  _STORAGE()
   early = _PRESETS.handle_early(_SPEC.value, _SOURCE.value, _OVERWRITE.value)
   if early is not None:
     return early

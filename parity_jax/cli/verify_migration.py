@@ -66,19 +66,7 @@ _READAHEAD = flags.DEFINE_integer(
 _PROGRESS = flags.DEFINE_boolean(
     "progress", True, "Progress on stderr (a bar on a terminal, a line every few seconds otherwise)."
 )
-_STORAGE_RETRIES = flags.DEFINE_integer(
-    "storage_retries",
-    5,
-    "gs:// and s3:// only: attempts per request on throttling, 5xx and dropped connections (with exponential"
-    " backoff) before the request fails; a leaf whose reads fail is UNREADABLE.",
-    lower_bound=1,
-)
-_STORAGE_BACKOFF = flags.DEFINE_float(
-    "storage_backoff_s",
-    1.0,
-    "gs:// and s3:// only: the first retry's delay in seconds (doubling up to 8x, or this value if larger).",
-    lower_bound=0.0,
-)
+_STORAGE = app.storage_flags(__name__)  # --storage_retries, --storage_backoff_s
 _DIST = app.distributed_flags(__name__)
 _PRESETS = app.preset_flags(__name__)  # --preset, --list_presets, --print_spec (issue 17)
 
@@ -91,14 +79,8 @@ def main(argv):
   from parity_jax.checkpoint.migrate import leftovers
   from parity_jax.errors import UsageError
   from parity_jax.files import check_output_path
-  from parity_jax.stores import is_remote, set_limits
 
-  backoff = _STORAGE_BACKOFF.value
-  set_limits(max_retries=_STORAGE_RETRIES.value, initial_delay_s=backoff, max_delay_s=max(8 * backoff, 0.001))
-  for out, name in ((_REPORT.value, "--report"), (_SPEC_ERRORS.value, "--spec_errors"), (_SPEC.value, "--spec")):
-    if out and is_remote(out):
-      raise UsageError(f"{name}={out}: must be a local file (bucket URLs are taken for checkpoints only)")
-
+  _STORAGE()
   early = _PRESETS.handle_early(_SPEC.value, _SOURCE.value, _OVERWRITE.value)
   if early is not None:
     return early

@@ -217,6 +217,11 @@ class Store:
     """Deletes the object, or the directory with everything below it when ``recursive``."""
     raise NotImplementedError
 
+  def ping(self) -> "StoreError | None":
+    """Whether the store answers now (one read at the smallest retry bound): the :class:`StoreError` of an endpoint
+    that cannot be reached (``unreachable``, ``timeout``), else None. Local disk always answers."""
+    return None
+
   def describe(self) -> dict:
     """Where this is and how it is reached, for reports: scheme, bucket, path, endpoint, credential source; never a secret."""
     raise NotImplementedError

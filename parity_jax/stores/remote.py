@@ -480,6 +480,29 @@ class BucketStore(Store):
     if is_file:
       self._wait(kv.delete_range(ts.KvStore.KeyRange(self.path, self.path + "\x00")), "delete")
 
+  def ping(self) -> StoreError | None:
+    """One zero-byte read of an absent key at tensorstore's smallest retry bound (``max_retries=1``: at most two
+    HTTP attempts, no backoff); the :class:`StoreError` if the endpoint cannot be reached now (kind
+    ``unreachable`` or ``timeout``), else None (it answered, whatever the answer)."""
+    lim = dataclasses.replace(self._limits, max_retries=1, initial_delay_s=0.0, max_delay_s=0.0)
+    try:
+      kv = _kvstore(self._endpoint, self.bucket, lim)
+      fut = kv.read(_PROBE_KEY, byte_range=slice(0, 0))
+      t0 = time.monotonic()
+      try:
+        fut.result(timeout=lim.timeout())
+      except TimeoutError:
+        fut.cancel()
+        raise StoreError(f"{self.scheme}://{self.bucket}: {self._timeout_message('read', t0)}", "timeout") from None
+      except Exception as e:  # noqa: BLE001 -- tensorstore raises ValueError with a status text
+        reason, kind = _reason(str(e), self._endpoint_url(), 0.0)
+        raise StoreError(f"{self.scheme}://{self.bucket}: {reason}", kind) from None
+    except StoreError as e:
+      if e.kind not in ("unreachable", "timeout"):
+        return None
+      return StoreError(re.sub(r" after \d+ attempts in [\d.]+ s$", "", str(e)), e.kind)  # one attempt: no count
+    return None
+
   def describe(self) -> dict:
     out = {"scheme": self.scheme, "url": self.url, "bucket": self.bucket, "path": self.path, **self._endpoint.about}
     logged = _CHECKED.get((self._endpoint.key, self.bucket))

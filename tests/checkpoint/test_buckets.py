@@ -144,6 +144,8 @@ def test_server_gone_mid_verify_leaves_unreadable_leaves_and_no_pass(loaded, fas
   assert all("\n" not in r.reason for r in rep.failures)
   stored = {leaf.path for leaf in fx.leaves}
   assert {r.migrated_path for r in rep.failures} <= stored
+  # the store still answers (only its chunk reads fail): it is not taken for gone, every leaf is tried
+  assert not [r.reason for r in rep.failures if r.reason.startswith("not tried")]
 
 
 def test_a_403_is_one_line_naming_where_credentials_came_from(loaded, fast_limits, monkeypatch):

@@ -357,6 +357,9 @@ def test_concat_of_fused_qkv_and_gate_up_passes_and_swapped_members_fail(fused_s
   r = failed[qkv].reason
   assert f"{qkv}[0, {FU.Q}]" in r and "from model.layers.1.self_attn.k_proj.weight[0, 0]" in r, r
   assert f"{bad[qkv].size - int(np.sum(bad[qkv] == FU.fused(t)[qkv]))} of {bad[qkv].size} elements differ" in r
+  # the verdict says how each target joins its members (qkv: 3 parts; gate_up: 2 layers x 2 parts)
+  assert failed[qkv].source_path == "model.layers.1.self_attn.q_proj.weight (+2 concatenated)"
+  assert failed["mlp/gate_up"].source_path.endswith("(+3 stacked and concatenated)"), failed["mlp/gate_up"]
   r = failed["mlp/gate_up"].reason
   assert "mlp/gate_up[0, 0, 0]" in r and "from model.layers.0.mlp.gate_proj.weight[0, 0]" in r, r
 

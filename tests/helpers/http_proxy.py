@@ -88,6 +88,7 @@ class DelayProxy:
     self.requests = 0
     self.bytes_out = 0
     self._spans: list[tuple[float, float]] = []
+    self.trace: list[tuple[float, float, str, str]] | None = None  # (start, end, method, path) when a list
     self._conns: set[socket.socket] = set()
     self._server = _Server(("127.0.0.1", port), self._handler_class())
     self.port = self._server.server_address[1]
@@ -232,6 +233,8 @@ class DelayProxy:
           with proxy._lock:
             proxy._in_flight -= 1
             proxy._spans.append((t0, t1))
+            if proxy.trace is not None:
+              proxy.trace.append((t0, t1, self.command, self.path))
 
       def _forward(self, body: bytes) -> None:
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}

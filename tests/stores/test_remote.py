@@ -228,12 +228,20 @@ def test_server_gone_is_one_line(bucket, monkeypatch, fast_limits):
   bucket.emulator.apply(monkeypatch, endpoint=proxy.url)
   f = open_store(bucket.url).child("f")
   assert f.read_bytes() == b"payload"
+  assert f.ping() is None  # it answers
   proxy.stop()  # the server goes away mid-run: connections are refused
   t0 = time.monotonic()
   with pytest.raises(StoreError) as e:
     f.read_bytes()
   _one_line(e.value, "unreachable", f"cannot reach {proxy.url} (connection refused)", "after 3 attempts")
   assert time.monotonic() - t0 < 3.0
+  # ping: one read at tensorstore's smallest retry bound, the same one-line reason without a count of attempts
+  before = stores.io_stats()
+  gone = f.ping()
+  _one_line(gone, "unreachable", f"{bucket.url}: cannot reach {proxy.url} (connection refused)")
+  io = stores.io_stats(since=before)
+  assert "attempts" not in str(gone)
+  assert io[bucket.scheme]["reads"] == 1 and io["http"]["requests"] <= 2, io  # tensorstore's least retrying
   with pytest.raises(StoreError) as e:
     open_store(bucket.url).child("g").write_bytes(b"1")
   _one_line(e.value, "unreachable", "connection refused")

@@ -30,6 +30,8 @@ RANGES = {
         "chunk_mb": (["0", "-1", "0.0009", "nan", "inf", "-inf"], ["0.001", "1e6"]),
         "batch_mb": (["-1", "0", "5e-7", "nan", "inf", "-inf"], ["1e-6", "0.0005", "1e6"]),  # from ~1 byte
         "max_shard_mb": (["0", "-1", "5e-7", "nan", "inf"], ["1e-6", "5000"]),
+        "storage_retries": (["0", "-1"], ["1"]),  # attempts per request: at least the one
+        "storage_backoff_s": (["-1", "-0.5", "nan", "inf"], ["0", "2.5"]),
         **_JOB,
     },
     "regen_goldens": {},

@@ -233,6 +233,15 @@ def _on_bucket(obj: Any, store: Store) -> Any:
   return out
 
 
+STANDIN = _STANDIN
+
+
+def on_bucket(spec: Any, store: Store) -> Any:
+  """A tensorstore spec built for the local stand-in directory :data:`STANDIN`, moved onto ``store`` (a bucket
+  location): every ``file`` kvstore under the stand-in becomes the bucket's kvstore at the same relative path."""
+  return _on_bucket(spec, store)
+
+
 _SENTINEL = "\ue000parity_jax_leaf\ue000"
 
 

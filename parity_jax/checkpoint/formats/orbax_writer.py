@@ -29,7 +29,18 @@ from parity_jax.checkpoint import geometry
 from parity_jax.checkpoint.formats.tstore import quiet_orbax
 from parity_jax.errors import UsageError, first_line
 
-__all__ = ["ITEM", "check_merged", "item_path", "merge", "row_major_chunks", "write_metadata", "write_spec"]
+__all__ = [
+    "COMMIT_MARKER",
+    "ITEM",
+    "check_merged",
+    "item_path",
+    "merge",
+    "metadata_files",
+    "row_major_chunks",
+    "write_context",
+    "write_metadata",
+    "write_spec",
+]
 
 ITEM = "state"  # the item (checkpointable) name the migrator writes, as ocp.v1.save names it
 
@@ -98,34 +109,85 @@ def write_spec(
     subchunking.choose_chunk_shape = chosen
 
 
-def merge(item_dir: str) -> None:
+def write_context(bucket: Any = None):
+  """orbax's tensorstore context for writing OCDBT; with ``bucket``, plus that store's retries, request
+  concurrency and credentials (``Store.context_spec()``)."""
+  import copy
+
+  import tensorstore as ts
+  from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+
+  if bucket is None:
+    return tsu.get_ts_context(use_ocdbt=True)
+  base = copy.deepcopy(getattr(tsu, "_DEFAULT_OCDBT_TS_CONTEXT", {}))
+  return ts.Context({**base, **bucket.context_spec()})
+
+
+def _kvstore_tspec(item_dir: str, bucket: Any = None, **kw) -> dict:
+  from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+
+  from parity_jax.checkpoint.formats.orbax import on_bucket
+
+  spec = tsu.build_kvstore_tspec(item_dir, use_ocdbt=True, **kw)
+  return spec if bucket is None else on_bucket(spec, bucket)
+
+
+def merge(item_dir: str, bucket: Any = None, num_processes: int | None = None) -> None:
+  """Joins the per-process databases under ``item_dir`` into its top-level manifest (orbax's
+  ``merge_ocdbt_per_process_files``). With ``bucket``, ``item_dir`` lies under the stand-in directory of
+  :func:`parity_jax.checkpoint.formats.orbax.on_bucket` and the databases ``ocdbt.process_0`` ..
+  ``ocdbt.process_<num_processes - 1>`` in the bucket are merged the same way, through the bucket's kvstore
+  (no listing, no local file)."""
   from etils import epath
   from orbax.checkpoint._src.serialization import ocdbt_utils
   from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
 
   with quiet_orbax():
     try:
-      asyncio.run(
-          ocdbt_utils.merge_ocdbt_per_process_files(
-              epath.Path(item_dir), ts_context=tsu.get_ts_context(use_ocdbt=True), use_zarr3=True
-          )
-      )
+      if bucket is None:
+        asyncio.run(
+            ocdbt_utils.merge_ocdbt_per_process_files(
+                epath.Path(item_dir), ts_context=tsu.get_ts_context(use_ocdbt=True), use_zarr3=True
+            )
+        )
+      else:
+        asyncio.run(_merge_on_bucket(item_dir, bucket, int(num_processes or 1)))
     except Exception as e:  # noqa: BLE001
-      raise UsageError(f"cannot merge the per-process databases under {item_dir}: {first_line(e)}") from None
+      where = item_dir if bucket is None else bucket.url
+      raise UsageError(f"cannot merge the per-process databases under {where}: {first_line(e)}") from None
 
 
-def check_merged(item_dir: str, arrays) -> None:
-  """The merged index holds every array's metadata and every one of its chunks (keys only, no data read).
-
-  ``arrays``: objects with ``name`` (the storage name), ``n_chunks`` and ``dest`` (the leaf path, for messages).
-  """
+async def _merge_on_bucket(item_dir: str, bucket: Any, n: int) -> None:
+  """orbax's merge (children copied into the parent opened in MERGE mode, one atomic transaction) on a bucket."""
   import tensorstore as ts
   from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
 
+  ctx = write_context(bucket)
+  children = [
+      ts.KvStore.open(_kvstore_tspec(os.path.join(item_dir, f"ocdbt.process_{i}"), bucket), context=ctx)
+      for i in range(n)
+  ]
+  parent_spec = _kvstore_tspec(
+      item_dir, bucket, ocdbt_write_options=tsu.OcdbtKvStoreWriteOptions(mode=tsu.OcdbtWriteMode.MERGE)
+  )
+  parent = await ts.KvStore.open(parent_spec, context=ctx)
+  opened = [await c for c in children]
+  txn = ts.Transaction(atomic=True)
+  for child in opened:
+    await child.experimental_copy_range_to(parent.with_transaction(txn))
+  await txn.commit_async()
+
+
+def check_merged(item_dir: str, arrays, bucket: Any = None) -> None:
+  """The merged index holds every array's metadata and every one of its chunks (keys only, no data read).
+
+  ``arrays``: objects with ``name`` (the storage name), ``n_chunks`` and ``dest`` (the leaf path, for messages).
+  ``bucket``: as for :func:`merge`.
+  """
+  import tensorstore as ts
+
   try:
-    kv = ts.KvStore.open(
-        tsu.build_kvstore_tspec(item_dir, use_ocdbt=True), context=tsu.get_ts_context(use_ocdbt=True)
-    ).result()
+    kv = ts.KvStore.open(_kvstore_tspec(item_dir, bucket), context=write_context(bucket)).result()
     keys = [k.decode() for k in kv.list().result()]
   except Exception as e:  # noqa: BLE001
     raise UsageError(f"cannot list the merged checkpoint under {item_dir}: {first_line(e)}") from None
@@ -175,26 +237,21 @@ def _item_handler() -> str:
     )
 
 
-def write_metadata(
-    target: str,
+def metadata_files(
     dest: str,
     arrays: list[tuple[str, ...]],
     strings: dict[tuple[str, ...], str],
     custom: dict[str, Any],
     init_ns: int,
     layout: str = "v1",
-) -> None:
-  """Everything but the array data, in a finished checkpoint directory ``target`` (to be installed at ``dest``).
-
-  ``arrays``: the keys of every array leaf; ``strings``: keys -> value of every string leaf. ``layout``
-  ``"v1"``: the item in ``state/`` (``ocp.v1.save``); ``"standard"``: the item at the top, recorded as
-  ``ocp.StandardCheckpointer().save`` records it (one handler name), so that checkpointer restores it.
-  """
-  item = item_path(target, layout)
+) -> list[tuple[str, bytes]]:
+  """Everything but the array data of a checkpoint to be installed at ``dest``: ``(relative path, bytes)`` in the
+  order they are written, ``commit_success.txt`` last (see :func:`write_metadata`)."""
+  item = "" if layout == "standard" else ITEM + "/"
+  out: list[tuple[str, bytes]] = []
   if strings:
     table = {".".join(keys): value for keys, value in strings.items()}
-    with open(os.path.join(item, "_strings.json"), "w", encoding="utf-8") as f:
-      json.dump(table, f, separators=(",", ":"), ensure_ascii=False)
+    out.append((item + "_strings.json", json.dumps(table, separators=(",", ":"), ensure_ascii=False).encode()))
   entries = [(keys, "np.ndarray") for keys in arrays] + [(keys, "string") for keys in strings]
   tree = {
       str(keys): {
@@ -203,30 +260,53 @@ def write_metadata(
       }
       for keys, vt in sorted(entries)
   }
-  with open(os.path.join(item, "_METADATA"), "w", encoding="utf-8") as f:
-    json.dump(
-        {
-            "tree_metadata": tree,
-            "use_ocdbt": True,
-            "use_zarr3": True,
-            "store_array_data_equal_to_fill_value": True,
-            "custom_metadata": None,
-        },
-        f,
-    )
-  with open(os.path.join(target, "_CHECKPOINT_METADATA"), "w", encoding="utf-8") as f:
-    json.dump(
-        {
-            "item_handlers": _standard_handler() if layout == "standard" else {ITEM: _item_handler()},
-            "metrics": {},
-            "performance_metrics": {},
-            "init_timestamp_nsecs": init_ns,
-            "commit_timestamp_nsecs": time.time_ns(),
-            "custom_metadata": custom,
-        },
-        f,
-    )
+  meta = {
+      "tree_metadata": tree,
+      "use_ocdbt": True,
+      "use_zarr3": True,
+      "store_array_data_equal_to_fill_value": True,
+      "custom_metadata": None,
+  }
+  out.append((item + "_METADATA", json.dumps(meta).encode()))
+  ckpt_meta = {
+      "item_handlers": _standard_handler() if layout == "standard" else {ITEM: _item_handler()},
+      "metrics": {},
+      "performance_metrics": {},
+      "init_timestamp_nsecs": init_ns,
+      "commit_timestamp_nsecs": time.time_ns(),
+      "custom_metadata": custom,
+  }
+  out.append(("_CHECKPOINT_METADATA", json.dumps(ckpt_meta).encode()))
   if layout != "standard":  # the v1 marker (StandardCheckpointer writes none)
-    open(os.path.join(target, "orbax.checkpoint"), "w").close()
-  with open(os.path.join(target, "commit_success.txt"), "w") as f:
-    f.write(f"Checkpoint commit was successful to {dest}")
+    out.append(("orbax.checkpoint", b""))
+  out.append((COMMIT_MARKER, f"Checkpoint commit was successful to {dest}".encode()))
+  return out
+
+
+COMMIT_MARKER = "commit_success.txt"
+
+
+def write_metadata(
+    target: str,
+    dest: str,
+    arrays: list[tuple[str, ...]],
+    strings: dict[tuple[str, ...], str],
+    custom: dict[str, Any],
+    init_ns: int,
+    layout: str = "v1",
+    bucket: Any = None,
+) -> None:
+  """Everything but the array data, in a finished checkpoint directory ``target`` (to be installed at ``dest``).
+
+  ``arrays``: the keys of every array leaf; ``strings``: keys -> value of every string leaf. ``layout``
+  ``"v1"``: the item in ``state/`` (``ocp.v1.save``); ``"standard"``: the item at the top, recorded as
+  ``ocp.StandardCheckpointer().save`` records it (one handler name), so that checkpointer restores it.
+  With ``bucket`` (a bucket :class:`~parity_jax.stores.Store`, the checkpoint written in place there), each file
+  is one object written in turn and ``commit_success.txt`` last: from that write on the checkpoint exists.
+  """
+  for rel, data in metadata_files(dest, arrays, strings, custom, init_ns, layout):
+    if bucket is not None:
+      bucket.child(rel).write_bytes(data)
+      continue
+    with open(os.path.join(target, *rel.split("/")), "wb") as f:
+      f.write(data)

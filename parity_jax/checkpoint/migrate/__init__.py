@@ -161,7 +161,7 @@ def migrate(
         raise UsageError("a bucket --dest is written in the v1 layout for now (--layout=v1 or auto)")
       if layout == "auto":
         layout = "standard" if isinstance(src, SafetensorsCheckpoint) and not remote else "v1"
-      if remote:  # a bucket: staged on local disk, then uploaded with the commit marker last
+      if remote:  # a bucket: written in place, the commit marker last
         return _to_bucket(job, src, spec, plan, dest, chunk_mb, overwrite, progress, batch_mb, compression)
       with interruptible():
         return run(
@@ -186,37 +186,21 @@ def migrate(
 
 
 def _to_bucket(job, src, spec, plan, dest, chunk_mb, overwrite, progress, batch_mb, compression) -> MigrateResult:
-  """Migrates into a local staging directory (``TMPDIR``), then uploads the result to the bucket ``dest``
-  (:func:`.destination.upload`: the commit marker last). One process only for now."""
-  import dataclasses
-  import shutil
-  import tempfile
-  import time
-
-  from parity_jax.checkpoint.migrate import destination
-
-  if job.num_processes > 1:
-    raise UsageError("a bucket --dest is written by one process for now; run the migration without a job")
-  bucket = stores.open_store(dest)
-  destination.check_bucket_dest(src.path, bucket, overwrite, _log)
-  t0 = time.perf_counter()
-  stage = tempfile.mkdtemp(prefix="parity_jax-stage-")
-  try:
-    with interruptible():
-      result = run(
-          job,
-          src,
-          spec,
-          plan,
-          os.path.join(stage, "checkpoint"),
-          chunk_bytes=max(1, int(chunk_mb * _MIB)),
-          overwrite=False,
-          progress=progress,
-          batch_bytes=None if batch_mb is None else max(1, int(batch_mb * _MIB)),
-          compression=compression,
-          log=_log,
-      )
-      destination.upload(os.path.join(stage, "checkpoint"), bucket, _log)
-  finally:
-    shutil.rmtree(stage, ignore_errors=True)
-  return dataclasses.replace(result, dest=bucket.url, elapsed_s=time.perf_counter() - t0)
+  """Writes the checkpoint straight into the bucket ``dest``, in place (no local staging), every process of the
+  job its own share: the data and per-process databases first, then the merged index and the metadata, the
+  commit marker last (:mod:`.schedule`); the destination is checked first (:func:`.destination.check_bucket_dest`:
+  a half-written attempt is refused, or deleted with ``overwrite``)."""
+  with interruptible():
+    return run(
+        job,
+        src,
+        spec,
+        plan,
+        stores.open_store(dest).url,
+        chunk_bytes=max(1, int(chunk_mb * _MIB)),
+        overwrite=overwrite,
+        progress=progress,
+        batch_bytes=None if batch_mb is None else max(1, int(batch_mb * _MIB)),
+        compression=compression,
+        log=_log,
+    )

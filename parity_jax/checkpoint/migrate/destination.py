@@ -9,6 +9,11 @@ run: the migrator removes temporaries whose process is gone (:func:`remove_stale
 one line each), and the verifier names them (:func:`leftovers`). An existing
 ``dest`` is refused unless ``overwrite``, and even then only if it is an Orbax
 checkpoint or an empty directory, never the source or anything that contains it.
+
+A bucket (``gs://``, ``s3://``) has no rename: the migrator writes there in place
+(:mod:`.schedule`) and the commit marker ``commit_success.txt`` last;
+:func:`check_bucket_dest` refuses (or with ``overwrite`` deletes) an earlier result
+or a half-written attempt first.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from typing import Callable, Iterator
 from parity_jax.checkpoint.formats.orbax_layout import resolve_item_dir
 from parity_jax.errors import UsageError
 from parity_jax.files import is_inside
-from parity_jax.runtime import stall_point
 
 __all__ = [
     "Interrupted",
@@ -175,15 +179,11 @@ def interruptible() -> Iterator[None]:
     signal.signal(signal.SIGTERM, old)
 
 
-# ---- a bucket destination (gs://, s3://): no rename, so the commit marker is written last --------------------
+# ---- a bucket destination (gs://, s3://): no rename, so it is written in place and the commit marker last -----
 
 COMMIT_MARKER = "commit_success.txt"
 # the top-level names a migration (ours, or an orbax save) writes; a half-written attempt holds nothing else
 _ATTEMPT_NAMES = {"state", "_CHECKPOINT_METADATA", "orbax.checkpoint", COMMIT_MARKER}
-_UPLOADS_IN_FLIGHT = 32
-# Written after every data file, one by one, just before the commit marker: orbax's direct load
-# (ocp.v1.load) looks at no commit marker, but without the OCDBT manifest and the metadata it finds no checkpoint.
-_INDEX = ("state/manifest.ocdbt", "state/_METADATA", "_CHECKPOINT_METADATA", "orbax.checkpoint")
 
 
 def check_bucket_dest(src_path: str, dest, overwrite: bool, log: Callable[[str], None]) -> None:
@@ -217,46 +217,3 @@ def check_bucket_dest(src_path: str, dest, overwrite: bool, log: Callable[[str],
     raise UsageError(f"destination {dest} holds {what}; {hint}")
   log(f"deleting {what} at {dest} (--overwrite)")
   dest.delete(recursive=True, missing_ok=True)
-
-
-def upload(local_dir: str, dest, log: Callable[[str], None]) -> int:
-  """Copies the finished checkpoint in ``local_dir`` to the bucket ``dest``: the data objects, many in flight;
-  then the index and metadata (:data:`_INDEX`); the commit marker last, so that our readers (and orbax's
-  CheckpointManager) see a finished checkpoint or none, and orbax's direct load finds no checkpoint until the
-  last few small writes. Interrupted or failed: what was written is deleted again before the error goes on (after a
-  SIGKILL the objects stay, without the marker: the next run names them). Returns the bytes written."""
-  import concurrent.futures
-
-  files = []
-  for root, _, names in os.walk(local_dir):
-    for n in names:
-      rel = os.path.relpath(os.path.join(root, n), local_dir).replace(os.sep, "/")
-      files.append(rel)
-  files.sort()
-  index = [f for f in _INDEX if f in files]
-  body = [f for f in files if f not in index and f != COMMIT_MARKER]
-  if COMMIT_MARKER not in files:
-    raise UsageError(f"the migrated checkpoint in {local_dir} has no {COMMIT_MARKER}; nothing uploaded")
-
-  def put(rel: str) -> int:
-    with open(os.path.join(local_dir, rel), "rb") as f:
-      data = f.read()
-    dest.child(rel).write_bytes(data)
-    return len(data)
-
-  total = 0
-  try:
-    with concurrent.futures.ThreadPoolExecutor(_UPLOADS_IN_FLIGHT) as pool:
-      for n in pool.map(put, body):
-        total += n
-    stall_point("migrate.upload.index", 0)  # the data written, no index or metadata yet (fault tests)
-    for rel in index:
-      total += put(rel)
-    total += put(COMMIT_MARKER)  # last: the checkpoint exists from this write on
-  except BaseException:
-    try:
-      dest.delete(recursive=True, missing_ok=True)
-    except UsageError as e:
-      log(f"could not delete the unfinished upload at {dest}: {e}")
-    raise
-  return total

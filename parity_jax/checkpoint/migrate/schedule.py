@@ -55,9 +55,18 @@ import numpy as np
 
 from parity_jax.checkpoint import geometry, keypath
 from parity_jax.checkpoint.formats import orbax_writer
+from parity_jax import stores
 from parity_jax.checkpoint.formats.base import Checkpoint
+from parity_jax.checkpoint.formats.orbax import STANDIN, on_bucket
 from parity_jax.checkpoint.formats.tstore import quiet_orbax
-from parity_jax.checkpoint.migrate.destination import Interrupted, check_dest, install, remove_stale, temporary_path
+from parity_jax.checkpoint.migrate.destination import (
+    Interrupted,
+    check_bucket_dest,
+    check_dest,
+    install,
+    remove_stale,
+    temporary_path,
+)
 from parity_jax.checkpoint.migrate.plan import TargetArray, groups, plan_arrays, read_cache_bytes
 from parity_jax.checkpoint.migrate.result import MigrateResult
 from parity_jax.checkpoint.shares import assign
@@ -71,6 +80,8 @@ from parity_jax.runtime import Job, stall_point
 __all__ = ["AgreedError", "run"]
 
 _MIB = 1 << 20
+ELEMENT_SLAB_BYTES = 8 * _MIB  # an element target is evaluated in slabs of this within a destination chunk
+ELEMENT_CACHE_BYTES = 8 * _MIB  # and reads its source ahead by this much, all members together
 
 
 class AgreedError(UsageError):
@@ -78,23 +89,44 @@ class AgreedError(UsageError):
 
 
 class _Commit:
-  """Who may delete what, and when (see the module docstring)."""
+  """Who may delete what, and when (see the module docstring).
 
-  def __init__(self, job: Job, tmp: str, own_db: str):
+  A bucket destination (``bucket``) is written in place: process 0 deletes everything under it until the commit
+  marker is written (``installed``), another process only its own database until it has reported its share.
+  """
+
+  def __init__(self, job: Job, tmp: str, own_db: str, bucket: Any = None, own_rel: str = ""):
     self.job, self.tmp, self.own_db = job, tmp, own_db
+    self.bucket, self.own_rel = bucket, own_rel
     self.lock = threading.Lock()
     self.reported = False
+    self.installed = False
 
   def cleanup(self) -> None:
     if not self.lock.acquire(timeout=30):
       return  # the main thread is stuck inside a commit step: leave the files (a later run removes them)
     try:
-      if self.job.is_coordinator:  # once installed, only the empty shell of the temporary directory is left
+      if self.bucket is not None:
+        self._cleanup_bucket()
+      elif self.job.is_coordinator:  # once installed, only the empty shell of the temporary directory is left
         shutil.rmtree(self.tmp, ignore_errors=True)
       elif not self.reported:
         shutil.rmtree(self.own_db, ignore_errors=True)
     finally:
       self.lock.release()
+
+  def _cleanup_bucket(self) -> None:
+    where = None
+    if self.job.is_coordinator and not self.installed:
+      where = self.bucket
+    elif not self.job.is_coordinator and not self.reported:
+      where = self.bucket.child(self.own_rel)
+    if where is None:
+      return
+    try:
+      where.delete(recursive=True, missing_ok=True)
+    except UsageError:  # unreachable now: the objects stay without a commit marker (the next run names them)
+      pass
 
 
 def run(
@@ -118,8 +150,12 @@ def run(
   """
   t0 = time.perf_counter()
   init_ns = time.time_ns()
-  parent, name = os.path.dirname(dest), os.path.basename(dest)
-  plan_dir = orbax_writer.item_path(os.path.join(parent, f".{name}.plan", "checkpoint"), layout)  # never created
+  bucket = stores.open_store(dest) if stores.is_remote(dest) else None
+  if bucket is None:
+    parent, name = os.path.dirname(dest), os.path.basename(dest)
+    plan_dir = orbax_writer.item_path(os.path.join(parent, f".{name}.plan", "checkpoint"), layout)  # never created
+  else:  # specs are built for a local stand-in directory, then moved onto the bucket (orbax.on_bucket)
+    plan_dir = orbax_writer.item_path(STANDIN, layout)
   arrays, strings, hooked = plan_arrays(
       src, plan.leaves, plan_dir, chunk_bytes=chunk_bytes, compression=compression, elements=plan.elements
   )
@@ -140,14 +176,14 @@ def run(
           ]
       ).encode()
   ).hexdigest()
-  tmp = _agree_and_make_tmp(job, fingerprint, src, dest, overwrite, log, layout)
-  target = os.path.join(tmp, "checkpoint")
+  tmp = _agree_and_make_tmp(job, fingerprint, src, dest, overwrite, log, layout, bucket)
+  target = os.path.join(tmp, "checkpoint") if bucket is None else STANDIN
   item_dir = orbax_writer.item_path(target, layout)
   own_db = os.path.join(item_dir, f"ocdbt.process_{job.process_id}")
-  commit = _Commit(job, tmp, own_db)
+  commit = _Commit(job, tmp, own_db, bucket, own_rel=os.path.relpath(own_db, target))
   job.on_abort(commit.cleanup)
   try:
-    if not os.path.isdir(item_dir):
+    if bucket is None and not os.path.isdir(item_dir):
       raise UsageError(
           f"process {job.process_id} cannot see the temporary directory {tmp} that process 0 made next"
           f" to the destination: --dest must be on storage that every process shares"
@@ -166,6 +202,7 @@ def run(
         group_bytes=group_bytes,
         progress=progress,
         strings=strings,
+        bucket=bucket,
     )
     stall_point("migrate.commit", job.process_id)
     if job.is_coordinator:
@@ -196,6 +233,7 @@ def run(
           hooked=hooked,
           n_leaves=len(plan.leaves) + len(plan.elements),
           layout=layout,
+          bucket=bucket,
       )
       answer = {"result": result.to_dict()}
     answer = json.loads(job.broadcast("installed", json.dumps(answer).encode()))
@@ -207,7 +245,7 @@ def run(
   except BaseException:
     commit.cleanup()
     raise
-  if job.is_coordinator:
+  if job.is_coordinator and bucket is None:
     shutil.rmtree(tmp, ignore_errors=True)  # only the empty shell is left after the rename
   return MigrateResult.from_dict(answer["result"])
 
@@ -220,9 +258,12 @@ def _agree_and_make_tmp(
     overwrite: bool,
     log: Callable[[str], None],
     layout: str = "v1",
+    bucket: Any = None,
 ) -> str:
   """Every process planned the same; process 0 checks the destination and makes the temporary directory next
-  to it. Its path on every process, or the same one line everywhere."""
+  to it. Its path on every process, or the same one line everywhere. A bucket destination has no temporary
+  (``""``): it is written in place, the commit marker last; process 0 checks it (and, with ``overwrite``, deletes
+  an earlier checkpoint or half-written attempt there) before any process writes."""
   bad = job.first_disagreeing("plan", fingerprint)
   answer: dict[str, Any] = {}
   if job.is_coordinator:
@@ -232,11 +273,15 @@ def _agree_and_make_tmp(
             f"process {bad} planned the migration differently from process 0 (different source,"
             f" spec, destination or flags on that host?)"
         )
-      check_dest(src.path, dest, overwrite)
-      remove_stale(dest, log)
-      tmp = temporary_path(dest)
-      os.makedirs(orbax_writer.item_path(os.path.join(tmp, "checkpoint"), layout))
-      answer = {"tmp": tmp}
+      if bucket is not None:
+        check_bucket_dest(src.path, bucket, overwrite, log)
+        answer = {"tmp": ""}
+      else:
+        check_dest(src.path, dest, overwrite)
+        remove_stale(dest, log)
+        tmp = temporary_path(dest)
+        os.makedirs(orbax_writer.item_path(os.path.join(tmp, "checkpoint"), layout))
+        answer = {"tmp": tmp}
     except UsageError as e:
       answer = {"error": str(e)}
     except OSError as e:
@@ -259,14 +304,16 @@ def _write_share(
     group_bytes: int,
     progress: bool,
     strings: list[LeafPlan],
+    bucket: Any = None,
 ) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
   """Reads and writes this process's leaves and ranges (and, on process 0, reads the string leaves);
   every write has committed on return. Returns the share's figures and the strings read."""
   import tensorstore as ts
-  from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
 
   t0 = time.perf_counter()
-  ctx = tsu.get_ts_context(use_ocdbt=True)  # one context: one OCDBT writer for this process's database
+  ctx = orbax_writer.write_context(bucket)  # one context: one OCDBT writer for this process's database
+  batch = _Batch(bucket is not None, group_bytes, item_dir if bucket is None else bucket.url)
+  place = (lambda spec: spec) if bucket is None else (lambda spec: on_bucket(spec, bucket))
   written, n_groups, records = 0, 0, []
   share = sum(w.nbytes for w in mine)
   desc = f"migrate [{job.describe()}]" if job.distributed else "migrate"
@@ -297,11 +344,15 @@ def _write_share(
             compression=compression,
             chunk_shape=leaf.chunk,
         ).json
+      spec = place(spec)
+      # a small leaf into a bucket: staged in the batch's transaction (committed with the next ones)
+      txn = batch.transaction() if (len(cuts) <= 1 and leaf.element is None) else None
+      kw = {} if txn is None else {"transaction": txn}
       try:
         if first:
-          t = ts.open(spec, create=True, open=True, context=ctx).result()
+          t = ts.open(spec, create=True, open=True, context=ctx, **kw).result()
         else:
-          t = ts.open(spec, open=True, assume_metadata=True, context=ctx).result()
+          t = ts.open(spec, open=True, assume_metadata=True, context=ctx, **kw).result()
       except Exception as e:  # noqa: BLE001 -- disk full, permissions: one line
         raise UsageError(f"cannot create leaf {leaf.plan.dest!r} under {item_dir}: {first_line(e)}") from None
       pending: list[Any] = []
@@ -309,16 +360,18 @@ def _write_share(
       def settle() -> None:
         try:
           for f in pending:
-            f.result()
+            (f.copy if txn is not None else f).result()  # in a transaction: staged; committed with the batch
         except Exception as e:  # noqa: BLE001
           raise UsageError(f"cannot write leaf {leaf.plan.dest!r} under {item_dir}: {first_line(e)}") from None
         pending.clear()
 
       if leaf.element is not None:  # computed from the source, one destination chunk at a time
-        with TargetValues(leaf.element, src, slab_elems(group_bytes, leaf.element)) as values, _drained(pending):
+        # slabs of at most ELEMENT_SLAB_BYTES within each chunk: the chunk buffer plus one slab, not two chunks
+        slab = slab_elems(min(group_bytes, ELEMENT_SLAB_BYTES), leaf.element)
+        with TargetValues(leaf.element, src, slab, ELEMENT_CACHE_BYTES) as values, _drained(pending):
           for box in _chunk_boxes(leaf, a_el, b_el):
+            settle()  # the previous chunk's write first: one destination chunk in memory at a time
             buf = element_chunk(values, box)
-            settle()  # the previous chunk's write (overlapped with this chunk's evaluation)
             pending.append((t[box] if box else t).write(buf, can_reference_source_data_indefinitely=True))
             written += buf.nbytes
             n_groups += 1
@@ -351,7 +404,10 @@ def _write_share(
           stall_point(f"migrate.group.{n_groups}", job.process_id)
         settle()
       del t
+      if txn is not None:
+        batch.staged(leaf.plan.dest, (b_el - a_el) * leaf.dtype.itemsize)
       records.append([w.pair, a_el, b_el])
+    batch.commit()  # every write of the share has committed from here on
     bar.set_postfix_str(f"{n_leaves}/{n_leaves} leaves")
   stats = {
       "process": job.process_id,
@@ -366,6 +422,47 @@ def _write_share(
       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
   }
   return stats, table
+
+
+class _Batch:
+  """Small leaves written into a bucket, many per OCDBT commit.
+
+  Each OCDBT commit is a few requests one after the other (a data object, the manifest read and rewritten), so
+  a leaf opened and written on its own costs two commits of latency: for thousands of small leaves that adds
+  up to minutes. Here consecutive small leaves (one group each) are staged in one tensorstore transaction,
+  committed once ``limit`` bytes are staged and at the end of the share (memory: at most ``limit`` more).
+  Disabled (local disk): every leaf commits on its own, as before.
+  """
+
+  def __init__(self, enabled: bool, limit: int, where: str):
+    self.enabled, self.limit, self.where = enabled, max(1, int(limit)), where
+    self.txn, self.nbytes, self.leaves = None, 0, []
+
+  def transaction(self):
+    if not self.enabled:
+      return None
+    if self.txn is None:
+      import tensorstore as ts
+
+      self.txn = ts.Transaction()
+    return self.txn
+
+  def staged(self, leaf: str, nbytes: int) -> None:
+    self.leaves.append(leaf)
+    self.nbytes += int(nbytes)
+    if self.nbytes >= self.limit:
+      self.commit()
+
+  def commit(self) -> None:
+    txn, leaves = self.txn, self.leaves
+    self.txn, self.nbytes, self.leaves = None, 0, []
+    if txn is None:
+      return
+    try:
+      txn.commit_async().result()
+    except Exception as e:  # noqa: BLE001 -- one line naming the batch
+      what = f"leaf {leaves[0]!r}" if len(leaves) == 1 else f"{len(leaves)} leaves from {leaves[0]!r}"
+      raise UsageError(f"cannot write {what} under {self.where}: {first_line(e)}") from None
 
 
 @contextlib.contextmanager
@@ -425,21 +522,32 @@ def _assemble_and_install(
     hooked: bool,
     n_leaves: int,
     layout: str = "v1",
+    bucket: Any = None,
 ) -> MigrateResult:
-  """Process 0, after every share is committed: one checkpoint in ``target``, renamed to ``dest``."""
+  """Process 0, after every share is committed: one checkpoint in ``target``, renamed to ``dest``; in a bucket
+  (``bucket``), merged and completed in place, the commit marker written last."""
   item_dir = orbax_writer.item_path(target, layout)
   _check_tiling(arrays, per)
-  stall_point("migrate.merge", 0)
+  stall_point("migrate.merge", 0)  # the data written, no index or metadata yet (fault tests)
   t_merge = time.perf_counter()
-  orbax_writer.merge(item_dir)
+  orbax_writer.merge(item_dir, bucket, job.num_processes)
   job.tick()
-  orbax_writer.check_merged(item_dir, arrays)
+  orbax_writer.check_merged(item_dir, arrays, bucket)
   merge_s = time.perf_counter() - t_merge
   custom = custom_metadata(src, spec, chunk_bytes, compression, num_processes=job.num_processes)
-  orbax_writer.write_metadata(target, dest, [a.keys for a in arrays], strings_table, custom, init_ns, layout)
-  stall_point("migrate.install", 0)
-  with commit.lock:  # a cleanup waits for the rename, then removes only the temporary's empty shell
-    install(target, dest)
+  if bucket is not None:
+    stall_point("migrate.install", 0)
+    with commit.lock:  # the commit marker is the last write: from it on, the checkpoint exists
+      orbax_writer.write_metadata(
+          target, bucket.url, [a.keys for a in arrays], strings_table, custom, init_ns, layout, bucket=bucket
+      )
+      commit.installed = True
+    dest = bucket.url
+  else:
+    orbax_writer.write_metadata(target, dest, [a.keys for a in arrays], strings_table, custom, init_ns, layout)
+    stall_point("migrate.install", 0)
+    with commit.lock:  # a cleanup waits for the rename, then removes only the temporary's empty shell
+      install(target, dest)
   split = [
       {"path": arrays[i].plan.dest, "processes": [k for k, ws in enumerate(work) for w in ws if w.pair == i]}
       for i in sorted({w.pair for ws in work for w in ws if w.split})

@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from parity_jax import arraydiff
+from parity_jax import arraydiff, stores
 from parity_jax.checkpoint import geometry, stream
 from parity_jax.checkpoint.formats.base import Checkpoint, LeafMeta, LeafReadError
 from parity_jax.checkpoint.shares import Work, assign
@@ -156,6 +156,17 @@ class _PairComparer:
   def __init__(self, src: Checkpoint, mig: Checkpoint, settings: Settings, meter: _Meter):
     self.src, self.mig, self.settings, self.meter = src, mig, settings, meter
     self.small: stream.SmallPairs | None = None
+    self.down: str | None = None  # set once a side's store stopped answering: the reason of every later leaf
+
+  def _check_stores(self) -> None:
+    """After a leaf that could not be read: if a bucket side no longer answers at all (one read at the smallest
+    retry bound, after the leaf's reads used up theirs), it is down for the rest of this run (:attr:`down`)."""
+    for ck in (self.src, self.mig):
+      if stores.is_remote(ck.path):
+        err = stores.open_store(ck.path).ping()
+        if err is not None:
+          self.down = f"not tried: {err}; the store stopped answering during this run"
+          return
 
   def batch_small(self, plans: list[LeafPlan]) -> None:
     """The small pairs among ``plans`` are read whole, in batches (:class:`.stream.SmallPairs`)."""
@@ -170,6 +181,9 @@ class _PairComparer:
   def compare(self, p: LeafPlan, res: LeafResult) -> None:
     """Fills ``res``: status, hashes, statistics (or the read error)."""
     meta = self.src.leaves[p.source]
+    if self.down is not None:
+      res.status, res.reason = UNREADABLE, self.down
+      return
     try:
       if meta.kind == "string":
         self._strings(p, res)
@@ -178,6 +192,8 @@ class _PairComparer:
     except LeafReadError as e:
       res.status, res.reason = UNREADABLE, str(e)
       res.sha256 = res.source_sha256 = None
+      if self.down is None:
+        self._check_stores()
     if self.settings.log is not None and not res.passed:
       self.settings.log(f"{res.status} {res.describe()}: {res.reason}")
 

@@ -143,11 +143,39 @@ def test_two_processes_write_one_checkpoint_that_loads_and_verifies_like_a_one_p
   assert all(db for db in dbs.values()) and sum(len(db) for db in dbs.values()) == len(_kv(item))
 
 
+def test_two_processes_migrate_straight_into_an_s3_bucket_as_one_process_does_on_disk(ck, s3_bucket, tmp_path):
+  """Each process writes its share into its own database in the bucket (no local disk), process 0 merges there
+  and writes the commit marker last: the same checkpoint as the one-process migration on disk."""
+  dest = f"{s3_bucket.url}/mig"
+  procs = jobs.start("migrate_checkpoint", _margs(ck, dest), env=dict(s3_bucket.emulator.env(), TMPDIR=str(tmp_path)))
+  (rc0, out0, e0), (rc1, out1, e1) = jobs.finish(procs, timeout=240)
+  assert (rc0, rc1) == (0, 0), e0 + e1
+  assert _lines(out0)[-1].startswith("migrated 15 leaves") and _lines(out0)[-1].endswith(f"-> {dest}")
+  assert not list(tmp_path.iterdir())  # nothing staged on local disk
+  keys = s3_bucket.keys("mig/")
+  assert any(k.startswith("mig/state/ocdbt.process_1/") for k in keys)  # process 1 wrote its share itself
+  down = tmp_path / "down"
+  s3_bucket.download_tree("mig", down)
+  item, one = down / "state", os.path.join(ck["one"], "state")
+  assert sorted(os.listdir(down)) == sorted(os.listdir(ck["one"]))  # commit_success.txt, orbax.checkpoint, ...
+  assert json.loads((item / "_METADATA").read_text()) == json.load(open(os.path.join(one, "_METADATA")))
+  assert (item / "_strings.json").read_text() == open(os.path.join(one, "_strings.json")).read()
+  assert _kv(item) == _kv(one)  # the merged index: every key and every chunk's bytes
+
+  from orbax.checkpoint import v1 as ocp_v1
+
+  loaded = _flat(ocp_v1.load(str(down)))
+  assert sorted(loaded) == sorted(ck["expected"])
+  for path, want in ck["expected"].items():
+    assert _bytes(loaded[path]) == _bytes(want), path
+
+
 @pytest.mark.parametrize("point", ["migrate.group.1", "migrate.commit"])
 def test_killing_process_1_mid_run_makes_process_0_exit_2_and_leaves_nothing(ck, tmp_path, point):
   """Mid-share, or with its share written but not yet reported: process 0 must not install anything."""
   dest = tmp_path / "mig"
-  procs = jobs.start("migrate_checkpoint", _margs(ck, dest) + ["--peer_timeout=2"], env={STALL: f"{point}@1"})
+  # the kill must come within the peer timeout of the stall, or process 0 rightly calls process 1 hung first
+  procs = jobs.start("migrate_checkpoint", _margs(ck, dest) + ["--peer_timeout=4"], env={STALL: f"{point}@1"})
   t0 = time.monotonic()
   jobs.wait_for_line(procs[1], "stalling")
   procs[1].send_signal(signal.SIGKILL)
