@@ -72,24 +72,3 @@ def test_a_stale_temporary_is_named_then_removed_by_the_next_migration(ck, tmp_p
   err = capfd.readouterr().err
   assert f"removing {dead}" in err and "process 999999999 is gone" in err, err
   assert verify_migration(ck["src"], tmp_path / "m", ck["spec"]).passed
-
-
-def test_a_failed_upload_deletes_everything_it_wrote(tmp_path):
-  from parity_jax.checkpoint.migrate.destination import COMMIT_MARKER, upload
-  from parity_jax.stores import open_store
-
-  local = tmp_path / "local"
-  for rel, data in {"d/0": b"a" * 100, "d/sub/1": b"b" * 10, "_CHECKPOINT_METADATA": b"{}", COMMIT_MARKER: b""}.items():
-    (local / rel).parent.mkdir(parents=True, exist_ok=True)
-    (local / rel).write_bytes(data)
-  dest = tmp_path / "dest"
-  (dest / COMMIT_MARKER).mkdir(parents=True)  # the last write, the marker, fails: a directory is in its way
-  notes = []
-  with pytest.raises(UsageError, match="is a directory"):
-    upload(str(local), open_store(str(dest)), notes.append)
-  # the data and index objects written before the failure, in nested folders, are gone with the destination
-  assert not dest.exists(), sorted(str(p.relative_to(dest)) for p in dest.rglob("*"))
-  assert notes == []  # deleted, not "could not delete the unfinished upload"
-  assert sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()) == sorted(
-      ["d/0", "d/sub/1", "_CHECKPOINT_METADATA", COMMIT_MARKER]
-  )  # the local copy is untouched
