@@ -123,3 +123,16 @@ def test_save_bundle_is_byte_deterministic(tmp_path):
   stages.save_bundle(tmp_path / "1.safetensors", data, prov)
   stages.save_bundle(tmp_path / "2.safetensors", dict(data), dict(reversed(list(prov.items()))))
   assert (tmp_path / "1.safetensors").read_bytes() == (tmp_path / "2.safetensors").read_bytes()
+
+
+def test_the_lazy_reader_names_a_missing_stage_and_the_writer_refuses_extra_rows(tmp_path):
+  path = tmp_path / "b.safetensors"
+  stages.save_bundle(path, {"w": np.zeros((4, 2), np.float32)})
+  with stages.BundleReader(path) as r:
+    with pytest.raises(UsageError, match="no stage named 'v'"):
+      r.get_rows("v", 0, 1)
+  with pytest.raises(UsageError, match=r"w: more rows written than its declared shape \(3, 2\)"):
+    with stages.BundleWriter(tmp_path / "s.safetensors", [("w", (3, 2), np.float32)]) as w:
+      w.write_rows("w", np.zeros((2, 2), np.float32))
+      w.write_rows("w", np.zeros((2, 2), np.float32))  # 4 rows into 3
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["b.safetensors"]  # nothing written

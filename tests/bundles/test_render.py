@@ -68,3 +68,18 @@ def test_rel_l2_is_written_in_three_significant_digits_or_a_word():
       "nan",
       "inf",
   ]
+
+
+def test_html_sets_only_the_first_divergent_row_in_bold_and_names_ulps():
+  rng = np.random.default_rng(2)
+  golden = collections.OrderedDict((f"s{i}", rng.standard_normal(8).astype(np.float32)) for i in range(3))
+  bad = dict(golden, s1=golden["s1"] + 1.0)
+  page = compare_bundles(golden, bad, profile="f32")._repr_html_()
+  rows = re.findall(r"<tr[^>]*>.*?</tr>", page, flags=re.S)
+  bold = [r for r in rows if "font-weight:bold" in r]
+  assert len(bold) == 1 and ">s1<" in bold[0], bold
+  # the "max ULP" column: 0 for an identical stage (a known count, not "-")
+  heads = [re.sub(r"<[^>]*>", "", h) for h in re.findall(r"<th[^>]*>(.*?)</th>", page, flags=re.S)]
+  s0 = next(r for r in rows if ">s0<" in r)
+  cells = [html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", s0, flags=re.S)]
+  assert cells[heads.index("max ULP")] == "0", (heads, cells)
