@@ -783,10 +783,7 @@ def bind_elements(
 def _concat_position(rule, m) -> int | str:
   """The concat position of a member matched by ``m``: its index template, an integer or a name of 'order'."""
   _, template, order = rule.concat
-  try:
-    v = m.expand(template)
-  except (re.error, IndexError) as e:
-    return f"cannot be expanded ({e})"
+  v = m.expand(template)  # the template was checked against the pattern's groups when the spec was read
   if order:
     return order.index(v) if v in order else f"{v!r} is not one of the concat order {list(order)}"
   try:

@@ -400,10 +400,12 @@ def test_concat_and_split_spec_mistakes_are_listed_together():
                 "split": {"axis": 0, "sections": 2, "name": "q"},
             },
             {"match": "i", "to": "j", "split": {"axis": 0, "sections": 2, "name": "q"}},  # no {q} in 'to'
+            {"match": r"y(\d)", "to": "yy", "concat": {"axis": 0, "index": r"\2"}},  # the pattern has one group
         ]
     )
   p = e.value.problems
-  assert len(p) == 5, p
+  assert len(p) == 6, p
+  assert p[5].startswith("rule #6: stack or concat index") and "invalid group reference 2" in p[5], p[5]
   assert "exactly one" in p[0] and "2 pieces but 1 names" in p[1] and "'concat' must be" in p[2]
   assert "rule #4: give 'concat' (many leaves into one) or 'split' (one into many), not both" in p[3]
   assert "rule #5: split name 'q' does not appear as {q} in 'to'" in p[4]

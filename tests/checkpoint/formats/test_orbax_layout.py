@@ -15,7 +15,8 @@ import pytest
 
 from tests.helpers import ckpt as H
 from parity_jax.checkpoint import open_checkpoint
-from parity_jax.checkpoint.formats.orbax_layout import decide_layout, resolve_item_dir
+from parity_jax.checkpoint.formats.orbax_layout import Tree, decide_layout, resolve_item_dir
+from parity_jax.stores import open_store
 from parity_jax.errors import UsageError
 
 
@@ -103,3 +104,14 @@ def test_foreign_files_are_named_by_their_magic_bytes_and_names(tmp_path):
       assert " but a" not in msg and "pickle" not in msg, (name, msg)
     else:
       assert f"not an Orbax checkpoint but {what}" in msg, (name, msg)
+
+
+def test_a_missing_directory_lists_as_empty(item):
+  tree = Tree(open_store(str(item)))
+  assert tree.subdirs("no_such_dir") == [] and tree.files("no_such_dir") == []
+  assert "_METADATA" in tree.files() and tree.subdirs() == sorted(e.name for e in os.scandir(item) if e.is_dir())
+
+
+def test_an_item_directory_outside_its_checkpoint_is_refused(item, tmp_path):
+  with pytest.raises(UsageError, match=f"item directory {tmp_path} is not inside {item}"):
+    decide_layout({"use_ocdbt": True}, tmp_path, item, "v0")

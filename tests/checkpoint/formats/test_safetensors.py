@@ -151,6 +151,15 @@ def test_boxes_read_only_their_own_bytes(dirs, piece, monkeypatch):
   assert len(ranges) == (2 if piece is None else 2 * -(-big.nbytes // piece))  # the whole leaf: one range per read
 
 
+def test_a_strided_box_is_refused_not_read_as_a_dense_one(dirs):
+  ck = open_checkpoint(dirs["single"])
+  with ck.reader(ck.leaves["f32"]) as r:
+    for box in ((slice(0, 3, 2),), (slice(None), slice(None), slice(None, None, -1))):
+      with pytest.raises(ValueError, match="strided boxes are not supported"):
+        r.read(box)
+    assert _bits(r.read((slice(0, 3, 1),))) == _bits(dirs["tensors"]["f32"])  # step 1 is a plain box
+
+
 def test_damaged_and_lying_files(dirs):
   """Whole-file damage is one line; a lying or truncated tensor is UNREADABLE by name, the others still read."""
   root = dirs["root"] / "bad"

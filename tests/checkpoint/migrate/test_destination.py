@@ -13,6 +13,8 @@ import pytest
 from tests.helpers import ckpt as H
 from parity_jax.checkpoint import migrate, verify_migration
 from parity_jax.checkpoint.migrate import leftovers
+from parity_jax.checkpoint.migrate.destination import COMMIT_MARKER, check_bucket_dest
+from parity_jax.stores import open_store
 from parity_jax.errors import UsageError
 
 
@@ -72,3 +74,32 @@ def test_a_stale_temporary_is_named_then_removed_by_the_next_migration(ck, tmp_p
   err = capfd.readouterr().err
   assert f"removing {dead}" in err and "process 999999999 is gone" in err, err
   assert verify_migration(ck["src"], tmp_path / "m", ck["spec"]).passed
+
+
+def test_the_in_place_destination_checks_refuse_foreign_objects_and_need_overwrite_for_an_attempt(ck, tmp_path):
+  """check_bucket_dest on a store with the bucket stores' interface (a local one here: the same walk and delete)."""
+  logs: list[str] = []
+
+  def dest_with(*names: str):
+    d = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
+    for n in names:
+      (d / n).parent.mkdir(parents=True, exist_ok=True)
+      (d / n).write_bytes(b"x")
+    return d, open_store(str(d))
+
+  d, store = dest_with("state/manifest.ocdbt", "notes.txt")  # someone's file beside an attempt: never deleted
+  with pytest.raises(UsageError, match=r"holds objects that are not a checkpoint \(notes.txt\); refusing"):
+    check_bucket_dest(ck["src"], store, True, logs.append)
+  assert sorted(p.name for p in d.iterdir()) == ["notes.txt", "state"]
+  d, store = dest_with("state/manifest.ocdbt", "_CHECKPOINT_METADATA")  # a half-written attempt: no marker
+  with pytest.raises(UsageError, match=r"a half-written attempt \(2 objects, no commit_success.txt\); pass --over"):
+    check_bucket_dest(ck["src"], store, False, logs.append)
+  assert d.exists() and logs == []
+  check_bucket_dest(ck["src"], store, True, logs.append)
+  assert not d.exists() and logs == [
+      f"deleting a half-written attempt (2 objects, no {COMMIT_MARKER}) at {store} (--overwrite)"
+  ]
+  d, store = dest_with("state/manifest.ocdbt", COMMIT_MARKER)  # a finished result
+  with pytest.raises(UsageError, match="holds a checkpoint; pass --overwrite to replace it"):
+    check_bucket_dest(ck["src"], store, False, logs.append)
+  check_bucket_dest(ck["src"], open_store(str(tmp_path / "empty")), False, logs.append)  # nothing there: fine
