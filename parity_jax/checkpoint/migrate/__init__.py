@@ -161,15 +161,16 @@ def migrate(
         raise UsageError("a bucket --dest is written in the v1 layout for now (--layout=v1 or auto)")
       if layout == "auto":
         layout = "standard" if isinstance(src, SafetensorsCheckpoint) and not remote else "v1"
-      if remote:  # a bucket: written in place, the commit marker last
-        return _to_bucket(job, src, spec, plan, dest, chunk_mb, overwrite, progress, batch_mb, compression)
+      # a bucket is written in place, every process its own share, the commit marker last, after the checks of
+      # destination.check_bucket_dest (no local staging); a local --dest goes to a temporary directory, renamed last
+      target = stores.open_store(dest).url if remote else local_dest
       with interruptible():
         return run(
             job,
             src,
             spec,
             plan,
-            local_dest,
+            target,
             chunk_bytes=max(1, int(chunk_mb * _MIB)),
             overwrite=overwrite,
             progress=progress,
@@ -183,24 +184,3 @@ def migrate(
     except UsageError as e:
       job.fail(str(e))
       raise
-
-
-def _to_bucket(job, src, spec, plan, dest, chunk_mb, overwrite, progress, batch_mb, compression) -> MigrateResult:
-  """Writes the checkpoint straight into the bucket ``dest``, in place (no local staging), every process of the
-  job its own share: the data and per-process databases first, then the merged index and the metadata, the
-  commit marker last (:mod:`.schedule`); the destination is checked first (:func:`.destination.check_bucket_dest`:
-  a half-written attempt is refused, or deleted with ``overwrite``)."""
-  with interruptible():
-    return run(
-        job,
-        src,
-        spec,
-        plan,
-        stores.open_store(dest).url,
-        chunk_bytes=max(1, int(chunk_mb * _MIB)),
-        overwrite=overwrite,
-        progress=progress,
-        batch_bytes=None if batch_mb is None else max(1, int(batch_mb * _MIB)),
-        compression=compression,
-        log=_log,
-    )
