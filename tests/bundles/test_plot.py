@@ -27,6 +27,20 @@ def test_the_missing_matplotlib_hint_names_the_plot_extra_and_no_editable_instal
   assert plot_extra and re.fullmatch(r'"matplotlib>=[0-9.]+"', plot_extra.group(1)), plot_extra
 
 
+def test_plot_report_without_matplotlib_is_the_same_one_line(monkeypatch):
+  from parity_jax.bundles import compare_bundles
+  from parity_jax.bundles.plot import plot_report
+  from tests.helpers import stages as synth
+
+  golden = synth.golden_stages(num_layers=1)
+  report = compare_bundles(golden, golden)
+  for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+    monkeypatch.delitem(sys.modules, name)
+  monkeypatch.setitem(sys.modules, "matplotlib", None)
+  with pytest.raises(UsageError, match=re.escape("pip install 'parity_jax[plot]'")):
+    plot_report(report)
+
+
 @pytest.fixture(scope="module")
 def jump_figure():
   """One layer; the first stages bit-identical, then tiny noise, then a 1e-3 jump at layers.0.v_proj onwards."""
@@ -83,6 +97,7 @@ def test_the_line_panel_plots_every_stage_where_it_is(jump_figure):
   floor = same.get_offsets()[0, 1]
   assert list(same.get_offsets()[:, 1]) == [floor, floor]  # at the bottom of the scale: a whole decade below the rest
   assert 0 < floor <= min(rel[2:]) and float(np.log10(floor)).is_integer()
+  assert ax.get_xlim() == (-0.5, len(names) - 0.5)  # half a stage of margin on either side, no empty slot
   assert _to_rgba(within.get_facecolor()[0]) == _to_rgba("#4060a0")
   assert _to_rgba(over.get_facecolor()[0]) == _to_rgba("#d02020")
   # the first divergent stage: a red line at its index and a label in a white box, on the side with room

@@ -52,6 +52,8 @@ def test_bind_builds_plan_transforms_and_inverse():
   assert by["components/0/g/V"].transform.kind == "squeeze"
   assert by["emb"].transform.dst_shape == (2, 15)  # -1 inferred
   assert by["step"].transform.kind == "identity"
+  # how a verdict line names each transform
+  assert [by[k].transform.describe() for k in ("components/0/g/V", "emb")] == ["squeeze[0]", "reshape[2, 15]"]
   assert plan.inverse == {"components/layers.0.mlp.gate_proj/V": "components/0/g/V", "embedding": "emb", "step": "step"}
   assert spec.inverse(["step", "emb"]) == {"step": "step", "embedding": "emb"}
   x = np.arange(12, dtype=np.float32).reshape(1, 4, 3)

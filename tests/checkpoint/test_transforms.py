@@ -415,15 +415,20 @@ def test_concat_and_split_spec_mistakes_are_listed_together():
           {"match": r"g(\d)", "to": "gu", "ops": [{"transpose": [1, 0]}], "concat": {"axis": 1, "index": r"\1"}},
           {"match": r"x(\d)", "to": "xx", "concat": {"axis": 0, "index": "0"}},
           {"match": "fused", "to": "p.{i}", "split": {"axis": 1, "sizes": [4, 3], "name": "i"}},
+          {"match": r"z(\w)", "to": "zz", "concat": {"axis": 0, "index": r"\1"}},  # 'a': no order, not an integer
+          {"match": r"w(\w)", "to": "ww", "concat": {"axis": 0, "index": r"\1", "order": ["x"]}},  # 'y' not in order
       ]
   )
   leaves = {"q": meta(8, 4), "k": meta(4, 4), "v": meta(4, 4)}  # no "o": a missing member
   leaves |= {"g0": meta(6, 4), "g1": meta(6, 5)}  # transposed: [4, 6] and [5, 6] differ off the concat axis
   leaves |= {"x0": meta(2), "x1": meta(2), "fused": meta(3, 8)}  # x: overlapping members; 4 + 3 != 8
+  leaves |= {"za": meta(2), "wy": meta(2)}
   with pytest.raises(SpecError) as e:
     spec.bind(leaves)
   p = e.value.problems
-  assert len(p) == 4, p
+  assert len(p) == 6, p
+  assert any("concat index of 'za' 'a' is not an integer (give 'order' to name the parts)" in x for x in p), p
+  assert any("concat index of 'wy' 'y' is not one of the concat order ['x']" in x for x in p), p
   assert any("concat 'qkv' is missing member(s) at [3]" in x for x in p), p
   assert any("parts of 'gu' differ on an axis other than concat axis 1" in x and "[5, 6]" in x for x in p), p
   assert any("overlapping concat members" in x and "'x0'" in x and "'x1'" in x for x in p), p

@@ -120,6 +120,12 @@ def test_batch_size_changes_no_count_and_must_be_positive():
     acc.update(golden, ours, u, v)
     counts.append((acc.n_mismatch, acc.n_explained, acc.n_unexplained, acc.max_explained_ratio))
   assert counts[0][0] == (rows * cols + 1) // 2 and all(c == counts[0] for c in counts), counts
+  # the examples of unexplained elements stop at ``keep``, however many batches and updates bring more
+  for keep in (0, 2):
+    acc = MismatchAccounting(FormulaConstants.from_components(s, o), keep=keep, batch_elems=3)
+    acc.update(golden, ours, u, v)
+    acc.update(golden, ours, u, v)
+    assert acc.n_unexplained > keep + 2 and len(acc.unexplained_examples) == keep, (keep, acc.n_unexplained)
   for bad in (0, -1, 1.5, True):
     with pytest.raises(ValueError, match="batch_elems must be a positive int"):
       MismatchAccounting(FormulaConstants.from_components(s, o), batch_elems=bad)

@@ -115,3 +115,27 @@ def test_a_missing_directory_lists_as_empty(item):
 def test_an_item_directory_outside_its_checkpoint_is_refused(item, tmp_path):
   with pytest.raises(UsageError, match=f"item directory {tmp_path} is not inside {item}"):
     decide_layout({"use_ocdbt": True}, tmp_path, item, "v0")
+
+
+def test_directories_that_are_not_checkpoints_yet_say_what_they_are(tmp_path):
+  """One line each: an OCDBT database with no PyTree metadata; a directory holding only an interrupted save."""
+  db = tmp_path / "db"
+  db.mkdir()
+  (db / "manifest.ocdbt").write_bytes(b"\x00")
+  with pytest.raises(UsageError, match=r"not an Orbax checkpoint but an OCDBT database without Orbax PyTree metadata"):
+    resolve_item_dir(db)
+  run = tmp_path / "run"
+  (run / "state.orbax-checkpoint-tmp-1234").mkdir(parents=True)
+  (run / "notes").mkdir()  # a plain directory beside it is not "unfinished"
+  with pytest.raises(UsageError, match=r"holds only an unfinished checkpoint \(state.orbax-checkpoint-tmp-1234\)"):
+    resolve_item_dir(run)
+  only_notes = tmp_path / "only_notes"
+  (only_notes / "notes").mkdir(parents=True)
+  with pytest.raises(UsageError) as e:
+    resolve_item_dir(only_notes)
+  assert "unfinished" not in str(e.value)
+
+
+def test_the_first_bytes_of_a_file_that_cannot_be_read_are_none(item):
+  tree = Tree(open_store(str(item)))
+  assert tree.head("_METADATA", 1) == b"{" and tree.head("no_such_file") == b""
