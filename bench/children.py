@@ -9,6 +9,7 @@ figure. The naive reference restores both full trees with orbax and compares eve
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -28,6 +29,26 @@ def rss() -> int:
       if line.startswith("VmRSS:"):
         return int(line.split()[1]) * 1024
   return 0
+
+
+def conversion_parser(doc: str) -> argparse.ArgumentParser:
+  """The flags of the conversion benches (a Qwen2.5-0.5B shape scaled by --scale), and the --child/--args pair
+  that :func:`run_child` passes to a child."""
+  ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+  ap.add_argument("--scale", type=float, default=0.125)
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--reps", type=int, default=2)
+  ap.add_argument("--child")
+  ap.add_argument("--args")
+  return ap
+
+
+def ran_as_child(a: argparse.Namespace, child: Any) -> bool:
+  """Runs ``child(task, args)`` when this process is a child :func:`run_child` started; False otherwise."""
+  if not a.child:
+    return False
+  child(a.child, json.loads(a.args))
+  return True
 
 
 def run_child(script: str, task: str, **args: Any) -> dict:

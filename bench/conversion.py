@@ -22,7 +22,6 @@ table and a JSON blob; the files under /tmp are removed at the end unless --keep
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -220,17 +219,11 @@ def child(task: str, args: dict) -> None:
 
 
 def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--scale", type=float, default=0.125)
-  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  ap.add_argument("--reps", type=int, default=2)
+  ap = children.conversion_parser(__doc__)
   ap.add_argument("--keep", action="store_true")
   ap.add_argument("--root", help="where the two sides are written (reused when there, and then kept)")
-  ap.add_argument("--child")
-  ap.add_argument("--args")
   a = ap.parse_args()
-  if a.child:
-    child(a.child, json.loads(a.args))
+  if children.ran_as_child(a, child):
     return
   d = dims(a.scale)
   machine = children.machine()

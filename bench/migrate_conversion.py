@@ -21,7 +21,6 @@ its metadata) plus 64 MiB, printed PASS or MISS. ``--source`` reuses an HF direc
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -114,16 +113,10 @@ def child(task: str, args: dict) -> None:
 
 
 def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--scale", type=float, default=0.125)
-  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  ap.add_argument("--reps", type=int, default=2)
+  ap = children.conversion_parser(__doc__)
   ap.add_argument("--source", help="an HF directory bench/conversion.py --root wrote (its hf/), instead of a new one")
-  ap.add_argument("--child")
-  ap.add_argument("--args")
   a = ap.parse_args()
-  if a.child:
-    child(a.child, json.loads(a.args))
+  if children.ran_as_child(a, child):
     return
   d = dims(a.scale)
   machine = children.machine()
