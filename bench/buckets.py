@@ -238,6 +238,7 @@ def _big_figures(args, b, emu, proxy, pairs, store_env, cap_mib: float) -> dict:
     ceiling[f"{n_ranges}_ranges_emulator_cpu_share"] = round((_cpu(emu.proc.pid) - c0) / dt, 2)
   verify_rate = res["bytes_read"] / t_big
   single_rate = size / t_single
+  assert not cap_mib or single_rate <= 1.02 * cap_mib * _MIB, "the proxy's per-stream cap is not in force"
   big = {
       "mib": args.big_mb,
       "verify_s": round(t_big, 2),
