@@ -7,6 +7,7 @@ are put there with the emulators' own clients, never through parity_jax. Expecte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -200,3 +201,30 @@ def test_a_half_written_bucket_destination_is_refused_then_cleaned_with_overwrit
   with pytest.raises(UsageError, match="not a checkpoint"):
     migrate(src, f"{loaded.url}/other", spec, overwrite=True)
   assert loaded.get("other/notes.txt") == b"mine"
+
+
+def test_readahead_keeps_several_chunk_reads_of_one_bucket_leaf_in_flight(gcs_bucket, tmp_path, monkeypatch):
+  """``readahead=N`` on a bucket: one leaf stored as 4 zstd chunks on one side and 4 raw chunks on the other,
+  every response paced to 1 MiB/s at the proxy (so that a chunk's read lasts long enough to overlap others):
+  without read-ahead each side has one chunk read in flight (2 at the proxy), with 3 rows ahead more; the
+  hashes are hashlib's."""
+  from tests.helpers.http_proxy import DelayProxy
+
+  x = np.random.default_rng(3).standard_normal(1 << 17).astype(np.float32)  # 512 KiB: 4 chunks of 128 KiB
+  H.save_v0(tmp_path / "src", {"w": x})
+  spec = tmp_path / "spec.json"
+  spec.write_text(json.dumps({"rules": [{"match": "(.*)", "to": "\\1"}]}))
+  migrate(tmp_path / "src", tmp_path / "a", spec, chunk_mb=1 / 8, compression="zstd")
+  migrate(tmp_path / "src", tmp_path / "b", spec, chunk_mb=1 / 8)
+  a, b = gcs_bucket.upload_tree(tmp_path / "a", "ra/a"), gcs_bucket.upload_tree(tmp_path / "b", "ra/b")
+  peaks = {}
+  with DelayProxy(gcs_bucket.emulator.url, 0.01, stream_bytes_s=1 << 20) as proxy:
+    gcs_bucket.emulator.apply(monkeypatch, endpoint=proxy.url)
+    for ahead in (0, 3):
+      proxy.reset_stats()
+      rep = verify_migration(a, b, spec, slab_mb=1 / 32, readahead=ahead)
+      peaks[ahead] = proxy.stats()["peak_in_flight"]
+      (leaf,) = rep.leaves
+      assert rep.passed and leaf.sha256 == leaf.source_sha256 == hashlib.sha256(x.tobytes()).hexdigest()
+      assert "chunk rows of 128.0 KiB cached" in leaf.read_mode
+  assert peaks[0] <= 2 and peaks[3] >= 4, peaks
