@@ -24,7 +24,7 @@ Figures, each against a reference measured in the same run:
    time (``Limits.concurrency=1``); target >= 8x. Both in a child process after a warm-up verify there: the
    verifier never shares a process (and its GIL) with the proxy; the proxy's figures are taken over the
    child's timed windows.
-2. one ``--big_mb`` leaf, verified in a fresh child process (as the tool runs; peak RSS from ``wait4``
+2. one ``--big_mb`` leaf, verified in a fresh child process (as the tool runs; its peak RSS, ``VmHWM``,
    against an idle child's, and issue 17's memory bound, :func:`bench.children.memory_bound`): verify
    throughput (bytes read / s) vs one single-stream GET of the largest object; target >= 4x.
 3. bytes read / bytes stored (both trees) for that verify; target <= 1.05.
