@@ -1,7 +1,7 @@
 """Benchmark: verifying checkpoints in a bucket behind a 20 ms-per-request latency proxy (issue 18).
 
   flock -x /tmp/parity_cpu.lock .venv/bin/python -m bench.buckets [--store=gs|s3] [--leaves=1000] [--big_mb=1024]
-      [--shards=8] [--delay_ms=20] [--stream_mib_s=0,24] [--readahead=N] [--parts=small,big]
+      [--shards=8] [--delay_ms=20] [--stream_mib_s=0,24] [--readahead=N (default: the product's)] [--parts=small,big]
 
 An emulator runs on 127.0.0.1 (``--store=gs``, the default: the GCS emulator of
 ``tests/helpers/gcs_emulator.py``, which serves a range at a cost that follows the range, like a real store;
@@ -85,14 +85,14 @@ def _big_tree(mib: int, shards: int) -> dict:
   return {"w": jax.device_put(x, NamedSharding(mesh, PartitionSpec("d", None)))}
 
 
-def _verify(src: str, mig: str, spec: str, concurrency: int | None = None, readahead: int = 0):
+def _verify(src: str, mig: str, spec: str, concurrency: int | None = None, readahead: int | None = None):
   from parity_jax import stores
   from parity_jax.checkpoint import verify_migration
 
   previous = stores.set_limits(**({"concurrency": concurrency} if concurrency else {}))
   try:
     t0 = time.perf_counter()
-    rep = verify_migration(src, mig, spec, readahead=readahead)
+    rep = verify_migration(src, mig, spec, **({} if readahead is None else {"readahead": readahead}))
     return time.perf_counter() - t0, rep
   finally:
     stores.set_limits(**previous.__dict__)
@@ -292,7 +292,9 @@ def main() -> None:
   ap.add_argument("--shards", type=int, default=8)
   ap.add_argument("--delay_ms", type=float, default=20.0)
   ap.add_argument("--stream_mib_s", default="0", help="per-stream caps to run, comma-separated (0: no cap)")
-  ap.add_argument("--readahead", type=int, default=0, help="verify_migration(readahead=)")
+  ap.add_argument(
+      "--readahead", type=int, default=None, help="verify_migration(readahead=); unset: the product's default (auto)"
+  )
   ap.add_argument("--parts", default="small,big")
   ap.add_argument("--tmp", default=None, help="where the local trees and the reference download go")
   ap.add_argument("--child")

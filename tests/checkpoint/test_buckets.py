@@ -206,8 +206,8 @@ def test_a_half_written_bucket_destination_is_refused_then_cleaned_with_overwrit
 def test_readahead_keeps_several_chunk_reads_of_one_bucket_leaf_in_flight(gcs_bucket, tmp_path, monkeypatch):
   """``readahead=N`` on a bucket: one leaf stored as 4 zstd chunks on one side and 4 raw chunks on the other,
   every response paced to 1 MiB/s at the proxy (so that a chunk's read lasts long enough to overlap others):
-  without read-ahead each side has one chunk read in flight (2 at the proxy), with 3 rows ahead more; the
-  hashes are hashlib's."""
+  without read-ahead each side has one chunk read in flight (2 at the proxy); with 3 rows ahead, and by default
+  (rows ahead on a bucket side), more; the hashes are hashlib's."""
   from tests.helpers.http_proxy import DelayProxy
 
   x = np.random.default_rng(3).standard_normal(1 << 17).astype(np.float32)  # 512 KiB: 4 chunks of 128 KiB
@@ -220,11 +220,11 @@ def test_readahead_keeps_several_chunk_reads_of_one_bucket_leaf_in_flight(gcs_bu
   peaks = {}
   with DelayProxy(gcs_bucket.emulator.url, 0.01, stream_bytes_s=1 << 20) as proxy:
     gcs_bucket.emulator.apply(monkeypatch, endpoint=proxy.url)
-    for ahead in (0, 3):
+    for ahead in (0, 3, None):  # None: the default, rows ahead on a bucket side
       proxy.reset_stats()
-      rep = verify_migration(a, b, spec, slab_mb=1 / 32, readahead=ahead)
+      rep = verify_migration(a, b, spec, slab_mb=1 / 32, **({} if ahead is None else {"readahead": ahead}))
       peaks[ahead] = proxy.stats()["peak_in_flight"]
       (leaf,) = rep.leaves
       assert rep.passed and leaf.sha256 == leaf.source_sha256 == hashlib.sha256(x.tobytes()).hexdigest()
       assert "chunk rows of 128.0 KiB cached" in leaf.read_mode
-  assert peaks[0] <= 2 and peaks[3] >= 4, peaks
+  assert peaks[0] <= 2 and peaks[3] >= 4 and peaks[None] >= 4, peaks
