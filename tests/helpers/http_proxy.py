@@ -10,6 +10,9 @@ all of them, drop the connection without an answer, stall, or stop listening
 altogether (the server "going away"). The requests still reach the client's
 HTTP stack for real: nothing is mocked on the client side.
 
+A :data:`Rewrite` (``proxy.rewrite``) changes every answer on its way back,
+e.g. :func:`without_size_hints`: a server that never states an object's size.
+
 Used by the tests (``tests/helpers/objectstores.py``) and the benchmarks
 (``bench/latency_proxy.py``).
 """
@@ -20,10 +23,27 @@ import dataclasses
 import http.client
 import http.server
 import socket
+import re
 import threading
 import time
+from typing import Callable
 
-__all__ = ["DelayProxy", "Fault"]
+__all__ = ["DelayProxy", "Fault", "Rewrite", "without_size_hints"]
+
+# (method, status, headers, body) of an upstream answer -> the (status, headers, body) the client gets instead
+Rewrite = Callable[[str, int, list[tuple[str, str]], bytes], tuple[int, list[tuple[str, str]], bytes]]
+_TOTAL = re.compile(r"(bytes (?:\d+-\d+|\*))/\d+")
+
+
+def without_size_hints(method: str, status: int, headers: list[tuple[str, str]], body: bytes):
+  """A :data:`Rewrite`: the answer without anything that states an object's size, as a server that gives no size
+  hint answers (the complete length of ``Content-Range`` becomes ``*``; S3's ``<ActualObjectSize>`` and a
+  ``bytes */N`` in an error body are dropped). Content-Length (the length of this answer) stays."""
+  headers = [(k, _TOTAL.sub(r"\1/*", v) if k.lower() == "content-range" else v) for k, v in headers]
+  if status >= 400:
+    body = re.sub(rb"<ActualObjectSize>\d+</ActualObjectSize>", b"", body)
+    body = re.sub(rb"bytes \*/\d+", b"bytes */*", body)
+  return status, headers, body
 
 _HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "expect"}
 _GCS_ERROR = '{{"error": {{"code": {code}, "message": "{message}", "errors": [{{"message": "{message}"}}]}}}}'
@@ -89,6 +109,7 @@ class DelayProxy:
     self.bytes_out = 0
     self._spans: list[tuple[float, float]] = []
     self.trace: list[tuple[float, float, str, str]] | None = None  # (start, end, method, path) when a list
+    self.rewrite: Rewrite | None = None  # when set, every upstream answer goes through it (see Rewrite)
     self._conns: set[socket.socket] = set()
     self._server = _Server(("127.0.0.1", port), self._handler_class())
     self.port = self._server.server_address[1]
@@ -247,6 +268,8 @@ class DelayProxy:
         except OSError:
           self.send_error(502, "upstream unreachable")
           return
+        if proxy.rewrite is not None:
+          return self._send_rewritten(conn, resp)
         try:
           length = resp.getheader("Content-Length")
           data = None if (length is not None and self.command != "HEAD") else resp.read()
@@ -271,6 +294,22 @@ class DelayProxy:
             proxy.bytes_out += sent
         finally:
           conn.close()
+
+      def _send_rewritten(self, conn, resp) -> None:
+        try:
+          status, headers, data = proxy.rewrite(self.command, resp.status, resp.getheaders(), resp.read())
+        finally:
+          conn.close()
+        self.send_response(status)
+        for k, v in headers:
+          if k.lower() not in _HOP and k.lower() != "content-length":
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+          self.wfile.write(data)
+          with proxy._lock:
+            proxy.bytes_out += len(data)
 
       do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _serve
 
