@@ -45,6 +45,7 @@ def without_size_hints(method: str, status: int, headers: list[tuple[str, str]],
     body = re.sub(rb"bytes \*/\d+", b"bytes */*", body)
   return status, headers, body
 
+
 _HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "expect"}
 _GCS_ERROR = '{{"error": {{"code": {code}, "message": "{message}", "errors": [{{"message": "{message}"}}]}}}}'
 _S3_ERROR = '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{s3code}</Code><Message>{message}</Message></Error>'
