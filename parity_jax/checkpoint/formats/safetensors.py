@@ -16,6 +16,11 @@ tensor's bytes -- or that the index places in a file that does not hold it,
 keeps ``LeafMeta.error`` set: the verifier reports it UNREADABLE by name
 (as a source leaf, the tools refuse it in one line).
 
+Shards (``model-0000i-of-0000N.safetensors``) and/or ``config.json`` without
+the index or ``model.safetensors`` are an unfinished directory: the object that
+makes it loadable is the last one a migration writes into a bucket, its commit
+(:mod:`parity_jax.checkpoint.migrate.to_safetensors`); a one-line UsageError says so.
+
 Values are read through :mod:`parity_jax.stores` (``read_range``) from a
 bucket, and with ``pread`` on one descriptor per open reader from a local
 file (a request per run costs a system call, not an open). A box of a leaf costs just its own
