@@ -240,7 +240,9 @@ def _written(trace, prefix: str) -> list[str]:
   return [k[len(prefix) :] for k in out if k.startswith(prefix)]
 
 
-def test_a_safetensors_dest_in_a_bucket_is_committed_by_its_last_object(loaded, hf_source, tmp_path, monkeypatch):
+def test_a_safetensors_dest_in_a_bucket_is_committed_by_its_last_object(
+    loaded, hf_source, tmp_path, monkeypatch, capfd
+):
   """config.json first, the shards, the index last (the commit); the files are what HF's safetensors reads, and
   both tools verify them over a server that states no object sizes. Without the index: unfinished, one line."""
   from safetensors.numpy import load_file
@@ -294,6 +296,13 @@ def test_a_safetensors_dest_in_a_bucket_is_committed_by_its_last_object(loaded, 
   migrate(src, dest, IDENTITY, dest_format="safetensors", overwrite=True)
   assert loaded.keys("hf/out/") == ["hf/out/model.safetensors"]  # one shard: the file itself is the commit
   assert verify_migration(src, dest, IDENTITY).passed
+  # into a bucket a shard is held in memory: cut at the larger of the floor and the largest tensor (512 bytes)
+  from parity_jax.checkpoint.migrate import to_safetensors
+
+  monkeypatch.setattr(to_safetensors, "BUCKET_SHARD_FLOOR", 100)
+  capped = migrate(src, f"{loaded.url}/hf/capped", IDENTITY, dest_format="safetensors")
+  assert capped.n_batches == 2 and capped.chunk_bytes == 512
+  assert f"shards of at most 512 B into {loaded.url}/hf/capped" in capfd.readouterr().err
 
 
 def test_a_failed_bucket_migration_deletes_what_it_wrote(loaded, hf_source, fast_limits, monkeypatch):

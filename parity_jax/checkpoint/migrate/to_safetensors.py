@@ -55,6 +55,7 @@ from parity_jax.checkpoint.spec import LeafPlan, MigrationPlan
 from parity_jax.checkpoint.transforms import ElementPlan
 from parity_jax.checkpoint.verify.elements import TargetValues, slab_elems
 from parity_jax.errors import UsageError, first_line
+from parity_jax.progress import human_bytes
 from parity_jax.progress import progress as progress_bar
 
 __all__ = ["BUCKET_SHARD_FLOOR", "migrate_to_safetensors"]
@@ -186,7 +187,7 @@ def _to_bucket(
   check_bucket_dest(src.path, dest, overwrite, log, safetensors=True)
   shard = bucket_shard_bytes(tensors, max_shard_bytes)
   if shard < max_shard_bytes and sum(t.nbytes for t in tensors) > shard:
-    log(f"shards of at most {shard / _MIB:.0f} MiB into {dest} (each is held in memory for its one upload)")
+    log(f"shards of at most {human_bytes(shard)} into {dest} (each is held in memory for its one upload)")
   try:
     if hf_config is not None:  # first: the commit (the index or the single file) is the last object written
       dest.child("config.json").write_bytes(_config_bytes(hf_config))
