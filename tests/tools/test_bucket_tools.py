@@ -23,7 +23,7 @@ MARKER = "commit_success.txt"
 
 
 @pytest.fixture(scope="module")
-def both():
+def both(_emulators):  # _emulators: the servers are stopped at the end of the session (none left running)
   """The example on both stores (``ex/source``, ``ex/migrated``; ``nomarker/source`` without its commit marker)."""
   src, mig, _ = example.example_paths()
   out = {}
