@@ -76,16 +76,21 @@ def test_a_stale_temporary_is_named_then_removed_by_the_next_migration(ck, tmp_p
   assert verify_migration(ck["src"], tmp_path / "m", ck["spec"]).passed
 
 
+def _dest_with(tmp_path, *names: str):
+  """A fresh directory under ``tmp_path`` holding the files ``names`` (a local stand-in for a bucket prefix)."""
+  d = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
+  for n in names:
+    (d / n).parent.mkdir(parents=True, exist_ok=True)
+    (d / n).write_bytes(b"x")
+  return d, open_store(str(d))
+
+
 def test_the_in_place_destination_checks_refuse_foreign_objects_and_need_overwrite_for_an_attempt(ck, tmp_path):
   """check_bucket_dest on a store with the bucket stores' interface (a local one here: the same walk and delete)."""
   logs: list[str] = []
 
   def dest_with(*names: str):
-    d = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
-    for n in names:
-      (d / n).parent.mkdir(parents=True, exist_ok=True)
-      (d / n).write_bytes(b"x")
-    return d, open_store(str(d))
+    return _dest_with(tmp_path, *names)
 
   d, store = dest_with("state/manifest.ocdbt", "notes.txt")  # someone's file beside an attempt: never deleted
   with pytest.raises(UsageError, match=r"holds objects that are not a checkpoint \(notes.txt\); refusing"):
@@ -111,11 +116,7 @@ def test_the_in_place_checks_know_the_standard_layout_and_a_safetensors_destinat
   logs: list[str] = []
 
   def dest_with(*names: str):
-    d = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
-    for n in names:
-      (d / n).parent.mkdir(parents=True, exist_ok=True)
-      (d / n).write_bytes(b"x")
-    return d, open_store(str(d))
+    return _dest_with(tmp_path, *names)
 
   shard = "model-00001-of-00002.safetensors"
   _, store = dest_with("manifest.ocdbt", "ocdbt.process_3/d/abc", "_METADATA", "d/x")  # standard, no marker
