@@ -15,10 +15,10 @@ memory stays near one piece.
 Into a bucket (``directory`` a bucket :class:`~parity_jax.stores.Store`) a file
 is one object, and an object is written with one upload (tensorstore's kvstore
 writes whole values: no multipart upload, no compose): each shard is assembled
-in memory and uploaded, so memory is about two shards' bytes (the buffer and
-tensorstore's copy of it). The shards are written in order and the index last
-(:func:`write_safetensors_dir`): the object that makes the directory loadable
-is the last one written.
+in memory and uploaded, so memory is about three times a shard's bytes (the
+buffer, and the two copies ``ts.KvStore.write`` makes while it is called). The
+shards are written in order and the index last (:func:`write_safetensors_dir`):
+the object that makes the directory loadable is the last one written.
 """
 
 from __future__ import annotations

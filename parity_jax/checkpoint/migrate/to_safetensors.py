@@ -22,8 +22,9 @@ are an unfinished migration to both tools (:mod:`parity_jax.checkpoint.formats.s
 the commit deletes what was written. A shard is one upload, assembled in memory
 (tensorstore's kvstore has no multipart upload or compose), so shards are cut
 at most at :data:`BUCKET_SHARD_FLOOR` or the largest tensor, whichever is
-bigger (and at ``max_shard_bytes`` if smaller): memory stays near twice one
-leaf, as a big model's largest tensors are bigger than the floor.
+bigger (and at ``max_shard_bytes`` if smaller): memory stays near three times
+one leaf (the shard and the two copies tensorstore makes of it while it is
+handed over), as a big model's largest tensors are bigger than the floor.
 """
 
 from __future__ import annotations
