@@ -22,29 +22,13 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import http.server
-import socket
 import re
+import socket
 import threading
 import time
 from typing import Callable
 
-__all__ = ["DelayProxy", "Fault", "Rewrite", "without_size_hints"]
-
-# (method, status, headers, body) of an upstream answer -> the (status, headers, body) the client gets instead
-Rewrite = Callable[[str, int, list[tuple[str, str]], bytes], tuple[int, list[tuple[str, str]], bytes]]
-_TOTAL = re.compile(r"(bytes (?:\d+-\d+|\*))/\d+")
-
-
-def without_size_hints(method: str, status: int, headers: list[tuple[str, str]], body: bytes):
-  """A :data:`Rewrite`: the answer without anything that states an object's size, as a server that gives no size
-  hint answers (the complete length of ``Content-Range`` becomes ``*``; S3's ``<ActualObjectSize>`` and a
-  ``bytes */N`` in an error body are dropped). Content-Length (the length of this answer) stays."""
-  headers = [(k, _TOTAL.sub(r"\1/*", v) if k.lower() == "content-range" else v) for k, v in headers]
-  if status >= 400:
-    body = re.sub(rb"<ActualObjectSize>\d+</ActualObjectSize>", b"", body)
-    body = re.sub(rb"bytes \*/\d+", b"bytes */*", body)
-  return status, headers, body
-
+__all__ = ["DelayProxy", "Fault"]
 
 _HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "expect"}
 _GCS_ERROR = '{{"error": {{"code": {code}, "message": "{message}", "errors": [{{"message": "{message}"}}]}}}}'
@@ -327,3 +311,19 @@ def _union_length(spans: list[tuple[float, float]]) -> float:
       total += b - end
       end = b
   return total
+
+
+# (method, status, headers, body) of an upstream answer -> the (status, headers, body) the client gets instead
+Rewrite = Callable[[str, int, list[tuple[str, str]], bytes], tuple[int, list[tuple[str, str]], bytes]]
+_TOTAL = re.compile(r"(bytes (?:\d+-\d+|\*))/\d+")
+
+
+def without_size_hints(method: str, status: int, headers: list[tuple[str, str]], body: bytes):
+  """A :data:`Rewrite`: the answer without anything that states an object's size, as a server that gives no size
+  hint answers (the complete length of ``Content-Range`` becomes ``*``; S3's ``<ActualObjectSize>`` and a
+  ``bytes */N`` in an error body are dropped). Content-Length (the length of this answer) stays."""
+  headers = [(k, _TOTAL.sub(r"\1/*", v) if k.lower() == "content-range" else v) for k, v in headers]
+  if status >= 400:
+    body = re.sub(rb"<ActualObjectSize>\d+</ActualObjectSize>", b"", body)
+    body = re.sub(rb"bytes \*/\d+", b"bytes */*", body)
+  return status, headers, body
