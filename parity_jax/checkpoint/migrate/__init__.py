@@ -115,6 +115,13 @@ def migrate(
   ``model.safetensors.index.json``) and ``config.json`` copied from
   ``hf_config`` (a config.json or an HF directory holding one), so that
   ``transformers`` loads it.
+
+  ``dest`` may be a ``gs://`` or ``s3://`` URL for every format and layout:
+  a bucket has no rename, so the checkpoint is written in place and its
+  commit last (``commit_success.txt``; for safetensors the index or
+  ``model.safetensors``, see :mod:`.to_safetensors`); a failure or a signal
+  before the commit deletes what was written, and an earlier half-written
+  attempt there is refused, or deleted with ``overwrite``.
   """
   if dest_format not in DEST_FORMATS:
     raise UsageError(f"dest_format must be one of {', '.join(DEST_FORMATS)}, got {dest_format!r}")
