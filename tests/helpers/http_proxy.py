@@ -15,7 +15,10 @@ per request: a real store serves each stream at a bounded rate (tens to a
 few hundred MiB/s), which is why parallel range reads ("sliced downloads")
 pay off there; on loopback one stream moves bytes at memory speed. The cap
 applies to every request alike (each connection paces its own body; there
-is no cap on the total).
+is no cap on the total; an answer changed by a :data:`Rewrite` is not paced).
+
+A :data:`Rewrite` (``proxy.rewrite``) changes every answer on its way back,
+e.g. :func:`without_size_hints`: a server that never states an object's size.
 
 Used by the tests (``tests/helpers/objectstores.py``) and the benchmarks
 (``bench/latency_proxy.py``).
@@ -26,9 +29,11 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import http.server
+import re
 import socket
 import threading
 import time
+from typing import Callable
 
 __all__ = ["DelayProxy", "Fault"]
 
@@ -97,6 +102,7 @@ class DelayProxy:
     self.bytes_out = 0
     self._spans: list[tuple[float, float]] = []
     self.trace: list[tuple[float, float, str, str]] | None = None  # (start, end, method, path) when a list
+    self.rewrite: Rewrite | None = None  # when set, every upstream answer goes through it (see Rewrite)
     self._conns: set[socket.socket] = set()
     self._server = _Server(("127.0.0.1", port), self._handler_class())
     self.port = self._server.server_address[1]
@@ -264,6 +270,8 @@ class DelayProxy:
         except OSError:
           self.send_error(502, "upstream unreachable")
           return
+        if proxy.rewrite is not None:
+          return self._send_rewritten(conn, resp)
         try:
           length = resp.getheader("Content-Length")
           # capped: the whole body is taken from the upstream at once, then paced to the client (an emulator
@@ -298,6 +306,22 @@ class DelayProxy:
             proxy.bytes_out += sent
         finally:
           conn.close()
+
+      def _send_rewritten(self, conn, resp) -> None:
+        try:
+          status, headers, data = proxy.rewrite(self.command, resp.status, resp.getheaders(), resp.read())
+        finally:
+          conn.close()
+        self.send_response(status)
+        for k, v in headers:
+          if k.lower() not in _HOP and k.lower() != "content-length":
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+          self.wfile.write(data)
+          with proxy._lock:
+            proxy.bytes_out += len(data)
 
       do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _serve
 
@@ -335,3 +359,19 @@ def _union_length(spans: list[tuple[float, float]]) -> float:
       total += b - end
       end = b
   return total
+
+
+# (method, status, headers, body) of an upstream answer -> the (status, headers, body) the client gets instead
+Rewrite = Callable[[str, int, list[tuple[str, str]], bytes], tuple[int, list[tuple[str, str]], bytes]]
+_TOTAL = re.compile(r"(bytes (?:\d+-\d+|\*))/\d+")
+
+
+def without_size_hints(method: str, status: int, headers: list[tuple[str, str]], body: bytes):
+  """A :data:`Rewrite`: the answer without anything that states an object's size, as a server that gives no size
+  hint answers (the complete length of ``Content-Range`` becomes ``*``; S3's ``<ActualObjectSize>`` and a
+  ``bytes */N`` in an error body are dropped). Content-Length (the length of this answer) stays."""
+  headers = [(k, _TOTAL.sub(r"\1/*", v) if k.lower() == "content-range" else v) for k, v in headers]
+  if status >= 400:
+    body = re.sub(rb"<ActualObjectSize>\d+</ActualObjectSize>", b"", body)
+    body = re.sub(rb"bytes \*/\d+", b"bytes */*", body)
+  return status, headers, body
