@@ -340,7 +340,10 @@ def pick(mutants: list[Mutant], n: int, seed: int) -> list[Mutant]:
 ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
     "parity_jax/__init__.py": ("tests/test_package.py",),  # the package's lazy attribute access
     "parity_jax/checkpoint/spec.py": ("tests/checkpoint/test_transforms.py",),  # RemapSpec's rules, applied
-    "parity_jax/checkpoint/transforms.py": ("tests/checkpoint/test_spec.py",),  # bind() builds the transform plan
+    "parity_jax/checkpoint/transforms.py": (
+        "tests/checkpoint/test_spec.py",  # bind() builds the transform plan
+        "tests/checkpoint/verify/test_elements.py",  # ElementPlan.box_source, called directly, and both read paths
+    ),
     # the element verifier: its tests are the element rules' (transposes, stacks, casts, padding), through verify
     "parity_jax/checkpoint/verify/elements.py": ("tests/checkpoint/test_transforms.py",),
     "parity_jax/stores/base.py": ("tests/stores/test_local.py",),  # Store's shared methods, through LocalStore

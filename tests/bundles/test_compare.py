@@ -67,6 +67,9 @@ def test_order_is_execution_order_never_alphabetical(tmp_path):
   custom = names[::-1]
   stages.save_bundle(tmp_path / "rev.safetensors", {n: golden[n] for n in custom})
   assert compare_bundles(tmp_path / "rev.safetensors", plain).names == custom
+  # only the candidate has an order: it is taken from the candidate
+  from_candidate = compare_bundles(plain, tmp_path / "rev.safetensors")
+  assert (from_candidate.names, from_candidate.order_source) == (custom, "candidate_metadata")
   # unknown names keep the source order
   other = {"zeta": np.ones(2, np.float32), "alpha": np.ones(2, np.float32), "mid.10": np.ones(2, np.float32)}
   assert compare_bundles(other, dict(other)).names == ["zeta", "alpha", "mid.10"]

@@ -132,6 +132,7 @@ def test_boxes_read_only_their_own_bytes(dirs, piece, monkeypatch):
       (slice(1, 5), slice(2, 6), slice(3, 8), slice(1, 4)),  # a general box
       (slice(0, 6), slice(0, 7), slice(4, 5), slice(0, 5)),  # a strided column of rows
       (slice(5, 6), slice(6, 7), slice(8, 9), slice(4, 5)),  # the last element
+      (slice(1, 5), slice(3, 3), slice(0, 9), slice(0, 5)),  # an empty box: nothing read
       (),  # the whole leaf
   ]
   with ck.reader(m) as r:
