@@ -139,3 +139,31 @@ def test_directories_that_are_not_checkpoints_yet_say_what_they_are(tmp_path):
 def test_the_first_bytes_of_a_file_that_cannot_be_read_are_none(item):
   tree = Tree(open_store(str(item)))
   assert tree.head("_METADATA", 1) == b"{" and tree.head("no_such_file") == b""
+
+
+def test_a_bucket_tree_lists_like_a_directory(item, gcs_bucket, tmp_path):
+  """The same files on disk and in a bucket (one listing, answered from memory): the same answers."""
+  files = {"_METADATA": b"{}", "f": b"0123456789", "d/x": b"x", "d/e/y": b"yy"}
+  for rel, data in files.items():
+    gcs_bucket.put("ck/" + rel, data)
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_bytes(data)
+  for tree in (Tree(open_store(gcs_bucket.url + "/ck")), Tree(open_store(str(tmp_path)))):
+    assert (tree.files(), tree.subdirs(), tree.files("d"), tree.subdirs("d"), tree.subdirs("d/e")) == (
+        ["_METADATA", "f"],
+        ["d"],
+        ["x"],
+        ["e"],
+        [],
+    )
+    assert (tree.files("nope"), tree.subdirs("nope")) == ([], [])
+    assert [tree.is_dir(r) for r in ("", "d", "d/e", "f", "nope")] == [True, True, True, False, False]
+    assert [tree.is_file(r) for r in ("", "d", "d/e/y", "f", "nope")] == [False, False, True, True, False]
+    assert [tree.exists(r) for r in ("d", "d/x", "nope")] == [True, True, False]
+    assert (tree.head("f", 4), tree.head("f", 100), tree.head("d/e/y"), tree.head("nope")) == (
+        b"0123",
+        files["f"],
+        b"yy",
+        b"",
+    )
+    assert tree.read_bytes("d/x") == b"x"
