@@ -187,6 +187,15 @@ def test_damaged_and_lying_files(dirs):
   assert "'F99' is not one of" in ck.leaves["b"].error and ck.leaves["a"].error is None
   ck = open_checkpoint(case("overlap", edit=overlap))
   assert "overlap" in ck.leaves["a"].error and "overlap" in ck.leaves["b"].error
+
+  def b_listed_first(h):  # the header need not list tensors in the order of their bytes
+    items = list(h.items())
+    h.clear()
+    h.update(reversed(items))
+
+  ck = open_checkpoint(case("reordered", edit=b_listed_first))
+  assert ck.leaves["a"].error is None and ck.leaves["b"].error is None
+  assert _bits(ck.read_whole(ck.leaves["b"])) == _bits(good["b"])
   ck = open_checkpoint(case("truncated", truncate=3))
   assert "past the end of the file" in ck.leaves["b"].error and ck.leaves["a"].error is None
   assert _bits(ck.read_whole(ck.leaves["a"])) == _bits(good["a"])
