@@ -254,6 +254,25 @@ def test_slab_boundaries_alignment():
   assert geometry.SlabPlan.for_target((64, 16), 10**6).boundaries_are_multiples_of(64 * 16)
 
 
+def test_slab_boundary_predicates_against_the_slabs_themselves():
+  """Brute force: the boundaries are the flat offsets of the slabs the plan yields (and the end)."""
+  rng = np.random.default_rng(5)
+  for _ in range(300):
+    r = tuple(int(x) for x in rng.integers(1, 7, rng.integers(1, 4)))
+    n = int(np.prod(r))
+    plan = geometry.SlabPlan.for_target(r, int(rng.integers(1, n + 1)))
+    bounds = {geometry.flat_offset(lo, r) for lo, _ in plan} | {n}
+    assert len(bounds) == plan.n_slabs + 1, (r, plan)
+    for e in range(1, n + 2):
+      every_multiple_is_a_boundary = all(m in bounds for m in range(e, n, e))
+      assert plan.boundaries_include_multiples_of(e) == every_multiple_is_a_boundary, (r, plan, e)
+      if plan.boundaries_are_multiples_of(e):  # conservative (a lone leading block may say no): never a wrong yes
+        assert all(b % e == 0 or b == n for b in bounds), (r, plan, e)
+  for r in ((4, 0), (0, 4), (3, 0, 2)):  # no elements: no slabs
+    plan = geometry.SlabPlan.for_target(r, 8)
+    assert (list(plan), plan.n_slabs) == ([], 0)
+
+
 def test_which_rules_are_checked_element_by_element():
   """Renames, squeezes and reshapes keep every byte in order (compared as streams); transposes, stacks, unstacks
   and casts move or change elements (compared element by element)."""
