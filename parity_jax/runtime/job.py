@@ -146,7 +146,7 @@ class Job:
   def close(self) -> None:
     self._stop.set()
     for t in self._threads:
-      t.join(timeout=5)
+      t.join(timeout=5)  # no mutate: a bound on the wait for the stopped threads; timing only
     self._threads = []
 
   # -- the key-value store --
