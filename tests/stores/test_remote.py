@@ -99,6 +99,7 @@ def test_missing_bucket(scheme, _emulators, monkeypatch):
       call(open_store(f"{scheme}://no-such-bucket-here"))
     _one_line(e.value, "not_found", f"{scheme}://no-such-bucket-here: no such bucket")
   assert not open_store(f"{scheme}://no-such-bucket-here").is_dir()
+  assert open_store(f"{scheme}://no-such-bucket-here").ping() is None  # the endpoint answered ("no such bucket")
 
 
 def test_delete(bucket):
