@@ -169,6 +169,12 @@ def test_read_many_window():
   s = _Counting()
   out = stores.read_many([(s, i, i + 1) for i in range(50)], max_in_flight=7)
   assert out == [bytes([i]) for i in range(50)] and s.peak == 7
+  for below_one in (-3, 0.5):  # a window below one request is one request
+    s = _Counting()
+    assert stores.read_many([(s, i, i + 1) for i in range(5)], max_in_flight=below_one) == [
+        bytes([i]) for i in range(5)
+    ]
+    assert s.peak == 1
 
 
 def test_pending_reraises_the_same_error():
