@@ -35,7 +35,7 @@ def test_every_stage_gets_the_core_diff_stats(tmp_path):
   assert report.names == list(golden)
   for row in report.rows:
     ref = arraydiff.diff_stats(golden[row.name], cand[row.name], top_k=3)
-    assert row.stats == ref, row.name
+    assert row.stats == ref and row.rel_l2 == ref.rel_l2, row.name
   assert report.golden.producer == "test-golden" and report.order_source == "golden_metadata"
   assert report.row("logits").logits is not None and report.row("embedding").logits is None
 
