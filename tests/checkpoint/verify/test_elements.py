@@ -252,7 +252,11 @@ def test_a_target_of_the_wrong_shape_or_dtype_is_named_as_such(tmp_path):
   for name, t in (("ok", x.T), ("dtype", x.T.astype(np.float16)), ("shape", x), ("both", x.astype(np.float16))):
     d = os.path.join(tmp_path, name)
     W.write_file(os.path.join(os.makedirs(d) or d, "model.safetensors"), {"t": np.ascontiguousarray(t)})
-    r = verify_migration(src, d, spec).leaves[0]
+    rep = verify_migration(src, d, spec)
+    r = rep.leaves[0]
+    assert rep.leaf("t") is rep.leaf("w.0") is r  # found by its migrated path, else by its source path
+    with pytest.raises(KeyError):
+      rep.leaf("w")
     got[name] = (r.status, r.reason)
   assert got["ok"][0] == "PASS"
   assert got["dtype"] == ("DTYPE_MISMATCH", "dtype float16 != expected float32")
