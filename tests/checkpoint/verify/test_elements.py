@@ -258,6 +258,11 @@ def test_a_target_of_the_wrong_shape_or_dtype_is_named_as_such(tmp_path):
     with pytest.raises(KeyError):
       rep.leaf("w")
     got[name] = (r.status, r.reason)
+    if name == "dtype":  # the report's table: the group's line, then the failing leaf with its reason
+      assert rep.table_lines() == [
+          "[FAIL] t  0/1 leaves bit-identical",
+          "       DTYPE_MISMATCH  t <- w.0: dtype float16 != expected float32",
+      ]
   assert got["ok"][0] == "PASS"
   assert got["dtype"] == ("DTYPE_MISMATCH", "dtype float16 != expected float32")
   assert got["shape"][0] == "SHAPE_MISMATCH" and got["shape"][1].startswith("shape (2, 3) != expected (3, 2) (")
