@@ -263,6 +263,8 @@ def test_a_target_of_the_wrong_shape_or_dtype_is_named_as_such(tmp_path):
           "[FAIL] t  0/1 leaves bit-identical",
           "       DTYPE_MISMATCH  t <- w.0: dtype float16 != expected float32",
       ]
+      assert rep.table_lines(max_failures_per_group=1) == rep.table_lines()  # all shown: no "more" line
+      assert rep.table_lines(max_failures_per_group=0)[1:] == ["       ... and 1 more (see --report)"]
   assert got["ok"][0] == "PASS"
   assert got["dtype"] == ("DTYPE_MISMATCH", "dtype float16 != expected float32")
   assert got["shape"][0] == "SHAPE_MISMATCH" and got["shape"][1].startswith("shape (2, 3) != expected (3, 2) (")
