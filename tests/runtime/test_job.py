@@ -181,22 +181,23 @@ def test_the_exchanges_of_three_processes_and_of_one():
     p = job.process_id
     if p == 1:
       job.publish("note", b"from 1")
-    return (
+    got = (
         job.gather("g", f"p{p}".encode()),
         job.allgather("a", bytes([p]) * (p + 1)),
         job.broadcast("big", big if p == 0 else None),
         job.broadcast("none"),
         job.first_disagreeing("plan", "y" if p == 2 else "x"),
         job.first_disagreeing("same", "x"),
-        job.barrier("end"),
-        job.try_get("note"),
-        job.try_get("never"),
     )
+    if p == 2:  # the last to reach the barrier, with something published just before it
+      time.sleep(0.2)
+      job.publish("late", b"from 2")
+    return (*got, job.barrier("end"), job.try_get("late"), job.try_get("note"), job.try_get("never"))
 
   got = _each_process(jobs, exchanges)
   everyone = [[b"\x00", b"\x01\x01", b"\x02\x02\x02"], big, b""]
-  assert got[0] == ([b"p0", b"p1", b"p2"], *everyone, 2, None, None, b"from 1", None)
-  assert got[1] == got[2] == (None, *everyone, None, None, None, b"from 1", None)
+  assert got[0] == ([b"p0", b"p1", b"p2"], *everyone, 2, None, None, b"from 2", b"from 1", None)
+  assert got[1] == got[2] == (None, *everyone, None, None, None, b"from 2", b"from 1", None)
   assert [j.describe() for j in jobs] == ["process 0 of 3", "process 1 of 3", "process 2 of 3"]
   assert [(j.distributed, j.is_coordinator) for j in jobs] == [(True, True), (True, False), (True, False)]
   # every value went through the store, split into parts of at most 1 MiB and compressed
