@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from parity_jax.checkpoint import RemapSpec, migrate, open_checkpoint, restore_leaves, verify_migration
+from parity_jax.checkpoint import LeafReadError, RemapSpec, migrate, open_checkpoint, restore_leaves, verify_migration
 from parity_jax.checkpoint.formats import safetensors as st
 from parity_jax.errors import UsageError
 from parity_jax.stores.local import LocalStore
@@ -159,6 +159,19 @@ def test_a_strided_box_is_refused_not_read_as_a_dense_one(dirs):
       with pytest.raises(ValueError, match="strided boxes are not supported"):
         r.read(box)
     assert _bits(r.read((slice(0, 3, 1),))) == _bits(dirs["tensors"]["f32"])  # step 1 is a plain box
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open descriptors in /proc")
+def test_a_reader_closes_its_file_on_leaving_and_there_are_no_string_leaves(dirs):
+  ck = open_checkpoint(dirs["single"])
+  m = ck.leaves["f32"]
+  before = sorted(os.listdir("/proc/self/fd"))
+  with ck.reader(m) as r:
+    assert _bits(r.read(())) == _bits(dirs["tensors"]["f32"])
+    assert len(os.listdir("/proc/self/fd")) == len(before) + 1  # its one descriptor, read with pread
+  assert sorted(os.listdir("/proc/self/fd")) == before
+  with pytest.raises(LeafReadError, match="safetensors checkpoints hold no string leaves"):
+    ck.read_string(m)
 
 
 def test_damaged_and_lying_files(dirs):
