@@ -56,6 +56,9 @@ def test_bind_builds_plan_transforms_and_inverse():
   assert [by[k].transform.describe() for k in ("components/0/g/V", "emb")] == ["squeeze[0]", "reshape[2, 15]"]
   assert plan.inverse == {"components/layers.0.mlp.gate_proj/V": "components/0/g/V", "embedding": "emb", "step": "step"}
   assert spec.inverse(["step", "emb"]) == {"step": "step", "embedding": "emb"}
+  with pytest.raises(SpecError) as e:
+    spec.inverse(["step", "components/3/g/U"])
+  assert e.value.problems == ["source leaf 'components/3/g/U' matches no rule"]
   x = np.arange(12, dtype=np.float32).reshape(1, 4, 3)
   y = by["components/0/g/V"].transform.apply(x)
   assert y.shape == (4, 3) and np.shares_memory(x, y)  # a view, never a copy
@@ -103,8 +106,10 @@ def test_missing_spec_file_and_directory(tmp_path):
 
 def test_all_parse_problems_are_reported_together():
   with pytest.raises(SpecError) as e:
-    RemapSpec.from_rules([{"match": "(", "to": "x"}, {"match": "^a$", "to": "a", "squeeze": "0"}, {"to": "y"}])
-  assert len(e.value.problems) == 3
+    RemapSpec.from_rules(
+        [{"match": "(", "to": "x"}, {"match": "^a$", "to": "a", "squeeze": "0", "reshape": [3]}, {"to": "y"}]
+    )
+  assert len(e.value.problems) == 3  # rule #2: its squeeze, not also "give 'squeeze' or 'reshape', not both"
   assert "rule #1" in str(e.value) and "rule #2" in str(e.value) and "rule #3" in str(e.value)
 
 
