@@ -106,6 +106,26 @@ def test_foreign_files_are_named_by_their_magic_bytes_and_names(tmp_path):
       assert f"not an Orbax checkpoint but {what}" in msg, (name, msg)
 
 
+def test_foreign_directories_are_named_by_what_they_hold(tmp_path):
+  cases = {  # the files of a directory -> what the one-line refusal calls it
+      ("checkpoint", "model.ckpt-1.index"): "a TensorFlow checkpoint directory",
+      ("config.json", "model-00001-of-00002.safetensors"): "a safetensors / Hugging Face model directory",
+      ("vocab.index", "model.safetensors"): "a safetensors / Hugging Face model directory",  # no 'checkpoint' file
+      ("config.json", "pytorch_model.bin"): "a PyTorch / Hugging Face model directory",
+      ("pytorch_model.bin.index.json",): "a PyTorch / Hugging Face model directory",
+      ("zarr.json",): "a bare zarr array (no Orbax PyTree metadata)",
+      (".zarray", "0.0"): "a bare zarr array (no Orbax PyTree metadata)",
+  }
+  for i, (names, what) in enumerate(cases.items()):
+    d = tmp_path / f"d{i}"
+    d.mkdir()
+    for n in names:
+      (d / n).write_bytes(b"\x00")
+    with pytest.raises(UsageError) as e:
+      resolve_item_dir(d)
+    assert f"not an Orbax checkpoint but {what}" in str(e.value), (names, str(e.value))
+
+
 def test_a_missing_directory_lists_as_empty(item):
   tree = Tree(open_store(str(item)))
   assert tree.subdirs("no_such_dir") == [] and tree.files("no_such_dir") == []
