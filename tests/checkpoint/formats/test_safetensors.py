@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors
 
 from parity_jax.checkpoint import LeafReadError, RemapSpec, migrate, open_checkpoint, restore_leaves, verify_migration
 from parity_jax.checkpoint.formats import safetensors as st
@@ -222,6 +224,18 @@ def test_damaged_and_lying_files(dirs):
   d.mkdir()
   (d / "model.safetensors").write_bytes(b"\xff\x00\x00\x00\x00\x00\x00\x00{}")
   with pytest.raises(UsageError, match="runs past the end of the file"):
+    open_checkpoint(d)
+
+  # one byte over the safetensors library's header limit: it refuses the file, and so do we (a sparse file: the
+  # header is never read)
+  d = root / "header_over_the_limit"
+  d.mkdir()
+  with open(d / "model.safetensors", "wb") as f:
+    f.write(struct.pack("<Q", 100_000_001))
+    f.truncate(8 + 100_000_001 + 8)
+  with pytest.raises(Exception, match="header too large"):
+    safetensors.safe_open(str(d / "model.safetensors"), "np")
+  with pytest.raises(UsageError, match="the header length 100000001 exceeds safetensors' limit of 100000000 bytes"):
     open_checkpoint(d)
 
   d = root / "unknown_layout"
