@@ -461,3 +461,24 @@ def test_migrator_concatenates_and_splits_and_the_results_verify(fused_sides, tm
     g = ck.read_whole(ck.leaves[k])
     assert g.dtype == v.dtype and g.tobytes() == v.tobytes(), k
   assert verify_migration(s["hf_fused"], tmp_path / "split", back).passed
+
+
+def test_a_stack_of_concats_named_by_order_has_the_stack_and_the_parts_it_names():
+  meta = type("M", (), {"shape": (2, 4), "kind": "array", "dtype": np.dtype(np.float32)})()
+  spec = RemapSpec.from_rules(
+      [
+          {
+              "match": r"l(\d)\.(q|k)",
+              "to": "qk",
+              "stack": [{"axis": 0, "index": r"\1"}],
+              "concat": {"axis": 1, "index": r"\2", "order": ["q", "k"]},
+          }
+      ]
+  )
+  (e,) = spec.bind({f"l{i}.{p}": meta for i in range(3) for p in "qk"}).elements
+  assert e.dst_shape == (3, 4, 4)  # 3 layers stacked; q then k, 2 rows each, along axis 1
+  assert [e.source_of((i, r, 0)) for i, r in ((0, 0), (0, 2), (2, 3))] == [
+      ("l0.q", (0, 0)),
+      ("l0.k", (0, 0)),
+      ("l2.k", (1, 0)),
+  ]
