@@ -482,3 +482,13 @@ def test_a_stack_of_concats_named_by_order_has_the_stack_and_the_parts_it_names(
       ("l0.k", (0, 0)),
       ("l2.k", (1, 0)),
   ]
+
+
+def test_overlapping_stack_members_are_the_one_problem_of_their_target():
+  """Members at 0, 0 and 2: the overlap is reported, and the target goes no further (no "missing [1]" on top)."""
+  meta = type("M", (), {"shape": (2,), "kind": "array", "dtype": np.dtype(np.float32)})()
+  spec = RemapSpec.from_rules([{"match": r"l(\d)(\w)", "to": "st", "stack": [{"axis": 0, "index": r"\1"}]}])
+  with pytest.raises(SpecError) as e:
+    spec.bind({"l0a": meta, "l0b": meta, "l2a": meta})
+  (p,) = e.value.problems
+  assert "overlapping stacks: source leaves 'l0a' and 'l0b' both go to 'st' at [0]" in p, p
