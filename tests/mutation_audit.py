@@ -504,13 +504,15 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.rerun, encoding="utf-8") as f:
       before = json.load(f)
     seed = before["seed"]
-    index = {(m.path, m.line, m.op, m.mutated): m for m in candidates}
+    # the original line is part of the key: every deletion reads "pass", so another statement now on that line
+    # number must not stand in for one that was removed
+    index = {(m.path, m.line, m.op, m.original, m.mutated): m for m in candidates}
     moved: dict[tuple[str, str, str, str], list[Mutant]] = {}
     for m in candidates:
       moved.setdefault((m.path, m.op, m.original, m.mutated), []).append(m)
     chosen = []
     for r in before["mutants"]:
-      m = index.get((r["path"], r["line"], r["op"], r["mutated"]))
+      m = index.get((r["path"], r["line"], r["op"], r["original"], r["mutated"]))
       if m is None:  # the same edit of the same line, moved by edits above it
         same = moved.get((r["path"], r["op"], r["original"], r["mutated"]), [])
         m = same[0] if len(same) == 1 else None
