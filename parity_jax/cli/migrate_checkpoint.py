@@ -10,8 +10,10 @@ at once, before any data is read), then restores one leaf (or a small batch of
 small leaves) at a time, applies its squeeze/reshape and appends it with
 ``ocp.v1.partial.save``; ``finalize`` makes one v1 checkpoint. The result
 appears at --dest only when complete (a gs:// or s3:// --dest is written in place, with no local staging,
-and is a checkpoint only once its commit_success.txt, written last, is there). An existing --dest is replaced only with
---overwrite and only when it is an Orbax checkpoint or an empty directory.
+and is a checkpoint only once its commit_success.txt, written last, is there; a safetensors one once its
+model.safetensors.index.json or model.safetensors, written last, is there). An existing --dest is replaced only
+with --overwrite and only when it is an Orbax checkpoint, an empty directory, or (a safetensors --dest) an HF
+safetensors directory.
 Conversions (--preset, or spec rules with transpose/ops/stack/cast) are performed with the verifier's own
 evaluation, one destination chunk at a time; from HF safetensors the result is, by default, in the layout
 ``ocp.StandardCheckpointer().save`` writes (--layout). Progress (leaves, bytes, rate, ETA) goes to stderr. Exit 0 on success, 2 on
@@ -72,7 +74,11 @@ _DEST_FORMAT = flags.DEFINE_enum(
     " model.safetensors.index.json, config.json from --hf_config). 'auto': safetensors for a '*-to-hf' --preset.",
 )
 _MAX_SHARD_MB = flags.DEFINE_float(
-    "max_shard_mb", 5000.0, "With a safetensors --dest: the most MiB per shard file.", lower_bound=1e-6
+    "max_shard_mb",
+    5000.0,
+    "With a safetensors --dest: the most MiB per shard file (into a bucket also at most max(256 MiB, the largest"
+    " tensor): a shard is held in memory for its one upload).",
+    lower_bound=1e-6,
 )
 _SPEC_ERRORS = flags.DEFINE_string(
     "spec_errors",

@@ -458,7 +458,7 @@ class BucketStore(Store):
     return Pending(wait=wait)
 
   def write_bytes(self, data: bytes) -> None:
-    data = bytes(data)
+    data = data if isinstance(data, (bytes, bytearray)) else bytes(data)  # a bytearray is not copied here
     self._wait(self._kv().write(self._key(), data), "write", len(data))
 
   def delete(self, recursive: bool = False, missing_ok: bool = False) -> None:

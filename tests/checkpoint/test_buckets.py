@@ -7,6 +7,7 @@ are put there with the emulators' own clients, never through parity_jax. Expecte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -184,19 +185,186 @@ def test_migrate_bucket_to_bucket_local_to_bucket_and_bucket_to_local_then_verif
   assert f"out/bb/{MARKER}" in keys and "out/bb/state/_METADATA" in keys
 
 
-def test_a_half_written_bucket_destination_is_refused_then_cleaned_with_overwrite(loaded):
-  src, _, spec = example.example_paths()
+# ---- a safetensors or a StandardCheckpointer destination in a bucket (hand-written HF source, 3 tensors)
+HF_TENSORS = {  # sorted by name: a shard limit of 100 bytes gives [a.weight] and [b.bias, c.w], by hand
+    "a.weight": np.arange(128, dtype=np.float32).reshape(8, 16) - 64,
+    "b.bias": np.arange(-20, 20, dtype=np.int8),
+    "c.w": np.linspace(-1, 1, 16, dtype=np.float16).reshape(4, 4),
+}
+HF_TENSORS["a.weight"].reshape(-1)[:2] = [np.uint32(0x7FC00001).view(np.float32), np.float32(-0.0)]  # payload, -0
+SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+INDEX = "model.safetensors.index.json"
+
+
+@pytest.fixture(scope="module")
+def hf_source(tmp_path_factory):
+  from tests.helpers import safetensors_files as W
+
+  d = tmp_path_factory.mktemp("hf")
+  (d / "src").mkdir()
+  W.write_file(d / "src" / "model.safetensors", HF_TENSORS)
+  (d / "config.json").write_text(json.dumps({"model_type": "test", "n": 3}))
+  return str(d / "src"), str(d / "config.json")
+
+
+def test_a_half_written_bucket_destination_is_refused_then_cleaned_with_overwrite(loaded, hf_source):
+  src, _ = hf_source  # 3 tiny tensors: the destination is what counts here
   dest = f"{loaded.url}/half"
   loaded.put("half/state/_METADATA", b"{}")  # what an interrupted attempt leaves: objects, no marker
   loaded.put("half/_CHECKPOINT_METADATA", b"{}")
+  loaded.put("half/ocdbt.process_1/manifest.ocdbt", b"")  # a process's database (the standard layout's place)
   with pytest.raises(UsageError) as e:
-    migrate(src, dest, spec)
+    migrate(src, dest, IDENTITY)
   msg = str(e.value)
-  assert "\n" not in msg and "half-written" in msg and dest in msg and "--overwrite" in msg
-  assert loaded.keys("half/") == ["half/_CHECKPOINT_METADATA", "half/state/_METADATA"]  # untouched
-  migrate(src, dest, spec, overwrite=True)
-  assert verify_migration(src, dest, spec).passed
+  assert "\n" not in msg and "half-written attempt (3 objects" in msg and dest in msg and "--overwrite" in msg
+  keys = ["half/_CHECKPOINT_METADATA", "half/ocdbt.process_1/manifest.ocdbt", "half/state/_METADATA"]
+  assert loaded.keys("half/") == keys  # untouched
+  migrate(src, dest, IDENTITY, overwrite=True)  # the standard layout (from safetensors): the item at the top
+  assert verify_migration(src, dest, IDENTITY).passed
+  assert not [k for k in loaded.keys("half/") if k.startswith(("half/state/", "half/ocdbt.process_1/"))]
   loaded.put("other/notes.txt", b"mine")  # never deleted: not something a checkpoint writes
   with pytest.raises(UsageError, match="not a checkpoint"):
-    migrate(src, f"{loaded.url}/other", spec, overwrite=True)
+    migrate(src, f"{loaded.url}/other", IDENTITY, overwrite=True)
   assert loaded.get("other/notes.txt") == b"mine"
+
+
+def _written(trace, prefix: str) -> list[str]:
+  """The objects under ``prefix`` uploaded through a proxy, in order (GCS: POST ...&name=<key>; S3: PUT /<b>/<key>)."""
+  import urllib.parse
+
+  out = []
+  for _, _, method, path in sorted(trace):
+    if method == "POST" and "uploadType=media" in path:
+      out.append(urllib.parse.unquote(urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)["name"][0]))
+    elif method == "PUT":
+      out.append(urllib.parse.unquote(urllib.parse.urlsplit(path).path).split("/", 2)[2])
+  return [k[len(prefix) :] for k in out if k.startswith(prefix)]
+
+
+def test_a_safetensors_dest_in_a_bucket_is_committed_by_its_last_object(
+    loaded, hf_source, tmp_path, monkeypatch, capfd
+):
+  """config.json first, the shards, the index last (the commit); the files are what HF's safetensors reads, and
+  both tools verify them over a server that states no object sizes. Without the index: unfinished, one line."""
+  from safetensors.numpy import load_file
+
+  from tests.helpers.http_proxy import without_size_hints
+
+  src, config = hf_source
+  dest = f"{loaded.url}/hf/out"
+  with loaded.emulator.proxy() as proxy:
+    loaded.emulator.apply(monkeypatch, endpoint=proxy.url)
+    proxy.trace = []
+    result = migrate(src, dest, IDENTITY, dest_format="safetensors", max_shard_mb=100 / 2**20, hf_config=config)
+    assert result.dest == dest and result.n_batches == 2
+    proxy.rewrite = without_size_hints  # every shard's size found by the store's search
+    rep = verify_migration(src, dest, IDENTITY)
+    assert rep.passed, rep.text()
+  # (read once the proxy is stopped: it records a request after answering it)
+  assert _written(proxy.trace, "hf/out/") == ["config.json", *SHARDS, INDEX]
+  assert loaded.keys("hf/out/") == [f"hf/out/{n}" for n in ["config.json", *SHARDS, INDEX]]
+  got = tmp_path / "got"
+  loaded.download_tree("hf/out", got)
+  assert json.loads((got / "config.json").read_text()) == json.loads(open(config).read())
+  index = json.loads((got / INDEX).read_text())
+  assert index["weight_map"] == {"a.weight": SHARDS[0], "b.bias": SHARDS[1], "c.w": SHARDS[1]}
+  assert index["metadata"]["total_size"] == sum(a.nbytes for a in HF_TENSORS.values())
+  read = {**load_file(str(got / SHARDS[0])), **load_file(str(got / SHARDS[1]))}
+  assert {k: (v.dtype, v.shape, v.tobytes()) for k, v in read.items()} == {
+      k: (v.dtype, v.shape, v.tobytes()) for k, v in HF_TENSORS.items()
+  }
+  # one flipped bit FAILs, naming the tensor (sizes again by search)
+  flipped = bytearray((got / SHARDS[1]).read_bytes())
+  flipped[-1] ^= 1  # the last byte of c.w
+  for name in ["config.json", SHARDS[0], INDEX]:
+    loaded.put(f"hf/bad/{name}", (got / name).read_bytes())
+  loaded.put(f"hf/bad/{SHARDS[1]}", bytes(flipped))
+  with loaded.emulator.proxy() as proxy:
+    proxy.rewrite = without_size_hints
+    loaded.emulator.apply(monkeypatch, endpoint=proxy.url)
+    rep = verify_migration(src, f"{loaded.url}/hf/bad", IDENTITY)
+  assert {r.migrated_path: r.status for r in rep.failures} == {"c.w": "VALUE_MISMATCH"}
+  loaded.emulator.apply(monkeypatch)  # the emulator itself again
+  # the commit gone: unfinished to both tools, named by the next migration, deleted only with overwrite
+  loaded.emulator.delete_object(loaded.name, f"hf/out/{INDEX}")
+  with pytest.raises(UsageError) as e:
+    open_checkpoint(dest, "migrated checkpoint")
+  assert "\n" not in str(e.value) and "is unfinished: 2 shards" in str(e.value) and INDEX in str(e.value)
+  with pytest.raises(UsageError) as e:
+    migrate(src, dest, IDENTITY, dest_format="safetensors")
+  assert "\n" not in str(e.value) and f"{dest} holds a half-written attempt (3 objects" in str(e.value)
+  assert loaded.keys("hf/out/") == [f"hf/out/{n}" for n in ["config.json", *SHARDS]]  # untouched
+  migrate(src, dest, IDENTITY, dest_format="safetensors", overwrite=True)
+  assert loaded.keys("hf/out/") == ["hf/out/model.safetensors"]  # one shard: the file itself is the commit
+  assert verify_migration(src, dest, IDENTITY).passed
+  # into a bucket a shard is held in memory: cut at the larger of the floor and the largest tensor (512 bytes)
+  from parity_jax.checkpoint.migrate import to_safetensors
+
+  monkeypatch.setattr(to_safetensors, "BUCKET_SHARD_FLOOR", 100)
+  capped = migrate(src, f"{loaded.url}/hf/capped", IDENTITY, dest_format="safetensors")
+  assert capped.n_batches == 2 and capped.chunk_bytes == 512
+  assert f"shards of at most 512 B into {loaded.url}/hf/capped" in capfd.readouterr().err
+
+
+def test_a_failed_bucket_migration_deletes_what_it_wrote(loaded, hf_source, fast_limits, monkeypatch):
+  """Every upload of one object refused (503) after others were written: the orbax destination (before its commit
+  marker) and the safetensors one (before its index) are deleted, one line, nothing left under the prefix."""
+  src, _ = hf_source
+  with loaded.emulator.proxy() as proxy:
+    loaded.emulator.apply(monkeypatch, endpoint=proxy.url)
+    style = "s3" if loaded.scheme == "s3" else "gcs"
+    proxy.fail(503, methods=("PUT", "POST"), path_contains="_CHECKPOINT_METADATA", style=style)
+    proxy.fail(503, methods=("PUT", "POST"), path_contains=SHARDS[1], style=style)
+    for dest, kw in (
+        ("failed/orbax", {"layout": "v1"}),
+        ("failed/hf", {"dest_format": "safetensors", "max_shard_mb": 100 / 2**20}),
+    ):
+      with pytest.raises(UsageError) as e:
+        migrate(src, f"{loaded.url}/{dest}", IDENTITY, **kw)
+      assert "\n" not in str(e.value) and "server error (503)" in str(e.value), str(e.value)
+  assert loaded.keys("failed/") == []
+
+
+def test_the_standard_layout_into_a_bucket_restores_with_standard_checkpointer(loaded, hf_source, tmp_path):
+  import jax
+  import orbax.checkpoint as ocp
+
+  src, _ = hf_source
+  dest = f"{loaded.url}/std/out"
+  migrate(src, dest, IDENTITY)  # layout auto: standard from a safetensors source
+  keys = loaded.keys("std/out/")
+  assert f"std/out/{MARKER}" in keys and "std/out/_METADATA" in keys and not [k for k in keys if "/state/" in k]
+  assert verify_migration(src, dest, IDENTITY).passed
+  loaded.download_tree("std/out", tmp_path / "std")
+  abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in HF_TENSORS.items()}
+  got = ocp.StandardCheckpointer().restore(tmp_path / "std", abstract)
+  assert {k: (np.asarray(v).dtype, np.asarray(v).tobytes()) for k, v in got.items()} == {
+      k: (v.dtype, v.tobytes()) for k, v in HF_TENSORS.items()
+  }
+
+
+def test_readahead_keeps_several_chunk_reads_of_one_bucket_leaf_in_flight(gcs_bucket, tmp_path, monkeypatch):
+  """``readahead=N`` on a bucket: one leaf stored as 4 zstd chunks on one side and 4 raw chunks on the other,
+  every response paced to 1 MiB/s at the proxy (so that a chunk's read lasts long enough to overlap others):
+  without read-ahead each side has one chunk read in flight (2 at the proxy); with 3 rows ahead, and by default
+  (rows ahead on a bucket side), more; the hashes are hashlib's."""
+  from tests.helpers.http_proxy import DelayProxy
+
+  x = np.random.default_rng(3).standard_normal(1 << 17).astype(np.float32)  # 512 KiB: 4 chunks of 128 KiB
+  H.save_v0(tmp_path / "src", {"w": x})
+  spec = tmp_path / "spec.json"
+  spec.write_text(json.dumps({"rules": [{"match": "(.*)", "to": "\\1"}]}))
+  migrate(tmp_path / "src", tmp_path / "a", spec, chunk_mb=1 / 8, compression="zstd")
+  migrate(tmp_path / "src", tmp_path / "b", spec, chunk_mb=1 / 8)
+  a, b = gcs_bucket.upload_tree(tmp_path / "a", "ra/a"), gcs_bucket.upload_tree(tmp_path / "b", "ra/b")
+  peaks = {}
+  with DelayProxy(gcs_bucket.emulator.url, 0.01, stream_bytes_s=1 << 20) as proxy:
+    gcs_bucket.emulator.apply(monkeypatch, endpoint=proxy.url)
+    for ahead in (0, 3, None):  # None: the default, rows ahead on a bucket side
+      proxy.reset_stats()
+      rep = verify_migration(a, b, spec, slab_mb=1 / 32, **({} if ahead is None else {"readahead": ahead}))
+      peaks[ahead] = proxy.stats()["peak_in_flight"]
+      (leaf,) = rep.leaves
+      assert rep.passed and leaf.sha256 == leaf.source_sha256 == hashlib.sha256(x.tobytes()).hexdigest()
+      assert "chunk rows of 128.0 KiB cached" in leaf.read_mode
+  assert peaks[0] <= 2 and peaks[3] >= 4 and peaks[None] >= 4, peaks

@@ -10,6 +10,16 @@ all of them, drop the connection without an answer, stall, or stop listening
 altogether (the server "going away"). The requests still reach the client's
 HTTP stack for real: nothing is mocked on the client side.
 
+``stream_bytes_s`` (optional) caps the throughput of every response body,
+per request: a real store serves each stream at a bounded rate (tens to a
+few hundred MiB/s), which is why parallel range reads ("sliced downloads")
+pay off there; on loopback one stream moves bytes at memory speed. The cap
+applies to every request alike (each connection paces its own body; there
+is no cap on the total; an answer changed by a :data:`Rewrite` is not paced).
+
+A :data:`Rewrite` (``proxy.rewrite``) changes every answer on its way back,
+e.g. :func:`without_size_hints`: a server that never states an object's size.
+
 Used by the tests (``tests/helpers/objectstores.py``) and the benchmarks
 (``bench/latency_proxy.py``).
 """
@@ -19,9 +29,11 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import http.server
+import re
 import socket
 import threading
 import time
+from typing import Callable
 
 __all__ = ["DelayProxy", "Fault"]
 
@@ -75,12 +87,13 @@ class _Server(http.server.ThreadingHTTPServer):
 class DelayProxy:
   """Forwards ``127.0.0.1:<port>`` to ``upstream`` (``http://host:port``) with ``delay_s`` added to every request."""
 
-  def __init__(self, upstream: str, delay_s: float = 0.0, port: int = 0):
+  def __init__(self, upstream: str, delay_s: float = 0.0, port: int = 0, stream_bytes_s: float | None = None):
     self.upstream = upstream.rstrip("/")
     host_port = self.upstream.split("://", 1)[-1]
     self._up_host, _, up_port = host_port.partition(":")
     self._up_port = int(up_port or 80)
     self.delay_s = float(delay_s)
+    self.stream_bytes_s = float(stream_bytes_s) if stream_bytes_s else None  # per-response throughput cap
     self._lock = threading.Lock()
     self._faults: list[Fault] = []
     self._in_flight = 0
@@ -89,6 +102,7 @@ class DelayProxy:
     self.bytes_out = 0
     self._spans: list[tuple[float, float]] = []
     self.trace: list[tuple[float, float, str, str]] | None = None  # (start, end, method, path) when a list
+    self.rewrite: Rewrite | None = None  # when set, every upstream answer goes through it (see Rewrite)
     self._conns: set[socket.socket] = set()
     self._server = _Server(("127.0.0.1", port), self._handler_class())
     self.port = self._server.server_address[1]
@@ -142,11 +156,20 @@ class DelayProxy:
       self.peak_in_flight, self.requests, self.bytes_out = self._in_flight, 0, 0
       self._spans.clear()
 
-  def stats(self) -> dict:
-    """Requests, peak in flight, and the average in flight over the time any request was in flight."""
+  def stats(self, since: float | None = None, until: float | None = None) -> dict:
+    """Requests, peak in flight, and the average in flight over the time any request was in flight.
+
+    ``since``/``until`` (``time.monotonic()`` values, which are system-wide: a client in another process can
+    report its own) keep only the requests that began and ended within that window; then ``requests`` and
+    ``peak_in_flight`` are counted from those requests, and ``bytes_out`` is not given.
+    """
     with self._lock:
       spans = list(self._spans)
       out = {"requests": self.requests, "peak_in_flight": self.peak_in_flight, "bytes_out": self.bytes_out}
+    if since is not None or until is not None:
+      lo, hi = -float("inf") if since is None else since, float("inf") if until is None else until
+      spans = [(a, b) for a, b in spans if a >= lo and b <= hi]
+      out = {"requests": len(spans), "peak_in_flight": _peak(spans)}
     busy = _union_length(spans)
     out["busy_s"] = busy
     out["mean_in_flight"] = sum(b - a for a, b in spans) / busy if busy > 0 else 0.0
@@ -247,9 +270,14 @@ class DelayProxy:
         except OSError:
           self.send_error(502, "upstream unreachable")
           return
+        if proxy.rewrite is not None:
+          return self._send_rewritten(conn, resp)
         try:
           length = resp.getheader("Content-Length")
-          data = None if (length is not None and self.command != "HEAD") else resp.read()
+          # capped: the whole body is taken from the upstream at once, then paced to the client (an emulator
+          # that serves one request at a time must not be held by the pace of one stream)
+          stream = length is not None and self.command != "HEAD" and not proxy.stream_bytes_s
+          data = None if stream else resp.read()
           self.send_response(resp.status, resp.reason)
           for k, v in resp.getheaders():
             if k.lower() not in _HOP and k.lower() != "content-length":
@@ -259,12 +287,19 @@ class DelayProxy:
           self.end_headers()
           if self.command == "HEAD":
             return
-          if data is not None:
+          cap = proxy.stream_bytes_s
+          if data is not None and not cap:
             self.wfile.write(data)
             sent = len(data)
           else:
-            sent = 0
-            while chunk := resp.read(1 << 20):
+            sent, t_body = 0, time.monotonic()
+            step = (1 << 20) if not cap else max(16 << 10, min(1 << 20, int(cap / 50)))  # ~20 ms of bytes per write
+            source = resp if data is None else _Chunks(data)
+            while chunk := source.read(step):
+              if cap:  # pace this body: byte k leaves no earlier than k / cap seconds after the first
+                ahead = t_body + sent / cap - time.monotonic()
+                if ahead > 0:
+                  time.sleep(ahead)
               self.wfile.write(chunk)
               sent += len(chunk)
           with proxy._lock:
@@ -272,9 +307,46 @@ class DelayProxy:
         finally:
           conn.close()
 
+      def _send_rewritten(self, conn, resp) -> None:
+        try:
+          status, headers, data = proxy.rewrite(self.command, resp.status, resp.getheaders(), resp.read())
+        finally:
+          conn.close()
+        self.send_response(status)
+        for k, v in headers:
+          if k.lower() not in _HOP and k.lower() != "content-length":
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+          self.wfile.write(data)
+          with proxy._lock:
+            proxy.bytes_out += len(data)
+
       do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _serve
 
     return Handler
+
+
+class _Chunks:
+  """``read(n)`` over bytes already in memory (a body whose length the upstream did not state)."""
+
+  def __init__(self, data: bytes):
+    self._view, self._pos = memoryview(data), 0
+
+  def read(self, n: int) -> bytes:
+    out = bytes(self._view[self._pos : self._pos + n])
+    self._pos += len(out)
+    return out
+
+
+def _peak(spans: list[tuple[float, float]]) -> int:
+  events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans], key=lambda e: (e[0], e[1]))
+  peak = now = 0
+  for _, d in events:
+    now += d
+    peak = max(peak, now)
+  return peak
 
 
 def _union_length(spans: list[tuple[float, float]]) -> float:
@@ -287,3 +359,19 @@ def _union_length(spans: list[tuple[float, float]]) -> float:
       total += b - end
       end = b
   return total
+
+
+# (method, status, headers, body) of an upstream answer -> the (status, headers, body) the client gets instead
+Rewrite = Callable[[str, int, list[tuple[str, str]], bytes], tuple[int, list[tuple[str, str]], bytes]]
+_TOTAL = re.compile(r"(bytes (?:\d+-\d+|\*))/\d+")
+
+
+def without_size_hints(method: str, status: int, headers: list[tuple[str, str]], body: bytes):
+  """A :data:`Rewrite`: the answer without anything that states an object's size, as a server that gives no size
+  hint answers (the complete length of ``Content-Range`` becomes ``*``; S3's ``<ActualObjectSize>`` and a
+  ``bytes */N`` in an error body are dropped). Content-Length (the length of this answer) stays."""
+  headers = [(k, _TOTAL.sub(r"\1/*", v) if k.lower() == "content-range" else v) for k, v in headers]
+  if status >= 400:
+    body = re.sub(rb"<ActualObjectSize>\d+</ActualObjectSize>", b"", body)
+    body = re.sub(rb"bytes \*/\d+", b"bytes */*", body)
+  return status, headers, body

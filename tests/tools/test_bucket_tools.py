@@ -23,7 +23,7 @@ MARKER = "commit_success.txt"
 
 
 @pytest.fixture(scope="module")
-def both():
+def both(_emulators):  # _emulators: the servers are stopped at the end of the session (none left running)
   """The example on both stores (``ex/source``, ``ex/migrated``; ``nomarker/source`` without its commit marker)."""
   src, mig, _ = example.example_paths()
   out = {}
@@ -98,7 +98,13 @@ def test_bad_bucket_requests_are_one_line_exit_2(both, tmp_path):
       ([f"--source={src}", f"--migrated={mig}", f"--spec={gs}/specs/none.json"], "spec file does not exist"),
       ([f"--source={src}", f"--migrated={mig}", f"--spec={gs}/ex"], "got a directory"),
       (["--source=s3://Bad_Bucket!/x", f"--migrated={s3}/ex/migrated"], "not a valid S3 bucket name"),
+      # a safetensors migration into a bucket cut short before its commit (the index, or model.safetensors)
+      ([f"--source={src}", f"--migrated={gs}/hfhalf"], "is unfinished: 1 shard (model-00001-of-00002.safetensors)"),
+      ([f"--source={s3}/hfhalf", f"--migrated={mig}"], "is unfinished: only config.json but neither"),
   ]
+  b["gs"].put("hfhalf/config.json", b"{}")
+  b["gs"].put("hfhalf/model-00001-of-00002.safetensors", b"\0" * 16)
+  b["s3"].put("hfhalf/config.json", b"{}")
   b["gs"].put("out/old.html", b"old")
   b["gs"].put("specs/bad.json", json.dumps({"rules": [], "bogus": 1}).encode())
   argvs = [[f"--spec={spec}", *args, "--noprogress"] for args, _ in cases]
@@ -141,11 +147,17 @@ def test_migrate_spec_and_outputs_as_bucket_urls(both, tmp_path):
       + ["--storage_backoff_s=0.01"]
       for n in (2, 3)
   ]
+  # a safetensors --dest holding an attempt cut short before its commit: named, untouched without --overwrite
+  argvs.append([f"--source={src}", f"--dest={gs}/hfcut", f"--spec={spec}", "--dest_format=safetensors"])
+  b["gs"].put("hfcut/config.json", b"{}")
+  b["gs"].put("hfcut/model-00001-of-00002.safetensors", b"\0" * 16)
   with b["s3"].emulator.proxy() as proxy:
     proxy.fail(0, path_contains="nowhere")
-    first, again, missing, *dropped = run_many(
+    first, again, missing, *dropped, half = run_many(
         "migrate_checkpoint", argvs, env=b["s3"].emulator.env(base=env, endpoint=proxy.url)
     )
+  one_line_error(half, f"destination {gs}/hfcut holds a half-written attempt (2 objects, no model.safetensors")
+  assert b["gs"].keys("hfcut/") == ["hfcut/config.json", "hfcut/model-00001-of-00002.safetensors"]
   for n, r in zip((2, 3), dropped):
     one_line_error(r, f"(empty reply from server) after {n} attempts")
   assert first.returncode == 0, first.stderr

@@ -16,6 +16,11 @@ tensor's bytes -- or that the index places in a file that does not hold it,
 keeps ``LeafMeta.error`` set: the verifier reports it UNREADABLE by name
 (as a source leaf, the tools refuse it in one line).
 
+Shards (``model-0000i-of-0000N.safetensors``) and/or ``config.json`` without
+the index or ``model.safetensors`` are an unfinished directory: the object that
+makes it loadable is the last one a migration writes into a bucket, its commit
+(:mod:`parity_jax.checkpoint.migrate.to_safetensors`); a one-line UsageError says so.
+
 Values are read through :mod:`parity_jax.stores` (``read_range``) from a
 bucket, and with ``pread`` on one descriptor per open reader from a local
 file (a request per run costs a system call, not an open). A box of a leaf costs just its own
@@ -31,6 +36,7 @@ import concurrent.futures
 import json
 import math
 import os
+import re
 import struct
 import threading
 from typing import Any, Sequence
@@ -64,16 +70,31 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (its MAX_H
 READ_PIECE_BYTES = 8 << 20  # the longest single byte-range request
 
 
+CONFIG = "config.json"
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
 def detect(path: str | os.PathLike) -> bool:
-  """Does ``path`` look like a safetensors directory (any ``*.safetensors`` file or the index)? Names only."""
+  """Does ``path`` look like a safetensors directory (any ``*.safetensors`` file or the index), or what a
+  safetensors migration into a bucket leaves when cut short (``config.json`` alone)? Names only."""
   try:
     store = open_store(path)
     if not store.is_dir():
       return False
-    names, _ = store.listdir()
+    names, dirs = store.listdir()
   except (StoreError, OSError):
     return False
-  return any(n.endswith(".safetensors") or n == INDEX for n in names)
+  return any(n.endswith(".safetensors") or n == INDEX for n in names) or (names == [CONFIG] and not dirs)
+
+
+def _unfinished(names: list[str]) -> list[str] | None:
+  """The files of an unfinished safetensors migration (or upload): only ``config.json`` and
+  ``model-0000i-of-0000N.safetensors`` shards, without the index written last; None if it is not one."""
+  if INDEX in names or SINGLE in names or not names:
+    return None
+  if all(n == CONFIG or _SHARD.fullmatch(n) for n in names):
+    return names
+  return None
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -390,6 +411,15 @@ def open_safetensors(path: str | os.PathLike, role: str = "checkpoint") -> Safet
       raise UsageError(f"{role} {root}: {INDEX} names shard {bad_names[0]!r}, not a file in this directory")
   elif SINGLE in names:
     layout, weight_map, files = "single", None, [SINGLE]
+  elif _unfinished(names):
+    shards = [n for n in names if n != CONFIG]
+    what = f"only {CONFIG}"
+    if shards:
+      what = f"{len(shards)} shard{'s' if len(shards) > 1 else ''} ({shards[0]}{', ...' if len(shards) > 1 else ''})"
+    raise UsageError(
+        f"{role} is unfinished: {what} but neither {INDEX} nor {SINGLE} (the last object written, the commit"
+        f" of a safetensors directory in a bucket) in {root} -- an interrupted or still running migration or upload"
+    )
   else:
     found = [n for n in names if n.endswith(".safetensors")]
     raise UsageError(

@@ -11,6 +11,14 @@ tensor, ``__metadata__`` ``{"format": "pt"}``, padded with spaces to a
 multiple of 8), then the tensors' C-order bytes back to back. The values of a
 tensor come from a callable that yields its C-order elements in pieces, so
 memory stays near one piece.
+
+Into a bucket (``directory`` a bucket :class:`~parity_jax.stores.Store`) a file
+is one object, and an object is written with one upload (tensorstore's kvstore
+writes whole values: no multipart upload, no compose): each shard is assembled
+in memory and uploaded, so memory is about three times a shard's bytes (the
+buffer, and the two copies ``ts.KvStore.write`` makes while it is called). The
+shards are written in order and the index last (:func:`write_safetensors_dir`):
+the object that makes the directory loadable is the last one written.
 """
 
 from __future__ import annotations
@@ -19,12 +27,13 @@ import dataclasses
 import json
 import os
 import struct
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from parity_jax.dtypes import SAFETENSORS_DTYPES
 from parity_jax.errors import UsageError
+from parity_jax.stores import Store
 
 __all__ = ["Tensor", "plan_shards", "write_safetensors_dir"]
 
@@ -70,10 +79,50 @@ def _header(shard: Sequence[Tensor]) -> bytes:
   return raw + b" " * (-len(raw) % 8)
 
 
+def _fill(t: Tensor, write: Callable[[memoryview], Any], progress: Callable[[int], None]) -> None:
+  """Writes the C-order bytes of ``t`` piece by piece through ``write``; checks that they are all there."""
+  wrote = 0
+  for piece in t.values():
+    piece = np.ascontiguousarray(piece, dtype=t.dtype)
+    write(memoryview(piece.reshape(-1).view(np.uint8)))
+    wrote += piece.nbytes
+    progress(piece.nbytes)
+  if wrote != t.nbytes:
+    raise UsageError(f"tensor {t.name!r}: {wrote} bytes produced, {t.nbytes} expected")
+
+
+def _write_shard(directory: str | Store, name: str, shard: Sequence[Tensor], progress: Callable[[int], None]) -> None:
+  head = _header(shard)
+  if isinstance(directory, Store):  # a bucket: one object, one upload of the whole shard
+    buf = bytearray(8 + len(head) + sum(t.nbytes for t in shard))
+    buf[:8] = struct.pack("<Q", len(head))
+    buf[8 : 8 + len(head)] = head
+    at = 8 + len(head)
+
+    def put(b: memoryview) -> None:
+      nonlocal at
+      buf[at : at + len(b)] = b
+      at += len(b)
+
+    for t in shard:
+      _fill(t, put, progress)
+    directory.child(name).write_bytes(buf)
+    return
+  with open(os.path.join(directory, name), "wb") as f:
+    f.write(struct.pack("<Q", len(head)))
+    f.write(head)
+    for t in shard:
+      _fill(t, f.write, progress)
+
+
 def write_safetensors_dir(
-    directory: str, tensors: Sequence[Tensor], max_shard_bytes: int, progress: Callable[[int], None] = lambda n: None
+    directory: str | Store,
+    tensors: Sequence[Tensor],
+    max_shard_bytes: int,
+    progress: Callable[[int], None] = lambda n: None,
 ) -> list[str]:
-  """Writes ``tensors`` as an HF safetensors directory into the existing ``directory``; the files written."""
+  """Writes ``tensors`` as an HF safetensors directory into ``directory`` (an existing local directory, or a
+  bucket :class:`~parity_jax.stores.Store`), the shards in order and the index last; the files written."""
   for t in tensors:
     if t.dtype not in _NAMES:
       raise UsageError(f"tensor {t.name!r}: dtype {t.dtype} has no safetensors name ({', '.join(SAFETENSORS_DTYPES)})")
@@ -81,26 +130,17 @@ def write_safetensors_dir(
   n = len(shards)
   names = [SINGLE] if n <= 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
   for name, shard in zip(names, shards or [[]]):
-    head = _header(shard)
-    with open(os.path.join(directory, name), "wb") as f:
-      f.write(struct.pack("<Q", len(head)))
-      f.write(head)
-      for t in shard:
-        wrote = 0
-        for piece in t.values():
-          piece = np.ascontiguousarray(piece, dtype=t.dtype)
-          f.write(memoryview(piece.reshape(-1).view(np.uint8)))
-          wrote += piece.nbytes
-          progress(piece.nbytes)
-        if wrote != t.nbytes:
-          raise UsageError(f"tensor {t.name!r}: {wrote} bytes produced, {t.nbytes} expected")
+    _write_shard(directory, name, shard, progress)
   if n > 1:
     index = {
         "metadata": {"total_size": sum(t.nbytes for t in tensors)},
         "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard},
     }
-    with open(os.path.join(directory, INDEX), "w", encoding="utf-8") as f:
-      json.dump(index, f, indent=2, sort_keys=True)
-      f.write("\n")
+    data = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+    if isinstance(directory, Store):
+      directory.child(INDEX).write_bytes(data)
+    else:
+      with open(os.path.join(directory, INDEX), "wb") as f:
+        f.write(data)
     names.append(INDEX)
   return names

@@ -115,6 +115,13 @@ def migrate(
   ``model.safetensors.index.json``) and ``config.json`` copied from
   ``hf_config`` (a config.json or an HF directory holding one), so that
   ``transformers`` loads it.
+
+  ``dest`` may be a ``gs://`` or ``s3://`` URL for every format and layout:
+  a bucket has no rename, so the checkpoint is written in place and its
+  commit last (``commit_success.txt``; for safetensors the index or
+  ``model.safetensors``, see :mod:`.to_safetensors`); a failure or a signal
+  before the commit deletes what was written, and an earlier half-written
+  attempt there is refused, or deleted with ``overwrite``.
   """
   if dest_format not in DEST_FORMATS:
     raise UsageError(f"dest_format must be one of {', '.join(DEST_FORMATS)}, got {dest_format!r}")
@@ -141,15 +148,16 @@ def migrate(
       plan = spec.bind(src.leaves, what="source checkpoint")
       remote = stores.is_remote(dest)
       local_dest = None if remote else os.path.abspath(os.fspath(dest)).rstrip(os.sep)
+      # a bucket is written in place, the commit last (check_bucket_dest first; no local staging); a local --dest
+      # goes to a temporary directory, renamed last
+      target = stores.open_store(dest).url if remote else local_dest
       if dest_format == "safetensors":
-        if remote:
-          raise UsageError("a safetensors --dest must be a local directory for now (not a bucket)")
         cfg = None if hf_config is None else read_hf_config(hf_config)
         with interruptible():
           return migrate_to_safetensors(
               src,
               plan,
-              local_dest,
+              target,
               max_shard_bytes=max(1, int(max_shard_mb * _MIB)),
               hf_config=cfg,
               overwrite=overwrite,
@@ -157,13 +165,8 @@ def migrate(
               slab_bytes=int((batch_mb or 8) * _MIB),
               log=_log,
           )
-      if remote and layout == "standard":
-        raise UsageError("a bucket --dest is written in the v1 layout for now (--layout=v1 or auto)")
       if layout == "auto":
-        layout = "standard" if isinstance(src, SafetensorsCheckpoint) and not remote else "v1"
-      # a bucket is written in place, every process its own share, the commit marker last, after the checks of
-      # destination.check_bucket_dest (no local staging); a local --dest goes to a temporary directory, renamed last
-      target = stores.open_store(dest).url if remote else local_dest
+        layout = "standard" if isinstance(src, SafetensorsCheckpoint) else "v1"
       with interruptible():
         return run(
             job,

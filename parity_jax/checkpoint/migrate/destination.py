@@ -11,7 +11,8 @@ one line each), and the verifier names them (:func:`leftovers`). An existing
 checkpoint or an empty directory, never the source or anything that contains it.
 
 A bucket (``gs://``, ``s3://``) has no rename: the migrator writes there in place
-(:mod:`.schedule`) and the commit marker ``commit_success.txt`` last;
+(:mod:`.schedule`, :mod:`.to_safetensors`) and the commit last (``commit_success.txt``; for safetensors the
+index or the single file);
 :func:`check_bucket_dest` refuses (or with ``overwrite`` deletes) an earlier result
 or a half-written attempt first.
 """
@@ -182,17 +183,38 @@ def interruptible() -> Iterator[None]:
 # ---- a bucket destination (gs://, s3://): no rename, so it is written in place and the commit marker last -----
 
 COMMIT_MARKER = "commit_success.txt"
-# the top-level names a migration (ours, or an orbax save) writes; a half-written attempt holds nothing else
+# the top-level names a migration (ours, or an orbax save) writes; a half-written attempt holds nothing else:
+# layout v1 (the item in state/) and layout standard (the item at the top: its OCDBT databases and metadata)
 _ATTEMPT_NAMES = {"state", "_CHECKPOINT_METADATA", "orbax.checkpoint", COMMIT_MARKER}
+_ATTEMPT_NAMES |= {"_METADATA", "_strings.json", "_sharding", "manifest.ocdbt", "d", "array_metadatas"}
+_ATTEMPT_PATTERN = re.compile(r"ocdbt\.process_\d+")
+# a Hugging Face safetensors destination: what the migrator writes there (config.json first, the shards, then the
+# object that makes the directory loadable last: model.safetensors.index.json, or model.safetensors alone)
+HF_SINGLE, HF_INDEX, HF_CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
+_HF_NAMES = {HF_SINGLE, HF_INDEX, HF_CONFIG}
+_HF_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
-def check_bucket_dest(src_path: str, dest, overwrite: bool, log: Callable[[str], None]) -> None:
+def _orbax_name(top: str) -> bool:
+  return top in _ATTEMPT_NAMES or bool(_ATTEMPT_PATTERN.fullmatch(top))
+
+
+def _hf_name(top: str) -> bool:
+  return top in _HF_NAMES or bool(_HF_SHARD.fullmatch(top))
+
+
+def check_bucket_dest(
+    src_path: str, dest, overwrite: bool, log: Callable[[str], None], safetensors: bool = False
+) -> None:
   """The checks of a bucket destination before any work; with ``overwrite`` an earlier result or a half-written
-  attempt (objects but no commit marker) is deleted now, one ``log`` line. A one-line UsageError otherwise.
+  attempt (objects but no commit) is deleted now, one ``log`` line. A one-line UsageError otherwise.
 
   A half-written attempt is refused without ``overwrite``, naming it: a bucket has no rename, so an interrupted
-  migration (or orbax save) leaves its objects in place, and only the missing marker says it is unfinished.
-  Anything holding other objects than a checkpoint writes is never deleted.
+  migration (or orbax save) leaves its objects in place, and only the missing commit says it is unfinished: for
+  an Orbax checkpoint the marker ``commit_success.txt``; for a safetensors directory (``safetensors``: the
+  destination is one) ``model.safetensors.index.json`` or ``model.safetensors``, the last object written. A
+  safetensors destination may replace an Orbax checkpoint or an HF directory (as on local disk), an Orbax
+  destination an Orbax checkpoint only. Anything holding other objects than those is never deleted.
   """
   from parity_jax import stores
 
@@ -208,10 +230,17 @@ def check_bucket_dest(src_path: str, dest, overwrite: bool, log: Callable[[str],
   if not keys:
     return
   tops = {k.split("/", 1)[0] for k in keys}
-  committed = COMMIT_MARKER in keys
-  what = "a checkpoint" if committed else f"a half-written attempt ({len(keys)} objects, no {COMMIT_MARKER})"
-  if not tops <= _ATTEMPT_NAMES:
-    raise UsageError(f"destination {dest} holds objects that are not a checkpoint ({sorted(tops)[0]}); refusing")
+  orbax = all(_orbax_name(t) for t in tops)
+  hf = safetensors and all(_hf_name(t) for t in keys)  # an HF directory is flat
+  if not (orbax or hf):
+    foreign = sorted(t for t in tops if not (_orbax_name(t) or (safetensors and _hf_name(t))))
+    what = foreign[0] if foreign else sorted(tops)[0]
+    raise UsageError(f"destination {dest} holds objects that are not a checkpoint ({what}); refusing")
+  if orbax:
+    committed, commit = COMMIT_MARKER in keys, COMMIT_MARKER
+  else:
+    committed, commit = HF_INDEX in keys or HF_SINGLE in keys, f"{HF_INDEX} or {HF_SINGLE}"
+  what = "a checkpoint" if committed else f"a half-written attempt ({len(keys)} objects, no {commit})"
   if not overwrite:
     hint = "pass --overwrite to replace it" if committed else "pass --overwrite to delete it and migrate again"
     raise UsageError(f"destination {dest} holds {what}; {hint}")

@@ -21,6 +21,9 @@ __all__ = [
     "PairPlan",
     "Piece",
     "SidePlan",
+    "REMOTE_READAHEAD",
+    "REMOTE_READAHEAD_BYTES",
+    "REMOTE_SPILL_ABOVE_BYTES",
     "SPILL_ABOVE_BYTES",
     "pieces_of",
     "plan_pair",
@@ -33,6 +36,14 @@ PIPELINE_DEPTH = 3
 KEPT_PIECES = 2
 # Below this modelled peak a pair is always streamed: the disk round trip of a spill costs more than it saves.
 SPILL_ABOVE_BYTES = 256 * _MIB
+# The same with a side in a bucket: a spill reads one side at a time (half the requests in flight) and needs local
+# disk, which a bucket verify should not; streaming is chosen up to this modelled peak.
+REMOTE_SPILL_ABOVE_BYTES = 2 << 30
+# In a bucket, tensorstore reads each stored chunk with one request, so a leaf is read about one chunk row at a
+# time unless rows are decoded ahead: ``readahead=None`` (auto) reads up to this many rows ahead on each side, as
+# many as fit in half of REMOTE_READAHEAD_BYTES (each row ahead holds its compressed bytes and the decoded row).
+REMOTE_READAHEAD = 4
+REMOTE_READAHEAD_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +123,9 @@ def plan_pair(
     r: tuple[int, ...],
     piece_bytes: int,
     *,
-    readahead: int = 0,
+    readahead: int | None = 0,
     memmap: bool | None = None,
+    remote: bool = False,
 ) -> PairPlan:
   """Chooses pieces, per-side read modes, the hashed side and spilling for one pair.
 
@@ -138,6 +150,13 @@ def plan_pair(
   that keeps them at least a quarter of ``piece_bytes``. Spilling (disk
   traffic) is considered only when streaming would exceed
   :data:`SPILL_ABOVE_BYTES`, and must save at least 10%.
+
+  ``remote``: a side lies in a bucket. There, a spill would put the leaf on
+  local disk (a bucket verify should need none) and reads one side at a time,
+  so a pair is streamed up to :data:`REMOTE_SPILL_ABOVE_BYTES`; and ``readahead=None`` (auto) reads up to
+  :data:`REMOTE_READAHEAD` chunk rows ahead per side, as many as fit in
+  half of :data:`REMOTE_READAHEAD_BYTES` each (one request per stored chunk: the rows in
+  flight set the throughput). On local disk ``None`` means 0.
   """
   item = src.dtype.itemsize
   n = int(np.prod(r)) if r else 1
@@ -170,7 +189,8 @@ def plan_pair(
     straddle = not slabs.boundaries_include_multiples_of(e)
     rows_cached = max(1, math.ceil(l / e)) + int(straddle)
     reopen = e > l
-    ahead = int(readahead) if (readahead and reopen and e < n) else 0
+    want = int(readahead) if readahead is not None else (_remote_rows_ahead(e * item) if remote else 0)
+    ahead = want if (want and reopen and e < n) else 0
     # held rows + one decode transient (compressed + decoded row); read ahead: up to N decodes and their
     # warm-up pieces at once
     cost = rows_cached * e + ahead * (2 * e + l) if ahead else (rows_cached + 1) * e
@@ -189,11 +209,18 @@ def plan_pair(
     bufs += l  # the background reads map the pages they copy
   stream_est = bufs + cs + cm
   spill = False
-  if sp.mode == "rows" and mp.mode == "rows" and stream_est * item > SPILL_ABOVE_BYTES:
+  spill_above = REMOTE_SPILL_ABOVE_BYTES if remote else SPILL_ABOVE_BYTES
+  if sp.mode == "rows" and mp.mode == "rows" and stream_est * item > spill_above:
     spill_est = bufs + max(cs, cm)
     if spill_est / 0.9 < stream_est:
       spill, stream_est = True, spill_est
   return PairPlan(slabs, sp, mp, hash_mode, spill, item, int(stream_est * item))
+
+
+def _remote_rows_ahead(row_bytes: int) -> int:
+  """Rows read ahead on a bucket side with ``readahead=None``: up to REMOTE_READAHEAD, each costing ~2 rows, within
+  half of REMOTE_READAHEAD_BYTES (the other half is the other side's)."""
+  return max(0, min(REMOTE_READAHEAD, REMOTE_READAHEAD_BYTES // 2 // max(1, 2 * row_bytes)))
 
 
 @dataclasses.dataclass(frozen=True)

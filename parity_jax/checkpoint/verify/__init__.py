@@ -88,7 +88,7 @@ def verify_migration(
     top_k: int = 10,
     slab_mb: float = 8.0,
     spill_dir: str | os.PathLike | None = None,
-    readahead: int = 0,
+    readahead: int | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     distributed: bool = False,
@@ -107,7 +107,12 @@ def verify_migration(
   allocated once); ``readahead`` = N decodes the next N storage chunk rows of
   a compressed leaf while the current one is compared -- faster with free
   cores, about N more chunk rows plus their compressed bytes in memory (so
-  above the chunked-storage memory target; 0, the default, meets it).
+  above the chunked-storage memory target; 0 meets it). ``None``, the
+  default, is 0 on local disk; with a checkpoint in a bucket, where each
+  stored chunk is one request, it keeps up to
+  :data:`~parity_jax.checkpoint.stream.plan.REMOTE_READAHEAD` chunk rows in
+  flight within about 1 GiB, and a pair is streamed rather than spilled to
+  local disk (see :func:`~parity_jax.checkpoint.stream.plan_pair`).
 
   ``distributed=True`` runs the comparison as one job of every process of
   the JAX runtime (:func:`jax.distributed.initialize` must have been called
@@ -161,8 +166,9 @@ def _verify(source, migrated, spec, *, top_k, slab_mb, spill_dir, readahead, pro
       top_k=top_k,
       buffers=stream.Buffers(max(4096, int(slab_mb * _MIB))),
       spill_dir=spill_dir,
-      readahead=int(readahead),
+      readahead=None if readahead is None else int(readahead),
       log=log,
+      remote=any(stores.is_remote(c.path) for c in (src_ckpt, mig_ckpt)),
   )
   bytes_read, job_figures = values.compare_values(job, to_compare, src_ckpt, mig_ckpt, settings, progress=progress)
   del settings  # its slab buffers: not held while the element targets are compared

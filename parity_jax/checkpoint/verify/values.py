@@ -69,8 +69,9 @@ class Settings:
   top_k: int
   buffers: stream.Buffers
   spill_dir: str
-  readahead: int
+  readahead: int | None  # None: auto (rows ahead on a bucket side, none on local disk; see stream.plan_pair)
   log: Callable[[str], None] | None = None
+  remote: bool = False  # a side lies in a bucket
 
 
 class _Meter:
@@ -224,7 +225,7 @@ class _PairComparer:
           f"{p.source} -> {p.dest}: shapes {s_meta.shape} and {m_meta.shape} are not related by the transform"
       )
     st = self.settings
-    plan = stream.plan_pair(s_meta, m_meta, r, st.buffers.nbytes, readahead=int(st.readahead))
+    plan = stream.plan_pair(s_meta, m_meta, r, st.buffers.nbytes, readahead=st.readahead, remote=st.remote)
     res.read_mode = plan.describe()
     progressed = [0]
 
@@ -287,7 +288,7 @@ def _plan_job(job: Job, to_compare: list[Pair], src: Checkpoint, mig: Checkpoint
       read_modes.append("_strings.json")
       continue
     r = geometry.refinement(s.shape, m.shape)
-    plan = stream.plan_pair(s, m, r, settings.buffers.nbytes, readahead=int(settings.readahead))
+    plan = stream.plan_pair(s, m, r, settings.buffers.nbytes, readahead=settings.readahead, remote=settings.remote)
     pieces = stream.pieces_of(s, m, r, plan.slabs)
     read_modes.append(plan.describe())
     pair_bytes.append(s.nbytes)
@@ -365,7 +366,7 @@ class _Ranges:
     s_meta, m_meta = self.metas[w.pair]
     r = geometry.refinement(s_meta.shape, m_meta.shape)
     st = self.settings
-    plan = stream.plan_pair(s_meta, m_meta, r, st.buffers.nbytes, readahead=int(st.readahead))
+    plan = stream.plan_pair(s_meta, m_meta, r, st.buffers.nbytes, readahead=st.readahead, remote=st.remote)
     src, mig = self.comparer.src, self.comparer.mig
     try:
       out = stream.PairStreamer(
@@ -414,7 +415,7 @@ class _Ranges:
     s_meta, m_meta = self.metas[w.pair]
     st = self.settings
     r = geometry.refinement(s_meta.shape, m_meta.shape)
-    plan = stream.plan_pair(s_meta, m_meta, r, st.buffers.nbytes, readahead=int(st.readahead))
+    plan = stream.plan_pair(s_meta, m_meta, r, st.buffers.nbytes, readahead=st.readahead, remote=st.remote)
     pieces = stream.pieces_of(s_meta, m_meta, r, plan.slabs)[w.lo : w.hi]
     use_src = plan.src.mode == "raw" and plan.mig.mode != "raw"
     ckpt, meta, side = (self.comparer.src, s_meta, plan.src) if use_src else (self.comparer.mig, m_meta, plan.mig)

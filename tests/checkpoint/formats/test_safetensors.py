@@ -247,6 +247,18 @@ def test_damaged_and_lying_files(dirs):
   d.mkdir()
   with pytest.raises(UsageError, match="HF safetensors dirs"):
     open_checkpoint(d)
+  # what a migration into a bucket leaves when cut short before its last object (the index, or model.safetensors)
+  d = root / "unfinished"
+  d.mkdir()
+  (d / "config.json").write_text("{}")
+  with pytest.raises(UsageError, match=r"source is unfinished: only config.json but neither model.safetensors.index"):
+    open_checkpoint(d, "source")
+  W.write_file(d / "model-00002-of-00003.safetensors", good)
+  W.write_file(d / "model-00003-of-00003.safetensors", good)
+  with pytest.raises(
+      UsageError, match=r"is unfinished: 2 shards \(model-00002-of-00003.safetensors, ...\) but neither"
+  ):
+    open_checkpoint(d)
 
 
 def test_lying_index(dirs):

@@ -81,16 +81,21 @@ def test_a_stale_temporary_is_named_then_removed_by_the_next_migration(ck, tmp_p
   assert verify_migration(ck["src"], tmp_path / "m", ck["spec"]).passed
 
 
+def _dest_with(tmp_path, *names: str):
+  """A fresh directory under ``tmp_path`` holding the files ``names`` (a local stand-in for a bucket prefix)."""
+  d = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
+  for n in names:
+    (d / n).parent.mkdir(parents=True, exist_ok=True)
+    (d / n).write_bytes(b"x")
+  return d, open_store(str(d))
+
+
 def test_the_in_place_destination_checks_refuse_foreign_objects_and_need_overwrite_for_an_attempt(ck, tmp_path):
   """check_bucket_dest on a store with the bucket stores' interface (a local one here: the same walk and delete)."""
   logs: list[str] = []
 
   def dest_with(*names: str):
-    d = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
-    for n in names:
-      (d / n).parent.mkdir(parents=True, exist_ok=True)
-      (d / n).write_bytes(b"x")
-    return d, open_store(str(d))
+    return _dest_with(tmp_path, *names)
 
   d, store = dest_with("state/manifest.ocdbt", "notes.txt")  # someone's file beside an attempt: never deleted
   with pytest.raises(UsageError, match=r"holds objects that are not a checkpoint \(notes.txt\); refusing"):
@@ -108,6 +113,40 @@ def test_the_in_place_destination_checks_refuse_foreign_objects_and_need_overwri
   with pytest.raises(UsageError, match="holds a checkpoint; pass --overwrite to replace it"):
     check_bucket_dest(ck["src"], store, False, logs.append)
   check_bucket_dest(ck["src"], open_store(str(tmp_path / "empty")), False, logs.append)  # nothing there: fine
+
+
+def test_the_in_place_checks_know_the_standard_layout_and_a_safetensors_destination(ck, tmp_path):
+  """The names the standard layout writes at the top count as a checkpoint's; a safetensors destination's commit is
+  its index or its single file, and it may replace an Orbax checkpoint or an HF directory, nothing else."""
+  logs: list[str] = []
+
+  def dest_with(*names: str):
+    return _dest_with(tmp_path, *names)
+
+  shard = "model-00001-of-00002.safetensors"
+  _, store = dest_with("manifest.ocdbt", "ocdbt.process_3/d/abc", "_METADATA", "d/x")  # standard, no marker
+  with pytest.raises(UsageError, match=r"a half-written attempt \(4 objects, no commit_success.txt\)"):
+    check_bucket_dest(ck["src"], store, False, logs.append)
+  _, store = dest_with("config.json", shard)  # an HF attempt: to an Orbax destination, not a checkpoint
+  with pytest.raises(UsageError, match=r"not a checkpoint \(config.json\); refusing"):
+    check_bucket_dest(ck["src"], store, True, logs.append)
+  with pytest.raises(
+      UsageError,
+      match=r"a half-written attempt \(2 objects, no model.safetensors.index.json or model.safetensors\); pass --over",
+  ):
+    check_bucket_dest(ck["src"], store, False, logs.append, safetensors=True)
+  for commit in ("model.safetensors.index.json", "model.safetensors"):
+    _, store = dest_with("config.json", shard, commit)
+    with pytest.raises(UsageError, match="holds a checkpoint; pass --overwrite to replace it"):
+      check_bucket_dest(ck["src"], store, False, logs.append, safetensors=True)
+  d, store = dest_with("state/manifest.ocdbt", COMMIT_MARKER)  # an Orbax checkpoint: a safetensors dest replaces it
+  check_bucket_dest(ck["src"], store, True, logs.append, safetensors=True)
+  assert not d.exists() and logs[-1] == f"deleting a checkpoint at {store} (--overwrite)"
+  for foreign in (("model.safetensors", "tokenizer.json"), ("model.safetensors", "sub/model.safetensors")):
+    d, store = dest_with(*foreign)  # never deleted: not what the migrator writes
+    with pytest.raises(UsageError, match="not a checkpoint"):
+      check_bucket_dest(ck["src"], store, True, logs.append, safetensors=True)
+    assert d.exists()
 
 
 def test_sigterm_inside_interruptible_raises_interrupted_and_only_in_the_main_thread():

@@ -17,6 +17,7 @@ import pytest
 from parity_jax import arraydiff
 from parity_jax.checkpoint import RemapSpec, geometry, migrate, stream, verify_migration
 from parity_jax.checkpoint import LeafMeta
+from parity_jax.checkpoint.stream import plan
 from parity_jax.errors import UsageError
 
 MIB = 2**20
@@ -82,6 +83,36 @@ def test_plan_single_chunk_pairs():
   # without memory-mapped reads a raw chunk is a unit that must be read whole, like a compressed one
   p = _plan(src, _meta(BIG[1:], BIG[1:], raw=True), memmap=False)
   assert p.mig.mode == "rows" and p.spill
+
+
+def test_plan_in_a_bucket_streams_and_reads_rows_ahead():
+  """A 1 GiB leaf as a training job stores it (8 zstd chunks of 128 MiB) against the migrator's 64 MiB raw rows.
+
+  From a bucket nothing is memory-mapped and each stored chunk is one request: on local disk the pair would
+  spill (one side at a time, the leaf on local disk); in a bucket it streams, and ``readahead=None`` keeps
+  rows in flight on both sides, as many as fit in half of REMOTE_READAHEAD_BYTES each (2 rows' worth a row).
+  """
+  src = _meta((8, 32768, 1024), (1, 32768, 1024), raw=False)
+  mig = _meta((8, 32768, 1024), (1, 16384, 1024), raw=True)
+  local = _plan(src, mig, memmap=False, readahead=None)
+  assert local.spill and (local.src.readahead, local.mig.readahead) == (0, 0)
+  auto = _plan(src, mig, memmap=False, readahead=None, remote=True)
+  assert not auto.spill and (auto.src.mode, auto.mig.mode) == ("rows", "rows")
+  # a chunk row is 128 MiB on both sides (the migrated chunks pair up along the first split axis):
+  # 512 MiB // (2 x 128 MiB) = 2
+  assert (auto.src.readahead, auto.mig.readahead) == (2, 2)
+  assert auto.estimate_bytes <= plan.REMOTE_SPILL_ABOVE_BYTES
+  # an explicit readahead is kept as it is; 0 streams without reading ahead
+  none = _plan(src, mig, memmap=False, readahead=0, remote=True)
+  assert not none.spill and (none.src.readahead, none.mig.readahead) == (0, 0)
+  # rows of 16 MiB: 16 fit, 4 is the cap; 256 MiB: one; 512 MiB: none
+  other = _meta((64, 4096, 1024), (64, 4096, 1024), raw=True)
+  for rows, ahead in ((1, 4), (8, 2), (16, 1), (32, 0)):
+    rows_of = _meta((64, 4096, 1024), (rows, 4096, 1024), raw=False)
+    assert _plan(rows_of, other, memmap=False, readahead=None, remote=True).src.readahead == ahead, rows
+  # a pair that would hold more than REMOTE_SPILL_ABOVE_BYTES streaming still spills in a bucket
+  whole = _meta((8, 32768, 1024), (8, 32768, 1024), raw=False)
+  assert _plan(whole, _meta((8, 32768, 1024), (8, 32768, 1024), raw=False), memmap=False, remote=True).spill
 
 
 def test_plan_small_rows_are_read_whole_per_piece():
@@ -275,3 +306,21 @@ def test_spill_file_failure_is_a_one_line_usage_error(tmp_path, monkeypatch):
   with pytest.raises(UsageError, match=r"cannot write the spill file in .*No space left on device") as e:
     verify_migration(src, mig, SPEC, slab_mb=PIECE_MB, spill_dir=tmp_path)
   assert "\n" not in str(e.value)
+
+
+def test_in_a_bucket_rows_are_read_ahead_and_pairs_streamed(gcs_bucket, tmp_path, monkeypatch):
+  """``readahead`` unset: rows read ahead and no spill when a side is in a bucket; neither on local disk."""
+  tree = _source_tree()
+  src = _save_source(tmp_path / "src", tree, chunk_kb=8, row_major=True)  # compressed rows of 8 KiB
+  mig = _migrated(tmp_path, "mig", {"w": tree["w"][0], "s": tree["s"]}, chunk_kb=8, compression="zstd")
+  monkeypatch.setattr(stream.plan, "SPILL_ABOVE_BYTES", 0)  # on local disk this pair would now spill
+  src_url, mig_url = gcs_bucket.upload_tree(src, "src"), gcs_bucket.upload_tree(mig, "mig")
+  modes = {}
+  for where, (s, m) in {"local": (src, mig), "bucket": (src_url, mig_url)}.items():
+    rep = verify_migration(s, m, SPEC, slab_mb=PIECE_MB, spill_dir=tmp_path)
+    assert rep.passed, rep.text()
+    modes[where] = next(leaf.read_mode for leaf in rep.leaves if leaf.source_path == "w")
+  assert modes["local"].startswith("spill: ")
+  assert modes["bucket"].startswith("stream: "), modes
+  for side in ("source", "migrated"):
+    assert f"{side} chunk rows of 8.0 KiB cached (1 at a time, 4 row(s) read ahead)" in modes["bucket"], modes
