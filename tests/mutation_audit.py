@@ -21,9 +21,10 @@ Which tests cover a module, by the mirrored layout: ``parity_jax/<sub>/<mod>.py`
 -> ``tests/<sub>/test_<mod>*.py``, ``parity_jax/<mod>.py`` ->
 ``tests/test_<mod>*.py``; a ``cli`` module also gets ``tests/tools/``. A
 subpackage module without a mirrored test file falls back to every test file of
-its ``tests/<sub>/`` directory (said in the output); a top-level module without
-one has no tests, and its mutants count as survivors. ``--tests`` overrides the
-mapping for every module.
+its ``tests/<sub>/`` directory (said in the output), unless ``ALSO_TESTED_BY``
+names the files that call it directly (then those); a top-level module without
+one has no tests, and its mutants count as survivors. ``ALSO_TESTED_BY`` adds
+files to a mirrored module's. ``--tests`` overrides the mapping for every module.
 
 Scratch copy: the working tree's tracked and untracked (not ignored) files,
 copied to ``--scratch`` (a fresh temporary directory by default), so new,
@@ -340,10 +341,24 @@ def pick(mutants: list[Mutant], n: int, seed: int) -> list[Mutant]:
 ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
     "parity_jax/__init__.py": ("tests/test_package.py",),  # the package's lazy attribute access
     "parity_jax/checkpoint/spec.py": ("tests/checkpoint/test_transforms.py",),  # RemapSpec's rules, applied
-    "parity_jax/checkpoint/transforms.py": ("tests/checkpoint/test_spec.py",),  # bind() builds the transform plan
+    "parity_jax/checkpoint/transforms.py": (
+        "tests/checkpoint/test_spec.py",  # bind() builds the transform plan
+        "tests/checkpoint/verify/test_elements.py",  # ElementPlan.box_source, called directly, and both read paths
+    ),
     # the element verifier: its tests are the element rules' (transposes, stacks, casts, padding), through verify
     "parity_jax/checkpoint/verify/elements.py": ("tests/checkpoint/test_transforms.py",),
     "parity_jax/stores/base.py": ("tests/stores/test_local.py",),  # Store's shared methods, through LocalStore
+    # modules without a mirrored test file: these files call them directly, and replace the fallback to every test
+    # file of tests/checkpoint/ (150 s unmutated on a loaded machine: surviving mutants ran into --timeout=180)
+    "parity_jax/checkpoint/geometry.py": (
+        "tests/checkpoint/test_spec.py",  # refinement, axis_groups, box_in, flat_offset, chunk shapes, SlabPlan
+        "tests/checkpoint/stream/test_stream.py",  # SlabPlan and flat_offset against a stream's slabs
+    ),
+    "parity_jax/checkpoint/keypath.py": (
+        "tests/checkpoint/test_example.py",  # flatten
+        "tests/checkpoint/verify/test_pieces.py",  # split
+        "tests/checkpoint/verify/test_verify.py",  # flatten, nest
+    ),
 }
 
 
@@ -351,7 +366,9 @@ def tests_for(path: str, exclude: tuple[str, ...] = ()) -> tuple[list[str], str]
   """The test files covering ``path`` by the mirrored layout (less ``exclude``), and how they were found."""
   found, how = _mapped_tests(path)
   also = [t for t in ALSO_TESTED_BY.get(path, ()) if os.path.isfile(os.path.join(ROOT, t))]
-  if also:
+  if also and how.startswith("no mirrored test file"):  # the files named for it, not a whole directory
+    found, how = sorted(also), "ALSO_TESTED_BY (no mirrored test file)"
+  elif also:
     found, how = sorted({*found, *also}), f"{how} + {' '.join(also)}" if found else "ALSO_TESTED_BY"
   found = [t for t in found if not any(fnmatch.fnmatch(t, pat) for pat in exclude)]
   return found, how if found else "no tests"
@@ -487,13 +504,15 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.rerun, encoding="utf-8") as f:
       before = json.load(f)
     seed = before["seed"]
-    index = {(m.path, m.line, m.op, m.mutated): m for m in candidates}
+    # the original line is part of the key: every deletion reads "pass", so another statement now on that line
+    # number must not stand in for one that was removed
+    index = {(m.path, m.line, m.op, m.original, m.mutated): m for m in candidates}
     moved: dict[tuple[str, str, str, str], list[Mutant]] = {}
     for m in candidates:
       moved.setdefault((m.path, m.op, m.original, m.mutated), []).append(m)
     chosen = []
     for r in before["mutants"]:
-      m = index.get((r["path"], r["line"], r["op"], r["mutated"]))
+      m = index.get((r["path"], r["line"], r["op"], r["original"], r["mutated"]))
       if m is None:  # the same edit of the same line, moved by edits above it
         same = moved.get((r["path"], r["op"], r["original"], r["mutated"]), [])
         m = same[0] if len(same) == 1 else None

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import re
 
 import pytest
 
@@ -170,3 +171,20 @@ def test_file_sha256(tmp_path, size, test_seed):
   p.write_bytes(data)
   assert files.file_sha256(p) == hashlib.sha256(data).hexdigest()
   assert files.file_sha256(str(p)) == hashlib.sha256(data).hexdigest()
+
+
+def test_check_output_path_in_a_bucket(gcs_bucket):
+  gcs_bucket.put("reports/old.json", b"{}")
+  gcs_bucket.put("runs/a/x.bin", b"x")
+  url = gcs_bucket.url
+  assert files.check_output_path(f"{url}/reports/new.json") == f"{url}/reports/new.json"
+  assert files.check_output_path(f"{url}/reports/old.json", overwrite=True) == f"{url}/reports/old.json"
+  for bad, words in (
+      (url, "names a bucket, not an object"),
+      ("gs://no-such-bucket-here/r.json", "bucket gs://no-such-bucket-here does not exist"),
+      (f"{url}/runs", "is a directory (objects lie below it)"),
+      (f"{url}/reports/old.json", "exists; refusing to overwrite it"),
+  ):
+    with pytest.raises(UsageError, match=re.escape(words)):
+      files.check_output_path(bad)
+  assert gcs_bucket.get("reports/old.json") == b"{}"  # a check writes nothing

@@ -106,7 +106,8 @@ class Job:
     self._stop = threading.Event()
     self._aborting = threading.Lock()
     self._threads: list[threading.Thread] = []
-    self.period_s = max(0.05, min(1.0, self.timeout_s / 10))
+    # no mutate: the heartbeat and watchdog period; timing only (the waits are bounded by timeout_s, not by it)
+    self.period_s = max(0.05, min(1.0, self.timeout_s / 10))  # no mutate
 
   # -- basics --
 
@@ -145,7 +146,7 @@ class Job:
   def close(self) -> None:
     self._stop.set()
     for t in self._threads:
-      t.join(timeout=5)
+      t.join(timeout=5)  # no mutate: a bound on the wait for the stopped threads; timing only
     self._threads = []
 
   # -- the key-value store --
@@ -192,7 +193,7 @@ class Job:
       if v is None:
         raise KeyError(key)
       return v
-    poll_ms = int(self.period_s * 1000)
+    poll_ms = int(self.period_s * 1000)  # no mutate: how often a wait ticks; timing only
     while True:
       self.tick()
       try:
@@ -267,13 +268,13 @@ class Job:
           others.discard(p)
         except Exception:  # noqa: BLE001 -- not yet
           pass
-      time.sleep(0.05)
+      time.sleep(0.05)  # no mutate: the poll interval of the acknowledgements; timing only
 
   def _abort(self, message: str, post: bool = True, lost: int | None = None) -> None:
     """Cleanup hooks, one line on stderr, exit 2; at most once per process, from any thread (never returns)."""
     if not self._aborting.acquire(blocking=False):
       while True:  # another thread is already ending the process: wait for its os._exit, raise nothing here
-        time.sleep(1)
+        time.sleep(1)  # no mutate: any pause until os._exit ends the process; timing only
     if post and self.client is not None:
       try:
         self.client.key_value_set(self._key("abort"), message)

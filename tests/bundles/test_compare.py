@@ -35,7 +35,7 @@ def test_every_stage_gets_the_core_diff_stats(tmp_path):
   assert report.names == list(golden)
   for row in report.rows:
     ref = arraydiff.diff_stats(golden[row.name], cand[row.name], top_k=3)
-    assert row.stats == ref, row.name
+    assert row.stats == ref and row.rel_l2 == ref.rel_l2, row.name
   assert report.golden.producer == "test-golden" and report.order_source == "golden_metadata"
   assert report.row("logits").logits is not None and report.row("embedding").logits is None
 
@@ -67,6 +67,9 @@ def test_order_is_execution_order_never_alphabetical(tmp_path):
   custom = names[::-1]
   stages.save_bundle(tmp_path / "rev.safetensors", {n: golden[n] for n in custom})
   assert compare_bundles(tmp_path / "rev.safetensors", plain).names == custom
+  # only the candidate has an order: it is taken from the candidate
+  from_candidate = compare_bundles(plain, tmp_path / "rev.safetensors")
+  assert (from_candidate.names, from_candidate.order_source) == (custom, "candidate_metadata")
   # unknown names keep the source order
   other = {"zeta": np.ones(2, np.float32), "alpha": np.ones(2, np.float32), "mid.10": np.ones(2, np.float32)}
   assert compare_bundles(other, dict(other)).names == ["zeta", "alpha", "mid.10"]

@@ -136,3 +136,26 @@ def test_the_lazy_reader_names_a_missing_stage_and_the_writer_refuses_extra_rows
       w.write_rows("w", np.zeros((2, 2), np.float32))
       w.write_rows("w", np.zeros((2, 2), np.float32))  # 4 rows into 3
   assert sorted(p.name for p in tmp_path.iterdir()) == ["b.safetensors"]  # nothing written
+
+
+def test_big_endian_input_is_stored_as_its_values(tmp_path):
+  values = np.array([1.5, -2.25, 3e38], np.float32)
+  stages.save_bundle(tmp_path / "b.safetensors", {"be": values.astype(">f4"), "le": values})
+  back = stages.load_bundle(tmp_path / "b.safetensors")
+  for k in ("be", "le"):  # safetensors is little-endian: the same bytes for both
+    assert back[k].dtype == np.float32 and back[k].tobytes() == values.astype("<f4").tobytes(), k
+
+
+def test_membership_duplicate_names_and_unreadable_metadata(tmp_path):
+  path = tmp_path / "b.safetensors"
+  stages.save_bundle(path, {"w": np.zeros(2, np.float32)})
+  with stages.BundleReader(path) as r:
+    assert "w" in r and "v" not in r
+  with pytest.raises(UsageError, match="duplicate stage name 'a'"):
+    stages.BundleWriter(tmp_path / "d.safetensors", [("a", (1,), np.float32), ("a", (1,), np.float32)])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["b.safetensors"]  # nothing written
+  for key in ("provenance", "stage_order"):
+    bad = tmp_path / f"{key}.safetensors"
+    safetensors.numpy.save_file({"w": np.zeros(1, np.float32)}, str(bad), metadata={key: "{not json"})
+    with pytest.raises(UsageError, match=f"{key} metadata is not valid JSON"):
+      stages.load_bundle(bad)

@@ -144,3 +144,24 @@ def test_the_line_panel_separates_the_layer_from_the_stages_around_it(jump_figur
   in_layer = [i for i, n in enumerate(names) if n.startswith("layers.0.")]
   grey = sorted(ln.get_xdata()[0] for ln in ax.lines if _to_rgba(ln.get_color()) == _to_rgba("#cccccc"))
   assert grey == [in_layer[0] - 0.5, in_layer[-1] + 0.5]  # between embedding and layer 0, layer 0 and final_norm
+
+
+def test_the_title_of_a_drift_and_of_a_pass():
+  """Four stages of 2.0s, s1..s3 off by 1e-6, 5e-6, 2e-5 relative (x5, x4: below the jump factor 10)."""
+  pytest.importorskip("matplotlib")
+  import matplotlib.pyplot as plt
+
+  from parity_jax.bundles import compare_bundles
+  from parity_jax.bundles.plot import plot_report
+
+  golden = {f"s{i}": np.full(4, 2, np.float32) for i in range(4)}
+  cand = {k: v.copy() for k, v in golden.items()}
+  for k, d in (("s1", 4e-6), ("s2", 2e-5), ("s3", 8e-5)):
+    cand[k][0] += np.float32(d)
+  for c, text, colour in (
+      (cand, "FAIL (drift) -- onset s1, first over tolerance s3 (x4, below jump factor 10)", "#b36b00"),
+      (golden, "PASS -- all 4 stages within the f32 profile", "#1b7f3b"),
+  ):
+    fig = plot_report(compare_bundles(golden, c, profile="f32"))
+    assert (fig._suptitle.get_text(), _to_rgba(fig._suptitle.get_color())) == (text, _to_rgba(colour))
+    plt.close(fig)

@@ -6,6 +6,7 @@ import collections
 import html
 import re
 
+import ml_dtypes
 import numpy as np
 
 from parity_jax.bundles import StageBundle, compare_bundles
@@ -83,3 +84,84 @@ def test_html_sets_only_the_first_divergent_row_in_bold_and_names_ulps():
   s0 = next(r for r in rows if ">s0<" in r)
   cells = [html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", s0, flags=re.S)]
   assert cells[heads.index("max ULP")] == "0", (heads, cells)
+
+
+def test_cosine_is_1_exactly_1_minus_a_small_gap_or_six_decimals():
+  from parity_jax.bundles.render import fmt_cosine
+
+  cases = {1.0: "1", 1.0 - 2.0**-20: "1-9.5e-07", 0.999: "0.999000", 0.5: "0.500000", 1.0 + 2.0**-40: "1.000000"}
+  assert {c: fmt_cosine(c) for c in cases} == cases
+  assert fmt_cosine(float("nan")) == "nan"
+
+
+def _text_rows(text):
+  """stage name -> the whitespace-split cells of its row in the text table."""
+  return {m.group(1): line.split() for line in text.splitlines() if (m := re.match(r"^\s+\d+  (\S+) ", line))}
+
+
+def test_text_rows_marks_and_notes_of_a_drift():
+  """Four stages of 2.0s; s1..s3 off by a growing amount in one element: s3 is over tolerance, s1 the onset."""
+  golden = collections.OrderedDict((f"s{i}", np.full(4, 2, np.float32)) for i in range(4))
+  cand = {k: v.copy() for k, v in golden.items()}
+  for k, d in (("s1", 4e-6), ("s2", 2e-5), ("s3", 8e-5)):
+    cand[k][0] += np.float32(d)
+  report = compare_bundles(golden, cand, profile="f32")
+  text = report.text()
+  rows = _text_rows(text)
+  assert list(rows) == ["s0", "s1", "s2", "s3"]
+  for name, g in golden.items():
+    c = cand[name]
+    rel = np.linalg.norm(c.astype(np.float64) - g) / np.linalg.norm(g.astype(np.float64))
+    diff = float(c[0]) - 2.0
+    ulp = int(c.view(np.uint32)[0]) - int(g.view(np.uint32)[0])  # float32 steps from 2.0 up
+    i, n, rel_t, cos_t, diff_t, at, ulp_t = rows[name][:7]
+    assert (n, rel_t, diff_t, at, ulp_t) == (
+        (name, "0", "0", "-", "0") if name == "s0" else (name, f"{rel:.2e}", f"{diff:.3g}", "[0]", str(ulp))
+    ), rows[name]
+    assert cos_t == "1" if name == "s0" else cos_t.startswith("1-"), rows[name]
+  marks = {n: " ".join(r[8:]) for n, r in rows.items()}
+  assert marks == {
+      "s0": "ok",
+      "s1": "ok <-- first divergent (drift onset)",
+      "s2": "ok",
+      "s3": "FAIL rel_l2 <-- first over tolerance (drift)",
+  }
+  assert text.splitlines()[-1] == report.verdict_line() and "only in" not in text and "widened" not in text
+  # the first divergent stage's largest differences, with both sides' bits
+  lines = text.splitlines()
+  k = lines.index("top 1 divergences in s1 (golden vs candidate):")
+  c1 = cand["s1"][0]
+  assert lines[k + 1].split() == [
+      "[0]",
+      "2",
+      "vs",
+      f"{float(c1):.9g}",
+      "|diff|",
+      f"{float(c1) - 2.0:.3g}",
+      "bits",
+      "0x40000000",
+      "vs",
+      f"0x{int(c1.view(np.uint32)):08x}",
+  ]
+  short = report.text(failing_only=True)
+  assert list(_text_rows(short)) == ["s1", "s3"]  # the onset stays, though it passes
+  assert "\n     (2 passing stages not shown)\n" in short and "not shown" not in text
+
+
+def test_text_names_one_sided_stages_and_widened_ulps():
+  deep = np.ones((2,) * 8, np.float32)  # the largest difference at [1,1,1,1,1,1,1,1]: 17 characters
+  golden = {"x": np.array([1.0, 2.0, 3.0], np.float32), "deep": deep, "g_only": np.zeros(1, np.float32)}
+  cand = {"x": np.array([1.0, 2.0, 3.5], ml_dtypes.bfloat16), "deep": deep.copy(), "c_only": np.zeros(1, np.float32)}
+  cand["deep"][(1,) * 8] = 2.0
+  lines = compare_bundles(golden, cand, profile="bf16", allow_missing=True).text().splitlines()
+  assert _text_rows("\n".join(lines))["deep"][5] == "[1,1,1,1,1,1,]"  # cut to the column's 14 characters
+  steps = int(cand["x"].view(np.uint16)[2]) - int(np.array(3.0, ml_dtypes.bfloat16).view(np.uint16))  # bf16 ULPs
+  assert _text_rows("\n".join(lines))["x"][6:8] == [str(steps), "bf16"]  # counted in the narrower dtype, named
+  i = lines.index("     (max ULP of a widened stage is counted in its narrower dtype: 0 = correctly rounded)")
+  assert i - 1 == max(k for k, line in enumerate(lines) if re.match(r"^\s+\d+  \S+ ", line))  # right below the table
+  j = lines.index("only in golden (1): g_only")
+  assert lines[j - 1 : j + 2] == ["", "only in golden (1): g_only", "only in candidate (1): c_only"]
+  del golden["g_only"]
+  lines = compare_bundles(golden, cand, profile="bf16", allow_missing=True).text().splitlines()
+  j = lines.index("only in candidate (1): c_only")
+  assert lines[j - 1] == "" and not any(line.startswith("only in golden") for line in lines)

@@ -56,6 +56,9 @@ def test_bind_builds_plan_transforms_and_inverse():
   assert [by[k].transform.describe() for k in ("components/0/g/V", "emb")] == ["squeeze[0]", "reshape[2, 15]"]
   assert plan.inverse == {"components/layers.0.mlp.gate_proj/V": "components/0/g/V", "embedding": "emb", "step": "step"}
   assert spec.inverse(["step", "emb"]) == {"step": "step", "embedding": "emb"}
+  with pytest.raises(SpecError) as e:
+    spec.inverse(["step", "components/3/g/U"])
+  assert e.value.problems == ["source leaf 'components/3/g/U' matches no rule"]
   x = np.arange(12, dtype=np.float32).reshape(1, 4, 3)
   y = by["components/0/g/V"].transform.apply(x)
   assert y.shape == (4, 3) and np.shares_memory(x, y)  # a view, never a copy
@@ -103,8 +106,10 @@ def test_missing_spec_file_and_directory(tmp_path):
 
 def test_all_parse_problems_are_reported_together():
   with pytest.raises(SpecError) as e:
-    RemapSpec.from_rules([{"match": "(", "to": "x"}, {"match": "^a$", "to": "a", "squeeze": "0"}, {"to": "y"}])
-  assert len(e.value.problems) == 3
+    RemapSpec.from_rules(
+        [{"match": "(", "to": "x"}, {"match": "^a$", "to": "a", "squeeze": "0", "reshape": [3]}, {"to": "y"}]
+    )
+  assert len(e.value.problems) == 3  # rule #2: its squeeze, not also "give 'squeeze' or 'reshape', not both"
   assert "rule #1" in str(e.value) and "rule #2" in str(e.value) and "rule #3" in str(e.value)
 
 
@@ -252,6 +257,25 @@ def test_slab_boundaries_alignment():
   assert plan.boundaries_are_multiples_of(64) and plan.boundaries_are_multiples_of(32)
   assert not plan.boundaries_are_multiples_of(128)
   assert geometry.SlabPlan.for_target((64, 16), 10**6).boundaries_are_multiples_of(64 * 16)
+
+
+def test_slab_boundary_predicates_against_the_slabs_themselves():
+  """Brute force: the boundaries are the flat offsets of the slabs the plan yields (and the end)."""
+  rng = np.random.default_rng(5)
+  for _ in range(300):
+    r = tuple(int(x) for x in rng.integers(1, 7, rng.integers(1, 4)))
+    n = int(np.prod(r))
+    plan = geometry.SlabPlan.for_target(r, int(rng.integers(1, n + 1)))
+    bounds = {geometry.flat_offset(lo, r) for lo, _ in plan} | {n}
+    assert len(bounds) == plan.n_slabs + 1, (r, plan)
+    for e in range(1, n + 2):
+      every_multiple_is_a_boundary = all(m in bounds for m in range(e, n, e))
+      assert plan.boundaries_include_multiples_of(e) == every_multiple_is_a_boundary, (r, plan, e)
+      if plan.boundaries_are_multiples_of(e):  # conservative (a lone leading block may say no): never a wrong yes
+        assert all(b % e == 0 or b == n for b in bounds), (r, plan, e)
+  for r in ((4, 0), (0, 4), (3, 0, 2)):  # no elements: no slabs
+    plan = geometry.SlabPlan.for_target(r, 8)
+    assert (list(plan), plan.n_slabs) == ([], 0)
 
 
 def test_which_rules_are_checked_element_by_element():

@@ -401,10 +401,12 @@ def test_concat_and_split_spec_mistakes_are_listed_together():
             },
             {"match": "i", "to": "j", "split": {"axis": 0, "sections": 2, "name": "q"}},  # no {q} in 'to'
             {"match": r"y(\d)", "to": "yy", "concat": {"axis": 0, "index": r"\2"}},  # the pattern has one group
+            {"match": "k", "to": "l", "transpose": [1, 0], "ops": [{"transpose": [1, 0]}]},
         ]
     )
   p = e.value.problems
-  assert len(p) == 6, p
+  assert len(p) == 7, p
+  assert "rule #7: give 'transpose' or 'ops', not both (put the transpose in 'ops')" in p[6], p[6]
   assert p[5].startswith("rule #6: stack or concat index") and "invalid group reference 2" in p[5], p[5]
   assert "exactly one" in p[0] and "2 pieces but 1 names" in p[1] and "'concat' must be" in p[2]
   assert "rule #4: give 'concat' (many leaves into one) or 'split' (one into many), not both" in p[3]
@@ -417,16 +419,21 @@ def test_concat_and_split_spec_mistakes_are_listed_together():
           {"match": "fused", "to": "p.{i}", "split": {"axis": 1, "sizes": [4, 3], "name": "i"}},
           {"match": r"z(\w)", "to": "zz", "concat": {"axis": 0, "index": r"\1"}},  # 'a': no order, not an integer
           {"match": r"w(\w)", "to": "ww", "concat": {"axis": 0, "index": r"\1", "order": ["x"]}},  # 'y' not in order
+          {"match": "s", "to": "s.{i}", "split": {"axis": 2, "sections": 2, "name": "i"}},  # axis 2 of a 2-D leaf
+          {"match": "o", "to": "oo", "ops": [{"transpose": [1, 0, 2]}]},  # three axes for a 2-D leaf
       ]
   )
   leaves = {"q": meta(8, 4), "k": meta(4, 4), "v": meta(4, 4)}  # no "o": a missing member
   leaves |= {"g0": meta(6, 4), "g1": meta(6, 5)}  # transposed: [4, 6] and [5, 6] differ off the concat axis
   leaves |= {"x0": meta(2), "x1": meta(2), "fused": meta(3, 8)}  # x: overlapping members; 4 + 3 != 8
-  leaves |= {"za": meta(2), "wy": meta(2)}
+  leaves |= {"za": meta(2), "wy": meta(2), "s": meta(4, 4), "o": meta(2, 3)}
   with pytest.raises(SpecError) as e:
     spec.bind(leaves)
   p = e.value.problems
-  assert len(p) == 6, p
+  assert len(p) == 8, p
+  assert any("split axis 2 is out of range for shape [4, 4]" in x for x in p), p
+  assert any("does not fit source leaf 'o'" in x and "transpose [1, 0, 2]" in x for x in p), p
+  assert any(x.endswith("concat 'qkv' is missing member(s) at [3] of a [4] grid") for x in p), p
   assert any("concat index of 'za' 'a' is not an integer (give 'order' to name the parts)" in x for x in p), p
   assert any("concat index of 'wy' 'y' is not one of the concat order ['x']" in x for x in p), p
   assert any("concat 'qkv' is missing member(s) at [3]" in x for x in p), p
@@ -454,3 +461,34 @@ def test_migrator_concatenates_and_splits_and_the_results_verify(fused_sides, tm
     g = ck.read_whole(ck.leaves[k])
     assert g.dtype == v.dtype and g.tobytes() == v.tobytes(), k
   assert verify_migration(s["hf_fused"], tmp_path / "split", back).passed
+
+
+def test_a_stack_of_concats_named_by_order_has_the_stack_and_the_parts_it_names():
+  meta = type("M", (), {"shape": (2, 4), "kind": "array", "dtype": np.dtype(np.float32)})()
+  spec = RemapSpec.from_rules(
+      [
+          {
+              "match": r"l(\d)\.(q|k)",
+              "to": "qk",
+              "stack": [{"axis": 0, "index": r"\1"}],
+              "concat": {"axis": 1, "index": r"\2", "order": ["q", "k"]},
+          }
+      ]
+  )
+  (e,) = spec.bind({f"l{i}.{p}": meta for i in range(3) for p in "qk"}).elements
+  assert e.dst_shape == (3, 4, 4)  # 3 layers stacked; q then k, 2 rows each, along axis 1
+  assert [e.source_of((i, r, 0)) for i, r in ((0, 0), (0, 2), (2, 3))] == [
+      ("l0.q", (0, 0)),
+      ("l0.k", (0, 0)),
+      ("l2.k", (1, 0)),
+  ]
+
+
+def test_overlapping_stack_members_are_the_one_problem_of_their_target():
+  """Members at 0, 0 and 2: the overlap is reported, and the target goes no further (no "missing [1]" on top)."""
+  meta = type("M", (), {"shape": (2,), "kind": "array", "dtype": np.dtype(np.float32)})()
+  spec = RemapSpec.from_rules([{"match": r"l(\d)(\w)", "to": "st", "stack": [{"axis": 0, "index": r"\1"}]}])
+  with pytest.raises(SpecError) as e:
+    spec.bind({"l0a": meta, "l0b": meta, "l2a": meta})
+  (p,) = e.value.problems
+  assert "overlapping stacks: source leaves 'l0a' and 'l0b' both go to 'st' at [0]" in p, p

@@ -10,9 +10,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
+import numpy as np
 import pytest
+
+from parity_jax.runtime import Job
 
 from tests.helpers import ckpt as H
 
@@ -115,3 +119,98 @@ def test_process_0_ends_a_job_only_after_the_living_processes_read_why():
   assert "process 2 of 3 lost: never joined for 0.6 s" in proc.stderr, proc.stderr
   # process 0 hosts the store: it keeps it up (and runs its cleanups) once process 1 has acknowledged the abort
   assert proc.stdout.splitlines() == ["cleanup after process 1 read the reason"], proc.stdout
+
+
+class _Store:
+  """An in-memory stand-in for the coordination service's key-value calls, shared by threads."""
+
+  def __init__(self):
+    self.d, self.cond = {}, threading.Condition()
+
+  def key_value_set(self, k, v, allow_overwrite=False):
+    with self.cond:
+      assert allow_overwrite or k not in self.d, k
+      self.d[k] = v
+      self.cond.notify_all()
+
+  key_value_set_bytes = key_value_set
+
+  def key_value_try_get(self, k):
+    with self.cond:
+      if k not in self.d:
+        raise KeyError(k)
+      return self.d[k]
+
+  def blocking_key_value_get(self, k, timeout_ms):
+    with self.cond:
+      if not self.cond.wait_for(lambda: k in self.d, timeout_ms / 1000):
+        raise RuntimeError(f"DEADLINE_EXCEEDED: {k}")
+      return self.d[k]
+
+  blocking_key_value_get_bytes = blocking_key_value_get
+
+
+def _each_process(jobs, fn):
+  """``fn(job)`` in one thread per process (as each process of a job would call it); the results by process."""
+  out, errors = {}, []
+
+  def body(job):
+    try:
+      out[job.process_id] = fn(job)
+    except BaseException as e:  # noqa: BLE001 -- reported below
+      errors.append(e)
+
+  threads = [threading.Thread(target=body, args=(j,), daemon=True) for j in jobs]
+  for t in threads:
+    t.start()
+  deadline = time.monotonic() + 10
+  for t in threads:
+    t.join(timeout=max(0.0, deadline - time.monotonic()))
+  assert not errors and not any(t.is_alive() for t in threads), errors
+  return [out[p] for p in range(len(jobs))]
+
+
+def test_the_exchanges_of_three_processes_and_of_one():
+  store = _Store()
+  jobs = [Job(store, p, 3, timeout_s=5, op="exchange-test") for p in range(3)]
+  for j in jobs[1:]:
+    j.ns = jobs[0].ns  # three processes' handles on one job (each process numbers its own jobs)
+  big = np.random.default_rng(0).integers(0, 256, 3 << 19, dtype=np.uint8).tobytes()  # 1.5 MiB: 2 entries
+
+  def exchanges(job):
+    p = job.process_id
+    if p == 1:
+      job.publish("note", b"from 1")
+    got = (
+        job.gather("g", f"p{p}".encode()),
+        job.allgather("a", bytes([p]) * (p + 1)),
+        job.broadcast("big", big if p == 0 else None),
+        job.broadcast("none"),
+        job.first_disagreeing("plan", "y" if p == 2 else "x"),
+        job.first_disagreeing("same", "x"),
+    )
+    if p == 2:  # the last to reach the barrier, with something published just before it
+      time.sleep(0.2)
+      job.publish("late", b"from 2")
+    return (*got, job.barrier("end"), job.try_get("late"), job.try_get("note"), job.try_get("never"))
+
+  got = _each_process(jobs, exchanges)
+  everyone = [[b"\x00", b"\x01\x01", b"\x02\x02\x02"], big, b""]
+  assert got[0] == ([b"p0", b"p1", b"p2"], *everyone, 2, None, None, b"from 2", b"from 1", None)
+  assert got[1] == got[2] == (None, *everyone, None, None, None, b"from 2", b"from 1", None)
+  assert [j.describe() for j in jobs] == ["process 0 of 3", "process 1 of 3", "process 2 of 3"]
+  assert [(j.distributed, j.is_coordinator) for j in jobs] == [(True, True), (True, False), (True, False)]
+  # every value went through the store, split into parts of at most 1 MiB and compressed
+  assert max(len(v) for k, v in store.d.items() if "/part" in k) <= 1 << 20
+  assert store.d[f"{jobs[0].ns}/bcast/big/n"] == "2"
+
+  one = Job(None, 0, 1, timeout_s=5, op="exchange-test")  # a single process: no store at all
+  assert (one.distributed, one.is_coordinator, one.describe()) == (False, True, "process 0 of 1")
+  assert one.gather("g", b"x") == [b"x"] and one.allgather("a", b"y") == [b"y"]
+  assert one.broadcast("b", b"z") == b"z" and one.broadcast("none") == b""
+  assert one.first_disagreeing("plan", "x") is None and one.barrier("end") is None
+  one.publish("k", bytearray(b"v"))
+  assert one.wait_for("k") == b"v" and one.try_get("k") == b"v" and one.try_get("never") is None
+  with pytest.raises(KeyError):
+    one.wait_for("never")
+  one.fail("nothing to tell")  # no other process: returns

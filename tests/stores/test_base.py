@@ -169,6 +169,12 @@ def test_read_many_window():
   s = _Counting()
   out = stores.read_many([(s, i, i + 1) for i in range(50)], max_in_flight=7)
   assert out == [bytes([i]) for i in range(50)] and s.peak == 7
+  for below_one in (-3, 0.5):  # a window below one request is one request
+    s = _Counting()
+    assert stores.read_many([(s, i, i + 1) for i in range(5)], max_in_flight=below_one) == [
+        bytes([i]) for i in range(5)
+    ]
+    assert s.peak == 1
 
 
 def test_pending_reraises_the_same_error():
@@ -190,3 +196,15 @@ def test_store_error_is_one_line_with_a_kind():
   assert str(e) == "gs://b/x: first line" and e.kind == "unreachable"
   with pytest.raises(AssertionError):
     StoreError("x", "no_such_kind")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open descriptors in /proc")
+def test_native_stderr_captures_descriptor_2_and_gives_it_back():
+  from parity_jax.stores.base import native_stderr
+
+  before, fd2 = sorted(os.listdir("/proc/self/fd")), os.fstat(2)
+  with native_stderr() as lines:
+    os.write(2, b"I1207 written by C++ code\nsecond line\n")
+  assert lines == ["I1207 written by C++ code", "second line"]
+  assert sorted(os.listdir("/proc/self/fd")) == before  # the saved descriptor is closed
+  assert (os.fstat(2).st_dev, os.fstat(2).st_ino) == (fd2.st_dev, fd2.st_ino)  # fd 2 is the same file again

@@ -8,6 +8,9 @@ server) come from a DelayProxy in front of the real emulator.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -15,6 +18,7 @@ import pytest
 
 from parity_jax import stores
 from parity_jax.stores import StoreError, open_store
+from tests.helpers.tools import ROOT
 
 
 @pytest.fixture
@@ -95,6 +99,7 @@ def test_missing_bucket(scheme, _emulators, monkeypatch):
       call(open_store(f"{scheme}://no-such-bucket-here"))
     _one_line(e.value, "not_found", f"{scheme}://no-such-bucket-here: no such bucket")
   assert not open_store(f"{scheme}://no-such-bucket-here").is_dir()
+  assert open_store(f"{scheme}://no-such-bucket-here").ping() is None  # the endpoint answered ("no such bucket")
 
 
 def test_delete(bucket):
@@ -169,6 +174,25 @@ def test_io_stats_count_requests_and_bytes(bucket):
   row = d[bucket.scheme]
   assert row["reads"] == 2 and row["bytes_read"] == 3000 and row["writes"] == 1 and row["bytes_written"] == 300
   assert row["requests"] == 3 and d["requests"] == 3 and d["http"]["requests"] >= 3
+
+
+def test_describe_names_the_endpoint_and_the_credentials_tensorstore_logged(gcs_bucket):
+  """tensorstore logs the GCS credentials it picked once per process (its auth provider is shared): a fresh one."""
+  gcs_bucket.put("d/f", b"1")
+  code = (
+      "import json, sys; from parity_jax.stores import open_store; f = open_store(sys.argv[1]); "
+      "assert f.read_bytes() == b'1'; print(json.dumps(f.describe()))"
+  )
+  p = subprocess.run(
+      [sys.executable, "-c", code, gcs_bucket.url + "/d/f"], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert p.returncode == 0, p.stderr
+  d = json.loads(p.stdout)
+  assert (d["scheme"], d["url"], d["bucket"], d["path"]) == ("gs", gcs_bucket.url + "/d/f", gcs_bucket.name, "d/f")
+  assert d["credentials"] == "none (emulator: a dummy token)"
+  # google_auth_provider.cc logs "Using GOOGLE_AUTH_TOKEN_FOR_TESTING": its message, without the absl prefix
+  # ("I1207 06:50:13.370 18330 google_auth_provider.cc:136]")
+  assert d["credentials_found"] == "Using GOOGLE_AUTH_TOKEN_FOR_TESTING"
 
 
 # ---- faults: one line, a kind, bounded time

@@ -66,7 +66,7 @@ SUPPORTED = (
     f"supported: a Hugging Face safetensors directory with {SINGLE}, or shards listed in {INDEX};"
     " or an Orbax PyTree checkpoint"
 )
-MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (its MAX_HEADER_SIZE, decimal)
 READ_PIECE_BYTES = 8 << 20  # the longest single byte-range request
 
 

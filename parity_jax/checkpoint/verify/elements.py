@@ -136,7 +136,8 @@ class Slab:
     return tuple(t), e.members[e.member_keys()[int(member[0])]], tuple(int(x[0]) for x in sidx)
 
 
-BAND_BYTES = 2 << 20  # whole rows read at a time to cut a strip from
+# whole rows read at a time to cut a strip from (no mutate: a read size, performance only; same slabs for any value)
+BAND_BYTES = 2 << 20  # no mutate
 CACHE_BYTES = 32 << 20  # source blocks kept between slabs, all members together (read ahead along the slabs)
 
 

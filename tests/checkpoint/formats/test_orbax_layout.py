@@ -106,6 +106,26 @@ def test_foreign_files_are_named_by_their_magic_bytes_and_names(tmp_path):
       assert f"not an Orbax checkpoint but {what}" in msg, (name, msg)
 
 
+def test_foreign_directories_are_named_by_what_they_hold(tmp_path):
+  cases = {  # the files of a directory -> what the one-line refusal calls it
+      ("checkpoint", "model.ckpt-1.index"): "a TensorFlow checkpoint directory",
+      ("config.json", "model-00001-of-00002.safetensors"): "a safetensors / Hugging Face model directory",
+      ("vocab.index", "model.safetensors"): "a safetensors / Hugging Face model directory",  # no 'checkpoint' file
+      ("config.json", "pytorch_model.bin"): "a PyTorch / Hugging Face model directory",
+      ("pytorch_model.bin.index.json",): "a PyTorch / Hugging Face model directory",
+      ("zarr.json",): "a bare zarr array (no Orbax PyTree metadata)",
+      (".zarray", "0.0"): "a bare zarr array (no Orbax PyTree metadata)",
+  }
+  for i, (names, what) in enumerate(cases.items()):
+    d = tmp_path / f"d{i}"
+    d.mkdir()
+    for n in names:
+      (d / n).write_bytes(b"\x00")
+    with pytest.raises(UsageError) as e:
+      resolve_item_dir(d)
+    assert f"not an Orbax checkpoint but {what}" in str(e.value), (names, str(e.value))
+
+
 def test_a_missing_directory_lists_as_empty(item):
   tree = Tree(open_store(str(item)))
   assert tree.subdirs("no_such_dir") == [] and tree.files("no_such_dir") == []
@@ -139,3 +159,31 @@ def test_directories_that_are_not_checkpoints_yet_say_what_they_are(tmp_path):
 def test_the_first_bytes_of_a_file_that_cannot_be_read_are_none(item):
   tree = Tree(open_store(str(item)))
   assert tree.head("_METADATA", 1) == b"{" and tree.head("no_such_file") == b""
+
+
+def test_a_bucket_tree_lists_like_a_directory(item, gcs_bucket, tmp_path):
+  """The same files on disk and in a bucket (one listing, answered from memory): the same answers."""
+  files = {"_METADATA": b"{}", "f": b"0123456789", "d/x": b"x", "d/e/y": b"yy"}
+  for rel, data in files.items():
+    gcs_bucket.put("ck/" + rel, data)
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_bytes(data)
+  for tree in (Tree(open_store(gcs_bucket.url + "/ck")), Tree(open_store(str(tmp_path)))):
+    assert (tree.files(), tree.subdirs(), tree.files("d"), tree.subdirs("d"), tree.subdirs("d/e")) == (
+        ["_METADATA", "f"],
+        ["d"],
+        ["x"],
+        ["e"],
+        [],
+    )
+    assert (tree.files("nope"), tree.subdirs("nope")) == ([], [])
+    assert [tree.is_dir(r) for r in ("", "d", "d/e", "f", "nope")] == [True, True, True, False, False]
+    assert [tree.is_file(r) for r in ("", "d", "d/e/y", "f", "nope")] == [False, False, True, True, False]
+    assert [tree.exists(r) for r in ("d", "d/x", "nope")] == [True, True, False]
+    assert (tree.head("f", 4), tree.head("f", 100), tree.head("d/e/y"), tree.head("nope")) == (
+        b"0123",
+        files["f"],
+        b"yy",
+        b"",
+    )
+    assert tree.read_bytes("d/x") == b"x"

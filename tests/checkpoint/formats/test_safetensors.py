@@ -11,12 +11,14 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors
 
-from parity_jax.checkpoint import RemapSpec, migrate, open_checkpoint, restore_leaves, verify_migration
+from parity_jax.checkpoint import LeafReadError, RemapSpec, migrate, open_checkpoint, restore_leaves, verify_migration
 from parity_jax.checkpoint.formats import safetensors as st
 from parity_jax.errors import UsageError
 from parity_jax.stores.local import LocalStore
@@ -132,6 +134,7 @@ def test_boxes_read_only_their_own_bytes(dirs, piece, monkeypatch):
       (slice(1, 5), slice(2, 6), slice(3, 8), slice(1, 4)),  # a general box
       (slice(0, 6), slice(0, 7), slice(4, 5), slice(0, 5)),  # a strided column of rows
       (slice(5, 6), slice(6, 7), slice(8, 9), slice(4, 5)),  # the last element
+      (slice(1, 5), slice(3, 3), slice(0, 9), slice(0, 5)),  # an empty box: nothing read
       (),  # the whole leaf
   ]
   with ck.reader(m) as r:
@@ -160,6 +163,19 @@ def test_a_strided_box_is_refused_not_read_as_a_dense_one(dirs):
     assert _bits(r.read((slice(0, 3, 1),))) == _bits(dirs["tensors"]["f32"])  # step 1 is a plain box
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open descriptors in /proc")
+def test_a_reader_closes_its_file_on_leaving_and_there_are_no_string_leaves(dirs):
+  ck = open_checkpoint(dirs["single"])
+  m = ck.leaves["f32"]
+  before = sorted(os.listdir("/proc/self/fd"))
+  with ck.reader(m) as r:
+    assert _bits(r.read(())) == _bits(dirs["tensors"]["f32"])
+    assert len(os.listdir("/proc/self/fd")) == len(before) + 1  # its one descriptor, read with pread
+  assert sorted(os.listdir("/proc/self/fd")) == before
+  with pytest.raises(LeafReadError, match="safetensors checkpoints hold no string leaves"):
+    ck.read_string(m)
+
+
 def test_damaged_and_lying_files(dirs):
   """Whole-file damage is one line; a lying or truncated tensor is UNREADABLE by name, the others still read."""
   root = dirs["root"] / "bad"
@@ -186,6 +202,15 @@ def test_damaged_and_lying_files(dirs):
   assert "'F99' is not one of" in ck.leaves["b"].error and ck.leaves["a"].error is None
   ck = open_checkpoint(case("overlap", edit=overlap))
   assert "overlap" in ck.leaves["a"].error and "overlap" in ck.leaves["b"].error
+
+  def b_listed_first(h):  # the header need not list tensors in the order of their bytes
+    items = list(h.items())
+    h.clear()
+    h.update(reversed(items))
+
+  ck = open_checkpoint(case("reordered", edit=b_listed_first))
+  assert ck.leaves["a"].error is None and ck.leaves["b"].error is None
+  assert _bits(ck.read_whole(ck.leaves["b"])) == _bits(good["b"])
   ck = open_checkpoint(case("truncated", truncate=3))
   assert "past the end of the file" in ck.leaves["b"].error and ck.leaves["a"].error is None
   assert _bits(ck.read_whole(ck.leaves["a"])) == _bits(good["a"])
@@ -199,6 +224,18 @@ def test_damaged_and_lying_files(dirs):
   d.mkdir()
   (d / "model.safetensors").write_bytes(b"\xff\x00\x00\x00\x00\x00\x00\x00{}")
   with pytest.raises(UsageError, match="runs past the end of the file"):
+    open_checkpoint(d)
+
+  # one byte over the safetensors library's header limit: it refuses the file, and so do we (a sparse file: the
+  # header is never read)
+  d = root / "header_over_the_limit"
+  d.mkdir()
+  with open(d / "model.safetensors", "wb") as f:
+    f.write(struct.pack("<Q", 100_000_001))
+    f.truncate(8 + 100_000_001 + 8)
+  with pytest.raises(Exception, match="header too large"):
+    safetensors.safe_open(str(d / "model.safetensors"), "np")
+  with pytest.raises(UsageError, match="the header length 100000001 exceeds safetensors' limit of 100000000 bytes"):
     open_checkpoint(d)
 
   d = root / "unknown_layout"

@@ -7,6 +7,9 @@ the migrator itself.
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 
 import pytest
 
@@ -65,10 +68,12 @@ def test_a_refused_source_leaves_no_temporary(ck, tmp_path):
 def test_a_stale_temporary_is_named_then_removed_by_the_next_migration(ck, tmp_path, capfd):
   dead = tmp_path / ".m.migrating-999999999-0a1b2c3d"  # a pid no process has
   (dead / "checkpoint").mkdir(parents=True)
-  (dead / "checkpoint" / "x").write_bytes(b"\0" * 2048)
+  (dead / "checkpoint" / "x").write_bytes(b"\0" * (3 << 19))
   (left,) = leftovers(tmp_path / "m")
   assert left.path == str(dead) and left.pid == 999999999 and not left.alive
-  assert f"rm -rf {dead}" in left.describe()
+  assert (
+      left.describe() == f"{dead} (1.5 MiB) is left over from an interrupted migration; remove it with: rm -rf {dead}"
+  )
   migrate(ck["src"], tmp_path / "m", ck["spec"])
   assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
   err = capfd.readouterr().err
@@ -142,3 +147,27 @@ def test_the_in_place_checks_know_the_standard_layout_and_a_safetensors_destinat
     with pytest.raises(UsageError, match="not a checkpoint"):
       check_bucket_dest(ck["src"], store, True, logs.append, safetensors=True)
     assert d.exists()
+
+
+def test_sigterm_inside_interruptible_raises_interrupted_and_only_in_the_main_thread():
+  from parity_jax.checkpoint.migrate.destination import Interrupted, interruptible
+
+  errors = []
+
+  def elsewhere():  # no signal handler can be set outside the main thread: a no-op there
+    try:
+      with interruptible():
+        pass
+    except Exception as e:  # noqa: BLE001 -- reported below
+      errors.append(e)
+
+  t = threading.Thread(target=elsewhere)
+  t.start()
+  t.join()
+  assert errors == []
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(Interrupted):
+    with interruptible():
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(5)  # the handler raises at once
+  assert signal.getsignal(signal.SIGTERM) is before  # restored

@@ -241,3 +241,31 @@ def test_a_concat_takes_the_index_path(tmp_path):
   with elements.TargetValues(e, ck, 4) as v:
     got = np.concatenate([s.values for s in v.slabs(0, 18)])
   assert got.tobytes() == np.concatenate([q, k]).tobytes()
+
+
+def test_a_target_of_the_wrong_shape_or_dtype_is_named_as_such(tmp_path):
+  x = np.arange(6, dtype=np.float32).reshape(2, 3)
+  src = os.path.join(tmp_path, "src")
+  W.write_file(os.path.join(os.makedirs(src) or src, "model.safetensors"), {"w.0": x})
+  spec = RemapSpec.from_rules([{"match": r"w\.0", "to": "t", "ops": [{"transpose": [1, 0]}]}])
+  got = {}
+  for name, t in (("ok", x.T), ("dtype", x.T.astype(np.float16)), ("shape", x), ("both", x.astype(np.float16))):
+    d = os.path.join(tmp_path, name)
+    W.write_file(os.path.join(os.makedirs(d) or d, "model.safetensors"), {"t": np.ascontiguousarray(t)})
+    rep = verify_migration(src, d, spec)
+    r = rep.leaves[0]
+    assert rep.leaf("t") is rep.leaf("w.0") is r  # found by its migrated path, else by its source path
+    with pytest.raises(KeyError):
+      rep.leaf("w")
+    got[name] = (r.status, r.reason)
+    if name == "dtype":  # the report's table: the group's line, then the failing leaf with its reason
+      assert rep.table_lines() == [
+          "[FAIL] t  0/1 leaves bit-identical",
+          "       DTYPE_MISMATCH  t <- w.0: dtype float16 != expected float32",
+      ]
+      assert rep.table_lines(max_failures_per_group=1) == rep.table_lines()  # all shown: no "more" line
+      assert rep.table_lines(max_failures_per_group=0)[1:] == ["       ... and 1 more (see --report)"]
+  assert got["ok"][0] == "PASS"
+  assert got["dtype"] == ("DTYPE_MISMATCH", "dtype float16 != expected float32")
+  assert got["shape"][0] == "SHAPE_MISMATCH" and got["shape"][1].startswith("shape (2, 3) != expected (3, 2) (")
+  assert got["both"][0] == "SHAPE_MISMATCH" and got["both"][1].startswith("dtype float16 != expected float32; shape")

@@ -135,3 +135,5 @@ def test_the_progress_lines_count_the_leaves_as_they_are_compared(tmp_path, monk
   assert None not in done and done == sorted(done), lines  # every line names the leaves done so far, never fewer
   assert 1 in done[:-1] and done[-1] == 2, lines  # "1/2" while the second (the large, split one) is compared
   assert lines[-1].startswith("verify: 100% "), lines
+  pct = [int(re.match(r"verify: (\d+)% ", ln).group(1)) for ln in lines]
+  assert pct == sorted(pct) and len([p for p in pct if 0 < p < 100]) >= 3, lines  # the large leaf, slab by slab

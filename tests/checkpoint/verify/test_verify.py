@@ -459,3 +459,29 @@ def test_compression_option(tmp_path):
   assert sizes["zstd"] < sizes["none"] - 50_000  # 64 KiB of zeros compress away
   with pytest.raises(UsageError, match="compression must be"):
     migrate(tmp_path / "src", tmp_path / "x", spec, compression="lz4")
+
+
+def test_storage_lines_name_where_each_side_was_read_and_the_bucket_requests():
+  from parity_jax.checkpoint.verify import VerifyReport
+
+  io_row = {"requests": 7, "reads": 5, "lists": 2, "retries": 1, "bytes_read": 4096}
+  rep = VerifyReport(
+      source="gs://b/src",
+      migrated="/tmp/dst",
+      spec_source=None,
+      source_layout="v0",
+      migrated_layout="v0",
+      leaves=[],
+      ignored_empty_nodes={},
+      storage={
+          "source": {"summary": "OCDBT, zarr3", "store": {"endpoint": "http://h:1"}},
+          "migrated": {"summary": "zarr2"},
+      },
+      io={"gs": io_row, "s3": dict(io_row, requests=0)},  # no request to S3: no line
+  )
+  assert rep.storage_lines() == [
+      "source storage:   OCDBT, zarr3 at http://h:1",
+      "migrated storage: zarr2",
+      "gs:// I/O:        7 requests (5 reads, 2 lists, 1 retries), 4096 bytes read",
+  ]
+  assert VerifyReport(**{**rep.__dict__, "storage": None, "io": None}).storage_lines() == []
