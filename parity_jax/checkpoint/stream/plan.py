@@ -220,7 +220,7 @@ def plan_pair(
 def _remote_rows_ahead(row_bytes: int) -> int:
   """Rows read ahead on a bucket side with ``readahead=None``: up to REMOTE_READAHEAD, each costing ~2 rows, within
   half of REMOTE_READAHEAD_BYTES (the other half is the other side's)."""
-  return max(0, min(REMOTE_READAHEAD, REMOTE_READAHEAD_BYTES // 2 // max(1, 2 * row_bytes)))
+  return min(REMOTE_READAHEAD, REMOTE_READAHEAD_BYTES // 2 // max(1, 2 * row_bytes))
 
 
 @dataclasses.dataclass(frozen=True)

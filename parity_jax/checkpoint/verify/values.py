@@ -73,6 +73,10 @@ class Settings:
   log: Callable[[str], None] | None = None
   remote: bool = False  # a side lies in a bucket
 
+  def plan(self, s_meta: LeafMeta, m_meta: LeafMeta, r: tuple[int, ...]) -> stream.PairPlan:
+    """The read plan of one pair under these settings (the same everywhere a pair or a range of it is read)."""
+    return stream.plan_pair(s_meta, m_meta, r, self.buffers.nbytes, readahead=self.readahead, remote=self.remote)
+
 
 class _Meter:
   """Bytes read (both sides, every pass) and progress (bytes compared, one side); ticks the job."""
@@ -225,7 +229,7 @@ class _PairComparer:
           f"{p.source} -> {p.dest}: shapes {s_meta.shape} and {m_meta.shape} are not related by the transform"
       )
     st = self.settings
-    plan = stream.plan_pair(s_meta, m_meta, r, st.buffers.nbytes, readahead=st.readahead, remote=st.remote)
+    plan = st.plan(s_meta, m_meta, r)
     res.read_mode = plan.describe()
     progressed = [0]
 
@@ -288,7 +292,7 @@ def _plan_job(job: Job, to_compare: list[Pair], src: Checkpoint, mig: Checkpoint
       read_modes.append("_strings.json")
       continue
     r = geometry.refinement(s.shape, m.shape)
-    plan = stream.plan_pair(s, m, r, settings.buffers.nbytes, readahead=settings.readahead, remote=settings.remote)
+    plan = settings.plan(s, m, r)
     pieces = stream.pieces_of(s, m, r, plan.slabs)
     read_modes.append(plan.describe())
     pair_bytes.append(s.nbytes)
@@ -366,7 +370,7 @@ class _Ranges:
     s_meta, m_meta = self.metas[w.pair]
     r = geometry.refinement(s_meta.shape, m_meta.shape)
     st = self.settings
-    plan = stream.plan_pair(s_meta, m_meta, r, st.buffers.nbytes, readahead=st.readahead, remote=st.remote)
+    plan = st.plan(s_meta, m_meta, r)
     src, mig = self.comparer.src, self.comparer.mig
     try:
       out = stream.PairStreamer(
@@ -415,7 +419,7 @@ class _Ranges:
     s_meta, m_meta = self.metas[w.pair]
     st = self.settings
     r = geometry.refinement(s_meta.shape, m_meta.shape)
-    plan = stream.plan_pair(s_meta, m_meta, r, st.buffers.nbytes, readahead=st.readahead, remote=st.remote)
+    plan = st.plan(s_meta, m_meta, r)
     pieces = stream.pieces_of(s_meta, m_meta, r, plan.slabs)[w.lo : w.hi]
     use_src = plan.src.mode == "raw" and plan.mig.mode != "raw"
     ckpt, meta, side = (self.comparer.src, s_meta, plan.src) if use_src else (self.comparer.mig, m_meta, plan.mig)
