@@ -93,26 +93,27 @@ def _fill(t: Tensor, write: Callable[[memoryview], Any], progress: Callable[[int
 
 def _write_shard(directory: str | Store, name: str, shard: Sequence[Tensor], progress: Callable[[int], None]) -> None:
   head = _header(shard)
+
+  def emit(write: Callable[[Any], Any]) -> None:  # the file's bytes in order: header length, header, tensors
+    write(struct.pack("<Q", len(head)))
+    write(head)
+    for t in shard:
+      _fill(t, write, progress)
+
   if isinstance(directory, Store):  # a bucket: one object, one upload of the whole shard
     buf = bytearray(8 + len(head) + sum(t.nbytes for t in shard))
-    buf[:8] = struct.pack("<Q", len(head))
-    buf[8 : 8 + len(head)] = head
-    at = 8 + len(head)
+    at = 0
 
-    def put(b: memoryview) -> None:
+    def put(b) -> None:
       nonlocal at
       buf[at : at + len(b)] = b
       at += len(b)
 
-    for t in shard:
-      _fill(t, put, progress)
+    emit(put)
     directory.child(name).write_bytes(buf)
     return
   with open(os.path.join(directory, name), "wb") as f:
-    f.write(struct.pack("<Q", len(head)))
-    f.write(head)
-    for t in shard:
-      _fill(t, f.write, progress)
+    emit(f.write)
 
 
 def write_safetensors_dir(
