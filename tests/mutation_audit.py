@@ -359,6 +359,34 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
         "tests/checkpoint/verify/test_pieces.py",  # split
         "tests/checkpoint/verify/test_verify.py",  # flatten, nest
     ),
+    # --- group A (checkpoint/**, stores/**; mut4a): the migrator's modules. Their only mirrored directory file left
+    # by the audit's --exclude (test_job.py, test_conversions.py) was test_destination.py; these cheap files call
+    # migrate() directly, single process, and read its output back
+    "parity_jax/checkpoint/migrate/__init__.py": (
+        "tests/checkpoint/verify/test_verify.py",  # chunk_mb, batch_mb, compression (and its refusal), layouts
+    ),
+    "parity_jax/checkpoint/migrate/schedule.py": (
+        "tests/checkpoint/migrate/test_destination.py",  # the commit, temporaries, refusals
+        "tests/checkpoint/verify/test_verify.py",  # chunked, batched, compressed writes, verified after
+        "tests/checkpoint/test_transforms.py",  # element targets (concat, split) written in many slabs, verified
+    ),
+    "parity_jax/checkpoint/migrate/plan.py": (
+        "tests/checkpoint/migrate/test_destination.py",
+        "tests/checkpoint/verify/test_verify.py",  # plan_arrays under several chunk sizes and compressions
+    ),
+    "parity_jax/checkpoint/migrate/result.py": (
+        "tests/checkpoint/migrate/test_destination.py",
+        "tests/checkpoint/verify/test_verify.py",
+    ),
+    "parity_jax/checkpoint/migrate/to_safetensors.py": (
+        "tests/checkpoint/migrate/test_destination.py",  # the in-place checks of a safetensors destination
+        "tests/checkpoint/test_transforms.py",  # dest_format="safetensors" after a split, verified
+        "tests/checkpoint/test_presets.py",  # sharded safetensors with a config, read back by transformers
+    ),
+    "parity_jax/stores/stats.py": (
+        "tests/stores/test_local.py",  # LocalStore counting its own reads
+        "tests/stores/test_remote.py",  # gs and s3 counts against the emulators
+    ),
 }
 
 
