@@ -383,6 +383,10 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
         "tests/checkpoint/test_transforms.py",  # dest_format="safetensors" after a split, verified
         "tests/checkpoint/test_presets.py",  # sharded safetensors with a config, read back by transformers
     ),
+    "parity_jax/checkpoint/formats/orbax_writer.py": (  # its mirrored file tests the pieces; the whole write here
+        "tests/checkpoint/migrate/test_destination.py",
+        "tests/checkpoint/verify/test_verify.py",
+    ),
     "parity_jax/stores/stats.py": (
         "tests/stores/test_local.py",  # LocalStore counting its own reads
         "tests/stores/test_remote.py",  # gs and s3 counts against the emulators
