@@ -387,6 +387,8 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
         "tests/checkpoint/migrate/test_destination.py",
         "tests/checkpoint/verify/test_verify.py",
     ),
+    "parity_jax/stores/gcs.py": ("tests/stores/test_remote.py",),  # requests to the GCS emulator
+    "parity_jax/stores/s3.py": ("tests/stores/test_remote.py",),  # requests to moto
     "parity_jax/stores/stats.py": (
         "tests/stores/test_local.py",  # LocalStore counting its own reads
         "tests/stores/test_remote.py",  # gs and s3 counts against the emulators
