@@ -71,7 +71,7 @@ def test_missing_things_and_ranges_past_the_end(bucket):
   bucket.put("f", b"0123456789")
   with pytest.raises(StoreError) as e:
     root.child("f").read_range(8, 12)
-  _one_line(e.value, "out_of_range", f"{bucket.url}/f: bytes [8, 12) lie past its end")
+  _one_line(e.value, "out_of_range", f"{bucket.url}/f: bytes [8, 12) lie past its end (size 10)")
   with pytest.raises(StoreError) as e:
     root.child("nope").read_bytes()
   _one_line(e.value, "not_found", f"{bucket.url}/nope: no such object")

@@ -176,6 +176,13 @@ def test_a_reader_closes_its_file_on_leaving_and_there_are_no_string_leaves(dirs
     ck.read_string(m)
 
 
+def test_a_directory_that_cannot_be_listed_is_one_line_naming_the_role(tmp_path):
+  with pytest.raises(UsageError, match=f"^source: {tmp_path / 'nope'}: No such file or directory$"):
+    st.open_safetensors(tmp_path / "nope", role="source")
+  with pytest.raises(UsageError, match="^source: s3://ab: not a valid S3 bucket name$"):
+    st.open_safetensors("s3://ab", role="source")
+
+
 def test_damaged_and_lying_files(dirs):
   """Whole-file damage is one line; a lying or truncated tensor is UNREADABLE by name, the others still read."""
   root = dirs["root"] / "bad"

@@ -172,3 +172,32 @@ def test_two_piece_leaf_fault_in_either_piece_is_caught_with_exact_stats(two_pie
   assert got == want
   assert r.source_sha256 == hashlib.sha256(good.tobytes()).hexdigest()
   assert r.sha256 == hashlib.sha256(bad.tobytes()).hexdigest()
+
+
+def _leaf(path: str, nbytes: int, dtype=np.uint8, kind: str = "array", error: str | None = None):
+  from parity_jax.checkpoint.formats.base import LeafMeta
+
+  dt = np.dtype(dtype)
+  return LeafMeta(path, (path,), kind, (nbytes // dt.itemsize,), dt, None, path, "np.ndarray", error=error)
+
+
+def test_small_pairs_are_batched_by_the_bytes_of_both_sides_and_the_rest_left_to_streaming():
+  """Batches fill up to batch_bytes counting both sides (at least one pair each); a pair too big, of unequal size or
+  dtype, unreadable or a string is not taken (the ordinary path streams it)."""
+  from parity_jax.checkpoint.stream.small import SmallPairs
+
+  ok = [(_leaf(f"s{i}", 100), _leaf(f"m{i}", 100)) for i in range(5)]  # 200 bytes a pair
+  skipped = [
+      (_leaf("big", 101), _leaf("big_m", 101)),  # over leaf_bytes
+      (_leaf("uneven", 100), _leaf("uneven_m", 96)),
+      (_leaf("u8", 100), _leaf("u16", 100, np.uint16)),
+      (_leaf("bad", 100, error="unreadable"), _leaf("bad_m", 100)),
+      (_leaf("str", 0, kind="string"), _leaf("str_m", 0, kind="string")),
+  ]
+  sp = SmallPairs(None, None, ok[:2] + skipped + ok[2:], leaf_bytes=100, batch_bytes=400)
+  assert len(sp) == 5 and ("s0", "m0") in sp and ("big", "big_m") not in sp and ("s0", "m1") not in sp
+  sizes = [int(re.search(r"batch of (\d+) pairs", sp.describe(f"s{i}", f"m{i}")).group(1)) for i in range(5)]
+  assert sizes == [2, 2, 2, 2, 1]  # 200 + 200 fits in 400 bytes, a third pair does not
+  one = SmallPairs(None, None, [(_leaf("a", 100), _leaf("b", 100))], leaf_bytes=100, batch_bytes=10)
+  assert "batch of 1 pairs" in one.describe("a", "b")  # a pair over the batch size still gets a batch
+  assert SmallPairs(None, None, skipped, leaf_bytes=100, batch_bytes=400).take(*skipped[0]) is None
