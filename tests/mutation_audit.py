@@ -387,6 +387,10 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
         "tests/checkpoint/migrate/test_destination.py",
         "tests/checkpoint/verify/test_verify.py",
     ),
+    "parity_jax/checkpoint/stream/hashing.py": (  # its mirrored file tests the pieces; the verifier's use here
+        "tests/checkpoint/stream/test_small.py",
+        "tests/checkpoint/stream/test_stream.py",
+    ),
     "parity_jax/stores/gcs.py": ("tests/stores/test_remote.py",),  # requests to the GCS emulator
     "parity_jax/stores/s3.py": ("tests/stores/test_remote.py",),  # requests to moto
     "parity_jax/stores/stats.py": (
