@@ -362,8 +362,9 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
     # --- group A (checkpoint/**, stores/**; mut4a): the migrator's modules. Their only mirrored directory file left
     # by the audit's --exclude (test_job.py, test_conversions.py) was test_destination.py; these cheap files call
     # migrate() directly, single process, and read its output back
-    "parity_jax/checkpoint/migrate/__init__.py": (
-        "tests/checkpoint/verify/test_verify.py",  # chunk_mb, batch_mb, compression (and its refusal), layouts
+    "parity_jax/checkpoint/migrate/__init__.py": (  # mirrored: tests/checkpoint/test_migrate.py (the arguments)
+        "tests/checkpoint/migrate/test_destination.py",
+        "tests/checkpoint/verify/test_verify.py",  # chunk_mb, batch_mb, compression, layouts
     ),
     "parity_jax/checkpoint/migrate/schedule.py": (
         "tests/checkpoint/migrate/test_destination.py",  # the commit, temporaries, refusals

@@ -1,0 +1,74 @@
+"""migrate()'s arguments: every bad one refused in one line before anything is read or written; the layout chosen
+for the source; a spec given as a file.
+
+The sources are written here (safetensors with tests/helpers/safetensors_files.py, Orbax with orbax itself through
+tests/helpers/ckpt.py); the migrated leaves are read back and compared with the arrays written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from parity_jax.checkpoint import RemapSpec, migrate, open_checkpoint
+from parity_jax.errors import UsageError
+from tests.helpers import safetensors_files as W
+
+A = np.arange(24, dtype=np.float32).reshape(4, 6) - 7.25
+RULES = {"rules": [{"match": "^a$", "to": "x/a"}]}
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+  d = tmp_path_factory.mktemp("st")
+  W.write_file(d / "model.safetensors", {"a": A})
+  (d.parent / "spec.json").write_text(json.dumps(RULES))
+  return d
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(dest_format="npz"), "dest_format must be one of orbax, safetensors, got 'npz'"),
+        (dict(dest_format="safetensors", distributed=True), "a safetensors destination is written by one process"),
+        (dict(max_shard_mb=0), "max_shard_mb must be a positive number, got 0"),
+        (dict(layout="v2"), "layout must be one of auto, standard, v1, got 'v2'"),
+        (dict(compression="lz4"), "compression must be 'none' or 'zstd', got 'lz4'"),
+        (dict(chunk_mb=float("nan")), "chunk_mb must be a positive number, got nan"),
+        (dict(chunk_mb=True), "chunk_mb must be a positive number, got True"),
+        (dict(batch_mb=-1), "batch_mb must be a positive number, got -1"),
+        (dict(batch_mb=float("inf")), "batch_mb must be a positive number, got inf"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_is_written(src, tmp_path, kw, message):
+  with pytest.raises(UsageError, match="^" + message.replace("(", r"\(")):
+    migrate(src, tmp_path / "out", RemapSpec.from_dict(RULES), **kw)
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_safetensors_source_gets_the_standard_layout_and_the_spec_may_be_a_file(src, tmp_path):
+  res = migrate(src, tmp_path / "auto", src.parent / "spec.json", batch_mb=0.5)  # layout auto, spec by path
+  assert res.passed
+  assert not (tmp_path / "auto" / "state").exists() and (tmp_path / "auto" / "_METADATA").is_file()
+  ck = open_checkpoint(tmp_path / "auto")
+  assert list(ck.leaves) == ["x/a"]
+  got = ck.read_whole(ck.leaves["x/a"])
+  assert (got.dtype, got.shape, got.tobytes()) == (A.dtype, A.shape, A.tobytes())
+  migrate(src, tmp_path / "v1", RemapSpec.from_dict(RULES), layout="v1")
+  assert (tmp_path / "v1" / "state" / "_METADATA").is_file()  # the item in state/, as ocp.v1.save writes it
+
+
+def test_an_unreadable_source_leaf_is_refused_naming_it(tmp_path):
+  d = tmp_path / "bad"
+  d.mkdir()
+
+  def lie(h):
+    h["a"]["shape"] = [5, 6]  # more bytes than the file holds for it
+
+  W.write_file(d / "model.safetensors", {"a": A}, edit=lie)
+  with pytest.raises(UsageError, match=f"^source checkpoint {d}: cannot read leaf 'a': "):
+    migrate(d, tmp_path / "out", RemapSpec.from_dict(RULES))
+  assert not (tmp_path / "out").exists()
