@@ -374,7 +374,7 @@ def compare_element_leaf(e: ElementPlan, res: LeafResult, src: Checkpoint, mig: 
             j = int(bad[0])
             first = (*s.origin(j), expected[j], got[j])
       if pending is not None:
-        pending.result()
+        pending.result()  # no mutate: the shutdown(wait=True) below waits for it too, before any digest is read
   except LeafReadError as err:
     res.status, res.reason = UNREADABLE, str(err)
     return nbytes + values.nbytes
