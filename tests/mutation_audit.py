@@ -379,10 +379,9 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
         "tests/checkpoint/migrate/test_destination.py",
         "tests/checkpoint/verify/test_verify.py",
     ),
-    "parity_jax/checkpoint/migrate/to_safetensors.py": (
+    "parity_jax/checkpoint/migrate/to_safetensors.py": (  # mirrored: shards, config, result, refusals
         "tests/checkpoint/migrate/test_destination.py",  # the in-place checks of a safetensors destination
-        "tests/checkpoint/test_transforms.py",  # dest_format="safetensors" after a split, verified
-        "tests/checkpoint/test_presets.py",  # sharded safetensors with a config, read back by transformers
+        "tests/checkpoint/test_transforms.py",  # element targets (a split) into safetensors, verified
     ),
     "parity_jax/checkpoint/formats/orbax_writer.py": (  # its mirrored file tests the pieces; the whole write here
         "tests/checkpoint/migrate/test_destination.py",
