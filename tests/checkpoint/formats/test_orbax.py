@@ -77,6 +77,19 @@ def test_every_read_path_gives_the_saved_bytes(ck):
     r.wait(r.read_into_async((slice(0, 2), slice(2, 4)), out))
     assert _same(out, VALUES["w"][0:2, 2:4])
   assert ck.read_string(ck.leaves["s"]) == "hello"
+  fresh = ck.reader(ck.leaves["w"])  # never opened: the first read opens it
+  out = np.empty((1, 4), np.float32)
+  fresh.wait(fresh.read_into_async((slice(2, 3), slice(0, 4)), out))
+  assert _same(out, VALUES["w"][2:3])
+  fresh.close()
+  assert _same(fresh.result(fresh.read_async(())), VALUES["w"])  # closed, then read again: reopened
+  fresh.close()
+
+
+def test_the_repr_names_the_checkpoint_not_its_open_handles(ck):
+  ck.read_whole(ck.leaves["w"])
+  text = repr(ck)
+  assert text.startswith("OrbaxCheckpoint(") and "TensorStore" not in text and "Context" not in text
 
 
 def test_a_checkpoint_sent_to_another_process_opens_its_leaves_again_and_reads_the_same(ck):
