@@ -138,6 +138,14 @@ def test_limits_shape_the_retry_context_and_deadlines():
   assert stores.limits() == previous
 
 
+def test_the_default_limits_are_the_documented_ones():
+  """BUILD.md ("Faults"): 5 attempts, 1 s first delay doubling up to 8 s, a stalled connection dropped after 10 s."""
+  lim = stores.Limits()
+  assert lim.retries_spec() == {"max_retries": 5, "initial_delay": "1s", "max_delay": "8s"}
+  assert (lim.stall_s, lim.concurrency) == (10, 32)
+  assert lim.timeout(0) == 60 and lim.timeout(3 << 20) == 63  # a minute, plus a second per MiB read
+
+
 def test_read_many_keeps_order_and_bounds_what_is_in_flight(tmp_path):
   data = bytes(range(256)) * 4
   (tmp_path / "f").write_bytes(data)
