@@ -40,6 +40,7 @@ def test_open_store_canonical_urls(url, scheme, canonical, name):
   assert (s.scheme, s.url, s.name) == (scheme, canonical, name)
   assert str(s) == canonical and stores.is_remote(url) == (scheme != "file")
   assert (s.local_path is None) == (scheme != "file")
+  assert open_store(s) is s and stores.is_remote(s) == (scheme != "file")  # a store is taken as it is
 
 
 def test_relative_and_pathlike_paths_become_absolute(tmp_path, monkeypatch):
