@@ -325,3 +325,12 @@ def test_a_destination_with_an_empty_component_is_one_problem_and_binds_nothing_
   with pytest.raises(SpecError) as e:
     spec.bind({"e": leaf((2,)), "d": leaf((3,))})
   assert e.value.problems == ["rule #1 ('^e$') maps 'e' to 'e/', which has an empty path component"]
+
+
+def test_a_spec_error_spells_out_at_most_25_problems_and_counts_the_rest():
+  assert str(SpecError("invalid spec s", ["only"])) == "invalid spec s: 1 problem: only"
+  all25 = [f"p{i}" for i in range(25)]
+  assert str(SpecError("invalid spec s", all25)) == "invalid spec s: 25 problems: " + "; ".join(all25)
+  e = SpecError("invalid spec s", [f"p{i}" for i in range(30)])
+  assert str(e) == "invalid spec s: 30 problems: " + "; ".join(all25) + "; ... and 5 more"
+  assert e.problems == [f"p{i}" for i in range(30)] and e.what == "invalid spec s"  # every one kept
