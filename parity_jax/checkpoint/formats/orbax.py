@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from parity_jax.checkpoint import keypath
+from parity_jax.checkpoint.formats import ocdbt_ranges
 from parity_jax.checkpoint.formats.base import Checkpoint, LeafMeta, LeafReadError, LeafReader
 from parity_jax.checkpoint.formats.orbax_layout import _ARRAY_TYPES, PYTREE_METADATA, decide_layout, locate
 from parity_jax.checkpoint.formats.tstore import codec_info, memmap_reads, quiet_orbax, read_context
@@ -66,10 +67,11 @@ class OrbaxCheckpoint(Checkpoint):
   facts: dict[str, Any] = dataclasses.field(default_factory=dict)  # how the layout was decided (see storage_facts)
   _context: Any = dataclasses.field(default=None, repr=False)
   _handles: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+  _index: Any = dataclasses.field(default=None, repr=False)  # the OCDBT index of a bucket item, read on first use
 
   def __getstate__(self) -> dict[str, Any]:
     state = dict(self.__dict__)
-    state["_context"], state["_handles"] = None, {}
+    state["_context"], state["_handles"], state["_index"] = None, {}, None
     return state
 
   @property
@@ -137,8 +139,18 @@ class OrbaxCheckpoint(Checkpoint):
         context=read_context(int(max(0, cache_bytes)), self.store.context_spec()),
     ).result()
 
-  def reader(self, leaf: LeafMeta, cache_bytes: int = 0) -> "TensorStoreLeafReader":
+  def reader(self, leaf: LeafMeta, cache_bytes: int = 0) -> LeafReader:
+    """A reader of ``leaf``: by range requests for a big leaf of a bucket's OCDBT database
+    (:mod:`.ocdbt_ranges`), through tensorstore's own zarr reader otherwise."""
+    if ocdbt_ranges.ranged_reads(leaf, is_remote(self.item_dir), self.use_ocdbt):
+      return ocdbt_ranges.RangedLeafReader(self, leaf, cache_bytes)
     return TensorStoreLeafReader(self, leaf, cache_bytes)
+
+  def ocdbt_index(self) -> "ocdbt_ranges.OcdbtIndex":
+    """The item's OCDBT index (where each key's value lies), opened on first use in the shared context."""
+    if self._index is None:
+      self._index = ocdbt_ranges.OcdbtIndex.open(self.store, self.context)
+    return self._index
 
   def read_whole_async(self, leaf: LeafMeta):
     return self.handle(leaf).read()
