@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from parity_jax.checkpoint.formats.base import LeafMeta, LeafReadError, LeafReader
-from parity_jax.checkpoint.formats.tstore import read_context
+from parity_jax.checkpoint.formats.base import LeafMeta, LeafReadError, LeafReader, reader_threads
+from parity_jax.checkpoint.formats.tstore import check_opened, read_context
 from parity_jax.errors import first_line
 from parity_jax.stores import Pending, Store
 
@@ -58,16 +58,10 @@ RANGED_ABOVE_BYTES = SLICE_BYTES
 # Threads that wait for a read's slices, install them and wait for the decode (the work itself runs in the store's
 # and tensorstore's threads): enough for every read the verifier keeps in flight.
 _WORKERS = 16
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
 
 
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
-  global _POOL
-  with _POOL_LOCK:
-    if _POOL is None:
-      _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="parity-ranged")
-    return _POOL
+  return reader_threads("ocdbt-ranges", _WORKERS)
 
 
 def ranged_reads(leaf: LeafMeta, remote: bool, use_ocdbt: bool) -> bool:
@@ -350,12 +344,7 @@ class RangedLeafReader(LeafReader):
       raise
     except Exception as e:  # tensorstore raises ValueError/OSError subclasses with long specs
       raise LeafReadError(self.leaf.path, first_line(e)) from None
-    if tuple(t.shape) != self.leaf.shape or np.dtype(t.dtype.numpy_dtype) != self.leaf.dtype:
-      raise LeafReadError(
-          self.leaf.path,
-          f"stored array is {tuple(t.shape)} {t.dtype.numpy_dtype}, metadata says {self.leaf.shape} {self.leaf.dtype}",
-      )
-    self._ts, self._kv = t, kv
+    self._ts, self._kv = check_opened(self.leaf, t), kv
     return self
 
   def close(self) -> None:

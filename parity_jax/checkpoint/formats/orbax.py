@@ -37,7 +37,7 @@ from parity_jax.checkpoint import keypath
 from parity_jax.checkpoint.formats import ocdbt_ranges
 from parity_jax.checkpoint.formats.base import Checkpoint, LeafMeta, LeafReadError, LeafReader
 from parity_jax.checkpoint.formats.orbax_layout import _ARRAY_TYPES, PYTREE_METADATA, decide_layout, locate
-from parity_jax.checkpoint.formats.tstore import codec_info, memmap_reads, quiet_orbax, read_context
+from parity_jax.checkpoint.formats.tstore import check_opened, codec_info, memmap_reads, quiet_orbax, read_context
 from parity_jax.errors import UsageError, first_line
 from parity_jax.stores import Store, is_remote, open_store
 
@@ -503,12 +503,7 @@ class TensorStoreLeafReader(LeafReader):
       t = self.ckpt.open_leaf(self.leaf, self.cache_bytes)
     except Exception as e:  # tensorstore raises ValueError/OSError subclasses with long specs
       raise LeafReadError(self.leaf.path, first_line(e)) from None
-    if tuple(t.shape) != self.leaf.shape or np.dtype(t.dtype.numpy_dtype) != self.leaf.dtype:
-      raise LeafReadError(
-          self.leaf.path,
-          f"stored array is {tuple(t.shape)} {t.dtype.numpy_dtype}, metadata says {self.leaf.shape} {self.leaf.dtype}",
-      )
-    self._ts = t
+    self._ts = check_opened(self.leaf, t)
     return self
 
   def close(self) -> None:
