@@ -167,9 +167,11 @@ def _libcrypto():
         lib = None
     if lib is None:
       raise UsageError("splitting a leaf's sha256 across processes needs OpenSSL's libcrypto (not found)")
-    lib.SHA256_Init.argtypes = [ctypes.POINTER(_Ctx)]
-    lib.SHA256_Update.argtypes = [ctypes.POINTER(_Ctx), ctypes.c_void_p, ctypes.c_size_t]
-    lib.SHA256_Final.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Ctx)]
+    # argument checking only: every call below passes ctypes objects of exactly these types (byref, c_void_p,
+    # c_size_t, a string buffer), so a missing declaration changes no result (no mutate on these three lines)
+    lib.SHA256_Init.argtypes = [ctypes.POINTER(_Ctx)]  # no mutate
+    lib.SHA256_Update.argtypes = [ctypes.POINTER(_Ctx), ctypes.c_void_p, ctypes.c_size_t]  # no mutate
+    lib.SHA256_Final.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Ctx)]  # no mutate
     _LIB = lib
   return _LIB
 
