@@ -72,3 +72,16 @@ def test_an_unreadable_source_leaf_is_refused_naming_it(tmp_path):
   with pytest.raises(UsageError, match=f"^source checkpoint {d}: cannot read leaf 'a': "):
     migrate(d, tmp_path / "out", RemapSpec.from_dict(RULES))
   assert not (tmp_path / "out").exists()
+
+
+def test_a_leaf_is_written_in_groups_of_whole_chunks_up_to_batch_mb(src, tmp_path):
+  """(4, 6) float32 in chunks of 32 bytes: one row (24 bytes) each, four chunks; batch_mb of 48 bytes takes two rows
+  at a time (two groups), 1 byte takes each chunk alone (four)."""
+  mib = 1 << 20
+  res = migrate(src, tmp_path / "two", RemapSpec.from_dict(RULES), chunk_mb=32 / mib, batch_mb=48 / mib)
+  assert (res.n_leaves, res.nbytes, res.n_batches) == (1, 96, 2)
+  ck = open_checkpoint(tmp_path / "two")
+  assert ck.leaves["x/a"].chunk_shape == (1, 6)
+  got = ck.read_whole(ck.leaves["x/a"])
+  assert (got.dtype, got.shape, got.tobytes()) == (A.dtype, A.shape, A.tobytes())
+  assert migrate(src, tmp_path / "four", RemapSpec.from_dict(RULES), chunk_mb=32 / mib, batch_mb=1 / mib).n_batches == 4
