@@ -367,6 +367,7 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
         "tests/checkpoint/verify/test_verify.py",  # chunk_mb, batch_mb, compression, layouts
     ),
     "parity_jax/checkpoint/migrate/schedule.py": (
+        "tests/checkpoint/test_migrate.py",  # groups of whole chunks up to batch_mb, the result's counts
         "tests/checkpoint/migrate/test_destination.py",  # the commit, temporaries, refusals
         "tests/checkpoint/verify/test_verify.py",  # chunked, batched, compressed writes, verified after
         "tests/checkpoint/test_transforms.py",  # element targets (concat, split) written in many slabs, verified
