@@ -213,3 +213,16 @@ def test_qwen2_moe_has_no_maxtext_layout_and_dense_layers_are_refused(qwen2_moe)
   rules = preset_rules("hf-to-tunix", cfg)
   gate = next(r for r in rules if "shared_expert_gate" in r["match"])
   assert gate["to"] == r"layers/\g<l>/mlp/shared_expert_gate/kernel" and gate["ops"] == [{"transpose": [1, 0]}]
+
+
+def test_maxtext_pads_the_embedding_rows_with_zeros_and_the_way_back_slices_them_off():
+  """MaxText's pad_embedding_layer: vocab 128 -> 160 appends 32 zero rows (the padding holds exactly 0.0); the way
+  back keeps the first 128 rows of all 64 columns (no fill: nothing is padded there)."""
+  with open(os.path.join(TUNIX, "qwen2_dense_f32_tied", "hf", "config.json")) as f:
+    cfg = json.load(f)
+  fwd = next(r for r in preset_rules("hf-to-maxtext", cfg, maxtext_vocab_size=160) if "embed" in r["match"])
+  assert fwd["ops"] == [{"pad": [[0, 32], [0, 0]]}] and fwd["fill"] == 0.0
+  back = next(r for r in preset_rules("maxtext-to-hf", cfg, maxtext_vocab_size=160) if "embed" in r["to"])
+  assert back["ops"] == [{"slice": [[0, 128], [0, 64]]}] and "fill" not in back
+  same = next(r for r in preset_rules("hf-to-maxtext", cfg, maxtext_vocab_size=128) if "embed" in r["match"])
+  assert "ops" not in same and "fill" not in same  # nothing to pad
