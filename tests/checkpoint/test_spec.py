@@ -334,3 +334,16 @@ def test_a_spec_error_spells_out_at_most_25_problems_and_counts_the_rest():
   e = SpecError("invalid spec s", [f"p{i}" for i in range(30)])
   assert str(e) == "invalid spec s: 30 problems: " + "; ".join(all25) + "; ... and 5 more"
   assert e.problems == [f"p{i}" for i in range(30)] and e.what == "invalid spec s"  # every one kept
+
+
+def test_an_element_target_that_a_plain_rule_also_writes_is_one_problem_naming_both_sources():
+  spec = RemapSpec.from_rules(
+      [
+          {"match": r"^a$", "to": "x"},  # a plain rule
+          {"match": r"^b$", "to": "x", "ops": [{"transpose": [1, 0]}]},  # an element rule onto the same leaf
+      ]
+  )
+  leaves = [("a", (2, 3)), ("b", (3, 2))]
+  with pytest.raises(SpecError) as e:
+    spec.bind({n: types.SimpleNamespace(shape=sh, kind="array", dtype=np.dtype(np.float32)) for n, sh in leaves})
+  assert e.value.problems == ["source leaves 'a' and 'b' both map to 'x'"]

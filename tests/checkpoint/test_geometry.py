@@ -1,0 +1,36 @@
+"""C-order ranges of a leaf as boxes, checked element by element against numpy's own C-order flattening.
+
+The expectation is brute force: ``np.arange(n).reshape(shape)[box]`` must be exactly the flat indices the box is
+said to hold, and the boxes together exactly ``[lo, hi)``, in order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from parity_jax.checkpoint.geometry import box_shape, flat_range_boxes
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (4, 1, 3), (2, 2, 2, 3), ()])
+def test_every_range_is_its_boxes_in_c_order_at_their_offsets(shape):
+  n = int(np.prod(shape)) if shape else 1
+  idx = np.arange(n).reshape(shape)
+  for lo in range(n + 1):
+    for hi in range(lo, n + 1):
+      boxes = flat_range_boxes(shape, lo, hi)
+      assert len(boxes) <= max(1, 2 * len(shape) - 1)
+      covered = []
+      for box, off in boxes:
+        flat = idx[box].reshape(-1) if box else idx.reshape(-1)[:1]
+        assert box_shape(box) == (idx[box].shape if box else ())
+        assert flat.tolist() == list(range(lo + off, lo + off + flat.size)), (shape, lo, hi, box, off)
+        covered += flat.tolist()
+      assert covered == list(range(lo, hi))
+
+
+def test_a_range_outside_the_leaf_is_refused():
+  with pytest.raises(ValueError, match=r"range \[2, 7\) is outside a leaf of shape \(2, 3\)"):
+    flat_range_boxes((2, 3), 2, 7)
+  with pytest.raises(ValueError):
+    flat_range_boxes((2, 3), 4, 3)
