@@ -171,3 +171,19 @@ def test_sigterm_inside_interruptible_raises_interrupted_and_only_in_the_main_th
       os.kill(os.getpid(), signal.SIGTERM)
       time.sleep(5)  # the handler raises at once
   assert signal.getsignal(signal.SIGTERM) is before  # restored
+
+
+def test_a_bucket_destination_at_inside_or_around_a_bucket_source_is_refused(monkeypatch):
+  """Decided from the URLs before any request: no bucket is reached (an endpoint that refuses every connection)."""
+  for var in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS"):
+    monkeypatch.setenv(var, "x")  # a gs:// store sets these for the process: put back afterwards
+    monkeypatch.delenv(var)
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:9")
+  src = "gs://bkt/ck/src"
+  for dest, words in [
+      ("gs://bkt/ck/src", "is the source checkpoint; migrate to a new location"),
+      ("gs://bkt/ck/src/sub", "lies inside the source checkpoint gs://bkt/ck/src"),
+      ("gs://bkt/ck", "is or contains the source checkpoint gs://bkt/ck/src"),
+  ]:
+    with pytest.raises(UsageError, match=f"^destination {dest} {words}"):
+      check_bucket_dest(src, open_store(dest), False, lambda line: None)
