@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 
@@ -145,6 +146,8 @@ def test_the_default_limits_are_the_documented_ones():
   assert lim.retries_spec() == {"max_retries": 5, "initial_delay": "1s", "max_delay": "8s"}
   assert (lim.stall_s, lim.concurrency) == (10, 32)
   assert lim.timeout(0) == 60 and lim.timeout(3 << 20) == 63  # a minute, plus a second per MiB read
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    stores.limits().max_retries = 1  # the bounds in force change only through set_limits
 
 
 def test_read_many_keeps_order_and_bounds_what_is_in_flight(tmp_path):
