@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from parity_jax.checkpoint import open_checkpoint
-from parity_jax.checkpoint.formats.orbax import restore_leaves
+from parity_jax.checkpoint.formats.orbax import STANDIN, on_bucket, restore_leaves
 from parity_jax.errors import UsageError
 
 _NAN = np.array([0x7FC1], dtype=np.uint16).view(ml_dtypes.bfloat16)[0]  # a NaN with a payload
@@ -150,3 +150,29 @@ def test_after_a_restore_only_the_closed_event_loop_callback_is_silenced(ck, mon
   sys.unraisablehook(closed)
   sys.unraisablehook(others[0])
   assert seen == [*others, others[0]]
+
+
+def test_on_bucket_moves_only_the_file_kvstores_under_the_stand_in_directory(tmp_path):
+  from parity_jax.stores import open_store
+
+  store = open_store(tmp_path / "bucket_item")  # any store: its kvstore_spec is what the spec gets
+  spec = {
+      "driver": "zarr3",
+      "kvstore": {"driver": "ocdbt", "base": {"driver": "file", "path": STANDIN + "/"}, "path": "w"},
+      "other": [{"driver": "file", "path": "/elsewhere/"}, {"driver": "memory", "path": STANDIN + "/x"}],
+      "sub": {"driver": "file", "path": STANDIN + "/d/ocdbt.process_0"},
+  }
+  from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+
+  # what orbax itself adds to an OCDBT kvstore on remote storage (its gs:// spec): read coalescing
+  theirs = tsu.build_kvstore_tspec("gs://bkt/item", use_ocdbt=True)
+  coalescing = {k: v for k, v in theirs.items() if k.startswith("experimental_read_coalescing")}
+  assert coalescing
+  moved = on_bucket(spec, store)
+  assert moved == {
+      "driver": "zarr3",
+      "kvstore": {"driver": "ocdbt", "base": store.kvstore_spec(as_dir=True), "path": "w", **coalescing},
+      "other": [{"driver": "file", "path": "/elsewhere/"}, {"driver": "memory", "path": STANDIN + "/x"}],
+      "sub": store.child("d", "ocdbt.process_0").kvstore_spec(as_dir=False),
+  }
+  assert moved["kvstore"]["base"] == {"driver": "file", "path": str(tmp_path / "bucket_item") + "/"}

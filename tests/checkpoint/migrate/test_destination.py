@@ -166,11 +166,18 @@ def test_sigterm_inside_interruptible_raises_interrupted_and_only_in_the_main_th
   t.join()
   assert errors == []
   before = signal.getsignal(signal.SIGTERM)
-  with pytest.raises(Interrupted):
+  with pytest.raises(Interrupted) as e:
     with interruptible():
       os.kill(os.getpid(), signal.SIGTERM)
       time.sleep(5)  # the handler raises at once
+  assert e.value.signum == signal.SIGTERM  # the tools exit with 128 + it
   assert signal.getsignal(signal.SIGTERM) is before  # restored
+  note = Interrupted(signal.SIGINT, "removed the temporary")
+  assert (note.signum, note.note, str(note)) == (
+      2,
+      "removed the temporary",
+      "interrupted (SIGINT): removed the temporary",
+  )
 
 
 def test_a_bucket_destination_at_inside_or_around_a_bucket_source_is_refused(monkeypatch):
