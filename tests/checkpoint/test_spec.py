@@ -307,6 +307,7 @@ def test_a_spec_written_out_reads_back_the_same():
       {"match": "^(f|g)$", "to": "fg", "concat": {"axis": 0, "index": r"\1"}},
       {"match": "^h$", "to": "h{p}", "split": {"axis": 0, "sizes": [2, 1], "name": "p", "names": ["x", "y"]}},
       {"match": "^i$", "to": "i{p}", "split": {"axis": 1, "sections": 3, "name": "p"}},
+      {"match": "^j$", "to": "unused", "drop": True},
   ]
   spec = RemapSpec.from_dict({"rules": rules})
   again = RemapSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
@@ -317,6 +318,7 @@ def test_a_spec_written_out_reads_back_the_same():
   assert d["^(q|k)$"]["concat"] == rules[5]["concat"] and d["^(f|g)$"]["concat"] == rules[6]["concat"]
   assert d["^h$"]["split"] == rules[7]["split"]
   assert d["^i$"]["split"] == {**rules[8]["split"], "names": ["0", "1", "2"]}
+  assert d["^j$"] == rules[9] and "drop" not in d["^a$"]
 
 
 def test_a_destination_with_an_empty_component_is_one_problem_and_binds_nothing_else():
