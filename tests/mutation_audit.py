@@ -392,6 +392,10 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
         "tests/checkpoint/stream/test_small.py",
         "tests/checkpoint/stream/test_stream.py",
     ),
+    "parity_jax/checkpoint/stream/readers.py": (  # mirrored: the spill reader; the side readers through a verify
+        "tests/checkpoint/stream/test_small.py",
+        "tests/checkpoint/stream/test_stream.py",
+    ),
     "parity_jax/stores/gcs.py": ("tests/stores/test_remote.py",),  # requests to the GCS emulator
     "parity_jax/stores/s3.py": ("tests/stores/test_remote.py",),  # requests to moto
     "parity_jax/stores/stats.py": (

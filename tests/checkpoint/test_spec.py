@@ -349,3 +349,19 @@ def test_an_element_target_that_a_plain_rule_also_writes_is_one_problem_naming_b
   with pytest.raises(SpecError) as e:
     spec.bind({n: types.SimpleNamespace(shape=sh, kind="array", dtype=np.dtype(np.float32)) for n, sh in leaves})
   assert e.value.problems == ["source leaves 'a' and 'b' both map to 'x'"]
+
+
+@pytest.mark.parametrize(
+    "stack, bad",
+    [
+        ([{"axis": -1, "index": "x"}], 0),
+        ([{"axis": 0}], 0),  # no index
+        ([{"axis": 0, "index": "a"}, {"axis": True, "index": "b"}], 1),  # a bool is no axis (nor the same as 1)
+    ],
+)
+def test_a_malformed_stack_level_is_one_problem_and_nothing_else(stack, bad):
+  with pytest.raises(SpecError) as e:
+    RemapSpec.from_rules([{"match": "^a(.)$", "to": "a", "stack": stack}])
+  assert e.value.problems == [
+      f"rule #1: stack[{bad}] must be {{'axis': int >= 0, 'index': template}}, got {stack[bad]!r}"
+  ]
