@@ -359,6 +359,9 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
         "tests/checkpoint/verify/test_pieces.py",  # split
         "tests/checkpoint/verify/test_verify.py",  # flatten, nest
     ),
+    # ---- group B (foundations, bundles, svf, runtime, qwen2, oracle, cli; helper mut4b) ----
+    # forward_parity on the committed goldens, the MoE routing replay and decode_parity, called directly
+    "parity_jax/qwen2/parity.py": ("tests/tools/test_forward_parity.py",),
 }
 
 
