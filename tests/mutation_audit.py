@@ -362,6 +362,7 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
     # ---- group B (foundations, bundles, svf, runtime, qwen2, oracle, cli; helper mut4b) ----
     # forward_parity on the committed goldens, the MoE routing replay and decode_parity, called directly
     "parity_jax/qwen2/parity.py": ("tests/tools/test_forward_parity.py",),
+    "parity_jax/qwen2/capture.py": ("tests/qwen2/test_parity.py",),  # load_checked, model_stages, _provenance
 }
 
 
