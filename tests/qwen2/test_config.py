@@ -16,6 +16,14 @@ def test_5x_style_golden_config():
   assert (cfg.model_type, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == ("qwen2", 3, 4, 2, 16)
   assert cfg.rope_theta == 10000.0 and cfg.qkv_bias and not cfg.o_bias and not cfg.qk_norm
   assert not cfg.tie_word_embeddings and cfg.sliding_window is None and cfg.stored_dtype == "float32"
+  # a dense model: every mixture-of-experts field says "none"
+  assert not cfg.is_moe and cfg.moe_layers == () and cfg.norm_topk_prob is False
+  assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size) == (
+      0,
+      0,
+      0,
+      0,
+  )
 
 
 def test_4x_style_golden_config_like_published_qwen25():

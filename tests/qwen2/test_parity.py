@@ -128,7 +128,7 @@ def test_the_padded_golden_passes_with_its_recorded_inputs(padded):
 def test_tokens_given_replace_the_golden_ones_and_diverge():
   tokens, _, _ = golden_inputs(PADDED)
   other = (tokens + 1) % 320
-  r = forward_parity(MODEL, PADDED, tokens=other)
+  r = forward_parity(MODEL, PADDED, tokens=other, dtype=np.float32)  # a dtype, not its name
   np.testing.assert_array_equal(r.tokens, other)
   assert r.attention_mask is None  # given tokens come without the golden's recorded mask
   assert not r.passed and r.first_divergent == "embedding" == r.report.first_divergent
@@ -212,6 +212,7 @@ def test_decode_parity_argument_errors(tmp_path):
       (dict(model_dir=tmp_path / "nope", steps=1), "no such model directory"),
       (dict(model_dir=MODEL, reference_dir=tmp_path / "gone", steps=1), "no such reference directory"),
       (dict(model_dir=MODEL, steps=0), "decode steps must be an integer >= 1, got 0"),
+      (dict(model_dir=MODEL, steps=1, dtype="float16"), "dtype must be one of float32, bfloat16, got 'float16'"),
       (dict(model_dir=MODEL, steps=True), "got True"),
       (dict(model_dir=MODEL, steps=1.0), "got 1.0"),
       (dict(model_dir=MODEL, steps=1, attention_mask=np.array([[1, 1], [0, 0]])), "row 1 is all padding"),
