@@ -363,8 +363,9 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
     # forward_parity on the committed goldens, the MoE routing replay and decode_parity, called directly
     "parity_jax/qwen2/parity.py": ("tests/tools/test_forward_parity.py",),
     "parity_jax/qwen2/capture.py": ("tests/qwen2/test_parity.py",),  # load_checked, model_stages, _provenance
-    # the HF oracle's capture: its direct test first, then the regeneration of the committed goldens through it
-    "parity_jax/oracle/hf_forward.py": ("tests/oracle/test_regeneration.py",),
+    # the HF oracle's capture: its direct test first, then the regeneration of the committed goldens through it,
+    # and the MoE goldens test_moe.py makes with it (the router hooks: the committed goldens are all dense)
+    "parity_jax/oracle/hf_forward.py": ("tests/oracle/test_regeneration.py", "tests/qwen2/test_moe.py"),
     # the stage statistics and breaches behind every comparison: audited, as before test_diff.py, with every
     # bundles test file (test_verdict_hf.py is left out by the audit command)
     "parity_jax/bundles/diff.py": tuple(
