@@ -366,6 +366,8 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
     # the HF oracle's capture: its direct test first, then the regeneration of the committed goldens through it,
     # and the MoE goldens test_moe.py makes with it (the router hooks: the committed goldens are all dense)
     "parity_jax/oracle/hf_forward.py": ("tests/oracle/test_regeneration.py", "tests/qwen2/test_moe.py"),
+    # the SVF goldens' writer (_draw, the components and manifest) runs only in the regeneration test
+    "parity_jax/oracle/svf_goldens.py": ("tests/oracle/test_regeneration.py",),
     # the stage statistics and breaches behind every comparison: audited, as before test_diff.py, with every
     # bundles test file (test_verdict_hf.py is left out by the audit command)
     "parity_jax/bundles/diff.py": tuple(
