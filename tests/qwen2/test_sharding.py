@@ -94,3 +94,21 @@ def test_a_damaged_safetensors_header_is_one_line(tmp_path):
   for path, words in cases:
     with pytest.raises(UsageError, match=words):
       SafetensorsFile(path)
+
+
+def test_axis_rules_are_checked_before_any_placement():
+  import pytest
+
+  from parity_jax.errors import UsageError
+  from parity_jax.qwen2 import make_mesh
+  from parity_jax.qwen2.sharding import Placement
+
+  mesh = make_mesh("dp:1")
+  for rules, words in [
+      ([("heads",)], "is not (logical axis, mesh axes)"),
+      ([("bogus", "tp")], "unknown logical axis"),
+      ([("heads", 3)], "mesh axes must be names, got 3"),
+      ([("heads", ("tp", ""))], "mesh axes must be names"),
+  ]:
+    with pytest.raises(UsageError, match=words.replace("(", r"\(").replace(")", r"\)")):
+      Placement(mesh, axis_rules=rules)
