@@ -112,3 +112,21 @@ def test_axis_rules_are_checked_before_any_placement():
   ]:
     with pytest.raises(UsageError, match=words.replace("(", r"\(").replace(")", r"\)")):
       Placement(mesh, axis_rules=rules)
+
+
+def test_shard_params_places_every_leaf_on_the_mesh_with_the_same_values():
+  import jax
+  import numpy as np
+
+  from parity_jax import qwen2
+  from parity_jax.arraydiff import bit_equal
+  from parity_jax.qwen2.sharding import shard_params
+  from tests.helpers.qwen import config_dict
+
+  cfg = qwen2.parse_config(config_dict())
+  params = qwen2.init_params(cfg)
+  mesh = qwen2.make_mesh("dp:1")
+  placed = shard_params(params, mesh)
+  assert jax.tree_util.tree_structure(placed) == jax.tree_util.tree_structure(params)
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(placed)):
+    assert b.sharding.mesh.shape == mesh.shape and bit_equal(np.asarray(a), np.asarray(b))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from parity_jax.runtime import Job
+from parity_jax.runtime.job import left_job
 
 from tests.helpers import ckpt as H
 
@@ -138,14 +139,22 @@ _CHILD_BEATS = _CHILD.split("how = sys.argv[1]")[0] + textwrap.dedent("""
         job.tick()
       time.sleep(0.7)  # longer than the timeout: only the heartbeats keep process 0 alive in process 1's eyes
       print(store.key_value_try_get(job.ns + "/hb/0"))
+    time.sleep(0.2)
+    stopped = store.key_value_try_get(job.ns + "/hb/0")
+    with job:  # entered again: the heartbeat starts again
+      time.sleep(0.3)
+    print(stopped, store.key_value_try_get(job.ns + "/hb/0"))
     """)
 
 
 def test_a_living_process_keeps_beating_with_its_progress():
   proc = subprocess.run([sys.executable, "-c", _CHILD_BEATS], cwd=H.REPO, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
-  beats, progress = map(int, proc.stdout.split(":"))
+  first, again = proc.stdout.splitlines()
+  beats, progress = map(int, first.split(":"))
   assert progress == 3 and beats >= 4, proc.stdout  # one at the start, then one per period of 0.06 s
+  stopped, resumed = (int(x.split(":")[0]) for x in again.split())
+  assert beats <= stopped <= beats + 1 and resumed >= stopped + 3, proc.stdout  # none while left, then again
 
 
 class _Store:
@@ -240,4 +249,5 @@ def test_the_exchanges_of_three_processes_and_of_one():
   assert one.wait_for("k") == b"v" and one.try_get("k") == b"v" and one.try_get("never") is None
   with pytest.raises(KeyError):
     one.wait_for("never")
-  one.fail("nothing to tell")  # no other process: returns
+  one.fail("nothing to tell")  # no other process: returns, and this process has not left a job
+  assert not left_job()

@@ -129,3 +129,19 @@ def test_batch_size_changes_no_count_and_must_be_positive():
   for bad in (0, -1, 1.5, True):
     with pytest.raises(ValueError, match="batch_elems must be a positive int"):
       MismatchAccounting(FormulaConstants.from_components(s, o), batch_elems=bad)
+
+
+def test_normalization_bound_by_hand():
+  """s = [3, -1, 2], offsets [0.5, 0, -0.5]: A = 4 (sum |s| = 6), B = sum s(1+o) = 4.5 (sum |.| = 6.5), k = 3.
+
+  |N^/N - 1| <= (1 + g(k-1) 6/4)(1 + u) / (1 - g(k+1) 6.5/4.5) - 1 with g(n) = nu / (1 - nu).
+  """
+
+  def expected(u):
+    g = lambda n: n * u / (1 - n * u)  # noqa: E731
+    return (1 + g(2) * 6 / 4) * (1 + u) / (1 - g(4) * 6.5 / 4.5) - 1
+
+  fc = FormulaConstants.from_components(np.float32([3, -1, 2]), np.float32([0.5, 0, -0.5]))
+  assert (fc.k, fc.u, fc.n64) == (3, 2.0**-24, 4 / 4.5)
+  assert fc.nu == pytest.approx(expected(2.0**-24), rel=1e-12)
+  assert fc.nu64 == pytest.approx(expected(2.0**-53), rel=1e-9)
