@@ -2,6 +2,7 @@
 
   flock -x /tmp/parity_cpu.lock .venv/bin/python -m bench.buckets [--store=gs|s3] [--leaves=1000] [--big_mb=1024]
       [--shards=8] [--delay_ms=20] [--stream_mib_s=0,24] [--readahead=N (default: the product's)] [--parts=small,big]
+      [--ranged=on,off]
 
 An emulator runs on 127.0.0.1 (``--store=gs``, the default: the GCS emulator of
 ``tests/helpers/gcs_emulator.py``, which serves a range at a cost that follows the range, like a real store;
@@ -24,7 +25,9 @@ Figures, each against a reference measured in the same run:
    time (``Limits.concurrency=1``); target >= 8x. Both in a child process after a warm-up verify there: the
    verifier never shares a process (and its GIL) with the proxy; the proxy's figures are taken over the
    child's timed windows.
-2. one ``--big_mb`` leaf, verified in a fresh child process (as the tool runs; its peak RSS, ``VmHWM``,
+2. one ``--big_mb`` leaf, verified in a fresh child process, once with the product's reader (``--ranged=on``:
+   each stored chunk fetched as range requests of <= 16 MiB, :mod:`parity_jax.checkpoint.formats.ocdbt_ranges`)
+   and once with tensorstore's own (``off``: one request per stored chunk), each (as the tool runs; its peak RSS, ``VmHWM``,
    against an idle child's, and issue 17's memory bound, :func:`bench.children.memory_bound`): verify
    throughput (bytes read / s) vs one single-stream GET of the largest object; target >= 4x.
 3. bytes read / bytes stored (both trees) for that verify; target <= 1.05.
@@ -43,6 +46,7 @@ import argparse
 import collections
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -159,6 +163,10 @@ def _child(task: str, a: dict) -> None:
   os.environ.update(a["env"])
   from parity_jax import stores  # noqa: F401 -- the imports the verify needs, before the baseline
   from parity_jax.checkpoint import verify_migration  # noqa: F401
+  from parity_jax.checkpoint.formats import ocdbt_ranges
+
+  if not a.get("ranged", True):  # the reference reader: tensorstore's own, one request per stored chunk
+    ocdbt_ranges.RANGED_ABOVE_BYTES = float("inf")
 
   out = {"baseline_rss": rss()}
   if task == "small":  # a warm-up verify (imports, compilation, the bucket checks), then the two timed ones
@@ -178,6 +186,8 @@ def _child(task: str, a: dict) -> None:
         read_modes=sorted({leaf.read_mode for leaf in rep.leaves}),
     )
   out["vm_hwm"] = _vm_hwm()
+  ru = resource.getrusage(resource.RUSAGE_SELF)
+  out["cpu_s"] = round(ru.ru_utime + ru.ru_stime, 2)
   print(json.dumps(out))
 
 
@@ -205,15 +215,15 @@ def _big_figures(args, b, emu, proxy, pairs, store_env, cap_mib: float) -> dict:
   chunks = [children.largest_chunk(d, 8 * _MIB, written=True) for d in (s_dir, m_dir)]
   child_args = dict(env=store_env, src=s_url, mig=m_url, spec=spec, readahead=args.readahead)
   idle = children.run_child(__file__, "idle", **child_args)
-  proxy.reset_stats()
-  c0 = _cpu(emu.proc.pid)
-  res = children.run_child(__file__, "verify", **child_args)
-  big_cpu = _cpu(emu.proc.pid) - c0
-  big_stats = proxy.stats()
-  assert res["passed"]
-  t_big = res["seconds"]
-  peak_above_idle = res["vm_hwm"] - idle["vm_hwm"]
-
+  runs = {}
+  for ranged in [r == "on" for r in args.ranged.split(",")]:
+    proxy.reset_stats()
+    c0 = _cpu(emu.proc.pid)
+    res = children.run_child(__file__, "verify", **child_args, ranged=ranged)
+    res["emulator_cpu"] = _cpu(emu.proc.pid) - c0
+    res["proxy"] = proxy.stats()
+    assert res["passed"]
+    runs[ranged] = res
   sizes = {f"big/src/{k}": n for k, n in _tree_bytes(s_dir).items()}
   sizes.update({f"big/mig/{k}": n for k, n in _tree_bytes(m_dir).items()})
   key = max(sizes, key=sizes.get)
@@ -236,30 +246,36 @@ def _big_figures(args, b, emu, proxy, pairs, store_env, cap_mib: float) -> dict:
     del parts
     ceiling[f"{n_ranges}_ranges_mib_s"] = round(size / dt / _MIB, 1)
     ceiling[f"{n_ranges}_ranges_emulator_cpu_share"] = round((_cpu(emu.proc.pid) - c0) / dt, 2)
-  verify_rate = res["bytes_read"] / t_big
   single_rate = size / t_single
   assert not cap_mib or single_rate <= 1.02 * cap_mib * _MIB, "the proxy's per-stream cap is not in force"
-  big = {
-      "mib": args.big_mb,
-      "verify_s": round(t_big, 2),
-      "verify_mib_s": round(verify_rate / _MIB, 1),
-      "single_stream_object_bytes": size,
-      "single_stream_s": round(t_single, 2),
-      "single_stream_mib_s": round(single_rate / _MIB, 1),
-      "ratio": round(verify_rate / single_rate, 2),
-      "bytes_read": res["bytes_read"],
-      "bytes_stored": stored,
-      "read_over_stored": round(res["bytes_read"] / stored, 3),
-      "requests": big_stats["requests"],
-      "mean_in_flight": round(big_stats["mean_in_flight"], 1),
-      "peak_in_flight": big_stats["peak_in_flight"],
-      "single_stream_requests": single_stats["requests"],
-      "leaf_read_modes": res["read_modes"],
-      "emulator_cpu_share_during_verify": round(big_cpu / t_big, 2),
-      "peak_rss_above_idle_mib": round(peak_above_idle / _MIB, 1),
-      "memory_bound": children.memory_bound(peak_above_idle, chunks),
-      **ceiling,
-  }
+  out = {}
+  for ranged, res in runs.items():
+    t_big, stats = res["seconds"], res["proxy"]
+    peak_above_idle = res["vm_hwm"] - idle["vm_hwm"]
+    verify_rate = res["bytes_read"] / t_big
+    out["big_leaf" if ranged else "big_leaf_one_request_per_chunk"] = {
+        "mib": args.big_mb,
+        "reader": "range requests per chunk (ocdbt_ranges)" if ranged else "tensorstore's, one request per chunk",
+        "verify_s": round(t_big, 2),
+        "verify_mib_s": round(verify_rate / _MIB, 1),
+        "single_stream_object_bytes": size,
+        "single_stream_s": round(t_single, 2),
+        "single_stream_mib_s": round(single_rate / _MIB, 1),
+        "ratio": round(verify_rate / single_rate, 2),
+        "bytes_read": res["bytes_read"],
+        "bytes_stored": stored,
+        "read_over_stored": round(res["bytes_read"] / stored, 3),
+        "requests": stats["requests"],
+        "mean_in_flight": round(stats["mean_in_flight"], 1),
+        "peak_in_flight": stats["peak_in_flight"],
+        "single_stream_requests": single_stats["requests"],
+        "leaf_read_modes": res["read_modes"],
+        "emulator_cpu_share_during_verify": round(res["emulator_cpu"] / t_big, 2),
+        "verify_cpu_s": res["cpu_s"],
+        "peak_rss_above_idle_mib": round(peak_above_idle / _MIB, 1),
+        "memory_bound": children.memory_bound(peak_above_idle, chunks),
+        **ceiling,
+    }
 
   # 4: download both trees (sliced, 32 in flight), then verify locally
   local = tempfile.mkdtemp(prefix="parity_bench_download-", dir=args.tmp)
@@ -273,6 +289,7 @@ def _big_figures(args, b, emu, proxy, pairs, store_env, cap_mib: float) -> dict:
     assert rep.passed
   finally:
     shutil.rmtree(local, ignore_errors=True)
+  t_big = runs[True]["seconds"] if True in runs else runs[False]["seconds"]
   vs = {
       "bucket_verify_s": round(t_big, 2),
       "download_s": round(t_dl, 2),
@@ -281,7 +298,7 @@ def _big_figures(args, b, emu, proxy, pairs, store_env, cap_mib: float) -> dict:
       "download_then_verify_s": round(t_dl + t_local, 2),
       "local_disk_bytes": n,
   }
-  return {"big_leaf": big, "vs_download": vs}
+  return {**out, "vs_download": vs}
 
 
 def main() -> None:
@@ -296,6 +313,11 @@ def main() -> None:
       "--readahead", type=int, default=None, help="verify_migration(readahead=); unset: the product's default (auto)"
   )
   ap.add_argument("--parts", default="small,big")
+  ap.add_argument(
+      "--ranged",
+      default="on,off",
+      help="big leaf readers to time: on (the product's: range requests per chunk), off (one request per chunk)",
+  )
   ap.add_argument("--tmp", default=None, help="where the local trees and the reference download go")
   ap.add_argument("--child")
   ap.add_argument("--args")

@@ -17,7 +17,9 @@ concurrently (``read_range_async``, :func:`read_many`), and hands
 tensorstore's zarr/OCDBT drivers the same location
 (``kvstore_spec`` + ``context_spec``). Failures are one-line
 :class:`StoreError`\\ s with a ``kind``; waits are bounded (:class:`Limits`).
-:func:`io_stats` counts requests and bytes per scheme for reports.
+:func:`io_stats` counts requests and bytes per scheme for reports; within
+:func:`listing_snapshot` a bucket prefix is listed once for every question
+asked of it (opening a checkpoint asks several).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import re
 
 from parity_jax.stores.base import Limits, Pending, Store, StoreError, limits, read_many, set_limits
+from parity_jax.stores.remote import listing_snapshot
 from parity_jax.stores.stats import io_stats
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "io_stats",
     "is_remote",
     "limits",
+    "listing_snapshot",
     "open_store",
     "read_many",
     "set_limits",

@@ -23,15 +23,16 @@ trips of concurrent probes).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from parity_jax.stores.base import Pending, Store, StoreError, limits, native_stderr, reemit, split_path
 
-__all__ = ["BucketStore", "Endpoint"]
+__all__ = ["BucketStore", "Endpoint", "listing_snapshot"]
 
 _HUGE = 1 << 62
 # an absl log line written by tensorstore's native code: "E1207 06:50:20.669642   18409 common-io:5] message"
@@ -69,6 +70,38 @@ _KV: dict[tuple, Any] = {}
 _CHECKED: dict[tuple, str] = {}  # (endpoint key, bucket) -> credentials line tensorstore logged, if any
 _OPEN_LOCK = threading.Lock()
 _PROBE_KEY = ".parity-jax-probe"  # a key that is not expected to exist
+_SNAPSHOT = threading.local()
+
+
+@contextlib.contextmanager
+def listing_snapshot() -> Iterator[None]:
+  """Within the block (this thread), a bucket prefix listed once answers every later listing, ``is_dir`` and
+  ``is_file`` of the same or a deeper prefix, without a request.
+
+  Opening a checkpoint asks the same question of the same prefix several times
+  (which format, which layout, the commit marker); each is a round trip to the
+  store. Only for reads: nothing written inside the block is seen by it.
+  """
+  outer = getattr(_SNAPSHOT, "listings", None)
+  if outer is None:
+    _SNAPSHOT.listings = {}
+  try:
+    yield
+  finally:
+    if outer is None:
+      _SNAPSHOT.listings = None
+
+
+def _listed(key: tuple, path: str) -> list[str] | None:
+  """Every full key below ``path`` (a prefix ending in "/", or "" for the root) from a snapshot's listing of it or
+  of a shorter prefix; None when no listing covers it."""
+  listings = getattr(_SNAPSHOT, "listings", None)
+  if not listings:
+    return None
+  for (k, prefix), keys in listings.items():
+    if k == key and path.startswith(prefix):
+      return [n for n in keys if n.startswith(path)]
+  return None
 
 
 def _kvstore(endpoint: Endpoint, bucket: str, lim) -> Any:
@@ -300,9 +333,14 @@ class BucketStore(Store):
     import tensorstore as ts
 
     p = self._prefix()
-    rng = ts.KvStore.KeyRange(p, p[:-1] + "0") if p else ts.KvStore.KeyRange()
-    keys = self._wait(self._kv().list(rng), "list")
-    names = (k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k) for k in keys)
+    names = _listed(self._identity()[:3], p)
+    if names is None:
+      rng = ts.KvStore.KeyRange(p, p[:-1] + "0") if p else ts.KvStore.KeyRange()
+      keys = self._wait(self._kv().list(rng), "list")
+      names = [k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k) for k in keys]
+      listings = getattr(_SNAPSHOT, "listings", None)
+      if listings is not None:
+        listings[(self._identity()[:3], p)] = names
     return sorted(k[len(p) :] for k in names if k.startswith(p) and len(k) > len(p))
 
   # ---- objects
@@ -319,6 +357,10 @@ class BucketStore(Store):
   def is_file(self) -> bool:
     if not self.path or not self._bucket_ok():
       return False
+    parent = self.path.rsplit("/", 1)[0] + "/" if "/" in self.path else ""
+    listed = _listed(self._identity()[:3], parent)
+    if listed is not None:
+      return self.path in listed
     r = self._wait(self._kv().read(self.path, byte_range=slice(0, 0)), "read")
     return r.state == "value"
 

@@ -23,6 +23,7 @@ import os
 from typing import Callable, NamedTuple
 
 from parity_jax.checkpoint.formats.base import Checkpoint, LeafMeta, LeafReadError, LeafReader
+from parity_jax.stores import listing_snapshot
 
 __all__ = ["FORMATS", "Checkpoint", "LeafMeta", "LeafReadError", "LeafReader", "open_checkpoint"]
 
@@ -53,8 +54,9 @@ FORMATS: tuple[Callable[[], Format], ...] = (_safetensors, _orbax)
 def open_checkpoint(path: str | os.PathLike, role: str = "checkpoint") -> Checkpoint:
   """Opens ``path`` (metadata only) in the first format that recognises it; a one-line UsageError otherwise."""
   path = os.fspath(path)
-  for make in FORMATS:
-    fmt = make()
-    if fmt.detect(path):
-      return fmt.open(path, role)
+  with listing_snapshot():  # which format, which layout, the commit marker: one listing of a bucket prefix
+    for make in FORMATS:
+      fmt = make()
+      if fmt.detect(path):
+        return fmt.open(path, role)
   raise AssertionError("unreachable: the last format explains every path")  # pragma: no cover

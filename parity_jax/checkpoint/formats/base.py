@@ -20,15 +20,17 @@ implements them (and registers itself in :mod:`parity_jax.checkpoint.formats`).
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import dataclasses
 import math
+import threading
 from typing import Any, Sequence
 
 import numpy as np
 
 from parity_jax.errors import UsageError, first_line
 
-__all__ = ["Checkpoint", "LeafMeta", "LeafReadError", "LeafReader"]
+__all__ = ["Checkpoint", "LeafMeta", "LeafReadError", "LeafReader", "reader_threads"]
 
 
 class LeafReadError(UsageError):
@@ -194,3 +196,16 @@ class Checkpoint(abc.ABC):
   def storage_summary(self) -> str:
     """One short line: how the storage is read."""
     return f"{self.format} ({self.layout})"
+
+
+_POOLS: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def reader_threads(name: str, workers: int) -> concurrent.futures.ThreadPoolExecutor:
+  """The threads a format's readers share under ``name`` (started on first use; a reader holds none of its own)."""
+  with _POOLS_LOCK:
+    pool = _POOLS.get(name)
+    if pool is None:
+      pool = _POOLS[name] = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"parity_jax-{name}")
+    return pool

@@ -34,9 +34,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from parity_jax.checkpoint import keypath
+from parity_jax.checkpoint.formats import ocdbt_ranges
 from parity_jax.checkpoint.formats.base import Checkpoint, LeafMeta, LeafReadError, LeafReader
 from parity_jax.checkpoint.formats.orbax_layout import _ARRAY_TYPES, PYTREE_METADATA, decide_layout, locate
-from parity_jax.checkpoint.formats.tstore import codec_info, memmap_reads, quiet_orbax, read_context
+from parity_jax.checkpoint.formats.tstore import check_opened, codec_info, memmap_reads, quiet_orbax, read_context
 from parity_jax.errors import UsageError, first_line
 from parity_jax.stores import Store, is_remote, open_store
 
@@ -66,10 +67,11 @@ class OrbaxCheckpoint(Checkpoint):
   facts: dict[str, Any] = dataclasses.field(default_factory=dict)  # how the layout was decided (see storage_facts)
   _context: Any = dataclasses.field(default=None, repr=False)
   _handles: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+  _index: Any = dataclasses.field(default=None, repr=False)  # the OCDBT index of a bucket item, read on first use
 
   def __getstate__(self) -> dict[str, Any]:
     state = dict(self.__dict__)
-    state["_context"], state["_handles"] = None, {}
+    state["_context"], state["_handles"], state["_index"] = None, {}, None
     return state
 
   @property
@@ -137,8 +139,18 @@ class OrbaxCheckpoint(Checkpoint):
         context=read_context(int(max(0, cache_bytes)), self.store.context_spec()),
     ).result()
 
-  def reader(self, leaf: LeafMeta, cache_bytes: int = 0) -> "TensorStoreLeafReader":
+  def reader(self, leaf: LeafMeta, cache_bytes: int = 0) -> LeafReader:
+    """A reader of ``leaf``: by range requests for a big leaf of a bucket's OCDBT database
+    (:mod:`.ocdbt_ranges`), through tensorstore's own zarr reader otherwise."""
+    if ocdbt_ranges.ranged_reads(leaf, is_remote(self.item_dir), self.use_ocdbt):
+      return ocdbt_ranges.RangedLeafReader(self, leaf, cache_bytes)
     return TensorStoreLeafReader(self, leaf, cache_bytes)
+
+  def ocdbt_index(self) -> "ocdbt_ranges.OcdbtIndex":
+    """The item's OCDBT index (where each key's value lies), opened on first use in the shared context."""
+    if self._index is None:
+      self._index = ocdbt_ranges.OcdbtIndex.open(self.store, self.context)
+    return self._index
 
   def read_whole_async(self, leaf: LeafMeta):
     return self.handle(leaf).read()
@@ -491,12 +503,7 @@ class TensorStoreLeafReader(LeafReader):
       t = self.ckpt.open_leaf(self.leaf, self.cache_bytes)
     except Exception as e:  # tensorstore raises ValueError/OSError subclasses with long specs
       raise LeafReadError(self.leaf.path, first_line(e)) from None
-    if tuple(t.shape) != self.leaf.shape or np.dtype(t.dtype.numpy_dtype) != self.leaf.dtype:
-      raise LeafReadError(
-          self.leaf.path,
-          f"stored array is {tuple(t.shape)} {t.dtype.numpy_dtype}, metadata says {self.leaf.shape} {self.leaf.dtype}",
-      )
-    self._ts = t
+    self._ts = check_opened(self.leaf, t)
     return self
 
   def close(self) -> None:

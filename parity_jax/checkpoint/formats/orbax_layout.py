@@ -111,7 +111,7 @@ class Tree:
   def exists(self, rel: str = "") -> bool:
     if not self.remote:
       return os.path.exists(self.join(rel))
-    return self.is_file(rel) or self.is_dir(rel)
+    return self.is_dir(rel) or self.is_file(rel)  # the listing first: a bucket's object probe is a round trip
 
   def is_dir(self, rel: str = "") -> bool:
     if not self.remote:

@@ -38,13 +38,12 @@ import math
 import os
 import re
 import struct
-import threading
 from typing import Any, Sequence
 
 import numpy as np
 
 from parity_jax.checkpoint import keypath
-from parity_jax.checkpoint.formats.base import Checkpoint, LeafMeta, LeafReadError, LeafReader
+from parity_jax.checkpoint.formats.base import Checkpoint, LeafMeta, LeafReadError, LeafReader, reader_threads
 from parity_jax.dtypes import SAFETENSORS_DTYPES
 from parity_jax.errors import UsageError, first_line
 from parity_jax.stores import Store, StoreError, open_store
@@ -186,17 +185,9 @@ class SafetensorsLeafReader(LeafReader):
     return _pool().submit(self._fill, box, out)
 
 
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
-  """The threads that serve byte-range reads (shared: a reader holds no thread of its own)."""
-  global _POOL
-  with _POOL_LOCK:
-    if _POOL is None:
-      _POOL = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="parity_jax-safetensors")
-    return _POOL
+  """The threads that serve byte-range reads."""
+  return reader_threads("safetensors", 4)
 
 
 def _bounds(box: Sequence[slice], shape: tuple[int, ...]) -> list[tuple[int, int]]:

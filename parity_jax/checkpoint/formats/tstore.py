@@ -6,7 +6,7 @@ import contextlib
 import logging
 from typing import Any
 
-__all__ = ["codec_info", "codec_name", "memmap_reads", "quiet_orbax", "raw_chunks", "read_context"]
+__all__ = ["check_opened", "codec_info", "codec_name", "memmap_reads", "quiet_orbax", "raw_chunks", "read_context"]
 
 _OCDBT_NODE_CACHE = 8 << 20  # B-tree nodes only; values go through the chunk cache
 
@@ -145,3 +145,17 @@ def quiet_orbax(level: int = logging.ERROR):
     yield
   finally:
     logger.setLevel(old)
+
+
+def check_opened(leaf, t: Any) -> Any:
+  """``t``, a tensorstore opened for ``leaf`` (a ``LeafMeta``), if its stored shape and dtype are what the metadata
+  says; a :class:`~.base.LeafReadError` naming both otherwise."""
+  import numpy as np
+
+  from parity_jax.checkpoint.formats.base import LeafReadError
+
+  if tuple(t.shape) != leaf.shape or np.dtype(t.dtype.numpy_dtype) != leaf.dtype:
+    raise LeafReadError(
+        leaf.path, f"stored array is {tuple(t.shape)} {t.dtype.numpy_dtype}, metadata says {leaf.shape} {leaf.dtype}"
+    )
+  return t
