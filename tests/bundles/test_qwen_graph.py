@@ -65,3 +65,10 @@ def test_stage_inputs_inside_the_layers():
   assert qwen_stage_inputs("layers.0.output", names) == ("layers.0.ffn_out", "layers.0.post_attn_residual")
   assert qwen_stage_inputs("layers.0.output", {"layers.0.output"}) == ()  # a Qwen stage, no input compared
   assert qwen_stage_inputs("layers.0.mystery", names) is None  # not a Qwen layer stage
+
+
+def test_is_qwen_stage_name():
+  for name in ["embedding", "final_norm", "logits", "layers.0.q_proj", "layers.11.output"]:
+    assert stage_names.is_qwen_stage_name(name), name
+  for name in ["rotary_cache", "layers.0.bogus", "logits2", "final"]:
+    assert not stage_names.is_qwen_stage_name(name), name

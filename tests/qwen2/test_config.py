@@ -190,6 +190,16 @@ def test_rope_variants_parse_from_both_styles():
       ).rope_scaling.original_max_position_embeddings
       == 128
   )
+  # a top-level original_max_position_embeddings (transformers reads it there too) fills in, or must agree
+  top = dict(
+      rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, original_max_position_embeddings=64
+  )
+  assert qwen2.parse_config(config_dict(**top)).rope_scaling.original_max_position_embeddings == 64
+  top["rope_parameters"]["original_max_position_embeddings"] = 64
+  assert qwen2.parse_config(config_dict(**top)).rope_scaling.original_max_position_embeddings == 64
+  top["rope_parameters"]["original_max_position_embeddings"] = 32
+  with pytest.raises(UsageError, match="original_max_position_embeddings=64 contradicts"):
+    qwen2.parse_config(config_dict(**top))
   dyn = qwen2.parse_config(config_dict(style="4.x", rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
   assert dyn.rope_scaling.max_position_embeddings == 128 and dyn.rope_scaling.factor == 2.0
   lin = qwen2.parse_config(config_dict(rope_parameters={"type": "linear", "rope_theta": 1e4, "factor": 2}))
