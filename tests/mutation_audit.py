@@ -19,7 +19,8 @@ equivalent by construction or noise: docstrings, f-strings, the arguments of
 
 Which tests cover a module, by the mirrored layout: ``parity_jax/<sub>/<mod>.py``
 -> ``tests/<sub>/test_<mod>*.py``, ``parity_jax/<mod>.py`` ->
-``tests/test_<mod>*.py``; a ``cli`` module also gets ``tests/tools/``. A
+``tests/test_<mod>*.py``; a ``cli`` module also gets the end-to-end files of ``tests/tools/`` that name its
+tool, the ones about that tool alone first (``app``: all of them). A
 subpackage module without a mirrored test file falls back to every test file of
 its ``tests/<sub>/`` directory (said in the output), unless ``ALSO_TESTED_BY``
 names the files that call it directly (then those); a top-level module without
@@ -50,6 +51,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -404,8 +406,7 @@ def _mapped_tests(path: str) -> tuple[list[str], str]:
     found = _glob(f"{test_dir}/{mod}/**/test_*.py")
   how = "mirrored"
   if subs and subs[0] == "cli":
-    found = sorted({*found, *_glob("tests/tools/test_*.py")})
-    how = "tests/tools"
+    found, how = found + [t for t in _tool_tests(mod) if t not in found], "mirrored + tests/tools"
   elif not found and subs:
     while subs and not found:  # the nearest mirrored test directory above the module
       test_dir = os.path.join("tests", *subs)
@@ -413,6 +414,25 @@ def _mapped_tests(path: str) -> tuple[list[str], str]:
       subs = subs[:-1]
     how = f"no mirrored test file: all of {test_dir}/"
   return found, how if found else "no tests"
+
+
+_TOOL_NAMES = re.compile(r"(?<![A-Za-z_])(?:tools\.)?([a-z]+(?:_[a-z]+)+)(?![A-Za-z_])")
+
+
+def _tool_tests(mod: str) -> list[str]:
+  """The end-to-end tool tests for ``cli/<mod>.py``: the files of tests/tools that name that tool, those about it
+  alone first (so a kill comes early under ``-x``); for the shared ``app`` (and the package), all of them."""
+  files = _glob("tests/tools/test_*.py")
+  tools = {os.path.basename(f)[: -len(".py")] for f in _glob("parity_jax/cli/*.py")} - {"__init__", "app"}
+  if mod not in tools:
+    return files
+  named = {}
+  for f in files:
+    with open(os.path.join(ROOT, f)) as fh:
+      found = set(_TOOL_NAMES.findall(fh.read())) & tools
+    if mod in found:
+      named[f] = len(found)
+  return sorted(named, key=lambda f: (named[f], f))
 
 
 def _glob(pattern: str) -> list[str]:
