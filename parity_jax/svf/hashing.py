@@ -60,7 +60,8 @@ class ArrayHasher:
 
   def update(self, rows: Any) -> "ArrayHasher":
     if self.bf16:
-      data = bf16_bits(rows, self.nan_policy).astype("<u2", copy=False)
+      # no mutate: copy=False only spares a copy of rows already uint16; the bytes hashed are the same either way
+      data = bf16_bits(rows, self.nan_policy).astype("<u2", copy=False)  # no mutate
     else:
       data = _le_bytes(np.asarray(rows))
     self._h.update(memoryview(data.reshape(-1).view(np.uint8)))

@@ -142,3 +142,16 @@ def test_a_nan_kl_mean_breaches_the_kl_mean_rule():
   assert [(b.metric, math.isnan(b.value), b.limit) for b in check_rule(rule, st, lg)] == [("kl_mean", True, 0.01)]
   ok = LogitsStats(2, 3, 0.0, 0.01, (0,), 2, 3, 1.0, 1.0, None)  # exactly at the limit: inclusive
   assert check_rule(rule, st, ok) == ()
+
+
+def test_topk_overlap_uses_the_top_5_by_default():
+  """Golden logits 0..9 (top 5: ids 5-9); the candidate swaps ids 4 and 5, so one of five leaves the top 5.
+
+  Within the top 6 both sides hold ids 4-9: a default other than 5 would show full overlap.
+  """
+  golden = np.arange(10, dtype=np.float32)[None]
+  candidate = golden.copy()
+  candidate[0, [4, 5]] = candidate[0, [5, 4]]
+  s = logits_stats(golden, candidate)
+  assert s.topk == 5 and s.topk_overlap_mean == s.topk_overlap_min == 4 / 5
+  assert logits_stats(golden, candidate, topk=6).topk_overlap_min == 1.0

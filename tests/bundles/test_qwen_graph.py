@@ -14,6 +14,10 @@ def test_sort_key_recovers_order_from_alphabetical():
   names = stage_names.qwen_stage_names(12, qk_norm=True)
   assert sorted(names, key=stage_names.qwen_stage_sort_key) == names
   assert sorted(names) != names  # alphabetical would put layers.10 before layers.2
+  # names outside the Qwen graph go last, by name; logits right after final_norm, unknown layer stages after known
+  mixed = ["zz", "logits", "aa", "final_norm", "layers.0.zz", "layers.0.output", "embedding"]
+  want = ["embedding", "layers.0.output", "layers.0.zz", "final_norm", "logits", "aa", "zz"]
+  assert sorted(mixed, key=stage_names.qwen_stage_sort_key) == want
 
 
 def test_stage_inputs_outside_the_layers():
@@ -61,3 +65,10 @@ def test_stage_inputs_inside_the_layers():
   assert qwen_stage_inputs("layers.0.output", names) == ("layers.0.ffn_out", "layers.0.post_attn_residual")
   assert qwen_stage_inputs("layers.0.output", {"layers.0.output"}) == ()  # a Qwen stage, no input compared
   assert qwen_stage_inputs("layers.0.mystery", names) is None  # not a Qwen layer stage
+
+
+def test_is_qwen_stage_name():
+  for name in ["embedding", "final_norm", "logits", "layers.0.q_proj", "layers.11.output"]:
+    assert stage_names.is_qwen_stage_name(name), name
+  for name in ["rotary_cache", "layers.0.bogus", "logits2", "final"]:
+    assert not stage_names.is_qwen_stage_name(name), name

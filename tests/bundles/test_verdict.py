@@ -233,3 +233,24 @@ def test_qwen_residual_with_a_clean_and_a_drifting_input():
   g = growth["layers.0.output"]
   assert g.ref_stage == "layers.0.ffn_out" and g.growth == pytest.approx(2.0, rel=1e-12) and not g.jump
   assert v.status == "drift" and v.first_divergent == "layers.0.ffn_out"
+
+
+def test_verdict_to_json_and_back():
+  v = bisect.Verdict(
+      "drift", "layers.0.q_proj", "layers.1.output", float("inf"), "layers.0.ffn_out", ("a", "b"), "b", 3.5, 2
+  )
+  d = v.to_dict()
+  assert d == {
+      "status": "drift",
+      "first_divergent": "layers.0.q_proj",
+      "first_breach": "layers.1.output",
+      "growth": "inf",
+      "ref_stage": "layers.0.ffn_out",
+      "path": ["a", "b"],
+      "max_growth_stage": "b",
+      "max_growth": 3.5,
+      "n_breached": 2,
+  }
+  assert bisect.Verdict.from_dict(d) == v and not v.passed
+  p = bisect.Verdict("pass", None, None, None, None)
+  assert p.passed and bisect.Verdict.from_dict(p.to_dict()) == p and p.to_dict()["growth"] is None

@@ -172,3 +172,23 @@ def test_convert_svd_weights_roundtrip_and_bad_files(tmp_path):
     convert(str(tmp_path / "shape.pt"), str(tmp_path / "o2"), layout="vh")
   one_line_error(junk, "is not a PyTorch file")
   assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_self_consistency_runs_the_second_pass_at_one_thread(monkeypatch):
+  """The formula runs at the default thread count, then at 1 thread; the default is restored after."""
+  default = torch.get_num_threads()
+  seen = []
+  formula = svf_goldens.torch_formula
+
+  def recording(*args):
+    seen.append(torch.get_num_threads())
+    return formula(*args)
+
+  monkeypatch.setattr(svf_goldens, "torch_formula", recording)
+  gen = torch.Generator().manual_seed(SEED)
+  w = torch.randn(6, 4, generator=gen)
+  u, s, v = torch.svd(w)
+  r = svf_goldens.self_consistency({"w": (u, s, v)}, {"w": torch.randn(4, generator=gen)})
+  assert seen == [default, 1] and torch.get_num_threads() == default
+  assert r["threads_default"] == default and r["threads_other"] == 1
+  assert (r["n_tensors"], r["n_elements"]) == (1, 24) and 0 <= r["bf16_elements_differing"] <= 24

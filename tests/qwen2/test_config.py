@@ -16,6 +16,14 @@ def test_5x_style_golden_config():
   assert (cfg.model_type, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == ("qwen2", 3, 4, 2, 16)
   assert cfg.rope_theta == 10000.0 and cfg.qkv_bias and not cfg.o_bias and not cfg.qk_norm
   assert not cfg.tie_word_embeddings and cfg.sliding_window is None and cfg.stored_dtype == "float32"
+  # a dense model: every mixture-of-experts field says "none"
+  assert not cfg.is_moe and cfg.moe_layers == () and cfg.norm_topk_prob is False
+  assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size) == (
+      0,
+      0,
+      0,
+      0,
+  )
 
 
 def test_4x_style_golden_config_like_published_qwen25():
@@ -182,6 +190,16 @@ def test_rope_variants_parse_from_both_styles():
       ).rope_scaling.original_max_position_embeddings
       == 128
   )
+  # a top-level original_max_position_embeddings (transformers reads it there too) fills in, or must agree
+  top = dict(
+      rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, original_max_position_embeddings=64
+  )
+  assert qwen2.parse_config(config_dict(**top)).rope_scaling.original_max_position_embeddings == 64
+  top["rope_parameters"]["original_max_position_embeddings"] = 64
+  assert qwen2.parse_config(config_dict(**top)).rope_scaling.original_max_position_embeddings == 64
+  top["rope_parameters"]["original_max_position_embeddings"] = 32
+  with pytest.raises(UsageError, match="original_max_position_embeddings=64 contradicts"):
+    qwen2.parse_config(config_dict(**top))
   dyn = qwen2.parse_config(config_dict(style="4.x", rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
   assert dyn.rope_scaling.max_position_embeddings == 128 and dyn.rope_scaling.factor == 2.0
   lin = qwen2.parse_config(config_dict(rope_parameters={"type": "linear", "rope_theta": 1e4, "factor": 2}))

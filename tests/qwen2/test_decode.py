@@ -126,3 +126,6 @@ def test_generate_refuses_bad_input_in_one_line(built):
     with pytest.raises(UsageError, match=msg) as e:
       qwen2.generate(model, PROMPT, **kw)
     assert "\n" not in str(e.value)
+  one, logits = qwen2.generate(model, PROMPT, 1)  # the least a decode may ask for; int64 ids come back as int32
+  assert one.shape == (2, PROMPT.shape[1] + 1) and one.dtype == np.int32 and logits.shape[:2] == (1, 2)
+  np.testing.assert_array_equal(one[:, :-1], PROMPT)

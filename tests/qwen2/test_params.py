@@ -177,3 +177,30 @@ def test_bfloat16_load_rounds_float32_to_nearest_even(tmp_path):
   back = qwen2.to_hf_tensors(model.params, model.config)
   for name, value in tensors.items():
     assert bit_equal(back[name], value.astype(ml_dtypes.bfloat16)), name
+
+
+def test_random_params_on_device_have_the_model_structure_and_the_stated_law():
+  """Shapes as init_params; norm weights ones; the rest uniform in [-a, a) with a = scale * sqrt(3) (std = scale)."""
+  import jax
+
+  cfg = qwen2.parse_config(config_dict())
+  p = qwen2.random_params(cfg, seed=3, scale=0.02)
+  ref = qwen2.init_params(cfg)
+  assert jax.tree_util.tree_structure(p) == jax.tree_util.tree_structure(ref)
+  leaves = jax.tree_util.tree_leaves_with_path(p)
+  assert [x.shape for _, x in leaves] == [x.shape for x in jax.tree_util.tree_leaves(ref)]
+  norms = [np.asarray(x) for path, x in leaves if "norm" in jax.tree_util.keystr(path)]
+  rest = np.concatenate([np.asarray(x).ravel() for path, x in leaves if "norm" not in jax.tree_util.keystr(path)])
+  assert norms and all(n.dtype == np.float32 and (n == 1).all() for n in norms)
+  a = 0.02 * np.sqrt(3)
+  assert rest.dtype == np.float32 and rest.min() >= -a and rest.max() < a
+  assert abs(rest.std() - 0.02) < 0.001 and abs(rest.mean()) < 0.001 and len(np.unique(rest)) > 0.99 * rest.size
+  same = jax.tree_util.tree_leaves(qwen2.random_params(cfg, seed=3, scale=0.02))
+  assert all(bit_equal(x, y) for (_, x), y in zip(leaves, same))
+  firsts = [np.asarray(x).ravel()[:8] for path, x in leaves if "norm" not in jax.tree_util.keystr(path)]
+  assert len({f.tobytes() for f in firsts}) == len(firsts)  # each leaf its own draw (salted by its index)
+  # on a mesh: the same values, placed with a sharding of that mesh
+  mesh = qwen2.make_mesh("dp:1")
+  on_mesh = jax.tree_util.tree_leaves(qwen2.random_params(cfg, seed=3, scale=0.02, mesh=mesh))
+  assert all(y.sharding.mesh.shape == mesh.shape for y in on_mesh)
+  assert all(bit_equal(np.asarray(x), np.asarray(y)) for (_, x), y in zip(leaves, on_mesh))

@@ -56,3 +56,77 @@ def test_tensor_parallel_placement_runs_the_same_forward():
       timeout=300,
   )
   assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_a_damaged_safetensors_header_is_one_line(tmp_path):
+  """Hand-built files: each damage is a one-line UsageError naming it, never a struct/json traceback."""
+  import json
+  import struct
+
+  import pytest
+
+  from parity_jax.errors import UsageError
+  from parity_jax.qwen2.sharding import SafetensorsFile
+
+  def file(name, header=None, raw=None, data=b""):
+    path = tmp_path / name
+    if raw is None:
+      body = json.dumps(header).encode()
+      raw = struct.pack("<Q", len(body)) + body + data
+    path.write_bytes(raw)
+    return path
+
+  good = {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"x": "y"}}
+  f = SafetensorsFile(file("good", good, data=b"\0" * 8))
+  assert list(f.entries) == ["t"] and f.entries["t"][1:] == (
+      (2,),
+      8 + len(json.dumps(good)),
+      16 + len(json.dumps(good)),
+  )
+  cases = [
+      (file("short", raw=b"abc"), "file shorter than 8 bytes"),
+      (file("past", raw=struct.pack("<Q", 100) + b"{}"), "header length 100 runs past the end of the file"),
+      (file("list", []), "header is not a JSON object"),
+      (file("nodtype", {"t": {"shape": [2], "data_offsets": [0, 8]}}, data=b"\0" * 8), "bad header entry for 't'"),
+      (file("size", {"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, data=b"\0" * 8), "do not fit"),
+      (file("beyond", good, data=b"\0" * 7), "do not fit its shape"),
+  ]
+  for path, words in cases:
+    with pytest.raises(UsageError, match=words):
+      SafetensorsFile(path)
+
+
+def test_axis_rules_are_checked_before_any_placement():
+  import pytest
+
+  from parity_jax.errors import UsageError
+  from parity_jax.qwen2 import make_mesh
+  from parity_jax.qwen2.sharding import Placement
+
+  mesh = make_mesh("dp:1")
+  for rules, words in [
+      ([("heads",)], "is not (logical axis, mesh axes)"),
+      ([("bogus", "tp")], "unknown logical axis"),
+      ([("heads", 3)], "mesh axes must be names, got 3"),
+      ([("heads", ("tp", ""))], "mesh axes must be names"),
+  ]:
+    with pytest.raises(UsageError, match=words.replace("(", r"\(").replace(")", r"\)")):
+      Placement(mesh, axis_rules=rules)
+
+
+def test_shard_params_places_every_leaf_on_the_mesh_with_the_same_values():
+  import jax
+  import numpy as np
+
+  from parity_jax import qwen2
+  from parity_jax.arraydiff import bit_equal
+  from parity_jax.qwen2.sharding import shard_params
+  from tests.helpers.qwen import config_dict
+
+  cfg = qwen2.parse_config(config_dict())
+  params = qwen2.init_params(cfg)
+  mesh = qwen2.make_mesh("dp:1")
+  placed = shard_params(params, mesh)
+  assert jax.tree_util.tree_structure(placed) == jax.tree_util.tree_structure(params)
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(placed)):
+    assert b.sharding.mesh.shape == mesh.shape and bit_equal(np.asarray(a), np.asarray(b))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from parity_jax.runtime import Job
+from parity_jax.runtime.job import left_job
 
 from tests.helpers import ckpt as H
 
@@ -121,6 +122,41 @@ def test_process_0_ends_a_job_only_after_the_living_processes_read_why():
   assert proc.stdout.splitlines() == ["cleanup after process 1 read the reason"], proc.stdout
 
 
+_CHILD_BEATS = _CHILD.split("how = sys.argv[1]")[0] + textwrap.dedent("""
+    store = Store()
+    job = Job(store, 0, 2, timeout_s=0.6, op="beat-test")  # a beat every 0.06 s
+
+    def process_1():  # alive and making progress: the watchdog of process 0 stays calm
+      n = 0
+      while True:
+        n += 1
+        store.key_value_set(job.ns + "/hb/1", f"{n}:{n}", allow_overwrite=True)
+        time.sleep(0.05)
+
+    threading.Thread(target=process_1, daemon=True).start()
+    with job:
+      for _ in range(3):
+        job.tick()
+      time.sleep(0.7)  # longer than the timeout: only the heartbeats keep process 0 alive in process 1's eyes
+      print(store.key_value_try_get(job.ns + "/hb/0"))
+    time.sleep(0.2)
+    stopped = store.key_value_try_get(job.ns + "/hb/0")
+    with job:  # entered again: the heartbeat starts again
+      time.sleep(0.3)
+    print(stopped, store.key_value_try_get(job.ns + "/hb/0"))
+    """)
+
+
+def test_a_living_process_keeps_beating_with_its_progress():
+  proc = subprocess.run([sys.executable, "-c", _CHILD_BEATS], cwd=H.REPO, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+  first, again = proc.stdout.splitlines()
+  beats, progress = map(int, first.split(":"))
+  assert progress == 3 and beats >= 4, proc.stdout  # one at the start, then one per period of 0.06 s
+  stopped, resumed = (int(x.split(":")[0]) for x in again.split())
+  assert beats <= stopped <= beats + 1 and resumed >= stopped + 3, proc.stdout  # none while left, then again
+
+
 class _Store:
   """An in-memory stand-in for the coordination service's key-value calls, shared by threads."""
 
@@ -213,4 +249,5 @@ def test_the_exchanges_of_three_processes_and_of_one():
   assert one.wait_for("k") == b"v" and one.try_get("k") == b"v" and one.try_get("never") is None
   with pytest.raises(KeyError):
     one.wait_for("never")
-  one.fail("nothing to tell")  # no other process: returns
+  one.fail("nothing to tell")  # no other process: returns, and this process has not left a job
+  assert not left_job()

@@ -129,3 +129,32 @@ def test_batch_size_changes_no_count_and_must_be_positive():
   for bad in (0, -1, 1.5, True):
     with pytest.raises(ValueError, match="batch_elems must be a positive int"):
       MismatchAccounting(FormulaConstants.from_components(s, o), batch_elems=bad)
+
+
+def test_normalization_bound_by_hand():
+  """s = [3, -1, 2], offsets [0.5, 0, -0.5]: A = 4 (sum |s| = 6), B = sum s(1+o) = 4.5 (sum |.| = 6.5), k = 3.
+
+  |N^/N - 1| <= (1 + g(k-1) 6/4)(1 + u) / (1 - g(k+1) 6.5/4.5) - 1 with g(n) = nu / (1 - nu).
+  """
+
+  def expected(u):
+    g = lambda n: n * u / (1 - n * u)  # noqa: E731
+    return (1 + g(2) * 6 / 4) * (1 + u) / (1 - g(4) * 6.5 / 4.5) - 1
+
+  fc = FormulaConstants.from_components(np.float32([3, -1, 2]), np.float32([0.5, 0, -0.5]))
+  assert (fc.k, fc.u, fc.n64) == (3, 2.0**-24, 4 / 4.5)
+  assert fc.nu == pytest.approx(expected(2.0**-24), rel=1e-12)
+  assert fc.nu64 == pytest.approx(expected(2.0**-53), rel=1e-9)
+
+
+def test_examples_name_the_element_in_the_whole_tensor():
+  """A chunk of rows fed with row_offset=5: its one far-off element [1, 2] is named [6, 2] in the source tensor."""
+  rng = np.random.default_rng(0)
+  u, v = rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((5, 4)).astype(np.float32)
+  golden = (u.astype(np.float64) @ v.T.astype(np.float64)).astype(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+  ours = golden.copy()
+  ours[1, 2] ^= 0x0100  # flips an exponent bit: far outside any bound
+  acc = MismatchAccounting(FormulaConstants.from_components(np.ones(4, np.float32), np.zeros(4, np.float32)))
+  acc.update(golden, ours, u, v, row_offset=5)
+  assert acc.n_unexplained == 1 and [e["index_source"] for e in acc.unexplained_examples] == [[6, 2]]
+  assert acc.unexplained_examples[0]["ours_bits"] == f"0x{int(ours[1, 2]):04x}"

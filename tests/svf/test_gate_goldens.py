@@ -254,3 +254,14 @@ def test_chunked_sample_in_target_orientation_matches_unchunked(tmp_path):
   ours = stages.load_bundle(tmp_path / "a" / "svf_stage_debug.safetensors")
   assert ours["stage.final_bf16"].shape == (160, 80)
   assert a.passed and b.passed
+
+
+def test_bad_replay_settings_are_refused_before_any_work():
+  for kwargs, words in [
+      (dict(row_block=0), "row_block must be >= 1, got 0"),
+      (dict(chunk_mb=-1), "chunk_mb must be >= 0, got -1"),
+      (dict(mode="bogus"), "unknown mode 'bogus'"),
+      (dict(explain_rule="bogus"), "unknown explain rule 'bogus'"),
+  ]:
+    with pytest.raises(UsageError, match=words):
+      replay(golden_dir=str(GOLDENS), **kwargs)
