@@ -121,7 +121,7 @@ def test_the_index_reads_only_the_subtrees_that_can_hold_the_prefix():
 
 
 @pytest.fixture(scope="module")
-def gs():
+def gs(_emulators):
   with pytest.MonkeyPatch.context() as mp:
     emu = running("gs")
     emu.apply(mp)
