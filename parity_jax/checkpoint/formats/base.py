@@ -58,6 +58,7 @@ class LeafMeta:
   strict: bool = True  # a missing storage chunk is an error (else it reads as the fill value)
   codec: str = ""  # the chunk compression ("none", "zstd", ...); "" for strings and unreadable leaves
   box_reads: bool = False  # any box costs just its own bytes (no chunk to decode): read it in small pieces
+  ranged: bool = False  # in a bucket, each stored chunk is fetched as many range requests (formats/ocdbt_ranges)
 
   @property
   def nbytes(self) -> int:

@@ -336,6 +336,8 @@ def open_orbax(path: str | os.PathLike, role: str = "checkpoint") -> OrbaxCheckp
     p = keypath.join(keys)
     t = None if keys in collisions or vt == "string" else opened[keys]
     leaves[p] = _leaf_meta(keys, vt, t, collisions.get(keys), strict or keys in strict_keys, codecs, remote)
+    if ocdbt_ranges.ranged_reads(leaves[p], remote, use_ocdbt):
+      leaves[p] = dataclasses.replace(leaves[p], ranged=True)
     if leaves[p].error is None and t is not None:
       handles[p] = t
   if strict_keys:

@@ -241,7 +241,9 @@ def test_only_big_chunks_of_a_bucket_ocdbt_database_are_read_by_ranges(saved, mo
   ckpt = open_checkpoint(saved["a"])
   meta = ckpt.leaves["w"]  # chunks of 768 bytes
   assert not isinstance(ckpt.reader(meta), RangedLeafReader)  # below one slice: tensorstore's own reader
+  assert not meta.ranged
   monkeypatch.setattr(ocdbt_ranges, "RANGED_ABOVE_BYTES", 767)
   assert isinstance(ckpt.reader(meta), RangedLeafReader)
+  assert open_checkpoint(saved["a"]).leaves["w"].ranged  # what the stream's plan reads (one row ahead suffices)
   assert not ocdbt_ranges.ranged_reads(meta, remote=False, use_ocdbt=True)
   assert not ocdbt_ranges.ranged_reads(meta, remote=True, use_ocdbt=False)

@@ -8,6 +8,7 @@ Expected hashes are ``hashlib.sha256(array.tobytes())`` of numpy arrays built he
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 
@@ -110,6 +111,15 @@ def test_plan_in_a_bucket_streams_and_reads_rows_ahead():
   for rows, ahead in ((1, 4), (8, 2), (16, 1), (32, 0)):
     rows_of = _meta((64, 4096, 1024), (rows, 4096, 1024), raw=False)
     assert _plan(rows_of, other, memmap=False, readahead=None, remote=True).src.readahead == ahead, rows
+  # sides read by range requests per stored chunk have their requests in flight within a row: one row ahead
+  ranged = _plan(
+      dataclasses.replace(src, ranged=True),
+      dataclasses.replace(mig, ranged=True),
+      memmap=False,
+      readahead=None,
+      remote=True,
+  )
+  assert (ranged.src.readahead, ranged.mig.readahead) == (1, 1) and ranged.estimate_bytes < auto.estimate_bytes
   # a pair that would hold more than REMOTE_SPILL_ABOVE_BYTES streaming still spills in a bucket
   whole = _meta((8, 32768, 1024), (8, 32768, 1024), raw=False)
   assert _plan(whole, _meta((8, 32768, 1024), (8, 32768, 1024), raw=False), memmap=False, remote=True).spill
