@@ -12,7 +12,7 @@ import pytest
 from parity_jax.checkpoint.geometry import box_shape, flat_range_boxes
 
 
-@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (4, 1, 3), (2, 2, 2, 3), ()])
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (4, 1, 3), (2, 2, 2, 3), (0, 3), ()])
 def test_every_range_is_its_boxes_in_c_order_at_their_offsets(shape):
   n = int(np.prod(shape)) if shape else 1
   idx = np.arange(n).reshape(shape)

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 from parity_jax.checkpoint import migrate, verify_migration
-from parity_jax.checkpoint.geometry import flat_range_boxes
 from parity_jax.checkpoint.formats.orbax_writer import row_major_chunks
 from parity_jax.checkpoint.formats.tstore import quiet_orbax
 from tests.helpers import ckpt as H
@@ -301,20 +300,3 @@ def test_a_two_process_written_source_migrated_by_two_processes_verifies(tmp_pat
 
   loaded = _flat(ocp_v1.load(str(mig)))
   assert sorted(loaded) == sorted(want) and all(_bytes(loaded[k]) == _bytes(v) for k, v in want.items())
-
-
-def test_flat_range_boxes_tile_every_range_in_c_order():
-  for shape in [(), (7,), (3, 4), (2, 3, 5), (4, 1, 6), (0, 3), (2, 3, 2, 2)]:
-    n = int(np.prod(shape)) if shape else 1
-    a = np.arange(n).reshape(shape)
-    for lo in range(n + 1):
-      for hi in range(lo, n + 1):
-        boxes = flat_range_boxes(shape, lo, hi)
-        assert len(boxes) <= max(1, 2 * len(shape) - 1)
-        at = 0
-        for box, off in boxes:
-          assert off == at
-          got = a[box].reshape(-1)
-          assert np.array_equal(got, np.arange(lo + at, lo + at + got.size))
-          at += got.size
-        assert at == hi - lo
