@@ -35,6 +35,8 @@ def test_roundtrip_keeps_order_dtypes_bytes_and_provenance(tmp_path):
     assert arraydiff.bit_equal(back[k], data[k]), k
   assert back.provenance["seed"] == 7 and back.provenance["note"] == {"free": ["form"]}
   assert back.provenance["versions"]["numpy"] == np.__version__
+  via_class = stages.StageBundle.load(path)  # the classmethod reads the same file the same way
+  assert via_class.names == back.names and all(arraydiff.bit_equal(via_class[k], data[k]) for k in data)
   # and it is plain safetensors for everyone else
   plain = safetensors.numpy.load_file(str(path))
   assert sorted(plain) == sorted(data)
