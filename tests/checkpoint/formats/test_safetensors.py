@@ -161,6 +161,9 @@ def test_a_strided_box_is_refused_not_read_as_a_dense_one(dirs):
       with pytest.raises(ValueError, match="strided boxes are not supported"):
         r.read(box)
     assert _bits(r.read((slice(0, 3, 1),))) == _bits(dirs["tensors"]["f32"])  # step 1 is a plain box
+    too_many = (slice(None),) * (len(ck.leaves["f32"].shape) + 1)  # never cut down to the leaf's axes
+    with pytest.raises(ValueError, match=f"box of {len(too_many)} axes for shape"):
+      r.read(too_many)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open descriptors in /proc")
