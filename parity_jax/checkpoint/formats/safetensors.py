@@ -49,12 +49,14 @@ from parity_jax.errors import UsageError, first_line
 from parity_jax.stores import Store, StoreError, open_store
 
 __all__ = [
+    "CONFIG",
     "INDEX",
     "SINGLE",
     "SUPPORTED",
     "SafetensorsCheckpoint",
     "SafetensorsLeafReader",
     "detect",
+    "is_shard_name",
     "open_safetensors",
     "read_box_into",
 ]
@@ -71,6 +73,11 @@ READ_PIECE_BYTES = 8 << 20  # the longest single byte-range request
 
 CONFIG = "config.json"
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def is_shard_name(name: str) -> bool:
+  """Whether ``name`` is a shard's file name as transformers (and our writer) names them."""
+  return bool(_SHARD.fullmatch(name))
 
 
 def detect(path: str | os.PathLike) -> bool:
@@ -91,7 +98,7 @@ def _unfinished(names: list[str]) -> list[str] | None:
   ``model-0000i-of-0000N.safetensors`` shards, without the index written last; None if it is not one."""
   if INDEX in names or SINGLE in names or not names:
     return None
-  if all(n == CONFIG or _SHARD.fullmatch(n) for n in names):
+  if all(n == CONFIG or is_shard_name(n) for n in names):
     return names
   return None
 

@@ -31,14 +31,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from parity_jax.checkpoint.formats.safetensors import INDEX, SINGLE
 from parity_jax.dtypes import SAFETENSORS_DTYPES
 from parity_jax.errors import UsageError
 from parity_jax.stores import Store
 
 __all__ = ["Tensor", "plan_shards", "write_safetensors_dir"]
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 _NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 

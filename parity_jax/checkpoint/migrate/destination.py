@@ -29,6 +29,7 @@ import signal
 import threading
 from typing import Callable, Iterator
 
+from parity_jax.checkpoint.formats import safetensors as hf_format
 from parity_jax.checkpoint.formats.orbax_layout import resolve_item_dir
 from parity_jax.errors import UsageError
 from parity_jax.files import is_inside
@@ -190,9 +191,7 @@ _ATTEMPT_NAMES |= {"_METADATA", "_strings.json", "_sharding", "manifest.ocdbt", 
 _ATTEMPT_PATTERN = re.compile(r"ocdbt\.process_\d+")
 # a Hugging Face safetensors destination: what the migrator writes there (config.json first, the shards, then the
 # object that makes the directory loadable last: model.safetensors.index.json, or model.safetensors alone)
-HF_SINGLE, HF_INDEX, HF_CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
-_HF_NAMES = {HF_SINGLE, HF_INDEX, HF_CONFIG}
-_HF_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_HF_NAMES = {hf_format.SINGLE, hf_format.INDEX, hf_format.CONFIG}
 
 
 def _orbax_name(top: str) -> bool:
@@ -200,7 +199,7 @@ def _orbax_name(top: str) -> bool:
 
 
 def _hf_name(top: str) -> bool:
-  return top in _HF_NAMES or bool(_HF_SHARD.fullmatch(top))
+  return top in _HF_NAMES or hf_format.is_shard_name(top)
 
 
 def check_bucket_dest(
@@ -239,7 +238,7 @@ def check_bucket_dest(
   if orbax:
     committed, commit = COMMIT_MARKER in keys, COMMIT_MARKER
   else:
-    committed, commit = HF_INDEX in keys or HF_SINGLE in keys, f"{HF_INDEX} or {HF_SINGLE}"
+    committed, commit = hf_format.INDEX in keys or hf_format.SINGLE in keys, f"{hf_format.INDEX} or {hf_format.SINGLE}"
   what = "a checkpoint" if committed else f"a half-written attempt ({len(keys)} objects, no {commit})"
   if not overwrite:
     hint = "pass --overwrite to replace it" if committed else "pass --overwrite to delete it and migrate again"

@@ -40,7 +40,7 @@ import numpy as np
 
 from parity_jax.checkpoint import geometry
 from parity_jax.checkpoint.formats.base import Checkpoint
-from parity_jax.checkpoint.formats.safetensors import detect
+from parity_jax.checkpoint.formats.safetensors import CONFIG, detect
 from parity_jax.checkpoint.formats.safetensors_writer import Tensor, write_safetensors_dir
 from parity_jax import stores
 from parity_jax.checkpoint.migrate.destination import (
@@ -132,7 +132,7 @@ def migrate_to_safetensors(
     with progress_bar(total, "migrate", enabled=progress) as bar:
       files = write_safetensors_dir(tmp, tensors, max_shard_bytes, bar.update)
     if hf_config is not None:
-      with open(os.path.join(tmp, "config.json"), "wb") as f:
+      with open(os.path.join(tmp, CONFIG), "wb") as f:
         f.write(_config_bytes(hf_config))
     install(tmp, dest)
   except KeyboardInterrupt as e:
@@ -191,7 +191,7 @@ def _to_bucket(
     log(f"shards of at most {human_bytes(shard)} into {dest} (each is held in memory for its one upload)")
   try:
     if hf_config is not None:  # first: the commit (the index or the single file) is the last object written
-      dest.child("config.json").write_bytes(_config_bytes(hf_config))
+      dest.child(CONFIG).write_bytes(_config_bytes(hf_config))
     with progress_bar(sum(t.nbytes for t in tensors), "migrate", enabled=progress) as bar:
       files = write_safetensors_dir(dest, tensors, shard, bar.update)
   except BaseException as e:
