@@ -60,7 +60,7 @@ _SPILL_DIR = flags.DEFINE_string(
 _READAHEAD = flags.DEFINE_integer(
     "readahead",
     None,
-    "Storage chunk rows of a compressed leaf decoded ahead while the current row is compared. Unset: 0 on local disk (meets the chunked memory target); with a checkpoint in a bucket, up to 4 rows within about 1 GiB, since each stored chunk is one request there. 0: none. N > 0 is faster with free cores and costs about N more chunk rows plus their compressed bytes in memory.",
+    "Storage chunk rows of a compressed leaf decoded ahead while the current row is compared. Unset: 0 on local disk (meets the chunked memory target); with a checkpoint in a bucket, up to 4 rows within about 1 GiB, since each stored chunk is one request there (1 row for a leaf whose big chunks are fetched as many range requests). 0: none. N > 0 is faster with free cores and costs about N more chunk rows plus their compressed bytes in memory.",
     lower_bound=0,
 )
 _PROGRESS = flags.DEFINE_boolean(

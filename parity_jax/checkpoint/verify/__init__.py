@@ -111,7 +111,8 @@ def verify_migration(
   default, is 0 on local disk; with a checkpoint in a bucket, where each
   stored chunk is one request, it keeps up to
   :data:`~parity_jax.checkpoint.stream.plan.REMOTE_READAHEAD` chunk rows in
-  flight within about 1 GiB, and a pair is streamed rather than spilled to
+  flight within about 1 GiB (one row for a leaf whose big chunks are fetched
+  as many range requests), and a pair is streamed rather than spilled to
   local disk (see :func:`~parity_jax.checkpoint.stream.plan_pair`).
 
   ``distributed=True`` runs the comparison as one job of every process of
