@@ -156,9 +156,9 @@ class _Key:
   field: str
   hf_shape: Callable[[QwenConfig], tuple[int, ...]]
   shape: Callable[[QwenConfig], tuple[int, ...]]
-  needed: Callable[[QwenConfig], bool] = lambda c: True
-  layers: Callable[[QwenConfig], Any] = lambda c: range(c.num_layers)
-  per_expert: bool = False
+  needed: Callable[[QwenConfig], bool]  # no defaults here: _row, the only constructor, passes every field
+  layers: Callable[[QwenConfig], Any]
+  per_expert: bool
 
   @property
   def per_layer(self) -> bool:

@@ -145,6 +145,10 @@ def test_sliding_window_layers_and_any_length_runs(tmp_path):
   assert qwen2.parse_config(config_dict(style="4.x", use_sliding_window=True, sliding_window=8)).sliding_layers == ()
   four = qwen2.parse_config(config_dict(style="4.x", use_sliding_window=True, sliding_window=8, max_window_layers=1))
   assert four.sliding_layers == (1,) and four.sliding_window == 8
+  # max_window_layers absent: Qwen2Config's class default 28, so of 30 layers the last two slide
+  deep = config_dict(style="4.x", use_sliding_window=True, sliding_window=8, num_hidden_layers=30)
+  del deep["max_window_layers"]
+  assert qwen2.parse_config(deep).sliding_layers == (28, 29)
   # transformers ignores the window unless use_sliding_window is true.
   assert qwen2.parse_config(config_dict(use_sliding_window=False, sliding_window=4)).sliding_window is None
   # no layer is a sliding layer: the window is recorded, and nothing masks by it
