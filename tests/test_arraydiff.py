@@ -153,6 +153,8 @@ def test_accumulator_refuses_incomplete_or_outside_chunks():
     acc.result()
   with pytest.raises(ComparisonError, match="outside"):
     acc.update(np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32), origin=(3, 0))
+  with pytest.raises(ComparisonError, match="outside"):  # a negative origin, even where the chunk's end fits
+    acc.update(np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32), origin=(-1, 0))
 
 
 def test_top_k_ties_do_not_depend_on_chunking():

@@ -147,7 +147,7 @@ def boxes(shape: tuple[int, ...], max_elems: int) -> Iterator[tuple[tuple[int, .
   """Boxes (origin, slices) tiling ``shape`` in C order, each at most ``max_elems`` elements (or one row)."""
   nd = len(shape)
   inner = 1
-  k = -1
+  k = -1  # no mutate: a sentinel for "no axis is too big"; only its sign is read
   for ax in range(nd - 1, -1, -1):
     if inner * shape[ax] > max_elems:
       k = ax

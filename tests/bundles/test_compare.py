@@ -130,6 +130,11 @@ def test_bad_inputs(tmp_path):
     compare_bundles(golden, tmp_path / "junk.safetensors")
   with pytest.raises(UsageError, match="no common stages"):
     compare_bundles({"a": np.ones(2)}, {"b": np.ones(2)}, allow_missing=True)
+  with pytest.raises(UsageError, match=r"golden has nothing, candidate has b$"):  # the filter leaves golden none
+    compare_bundles({"a": np.ones(2)}, {"b": np.ones(2)}, stages="^b$")
+  six = {k: np.ones(2) for k in "abcdef"}
+  with pytest.raises(UsageError, match=r"golden has a, b, c, d \(\+2 more\), candidate has w, x, y, z$"):
+    compare_bundles(six, {k: np.ones(2) for k in "wxyz"})  # four names are listed whole
   with pytest.raises(UsageError, match="matches no stage"):
     compare_bundles(golden, golden, stages="^nothing$")
   with pytest.raises(UsageError, match="must be a path, a StageBundle or a dict"):

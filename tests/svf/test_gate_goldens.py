@@ -265,3 +265,53 @@ def test_bad_replay_settings_are_refused_before_any_work():
   ]:
     with pytest.raises(UsageError, match=words):
       replay(golden_dir=str(GOLDENS), **kwargs)
+
+
+def test_the_text_report_renders_every_tensor_row_and_the_verdict_line():
+  """ReplayResult.text() on a hand-built report: one row per tensor (both orientations, a failing stage, differing
+  bytes) and the verdict line with and without torch's self-flip reference."""
+  summary = dict(
+      passed=1,
+      tensors=2,
+      final_bytes_equal=1,
+      n_mismatch=7,
+      n_explained=5,
+      n_explained_tie=4,
+      n_explained_multi_ulp=1,
+      n_unexplained=2,
+      combined_equal=False,
+  )
+  ok = dict(
+      name="a.weight",
+      shape=[4, 8],
+      orientation="transpose",
+      stages={"adapted": {"pass": True}, "final_bf16": {"pass": None}},
+      final_bytes_equal=True,
+      explained=dict(n_mismatch=0, n_explained=0, n_unexplained=0),
+      **{"pass": True},
+  )
+  bad = dict(
+      name="bb.weight",
+      shape=[16, 2],
+      orientation="identity",
+      stages={"adapted": {"pass": False}, "u_scaled": {"pass": True}, "final_bf16": {"pass": False}},
+      final_bytes_equal=False,
+      explained=dict(n_mismatch=7, n_explained=5, n_unexplained=2),
+      **{"pass": False},
+  )
+  report = dict(verdict="FAIL", mode="bit_exact", scope="all_selected", summary=summary, tensors=[ok, bad])
+  table = [
+      "tensor     shape  orient  stages                   final bytes  mismatch (expl/unexpl)  verdict",
+      "a.weight   4x8    T       ok                       identical    0 (0/0)                 PASS",
+      "bb.weight  16x2   I       FAIL:adapted,final_bf16  differ       7 (5/2)                 FAIL",
+  ]
+  line = (
+      "SVF parity FAIL (mode=bit_exact, all_selected): 1/2 tensors pass; final bf16 identical 1/2; mismatched elements"
+      " 7 (explained 5: 4 1-ULP ties, 1 multi-ULP within bound; unexplained 2); combined sha256 differs"
+  )
+  result = gate.ReplayResult(report)
+  assert result.text() == "\n".join(table + [line]) and not result.passed
+  summary.update(torch_self_flips=3, combined_equal=True)
+  assert result.verdict_line() == line.replace(
+      "unexplained 2); combined sha256 differs", "unexplained 2); torch 1-thread vs default flips 3; combined sha256 equal"
+  )
