@@ -7,6 +7,7 @@ import json
 import pathlib
 import shutil
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -189,6 +190,23 @@ def test_a_missing_stage_of_a_selected_tensor_is_a_setup_error(tmp_path):
   assert not (tmp_path / "out").exists()  # nothing written
   # a filter that leaves the damaged tensor out is fine
   assert replay(golden_dir=str(g), all_selected=True, selected_source_filter="layers.0.self_attn.q").passed
+  # the stage present with the wrong shape, then with the wrong dtype
+  for bad, words in [
+      (b[missing].reshape(-1), r"has shape \[\d+\], expected \[\d+, \d+\]"),
+      (b[missing].astype(np.float64), "has dtype float64, expected float32"),
+  ]:
+    path.unlink()
+    stages.save_bundle(path, {**kept, missing: bad}, b.provenance)
+    with pytest.raises(
+        UsageError,
+        match=f"golden {missing} {words} for model.layers.1.mlp.up_proj.weight"
+        if "shape" in words
+        else f"golden {missing} {words}",
+    ):
+      replay(golden_dir=str(g), all_selected=True)
+  path.unlink()
+  with pytest.raises(UsageError, match="setup error: golden stage bundle .* does not exist"):
+    replay(golden_dir=str(g), all_selected=True)
 
 
 def test_report_and_bundle_that_do_not_belong_together_are_refused(tmp_path):
@@ -203,6 +221,12 @@ def test_report_and_bundle_that_do_not_belong_together_are_refused(tmp_path):
   (g / "svf_report.json").write_text(json.dumps(rep))
   with pytest.raises(UsageError, match="all-selected replay needs"):
     replay(golden_dir=str(g), all_selected=True)
+  rep = json.loads((GOLDENS / "svf_report.json").read_text())
+  for source_name, words in [(None, "the report names no sample tensor"), ("no.such.weight", "has no components")]:
+    rep["sample"]["source_name"] = source_name
+    (g / "svf_report.json").write_text(json.dumps(rep))
+    with pytest.raises(UsageError, match=words):
+      replay(golden_dir=str(g))
 
 
 def test_chunked_replay_is_bit_identical_to_unchunked_and_to_reconstruct(tmp_path, monkeypatch):
@@ -262,6 +286,9 @@ def test_bad_replay_settings_are_refused_before_any_work():
       (dict(chunk_mb=-1), "chunk_mb must be >= 0, got -1"),
       (dict(mode="bogus"), "unknown mode 'bogus'"),
       (dict(explain_rule="bogus"), "unknown explain rule 'bogus'"),
+      (dict(compute_dtype=np.float16), "compute_dtype must be float32 or bfloat16, got float16"),
+      (dict(devices=-1), r"devices must lie in \[0, \d+\] \(0: all\), got -1"),
+      (dict(devices=1 + len(jax.devices())), "devices must lie in"),
   ]:
     with pytest.raises(UsageError, match=words):
       replay(golden_dir=str(GOLDENS), **kwargs)
@@ -313,5 +340,6 @@ def test_the_text_report_renders_every_tensor_row_and_the_verdict_line():
   assert result.text() == "\n".join(table + [line]) and not result.passed
   summary.update(torch_self_flips=3, combined_equal=True)
   assert result.verdict_line() == line.replace(
-      "unexplained 2); combined sha256 differs", "unexplained 2); torch 1-thread vs default flips 3; combined sha256 equal"
+      "unexplained 2); combined sha256 differs",
+      "unexplained 2); torch 1-thread vs default flips 3; combined sha256 equal",
   )
