@@ -574,7 +574,8 @@ def _moe(cfg: Mapping[str, Any], model_type: str, num_layers: int, source: str) 
       _fail(source, f"num_experts={experts!r} contradicts num_local_experts={cfg['num_local_experts']!r}")
     experts = cfg["num_local_experts"]
   key = "num_experts" if "num_experts" in cfg or "num_local_experts" not in cfg else "num_local_experts"
-  experts = _int({key: experts}, key, source, default=defaults["num_experts"], minimum=0)
+  # absent: the class default, as transformers takes it (a null is refused, as before)
+  experts = _int({key: experts} if key in cfg else {}, key, source, default=defaults["num_experts"], minimum=0)
   step = _int(cfg, "decoder_sparse_step", source, default=1)
   only = cfg.get("mlp_only_layers")
   only = [] if only is None else only

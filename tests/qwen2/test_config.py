@@ -230,3 +230,68 @@ def test_load_config_errors(tmp_path):
 def test_config_is_hashable_and_static():
   cfg = qwen2.parse_config(config_dict())
   assert hash(cfg) == hash(qwen2.parse_config(config_dict()))
+
+
+def _moe_cfg(model_type: str, **over):
+  d = config_dict(model_type, num_hidden_layers=4, **over)
+  d.pop("layer_types")
+  d["architectures"] = ["Qwen2MoeForCausalLM" if model_type == "qwen2_moe" else "Qwen3MoeForCausalLM"]
+  return qwen2.parse_config(d)
+
+
+def _moe_fields(cfg):
+  return (
+      cfg.moe_layers,
+      cfg.num_experts,
+      cfg.num_experts_per_tok,
+      cfg.moe_intermediate_size,
+      cfg.norm_topk_prob,
+      cfg.shared_expert_intermediate_size,
+  )
+
+
+def test_moe_blocks_are_the_layers_transformers_makes_sparse():
+  """A layer is sparse unless listed in mlp_only_layers, when experts > 0 and (i + 1) % decoder_sparse_step == 0;
+  absent keys take the MoE classes' defaults (Qwen2Moe: 60 experts, top 4, 1408, shared 5632; Qwen3Moe: 128, 8,
+  768, no shared expert)."""
+  assert _moe_fields(_moe_cfg("qwen2_moe")) == ((0, 1, 2, 3), 60, 4, 1408, False, 5632)
+  assert _moe_fields(_moe_cfg("qwen3_moe")) == ((0, 1, 2, 3), 128, 8, 768, False, 0)
+  cfg = _moe_cfg(
+      "qwen2_moe",
+      num_experts=6,
+      num_experts_per_tok=6,
+      moe_intermediate_size=12,
+      shared_expert_intermediate_size=20,
+      norm_topk_prob=True,
+      decoder_sparse_step=2,
+      mlp_only_layers=[3],
+  )
+  assert _moe_fields(cfg) == ((1,), 6, 6, 12, True, 20) and cfg.is_moe and cfg.shared_expert
+  # Qwen3-MoE's num_local_experts alias, alone or agreeing with num_experts
+  assert _moe_fields(_moe_cfg("qwen3_moe", num_local_experts=5, num_experts_per_tok=2, mlp_only_layers=[0, 2]))[:3] == (
+      (1, 3),
+      5,
+      2,
+  )
+  assert _moe_cfg("qwen3_moe", num_experts=5, num_local_experts=5, num_experts_per_tok=2).num_experts == 5
+  # no experts, or every layer dense: no sparse block and none of its fields
+  for dense in (_moe_cfg("qwen2_moe", num_experts=0), _moe_cfg("qwen3_moe", mlp_only_layers=[0, 1, 2, 3])):
+    assert _moe_fields(dense) == ((), 0, 0, 0, False, 0) and not dense.is_moe
+  # the MoE classes' windows: Qwen2Moe's layer_types slide the even layers below max_window_layers (checked against
+  # Qwen2MoeConfig(num_hidden_layers=4, use_sliding_window=True, max_window_layers=2).layer_types), Qwen3Moe every
+  # layer; Qwen2Moe writes sliding_window 0 when the window is off
+  windowed = dict(use_sliding_window=True, sliding_window=8)
+  assert _moe_cfg("qwen2_moe", **windowed, max_window_layers=2).sliding_layers == (0,)
+  assert _moe_cfg("qwen3_moe", **windowed).sliding_layers == (0, 1, 2, 3)
+  assert _moe_cfg("qwen2_moe", sliding_window=0).sliding_window is None
+  with pytest.raises(UsageError, match="sliding_window must be a positive integer or null, got 0"):
+    _moe_cfg("qwen2_moe", use_sliding_window=True, sliding_window=0)  # only an unused window may be 0
+  for over, words in [
+      (dict(num_experts=6, num_local_experts=5), "num_experts=6 contradicts num_local_experts=5"),
+      (dict(mlp_only_layers="1"), "mlp_only_layers must be a list of layer indices, got '1'"),
+      (dict(mlp_only_layers=[True]), "mlp_only_layers must be a list of layer indices"),
+      (dict(mlp_only_layers=[1, 4, -1]), r"mlp_only_layers \[-1, 4\] lie outside the 4 layers"),
+      (dict(num_experts=4, num_experts_per_tok=5), "num_experts_per_tok=5 exceeds num_experts=4"),
+  ]:
+    with pytest.raises(UsageError, match=words):
+      _moe_cfg("qwen3_moe", **over)
