@@ -170,6 +170,55 @@ def test_checkpoint_layout_errors(tmp_path):
     qwen2.load(sharded, dtype=jnp.float16)
 
 
+def test_bad_indexes_and_stray_files_are_refused(tmp_path):
+  """Each way a checkpoint's index or file set can be wrong is one UsageError naming it, before any tensor is read."""
+  cfg_dict = config_dict()
+  tensors = random_tensors(cfg_dict, seed=5)
+  sharded = write_checkpoint(tmp_path / "sharded", cfg_dict, tensors, shards=2)
+  good = json.loads((sharded / "model.safetensors.index.json").read_text())
+  first = sorted(set(good["weight_map"].values()))[0]
+  with pytest.raises(UsageError, match="expected a checkpoint directory, got a file"):
+    qwen2.load(sharded / "config.json")
+
+  def index_case(name, text):
+    d = tmp_path / name
+    shutil.copytree(sharded, d)
+    (d / "model.safetensors.index.json").write_text(text)
+    return d
+
+  for i, (text, words) in enumerate(
+      [
+          ("{not json", r"not a valid safetensors index \(JSONDecodeError"),
+          (json.dumps({"metadata": {}}), r"not a valid safetensors index \(KeyError"),
+          (json.dumps({"weight_map": {}}), "weight_map is empty or not an object"),
+          (json.dumps({"weight_map": ["a"]}), "weight_map is empty or not an object"),
+          (json.dumps({"weight_map": {"model.norm.weight": "../x.safetensors"}}), "shard name '../x.safetensors' must"),
+          (
+              json.dumps({"weight_map": {**good["weight_map"], "extra.weight": first}}),
+              r"index lists 1 tensors its shards do not hold, e.g. \['extra.weight'\]",
+          ),
+      ]
+  ):
+    with pytest.raises(UsageError, match=words):
+      qwen2.load(index_case(f"index{i}", text))
+  stray = tmp_path / "stray"
+  stray.mkdir()
+  (stray / "config.json").write_text(json.dumps(cfg_dict))
+  safetensors.numpy.save_file(tensors, str(stray / "weights.safetensors"))
+  with pytest.raises(UsageError, match=r"has \['weights.safetensors'\] but neither model.safetensors nor"):
+    qwen2.load(stray)
+  twice = tmp_path / "twice"  # one tensor in two shards: refused whatever the index says
+  twice.mkdir()
+  (twice / "config.json").write_text(json.dumps(cfg_dict))
+  other = "model.embed_tokens.weight"
+  safetensors.numpy.save_file({k: v for k, v in tensors.items() if k != other}, str(twice / "a.safetensors"))
+  safetensors.numpy.save_file({k: tensors[k] for k in ("model.norm.weight", other)}, str(twice / "b.safetensors"))
+  weight_map = {k: "b.safetensors" if k == other else "a.safetensors" for k in tensors}
+  (twice / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  with pytest.raises(UsageError, match="model.norm.weight appears in both a.safetensors and b.safetensors"):
+    qwen2.load(twice)
+
+
 def test_bfloat16_load_rounds_float32_to_nearest_even(tmp_path):
   cfg_dict = config_dict()
   tensors = random_tensors(cfg_dict, seed=6)
