@@ -421,6 +421,14 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
         f"tests/bundles/test_{m}.py"
         for m in ("boundaries", "compare", "format", "logits", "plot", "qwen_graph", "render", "tolerance", "verdict")
     ),
+    # ---- group B, session 5 (helper mut5b) ----
+    # forward_goldens now has a mirrored file (the pieces, compare_regenerated on hand-built trees); the oracle files
+    # it was audited with before (its whole-area regeneration, the stages it writes) stay with it
+    "parity_jax/oracle/forward_goldens.py": (
+        "tests/oracle/test_hf_forward.py",
+        "tests/oracle/test_regeneration.py",
+        "tests/oracle/test_svf_goldens.py",
+    ),
 }
 
 
