@@ -62,6 +62,8 @@ def test_bad_inputs_are_one_line(model):
     hf_stages(model, np.ones((1, 4), int), np.ones((1, 3), int))
   with pytest.raises(UsageError, match="tokens must be an int array"):
     hf_generate(model, np.ones((2, 3), np.float32), 1)
+  with pytest.raises(UsageError, match=r"tokens must be an int array \[batch, seq\], got float64 \[2\]"):
+    hf_generate(model, [1.0, 2.0], 1)  # a list is taken as the array it spells
 
 
 def test_greedy_generation_and_the_captured_step(model):

@@ -162,6 +162,8 @@ def test_convert_svd_weights_roundtrip_and_bad_files(tmp_path):
   # refuses to overwrite; bad files are one-line errors
   with pytest.raises(UsageError, match="refusing to overwrite"):
     convert(str(pt), str(out), prefix="trinity_")
+  with pytest.raises(UsageError, match="refusing to overwrite"):  # the output is checked before the input is read
+    convert(str(tmp_path / "junk.pt"), str(out), prefix="trinity_")
   bad = dict(data)
   del bad["lm_head.weight.V"]
   torch.save(bad, tmp_path / "bad.pt")
