@@ -692,9 +692,7 @@ def forward(
     logits, stages = back(logits), tuple(back(s) for s in stages)
   if not capture:
     return logits
-  names = stage_names(model.config)
-  assert len(names) == len(stages), (len(names), len(stages))
-  return logits, collections.OrderedDict(zip(names, stages))
+  return logits, collections.OrderedDict(zip(stage_names(model.config), stages, strict=True))
 
 
 @contextlib.contextmanager
