@@ -13,6 +13,7 @@ import os
 import pytest
 
 from parity_jax import qwen2
+from parity_jax.errors import UsageError
 from parity_jax.qwen2 import sources
 from tests.helpers.qwen import FORWARD, MODELS
 
@@ -64,3 +65,11 @@ def test_a_registered_source_feeds_forward_parity(pointer, tmp_path):
   assert qwen2.forward_parity(good, FORWARD / "qwen3.safetensors").passed
   result = qwen2.forward_parity(bad, FORWARD / "qwen3.safetensors")
   assert not result.passed and result.first_divergent == "layers.1.k_norm"
+
+
+def test_a_directory_no_source_recognises_goes_to_the_hf_source(tmp_path):
+  """Its errors then name what an HF checkpoint misses; a missing path is refused before any source is asked."""
+  (tmp_path / "empty").mkdir()
+  assert sources.model_source(tmp_path / "empty") is sources.HF_SOURCE
+  with pytest.raises(UsageError, match="no such checkpoint directory"):
+    sources.model_source(tmp_path / "nope")
