@@ -251,3 +251,25 @@ def test_the_exchanges_of_three_processes_and_of_one():
     one.wait_for("never")
   one.fail("nothing to tell")  # no other process: returns, and this process has not left a job
   assert not left_job()
+
+
+_CHILD_FAIL = _CHILD.split("how = sys.argv[1]")[0] + textwrap.dedent("""
+    from parity_jax.runtime import left_job
+    store = Store()
+    job = Job(store, 1, 2, timeout_s=5, op="fail-test")
+    print(left_job())
+    job.fail("boom\\nsecond line")
+    print(left_job())
+    print(sorted(store.d.items()))
+    """)
+
+
+def test_a_process_that_fails_a_job_tells_the_others_and_has_left_it():
+  """fail() in a job of two: the abort key names this process and the first line; left_job() turns true."""
+  proc = subprocess.run([sys.executable, "-c", _CHILD_FAIL], cwd=H.REPO, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines() == [
+      "False",
+      "True",
+      "[('parity_jax/fail-test/0/abort', 'process 1 failed: boom')]",
+  ], proc.stdout
