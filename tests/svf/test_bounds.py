@@ -158,3 +158,16 @@ def test_examples_name_the_element_in_the_whole_tensor():
   acc.update(golden, ours, u, v, row_offset=5)
   assert acc.n_unexplained == 1 and [e["index_source"] for e in acc.unexplained_examples] == [[6, 2]]
   assert acc.unexplained_examples[0]["ours_bits"] == f"0x{int(ours[1, 2]):04x}"
+
+
+def test_check_bound_is_inclusive_and_nan_aware():
+  """Hand-picked pairs: equal values and a difference exactly at the bound pass; NaN passes only on both sides."""
+  from parity_jax.svf.bounds import check_bound
+
+  golden = np.array([1.0, 2.0, 3.0, np.nan, 5.0, np.nan], np.float32)
+  ours = np.array([1.0, 2.5, 3.75, np.nan, 5.0, 1.0], np.float32)
+  tol = np.array([0.0, 0.5, 0.5, 0.0, 1.0, 1.0])
+  assert check_bound(golden[:5], ours[:5], tol[:5]) == (1, 1.5)  # 3.75 is 0.75 off a 0.5 bound; 2.5 sits on it
+  assert check_bound(golden[:3], ours[:3], 1.0) == (0, 0.75)  # a scalar bound
+  assert check_bound(golden, ours, tol) == (2, np.inf)  # a NaN on one side: out, and the worst ratio is infinite
+  assert check_bound(np.zeros(0, np.float32), np.zeros(0, np.float32), 1.0) == (0, 0.0)
