@@ -171,3 +171,27 @@ def test_check_bound_is_inclusive_and_nan_aware():
   assert check_bound(golden[:3], ours[:3], 1.0) == (0, 0.75)  # a scalar bound
   assert check_bound(golden, ours, tol) == (2, np.inf)  # a NaN on one side: out, and the worst ratio is infinite
   assert check_bound(np.zeros(0, np.float32), np.zeros(0, np.float32), 1.0) == (0, 0.0)
+
+
+def test_the_stage_tolerances_are_the_documented_formulas():
+  """The bounds written out by hand from their docstrings, with the module's stated constants: the smallest normal
+  float32 (2**-126) for the subnormal floor and a 1 + 2**-30 safety factor for their own float64 evaluation."""
+  from parity_jax.svf.bounds import adapted_tolerance, matmul_tolerance, normalization_tolerance
+
+  tiny, safety = 2.0**-126, 1.0 + 2.0**-30
+  s = np.array([3.0, 2.0, 0.5], np.float32)
+  fc = FormulaConstants.from_components(s, np.array([0.1, -0.2, 0.05], np.float32))
+  assert fc.k == 3 and fc.u == 2.0**-24
+  ra, rv = np.array([1.0, 4.0]), np.array([2.0, 0.5, 3.0])
+  outer = ra[:, None] * rv[None, :]
+  np.testing.assert_allclose(
+      matmul_tolerance(ra, rv, 3, fc.u), (2 * gamma(3, fc.u) * outer + 2 * 11 * tiny) * safety, rtol=1e-15, atol=0
+  )
+  assert normalization_tolerance(fc) == pytest.approx(2.0 * fc.nu * abs(fc.n64) * safety, rel=1e-15, abs=0)
+  n, nu, u = abs(fc.n64), fc.nu, fc.u
+  one_side = outer * n * (nu + u + nu * u) + gamma(3, u) * outer * n * (1 + nu) * (1 + u) + 11 * tiny * max(1.0, n)
+  np.testing.assert_allclose(adapted_tolerance(ra, rv, fc), 2 * one_side * safety, rtol=1e-15, atol=0)
+  # zero rows: only the subnormal floor is left, (k + 8) smallest normals per side
+  zero = np.zeros(2)
+  np.testing.assert_allclose(matmul_tolerance(zero, rv, 3, fc.u), 2 * 11 * tiny * safety, rtol=1e-15, atol=0)
+  np.testing.assert_allclose(adapted_tolerance(zero, rv, fc), 2 * 11 * tiny * max(1.0, n) * safety, rtol=1e-15, atol=0)
