@@ -25,6 +25,9 @@ from typing import Any
 __all__ = ["LOG_INTERVAL_S", "Progress", "human_bytes", "progress"]
 
 LOG_INTERVAL_S = 5.0
+_BAR_LOOK = dict(
+    dynamic_ncols=True, mininterval=0.5
+)  # no mutate: display only (width follows the terminal, 2 redraws/s)
 
 
 class Progress:
@@ -64,7 +67,7 @@ class _Bar(Progress):
 
     self.total = total
     cls = _byte_tqdm(tqdm) if unit == "B" else tqdm
-    self._bar = cls(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    self._bar = cls(total=total, desc=desc, unit=unit, file=sys.stderr, **_BAR_LOOK)
 
   def update(self, n: int = 1) -> None:
     n = _clamped(self._bar.n, n, self.total)
