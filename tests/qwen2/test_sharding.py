@@ -130,3 +130,31 @@ def test_shard_params_places_every_leaf_on_the_mesh_with_the_same_values():
   assert jax.tree_util.tree_structure(placed) == jax.tree_util.tree_structure(params)
   for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(placed)):
     assert b.sharding.mesh.shape == mesh.shape and bit_equal(np.asarray(a), np.asarray(b))
+
+
+def test_parse_axis_rules_reads_the_flag_and_names_each_mistake():
+  import pytest
+
+  from parity_jax.errors import UsageError
+  from parity_jax.qwen2 import parse_axis_rules
+
+  assert parse_axis_rules(" batch=data, heads = model ,kv_heads=none,experts=ep+tp,gate=") == (
+      ("batch", ("data",)),
+      ("heads", ("model",)),
+      ("kv_heads", ()),
+      ("experts", ("ep", "tp")),
+      ("gate", ()),
+  )
+  assert parse_axis_rules("heads=NONE") == (("heads", ()),)
+  for text, words in [
+      ("", "--shard_rules is empty"),
+      ("  ", "--shard_rules is empty"),
+      ("heads", "--shard_rules: 'heads' is not logical_axis=mesh_axis"),
+      ("bogus=tp", "--shard_rules: unknown logical axis 'bogus'"),
+      ("heads=tp,heads=dp", "--shard_rules: logical axis 'heads' given twice"),
+      ("heads=tp+", "--shard_rules: 'heads=tp\\+': mesh axes are names joined by '\\+'"),
+  ]:
+    with pytest.raises(UsageError, match=words):
+      parse_axis_rules(text)
+  with pytest.raises(UsageError, match="--rules is empty"):
+    parse_axis_rules(None, flag="rules")
