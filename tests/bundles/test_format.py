@@ -161,3 +161,35 @@ def test_membership_duplicate_names_and_unreadable_metadata(tmp_path):
     safetensors.numpy.save_file({"w": np.zeros(1, np.float32)}, str(bad), metadata={key: "{not json"})
     with pytest.raises(UsageError, match=f"{key} metadata is not valid JSON"):
       stages.load_bundle(bad)
+
+
+def test_stage_bundle_mapping_save_and_every_refusal(tmp_path):
+  """The in-memory bundle as a mapping (order, length, repr, save/load), and each refusal of the bundle writers."""
+  b = stages.StageBundle([("z", np.ones(2, np.float32)), ("a", np.zeros(1, np.int32))], {"producer": "t"})
+  assert list(b) == ["z", "a"] and len(b) == 2 and repr(b) == "StageBundle(2 stages, producer='t')"
+  b.save(tmp_path / "b.safetensors")
+  back = stages.StageBundle.load(tmp_path / "b.safetensors")
+  assert back.names == ["z", "a"] and back.provenance == {"producer": "t"} and arraydiff.bit_equal(back["z"], b["z"])
+  for bad_name in ("", 3):
+    with pytest.raises(UsageError, match="stage names must be non-empty strings"):
+      stages.StageBundle({bad_name: np.ones(1)})
+  with pytest.raises(UsageError, match="stage bundles cannot store dtype complex64"):
+    stages.StageBundle({"c": np.ones(1, np.complex64)})
+  with pytest.raises(UsageError, match="stage bundles cannot store dtype complex64"):
+    stages.BundleWriter(tmp_path / "c.safetensors", [("c", (1,), np.complex64)])
+  with stages.BundleReader(tmp_path / "b.safetensors") as r:
+    with pytest.raises(UsageError, match="no stage named 'q'"):
+      r.get("q")
+  with pytest.raises(UsageError, match="no such file"):
+    stages.load_bundle(tmp_path / "nope.npz")
+  for rows, words in [
+      (np.zeros((1, 2), np.float64), "w: dtype float64 does not match declared float32"),
+      (np.zeros((1, 3), np.float32), r"w: row block \(1, 3\) does not fit declared shape \(3, 2\)"),
+  ]:
+    with pytest.raises(UsageError, match=words):
+      with stages.BundleWriter(tmp_path / "w.safetensors", [("w", (3, 2), np.float32)]) as w:
+        w.write_rows("w", rows)
+  with pytest.raises(UsageError, match="'v' is not a declared tensor"):
+    with stages.BundleWriter(tmp_path / "w.safetensors", [("w", (1, 2), np.float32)]) as w:
+      w.write("v", np.zeros((1, 2), np.float32))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["b.safetensors"]  # no writer left a file behind
