@@ -107,3 +107,34 @@ def test_a_rule_is_bit_exact_only_when_it_says_so():
   # asked for, it is
   p = tolerance.profile_from_dict({"schema": _S, "rules": [{"stages": ".*", "bit_exact": True}]})
   assert p.rules[0].bit_exact is True and p.rules[0].describe() == "bit-exact"
+
+
+def test_resolve_profile_takes_every_form_and_refuses_the_rest(tmp_path):
+  """A Profile as is, a built-in name, a dict, a JSON path; a rule read back from its dict; the remaining refusals."""
+  f32 = tolerance.builtin_profile("f32")
+  assert tolerance.resolve_profile(f32) is f32 and tolerance.resolve_profile("f32") is f32
+  doc = {"schema": _S, "name": "mine", "rules": [{"stages": ".*", "max_rel_l2": 0.5, "max_ulp": 3}]}
+  from_dict = tolerance.resolve_profile(doc)
+  assert from_dict.name == "mine" and from_dict.rule_for("x").max_rel_l2 == 0.5 and from_dict.rule_for("x").max_ulp == 3
+  (tmp_path / "p.json").write_text(json.dumps(doc))
+  assert tolerance.resolve_profile(str(tmp_path / "p.json")) == from_dict
+  rule = from_dict.rules[0]
+  assert tolerance.ToleranceRule.from_dict({**rule.to_dict(), "not_a_field": 1}) == rule
+  with pytest.raises(UsageError, match="profile must be a Profile, a built-in name or a JSON path, got int"):
+    tolerance.resolve_profile(3)
+  with pytest.raises(UsageError, match="cannot read profile"):
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe{")
+    tolerance.load_profile_json(tmp_path / "bin.json")
+  for rules, words in [
+      (["x"], 'rules\\[0\\] must be an object, got "x"'),
+      ([{"stages": ".*", "max_ulp": -1}], r"rules\[0\]\.max_ulp must lie in \[0, 9223372036854775807\], got -1"),
+      (
+          [{"stages": ".*", "max_ulp": 1, "bit_exact": "yes"}],
+          'rules\\[0\\]\\.bit_exact must be true or false, got "yes"',
+      ),
+  ]:
+    with pytest.raises(UsageError, match=words):
+      tolerance.profile_from_dict({"schema": _S, "rules": rules}, source="p.json")
+  for key in ("name", "description"):
+    with pytest.raises(UsageError, match=f"p.json: '{key}' must be a string"):
+      tolerance.profile_from_dict({"schema": _S, "extends": "f32", key: 1}, source="p.json")
