@@ -165,3 +165,30 @@ def test_text_names_one_sided_stages_and_widened_ulps():
   lines = compare_bundles(golden, cand, profile="bf16", allow_missing=True).text().splitlines()
   j = lines.index("only in candidate (1): c_only")
   assert lines[j - 1] == "" and not any(line.startswith("only in golden") for line in lines)
+
+
+def test_html_of_a_drift_and_the_logits_summary_in_both_renderings():
+  """The drift of test_text_rows_marks_and_notes_of_a_drift in HTML: the onset row red and bold, the breaching row
+  orange and marked first over tolerance; a logits stage's summary line below the table in text and HTML; a stage
+  only in golden listed; an infinite difference written "inf"."""
+  golden = collections.OrderedDict((f"s{i}", np.full(4, 2, np.float32)) for i in range(4))
+  cand = {k: v.copy() for k, v in golden.items()}
+  for k, d in (("s1", 4e-6), ("s2", 2e-5), ("s3", 8e-5)):
+    cand[k][0] += np.float32(d)
+  golden["logits"] = np.arange(12, dtype=np.float32).reshape(1, 2, 6)
+  cand["logits"] = golden["logits"].copy()
+  golden["gone"] = np.zeros(1, np.float32)
+  report = compare_bundles(golden, cand, profile="f32", allow_missing=True)
+  page = report._repr_html_()
+  row = {
+      m.group(2): m.group(1)
+      for m in re.finditer(r"<tr style='background:([^;]*);[^']*'><td[^>]*>\d+</td><td[^>]*>(\w+)<", page)
+  }
+  assert row == {"s0": "#ffffff", "s1": "#ffd6d6", "s2": "#ffffff", "s3": "#fff0e0", "logits": "#ffffff"}, row
+  assert page.count("&larr; first over tolerance") == 1 and "&larr; first divergent (drift onset)" in page
+  summary = report.row("logits").logits.summary()
+  assert f"logits: {html.escape(summary)}</div>" in page and "only in golden: gone</div>" in page
+  lines = report.text().splitlines()
+  assert lines[lines.index(f"logits: {summary}") - 1] == ""
+  inf = compare_bundles({"a": np.ones(2, np.float32)}, {"a": np.array([1, np.inf], np.float32)}, profile="f32")
+  assert _text_rows(inf.text())["a"][4] == "inf"
