@@ -46,9 +46,7 @@ def fmt_cosine(c: float) -> str:
 def _fmt_abs(x: float) -> str:
   if x == 0:
     return "0"
-  if math.isinf(x):
-    return "inf"
-  return f"{x:.3g}"
+  return f"{x:.3g}"  # an infinite difference formats as "inf"
 
 
 def _val(x) -> str:
