@@ -414,7 +414,8 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
     # the SVF goldens' writer (_draw, the components and manifest) runs only in the regeneration test
     "parity_jax/oracle/svf_goldens.py": ("tests/oracle/test_regeneration.py",),
     # the forward on a mesh of several devices (on_mesh's sharded branch): only the forced-device subprocesses run it
-    "parity_jax/qwen2/model.py": ("tests/qwen2/test_sharding_mesh.py",),
+    # (mut5b: and the MoE forward, forced experts included, which only test_moe.py runs)
+    "parity_jax/qwen2/model.py": ("tests/qwen2/test_sharding_mesh.py", "tests/qwen2/test_moe.py"),
     # the stage statistics and breaches behind every comparison: audited, as before test_diff.py, with every
     # bundles test file (test_verdict_hf.py is left out by the audit command)
     "parity_jax/bundles/diff.py": tuple(
