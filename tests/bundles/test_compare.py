@@ -132,6 +132,16 @@ def test_bad_inputs(tmp_path):
     compare_bundles({"a": np.ones(2)}, {"b": np.ones(2)}, allow_missing=True)
   with pytest.raises(UsageError, match=r"golden has nothing, candidate has b$"):  # the filter leaves golden none
     compare_bundles({"a": np.ones(2)}, {"b": np.ones(2)}, stages="^b$")
+  with pytest.raises(UsageError, match=r"explicit order does not list b$"):
+    compare_bundles({"a": np.ones(2), "b": np.ones(2)}, {"a": np.ones(2), "b": np.ones(2)}, order=["a"])
+  with pytest.raises(UsageError, match="candidate: stage names must be non-empty strings, got ''"):
+    compare_bundles({"a": np.ones(2)}, {"": np.ones(2)})
+  # a logits stage without a vocabulary axis: its logits statistics are skipped, unless a rule asks for them
+  scalar = {"logits": np.float32(1.0)}
+  assert compare_bundles(scalar, scalar, profile="exact").rows[0].logits is None
+  kl = {"schema": "parity_jax.tolerance_profile/1", "rules": [{"stages": ".*", "max_kl": 1.0}]}
+  with pytest.raises(UsageError, match=r"stage 'logits': logits thresholds need a vocabulary axis, shape is \(\)"):
+    compare_bundles(scalar, scalar, profile=kl)
   six = {k: np.ones(2) for k in "abcdef"}
   with pytest.raises(UsageError, match=r"golden has a, b, c, d \(\+2 more\), candidate has w, x, y, z$"):
     compare_bundles(six, {k: np.ones(2) for k in "wxyz"})  # four names are listed whole
