@@ -81,3 +81,32 @@ def test_greedy_generation_and_the_captured_step(model):
   seq2, logits2 = hf_generate(model, tokens, 2, mask)  # without a capture: two values, the same tokens
   np.testing.assert_array_equal(seq2, seq[:, : t + 2])
   assert logits2.shape == (2, b, 320)
+
+
+def test_restarting_positions_without_a_mask_keep_the_plain_causal_mask(model):
+  """position_ids only feed RoPE: positions that restart (0 1 2 0 1 2) must not make transformers mask the row as
+  packed sequences, so the stages equal those of the same call with an explicit all-ones mask."""
+  tokens = np.arange(1, 7).reshape(1, 6)
+  pos = np.array([[0, 1, 2, 0, 1, 2]])
+  pinned = hf_stages(model, tokens, position_ids=pos)
+  explicit = hf_stages(model, tokens, np.ones((1, 6), int), position_ids=pos)
+  packed = hf_stages(model, tokens[:, 3:], position_ids=pos[:, 3:])  # what a packed second sequence would see
+  for name in pinned:
+    np.testing.assert_allclose(pinned[name], explicit[name], rtol=1e-6, atol=1e-6, err_msg=name)
+  assert not np.allclose(pinned["logits"][:, 3:], packed["logits"], rtol=1e-3, atol=1e-3)
+
+
+def test_capture_refuses_other_attention_implementations_model_types_and_bf16_for_hf_stages(model):
+  from types import SimpleNamespace
+
+  from parity_jax.oracle.hf_forward import capture_hf_stages
+
+  tokens = np.ones((1, 2), int)
+  for config, words in [
+      (SimpleNamespace(_attn_implementation="sdpa", model_type="qwen2"), "needs attn_implementation='eager'"),
+      (SimpleNamespace(_attn_implementation="eager", model_type="llama"), "got model_type='llama'"),
+  ]:
+    with pytest.raises(UsageError, match=words):
+      capture_hf_stages(SimpleNamespace(config=config), tokens)
+  with pytest.raises(UsageError, match="hf_stages runs the oracle in float32; the model is torch.bfloat16"):
+    hf_stages(load_hf_model(MODEL, "bfloat16"), tokens)
