@@ -114,6 +114,10 @@ BAD = [
         r"token ids must lie in \[0, ",
     ),
     (["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors", "--tokens=1,x"], "non-integer"),
+    (
+        ["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen3.safetensors", "--attention_mask=1,1"],
+        "--attention_mask needs --tokens",
+    ),
     (["--model_dir=goldens/models/qwen3", "--golden=goldens/forward/qwen2_tied.safetensors"], "one side only"),
     (
         [
