@@ -194,3 +194,50 @@ def test_self_consistency_runs_the_second_pass_at_one_thread(monkeypatch):
   assert seen == [default, 1] and torch.get_num_threads() == default
   assert r["threads_default"] == default and r["threads_other"] == 1
   assert (r["n_tensors"], r["n_elements"]) == (1, 24) and 0 <= r["bf16_elements_differing"] <= 24
+
+
+def _svf_tree(root, backend, report=None, tensors=None, prov=None, files=None):
+  """A hand-built regenerated SVF area: MANIFEST.json, one report JSON and one stage bundle."""
+  root.mkdir()
+  (root / "r.json").write_text(json.dumps(report if report is not None else {"k": [1, {"versions": "x"}]}))
+  default = {"tensor.w.adapted": np.linspace(1, 2, 6, dtype=np.float32), "tensor.w.u_scaled": np.ones(3, np.float32)}
+  stages.save_bundle(root / "b.safetensors", default if tensors is None else tensors, prov or {"seed": 1})
+  manifest = {"backend": backend, "files": files or ["b.safetensors", "r.json"]}
+  (root / "MANIFEST.json").write_text(json.dumps(manifest))
+  return root
+
+
+def test_compare_regenerated_on_hand_built_areas(tmp_path):
+  """The same backend compares JSON less environment fields and every bit; another compares float32 stages by
+  rel-L2 (1e-5, the f32 profile) and skips the gauge-dependent u_scaled. The problems are written out by hand."""
+  committed = _svf_tree(tmp_path / "committed", "A")
+  n = iter(range(100))
+
+  def problems(backend="A", **fresh):
+    result = svf_goldens.compare_regenerated(committed, _svf_tree(tmp_path / f"f{next(n)}", backend, **fresh))
+    assert result["mode"] == ("bytes" if backend == "A" else "invariants")
+    return result["problems"]
+
+  adapted = np.linspace(1, 2, 6, dtype=np.float32)
+  assert problems() == [] and problems(report={"k": [1, {"versions": "y", "python": "3"}]}) == []
+  assert problems(report={"k": [1, {"versions": "x"}, 2]}) == ["r.json: differs beyond environment fields"]
+  assert problems(report={"k": [2, {"versions": "x"}]}) == ["r.json: differs beyond environment fields"]
+  assert problems(report={"j": [1, {"versions": "x"}]}) == ["r.json: differs beyond environment fields"]
+  assert problems(prov={"seed": 2}) == ["b.safetensors: provenance differs beyond environment fields"]
+  assert problems(prov={"seed": 1, "platform": "other"}) == []
+  swapped = {"tensor.w.u_scaled": np.ones(3, np.float32), "tensor.w.adapted": adapted}
+  assert problems(tensors=swapped) == ["b.safetensors: tensor names or order differ"]
+  bit = adapted.copy()
+  bit.view(np.uint32)[0] ^= 1
+  assert problems(tensors={"tensor.w.adapted": bit, "tensor.w.u_scaled": np.ones(3, np.float32)}) == [
+      "b.safetensors: tensor.w.adapted not bit-identical"
+  ]
+  assert problems(files=["b.safetensors"]) == ["file lists differ: ['b.safetensors', 'r.json'] vs ['b.safetensors']"]
+  # another backend: the same bit within float32 noise, u_scaled anything, the JSON not compared
+  gauge = {"tensor.w.adapted": bit, "tensor.w.u_scaled": -np.ones(3, np.float32)}
+  assert problems("B", tensors=gauge, report={"other": 1}) == []
+  far = {"tensor.w.adapted": adapted * np.float32(1.001), "tensor.w.u_scaled": np.ones(3, np.float32)}
+  (problem,) = problems("B", tensors=far)
+  assert problem.startswith("b.safetensors: tensor.w.adapted rel-L2 ") and problem.endswith(" > 1e-05"), problem
+  wide = {"tensor.w.adapted": adapted.astype(np.float64), "tensor.w.u_scaled": np.ones(3, np.float32)}
+  assert problems("B", tensors=wide) == ["b.safetensors: tensor.w.adapted is float64[6], committed float32[6]"]
