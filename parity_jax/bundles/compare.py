@@ -299,7 +299,9 @@ class _Planned:
   want_logits: bool
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(
+    frozen=True
+)  # no mutate: a private measurement built once, never written; frozen is a guard only
 class _Measured:
   name: str
   golden_dtype: np.dtype

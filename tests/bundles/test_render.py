@@ -192,3 +192,8 @@ def test_html_of_a_drift_and_the_logits_summary_in_both_renderings():
   assert lines[lines.index(f"logits: {summary}") - 1] == ""
   inf = compare_bundles({"a": np.ones(2, np.float32)}, {"a": np.array([1, np.inf], np.float32)}, profile="f32")
   assert _text_rows(inf.text())["a"][4] == "inf"
+  # the rel-L2 cell's heat colour: grey for 0, the failure red for a non-finite value
+  assert "<td style='text-align:right;padding:1px 6px;white-space:nowrap;background:#b00020;'>inf</td>" in (
+      inf._repr_html_()
+  )
+  assert "background:#f4f4f4;'>0</td>" in page  # s0 is bit-identical
