@@ -135,6 +135,13 @@ def test_bf16_bits_of_a_transposed_view_are_in_c_order():
   assert dtypes.bf16_bits(np.float32(1.0)).shape == ()
 
 
+def test_bf16_bits_of_array_likes():
+  # a Python list and a float are arrays too (numpy's float64 of them, then rounded to bfloat16)
+  want = _rne_bf16_bits(np.array([1.0, -2.5, 3.140625], np.float32))
+  assert dtypes.bf16_bits([1.0, -2.5, 3.140625]).tobytes() == want.tobytes()
+  assert dtypes.bf16_bits(1.0).tobytes() == np.uint16(0x3F80).tobytes()
+
+
 # bfloat16 bit patterns: +/-inf, quiet NaNs of both signs, a signalling NaN with a payload, the largest finite
 INF, NEG_INF, QNAN, NEG_QNAN, SNAN, NEG_SNAN, MAX = 0x7F80, 0xFF80, 0x7FC0, 0xFFC0, 0x7F81, 0xFF81, 0x7F7F
 

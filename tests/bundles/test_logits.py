@@ -44,6 +44,21 @@ def test_against_numpy_definitions():
   assert st.topk_overlap_min < 1.0
 
 
+@pytest.mark.parametrize("chunk", [40, 41, 120])  # a row per chunk, a row per chunk (floor), three rows per chunk
+def test_rows_computed_in_chunks_give_the_numpy_definitions(monkeypatch, chunk):
+  from parity_jax.bundles import logits
+
+  monkeypatch.setattr(logits, "_CHUNK_ELEMENTS", chunk)  # the chunk size: any value gives the same figures
+  rng = np.random.default_rng(1)
+  a = (rng.standard_normal((2, 7, 40)) * 3).astype(np.float32)
+  b = (a + rng.standard_normal(a.shape) * 0.8).astype(np.float32)
+  st = logits_stats(a, b, topk=3)
+  kl = _kl_naive(a, b).reshape(-1)
+  assert st.kl_max == pytest.approx(kl.max(), rel=1e-9) and st.kl_mean == pytest.approx(kl.mean(), rel=1e-9)
+  assert st.argmax_agree == (a.argmax(-1) == b.argmax(-1)).sum()
+  assert st.topk_overlap_mean == pytest.approx(_topk_overlap_naive(a, b, 3).mean())
+
+
 def test_identical_logits():
   a = np.random.default_rng(1).standard_normal((3, 11)).astype(np.float32)
   st = logits_stats(a, a.copy(), topk=4)
