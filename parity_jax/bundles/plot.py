@@ -296,7 +296,7 @@ def _mark_stage(ax, i: int, n: int, label: str, color: str, height: float, line:
       label,
       (i, height),
       xycoords=("data", "axes fraction"),
-      xytext=(-4 if late else 4, 0),
+      xytext=(-4 if late else 4, 0),  # no mutate: a label offset in points (cosmetic)
       textcoords="offset points",
       fontsize=8,
       color=color,
