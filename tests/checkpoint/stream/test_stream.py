@@ -125,6 +125,17 @@ def test_plan_in_a_bucket_streams_and_reads_rows_ahead():
   assert _plan(whole, _meta((8, 32768, 1024), (8, 32768, 1024), raw=False), memmap=False, remote=True).spill
 
 
+def test_plan_in_a_bucket_spills_only_above_2_gib():
+  """Two single-chunk zstd leaves of k x 128 MiB: streaming holds both decoded leaves and a compressed one (about
+  4 k x 128 MiB = k/2 GiB); in a bucket that streams up to 2 GiB (k = 3: 1.5 GiB) and spills above (k = 5)."""
+  for k, spills in ((3, False), (5, True)):
+    shape = (k, 32768, 1024)
+    p = _plan(_meta(shape, shape, raw=False), _meta(shape, shape, raw=False), memmap=False, readahead=0, remote=True)
+    assert p.spill == spills, k
+    held = k * 2**29  # streaming: 4 leaf-sized buffers; spilling: one side at a time (2), plus the 8 MiB pieces
+    assert held < (2 if spills else 1) * p.estimate_bytes < held + 2**28, k
+
+
 def test_plan_small_rows_are_read_whole_per_piece():
   src = _meta((1, 4096, 256), (1, 64, 256), raw=False)  # 64 KiB rows
   p = _plan(src, _meta((4096, 256), (4096, 256), raw=True))
@@ -272,6 +283,58 @@ def test_mode_detects_fault_with_exact_hashes_and_stats(mode_pair, fault, monkey
   assert got == want
   assert rep.leaf("s").passed
   assert not list(tmp.glob("parity_jax_verify_spill_*"))
+
+
+def test_pair_streamer_without_a_second_pass_returns_at_the_first_difference(tmp_path):
+  """``run(second_pass=False)`` (a job's range of a leaf): a differing pair is "not equal", no hashes, no statistics,
+  and stops reading at the piece that differs; with the second pass, both hashes and the statistics."""
+  from parity_jax.checkpoint import open_checkpoint
+
+  tree = _source_tree()
+  good = tree["w"][0]
+  bad = good.copy()
+  _flip(bad, (20, 0), 1)  # in the second of six 4 KiB pieces
+  src = open_checkpoint(_save_source(tmp_path / "src", tree, chunk_kb=None, compressed=False))
+  mig = open_checkpoint(_migrated(tmp_path, "mig", {"w": bad, "s": tree["s"]}))
+  s_meta, m_meta = src.leaves["w"], mig.leaves["w"]
+  r = geometry.refinement(s_meta.shape, m_meta.shape)
+  pl = stream.plan_pair(s_meta, m_meta, r, int(PIECE_MB * MIB))
+  assert pl.slabs.n_slabs == 6 and not pl.spill
+
+  def streamer(read):
+    return stream.PairStreamer(
+        src,
+        mig,
+        s_meta,
+        m_meta,
+        r,
+        pl,
+        stream.Buffers(int(PIECE_MB * MIB)),
+        spill_dir=str(tmp_path),
+        on_bytes=read.append,
+    )
+
+  read = []
+  out = streamer(read).run(second_pass=False)
+  assert (out.equal, out.source_sha256, out.sha256, out.diff, out.diff_error) == (
+      False,
+      "",
+      "",
+      None,
+      "second pass not run",
+  )
+  assert sum(read) == 2 * 4096  # both sides through the second piece, nothing after it
+  read = []
+  out = streamer(read).run(top_k=3)
+  assert not out.equal and out.diff_error is None and sum(read) == 2 * good.nbytes
+  assert (out.source_sha256, out.sha256) == (
+      hashlib.sha256(good.tobytes()).hexdigest(),
+      hashlib.sha256(bad.tobytes()).hexdigest(),
+  )
+  want, got = arraydiff.diff_stats(good, bad, top_k=3).to_dict(), out.diff.to_dict()
+  for k in ("cosine", "rel_l2", "rms_diff"):  # float64 sums over pieces: the order may change the last bits
+    assert got.pop(k) == pytest.approx(want.pop(k), rel=1e-12, abs=1e-15), k
+  assert got == want
 
 
 # ---- the hash pipeline on its own ------------------------------------------------------------
