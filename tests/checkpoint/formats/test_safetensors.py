@@ -224,6 +224,13 @@ def test_damaged_and_lying_files(dirs):
   ck = open_checkpoint(case("truncated", truncate=3))
   assert "past the end of the file" in ck.leaves["b"].error and ck.leaves["a"].error is None
   assert _bits(ck.read_whole(ck.leaves["a"])) == _bits(good["a"])
+  ck = open_checkpoint(case("cut_after_opening"))  # the file loses its last bytes after its header was read
+  f = os.path.join(ck.path, "model.safetensors")
+  os.truncate(f, os.path.getsize(f) - 3)
+  with pytest.raises(LeafReadError, match="^cannot read leaf 'b': ") as e:  # the reader's own error, not wrapped again
+    ck.read_whole(ck.leaves["b"])
+  assert e.value.leaf == "b" and "\n" not in str(e.value) and "cannot read leaf" not in str(e.value)[17:]
+  assert _bits(ck.read_whole(ck.leaves["a"])) == _bits(good["a"])
 
   d = root / "header_garbage"
   d.mkdir()
