@@ -72,9 +72,10 @@ def _assert_same_stats(got: arraydiff.DiffStats, want: arraydiff.DiffStats):
 # ---- PASS paths ------------------------------------------------------------------------------
 
 
-def test_shipped_example_passes_and_hashes_match_the_manifest():
+def test_shipped_example_passes_and_hashes_match_the_manifest(capfd):
   rep = verify_migration(H.EXAMPLE / "source", H.EXAMPLE / "migrated", H.EXAMPLE / "spec.json")
   assert rep.passed, rep.text()
+  assert capfd.readouterr().err == ""  # no progress lines unless asked for
   assert list(rep.groups) == [
       "ci_fn",
       "ci_fn_opt_state",
