@@ -340,6 +340,24 @@ def test_pair_streamer_without_a_second_pass_returns_at_the_first_difference(tmp
 # ---- the hash pipeline on its own ------------------------------------------------------------
 
 
+def test_bytes_equal_is_raw_byte_equality_for_every_size():
+  """Pieces of 1..40 bytes (whole 8-byte words or not), against ``tobytes()``: one flipped bit anywhere, -0.0 for
+  0.0 and NaN payloads differ; a different size or dtype is never equal; shapes may differ."""
+  rng = np.random.default_rng(3)
+  for n in range(0, 41):
+    a = rng.integers(0, 256, n, dtype=np.uint8)
+    assert stream.bytes_equal(a, a.copy()) and stream.bytes_equal(a.reshape(1, n), a.copy())
+    for i in range(n):
+      b = a.copy()
+      b[i] ^= 1 << (i % 8)
+      assert not stream.bytes_equal(a, b), (n, i)
+  z = np.zeros(3, np.float32)
+  nan = np.full(3, np.nan, np.float32)
+  assert not stream.bytes_equal(z, -z) and stream.bytes_equal(nan, nan.copy())
+  assert not stream.bytes_equal(nan, (nan.view(np.uint32) ^ np.uint32(1)).view(np.float32))
+  assert not stream.bytes_equal(z, np.zeros(4, np.float32)) and not stream.bytes_equal(z, z.view(np.int32))
+
+
 def test_hash_pipeline_hashes_pieces_in_submission_order():
   rng = np.random.default_rng(5)
   bufs = stream.Buffers(4096)
