@@ -486,3 +486,24 @@ def test_storage_lines_name_where_each_side_was_read_and_the_bucket_requests():
       "gs:// I/O:        7 requests (5 reads, 2 lists, 1 retries), 4096 bytes read",
   ]
   assert VerifyReport(**{**rep.__dict__, "storage": None, "io": None}).storage_lines() == []
+
+
+def test_the_html_view_spells_out_20_failing_leaves_and_counts_the_rest():
+  """A hand-built report: 23 missing leaves and one that passes; the HTML lists the first 20 and says 3 more."""
+  from parity_jax.checkpoint import LeafResult, VerifyReport
+
+  def report(n_missing):
+    leaves = [
+        LeafResult(f"w{i:02d}", None, "g", "MISSING", reason="not in the migrated checkpoint") for i in range(n_missing)
+    ]
+    leaves.append(LeafResult("ok", "ok", "g", "PASS", shape=(2,), dtype="float32", nbytes=8))
+    return VerifyReport("src", "mig", None, "v0", "v1", leaves, {"source": [], "migrated": []})
+
+  html = report(23)._repr_html_()
+  assert "<summary>Failing leaves (23)</summary>" in html
+  assert [f"<code>w{i:02d}</code>" in html for i in range(23)] == [True] * 20 + [False] * 3
+  assert html.count("<td style='white-space:normal;max-width:40em'>not in the migrated checkpoint</td></tr>") == 20
+  assert "<p>... and 3 more (the JSON report lists every leaf)</p></details>" in html
+  html = report(20)._repr_html_()
+  assert "<summary>Failing leaves (20)</summary>" in html and " more (the JSON report" not in html
+  assert "Failing leaves" not in report(0)._repr_html_()
