@@ -150,6 +150,10 @@ def test_boxes_read_only_their_own_bytes(dirs, piece, monkeypatch):
       # read twice (read_into_async, read): each read costs at most 4x the box's own bytes (runs at least a
       # quarter dense are read as one span; sparser runs one by one)
       assert sum(b - a for a, b in ranges) <= 2 * 4 * want.nbytes, (box, ranges)
+      if box == boxes[2]:  # runs of 10 bytes, 90 apart: too sparse for one span, so exactly the box's bytes
+        assert sorted(ranges) == sorted(
+            2 * [(begin + i * 630 + j * 90 + 40, begin + i * 630 + j * 90 + 50) for i in range(6) for j in range(7)]
+        )
       assert all(b - a <= st.READ_PIECE_BYTES for a, b in ranges)
   assert len(ranges) == (2 if piece is None else 2 * -(-big.nbytes // piece))  # the whole leaf: one range per read
 
