@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -385,3 +386,7 @@ def test_a_rule_built_in_code_maps_its_leaves_unless_it_says_drop():
   gone = RemapRule(index=1, match="^a$", to="b", pattern=re.compile("^a$"), drop=True)
   plan = RemapSpec([gone]).bind(leaves)
   assert (plan.forward, plan.dropped) == ({}, ("a",))
+  plan = RemapSpec([rule]).bind(leaves)
+  for frozen in (rule, plan, plan.leaves[0], plan.leaves[0].transform):  # shared by every process and thread
+    with pytest.raises(dataclasses.FrozenInstanceError):
+      frozen.group = "x"

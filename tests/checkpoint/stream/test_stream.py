@@ -150,6 +150,10 @@ def test_plan_rows_that_pieces_cannot_tile_cache_two_rows():
   p = _plan(src, _meta((4, 21), (4, 21), raw=True), piece_mb=14 * 4 / MIB)
   assert p.src.mode == "rows" and p.src.rows_cached == 2 and not p.src.reopen
   assert not p.slabs.boundaries_include_multiples_of(14)
+  piece = plan.pieces_of(src, _meta((4, 21), (4, 21), raw=True), (4, 3, 7), p.slabs)[0]
+  for frozen in (p, p.src, p.slabs, piece):  # a plan is shared by the reading threads
+    with pytest.raises(dataclasses.FrozenInstanceError):
+      frozen.mode = "raw"
 
 
 # ---- fault detection through every plan, on leaves of many pieces -----------------------------
