@@ -507,3 +507,26 @@ def test_the_html_view_spells_out_20_failing_leaves_and_counts_the_rest():
   html = report(20)._repr_html_()
   assert "<summary>Failing leaves (20)</summary>" in html and " more (the JSON report" not in html
   assert "Failing leaves" not in report(0)._repr_html_()
+
+
+def test_a_string_leaf_against_an_array_is_a_kind_mismatch_either_way():
+  """Structure phase on hand-built metadata: a string where an array was (and the reverse) is KIND_MISMATCH."""
+  import types
+
+  from parity_jax.checkpoint import LeafMeta
+  from parity_jax.checkpoint.verify.structure import check_structure
+
+  def meta(path, kind):
+    if kind == "string":
+      return LeafMeta(path, (path,), "string", (), None, (), path, "string")
+    return LeafMeta(path, (path,), "array", (2,), np.dtype(np.float32), (2,), path, "np.ndarray")
+
+  spec = RemapSpec.from_rules([{"match": "^(.)$", "to": r"\1"}])
+  src = types.SimpleNamespace(leaves={"a": meta("a", "string"), "b": meta("b", "array")})
+  mig = types.SimpleNamespace(leaves={"a": meta("a", "array"), "b": meta("b", "string")})
+  results, to_compare = check_structure(spec.bind(src.leaves), spec, src, mig)
+  assert to_compare == []
+  assert [(r.source_path, r.status, r.reason) for r in results] == [
+      ("a", "KIND_MISMATCH", "source is a string, migrated is a array"),
+      ("b", "KIND_MISMATCH", "source is a array, migrated is a string"),
+  ]
