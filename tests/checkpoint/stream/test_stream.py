@@ -125,7 +125,7 @@ def test_plan_in_a_bucket_streams_and_reads_rows_ahead():
   assert _plan(whole, _meta((8, 32768, 1024), (8, 32768, 1024), raw=False), memmap=False, remote=True).spill
 
 
-def test_plan_in_a_bucket_spills_only_above_2_gib():
+def test_plan_spills_only_above_2_gib_in_a_bucket_and_256_mib_on_local_disk():
   """Two single-chunk zstd leaves of k x 128 MiB: streaming holds both decoded leaves and a compressed one (about
   4 k x 128 MiB = k/2 GiB); in a bucket that streams up to 2 GiB (k = 3: 1.5 GiB) and spills above (k = 5)."""
   for k, spills in ((3, False), (5, True)):
@@ -134,6 +134,11 @@ def test_plan_in_a_bucket_spills_only_above_2_gib():
     assert p.spill == spills, k
     held = k * 2**29  # streaming: 4 leaf-sized buffers; spilling: one side at a time (2), plus the 8 MiB pieces
     assert held < (2 if spills else 1) * p.estimate_bytes < held + 2**28, k
+  # on local disk the threshold is 256 MiB: leaves of k x 32 MiB stream at k = 1 (about 128 MiB), spill at k = 3
+  for k, spills in ((1, False), (3, True)):
+    shape = (k, 8192, 1024)
+    p = _plan(_meta(shape, shape, raw=False), _meta(shape, shape, raw=False), memmap=False, readahead=0)
+    assert p.spill == spills, k
 
 
 def test_plan_small_rows_are_read_whole_per_piece():
