@@ -17,7 +17,13 @@ flight (docs/benchmarks.md, issue 18). Here, instead:
    tensorstore decodes them with the very spec orbax reads the leaf with, only
    its kvstore swapped (:class:`RangedLeafReader`).
 
-The values are tensorstore's decoding of the same stored bytes. A key the tree
+4. a chunk whose codecs only lay out its values' bytes (:func:`raw_layout`: the migrator's uncompressed chunks,
+   one inner chunk per zarr3 shard, little-endian) is not decoded: when it is laid out exactly so (the shard
+   index's CRC-32C matches, the sizes fit) its values are a view of the joined bytes; anything else about it
+   (a bad checksum, a missing inner chunk, another size) is left to tensorstore, which decides as in (3).
+
+The values are tensorstore's decoding of the same stored bytes, or those bytes themselves where the codecs say
+they are the values. A key the tree
 does not hold is absent from the memory kvstore too, so a missing chunk follows
 the leaf's own rule (an error, or the fill value). Each stored byte is fetched
 once per reader: the slices partition the value, and a chunk is fetched by the
@@ -46,7 +52,17 @@ from parity_jax.stores import Pending, Store
 if TYPE_CHECKING:
   from parity_jax.checkpoint.formats.orbax import OrbaxCheckpoint
 
-__all__ = ["SLICE_BYTES", "OcdbtIndex", "RangedLeafReader", "ValueRef", "chunk_boxes", "ranged_reads"]
+__all__ = [
+    "SLICE_BYTES",
+    "OcdbtIndex",
+    "RangedLeafReader",
+    "RawLayout",
+    "ValueRef",
+    "chunk_boxes",
+    "crc32c",
+    "ranged_reads",
+    "raw_layout",
+]
 
 _MIB = 1 << 20
 # One range request; a stored value is cut into about equal slices of at most this many bytes (gcloud's sliced
@@ -185,14 +201,28 @@ def chunk_boxes(metadata: dict, box: Sequence[slice], shape: Sequence[int]) -> l
 
 
 class _Buffers:
-  """Reused buffers for stored and decoded chunks: on this kind of VM the page faults of a fresh 128 MiB buffer
-  cost ten times its copy, and a verify goes through one such buffer per chunk. At most ``keep`` free buffers of
-  each kind are kept."""
+  """Spare buffers for stored and decoded chunks, shared by the open readers (the stream opens a reader per chunk
+  row): on this kind of VM the page faults of a fresh 128 MiB buffer cost more than its copy, and a verify goes
+  through one such buffer per chunk. At most ``keep`` free buffers of each kind are kept (two: the two sides of a
+  pair have chunks of different sizes), and none once the last reader closes."""
 
-  def __init__(self, keep: int = 1):
+  def __init__(self, keep: int = 2):
     self.keep, self._lock = keep, threading.Lock()
     self._arrays: list[np.ndarray] = []
     self._bytes: list[bytearray] = []
+    self._users = 0
+
+  def use(self) -> None:
+    with self._lock:
+      self._users += 1
+
+  def release(self) -> None:
+    with self._lock:
+      self._users -= 1
+      if self._users <= 0:
+        self._users = 0
+        self._arrays.clear()
+        self._bytes.clear()
 
   def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     with self._lock:
@@ -225,17 +255,131 @@ class _Buffers:
       del self._bytes[: -self.keep]
 
 
+
 _BUFFERS = _Buffers()
+
+
+def _crc32c_table() -> list[int]:
+  table = []
+  for i in range(256):
+    c = i
+    for _ in range(8):
+      c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+    table.append(c)
+  return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli), the checksum of a zarr3 ``crc32c`` codec; for the few bytes of a shard index."""
+  c = 0xFFFFFFFF
+  for b in data:
+    c = _CRC32C[(c ^ b) & 0xFF] ^ (c >> 8)
+  return c ^ 0xFFFFFFFF
+
+
+@dataclasses.dataclass(frozen=True)
+class RawLayout:
+  """A stored chunk that holds its values' bytes as they are, C order, little-endian (:func:`raw_layout`).
+
+  ``index``: where the 16-byte shard index and its CRC-32C lie, when the chunk is a zarr3 shard of exactly one
+  inner chunk (``"end"`` or ``"start"``); None for a plain chunk.
+  """
+
+  chunk_shape: tuple[int, ...]
+  dtype: np.dtype
+  index: str | None = None
+
+  @property
+  def nbytes(self) -> int:
+    return math.prod(self.chunk_shape) * self.dtype.itemsize
+
+  def values(self, stored: bytes | bytearray) -> np.ndarray | None:
+    """The chunk's values as a view of ``stored``; None when ``stored`` is not laid out exactly so (a missing
+    inner chunk, a bad index checksum, a size that does not match): then tensorstore decodes it and decides."""
+    data = memoryview(stored)
+    if self.index is not None:
+      if len(data) < 20:
+        return None
+      index, data_at = (data[-20:], 0) if self.index == "end" else (data[:20], 20)
+      if crc32c(bytes(index[:16])) != int.from_bytes(index[16:], "little"):
+        return None
+      offset, nbytes = (int.from_bytes(index[i : i + 8], "little") for i in (0, 8))
+      stop = len(data) - 20 if self.index == "end" else len(data)
+      if nbytes != self.nbytes or offset < data_at or offset + nbytes > stop:
+        return None
+      data = data[offset : offset + nbytes]
+    if len(data) != self.nbytes:
+      return None
+    return np.frombuffer(data, self.dtype).reshape(self.chunk_shape)
+
+
+_RAW_DTYPES = "iuf"  # no bool (a byte that is neither 0 nor 1), no complex/void edge cases: tensorstore decides those
+
+
+def raw_layout(metadata: dict, dtype: np.dtype) -> RawLayout | None:
+  """The :class:`RawLayout` of an array's stored chunks when its codecs only lay out the values' bytes: zarr3
+  ``bytes`` alone (little-endian), or ``sharding_indexed`` of one inner chunk per shard whose codecs are ``bytes``
+  alone and whose index is ``bytes`` (little-endian) + ``crc32c``; zarr v2 with no compressor and no filters, C
+  order, little-endian. None for anything else (compression, transposes, other dtypes): tensorstore decodes those.
+  On a big-endian machine, always None."""
+  import sys
+
+  dtype = np.dtype(dtype)
+  if sys.byteorder != "little" or not (dtype.kind in _RAW_DTYPES or dtype.name in ("bfloat16",)):
+    return None
+
+  def little(codec: dict) -> bool:
+    return codec.get("name") == "bytes" and (codec.get("configuration") or {}).get("endian", "little") == "little"
+
+  if metadata.get("zarr_format") == 3:
+    grid = tuple(metadata["chunk_grid"]["configuration"]["chunk_shape"])
+    codecs = metadata.get("codecs") or []
+    if len(codecs) != 1:
+      return None
+    if little(codecs[0]) or (codecs[0].get("name") == "bytes" and dtype.itemsize == 1):
+      return RawLayout(grid, dtype)
+    conf = codecs[0].get("configuration") or {}
+    if codecs[0].get("name") != "sharding_indexed" or tuple(conf.get("chunk_shape") or ()) != grid:
+      return None
+    inner, index = conf.get("codecs") or [], conf.get("index_codecs") or []
+    where = conf.get("index_location", "end")
+    if (
+        len(inner) == 1
+        and (little(inner[0]) or (inner[0].get("name") == "bytes" and dtype.itemsize == 1))
+        and len(index) == 2
+        and little(index[0])
+        and index[1].get("name") == "crc32c"
+        and where in ("end", "start")
+    ):
+      return RawLayout(grid, dtype, where)
+    return None
+  if metadata.get("zarr_format") == 2 or "chunks" in metadata:
+    stored = np.dtype(metadata.get("dtype", "")) if isinstance(metadata.get("dtype"), str) else None
+    if (
+        metadata.get("compressor") is None
+        and not metadata.get("filters")
+        and metadata.get("order", "C") == "C"
+        and stored is not None
+        and stored.byteorder in ("<", "|", "=")
+        and stored.newbyteorder("=") == dtype.newbyteorder("=")
+    ):
+      return RawLayout(tuple(metadata["chunks"]), dtype)
+  return None
 
 
 class _Chunk:
   """One stored chunk: its slices in flight from creation; :meth:`array` decodes it once (then it holds only the
-  decoded values: the stored bytes are dropped from the memory kvstore)."""
+  decoded values: the stored bytes are dropped, or are the values' own buffer when the chunk is raw)."""
 
-  def __init__(self, key: str, box: tuple[slice, ...], ref: ValueRef | None, store: Store):
-    self.key, self.box, self.ref = key, box, ref
+  def __init__(self, key: str, box: tuple[slice, ...], ref: ValueRef | None, store: Store, buffers: _Buffers):
+    self.key, self.box, self.ref, self._buffers = key, box, ref, buffers
     self._lock = threading.Lock()
     self._array: np.ndarray | None = None
+    self._raw = False  # the values are a view of the stored bytes
+    self._backing: bytearray | None = None  # those bytes, when they are a reusable buffer
     self._error: BaseException | None = None
     self._parts: list[Pending] = []
     if ref is not None and ref.inline is None and ref.length:
@@ -251,9 +395,11 @@ class _Chunk:
   def drop(self) -> None:
     """Gives the decoded values' buffer back for reuse (the chunk must no longer be read)."""
     with self._lock:
-      if self._array is not None:
-        _BUFFERS.give(self._array)
-        self._array = None
+      if self._array is not None and not self._raw:
+        self._buffers.give(self._array)
+      elif self._backing is not None:  # the values were a view of it: no read is using them any more
+        self._buffers.give_bytes(self._backing)
+      self._array = self._backing = None
 
   def _stored(self) -> bytes | bytearray | None:
     if self.ref is None:
@@ -262,7 +408,7 @@ class _Chunk:
       return self.ref.inline
     if len(self._parts) == 1:
       return self._parts.pop().result()
-    value = _BUFFERS.take_bytes(self.ref.length)  # the slices joined, each dropped once copied
+    value = self._buffers.take_bytes(self.ref.length)  # the slices joined, each dropped once copied
     pos = 0
     while self._parts:
       b = self._parts.pop(0).result()
@@ -270,23 +416,31 @@ class _Chunk:
       pos += len(b)
     return value
 
-  def array(self, handle, kv) -> np.ndarray:
+  def array(self, handle, kv, raw: RawLayout | None) -> np.ndarray:
     """The decoded chunk (fetched and decoded by the first caller; a failure is kept and raised to every caller,
-    since its slices are spent)."""
+    since its slices are spent). With ``raw``, a well-formed stored chunk is its values' bytes: viewed, not
+    decoded; anything else is decoded by tensorstore."""
     import tensorstore as ts
 
     with self._lock:
       if self._error is not None:
         raise self._error
       if self._array is None:
+        written = False
         try:
           value = self._stored()
+          view = None if (raw is None or value is None) else raw.values(value)
+          if view is not None:
+            self._array, self._raw = view, True
+            self._backing = value if isinstance(value, bytearray) else None
+            return self._array
           if value is not None:
+            written = True
             kv.write(self.key, value).result()
             if isinstance(value, bytearray):
-              _BUFFERS.give_bytes(value)
-            del value
-          buf = _BUFFERS.take(tuple(b.stop - b.start for b in self.box), np.dtype(handle.dtype.numpy_dtype))
+              self._buffers.give_bytes(value)
+          del value
+          buf = self._buffers.take(tuple(b.stop - b.start for b in self.box), np.dtype(handle.dtype.numpy_dtype))
           ts.array(buf, copy=False, write=True).write(handle[self.box].translate_to[0]).result()
           self._array = buf
         except Exception as e:  # noqa: BLE001 -- kept and re-raised, as above
@@ -294,7 +448,7 @@ class _Chunk:
           self._parts = []
           raise
         finally:
-          if self.ref is not None:
+          if written:
             kv.write(self.key, None).result()  # the stored bytes are no longer needed
       return self._array
 
@@ -317,6 +471,8 @@ class RangedLeafReader(LeafReader):
     self._refs: dict[str, ValueRef] = {}
     self._metadata: dict = {}
     self._chunks: collections.OrderedDict[str, _Chunk] = collections.OrderedDict()
+    self._buffers = _BUFFERS
+    self._raw: RawLayout | None = None
     self._pins: collections.Counter[str] = collections.Counter()
     self._lock = threading.Lock()
 
@@ -334,7 +490,7 @@ class RangedLeafReader(LeafReader):
       for meta_key in ("zarr.json", ".zarray", ".zattrs"):
         ref = self._refs.pop(meta_key, None)
         if ref is not None:
-          value = _Chunk(name + meta_key, (), ref, self.ckpt.store)._stored()
+          value = _Chunk(name + meta_key, (), ref, self.ckpt.store, self._buffers)._stored()
           kv.write(name + meta_key, value).result()
           if meta_key != ".zattrs":
             self._metadata = json.loads(bytes(value))
@@ -345,15 +501,19 @@ class RangedLeafReader(LeafReader):
     except Exception as e:  # tensorstore raises ValueError/OSError subclasses with long specs
       raise LeafReadError(self.leaf.path, first_line(e)) from None
     self._ts, self._kv = check_opened(self.leaf, t), kv
+    self._buffers.use()
+    self._raw = raw_layout(self._metadata, np.dtype(t.dtype.numpy_dtype)) if self._metadata else None
     return self
 
   def close(self) -> None:
-    self._ts = self._kv = None  # drops the handle and the memory kvstore
+    opened, self._ts, self._kv = self._ts is not None, None, None  # drops the handle and the memory kvstore
     with self._lock:
       for c in self._chunks.values():
         c.drop()
       self._chunks.clear()
       self._pins.clear()
+    if opened:
+      self._buffers.release()
 
   def _start(self, box: Sequence[slice]) -> list[_Chunk]:
     """Starts fetching the chunks ``box`` needs that are neither decoded nor in flight; returns them all, pinned."""
@@ -365,7 +525,7 @@ class RangedLeafReader(LeafReader):
         c = self._chunks.get(key)
         if c is None:
           # a key the tree does not hold is not stored: the leaf's missing-chunk rule applies when it is decoded
-          c = self._chunks[key] = _Chunk(self._name + key, cbox, self._refs.get(key), self.ckpt.store)
+          c = self._chunks[key] = _Chunk(self._name + key, cbox, self._refs.get(key), self.ckpt.store, self._buffers)
         self._chunks.move_to_end(key)
         self._pins[key] += 1
         out.append(c)
@@ -394,15 +554,15 @@ class RangedLeafReader(LeafReader):
 
   def read_into_async(self, box: Sequence[slice], out: np.ndarray):
     chunks, t, kv, want = self._start(box), self._ts, self._kv, self._bounds(box)
+    raw = self._raw
 
     def run():
       try:
         for c in chunks:
-          arr = c.array(t, kv)
           inter = [(max(a, cb.start), min(b, cb.stop)) for (a, b), cb in zip(want, c.box)]
           dst = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, want))
           src = tuple(slice(lo - cb.start, hi - cb.start) for (lo, hi), cb in zip(inter, c.box))
-          out[dst] = arr[src]
+          out[dst] = c.array(t, kv, raw)[src]  # no reference kept: a released chunk's buffer is reused
       finally:
         self._release(chunks)
 

@@ -9,15 +9,16 @@ made tiny so that the fixtures' small chunks are each fetched as several ranges.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import numpy as np
 import pytest
 
 from parity_jax import stores
-from parity_jax.checkpoint import open_checkpoint, verify_migration
+from parity_jax.checkpoint import migrate, open_checkpoint, verify_migration
 from parity_jax.checkpoint.formats import LeafReadError, ocdbt_ranges
-from parity_jax.checkpoint.formats.ocdbt_ranges import RangedLeafReader, ValueRef, chunk_boxes
+from parity_jax.checkpoint.formats.ocdbt_ranges import RangedLeafReader, RawLayout, ValueRef, chunk_boxes, crc32c, raw_layout
 from tests.helpers import ckpt as H
 from tests.helpers import legacy as L
 from tests.helpers.objectstores import Bucket, running
@@ -174,6 +175,7 @@ def saved(gs, tmp_path_factory):
       "a2": gs.upload_tree(root / "a", "saved/a2"),
       "b": gs.upload_tree(root / "b", "saved/b"),
       "spec": str(root / "spec.json"),
+      "dir": root,
   }
 
 
@@ -247,3 +249,122 @@ def test_only_big_chunks_of_a_bucket_ocdbt_database_are_read_by_ranges(saved, mo
   assert open_checkpoint(saved["a"]).leaves["w"].ranged  # what the stream's plan reads (one row ahead suffices)
   assert not ocdbt_ranges.ranged_reads(meta, remote=False, use_ocdbt=True)
   assert not ocdbt_ranges.ranged_reads(meta, remote=True, use_ocdbt=False)
+
+
+# ---- raw chunks: stored bytes that are the values' bytes are viewed, not decoded
+
+
+def test_crc32c_is_the_castagnoli_checksum():
+  # the check values of CRC-32C (RFC 3720, B.4; the "123456789" check value of the CRC catalogue)
+  assert crc32c(b"123456789") == 0xE3069283
+  assert crc32c(bytes(32)) == 0x8A9136AA
+  assert crc32c(b"") == 0
+
+
+def _bytes(endian="little"):
+  return {"name": "bytes", "configuration": {"endian": endian}}
+
+
+def _sharded(grid, inner, index=None, where=None):
+  conf = {"chunk_shape": grid, "codecs": inner, "index_codecs": index or [_bytes(), {"name": "crc32c"}]}
+  if where:
+    conf["index_location"] = where
+  return {**_z3(grid), "codecs": [{"name": "sharding_indexed", "configuration": conf}]}
+
+
+def test_raw_layouts_are_only_codecs_that_lay_out_the_values_bytes():
+  f4 = np.dtype("<f4")
+  assert raw_layout({**_z3([4, 8]), "codecs": [_bytes()]}, f4) == RawLayout((4, 8), f4)
+  assert raw_layout(_sharded([4, 8], [_bytes()]), f4) == RawLayout((4, 8), f4, "end")
+  assert raw_layout(_sharded([4, 8], [_bytes()], where="start"), f4) == RawLayout((4, 8), f4, "start")
+  zarr2 = {"zarr_format": 2, "chunks": [4, 8], "dtype": "<f4", "compressor": None, "filters": None, "order": "C"}
+  assert raw_layout(zarr2, f4) == RawLayout((4, 8), f4)
+  refused = [
+      ({**_z3([4, 8]), "codecs": [_bytes(), {"name": "zstd"}]}, f4),  # compressed
+      ({**_z3([4, 8]), "codecs": [_bytes("big")]}, f4),  # swapped bytes
+      ({**_z3([4, 8]), "codecs": [{"name": "transpose", "configuration": {"order": [1, 0]}}, _bytes()]}, f4),
+      (_sharded([4, 8], [_bytes()], where="middle"), f4),
+      (_sharded([4, 8], [_bytes(), {"name": "zstd"}]), f4),  # a compressed inner chunk
+      (_sharded([4, 8], [_bytes()], index=[_bytes()]), f4),  # an index without its checksum
+      ({**_sharded([4, 8], [_bytes()]), "chunk_grid": {"configuration": {"chunk_shape": [8, 8]}}}, f4),  # 2 inner
+      ({**zarr2, "compressor": {"id": "zstd"}}, f4),
+      ({**zarr2, "order": "F"}, f4),
+      ({**zarr2, "dtype": ">f4"}, f4),
+      ({**_z3([4, 8]), "codecs": [_bytes()]}, np.dtype(bool)),  # a byte that is neither 0 nor 1: tensorstore decides
+  ]
+  for metadata, dtype in refused:
+    assert raw_layout(metadata, dtype) is None, metadata
+
+
+def _shard(values: np.ndarray, where: str = "end", crc_delta: int = 0, offset=None, nbytes=None) -> bytes:
+  """A zarr3 shard of one inner chunk, written out by hand from the sharding codec's specification."""
+  data = values.astype("<" + values.dtype.str[1:]).tobytes()
+  off = (0 if where == "end" else 20) if offset is None else offset
+  index = off.to_bytes(8, "little") + (len(data) if nbytes is None else nbytes).to_bytes(8, "little")
+  index += ((crc32c(index) + crc_delta) % 2**32).to_bytes(4, "little")
+  return data + index if where == "end" else index + data
+
+
+def test_a_well_formed_raw_shard_is_viewed_and_anything_else_is_left_to_tensorstore():
+  v = np.arange(32, dtype=np.float32).reshape(4, 8) - 7.5
+  v.view(np.uint32)[1, 2] = 0x7FC01234  # a NaN payload and -0.0 survive: the values are the stored bytes
+  v[3, 3] = -0.0
+  for where in ("end", "start"):
+    layout = RawLayout((4, 8), np.dtype(np.float32), where)
+    got = layout.values(bytearray(_shard(v, where)))
+    assert got.dtype == np.float32 and got.shape == (4, 8) and got.tobytes() == v.tobytes(), where
+  layout = RawLayout((4, 8), np.dtype(np.float32), "end")
+  missing = 2**64 - 1  # the sharding codec's "empty inner chunk": the fill value, tensorstore's business
+  for bad in (
+      _shard(v, crc_delta=1),  # the index checksum does not match
+      _shard(v, offset=missing, nbytes=missing),
+      _shard(v, nbytes=127),  # not the chunk's size
+      _shard(v, offset=4),  # past the data
+      _shard(v)[:-21] + _shard(v)[-20:],  # a byte short
+      b"short",
+  ):
+    assert layout.values(bad) is None
+  plain = RawLayout((4, 8), np.dtype(np.float32))
+  assert plain.values(v.tobytes()).tobytes() == v.tobytes()
+  assert plain.values(v.tobytes() + b"x") is None
+
+
+@pytest.fixture(scope="module")
+def raw_saved(gs, saved):
+  """The saved leaf migrated by our migrator (raw, uncompressed sharded chunks of 16 rows), uploaded."""
+  root = saved["dir"]
+  migrate(root / "a", root / "raw", saved["spec"], chunk_mb=16 * 64 * 4 / 2**20)
+  return {"url": gs.upload_tree(root / "raw", "saved/raw"), "dir": root / "raw"}
+
+
+def test_raw_chunks_of_a_migrated_leaf_read_by_ranges_equal_the_leaf(raw_saved, saved, ranged, monkeypatch):
+  viewed = []
+  values = RawLayout.values
+  monkeypatch.setattr(RawLayout, "values", lambda self, stored: viewed.append(values(self, stored)) or viewed[-1])
+  ckpt = open_checkpoint(raw_saved["url"])
+  meta = ckpt.leaves["w"]
+  assert meta.chunk_shape == (16, 64) and meta.n_chunks == 4
+  zarr_json = json.loads(ckpt.ocdbt_index().under(b"w/zarr.json")[b"w/zarr.json"].inline)
+  assert raw_layout(zarr_json, np.dtype(np.float32)) == RawLayout((16, 64), np.dtype(np.float32), "end")  # viewed
+  with ckpt.reader(meta, 1 << 20) as r:
+    assert r.read().tobytes() == saved["w"].tobytes()
+    for box in [(slice(20, 50), slice(3, 60)), (slice(63, 64), slice(0, 64)), (slice(0, 1), slice(0, 1))]:
+      assert r.read(box).tobytes() == np.ascontiguousarray(saved["w"][box]).tobytes(), box
+  assert len(viewed) == 4 and all(v is not None for v in viewed)  # each chunk viewed once, none decoded
+  rep = verify_migration(saved["a"], raw_saved["url"], saved["spec"])
+  assert rep.passed, rep.text()
+
+
+def test_a_raw_chunk_whose_index_checksum_is_wrong_is_unreadable_not_viewed(gs, raw_saved, saved, ranged):
+  ckpt = open_checkpoint(raw_saved["url"])
+  ref = ckpt.ocdbt_index().under(b"w/c/1/0")[b"w/c/1/0"]
+  gs.upload_tree(raw_saved["dir"], "saved/raw_bad")
+  key = open_checkpoint(f"{gs.url}/saved/raw_bad").store.child(ref.file).url[len(gs.url) + 1 :]
+  data = bytearray(gs.get(key))
+  data[ref.offset + ref.length - 1] ^= 0x01  # the last byte of the shard's index checksum
+  gs.put(key, bytes(data))
+  bad = open_checkpoint(f"{gs.url}/saved/raw_bad")
+  with bad.reader(bad.leaves["w"], 1 << 20) as r:
+    assert r.read((slice(0, 16), slice(0, 64))).tobytes() == saved["w"][:16].tobytes()  # chunk 0 is intact
+    with pytest.raises(LeafReadError, match="^cannot read leaf 'w'"):
+      r.read((slice(16, 17), slice(0, 64)))
