@@ -142,3 +142,13 @@ def test_the_handler_names_are_orbax_own_and_the_same_when_it_lacks_the_classes(
   monkeypatch.delattr(std, "StandardCheckpointHandler")  # an orbax whose modules lack the classes
   monkeypatch.delattr(item, "StatefulCheckpointableHandler")
   assert handlers() == want
+
+
+def test_an_orbax_without_the_chunk_shape_hook_gets_a_warning_and_its_own_chunks(monkeypatch):
+  from orbax.checkpoint._src.arrays import subchunking
+
+  monkeypatch.delattr(subchunking, "choose_chunk_shape")
+  with pytest.warns(RuntimeWarning, match="orbax has no chunk-shape hook"):
+    with W.row_major_chunks() as hooked:
+      assert hooked is False
+  assert not hasattr(subchunking, "choose_chunk_shape")  # nothing installed in its place

@@ -263,6 +263,7 @@ def test_report_json_and_html(gen, tmp_path):
   rep = verify_migration(gen["v0"], gen["migrated"], SPEC)
   d = json.loads(rep.to_json())
   assert d["verdict"] == "PASS" and d["n_leaves"] == 14 and d["n_failed"] == 0
+  assert "io" not in d  # local disk: no bucket requests to report
   entry = next(e for e in d["leaves"] if e["migrated_path"] == "params/embedding")
   assert entry["source_path"] == "params/emb" and entry["shape"] == [5, 10, 8] and entry["dtype"] == "float32"
   assert entry["bytes"] == 1600 and entry["status"] == "PASS" and entry["transform"] == "reshape[5, 10, 8]"
