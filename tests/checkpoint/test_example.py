@@ -10,7 +10,7 @@ import numpy as np
 from tests.helpers import ckpt as H
 from parity_jax import arraydiff
 from parity_jax.checkpoint import RemapSpec, open_checkpoint, restore_leaves, verify_migration
-from parity_jax.checkpoint.example import example_source_tree, example_spec_dict, leaf_sha256
+from parity_jax.checkpoint.example import example_source_tree, example_spec_dict, leaf_sha256, write_example
 from parity_jax.checkpoint.keypath import flatten
 
 
@@ -56,6 +56,16 @@ def test_regeneration_is_deterministic_in_values(tmp_path):
   assert rep.passed
   shipped = verify_migration(H.EXAMPLE / "source", H.EXAMPLE / "migrated", H.EXAMPLE / "spec.json")
   assert [(r.migrated_path, r.sha256) for r in rep.leaves] == [(r.migrated_path, r.sha256) for r in shipped.leaves]
+  # a previous example is replaced whole: nothing of it is left, neither inside nor beside the new one
+  (out / "stale.txt").write_text("from the previous example")
+  paths = write_example(out, seed=fresh["provenance"]["seed"])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ex"]
+  assert (
+      sorted(p.name for p in out.iterdir())
+      == sorted(p.name for p in paths)
+      == sorted(["MANIFEST.json", "migrated", "source", "spec.json"])
+  )
+  assert json.loads((out / "MANIFEST.json").read_text())["source_leaves"] == fresh["source_leaves"]
 
 
 def test_regeneration_refuses_to_replace_unrelated_directories(tmp_path):

@@ -6,10 +6,12 @@ said to hold, and the boxes together exactly ``[lo, hi)``, in order.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from parity_jax.checkpoint.geometry import box_shape, flat_range_boxes
+from parity_jax.checkpoint.geometry import SlabPlan, box_shape, flat_range_boxes
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (4, 1, 3), (2, 2, 2, 3), (0, 3), ()])
@@ -34,3 +36,8 @@ def test_a_range_outside_the_leaf_is_refused():
     flat_range_boxes((2, 3), 2, 7)
   with pytest.raises(ValueError):
     flat_range_boxes((2, 3), 4, 3)
+
+
+def test_a_slab_plan_is_immutable():
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    SlabPlan.for_target((4, 3), 3).k = 0

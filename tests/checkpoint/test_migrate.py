@@ -49,8 +49,12 @@ def test_bad_arguments_are_refused_before_anything_is_written(src, tmp_path, kw,
   assert os.listdir(tmp_path) == []
 
 
-def test_a_safetensors_source_gets_the_standard_layout_and_the_spec_may_be_a_file(src, tmp_path):
-  res = migrate(src, tmp_path / "auto", src.parent / "spec.json", batch_mb=0.5)  # layout auto, spec by path
+def test_a_safetensors_source_gets_the_standard_layout_and_the_spec_may_be_a_file(src, tmp_path, capfd):
+  capfd.readouterr()
+  res = migrate(src, tmp_path / "auto", src.parent / "spec.json", batch_mb=0.5, progress=True)  # spec by path
+  # stderr is no terminal: one plain progress line at the end, named after the one process's migration
+  last = capfd.readouterr().err.splitlines()[-1]
+  assert last.startswith(f"migrate: 100% {A.nbytes} B/{A.nbytes} B ") and last.endswith(" 1/1 leaves"), last
   assert res.passed
   assert not (tmp_path / "auto" / "state").exists() and (tmp_path / "auto" / "_METADATA").is_file()
   ck = open_checkpoint(tmp_path / "auto")

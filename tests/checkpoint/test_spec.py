@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import re
 import types
 
 import numpy as np
 import pytest
 
 from parity_jax.checkpoint import geometry
-from parity_jax.checkpoint.spec import RemapSpec, SpecError
+from parity_jax.checkpoint.spec import RemapRule, RemapSpec, SpecError
 from parity_jax.errors import UsageError
 
 
@@ -39,7 +41,7 @@ def test_from_json_reads_rules_and_roundtrips(tmp_path):
   assert len(spec.rules) == 3 and spec.group_depth == 1 and spec.source == str(p)
   assert spec.to_dict() == GOOD
   assert RemapSpec.from_dict(spec.to_dict()).to_dict() == GOOD
-  assert json.loads(spec.to_json()) == GOOD and spec.to_json(indent=None) == json.dumps(GOOD)
+  assert spec.to_json() == json.dumps(GOOD, indent=2) and spec.to_json(indent=None) == json.dumps(GOOD)
   assert spec.map_path("components/3/g/V") == "components/layers.3.mlp.gate_proj/V"
   assert spec.map_path("components/3/g/U") is None
   assert spec.group_of("components/layers.3.mlp.gate_proj/V") == "components"
@@ -366,3 +368,25 @@ def test_a_malformed_stack_level_is_one_problem_and_nothing_else(stack, bad):
   assert e.value.problems == [
       f"rule #1: stack[{bad}] must be {{'axis': int >= 0, 'index': template}}, got {stack[bad]!r}"
   ]
+
+
+@pytest.mark.parametrize("stack", ["ab", 3])
+def test_a_stack_that_is_no_list_is_one_problem_and_its_items_are_not_checked(stack):
+  with pytest.raises(SpecError) as e:
+    RemapSpec.from_rules([{"match": "^a(.)$", "to": "a", "stack": stack}])
+  assert e.value.problems == ["rule #1: 'stack' must be a list of {'axis': int, 'index': template}"]
+
+
+def test_a_rule_built_in_code_maps_its_leaves_unless_it_says_drop():
+  """RemapSpec takes RemapRule objects too: a rule given without ``drop`` renames, one with ``drop=True`` drops."""
+  leaves = {"a": types.SimpleNamespace(shape=(2,), kind="array", dtype=np.dtype(np.float32))}
+  rule = RemapRule(index=1, match="^a$", to="b", pattern=re.compile("^a$"))
+  plan = RemapSpec([rule]).bind(leaves)
+  assert (plan.forward, plan.dropped, rule.to_dict()) == ({"a": "b"}, (), {"match": "^a$", "to": "b"})
+  gone = RemapRule(index=1, match="^a$", to="b", pattern=re.compile("^a$"), drop=True)
+  plan = RemapSpec([gone]).bind(leaves)
+  assert (plan.forward, plan.dropped) == ({}, ("a",))
+  plan = RemapSpec([rule]).bind(leaves)
+  for frozen in (rule, plan, plan.leaves[0], plan.leaves[0].transform):  # shared by every process and thread
+    with pytest.raises(dataclasses.FrozenInstanceError):
+      frozen.group = "x"

@@ -492,3 +492,148 @@ def test_overlapping_stack_members_are_the_one_problem_of_their_target():
     spec.bind({"l0a": meta, "l0b": meta, "l2a": meta})
   (p,) = e.value.problems
   assert "overlapping stacks: source leaves 'l0a' and 'l0b' both go to 'st' at [0]" in p, p
+
+
+_SP = {"axis": 0, "sections": 2, "name": "i"}
+
+
+@pytest.mark.parametrize(
+    "extra, problem",
+    [
+        ({"ops": {"transpose": [1, 0]}}, "'ops' must be a list of {'transpose': [...]} / {'reshape': [...]}"),
+        (
+            {"ops": [{"pad": [[1, 0], [2]]}]},
+            "ops[0] pad must be a list of [a, b] pairs of integers >= 0, got [[1, 0], [2]]",
+        ),
+        (
+            {"ops": [{"slice": [[0, -1]]}]},
+            "ops[0] slice must be a list of [a, b] pairs of integers >= 0, got [[0, -1]]",
+        ),
+        ({"ops": [{"reshape": [2, True]}]}, "ops[0] reshape must be a list of integers, got [2, True]"),
+        ({"ops": [{"reshape": [2, -2]}]}, "ops[0] reshape [2, -2] may hold sizes >= 0 and at most one -1"),
+        ({"ops": [{"transpose": [0, 2]}]}, "ops[0] transpose [0, 2] is not a permutation of 0..1"),
+        ({"stack": [{"axis": 1, "index": "0"}, {"axis": 1, "index": "1"}]}, "two stack levels use the same axis"),
+        (
+            {"concat": {"axis": 0, "index": "0", "order": ["a", "a"]}},
+            "concat 'order' must be a non-empty list of distinct strings, got ['a', 'a']",
+        ),
+        (
+            {"concat": {"axis": 0, "index": "0", "order": []}},
+            "concat 'order' must be a non-empty list of distinct strings, got []",
+        ),
+        (
+            {"split": {**_SP, "sections": None, "sizes": [2, 0]}},
+            "split 'sizes' must be a non-empty list of integers > 0, got [2, 0]",
+        ),
+        ({"split": {**_SP, "sections": 0}}, "split 'sections' must be an integer > 0, got 0"),
+        ({"split": {**_SP, "sections": True}}, "split 'sections' must be an integer > 0, got True"),
+        (
+            {"split": {**_SP, "names": ["a", "a"]}},
+            "split 'names' must be a list of distinct non-empty strings, got ['a', 'a']",
+        ),
+        (
+            {"split": {**_SP, "names": ["a", ""]}},
+            "split 'names' must be a list of distinct non-empty strings, got ['a', '']",
+        ),
+        (
+            {"split": _SP, "stack": [{"axis": 0, "index": "0"}]},
+            "'split' does not combine with 'stack' or 'unstack' in one rule",
+        ),
+        (
+            {"ops": [{"flip": [1]}]},
+            "ops[0] must be {'transpose': [perm]}, {'reshape': [shape]}, {'pad': [[before, after], ...]} or {'slice': [[start, stop], ...]}, got {'flip': [1]}",
+        ),
+        (
+            {"ops": [{"transpose": [0]}, 5]},
+            "ops[1] must be {'transpose': [perm]}, {'reshape': [shape]}, {'pad': [[before, after], ...]} or {'slice': [[start, stop], ...]}, got 5",
+        ),
+        (
+            {"ops": [{"transpose": [0], "reshape": [1]}]},
+            "ops[0] must be {'transpose': [perm]}, {'reshape': [shape]}, {'pad': [[before, after], ...]} or {'slice': [[start, stop], ...]}, got {'transpose': [0], 'reshape': [1]}",
+        ),
+        (
+            {"concat": {"axis": -1, "index": "0"}},
+            "'concat' must be {'axis': int >= 0, 'index': template[, 'order': [names]]}, got {'axis': -1, 'index': '0'}",
+        ),
+        (
+            {"concat": {"axis": True, "index": "0"}},
+            "'concat' must be {'axis': int >= 0, 'index': template[, 'order': [names]]}, got {'axis': True, 'index': '0'}",
+        ),
+        (
+            {"concat": {"axis": 0, "index": 0}},
+            "'concat' must be {'axis': int >= 0, 'index': template[, 'order': [names]]}, got {'axis': 0, 'index': 0}",
+        ),
+        (
+            {"concat": {"axis": 0}},
+            "'concat' must be {'axis': int >= 0, 'index': template[, 'order': [names]]}, got {'axis': 0}",
+        ),
+        (
+            {"concat": {"axis": 0, "index": "0", "at": 1}},
+            "'concat' must be {'axis': int >= 0, 'index': template[, 'order': [names]]}, got {'axis': 0, 'index': '0', 'at': 1}",
+        ),
+        ({"split": {"axis": 0, "name": "i"}}, "split takes 'sizes' or 'sections', exactly one"),
+        (
+            {"split": "x"},
+            "'split' must be {'axis': int >= 0, 'sizes': [int, ...] or 'sections': int, 'name': str[, 'names': [str, ...]]}, got 'x'",
+        ),
+        (
+            {"split": {**_SP, "at": 1}},
+            "'split' must be {'axis': int >= 0, 'sizes': [int, ...] or 'sections': int, 'name': str[, 'names': [str, ...]]}, got {'axis': 0, 'sections': 2, 'name': 'i', 'at': 1}",
+        ),
+        (
+            {"split": {"sections": 2, "name": "i"}},
+            "'split' must be {'axis': int >= 0, 'sizes': [int, ...] or 'sections': int, 'name': str[, 'names': [str, ...]]}, got {'sections': 2, 'name': 'i'}",
+        ),
+        (
+            {"split": {**_SP, "axis": -1}},
+            "'split' must be {'axis': int >= 0, 'sizes': [int, ...] or 'sections': int, 'name': str[, 'names': [str, ...]]}, got {'axis': -1, 'sections': 2, 'name': 'i'}",
+        ),
+        (
+            {"split": {**_SP, "axis": True}},
+            "'split' must be {'axis': int >= 0, 'sizes': [int, ...] or 'sections': int, 'name': str[, 'names': [str, ...]]}, got {'axis': True, 'sections': 2, 'name': 'i'}",
+        ),
+        (
+            {"split": {**_SP, "name": 1}},
+            "'split' must be {'axis': int >= 0, 'sizes': [int, ...] or 'sections': int, 'name': str[, 'names': [str, ...]]}, got {'axis': 0, 'sections': 2, 'name': 1}",
+        ),
+    ],
+)
+def test_a_malformed_element_key_is_exactly_one_problem(extra, problem):
+  with pytest.raises(SpecError) as e:
+    RemapSpec.from_rules([{"match": "^a$", "to": "b{i}", **extra}])
+  assert e.value.problems == [f"rule #1: {problem}"]
+
+
+def test_well_formed_element_keys_parse_to_their_values():
+  (r,) = RemapSpec.from_rules(
+      [
+          {
+              "match": "^a$",
+              "to": "b{i}",
+              "split": {**_SP, "names": ["x", "y"]},
+              "ops": [{"pad": [[0, 1]]}],
+              "cast": "bfloat16",
+          }
+      ]
+  ).rules
+  assert (r.split, r.cast, [o.to_dict() for o in r.ops]) == (
+      (0, None, 2, "i", ("x", "y")),
+      "bfloat16",
+      [{"pad": [[0, 1]]}],
+  )
+  (c,) = RemapSpec.from_rules(
+      [{"match": "^a(.)$", "to": "b", "concat": {"axis": 1, "index": r"\1", "order": ["q", "k"]}}]
+  ).rules
+  (s,) = RemapSpec.from_rules(
+      [{"match": "^a$", "to": "b{i}", "split": {**_SP, "sections": None, "sizes": [3, 1]}}]
+  ).rules
+  assert (c.concat, s.split) == ((1, r"\1", ("q", "k")), (0, (3, 1), None, "i", ("0", "1")))
+  (c0,) = RemapSpec.from_rules([{"match": "^a(.)$", "to": "b", "concat": {"axis": 0, "index": r"\1"}}]).rules
+  (s1,) = RemapSpec.from_rules([{"match": "^a$", "to": "b{i}", "split": {**_SP, "sections": 1}}]).rules
+  assert (c0.concat, s1.split) == ((0, r"\1", ()), (0, None, 1, "i", ("0",)))  # axis 0, one section: allowed
+  (one,) = RemapSpec.from_rules([{"match": "^a(.)$", "to": "b", "stack": {"axis": 0, "index": r"\1"}}]).rules
+  assert one.stack == ((0, r"\1"),)  # one level may be given as an object, not a list
+  with pytest.raises(SpecError) as e:
+    RemapSpec.from_rules([{"match": "^a$", "to": "b", "cast": "int4"}])
+  ((problem,),) = [e.value.problems]
+  assert problem.startswith("rule #1: 'cast' 'int4' is not one of ") and "bfloat16" in problem, problem

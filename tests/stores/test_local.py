@@ -58,6 +58,8 @@ def test_write_is_atomic_and_leaves_no_temporary_file(tmp_path):
         (lambda r: r.size(), "invalid", "is a directory"),
         (lambda r: r.child("nope").delete(), "not_found", "no such file or directory"),
         (lambda r: r.child("f", "g").write_bytes(b""), "invalid", "File exists"),
+        (lambda r: r.child("nope").read_bytes_async().result(), "not_found", "No such file"),  # raised by result()
+        (lambda r: r.child("f").read_range_async(3, 9).result(), "out_of_range", "bytes [3, 9) lie past its end"),
     ],
 )
 def test_errors_are_one_line_with_a_kind(tmp_path, call, kind, words):

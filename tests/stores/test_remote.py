@@ -287,8 +287,15 @@ def test_a_stalled_server_hits_the_deadline(bucket, monkeypatch, fast_limits):
     with pytest.raises(StoreError) as e:
       f.read_bytes()
     elapsed = time.monotonic() - t0
+    assert f.ping() is None  # its first call checks the bucket (that check's own deadline); then one read
+    proxy.fail(503, stall_s=5, count=2)  # ping: at most two attempts, each stalled past the deadline
+    t0 = time.monotonic()
+    stalled = f.ping()
+    pinged = time.monotonic() - t0
   _one_line(e.value, "timeout", f"{bucket.url}/f: no answer from {proxy.url} to a read within")
   assert 0.4 < elapsed < 2.0
+  _one_line(stalled, "timeout", f"{bucket.url}: {bucket.url}/f: no answer from {proxy.url} to a read within")
+  assert 0.4 < pinged < 2.0
 
 
 def test_the_kvstore_path_of_a_bucket_root_a_directory_and_an_object():

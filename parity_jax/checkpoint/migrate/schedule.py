@@ -370,7 +370,7 @@ def _write_share(
         slab = slab_elems(min(group_bytes, ELEMENT_SLAB_BYTES), leaf.element)
         with TargetValues(leaf.element, src, slab, ELEMENT_CACHE_BYTES) as values, _drained(pending):
           for box in _chunk_boxes(leaf, a_el, b_el):
-            settle()  # the previous chunk's write first: one destination chunk in memory at a time
+            settle()  # no mutate: memory bound only (one chunk at a time); the last settle() waits for all
             buf = element_chunk(values, box)
             pending.append((t[box] if box else t).write(buf, can_reference_source_data_indefinitely=True))
             written += buf.nbytes
@@ -392,7 +392,7 @@ def _write_share(
           ]
           for f in futs:
             reader.wait(f)
-          settle()  # the previous group's writes (overlapped with this group's reads)
+          settle()  # no mutate: memory bound only (the previous group's writes, overlapped with this group's reads)
           for box, off in geometry.flat_range_boxes(leaf.shape, a, b):
             view = buf[off : off + _count(box)].reshape(geometry.box_shape(box))
             pending.append((t[box] if box else t).write(view, can_reference_source_data_indefinitely=True))

@@ -93,7 +93,7 @@ class SideReader:
           self._prefetched = None
         else:
           a = next(a for a in self._ahead if a[2] is not None)
-          settle(a[2])
+          settle(a[2])  # no mutate: memory only (bounds the decodes in flight); each piece is read by its own read
           a[2] = None
       reader = self._open()
       self._ahead.append([j, reader, reader.read_async(self.box_of(self.pieces[j]))])

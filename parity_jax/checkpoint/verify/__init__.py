@@ -199,7 +199,7 @@ def _open_both(source, migrated) -> tuple[Checkpoint, Checkpoint]:
   """Both checkpoints opened at once (metadata only): on a bucket each open is a chain of small requests
   (listing, metadata, OCDBT manifest and index), so the two chains overlap instead of adding up. A source that
   cannot be opened is reported first, as when they were opened one after the other."""
-  with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="parity_jax-open") as pool:
+  with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="parity_jax-open") as pool:  # no mutate: speed only
     src = pool.submit(open_checkpoint, source, "source checkpoint")
     mig = pool.submit(open_checkpoint, migrated, "migrated checkpoint")
     return src.result(), mig.result()

@@ -319,7 +319,7 @@ def release_freed_memory() -> None:
       _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
       _TRIM = False
-  if _TRIM:
+  if _TRIM:  # no mutate: memory only (freed pages back to the OS); on glibc _TRIM is always the function
     _TRIM(0)
 
 

@@ -118,3 +118,37 @@ def test_metadata_files_in_order_with_the_tree_orbax_reads():
   assert [n for n, _ in standard] == ["_METADATA", "_CHECKPOINT_METADATA", W.COMMIT_MARKER]  # no strings, no marker
   handler = json.loads(dict(standard)["_CHECKPOINT_METADATA"])["item_handlers"]
   assert isinstance(handler, str) and handler.endswith("StandardCheckpointHandler")
+
+
+def test_the_handler_names_are_orbax_own_and_the_same_when_it_lacks_the_classes(monkeypatch):
+  """_CHECKPOINT_METADATA names orbax's handler classes; an orbax without them gets the same names."""
+  from orbax.checkpoint._src.handlers import standard_checkpoint_handler as std
+  from orbax.checkpoint.experimental.v1._src.handlers import stateful_checkpointable_handler as item
+
+  want = {
+      "v1": {"state": f"{item.__name__}.StatefulCheckpointableHandler"},
+      "standard": f"{std.__name__}.StandardCheckpointHandler",
+  }
+
+  def handlers():
+    return {
+        layout: json.loads(dict(W.metadata_files("/o", [("a",)], {}, {}, 0, layout=layout))["_CHECKPOINT_METADATA"])[
+            "item_handlers"
+        ]
+        for layout in want
+    }
+
+  assert handlers() == want
+  monkeypatch.delattr(std, "StandardCheckpointHandler")  # an orbax whose modules lack the classes
+  monkeypatch.delattr(item, "StatefulCheckpointableHandler")
+  assert handlers() == want
+
+
+def test_an_orbax_without_the_chunk_shape_hook_gets_a_warning_and_its_own_chunks(monkeypatch):
+  from orbax.checkpoint._src.arrays import subchunking
+
+  monkeypatch.delattr(subchunking, "choose_chunk_shape")
+  with pytest.warns(RuntimeWarning, match="orbax has no chunk-shape hook"):
+    with W.row_major_chunks() as hooked:
+      assert hooked is False
+  assert not hasattr(subchunking, "choose_chunk_shape")  # nothing installed in its place

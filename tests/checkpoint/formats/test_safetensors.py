@@ -150,6 +150,10 @@ def test_boxes_read_only_their_own_bytes(dirs, piece, monkeypatch):
       # read twice (read_into_async, read): each read costs at most 4x the box's own bytes (runs at least a
       # quarter dense are read as one span; sparser runs one by one)
       assert sum(b - a for a, b in ranges) <= 2 * 4 * want.nbytes, (box, ranges)
+      if box == boxes[2]:  # runs of 10 bytes, 90 apart: too sparse for one span, so exactly the box's bytes
+        assert sorted(ranges) == sorted(
+            2 * [(begin + i * 630 + j * 90 + 40, begin + i * 630 + j * 90 + 50) for i in range(6) for j in range(7)]
+        )
       assert all(b - a <= st.READ_PIECE_BYTES for a, b in ranges)
   assert len(ranges) == (2 if piece is None else 2 * -(-big.nbytes // piece))  # the whole leaf: one range per read
 
@@ -223,6 +227,13 @@ def test_damaged_and_lying_files(dirs):
   assert _bits(ck.read_whole(ck.leaves["b"])) == _bits(good["b"])
   ck = open_checkpoint(case("truncated", truncate=3))
   assert "past the end of the file" in ck.leaves["b"].error and ck.leaves["a"].error is None
+  assert _bits(ck.read_whole(ck.leaves["a"])) == _bits(good["a"])
+  ck = open_checkpoint(case("cut_after_opening"))  # the file loses its last bytes after its header was read
+  f = os.path.join(ck.path, "model.safetensors")
+  os.truncate(f, os.path.getsize(f) - 3)
+  with pytest.raises(LeafReadError, match="^cannot read leaf 'b': ") as e:  # the reader's own error, not wrapped again
+    ck.read_whole(ck.leaves["b"])
+  assert e.value.leaf == "b" and "\n" not in str(e.value) and "cannot read leaf" not in str(e.value)[17:]
   assert _bits(ck.read_whole(ck.leaves["a"])) == _bits(good["a"])
 
   d = root / "header_garbage"

@@ -125,6 +125,22 @@ def test_plan_in_a_bucket_streams_and_reads_rows_ahead():
   assert _plan(whole, _meta((8, 32768, 1024), (8, 32768, 1024), raw=False), memmap=False, remote=True).spill
 
 
+def test_plan_spills_only_above_2_gib_in_a_bucket_and_256_mib_on_local_disk():
+  """Two single-chunk zstd leaves of k x 128 MiB: streaming holds both decoded leaves and a compressed one (about
+  4 k x 128 MiB = k/2 GiB); in a bucket that streams up to 2 GiB (k = 3: 1.5 GiB) and spills above (k = 5)."""
+  for k, spills in ((3, False), (5, True)):
+    shape = (k, 32768, 1024)
+    p = _plan(_meta(shape, shape, raw=False), _meta(shape, shape, raw=False), memmap=False, readahead=0, remote=True)
+    assert p.spill == spills, k
+    held = k * 2**29  # streaming: 4 leaf-sized buffers; spilling: one side at a time (2), plus the 8 MiB pieces
+    assert held < (2 if spills else 1) * p.estimate_bytes < held + 2**28, k
+  # on local disk the threshold is 256 MiB: leaves of k x 32 MiB stream at k = 1 (about 128 MiB), spill at k = 3
+  for k, spills in ((1, False), (3, True)):
+    shape = (k, 8192, 1024)
+    p = _plan(_meta(shape, shape, raw=False), _meta(shape, shape, raw=False), memmap=False, readahead=0)
+    assert p.spill == spills, k
+
+
 def test_plan_small_rows_are_read_whole_per_piece():
   src = _meta((1, 4096, 256), (1, 64, 256), raw=False)  # 64 KiB rows
   p = _plan(src, _meta((4096, 256), (4096, 256), raw=True))
@@ -139,6 +155,10 @@ def test_plan_rows_that_pieces_cannot_tile_cache_two_rows():
   p = _plan(src, _meta((4, 21), (4, 21), raw=True), piece_mb=14 * 4 / MIB)
   assert p.src.mode == "rows" and p.src.rows_cached == 2 and not p.src.reopen
   assert not p.slabs.boundaries_include_multiples_of(14)
+  piece = plan.pieces_of(src, _meta((4, 21), (4, 21), raw=True), (4, 3, 7), p.slabs)[0]
+  for frozen in (p, p.src, p.slabs, piece):  # a plan is shared by the reading threads
+    with pytest.raises(dataclasses.FrozenInstanceError):
+      frozen.mode = "raw"
 
 
 # ---- fault detection through every plan, on leaves of many pieces -----------------------------
@@ -274,7 +294,77 @@ def test_mode_detects_fault_with_exact_hashes_and_stats(mode_pair, fault, monkey
   assert not list(tmp.glob("parity_jax_verify_spill_*"))
 
 
+def test_pair_streamer_without_a_second_pass_returns_at_the_first_difference(tmp_path):
+  """``run(second_pass=False)`` (a job's range of a leaf): a differing pair is "not equal", no hashes, no statistics,
+  and stops reading at the piece that differs; with the second pass, both hashes and the statistics."""
+  from parity_jax.checkpoint import open_checkpoint
+
+  tree = _source_tree()
+  good = tree["w"][0]
+  bad = good.copy()
+  _flip(bad, (20, 0), 1)  # in the second of six 4 KiB pieces
+  src = open_checkpoint(_save_source(tmp_path / "src", tree, chunk_kb=None, compressed=False))
+  mig = open_checkpoint(_migrated(tmp_path, "mig", {"w": bad, "s": tree["s"]}))
+  s_meta, m_meta = src.leaves["w"], mig.leaves["w"]
+  r = geometry.refinement(s_meta.shape, m_meta.shape)
+  pl = stream.plan_pair(s_meta, m_meta, r, int(PIECE_MB * MIB))
+  assert pl.slabs.n_slabs == 6 and not pl.spill
+
+  def streamer(read):
+    return stream.PairStreamer(
+        src,
+        mig,
+        s_meta,
+        m_meta,
+        r,
+        pl,
+        stream.Buffers(int(PIECE_MB * MIB)),
+        spill_dir=str(tmp_path),
+        on_bytes=read.append,
+    )
+
+  read = []
+  out = streamer(read).run(second_pass=False)
+  assert (out.equal, out.source_sha256, out.sha256, out.diff, out.diff_error) == (
+      False,
+      "",
+      "",
+      None,
+      "second pass not run",
+  )
+  assert sum(read) == 2 * 4096  # both sides through the second piece, nothing after it
+  read = []
+  out = streamer(read).run(top_k=3)
+  assert not out.equal and out.diff_error is None and sum(read) == 2 * good.nbytes
+  assert (out.source_sha256, out.sha256) == (
+      hashlib.sha256(good.tobytes()).hexdigest(),
+      hashlib.sha256(bad.tobytes()).hexdigest(),
+  )
+  want, got = arraydiff.diff_stats(good, bad, top_k=3).to_dict(), out.diff.to_dict()
+  for k in ("cosine", "rel_l2", "rms_diff"):  # float64 sums over pieces: the order may change the last bits
+    assert got.pop(k) == pytest.approx(want.pop(k), rel=1e-12, abs=1e-15), k
+  assert got == want
+
+
 # ---- the hash pipeline on its own ------------------------------------------------------------
+
+
+def test_bytes_equal_is_raw_byte_equality_for_every_size():
+  """Pieces of 1..40 bytes (whole 8-byte words or not), against ``tobytes()``: one flipped bit anywhere, -0.0 for
+  0.0 and NaN payloads differ; a different size or dtype is never equal; shapes may differ."""
+  rng = np.random.default_rng(3)
+  for n in range(0, 41):
+    a = rng.integers(0, 256, n, dtype=np.uint8)
+    assert stream.bytes_equal(a, a.copy()) and stream.bytes_equal(a.reshape(1, n), a.copy())
+    for i in range(n):
+      b = a.copy()
+      b[i] ^= 1 << (i % 8)
+      assert not stream.bytes_equal(a, b), (n, i)
+  z = np.zeros(3, np.float32)
+  nan = np.full(3, np.nan, np.float32)
+  assert not stream.bytes_equal(z, -z) and stream.bytes_equal(nan, nan.copy())
+  assert not stream.bytes_equal(nan, (nan.view(np.uint32) ^ np.uint32(1)).view(np.float32))
+  assert not stream.bytes_equal(z, np.zeros(4, np.float32)) and not stream.bytes_equal(z, z.view(np.int32))
 
 
 def test_hash_pipeline_hashes_pieces_in_submission_order():

@@ -7,6 +7,7 @@ stream tests check against numpy); the job must give the same verdicts, hashes a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -137,3 +138,11 @@ def test_the_progress_lines_count_the_leaves_as_they_are_compared(tmp_path, monk
   assert lines[-1].startswith("verify: 100% "), lines
   pct = [int(re.match(r"verify: (\d+)% ", ln).group(1)) for ln in lines]
   assert pct == sorted(pct) and len([p for p in pct if 0 < p < 100]) >= 3, lines  # the large leaf, slab by slab
+
+
+def test_the_settings_of_the_values_phase_are_immutable(tmp_path):
+  from parity_jax.checkpoint.verify.values import Settings
+
+  st = Settings(top_k=3, buffers=stream.Buffers(4096), spill_dir=str(tmp_path), readahead=None)
+  with pytest.raises(dataclasses.FrozenInstanceError):  # read by every pair's threads
+    st.top_k = 4

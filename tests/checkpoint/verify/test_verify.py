@@ -72,9 +72,10 @@ def _assert_same_stats(got: arraydiff.DiffStats, want: arraydiff.DiffStats):
 # ---- PASS paths ------------------------------------------------------------------------------
 
 
-def test_shipped_example_passes_and_hashes_match_the_manifest():
+def test_shipped_example_passes_and_hashes_match_the_manifest(capfd):
   rep = verify_migration(H.EXAMPLE / "source", H.EXAMPLE / "migrated", H.EXAMPLE / "spec.json")
   assert rep.passed, rep.text()
+  assert capfd.readouterr().err == ""  # no progress lines unless asked for
   assert list(rep.groups) == [
       "ci_fn",
       "ci_fn_opt_state",
@@ -262,6 +263,7 @@ def test_report_json_and_html(gen, tmp_path):
   rep = verify_migration(gen["v0"], gen["migrated"], SPEC)
   d = json.loads(rep.to_json())
   assert d["verdict"] == "PASS" and d["n_leaves"] == 14 and d["n_failed"] == 0
+  assert "io" not in d  # local disk: no bucket requests to report
   entry = next(e for e in d["leaves"] if e["migrated_path"] == "params/embedding")
   assert entry["source_path"] == "params/emb" and entry["shape"] == [5, 10, 8] and entry["dtype"] == "float32"
   assert entry["bytes"] == 1600 and entry["status"] == "PASS" and entry["transform"] == "reshape[5, 10, 8]"
@@ -485,3 +487,47 @@ def test_storage_lines_name_where_each_side_was_read_and_the_bucket_requests():
       "gs:// I/O:        7 requests (5 reads, 2 lists, 1 retries), 4096 bytes read",
   ]
   assert VerifyReport(**{**rep.__dict__, "storage": None, "io": None}).storage_lines() == []
+
+
+def test_the_html_view_spells_out_20_failing_leaves_and_counts_the_rest():
+  """A hand-built report: 23 missing leaves and one that passes; the HTML lists the first 20 and says 3 more."""
+  from parity_jax.checkpoint import LeafResult, VerifyReport
+
+  def report(n_missing):
+    leaves = [
+        LeafResult(f"w{i:02d}", None, "g", "MISSING", reason="not in the migrated checkpoint") for i in range(n_missing)
+    ]
+    leaves.append(LeafResult("ok", "ok", "g", "PASS", shape=(2,), dtype="float32", nbytes=8))
+    return VerifyReport("src", "mig", None, "v0", "v1", leaves, {"source": [], "migrated": []})
+
+  html = report(23)._repr_html_()
+  assert "<summary>Failing leaves (23)</summary>" in html
+  assert [f"<code>w{i:02d}</code>" in html for i in range(23)] == [True] * 20 + [False] * 3
+  assert html.count("<td style='white-space:normal;max-width:40em'>not in the migrated checkpoint</td></tr>") == 20
+  assert "<p>... and 3 more (the JSON report lists every leaf)</p></details>" in html
+  html = report(20)._repr_html_()
+  assert "<summary>Failing leaves (20)</summary>" in html and " more (the JSON report" not in html
+  assert "Failing leaves" not in report(0)._repr_html_()
+
+
+def test_a_string_leaf_against_an_array_is_a_kind_mismatch_either_way():
+  """Structure phase on hand-built metadata: a string where an array was (and the reverse) is KIND_MISMATCH."""
+  import types
+
+  from parity_jax.checkpoint import LeafMeta
+  from parity_jax.checkpoint.verify.structure import check_structure
+
+  def meta(path, kind):
+    if kind == "string":
+      return LeafMeta(path, (path,), "string", (), None, (), path, "string")
+    return LeafMeta(path, (path,), "array", (2,), np.dtype(np.float32), (2,), path, "np.ndarray")
+
+  spec = RemapSpec.from_rules([{"match": "^(.)$", "to": r"\1"}])
+  src = types.SimpleNamespace(leaves={"a": meta("a", "string"), "b": meta("b", "array")})
+  mig = types.SimpleNamespace(leaves={"a": meta("a", "array"), "b": meta("b", "string")})
+  results, to_compare = check_structure(spec.bind(src.leaves), spec, src, mig)
+  assert to_compare == []
+  assert [(r.source_path, r.status, r.reason) for r in results] == [
+      ("a", "KIND_MISMATCH", "source is a string, migrated is a array"),
+      ("b", "KIND_MISMATCH", "source is a array, migrated is a string"),
+  ]
