@@ -301,6 +301,9 @@ def _stalled_migration(ck, dest, point):
       env=dict(os.environ, PARITY_JAX_STALL=point),
       stderr=subprocess.PIPE,
       text=True,
+      # SIGINT as from a terminal: a shell starts background jobs with SIGINT ignored, which Python then keeps
+      # (no KeyboardInterrupt), so a suite run in the background would see the tool ignore the test's SIGINT
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
   watchdog = threading.Timer(90, proc.kill)
   watchdog.start()
