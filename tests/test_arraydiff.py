@@ -157,6 +157,12 @@ def test_accumulator_refuses_incomplete_or_outside_chunks():
     acc.update(np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32), origin=(-1, 0))
 
 
+def test_accumulator_refuses_a_chunk_of_another_dtype():
+  acc = arraydiff.DiffAccumulator((2, 4), np.float32)
+  with pytest.raises(ComparisonError, match="chunk dtype float64 does not match float32"):
+    acc.update(np.zeros((2, 4), np.float64), np.zeros((2, 4), np.float64))
+
+
 def test_top_k_ties_do_not_depend_on_chunking():
   a = np.zeros((40, 50), np.float32)
   b = np.ones_like(a)  # every element differs by exactly 1: all tied...

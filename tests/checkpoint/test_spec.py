@@ -59,6 +59,8 @@ def test_bind_builds_plan_transforms_and_inverse():
   assert [by[k].transform.describe() for k in ("components/0/g/V", "emb")] == ["squeeze[0]", "reshape[2, 15]"]
   assert plan.inverse == {"components/layers.0.mlp.gate_proj/V": "components/0/g/V", "embedding": "emb", "step": "step"}
   assert plan.forward == {"components/0/g/V": "components/layers.0.mlp.gate_proj/V", "emb": "embedding", "step": "step"}
+  assert {d: p.source for d, p in plan.by_dest().items()} == plan.inverse  # each destination's own leaf plan
+  assert plan.by_dest()["embedding"] is by["emb"]
   assert spec.inverse(["step", "emb"]) == {"step": "step", "embedding": "emb"}
   with pytest.raises(SpecError) as e:
     spec.inverse(["step", "components/3/g/U"])

@@ -194,3 +194,13 @@ def test_a_bucket_destination_at_inside_or_around_a_bucket_source_is_refused(mon
   ]:
     with pytest.raises(UsageError, match=f"^destination {dest} {words}"):
       check_bucket_dest(src, open_store(dest), False, lambda line: None)
+
+
+def test_an_overwritten_checkpoint_is_swapped_out_and_removed(ck, tmp_path):
+  dest = tmp_path / "m"
+  migrate(ck["src"], dest, ck["spec"])
+  (dest / "stale").write_text("from the first run")  # a file only the replaced checkpoint holds
+  migrate(ck["src"], dest, ck["spec"], overwrite=True)
+  assert _listing(tmp_path) == ["m"]  # no hidden .m.replaced-* left beside it
+  assert "stale" not in _listing(dest)
+  assert verify_migration(ck["src"], dest, ck["spec"]).passed
