@@ -39,6 +39,7 @@ import dataclasses
 import itertools
 import json
 import math
+import sys
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -257,7 +258,6 @@ class _Buffers:
       del self._bytes[: -self.keep]
 
 
-
 _BUFFERS = _Buffers()
 
 
@@ -303,13 +303,14 @@ class RawLayout:
     inner chunk, a bad index checksum, a size that does not match): then tensorstore decodes it and decides."""
     data = memoryview(stored)
     if self.index is not None:
-      if len(data) < 20:
+      n = _SHARD_INDEX_BYTES
+      if len(data) < n:
         return None
-      index, data_at = (data[-20:], 0) if self.index == "end" else (data[:20], 20)
+      index, data_at = (data[-n:], 0) if self.index == "end" else (data[:n], n)
       if crc32c(bytes(index[:16])) != int.from_bytes(index[16:], "little"):
         return None
       offset, nbytes = (int.from_bytes(index[i : i + 8], "little") for i in (0, 8))
-      stop = len(data) - 20 if self.index == "end" else len(data)
+      stop = len(data) - n if self.index == "end" else len(data)
       if nbytes != self.nbytes or offset < data_at or offset + nbytes > stop:
         return None
       data = data[offset : offset + nbytes]
@@ -318,6 +319,8 @@ class RawLayout:
     return np.frombuffer(data, self.dtype).reshape(self.chunk_shape)
 
 
+# A shard of one inner chunk: its index is that chunk's (offset, nbytes), two little-endian uint64, then their CRC-32C.
+_SHARD_INDEX_BYTES = 16 + 4
 _RAW_DTYPES = "iuf"  # no bool (a byte that is neither 0 nor 1), no complex/void edge cases: tensorstore decides those
 
 
@@ -327,21 +330,22 @@ def raw_layout(metadata: dict, dtype: np.dtype) -> RawLayout | None:
   alone and whose index is ``bytes`` (little-endian) + ``crc32c``; zarr v2 with no compressor and no filters, C
   order, little-endian. None for anything else (compression, transposes, other dtypes): tensorstore decodes those.
   On a big-endian machine, always None."""
-  import sys
-
   dtype = np.dtype(dtype)
-  if sys.byteorder != "little" or not (dtype.kind in _RAW_DTYPES or dtype.name in ("bfloat16",)):
+  if sys.byteorder != "little" or not (dtype.kind in _RAW_DTYPES or dtype.name == "bfloat16"):
     return None
 
   def little(codec: dict) -> bool:
     return codec.get("name") == "bytes" and (codec.get("configuration") or {}).get("endian", "little") == "little"
+
+  def values_bytes(codec: dict) -> bool:  # the values' own bytes: little-endian, or single bytes in any order
+    return little(codec) or (codec.get("name") == "bytes" and dtype.itemsize == 1)
 
   if metadata.get("zarr_format") == 3:
     grid = tuple(metadata["chunk_grid"]["configuration"]["chunk_shape"])
     codecs = metadata.get("codecs") or []
     if len(codecs) != 1:
       return None
-    if little(codecs[0]) or (codecs[0].get("name") == "bytes" and dtype.itemsize == 1):
+    if values_bytes(codecs[0]):
       return RawLayout(grid, dtype)
     conf = codecs[0].get("configuration") or {}
     if codecs[0].get("name") != "sharding_indexed" or tuple(conf.get("chunk_shape") or ()) != grid:
@@ -350,7 +354,7 @@ def raw_layout(metadata: dict, dtype: np.dtype) -> RawLayout | None:
     where = conf.get("index_location", "end")
     if (
         len(inner) == 1
-        and (little(inner[0]) or (inner[0].get("name") == "bytes" and dtype.itemsize == 1))
+        and values_bytes(inner[0])
         and len(index) == 2
         and little(index[0])
         and index[1].get("name") == "crc32c"
@@ -376,8 +380,8 @@ class _Chunk:
   """One stored chunk: its slices in flight from creation; :meth:`array` decodes it once (then it holds only the
   decoded values: the stored bytes are dropped, or are the values' own buffer when the chunk is raw)."""
 
-  def __init__(self, key: str, box: tuple[slice, ...], ref: ValueRef | None, store: Store, buffers: _Buffers):
-    self.key, self.box, self.ref, self._buffers = key, box, ref, buffers
+  def __init__(self, key: str, box: tuple[slice, ...], ref: ValueRef | None, store: Store):
+    self.key, self.box, self.ref = key, box, ref
     self._lock = threading.Lock()
     self._array: np.ndarray | None = None
     self._raw = False  # the values are a view of the stored bytes
@@ -398,9 +402,9 @@ class _Chunk:
     """Gives the decoded values' buffer back for reuse (the chunk must no longer be read)."""
     with self._lock:
       if self._array is not None and not self._raw:
-        self._buffers.give(self._array)
+        _BUFFERS.give(self._array)
       elif self._backing is not None:  # the values were a view of it: no read is using them any more
-        self._buffers.give_bytes(self._backing)
+        _BUFFERS.give_bytes(self._backing)
       self._array = self._backing = None
 
   def _stored(self) -> bytes | bytearray | None:
@@ -410,7 +414,7 @@ class _Chunk:
       return self.ref.inline
     if len(self._parts) == 1:
       return self._parts.pop().result()
-    value = self._buffers.take_bytes(self.ref.length)  # the slices joined, each dropped once copied
+    value = _BUFFERS.take_bytes(self.ref.length)  # the slices joined, each dropped once copied
     pos = 0
     while self._parts:
       b = self._parts.pop(0).result()
@@ -440,9 +444,9 @@ class _Chunk:
             written = True
             kv.write(self.key, value).result()
             if isinstance(value, bytearray):
-              self._buffers.give_bytes(value)
+              _BUFFERS.give_bytes(value)
           del value
-          buf = self._buffers.take(tuple(b.stop - b.start for b in self.box), np.dtype(handle.dtype.numpy_dtype))
+          buf = _BUFFERS.take(tuple(b.stop - b.start for b in self.box), np.dtype(handle.dtype.numpy_dtype))
           ts.array(buf, copy=False, write=True).write(handle[self.box].translate_to[0]).result()
           self._array = buf
         except Exception as e:  # noqa: BLE001 -- kept and re-raised, as above
@@ -473,7 +477,6 @@ class RangedLeafReader(LeafReader):
     self._refs: dict[str, ValueRef] = {}
     self._metadata: dict = {}
     self._chunks: collections.OrderedDict[str, _Chunk] = collections.OrderedDict()
-    self._buffers = _BUFFERS
     self._raw: RawLayout | None = None
     self._pins: collections.Counter[str] = collections.Counter()
     self._lock = threading.Lock()
@@ -492,7 +495,7 @@ class RangedLeafReader(LeafReader):
       for meta_key in ("zarr.json", ".zarray", ".zattrs"):
         ref = self._refs.pop(meta_key, None)
         if ref is not None:
-          value = _Chunk(name + meta_key, (), ref, self.ckpt.store, self._buffers)._stored()
+          value = _Chunk(name + meta_key, (), ref, self.ckpt.store)._stored()
           kv.write(name + meta_key, value).result()
           if meta_key != ".zattrs":
             self._metadata = json.loads(bytes(value))
@@ -503,7 +506,7 @@ class RangedLeafReader(LeafReader):
     except Exception as e:  # tensorstore raises ValueError/OSError subclasses with long specs
       raise LeafReadError(self.leaf.path, first_line(e)) from None
     self._ts, self._kv = check_opened(self.leaf, t), kv
-    self._buffers.use()
+    _BUFFERS.use()
     self._raw = raw_layout(self._metadata, np.dtype(t.dtype.numpy_dtype)) if self._metadata else None
     return self
 
@@ -515,7 +518,7 @@ class RangedLeafReader(LeafReader):
       self._chunks.clear()
       self._pins.clear()
     if opened:
-      self._buffers.release()
+      _BUFFERS.release()
 
   def _start(self, box: Sequence[slice]) -> list[_Chunk]:
     """Starts fetching the chunks ``box`` needs that are neither decoded nor in flight; returns them all, pinned."""
@@ -527,7 +530,7 @@ class RangedLeafReader(LeafReader):
         c = self._chunks.get(key)
         if c is None:
           # a key the tree does not hold is not stored: the leaf's missing-chunk rule applies when it is decoded
-          c = self._chunks[key] = _Chunk(self._name + key, cbox, self._refs.get(key), self.ckpt.store, self._buffers)
+          c = self._chunks[key] = _Chunk(self._name + key, cbox, self._refs.get(key), self.ckpt.store)
         self._chunks.move_to_end(key)
         self._pins[key] += 1
         out.append(c)
