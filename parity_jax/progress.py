@@ -25,9 +25,8 @@ from typing import Any
 __all__ = ["LOG_INTERVAL_S", "Progress", "human_bytes", "progress"]
 
 LOG_INTERVAL_S = 5.0
-_BAR_LOOK = dict(
-    dynamic_ncols=True, mininterval=0.5
-)  # no mutate: display only (width follows the terminal, 2 redraws/s)
+# no mutate: display only (the bar's width follows the terminal, 2 redraws/s)
+_BAR_LOOK = dict(dynamic_ncols=True, mininterval=0.5)  # no mutate
 
 
 class Progress:

@@ -299,9 +299,8 @@ class _Planned:
   want_logits: bool
 
 
-@dataclasses.dataclass(
-    frozen=True
-)  # no mutate: a private measurement built once, never written; frozen is a guard only
+# no mutate: frozen only guards a private measurement that is built once and never written (as _Planned above)
+@dataclasses.dataclass(frozen=True)  # no mutate
 class _Measured:
   name: str
   golden_dtype: np.dtype
