@@ -20,7 +20,7 @@ from parity_jax.arraydiff import as_numpy, check_comparable
 __all__ = ["LogitsStats", "log_softmax64", "logits_stats"]
 
 # float64 working set per chunk: 8 MiB per array. Any value gives the same figures (test_logits: 1- and 3-row chunks).
-_CHUNK_ELEMENTS = 1 << 20  # no mutate: a memory bound only
+CHUNK_ELEMENTS = 1 << 20  # no mutate: a memory bound only
 
 
 def log_softmax64(x: np.ndarray) -> np.ndarray:
@@ -126,7 +126,7 @@ def logits_stats(golden: Any, candidate: Any, topk: int = 5) -> LogitsStats:
   n = int(np.prod(lead)) if lead else 1
   a2, b2 = a.reshape(n, vocab), b.reshape(n, vocab)
   k = min(int(topk), vocab)
-  rows = max(1, _CHUNK_ELEMENTS // vocab)
+  rows = max(1, CHUNK_ELEMENTS // vocab)
   kl = np.empty(n, np.float64)
   agree = np.empty(n, bool)
   overlap = np.empty(n, np.float64)

@@ -48,7 +48,7 @@ def test_against_numpy_definitions():
 def test_rows_computed_in_chunks_give_the_numpy_definitions(monkeypatch, chunk):
   from parity_jax.bundles import logits
 
-  monkeypatch.setattr(logits, "_CHUNK_ELEMENTS", chunk)  # the chunk size: any value gives the same figures
+  monkeypatch.setattr(logits, "CHUNK_ELEMENTS", chunk)  # the chunk size: any value gives the same figures
   rng = np.random.default_rng(1)
   a = (rng.standard_normal((2, 7, 40)) * 3).astype(np.float32)
   b = (a + rng.standard_normal(a.shape) * 0.8).astype(np.float32)
