@@ -526,7 +526,7 @@ class BoxSource:
       where, it = [], iter(coord)
       for a in range(len(e.dst_shape)):
         where.append(next(it) if a in e.stack_axes else slice(None))
-      out.append((int(np.ravel_multi_index(absolute, grid)) if grid else 0, tuple(where)))
+      out.append((int(np.ravel_multi_index(absolute, grid)), tuple(where)))  # () in a () grid: 0
     return out
 
   def apply(self, x: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -100,3 +100,10 @@ def test_local_io_is_counted(tmp_path):
 
 def test_describe_is_the_path(tmp_path):
   assert open_store(tmp_path).describe() == {"scheme": "file", "url": str(tmp_path), "path": str(tmp_path)}
+
+
+def test_parent_is_one_level_up_and_a_root_is_its_own(tmp_path):
+  child = open_store(tmp_path).child("a", "b")
+  assert child.parent().url == str(tmp_path / "a")
+  assert child.parent().parent() == open_store(tmp_path)
+  assert open_store("/").parent().url == "/"

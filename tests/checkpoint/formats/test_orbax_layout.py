@@ -45,6 +45,19 @@ def test_recorded_use_ocdbt_without_the_fill_value_flag_means_every_chunk_was_st
   assert strict is False  # the flag, where recorded, decides
 
 
+def test_the_orbax_version_hint_follows_which_flags_metadata_records(item):
+  """use_ocdbt recorded: >= 0.11.31; only the fill flag: 0.10 up to 0.11.31; neither: before 0.10."""
+  flag = "store_array_data_equal_to_fill_value"
+  for raw, hint in (
+      ({"use_ocdbt": True, flag: True}, "orbax >= 0.11.31"),
+      ({flag: True}, "orbax >= 0.10.0, < 0.11.31"),
+      ({flag: False}, "orbax >= 0.10.0, < 0.11.31"),
+      ({}, "orbax < 0.10.0"),
+  ):
+    facts = decide_layout(raw, item, item, "v0")[3]
+    assert facts["orbax_version"] is None and facts["orbax_version_hint"] == hint, raw
+
+
 def test_a_step_named_directory_holding_files_besides_its_item_is_not_an_orbax_0_5_step(item, tmp_path):
   step = tmp_path / "100"
   step.mkdir()
