@@ -377,6 +377,7 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
     "parity_jax/checkpoint/migrate/plan.py": (
         "tests/checkpoint/migrate/test_destination.py",
         "tests/checkpoint/verify/test_verify.py",  # plan_arrays under several chunk sizes and compressions
+        "tests/checkpoint/test_transforms.py",  # mut6a: element targets (concat, split) planned, written, verified
     ),
     "parity_jax/checkpoint/migrate/result.py": (
         "tests/checkpoint/migrate/test_destination.py",

@@ -182,6 +182,22 @@ def test_missing_chunk_where_the_writer_stored_every_chunk_is_unreadable(tmp_pat
   assert {r.source_path: r.status for r in rep.failures} == {leaf: "UNREADABLE"}, rep.text()
 
 
+def test_zarr_v2_leaves_with_fill_value_null_are_named_only_where_chunks_could_be_left_out(tmp_path):
+  """The same zarr v2 leaves (some with fill_value null): left-out chunks read as the fill value without the flag,
+  so the null ones are named as strict; with the flag recorded true every leaf is strict, and nothing is named."""
+  fx = _fixture("0.5.10", "pytree_noocdbt_zarr2")
+  facts = open_checkpoint(fx.checkpoint).facts
+  assert facts["missing_chunks"] != "fill value" and "have fill_value null" in facts["missing_chunks_decided_by"]
+  flagged = L.copy_checkpoint(fx, tmp_path / "flagged")
+  meta = json.loads((flagged / "_METADATA").read_text())
+  assert "store_array_data_equal_to_fill_value" not in meta and "use_ocdbt" not in meta
+  meta["store_array_data_equal_to_fill_value"] = True
+  (flagged / "_METADATA").write_text(json.dumps(meta))
+  ck = open_checkpoint(flagged)
+  assert ck.facts["missing_chunks"] == "error" and all(leaf.strict for leaf in ck.leaves.values())
+  assert ck.facts["missing_chunks_decided_by"] == "_METADATA store_array_data_equal_to_fill_value: true"
+
+
 def test_migrator_refuses_a_source_with_a_missing_chunk_where_every_chunk_was_stored(tmp_path):
   fx = _fixture("0.10.2", "pytree_noocdbt_zarr3")
   damaged = L.copy_checkpoint(fx, tmp_path / "damaged")
