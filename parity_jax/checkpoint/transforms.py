@@ -647,6 +647,9 @@ def bind_elements(
       )
       continue
     rule, chain = members[0][1], members[0][4]
+    if not rule.stack and not rule.concat and len(members) > 1:  # every member would be at [] of the target
+      problems.append(f"source leaves {', '.join(repr(m[0]) for m in members)} all map to {dest!r}")
+      continue
     keys: dict[tuple[int, ...], str] = {}
     bad = False
     for path, r, m, meta, _ in members:
@@ -671,9 +674,6 @@ def bind_elements(
         bad = True
       keys[key] = path
     if bad:
-      continue
-    if not rule.stack and not rule.concat and len(keys) > 1:
-      problems.append(f"source leaves {', '.join(repr(p) for p in keys.values())} all map to {dest!r}")
       continue
     metas = {p: meta for p, _, _, meta, _ in members}
     if any(getattr(metas[p], "kind", "array") == "string" for p in keys.values()):

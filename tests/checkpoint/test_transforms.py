@@ -637,3 +637,76 @@ def test_well_formed_element_keys_parse_to_their_values():
     RemapSpec.from_rules([{"match": "^a$", "to": "b", "cast": "int4"}])
   ((problem,),) = [e.value.problems]
   assert problem.startswith("rule #1: 'cast' 'int4' is not one of ") and "bfloat16" in problem, problem
+
+
+def _meta(*shape, dtype=np.float32, kind="array"):
+  return type("M", (), {"shape": shape, "kind": kind, "dtype": np.dtype(dtype)})()
+
+
+def test_every_element_target_mistake_is_its_own_problem():
+  """One rule per mistake a target of element rules can have; each is reported once, naming its rule and leaves,
+  and a target with a problem is checked no further (its later mistakes, here a stack axis out of range, wait)."""
+  st, st5 = [{"axis": 0, "index": r"\1"}], [{"axis": 5, "index": r"\1"}]
+  spec = RemapSpec.from_rules(
+      [
+          {"match": r"a(\d)", "to": "A", "stack": st},
+          {"match": r"b(\d)", "to": "A", "stack": [{"axis": 1, "index": r"\1"}]},  # A again, another stack axis
+          {"match": r"c(\w)", "to": "C", "stack": st},  # index 'x'
+          {"match": r"d(-?\d)", "to": "D", "stack": st5},  # index -1 (and an axis out of range: not reached)
+          {"match": r"e(\d)", "to": "E", "stack": st5},  # [2] and [3]
+          {"match": r"f(\d)", "to": "F", "stack": st},  # float32 and float16
+          {"match": r"g(\d)", "to": "G", "stack": [{"axis": 3, "index": r"\1"}]},
+          {"match": r"h(\d)", "to": "H", "concat": {"axis": 2, "index": r"\1"}},
+          {"match": r"i(\d)", "to": "I", "stack": st, "concat": {"axis": 0, "index": "0"}},
+          {"match": r"j(\d)", "to": "J", "stack": st, "cast": "bfloat16"},  # an int32 member
+          {"match": r"s(\d)", "to": "S", "stack": st5},  # a string member
+          {"match": r"t(\d)", "to": "T", "transpose": [1, 0]},  # two leaves, neither stacked nor concatenated
+          {"match": "pad", "to": "P1", "ops": [{"pad": [[0, 1]]}]},  # one pair for two axes
+          {"match": "r1", "to": "R1", "ops": [{"reshape": [-1, 4]}]},  # 6 elements
+          {"match": "r2", "to": "R2", "ops": [{"reshape": [0, -1]}]},
+          {"match": "r3", "to": "R3", "ops": [{"reshape": [3, 3]}]},
+          {"match": "r4", "to": "R4", "ops": [{"reshape": [3, 2]}]},  # 6 elements, but not value-preserving
+          {"match": "sp", "to": "sp.{i}", "split": {"axis": 0, "sections": 3, "name": "i"}},  # 4 rows
+          {"match": "jj", "to": "J"},  # also to J: not named, J already has its problem
+      ]
+  )
+  leaves = {"a0": _meta(2), "b0": _meta(2), "cx": _meta(2), "d0": _meta(2), "d-1": _meta(2)}
+  leaves |= {"e0": _meta(2), "e1": _meta(3), "f0": _meta(2), "f1": _meta(2, dtype=np.float16)}
+  leaves |= {"g0": _meta(2), "h0": _meta(2), "i0": _meta(2), "j0": _meta(2, dtype=np.int32), "s0": _meta(kind="string")}
+  leaves |= {"t0": _meta(2, 3), "t1": _meta(2, 3), "pad": _meta(2, 3), "sp": _meta(4, 2), "jj": _meta(2)}
+  leaves |= {f"r{i}": _meta(2, 3) for i in range(1, 5)}
+  with pytest.raises(SpecError) as e:
+    spec.bind(leaves)
+  fit = "does not fit source leaf {!r} of shape [2, 3]: "
+  want = [
+      "rules #1, #2 map to 'A' with different transforms (ops, stack or concat axes, or cast)",
+      r"rule #3 ('c(\\w)'): stack index of 'cx' is not an integer (invalid literal for int() with base 10: 'x')",
+      r"rule #4 ('d(-?\\d)'): negative stack or concat index for 'D'",
+      r"rule #5 ('e(\\d)'): the members of 'E' differ in shape or dtype (['[2]', '[3]'], ['float32'])",
+      r"rule #6 ('f(\\d)'): the members of 'F' differ in shape or dtype (['[2]'], ['float16', 'float32'])",
+      r"rule #7 ('g(\\d)'): stack axis 3 is out of range for a target of rank 2",
+      r"rule #8 ('h(\\d)'): concat axis 2 of 'H' is out of range for a target of rank 1",
+      r"rule #9 ('i(\\d)'): concat axis 0 of 'I' is a stack axis",
+      r"rule #10 ('j(\\d)'): 'J': cast int32 -> bfloat16: only casts between float64, float32, float16, bfloat16,"
+      " float8_e4m3fn, float8_e5m2 are checked",
+      r"rule #11 ('s(\\d)'): string leaves cannot be transposed, stacked or cast ('S')",
+      "source leaves 't0', 't1' all map to 'T'",
+      "rule #13 ('pad') " + fit.format("pad") + "pad [[0, 1]] has 1 axes, the shape [2, 3] has 2",
+      "rule #14 ('r1') " + fit.format("r1") + "reshape [-1, 4]: cannot infer -1 for 6 elements",
+      "rule #15 ('r2') " + fit.format("r2") + "reshape [0, -1]: cannot infer -1 for 6 elements",
+      "rule #16 ('r3') " + fit.format("r3") + "reshape [3, 3]: 6 elements of [2, 3] cannot become [3, 3]",
+      "rule #17 ('r4') " + fit.format("r4") + "reshape [2, 3] -> [3, 2] is not value-preserving (only splits or"
+      " merges of adjacent axes)",
+      "rule #18 ('sp') does not fit source leaf 'sp': split into 3 sections: axis 0 of [4, 2] has 4 elements, not a"
+      " multiple",
+  ]
+  got = e.value.problems
+  assert sorted(got) == sorted(want), got
+
+
+def test_a_reshape_infers_its_minus_one_from_the_member_shape():
+  spec = RemapSpec.from_rules(
+      [{"match": r"l(\d)", "to": "st", "stack": [{"axis": 1, "index": r"\1"}], "ops": [{"reshape": [-1, 2]}]}]
+  )
+  (e,) = spec.bind({f"l{i}": _meta(2, 3, 2) for i in range(4)}).elements
+  assert e.dst_shape == (6, 4, 2)  # each [2, 3, 2] member becomes [6, 2]; 4 members stacked along axis 1
