@@ -41,3 +41,11 @@ def test_a_range_outside_the_leaf_is_refused():
 def test_a_slab_plan_is_immutable():
   with pytest.raises(dataclasses.FrozenInstanceError):
     SlabPlan.for_target((4, 3), 3).k = 0
+
+
+def test_a_fractional_or_non_positive_slab_target_counts_whole_elements():
+  """A budget of 12.9 elements is 12 (two rows of 6: a step of the int 2, usable as a range step); 0 or less is 1."""
+  p = SlabPlan.for_target((4, 6), 12.9)
+  assert (p.k, p.step) == (0, 2) and type(p.step) is int
+  assert list(range(0, 4, p.step)) == [0, 2]
+  assert SlabPlan.for_target((4, 6), 0) == SlabPlan.for_target((4, 6), -3) == SlabPlan((4, 6), 1, 1)

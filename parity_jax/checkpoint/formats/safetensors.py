@@ -338,16 +338,19 @@ def _header(store: Store, role: str, root: str) -> tuple[dict[str, Any], int, in
   return header, 8 + n, size
 
 
-def _entry(name: str, info: Any, data_start: int, size: int) -> tuple[np.dtype | None, tuple[int, ...], int, int, str]:
-  """(dtype, shape, absolute begin, absolute end, problem) of one header entry; problem '' when it is sound."""
+def _entry(
+    name: str, info: Any, data_start: int, size: int
+) -> tuple[np.dtype | None, tuple[int, ...], tuple[int, int] | None, str]:
+  """(dtype, shape, (absolute begin, end), problem) of one header entry: problem '' when it is sound, else no
+  span (None)."""
   if not isinstance(info, dict):
-    return None, (), 0, 0, "its header entry is not an object"
+    return None, (), None, "its header entry is not an object"
   dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
   if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-    return None, (), 0, 0, f"its header shape {shape!r} is not a list of sizes"
+    return None, (), None, f"its header shape {shape!r} is not a list of sizes"
   shape_t = tuple(shape)
   if dt not in SAFETENSORS_DTYPES:
-    return None, shape_t, 0, 0, f"dtype {dt!r} is not one of {', '.join(SAFETENSORS_DTYPES)}"
+    return None, shape_t, None, f"dtype {dt!r} is not one of {', '.join(SAFETENSORS_DTYPES)}"
   dtype = SAFETENSORS_DTYPES[dt]
   if (
       not isinstance(offs, list)
@@ -355,14 +358,13 @@ def _entry(name: str, info: Any, data_start: int, size: int) -> tuple[np.dtype |
       or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
       or not 0 <= offs[0] <= offs[1]
   ):
-    return dtype, shape_t, 0, 0, f"its header data_offsets {offs!r} are not [begin, end]"
+    return dtype, shape_t, None, f"its header data_offsets {offs!r} are not [begin, end]"
   want = math.prod(shape_t) * dtype.itemsize
   if offs[1] - offs[0] != want:
     return (
         dtype,
         shape_t,
-        0,
-        0,
+        None,
         (
             f"the header lies: data_offsets {offs} hold {offs[1] - offs[0]} bytes, its shape {list(shape_t)} {dt} needs"
             f" {want}"
@@ -373,11 +375,10 @@ def _entry(name: str, info: Any, data_start: int, size: int) -> tuple[np.dtype |
     return (
         dtype,
         shape_t,
-        begin,
-        end,
+        None,
         (f"its bytes [{begin}, {end}) run past the end of the file ({size} bytes; truncated?)"),
     )
-  return dtype, shape_t, begin, end, ""
+  return dtype, shape_t, (begin, end), ""
 
 
 def _bad(name: str, error: str, shape=(), dtype=None) -> LeafMeta:
@@ -446,10 +447,11 @@ def open_safetensors(path: str | os.PathLike, role: str = "checkpoint") -> Safet
       holders.setdefault(name, []).append(fname)
       if len(holders[name]) > 1:
         continue
-      dtype, shape, begin, end, problem = _entry(name, info, data_start, size)
+      dtype, shape, span, problem = _entry(name, info, data_start, size)
       if problem:
         leaves[name] = _bad(name, f"{fname}: {problem}", shape, dtype)
         continue
+      begin, end = span
       leaves[name] = LeafMeta(
           name, keypath.split(name), "array", shape, dtype, None, name, "safetensors", codec="none", box_reads=True
       )

@@ -200,3 +200,15 @@ def test_a_bucket_tree_lists_like_a_directory(item, gcs_bucket, tmp_path):
         b"",
     )
     assert tree.read_bytes("d/x") == b"x"
+
+
+def test_a_bucket_prefix_of_data_objects_without_metadata_or_marker_is_an_unfinished_upload(gcs_bucket):
+  """An upload cut short before its metadata: named as unfinished (no commit marker), not as 'not a checkpoint'."""
+  gcs_bucket.put("cut/d/manifest.ocdbt", b"x")
+  gcs_bucket.put("cut/d/ocdbt.process_0/d/abc", b"y")
+  with pytest.raises(UsageError, match=r"^checkpoint is unfinished: no commit_success.txt .* in gs://"):
+    resolve_item_dir(gcs_bucket.url + "/cut")
+  gcs_bucket.put("cut/commit_success.txt", b"")  # committed, yet no item: what it lacks is named instead
+  with pytest.raises(UsageError) as e:
+    resolve_item_dir(gcs_bucket.url + "/cut")
+  assert "unfinished" not in str(e.value)
