@@ -89,3 +89,26 @@ def test_a_leaf_is_written_in_groups_of_whole_chunks_up_to_batch_mb(src, tmp_pat
   got = ck.read_whole(ck.leaves["x/a"])
   assert (got.dtype, got.shape, got.tobytes()) == (A.dtype, A.shape, A.tobytes())
   assert migrate(src, tmp_path / "four", RemapSpec.from_dict(RULES), chunk_mb=32 / mib, batch_mb=1 / mib).n_batches == 4
+
+
+@pytest.mark.parametrize("point", ["migrate.commit", "migrate.merge"])
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_a_migration_stopped_while_writing_leaves_nothing_behind(src, tmp_path, monkeypatch, point, error):
+  """Stopped after its shares are written (before the merge, or before the index and metadata): neither the
+  destination nor its hidden temporary is left, and an interrupt says so in one line."""
+  from parity_jax.checkpoint.migrate import schedule
+
+  def stop(p, process=0):
+    if p == point:
+      raise error("stopped here")
+
+  monkeypatch.setattr(schedule, "stall_point", stop)
+  out = tmp_path / "out" / "m"
+  out.parent.mkdir()
+  with pytest.raises(BaseException) as e:
+    migrate(src, out, RemapSpec.from_dict(RULES))
+  if error is KeyboardInterrupt:
+    assert str(e.value) == f"interrupted (SIGINT): removed the unfinished migration; nothing written at {out}"
+  else:
+    assert type(e.value) is RuntimeError and str(e.value) == "stopped here"
+  assert os.listdir(out.parent) == []
