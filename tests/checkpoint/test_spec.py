@@ -93,6 +93,29 @@ def test_bind_builds_plan_transforms_and_inverse():
         ('{"rules": [{"match": "^a$", "to": "a", "flip": [1, 0]}]}', "unknown key"),
         ('{"rules": [{"match": "^a$", "to": "a"}], "group_depth": 0}', "group_depth"),
         ('{"rules": [{"match": "^a$", "to": "a"}], "extra": 1}', "unknown top-level key"),
+        # mut6a: the rule keys checked one by one (each message whole: rule #1 and what is wrong with it)
+        (
+            '{"rules": [{"match": "^a$", "to": "a", "ops": [], "fill": "x"}]}',
+            "1 problem: rule #1: 'fill' must be a number, got 'x'",
+        ),
+        ('{"rules": [{"match": "^a$", "to": "a", "ops": [], "fill": true}]}', "'fill' must be a number, got True"),
+        (
+            '{"rules": [{"match": "^a$", "to": "a", "fill": 1}]}',
+            "'fill' is what a pad op adds; this rule has no 'ops'$",
+        ),
+        (
+            '{"rules": [{"match": "^a$", "to": "{u}{v}", "unstack": [{"axis": 0, "name": "u"}, {"axis": 0, "name": "v"}]}]}',
+            "1 problem: rule #1: two unstack levels use the same axis$",
+        ),
+        (
+            '{"rules": [{"match": "^a$", "to": "a", "squeeze": [0], "ops": [{"transpose": [1, 0]}]}]}',
+            "with transpose/ops/stack/cast, put a reshape in 'ops' \\(no 'squeeze'/'reshape'\\)$",
+        ),
+        ('{"rules": [{"match": "^a$", "to": "a", "drop": 1}]}', "1 problem: rule #1: 'drop' must be true$"),
+        (
+            '{"rules": [{"match": "^a$", "to": "a", "drop": true, "squeeze": [0]}]}',
+            "a dropped leaf takes no transform$",
+        ),
     ],
 )
 def test_malformed_specs_are_refused_with_one_line(tmp_path, text, needle):
@@ -108,6 +131,21 @@ def test_missing_spec_file_and_directory(tmp_path):
     RemapSpec.from_json(tmp_path / "nope.json")
   with pytest.raises(UsageError, match="directory"):
     RemapSpec.from_json(tmp_path)
+
+
+def test_a_spec_file_that_is_not_utf8_is_refused_with_one_line(tmp_path):
+  p = tmp_path / "spec.json"
+  p.write_bytes(b'{"rules": [{"match": "\xff", "to": "x"}]}')
+  with pytest.raises(UsageError, match=f"^cannot read spec {re.escape(str(p))}: 'utf-8' codec can't decode byte 0xff"):
+    RemapSpec.from_json(p)
+
+
+def test_inverse_names_two_leaves_that_map_to_one_destination():
+  spec = RemapSpec.from_rules([{"match": r"^(a|b)$", "to": "x"}])
+  with pytest.raises(SpecError) as e:
+    spec.inverse(["a", "b"])
+  assert e.value.problems == ["source leaves 'a' and 'b' both map to 'x'"]
+  assert repr(spec) == "RemapSpec(1 rules, group_depth=1, source='<rules>')"
 
 
 def test_all_parse_problems_are_reported_together():
