@@ -241,6 +241,8 @@ class Piece:
 
 
 def pieces_of(src: LeafMeta, mig: LeafMeta, r: tuple[int, ...], slabs: geometry.SlabPlan) -> list[Piece]:
+  if 0 in r:  # no elements, no pieces (and no axis groups: a size-0 axis merges with anything)
+    return []
   g_src, g_mig = geometry.axis_groups(src.shape, r), geometry.axis_groups(mig.shape, r)
   out = []
   for lo, hi in slabs:

@@ -424,3 +424,16 @@ def test_in_a_bucket_rows_are_read_ahead_and_pairs_streamed(gcs_bucket, tmp_path
   assert modes["bucket"].startswith("stream: "), modes
   for side in ("source", "migrated"):
     assert f"{side} chunk rows of 8.0 KiB cached (1 at a time, 4 row(s) read ahead)" in modes["bucket"], modes
+
+
+def test_a_leaf_without_elements_has_no_pieces():
+  for src_shape, mig_shape in (((0, 3), (0, 3)), ((2, 0, 4), (2, 0, 4)), ((1, 0), (0,))):
+    r = geometry.refinement(src_shape, mig_shape)
+    src, mig = _meta(src_shape, src_shape, raw=True), _meta(mig_shape, mig_shape, raw=True)
+    assert stream.pieces_of(src, mig, r, geometry.SlabPlan.for_target(r, 4)) == [], (src_shape, mig_shape)
+  r = (2, 3)  # and one with elements: its slabs, in C order
+  src = _meta(r, r, raw=True)
+  assert [(p.flat_lo, p.flat_hi) for p in stream.pieces_of(src, src, r, geometry.SlabPlan.for_target(r, 3))] == [
+      (0, 3),
+      (3, 6),
+  ]

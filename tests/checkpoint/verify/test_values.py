@@ -146,3 +146,25 @@ def test_the_settings_of_the_values_phase_are_immutable(tmp_path):
   st = Settings(top_k=3, buffers=stream.Buffers(4096), spill_dir=str(tmp_path), readahead=None)
   with pytest.raises(dataclasses.FrozenInstanceError):  # read by every pair's threads
     st.top_k = 4
+
+
+def test_a_zero_sized_leaf_in_a_job_is_compared_whole_like_in_one_process(tmp_path):
+  """A (0, 3) leaf beside others in a job of 2: it has no pieces to share out (it made the job's plan fail, while
+  one process compared it); a flipped element in another leaf still fails that leaf alone."""
+  from tests.helpers import safetensors_files as W
+
+  x = np.arange(600, dtype=np.float32)
+  bad_x = x.copy()
+  bad_x[5] = -1
+  for name, t in (
+      ("src", {"z": np.zeros((0, 3), np.float32), "x": x}),
+      ("mig", {"z": np.zeros((0, 3), np.float32), "x": bad_x}),
+  ):
+    (tmp_path / name).mkdir()
+    W.write_file(tmp_path / name / "model.safetensors", t)
+  one = verify_migration(tmp_path / "src", tmp_path / "mig", IDENTITY)
+  for rep in _job_reports(tmp_path / "src", tmp_path / "mig", IDENTITY, 2):
+    _same_results(rep, one)
+    assert [r.migrated_path for r in rep.failures] == ["x"]
+    z = rep.leaf("z")
+    assert z.passed and z.sha256 == z.source_sha256 == hashlib.sha256(b"").hexdigest()
