@@ -209,6 +209,19 @@ def test_denied_is_one_line_naming_the_credentials_source(bucket, monkeypatch, f
   assert "parity-test-secret-value" not in text
 
 
+def test_a_size_probe_refused_is_one_line(bucket, monkeypatch, fast_limits):
+  """size() asks for a byte range (no request states a size on every server): its refusal is the read's line."""
+  bucket.put("f", b"payload")
+  with bucket.emulator.proxy() as proxy:
+    bucket.emulator.apply(monkeypatch, endpoint=proxy.url)
+    f = open_store(bucket.url).child("f")
+    assert f.size() == 7  # the bucket checked, the size found
+    proxy.fail(403, style="s3" if bucket.scheme == "s3" else "gcs")
+    with pytest.raises(StoreError) as e:
+      f.size()
+  _one_line(e.value, "denied", f"{bucket.url}/f: access denied (403) to read it with credentials from")
+
+
 def test_s3_wrong_credentials_are_refused_by_moto(s3_bucket, monkeypatch, fast_limits):
   open_store(s3_bucket.url).child("x").write_bytes(b"1")  # the bucket is fine with auth off
   monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGKEYWRONGKEY")

@@ -31,6 +31,7 @@ def test_a_snapshot_lists_a_prefix_once_and_answers_deeper_questions_from_it(gcs
     assert ck.child("a/x").is_file() and not ck.child("a/q").is_file() and ck.child("b").is_file()
     with stores.listing_snapshot():  # nested: the same snapshot
       assert ck.child("a").walk() == ["x", "y"]
+    assert ck.walk() == ["a/x", "a/y", "b"]  # and it outlives the nested block: still no request
     assert _lists_and_reads(io0) == (1, 0)
     other = gcs_bucket.emulator.create_bucket()  # the same prefix in another bucket is its own listing
     gcs_bucket.emulator.put(other, "ck/a/w", b"3")

@@ -531,3 +531,12 @@ def test_a_string_leaf_against_an_array_is_a_kind_mismatch_either_way():
       ("a", "KIND_MISMATCH", "source is a string, migrated is a array"),
       ("b", "KIND_MISMATCH", "source is a array, migrated is a string"),
   ]
+
+
+def test_a_leaf_result_describes_itself_by_the_sides_it_has():
+  from parity_jax.checkpoint import LeafResult
+
+  def row(src, mig):
+    return LeafResult(src, mig, "g", "MISSING").describe()
+
+  assert [row("a/s", "b/m"), row("a/s", None), row(None, "b/m"), row(None, None)] == ["b/m <- a/s", "a/s", "b/m", "?"]
