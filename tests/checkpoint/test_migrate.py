@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pytest
 
+from parity_jax import stores
 from parity_jax.checkpoint import RemapSpec, migrate, open_checkpoint
 from parity_jax.errors import UsageError
 from tests.helpers import safetensors_files as W
@@ -112,3 +113,39 @@ def test_a_migration_stopped_while_writing_leaves_nothing_behind(src, tmp_path, 
   else:
     assert type(e.value) is RuntimeError and str(e.value) == "stopped here"
   assert os.listdir(out.parent) == []
+
+
+def test_a_bucket_migration_is_written_in_place_and_a_stopped_one_deletes_what_it_wrote(
+    src, gcs_bucket, monkeypatch, tmp_path
+):
+  """gs://: no temporary, the commit marker last; stopped before its metadata (an error, or an interrupt before the
+  merge), every object it wrote is deleted again."""
+  from parity_jax.checkpoint.migrate import schedule
+
+  url = gcs_bucket.url + "/m"
+  res = migrate(src, url, RemapSpec.from_dict(RULES))
+  assert res.dest == url and "m/commit_success.txt" in gcs_bucket.keys("m/")
+  ck = open_checkpoint(url)
+  got = ck.read_whole(ck.leaves["x/a"])
+  assert (got.dtype, got.shape, got.tobytes()) == (A.dtype, A.shape, A.tobytes())
+  # small leaves are committed together, many per OCDBT commit: eight cost the object writes of one
+  many = tmp_path / "many"
+  many.mkdir()
+  W.write_file(many / "model.safetensors", {f"l{i}": np.full((4,), i, np.float32) for i in range(8)})
+  identity = RemapSpec.from_rules([{"match": "(.*)", "to": r"\1"}])
+  writes = []
+  for source in (src, many):
+    before = stores.io_stats()
+    migrate(source, f"{gcs_bucket.url}/w{len(writes)}", identity if source == many else RemapSpec.from_dict(RULES))
+    writes.append(stores.io_stats(since=before)["gs"]["writes"])
+  assert writes[0] == writes[1], writes
+  for point, error in (("migrate.install", RuntimeError), ("migrate.commit", KeyboardInterrupt)):
+
+    def stop(p, process=0, point=point, error=error):
+      if p == point:
+        raise error("stopped here")
+
+    monkeypatch.setattr(schedule, "stall_point", stop)
+    with pytest.raises((RuntimeError, KeyboardInterrupt)):
+      migrate(src, gcs_bucket.url + "/stopped", RemapSpec.from_dict(RULES))
+    assert gcs_bucket.keys("stopped/") == [], point
