@@ -176,3 +176,50 @@ def test_on_bucket_moves_only_the_file_kvstores_under_the_stand_in_directory(tmp
       "sub": store.child("d", "ocdbt.process_0").kvstore_spec(as_dir=False),
   }
   assert moved["kvstore"]["base"] == {"driver": "file", "path": str(tmp_path / "bucket_item") + "/"}
+
+
+def test_the_same_checkpoint_in_a_bucket_reads_the_same_bytes_by_ranges(ck, gcs_bucket, monkeypatch):
+  """Uploaded as is: every leaf is read through byte ranges of its OCDBT data files (here from the first byte on;
+  by default only leaves whose chunks exceed a slice), and the facts name the store."""
+  from parity_jax.checkpoint.formats import ocdbt_ranges
+
+  monkeypatch.setattr(ocdbt_ranges, "RANGED_ABOVE_BYTES", 0)
+  url = gcs_bucket.upload_tree(ck.path, "ck")
+  remote = open_checkpoint(url)
+  assert {p: (m.kind, m.dtype, m.shape) for p, m in remote.leaves.items()} == EXPECTED
+  assert all(m.ranged for p, m in remote.leaves.items() if m.kind != "string")
+  assert remote.facts["store"]["url"] == url
+  for p, want in VALUES.items():
+    with remote.reader(remote.leaves[p]) as r:
+      assert isinstance(r, ocdbt_ranges.RangedLeafReader) and _same(r.read(), want), p
+  with remote.reader(remote.leaves["w"]) as r:
+    assert _same(r.read((slice(1, 3), slice(1, 4))), VALUES["w"][1:3, 1:4])
+  assert remote.read_string(remote.leaves["s"]) == "hello"
+
+
+@pytest.mark.parametrize(
+    "metadata, words",
+    [
+        (b"{not json", "cannot read _METADATA: "),
+        (b'{"tree_metadata": []}', "_METADATA has no tree_metadata (not a PyTree checkpoint?)"),
+        (b'{"tree_metadata": {"x": {"key_metadata": [{"no_key": 1}]}}}', "malformed entry in _METADATA"),
+    ],
+)
+def test_a_damaged_tree_metadata_is_one_line(ck, tmp_path, metadata, words):
+  import shutil
+
+  d = tmp_path / "ck"
+  shutil.copytree(ck.path, d)
+  (d / "_METADATA").write_bytes(metadata)
+  with pytest.raises(UsageError) as e:
+    open_checkpoint(d)
+  assert str(e.value).startswith(f"checkpoint {d}: {words}") and "\n" not in str(e.value), str(e.value)
+
+
+def test_an_empty_subtree_is_named_as_an_empty_node_not_a_leaf(tmp_path):
+  import orbax.checkpoint as ocp
+
+  d = tmp_path / "ck"
+  ocp.PyTreeCheckpointer().save(d, {"w": np.arange(3, dtype=np.float32), "opt": {}})
+  ck = open_checkpoint(d)
+  assert list(ck.leaves) == ["w"] and ck.empty_nodes == ["opt"]
