@@ -220,3 +220,79 @@ def test_native_stderr_captures_descriptor_2_and_gives_it_back():
   assert lines == ["I1207 written by C++ code", "second line"]
   assert sorted(os.listdir("/proc/self/fd")) == before  # the saved descriptor is closed
   assert (os.fstat(2).st_dev, os.fstat(2).st_ino) == (fd2.st_dev, fd2.st_ino)  # fd 2 is the same file again
+
+
+class _Bare(stores.Store):
+  """A store that implements nothing of its own."""
+
+  url = "mem://bucket/x"
+
+
+def test_a_store_that_implements_nothing_refuses_every_operation_and_keeps_the_shared_defaults():
+  bare = _Bare()
+  calls = {
+      "name": lambda: bare.name,
+      "child": lambda: bare.child("a"),
+      "parent": bare.parent,
+      "is_inside": lambda: bare.is_inside(bare),
+      "kvstore_spec": bare.kvstore_spec,
+      "is_file": bare.is_file,
+      "is_dir": bare.is_dir,
+      "exists": bare.exists,
+      "listdir": bare.listdir,
+      "walk": bare.walk,
+      "size": bare.size,
+      "read_bytes": bare.read_bytes,
+      "read_range": lambda: bare.read_range(0, 1),
+      "write_bytes": lambda: bare.write_bytes(b"x"),
+      "delete": bare.delete,
+      "describe": bare.describe,
+      "==": lambda: bare == _Bare(),
+      "hash": lambda: hash(bare),
+  }
+  for what, call in calls.items():
+    with pytest.raises(NotImplementedError):
+      call()
+      pytest.fail(what)
+  assert (bare.local_path, bare.context_spec(), bare.ping()) == (None, {}, None)
+  assert (str(bare), repr(bare)) == ("mem://bucket/x", "_Bare('mem://bucket/x')")
+
+
+@pytest.mark.parametrize("is_file, is_dir", [(True, False), (False, True), (False, False)])
+def test_a_store_exists_when_it_is_a_file_or_a_directory(is_file, is_dir):
+  class Half(_Bare):
+
+    def is_file(self):
+      return is_file
+
+    def is_dir(self):
+      return is_dir
+
+  assert Half().exists() is (is_file or is_dir)
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("http://127.0.0.1:9000/path", "http://127.0.0.1:9000/path"),  # nothing secret: as given
+        ("http://user:secret@127.0.0.1:9000/path?sig=abc", "http://127.0.0.1:9000/path"),
+        ("https://user@host.example/p", "https://host.example/p"),
+        ("http://127.0.0.1/p?X-Amz-Signature=abc", "http://127.0.0.1/p"),
+        ("http://user:secret@host:99999/p", "http://host/p"),  # a port out of range: left out, not an error
+    ],
+)
+def test_an_endpoint_url_is_shown_without_credentials_or_query(url, shown):
+  from parity_jax.stores.base import redact
+
+  assert redact(url) == shown
+
+
+def test_captured_native_lines_are_written_back_unless_claimed(capfd):
+  from parity_jax.stores.base import reemit
+
+  reemit(
+      ["I1207 credentials found", "  ", "warning: something else", "E tensorstore: claimed"],
+      lambda s: "I1207" in s or "claimed" in s,
+  )
+  reemit(["I1207 credentials found"], lambda s: "I1207" in s)  # everything claimed: nothing written
+  assert capfd.readouterr().err == "warning: something else\n"
