@@ -405,6 +405,9 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
         "tests/stores/test_local.py",  # LocalStore counting its own reads
         "tests/stores/test_remote.py",  # gs and s3 counts against the emulators
     ),
+    # ---- group A, session 6 (checkpoint/**, stores/**; helper mut6a) ----
+    # a bucket store's naming (child, parent, is_inside, kvstore paths) is tested without a server in test_base.py
+    "parity_jax/stores/remote.py": ("tests/stores/test_base.py",),
     # ---- group B (foundations, bundles, svf, runtime, qwen2, oracle, cli; helper mut4b) ----
     # forward_parity on the committed goldens, the MoE routing replay and decode_parity, called directly
     "parity_jax/qwen2/parity.py": ("tests/tools/test_forward_parity.py",),
