@@ -114,3 +114,48 @@ def test_bucket_shards_are_capped_at_the_floor_or_the_largest_tensor():
   assert bucket_shard_bytes([t(10)], 100) == 100  # what was asked, when it is smaller
   assert bucket_shard_bytes([t(10), t(300 * _MIB)], 1 << 30) == 300 * _MIB  # the largest tensor needs its shard
   assert bucket_shard_bytes([], 1 << 30) == BUCKET_SHARD_FLOOR
+
+
+def test_into_a_bucket_written_in_place_with_its_config(src, gcs_bucket, tmp_path):
+  cfg = {"model_type": "toy"}
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  url = gcs_bucket.url + "/hf"
+  res = migrate(src, url, SPEC, dest_format="safetensors", hf_config=tmp_path / "config.json")
+  assert (res.dest, res.n_leaves, res.nbytes) == (url, 2, 972)
+  assert gcs_bucket.keys("hf/") == ["hf/config.json", "hf/model.safetensors"]
+  assert json.loads(gcs_bucket.get("hf/config.json")) == cfg
+  gcs_bucket.download_tree("hf", tmp_path / "down")
+  got = _tensors(tmp_path / "down")
+  assert set(got) == {"model.a", "model.b"} and _same(got["model.a"], A) and _same(got["model.b"], B)
+  gcs_bucket.put("taken/notes.txt", b"someone's")  # a prefix holding what is not a checkpoint: refused, untouched
+  with pytest.raises(UsageError, match=r"holds objects that are not a checkpoint \(notes.txt\)"):
+    migrate(src, gcs_bucket.url + "/taken", SPEC, dest_format="safetensors", overwrite=True)
+  assert gcs_bucket.keys("taken/") == ["taken/notes.txt"]
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError, OSError])
+def test_a_run_stopped_after_writing_its_shards_leaves_nothing(src, gcs_bucket, tmp_path, monkeypatch, where, error):
+  """The shards written, then stopped (an interrupt, an error, a failed write): nothing at the destination, no
+  temporary beside it; an interrupt and a failed local write say so in one line."""
+  from parity_jax.checkpoint.migrate import to_safetensors
+
+  real = to_safetensors.write_safetensors_dir
+
+  def write_then_stop(*args):
+    real(*args)
+    raise error("stopped here")
+
+  monkeypatch.setattr(to_safetensors, "write_safetensors_dir", write_then_stop)
+  (tmp_path / "out").mkdir()
+  dest = str(tmp_path / "out" / "hf") if where == "local" else gcs_bucket.url + "/stopped"
+  with pytest.raises(BaseException) as e:
+    migrate(src, dest, SPEC, dest_format="safetensors")
+  if error is KeyboardInterrupt:
+    assert str(e.value) == f"interrupted (SIGINT): removed the unfinished migration; nothing written at {dest}"
+  elif error is OSError and where == "local":
+    assert isinstance(e.value, UsageError)
+    assert str(e.value) == f"cannot write the safetensors directory next to {dest}: stopped here"
+  else:
+    assert type(e.value) is error and str(e.value) == "stopped here"
+  assert os.listdir(tmp_path / "out") == [] and gcs_bucket.keys() == []
