@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 
@@ -366,3 +367,43 @@ def test_verify_and_migrate_with_hf_sides(tmp_path):
   with pytest.raises(UsageError, match="cannot read leaf"):
     shutil.copytree(d, tmp_path / "src_bad")
     verify_migration(tmp_path / "src_bad", d, IDENTITY)
+
+
+def test_each_malformed_header_entry_is_its_leafs_error_and_each_whole_file_fault_one_line(tmp_path):
+  """A header entry that is no object, a shape that is no list of sizes, offsets that are no [begin, end]: that
+  leaf is UNREADABLE by its reason, the other reads. A file under 8 bytes, a header that is no JSON object, an
+  index that cannot be read or has no weight_map: the checkpoint is refused in one line."""
+  good = {"a": np.arange(6, dtype=np.float32), "b": np.ones(2, np.int8)}
+  edits = {
+      "entry": (lambda h: h.update(b=[1, 2]), "its header entry is not an object"),
+      "shape": (lambda h: h["b"].update(shape=[2, -1]), "its header shape [2, -1] is not a list of sizes"),
+      "offsets": (
+          lambda h: h["b"].update(data_offsets=[30, 24]),
+          "its header data_offsets [30, 24] are not [begin, end]",
+      ),
+  }
+  for name, (edit, reason) in edits.items():
+    (tmp_path / name).mkdir()
+    W.write_file(tmp_path / name / "model.safetensors", good, edit=edit)
+    ck = open_checkpoint(tmp_path / name)
+    assert ck.leaves["b"].error == f"model.safetensors: {reason}", name
+    assert _bits(ck.read_whole(ck.leaves["a"])) == _bits(good["a"])
+  whole = {
+      "short": (b"\x01\x00", "is not a safetensors file: 2 bytes, shorter than the 8-byte header length"),
+      "array": (struct.pack("<Q", 8) + b"[]      ", "the header is not a JSON object"),
+  }
+  for name, (data, words) in whole.items():
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "model.safetensors").write_bytes(data)
+    with pytest.raises(UsageError, match=re.escape(words)):
+      open_checkpoint(tmp_path / name)
+  for name, text, words in (
+      ("index_garbage", "{nope", f"cannot read {st.INDEX}: "),
+      ("index_without_map", '{"metadata": {}}', f"{st.INDEX} has no 'weight_map' of tensor name -> shard file"),
+  ):
+    d = tmp_path / name
+    d.mkdir()
+    W.write_file(d / "model-00001-of-00001.safetensors", good)
+    (d / st.INDEX).write_text(text)
+    with pytest.raises(UsageError, match=f"^checkpoint {re.escape(str(d))}: {re.escape(words)}"):
+      open_checkpoint(d)
