@@ -107,3 +107,23 @@ def test_parent_is_one_level_up_and_a_root_is_its_own(tmp_path):
   assert child.parent().url == str(tmp_path / "a")
   assert child.parent().parent() == open_store(tmp_path)
   assert open_store("/").parent().url == "/"
+
+
+def test_naming_paths_specs_and_a_walk_of_a_local_store(tmp_path):
+  from parity_jax.stores.local import LocalStore
+
+  with pytest.raises(StoreError, match="^empty local path$") as e:
+    LocalStore("")
+  assert e.value.kind == "invalid"
+  s = open_store(tmp_path).child("d")
+  assert (s.name, s.local_path, s.url) == ("d", str(tmp_path / "d"), str(tmp_path / "d"))
+  with pytest.raises(StoreError, match="child\\(\\) needs a name") as e:
+    s.child()
+  assert s.is_inside(open_store(tmp_path)) and s.is_inside(s) and not open_store(tmp_path).is_inside(s)
+  assert s.kvstore_spec() == {"driver": "file", "path": str(tmp_path / "d") + "/"}
+  assert s.kvstore_spec(as_dir=False) == {"driver": "file", "path": str(tmp_path / "d")}
+  for rel in ("b", "a/y", "a/x", "a/deep/z"):
+    (tmp_path / "d" / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "d" / rel).write_bytes(b"1")
+  assert s.walk() == ["a/deep/z", "a/x", "a/y", "b"]
+  assert s.child("a").walk() == ["deep/z", "x", "y"]

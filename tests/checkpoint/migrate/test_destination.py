@@ -204,3 +204,34 @@ def test_an_overwritten_checkpoint_is_swapped_out_and_removed(ck, tmp_path):
   assert _listing(tmp_path) == ["m"]  # no hidden .m.replaced-* left beside it
   assert "stale" not in _listing(dest)
   assert verify_migration(ck["src"], dest, ck["spec"]).passed
+
+
+def test_every_destination_that_needs_no_data_to_refuse_is_refused_in_one_line(tmp_path):
+  from parity_jax.checkpoint.migrate.destination import check_dest
+
+  src = tmp_path / "src"
+  (src / "inner").mkdir(parents=True)
+  (tmp_path / "file").write_text("x")
+  (tmp_path / "full").mkdir()
+  (tmp_path / "full" / "notes.txt").write_text("not a checkpoint")
+  cases = [
+      (tmp_path / "nowhere" / "m", False, f"destination's parent directory does not exist: {tmp_path / 'nowhere'}"),
+      (src, True, f"destination {src} is the source checkpoint; migrate to a new directory"),
+      (src / "inner" / "m", True, f"destination {src / 'inner' / 'm'} lies inside the source checkpoint {src}"),
+      (tmp_path, True, f"destination {tmp_path} is or contains the source checkpoint {src}"),
+      (tmp_path / "file", False, f"destination already exists: {tmp_path / 'file'} (pass --overwrite to replace it)"),
+      (
+          tmp_path / "file",
+          True,
+          f"destination exists and is not a directory: {tmp_path / 'file'}; refusing to replace it",
+      ),
+      (tmp_path / "full", True, f"destination {tmp_path / 'full'} exists and is not an Orbax checkpoint; refusing to"),
+  ]
+  for dest, overwrite, message in cases:
+    with pytest.raises(UsageError) as e:
+      check_dest(str(src), str(dest), overwrite)
+    assert str(e.value).startswith(message), (str(e.value), message)
+  check_dest(str(src), str(tmp_path / "new"), False)  # a new name beside the source: fine
+  (tmp_path / "empty").mkdir()
+  check_dest(str(src), str(tmp_path / "empty"), True)  # an empty directory may be replaced
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "full", "src"]  # nothing written
