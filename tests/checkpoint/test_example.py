@@ -73,3 +73,23 @@ def test_regeneration_refuses_to_replace_unrelated_directories(tmp_path):
   proc = H.run_tool("make_example_checkpoint", f"--out={tmp_path}")
   assert proc.returncode == 2 and "refusing to replace it" in proc.stderr
   assert (tmp_path / "precious.txt").read_text() == "keep"
+
+
+def test_write_example_refuses_a_file_or_a_missing_parent_and_a_failed_write_keeps_the_previous_one(tmp_path):
+  import pytest
+
+  from parity_jax.errors import UsageError
+
+  (tmp_path / "f").write_text("x")
+  with pytest.raises(UsageError, match=f"^out={tmp_path / 'f'} exists and is not a directory$"):
+    write_example(tmp_path / "f")
+  with pytest.raises(UsageError, match=f"^out: directory {tmp_path / 'nowhere'} does not exist$"):
+    write_example(tmp_path / "nowhere" / "ex")
+  out = tmp_path / "ex"
+  out.mkdir()
+  (out / "MANIFEST.json").write_text(json.dumps({"format": "parity_jax.example_checkpoints/1", "mark": "previous"}))
+  before = (out / "MANIFEST.json").read_text()
+  with pytest.raises(TypeError):
+    write_example(out, seed="not a seed")  # the write fails part way
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ex", "f"]  # the previous example back, nothing beside it
+  assert sorted(p.name for p in out.iterdir()) == ["MANIFEST.json"] and (out / "MANIFEST.json").read_text() == before
