@@ -540,3 +540,28 @@ def test_a_leaf_result_describes_itself_by_the_sides_it_has():
     return LeafResult(src, mig, "g", "MISSING").describe()
 
   assert [row("a/s", "b/m"), row("a/s", None), row(None, "b/m"), row(None, None)] == ["b/m <- a/s", "a/s", "b/m", "?"]
+
+
+def test_arguments_refused_before_any_leaf_is_compared(tmp_path):
+  """A job and distributed=True together, a spill directory that does not exist, a source with unreadable leaves:
+  each one line, before a value is read."""
+  from tests.helpers import safetensors_files as W
+
+  identity = RemapSpec.from_rules([{"match": "(.*)", "to": r"\1"}])
+  good, bad = tmp_path / "good", tmp_path / "bad"
+  good.mkdir()
+  bad.mkdir()
+  W.write_file(good / "model.safetensors", {"a": np.zeros(2, np.float32)})
+
+  def lie(h):
+    for k in ("a", "b", "c"):
+      h[k]["shape"] = [9, 9]
+
+  W.write_file(bad / "model.safetensors", {k: np.zeros(2, np.float32) for k in "abc"}, edit=lie)
+  with pytest.raises(UsageError, match="^pass distributed=True or a job, not both$"):
+    verify_migration(good, good, identity, distributed=True, job=object())
+  with pytest.raises(UsageError, match=f"^spill directory does not exist: {re.escape(str(tmp_path / 'nope'))}$"):
+    verify_migration(good, good, identity, spill_dir=tmp_path / "nope")
+  with pytest.raises(UsageError) as e:
+    verify_migration(bad, bad, identity)
+  assert str(e.value).startswith(f"source checkpoint {bad}: cannot read leaf 'a' (and 2 more): model.safetensors: ")
