@@ -65,7 +65,9 @@ def test_regeneration_is_deterministic_in_values(tmp_path):
       == sorted(p.name for p in paths)
       == sorted(["MANIFEST.json", "migrated", "source", "spec.json"])
   )
-  assert json.loads((out / "MANIFEST.json").read_text())["source_leaves"] == fresh["source_leaves"]
+  text = (out / "MANIFEST.json").read_text()
+  assert json.loads(text)["source_leaves"] == fresh["source_leaves"]
+  assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"  # the shipped file's layout
 
 
 def test_regeneration_refuses_to_replace_unrelated_directories(tmp_path):
