@@ -367,6 +367,7 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
     "parity_jax/checkpoint/migrate/__init__.py": (  # mirrored: tests/checkpoint/test_migrate.py (the arguments)
         "tests/checkpoint/migrate/test_destination.py",
         "tests/checkpoint/verify/test_verify.py",  # chunk_mb, batch_mb, compression, layouts
+        "tests/checkpoint/migrate/test_to_safetensors.py",  # mut6a: dest_format="safetensors", shards, config, bucket
     ),
     "parity_jax/checkpoint/migrate/schedule.py": (
         "tests/checkpoint/test_migrate.py",  # groups of whole chunks up to batch_mb, the result's counts
