@@ -80,8 +80,11 @@ from parity_jax.runtime import Job, stall_point
 __all__ = ["AgreedError", "run"]
 
 _MIB = 1 << 20
-ELEMENT_SLAB_BYTES = 8 * _MIB  # an element target is evaluated in slabs of this within a destination chunk
-ELEMENT_CACHE_BYTES = 8 * _MIB  # and reads its source ahead by this much, all members together
+# an element target is evaluated in slabs of ELEMENT_SLAB_BYTES within a destination chunk, and reads its source
+# ahead by ELEMENT_CACHE_BYTES, all members together: memory bounds only (test_transforms writes the same bytes
+# with 1 KiB of each)
+ELEMENT_SLAB_BYTES = 8 * _MIB  # no mutate: a memory bound; the bytes written do not depend on it
+ELEMENT_CACHE_BYTES = 8 * _MIB  # no mutate: a memory bound; the bytes written do not depend on it
 
 
 class AgreedError(UsageError):
