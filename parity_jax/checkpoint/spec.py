@@ -271,11 +271,6 @@ class MigrationPlan:
   dropped: tuple[str, ...] = ()  # source leaves declared dropped
 
   @property
-  def element_sources(self) -> dict[str, str]:
-    """Source path -> target path of every member of an element rule."""
-    return {s: e.dest for e in self.elements for s in e.members.values()}
-
-  @property
   def inverse(self) -> dict[str, str]:
     """Destination path -> source path (the first member of a stack)."""
     return {**{p.dest: p.source for p in self.leaves}, **{e.dest: e.sources[0] for e in self.elements}}

@@ -430,3 +430,37 @@ def test_a_rule_built_in_code_maps_its_leaves_unless_it_says_drop():
   for frozen in (rule, plan, plan.leaves[0], plan.leaves[0].transform):  # shared by every process and thread
     with pytest.raises(dataclasses.FrozenInstanceError):
       frozen.group = "x"
+
+
+def test_a_transform_applies_only_to_its_own_shape():
+  from parity_jax.checkpoint.spec import Transform
+
+  x = np.arange(6, dtype=np.float32).reshape(1, 6)
+  assert Transform("identity", (1, 6), (1, 6)).apply(x) is x
+  y = Transform("reshape", (1, 6), (2, 3)).apply(x)
+  assert y.shape == (2, 3) and y.tobytes() == x.tobytes() and np.shares_memory(x, y)
+  with pytest.raises(UsageError, match=r"expects shape \(1, 6\), got \(6,\)$"):
+    Transform("reshape", (1, 6), (2, 3)).apply(x.ravel())
+
+
+def test_unstack_rules_write_out_and_read_back():
+  spec = RemapSpec.from_rules([{"match": "^w$", "to": "w.{u}", "unstack": [{"axis": 0, "name": "u"}]}])
+  d = spec.to_dict()
+  assert d["rules"][0]["unstack"] == [{"axis": 0, "name": "u"}]
+  assert RemapSpec.from_dict(d).to_dict() == d and spec.to_json() == json.dumps(d, indent=2)
+
+
+def test_a_spec_in_a_bucket_is_read_like_a_file(gcs_bucket):
+  text = json.dumps({"rules": [{"match": "^a$", "to": "b"}]})
+  gcs_bucket.put("specs/spec.json", text.encode())
+  gcs_bucket.put("specs/latin1.json", b'{"rules": [{"match": "\xff", "to": "x"}]}')
+  url = gcs_bucket.url + "/specs"
+  assert RemapSpec.from_json(url + "/spec.json").to_dict() == RemapSpec.from_dict(json.loads(text)).to_dict()
+  for name, message in (
+      ("nope.json", f"spec file does not exist: {url}/nope.json"),
+      ("", f"spec must be a JSON file, got a directory: {url}"),
+  ):
+    with pytest.raises(UsageError, match=f"^{re.escape(message)}$"):
+      RemapSpec.from_json(f"{url}/{name}".rstrip("/"))
+  with pytest.raises(UsageError, match=f"^cannot read spec {re.escape(url)}/latin1.json: 'utf-8' codec"):
+    RemapSpec.from_json(url + "/latin1.json")
