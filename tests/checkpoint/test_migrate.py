@@ -92,15 +92,17 @@ def test_a_leaf_is_written_in_groups_of_whole_chunks_up_to_batch_mb(src, tmp_pat
   assert migrate(src, tmp_path / "four", RemapSpec.from_dict(RULES), chunk_mb=32 / mib, batch_mb=1 / mib).n_batches == 4
 
 
-@pytest.mark.parametrize("point", ["migrate.commit", "migrate.merge"])
-@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+@pytest.mark.parametrize(
+    "point, error",
+    [("migrate.commit", RuntimeError), ("migrate.merge", KeyboardInterrupt), ("migrate.install", RuntimeError)],
+)
 def test_a_migration_stopped_while_writing_leaves_nothing_behind(src, tmp_path, monkeypatch, point, error):
-  """Stopped after its shares are written (before the merge, or before the index and metadata): neither the
-  destination nor its hidden temporary is left, and an interrupt says so in one line."""
+  """Stopped after its shares are written (before the merge, before the index and metadata, or before the rename):
+  neither the destination nor its hidden temporary is left, and an interrupt says so in one line."""
   from parity_jax.checkpoint.migrate import schedule
 
   def stop(p, process=0):
-    if p == point:
+    if (p, process) == (point, 0):  # the points a fault test names for process 0
       raise error("stopped here")
 
   monkeypatch.setattr(schedule, "stall_point", stop)
@@ -142,7 +144,7 @@ def test_a_bucket_migration_is_written_in_place_and_a_stopped_one_deletes_what_i
   for point, error in (("migrate.install", RuntimeError), ("migrate.commit", KeyboardInterrupt)):
 
     def stop(p, process=0, point=point, error=error):
-      if p == point:
+      if (p, process) == (point, 0):  # the points a fault test names for process 0
         raise error("stopped here")
 
     monkeypatch.setattr(schedule, "stall_point", stop)

@@ -35,7 +35,11 @@ def test_sha256_state_is_hashlib_and_resumes_from_its_exported_state():
     Sha256State(state[:-1])
 
 
-def test_the_hash_pipeline_hashes_submitted_pieces_in_order_and_frees_their_buffers():
+def test_the_hash_pipeline_hashes_submitted_pieces_in_order_and_frees_their_buffers(monkeypatch):
+  import threading
+
+  crashed = []  # its thread ends by returning, not by an exception
+  monkeypatch.setattr(threading, "excepthook", crashed.append)
   bufs = Buffers(300)
   hp = HashPipeline(bufs, "w")
   expected = hashlib.sha256()
@@ -54,6 +58,7 @@ def test_the_hash_pipeline_hashes_submitted_pieces_in_order_and_frees_their_buff
     hp.release(i)
   assert hp.finish() == expected.hexdigest()
   hp.stop()  # stopping twice is harmless
+  assert not crashed, crashed
 
 
 @pytest.fixture(scope="module")
