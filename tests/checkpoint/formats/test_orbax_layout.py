@@ -212,3 +212,39 @@ def test_a_bucket_prefix_of_data_objects_without_metadata_or_marker_is_an_unfini
   with pytest.raises(UsageError) as e:
     resolve_item_dir(gcs_bucket.url + "/cut")
   assert "unfinished" not in str(e.value)
+
+
+def test_directories_that_are_not_one_checkpoint_say_what_to_pass_instead(tmp_path):
+  def mkdir(rel: str, *files: str):
+    d = tmp_path / rel
+    d.mkdir(parents=True, exist_ok=True)
+    for f in files:
+      (d / f).write_bytes(b"{}")
+    return d
+
+  msgpack = bytes([0x81, 0xA1, 0x61, 0x01])  # {"a": 1}
+  mkdir("flax1")
+  (tmp_path / "flax1" / "checkpoint").write_bytes(msgpack)
+  mkdir("flax2")
+  for n in (5, 7):
+    (tmp_path / "flax2" / f"checkpoint_{n}").write_bytes(msgpack)
+  mkdir("two/a", "_METADATA")
+  mkdir("two/b", "_METADATA")
+  mkdir("two", "_CHECKPOINT_METADATA")
+  for s in ("2", "10", "1"):
+    mkdir(f"manager/{s}/default")
+  tmp = mkdir("run.orbax-checkpoint-tmp-99")
+  cases = {
+      tmp_path / "nope": f"checkpoint does not exist: {tmp_path / 'nope'}",
+      tmp: f"checkpoint is an unfinished temporary checkpoint directory (interrupted save?): {tmp}",
+      tmp_path / "flax1": "checkpoint is not an Orbax checkpoint but a pre-_METADATA Orbax/flax checkpoint (a msgpack",
+      tmp_path / "flax2": "checkpoint is not an Orbax checkpoint but a directory of flax msgpack checkpoints (e.g."
+      " checkpoint_7)",
+      tmp_path / "two": f"checkpoint holds 2 PyTree items (a, b); pass one of them, e.g. {tmp_path / 'two' / 'a'}",
+      tmp_path / "manager": "checkpoint looks like a CheckpointManager directory (steps 1, 2, 10); pass one step"
+      f" directory, e.g. {tmp_path / 'manager' / '10'}",
+  }
+  for path, message in cases.items():
+    with pytest.raises(UsageError) as e:
+      resolve_item_dir(path)
+    assert str(e.value).startswith(message), (str(e.value), message)
