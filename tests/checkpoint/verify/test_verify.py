@@ -565,3 +565,21 @@ def test_arguments_refused_before_any_leaf_is_compared(tmp_path):
   with pytest.raises(UsageError) as e:
     verify_migration(bad, bad, identity)
   assert str(e.value).startswith(f"source checkpoint {bad}: cannot read leaf 'a' (and 2 more): model.safetensors: ")
+
+
+def test_a_spill_file_is_made_in_the_spill_directory_given(tmp_path, monkeypatch):
+  """With the default temporary directory gone, a leaf that spills still verifies: its file is in spill_dir."""
+  import tempfile
+
+  from tests.checkpoint.stream import test_stream as S
+
+  src_kw, mig_kw, _ = S.MODES["spill"]
+  tree = S._source_tree()
+  src = S._save_source(tmp_path / "src", tree, **src_kw)
+  mig = S._migrated(tmp_path, "good", {"w": tree["w"][0], "s": tree["s"]}, **mig_kw)
+  (tmp_path / "spill").mkdir()
+  monkeypatch.setattr(stream.plan, "SPILL_ABOVE_BYTES", 0)
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+  rep = verify_migration(src, mig, S.SPEC, slab_mb=S.PIECE_MB, spill_dir=tmp_path / "spill")
+  assert rep.passed and rep.leaf("w").read_mode.startswith("spill: "), rep.text()
+  assert list((tmp_path / "spill").iterdir()) == []  # and removed after
