@@ -505,9 +505,7 @@ class RangedLeafReader(LeafReader):
             self._metadata = json.loads(bytes(value))
       spec = {**self.ckpt.read_spec(self.leaf), "kvstore": {"driver": "memory", "path": name}}
       t = ts.open(spec, open=True, read=True, write=False, context=ctx).result()
-    except LeafReadError:
-      raise
-    except Exception as e:  # tensorstore raises ValueError/OSError subclasses with long specs
+    except Exception as e:  # tensorstore's ValueError/OSError subclasses with long specs, the store's StoreError
       raise LeafReadError(self.leaf.path, first_line(e)) from None
     self._ts, self._kv = check_opened(self.leaf, t), kv
     SPARE_BUFFERS.use()

@@ -8,6 +8,7 @@ made tiny so that the fixtures' small chunks are each fetched as several ranges.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -78,6 +79,8 @@ def test_value_references_from_the_tree():
   assert ValueRef.parse({"key": b"a", "indirect_value": "value::d/ab12:0:7"}) == ValueRef(file="d/ab12", length=7)
   with pytest.raises(ValueError):
     ValueRef.parse({"key": b"a", "indirect_value": "btreenode::d/ab12:0:7"})
+  with pytest.raises(dataclasses.FrozenInstanceError):  # shared by every reader of the cached index: none may move one
+    ValueRef(file="d/ab12", length=7).length = 8
 
 
 class _Done:
@@ -252,6 +255,8 @@ def test_spare_buffers_are_kept_while_a_reader_is_open_and_freed_with_the_last(s
       assert r.read((slice(0, 1), slice(0, 1))).tobytes() == saved["w"][:1, :1].tobytes()
       assert SPARE_BUFFERS.held() == 2  # the joined stored bytes, the decoded values
     assert SPARE_BUFFERS.held() == 2  # another reader is open: kept for its chunks
+    assert other.read((slice(0, 1), slice(0, 1))).tobytes() == saved["w"][:1, :1].tobytes()  # a raw chunk, viewed
+    assert SPARE_BUFFERS.held() == 3  # its stored bytes, the values' own buffer, kept once it is dropped
   assert SPARE_BUFFERS.held() == 0  # the last reader closed: nothing kept
 
 
