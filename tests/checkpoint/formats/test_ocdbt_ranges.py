@@ -250,7 +250,7 @@ def test_a_reader_holds_no_stored_chunk_once_it_is_decoded(saved, raw_saved, ran
 def test_spare_buffers_are_kept_while_a_reader_is_open_and_freed_with_the_last(saved, raw_saved, ranged):
   a, raw = open_checkpoint(saved["a"]), open_checkpoint(raw_saved["url"])
   with raw.reader(raw.leaves["w"], 0) as other:  # open (its metadata read), reads nothing
-    other.open()
+    assert other.open() is other  # opened once: a second open is the same reader
     with a.reader(a.leaves["w"], 0) as r:  # no cache: each chunk is dropped once read, its buffers kept as spares
       assert r.read((slice(0, 1), slice(0, 1))).tobytes() == saved["w"][:1, :1].tobytes()
       assert SPARE_BUFFERS.held() == 2  # the joined stored bytes, the decoded values
