@@ -409,6 +409,9 @@ ALSO_TESTED_BY: dict[str, tuple[str, ...]] = {
     # ---- group A, session 6 (checkpoint/**, stores/**; helper mut6a) ----
     # a bucket store's naming (child, parent, is_inside, kvstore paths) is tested without a server in test_base.py
     "parity_jax/stores/remote.py": ("tests/stores/test_base.py",),
+    # the values phase of one process (strings compared, a leaf that cannot be read) is verify_migration's, called
+    # directly by test_verify.py; test_values.py is its job schedule
+    "parity_jax/checkpoint/verify/values.py": ("tests/checkpoint/verify/test_verify.py",),
     # ---- group B (foundations, bundles, svf, runtime, qwen2, oracle, cli; helper mut4b) ----
     # forward_parity on the committed goldens, the MoE routing replay and decode_parity, called directly
     "parity_jax/qwen2/parity.py": ("tests/tools/test_forward_parity.py",),
