@@ -244,6 +244,19 @@ def test_random_params_on_device_have_the_model_structure_and_the_stated_law():
   a = 0.02 * np.sqrt(3)
   assert rest.dtype == np.float32 and rest.min() >= -a and rest.max() < a
   assert abs(rest.std() - 0.02) < 0.001 and abs(rest.mean()) < 0.001 and len(np.unique(rest)) > 0.99 * rest.size
+  # the stated generator, written here in numpy: lowbias32 (Wellons) of the element index salted by seed and leaf
+  # (the embedding is leaf 0), its top 24 bits as a uniform in [-0.5, 0.5), times scale * sqrt(12)
+  m = 0xFFFFFFFF
+  x = np.arange(cfg.vocab_size * cfg.hidden_size, dtype=np.uint64) * 0x9E3779B1 & m
+  x = (x + (3 * 0x85EBCA77 + 0 * 0xC2B2AE3D + 0x27D4EB2F)) & m  # seed 3, leaf 0
+  x ^= x >> 16
+  x = x * 0x7FEB352D & m
+  x ^= x >> 15
+  x = x * 0x846CA68B & m
+  x ^= x >> 16
+  u = (x >> 8).astype(np.float32) * np.float32(2.0**-24) - np.float32(0.5)
+  want = (u * np.float32(0.02 * np.sqrt(12.0))).reshape(cfg.vocab_size, cfg.hidden_size)
+  assert bit_equal(np.asarray(p.embed), want)
   same = jax.tree_util.tree_leaves(qwen2.random_params(cfg, seed=3, scale=0.02))
   assert all(bit_equal(x, y) for (_, x), y in zip(leaves, same))
   firsts = [np.asarray(x).ravel()[:8] for path, x in leaves if "norm" not in jax.tree_util.keystr(path)]
