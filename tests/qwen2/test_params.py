@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -32,6 +33,13 @@ def test_roundtrip_single_and_sharded(tmp_path, model_type):
   single = qwen2.load(write_checkpoint(tmp_path / "single", cfg_dict, tensors))
   sharded = qwen2.load(write_checkpoint(tmp_path / "sharded", cfg_dict, tensors, shards=3))
   assert _leaves_equal(single.params, sharded.params)
+  # read shard by shard onto a mesh (each box by byte range): the same values, placed on the mesh
+  mesh = qwen2.make_mesh("dp:1")
+  on_mesh = qwen2.load(tmp_path / "sharded", mesh=mesh)
+  assert _leaves_equal(single.params, on_mesh.params)
+  assert all(x.sharding.mesh.shape == mesh.shape for x in jax.tree.leaves(on_mesh.params))
+  bf16 = qwen2.load(tmp_path / "sharded", mesh=mesh, dtype=jnp.bfloat16)
+  assert _leaves_equal(bf16.params, qwen2.load(tmp_path / "single", dtype=jnp.bfloat16).params)
   back = qwen2.to_hf_tensors(single.params, single.config)
   assert sorted(back) == sorted(tensors) and all(bit_equal(back[k], tensors[k]) for k in tensors)
   p = single.params.layers[1].attn
@@ -84,9 +92,22 @@ def test_tied_embeddings_use_embed_as_lm_head(tmp_path):
       tmp_path / "tied_same", tied_cfg, dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"].copy()})
   )
   assert qwen2.load(same).params.lm_head is None
+  mesh = qwen2.make_mesh("dp:1")
+  assert _leaves_equal(qwen2.load(same, mesh=mesh).params, tied.params)  # compared box by box on a mesh
   other = dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"] + 1})
   with pytest.raises(UsageError, match="ties word embeddings but lm_head.weight differs"):
     qwen2.load(write_checkpoint(tmp_path / "tied_diff", tied_cfg, other))
+  with pytest.raises(UsageError, match="ties word embeddings but lm_head.weight differs"):
+    qwen2.load(tmp_path / "tied_diff", mesh=mesh)
+  one_row = dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"].copy()})
+  one_row["lm_head.weight"][-1, -1] += 1  # the last row only: every piece is compared
+  with pytest.raises(UsageError, match="ties word embeddings but lm_head.weight differs"):
+    qwen2.load(write_checkpoint(tmp_path / "tied_row", tied_cfg, one_row), mesh=mesh)
+  emb = tensors["model.embed_tokens.weight"]
+  longer = dict(tensors, **{"lm_head.weight": np.concatenate([emb, emb[:1]])})  # equal over every embedding row
+  for kwargs in ({}, {"mesh": mesh}):
+    with pytest.raises(UsageError, match="ties word embeddings but lm_head.weight differs"):
+      qwen2.load(write_checkpoint(tmp_path / f"tied_long{len(kwargs)}", tied_cfg, longer), **kwargs)
 
 
 def test_missing_unknown_and_misshapen_tensors(tmp_path):
