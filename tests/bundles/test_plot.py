@@ -138,6 +138,17 @@ def test_each_cell_has_the_colour_of_its_rel_l2_on_the_colour_bar(jump_figure):
   np.testing.assert_allclose(got, want, atol=0.01)  # within a step of the 256-colour map
 
 
+def test_the_breach_marks_are_white_on_dark_cells_and_black_on_light_ones(jump_figure):
+  """The "x" of a breaching cell is white where the cell is in the darker 60% of viridis, black above."""
+  fig, rel, jump = jump_figure["fig"], jump_figure["rel"], jump_figure["jump"]
+  (cbar,) = [a for a in fig.axes if a.get_ylabel() == "log10 rel-L2"]
+  lo, hi = sorted(cbar.get_ylim())
+  levels = [(min(max(np.log10(r), lo), hi) - lo) / (hi - lo) for r in rel[jump:]]
+  want = sorted(_to_rgba("white" if level < 0.6 else "black") for level in levels)
+  got = sorted(_to_rgba(t.get_color()) for ax in fig.axes for t in ax.texts if t.get_text() == "x")
+  assert got == want and len(got) == len(rel) - jump
+
+
 def test_the_line_panel_separates_the_layer_from_the_stages_around_it(jump_figure):
   fig, names = jump_figure["fig"], jump_figure["names"]
   (ax,) = [a for a in fig.axes if a.get_title(loc="left") == "rel-L2 along the execution order"]
