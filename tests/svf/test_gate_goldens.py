@@ -364,3 +364,15 @@ def test_the_text_report_renders_every_tensor_row_and_the_verdict_line():
       "unexplained 2); combined sha256 differs",
       "unexplained 2); torch 1-thread vs default flips 3; combined sha256 equal",
   )
+
+
+def test_chunk_rows_are_multiples_of_the_row_block_within_budget():
+  """Moved here from test_core.py: chunk_rows lives in svf/gate.py."""
+  assert gate.chunk_rows(151936, 1024, 1024, 0) == 151936
+  rows = gate.chunk_rows(151936, 1024, 1024, 256, row_block=1024)
+  assert rows % 1024 == 0 and rows >= 1024
+  assert rows * (16 * 1024 + 32 * 1024) <= 256 * 2**20 < (rows + 1024) * (16 * 1024 + 32 * 1024)  # the most that fit
+  assert gate.chunk_rows(151936, 1024, 1024, 512) == 8192  # the default block: 384 MiB
+  assert gate.chunk_rows(151936, 1024, 1024, 0.001) == 8192  # never below one block
+  assert gate.chunk_rows(900, 64, 64, 0.001, row_block=1024) == 900  # one block holds it all
+  assert gate.chunk_rows(100, 8, 8, 0.001, row_block=16) == 16
