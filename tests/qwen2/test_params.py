@@ -116,6 +116,24 @@ def test_missing_unknown_and_misshapen_tensors(tmp_path):
   missing = {k: v for k, v in tensors.items() if k != "model.layers.1.self_attn.k_proj.bias"}
   with pytest.raises(UsageError, match=r"1 missing tensors: model.layers.1.self_attn.k_proj.bias"):
     qwen2.load(write_checkpoint(tmp_path / "missing", cfg_dict, missing))
+  # six missing: five named, then the count of the rest; seven: two more
+  for n in (6, 7):
+    gone = [f"model.layers.0.{m}.weight" for m in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")][: n - 4]
+    gone += [
+        "model.layers.1.mlp.gate_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    ]
+    gone += ["model.layers.1.post_attention_layernorm.weight"]
+    kept = {k: v for k, v in tensors.items() if k not in gone}
+    with pytest.raises(UsageError, match=rf"{n} missing tensors: [^(]*\(\+{n - 5} more\)$"):
+      qwen2.load(write_checkpoint(tmp_path / f"missing{n}", cfg_dict, kept))
+  five = {
+      k: v for k, v in tensors.items() if not k.startswith("model.layers.1.mlp.") and "layers.1.post_attention" not in k
+  }
+  five.pop("model.layers.0.mlp.up_proj.weight")
+  with pytest.raises(UsageError, match=r"5 missing tensors: [^(]*$"):
+    qwen2.load(write_checkpoint(tmp_path / "missing5", cfg_dict, five))
   no_head = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
   with pytest.raises(UsageError, match="missing tensors: lm_head.weight"):
     qwen2.load(write_checkpoint(tmp_path / "nohead", cfg_dict, no_head))
@@ -287,3 +305,40 @@ def test_random_params_on_device_have_the_model_structure_and_the_stated_law():
   on_mesh = jax.tree_util.tree_leaves(qwen2.random_params(cfg, seed=3, scale=0.02, mesh=mesh))
   assert all(y.sharding.mesh.shape == mesh.shape for y in on_mesh)
   assert all(bit_equal(np.asarray(x), np.asarray(y)) for (_, x), y in zip(leaves, on_mesh))
+
+
+def test_qwen2_moe_tensor_names_and_shapes_are_hf_s():
+  """Every tensor of a tiny Qwen2-MoE, as HF's Qwen2MoeForCausalLM names and shapes it (written out here): the
+  router [E, D], each expert's projections, the shared expert and its gate, an nn.Linear(D, 1): [1, D]."""
+  d = config_dict(
+      "qwen2_moe", num_experts=3, num_experts_per_tok=2, moe_intermediate_size=12, shared_expert_intermediate_size=20
+  )
+  d.pop("layer_types")
+  d["architectures"] = ["Qwen2MoeForCausalLM"]
+  cfg = qwen2.parse_config(d)
+  want = {"model.embed_tokens.weight": (96, 32), "model.norm.weight": (32,), "lm_head.weight": (96, 32)}
+  for i in range(2):
+    p = f"model.layers.{i}."
+    want.update(
+        {
+            p + "input_layernorm.weight": (32,),
+            p + "post_attention_layernorm.weight": (32,),
+            p + "self_attn.q_proj.weight": (32, 32),
+            p + "self_attn.q_proj.bias": (32,),
+            p + "self_attn.k_proj.weight": (16, 32),
+            p + "self_attn.k_proj.bias": (16,),
+            p + "self_attn.v_proj.weight": (16, 32),
+            p + "self_attn.v_proj.bias": (16,),
+            p + "self_attn.o_proj.weight": (32, 32),
+            p + "mlp.gate.weight": (3, 32),
+            p + "mlp.shared_expert.gate_proj.weight": (20, 32),
+            p + "mlp.shared_expert.up_proj.weight": (20, 32),
+            p + "mlp.shared_expert.down_proj.weight": (32, 20),
+            p + "mlp.shared_expert_gate.weight": (1, 32),
+        }
+    )
+    for e in range(3):
+      q = f"{p}mlp.experts.{e}."
+      want.update({q + "gate_proj.weight": (12, 32), q + "up_proj.weight": (12, 32), q + "down_proj.weight": (32, 12)})
+  got = {k: tuple(v.shape) for k, v in qwen2.to_hf_tensors(qwen2.init_params(cfg), cfg).items()}
+  assert got == want
