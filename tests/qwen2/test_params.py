@@ -103,6 +103,9 @@ def test_tied_embeddings_use_embed_as_lm_head(tmp_path):
   one_row["lm_head.weight"][-1, -1] += 1  # the last row only: every piece is compared
   with pytest.raises(UsageError, match="ties word embeddings but lm_head.weight differs"):
     qwen2.load(write_checkpoint(tmp_path / "tied_row", tied_cfg, one_row), mesh=mesh)
+  ints = dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"].astype(np.int32)})
+  with pytest.raises(UsageError, match="lm_head.weight: stored dtype int32 is not a float dtype this loader reads"):
+    qwen2.load(write_checkpoint(tmp_path / "tied_ints", tied_cfg, ints))
   emb = tensors["model.embed_tokens.weight"]
   longer = dict(tensors, **{"lm_head.weight": np.concatenate([emb, emb[:1]])})  # equal over every embedding row
   for kwargs in ({}, {"mesh": mesh}):
