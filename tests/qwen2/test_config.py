@@ -153,6 +153,8 @@ REFUSED = {
         "hidden_size=30 is not divisible by num_attention_heads=4 and no head_dim is given$",
     ),
     "dtype_not_text": (dict(dtype=5), "dtype must be a string, got 5$"),
+    "mpe_text": (dict(max_position_embeddings="64"), "max_position_embeddings must be an integer, got '64'$"),
+    "mpe_zero": (dict(max_position_embeddings=0), "max_position_embeddings must be >= 1, got 0$"),
 }
 
 
@@ -357,3 +359,6 @@ def test_the_smallest_counts_are_accepted():
       config_dict(num_hidden_layers=1, layer_types=["full_attention"], num_attention_heads=1, num_key_value_heads=1)
   )
   assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (1, 1, 1, 32)
+  no_mpe = config_dict()
+  del no_mpe["max_position_embeddings"]  # optional: only dynamic RoPE and YaRN read it
+  assert qwen2.parse_config(no_mpe).max_position_embeddings is None
