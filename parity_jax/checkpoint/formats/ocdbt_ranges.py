@@ -58,6 +58,8 @@ __all__ = [
     "OcdbtIndex",
     "RangedLeafReader",
     "RawLayout",
+    "SPARE_BUFFERS",
+    "SpareBuffers",
     "ValueRef",
     "chunk_boxes",
     "crc32c",
@@ -203,7 +205,7 @@ def chunk_boxes(metadata: dict, box: Sequence[slice], shape: Sequence[int]) -> l
   return out
 
 
-class _Buffers:
+class SpareBuffers:
   """Spare buffers for stored and decoded chunks, shared by the open readers (the stream opens a reader per chunk
   row): on this kind of VM the page faults of a fresh 128 MiB buffer cost more than its copy, and a verify goes
   through one such buffer per chunk. At most ``keep`` free buffers of each kind are kept (two: the two sides of a
@@ -220,12 +222,17 @@ class _Buffers:
       self._users += 1
 
   def release(self) -> None:
+    """One reader closed (each :meth:`use` is released once); the last one frees the spares."""
     with self._lock:
       self._users -= 1
-      if self._users <= 0:
-        self._users = 0
+      if not self._users:
         self._arrays.clear()
         self._bytes.clear()
+
+  def held(self) -> int:
+    """How many spare buffers are kept now."""
+    with self._lock:
+      return len(self._arrays) + len(self._bytes)
 
   def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     with self._lock:
@@ -258,7 +265,7 @@ class _Buffers:
       del self._bytes[: -self.keep]
 
 
-_BUFFERS = _Buffers()
+SPARE_BUFFERS = SpareBuffers()  # the one pool of the process's ranged readers
 
 
 def _crc32c_table() -> list[int]:
@@ -402,9 +409,9 @@ class _Chunk:
     """Gives the decoded values' buffer back for reuse (the chunk must no longer be read)."""
     with self._lock:
       if self._array is not None and not self._raw:
-        _BUFFERS.give(self._array)
+        SPARE_BUFFERS.give(self._array)
       elif self._backing is not None:  # the values were a view of it: no read is using them any more
-        _BUFFERS.give_bytes(self._backing)
+        SPARE_BUFFERS.give_bytes(self._backing)
       self._array = self._backing = None
 
   def _stored(self) -> bytes | bytearray | None:
@@ -414,7 +421,7 @@ class _Chunk:
       return self.ref.inline
     if len(self._parts) == 1:
       return self._parts.pop().result()
-    value = _BUFFERS.take_bytes(self.ref.length)  # the slices joined, each dropped once copied
+    value = SPARE_BUFFERS.take_bytes(self.ref.length)  # the slices joined, each dropped once copied
     pos = 0
     while self._parts:
       b = self._parts.pop(0).result()
@@ -432,7 +439,6 @@ class _Chunk:
       if self._error is not None:
         raise self._error
       if self._array is None:
-        written = False
         try:
           value = self._stored()
           view = None if (raw is None or value is None) else raw.values(value)
@@ -441,12 +447,11 @@ class _Chunk:
             self._backing = value if isinstance(value, bytearray) else None
             return self._array
           if value is not None:
-            written = True
             kv.write(self.key, value).result()
             if isinstance(value, bytearray):
-              _BUFFERS.give_bytes(value)
+              SPARE_BUFFERS.give_bytes(value)
           del value
-          buf = _BUFFERS.take(tuple(b.stop - b.start for b in self.box), np.dtype(handle.dtype.numpy_dtype))
+          buf = SPARE_BUFFERS.take(tuple(b.stop - b.start for b in self.box), np.dtype(handle.dtype.numpy_dtype))
           ts.array(buf, copy=False, write=True).write(handle[self.box].translate_to[0]).result()
           self._array = buf
         except Exception as e:  # noqa: BLE001 -- kept and re-raised, as above
@@ -454,8 +459,7 @@ class _Chunk:
           self._parts = []
           raise
         finally:
-          if written:
-            kv.write(self.key, None).result()  # the stored bytes are no longer needed
+          kv.write(self.key, None).result()  # the stored bytes are no longer needed (a no-op if none were written)
       return self._array
 
 
@@ -468,10 +472,10 @@ class RangedLeafReader(LeafReader):
   needed again is fetched again.
   """
 
-  def __init__(self, ckpt: "OrbaxCheckpoint", leaf: LeafMeta, cache_bytes: int = 0):
+  def __init__(self, ckpt: "OrbaxCheckpoint", leaf: LeafMeta, cache_bytes: int):
     super().__init__(leaf)
     self.ckpt = ckpt
-    self.cache_bytes = int(max(0, cache_bytes))
+    self.cache_bytes = int(cache_bytes)
     self._ts = self._kv = None
     self._name = self.leaf.storage_name + "/"
     self._refs: dict[str, ValueRef] = {}
@@ -501,12 +505,10 @@ class RangedLeafReader(LeafReader):
             self._metadata = json.loads(bytes(value))
       spec = {**self.ckpt.read_spec(self.leaf), "kvstore": {"driver": "memory", "path": name}}
       t = ts.open(spec, open=True, read=True, write=False, context=ctx).result()
-    except LeafReadError:
-      raise
-    except Exception as e:  # tensorstore raises ValueError/OSError subclasses with long specs
+    except Exception as e:  # tensorstore's ValueError/OSError subclasses with long specs, the store's StoreError
       raise LeafReadError(self.leaf.path, first_line(e)) from None
     self._ts, self._kv = check_opened(self.leaf, t), kv
-    _BUFFERS.use()
+    SPARE_BUFFERS.use()
     self._raw = raw_layout(self._metadata, np.dtype(t.dtype.numpy_dtype)) if self._metadata else None
     return self
 
@@ -518,7 +520,13 @@ class RangedLeafReader(LeafReader):
       self._chunks.clear()
       self._pins.clear()
     if opened:
-      _BUFFERS.release()
+      SPARE_BUFFERS.release()
+
+  def held_keys(self) -> list[str]:
+    """The keys this reader's memory kvstore holds: the leaf's metadata only, since each stored chunk is deleted once
+    decoded (its decoded values are what the cache holds); none before :meth:`open` or after :meth:`close`."""
+    kv = self._kv
+    return [] if kv is None else sorted(k.decode() for k in kv.list().result())
 
   def _start(self, box: Sequence[slice]) -> list[_Chunk]:
     """Starts fetching the chunks ``box`` needs that are neither decoded nor in flight; returns them all, pinned."""

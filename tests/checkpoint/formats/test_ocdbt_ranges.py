@@ -8,6 +8,7 @@ made tiny so that the fixtures' small chunks are each fetched as several ranges.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -18,7 +19,15 @@ import pytest
 from parity_jax import stores
 from parity_jax.checkpoint import migrate, open_checkpoint, verify_migration
 from parity_jax.checkpoint.formats import LeafReadError, ocdbt_ranges
-from parity_jax.checkpoint.formats.ocdbt_ranges import RangedLeafReader, RawLayout, ValueRef, chunk_boxes, crc32c, raw_layout
+from parity_jax.checkpoint.formats.ocdbt_ranges import (
+    SPARE_BUFFERS,
+    RangedLeafReader,
+    RawLayout,
+    ValueRef,
+    chunk_boxes,
+    crc32c,
+    raw_layout,
+)
 from tests.helpers import ckpt as H
 from tests.helpers import legacy as L
 from tests.helpers.objectstores import Bucket, running
@@ -70,6 +79,8 @@ def test_value_references_from_the_tree():
   assert ValueRef.parse({"key": b"a", "indirect_value": "value::d/ab12:0:7"}) == ValueRef(file="d/ab12", length=7)
   with pytest.raises(ValueError):
     ValueRef.parse({"key": b"a", "indirect_value": "btreenode::d/ab12:0:7"})
+  with pytest.raises(dataclasses.FrozenInstanceError):  # shared by every reader of the cached index: none may move one
+    ValueRef(file="d/ab12", length=7).length = 8
 
 
 class _Done:
@@ -211,6 +222,42 @@ def test_a_chunk_dropped_from_a_reader_without_cache_is_fetched_again(saved, ran
   assert first.tobytes() == again.tobytes() == saved["w"][:1, :1].tobytes()
   stored = ckpt.ocdbt_index().under(b"w/c/0/0")[b"w/c/0/0"].nbytes
   assert stores.io_stats(since=io0)["gs"]["bytes_read"] == 2 * stored
+
+
+def test_a_cache_of_exactly_one_chunk_keeps_that_chunk(saved, ranged):
+  ckpt = open_checkpoint(saved["a"])
+  meta = ckpt.leaves["w"]
+  ckpt.ocdbt_index().under(b"w/")
+  one_chunk = math.prod(meta.chunk_shape) * 4  # chunk c/0/0 is a whole chunk of float32
+  io0 = stores.io_stats()
+  with ckpt.reader(meta, one_chunk) as r:
+    assert r.read((slice(0, 1), slice(0, 1))).tobytes() == saved["w"][:1, :1].tobytes()
+    assert r.read((slice(1, 2), slice(1, 2))).tobytes() == saved["w"][1:2, 1:2].tobytes()  # the same chunk, kept
+  stored = ckpt.ocdbt_index().under(b"w/c/0/0")[b"w/c/0/0"].nbytes
+  assert stores.io_stats(since=io0)["gs"]["bytes_read"] == stored
+
+
+def test_a_reader_holds_no_stored_chunk_once_it_is_decoded(saved, raw_saved, ranged):
+  for url in (saved["a"], raw_saved["url"]):  # decoded by tensorstore from the memory kvstore / viewed
+    ckpt = open_checkpoint(url)
+    with ckpt.reader(ckpt.leaves["w"], 1 << 20) as r:
+      assert r.held_keys() == ["w/zarr.json"]  # the metadata it opened the array with
+      assert r.read().tobytes() == saved["w"].tobytes()
+      assert r.held_keys() == ["w/zarr.json"], url  # every chunk decoded and held decoded, none stored
+    assert r.held_keys() == []
+
+
+def test_spare_buffers_are_kept_while_a_reader_is_open_and_freed_with_the_last(saved, raw_saved, ranged):
+  a, raw = open_checkpoint(saved["a"]), open_checkpoint(raw_saved["url"])
+  with raw.reader(raw.leaves["w"], 0) as other:  # open (its metadata read), reads nothing
+    assert other.open() is other  # opened once: a second open is the same reader
+    with a.reader(a.leaves["w"], 0) as r:  # no cache: each chunk is dropped once read, its buffers kept as spares
+      assert r.read((slice(0, 1), slice(0, 1))).tobytes() == saved["w"][:1, :1].tobytes()
+      assert SPARE_BUFFERS.held() == 2  # the joined stored bytes, the decoded values
+    assert SPARE_BUFFERS.held() == 2  # another reader is open: kept for its chunks
+    assert other.read((slice(0, 1), slice(0, 1))).tobytes() == saved["w"][:1, :1].tobytes()  # a raw chunk, viewed
+    assert SPARE_BUFFERS.held() == 3  # its stored bytes, the values' own buffer, kept once it is dropped
+  assert SPARE_BUFFERS.held() == 0  # the last reader closed: nothing kept
 
 
 def test_a_failed_fetch_is_an_unreadable_leaf_every_time_it_is_read(gs, saved, ranged, monkeypatch):
