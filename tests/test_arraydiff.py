@@ -231,3 +231,14 @@ def test_ulp_distance_refuses_mismatched_arrays_in_one_line():
     arraydiff.ulp_distance(a, np.zeros(3, np.float64))
   with pytest.raises(ComparisonError, match="floating dtypes"):
     arraydiff.ulp_distance(np.zeros(3, np.int32), np.zeros(3, np.int32))
+
+
+def test_top_k_defaults_to_the_ten_largest_differences():
+  """Without ``top_k``, a comparison keeps the 10 largest divergences (the reports show these), largest first."""
+  a = np.zeros(12, np.float32)
+  b = np.arange(1, 13, dtype=np.float32)  # every element differs, by 1..12
+  want = [(i,) for i in range(11, 1, -1)]  # the ten largest: indices 11 down to 2
+  assert [t.index for t in arraydiff.diff_stats(a, b).top_k] == want
+  acc = arraydiff.DiffAccumulator(a.shape, a.dtype)
+  acc.update(a, b)
+  assert [t.index for t in acc.result().top_k] == want

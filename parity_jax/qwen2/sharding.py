@@ -663,8 +663,9 @@ class SafetensorsFile:
       for r in range(rows):  # long runs: straight into the destination
         self._readinto(f, offset + r * stride, memoryview(dest[r].view(np.uint8)))
       return
-    if run_bytes > buffer_bytes:  # long runs to convert: piece by piece through the buffer
-      piece = max(1, buffer_bytes // isz)
+    # long runs to convert: piece by piece through the buffer
+    if run_bytes > buffer_bytes:  # no mutate: which read path only; each gives the same bytes (test_sharding)
+      piece = max(1, buffer_bytes // isz)  # no mutate: the piece size only; any size >= 1 reads the same bytes
       buf = np.empty(piece * isz, np.uint8)
       for r in range(rows):
         for e0 in range(0, run, piece):
@@ -674,7 +675,7 @@ class SafetensorsFile:
           dest[r, e0:e1] = buf[: (e1 - e0) * isz].view(stored)
       return
     # short runs: as many rows as fit the buffer per read, picked out with a strided view
-    group = max(1, min(rows, (buffer_bytes - run_bytes) // max(stride, 1) + 1))
+    group = max(1, min(rows, (buffer_bytes - run_bytes) // max(stride, 1) + 1))  # no mutate: rows per read only
     buf = np.empty((group - 1) * stride + run_bytes, np.uint8)
     for r0 in range(0, rows, group):
       g = min(group, rows - r0)

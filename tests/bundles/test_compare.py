@@ -196,6 +196,15 @@ def test_json_round_trip_is_lossless(tmp_path):
   assert back.rows == report.rows and back.verdict == report.verdict and back.profile == report.profile
   report.write_json(tmp_path / "r.json")
   assert load_report(tmp_path / "r.json").first_divergent == "layers.1.v_proj"
+  assert repr(report) == (
+      f"BundleReport({len(report.rows)} stages, profile='f32', {report.verdict.status}, first_divergent='layers.1.v_proj')"
+  )
+  with pytest.raises(KeyError):
+    report.row("no.such.stage")
+  with pytest.raises(UsageError, match="^bundle report is not valid JSON: "):
+    BundleReport.from_json("{not json")
+  with pytest.raises(UsageError, match="^no such report: "):
+    load_report(tmp_path / "gone.json")
 
 
 def _approx_equal(a, b, path=""):

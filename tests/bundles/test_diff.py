@@ -65,3 +65,23 @@ def test_check_rule_on_logits():
   assert (got[2].value, got[2].limit, got[3].value, got[3].limit) == (0.0, 1.0, 0.0, 0.5)
   assert check_rule(rule, diff_stats(g, g), logits_stats(g, g, topk=2)) == ()
   assert check_rule(rule, diff_stats(g, c), None) == ()  # no logits statistics: the logits rules are not judged
+
+
+def test_boxes_tile_the_shape_in_c_order_within_the_budget():
+  """(origin, slices) boxes, written out by hand: one box when everything fits, else runs along the first axis that
+  does not fit whole (at least one element of it), everything after it whole."""
+  from parity_jax.bundles.diff import boxes
+
+  whole = (slice(None), slice(None))
+  assert list(boxes((2, 3), 6)) == [((0, 0), whole)]
+  assert list(boxes((4, 5), 10)) == [((0, 0), (slice(0, 2), slice(None))), ((2, 0), (slice(2, 4), slice(None)))]
+  assert list(boxes((2, 2, 5), 7)) == [
+      ((0, 0, 0), (slice(0, 1), slice(0, 1), slice(None))),
+      ((0, 1, 0), (slice(0, 1), slice(1, 2), slice(None))),
+      ((1, 0, 0), (slice(1, 2), slice(0, 1), slice(None))),
+      ((1, 1, 0), (slice(1, 2), slice(1, 2), slice(None))),
+  ]
+  assert list(boxes((7,), 3)) == [((0,), (slice(0, 3),)), ((3,), (slice(3, 6),)), ((6,), (slice(6, 7),))]
+  assert list(boxes((2, 9), 4)) == [  # a row longer than the budget: pieces of the row
+      ((r, s), (slice(r, r + 1), slice(s, min(s + 4, 9)))) for r in range(2) for s in (0, 4, 8)
+  ]

@@ -138,6 +138,33 @@ def test_each_cell_has_the_colour_of_its_rel_l2_on_the_colour_bar(jump_figure):
   np.testing.assert_allclose(got, want, atol=0.01)  # within a step of the 256-colour map
 
 
+def test_the_breach_marks_are_white_on_dark_cells_and_black_on_light_ones(jump_figure):
+  """The "x" of a breaching cell is white where the cell is in the darker 60% of viridis, black above."""
+  fig, rel, jump = jump_figure["fig"], jump_figure["rel"], jump_figure["jump"]
+  (cbar,) = [a for a in fig.axes if a.get_ylabel() == "log10 rel-L2"]
+  lo, hi = sorted(cbar.get_ylim())
+  levels = [(min(max(np.log10(r), lo), hi) - lo) / (hi - lo) for r in rel[jump:]]
+  want = sorted(_to_rgba("white" if level < 0.6 else "black") for level in levels)
+  got = sorted(_to_rgba(t.get_color()) for ax in fig.axes for t in ax.texts if t.get_text() == "x")
+  assert got == want and len(got) == len(rel) - jump
+
+
+def test_the_colour_bar_and_an_unwritable_plot_path(jump_figure, tmp_path):
+  """The colour bar's ticks are small (7 pt) beside the 8 pt label; a path that cannot be written is one UsageError."""
+  from parity_jax.bundles import compare_bundles
+  from parity_jax.bundles.plot import plot_report
+  from tests.helpers import stages as synth
+
+  (cbar,) = [a for a in jump_figure["fig"].axes if a.get_ylabel() == "log10 rel-L2"]
+  assert {t.get_fontsize() for t in cbar.get_yticklabels()} == {7.0} and cbar.yaxis.label.get_fontsize() == 8.0
+  golden = synth.golden_stages(num_layers=1)
+  report = compare_bundles(golden, synth.candidate(golden, lambda i, n: 1e-7))
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(UsageError, match="^cannot write plot .*a_file/plot.png: "):
+    plot_report(report, path=tmp_path / "a_file" / "plot.png")  # under a file: no directory to write in
+  assert (tmp_path / "a_file").read_text() == "x"
+
+
 def test_the_line_panel_separates_the_layer_from_the_stages_around_it(jump_figure):
   fig, names = jump_figure["fig"], jump_figure["names"]
   (ax,) = [a for a in fig.axes if a.get_title(loc="left") == "rel-L2 along the execution order"]

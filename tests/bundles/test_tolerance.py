@@ -138,3 +138,12 @@ def test_resolve_profile_takes_every_form_and_refuses_the_rest(tmp_path):
   for key in ("name", "description"):
     with pytest.raises(UsageError, match=f"p.json: '{key}' must be a string"):
       tolerance.profile_from_dict({"schema": _S, "extends": "f32", key: 1}, source="p.json")
+
+
+def test_a_rule_wants_logits_stats_when_it_sets_any_logits_threshold():
+  """Any of max_kl, max_mean_kl, min_argmax_agreement, min_topk_overlap asks for the logits statistics."""
+  from parity_jax.bundles import ToleranceRule
+
+  assert not ToleranceRule(stages=".*", max_rel_l2=1e-5, min_cosine=0.9, max_abs_diff=1.0).wants_logits_stats
+  for key, value in (("max_kl", 0.1), ("max_mean_kl", 0.1), ("min_argmax_agreement", 1.0), ("min_topk_overlap", 0.5)):
+    assert ToleranceRule(stages=".*", **{key: value}).wants_logits_stats is True, key

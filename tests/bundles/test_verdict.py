@@ -74,6 +74,7 @@ def test_honest_noise_passes():
   golden = synth.golden_stages(num_layers=3)
   report = compare_bundles(golden, synth.candidate(golden, lambda i, n: NOISE), profile="f32")
   assert report.passed and report.first_divergent is None and report.exit_code == 0
+  assert report.verdict.message(10.0) == "PASS: every compared stage is within tolerance"
 
 
 def _drift(golden, rate, start=1e-8):

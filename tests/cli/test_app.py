@@ -134,3 +134,70 @@ def test_preset_flags_refuse_misuse_and_list_presets(parsed, capsys, tmp_path):
 
   lines = capsys.readouterr().out.splitlines()
   assert sorted(line.split()[0] for line in lines) == sorted(PRESETS) and len(lines) == len(PRESETS)
+
+
+def _exit_of(run, argv, monkeypatch, capsys):
+  """``run()`` of a tool entry with ``argv``: (exit code, stdout, stderr); absl's FLAGS unparsed after."""
+  monkeypatch.setattr("sys.argv", ["/bin/mytool", *argv])
+  try:
+    with pytest.raises(SystemExit) as e:
+      run()
+  finally:
+    flags.FLAGS.unparse_flags()
+  out, err = capsys.readouterr()
+  return e.value.code, out, err
+
+
+def test_entry_maps_results_and_errors_to_exit_codes_and_one_line(monkeypatch, capsys):
+  """A tool's run(): its main's result is the exit code; a UsageError, a bad flag, a positional argument or a
+  non-finite float flag is one ``<prog>: error:`` line and exit 2; an interrupt exits 128 + the signal."""
+  import signal
+
+  from absl import logging as absl_logging
+
+  import logging
+
+  app.distributed_flags(__name__)  # --peer_timeout: a float flag with a lower bound only
+  for name in ("jax._src.xla_bridge", "absl", "orbax"):  # the tool quiets these: as they were, after the test
+    monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+  seen = []
+
+  def main(argv):
+    seen.append((list(argv), absl_logging.get_verbosity()))
+    what = flags.FLAGS["peer_timeout"].value
+    if what == 1:
+      return 1
+    if what == 2:
+      raise UsageError("no such thing\nsecond line")
+    if what == 3:
+      raise KeyboardInterrupt()
+    if what == 4:
+      e = KeyboardInterrupt("terminated")
+      e.signum = signal.SIGTERM
+      raise e
+    if what == 5:
+      raise BrokenPipeError()
+    return None
+
+  run = app.entry(main, "My tool: does things.\n\n  Usage: mytool", __name__)
+  assert _exit_of(run, [], monkeypatch, capsys) == (0, "", "")
+  assert seen == [(["/bin/mytool"], absl_logging.ERROR)]  # start-up chatter off without --verbosity
+  assert _exit_of(run, ["--peer_timeout=1"], monkeypatch, capsys) == (1, "", "")
+  assert _exit_of(run, ["--peer_timeout=2"], monkeypatch, capsys) == (2, "", "mytool: error: no such thing\n")
+  assert _exit_of(run, ["--peer_timeout=3"], monkeypatch, capsys) == (130, "", "mytool: interrupted\n")
+  assert _exit_of(run, ["--peer_timeout=4"], monkeypatch, capsys) == (128 + 15, "", "mytool: terminated\n")
+  n = len(seen)
+  code, out, err = _exit_of(run, ["--peer_timeout=nan"], monkeypatch, capsys)
+  assert code == 2 and out == "" and err == "mytool: error: flag --peer_timeout=nan: not a finite number\n"
+  code, _, err = _exit_of(run, ["--no_such_flag=1"], monkeypatch, capsys)
+  assert code == 2 and err.startswith("mytool: error: ") and "no_such_flag" in err and err.count("\n") == 1
+  code, _, err = _exit_of(run, ["a", "b"], monkeypatch, capsys)
+  assert code == 2 and err == "mytool: error: unexpected positional arguments: a b\n"
+  assert len(seen) == n  # none of these reached main
+  code, out, _ = _exit_of(run, ["--help"], monkeypatch, capsys)
+  assert code == 0 and out.startswith("My tool: does things.\n\n  Usage: mytool\n\n") and "--peer_timeout" in out
+  assert out.rstrip().endswith("absl's own flags (logging, flag files): --helpfull") and len(seen) == n
+  with open("/dev/null", "w") as sink:  # the BrokenPipe path points stdout's descriptor at /dev/null
+    monkeypatch.setattr("sys.stdout", sink)  # last: stdout stays this file
+    code = _exit_of(run, ["--peer_timeout=5"], monkeypatch, capsys)[0]
+  assert code == 128 + 13  # SIGPIPE's code, quietly

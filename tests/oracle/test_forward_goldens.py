@@ -133,3 +133,34 @@ def test_another_backend_allows_rounding_flips_and_float32_noise_only(tmp_path):
   bit = dict(WEIGHTS, **{"a.weight": a.copy()})
   bit["a.weight"].view(np.uint32)[0, 0] ^= 1  # not bit-identical, yet within float32 noise: fine here
   assert _problems(tmp_path, "bit", weights=bit)["problems"] == []
+
+
+def test_another_backend_reruns_the_oracle_on_the_committed_goldens(tmp_path):
+  """On another backend the stages are not compared byte for byte: the oracle re-runs on the committed model and
+  inputs, and a committed stage it does not reproduce (here: one logit moved by 1.0) is a problem."""
+  config = dict(forward_goldens.MODELS["qwen3"]["config"], num_hidden_layers=1)
+  model = forward_goldens.build_model("qwen3", config, seed=3)
+  tokens = np.array([[1, 5, 9, 2]], np.int64)
+  with torch.no_grad():
+    logits = model(torch.from_numpy(tokens)).logits.numpy()
+
+  def tree(name, backend, stages):
+    root = tmp_path / name
+    model.save_pretrained(root / "models" / "m")
+    (root / "forward").mkdir()
+    bundles.save_bundle(root / "forward" / "m.safetensors", stages, {"seed": 3})
+    entry = {"model": "m", "dtype": "float32", "inputs": {"tokens": tokens.tolist(), "attention_mask": None}}
+    manifest = {"backend": backend, "models": {"m": {}}, "goldens": {"m.safetensors": entry}}
+    (root / "forward" / "MANIFEST.json").write_text(json.dumps(manifest))
+    return root
+
+  from parity_jax.oracle.hf_forward import capture_hf_stages  # noqa: PLC0415
+
+  stages = capture_hf_stages(model, tokens)
+  np.testing.assert_allclose(stages["logits"], logits, rtol=1e-5, atol=1e-5)  # the oracle is the model's forward
+  fresh = tree("fresh", "B", stages)
+  assert forward_goldens.compare_regenerated(tree("good", "A", stages), fresh)["problems"] == []
+  bad = dict(stages, logits=stages["logits"].copy())
+  bad["logits"][0, 0, 0] += np.float32(1.0)
+  (problem,) = forward_goldens.compare_regenerated(tree("bad", "A", bad), fresh)["problems"]
+  assert problem.startswith("forward/m.safetensors: the oracle here does not reproduce it: "), problem

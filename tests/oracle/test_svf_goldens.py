@@ -241,3 +241,29 @@ def test_compare_regenerated_on_hand_built_areas(tmp_path):
   assert problem.startswith("b.safetensors: tensor.w.adapted rel-L2 ") and problem.endswith(" > 1e-05"), problem
   wide = {"tensor.w.adapted": adapted.astype(np.float64), "tensor.w.u_scaled": np.ones(3, np.float32)}
   assert problems("B", tensors=wide) == ["b.safetensors: tensor.w.adapted is float64[6], committed float32[6]"]
+
+
+def test_selected_tensors_are_every_projection_of_every_layer_then_the_tied_head():
+  """``(name, [out, in], kind)`` in model order, for a hand-sized model: q is heads * head_dim wide, k and v kv-heads."""
+  model = dict(
+      hidden_size=8,
+      num_attention_heads=4,
+      head_dim=3,
+      num_key_value_heads=2,
+      intermediate_size=20,
+      vocab_size=50,
+      num_hidden_layers=2,
+  )
+  want = [("model.embed_tokens.weight", (50, 8), "embed")]
+  for i in range(2):
+    want += [
+        (f"model.layers.{i}.self_attn.q_proj.weight", (12, 8), "attn"),
+        (f"model.layers.{i}.self_attn.k_proj.weight", (6, 8), "attn"),
+        (f"model.layers.{i}.self_attn.v_proj.weight", (6, 8), "attn"),
+        (f"model.layers.{i}.self_attn.o_proj.weight", (8, 12), "attn"),
+        (f"model.layers.{i}.mlp.gate_proj.weight", (20, 8), "mlp"),
+        (f"model.layers.{i}.mlp.up_proj.weight", (20, 8), "mlp"),
+        (f"model.layers.{i}.mlp.down_proj.weight", (8, 20), "mlp"),
+    ]
+  want.append(("lm_head.weight", (50, 8), "tied"))
+  assert svf_goldens.selected_tensors(model) == want

@@ -120,6 +120,41 @@ REFUSED = {
     "odd_head_dim": (dict(hidden_size=36, num_attention_heads=4, num_key_value_heads=2), "even"),
     "bad_hidden": (dict(hidden_size="64"), "hidden_size"),
     "bad_eps": (dict(rms_norm_eps=-1.0), "rms_norm_eps"),
+    "no_vocab": (dict(vocab_size=None), "config has no 'vocab_size'$"),
+    "no_layers": (dict(num_hidden_layers=0, layer_types=[]), "num_hidden_layers must be >= 1, got 0$"),
+    "two_unknown": (dict(foo=1, bar=2), "unknown attributes 'bar', 'foo' \\(not handled"),
+    "dynamic_head_dim_2": (
+        dict(
+            hidden_size=8,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters={"rope_theta": 1e4, "rope_type": "dynamic", "factor": 2.0},
+        ),
+        "dynamic RoPE needs head_dim > 2 \\(its exponent is hd / \\(hd - 2\\)\\), got 2$",
+    ),
+    "rope_not_object": (dict(rope_parameters="x"), "rope_parameters must be an object, got 'x'$"),
+    "yarn_original_zero": (
+        dict(
+            rope_parameters={
+                "rope_theta": 1e4,
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 0,
+            }
+        ),
+        "rope_parameters.original_max_position_embeddings must be a positive integer, got 0$",
+    ),
+    "yarn_beta_text": (
+        dict(rope_parameters={"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "beta_fast": "32"}),
+        "rope_parameters.beta_fast must be a number, got '32'$",
+    ),
+    "indivisible_hidden": (
+        dict(hidden_size=30, num_attention_heads=4, num_key_value_heads=2),
+        "hidden_size=30 is not divisible by num_attention_heads=4 and no head_dim is given$",
+    ),
+    "dtype_not_text": (dict(dtype=5), "dtype must be a string, got 5$"),
+    "mpe_text": (dict(max_position_embeddings="64"), "max_position_embeddings must be an integer, got '64'$"),
+    "mpe_zero": (dict(max_position_embeddings=0), "max_position_embeddings must be >= 1, got 0$"),
 }
 
 
@@ -225,6 +260,9 @@ def test_load_config_errors(tmp_path):
   (tmp_path / "config.json").write_text("[1, 2]")
   with pytest.raises(UsageError, match="JSON object"):
     qwen2.load_config(tmp_path)
+  (tmp_path / "weights.bin").write_bytes(b"")
+  with pytest.raises(UsageError, match="weights.bin is a file; expected an HF checkpoint directory"):
+    qwen2.load_config(tmp_path / "weights.bin")
 
 
 def test_config_is_hashable_and_static():
@@ -295,3 +333,32 @@ def test_moe_blocks_are_the_layers_transformers_makes_sparse():
   ]:
     with pytest.raises(UsageError, match=words):
       _moe_cfg("qwen3_moe", **over)
+
+
+def test_yarn_attention_factor_from_mscale_and_the_betas():
+  """Without attention_factor, YaRN's is mscale(f, m) / mscale(f, m_all) when both are given (DeepSeek style), else
+  mscale(f, 1), with mscale(f, m) = 0.1 m ln f + 1 (transformers' _compute_yarn_parameters); betas default 32, 1."""
+  import math
+
+  def yarn(**extra):
+    rope = {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, **extra}
+    return qwen2.parse_config(config_dict(rope_parameters=rope)).rope_scaling
+
+  both = yarn(mscale=0.707, mscale_all_dim=1.0)
+  assert both.attention_factor == pytest.approx((0.1 * 0.707 * math.log(4) + 1) / (0.1 * math.log(4) + 1), rel=1e-15)
+  plain = yarn(mscale=0.707)  # one of the two only: the plain formula
+  assert plain.attention_factor == pytest.approx(0.1 * math.log(4) + 1, rel=1e-15)
+  assert (plain.beta_fast, plain.beta_slow) == (32.0, 1.0)
+  given = yarn(attention_factor=1.5, beta_fast=16, beta_slow=2)
+  assert (given.attention_factor, given.beta_fast, given.beta_slow) == (1.5, 16.0, 2.0)
+
+
+def test_the_smallest_counts_are_accepted():
+  """One layer, one kv head, one attention head: each count's minimum is 1, and 1 itself is fine."""
+  cfg = qwen2.parse_config(
+      config_dict(num_hidden_layers=1, layer_types=["full_attention"], num_attention_heads=1, num_key_value_heads=1)
+  )
+  assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (1, 1, 1, 32)
+  no_mpe = config_dict()
+  del no_mpe["max_position_embeddings"]  # optional: only dynamic RoPE and YaRN read it
+  assert qwen2.parse_config(no_mpe).max_position_embeddings is None

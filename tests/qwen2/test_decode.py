@@ -122,6 +122,18 @@ def test_generate_refuses_bad_input_in_one_line(built):
       (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
       (dict(max_new_tokens=2, capture_step=2), r"capture_step must lie in \[0, 2\)"),
       (dict(max_new_tokens=2, attention_mask=right_padded), "left"),
+      (
+          dict(max_new_tokens=2, attention_mask=np.array([[1] * 7, [0] * 7])),
+          "row 1 is all padding: nothing to generate",
+      ),
+      (
+          dict(max_new_tokens=2, force_tokens=np.zeros((2, 3), np.int64)),
+          r"force_tokens must be int \[2, 2\], got int64 \[2, 3\]",
+      ),
+      (
+          dict(max_new_tokens=2, force_tokens=np.zeros((2, 2), np.float32)),
+          r"force_tokens must be int \[2, 2\], got float32",
+      ),
   ]:
     with pytest.raises(UsageError, match=msg) as e:
       qwen2.generate(model, PROMPT, **kw)
@@ -129,3 +141,9 @@ def test_generate_refuses_bad_input_in_one_line(built):
   one, logits = qwen2.generate(model, PROMPT, 1)  # the least a decode may ask for; int64 ids come back as int32
   assert one.shape == (2, PROMPT.shape[1] + 1) and one.dtype == np.int32 and logits.shape[:2] == (1, 2)
   np.testing.assert_array_equal(one[:, :-1], PROMPT)
+  with pytest.raises(UsageError, match="generate\\(\\) needs a parity_jax.qwen2 Model, got str$"):
+    qwen2.generate(str(path), PROMPT, 1)
+  assert (one[:, -1] != [7, 3]).any()  # so the tokens forced next are not the greedy ones
+  forced, forced_logits = qwen2.generate(model, PROMPT, 1, force_tokens=np.array([[7], [3]]))
+  np.testing.assert_array_equal(forced, np.concatenate([PROMPT, [[7], [3]]], axis=1))  # the tokens given, not argmax
+  np.testing.assert_array_equal(forced_logits, logits)  # the first step does not depend on them

@@ -35,6 +35,10 @@ def test_fused_attention_agrees_with_eager_with_and_without_padding(dense):
     np.testing.assert_allclose(got[1], want[1], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(got[0, 3:], want[0, 3:], rtol=2e-5, atol=2e-5)  # a padded row's real positions
   assert dense.dtype == jnp.float32
+  # captured: the fused path records every stage once, in order; row 1 (no padding either way) as eager's
+  _, stages = qwen2.forward(dense, tokens, attention="xla", capture=True)
+  assert list(stages) == qwen2.stage_names(dense.config)
+  np.testing.assert_allclose(np.asarray(stages["logits"])[1], want[1], rtol=2e-5, atol=2e-5)
 
 
 def test_forward_refuses_what_is_not_a_model_or_an_attention_name(dense):

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -32,6 +33,13 @@ def test_roundtrip_single_and_sharded(tmp_path, model_type):
   single = qwen2.load(write_checkpoint(tmp_path / "single", cfg_dict, tensors))
   sharded = qwen2.load(write_checkpoint(tmp_path / "sharded", cfg_dict, tensors, shards=3))
   assert _leaves_equal(single.params, sharded.params)
+  # read shard by shard onto a mesh (each box by byte range): the same values, placed on the mesh
+  mesh = qwen2.make_mesh("dp:1")
+  on_mesh = qwen2.load(tmp_path / "sharded", mesh=mesh)
+  assert _leaves_equal(single.params, on_mesh.params)
+  assert all(x.sharding.mesh.shape == mesh.shape for x in jax.tree.leaves(on_mesh.params))
+  bf16 = qwen2.load(tmp_path / "sharded", mesh=mesh, dtype=jnp.bfloat16)
+  assert _leaves_equal(bf16.params, qwen2.load(tmp_path / "single", dtype=jnp.bfloat16).params)
   back = qwen2.to_hf_tensors(single.params, single.config)
   assert sorted(back) == sorted(tensors) and all(bit_equal(back[k], tensors[k]) for k in tensors)
   p = single.params.layers[1].attn
@@ -84,9 +92,25 @@ def test_tied_embeddings_use_embed_as_lm_head(tmp_path):
       tmp_path / "tied_same", tied_cfg, dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"].copy()})
   )
   assert qwen2.load(same).params.lm_head is None
+  mesh = qwen2.make_mesh("dp:1")
+  assert _leaves_equal(qwen2.load(same, mesh=mesh).params, tied.params)  # compared box by box on a mesh
   other = dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"] + 1})
   with pytest.raises(UsageError, match="ties word embeddings but lm_head.weight differs"):
     qwen2.load(write_checkpoint(tmp_path / "tied_diff", tied_cfg, other))
+  with pytest.raises(UsageError, match="ties word embeddings but lm_head.weight differs"):
+    qwen2.load(tmp_path / "tied_diff", mesh=mesh)
+  one_row = dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"].copy()})
+  one_row["lm_head.weight"][-1, -1] += 1  # the last row only: every piece is compared
+  with pytest.raises(UsageError, match="ties word embeddings but lm_head.weight differs"):
+    qwen2.load(write_checkpoint(tmp_path / "tied_row", tied_cfg, one_row), mesh=mesh)
+  ints = dict(tensors, **{"lm_head.weight": tensors["model.embed_tokens.weight"].astype(np.int32)})
+  with pytest.raises(UsageError, match="lm_head.weight: stored dtype int32 is not a float dtype this loader reads"):
+    qwen2.load(write_checkpoint(tmp_path / "tied_ints", tied_cfg, ints))
+  emb = tensors["model.embed_tokens.weight"]
+  longer = dict(tensors, **{"lm_head.weight": np.concatenate([emb, emb[:1]])})  # equal over every embedding row
+  for kwargs in ({}, {"mesh": mesh}):
+    with pytest.raises(UsageError, match="ties word embeddings but lm_head.weight differs"):
+      qwen2.load(write_checkpoint(tmp_path / f"tied_long{len(kwargs)}", tied_cfg, longer), **kwargs)
 
 
 def test_missing_unknown_and_misshapen_tensors(tmp_path):
@@ -95,6 +119,24 @@ def test_missing_unknown_and_misshapen_tensors(tmp_path):
   missing = {k: v for k, v in tensors.items() if k != "model.layers.1.self_attn.k_proj.bias"}
   with pytest.raises(UsageError, match=r"1 missing tensors: model.layers.1.self_attn.k_proj.bias"):
     qwen2.load(write_checkpoint(tmp_path / "missing", cfg_dict, missing))
+  # six missing: five named, then the count of the rest; seven: two more
+  for n in (6, 7):
+    gone = [f"model.layers.0.{m}.weight" for m in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")][: n - 4]
+    gone += [
+        "model.layers.1.mlp.gate_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    ]
+    gone += ["model.layers.1.post_attention_layernorm.weight"]
+    kept = {k: v for k, v in tensors.items() if k not in gone}
+    with pytest.raises(UsageError, match=rf"{n} missing tensors: [^(]*\(\+{n - 5} more\)$"):
+      qwen2.load(write_checkpoint(tmp_path / f"missing{n}", cfg_dict, kept))
+  five = {
+      k: v for k, v in tensors.items() if not k.startswith("model.layers.1.mlp.") and "layers.1.post_attention" not in k
+  }
+  five.pop("model.layers.0.mlp.up_proj.weight")
+  with pytest.raises(UsageError, match=r"5 missing tensors: [^(]*$"):
+    qwen2.load(write_checkpoint(tmp_path / "missing5", cfg_dict, five))
   no_head = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
   with pytest.raises(UsageError, match="missing tensors: lm_head.weight"):
     qwen2.load(write_checkpoint(tmp_path / "nohead", cfg_dict, no_head))
@@ -244,6 +286,19 @@ def test_random_params_on_device_have_the_model_structure_and_the_stated_law():
   a = 0.02 * np.sqrt(3)
   assert rest.dtype == np.float32 and rest.min() >= -a and rest.max() < a
   assert abs(rest.std() - 0.02) < 0.001 and abs(rest.mean()) < 0.001 and len(np.unique(rest)) > 0.99 * rest.size
+  # the stated generator, written here in numpy: lowbias32 (Wellons) of the element index salted by seed and leaf
+  # (the embedding is leaf 0), its top 24 bits as a uniform in [-0.5, 0.5), times scale * sqrt(12)
+  m = 0xFFFFFFFF
+  x = np.arange(cfg.vocab_size * cfg.hidden_size, dtype=np.uint64) * 0x9E3779B1 & m
+  x = (x + (3 * 0x85EBCA77 + 0 * 0xC2B2AE3D + 0x27D4EB2F)) & m  # seed 3, leaf 0
+  x ^= x >> 16
+  x = x * 0x7FEB352D & m
+  x ^= x >> 15
+  x = x * 0x846CA68B & m
+  x ^= x >> 16
+  u = (x >> 8).astype(np.float32) * np.float32(2.0**-24) - np.float32(0.5)
+  want = (u * np.float32(0.02 * np.sqrt(12.0))).reshape(cfg.vocab_size, cfg.hidden_size)
+  assert bit_equal(np.asarray(p.embed), want)
   same = jax.tree_util.tree_leaves(qwen2.random_params(cfg, seed=3, scale=0.02))
   assert all(bit_equal(x, y) for (_, x), y in zip(leaves, same))
   firsts = [np.asarray(x).ravel()[:8] for path, x in leaves if "norm" not in jax.tree_util.keystr(path)]
@@ -253,3 +308,40 @@ def test_random_params_on_device_have_the_model_structure_and_the_stated_law():
   on_mesh = jax.tree_util.tree_leaves(qwen2.random_params(cfg, seed=3, scale=0.02, mesh=mesh))
   assert all(y.sharding.mesh.shape == mesh.shape for y in on_mesh)
   assert all(bit_equal(np.asarray(x), np.asarray(y)) for (_, x), y in zip(leaves, on_mesh))
+
+
+def test_qwen2_moe_tensor_names_and_shapes_are_hf_s():
+  """Every tensor of a tiny Qwen2-MoE, as HF's Qwen2MoeForCausalLM names and shapes it (written out here): the
+  router [E, D], each expert's projections, the shared expert and its gate, an nn.Linear(D, 1): [1, D]."""
+  d = config_dict(
+      "qwen2_moe", num_experts=3, num_experts_per_tok=2, moe_intermediate_size=12, shared_expert_intermediate_size=20
+  )
+  d.pop("layer_types")
+  d["architectures"] = ["Qwen2MoeForCausalLM"]
+  cfg = qwen2.parse_config(d)
+  want = {"model.embed_tokens.weight": (96, 32), "model.norm.weight": (32,), "lm_head.weight": (96, 32)}
+  for i in range(2):
+    p = f"model.layers.{i}."
+    want.update(
+        {
+            p + "input_layernorm.weight": (32,),
+            p + "post_attention_layernorm.weight": (32,),
+            p + "self_attn.q_proj.weight": (32, 32),
+            p + "self_attn.q_proj.bias": (32,),
+            p + "self_attn.k_proj.weight": (16, 32),
+            p + "self_attn.k_proj.bias": (16,),
+            p + "self_attn.v_proj.weight": (16, 32),
+            p + "self_attn.v_proj.bias": (16,),
+            p + "self_attn.o_proj.weight": (32, 32),
+            p + "mlp.gate.weight": (3, 32),
+            p + "mlp.shared_expert.gate_proj.weight": (20, 32),
+            p + "mlp.shared_expert.up_proj.weight": (20, 32),
+            p + "mlp.shared_expert.down_proj.weight": (32, 20),
+            p + "mlp.shared_expert_gate.weight": (1, 32),
+        }
+    )
+    for e in range(3):
+      q = f"{p}mlp.experts.{e}."
+      want.update({q + "gate_proj.weight": (12, 32), q + "up_proj.weight": (12, 32), q + "down_proj.weight": (32, 12)})
+  got = {k: tuple(v.shape) for k, v in qwen2.to_hf_tensors(qwen2.init_params(cfg), cfg).items()}
+  assert got == want

@@ -69,3 +69,20 @@ def test_routing_report_json_text_and_html():
   assert r._repr_html_() == "<pre>" + escaped + "</pre>"
   calm = routing.RoutingReport((0,), [])
   assert calm.passed and calm.to_dict()["natural_run"] is None and calm.text() == "routing: no flips in 1 MoE layer(s)"
+
+
+def test_tie_tolerance_is_the_router_logits_rule_of_the_profile():
+  """(max_rel_l2, max_abs_diff) of the first rule matching ``layers.L.router_logits``; a bit-exact rule gives 0, 0."""
+  from parity_jax.bundles import Profile, ToleranceRule
+
+  profile = Profile(
+      name="mine",
+      rules=(
+          ToleranceRule(stages=r"layers\.1\.router_logits", max_rel_l2=0.02, max_abs_diff=0.5),
+          ToleranceRule(stages=r".*", max_rel_l2=1e-3),
+      ),
+  )
+  assert routing.tie_tolerance(profile, 1) == (0.02, 0.5)
+  assert routing.tie_tolerance(profile, 0) == (1e-3, 0.0)  # no max_abs_diff: 0
+  assert routing.tie_tolerance("f32", 2) == (1e-5, 0.0)
+  assert routing.tie_tolerance("exact", 0) == (0.0, 0.0)

@@ -158,3 +158,88 @@ def test_parse_axis_rules_reads_the_flag_and_names_each_mistake():
       parse_axis_rules(text)
   with pytest.raises(UsageError, match="--rules is empty"):
     parse_axis_rules(None, flag="rules")
+
+
+def test_read_box_reads_every_box_by_byte_range_as_numpy_slicing_does(tmp_path):
+  """Boxes of a safetensors tensor (whole, rows, inner boxes, empty), in its dtype and converted, through every read
+  path (straight into the result, piece by piece, rows grouped per read: the buffer sizes pick them) and through a
+  reshaped view: each bit-equal to numpy slicing of the array written (then ``astype``)."""
+  import itertools
+
+  import ml_dtypes
+  import numpy as np
+  import pytest
+  import safetensors.numpy
+
+  from parity_jax.arraydiff import bit_equal
+  from parity_jax.errors import UsageError
+  from parity_jax.qwen2.sharding import SafetensorsFile, box_of, row_pieces
+
+  rng = np.random.default_rng(7)
+  arrays = {
+      "f": rng.standard_normal((4, 6, 10)).astype(np.float32),
+      "h": rng.standard_normal((6, 10)).astype(ml_dtypes.bfloat16),
+  }
+  path = tmp_path / "t.safetensors"
+  safetensors.numpy.save_file(arrays, str(path))
+  f = SafetensorsFile(path)
+  boxes = [
+      (),
+      (slice(1, 3),),
+      (slice(None), slice(2, 5)),
+      (slice(1, 4), slice(0, 6), slice(3, 9)),
+      (slice(0, 2), slice(1, 2), slice(None)),
+      (slice(2, 2),),
+      (slice(3, 4), slice(5, 6), slice(9, 10)),
+  ]
+  n = 0
+  for name, index, buffer_bytes in itertools.product(("f", "h"), boxes, (4 << 20, 64, 8, 1)):
+    a = arrays[name]
+    index = index[: a.ndim]
+    for out in (None, np.float32, np.float64):
+      got = f.read_box(name, index, out_dtype=out, buffer_bytes=buffer_bytes)
+      want = a[index].astype(a.dtype if out is None else out)
+      assert bit_equal(got, want), (name, index, out, buffer_bytes)
+      assert got.ctypes.data % 64 == 0 or got.size == 0
+      n += 1
+  assert n == 2 * 7 * 4 * 3
+  view = f.read_box("f", (slice(1, 3), slice(2, 5)), view_shape=(8, 3, 10), buffer_bytes=64)
+  assert bit_equal(view, arrays["f"].reshape(8, 3, 10)[1:3, 2:5])
+  with pytest.raises(UsageError, match=r"f: cannot view shape \[4, 6, 10\] as \[4, 60, 2\]"):
+    f.read_box("f", (), view_shape=(4, 60, 2))
+  with pytest.raises(UsageError, match="strided shard index"):
+    f.read_box("f", (slice(0, 4, 2),))
+
+  assert box_of((slice(1, 3),), (4, 6)) == ((1, 3), (0, 6)) and box_of((slice(5, 2),), (8,)) == ((5, 5),)
+  pieces = list(row_pieces((slice(1, 8), slice(2, 4)), (9, 5), itemsize=4, budget=20))  # 8 bytes a row: 2 rows
+  assert pieces == [(slice(r, min(8, r + 2)), slice(2, 4)) for r in (1, 3, 5, 7)]
+  assert list(row_pieces((), (3, 5), itemsize=4, budget=1)) == [(slice(r, r + 1), slice(0, 5)) for r in range(3)]
+  with open(path, "r+b") as fh:  # cut after the header was read: the read itself names the end of the file
+    fh.truncate(path.stat().st_size - 4)
+  with pytest.raises(UsageError, match="unexpected end of file at offset"):
+    f.read_box("h", ())
+
+
+def test_place_sharded_reads_each_distinct_box_once_and_assembles_the_array():
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from parity_jax.arraydiff import bit_equal
+  from parity_jax.qwen2 import make_mesh
+  from parity_jax.qwen2.sharding import aligned_empty, place_sharded, shard_boxes, to_host
+
+  a = np.arange(24, dtype=np.float32).reshape(4, 6)
+  sharding = NamedSharding(make_mesh("dp:1"), P("dp"))
+  reads = []
+
+  def read(index):
+    reads.append(index)
+    return a[index]
+
+  x = place_sharded(read, a.shape, sharding)
+  assert isinstance(x, jax.Array) and x.sharding == sharding and bit_equal(to_host(x), a)
+  assert [tuple((s.start or 0, s.stop or n) for s, n in zip(i, a.shape)) for i in reads] == [((0, 4), (0, 6))]
+  assert len(shard_boxes(a.shape, sharding)) == 1
+  e = aligned_empty((3, 5), np.float64, align=256)
+  assert e.shape == (3, 5) and e.dtype == np.float64 and e.ctypes.data % 256 == 0 and e.flags.c_contiguous

@@ -160,6 +160,24 @@ def test_examples_name_the_element_in_the_whole_tensor():
   assert acc.unexplained_examples[0]["ours_bits"] == f"0x{int(ours[1, 2]):04x}"
 
 
+def test_an_example_carries_the_float64_reference_its_bound_and_their_ratio():
+  """One element one bf16 ULP up: the example's reference is the float64 dot (s = 1, offsets 0: N = 1), and its ratio
+  is the reference's distance to our value's rounding interval (half a ULP, 2**-10 at 0.35, around it) over the bound.
+  """
+  rng = np.random.default_rng(0)
+  u, v = rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((5, 4)).astype(np.float32)
+  golden = (u.astype(np.float64) @ v.T.astype(np.float64)).astype(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+  ours = golden.copy()
+  ours[0, 1] += 1
+  acc = MismatchAccounting(FormulaConstants.from_components(np.ones(4, np.float32), np.zeros(4, np.float32)))
+  acc.update(golden, ours, u, v)
+  (e,) = acc.unexplained_examples
+  ref = float(u[0].astype(np.float64) @ v[1].astype(np.float64))
+  assert e["index_source"] == [0, 1] and e["ulp"] == 1 and e["reference_f64"] == pytest.approx(ref, rel=1e-12)
+  assert 0 < e["bound"] < 1e-5 and e["ours"] == 0.34765625
+  assert e["ratio"] == pytest.approx((e["ours"] - 2.0**-10 - ref) / e["bound"], rel=1e-9)
+
+
 def test_check_bound_is_inclusive_and_nan_aware():
   """Hand-picked pairs: equal values and a difference exactly at the bound pass; NaN passes only on both sides."""
   from parity_jax.svf.bounds import check_bound

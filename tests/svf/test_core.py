@@ -12,7 +12,7 @@ import pytest
 
 from parity_jax import arraydiff
 from parity_jax.errors import UsageError
-from parity_jax.svf import STAGES, chunk_rows, reconstruct, resolve_orientation, torch_cpu_sum
+from parity_jax.svf import STAGES, reconstruct, resolve_orientation, torch_cpu_sum
 from parity_jax.svf.bounds import FormulaConstants, gamma
 
 
@@ -168,17 +168,6 @@ def test_small_row_blocks_with_ragged_tail_match_the_unblocked_rebuild():
   if jax.default_backend() == "cpu":
     plain = _np(reconstruct(u, s, v, o, capture=True, row_block=1024))
     assert arraydiff.bit_equal(plain["final_bf16"], whole["final_bf16"])
-
-
-def test_chunk_rows_are_multiples_of_the_row_block_within_budget():
-  assert chunk_rows(151936, 1024, 1024, 0) == 151936
-  rows = chunk_rows(151936, 1024, 1024, 256, row_block=1024)
-  assert rows % 1024 == 0 and rows >= 1024
-  assert rows * (16 * 1024 + 32 * 1024) <= 256 * 2**20
-  assert chunk_rows(151936, 1024, 1024, 512) == 8192  # the default block: 384 MiB
-  assert chunk_rows(151936, 1024, 1024, 0.001) == 8192  # never below one block
-  assert chunk_rows(900, 64, 64, 0.001, row_block=1024) == 900  # one block holds it all
-  assert chunk_rows(100, 8, 8, 0.001, row_block=16) == 16
 
 
 def test_bfloat16_compute_variant_runs_and_rounds_inputs_first():

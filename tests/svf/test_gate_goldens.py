@@ -111,6 +111,27 @@ def test_all_selected_replay_against_torch(all_selected):
   assert line.startswith("SVF parity PASS") and f"mismatched elements {s['n_mismatch']}" in line
 
 
+def test_stage_stats_are_the_numpy_summary_of_the_stage(all_selected):
+  """Each stage's "stats": count, NaN and inf counts, then min, max, mean and RMS over the finite values, computed
+  here in numpy from the golden stage (bit-equal stages only: there ours is the golden, byte for byte)."""
+  n_checked = 0
+  with stages.BundleReader(GOLDENS / "svf_all_selected_stage_debug.safetensors") as r:
+    for t in all_selected.report["tensors"]:
+      for stage, st in t["stages"].items():
+        key = tensor_key(t["name"], stage)
+        if not st["bit_equal"] or key not in r.names:
+          continue
+        x = np.asarray(r.get(key)).astype(np.float64).ravel()
+        f = x[np.isfinite(x)]
+        got = st["stats"]
+        assert (got["count"], got["n_nan"], got["n_inf"]) == (x.size, np.isnan(x).sum(), np.isinf(x).sum())
+        assert (got["min"], got["max"]) == (f.min(), f.max()), (t["name"], stage)
+        assert got["mean"] == pytest.approx(f.mean(), rel=1e-9, abs=1e-300), (t["name"], stage)
+        assert got["rms"] == pytest.approx(np.sqrt(np.mean(f * f)), rel=1e-9), (t["name"], stage)
+        n_checked += 1
+  assert n_checked >= 16 * 5  # the five exact stages of every tensor at least
+
+
 def _accounting(name, ours_final):
   with _store() as st:
     fc = FormulaConstants.from_components(st.s(name), st.offsets(name))
@@ -343,3 +364,15 @@ def test_the_text_report_renders_every_tensor_row_and_the_verdict_line():
       "unexplained 2); combined sha256 differs",
       "unexplained 2); torch 1-thread vs default flips 3; combined sha256 equal",
   )
+
+
+def test_chunk_rows_are_multiples_of_the_row_block_within_budget():
+  """Moved here from test_core.py: chunk_rows lives in svf/gate.py."""
+  assert gate.chunk_rows(151936, 1024, 1024, 0) == 151936
+  rows = gate.chunk_rows(151936, 1024, 1024, 256, row_block=1024)
+  assert rows % 1024 == 0 and rows >= 1024
+  assert rows * (16 * 1024 + 32 * 1024) <= 256 * 2**20 < (rows + 1024) * (16 * 1024 + 32 * 1024)  # the most that fit
+  assert gate.chunk_rows(151936, 1024, 1024, 512) == 8192  # the default block: 384 MiB
+  assert gate.chunk_rows(151936, 1024, 1024, 0.001) == 8192  # never below one block
+  assert gate.chunk_rows(900, 64, 64, 0.001, row_block=1024) == 900  # one block holds it all
+  assert gate.chunk_rows(100, 8, 8, 0.001, row_block=16) == 16

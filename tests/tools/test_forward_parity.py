@@ -296,6 +296,17 @@ def test_reference_dir_catches_a_corrupted_converted_checkpoint_in_one_command(m
   assert "layers.1.routed_out" in page.read_text()
 
 
+@pytest.mark.oracle
+def test_a_dense_golden_for_a_moe_model_is_a_usage_error(moe_pair, tmp_path):
+  """The routing replay reads the golden's expert choices; a golden without them is refused with a hint."""
+  from parity_jax.bundles import save_bundle
+
+  dense = tmp_path / "dense.safetensors"
+  save_bundle(dense, {"embedding": np.zeros((2, 12, 4), np.float32)})
+  with pytest.raises(UsageError, match=r"has no stage 'layers\.0\.selected_experts' \(is it from a dense model\?\)"):
+    forward_parity(moe_pair[1], golden=dense, tokens=MOE_TOKENS)
+
+
 @pytest.fixture(scope="module")
 def dense_pair(tmp_path_factory):
   """A dense Qwen3 original, and a copy whose embedding row of the token HF generates first (row 0) is off.

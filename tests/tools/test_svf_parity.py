@@ -75,11 +75,15 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
       # never overwrite an input: our bundle and report names are the golden's own
       ([f"--golden_dir={GOLDENS}", f"--stage_dir={GOLDENS}"], "would overwrite or lie inside an input"),
       ([f"--golden_dir={GOLDENS}", f"--out={GOLDENS / 'svf_report.json'}"], "would overwrite or lie inside an input"),
+      # an existing report is replaced only with --overwrite
+      ([f"--golden_dir={GOLDENS}", f"--out={tmp_path / 'old.json'}"], "exists"),
   ]
+  (tmp_path / "old.json").write_text("old")
   before = {p.name: p.read_bytes() for p in GOLDENS.iterdir()}
   for result, (_, contains) in zip(run_many("svf_parity", [a for a, _ in cases]), cases):
     _one_line_error(result, contains)
   assert {p.name: p.read_bytes() for p in GOLDENS.iterdir()} == before
+  assert (tmp_path / "old.json").read_text() == "old"
 
 
 def _damaged_goldens(tmp_path, edit):
