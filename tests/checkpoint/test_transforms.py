@@ -442,17 +442,22 @@ def test_concat_and_split_spec_mistakes_are_listed_together():
   assert any("split sizes [4, 3] sum to 7, axis 1 of [3, 8] has 8" in x for x in p), p
 
 
+def _assert_fused(path, t):
+  """The checkpoint at ``path`` holds exactly numpy's fused leaves of the source tree ``t``, bit for bit."""
+  ck = open_checkpoint(path)
+  got = restore_leaves(ck, sorted(ck.leaves))
+  want = FU.fused(t)
+  assert sorted(got) == sorted(want)
+  for k, v in want.items():
+    g = np.asarray(got[k])
+    assert (g.dtype, g.shape, g.tobytes()) == (v.dtype, v.shape, v.tobytes()), k
+
+
 def test_migrator_concatenates_and_splits_and_the_results_verify(fused_sides, tmp_path):
   s = fused_sides
   spec = RemapSpec.from_rules(FU.CONCAT_RULES)
   migrate(s["src"], tmp_path / "fused", spec, chunk_mb=0.0001)  # chunks of a few rows: many slabs
-  ck = open_checkpoint(tmp_path / "fused")
-  got = restore_leaves(ck, sorted(ck.leaves))
-  want = FU.fused(s["t"])
-  assert sorted(got) == sorted(want)
-  for k, v in want.items():
-    g = np.asarray(got[k])
-    assert g.dtype == v.dtype and g.shape == v.shape and g.tobytes() == v.tobytes(), k
+  _assert_fused(tmp_path / "fused", s["t"])
   assert verify_migration(s["src"], tmp_path / "fused", spec).passed
   back = RemapSpec.from_rules(FU.SPLIT_RULES)
   migrate(s["hf_fused"], tmp_path / "split", back, dest_format="safetensors")
@@ -722,10 +727,4 @@ def test_element_targets_written_in_tiny_slabs_with_a_tiny_read_ahead_are_the_sa
   monkeypatch.setattr(schedule, "ELEMENT_SLAB_BYTES", 1024)
   monkeypatch.setattr(schedule, "ELEMENT_CACHE_BYTES", 1024)
   migrate(fused_sides["src"], tmp_path / "fused", RemapSpec.from_rules(FU.CONCAT_RULES))
-  ck = open_checkpoint(tmp_path / "fused")
-  got = restore_leaves(ck, sorted(ck.leaves))
-  want = FU.fused(fused_sides["t"])
-  assert sorted(got) == sorted(want)
-  for k, v in want.items():
-    g = np.asarray(got[k])
-    assert (g.dtype, g.shape, g.tobytes()) == (v.dtype, v.shape, v.tobytes()), k
+  _assert_fused(tmp_path / "fused", fused_sides["t"])
