@@ -161,6 +161,10 @@ def test_accumulator_refuses_a_chunk_of_another_dtype():
   acc = arraydiff.DiffAccumulator((2, 4), np.float32)
   with pytest.raises(ComparisonError, match="chunk dtype float64 does not match float32"):
     acc.update(np.zeros((2, 4), np.float64), np.zeros((2, 4), np.float64))
+  with pytest.raises(ComparisonError, match=r"^shape mismatch \(2, 4\) vs \(2, 3\)$"):  # the two sides of a chunk
+    acc.update(np.zeros((2, 4), np.float32), np.zeros((2, 3), np.float32))
+  with pytest.raises(ComparisonError, match="^dtype mismatch float32 vs float64$"):
+    acc.update(np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float64))
 
 
 def test_top_k_ties_do_not_depend_on_chunking():

@@ -192,3 +192,27 @@ def test_the_title_of_a_drift_and_of_a_pass():
     fig = plot_report(compare_bundles(golden, c, profile="f32"))
     assert (fig._suptitle.get_text(), _to_rgba(fig._suptitle.get_color())) == (text, _to_rgba(colour))
     plt.close(fig)
+
+
+def test_a_drift_frames_its_onset_in_red_and_its_first_breach_in_dashed_orange():
+  """s1..s3 drift below the jump factor (as above): the onset s1 and the first stage over tolerance s3 are framed,
+  each once; no other stage is."""
+  pytest.importorskip("matplotlib")
+  import matplotlib.pyplot as plt
+  from matplotlib.patches import Rectangle
+
+  from parity_jax.bundles import compare_bundles
+  from parity_jax.bundles.plot import plot_report
+
+  golden = {f"s{i}": np.full(4, 2, np.float32) for i in range(4)}
+  cand = {k: v.copy() for k, v in golden.items()}
+  for k, d in (("s1", 4e-6), ("s2", 2e-5), ("s3", 8e-5)):
+    cand[k][0] += np.float32(d)
+  fig = plot_report(compare_bundles(golden, cand, profile="f32"))
+  frames = [p for ax in fig.axes for p in ax.patches if isinstance(p, Rectangle) and not p.get_fill()]
+  red = [p for p in frames if _to_rgba(p.get_edgecolor()) == _to_rgba("red")]
+  orange = [p for p in frames if _to_rgba(p.get_edgecolor()) == _to_rgba("#e08000")]
+  assert len(red) == len(orange) == 1 and len(frames) == 2
+  assert orange[0].get_linestyle() == "--"
+  assert red[0].get_x() + 2 == orange[0].get_x()  # s1 and s3: two cells apart in one row
+  plt.close(fig)

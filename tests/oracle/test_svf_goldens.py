@@ -173,6 +173,11 @@ def test_convert_svd_weights_roundtrip_and_bad_files(tmp_path):
   with pytest.raises(UsageError, match="shapes disagree"):
     convert(str(tmp_path / "shape.pt"), str(tmp_path / "o2"), layout="vh")
   one_line_error(junk, "is not a PyTorch file")
+  (tmp_path / "cut.pt").write_bytes(pt.read_bytes()[:64])  # a zip archive's start, cut short: torch.load refuses it
+  with pytest.raises(
+      UsageError, match=r"cannot load .*cut\.pt as a PyTorch file with torch\.load\(weights_only=True\): "
+  ):
+    convert(str(tmp_path / "cut.pt"), str(tmp_path / "o4"))
   assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 

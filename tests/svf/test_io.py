@@ -34,7 +34,8 @@ def test_find_component_files_wants_exactly_one_of_each(tmp_path):
   with pytest.raises(UsageError, match="no such directory"):
     find_component_files(str(tmp_path / "nope"))
   u, s, v = _parts()
-  write_components(str(tmp_path), {"w": (u, s, v)}, {"w": np.zeros(2, np.float32)}, prefix="a_")
+  written = write_components(str(tmp_path), {"w": (u, s, v)}, {"w": np.zeros(2, np.float32)}, prefix="a_")
+  assert written == [str(tmp_path / ("a_" + COMPONENTS_SUFFIX)), str(tmp_path / ("a_" + OFFSETS_SUFFIX))]
   assert find_component_files(str(tmp_path)) == (
       str(tmp_path / ("a_" + COMPONENTS_SUFFIX)),
       str(tmp_path / ("a_" + OFFSETS_SUFFIX)),

@@ -77,6 +77,9 @@ def test_value_references_from_the_tree():
       file="ocdbt.process_3/d/ab12", offset=181798, length=60594
   )
   assert ValueRef.parse({"key": b"a", "indirect_value": "value::d/ab12:0:7"}) == ValueRef(file="d/ab12", length=7)
+  assert ValueRef.parse({"key": b"a", "indirect_value": "value:run:3/:d/ab12:5:7"}) == ValueRef(  # ':' in a name
+      file="run:3/d/ab12", offset=5, length=7
+  )
   with pytest.raises(ValueError):
     ValueRef.parse({"key": b"a", "indirect_value": "btreenode::d/ab12:0:7"})
   with pytest.raises(dataclasses.FrozenInstanceError):  # shared by every reader of the cached index: none may move one
