@@ -127,3 +127,12 @@ def test_naming_paths_specs_and_a_walk_of_a_local_store(tmp_path):
     (tmp_path / "d" / rel).write_bytes(b"1")
   assert s.walk() == ["a/deep/z", "a/x", "a/y", "b"]
   assert s.child("a").walk() == ["deep/z", "x", "y"]
+
+
+def test_a_walk_counts_one_listing_per_directory(tmp_path):
+  (tmp_path / "a" / "b").mkdir(parents=True)
+  for rel in ("x", "a/y", "a/b/z"):
+    (tmp_path / rel).write_bytes(b"1")
+  before = stores.io_stats()["file"]["lists"]
+  assert open_store(str(tmp_path)).walk() == ["a/b/z", "a/y", "x"]
+  assert stores.io_stats()["file"]["lists"] - before == 3  # ., a, a/b

@@ -100,7 +100,8 @@ def _write_shard(directory: str | Store, name: str, shard: Sequence[Tensor], pro
       _fill(t, write, progress)
 
   if isinstance(directory, Store):  # a bucket: one object, one upload of the whole shard
-    buf = bytearray(8 + len(head) + sum(t.nbytes for t in shard))
+    size = 8 + len(head) + sum(t.nbytes for t in shard)
+    buf = bytearray(size)
     at = 0
 
     def put(b) -> None:
@@ -109,6 +110,8 @@ def _write_shard(directory: str | Store, name: str, shard: Sequence[Tensor], pro
       at += len(b)
 
     emit(put)
+    if at != size:  # a slice assignment past the end grows the buffer: check the file's size was planned right
+      raise AssertionError(f"{name}: wrote {at} bytes, planned {size}")
     directory.child(name).write_bytes(buf)
     return
   with open(os.path.join(directory, name), "wb") as f:
