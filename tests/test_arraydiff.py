@@ -23,6 +23,9 @@ def test_bit_equal_sees_what_array_equal_hides():
   assert np.array_equal(a, payload, equal_nan=True)
   assert not arraydiff.bit_equal(a, payload)
   assert arraydiff.bit_equal(a, a.copy())
+  # anything array-like is taken as numpy takes it: Python floats are float64, -0.0 kept
+  assert arraydiff.bit_equal([1.5, -0.0], np.array([1.5, -0.0]))
+  assert not arraydiff.bit_equal([1.5, 0.0], np.array([1.5, -0.0]))
 
 
 def test_bit_equal_checks_dtype_shape_and_byte_order():
